@@ -1,0 +1,71 @@
+"""Attention over the paged KV cache: a batch of fresh prompts (prefill) or one token per sequence
+(decode). Tensors are token-major: q ``[tokens, heads, head_dim]``, caches
+``[num_blocks, block_size, num_kv_heads, head_dim]``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionBatch:
+    """Where a forward pass reads and writes the KV cache.
+
+    slot_mapping[i] is the cache slot (block_id * block_size + offset) of input token i. For prefill,
+    query_lens splits the flat token axis into sequences; for decode (one token per sequence),
+    block_tables ``[batch, max_blocks]`` and context_lens ``[batch]`` say what each one attends to.
+    """
+
+    is_prefill: bool
+    slot_mapping: torch.Tensor
+    query_lens: list[int] | None = None
+    block_tables: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+) -> None:
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_lens: list[int], scale: float
+) -> torch.Tensor:
+    """Causal attention of each prompt over itself (no cached prefix), one SDPA call per prompt."""
+    outputs = []
+    start = 0
+    for n in query_lens:
+        qi, ki, vi = (t[start : start + n].transpose(0, 1) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
+        outputs.append(out.transpose(0, 1))
+        start += n
+    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence over its cached context (padded gather, masked softmax)."""
+    assert batch.block_tables is not None and batch.context_lens is not None
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    # [B, blocks, block_size, Hkv, D] -> [B, Hkv, T, D]
+    k = k_cache[batch.block_tables].flatten(1, 2).permute(0, 2, 1, 3)
+    v = v_cache[batch.block_tables].flatten(1, 2).permute(0, 2, 1, 3)
+    qg = q.view(num_seqs, num_kv_heads, group, head_dim)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, T]
+    positions = torch.arange(scores.shape[-1], device=q.device)
+    mask = positions[None, :] >= batch.context_lens[:, None]
+    scores.masked_fill_(mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).view(num_seqs, num_heads, head_dim)

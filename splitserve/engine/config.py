@@ -1,0 +1,46 @@
+"""The engine's one frozen configuration."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class EngineRole(enum.Enum):
+    """What an engine instance does with a request after prefill."""
+
+    COLOCATED = "colocated"  # prefill and decode here
+    PREFILL = "prefill"  # prefill, then hold the KV blocks until they are exported and released
+    DECODE = "decode"  # receive KV blocks and decode
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # HF id, folder or .gguf; None = the bundled default
+    dtype: str = "bfloat16"  # measured faster on CPUs with AVX512_BF16 and on GPUs; see README
+    device: str = "cpu"
+    block_size: int = 16
+    kv_cache_bytes: int = 1 << 30
+    token_budget: int = 2048
+    max_num_seqs: int = 64
+    max_model_len: int | None = None  # None = the model's max_position_embeddings
+    role: EngineRole = EngineRole.COLOCATED
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("block_size", "kv_cache_bytes", "token_budget", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)

@@ -1,0 +1,76 @@
+"""The paged KV cache tensor, and the layout its blocks travel in between processes.
+
+Layout (both in memory and on the wire): one tensor of shape
+``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`` where index 0 of the second axis
+is K and 1 is V. Exporting a list of block ids gathers ``[:, :, block_ids]`` into a contiguous tensor
+of shape ``[num_layers, 2, len(block_ids), block_size, num_kv_heads, head_dim]`` in the cache dtype;
+importing writes such a tensor into (other) block ids. Two processes agree on a transfer when their
+``KVLayout`` values are equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * itemsize
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.bytes_per_token * self.block_size
+
+    def export_shape(self, num_blocks: int) -> tuple[int, ...]:
+        return (self.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+
+
+class KVCache:
+    """One preallocated tensor holding every layer's K and V in fixed-size blocks."""
+
+    def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device) -> None:
+        self.layout = layout
+        self.num_blocks = num_blocks
+        self.data = torch.zeros(layout.export_shape(num_blocks), dtype=layout.dtype, device=device)
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of one layer, each ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
+        return self.data[index, 0], self.data[index, 1]
+
+    def export(self, block_ids: list[int]) -> torch.Tensor:
+        """Copy the given blocks out as one contiguous tensor on the CPU (see module docstring)."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.data.device)
+        return self.data.index_select(2, index).cpu().contiguous()
+
+    def import_(self, block_ids: list[int], blocks: torch.Tensor) -> None:
+        """Write exported blocks into block_ids of this cache."""
+        expected = self.layout.export_shape(len(block_ids))
+        if tuple(blocks.shape) != expected or blocks.dtype != self.layout.dtype:
+            raise ValueError(
+                f"KV blocks of shape {tuple(blocks.shape)} {blocks.dtype} do not match this cache's "
+                f"layout {expected} {self.layout.dtype}"
+            )
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.data.device)
+        self.data.index_copy_(2, index, blocks.to(self.data.device))
+
+    def import_bytes(self, block_ids: list[int], payload: bytes | memoryview) -> None:
+        """Import blocks that arrived as raw bytes in the export layout."""
+        flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        blocks = flat.view(self.layout.dtype).view(self.layout.export_shape(len(block_ids)))
+        self.import_(block_ids, blocks)
+
+
+def export_bytes(blocks: torch.Tensor) -> memoryview:
+    """Raw bytes of an exported block tensor (contiguous, CPU), without a copy."""
+    return memoryview(blocks.contiguous().view(torch.uint8).numpy()).cast("B")

@@ -1,0 +1,119 @@
+"""Requests as the engine sees them: sampling parameters, lifecycle states, and the per-request record."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+
+class RequestState(enum.Enum):
+    """Lifecycle of a request, including the disaggregation states.
+
+    A colocated engine goes QUEUED -> PREFILLING -> DECODING -> FINISHED. A prefill-role engine stops
+    at KV_READY (the blocks wait for a decode server to pull them); a decode-role engine enters at
+    TRANSFERRING (blocks reserved, KV being imported) and goes on to DECODING.
+    """
+
+    QUEUED = "queued"
+    PREFILLING = "prefilling"
+    KV_READY = "kv_ready"
+    TRANSFERRING = "transferring"
+    DECODING = "decoding"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS, a stop token id, or (at the gateway) a stop string
+    LENGTH = "length"  # max_new_tokens or the model's context
+    ABORT = "abort"  # cancelled by the client or the operator
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request; the defaults follow vLLM's.
+
+    temperature 0 means greedy. top_k None and top_p 1.0 mean no filtering. A seed makes sampling
+    reproducible for this request whatever else is in the batch.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    max_new_tokens: int = 16
+    min_new_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Sequence:
+    """One request inside an engine: its tokens, its KV blocks' owner id, and its timeline."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    output_token_ids: list[int] = field(default_factory=list)
+    state: RequestState = RequestState.QUEUED
+    finish_reason: FinishReason | None = None
+    timestamps: dict[RequestState, float] = field(default_factory=dict)
+    # Tokens whose K/V are already in this engine's cache (prompt and earlier outputs).
+    num_computed_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError("prompt must contain at least one token")
+        self.timestamps.setdefault(self.state, time.monotonic())
+
+    def transition(self, state: RequestState) -> None:
+        self.state = state
+        self.timestamps[state] = time.monotonic()
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state in (RequestState.FINISHED, RequestState.ABORTED)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one engine step produced for one request: the new token and, if it ended, why."""
+
+    request_id: str
+    token_id: int
+    finish_reason: FinishReason | None
