@@ -153,6 +153,7 @@ class LLMEngine:
 
     # -- the loop -------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """One forward pass: a prefill batch if any request waits (vLLM's order), else a decode step."""
         if self.config.role is not EngineRole.DECODE:
@@ -161,10 +162,12 @@ class LLMEngine:
                 return self._run_prefill(batch)
         return self.decode_step()
 
+    @torch.inference_mode()
     def prefill_step(self) -> list[StepOutput]:
         batch = self.scheduler.schedule_prefill()
         return self._run_prefill(batch) if batch else []
 
+    @torch.inference_mode()
     def decode_step(self) -> list[StepOutput]:
         batch, preempted = self.scheduler.schedule_decode()
         for seq in preempted:

@@ -1,0 +1,108 @@
+"""Sampling parameters and stop conditions, on the real model."""
+
+import pytest
+
+from splitserve.engine import EngineConfig, FinishReason, LLMEngine, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(model_bf16):
+    return LLMEngine(EngineConfig(kv_cache_bytes=64 << 20), loaded=model_bf16)
+
+
+@pytest.fixture(scope="module")
+def prompt(engine):
+    return engine.tokenizer("Write a short poem about the sea:")["input_ids"]
+
+
+def run(engine, prompt, params, rid="r"):
+    seq = engine.add_request(rid, prompt, params)
+    while engine.has_work:
+        engine.step()
+    return seq
+
+
+def test_fixed_seed_repeats_and_different_seeds_differ(engine, prompt):
+    params = dict(temperature=1.0, top_p=0.95, max_new_tokens=24, ignore_eos=True)
+    a = run(engine, prompt, SamplingParams(seed=1, **params)).output_token_ids
+    b = run(engine, prompt, SamplingParams(seed=1, **params)).output_token_ids
+    c = run(engine, prompt, SamplingParams(seed=2, **params)).output_token_ids
+    assert a == b
+    assert a != c
+
+
+def test_seeded_sampling_does_not_depend_on_batch_neighbours(engine, prompt):
+    params = SamplingParams(temperature=0.8, seed=7, max_new_tokens=12, ignore_eos=True)
+    alone = run(engine, prompt, params).output_token_ids
+    other = engine.add_request("other", prompt[:5], SamplingParams(temperature=1.0, max_new_tokens=12))
+    together = run(engine, prompt, params).output_token_ids
+    assert alone == together
+    assert other.is_finished
+
+
+def test_top_k_one_is_greedy(engine, prompt):
+    greedy = run(engine, prompt, SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True))
+    topk1 = run(engine, prompt, SamplingParams(temperature=1.5, top_k=1, seed=3, max_new_tokens=10,
+                                               ignore_eos=True))
+    assert topk1.output_token_ids == greedy.output_token_ids
+
+
+def test_max_new_tokens_ends_with_length(engine, prompt):
+    seq = run(engine, prompt, SamplingParams(temperature=0.0, max_new_tokens=5, ignore_eos=True))
+    assert len(seq.output_token_ids) == 5
+    assert seq.finish_reason is FinishReason.LENGTH
+
+
+def test_stop_token_id_ends_with_stop_and_includes_the_token(engine, prompt):
+    free = run(engine, prompt, SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True))
+    stop_at = free.output_token_ids[3]
+    seq = run(engine, prompt, SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True,
+                                             stop_token_ids=(stop_at,)))
+    assert seq.output_token_ids == free.output_token_ids[: free.output_token_ids.index(stop_at) + 1]
+    assert seq.finish_reason is FinishReason.STOP
+
+
+def test_eos_stops_unless_ignored(engine):
+    chat = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}],
+                                                add_generation_prompt=True)
+    chat = chat["input_ids"] if isinstance(chat, dict) or hasattr(chat, "keys") else chat
+    seq = run(engine, chat, SamplingParams(temperature=0.0, max_new_tokens=64))
+    assert seq.finish_reason is FinishReason.STOP
+    assert seq.output_token_ids[-1] in engine.loaded.eos_token_ids
+    n = len(seq.output_token_ids)
+    longer = run(engine, chat, SamplingParams(temperature=0.0, max_new_tokens=n + 3, ignore_eos=True))
+    assert len(longer.output_token_ids) == n + 3
+    floor = run(engine, chat, SamplingParams(temperature=0.0, max_new_tokens=64, min_new_tokens=n + 2))
+    assert len(floor.output_token_ids) >= n + 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.1), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=0), "top_k"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(min_new_tokens=5, max_new_tokens=2), "min_new_tokens"),
+])
+def test_bad_sampling_params_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_engine_rejects_requests_it_cannot_serve(engine, prompt):
+    with pytest.raises(ValueError, match="context"):
+        engine.add_request("x", prompt, SamplingParams(max_new_tokens=engine.max_model_len))
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.add_request("y", [10**7], SamplingParams())
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.add_request("z", [], SamplingParams())
+    assert not engine.has_work
+
+
+def test_abort_frees_blocks(engine, prompt):
+    engine.add_request("a", prompt, SamplingParams(temperature=0.0, max_new_tokens=50, ignore_eos=True))
+    engine.step()
+    assert engine.blocks.num_used_blocks > 0
+    engine.abort("a")
+    assert engine.blocks.num_used_blocks == 0
+    assert not engine.has_work

@@ -1,0 +1,86 @@
+from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.request import RequestState, SamplingParams, Sequence
+from splitserve.engine.scheduler import Scheduler, SchedulerConfig
+
+
+def seq(rid: str, n: int) -> Sequence:
+    return Sequence(rid, list(range(1, n + 1)), SamplingParams())
+
+
+def make(num_blocks=16, block_size=4, budget=10, max_seqs=8) -> Scheduler:
+    return Scheduler(SchedulerConfig(budget, max_seqs), BlockManager(num_blocks, block_size))
+
+
+def test_prefill_is_fcfs_within_token_budget():
+    s = make(budget=10)
+    for rid, n in [("a", 4), ("b", 5), ("c", 3)]:
+        s.add(seq(rid, n))
+    batch = s.schedule_prefill()
+    assert [x.request_id for x in batch] == ["a", "b"]  # c would make 12 > 10
+    assert [x.request_id for x in s.waiting] == ["c"]
+    assert s.blocks.block_table("a") == [0] and s.blocks.block_table("b") == [1, 2]
+    assert all(x.state is RequestState.PREFILLING for x in batch)
+
+
+def test_a_prompt_longer_than_the_budget_runs_alone():
+    s = make(budget=10)
+    s.add(seq("long", 20))
+    s.add(seq("short", 2))
+    assert [x.request_id for x in s.schedule_prefill()] == ["long"]
+    assert [x.request_id for x in s.schedule_prefill()] == ["short"]
+
+
+def test_head_of_line_waits_for_blocks_without_being_overtaken():
+    s = make(num_blocks=3, block_size=4, budget=100)
+    s.add(seq("big", 16))  # needs 4 blocks, only 3 exist free
+    s.add(seq("small", 2))
+    assert s.schedule_prefill() == []
+    assert [x.request_id for x in s.waiting] == ["big", "small"]
+
+
+def test_max_num_seqs_caps_running_plus_new():
+    s = make(budget=100, max_seqs=2)
+    for rid in "abc":
+        s.add(seq(rid, 2))
+    assert len(s.schedule_prefill()) == 2
+
+
+def test_decode_grows_tables_and_preempts_the_newest_when_out_of_blocks():
+    s = make(num_blocks=3, block_size=4, budget=100)
+    a, b = seq("a", 4), seq("b", 4)
+    for x in (a, b):
+        s.add(x)
+    s.schedule_prefill()
+    for x in (a, b):
+        x.output_token_ids.append(9)  # each now needs a 2nd block; only 1 is free
+        s.running.append(x)
+    batch, preempted = s.schedule_decode()
+    assert [x.request_id for x in batch] == ["a"]
+    assert [x.request_id for x in preempted] == ["b"]
+    assert s.blocks.block_table("a") == [0, 2]
+    assert not s.blocks.owns("b")
+    assert b.state is RequestState.QUEUED and s.waiting[0] is b
+
+
+def test_decode_batch_is_a_copy_of_running():
+    s = make()
+    a = seq("a", 2)
+    s.add(a)
+    s.schedule_prefill()
+    s.running.append(a)
+    batch, _ = s.schedule_decode()
+    s.running.remove(a)
+    assert batch == [a]
+
+
+def test_remove_frees_blocks_wherever_the_sequence_is():
+    s = make()
+    a, b = seq("a", 4), seq("b", 4)
+    s.add(a)
+    s.schedule_prefill()
+    s.running.append(a)
+    s.add(b)
+    s.remove(a)
+    s.remove(b)
+    assert not s.has_work
+    assert s.blocks.num_free_blocks == 16
