@@ -17,7 +17,7 @@ from splitserve.engine.block_manager import BlockManager, OutOfBlocks
 from splitserve.engine.config import EngineConfig, EngineRole
 from splitserve.engine.kv_cache import KVCache, KVLayout
 from splitserve.engine.loader import ModelSource, iter_weights, load_weights, resolve_model
-from splitserve.engine.models.llama import LlamaModel, ModelSpec
+from splitserve.engine.models.llama import LlamaModel, ModelSpec, rope_cos_sin
 from splitserve.engine.request import (
     FinishReason,
     RequestState,
@@ -51,10 +51,11 @@ class LoadedModel:
         hf_config = AutoConfig.from_pretrained(source.path)
         spec = ModelSpec.from_hf_config(hf_config)
         with torch.device("meta"):
-            model = LlamaModel(spec, hf_config, config.torch_dtype)
+            model = LlamaModel(spec)
         model = model.to_empty(device=config.torch_device).to(config.torch_dtype)
         model.tie_weights()  # to_empty() unties parameters that were created on the meta device
-        model.rope_cos, model.rope_sin = _rope_tables(hf_config, spec, config)
+        cos, sin = rope_cos_sin(hf_config, spec, config.torch_dtype)
+        model.set_rope(cos.to(config.torch_device), sin.to(config.torch_device))
         load_weights(model, iter_weights(source.path))
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(source.path)
@@ -62,13 +63,6 @@ class LoadedModel:
         log.info("model loaded", model=source.name, path=str(source.path), dtype=config.dtype,
                  device=config.device, seconds=round(time.monotonic() - started, 2))
         return cls(source, spec, model, tokenizer, eos)
-
-
-def _rope_tables(hf_config, spec: ModelSpec, config: EngineConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    from splitserve.engine.models.llama import rope_cos_sin
-
-    cos, sin = rope_cos_sin(hf_config, spec, config.torch_dtype)
-    return cos.to(config.torch_device), sin.to(config.torch_device)
 
 
 def _eos_ids(source: ModelSource, tokenizer, generation_config_cls) -> frozenset[int]:

@@ -185,7 +185,7 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Decoder stack plus LM head. forward() returns hidden states; logits() projects chosen rows."""
 
-    def __init__(self, spec: ModelSpec, config: Any, dtype: torch.dtype) -> None:
+    def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
@@ -193,9 +193,12 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.tie_weights()
-        cos, sin = rope_cos_sin(config, spec, dtype)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.rope_cos = torch.empty(0)
+        self.rope_sin = torch.empty(0)
+
+    def set_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Install the cos/sin tables (see rope_cos_sin); kept apart from the weights."""
+        self.rope_cos, self.rope_sin = cos, sin
 
     def tie_weights(self) -> None:
         if self.spec.tie_word_embeddings:
