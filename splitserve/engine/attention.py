@@ -37,12 +37,17 @@ def prefill_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_lens: list[int], scale: float
 ) -> torch.Tensor:
     """Causal attention of each prompt over itself (no cached prefix), one SDPA call per prompt."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        # SDPA's enable_gqa falls back to the slow math kernel on CPU; expanded heads use flash.
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     outputs = []
     start = 0
     for n in query_lens:
-        qi, ki, vi = (t[start : start + n].transpose(0, 1) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
-        outputs.append(out.transpose(0, 1))
+        # [1, heads, n, head_dim]: the CPU flash kernel takes 4-D inputs only.
+        qi, ki, vi = (t[start : start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
+        outputs.append(out[0].transpose(0, 1))
         start += n
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 

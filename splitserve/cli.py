@@ -1,0 +1,39 @@
+"""The `splitserve` command: one entry point, one subcommand per tool or service."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from splitserve.common.logging import configure_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="splitserve",
+        description="Disaggregated prefill/decode LLM serving.",
+    )
+    parser.add_argument("--log-level", default="info", help="debug, info, warning or error (default: info)")
+    parser.add_argument("--log-json", action="store_true", default=None,
+                        help="JSON log lines even on a terminal (default: JSON only off a terminal)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from splitserve.bench import cli as bench_cli
+    from splitserve.commands import generate
+
+    generate.add_parser(sub)
+    bench_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_json)
+    try:
+        return args.func(args)
+    except ValueError as exc:  # bad flags or input: say so without a traceback
+        print(f"splitserve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

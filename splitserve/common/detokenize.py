@@ -1,0 +1,36 @@
+"""Incremental detokenization: text deltas as tokens arrive, never splitting a multi-byte character."""
+
+from __future__ import annotations
+
+
+class IncrementalDetokenizer:
+    """Decodes a growing token list into text deltas.
+
+    Decodes a small window (prefix_offset..end) rather than the whole list each time, and compares it
+    with the already-emitted part of the window, so tokenizers that drop a leading space when decoding
+    from the middle of a sequence still produce the right text (vLLM's approach).
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.token_ids: list[int] = []
+        self.text = ""
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, token_id: int) -> str:
+        """Append one token; returns the text it completes (possibly empty)."""
+        self.token_ids.append(token_id)
+        prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+        window = self._decode(self.token_ids[self._prefix_offset :])
+        if len(window) <= len(prefix) or window.endswith("\ufffd"):
+            return ""  # nothing new yet, or half of a multi-byte character
+        delta = window[len(prefix) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self.token_ids)
+        self.text += delta
+        return delta

