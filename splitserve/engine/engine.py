@@ -25,6 +25,7 @@ from splitserve.engine.request import (
     Sequence,
     StepOutput,
 )
+from splitserve.engine.ops import select_ops
 from splitserve.engine.runner import ModelRunner
 from splitserve.engine.sampler import make_generator, sample, suppress_stop_tokens
 from splitserve.engine.scheduler import Scheduler, SchedulerConfig
@@ -50,18 +51,21 @@ class LoadedModel:
         source = resolve_model(config.model)
         hf_config = AutoConfig.from_pretrained(source.path)
         spec = ModelSpec.from_hf_config(hf_config)
+        ops = select_ops(config.torch_device, config.torch_dtype, spec.head_dim,
+                         spec.num_heads // spec.num_kv_heads)
         with torch.device("meta"):
-            model = LlamaModel(spec)
+            model = LlamaModel(spec, ops)
         model = model.to_empty(device=config.torch_device).to(config.torch_dtype)
         model.tie_weights()  # to_empty() unties parameters that were created on the meta device
         cos, sin = rope_cos_sin(hf_config, spec, config.torch_dtype)
         model.set_rope(cos.to(config.torch_device), sin.to(config.torch_device))
         load_weights(model, iter_weights(source.path))
+        ops.prepare(model)
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(source.path)
         eos = _eos_ids(source, tokenizer, GenerationConfig)
         log.info("model loaded", model=source.name, path=str(source.path), dtype=config.dtype,
-                 device=config.device, seconds=round(time.monotonic() - started, 2))
+                 device=config.device, ops=ops.name, seconds=round(time.monotonic() - started, 2))
         return cls(source, spec, model, tokenizer, eos)
 
 

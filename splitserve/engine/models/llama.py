@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from splitserve.engine.attention import AttentionBatch, decode_attention, prefill_attention, write_kv
+from splitserve.engine.attention import AttentionBatch, prefill_attention
 from splitserve.engine.kv_cache import KVCache
+from splitserve.engine.ops import Linear, TorchOps, rms_norm
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -105,30 +105,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same order of operations as transformers, so float32 results match bit for bit.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x ``[tokens, heads, head_dim]``; cos/sin ``[tokens, head_dim]``."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, ops: TorchOps) -> None:
         super().__init__()
         self.spec = spec
+        self.ops = ops
         self.q_size = spec.num_heads * spec.head_dim
         self.kv_size = spec.num_kv_heads * spec.head_dim
-        self.qkv = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=False)
+        self.qkv = Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
+        self.o_proj = Linear(self.q_size, spec.hidden_size, bias=False)
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.scale = spec.head_dim**-0.5
@@ -141,57 +129,60 @@ class Attention(nn.Module):
         batch: AttentionBatch,
     ) -> torch.Tensor:
         spec = self.spec
-        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.ops.linear(x, self.qkv).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, spec.num_heads, spec.head_dim)
         k = k.view(-1, spec.num_kv_heads, spec.head_dim)
         v = v.view(-1, spec.num_kv_heads, spec.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
-        write_kv(kv[0], kv[1], k, v, batch.slot_mapping)
+        q, k = self.ops.rope_write_kv(q, k, v, *cos_sin, kv[0], kv[1], batch.slot_mapping)
         if batch.is_prefill:
             assert batch.query_lens is not None
             out = prefill_attention(q, k, v, batch.query_lens, self.scale)
         else:
-            out = decode_attention(q, kv[0], kv[1], batch, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))
+            out = self.ops.decode_attention(q, kv[0], kv[1], batch, self.scale)
+        return self.ops.linear(out.reshape(-1, self.q_size), self.o_proj)
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, ops: TorchOps) -> None:
         super().__init__()
-        self.intermediate_size = spec.intermediate_size
-        self.gate_up = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        self.ops = ops
+        self.gate_up = Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
+        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.ops.linear(self.ops.silu_mul(self.ops.linear(x, self.gate_up)), self.down_proj)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, ops: TorchOps) -> None:
         super().__init__()
+        self.ops = ops
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec)
+        self.self_attn = Attention(spec, ops)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = MLP(spec)
+        self.mlp = MLP(spec, ops)
 
-    def forward(self, x, cos_sin, kv, batch: AttentionBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, residual, normed, cos_sin, kv, batch: AttentionBatch, next_norm: RMSNorm):
+        """Takes the residual stream and its input-normed copy; returns both for the next layer
+        (the residual add is fused with the next norm: next_norm is the next layer's input norm)."""
+        attn = self.self_attn(normed, cos_sin, kv, batch)
+        residual, normed = self.ops.add_rmsnorm(residual, attn, self.post_attention_layernorm)
+        return self.ops.add_rmsnorm(residual, self.mlp(normed), next_norm)
 
 
 class LlamaModel(nn.Module):
     """Decoder stack plus LM head. forward() returns hidden states; logits() projects chosen rows."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, ops: TorchOps) -> None:
         super().__init__()
         self.spec = spec
+        self.ops = ops
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, ops) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.tie_weights()
         self.rope_cos = torch.empty(0)
         self.rope_sin = torch.empty(0)
@@ -207,11 +198,12 @@ class LlamaModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, cache: KVCache
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
         cos_sin = (self.rope_cos[positions], self.rope_sin[positions])
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos_sin, cache.layer(i), batch)
-        return self.norm(x)
+        residual, normed = self.ops.add_rmsnorm(self.embed_tokens(input_ids), None, self.layers[0].input_layernorm)
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
+            residual, normed = layer(residual, normed, cos_sin, cache.layer(i), batch, next_norm)
+        return normed
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return self.ops.linear(hidden, self.lm_head)

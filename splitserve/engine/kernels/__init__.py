@@ -1,0 +1,68 @@
+"""Compiled CPU kernels, built once per machine into the cache and loaded on demand.
+
+The build needs a C++ compiler and runs only on CPUs with AVX512_BF16; anywhere else (or with
+SPLITSERVE_KERNELS=0) load_cpu_kernels() returns None and the engine uses plain torch ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+from types import ModuleType
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_bf16.cpp")
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+# -fopenmp makes at::parallel_for parallel (it is inlined from ATen's headers); the library then
+# needs libgomp.so.1, which resolves to the copy torch has already loaded: one thread pool.
+CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
+LDFLAGS = ["-fopenmp"]
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def kernels_enabled() -> bool:
+    return os.environ.get("SPLITSERVE_KERNELS", "1") != "0" and set(REQUIRED_FLAGS) <= cpu_flags()
+
+
+@functools.cache
+def load_cpu_kernels() -> ModuleType | None:
+    """The compiled module, or None where it cannot run; logs why."""
+    if not kernels_enabled():
+        log.info("cpu kernels off", reason="SPLITSERVE_KERNELS=0 or no AVX512_BF16")
+        return None
+    import torch
+    from torch.utils import cpp_extension
+
+    from splitserve.engine.loader import cache_root
+
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    build_dir = cache_root() / "kernels" / f"torch{torch.__version__}-{digest}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return cpp_extension.load(
+            name=f"splitserve_cpu_bf16_{digest}",
+            sources=[str(SOURCE)],
+            extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
+            build_directory=str(build_dir),
+            verbose=False,
+        )
+    except (RuntimeError, OSError, ImportError) as exc:
+        log.warning("cpu kernels failed to build; using torch ops", error=str(exc)[:500])
+        return None
+

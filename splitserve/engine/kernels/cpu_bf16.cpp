@@ -1,0 +1,324 @@
+// bfloat16 CPU kernels for x86 with AVX512_BF16: a weight-packed GEMM, paged decode attention, and
+// fused element-wise ops. Each has a plain-torch reference in splitserve/engine/ops.py that the
+// tests compare it against. Threads come from ATen's pool (at::parallel_for), so these kernels share
+// torch's OpenMP runtime instead of starting a second one.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using bf16 = at::BFloat16;
+constexpr int64_t kTileN = 64;  // output columns per packed weight tile: 4 zmm of fp32
+constexpr int64_t kRowBlock = 6;  // rows per register block: 6 x 4 accumulators + 4 weights + 1
+constexpr int64_t kRowGroup = 96;  // rows a work item covers; weights are re-read once per group
+
+inline __m512 load_bf16x16(const bf16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+inline __m512 maskz_load_bf16x16(__mmask16 mask, const bf16* p) {
+  __m256i raw = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+inline void store_bf16x16(bf16* p, __m512 v, __mmask16 mask) {
+  __m256bh packed = _mm512_cvtneps_pbh(v);  // round to nearest even, as torch does
+  _mm256_mask_storeu_epi16(p, mask, reinterpret_cast<__m256i&>(packed));
+}
+
+inline __mmask16 tail_mask(int64_t remaining) {
+  return remaining >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << remaining) - 1);
+}
+
+inline float round_bf16(float x) { return static_cast<float>(static_cast<bf16>(x)); }
+
+// exp(x) for x <= 0 via 2^n * 2^f with a degree-6 polynomial on f in [-0.5, 0.5] (rel. error ~1e-7).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM: out[M, N] = x[M, K] @ W[N, K]^T (+ bias), W packed as [N/64, K/2, 64, 2] so that one
+// tile's 64 columns stream contiguously and each 32-bit lane holds a K-pair for vdpbf16ps.
+
+torch::Tensor pack_weight(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16, "pack_weight: 2-D bfloat16 weight");
+  w = w.contiguous();
+  const int64_t n = w.size(0), k = w.size(1);
+  const int64_t tiles = (n + kTileN - 1) / kTileN, k2 = (k + 1) / 2;
+  auto out = torch::zeros({tiles, k2, kTileN, 2}, w.options());
+  const bf16* src = w.data_ptr<bf16>();
+  bf16* dst = out.data_ptr<bf16>();
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t j = 0; j < kTileN && t * kTileN + j < n; ++j)
+        for (int64_t kk = 0; kk < k; ++kk)
+          dst[((t * k2 + kk / 2) * kTileN + j) * 2 + kk % 2] = src[(t * kTileN + j) * k + kk];
+  });
+  return out;
+}
+
+template <int MB>
+void gemm_block(const uint32_t* x, int64_t ldx, const bf16* tile, int64_t k2, const float* bias,
+                bf16* out, int64_t ldo, int64_t ncols) {
+  __m512 acc[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k2; ++kk) {
+    const __m512i* wp = reinterpret_cast<const __m512i*>(tile + kk * kTileN * 2);
+    __m512bh w[4];
+    for (int j = 0; j < 4; ++j) {
+      __m512i raw = _mm512_loadu_si512(wp + j);
+      w[j] = reinterpret_cast<__m512bh&>(raw);
+    }
+    for (int m = 0; m < MB; ++m) {
+      __m512i xb = _mm512_set1_epi32(static_cast<int>(x[m * ldx + kk]));
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], reinterpret_cast<__m512bh&>(xb), w[j]);
+    }
+  }
+  for (int j = 0; j < 4 && j * 16 < ncols; ++j) {
+    const __mmask16 mask = tail_mask(ncols - j * 16);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + j * 16) : _mm512_setzero_ps();
+    for (int m = 0; m < MB; ++m) store_bf16x16(out + m * ldo + j * 16, _mm512_add_ps(acc[m][j], b), mask);
+  }
+}
+
+using BlockFn = void (*)(const uint32_t*, int64_t, const bf16*, int64_t, const float*, bf16*, int64_t, int64_t);
+constexpr BlockFn kBlocks[kRowBlock + 1] = {nullptr, gemm_block<1>, gemm_block<2>, gemm_block<3>,
+                                            gemm_block<4>, gemm_block<5>, gemm_block<6>};
+
+torch::Tensor gemm(torch::Tensor x, torch::Tensor packed, int64_t n, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "gemm: 2-D bfloat16 input");
+  const int64_t m = x.size(0), k2 = packed.size(1), tiles = packed.size(0);
+  TORCH_CHECK(x.size(1) == 2 * k2 || x.size(1) + 1 == 2 * k2, "gemm: K does not match the packed weight");
+  if (x.size(1) != 2 * k2) x = torch::constant_pad_nd(x, {0, 1});
+  x = x.contiguous();
+  auto out = torch::empty({m, n}, x.options());
+  c10::optional<torch::Tensor> bias_f32;
+  if (bias.has_value()) bias_f32 = bias->to(at::kFloat).contiguous();
+  const float* b = bias_f32 ? bias_f32->data_ptr<float>() : nullptr;
+  const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<bf16>());
+  const bf16* wp = packed.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  const int64_t groups = (m + kRowGroup - 1) / kRowGroup;
+  // Items run tile-major within a row group, so with few rows each thread streams a contiguous
+  // run of weight tiles.
+  at::parallel_for(0, groups * tiles, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t g = item / tiles, t = item % tiles;
+      const int64_t col = t * kTileN, ncols = std::min(kTileN, n - col);
+      const bf16* tile = wp + t * k2 * kTileN * 2;
+      for (int64_t r = g * kRowGroup; r < std::min(m, (g + 1) * kRowGroup); r += kRowBlock) {
+        const int64_t rows = std::min(kRowBlock, m - r);
+        kBlocks[rows](xp + r * k2, k2, tile, k2, b ? b + col : nullptr, op + r * n + col, n, ncols);
+      }
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention: one query token per sequence over its paged K/V. q [B, Hq, D]; caches
+// [num_blocks, block_size, Hkv, D]; block_tables [B, W] int64; context_lens [B] int64.
+
+constexpr int kMaxGroup = 16;
+constexpr int kMaxD16 = 16;  // head_dim up to 256
+
+void attend_one(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table, int64_t ctx,
+                int64_t block_size, int64_t hkv, int64_t kvh, int64_t group, int64_t d, float scale,
+                bf16* out, std::vector<float>& scores) {
+  const int64_t d32 = d / 32, d16 = d / 16;
+  scores.resize(group * ctx);
+  __m512bh qv[kMaxGroup][kMaxD16 / 2];
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t c = 0; c < d32; ++c) {
+      __m512i raw = _mm512_loadu_si512(q + g * d + c * 32);
+      qv[g][c] = reinterpret_cast<__m512bh&>(raw);
+    }
+  auto row = [&](const bf16* cache, int64_t t) {
+    return cache + ((table[t / block_size] * block_size + t % block_size) * hkv + kvh) * d;
+  };
+  for (int64_t t = 0; t < ctx; ++t) {
+    const bf16* kp = row(kc, t);
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < d32; ++c) {
+        __m512i raw = _mm512_loadu_si512(kp + c * 32);
+        acc = _mm512_dpbf16_ps(acc, qv[g][c], reinterpret_cast<__m512bh&>(raw));
+      }
+      scores[g * ctx + t] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+  float inv_sum[kMaxGroup];
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores.data() + g * ctx;
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < ctx; ++t) mx = std::max(mx, s[t]);
+    __m512 sum = _mm512_setzero_ps();
+    const __m512 vmx = _mm512_set1_ps(mx);
+    for (int64_t t = 0; t < ctx; t += 16) {
+      const __mmask16 mask = tail_mask(ctx - t);
+      __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + t), vmx));
+      e = _mm512_maskz_mov_ps(mask, e);
+      _mm512_mask_storeu_ps(s + t, mask, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    inv_sum[g] = 1.0f / _mm512_reduce_add_ps(sum);
+  }
+  __m512 acc[kMaxGroup][kMaxD16];
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t c = 0; c < d16; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < ctx; ++t) {
+    const bf16* vp = row(vc, t);
+    __m512 v[kMaxD16];
+    for (int64_t c = 0; c < d16; ++c) v[c] = load_bf16x16(vp + c * 16);
+    for (int64_t g = 0; g < group; ++g) {
+      const __m512 p = _mm512_set1_ps(scores[g * ctx + t]);
+      for (int64_t c = 0; c < d16; ++c) acc[g][c] = _mm512_fmadd_ps(p, v[c], acc[g][c]);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t c = 0; c < d16; ++c)
+      store_bf16x16(out + g * d + c * 16, _mm512_mul_ps(acc[g][c], _mm512_set1_ps(inv_sum[g])), 0xFFFF);
+}
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                               torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16, "bfloat16 only");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "decode_attention: contiguous caches");
+  q = q.contiguous();
+  block_tables = block_tables.contiguous();
+  context_lens = context_lens.contiguous();
+  const int64_t b = q.size(0), hq = q.size(1), d = q.size(2);
+  const int64_t block_size = k_cache.size(1), hkv = k_cache.size(2), group = hq / hkv;
+  TORCH_CHECK(d % 32 == 0 && d / 16 <= kMaxD16 && group <= kMaxGroup && hq % hkv == 0,
+              "decode_attention: head_dim must be a multiple of 32 up to 256, GQA group up to 16");
+  auto out = torch::empty_like(q);
+  const bf16 *qp = q.data_ptr<bf16>(), *kp = k_cache.data_ptr<bf16>(), *vp = v_cache.data_ptr<bf16>();
+  const int64_t *tp = block_tables.data_ptr<int64_t>(), *lp = context_lens.data_ptr<int64_t>();
+  const int64_t width = block_tables.size(1);
+  bf16* op = out.data_ptr<bf16>();
+  at::parallel_for(0, b * hkv, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores;
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t s = item / hkv, h = item % hkv;
+      attend_one(qp + (s * hq + h * group) * d, kp, vp, tp + s * width, lp[s], block_size, hkv, h, group,
+                 d, static_cast<float>(scale), op + (s * hq + h * group) * d, scores);
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element-wise ops, rounding to bfloat16 where transformers' bfloat16 modules round.
+
+// residual += delta (when given); normed = weight * bf16(residual * rsqrt(mean(residual^2) + eps)).
+torch::Tensor add_rmsnorm(torch::Tensor residual, c10::optional<torch::Tensor> delta, torch::Tensor weight,
+                          double eps) {
+  TORCH_CHECK(residual.is_contiguous() && residual.scalar_type() == at::kBFloat16, "add_rmsnorm: input");
+  const int64_t h = residual.size(-1), rows = residual.numel() / h;
+  auto normed = torch::empty_like(residual);
+  torch::Tensor dl = delta.has_value() ? delta->contiguous() : torch::Tensor();
+  bf16* rp = residual.data_ptr<bf16>();
+  const bf16* dp = delta.has_value() ? dl.data_ptr<bf16>() : nullptr;
+  const bf16* wp = weight.contiguous().data_ptr<bf16>();
+  bf16* np = normed.data_ptr<bf16>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      bf16* x = rp + r * h;
+      float ss = 0.f;
+      for (int64_t i = 0; i < h; ++i) {
+        if (dp) x[i] = static_cast<bf16>(static_cast<float>(x[i]) + static_cast<float>(dp[r * h + i]));
+        const float v = x[i];
+        ss += v * v;
+      }
+      const float inv = 1.0f / std::sqrt(ss / h + static_cast<float>(eps));
+      for (int64_t i = 0; i < h; ++i)
+        np[r * h + i] = static_cast<bf16>(static_cast<float>(wp[i]) * round_bf16(static_cast<float>(x[i]) * inv));
+    }
+  });
+  return normed;
+}
+
+// Rotate q and k in place (rows may be strided; the last two dims are dense) and write k, v into
+// the paged caches at the given slots.
+void rope_write_kv(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
+                   torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
+  const int64_t t = q.size(0), hq = q.size(1), hkv = k.size(1), d = q.size(2), half = d / 2;
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == d && k.stride(2) == 1 && k.stride(1) == d &&
+              v.stride(2) == 1 && v.stride(1) == d, "rope_write_kv: heads must be dense");
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  slots = slots.contiguous();
+  const bf16 *cp = cos.data_ptr<bf16>(), *sp = sin.data_ptr<bf16>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  bf16 *qp = q.data_ptr<bf16>(), *kp = k.data_ptr<bf16>(), *vp = v.data_ptr<bf16>();
+  bf16 *kc = k_cache.data_ptr<bf16>(), *vc = v_cache.data_ptr<bf16>();
+  auto rotate = [&](bf16* x, const bf16* c, const bf16* s) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = x[i], x2 = x[i + half];
+      // x * cos + rotate_half(x) * sin, each product and the sum rounded like transformers' bf16 ops.
+      const float a = round_bf16(x1 * float(c[i])) + round_bf16(-x2 * float(s[i]));
+      const float b = round_bf16(x2 * float(c[i + half])) + round_bf16(x1 * float(s[i + half]));
+      x[i] = static_cast<bf16>(a);
+      x[i + half] = static_cast<bf16>(b);
+    }
+  };
+  at::parallel_for(0, t, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const bf16 *c = cp + r * d, *s = sp + r * d;
+      for (int64_t h = 0; h < hq; ++h) rotate(qp + r * q.stride(0) + h * d, c, s);
+      for (int64_t h = 0; h < hkv; ++h) {
+        bf16* kr = kp + r * k.stride(0) + h * d;
+        rotate(kr, c, s);
+        std::copy(kr, kr + d, kc + (slot[r] * hkv + h) * d);
+        std::copy(vp + r * v.stride(0) + h * d, vp + r * v.stride(0) + (h + 1) * d, vc + (slot[r] * hkv + h) * d);
+      }
+    }
+  });
+}
+
+// gate_up [T, 2I] -> bf16(silu(gate)) * up, rounded as transformers' bf16 MLP does.
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  gate_up = gate_up.contiguous();
+  const int64_t t = gate_up.size(0), i2 = gate_up.size(1), inter = i2 / 2;
+  auto out = torch::empty({t, inter}, gate_up.options());
+  const bf16* gp = gate_up.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  at::parallel_for(0, t, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t i = 0; i < inter; ++i) {
+        const float g = gp[r * i2 + i];
+        op[r * inter + i] = static_cast<bf16>(round_bf16(g / (1.0f + std::exp(-g))) * float(gp[r * i2 + inter + i]));
+      }
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack_weight", &pack_weight, "pack a [N, K] bf16 weight into [N/64, K/2, 64, 2] tiles");
+  m.def("gemm", &gemm, "x @ W^T (+ bias) with a packed weight");
+  m.def("decode_attention", &decode_attention, "paged attention, one query token per sequence");
+  m.def("add_rmsnorm", &add_rmsnorm, "residual += delta in place; returns the RMS-normed residual");
+  m.def("rope_write_kv", &rope_write_kv, "RoPE on q and k in place; k and v written to the caches");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up");
+}

@@ -1,0 +1,113 @@
+"""The model's hot operations, behind one interface with two implementations.
+
+TorchOps is the reference: plain torch, any device and dtype, and in float32 the same arithmetic
+as transformers. CpuKernelOps runs the compiled bfloat16 kernels (kernels/cpu_bf16.cpp) on CPUs
+with AVX512_BF16 and checks itself against TorchOps in the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from splitserve.engine.attention import AttentionBatch, decode_attention, write_kv
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same order of operations as transformers, so float32 results match bit for bit.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x ``[tokens, heads, head_dim]``; cos/sin ``[tokens, head_dim]``."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class TorchOps:
+    name = "torch"
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Transform loaded weights into whatever layout linear() reads (nothing to do here)."""
+
+    def linear(self, x: torch.Tensor, layer) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+    def add_rmsnorm(self, residual: torch.Tensor, delta: torch.Tensor | None, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual + delta (if given) and its RMS norm: the residual stream and the next input."""
+        if delta is not None:
+            residual = residual + delta
+        return residual, rms_norm(residual, norm.weight, norm.eps)
+
+    def rope_write_kv(self, q, k, v, cos, sin, k_cache, v_cache, slots) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        write_kv(k_cache, v_cache, k, v, slots)
+        return q, k
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def decode_attention(self, q, k_cache, v_cache, batch: AttentionBatch, scale: float) -> torch.Tensor:
+        return decode_attention(q, k_cache, v_cache, batch, scale)
+
+
+class CpuKernelOps(TorchOps):
+    name = "cpu-bf16-kernels"
+
+    def __init__(self, kernels) -> None:
+        self.k = kernels
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Pack every linear weight into GEMM tiles and drop the unpacked copy (bar a tied head)."""
+        tied = model.lm_head.weight is model.embed_tokens.weight
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.packed = self.k.pack_weight(module.weight.data)
+                if not (tied and module is model.lm_head):
+                    module.weight.data = torch.empty(0, dtype=module.weight.dtype)
+
+    def linear(self, x: torch.Tensor, layer) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        out = self.k.gemm(flat, layer.packed, layer.out_features, layer.bias)
+        return out.view(*x.shape[:-1], layer.out_features)
+
+    def add_rmsnorm(self, residual, delta, norm):
+        return residual, self.k.add_rmsnorm(residual, delta, norm.weight, norm.eps)
+
+    def rope_write_kv(self, q, k, v, cos, sin, k_cache, v_cache, slots):
+        self.k.rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
+        return q, k
+
+    def silu_mul(self, gate_up):
+        return self.k.silu_mul(gate_up)
+
+    def decode_attention(self, q, k_cache, v_cache, batch, scale):
+        return self.k.decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
+
+
+class Linear(torch.nn.Module):
+    """y = x W^T + b, with W stored as transformers names it and, for kernels, a packed copy."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = torch.nn.Parameter(torch.empty(out_features)) if bias else None
+        self.packed: torch.Tensor | None = None
+
+
+def select_ops(device: torch.device, dtype: torch.dtype, head_dim: int, group: int) -> TorchOps:
+    """The fastest implementation that supports this model, device and dtype."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or head_dim % 32 or head_dim > 256 or group > 16:
+        return TorchOps()
+    from splitserve.engine.kernels import load_cpu_kernels
+
+    kernels = load_cpu_kernels()
+    return CpuKernelOps(kernels) if kernels is not None else TorchOps()
