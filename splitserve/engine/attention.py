@@ -38,6 +38,11 @@ def prefill_attention(
 ) -> torch.Tensor:
     """Causal attention of each prompt over itself (no cached prefix), one SDPA call per prompt."""
     group = q.shape[1] // k.shape[1]
+    out_dtype = q.dtype
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # torch's CPU flash kernel runs 10-15% faster in float32 than in bfloat16 (measured on
+        # AVX512_BF16 hardware), and the upcast of q/k/v is small next to the L^2 work.
+        q, k, v = q.float(), k.float(), v.float()
     if group > 1:
         # SDPA's enable_gqa falls back to the slow math kernel on CPU; expanded heads use flash.
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -49,7 +54,8 @@ def prefill_attention(
         out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
         outputs.append(out[0].transpose(0, 1))
         start += n
-    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    return out.to(out_dtype)
 
 
 def decode_attention(

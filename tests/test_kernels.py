@@ -1,0 +1,94 @@
+"""The compiled bfloat16 CPU kernels against the torch reference ops they replace."""
+
+import pytest
+import torch
+
+from splitserve.engine.attention import AttentionBatch
+from splitserve.engine.kernels import kernels_enabled, load_cpu_kernels
+from splitserve.engine.ops import CpuKernelOps, Linear, TorchOps
+
+pytestmark = pytest.mark.skipif(not kernels_enabled(), reason="this CPU has no AVX512_BF16")
+BF16 = torch.bfloat16
+BF16_EPS = 2.0**-8  # one unit in the last place of a bfloat16 near 1
+
+
+@pytest.fixture(scope="module")
+def ops():
+    kernels = load_cpu_kernels()
+    assert kernels is not None, "kernels failed to build on a CPU that supports them"
+    return CpuKernelOps(kernels)
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(BF16)
+
+
+@pytest.mark.parametrize("m, n, k, bias", [(1, 576, 576, False), (7, 200, 130, True), (100, 960, 576, False),
+                                           (3, 70, 33, True), (64, 1536, 576, False)])
+def test_gemm_matches_float32_matmul(ops, m, n, k, bias):
+    layer = Linear(k, n, bias)
+    layer.weight.data = rand(n, k, seed=1)
+    layer.bias = torch.nn.Parameter(rand(n, seed=2)) if bias else None
+    x = rand(m, k, seed=3)
+    expected = x.float() @ layer.weight.float().t() + (layer.bias.float() if bias else 0)
+    layer.packed = ops.k.pack_weight(layer.weight.data)
+    got = ops.linear(x, layer).float()
+    # fp32 accumulation, one rounding to bfloat16 at the end
+    assert torch.allclose(got, expected, rtol=BF16_EPS, atol=BF16_EPS * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 8, 64), (16, 4, 128)])
+def test_decode_attention_matches_reference(ops, heads, kv_heads, head_dim):
+    block_size, num_blocks = 16, 40
+    context_lens = [1, 15, 16, 17, 100, 200]
+    k_cache, v_cache = rand(num_blocks, block_size, kv_heads, head_dim, seed=4), rand(
+        num_blocks, block_size, kv_heads, head_dim, seed=5)
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(6)).tolist()
+    tables, width = [], max(-(-c // block_size) for c in context_lens)
+    for c in context_lens:
+        n = -(-c // block_size)
+        tables.append(order[:n] + [0] * (width - n))
+        order = order[n:] + order[:n]
+    batch = AttentionBatch(is_prefill=False, slot_mapping=torch.zeros(0, dtype=torch.long),
+                           block_tables=torch.tensor(tables), context_lens=torch.tensor(context_lens))
+    q = rand(len(context_lens), heads, head_dim, seed=7)
+    scale = head_dim**-0.5
+    expected = TorchOps().decode_attention(q.float(), k_cache.float(), v_cache.float(), batch, scale)
+    got = ops.decode_attention(q, k_cache, v_cache, batch, scale).float()
+    assert torch.allclose(got, expected, atol=2e-2, rtol=2e-2)
+    assert (got - expected).abs().mean() < 2e-3
+
+
+def test_add_rmsnorm_matches_reference_and_updates_the_residual(ops):
+    norm = torch.nn.Module()
+    norm.weight, norm.eps = rand(576, seed=8), 1e-5
+    residual, delta = rand(33, 576, seed=9), rand(33, 576, seed=10)
+    ref_residual, ref_normed = TorchOps().add_rmsnorm(residual.clone(), delta, norm)
+    got_residual, got_normed = ops.add_rmsnorm(residual, delta, norm)
+    assert torch.equal(got_residual, ref_residual)
+    assert torch.equal(residual, ref_residual)  # in place
+    assert torch.allclose(got_normed.float(), ref_normed.float(), rtol=2 * BF16_EPS, atol=1e-3)
+
+
+def test_rope_write_kv_matches_reference(ops):
+    tokens, heads, kv_heads, d = 21, 9, 3, 64
+    qkv = rand(tokens, (heads + 2 * kv_heads) * d, seed=11)
+    cos, sin = rand(tokens, d, seed=12), rand(tokens, d, seed=13)
+    slots = torch.randperm(64, generator=torch.Generator().manual_seed(14))[:tokens]
+
+    def run(impl, qkv):
+        q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        q, k, v = q.view(tokens, heads, d), k.view(tokens, kv_heads, d), v.view(tokens, kv_heads, d)
+        kc, vc = torch.zeros(4, 16, kv_heads, d, dtype=BF16), torch.zeros(4, 16, kv_heads, d, dtype=BF16)
+        q, k = impl.rope_write_kv(q, k, v, cos, sin, kc, vc, slots)
+        return q, k, kc, vc
+
+    for a, b in zip(run(TorchOps(), qkv.clone()), run(ops, qkv.clone())):
+        assert torch.equal(a, b)
+
+
+def test_silu_mul_matches_reference(ops):
+    gate_up = rand(5, 2 * 1000, seed=15) * 4
+    expected = TorchOps().silu_mul(gate_up).float()
+    got = ops.silu_mul(gate_up).float()
+    assert torch.allclose(got, expected, rtol=2 * BF16_EPS, atol=1e-6)
