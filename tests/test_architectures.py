@@ -54,6 +54,16 @@ def test_architecture_matches_transformers(name, tmp_path, model_fp32):
         assert out == ref[0, len(prompt):].tolist()
 
 
+def test_sliding_window_caps_the_context(tmp_path, model_fp32):
+    from transformers import MistralConfig
+
+    save_tiny(MistralConfig(**COMMON, sliding_window=128), tmp_path, model_fp32.source.path)
+    engine = LLMEngine(EngineConfig(model=str(tmp_path), dtype="float32", kv_cache_bytes=8 << 20))
+    assert engine.max_model_len == 128
+    with pytest.raises(ValueError, match="context of 128"):
+        engine.add_request("r", list(range(100)), SamplingParams(max_new_tokens=29))
+
+
 def test_unsupported_architecture_names_the_supported_ones(tmp_path, model_fp32):
     from transformers import GPT2Config
 

@@ -41,8 +41,8 @@ def test_gemm_matches_float32_matmul(ops, m, n, k, bias):
 def test_decode_attention_matches_reference(ops, heads, kv_heads, head_dim):
     block_size, num_blocks = 16, 40
     context_lens = [1, 15, 16, 17, 100, 200]
-    k_cache, v_cache = rand(num_blocks, block_size, kv_heads, head_dim, seed=4), rand(
-        num_blocks, block_size, kv_heads, head_dim, seed=5)
+    k_cache, v_cache = rand(num_blocks, kv_heads, block_size, head_dim, seed=4), rand(
+        num_blocks, kv_heads, block_size, head_dim, seed=5)
     order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(6)).tolist()
     tables, width = [], max(-(-c // block_size) for c in context_lens)
     for c in context_lens:
@@ -79,7 +79,7 @@ def test_rope_write_kv_matches_reference(ops):
     def run(impl, qkv):
         q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
         q, k, v = q.view(tokens, heads, d), k.view(tokens, kv_heads, d), v.view(tokens, kv_heads, d)
-        kc, vc = torch.zeros(4, 16, kv_heads, d, dtype=BF16), torch.zeros(4, 16, kv_heads, d, dtype=BF16)
+        kc, vc = torch.zeros(4, kv_heads, 16, d, dtype=BF16), torch.zeros(4, kv_heads, 16, d, dtype=BF16)
         q, k = impl.rope_write_kv(q, k, v, cos, sin, kc, vc, slots)
         return q, k, kc, vc
 

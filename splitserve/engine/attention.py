@@ -1,6 +1,6 @@
 """Attention over the paged KV cache: a batch of fresh prompts (prefill) or one token per sequence
-(decode). Tensors are token-major: q ``[tokens, heads, head_dim]``, caches
-``[num_blocks, block_size, num_kv_heads, head_dim]``."""
+(decode). Tensors are token-major: q ``[tokens, heads, head_dim]``; caches are
+``[num_blocks, num_kv_heads, block_size, head_dim]``."""
 
 from __future__ import annotations
 
@@ -29,8 +29,11 @@ class AttentionBatch:
 def write_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
 ) -> None:
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+    """Store k, v ``[tokens, kv_heads, head_dim]`` at their slots (block * block_size + offset)."""
+    block_size = k_cache.shape[2]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, :, offsets] = k
+    v_cache[blocks, :, offsets] = v
 
 
 def prefill_attention(
@@ -68,11 +71,11 @@ def decode_attention(
     """One query token per sequence over its cached context (padded gather, masked softmax)."""
     assert batch.block_tables is not None and batch.context_lens is not None
     num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
+    num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
-    # [B, blocks, block_size, Hkv, D] -> [B, Hkv, T, D]
-    k = k_cache[batch.block_tables].flatten(1, 2).permute(0, 2, 1, 3)
-    v = v_cache[batch.block_tables].flatten(1, 2).permute(0, 2, 1, 3)
+    # [B, blocks, Hkv, block_size, D] -> [B, Hkv, T, D]
+    k = k_cache[batch.block_tables].transpose(1, 2).flatten(2, 3)
+    v = v_cache[batch.block_tables].transpose(1, 2).flatten(2, 3)
     qg = q.view(num_seqs, num_kv_heads, group, head_dim)
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, T]
     positions = torch.arange(scores.shape[-1], device=q.device)

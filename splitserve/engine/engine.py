@@ -7,6 +7,7 @@ does both.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -109,9 +110,12 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(config.token_budget, config.max_num_seqs), self.blocks)
         self.runner = ModelRunner(self.loaded.model, self.cache, config.torch_device)
         self.max_model_len = min(config.max_model_len or spec.max_position_embeddings,
-                                 spec.max_position_embeddings)
+                                 spec.max_position_embeddings, spec.sliding_window or spec.max_position_embeddings)
+        if spec.sliding_window and spec.sliding_window < (config.max_model_len or spec.max_position_embeddings):
+            log.info("context capped at the sliding window", max_model_len=self.max_model_len)
         self.sequences: dict[str, Sequence] = {}
         self._generators: dict[str, torch.Generator] = {}
+        self._generate_ids = itertools.count()
 
     @property
     def tokenizer(self):
@@ -268,7 +272,7 @@ class LLMEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Run prompts to completion together; returns each one's output token ids."""
-        seqs = [self.add_request(f"gen-{i}-{id(prompts)}", p, params) for i, p in enumerate(prompts)]
+        seqs = [self.add_request(f"generate-{next(self._generate_ids)}", p, params) for p in prompts]
         while self.has_work:
             self.step()
         return [s.output_token_ids for s in seqs]

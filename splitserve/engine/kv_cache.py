@@ -1,9 +1,10 @@
 """The paged KV cache tensor, and the layout its blocks travel in between processes.
 
 Layout (both in memory and on the wire): one tensor of shape
-``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`` where index 0 of the second axis
-is K and 1 is V. Exporting a list of block ids gathers ``[:, :, block_ids]`` into a contiguous tensor
-of shape ``[num_layers, 2, len(block_ids), block_size, num_kv_heads, head_dim]`` in the cache dtype;
+``[num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim]`` where index 0 of the second axis
+is K and 1 is V; each head's rows of a block are contiguous, so attention streams them. Exporting a
+list of block ids gathers ``[:, :, block_ids]`` into a contiguous tensor of shape
+``[num_layers, 2, len(block_ids), num_kv_heads, block_size, head_dim]`` in the cache dtype;
 importing writes such a tensor into (other) block ids. Two processes agree on a transfer when their
 ``KVLayout`` values are equal.
 """
@@ -33,7 +34,7 @@ class KVLayout:
         return self.bytes_per_token * self.block_size
 
     def export_shape(self, num_blocks: int) -> tuple[int, ...]:
-        return (self.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        return (self.num_layers, 2, num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
 
 
 class KVCache:
@@ -45,7 +46,7 @@ class KVCache:
         self.data = torch.zeros(layout.export_shape(num_blocks), dtype=layout.dtype, device=device)
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of one layer, each ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
+        """K and V of one layer, each ``[num_blocks, num_kv_heads, block_size, head_dim]``."""
         return self.data[index, 0], self.data[index, 1]
 
     def export(self, block_ids: list[int]) -> torch.Tensor:

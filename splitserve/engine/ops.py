@@ -7,6 +7,8 @@ with AVX512_BF16 and checks itself against TorchOps in the tests.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -97,7 +99,7 @@ class CpuKernelOps(TorchOps):
     def prefill_attention(self, q, k, v, query_lens, scale):
         if q.shape[-1] % 64:
             return super().prefill_attention(q, k, v, query_lens, scale)
-        starts = [0, *torch.tensor(query_lens).cumsum(0).tolist()[:-1]]
+        starts = itertools.accumulate(query_lens[:-1], initial=0)
         outs = [self.k.prefill_attention(q[s : s + n], k[s : s + n], v[s : s + n], scale)
                 for s, n in zip(starts, query_lens)]
         return torch.cat(outs) if len(outs) > 1 else outs[0]
@@ -116,9 +118,9 @@ class Linear(torch.nn.Module):
 
 def select_ops(device: torch.device, dtype: torch.dtype, head_dim: int, group: int) -> TorchOps:
     """The fastest implementation that supports this model, device and dtype."""
+    from splitserve.engine.kernels import kernels_enabled, load_cpu_kernels
+
     if device.type != "cpu" or dtype != torch.bfloat16 or head_dim % 32 or head_dim > 256 or group > 16:
         return TorchOps()
-    from splitserve.engine.kernels import load_cpu_kernels
-
-    kernels = load_cpu_kernels()
+    kernels = load_cpu_kernels() if kernels_enabled() else None
     return CpuKernelOps(kernels) if kernels is not None else TorchOps()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from splitserve.engine.attention import AttentionBatch
@@ -39,7 +41,7 @@ class ModelRunner:
             query_lens.append(end - start)
         batch = AttentionBatch(is_prefill=True, slot_mapping=self._tensor(slots), query_lens=query_lens)
         hidden = self.model(self._tensor(input_ids), self._tensor(positions), batch, self.cache)
-        last = self._tensor([n - 1 for n in torch.tensor(query_lens).cumsum(0).tolist()])
+        last = self._tensor([end - 1 for end in itertools.accumulate(query_lens)])
         return self.model.logits(hidden.index_select(0, last)).float().cpu()
 
     @torch.inference_mode()

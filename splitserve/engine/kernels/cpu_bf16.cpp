@@ -172,7 +172,8 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor packed, int64_t n, c10::option
 
 // ---------------------------------------------------------------------------------------------
 // Decode attention: one query token per sequence over its paged K/V. q [B, Hq, D]; caches
-// [num_blocks, block_size, Hkv, D]; block_tables [B, W] int64; context_lens [B] int64.
+// [num_blocks, Hkv, block_size, D] (a head's rows of a block are contiguous); block_tables [B, W]
+// int64; context_lens [B] int64.
 
 constexpr int kMaxGroup = 16;
 constexpr int64_t kVChunk = 64;  // tokens of V re-laid out at a time (fits L1)
@@ -279,7 +280,7 @@ void attend_one(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* ta
   scratch.acc.assign(group * d, 0.0f);
   scratch.vnni.resize(kVChunk / 2 * D16 * 32);
   for (int64_t t = 0, blk = 0, off = 0; t < ctx; ++t) {
-    scratch.rows[t] = ((table[blk] * block_size + off) * hkv + kvh) * d;
+    scratch.rows[t] = ((table[blk] * hkv + kvh) * block_size + off) * d;
     if (++off == block_size) off = 0, ++blk;
   }
   attention_scores<D16>(q, kc, scratch.rows.data(), ctx, group, scale, scratch.scores.data());
@@ -310,7 +311,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   block_tables = block_tables.contiguous();
   context_lens = context_lens.contiguous();
   const int64_t b = q.size(0), hq = q.size(1), d = q.size(2);
-  const int64_t block_size = k_cache.size(1), hkv = k_cache.size(2), group = hq / hkv;
+  const int64_t hkv = k_cache.size(1), block_size = k_cache.size(2), group = hq / hkv;
   TORCH_CHECK(d % 32 == 0 && d <= 256 && group <= kMaxGroup && hq % hkv == 0,
               "decode_attention: head_dim must be a multiple of 32 up to 256, GQA group up to 16");
   auto out = torch::empty_like(q);
@@ -416,9 +417,10 @@ torch::Tensor add_rmsnorm(torch::Tensor residual, c10::optional<torch::Tensor> d
   const int64_t h = residual.size(-1), rows = residual.numel() / h;
   auto normed = torch::empty_like(residual);
   torch::Tensor dl = delta.has_value() ? delta->contiguous() : torch::Tensor();
+  weight = weight.contiguous();
   bf16* rp = residual.data_ptr<bf16>();
   const bf16* dp = delta.has_value() ? dl.data_ptr<bf16>() : nullptr;
-  const bf16* wp = weight.contiguous().data_ptr<bf16>();
+  const bf16* wp = weight.data_ptr<bf16>();
   bf16* np = normed.data_ptr<bf16>();
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -449,6 +451,7 @@ void rope_write_kv(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Ten
   slots = slots.contiguous();
   const bf16 *cp = cos.data_ptr<bf16>(), *sp = sin.data_ptr<bf16>();
   const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t block_size = k_cache.size(2);  // caches are [num_blocks, Hkv, block_size, D]
   bf16 *qp = q.data_ptr<bf16>(), *kp = k.data_ptr<bf16>(), *vp = v.data_ptr<bf16>();
   bf16 *kc = k_cache.data_ptr<bf16>(), *vc = v_cache.data_ptr<bf16>();
   auto rotate = [&](bf16* x, const bf16* c, const bf16* s) {
@@ -465,11 +468,13 @@ void rope_write_kv(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Ten
     for (int64_t r = r0; r < r1; ++r) {
       const bf16 *c = cp + r * d, *s = sp + r * d;
       for (int64_t h = 0; h < hq; ++h) rotate(qp + r * q.stride(0) + h * d, c, s);
+      const int64_t block = slot[r] / block_size, off = slot[r] % block_size;
       for (int64_t h = 0; h < hkv; ++h) {
         bf16* kr = kp + r * k.stride(0) + h * d;
         rotate(kr, c, s);
-        std::copy(kr, kr + d, kc + (slot[r] * hkv + h) * d);
-        std::copy(vp + r * v.stride(0) + h * d, vp + r * v.stride(0) + (h + 1) * d, vc + (slot[r] * hkv + h) * d);
+        const int64_t row = ((block * hkv + h) * block_size + off) * d;
+        std::copy(kr, kr + d, kc + row);
+        std::copy(vp + r * v.stride(0) + h * d, vp + r * v.stride(0) + (h + 1) * d, vc + row);
       }
     }
   });

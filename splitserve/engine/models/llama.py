@@ -43,6 +43,9 @@ class ModelSpec:
     qk_norm: bool
     tie_word_embeddings: bool
     max_position_embeddings: int
+    # Attention window of Mistral / sliding-window Qwen; we implement full attention, so the
+    # engine caps the context here (identical results up to the window).
+    sliding_window: int | None = None
 
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelSpec:
@@ -71,7 +74,14 @@ class ModelSpec:
             qk_norm=arch == "Qwen3ForCausalLM",
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             max_position_embeddings=config.max_position_embeddings,
+            sliding_window=_sliding_window(config, arch),
         )
+
+
+def _sliding_window(config: Any, arch: str) -> int | None:
+    if arch.startswith("Qwen") and not getattr(config, "use_sliding_window", False):
+        return None
+    return getattr(config, "sliding_window", None)
 
 
 def rope_parameters(config: Any) -> dict:
