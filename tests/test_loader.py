@@ -41,3 +41,17 @@ def test_unknown_model_gets_a_clear_error(tmp_path, monkeypatch):
     bad.write_bytes(b"x")
     with pytest.raises(ModelNotFound, match="not a folder or a .gguf file"):
         resolve_model(str(bad))
+
+
+def test_concurrent_first_starts_share_one_conversion(tmp_path):
+    """Two processes converting the same GGUF into an empty cache both succeed, with one result."""
+    code = "from splitserve.engine.loader import resolve_model; print(resolve_model(None).path)"
+    env = {**os.environ, "SPLITSERVE_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-500:] for _, err in results]
+    paths = {out.strip().splitlines()[-1] for out, _ in results}
+    assert len(paths) == 1
+    models = list((tmp_path / "models").iterdir())
+    assert [m.name for m in models] == [os.path.basename(paths.pop())]  # no leftover temp folders

@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,12 @@ def _gguf_to_folder(gguf: Path) -> Path:
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     _save_dequantized(model, tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(folder)  # atomic: a concurrent start sees either nothing or a whole folder
+    try:
+        tmp.rename(folder)  # atomic: a concurrent start sees either nothing or a whole folder
+    except OSError:
+        if not (folder / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same conversion first
     return folder
 
 

@@ -56,6 +56,6 @@ class ModelRunner:
             block_tables=self._tensor(padded).view(len(seqs), width),
             context_lens=self._tensor([p + 1 for p in positions]),
         )
-        input_ids = self._tensor([seq.all_token_ids[-1] for seq in seqs])
+        input_ids = self._tensor([seq.last_token_id for seq in seqs])
         hidden = self.model(input_ids, self._tensor(positions), batch, self.cache)
         return self.model.logits(hidden).float().cpu()
