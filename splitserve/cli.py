@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_json)
     try:
         return args.func(args)
-    except ValueError as exc:  # bad flags or input: say so without a traceback
+    except (ValueError, OSError) as exc:  # bad flags, input, or model files: no traceback
         print(f"splitserve: error: {exc}", file=sys.stderr)
         return 2
 

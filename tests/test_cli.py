@@ -54,3 +54,18 @@ def test_bench_engine_quick_prints_consistent_json():
         assert abs(row["tokens_per_s"] - tokens / (row["step_ms"] / 1e3)) < 0.01 * row["tokens_per_s"] + 1
         assert abs(row["pct_of_roofline"] - 100 * row["roofline_ms"] / row["step_ms"]) < 0.2
     assert "decode_batch1_pct" in report["targets"]
+
+
+def test_bad_flags_and_model_paths_get_one_line_errors(tmp_path):
+    cases = [
+        (["generate", "hi", "--model", str(tmp_path)], "config.json"),
+        (["generate", "hi", "--device", "nonsense"], "not a torch device"),
+        (["generate", "hi", "--threads", "-1"], "must be a whole number >= 1"),
+        (["generate", "hi", "--kv-cache-gb", "inf"], "must be a positive number"),
+        (["bench", "engine", "--output", str(tmp_path / "missing" / "x.json")], "folder does not exist"),
+    ]
+    for argv, message in cases:
+        out = run(*argv)
+        assert out.returncode == 2, argv
+        assert message in out.stderr, (argv, out.stderr[-500:])
+        assert "Traceback" not in out.stderr, argv

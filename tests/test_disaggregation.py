@@ -73,3 +73,75 @@ def test_import_rejects_a_foreign_layout(model_fp32, prompts):
     wrong = decode.cache.export(decode.blocks.block_table("r")).to(dtype=__import__("torch").bfloat16)
     with pytest.raises(ValueError, match="layout"):
         decode.import_kv("r", wrong)
+
+
+def test_seeded_sampling_is_the_same_colocated_and_disaggregated(model_fp32, prompts):
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=11, max_new_tokens=12, ignore_eos=True)
+    expected = engine(model_fp32, EngineRole.COLOCATED).generate([prompts[0]], params)[0]
+    prefill, decode = engine(model_fp32, EngineRole.PREFILL), engine(model_fp32, EngineRole.DECODE)
+    prefill.add_request("r", prompts[0], params)
+    (first,) = prefill.step()
+    decode.reserve("r", prompts[0], [first.token_id], params)
+    decode.import_kv("r", prefill.export_kv("r"))
+    prefill.release("r")
+    got = [first.token_id]
+    while decode.has_work:
+        got += [o.token_id for o in decode.step()]
+    assert got == expected
+
+
+def test_a_decode_engine_recomputes_what_it_preempts(model_fp32, prompts):
+    """Two requests that outgrow a small decode cache: one is preempted, recomputed, and both
+    still produce exactly the colocated tokens."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)
+    expected = engine(model_fp32, EngineRole.COLOCATED).generate(prompts[:2], params)
+    prefill = engine(model_fp32, EngineRole.PREFILL)
+    block_bytes = prefill.layout.bytes_per_block
+    need = sum(-(-(len(p) + 1) // 16) for p in prompts[:2])  # both fit at import ...
+    decode = engine(model_fp32, EngineRole.DECODE, kv_bytes=(need + 1) * block_bytes)  # ... not at +40
+    got = {}
+    for i, p in enumerate(prompts[:2]):
+        prefill.add_request(f"r{i}", p, params)
+        (first,) = prefill.step()
+        decode.reserve(f"r{i}", p, [first.token_id], params)
+        decode.import_kv(f"r{i}", prefill.export_kv(f"r{i}"))
+        prefill.release(f"r{i}")
+        got[f"r{i}"] = [first.token_id]
+    preempted_before = decode.scheduler.waiting
+    steps = 0
+    while decode.has_work and steps < 500:
+        steps += 1
+        for out in decode.step():
+            got[out.request_id].append(out.token_id)
+    assert [got["r0"], got["r1"]] == expected
+    assert decode.blocks.num_used_blocks == 0 and not preempted_before
+
+
+def test_lifecycle_misuse_gets_clear_errors_and_changes_nothing(model_fp32, prompts):
+    prefill, decode = engine(model_fp32, EngineRole.PREFILL), engine(model_fp32, EngineRole.DECODE)
+    with pytest.raises(ValueError, match="decode engine takes requests"):
+        decode.add_request("x", prompts[0], PARAMS)
+    prefill.add_request("done", prompts[0], SamplingParams(temperature=0.0, max_new_tokens=1))
+    prefill.add_request("held", prompts[1], PARAMS)
+    prefill.step()
+    with pytest.raises(ValueError, match="holds no KV blocks"):
+        prefill.export_kv("done")  # finished at its first token: nothing was kept
+    prefill.release("done")  # harmless
+    blocks = prefill.export_kv("held")
+    with pytest.raises(ValueError, match="already finished"):
+        decode.reserve("y", prompts[1], [5] * 20, PARAMS)  # max_new_tokens already reached
+    decode.reserve("held", prompts[1], [7], PARAMS)
+    decode.import_kv("held", blocks)
+    with pytest.raises(ValueError, match="no reserved blocks"):
+        decode.import_kv("held", blocks)  # a retried pull must not add it twice
+    assert len(decode.scheduler.running) == 1
+    prefill.release("held")
+    assert prefill.blocks.num_used_blocks == 0
+
+
+def test_reserve_respects_max_num_seqs(model_fp32, prompts):
+    decode = LLMEngine(EngineConfig(dtype="float32", role=EngineRole.DECODE, max_num_seqs=1,
+                                    kv_cache_bytes=64 << 20), loaded=model_fp32)
+    decode.reserve("a", prompts[0], [1], PARAMS)
+    with pytest.raises(OutOfBlocks, match="decode batch is full"):
+        decode.reserve("b", prompts[0], [1], PARAMS)

@@ -96,7 +96,19 @@ def test_engine_rejects_requests_it_cannot_serve(engine, prompt):
         engine.add_request("y", [10**7], SamplingParams())
     with pytest.raises(ValueError, match="at least one token"):
         engine.add_request("z", [], SamplingParams())
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        engine.add_request("w", prompt, SamplingParams(stop_token_ids=(10**7,), min_new_tokens=1))
     assert not engine.has_work
+
+
+def test_a_request_larger_than_the_whole_cache_is_refused_not_spun_on(model_bf16, prompt):
+    tiny = LLMEngine(EngineConfig(kv_cache_bytes=8 * 368_640), loaded=model_bf16)  # 8 bf16 blocks: 128 tokens
+    with pytest.raises(ValueError, match="needs 9 KV blocks but the whole cache holds 8"):
+        tiny.add_request("big", list(range(100, 200)), SamplingParams(max_new_tokens=44))
+    seq = tiny.add_request("fits", list(range(100, 200)), SamplingParams(max_new_tokens=28, ignore_eos=True))
+    while tiny.has_work:
+        tiny.step()
+    assert len(seq.output_token_ids) == 28
 
 
 def test_abort_frees_blocks(engine, prompt):
@@ -124,3 +136,17 @@ def test_bfloat16_without_kernels_uses_torch_ops_and_agrees(model_bf16, monkeypa
     fast = LLMEngine(EngineConfig(kv_cache_bytes=64 << 20), loaded=model_bf16).generate(prompts, params)
     same = sum(a == b for s, f in zip(slow, fast) for a, b in zip(s, f))
     assert same / 32 >= 0.75  # both bfloat16; only rounding order differs
+
+
+def test_top_k_keeps_exactly_k_candidates_under_ties():
+    import torch
+
+    from splitserve.engine.request import Sequence
+    from splitserve.engine.sampler import sample
+
+    logits = torch.tensor([[5.0, 5.0, 5.0, 1.0, 0.0]])
+    picks = set()
+    for seed in range(40):
+        seq = Sequence("t", [1], SamplingParams(temperature=1.0, top_k=2, seed=seed), seed=seed)
+        picks.update(sample(logits.clone(), [seq], torch.Generator()))
+    assert len(picks) == 2 and picks <= {0, 1, 2}

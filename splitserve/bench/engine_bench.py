@@ -99,6 +99,7 @@ class TransformersBaseline:
         from transformers import AutoModelForCausalLM
 
         self.device = engine.runner.device
+        self.vocab_size = engine.loaded.spec.vocab_size
         self.model = AutoModelForCausalLM.from_pretrained(
             engine.loaded.source.path, dtype=engine.config.torch_dtype).to(self.device).eval()
 
@@ -108,13 +109,13 @@ class TransformersBaseline:
                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
 
     def prefill_seconds(self, batch: int, length: int) -> float:
-        ids = torch.randint(3, 40000, (batch, length), device=self.device)
+        ids = torch.randint(3, self.vocab_size, (batch, length), device=self.device)
         return _time(lambda: self._generate(ids, 1), self.device, 2)
 
     def decode_step_seconds(self, batch: int, context: int, steps: int) -> float:
         # One run each: the prefill rows already warmed the model, and a prefill of batch x context
         # tokens in transformers takes minutes at the largest shapes.
-        ids = torch.randint(3, 40000, (batch, context - 1), device=self.device)
+        ids = torch.randint(3, self.vocab_size, (batch, context - 1), device=self.device)
         one = _time(lambda: self._generate(ids, 1), self.device, 1, warmup=False)
         many = _time(lambda: self._generate(ids, steps + 1), self.device, 1, warmup=False)
         return max(many - one, 1e-9) / steps

@@ -36,10 +36,10 @@ def prompt_token_ids(tokenizer, prompt: str, raw: bool) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    apply_threads(args)
-    engine = LLMEngine(engine_config_from_args(args))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed, max_new_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
+    apply_threads(args)
+    engine = LLMEngine(engine_config_from_args(args))
     prompt = prompt_token_ids(engine.tokenizer, args.prompt, args.raw)
     detok = IncrementalDetokenizer(engine.tokenizer)
     start = time.perf_counter()

@@ -4,7 +4,23 @@ from __future__ import annotations
 
 import argparse
 
+import math
+
 from splitserve.engine.config import DTYPES, EngineConfig, EngineRole
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -16,16 +32,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="weight and KV cache dtype (default: bfloat16, measured fastest on CPUs "
                         "with AVX512_BF16 and on GPUs)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice, one per core)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
-    g.add_argument("--kv-cache-gb", type=float, default=1.0,
+    g.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block (default: 16)")
+    g.add_argument("--kv-cache-gb", type=positive_float, default=1.0,
                    help="memory for the paged KV cache in GiB (default: 1)")
-    g.add_argument("--token-budget", type=int, default=2048,
+    g.add_argument("--token-budget", type=positive_int, default=2048,
                    help="most prompt tokens per prefill batch (default: 2048)")
-    g.add_argument("--max-num-seqs", type=int, default=64,
+    g.add_argument("--max-num-seqs", type=positive_int, default=64,
                    help="most sequences in one decode batch (default: 64)")
-    g.add_argument("--max-model-len", type=int, default=None,
+    g.add_argument("--max-model-len", type=positive_int, default=None,
                    help="context limit in tokens (default: the model's)")
 
 

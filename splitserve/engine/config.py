@@ -36,6 +36,12 @@ class EngineConfig:
         for name in ("block_size", "kv_cache_bytes", "token_budget", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as exc:
+            raise ValueError(f"device {self.device!r} is not a torch device (cpu, cuda, cuda:N)") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda was asked for, but this torch build sees no CUDA device")
 
     @property
     def torch_dtype(self) -> torch.dtype:

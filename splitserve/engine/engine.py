@@ -8,17 +8,15 @@ does both.
 from __future__ import annotations
 
 import itertools
-import time
-from dataclasses import dataclass
+import random
 
 import structlog
 import torch
 
-from splitserve.engine.block_manager import BlockManager, OutOfBlocks
+from splitserve.engine.block_manager import BlockManager, OutOfBlocks, blocks_for
 from splitserve.engine.config import EngineConfig, EngineRole
 from splitserve.engine.kv_cache import KVCache, KVLayout
-from splitserve.engine.loader import ModelSource, iter_weights, load_weights, resolve_model
-from splitserve.engine.models.llama import LlamaModel, ModelSpec, rope_cos_sin
+from splitserve.engine.loader import LoadedModel
 from splitserve.engine.request import (
     FinishReason,
     RequestState,
@@ -26,66 +24,11 @@ from splitserve.engine.request import (
     Sequence,
     StepOutput,
 )
-from splitserve.engine.ops import select_ops
 from splitserve.engine.runner import ModelRunner
-from splitserve.engine.sampler import make_generator, sample, suppress_stop_tokens
+from splitserve.engine.sampler import sample, suppress_stop_tokens
 from splitserve.engine.scheduler import Scheduler, SchedulerConfig
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """Weights, tokenizer and shape of a model, loadable once and shared by engines in a process."""
-
-    source: ModelSource
-    spec: ModelSpec
-    model: LlamaModel
-    tokenizer: object
-    eos_token_ids: frozenset[int]
-    dtype: torch.dtype
-    device: torch.device
-
-    @classmethod
-    def load(cls, config: EngineConfig) -> LoadedModel:
-        from transformers import AutoConfig, AutoTokenizer
-
-        started = time.monotonic()
-        source = resolve_model(config.model)
-        hf_config = AutoConfig.from_pretrained(source.path)
-        spec = ModelSpec.from_hf_config(hf_config)
-        ops = select_ops(config.torch_device, config.torch_dtype, spec.head_dim,
-                         spec.num_heads // spec.num_kv_heads)
-        with torch.device("meta"):
-            model = LlamaModel(spec, ops)
-        model = model.to_empty(device=config.torch_device).to(config.torch_dtype)
-        model.tie_weights()  # to_empty() unties parameters that were created on the meta device
-        cos, sin = rope_cos_sin(hf_config, spec, config.torch_dtype)
-        model.set_rope(cos.to(config.torch_device), sin.to(config.torch_device))
-        load_weights(model, iter_weights(source.path))
-        ops.prepare(model)
-        model.eval()
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
-        log.info("model loaded", model=source.name, path=str(source.path), dtype=config.dtype,
-                 device=config.device, ops=ops.name, seconds=round(time.monotonic() - started, 2))
-        return cls(source, spec, model, tokenizer, _eos_ids(source, tokenizer), config.torch_dtype,
-                   config.torch_device)
-
-
-def _eos_ids(source: ModelSource, tokenizer) -> frozenset[int]:
-    """EOS ids from the tokenizer and generation_config.json (which may list several)."""
-    from transformers import GenerationConfig
-
-    ids = {tokenizer.eos_token_id} - {None}
-    try:
-        configured = GenerationConfig.from_pretrained(source.path).eos_token_id
-    except OSError:  # no generation_config.json
-        configured = None
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif isinstance(configured, list):
-        ids.update(configured)
-    return frozenset(ids)
 
 
 class LLMEngine:
@@ -114,7 +57,7 @@ class LLMEngine:
         if spec.sliding_window and spec.sliding_window < (config.max_model_len or spec.max_position_embeddings):
             log.info("context capped at the sliding window", max_model_len=self.max_model_len)
         self.sequences: dict[str, Sequence] = {}
-        self._generators: dict[str, torch.Generator] = {}
+        self._generator = torch.Generator()
         self._generate_ids = itertools.count()
 
     @property
@@ -125,11 +68,23 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
         """Queue a request for prefill. Raises ValueError for input the engine cannot serve."""
-        seq = self._new_sequence(request_id, prompt_token_ids, params)
+        if self.config.role is EngineRole.DECODE:
+            raise ValueError("a decode engine takes requests through reserve() and import_kv()")
+        seq = self._new_sequence(request_id, prompt_token_ids, [], params)
         self.scheduler.add(seq)
         return seq
 
-    def _new_sequence(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
+    def _new_sequence(self, request_id: str, prompt: list[int], output: list[int],
+                      params: SamplingParams) -> Sequence:
+        self._validate(request_id, prompt, params)
+        seed = params.seed if params.seed is not None else random.getrandbits(62)
+        seq = Sequence(request_id, list(prompt), params, output_token_ids=list(output), seed=seed)
+        if output and self._finish_reason(seq, output[-1]) is not None:
+            raise ValueError(f"request {request_id!r} has already finished: nothing left to decode")
+        self.sequences[request_id] = seq
+        return seq
+
+    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
         if len(prompt) + params.max_new_tokens > self.max_model_len:
@@ -137,12 +92,15 @@ class LLMEngine:
                 f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
                 f"the model's context of {self.max_model_len} tokens"
             )
-        if any(not 0 <= t < self.loaded.spec.vocab_size for t in prompt):
-            raise ValueError("prompt contains a token id outside the vocabulary")
-        seq = Sequence(request_id, list(prompt), params)
-        self.sequences[request_id] = seq
-        self._generators[request_id] = make_generator(params.seed)
-        return seq
+        vocab = self.loaded.spec.vocab_size
+        if any(not 0 <= t < vocab for t in [*prompt, *params.stop_token_ids]):
+            raise ValueError("prompt or stop_token_ids contain a token id outside the vocabulary")
+        held = len(prompt) if self.config.role is EngineRole.PREFILL else len(prompt) + params.max_new_tokens
+        if blocks_for(held, self.blocks.block_size) > self.blocks.num_blocks:
+            raise ValueError(
+                f"the request needs {blocks_for(held, self.blocks.block_size)} KV blocks but the whole "
+                f"cache holds {self.blocks.num_blocks}; give the engine more KV cache memory"
+            )
 
     def abort(self, request_id: str) -> None:
         """Stop a request wherever it is and free everything it holds."""
@@ -158,7 +116,6 @@ class LLMEngine:
         self.blocks.free(seq.request_id)
         seq.transition(state)
         self.sequences.pop(seq.request_id, None)
-        self._generators.pop(seq.request_id, None)
 
     @property
     def has_work(self) -> bool:
@@ -168,11 +125,13 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """One forward pass: a prefill batch if any request waits (vLLM's order), else a decode step."""
-        if self.config.role is not EngineRole.DECODE:
-            batch = self.scheduler.schedule_prefill()
-            if batch:
-                return self._run_prefill(batch)
+        """One forward pass: a prefill batch if any request waits (vLLM's order), else a decode step.
+
+        In the DECODE role the queue holds only preempted requests, recomputed here from their tokens.
+        """
+        batch = self.scheduler.schedule_prefill()
+        if batch:
+            return self._run_prefill(batch)
         return self.decode_step()
 
     @torch.inference_mode()
@@ -209,7 +168,7 @@ class LLMEngine:
 
     def _postprocess(self, batch: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
         suppress_stop_tokens(logits, batch, self.loaded.eos_token_ids)
-        tokens = sample(logits, batch, self._generators)
+        tokens = sample(logits, batch, self._generator)
         outputs = []
         for seq, token in zip(batch, tokens):
             seq.output_token_ids.append(token)
@@ -235,34 +194,51 @@ class LLMEngine:
 
     def export_kv(self, request_id: str) -> torch.Tensor:
         """The KV blocks of a prefilled (KV_READY) request, as one contiguous tensor."""
-        seq = self.sequences[request_id]
-        if seq.state is not RequestState.KV_READY:
-            raise ValueError(f"request {request_id!r} is {seq.state.value}, not kv_ready")
+        seq = self.sequences.get(request_id)
+        if seq is None or seq.state is not RequestState.KV_READY:
+            state = seq.state.value if seq else "unknown, released, or finished at its first token"
+            raise ValueError(f"request {request_id!r} holds no KV blocks to export ({state})")
         return self.cache.export(self.blocks.block_table(request_id))
 
     def release(self, request_id: str) -> None:
-        """Free a KV_READY request once its blocks have been pulled (or its lease ran out)."""
+        """Free a KV_READY request once its blocks have been pulled (or its lease ran out).
+
+        Releasing an unknown or already released request does nothing, so a retry is harmless.
+        """
         seq = self.sequences.get(request_id)
-        if seq is not None:
-            self._retire(seq, RequestState.FINISHED)
+        if seq is None:
+            return
+        if seq.state is not RequestState.KV_READY:
+            raise ValueError(f"request {request_id!r} is {seq.state.value}; only kv_ready requests are released")
+        self._retire(seq, RequestState.FINISHED)
 
     def reserve(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
                 params: SamplingParams) -> list[int]:
         """Reserve destination blocks for a request whose prompt was prefilled elsewhere.
 
-        Raises OutOfBlocks when there is no room; the caller retries later.
+        output_token_ids holds what was sampled there (at least the first token). Raises OutOfBlocks
+        when there is no room now (the caller retries later), ValueError when there never will be.
         """
+        if not output_token_ids:
+            raise ValueError("reserve() needs the token(s) sampled at prefill")
+        if len(self.scheduler.running) + self._num_transferring >= self.config.max_num_seqs:
+            raise OutOfBlocks(f"the decode batch is full ({self.config.max_num_seqs} sequences)")
         num_cached = len(prompt_token_ids)
-        if not self.blocks.can_allocate(num_cached):
+        if not self.blocks.can_allocate(num_cached + 1):  # + the slot the first decode step writes
             raise OutOfBlocks(f"{num_cached} tokens do not fit {self.blocks.num_free_blocks} free blocks")
-        seq = self._new_sequence(request_id, prompt_token_ids, params)
-        seq.output_token_ids = list(output_token_ids)
+        seq = self._new_sequence(request_id, prompt_token_ids, output_token_ids, params)
         seq.transition(RequestState.TRANSFERRING)
         return self.blocks.allocate(request_id, num_cached)
 
+    @property
+    def _num_transferring(self) -> int:
+        return sum(s.state is RequestState.TRANSFERRING for s in self.sequences.values())
+
     def import_kv(self, request_id: str, blocks: torch.Tensor) -> None:
         """Write the pulled blocks into the reserved ones and start decoding the request."""
-        seq = self.sequences[request_id]
+        seq = self.sequences.get(request_id)
+        if seq is None or seq.state is not RequestState.TRANSFERRING:
+            raise ValueError(f"request {request_id!r} has no reserved blocks awaiting KV")
         self.cache.import_(self.blocks.block_table(request_id), blocks)
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.transition(RequestState.DECODING)

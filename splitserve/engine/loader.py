@@ -8,6 +8,7 @@ import importlib.util
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,10 @@ from typing import Any
 
 import structlog
 import torch
+
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.models.llama import LlamaModel, ModelSpec, rope_cos_sin
+from splitserve.engine.ops import select_ops
 
 log = structlog.get_logger(__name__)
 
@@ -104,15 +109,16 @@ def _save_dequantized(model: Any, folder: Path) -> None:
 
 
 def _download(model_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+    """Fetch config, tokenizer and one copy of the weights (transformers' files, not duplicates
+    such as Mistral's consolidated.safetensors; .bin only where there is no safetensors)."""
+    from huggingface_hub import list_repo_files, snapshot_download
 
     try:
-        return Path(
-            snapshot_download(
-                model_id,
-                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
-            )
-        )
+        files = list_repo_files(model_id)
+        has_safetensors = any(f.startswith("model") and f.endswith(".safetensors") for f in files)
+        weights = ["model*.safetensors"] if has_safetensors else ["pytorch_model*.bin"]
+        patterns = ["*.json", "tokenizer*", "*.model", "*.txt", *weights]
+        return Path(snapshot_download(model_id, allow_patterns=patterns))
     except Exception as exc:  # the hub client raises many types; all mean "cannot get it"
         raise ModelNotFound(
             f"{model_id}: not a local folder or .gguf file, and the Hugging Face Hub could not "
@@ -122,7 +128,7 @@ def _download(model_id: str) -> Path:
 
 def iter_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor in the folder's safetensors (or PyTorch .bin) files."""
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
     if files:
         from safetensors.torch import safe_open
 
@@ -192,3 +198,57 @@ def _shard_slice(param: torch.Tensor, target: str, shard: int, model: Any) -> to
         size = spec.intermediate_size
         start = shard * size
     return param.data.narrow(0, start, size)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """Weights, tokenizer and shape of a model, loadable once and shared by engines in a process."""
+
+    source: ModelSource
+    spec: ModelSpec
+    model: LlamaModel
+    tokenizer: object
+    eos_token_ids: frozenset[int]
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> LoadedModel:
+        from transformers import AutoConfig, AutoTokenizer
+
+        started = time.monotonic()
+        source = resolve_model(config.model)
+        hf_config = AutoConfig.from_pretrained(source.path)
+        spec = ModelSpec.from_hf_config(hf_config)
+        ops = select_ops(config.torch_device, config.torch_dtype, spec.head_dim,
+                         spec.num_heads // spec.num_kv_heads)
+        with torch.device("meta"):
+            model = LlamaModel(spec, ops)
+        model = model.to_empty(device=config.torch_device).to(config.torch_dtype)
+        model.tie_weights()  # to_empty() unties parameters that were created on the meta device
+        cos, sin = rope_cos_sin(hf_config, spec, config.torch_dtype)
+        model.set_rope(cos.to(config.torch_device), sin.to(config.torch_device))
+        load_weights(model, iter_weights(source.path))
+        ops.prepare(model)
+        model.eval()
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        log.info("model loaded", model=source.name, path=str(source.path), dtype=config.dtype,
+                 device=config.device, ops=ops.name, seconds=round(time.monotonic() - started, 2))
+        return cls(source, spec, model, tokenizer, _eos_ids(source, tokenizer), config.torch_dtype,
+                   config.torch_device)
+
+
+def _eos_ids(source: ModelSource, tokenizer) -> frozenset[int]:
+    """EOS ids from the tokenizer and generation_config.json (which may list several)."""
+    from transformers import GenerationConfig
+
+    ids = {tokenizer.eos_token_id} - {None}
+    try:
+        configured = GenerationConfig.from_pretrained(source.path).eos_token_id
+    except OSError:  # no generation_config.json
+        configured = None
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, list):
+        ids.update(configured)
+    return frozenset(ids)

@@ -63,7 +63,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Deterministic argmax: temperature 0, or a single candidate (top_k 1)."""
+        return self.temperature == 0.0 or self.top_k == 1
 
 
 @dataclass
@@ -79,6 +80,9 @@ class Sequence:
     timestamps: dict[RequestState, float] = field(default_factory=dict)
     # Tokens whose K/V are already in this engine's cache (prompt and earlier outputs).
     num_computed_tokens: int = 0
+    # Sampling draws are seeded by (seed, output position), so a request samples the same tokens
+    # whichever engine runs each step; params.seed when given, else random.
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -1,4 +1,4 @@
-"""Per-request token choice: greedy, or temperature + top-k + top-p with a per-request generator."""
+"""Per-request token choice: greedy, or temperature + top-k + top-p with reproducible draws."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import torch
 from splitserve.engine.request import Sequence
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    gen = torch.Generator()
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed)
-    return gen
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads consecutive positions over the seed space
+
+
+def step_seed(seed: int, position: int) -> int:
+    """The seed of one sampling draw: a function of the request's seed and its output position only."""
+    return (seed ^ (position * _MIX)) & (2**63 - 1)
 
 
 def suppress_stop_tokens(
@@ -26,14 +25,13 @@ def suppress_stop_tokens(
             logits[row, banned] = float("-inf")
 
 
-def sample(
-    logits: torch.Tensor, seqs: list[Sequence], generators: dict[str, torch.Generator]
-) -> list[int]:
+def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator) -> list[int]:
     """One token per row of logits ``[batch, vocab]`` (float32, on the CPU)."""
     tokens = logits.argmax(dim=-1).tolist()
     for row, seq in enumerate(seqs):
         if not seq.params.greedy:
-            tokens[row] = _sample_row(logits[row], seq, generators[seq.request_id])
+            generator.manual_seed(step_seed(seq.seed, seq.num_output_tokens))
+            tokens[row] = _sample_row(logits[row], seq, generator)
     return tokens
 
 
@@ -41,8 +39,9 @@ def _sample_row(logits: torch.Tensor, seq: Sequence, gen: torch.Generator) -> in
     params = seq.params
     logits = logits / params.temperature
     if params.top_k is not None and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # Exactly k candidates even when bfloat16 logits tie at the k-th value.
+        values, indices = torch.topk(logits, params.top_k)
+        logits = torch.full_like(logits, float("-inf")).scatter_(0, indices, values)
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)

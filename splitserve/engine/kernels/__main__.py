@@ -1,9 +1,11 @@
-"""`python -m splitserve.engine.kernels`: build the CPU kernels ahead of time (make setup does)."""
+"""`python -m splitserve.engine.kernels`: build the CPU kernels ahead of time (make setup does).
 
-import sys
+A failed build is logged and the engine falls back to torch ops, so setup goes on; on a CPU that
+supports the kernels, tests/test_kernels.py fails instead, so CI still notices.
+"""
 
 from splitserve.common.logging import configure_logging
-from splitserve.engine.kernels import kernels_enabled, load_cpu_kernels
+from splitserve.engine.kernels import load_cpu_kernels
 
 configure_logging()
-sys.exit(0 if load_cpu_kernels() is not None or not kernels_enabled() else 1)
+load_cpu_kernels()
