@@ -135,11 +135,6 @@ class LLMEngine:
         return self.decode_step()
 
     @torch.inference_mode()
-    def prefill_step(self) -> list[StepOutput]:
-        batch = self.scheduler.schedule_prefill()
-        return self._run_prefill(batch) if batch else []
-
-    @torch.inference_mode()
     def decode_step(self) -> list[StepOutput]:
         batch, preempted = self.scheduler.schedule_decode()
         for seq in preempted:
