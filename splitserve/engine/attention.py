@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -36,6 +38,12 @@ def write_kv(
     v_cache[blocks, :, offsets] = v
 
 
+def prompt_slices(query_lens: list[int]) -> list[slice]:
+    """Where each prompt of a prefill batch sits on the flat token axis."""
+    starts = itertools.accumulate(query_lens[:-1], initial=0)
+    return [slice(start, start + n) for start, n in zip(starts, query_lens)]
+
+
 def prefill_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_lens: list[int], scale: float
 ) -> torch.Tensor:
@@ -50,13 +58,11 @@ def prefill_attention(
         # SDPA's enable_gqa falls back to the slow math kernel on CPU; expanded heads use flash.
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     outputs = []
-    start = 0
-    for n in query_lens:
+    for prompt in prompt_slices(query_lens):
         # [1, heads, n, head_dim]: the CPU flash kernel takes 4-D inputs only.
-        qi, ki, vi = (t[start : start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        qi, ki, vi = (t[prompt].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
         outputs.append(out[0].transpose(0, 1))
-        start += n
     out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
     return out.to(out_dtype)
 

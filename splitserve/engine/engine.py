@@ -52,10 +52,9 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(SchedulerConfig(config.token_budget, config.max_num_seqs), self.blocks)
         self.runner = ModelRunner(self.loaded.model, self.cache, config.torch_device)
-        self.max_model_len = min(config.max_model_len or spec.max_position_embeddings,
-                                 spec.max_position_embeddings, spec.sliding_window or spec.max_position_embeddings)
-        if spec.sliding_window and spec.sliding_window < (config.max_model_len or spec.max_position_embeddings):
-            log.info("context capped at the sliding window", max_model_len=self.max_model_len)
+        self.max_model_len = min(config.max_model_len or spec.max_context, spec.max_context)
+        if spec.max_context < spec.max_position_embeddings:
+            log.info("context capped at the sliding window", max_context=spec.max_context)
         self.sequences: dict[str, Sequence] = {}
         self._generator = torch.Generator()
         self._generate_ids = itertools.count()
@@ -96,10 +95,11 @@ class LLMEngine:
         if any(not 0 <= t < vocab for t in [*prompt, *params.stop_token_ids]):
             raise ValueError("prompt or stop_token_ids contain a token id outside the vocabulary")
         held = len(prompt) if self.config.role is EngineRole.PREFILL else len(prompt) + params.max_new_tokens
-        if blocks_for(held, self.blocks.block_size) > self.blocks.num_blocks:
+        needed = blocks_for(held, self.blocks.block_size)
+        if needed > self.blocks.num_blocks:
             raise ValueError(
-                f"the request needs {blocks_for(held, self.blocks.block_size)} KV blocks but the whole "
-                f"cache holds {self.blocks.num_blocks}; give the engine more KV cache memory"
+                f"the request needs {needed} KV blocks but the whole cache holds "
+                f"{self.blocks.num_blocks}; give the engine more KV cache memory"
             )
 
     def abort(self, request_id: str) -> None:

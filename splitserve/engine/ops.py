@@ -7,12 +7,11 @@ with AVX512_BF16 and checks itself against TorchOps in the tests.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 
-from splitserve.engine.attention import AttentionBatch, decode_attention, prefill_attention, write_kv
+from splitserve.engine.attention import (AttentionBatch, decode_attention, prefill_attention, prompt_slices,
+                                        write_kv)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -99,9 +98,7 @@ class CpuKernelOps(TorchOps):
     def prefill_attention(self, q, k, v, query_lens, scale):
         if q.shape[-1] % 64:
             return super().prefill_attention(q, k, v, query_lens, scale)
-        starts = itertools.accumulate(query_lens[:-1], initial=0)
-        outs = [self.k.prefill_attention(q[s : s + n], k[s : s + n], v[s : s + n], scale)
-                for s, n in zip(starts, query_lens)]
+        outs = [self.k.prefill_attention(q[p], k[p], v[p], scale) for p in prompt_slices(query_lens)]
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 

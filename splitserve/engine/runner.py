@@ -22,9 +22,8 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
-        bs = self.block_size
-        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+    def _slot(self, block_table: list[int], position: int) -> int:
+        return block_table[position // self.block_size] * self.block_size + position % self.block_size
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence], block_tables: list[list[int]]) -> torch.Tensor:
@@ -37,7 +36,7 @@ class ModelRunner:
             start, end = seq.num_computed_tokens, seq.num_tokens
             input_ids += seq.all_token_ids[start:end]
             positions += range(start, end)
-            slots += self._slots(table, start, end)
+            slots += [self._slot(table, p) for p in range(start, end)]
             query_lens.append(end - start)
         batch = AttentionBatch(is_prefill=True, slot_mapping=self._tensor(slots), query_lens=query_lens)
         hidden = self.model(self._tensor(input_ids), self._tensor(positions), batch, self.cache)
@@ -52,7 +51,7 @@ class ModelRunner:
         padded = [t + [0] * (width - len(t)) for t in block_tables]
         batch = AttentionBatch(
             is_prefill=False,
-            slot_mapping=self._tensor([self._slots(t, p, p + 1)[0] for t, p in zip(block_tables, positions)]),
+            slot_mapping=self._tensor([self._slot(t, p) for t, p in zip(block_tables, positions)]),
             block_tables=self._tensor(padded).view(len(seqs), width),
             context_lens=self._tensor([p + 1 for p in positions]),
         )

@@ -47,6 +47,11 @@ class ModelSpec:
     # engine caps the context here (identical results up to the window).
     sliding_window: int | None = None
 
+    @property
+    def max_context(self) -> int:
+        """The longest context served exactly: the position limit, or the window if smaller."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelSpec:
         arch = (getattr(config, "architectures", None) or ["LlamaForCausalLM"])[0]
