@@ -9,14 +9,15 @@ import platform
 import resource
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import structlog
 import torch
 
 from splitserve.bench.roofline import MachineLimits, StepCost, decode_cost, prefill_cost
 from splitserve.common.engine_args import apply_threads, engine_config_from_args
-from splitserve.engine import LLMEngine, SamplingParams, Sequence
+from splitserve.engine import LLMEngine, LoadedModel, SamplingParams, Sequence
+from splitserve.engine.kv_cache import KVLayout
 
 log = structlog.get_logger(__name__)
 
@@ -139,47 +140,85 @@ def _compare(row: dict, hf_seconds: float | None, seconds: float, tokens: int) -
     return row
 
 
+@dataclass(frozen=True)
+class Shapes:
+    prompt_lens: tuple[int, ...]
+    token_budgets: tuple[int, ...]
+    decode_batches: tuple[int, ...]
+    decode_contexts: tuple[int, ...]
+
+    @property
+    def max_tokens_held(self) -> int:
+        prefill = max(self.token_budgets + self.prompt_lens)
+        return max(prefill, max(self.decode_batches) * max(self.decode_contexts))
+
+
+FULL = Shapes(PREFILL_LENS, TOKEN_BUDGETS, DECODE_BATCHES, DECODE_CONTEXTS)
+QUICK = Shapes((128, 512), (512,), (1, 8), (256,))
+
+
+@dataclass
+class Bench:
+    """What every row needs: the engine, the machine's limits, and the transformers baseline."""
+
+    engine: LLMEngine
+    limits: MachineLimits
+    hf: TransformersBaseline | None
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.engine.config.torch_dtype).element_size()
+
+
+def _engine_for(args: argparse.Namespace, shapes: Shapes) -> LLMEngine:
+    """One engine whose KV cache holds the largest shape (and at least what the flags ask for)."""
+    config = engine_config_from_args(args)
+    loaded = LoadedModel.load(config)
+    spec = loaded.spec
+    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, config.block_size, config.torch_dtype)
+    needed = (shapes.max_tokens_held + 64 * config.block_size) * layout.bytes_per_token
+    return LLMEngine(replace(config, kv_cache_bytes=max(needed, config.kv_cache_bytes)), loaded=loaded)
+
+
+def _prefill_rows(bench: Bench, shapes: Shapes) -> list[dict]:
+    rows = []
+    for length in shapes.prompt_lens:
+        for budget in shapes.token_budgets:
+            if budget < length and budget != min(shapes.token_budgets):
+                continue  # one lone-prompt row per length is enough
+            seconds, batch_lens = bench_prefill(bench.engine, length, budget)
+            tokens = sum(batch_lens)
+            cost = prefill_cost(bench.engine.loaded.spec, batch_lens, bench.itemsize)
+            row = {"prompt_len": length, "token_budget": budget, "batch": len(batch_lens)}
+            row |= _figures(seconds, tokens, cost, bench.limits)
+            hf_s = bench.hf.prefill_seconds(len(batch_lens), length) if bench.hf else None
+            rows.append(_compare(row, hf_s, seconds, tokens))
+            log.info("prefill", **rows[-1])
+    return rows
+
+
+def _decode_rows(bench: Bench, shapes: Shapes, steps: int) -> list[dict]:
+    rows = []
+    for context in shapes.decode_contexts:
+        for batch in shapes.decode_batches:
+            seconds = bench_decode(bench.engine, batch, context, steps)
+            cost = decode_cost(bench.engine.loaded.spec, [context] * batch, bench.itemsize)
+            row = {"batch": batch, "context": context} | _figures(seconds, batch, cost, bench.limits)
+            hf_s = bench.hf.decode_step_seconds(batch, context, steps) if bench.hf else None
+            rows.append(_compare(row, hf_s, seconds, batch))
+            log.info("decode", **rows[-1])
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
-    lens, budgets, batches, contexts = (
-        ((128, 512), (512,), (1, 8), (256,)) if args.quick
-        else (PREFILL_LENS, TOKEN_BUDGETS, DECODE_BATCHES, DECODE_CONTEXTS)
-    )
-    config = engine_config_from_args(args)
-    engine = LLMEngine(config)
-    needed = max(max(budgets + lens), max(batches) * max(contexts)) + 64 * engine.config.block_size
-    if needed * engine.layout.bytes_per_token > config.kv_cache_bytes:
-        engine = LLMEngine(replace(config, kv_cache_bytes=needed * engine.layout.bytes_per_token),
-                           loaded=engine.loaded)
-    spec, device = engine.loaded.spec, engine.runner.device
-    itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
+    shapes = QUICK if args.quick else FULL
+    engine = _engine_for(args, shapes)
+    config, device = engine.config, engine.runner.device
     limits = measure_limits(config.torch_dtype, device)
     log.info("machine limits", **vars(limits))
-    hf = None if args.no_transformers else TransformersBaseline(engine)
-
-    prefill = []
-    for length in lens:
-        for budget in budgets:
-            if budget < length and budget != min(budgets):
-                continue  # one lone-prompt row per length is enough
-            seconds, batch_lens = bench_prefill(engine, length, budget)
-            tokens = sum(batch_lens)
-            row = {"prompt_len": length, "token_budget": budget, "batch": len(batch_lens)}
-            row |= _figures(seconds, tokens, prefill_cost(spec, batch_lens, itemsize), limits)
-            hf_s = hf.prefill_seconds(len(batch_lens), length) if hf else None
-            prefill.append(_compare(row, hf_s, seconds, tokens))
-            log.info("prefill", **prefill[-1])
-
-    decode = []
-    for context in contexts:
-        for batch in batches:
-            seconds = bench_decode(engine, batch, context, args.steps)
-            row = {"batch": batch, "context": context}
-            row |= _figures(seconds, batch, decode_cost(spec, [context] * batch, itemsize), limits)
-            hf_s = hf.decode_step_seconds(batch, context, args.steps) if hf else None
-            decode.append(_compare(row, hf_s, seconds, batch))
-            log.info("decode", **decode[-1])
-
+    bench = Bench(engine, limits, None if args.no_transformers else TransformersBaseline(engine))
+    prefill, decode = _prefill_rows(bench, shapes), _decode_rows(bench, shapes, args.steps)
     report = {
         "model": engine.loaded.source.name,
         "dtype": config.dtype,
