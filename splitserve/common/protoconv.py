@@ -1,0 +1,65 @@
+"""Conversions between protobuf messages and the engine's dataclasses."""
+
+from __future__ import annotations
+
+import torch
+
+from splitserve.engine.kv_cache import KVLayout
+from splitserve.engine.request import FinishReason, SamplingParams
+from splitserve.v1 import common_pb2 as pb
+
+_FINISH_TO_PROTO = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: pb.FINISH_REASON_ABORT,
+}
+FINISH_REASON_NAMES = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_ABORT: "abort",
+    pb.FINISH_REASON_ERROR: "error",
+}
+
+
+def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
+    """Engine sampling params from a fully-set proto (raises ValueError on bad values)."""
+    return SamplingParams(
+        temperature=msg.temperature,
+        top_p=msg.top_p,
+        top_k=msg.top_k or None,
+        seed=msg.seed,
+        max_new_tokens=msg.max_tokens,
+        min_new_tokens=msg.min_tokens,
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+    )
+
+
+def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
+    return pb.SamplingParams(
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k or 0,
+        seed=params.seed or 0,
+        max_tokens=params.max_new_tokens,
+        min_tokens=params.min_new_tokens,
+        stop_token_ids=list(params.stop_token_ids),
+        ignore_eos=params.ignore_eos,
+    )
+
+
+def finish_to_proto(reason: FinishReason | None) -> int:
+    return pb.FINISH_REASON_UNSPECIFIED if reason is None else _FINISH_TO_PROTO[reason]
+
+
+def layout_to_proto(layout: KVLayout) -> pb.KvLayout:
+    return pb.KvLayout(num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
+                       head_dim=layout.head_dim, block_size=layout.block_size,
+                       dtype=str(layout.dtype).removeprefix("torch."))
+
+
+def layout_from_proto(msg: pb.KvLayout) -> KVLayout:
+    dtype = getattr(torch, msg.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown KV dtype {msg.dtype!r}")
+    return KVLayout(msg.num_layers, msg.num_kv_heads, msg.head_dim, msg.block_size, dtype)
