@@ -1,0 +1,71 @@
+"""What the gateway knows of the cluster: the scheduler's ClusterState, polled in the background."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+import structlog
+
+from splitserve.v1 import scheduler_pb2 as spb
+from splitserve.v1 import scheduler_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """The last answer from the scheduler (None: it has not answered, or the last poll failed)."""
+
+    state: spb.ClusterState | None = None
+
+    def num_workers(self, role: int) -> int:
+        return sum(1 for w in self.state.workers if w.worker.role == role) if self.state else 0
+
+    @property
+    def ready(self) -> bool:
+        """At least one prefill and one decode worker registered."""
+        return all(self.num_workers(role) > 0 for role in (spb.WORKER_ROLE_PREFILL, spb.WORKER_ROLE_DECODE))
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The smallest context limit among registered workers; None with no workers."""
+        workers = self.state.workers if self.state else []
+        return min((w.worker.max_model_len for w in workers if w.worker.max_model_len), default=None)
+
+
+OnUpdate = Callable[[ClusterSnapshot], Awaitable[None]]
+
+
+class ClusterView:
+    """Polls Scheduler.GetClusterState every interval_s; readiness, the context limit and the load
+    gauges all read the latest snapshot."""
+
+    def __init__(self, stub: scheduler_pb2_grpc.SchedulerStub, interval_s: float,
+                 on_update: OnUpdate) -> None:
+        self.stub, self.interval_s, self.on_update = stub, interval_s, on_update
+        self.snapshot = ClusterSnapshot()
+
+    async def run(self) -> None:
+        """Poll until cancelled."""
+        while True:
+            await self.poll()
+            await asyncio.sleep(self.interval_s)
+
+    async def poll(self) -> None:
+        try:
+            request, timeout = spb.ClusterStateRequest(), max(1.0, self.interval_s)
+            state = await self.stub.GetClusterState(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            if self.snapshot.state is not None:  # log the transition, not every failed poll
+                log.warning("scheduler unreachable", code=exc.code().name, details=exc.details())
+            state = None
+        snapshot = ClusterSnapshot(state)
+        if snapshot.ready != self.snapshot.ready:
+            log.info("cluster readiness changed", ready=snapshot.ready,
+                     prefill_workers=snapshot.num_workers(spb.WORKER_ROLE_PREFILL),
+                     decode_workers=snapshot.num_workers(spb.WORKER_ROLE_DECODE))
+        self.snapshot = snapshot
+        await self.on_update(snapshot)

@@ -1,0 +1,43 @@
+"""The gateway's settings: one frozen record, built once in main() from flags and environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import socket
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything the gateway needs to start; never mutated after main() builds it."""
+
+    redis_url: str
+    scheduler: str  # host:port of the scheduler's gRPC API
+    host: str
+    http_port: int  # 0 picks a free port
+    grpc_port: int  # 0 picks a free port
+    model: str | None  # --model: whose tokenizer and chat template to use; None is the default model
+    served_model_name: str | None  # the name clients must use; None is the model's own name
+    api_key: str | None  # None: no authentication
+    max_pending: int  # requests in flight in this gateway before new ones get 429
+    cluster_poll_interval_s: float
+    shutdown_grace_s: float  # on SIGTERM, in-flight requests get this long before they are aborted
+    gateway_id: str  # unique per process; names this gateway's reply channel
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> GatewayConfig:
+        return cls(
+            redis_url=args.redis_url, scheduler=args.scheduler, host=args.host,
+            http_port=args.http_port, grpc_port=args.grpc_port, model=args.model,
+            served_model_name=args.served_model_name, api_key=args.api_key or None,
+            max_pending=args.max_pending, cluster_poll_interval_s=args.cluster_poll_interval,
+            shutdown_grace_s=args.shutdown_grace,
+            gateway_id=args.gateway_id or new_gateway_id(),
+        )
+
+
+def new_gateway_id() -> str:
+    """gateway-<host>-<pid>-<random>: unique even when a pid is reused on another host or restart."""
+    return f"gateway-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"

@@ -1,0 +1,184 @@
+"""The gateway core both edges share: admission, tokenization, the request stream, reply routing,
+output processing, cancellation, and the per-request metrics and log line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Self
+
+import structlog
+from redis.exceptions import RedisError
+
+from splitserve.queue.streams import CANCEL_CHANNEL, PubSub, RequestStream
+from splitserve.v1 import common_pb2 as pb
+
+from .cluster import ClusterView
+from .config import GatewayConfig
+from .errors import ApiError, ErrorKind, GenerationError, invalid
+from .metrics import GatewayMetrics
+from .model import ServedModel
+from .output import OutputProcessor
+from .router import GatewayAbort, Reply, ReplyRouter
+from .sampling import resolve_max_tokens, sampling_proto
+from .schema import Finish, GenerationRequest, Output
+from .stats import RequestStats
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the frontend talks to, built once at start (server.py)."""
+
+    model: ServedModel
+    cluster: ClusterView
+    router: ReplyRouter
+    requests: RequestStream[pb.QueuedRequest]
+    cancels: PubSub[str]
+    metrics: GatewayMetrics
+
+
+class Frontend:
+    """Turns GenerationRequests into streams of Outputs:
+    `async with frontend.generate(request) as generation: async for output in generation: ...`"""
+
+    def __init__(self, config: GatewayConfig, services: Services) -> None:
+        self.config, self.services = config, services
+        self.model = services.model
+        self.num_pending = 0
+        self.draining = False  # shutting down: refuse new requests
+        self._idle = asyncio.Event()  # set while nothing is in flight
+        self._idle.set()
+
+    @property
+    def ready(self) -> bool:
+        return self.services.cluster.snapshot.ready and not self.draining
+
+    @property
+    def max_model_len(self) -> int:
+        """The workers' context limit, or the model config's until workers register."""
+        return self.services.cluster.snapshot.max_model_len or self.model.config_max_model_len
+
+    def generate(self, request: GenerationRequest) -> Generation:
+        return Generation(self, request)
+
+    def admit(self, request: GenerationRequest) -> pb.QueuedRequest:
+        """Checks and tokenizes request into its stream entry; ApiError when refused."""
+        if request.model not in (None, "", self.model.name):
+            raise invalid(f"The model `{request.model}` does not exist.", "model", "model_not_found")
+        if self.num_pending >= self.config.max_pending:
+            raise ApiError(ErrorKind.OVERLOADED, f"this gateway is serving its maximum of "
+                           f"{self.config.max_pending} requests; retry later", code="rate_limit_exceeded")
+        request_id = request.request_id or f"{request.api.value}-{uuid.uuid4().hex}"
+        if request_id in self.services.router:
+            raise invalid(f"request_id {request_id} is already in use", "request_id")
+        prompt_ids = self.model.encode(request.prompt)
+        if not prompt_ids:
+            raise invalid("the prompt is empty after tokenization", "prompt")
+        max_tokens = resolve_max_tokens(request, len(prompt_ids), self.max_model_len)
+        if self.draining:
+            raise ApiError(ErrorKind.UNAVAILABLE, "the gateway is shutting down")
+        if not self.services.cluster.snapshot.ready:
+            raise ApiError(ErrorKind.UNAVAILABLE, "no prefill and decode workers are registered yet")
+        sampling = sampling_proto(request.sampling, max_tokens, secrets.randbits(63))
+        return pb.QueuedRequest(request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling,
+                                reply_channel=self.services.router.channel)
+
+    def acquire(self) -> None:
+        self.num_pending += 1
+        self._idle.clear()
+        self.services.metrics.num_pending.set(self.num_pending)
+
+    def release(self) -> None:
+        self.num_pending -= 1
+        if self.num_pending == 0:
+            self._idle.set()
+        self.services.metrics.num_pending.set(self.num_pending)
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new requests, give those in flight grace_s to finish, then end the rest with
+        finish_reason "abort" (their cancels are published as they exit)."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        except TimeoutError:
+            log.info("aborting requests still in flight", num_pending=self.num_pending)
+            self.services.router.abort_all("the gateway is shutting down")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace_s)
+
+    async def cancel(self, request_id: str) -> None:
+        """Tell the scheduler and workers to drop the request and free what it holds."""
+        try:
+            await self.services.cancels.publish(CANCEL_CHANNEL, request_id)
+        except RedisError as exc:
+            log.warning("cancel not published", error=str(exc))
+
+
+class Generation:
+    """One request in flight, from admission to its last output."""
+
+    def __init__(self, frontend: Frontend, request: GenerationRequest) -> None:
+        self.frontend, self.request = frontend, request
+        self.stats = RequestStats(arrival=time.time())
+        self._failed = False
+
+    async def __aenter__(self) -> Self:
+        frontend = self.frontend
+        queued = frontend.admit(self.request)
+        self.request_id = queued.request_id
+        self.processor = OutputProcessor(frontend.model.tokenizer, self.request.sampling.stop,
+                                         len(queued.prompt_token_ids))
+        self._queue = frontend.services.router.register(self.request_id)
+        frontend.acquire()
+        structlog.contextvars.bind_contextvars(request_id=self.request_id)
+        try:
+            await self._enqueue(queued)
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    async def _enqueue(self, queued: pb.QueuedRequest) -> None:
+        queued.timeline.arrival = self.stats.arrival
+        queued.timeline.queued = time.time()
+        try:
+            await self.frontend.services.requests.put(queued)
+        except RedisError as exc:
+            raise ApiError(ErrorKind.UNAVAILABLE, f"the request stream is unavailable: {exc}") from None
+
+    async def __aiter__(self) -> AsyncIterator[Output]:
+        while self.processor.finish is None:
+            output = self._process(await self._queue.get())
+            if output is not None:
+                self.stats.on_output(output, self.frontend.services.metrics)
+                yield output
+
+    def _process(self, reply: Reply) -> Output | None:
+        if isinstance(reply, GatewayAbort):
+            log.info("request aborted by the gateway", reason=reply.reason)
+            return self.processor.abort()
+        try:
+            return self.processor.process(reply)
+        except GenerationError:
+            self._failed = True
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._release()
+        # A client that went away counts as an abort, as in vLLM.
+        finish = None if self._failed else self.processor.finish or Finish.ABORT
+        self.stats.record(self.request_id, finish, self.processor.usage, self.frontend.services.metrics)
+        if not self.processor.upstream_finished:  # client gone, stop string, shutdown, or an error here
+            await asyncio.shield(self.frontend.cancel(self.request_id))
+
+    def _release(self) -> None:
+        self.frontend.services.router.unregister(self.request_id)
+        self.frontend.release()
+        structlog.contextvars.unbind_contextvars("request_id")

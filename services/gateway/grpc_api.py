@@ -1,0 +1,94 @@
+"""The gRPC edge: Gateway.Generate, a twin of the HTTP API over the same Frontend."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+
+import grpc
+
+from splitserve.v1 import gateway_pb2 as gpb
+from splitserve.v1 import gateway_pb2_grpc
+
+from .errors import ApiError, ErrorKind, GenerationError, invalid
+from .frontend import Frontend
+from .schema import (
+    FINISH_TO_PROTO,
+    Api,
+    ChatMessage,
+    ChatPrompt,
+    GenerationRequest,
+    Output,
+    Prompt,
+    SamplingOptions,
+    TextPrompt,
+    TokenPrompt,
+    top_k_option,
+)
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, frontend: Frontend, api_key: str | None) -> None:
+        self.frontend, self.api_key = frontend, api_key
+
+    async def Generate(self, request: gpb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[gpb.GenerateResponse]:
+        try:
+            self._authorize(context)
+            async with self.frontend.generate(request_from_proto(request)) as generation:
+                async for output in generation:
+                    yield response_from_output(generation.request_id, output)
+        except ApiError as exc:
+            await context.abort(exc.kind.grpc_code, exc.message)
+        except GenerationError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {exc}")
+
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if self.api_key is None:
+            return
+        given = dict(context.invocation_metadata() or ()).get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise ApiError(ErrorKind.UNAUTHENTICATED, "incorrect or missing API key; send metadata "
+                           "'authorization: Bearer <key>'")
+
+
+def request_from_proto(msg: gpb.GenerateRequest) -> GenerationRequest:
+    """GenerateRequest -> GenerationRequest; unset optional fields take the OpenAI / vLLM defaults."""
+    sampling = SamplingOptions(
+        temperature=msg.temperature if msg.HasField("temperature") else 1.0,
+        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+        top_k=top_k_option(msg.top_k) if msg.HasField("top_k") else None,
+        seed=msg.seed if msg.HasField("seed") else None,
+        max_tokens=msg.max_tokens if msg.HasField("max_tokens") else None,
+        min_tokens=msg.min_tokens if msg.HasField("min_tokens") else 0,
+        ignore_eos=msg.ignore_eos,
+        stop=tuple(msg.stop),
+        stop_token_ids=tuple(msg.stop_token_ids),
+    )
+    return GenerationRequest(Api.GRPC, prompt_from_proto(msg), sampling, msg.model or None,
+                             msg.request_id or None)
+
+
+def prompt_from_proto(msg: gpb.GenerateRequest) -> Prompt:
+    given = [p for p in (msg.prompt, msg.messages, msg.prompt_token_ids) if p]
+    if len(given) != 1:
+        raise invalid("give exactly one of prompt, messages or prompt_token_ids", "prompt")
+    if msg.prompt:
+        return TextPrompt(msg.prompt)
+    if msg.messages:
+        return ChatPrompt(tuple(ChatMessage(m.role, m.content) for m in msg.messages))
+    return TokenPrompt(tuple(msg.prompt_token_ids))
+
+
+def response_from_output(request_id: str, output: Output) -> gpb.GenerateResponse:
+    response = gpb.GenerateResponse(request_id=request_id, text=output.text, token_ids=output.token_ids)
+    if output.finish is not None:
+        response.finish_reason = FINISH_TO_PROTO[output.finish]
+    if output.usage is not None:
+        usage = output.usage
+        response.usage.CopyFrom(gpb.Usage(prompt_tokens=usage.prompt_tokens,
+                                          completion_tokens=usage.completion_tokens,
+                                          total_tokens=usage.total_tokens))
+    if output.timeline is not None:
+        response.timeline.CopyFrom(output.timeline)
+    return response

@@ -1,0 +1,152 @@
+"""The OpenAI-compatible HTTP edge (aiohttp): routes, API key, error bodies, SSE streaming."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from splitserve.v1 import scheduler_pb2 as spb
+
+from .errors import ApiError, ErrorKind, GenerationError
+from .frontend import Frontend, Generation
+from .metrics import GatewayMetrics
+from .openai_api import OpenAIRequest, parse_chat, parse_completion, parse_json
+from .openai_render import DONE, Renderer, renderer_for, sse
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY_BYTES = 32 << 20  # long prompts as token id lists run to megabytes
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
+
+
+def build_app(frontend: Frontend, metrics: GatewayMetrics, api_key: str | None) -> web.Application:
+    app = web.Application(middlewares=[error_middleware, auth_middleware(api_key)],
+                          client_max_size=MAX_BODY_BYTES)
+    routes = HttpRoutes(frontend, metrics)
+    app.router.add_post("/v1/completions", routes.completions)
+    app.router.add_post("/v1/chat/completions", routes.chat_completions)
+    app.router.add_get("/v1/models", routes.models)
+    app.router.add_get("/health", routes.health)
+    app.router.add_get("/ready", routes.ready)
+    app.router.add_get("/metrics", routes.metrics)
+    return app
+
+
+def error_response(error: ApiError) -> web.Response:
+    return web.json_response(error.body, status=error.kind.http_status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure as an OpenAI error body; never a traceback."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:  # aiohttp's own: unknown route, wrong method, body too large
+        if exc.status < 400:
+            raise
+        return error_response(ApiError(ErrorKind.from_http_status(exc.status), exc.reason))
+    except Exception:
+        log.exception("unhandled error", path=request.path)
+        return error_response(ApiError(ErrorKind.INTERNAL, "internal server error"))
+
+
+def auth_middleware(api_key: str | None):
+    """Bearer-token check on /v1/*; /health, /ready and /metrics stay open."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if api_key is not None and request.path.startswith("/v1/"):
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                raise ApiError(ErrorKind.UNAUTHENTICATED, "Incorrect or missing API key; send "
+                               "'Authorization: Bearer <key>'.", code="invalid_api_key")
+        return await handler(request)
+
+    return middleware
+
+
+class HttpRoutes:
+    def __init__(self, frontend: Frontend, metrics: GatewayMetrics) -> None:
+        self.frontend, self._metrics = frontend, metrics
+        self.created = int(time.time())
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_completion(parse_json(await request.read())))
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_chat(parse_json(await request.read())))
+
+    async def _generate(self, request: web.Request, parsed: OpenAIRequest) -> web.StreamResponse:
+        async with self.frontend.generate(parsed.generation) as generation:
+            renderer = renderer_for(parsed.generation.api, generation.request_id,
+                                    self.frontend.model.name, parsed.include_usage)
+            if parsed.stream:
+                return await stream_sse(request, generation, renderer)
+            return web.json_response(await collect(generation, renderer))
+
+    async def models(self, request: web.Request) -> web.Response:
+        model = self.frontend.model
+        card = {"id": model.name, "object": "model", "created": self.created, "owned_by": "splitserve",
+                "root": model.root, "parent": None, "max_model_len": self.frontend.max_model_len}
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        snapshot, ready = self.frontend.services.cluster.snapshot, self.frontend.ready
+        body = {"ready": ready, "draining": self.frontend.draining,
+                "scheduler_reachable": snapshot.state is not None,
+                "prefill_workers": snapshot.num_workers(spb.WORKER_ROLE_PREFILL),
+                "decode_workers": snapshot.num_workers(spb.WORKER_ROLE_DECODE)}
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def collect(generation: Generation, renderer: Renderer) -> dict:
+    """The whole response at once; a failure in the cluster is a 500 error body."""
+    text = ""
+    try:
+        async for output in generation:
+            text += output.text
+            final = output
+    except GenerationError as exc:
+        raise ApiError(ErrorKind.INTERNAL, f"generation failed: {exc}") from None
+    return renderer.body(text, final)
+
+
+async def stream_sse(request: web.Request, generation: Generation, renderer: Renderer) -> web.StreamResponse:
+    """Server-sent events in OpenAI's chunk format; a failure mid-stream is an error event, and
+    every stream ends with [DONE]. A client that goes away cancels the request (Generation's exit)."""
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    try:
+        await write_outputs(response, generation, renderer)
+        await response.write(DONE)
+    except ConnectionResetError:
+        log.info("client disconnected mid-stream")
+    return response
+
+
+async def write_outputs(response: web.StreamResponse, generation: Generation, renderer: Renderer) -> None:
+    for chunk in renderer.opening_chunks():
+        await response.write(sse(chunk))
+    try:
+        async for output in generation:
+            chunk = renderer.chunk(output)
+            if chunk is not None:
+                await response.write(sse(chunk))
+            if output.usage is not None and renderer.include_usage:
+                await response.write(sse(renderer.usage_chunk(output.usage)))
+    except GenerationError as exc:
+        await response.write(sse(ApiError(ErrorKind.INTERNAL, f"generation failed: {exc}").body))

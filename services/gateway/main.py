@@ -1,0 +1,59 @@
+"""`splitserve gateway`: the client-facing service (OpenAI HTTP and gRPC) in one asyncio loop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+
+import structlog
+
+from splitserve.common.engine_args import positive_float, positive_int
+
+from .config import GatewayConfig
+from .server import serve
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    env = os.environ.get
+    p = sub.add_parser("gateway", help="run the client-facing gateway (OpenAI HTTP API and gRPC)",
+                       description="Serve the OpenAI-compatible HTTP API and the gRPC Gateway API: "
+                                   "tokenize requests, add them to the Redis request stream, and stream "
+                                   "the tokens the workers send back.")
+    p.add_argument("--redis-url", default=env("SPLITSERVE_REDIS_URL", "redis://127.0.0.1:6379/0"),
+                   help="Redis holding the request stream (env SPLITSERVE_REDIS_URL; "
+                        "default: redis://127.0.0.1:6379/0)")
+    p.add_argument("--scheduler", default=env("SPLITSERVE_SCHEDULER", "127.0.0.1:50052"),
+                   help="scheduler host:port (env SPLITSERVE_SCHEDULER; default: 127.0.0.1:50052)")
+    p.add_argument("--host", default=env("SPLITSERVE_HOST", "127.0.0.1"),
+                   help="address to bind both servers (default: 127.0.0.1; 0.0.0.0 for other machines)")
+    p.add_argument("--http-port", type=int, default=env("SPLITSERVE_HTTP_PORT", "8000"),
+                   help="OpenAI-compatible HTTP port (default: 8000; 0 picks a free one)")
+    p.add_argument("--grpc-port", type=int, default=env("SPLITSERVE_GRPC_PORT", "50051"),
+                   help="gRPC Gateway port (default: 50051; 0 picks a free one)")
+    p.add_argument("--model", default=env("SPLITSERVE_MODEL"),
+                   help="model whose tokenizer and chat template to use: HF id, folder or .gguf "
+                        "(default: the bundled SmolLM2-135M-Instruct); must match the workers'")
+    p.add_argument("--served-model-name", default=env("SPLITSERVE_SERVED_MODEL_NAME"),
+                   help="the name clients pass as 'model' (default: the model's name)")
+    p.add_argument("--api-key", default=env("SPLITSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* and gRPC (env SPLITSERVE_API_KEY; "
+                        "default: no key)")
+    p.add_argument("--max-pending", type=positive_int, default=env("SPLITSERVE_MAX_PENDING", "256"),
+                   help="requests in flight in this gateway before new ones get 429 / RESOURCE_EXHAUSTED "
+                        "(default: 256)")
+    p.add_argument("--cluster-poll-interval", type=positive_float, default=1.0,
+                   help="seconds between cluster state polls of the scheduler (default: 1)")
+    p.add_argument("--shutdown-grace", type=positive_float, default=5.0,
+                   help="seconds in-flight requests get to finish on SIGTERM before they are aborted "
+                        "(default: 5)")
+    p.add_argument("--gateway-id", default=env("SPLITSERVE_GATEWAY_ID"),
+                   help="unique name of this gateway, naming its reply channel "
+                        "(default: gateway-<host>-<pid>-<random>)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    config = GatewayConfig.from_args(args)
+    structlog.contextvars.bind_contextvars(service="gateway", gateway_id=config.gateway_id)
+    return asyncio.run(serve(config))

@@ -1,0 +1,102 @@
+"""Prometheus metrics with vLLM's names under the splitserve: prefix, in the gateway's own registry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from splitserve.v1 import common_pb2 as pb
+from splitserve.v1 import scheduler_pb2 as spb
+
+from .schema import Finish
+
+# vLLM's buckets, so dashboards built for vLLM read the same.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+               20.0, 40.0, 80.0)
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                   120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BYTES_BUCKETS = tuple(float(4**i) for i in range(5, 19))  # 1 KiB .. 64 GiB
+ROLE_NAMES = {spb.WORKER_ROLE_PREFILL: "prefill", spb.WORKER_ROLE_DECODE: "decode"}
+
+
+class GatewayMetrics:
+    """Latency histograms from what the gateway sees and the final Timeline; load gauges from the
+    scheduler's cluster state; token and request counters."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._histograms()
+        self._gauges()
+        self._counters()
+
+    def _histograms(self) -> None:
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"splitserve:{name}", doc, buckets=buckets, registry=self.registry)
+
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token, as the gateway "
+                              "sees it.", TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between consecutive token "
+                             "messages the gateway receives.", ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", REQUEST_BUCKETS)
+        self.queue_time = histogram("request_queue_time_seconds", "Time from the request stream to "
+                                    "the start of its prefill batch.", REQUEST_BUCKETS)
+        self.kv_transfer_time = histogram("kv_transfer_time_seconds", "KV cache pull from prefill "
+                                          "to decode.", TRANSFER_BUCKETS)
+        self.kv_transfer_bytes = histogram("kv_transfer_bytes", "Bytes of KV cache pulled per "
+                                           "request.", BYTES_BUCKETS)
+
+    def _gauges(self) -> None:
+        self.num_running = Gauge("splitserve:num_requests_running", "Requests assigned to workers "
+                                 "and not finished (scheduler).", registry=self.registry)
+        self.num_waiting = Gauge("splitserve:num_requests_waiting", "Requests waiting at the "
+                                 "scheduler or in a worker's queue.", registry=self.registry)
+        self.kv_usage = Gauge("splitserve:kv_cache_usage_perc", "Fraction of KV cache blocks in use, "
+                              "per worker role (1 = full).", ["role"], registry=self.registry)
+        self.num_pending = Gauge("splitserve:gateway_requests_in_flight", "Requests this gateway "
+                                 "is serving (bounded by --max-pending).", registry=self.registry)
+
+    def _counters(self) -> None:
+        self.prompt_tokens = Counter("splitserve:prompt_tokens", "Prompt tokens of finished "
+                                     "requests.", registry=self.registry)
+        self.generation_tokens = Counter("splitserve:generation_tokens", "Generated tokens "
+                                         "delivered to clients.", registry=self.registry)
+        self.request_success = Counter("splitserve:request_success", "Requests finished, by "
+                                       "finish reason.", ["finished_reason"], registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def observe_finished(self, finish: Finish, num_prompt_tokens: int, num_output_tokens: int,
+                         e2e_s: float) -> None:
+        self.e2e.observe(e2e_s)
+        self.prompt_tokens.inc(num_prompt_tokens)
+        self.generation_tokens.inc(num_output_tokens)
+        self.request_success.labels(finished_reason=finish.value).inc()
+
+    def observe_timeline(self, timeline: pb.Timeline) -> None:
+        """Queue and KV transfer figures of a finished request's lifecycle record."""
+        if timeline.queued and timeline.prefill_start:
+            self.queue_time.observe(max(0.0, timeline.prefill_start - timeline.queued))
+        if timeline.kv_transfer_start and timeline.kv_transfer_end:
+            self.kv_transfer_time.observe(max(0.0, timeline.kv_transfer_end - timeline.kv_transfer_start))
+        if timeline.kv_transfer_bytes:
+            self.kv_transfer_bytes.observe(timeline.kv_transfer_bytes)
+
+    def update_cluster(self, state: spb.ClusterState) -> None:
+        self.num_running.set(state.num_running)
+        self.num_waiting.set(state.num_waiting + sum(w.stats.num_waiting for w in state.workers))
+        for role, name in ROLE_NAMES.items():
+            self.kv_usage.labels(role=name).set(kv_usage([w for w in state.workers if w.worker.role == role]))
+
+
+def kv_usage(workers: Iterable[spb.WorkerState]) -> float:
+    """1 - free/total blocks over the workers; 0 when they report no blocks."""
+    total = free = 0
+    for w in workers:
+        total += w.stats.num_blocks
+        free += w.stats.num_free_blocks
+    return 1.0 - free / total if total else 0.0

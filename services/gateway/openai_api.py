@@ -1,0 +1,174 @@
+"""OpenAI request bodies (/v1/completions, /v1/chat/completions) -> GenerationRequest.
+
+Types are checked strictly (an int field takes a JSON integer, a float field any JSON number); every
+mistake is an ApiError naming the field. Unknown fields are ignored, as vLLM does; known fields whose
+feature we do not have (logprobs, echo, penalties, n > 1) are refused rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import invalid
+from .schema import (
+    Api,
+    ChatMessage,
+    ChatPrompt,
+    GenerationRequest,
+    Prompt,
+    SamplingOptions,
+    TextPrompt,
+    TokenPrompt,
+    seed_option,
+    top_k_option,
+)
+
+# Fields we cannot honour, and the values that mean "not used".
+_UNSUPPORTED = {
+    "n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,),
+    "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
+    "suffix": ("",), "tools": ([],), "logit_bias": ({},), "response_format": ({"type": "text"},),
+}
+
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    """A parsed OpenAI request: what to generate, and how to send it back."""
+
+    generation: GenerationRequest
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a final chunk carrying usage
+
+
+class Fields:
+    """Typed access to a JSON object's fields; absent and null both read as the default."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+
+    def get(self, name: str, kind: type, default: Any = None) -> Any:
+        value = self.body.get(name)
+        if value is None:
+            return default
+        if not _is(value, kind):
+            raise invalid(f"'{name}' must be {_KIND_NAMES[kind]}, got {json.dumps(value)[:40]}", name)
+        return float(value) if kind is float else value
+
+    def strings(self, name: str) -> tuple[str, ...]:
+        """A string or a list of strings (OpenAI's stop)."""
+        value = self.body.get(name)
+        if isinstance(value, str):
+            return (value,)
+        if value is not None and not isinstance(value, list):
+            raise invalid(f"'{name}' must be a string or a list of strings", name)
+        return tuple(self.list_of(name, str))
+
+    def list_of(self, name: str, kind: type) -> list[Any]:
+        value = self.get(name, list, [])
+        if not all(_is(v, kind) for v in value):
+            raise invalid(f"'{name}' must be a list of {_KIND_NAMES[kind]}s", name)
+        return value
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string",
+               list: "a list", dict: "an object"}
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind in (int, float) and isinstance(value, bool):
+        return False  # JSON true is not a number
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise invalid("request body must be a JSON object")
+    return body
+
+
+def parse_completion(body: dict[str, Any]) -> OpenAIRequest:
+    fields = Fields(body)
+    return _request(fields, Api.COMPLETIONS, _completion_prompt(body.get("prompt")),
+                    fields.get("max_tokens", int))
+
+
+def parse_chat(body: dict[str, Any]) -> OpenAIRequest:
+    fields = Fields(body)
+    max_tokens = fields.get("max_completion_tokens", int, fields.get("max_tokens", int))
+    return _request(fields, Api.CHAT, _chat_prompt(fields), max_tokens)
+
+
+def _request(fields: Fields, api: Api, prompt: Prompt, max_tokens: int | None) -> OpenAIRequest:
+    _refuse_unsupported(fields)
+    generation = GenerationRequest(api, prompt, _sampling(fields, max_tokens), fields.get("model", str))
+    stream = fields.get("stream", bool, False)
+    options = Fields(fields.get("stream_options", dict, {}))
+    if options.body and not stream:
+        raise invalid("stream_options is only allowed when stream is true", "stream_options")
+    return OpenAIRequest(generation, stream, options.get("include_usage", bool, False))
+
+
+def _sampling(fields: Fields, max_tokens: int | None) -> SamplingOptions:
+    return SamplingOptions(
+        temperature=fields.get("temperature", float, 1.0),
+        top_p=fields.get("top_p", float, 1.0),
+        top_k=top_k_option(fields.get("top_k", int)),
+        seed=seed_option(fields.get("seed", int)),
+        max_tokens=max_tokens,
+        min_tokens=fields.get("min_tokens", int, 0),
+        ignore_eos=fields.get("ignore_eos", bool, False),
+        stop=fields.strings("stop"),
+        stop_token_ids=tuple(fields.list_of("stop_token_ids", int)),
+    )
+
+
+def _refuse_unsupported(fields: Fields) -> None:
+    for name, neutral in _UNSUPPORTED.items():
+        value = fields.body.get(name)
+        if value is not None and value not in neutral:
+            message = "only n=1 is supported" if name == "n" else f"'{name}' is not supported"
+            raise invalid(message, name)
+
+
+def _completion_prompt(prompt: Any) -> Prompt:
+    """A string, a list of one string, token ids, or a list of one list of token ids (as vLLM)."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > 1:
+            raise invalid("only one prompt per request is supported", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return TextPrompt(prompt)
+    if isinstance(prompt, list) and prompt and all(_is(t, int) for t in prompt):
+        return TokenPrompt(tuple(prompt))
+    if prompt in ("", []):
+        raise invalid("prompt must not be empty", "prompt")
+    raise invalid("prompt must be a string, a list of one string, or a list of token ids", "prompt")
+
+
+def _chat_prompt(fields: Fields) -> ChatPrompt:
+    messages = fields.list_of("messages", dict)
+    if not messages:
+        raise invalid("messages must be a non-empty list", "messages")
+    return ChatPrompt(tuple(_chat_message(m) for m in messages))
+
+
+def _chat_message(message: dict[str, Any]) -> ChatMessage:
+    role, content = message.get("role"), message.get("content")
+    if not isinstance(role, str):
+        raise invalid("each message needs a string 'role'", "messages")
+    if isinstance(content, list):  # OpenAI content parts: text only
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise invalid("only text content parts are supported", "messages")
+        content = "".join(p["text"] for p in content)
+    if content is None and role == "assistant":
+        content = ""
+    if not isinstance(content, str):
+        raise invalid("each message's 'content' must be a string or a list of text parts", "messages")
+    return ChatMessage(role, content)

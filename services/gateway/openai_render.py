@@ -1,0 +1,101 @@
+"""Outputs -> OpenAI response bodies and server-sent-event chunks, in OpenAI's exact shapes."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .schema import Api, Output, Usage
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def usage_json(usage: Usage) -> dict[str, int]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens}
+
+
+@dataclass(frozen=True)
+class Renderer:
+    """Renders one request's response; subclasses fill in the endpoint's choice shape."""
+
+    request_id: str
+    model: str
+    include_usage: bool = False  # stream_options.include_usage
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    chunk_object = ""
+    body_object = ""
+
+    def opening_chunks(self) -> list[dict[str, Any]]:
+        return []
+
+    def chunk(self, output: Output) -> dict[str, Any] | None:
+        """The SSE chunk for output; None when it carries nothing for the client."""
+        if not output.text and output.finish is None:
+            return None
+        return self._chunk(self._chunk_choice(output.text, output.finish and output.finish.value))
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        """OpenAI's last chunk under include_usage: no choices, the whole request's usage."""
+        return {**self._envelope(self.chunk_object, []), "usage": usage_json(usage)}
+
+    def body(self, text: str, final: Output) -> dict[str, Any]:
+        """The non-streaming response."""
+        choice = self._body_choice(text, final.finish.value if final.finish else None)
+        return {**self._envelope(self.body_object, [choice]), "usage": usage_json(final.usage)}
+
+    def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
+        envelope = self._envelope(self.chunk_object, [choice])
+        return {**envelope, "usage": None} if self.include_usage else envelope
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None, "choices": choices}
+
+    def _chunk_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _body_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class CompletionRenderer(Renderer):
+    chunk_object = "text_completion"
+    body_object = "text_completion"
+
+    def _chunk_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    _body_choice = _chunk_choice
+
+
+@dataclass(frozen=True)
+class ChatRenderer(Renderer):
+    chunk_object = "chat.completion.chunk"
+    body_object = "chat.completion"
+
+    def opening_chunks(self) -> list[dict[str, Any]]:
+        """OpenAI's first chunk announces the role with empty content."""
+        return [self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
+                             "logprobs": None, "finish_reason": None})]
+
+    def _chunk_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        delta = {"content": text} if text else {}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+    def _body_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish_reason}
+
+
+def renderer_for(api: Api, request_id: str, model: str, include_usage: bool) -> Renderer:
+    cls = ChatRenderer if api is Api.CHAT else CompletionRenderer
+    return cls(request_id, model, include_usage)

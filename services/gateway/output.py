@@ -1,0 +1,115 @@
+"""From TokenEvents to client output: replay dedup, detokenization, stop strings. No I/O here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import structlog
+
+from splitserve.common.detokenize import IncrementalDetokenizer
+from splitserve.v1 import common_pb2 as pb
+
+from .errors import GenerationError
+from .schema import FINISH_FROM_PROTO, Finish, Output, Usage
+
+log = structlog.get_logger(__name__)
+
+
+class StopMatcher:
+    """Finds the first occurrence of any stop string in streamed text.
+
+    Holds back the longest tail that could still grow into a stop string, so text the client has
+    seen never contains the start of a stop string that later completes.
+    """
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self.stop = stop
+        self._held = ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was hit); on a hit the text ends before it."""
+        text = self._held + delta
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self._held = ""
+            return text[: min(hits)], True
+        keep = self._held_length(text)
+        self._held = text[len(text) - keep :]
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        """Text held back when generation ends without a stop string."""
+        held, self._held = self._held, ""
+        return held
+
+    def _held_length(self, text: str) -> int:
+        longest = min(len(text), max((len(s) for s in self.stop), default=1) - 1)
+        for size in range(longest, 0, -1):
+            tail = text[-size:]
+            if any(s.startswith(tail) for s in self.stop):
+                return size
+        return 0
+
+
+@dataclass
+class OutputProcessor:
+    """Turns one request's TokenEvents into Outputs (vLLM's output processor, for one request)."""
+
+    tokenizer: object
+    stop: tuple[str, ...]
+    num_prompt_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    finish: Finish | None = None
+    upstream_finished: bool = False  # the cluster sent its last event (no cancel needed)
+
+    def __post_init__(self) -> None:
+        self._detokenizer = IncrementalDetokenizer(self.tokenizer)
+        self._stop = StopMatcher(self.stop)
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(self.num_prompt_tokens, len(self.token_ids))
+
+    def process(self, event: pb.TokenEvent) -> Output | None:
+        """The client-visible output of event; None when it adds nothing (a replay, held text).
+        Raises GenerationError when the cluster failed the request."""
+        if self.finish is not None:
+            return None  # ended by a stop string; the rest was cancelled
+        self.upstream_finished = event.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+        if event.finish_reason == pb.FINISH_REASON_ERROR:
+            raise GenerationError(event.error or "the cluster failed the request")
+        new_ids, text = self._accept(self._new_tokens(event))
+        if self.finish is None and self.upstream_finished:
+            self.finish = FINISH_FROM_PROTO[event.finish_reason]
+            text += self._stop.flush()
+        if self.finish is None:
+            return Output(text, new_ids) if text or new_ids else None
+        timeline = event.timeline if event.HasField("timeline") else None
+        return Output(text, new_ids, self.finish, self.usage, timeline)
+
+    def abort(self) -> Output:
+        """The last output of a request the gateway ends itself (shutdown); the cluster is still
+        running it, so the caller cancels it there."""
+        self.finish = self.finish or Finish.ABORT
+        return Output(self._stop.flush(), (), self.finish, self.usage)
+
+    def _new_tokens(self, event: pb.TokenEvent) -> list[int]:
+        """Drops positions already received: a request replayed after a worker failure resends them."""
+        skip = len(self.token_ids) - event.index
+        if skip < 0:
+            log.warning("token event skips positions", expected=len(self.token_ids), index=event.index)
+            skip = 0
+        return list(event.token_ids[skip:])
+
+    def _accept(self, new_ids: list[int]) -> tuple[tuple[int, ...], str]:
+        """Detokenizes token by token so a stop string ends generation at the token completing it."""
+        accepted, text = [], ""
+        for token_id in new_ids:
+            accepted.append(token_id)
+            self.token_ids.append(token_id)
+            emitted, stopped = self._stop.feed(self._detokenizer.add(token_id))
+            text += emitted
+            if stopped:
+                self.finish = Finish.STOP
+                break
+        return tuple(accepted), text

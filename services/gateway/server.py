@@ -1,0 +1,126 @@
+"""The gateway process: wires Redis, the scheduler link, the frontend and both servers in one loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+import grpc
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from splitserve.common.rpc import NOT_SERVING, SERVING, add_health, bind, make_server, open_channel
+from splitserve.queue.streams import ProtoCodec, PubSub, RequestStream, TextCodec, connect, reply_channel
+from splitserve.v1 import common_pb2 as pb
+from splitserve.v1 import gateway_pb2_grpc, scheduler_pb2_grpc
+
+from .cluster import ClusterSnapshot, ClusterView
+from .config import GatewayConfig
+from .frontend import Frontend, Services
+from .grpc_api import GatewayServicer
+from .http import build_app
+from .metrics import GatewayMetrics
+from .model import ServedModel
+from .router import ReplyRouter
+
+log = structlog.get_logger(__name__)
+GRPC_SERVICE = "splitserve.v1.Gateway"
+
+
+async def serve(config: GatewayConfig) -> int:
+    """Run until SIGINT/SIGTERM (0), or until the reply router or cluster poller fails (1)."""
+    model = await asyncio.to_thread(ServedModel.load, config.model, config.served_model_name)
+    redis = connect(config.redis_url)
+    channel = open_channel(config.scheduler)
+    try:
+        server = GatewayServer(config, model, redis, channel)
+        await server.start()
+        try:
+            return await server.wait_for_stop()
+        finally:
+            await server.shutdown()
+    finally:
+        await channel.close()
+        await redis.aclose()
+
+
+class GatewayServer:
+    """Both edges over one Frontend, plus the background reply router and cluster poller."""
+
+    def __init__(self, config: GatewayConfig, model: ServedModel, redis: aioredis.Redis,
+                 channel: grpc.aio.Channel) -> None:
+        self.config = config
+        self.metrics = GatewayMetrics()
+        self.router = ReplyRouter(redis, reply_channel(config.gateway_id))
+        self.grpc_server = make_server()
+        self.health = add_health(self.grpc_server)
+        cluster = ClusterView(scheduler_pb2_grpc.SchedulerStub(channel), config.cluster_poll_interval_s,
+                              self._on_cluster_update)
+        services = Services(model, cluster, self.router, RequestStream(redis, ProtoCodec(pb.QueuedRequest)),
+                            PubSub(redis, TextCodec()), self.metrics)
+        self.frontend = Frontend(config, services)
+        gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(self.frontend, config.api_key),
+                                                       self.grpc_server)
+        # handler_cancellation: a client that disconnects cancels its handler at once, which cancels
+        # the request upstream even while no token is due.
+        self.runner = web.AppRunner(build_app(self.frontend, self.metrics, config.api_key),
+                                    handler_cancellation=True, access_log=None)
+        self.tasks: list[asyncio.Task] = []
+
+    async def _on_cluster_update(self, snapshot: ClusterSnapshot) -> None:
+        if snapshot.state is not None:
+            self.metrics.update_cluster(snapshot.state)
+        await self._set_health(self.frontend.ready)
+
+    async def _set_health(self, serving: bool) -> None:
+        for service in ("", GRPC_SERVICE):
+            await self.health.set(service, SERVING if serving else NOT_SERVING)
+
+    async def start(self) -> None:
+        try:
+            await self.router.subscribe()  # before any request can be enqueued
+        except (RedisError, OSError) as exc:
+            raise OSError(f"cannot reach Redis at {self.config.redis_url}: {exc}") from None
+        await self._set_health(False)
+        self.tasks = [asyncio.create_task(self.router.run(), name="reply-router"),
+                      asyncio.create_task(self.frontend.services.cluster.run(), name="cluster-poller")]
+        grpc_port = bind(self.grpc_server, self.config.host, self.config.grpc_port)
+        await self.grpc_server.start()
+        await self.runner.setup()
+        await web.TCPSite(self.runner, self.config.host, self.config.http_port).start()
+        log.info("gateway started", http=f"http://{self.config.host}:{self.runner.addresses[0][1]}",
+                 grpc=f"{self.config.host}:{grpc_port}", model=self.frontend.model.name,
+                 scheduler=self.config.scheduler, max_pending=self.config.max_pending)
+
+    async def wait_for_stop(self) -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        stopper = asyncio.create_task(stop.wait(), name="signal")
+        done, _ = await asyncio.wait([stopper, *self.tasks], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if stopper in done:
+            log.info("gateway stopping", num_pending=self.frontend.num_pending)
+            return 0
+        for task in done:
+            log.error("background task ended", task=task.get_name(),
+                      error="cancelled" if task.cancelled() else repr(task.exception()))
+        return 1
+
+    async def shutdown(self) -> None:
+        """Drain first (new requests 503, in-flight ones finish or are aborted and cancelled
+        upstream), then stop the servers and the background tasks, all before Redis closes."""
+        await self._set_health(False)
+        if self.tasks and not any(t.done() for t in self.tasks):
+            await self.frontend.drain(self.config.shutdown_grace_s)
+        await self.grpc_server.stop(grace=1.0)
+        await self.runner.cleanup()
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

@@ -1,0 +1,601 @@
+"""The gateway as a real process, against a fake scheduler and fake workers run by this test process.
+
+The fakes (on a private event loop in a thread): a grpc.aio Scheduler answering GetClusterState with
+one prefill and one decode worker (or none), and a worker that reads the Redis request stream and
+answers each request on its reply channel with the tokens of OUTPUT_TEXT, recording cancels. The
+request's seed picks a behaviour: HOLD_SEED sends one token and waits for a cancel, REPLAY_SEED
+resends positions as a replayed request would, ERROR_SEED fails the request after one token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import openai
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from splitserve.common.net import free_port
+from splitserve.queue.redis_server import LocalRedis
+from splitserve.queue.streams import CANCEL_CHANNEL, ProtoCodec, RequestStream, connect
+from splitserve.v1 import common_pb2 as pb
+from splitserve.v1 import gateway_pb2 as gpb
+from splitserve.v1 import gateway_pb2_grpc, scheduler_pb2_grpc
+from splitserve.v1 import scheduler_pb2 as spb
+
+OUTPUT_TEXT = " one two three four five six seven eight nine ten eleven twelve"
+HOLD_SEED, REPLAY_SEED, ERROR_SEED = 7001, 7002, 7003
+API_KEY = "test-key"
+MODEL = "smol-test"
+MAX_PENDING = 3
+MAX_MODEL_LEN = 2048
+SHUTDOWN_GRACE_S = 1.0
+
+
+def wait_until(predicate, timeout_s: float = 10.0, what: str = "condition") -> None:
+    """Poll another process's state (there is nothing to await across processes)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, cluster: FakeCluster) -> None:
+        self.cluster = cluster
+
+    async def GetClusterState(self, request, context):
+        if not self.cluster.workers_registered:
+            return spb.ClusterState()
+        prefill = spb.WorkerState(
+            worker=spb.WorkerInfo(instance_id="prefill-0", role=spb.WORKER_ROLE_PREFILL, max_model_len=4096),
+            stats=pb.WorkerStats(num_blocks=100, num_free_blocks=90, num_waiting=1))
+        decode = spb.WorkerState(
+            worker=spb.WorkerInfo(instance_id="decode-0", role=spb.WORKER_ROLE_DECODE,
+                                  max_model_len=MAX_MODEL_LEN),
+            stats=pb.WorkerStats(num_blocks=100, num_free_blocks=25, num_running=2))
+        return spb.ClusterState(workers=[prefill, decode], num_waiting=2, num_running=5)
+
+
+class FakeCluster:
+    """Fake scheduler and workers on their own event loop in a thread."""
+
+    def __init__(self, redis_url: str, output_ids: list[int], port: int) -> None:
+        self.redis_url, self.output_ids, self.port = redis_url, output_ids, port
+        self.workers_registered = False
+        self.received: list[pb.QueuedRequest] = []
+        self.cancels: set[str] = set()
+        self._cancel_events: dict[str, asyncio.Event] = {}
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def start(self) -> FakeCluster:
+        self._thread.start()
+        assert self._started.wait(10), "fake cluster did not start"
+        return self
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        server = grpc.aio.server()
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(FakeScheduler(self), server)
+        server.add_insecure_port(f"127.0.0.1:{self.port}")
+        await server.start()
+        client = connect(self.redis_url)
+        pubsub = client.pubsub()
+        await pubsub.subscribe(CANCEL_CHANNEL)
+        await pubsub.get_message(timeout=5)  # the subscribe confirmation
+        stream = RequestStream(client, ProtoCodec(pb.QueuedRequest))
+        await stream.ensure_group()
+        tasks = [asyncio.create_task(self._read_requests(stream)),
+                 asyncio.create_task(self._read_cancels(pubsub))]
+        self._started.set()
+        await self._stop.wait()
+        for task in tasks:
+            task.cancel()
+        await server.stop(0)
+
+    async def _read_requests(self, stream: RequestStream) -> None:
+        answering = set()
+        while True:
+            for entry in await stream.get("fake-worker", block_ms=200):
+                await stream.ack(entry.entry_id)
+                self.received.append(entry.message)
+                self._cancel_events[entry.message.request_id] = asyncio.Event()
+                task = asyncio.create_task(self._answer(entry.message, stream.client))
+                answering.add(task)
+                task.add_done_callback(answering.discard)
+
+    async def _read_cancels(self, pubsub) -> None:
+        while True:
+            message = await pubsub.get_message(timeout=None)
+            if message and message["type"] == "message":
+                request_id = message["data"].decode()
+                self.cancels.add(request_id)
+                if request_id in self._cancel_events:
+                    self._cancel_events[request_id].set()
+
+    async def _answer(self, request: pb.QueuedRequest, client) -> None:
+        async def send(index: int, ids: list[int], finish: int = 0, **fields) -> None:
+            event = pb.TokenEvent(request_id=request.request_id, index=index, token_ids=ids,
+                                  finish_reason=finish, **fields)
+            await client.publish(request.reply_channel, event.SerializeToString())
+            await asyncio.sleep(0.002)
+
+        ids = self.output_ids[: request.sampling.max_tokens]
+        seed = request.sampling.seed
+        if seed == ERROR_SEED:
+            await send(0, ids[:1])
+            return await send(1, [], pb.FINISH_REASON_ERROR, error="boom")
+        if seed == HOLD_SEED:
+            await send(0, ids[:1])
+            return await self._cancel_events[request.request_id].wait()
+        if seed == REPLAY_SEED:  # three tokens, then the "replayed" request starts again from 0
+            for i in range(3):
+                await send(i, ids[i : i + 1])
+        for i, token_id in enumerate(ids[:-1]):
+            await send(i, [token_id])
+        length = request.sampling.max_tokens <= len(self.output_ids)
+        await send(len(ids) - 1, ids[-1:], pb.FINISH_REASON_LENGTH if length else pb.FINISH_REASON_STOP,
+                   timeline=self._timeline(request, len(ids)))
+
+    @staticmethod
+    def _timeline(request: pb.QueuedRequest, num_tokens: int) -> pb.Timeline:
+        timeline = pb.Timeline()
+        timeline.CopyFrom(request.timeline)
+        now = time.time()
+        timeline.scheduled = timeline.prefill_start = timeline.queued + 0.01
+        timeline.prefill_end = timeline.first_token = timeline.kv_transfer_start = timeline.queued + 0.02
+        timeline.kv_transfer_end = timeline.queued + 0.025
+        timeline.kv_transfer_bytes = 4096
+        timeline.token_times.extend(now for _ in range(num_tokens - 1))
+        timeline.finish = now
+        return timeline
+
+
+@dataclass(frozen=True)
+class Reply:
+    status_code: int
+    headers: dict[str, str]
+    text: str
+
+    def json(self):
+        return json.loads(self.text)
+
+
+def open_request(port: int, method: str, path: str, body=None, key: str | None = API_KEY,
+                 timeout: float = 20) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """Send one request; the caller reads (or abandons) the response and closes the connection."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if body is not None and not isinstance(body, bytes):
+        body, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    connection.request(method, path, body=body, headers=headers)
+    return connection, connection.getresponse()
+
+
+def request(port: int, method: str, path: str, body=None, key: str | None = API_KEY) -> Reply:
+    connection, response = open_request(port, method, path, body, key)
+    with contextlib.closing(connection):
+        text = response.read().decode()
+        return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, text)
+
+
+class Gateway:
+    """A gateway process with its fakes, and clients for it."""
+
+    def __init__(self, fake: FakeCluster, http_port: int, grpc_port: int, tokenizer, output_ids: list[int]):
+        self.fake, self.tokenizer, self.output_ids = fake, tokenizer, output_ids
+        self.http_port = http_port
+        self.url = f"http://127.0.0.1:{http_port}"
+        self.grpc_address = f"127.0.0.1:{grpc_port}"
+        self.auth = {"Authorization": f"Bearer {API_KEY}"}
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=20)
+        self.channel = grpc.insecure_channel(self.grpc_address)
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+        self.initial_ready_status: int | None = None
+
+    def text(self, num_tokens: int) -> str:
+        return self.tokenizer.decode(self.output_ids[:num_tokens])
+
+    def post(self, path: str, body, key: str | None = API_KEY) -> Reply:
+        return request(self.http_port, "POST", path, body, key)
+
+    def get(self, path: str, key: str | None = None) -> Reply:
+        return request(self.http_port, "GET", path, key=key)
+
+    def generate(self, key: str | None = API_KEY, **fields) -> list[gpb.GenerateResponse]:
+        metadata = [("authorization", f"Bearer {key}")] if key else []
+        return list(self.stub.Generate(gpb.GenerateRequest(**fields), metadata=metadata, timeout=20))
+
+    def assert_nothing_enqueued(self, action) -> None:
+        """Runs action, then one good request: the good request must be the only one the workers got."""
+        before = len(self.fake.received)
+        action()
+        good = self.client.completions.create(model=MODEL, prompt="ok", max_tokens=1)
+        assert [r.request_id for r in self.fake.received[before:]] == [good.id]
+
+    def status(self, path: str) -> int:
+        try:
+            return self.get(path).status_code
+        except OSError:
+            return 0
+
+
+def start_gateway(redis_url: str, scheduler_port: int, http_port: int, grpc_port: int,
+                  log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "splitserve.cli", "--log-json", "gateway", "--redis-url", redis_url,
+         "--scheduler", f"127.0.0.1:{scheduler_port}", "--http-port", str(http_port),
+         "--grpc-port", str(grpc_port), "--served-model-name", MODEL, "--api-key", API_KEY,
+         "--max-pending", str(MAX_PENDING), "--cluster-poll-interval", "0.1", "--shutdown-grace",
+         str(SHUTDOWN_GRACE_S)],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+
+def wait_started(gw: Gateway, process: subprocess.Popen, log: Path) -> None:
+    wait_until(lambda: process.poll() is not None or gw.status("/health") == 200, 60, "gateway start")
+    assert process.poll() is None, log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def gateway():
+    from transformers import AutoTokenizer
+
+    from splitserve.engine.loader import resolve_model
+
+    http_port, grpc_port, scheduler_port = free_port(), free_port(), free_port()
+    with LocalRedis() as redis, tempfile.TemporaryDirectory() as logs:
+        log = Path(logs) / "gateway.log"
+        process = start_gateway(redis.url, scheduler_port, http_port, grpc_port, log)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(None).path)  # while the gateway starts
+        output_ids = tokenizer(OUTPUT_TEXT)["input_ids"]
+        fake = FakeCluster(redis.url, output_ids, scheduler_port).start()
+        gw = Gateway(fake, http_port, grpc_port, tokenizer, output_ids)
+        gw.redis_url, gw.scheduler_port, gw.logs = redis.url, scheduler_port, Path(logs)
+        try:
+            wait_started(gw, process, log)
+            gw.initial_ready_status = gw.status("/ready")
+            fake.workers_registered = True
+            wait_until(lambda: gw.status("/ready") == 200, 10, "readiness")
+            yield gw
+        finally:
+            gw.channel.close()
+            process.terminate()
+            process.wait(15)
+            fake.stop()
+            print(log.read_text()[-5000:])  # shown when a test failed
+
+
+def sse_events(response: Reply) -> list[str]:
+    return [line.removeprefix("data: ") for line in response.text.split("\n\n") if line.startswith("data: ")]
+
+
+@pytest.mark.timeout(30)
+def test_completion_with_usage_and_a_fully_set_queued_request(gateway):
+    resp = gateway.client.completions.create(model=MODEL, prompt="Say hi", max_tokens=5, temperature=0.5,
+                                             top_p=0.9, seed=-3,
+                                             extra_body={"top_k": -1, "min_tokens": 2, "ignore_eos": True})
+    assert resp.id.startswith("cmpl-") and resp.object == "text_completion" and resp.model == MODEL
+    assert resp.choices[0].text == gateway.text(5)
+    assert resp.choices[0].finish_reason == "length"
+    prompt_ids = gateway.tokenizer("Say hi")["input_ids"]
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens, resp.usage.total_tokens) == (
+        len(prompt_ids), 5, len(prompt_ids) + 5)
+    queued = next(r for r in gateway.fake.received if r.request_id == resp.id)
+    assert list(queued.prompt_token_ids) == prompt_ids
+    assert queued.sampling == pb.SamplingParams(temperature=0.5, top_p=0.9, top_k=0,
+                                                seed=2**64 - 3, max_tokens=5, min_tokens=2, ignore_eos=True)
+    assert queued.reply_channel.startswith("splitserve:reply:gateway-")
+    assert 0 < queued.timeline.arrival <= queued.timeline.queued <= time.time()
+
+
+@pytest.mark.timeout(30)
+def test_defaults_random_seeds_and_stop_finish(gateway):
+    first = gateway.client.completions.create(model=MODEL, prompt=[[12, 34, 56]])
+    second = gateway.client.completions.create(model=MODEL, prompt=[12, 34, 56],
+                                                extra_body={"stop_token_ids": [2]})
+    q1, q2 = (next(r for r in gateway.fake.received if r.request_id == c.id) for c in (first, second))
+    assert q1.sampling.max_tokens == 16 and q1.sampling.temperature == 1.0 and q1.sampling.top_p == 1.0
+    assert q1.sampling.seed != q2.sampling.seed  # drawn per request, so a replay reproduces it
+    assert list(q2.sampling.stop_token_ids) == [2]
+    assert first.choices[0].text == gateway.text(16)  # all 12 output tokens, then the fake's "EOS"
+    assert first.choices[0].finish_reason == "stop"
+    assert first.usage.completion_tokens == len(gateway.output_ids)
+
+
+@pytest.mark.timeout(30)
+def test_chat_applies_the_template_and_defaults_to_the_rest_of_the_context(gateway):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count."}]
+    resp = gateway.client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=3)
+    assert resp.id.startswith("chatcmpl-") and resp.object == "chat.completion"
+    assert resp.choices[0].message.role == "assistant" and resp.choices[0].message.content == gateway.text(3)
+    expected = gateway.tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert resp.usage.prompt_tokens == len(expected) and resp.usage.completion_tokens == 3
+    default = gateway.client.chat.completions.create(model=MODEL, messages=messages)
+    queued = next(r for r in gateway.fake.received if r.request_id == default.id)
+    assert list(queued.prompt_token_ids) == expected
+    assert queued.sampling.max_tokens == MAX_MODEL_LEN - len(expected)  # the smaller worker limit
+
+
+@pytest.mark.timeout(30)
+def test_streaming_completion_and_chat_with_include_usage(gateway):
+    chunks = list(gateway.client.completions.create(model=MODEL, prompt="Hi", max_tokens=6, stream=True,
+                                                    stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == gateway.text(6)
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 6
+    hi = [{"role": "user", "content": "Hi"}]
+    chat = list(gateway.client.chat.completions.create(model=MODEL, messages=hi, max_tokens=4, stream=True))
+    assert chat[0].choices[0].delta.role == "assistant" and chat[0].object == "chat.completion.chunk"
+    assert "".join(c.choices[0].delta.content or "" for c in chat) == gateway.text(4)
+    assert chat[-1].choices[0].finish_reason == "length" and chat[-1].usage is None
+    raw = gateway.post("/v1/chat/completions",
+                       {"model": MODEL, "messages": hi, "max_tokens": 2, "stream": True})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]" and raw.text.endswith("data: [DONE]\n\n")
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.timeout(30)
+def test_replayed_positions_are_dropped(gateway):
+    resp = gateway.client.completions.create(model=MODEL, prompt="Hi", max_tokens=8, seed=REPLAY_SEED)
+    assert resp.choices[0].text == gateway.text(8) and resp.usage.completion_tokens == 8
+
+
+@pytest.mark.timeout(30)
+def test_stop_strings_truncate_the_text_and_cancel_upstream(gateway):
+    resp = gateway.client.completions.create(model=MODEL, prompt="Hi", max_tokens=10, stop=[" four", "zzz"])
+    assert resp.choices[0].text == " one two three" and resp.choices[0].finish_reason == "stop"
+    assert resp.usage.completion_tokens == 4  # generation ends at the token that completes the stop string
+    wait_until(lambda: resp.id in gateway.fake.cancels, 5, "cancel of the stopped request")
+    # Streaming: " three" could begin "three f", so it is held back and never sent.
+    chunks = list(gateway.client.completions.create(model=MODEL, prompt="Hi", max_tokens=10, stop="three f",
+                                                    stream=True))
+    texts = [c.choices[0].text for c in chunks]
+    assert "".join(texts) == " one two " and not any("three" in t for t in texts)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    wait_until(lambda: chunks[0].id in gateway.fake.cancels, 5, "cancel of the stopped stream")
+
+
+BAD_COMPLETIONS = [
+    {"prompt": ""}, {"prompt": []}, {}, {"prompt": ["a", "b"]}, {"prompt": {"text": "x"}},
+    {"prompt": [100] * MAX_MODEL_LEN},  # no room left in the workers' context (the config allows 8192)
+    {"prompt": [100] * 2000, "max_tokens": 100}, {"prompt": "x", "max_tokens": 0},
+    {"prompt": "x", "max_tokens": "ten"}, {"prompt": "x", "max_tokens": 2.5},
+    {"prompt": "x", "temperature": -0.5}, {"prompt": "x", "top_p": 0}, {"prompt": "x", "top_p": 1.5},
+    {"prompt": "x", "top_k": -5}, {"prompt": "x", "n": 2},
+    {"prompt": "x", "stop": [""]}, {"prompt": "x", "stop": 5}, {"prompt": "x", "min_tokens": 20},
+    {"prompt": [10**9]}, {"prompt": "x", "seed": "x"}, {"prompt": "x", "stream": "yes"},
+    {"prompt": "x", "logprobs": 2}, {"prompt": "x", "stream_options": {"include_usage": True}},
+]
+BAD_CHATS = [
+    {}, {"messages": []}, {"messages": [{"role": "user"}]}, {"messages": [{"role": 5, "content": "x"}]},
+    {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+]
+
+
+@pytest.mark.timeout(30)
+def test_bad_input_is_400_with_an_openai_error_and_never_enqueued(gateway):
+    def send_all():
+        cases = [("/v1/completions", {"model": MODEL, **b}) for b in BAD_COMPLETIONS]
+        cases += [("/v1/chat/completions", {"model": MODEL, **b}) for b in BAD_CHATS]
+        cases += [("/v1/completions", b"{not json"), ("/v1/completions", b"[1, 2]")]
+        for path, body in cases:
+            resp = gateway.post(path, body)
+            assert resp.status_code == 400, (body, resp.text)
+            error = resp.json()["error"]
+            assert error["type"] == "invalid_request_error" and error["message"], body
+            assert set(error) == {"message", "type", "param", "code"}
+        too_long = gateway.post("/v1/completions", {"prompt": [100] * 2000, "max_tokens": 100})
+        assert too_long.json()["error"]["param"] == "max_tokens"
+        assert too_long.json()["error"]["code"] == "context_length_exceeded"
+        wrong_type = gateway.post("/v1/completions", {"prompt": "x", "max_tokens": "ten"})
+        assert wrong_type.json()["error"]["param"] == "max_tokens"
+
+    gateway.assert_nothing_enqueued(send_all)
+    assert gateway.get("/health").status_code == 200  # still serving
+
+
+@pytest.mark.timeout(30)
+def test_unknown_model_is_400_model_not_found(gateway):
+    def send():
+        with pytest.raises(openai.BadRequestError) as info:
+            gateway.client.completions.create(model="gpt-4", prompt="x")
+        assert info.value.status_code == 400 and info.value.code == "model_not_found"
+
+    gateway.assert_nothing_enqueued(send)
+
+
+@pytest.mark.timeout(30)
+def test_api_key_guards_v1_and_grpc_but_not_the_probes(gateway):
+    def send():
+        for key in (None, "wrong"):
+            resp = gateway.post("/v1/completions", {"model": MODEL, "prompt": "x"}, key=key)
+            assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+        assert gateway.get("/v1/models").status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="wrong", max_retries=0).models.list()
+        with pytest.raises(grpc.RpcError) as info:
+            gateway.generate(prompt="x", key="wrong")
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    gateway.assert_nothing_enqueued(send)
+    assert [gateway.get(p).status_code for p in ("/health", "/ready", "/metrics")] == [200, 200, 200]
+
+
+@pytest.mark.timeout(30)
+def test_models_lists_the_served_name_and_the_worker_context(gateway):
+    (card,) = gateway.client.models.list().data
+    assert card.id == MODEL and card.object == "model"
+    assert card.model_extra["max_model_len"] == MAX_MODEL_LEN
+    missing = gateway.get("/v1/nowhere", key=API_KEY)
+    assert missing.status_code == 404 and missing.json()["error"]["message"]
+
+
+@pytest.mark.timeout(40)
+def test_full_gateway_refuses_with_429_and_disconnects_cancel(gateway):
+    body = {"model": MODEL, "prompt": "hold", "max_tokens": 5, "seed": HOLD_SEED, "stream": True}
+    with contextlib.ExitStack() as streams:
+        ids = []
+        for _ in range(MAX_PENDING - 1):
+            connection, response = open_request(gateway.http_port, "POST", "/v1/completions", body)
+            streams.callback(connection.close)
+            first = next(line for line in iter(response.readline, b"") if line.startswith(b"data: "))
+            ids.append(json.loads(first.removeprefix(b"data: "))["id"])  # mid-stream: one token arrived
+        call = gateway.stub.Generate(gpb.GenerateRequest(prompt="hold", seed=HOLD_SEED),
+                                     metadata=[("authorization", f"Bearer {API_KEY}")])
+        ids.append(next(call).request_id)
+        full = gateway.post("/v1/completions", {"model": MODEL, "prompt": "x"})
+        assert full.status_code == 429 and full.json()["error"]["type"] == "rate_limit_error"
+        with pytest.raises(grpc.RpcError) as info:
+            gateway.generate(prompt="x")
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert not set(ids) & gateway.fake.cancels
+        call.cancel()
+    wait_until(lambda: set(ids) <= gateway.fake.cancels, 10, "cancels of the disconnected requests")
+    wait_until(lambda: gateway.post("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1})
+               .status_code == 200, 10, "a free slot")
+
+
+@pytest.mark.timeout(30)
+def test_cluster_errors_reach_the_client(gateway):
+    body = {"model": MODEL, "prompt": "x", "seed": ERROR_SEED}
+    resp = gateway.post("/v1/completions", body)
+    assert resp.status_code == 500 and "boom" in resp.json()["error"]["message"]
+    events = sse_events(gateway.post("/v1/completions", {**body, "stream": True}))
+    assert json.loads(events[0])["choices"][0]["text"] == gateway.text(1)
+    assert "boom" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
+    with pytest.raises(openai.APIError):
+        list(gateway.client.completions.create(model=MODEL, prompt="x", seed=ERROR_SEED, stream=True))
+    with pytest.raises(grpc.RpcError) as info:
+        gateway.generate(prompt="x", seed=ERROR_SEED)
+    assert info.value.code() == grpc.StatusCode.INTERNAL and "boom" in info.value.details()
+
+
+@pytest.mark.timeout(30)
+def test_grpc_generate_streams_text_usage_and_timeline(gateway):
+    responses = gateway.generate(prompt="Hi", max_tokens=4, temperature=0.0)
+    assert "".join(r.text for r in responses) == gateway.text(4)
+    assert [t for r in responses for t in r.token_ids] == gateway.output_ids[:4]
+    last = responses[-1]
+    assert last.finish_reason == pb.FINISH_REASON_LENGTH and last.request_id.startswith("gen-")
+    assert (last.usage.completion_tokens, last.usage.total_tokens) == (4, last.usage.prompt_tokens + 4)
+    assert last.timeline.kv_transfer_bytes == 4096 and last.timeline.arrival > 0
+    chat = gateway.generate(messages=[gpb.ChatMessage(role="user", content="Hi")], max_tokens=2,
+                            stop=[" two"], request_id="my-request-1")
+    assert "".join(r.text for r in chat) == gateway.text(1) and chat[-1].request_id == "my-request-1"
+    assert chat[-1].finish_reason == pb.FINISH_REASON_STOP
+    ids = gateway.generate(prompt_token_ids=[5, 6, 7], max_tokens=1)
+    assert ids[-1].usage.prompt_tokens == 3
+
+
+@pytest.mark.timeout(30)
+def test_grpc_bad_input_is_invalid_argument(gateway):
+    bad = [{}, {"prompt": "x", "prompt_token_ids": [1]}, {"prompt": "x", "temperature": -1.0},
+           {"prompt": "x", "max_tokens": 0}, {"prompt": "x", "top_p": 2.0}, {"prompt": "x", "model": "other"},
+           {"prompt_token_ids": [100] * MAX_MODEL_LEN}]
+
+    def send_all():
+        for fields in bad:
+            with pytest.raises(grpc.RpcError) as info:
+                gateway.generate(**fields)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, fields
+
+    gateway.assert_nothing_enqueued(send_all)
+
+
+@pytest.mark.timeout(30)
+def test_readiness_follows_the_registered_workers(gateway):
+    assert gateway.initial_ready_status == 503  # before the fake scheduler reported workers
+    health = health_pb2_grpc.HealthStub(gateway.channel)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert health.Check(health_pb2.HealthCheckRequest(service="")).status == serving
+    gateway.fake.workers_registered = False
+    try:
+        wait_until(lambda: gateway.status("/ready") == 503, 5, "not ready")
+        assert gateway.get("/ready").json()["prefill_workers"] == 0
+        refused = gateway.post("/v1/completions", {"model": MODEL, "prompt": "x"})
+        assert refused.status_code == 503 and refused.json()["error"]["message"]
+        with pytest.raises(grpc.RpcError) as info:
+            gateway.generate(prompt="x")
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        status = health.Check(health_pb2.HealthCheckRequest(service="splitserve.v1.Gateway")).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        gateway.fake.workers_registered = True
+    wait_until(lambda: gateway.status("/ready") == 200, 5, "ready again")
+
+
+def metric_samples(gateway) -> dict[tuple[str, tuple], float]:
+    text = gateway.get("/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.mark.timeout(30)
+def test_metrics_expose_latency_histograms_counters_and_cluster_gauges(gateway):
+    gateway.client.completions.create(model=MODEL, prompt="Hi", max_tokens=3)
+    samples = metric_samples(gateway)
+    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+                 "request_queue_time_seconds", "kv_transfer_time_seconds", "kv_transfer_bytes"):
+        assert samples[(f"splitserve:{name}_count", ())] >= 1, name
+    assert samples[("splitserve:kv_transfer_bytes_sum", ())] >= 4096
+    assert samples[("splitserve:request_success_total", (("finished_reason", "length"),))] >= 1
+    assert samples[("splitserve:prompt_tokens_total", ())] > 0
+    assert samples[("splitserve:generation_tokens_total", ())] >= 3
+    assert samples[("splitserve:num_requests_running", ())] == 5
+    assert samples[("splitserve:num_requests_waiting", ())] == 3  # scheduler 2 + prefill worker 1
+    assert samples[("splitserve:kv_cache_usage_perc", (("role", "decode"),))] == pytest.approx(0.75)
+    assert samples[("splitserve:kv_cache_usage_perc", (("role", "prefill"),))] == pytest.approx(0.10)
+
+
+@pytest.mark.timeout(40)
+def test_sigterm_drains_aborts_in_flight_requests_and_exits_cleanly(gateway):
+    http_port, log = free_port(), gateway.logs / "second.log"
+    process = start_gateway(gateway.redis_url, gateway.scheduler_port, http_port, free_port(), log)
+    second = Gateway(gateway.fake, http_port, 0, gateway.tokenizer, gateway.output_ids)
+    try:
+        wait_started(second, process, log)
+        wait_until(lambda: second.status("/ready") == 200, 10, "readiness")
+        body = {"model": MODEL, "prompt": "hold", "seed": HOLD_SEED, "stream": True}
+        connection, response = open_request(http_port, "POST", "/v1/completions", body)
+        with contextlib.closing(connection):
+            lines = iter(response.readline, b"")
+            first = next(line for line in lines if line.startswith(b"data: "))
+            request_id = json.loads(first.removeprefix(b"data: "))["id"]
+            started = time.monotonic()
+            process.terminate()
+            wait_until(lambda: second.status("/ready") == 503, 5, "draining")
+            assert second.post("/v1/completions", {"model": MODEL, "prompt": "x"}).status_code == 503
+            rest = [line.strip() for line in lines if line.startswith(b"data: ")]
+            assert json.loads(rest[-2].removeprefix(b"data: "))["choices"][0]["finish_reason"] == "abort"
+            assert rest[-1] == b"data: [DONE]"
+        assert process.wait(15) == 0
+        assert time.monotonic() - started < SHUTDOWN_GRACE_S + 5
+        wait_until(lambda: request_id in gateway.fake.cancels, 5, "cancel of the aborted request")
+    finally:
+        second.channel.close()
+        if process.poll() is None:
+            process.kill()
+        print(log.read_text()[-3000:])  # shown when the test failed
