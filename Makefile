@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 TORCH_PIP_ARGS ?= torch==2.13.0
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: setup test run bench kernels clean
+.PHONY: setup test run proto bench kernels clean
 
 setup: $(VENV)/.setup-done
 
@@ -28,9 +28,15 @@ $(VENV)/.setup-done: pyproject.toml Makefile splitserve/engine/kernels/cpu_bf16.
 test: setup
 	$(PY) -m pytest -q -ra tests
 
-# Until the cluster services land, `make run` generates once with the in-process engine.
+# A local cluster on the default model: Redis, scheduler, 1 prefill + 1 decode server, gateway.
+# Extra flags for `splitserve up`: make run UP_ARGS="--prefill 2 --kv-transport grpc"
+UP_ARGS ?=
 run: setup
-	$(VENV)/bin/splitserve generate "$(PROMPT)"
+	$(VENV)/bin/splitserve up $(UP_ARGS)
+
+# Regenerate the protobuf/gRPC stubs in splitserve/v1/ from protos/ (a test fails when they are stale).
+proto: setup
+	$(PY) -m splitserve.common.protogen
 
 bench: setup
 	$(VENV)/bin/splitserve bench engine

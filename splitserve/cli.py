@@ -18,9 +18,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JSON log lines even on a terminal (default: JSON only off a terminal)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from splitserve.bench import cli as bench_cli
-    from splitserve.commands import generate
+    from splitserve.commands import generate, up
+    from splitserve.services.decode import main as decode
+    from splitserve.services.gateway import main as gateway
+    from splitserve.services.prefill import main as prefill
+    from splitserve.services.scheduler import main as scheduler
 
+    up.add_parser(sub)
     generate.add_parser(sub)
+    scheduler.add_parser(sub)
+    prefill.add_parser(sub)
+    decode.add_parser(sub)
+    gateway.add_parser(sub)
     bench_cli.add_parser(sub)
     return parser
 

@@ -43,3 +43,104 @@ def make_prompts(tokenizer, lengths: list[int]) -> list[list[int]]:
         assert len(ids) >= n
         prompts.append(ids[:n])
     return prompts
+
+
+# -- a real local cluster, started with `splitserve up` -------------------------------------------
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from splitserve.common.net import free_port
+from splitserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+
+@dataclass
+class RunningCluster:
+    http_url: str
+    grpc_address: str
+    scheduler_address: str
+    log_dir: Path
+    process: subprocess.Popen
+
+    def workers(self) -> list[scheduler_pb2.WorkerState]:
+        with grpc.insecure_channel(self.scheduler_address) as channel:
+            return list(scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
+                scheduler_pb2.ClusterStateRequest(), timeout=5).workers)
+
+    def worker_stats(self) -> dict[str, common_pb2.WorkerStats]:
+        """Each worker's stats, asked from the worker itself (its admin RPC), not from heartbeats."""
+        stats = {}
+        for state in self.workers():
+            stub_type = (prefill_pb2_grpc.PrefillStub if state.worker.role == scheduler_pb2.WORKER_ROLE_PREFILL
+                         else decode_pb2_grpc.DecodeStub)
+            with grpc.insecure_channel(state.worker.grpc_address) as channel:
+                stats[state.worker.instance_id] = stub_type(channel).GetStats(common_pb2.StatsRequest(), timeout=5)
+        return stats
+
+    def wait_all_blocks_free(self, timeout_s: float = 30.0) -> dict[str, common_pb2.WorkerStats]:
+        """Poll until every worker's KV cache is entirely free again (or give up and return the last view)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            stats = self.worker_stats()
+            if all(s.num_free_blocks == s.num_blocks for s in stats.values()) or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.2)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(f"== {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
+                         for p in sorted(self.log_dir.glob("*.log")))
+
+
+def start_cluster(log_dir: Path, *extra: str, timeout_s: float = 180.0) -> RunningCluster:
+    http, grpc_port, scheduler = free_port(), free_port(), free_port()
+    argv = [sys.executable, "-m", "splitserve.cli", "up", "--http-port", str(http), "--grpc-port", str(grpc_port),
+            "--scheduler-port", str(scheduler), "--log-dir", str(log_dir), "--kv-cache-gb", "0.25", *extra]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cluster = RunningCluster(f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc_port}", f"127.0.0.1:{scheduler}",
+                             log_dir, process)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"splitserve up exited: {process.stdout.read()}\n{cluster.log_tail()}")
+        try:
+            with urllib.request.urlopen(cluster.http_url + "/ready", timeout=2) as response:
+                if response.status == 200:
+                    return cluster
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            stop_cluster(cluster)
+            raise RuntimeError(f"cluster not ready after {timeout_s} s\n{cluster.log_tail()}")
+        time.sleep(0.25)
+
+
+def stop_cluster(cluster: RunningCluster) -> int:
+    cluster.process.send_signal(signal.SIGTERM)
+    try:
+        return cluster.process.wait(60)
+    except subprocess.TimeoutExpired:
+        cluster.process.kill()
+        return cluster.process.wait()
+
+
+def _cluster_fixture(transport: str, *extra: str):
+    @pytest.fixture(scope="session")
+    def fixture(tmp_path_factory):
+        cluster = start_cluster(tmp_path_factory.mktemp(f"cluster-{transport}"), "--kv-transport", transport,
+                                *extra)
+        yield cluster
+        code = stop_cluster(cluster)
+        assert code == 0, f"splitserve up exited {code} on SIGTERM\n{cluster.log_tail()}"
+    return fixture
+
+
+ucx_cluster = _cluster_fixture("ucx", "--max-pending", "40")
+grpc_cluster = _cluster_fixture("grpc")

@@ -22,21 +22,21 @@ def test_help_lists_the_subcommands():
 def test_generate_prints_text_and_timings():
     # float32: exact against transformers, whose greedy answer here is "The capital of France is
     # Paris." (in bfloat16 its first token is a near-tie that rounding can flip).
-    out = run("generate", "What is the capital of France?", "--max-tokens", "12", "--dtype", "float32")
+    out = run("generate", "--local", "What is the capital of France?", "--max-tokens", "12", "--dtype", "float32")
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
     assert "finish_reason=stop" in out.stderr and "ttft" in out.stderr
 
 
 def test_generate_default_dtype_streams_the_requested_number_of_tokens():
-    out = run("generate", "Count from one to twenty:", "--max-tokens", "10", "--ignore-eos")
+    out = run("generate", "--local", "Count from one to twenty:", "--max-tokens", "10", "--ignore-eos")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
     assert "10 generated, finish_reason=length" in out.stderr
 
 
 def test_generate_rejects_bad_sampling_without_a_traceback():
-    out = run("generate", "hi", "--temperature", "-1")
+    out = run("generate", "--local", "hi", "--temperature", "-1")
     assert out.returncode == 2
     assert "temperature must be >= 0" in out.stderr
     assert "Traceback" not in out.stderr
@@ -58,10 +58,10 @@ def test_bench_engine_quick_prints_consistent_json():
 
 def test_bad_flags_and_model_paths_get_one_line_errors(tmp_path):
     cases = [
-        (["generate", "hi", "--model", str(tmp_path)], "config.json"),
-        (["generate", "hi", "--device", "nonsense"], "not a torch device"),
-        (["generate", "hi", "--threads", "-1"], "must be a whole number >= 1"),
-        (["generate", "hi", "--kv-cache-gb", "inf"], "must be a positive number"),
+        (["generate", "--local", "hi", "--model", str(tmp_path)], "config.json"),
+        (["generate", "--local", "hi", "--device", "nonsense"], "not a torch device"),
+        (["generate", "--local", "hi", "--threads", "-1"], "must be a whole number >= 1"),
+        (["generate", "--local", "hi", "--kv-cache-gb", "inf"], "must be a positive number"),
         (["bench", "engine", "--output", str(tmp_path / "missing" / "x.json")], "folder does not exist"),
     ]
     for argv, message in cases:

@@ -1,8 +1,9 @@
-"""`splitserve generate`: run one prompt through an in-process engine and stream the text."""
+"""`splitserve generate`: one prompt through the cluster's gateway (gRPC), or an in-process engine."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -12,10 +13,16 @@ from splitserve.engine import LLMEngine, SamplingParams
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="generate text for one prompt in this process",
-                              description="Generate text for one prompt with an in-process engine "
-                                          "(no cluster needed). Text goes to stdout, timings to stderr.")
+    p = subparsers.add_parser("generate", help="generate text for one prompt (gRPC client of the gateway)",
+                              description="Generate text for one prompt through a running cluster's gateway "
+                                          "(gRPC), or with --local in this process (no cluster needed). "
+                                          "Text goes to stdout, timings to stderr.")
     p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--gateway", default=os.environ.get("SPLITSERVE_GATEWAY", "127.0.0.1:50051"),
+                   help="gateway gRPC host:port (default: 127.0.0.1:50051)")
+    p.add_argument("--api-key", default=os.environ.get("SPLITSERVE_API_KEY"),
+                   help="the gateway's API key, if it requires one")
+    p.add_argument("--local", action="store_true", help="run an engine in this process instead")
     p.add_argument("--raw", action="store_true",
                    help="send the prompt as is instead of through the model's chat template")
     p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
@@ -24,7 +31,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
-    add_engine_args(p)
+    add_engine_args(p)  # with --local
     p.set_defaults(func=run)
 
 
@@ -36,6 +43,10 @@ def prompt_token_ids(tokenizer, prompt: str, raw: bool) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.local:
+        from splitserve.commands.generate_remote import run_remote
+
+        return run_remote(args)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed, max_new_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
     apply_threads(args)

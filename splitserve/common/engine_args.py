@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-
 import math
 
 from splitserve.engine.config import DTYPES, EngineConfig, EngineRole

@@ -25,3 +25,13 @@ def configure_logging(level: str = "info", json_logs: bool | None = None) -> Non
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+def bind_request(request_id: str) -> None:
+    """Tag every log line of the current task (one RPC or HTTP request) with its request id."""
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+
+
+def bind_service(name: str, instance_id: str | None = None) -> None:
+    """Tag every log line of this process with the service (and instance) it belongs to."""
+    structlog.contextvars.bind_contextvars(service=name, **({"instance_id": instance_id} if instance_id else {}))

@@ -64,8 +64,13 @@ class TextCodec:
 
 
 def connect(url: str) -> aioredis.Redis:
-    """A client for url (redis://host:port/db), bytes in and out."""
-    return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=10)
+    """A client for url (redis://host:port/db), bytes in and out.
+
+    No socket timeout: stream reads and pub/sub subscriptions block on purpose (redis-py 8 would
+    otherwise cut every read at 5 s); a dead server still shows up through the health checks.
+    """
+    return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=10,
+                                   socket_timeout=None, socket_keepalive=True)
 
 
 @dataclass(frozen=True)

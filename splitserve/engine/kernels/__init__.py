@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -39,6 +40,19 @@ def kernels_enabled() -> bool:
     return os.environ.get("SPLITSERVE_KERNELS", "1") != "0" and set(REQUIRED_FLAGS) <= cpu_flags()
 
 
+STALE_LOCK_S = 600  # a build takes ~30 s; a lock this old was left by a process killed mid-build
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    """torch waits forever on a build lock whose owner died; such a lock is removed."""
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            log.warning("removing a stale kernel build lock", path=str(lock))
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+
+
 @functools.cache
 def load_cpu_kernels() -> ModuleType | None:
     """The compiled module, or None where it cannot run; logs why."""
@@ -53,6 +67,7 @@ def load_cpu_kernels() -> ModuleType | None:
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
     build_dir = cache_root() / "kernels" / f"torch{torch.__version__}-{digest}"
     build_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_lock(build_dir / "lock")
     try:
         return cpp_extension.load(
             name=f"splitserve_cpu_bf16_{digest}",

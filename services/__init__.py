@@ -1,0 +1,1 @@
+"""The four deployable services; each folder is one service (imported as splitserve.services.<name>)."""

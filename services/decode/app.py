@@ -1,0 +1,52 @@
+"""The decode server process: wires the engine, gRPC, Redis and the KV transport together."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from splitserve.kv_transfer.factory import make_kv_puller
+
+from splitserve.common.rpc import NOT_SERVING, SERVING, add_health, bind, make_server
+from splitserve.common.service import run_until_signal
+from splitserve.engine.engine import LLMEngine
+from splitserve.queue.streams import connect
+from splitserve.v1 import decode_pb2_grpc
+from splitserve.v1 import scheduler_pb2 as spb
+from splitserve.worker.common import SchedulerLink, advertised_address, listen_for_cancels
+from splitserve.worker.config import WorkerConfig
+from splitserve.worker.lifecycle import worker_info
+
+from .server import DecodeServer
+from .servicer import DecodeServicer
+
+log = structlog.get_logger(__name__)
+
+
+async def serve(config: WorkerConfig) -> int:
+    engine = await asyncio.to_thread(LLMEngine, config.engine)
+    redis = connect(config.redis_url)
+    grpc_server = make_server()
+    port = bind(grpc_server, config.host, config.port)
+    puller = make_kv_puller(config.kv_transport)
+    server = DecodeServer(config, engine, redis, puller)
+    decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(server), grpc_server)
+    health = add_health(grpc_server)
+    address = advertised_address(config, port)
+    link = SchedulerLink(config, worker_info(config, spb.WORKER_ROLE_DECODE, address, engine), server.stats)
+    server.scheduler = link.stub
+    server.loop.start()
+    await grpc_server.start()
+    await health.set("", SERVING)
+    log.info("decode server ready", grpc=address, kv_transport=config.kv_transport,
+             num_blocks=engine.blocks.num_blocks, max_num_seqs=config.engine.max_num_seqs)
+
+    async def shutdown() -> None:
+        await health.set("", NOT_SERVING)
+        await grpc_server.stop(2)
+        await puller.close()
+        await server.loop.stop()
+
+    tasks = [link.run(), server.replies.run(), server.admit_forever(),
+             listen_for_cancels(redis, server.abort)]
+    return await run_until_signal(tasks, shutdown, server.loop.failed)

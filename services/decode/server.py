@@ -1,0 +1,193 @@
+"""The decode server's state: admission by free blocks, KV pulls, and the running batch's tokens.
+
+KV ownership: a request's destination blocks are reserved (engine.reserve) before its pull starts.
+The payload lands in fresh memory, not in the cache, and import_kv writes it into the reserved
+blocks on the engine thread only if the request still holds them. A request cancelled mid-pull
+frees its reservation at once; its late payload is dropped, so no block is ever written after it
+was handed to another request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+import torch
+
+from splitserve.common.protoconv import finish_to_proto, layout_from_proto, sampling_from_proto
+from splitserve.common.rpc import open_channel
+from splitserve.engine.block_manager import OutOfBlocks
+from splitserve.engine.engine import LLMEngine
+from splitserve.kv_transfer.base import KvPuller, KvPullError
+from splitserve.v1 import common_pb2 as pb
+from splitserve.v1 import decode_pb2, prefill_pb2, prefill_pb2_grpc
+from splitserve.v1 import scheduler_pb2 as spb
+from splitserve.worker.common import ReplyPublisher, Tombstones, engine_stats
+from splitserve.worker.config import WorkerConfig
+from splitserve.worker.engine_loop import EngineLoop, StepResult
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Admitted:
+    """A request this server took over, from Submit to finish."""
+
+    submit: decode_pb2.DecodeRequest
+    num_emitted: int = 0  # output tokens sent so far (the prefill server sent the first)
+    pull: asyncio.Task | None = field(default=None, repr=False)
+
+    @property
+    def request(self) -> pb.QueuedRequest:
+        return self.submit.request
+
+
+class DecodeServer:
+    def __init__(self, config: WorkerConfig, engine: LLMEngine, redis, puller: KvPuller) -> None:
+        self.config = config
+        self.loop = EngineLoop(engine, self._on_step)
+        self.replies = ReplyPublisher(redis)
+        self.puller = puller
+        self.scheduler = None  # the SchedulerStub, set once the link exists
+        self.requests: dict[str, Admitted] = {}
+        self.waiting: deque[str] = deque()  # FCFS, until blocks are free
+        self.room = asyncio.Event()  # set when blocks may have been freed
+        self.cancelled = Tombstones()
+        self._prefill_stubs: dict[str, prefill_pb2_grpc.PrefillStub] = {}
+
+    # -- requests -------------------------------------------------------------------------------
+
+    async def submit(self, submit: decode_pb2.DecodeRequest) -> None:
+        """Queue a prefilled request for admission; ValueError when it can never run here."""
+        rid = submit.request.request_id
+        if rid in self.cancelled or rid in self.requests:
+            raise ValueError(f"request {rid!r} was cancelled or is already here")
+        if layout_from_proto(submit.kv.layout) != self.loop.engine.layout:
+            raise ValueError(f"KV layout {submit.kv.layout} does not match this server's")
+        sampling_from_proto(submit.request.sampling)  # validates
+        self.requests[rid] = Admitted(submit, num_emitted=len(submit.output_token_ids))
+        self.waiting.append(rid)
+        self.room.set()
+
+    async def abort(self, request_id: str) -> bool:
+        self.cancelled.add(request_id)
+        admitted = self.requests.pop(request_id, None)
+        if admitted is None:
+            return False
+        if request_id in self.waiting:
+            self.waiting.remove(request_id)
+        await self.loop.call(lambda e: e.abort(request_id))
+        self.room.set()
+        log.info("aborted, blocks freed", request_id=request_id)
+        return True
+
+    async def stats(self) -> pb.WorkerStats:
+        stats = await self.loop.call(engine_stats)
+        stats.num_waiting += len(self.waiting)
+        return stats
+
+    # -- admission: reserve, pull, acknowledge -------------------------------------------------
+
+    async def admit_forever(self) -> None:
+        """Admit waiting requests FCFS whenever blocks may have been freed."""
+        while True:
+            await self.room.wait()
+            self.room.clear()
+            while self.waiting and await self._try_admit(self.waiting[0]):
+                self.waiting.popleft()
+
+    async def _try_admit(self, rid: str) -> bool:
+        """Reserve blocks for the head request and start its pull; False when there is no room yet."""
+        admitted = self.requests[rid]
+        submit, params = admitted.submit, sampling_from_proto(admitted.request.sampling)
+        prompt, output = list(submit.request.prompt_token_ids), list(submit.output_token_ids)
+        try:
+            await self.loop.call(lambda e: e.reserve(rid, prompt, output, params))
+        except OutOfBlocks:
+            return False
+        except ValueError as exc:
+            asyncio.ensure_future(self._fail(rid, str(exc)))
+            return True
+        admitted.pull = asyncio.create_task(self._pull(rid, admitted))
+        return True
+
+    async def _pull(self, rid: str, admitted: Admitted) -> None:
+        timeline, handle = admitted.request.timeline, admitted.submit.kv
+        timeline.kv_transfer_start = time.time()
+        try:
+            payload = await self.puller.pull(handle)
+        except KvPullError as exc:
+            await self._fail(rid, f"KV pull from {handle.prefill_instance_id} failed: {exc}")
+            return
+        layout = self.loop.engine.layout
+        blocks = torch.frombuffer(payload, dtype=torch.uint8).view(layout.dtype).view(
+            layout.export_shape(len(handle.block_ids)))
+        if rid not in self.requests:  # cancelled during the pull: its reservation is already freed
+            return
+        try:
+            await self.loop.call(lambda e: e.import_kv(rid, blocks))
+        except ValueError:  # aborted between the check and the import: nothing to write into
+            return
+        timeline.kv_transfer_end = time.time()
+        timeline.kv_transfer_bytes = handle.num_bytes
+        await self._acknowledge(handle)
+
+    async def _acknowledge(self, handle: pb.KvHandle) -> None:
+        """Tell the prefill server its blocks were pulled, so it frees them (its lease is the backstop)."""
+        address = handle.prefill_grpc_address
+        if address not in self._prefill_stubs:
+            self._prefill_stubs[address] = prefill_pb2_grpc.PrefillStub(open_channel(address))
+        try:
+            await self._prefill_stubs[address].Release(prefill_pb2.ReleaseRequest(request_id=handle.request_id),
+                                                       timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("release failed; the prefill lease will free the blocks",
+                        request_id=handle.request_id, code=exc.code().name)
+
+    async def _fail(self, rid: str, error: str) -> None:
+        log.warning("request failed", request_id=rid, error=error)
+        admitted = self.requests.pop(rid, None)
+        await self.loop.call(lambda e: e.abort(rid))
+        self.room.set()
+        if admitted is None:
+            return
+        event = pb.TokenEvent(request_id=rid, index=admitted.num_emitted,
+                              finish_reason=pb.FINISH_REASON_ERROR, error=error)
+        self.replies.send([(admitted.request.reply_channel, event)],
+                          then=lambda: self._report_done(rid, pb.FINISH_REASON_ERROR, error))
+
+    # -- after each step ------------------------------------------------------------------------
+
+    def _on_step(self, result: StepResult) -> None:
+        events, finished = [], []
+        for out in result.outputs:
+            admitted = self.requests.get(out.request_id)
+            if admitted is None:
+                continue
+            timeline = admitted.request.timeline
+            timeline.token_times.append(result.ended)
+            event = pb.TokenEvent(request_id=out.request_id, token_ids=[out.token_id],
+                                  index=admitted.num_emitted, finish_reason=finish_to_proto(out.finish_reason))
+            admitted.num_emitted += 1
+            if out.finish_reason is not None:
+                timeline.finish = time.time()
+                event.timeline.CopyFrom(timeline)
+                del self.requests[out.request_id]
+                finished.append((out.request_id, event.finish_reason))
+            events.append((admitted.request.reply_channel, event))
+        if finished:
+            self.room.set()
+        self.replies.send(events, then=lambda: asyncio.gather(
+            *(self._report_done(rid, reason, "") for rid, reason in finished)))
+
+    async def _report_done(self, rid: str, reason: int, error: str) -> None:
+        done = spb.RequestDoneRequest(request_id=rid, instance_id=self.config.instance_id,
+                                      finish_reason=reason, error=error)
+        try:
+            await self.scheduler.RequestDone(done, timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("RequestDone failed", request_id=rid, code=exc.code().name)

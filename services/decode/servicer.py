@@ -1,0 +1,31 @@
+"""The Decode gRPC API: thin adapters from protos to DecodeServer."""
+
+from __future__ import annotations
+
+import grpc
+
+from splitserve.common.logging import bind_request
+from splitserve.v1 import common_pb2 as pb
+from splitserve.v1 import decode_pb2, decode_pb2_grpc
+
+from .server import DecodeServer
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, server: DecodeServer) -> None:
+        self.server = server
+
+    async def Submit(self, request: decode_pb2.DecodeRequest, context) -> decode_pb2.DecodeSubmitResponse:
+        bind_request(request.request.request_id)
+        try:
+            await self.server.submit(request)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return decode_pb2.DecodeSubmitResponse()
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        bind_request(request.request_id)
+        return pb.AbortResponse(found=await self.server.abort(request.request_id))
+
+    async def GetStats(self, request: pb.StatsRequest, context) -> pb.WorkerStats:
+        return await self.server.stats()

@@ -1,0 +1,56 @@
+"""The prefill server process: wires the engine, gRPC, Redis and the KV transport together."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from splitserve.kv_transfer.factory import make_kv_server
+
+from splitserve.common.rpc import NOT_SERVING, SERVING, add_health, bind, make_server
+from splitserve.common.service import run_until_signal
+from splitserve.engine.engine import LLMEngine
+from splitserve.queue.streams import connect
+from splitserve.v1 import prefill_pb2_grpc
+from splitserve.v1 import scheduler_pb2 as spb
+from splitserve.worker.common import SchedulerLink, advertised_address, listen_for_cancels
+from splitserve.worker.config import WorkerConfig
+from splitserve.worker.lifecycle import worker_info
+
+from .server import PrefillServer
+from .servicer import PrefillServicer
+
+log = structlog.get_logger(__name__)
+
+
+async def serve(config: WorkerConfig, ucx_port: int, kv_lease_s: float) -> int:
+    engine = await asyncio.to_thread(LLMEngine, config.engine)
+    redis = connect(config.redis_url)
+    grpc_server = make_server()
+    port = bind(grpc_server, config.host, config.port)
+    kv_server = make_kv_server(config.kv_transport, config.host, ucx_port)
+    server = PrefillServer(config, engine, redis, None, kv_lease_s)
+    server.grpc_address = advertised_address(config, port)
+    await kv_server.start(server)
+    server.kv_address = kv_server.address
+    grpc_kv = kv_server if config.kv_transport == "grpc" else None
+    prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(server, grpc_kv), grpc_server)
+    health = add_health(grpc_server)
+    info = worker_info(config, spb.WORKER_ROLE_PREFILL, server.grpc_address, engine)
+    link = SchedulerLink(config, info, server.stats)
+    server.scheduler = link.stub
+    server.loop.start()
+    await grpc_server.start()
+    await health.set("", SERVING)
+    log.info("prefill server ready", grpc=server.grpc_address, kv_transport=config.kv_transport,
+             kv_address=server.kv_address, num_blocks=engine.blocks.num_blocks,
+             token_budget=config.engine.token_budget)
+
+    async def shutdown() -> None:
+        await health.set("", NOT_SERVING)
+        await grpc_server.stop(2)
+        await kv_server.stop()
+        await server.loop.stop()
+
+    tasks = [link.run(), server.replies.run(), listen_for_cancels(redis, server.abort)]
+    return await run_until_signal(tasks, shutdown, server.loop.failed)

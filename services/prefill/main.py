@@ -1,0 +1,34 @@
+"""`splitserve prefill`: a prefill server process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from splitserve.common.engine_args import apply_threads, engine_config_from_args, positive_float
+from splitserve.common.logging import bind_service
+from splitserve.engine.config import EngineRole
+from splitserve.worker.config import add_worker_args, worker_config
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prefill", help="run a prefill server",
+                       description="Batch prompts FCFS up to the token budget, run prefill, send the first "
+                                   "token toward the client, and hold the KV blocks until a decode "
+                                   "server pulls them.")
+    add_worker_args(p, "prefill", default_port=50060)
+    p.add_argument("--ucx-port", type=int, default=0,
+                   help="port of the UCX listener for KV pulls (default: 0, a free one)")
+    p.add_argument("--kv-lease", type=positive_float, default=30.0,
+                   help="seconds a prefilled request's KV blocks wait for a pull before they are "
+                        "freed (default: 30)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    apply_threads(args)
+    config = worker_config(args, engine_config_from_args(args, EngineRole.PREFILL), "prefill")
+    bind_service("prefill", config.instance_id)
+    from .app import serve  # the engine and its transports load only when the server starts
+
+    return asyncio.run(serve(config, args.ucx_port, args.kv_lease))

@@ -1,0 +1,178 @@
+"""The prefill server's state: its engine thread, the KV blocks it holds for pulls, and their leases.
+
+KV ownership: a prefilled request's blocks stay allocated in this engine until (a) the decode server
+acknowledges its pull (Release), (b) the lease runs out with no pull in progress, or (c) the request
+is aborted. A transport that is sending a payload pins it (KvSource.open .. close), and a pinned
+request is never released, so blocks are never reused while their bytes are on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import grpc
+import structlog
+
+from splitserve.common.protoconv import finish_to_proto, layout_to_proto, sampling_from_proto
+from splitserve.engine.engine import LLMEngine
+from splitserve.engine.kv_cache import export_bytes
+from splitserve.engine.request import StepOutput
+from splitserve.v1 import common_pb2 as pb
+from splitserve.v1 import scheduler_pb2 as spb
+from splitserve.worker.common import ReplyPublisher, Tombstones, engine_stats
+from splitserve.worker.config import WorkerConfig
+from splitserve.worker.engine_loop import EngineLoop, StepResult
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Held:
+    """A request from Submit until its blocks are released."""
+
+    request: pb.QueuedRequest
+    handle: pb.KvHandle | None = None
+    pins: int = 0
+    lease: asyncio.TimerHandle | None = None
+
+
+class PrefillServer:
+    def __init__(self, config: WorkerConfig, engine: LLMEngine, redis, scheduler_stub,
+                 kv_lease_s: float) -> None:
+        self.config = config
+        self.loop = EngineLoop(engine, self._on_step, after_step=_block_tables)
+        self.replies = ReplyPublisher(redis)
+        self.scheduler = scheduler_stub
+        self.kv_lease_s = kv_lease_s
+        self.requests: dict[str, Held] = {}
+        self.cancelled = Tombstones()
+        self.grpc_address = ""  # set once the gRPC server is bound
+        self.kv_address = ""  # the KV server's address (UCX), set at start
+
+    # -- requests -------------------------------------------------------------------------------
+
+    async def submit(self, request: pb.QueuedRequest) -> None:
+        """Queue a request for prefill; ValueError when the engine cannot serve it."""
+        rid = request.request_id
+        if rid in self.cancelled:
+            raise ValueError(f"request {rid!r} was cancelled")
+        params = sampling_from_proto(request.sampling)
+        ids = list(request.prompt_token_ids)
+        await self.loop.call(lambda e: e.add_request(rid, ids, params))
+        self.requests[rid] = Held(request)
+
+    async def release(self, request_id: str) -> None:
+        """Decode acknowledged its pull: free the blocks (unknown ids are a harmless retry)."""
+        held = self.requests.get(request_id)
+        if held is None or held.handle is None:
+            return
+        await self._free(request_id, "pulled")
+
+    async def abort(self, request_id: str) -> bool:
+        self.cancelled.add(request_id)
+        if request_id not in self.requests:
+            return False
+        await self._free(request_id, "aborted")
+        return True
+
+    async def _free(self, request_id: str, why: str) -> None:
+        held = self.requests.pop(request_id, None)
+        if held is None:  # released and aborted at once: the first one freed it
+            return
+        if held.lease:
+            held.lease.cancel()
+        # engine.abort frees the blocks whatever the state (queued, prefilling, kv_ready).
+        await self.loop.call(lambda e: e.abort(request_id))
+        log.info("kv blocks freed", request_id=request_id, reason=why)
+
+    async def stats(self) -> pb.WorkerStats:
+        return await self.loop.call(engine_stats)
+
+    # -- after each step ------------------------------------------------------------------------
+
+    def _on_step(self, result: StepResult) -> None:
+        events, done = [], []
+        for out in result.outputs:
+            held = self.requests.get(out.request_id)
+            if held is None:  # aborted while its batch ran
+                continue
+            timeline = held.request.timeline
+            timeline.prefill_start, timeline.prefill_end = result.started, result.ended
+            timeline.first_token = time.time()
+            events.append(self._first_token_event(held, out, result.extra))
+            done.append(self._prefill_done(held, out))
+        # The first tokens go toward the clients before the scheduler hears of the KV blocks.
+        self.replies.send(events, then=lambda: asyncio.gather(*(self._report(d) for d in done)))
+
+    def _first_token_event(self, held: Held, out: StepOutput, block_tables: dict) -> tuple[str, pb.TokenEvent]:
+        request = held.request
+        event = pb.TokenEvent(request_id=out.request_id, token_ids=[out.token_id], index=0,
+                              finish_reason=finish_to_proto(out.finish_reason))
+        if out.finish_reason is not None:
+            request.timeline.finish = time.time()
+            event.timeline.CopyFrom(request.timeline)
+            self.requests.pop(out.request_id)
+        else:
+            held.handle = self._handle(out.request_id, block_tables[out.request_id])
+            held.lease = asyncio.get_running_loop().call_later(self.kv_lease_s, self._expire, out.request_id)
+        return request.reply_channel, event
+
+    def _prefill_done(self, held: Held, out: StepOutput) -> spb.PrefillDoneRequest:
+        return spb.PrefillDoneRequest(
+            request_id=out.request_id, instance_id=self.config.instance_id, kv=held.handle,
+            output_token_ids=[out.token_id], finish_reason=finish_to_proto(out.finish_reason),
+            timeline=held.request.timeline)
+
+    def _handle(self, request_id: str, block_ids: list[int]) -> pb.KvHandle:
+        engine = self.loop.engine
+        seq_tokens = len(self.requests[request_id].request.prompt_token_ids)
+        return pb.KvHandle(
+            request_id=request_id, prefill_instance_id=self.config.instance_id,
+            prefill_grpc_address=self.grpc_address, transport=self.config.kv_transport_proto,
+            ucx_address=self.kv_address, block_ids=block_ids, num_tokens=seq_tokens,
+            layout=layout_to_proto(engine.layout), num_bytes=len(block_ids) * engine.layout.bytes_per_block,
+            lease_expires=time.time() + self.kv_lease_s)
+
+    async def _report(self, done: spb.PrefillDoneRequest) -> None:
+        try:
+            await self.scheduler.PrefillDone(done, timeout=10)
+        except grpc.aio.AioRpcError as exc:  # the lease frees the blocks if the scheduler never hears
+            log.warning("PrefillDone failed", request_id=done.request_id, error=str(exc))
+
+    def _expire(self, request_id: str) -> None:
+        held = self.requests.get(request_id)
+        if held is None:
+            return
+        if held.pins:  # a pull is in progress: look again shortly
+            held.lease = asyncio.get_running_loop().call_later(1.0, self._expire, request_id)
+            return
+        log.warning("kv lease expired before any pull", request_id=request_id)
+        asyncio.ensure_future(self._free(request_id, "lease expired"))
+
+    # -- KvSource, for the transports ----------------------------------------------------------
+
+    async def open(self, request_id: str) -> memoryview | None:
+        held = self.requests.get(request_id)
+        if held is None or held.handle is None:
+            return None
+        held.pins += 1
+        try:
+            # Off the engine thread: a pinned request's blocks are written by no one until released.
+            blocks = await asyncio.to_thread(self.loop.engine.export_kv, request_id)
+        except Exception:
+            held.pins -= 1
+            raise
+        return export_bytes(blocks)
+
+    def close(self, request_id: str) -> None:
+        held = self.requests.get(request_id)
+        if held is not None:
+            held.pins -= 1
+
+
+def _block_tables(engine: LLMEngine, outputs: list[StepOutput]) -> dict[str, list[int]]:
+    """On the engine thread after a step: block ids of every request now holding KV for a pull."""
+    return {o.request_id: engine.blocks.block_table(o.request_id)
+            for o in outputs if o.finish_reason is None}

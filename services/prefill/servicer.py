@@ -1,0 +1,45 @@
+"""The Prefill gRPC API: thin adapters from protos to PrefillServer."""
+
+from __future__ import annotations
+
+import grpc
+from splitserve.kv_transfer.grpc import GrpcKvServer
+
+from splitserve.common.logging import bind_request
+from splitserve.v1 import common_pb2 as pb
+from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
+
+from .server import PrefillServer
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, server: PrefillServer, grpc_kv: GrpcKvServer | None) -> None:
+        self.server = server
+        self.grpc_kv = grpc_kv
+
+    async def Submit(self, request: pb.QueuedRequest, context) -> prefill_pb2.SubmitResponse:
+        bind_request(request.request_id)
+        try:
+            await self.server.submit(request)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return prefill_pb2.SubmitResponse()
+
+    async def Release(self, request: prefill_pb2.ReleaseRequest, context) -> prefill_pb2.ReleaseResponse:
+        bind_request(request.request_id)
+        await self.server.release(request.request_id)
+        return prefill_pb2.ReleaseResponse()
+
+    async def PullKv(self, request: prefill_pb2.PullKvRequest, context):
+        if self.grpc_kv is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this prefill server serves KV over UCX, not gRPC")
+        async for chunk in self.grpc_kv.pull_kv(request, context):
+            yield chunk
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        bind_request(request.request_id)
+        return pb.AbortResponse(found=await self.server.abort(request.request_id))
+
+    async def GetStats(self, request: pb.StatsRequest, context) -> pb.WorkerStats:
+        return await self.server.stats()

@@ -1,0 +1,48 @@
+"""The scheduler's configuration, built once from flags and environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from splitserve.common.engine_args import positive_float
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    host: str
+    port: int
+    redis_url: str
+    consumer: str  # this scheduler's name in the stream's consumer group
+    prefill_queue_factor: float  # token budgets of work a prefill server may have outstanding
+    worker_timeout_s: float  # heartbeat silence after which a worker is dropped
+    claim_idle_s: float  # take over other consumers' entries unacknowledged this long (at start)
+    rpc_timeout_s: float = 10.0
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument("--host", default=env("SPLITSERVE_HOST", "127.0.0.1"),
+                        help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=int(env("SPLITSERVE_PORT", 50052)),
+                        help="gRPC port (default: 50052)")
+    parser.add_argument("--redis-url", default=env("SPLITSERVE_REDIS_URL", "redis://127.0.0.1:6379/0"),
+                        help="Redis holding the request stream (default: redis://127.0.0.1:6379/0)")
+    parser.add_argument("--consumer", default=env("SPLITSERVE_CONSUMER", "scheduler-0"),
+                        help="consumer name in the stream's group; a restarted scheduler with the same "
+                             "name resumes its pending requests (default: scheduler-0)")
+    parser.add_argument("--prefill-queue-factor", type=positive_float, default=2.0,
+                        help="prompt tokens a prefill server may have assigned, in token budgets "
+                             "(default: 2: one batch running, one forming)")
+    parser.add_argument("--worker-timeout", type=positive_float, default=5.0,
+                        help="seconds without a heartbeat before a worker is dropped and its requests "
+                             "requeued (default: 5)")
+    parser.add_argument("--claim-idle", type=positive_float, default=60.0,
+                        help="at start, take over requests other schedulers left unacknowledged this "
+                             "many seconds (default: 60)")
+
+
+def from_args(args: argparse.Namespace) -> SchedulerConfig:
+    return SchedulerConfig(args.host, args.port, args.redis_url, args.consumer, args.prefill_queue_factor,
+                           args.worker_timeout, args.claim_idle)

@@ -1,0 +1,62 @@
+"""`splitserve scheduler`: the scheduler process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import structlog
+
+from splitserve.common.logging import bind_service
+from splitserve.common.rpc import NOT_SERVING, SERVING, add_health, bind, make_server
+from splitserve.common.service import run_until_signal
+from splitserve.queue.streams import CANCEL_CHANNEL, ProtoCodec, PubSub, RequestStream, TextCodec, connect
+from splitserve.v1 import common_pb2 as pb
+from splitserve.v1 import scheduler_pb2_grpc
+
+from . import config as scheduler_config
+from .server import SchedulerServer
+from .servicer import SchedulerServicer
+
+log = structlog.get_logger(__name__)
+HEARTBEAT_INTERVAL_S = 1.0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("scheduler", help="run the scheduler",
+                       description="Read requests from the Redis stream, assign them first-come-first-served "
+                                   "to prefill servers, hand prefilled ones to decode servers, keep the "
+                                   "worker registry, and acknowledge each request when it is done.")
+    scheduler_config.add_args(p)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    config = scheduler_config.from_args(args)
+    bind_service("scheduler", config.consumer)
+    return asyncio.run(serve(config))
+
+
+async def serve(config: scheduler_config.SchedulerConfig) -> int:
+    redis = connect(config.redis_url)
+    await redis.ping()
+    server = SchedulerServer(config, RequestStream(redis, ProtoCodec(pb.QueuedRequest)), redis)
+    grpc_server = make_server()
+    port = bind(grpc_server, config.host, config.port)
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(server, HEARTBEAT_INTERVAL_S),
+                                                       grpc_server)
+    health = add_health(grpc_server)
+    await grpc_server.start()
+    await health.set("", SERVING)
+    log.info("scheduler ready", grpc=f"{config.host}:{port}", redis=config.redis_url)
+
+    async def cancels() -> None:
+        async for request_id in PubSub(redis, TextCodec()).subscribe(CANCEL_CHANNEL):
+            await server.cancel(request_id)
+
+    async def shutdown() -> None:
+        await health.set("", NOT_SERVING)
+        await grpc_server.stop(2)
+
+    tasks = [server.consume_forever(), server.dispatch_forever(), server.reap_forever(), cancels()]
+    return await run_until_signal(tasks, shutdown)

@@ -1,0 +1,86 @@
+"""The worker registry and the two placement choices. Pure: no I/O, no clocks of its own.
+
+- Prefill: first-come-first-served requests go to the prefill server with the fewest outstanding
+  prompt tokens among those with room. "Room" means its outstanding tokens plus this prompt fit
+  `queue_factor` token budgets (one batch running, one forming), or it has nothing outstanding, so a
+  prompt longer than the budget still runs alone. Requests beyond that wait in the scheduler's
+  queue, in order, for whichever server frees up first.
+- Decode: the decode server with the most free KV blocks after what was already sent its way since
+  its last heartbeat, then the fewest running requests. It may have no room yet: it queues the
+  request and admits it when blocks free up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from splitserve.v1 import common_pb2 as pb
+from splitserve.v1 import scheduler_pb2 as spb
+
+
+@dataclass
+class WorkerEntry:
+    info: spb.WorkerInfo
+    stats: pb.WorkerStats
+    last_seen: float
+    pending_blocks: int = 0  # decode: blocks of requests sent since its last heartbeat
+    # Requests assigned to it and not yet done there, with their prompt lengths.
+    assigned: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def instance_id(self) -> str:
+        return self.info.instance_id
+
+    @property
+    def role(self) -> int:
+        return self.info.role
+
+    @property
+    def outstanding_tokens(self) -> int:
+        """Prompt tokens assigned and not yet prefilled (prefill servers)."""
+        return sum(self.assigned.values())
+
+
+class Registry:
+    def __init__(self, queue_factor: float = 2.0) -> None:
+        self.queue_factor = queue_factor
+        self.workers: dict[str, WorkerEntry] = {}
+
+    def register(self, info: spb.WorkerInfo, stats: pb.WorkerStats, now: float) -> WorkerEntry:
+        """Add a worker, or replace an entry with the same id (a restart): returns the new entry."""
+        entry = WorkerEntry(info, stats, now)
+        self.workers[info.instance_id] = entry
+        return entry
+
+    def heartbeat(self, instance_id: str, stats: pb.WorkerStats, now: float) -> bool:
+        """Record a heartbeat; False when the worker is unknown (it must register again)."""
+        entry = self.workers.get(instance_id)
+        if entry is None:
+            return False
+        entry.stats, entry.last_seen, entry.pending_blocks = stats, now, 0
+        return True
+
+    def remove(self, instance_id: str) -> WorkerEntry | None:
+        return self.workers.pop(instance_id, None)
+
+    def expired(self, now: float, timeout_s: float) -> list[str]:
+        return [w.instance_id for w in self.workers.values() if now - w.last_seen > timeout_s]
+
+    def of_role(self, role: int) -> list[WorkerEntry]:
+        return [w for w in self.workers.values() if w.role == role]
+
+    def pick_prefill(self, num_tokens: int) -> WorkerEntry | None:
+        """The least-loaded prefill server with room for num_tokens more, or None."""
+        fits = [w for w in self.of_role(spb.WORKER_ROLE_PREFILL) if self._has_room(w, num_tokens)]
+        return min(fits, key=lambda w: w.outstanding_tokens, default=None)
+
+    def _has_room(self, worker: WorkerEntry, num_tokens: int) -> bool:
+        capacity = self.queue_factor * worker.info.token_budget
+        return worker.outstanding_tokens == 0 or worker.outstanding_tokens + num_tokens <= capacity
+
+    def pick_decode(self, handle: pb.KvHandle) -> WorkerEntry | None:
+        """The decode server with the most free blocks (then the least load) that can take handle."""
+        able = [w for w in self.of_role(spb.WORKER_ROLE_DECODE)
+                if w.info.kv_layout == handle.layout and w.info.kv_transport == handle.transport]
+        return max(able, key=lambda w: (w.stats.num_free_blocks - w.pending_blocks,
+                                        -(w.stats.num_running + w.stats.num_waiting)), default=None)

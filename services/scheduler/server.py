@@ -1,0 +1,250 @@
+"""The scheduler's state machine: the FCFS queue, assignments, and the end of every request.
+
+A request read from the stream stays pending in the consumer group until it finished or failed for
+good; only then is it acknowledged (and deleted). A scheduler restart re-reads its pending entries,
+and a request whose worker died goes back to the front of the queue and runs again from its prompt
+(its seed is fixed, so it samples the same tokens; the gateway drops those it already has).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import grpc
+import structlog
+
+from splitserve.common.rpc import open_channel
+from splitserve.engine.block_manager import blocks_for
+from splitserve.queue.streams import ProtoCodec, PubSub, RequestStream, StreamEntry
+from splitserve.v1 import common_pb2 as pb
+from splitserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from splitserve.v1 import scheduler_pb2 as spb
+
+from .config import SchedulerConfig
+from .registry import Registry, WorkerEntry
+
+log = structlog.get_logger(__name__)
+
+
+class Stage(enum.Enum):
+    QUEUED = "queued"
+    PREFILL = "prefill"
+    AWAITING_DECODE = "awaiting_decode"  # prefilled, no decode server could take it yet
+    DECODE = "decode"
+
+
+@dataclass
+class Tracked:
+    entry_id: bytes
+    request: pb.QueuedRequest
+    stage: Stage = Stage.QUEUED
+    prefill_id: str | None = None
+    decode_id: str | None = None
+    done: spb.PrefillDoneRequest | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+
+class SchedulerServer:
+    def __init__(self, config: SchedulerConfig, stream: RequestStream, redis) -> None:
+        self.config = config
+        self.stream = stream
+        self.replies = PubSub(redis, ProtoCodec(pb.TokenEvent))
+        self.registry = Registry(config.prefill_queue_factor)
+        self.queue: deque[str] = deque()
+        self.tracked: dict[str, Tracked] = {}
+        self.wake = asyncio.Event()
+        self._stubs: dict[str, object] = {}
+
+    # -- intake ---------------------------------------------------------------------------------
+
+    async def consume_forever(self) -> None:
+        """Read the stream: first what this consumer left pending before a restart, then new entries."""
+        await self.stream.ensure_group()
+        backlog = await self.stream.pending(self.config.consumer)
+        backlog += await self.stream.claim_idle(self.config.consumer, int(self.config.claim_idle_s * 1000))
+        if backlog:
+            log.info("recovered pending requests", count=len(backlog))
+        self._enqueue(backlog)
+        while True:
+            self._enqueue(await self.stream.get(self.config.consumer, block_ms=5000))
+
+    def _enqueue(self, entries: list[StreamEntry]) -> None:
+        for entry in entries:
+            rid = entry.message.request_id
+            if rid in self.tracked:
+                continue
+            self.tracked[rid] = Tracked(entry.entry_id, entry.message)
+            self.queue.append(rid)
+        if entries:
+            self.wake.set()
+
+    # -- prefill assignment ---------------------------------------------------------------------
+
+    async def dispatch_forever(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            self._retry_awaiting_decode()
+            while self.queue:
+                tracked = self.tracked[self.queue[0]]
+                worker = self.registry.pick_prefill(tracked.num_prompt_tokens)
+                if worker is None:
+                    break  # FCFS: nobody overtakes the head; a PrefillDone or a new worker wakes us
+                self.queue.popleft()
+                self._assign_prefill(tracked, worker)
+
+    def _assign_prefill(self, tracked: Tracked, worker: WorkerEntry) -> None:
+        tracked.stage, tracked.prefill_id = Stage.PREFILL, worker.instance_id
+        tracked.request.timeline.scheduled = time.time()
+        worker.assigned[tracked.request_id] = tracked.num_prompt_tokens
+        asyncio.ensure_future(self._submit_prefill(tracked, worker))
+
+    async def _submit_prefill(self, tracked: Tracked, worker: WorkerEntry) -> None:
+        stub = prefill_pb2_grpc.PrefillStub(self._channel(worker))
+        try:
+            await stub.Submit(tracked.request, timeout=self.config.rpc_timeout_s)
+            log.info("assigned to prefill", request_id=tracked.request_id, worker=worker.instance_id)
+        except grpc.aio.AioRpcError as exc:
+            await self._rpc_failed(tracked, worker, exc)
+
+    async def _rpc_failed(self, tracked: Tracked, worker: WorkerEntry, exc: grpc.aio.AioRpcError) -> None:
+        if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
+            await self.fail(tracked.request_id, exc.details())
+        else:
+            log.warning("worker unreachable", worker=worker.instance_id, code=exc.code().name)
+            self.drop_worker(worker.instance_id)
+
+    # -- decode assignment ----------------------------------------------------------------------
+
+    async def prefill_done(self, done: spb.PrefillDoneRequest) -> None:
+        tracked = self.tracked.get(done.request_id)
+        worker = self.registry.workers.get(done.instance_id)
+        if worker is not None and worker.assigned.pop(done.request_id, None) is not None:
+            self.wake.set()  # it has room for more
+        if tracked is None or tracked.prefill_id != done.instance_id:
+            return  # cancelled, or reassigned after its worker was given up on
+        tracked.request.timeline.CopyFrom(done.timeline)
+        if done.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+            await self.finish(done.request_id, done.finish_reason)
+            return
+        tracked.done, tracked.stage = done, Stage.AWAITING_DECODE
+        self._assign_decode(tracked)
+
+    def _assign_decode(self, tracked: Tracked) -> bool:
+        worker = self.registry.pick_decode(tracked.done.kv)
+        if worker is None:
+            log.warning("no decode server can take the request yet", request_id=tracked.request_id)
+            return False
+        kv = tracked.done.kv
+        tracked.stage, tracked.decode_id = Stage.DECODE, worker.instance_id
+        worker.pending_blocks += blocks_for(kv.num_tokens + 1, kv.layout.block_size)
+        worker.assigned[tracked.request_id] = tracked.num_prompt_tokens
+        asyncio.ensure_future(self._submit_decode(tracked, worker))
+        return True
+
+    def _retry_awaiting_decode(self) -> None:
+        for tracked in list(self.tracked.values()):
+            if tracked.stage is Stage.AWAITING_DECODE and not self._assign_decode(tracked):
+                return
+
+    async def _submit_decode(self, tracked: Tracked, worker: WorkerEntry) -> None:
+        submit = decode_pb2.DecodeRequest(request=tracked.request, kv=tracked.done.kv,
+                                          output_token_ids=tracked.done.output_token_ids)
+        try:
+            await decode_pb2_grpc.DecodeStub(self._channel(worker)).Submit(
+                submit, timeout=self.config.rpc_timeout_s)
+            log.info("assigned to decode", request_id=tracked.request_id, worker=worker.instance_id)
+        except grpc.aio.AioRpcError as exc:
+            await self._rpc_failed(tracked, worker, exc)
+
+    # -- the end of a request -------------------------------------------------------------------
+
+    async def request_done(self, done: spb.RequestDoneRequest) -> None:
+        tracked = self.tracked.get(done.request_id)
+        if tracked is not None and tracked.decode_id == done.instance_id:
+            await self.finish(done.request_id, done.finish_reason)
+
+    async def finish(self, request_id: str, reason: int) -> None:
+        """Forget the request and acknowledge it in the stream: it will not run again."""
+        tracked = self.tracked.pop(request_id, None)
+        if tracked is None:
+            return
+        for worker_id in (tracked.prefill_id, tracked.decode_id):
+            worker = self.registry.workers.get(worker_id) if worker_id else None
+            if worker is not None:
+                worker.assigned.pop(request_id, None)
+        await self.stream.ack(tracked.entry_id)
+        log.info("request done", request_id=request_id, finish_reason=pb.FinishReason.Name(reason))
+
+    async def fail(self, request_id: str, error: str) -> None:
+        """Fail a request for good: tell its client why, then acknowledge it."""
+        tracked = self.tracked.get(request_id)
+        if tracked is None:
+            return
+        if request_id in self.queue:
+            self.queue.remove(request_id)
+        log.warning("request failed", request_id=request_id, error=error)
+        event = pb.TokenEvent(request_id=request_id, finish_reason=pb.FINISH_REASON_ERROR, error=error)
+        await self.replies.publish(tracked.request.reply_channel, event)
+        await self.finish(request_id, pb.FINISH_REASON_ERROR)
+
+    async def cancel(self, request_id: str) -> None:
+        """The client went away: workers free what they hold themselves (they hear the same cancel)."""
+        if request_id in self.queue:
+            self.queue.remove(request_id)
+        await self.finish(request_id, pb.FINISH_REASON_ABORT)
+
+    # -- workers --------------------------------------------------------------------------------
+
+    def register(self, info: spb.WorkerInfo, stats: pb.WorkerStats) -> None:
+        if info.instance_id in self.registry.workers:
+            self.drop_worker(info.instance_id)  # a restart: what it held is gone
+        self.registry.register(info, stats, time.monotonic())
+        log.info("worker registered", worker=info.instance_id, role=spb.WorkerRole.Name(info.role),
+                 address=info.grpc_address)
+        self.wake.set()
+
+    def drop_worker(self, instance_id: str) -> None:
+        """Forget a worker and put every request it held back at the front of the queue, in order."""
+        worker = self.registry.remove(instance_id)
+        if worker is None:
+            return
+        self._stubs.pop(worker.info.grpc_address, None)
+        requeued = sorted((self.tracked[r] for r in worker.assigned if r in self.tracked),
+                          key=lambda t: t.entry_id)
+        for tracked in requeued:
+            tracked.stage, tracked.prefill_id, tracked.decode_id, tracked.done = Stage.QUEUED, None, None, None
+        self.queue.extendleft(t.request_id for t in reversed(requeued))
+        log.warning("worker dropped", worker=instance_id, requeued=len(requeued))
+        self.wake.set()
+
+    async def reap_forever(self) -> None:
+        """Drop workers whose heartbeats stopped."""
+        while True:
+            await asyncio.sleep(self.config.worker_timeout_s / 2)  # a timer, not a poll
+            for instance_id in self.registry.expired(time.monotonic(), self.config.worker_timeout_s):
+                self.drop_worker(instance_id)
+
+    def _channel(self, worker: WorkerEntry):
+        address = worker.info.grpc_address
+        if address not in self._stubs:
+            self._stubs[address] = open_channel(address)
+        return self._stubs[address]
+
+    def cluster_state(self) -> spb.ClusterState:
+        now = time.monotonic()
+        workers = [spb.WorkerState(worker=w.info, stats=w.stats, last_seen_s=now - w.last_seen)
+                   for w in self.registry.workers.values()]
+        return spb.ClusterState(workers=workers, num_waiting=len(self.queue),
+                                num_running=len(self.tracked) - len(self.queue))

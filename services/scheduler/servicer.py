@@ -1,0 +1,44 @@
+"""The Scheduler gRPC API: thin adapters from protos to SchedulerServer."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from splitserve.common.logging import bind_request
+from splitserve.v1 import scheduler_pb2 as spb
+from splitserve.v1 import scheduler_pb2_grpc
+
+from .server import SchedulerServer
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, server: SchedulerServer, heartbeat_interval_s: float) -> None:
+        self.server = server
+        self.heartbeat_interval_s = heartbeat_interval_s
+
+    async def Register(self, request: spb.RegisterRequest, context) -> spb.RegisterResponse:
+        if request.worker.role == spb.WORKER_ROLE_UNSPECIFIED or not request.worker.instance_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a worker needs an instance id and a role")
+        self.server.register(request.worker, request.stats)
+        return spb.RegisterResponse(heartbeat_interval_s=self.heartbeat_interval_s)
+
+    async def Heartbeat(self, request: spb.HeartbeatRequest, context) -> spb.HeartbeatResponse:
+        if not self.server.registry.heartbeat(request.instance_id, request.stats, time.monotonic()):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown worker {request.instance_id}; register")
+        self.server.wake.set()  # its load changed: a waiting request may fit now
+        return spb.HeartbeatResponse()
+
+    async def PrefillDone(self, request: spb.PrefillDoneRequest, context) -> spb.PrefillDoneResponse:
+        bind_request(request.request_id)
+        await self.server.prefill_done(request)
+        return spb.PrefillDoneResponse()
+
+    async def RequestDone(self, request: spb.RequestDoneRequest, context) -> spb.RequestDoneResponse:
+        bind_request(request.request_id)
+        await self.server.request_done(request)
+        return spb.RequestDoneResponse()
+
+    async def GetClusterState(self, request: spb.ClusterStateRequest, context) -> spb.ClusterState:
+        return self.server.cluster_state()

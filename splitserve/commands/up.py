@@ -1,0 +1,219 @@
+"""`splitserve up`: a whole local cluster (Redis, scheduler, prefill and decode servers, gateway).
+
+Every service is a fresh process (never a fork: UCX must not be initialized before a fork), each
+with its own log file. The launcher waits until the gateway is ready, prints the endpoints, serves
+until Ctrl-C or SIGTERM, then stops the services in reverse order of their start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from splitserve.common.engine_args import add_engine_args, positive_float, positive_int
+from splitserve.common.net import free_port
+from splitserve.queue.redis_server import LocalRedis
+
+ENGINE_FLAGS = ("model", "dtype", "device", "block_size", "kv_cache_gb", "token_budget", "max_num_seqs",
+                "max_model_len")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    num_prefill: int
+    num_decode: int
+    host: str
+    http_port: int
+    grpc_port: int
+    scheduler_port: int
+    redis_url: str | None  # None: start a private redis-server
+    kv_transport: str
+    log_dir: Path
+    threads_per_worker: int
+    engine_argv: tuple[str, ...]
+    gateway_argv: tuple[str, ...]
+    ready_timeout_s: float
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="start a local cluster and serve until Ctrl-C",
+                       description="Start Redis (unless --redis-url), the scheduler, prefill and decode "
+                                   "servers and the gateway as separate processes; wait until the cluster "
+                                   "is ready; serve until Ctrl-C; stop everything.")
+    p.add_argument("--prefill", type=positive_int, default=1, help="prefill servers (default: 1)")
+    p.add_argument("--decode", type=positive_int, default=1, help="decode servers (default: 1)")
+    p.add_argument("--host", default="127.0.0.1", help="address every service binds (default: 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=8000, help="gateway HTTP port (default: 8000)")
+    p.add_argument("--grpc-port", type=int, default=50051, help="gateway gRPC port (default: 50051)")
+    p.add_argument("--scheduler-port", type=int, default=0, help="scheduler gRPC port (default: a free one)")
+    p.add_argument("--redis-url", default=None, help="use this Redis instead of starting a private one")
+    p.add_argument("--kv-transport", choices=("ucx", "grpc"), default="ucx",
+                   help="how KV blocks move from prefill to decode (default: ucx)")
+    p.add_argument("--log-dir", default=None, help="folder for the services' logs (default: a new temp folder)")
+    p.add_argument("--threads-per-worker", type=positive_int, default=None,
+                   help="torch threads per prefill/decode server (default: cores / workers, at least 1)")
+    p.add_argument("--api-key", default=os.environ.get("SPLITSERVE_API_KEY"),
+                   help="require this key from clients (Authorization: Bearer)")
+    p.add_argument("--max-pending", type=positive_int, default=None,
+                   help="requests in flight at the gateway before it answers 429 (default: the gateway's)")
+    p.add_argument("--ready-timeout", type=positive_float, default=300.0,
+                   help="seconds to wait for the cluster to become ready (default: 300)")
+    add_engine_args(p)
+    p.set_defaults(func=main)
+
+
+def config_from_args(args: argparse.Namespace) -> ClusterConfig:
+    workers = args.prefill + args.decode
+    threads = args.threads or args.threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
+    log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="splitserve-logs-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    gateway_argv = [*(["--api-key", args.api_key] if args.api_key else []),
+                    *(["--max-pending", str(args.max_pending)] if args.max_pending else []),
+                    *(["--model", args.model] if args.model else [])]
+    return ClusterConfig(
+        num_prefill=args.prefill, num_decode=args.decode, host=args.host, http_port=args.http_port,
+        grpc_port=args.grpc_port, scheduler_port=args.scheduler_port or free_port(args.host),
+        redis_url=args.redis_url, kv_transport=args.kv_transport, log_dir=log_dir,
+        threads_per_worker=threads, engine_argv=tuple(_engine_argv(args)),
+        gateway_argv=tuple(gateway_argv), ready_timeout_s=args.ready_timeout)
+
+
+def _engine_argv(args: argparse.Namespace) -> list[str]:
+    argv = []
+    for name in ENGINE_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv
+
+
+@dataclass
+class Cluster:
+    """The processes of one local cluster."""
+
+    config: ClusterConfig
+    redis: LocalRedis | None = None
+    processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    @property
+    def redis_url(self) -> str:
+        return self.config.redis_url or self.redis.url
+
+    def start(self) -> None:
+        c = self.config
+        if c.redis_url is None:
+            self.redis = LocalRedis().start()
+        common = ["--redis-url", self.redis_url]
+        scheduler = f"{c.host}:{c.scheduler_port}"
+        self._spawn("scheduler", ["scheduler", *common, "--host", c.host, "--port", str(c.scheduler_port)])
+        worker = [*common, "--scheduler", scheduler, "--host", c.host, "--port", "0",
+                  "--kv-transport", c.kv_transport, "--threads", str(c.threads_per_worker), *c.engine_argv]
+        for i in range(c.num_prefill):
+            self._spawn(f"prefill-{i}", ["prefill", *worker, "--instance-id", f"prefill-{i}"])
+        for i in range(c.num_decode):
+            self._spawn(f"decode-{i}", ["decode", *worker, "--instance-id", f"decode-{i}"])
+        self._spawn("gateway", ["gateway", *common, "--scheduler", scheduler, "--host", c.host,
+                                "--http-port", str(c.http_port), "--grpc-port", str(c.grpc_port),
+                                *c.gateway_argv])
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = open(self.config.log_dir / f"{name}.log", "ab")
+        # A new session: Ctrl-C reaches the launcher only, which then stops the services in order.
+        process = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "--log-json", *argv],
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes.append((name, process))
+
+    def dead(self) -> list[str]:
+        return [name for name, p in self.processes if p.poll() is not None]
+
+    def wait_ready(self) -> None:
+        """Poll the gateway's readiness (an external process: there is nothing to await)."""
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.dead():
+                raise OSError(f"{', '.join(self.dead())} exited during start-up; see {self.config.log_dir}")
+            if _ready(self.config.http_url + "/ready"):
+                return
+            time.sleep(0.25)
+        raise OSError(f"the cluster was not ready after {self.config.ready_timeout_s:.0f} s; "
+                      f"see the logs in {self.config.log_dir}")
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        for name, process in reversed(self.processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(grace_s)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def main(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    cluster = Cluster(config)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    try:
+        cluster.start()
+        print(f"starting {config.num_prefill} prefill + {config.num_decode} decode servers; "
+              f"logs in {config.log_dir}", flush=True)
+        cluster.wait_ready()
+        _print_endpoints(config)
+        return _serve(cluster, stop)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        print("stopping the cluster ...", flush=True)
+        cluster.stop()
+        print("stopped", flush=True)
+
+
+def _serve(cluster: Cluster, stop: list) -> int:
+    """Block until Ctrl-C / SIGTERM (exit 0) or until a service dies (exit 1)."""
+    while not stop:
+        dead = cluster.dead()
+        if dead:
+            print(f"{', '.join(dead)} exited; see {cluster.config.log_dir}", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    return 0
+
+
+def _print_endpoints(config: ClusterConfig) -> None:
+    key = ' -H "Authorization: Bearer $SPLITSERVE_API_KEY"' if "--api-key" in config.gateway_argv else ""
+    print(f"""
+splitserve is ready.
+  OpenAI API: {config.http_url}/v1   (models: {config.http_url}/v1/models)
+  gRPC:       {config.host}:{config.grpc_port}   (splitserve generate --gateway {config.host}:{config.grpc_port} "...")
+  metrics:    {config.http_url}/metrics
+  logs:       {config.log_dir}
+
+Try:
+  curl {config.http_url}/v1/chat/completions{key} -H 'Content-Type: application/json' \\
+    -d '{{"model": "SmolLM2-135M-Instruct", "messages": [{{"role": "user", "content": "Why is the sky blue?"}}], "max_tokens": 64}}'
+
+Ctrl-C stops the cluster.""", flush=True)

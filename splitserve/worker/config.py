@@ -1,0 +1,61 @@
+"""A worker's configuration and flags (light: no engine, no sockets)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass
+
+from splitserve.common.engine_args import add_engine_args, positive_float
+from splitserve.engine.config import EngineConfig
+from splitserve.v1 import common_pb2 as pb
+
+KV_TRANSPORTS = {"ucx": pb.KV_TRANSPORT_UCX, "grpc": pb.KV_TRANSPORT_GRPC}
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What a prefill or decode server needs beyond its engine."""
+
+    engine: EngineConfig
+    host: str
+    port: int
+    scheduler: str
+    redis_url: str
+    kv_transport: str
+    instance_id: str
+    heartbeat_interval_s: float
+
+    @property
+    def kv_transport_proto(self) -> int:
+        return KV_TRANSPORTS[self.kv_transport]
+
+
+def add_worker_args(parser: argparse.ArgumentParser, role: str, default_port: int) -> None:
+    env = os.environ.get
+    parser.add_argument("--host", default=env("SPLITSERVE_HOST", "127.0.0.1"),
+                        help="address to bind (default: 127.0.0.1; 0.0.0.0 for other machines)")
+    parser.add_argument("--port", type=int, default=int(env("SPLITSERVE_PORT", default_port)),
+                        help=f"gRPC port (default: {default_port}; 0 picks a free one)")
+    parser.add_argument("--scheduler", default=env("SPLITSERVE_SCHEDULER", "127.0.0.1:50052"),
+                        help="scheduler host:port (default: 127.0.0.1:50052)")
+    parser.add_argument("--redis-url", default=env("SPLITSERVE_REDIS_URL", "redis://127.0.0.1:6379/0"),
+                        help="Redis holding the reply and cancel channels")
+    parser.add_argument("--kv-transport", choices=sorted(KV_TRANSPORTS),
+                        default=env("SPLITSERVE_KV_TRANSPORT", "ucx"),
+                        help="how KV blocks move from prefill to decode (default: ucx)")
+    parser.add_argument("--instance-id", default=env("SPLITSERVE_INSTANCE_ID"),
+                        help=f"unique name of this worker (default: {role}-<host>-<pid>)")
+    parser.add_argument("--heartbeat-interval", type=positive_float, default=1.0,
+                        help="seconds between heartbeats to the scheduler (default: 1)")
+    add_engine_args(parser)
+
+
+def worker_config(args: argparse.Namespace, engine: EngineConfig, role: str) -> WorkerConfig:
+    return WorkerConfig(
+        engine=engine, host=args.host, port=args.port, scheduler=args.scheduler,
+        redis_url=args.redis_url, kv_transport=args.kv_transport,
+        instance_id=args.instance_id or f"{role}-{socket.gethostname()}-{os.getpid()}",
+        heartbeat_interval_s=args.heartbeat_interval,
+    )

@@ -1,0 +1,127 @@
+"""The engine thread: one LLMEngine, stepped on its own thread, reached from asyncio by call().
+
+LLMEngine is single-threaded by design. A service owns one EngineLoop; its gRPC handlers and tasks
+run on the asyncio event loop and touch the engine only through ``await loop.call(fn)``, which runs
+``fn(engine)`` on the engine thread between two steps. After every step the thread hands a
+``StepResult`` to the ``on_step`` callback on the event loop, so a long prefill never blocks the
+event loop and the event loop never races the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import structlog
+
+from splitserve.engine.engine import LLMEngine
+from splitserve.engine.request import StepOutput
+
+log = structlog.get_logger(__name__)
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One engine step as seen from the event loop."""
+
+    outputs: list[StepOutput]
+    started: float  # wall-clock seconds, time.time()
+    ended: float
+    # Whatever the service's after_step hook read from the engine on its thread (e.g. block tables).
+    extra: Any = None
+
+
+@dataclass
+class _Call:
+    fn: Callable[[LLMEngine], Any]
+    future: asyncio.Future = field(repr=False)
+
+
+class EngineLoop:
+    """Steps an engine on a dedicated thread while it has work; runs calls between steps."""
+
+    def __init__(self, engine: LLMEngine, on_step: Callable[[StepResult], None],
+                 after_step: Callable[[LLMEngine, list[StepOutput]], Any] | None = None) -> None:
+        self.engine = engine
+        self._on_step = on_step
+        self._after_step = after_step
+        self._calls: queue.Queue[_Call | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.failed: asyncio.Future | None = None  # set with the exception if a step raises
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.failed = self._loop.create_future()
+        self._thread.start()
+
+    async def call(self, fn: Callable[[LLMEngine], R]) -> R:
+        """Run fn(engine) on the engine thread; its exception, if any, is raised here."""
+        future = self._loop.create_future()
+        self._calls.put(_Call(fn, future))
+        return await future
+
+    async def stop(self) -> None:
+        self._calls.put(None)
+        await asyncio.to_thread(self._thread.join)
+
+    def _run(self) -> None:
+        while True:
+            if not self._drain_calls():
+                return
+            if self.engine.has_work:
+                self._step()
+
+    def _drain_calls(self) -> bool:
+        """Run every queued call, blocking for the first one when the engine is idle.
+
+        Returns False when stop() was requested.
+        """
+        block = not self.engine.has_work
+        while True:
+            try:
+                item = self._calls.get(block=block)
+            except queue.Empty:
+                return True
+            if item is None:
+                return False
+            self._run_call(item)
+            block = not self.engine.has_work
+
+    def _run_call(self, item: _Call) -> None:
+        try:
+            result = item.fn(self.engine)
+        except Exception as exc:  # handed to the awaiting coroutine, which decides
+            self._loop.call_soon_threadsafe(_set_exception, item.future, exc)
+        else:
+            self._loop.call_soon_threadsafe(_set_result, item.future, result)
+
+    def _step(self) -> None:
+        started = time.time()
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            # The engine's state is unknown after a failed step: the service must exit and its
+            # requests be reassigned, not go on serving from a half-updated batch.
+            log.exception("engine step failed")
+            self._loop.call_soon_threadsafe(_set_exception, self.failed, exc)
+            raise
+        ended = time.time()
+        extra = self._after_step(self.engine, outputs) if self._after_step else None
+        self._loop.call_soon_threadsafe(self._on_step, StepResult(outputs, started, ended, extra))
+
+
+def _set_result(future: asyncio.Future, result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

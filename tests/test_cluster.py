@@ -1,0 +1,170 @@
+"""The whole cluster as real processes on 127.0.0.1: gateway, scheduler, prefill, decode, Redis.
+
+Started once per KV transport with `splitserve up` (see conftest.py) and stopped with SIGTERM,
+which must exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+
+import grpc
+import openai
+import pytest
+import torch
+from conftest import make_prompts
+
+from splitserve.engine import EngineConfig, LLMEngine, SamplingParams
+from splitserve.v1 import gateway_pb2, gateway_pb2_grpc
+
+pytestmark = pytest.mark.timeout(300)
+TRANSPORTS = ["ucx", "grpc"]
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(params=TRANSPORTS)
+def cluster(request):
+    return request.getfixturevalue(f"{request.param}_cluster")
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(model_bf16):
+    """In-process greedy outputs, each prompt alone, on one thread like each cluster worker."""
+    prompts = make_prompts(model_bf16.tokenizer, [7, 60, 333])
+    engine = LLMEngine(EngineConfig(kv_cache_bytes=1 << 28), loaded=model_bf16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        params = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)
+        return [(p, engine.generate([p], params)[0]) for p in prompts]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _generate_ids(address: str, prompt: list[int], max_tokens: int) -> tuple[list[int], gateway_pb2.GenerateResponse]:
+    with grpc.insecure_channel(address) as channel:
+        request = gateway_pb2.GenerateRequest(prompt_token_ids=prompt, max_tokens=max_tokens, temperature=0.0,
+                                              ignore_eos=True)
+        responses = list(gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=120))
+    return [t for r in responses for t in r.token_ids], responses[-1]
+
+
+def test_greedy_output_through_the_cluster_equals_the_engine(cluster, reference_outputs):
+    for prompt, expected in reference_outputs:
+        tokens, last = _generate_ids(cluster.grpc_address, prompt, len(expected))
+        assert tokens == expected
+        assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(prompt), len(expected))
+        timeline = last.timeline  # every lifecycle step was stamped, in order
+        steps = [timeline.arrival, timeline.queued, timeline.scheduled, timeline.prefill_start,
+                 timeline.prefill_end, timeline.first_token, timeline.kv_transfer_start,
+                 timeline.kv_transfer_end, timeline.token_times[0], timeline.finish]
+        assert all(s > 0 for s in steps) and steps == sorted(steps)
+        assert len(timeline.token_times) == len(expected) - 1 and timeline.kv_transfer_bytes > 0
+
+
+async def _stream_one(client: openai.AsyncOpenAI, prompt: list[int], max_tokens: int):
+    stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, stream=True,
+                                             temperature=0.8, seed=len(prompt), extra_body={"ignore_eos": True},
+                                             stream_options={"include_usage": True})
+    text, usage, finish = "", None, None
+    async for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+        usage = chunk.usage or usage
+    return text, usage, finish
+
+
+def test_32_concurrent_streams_complete_and_free_every_block(cluster, model_bf16):
+    lengths = [5 + 37 * i % 400 for i in range(32)]
+    prompts = make_prompts(model_bf16.tokenizer, lengths)
+    max_tokens = [4 + 7 * i % 40 for i in range(32)]
+
+    async def run_all():
+        async with openai.AsyncOpenAI(base_url=cluster.http_url + "/v1", api_key="unused") as client:
+            return await asyncio.gather(*(_stream_one(client, p, m) for p, m in zip(prompts, max_tokens)))
+
+    results = asyncio.run(run_all())
+    for (text, usage, finish), prompt, m in zip(results, prompts, max_tokens):
+        assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (len(prompt), m, len(prompt) + m)
+        assert finish == "length" and text
+    stats = cluster.wait_all_blocks_free()
+    assert {s.num_free_blocks for s in stats.values()} and all(
+        s.num_free_blocks == s.num_blocks and s.num_running == 0 for s in stats.values()), stats
+
+
+def test_openai_client_completions_and_chat(ucx_cluster):
+    client = openai.OpenAI(base_url=ucx_cluster.http_url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    done = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert done.choices[0].text and done.usage.completion_tokens <= 6
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}],
+                                          max_tokens=8, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=8, temperature=0, stream=True)
+        if c.choices]
+    assert "".join(pieces) == chat.choices[0].message.content  # greedy: streaming gives the same text
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"model": MODEL, "prompt": ""}, "prompt"),
+    ({"model": MODEL, "prompt": "hi " * 9000}, "context"),
+    ({"model": MODEL, "prompt": "hi", "temperature": -1}, "temperature"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"model": "no-such-model", "prompt": "hi"}, "no-such-model"),
+])
+def test_bad_input_is_refused_and_the_cluster_keeps_serving(ucx_cluster, body, fragment):
+    status, error = _post(ucx_cluster.http_url + "/v1/completions", body)
+    assert status in (400, 404) and fragment in error["error"]["message"]
+    status, ok = _post(ucx_cluster.http_url + "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2})
+    assert status == 200 and ok["usage"]["completion_tokens"] <= 2
+
+
+def test_a_client_that_disconnects_frees_every_block(ucx_cluster):
+    async def read_a_little_then_leave():
+        async with openai.AsyncOpenAI(base_url=ucx_cluster.http_url + "/v1", api_key="unused") as client:
+            stream = await client.completions.create(model=MODEL, prompt="Tell me a long story.", max_tokens=1500,
+                                                     stream=True, extra_body={"ignore_eos": True})
+            received = 0
+            async for chunk in stream:
+                received += 1
+                if received == 5:
+                    break
+            await stream.close()
+            return received
+
+    assert asyncio.run(read_a_little_then_leave()) == 5
+    # 1,500 tokens take far longer than this wait: only the cancel can free the blocks in time.
+    stats = ucx_cluster.wait_all_blocks_free(timeout_s=20)
+    assert all(s.num_free_blocks == s.num_blocks and s.num_running == 0 for s in stats.values()), stats
+
+
+def test_an_over_full_queue_gets_429(ucx_cluster):
+    async def flood():
+        async with openai.AsyncOpenAI(base_url=ucx_cluster.http_url + "/v1", api_key="unused",
+                                      max_retries=0) as client:
+            async def one():
+                try:
+                    await client.completions.create(model=MODEL, prompt="Count to ten.", max_tokens=8,
+                                                    extra_body={"ignore_eos": True})
+                    return 200
+                except openai.RateLimitError:
+                    return 429
+            return await asyncio.gather(*(one() for _ in range(60)))
+
+    codes = asyncio.run(flood())
+    assert set(codes) == {200, 429} and codes.count(200) >= 40  # --max-pending 40
+    assert all(s.num_free_blocks == s.num_blocks for s in ucx_cluster.wait_all_blocks_free().values())

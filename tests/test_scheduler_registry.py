@@ -1,0 +1,61 @@
+"""The scheduler's placement choices: pure, so exact instance ids."""
+
+from splitserve.services.scheduler.registry import Registry
+from splitserve.v1 import common_pb2 as pb
+from splitserve.v1 import scheduler_pb2 as spb
+
+LAYOUT = pb.KvLayout(num_layers=2, num_kv_heads=1, head_dim=8, block_size=16, dtype="bfloat16")
+
+
+def _worker(registry, name, role, token_budget=100, free_blocks=10, running=0):
+    info = spb.WorkerInfo(instance_id=name, role=role, token_budget=token_budget, kv_layout=LAYOUT,
+                          kv_transport=pb.KV_TRANSPORT_UCX)
+    return registry.register(info, pb.WorkerStats(num_free_blocks=free_blocks, num_running=running), now=0.0)
+
+
+def test_prefill_goes_to_the_least_loaded_server_with_room():
+    reg = Registry(queue_factor=2.0)
+    a = _worker(reg, "p-a", spb.WORKER_ROLE_PREFILL)
+    b = _worker(reg, "p-b", spb.WORKER_ROLE_PREFILL)
+    a.assigned["r1"] = 50
+    assert reg.pick_prefill(60).instance_id == "p-b"
+    b.assigned["r2"] = 150
+    assert reg.pick_prefill(150).instance_id == "p-a"  # 50 + 150 <= 2 budgets
+    assert reg.pick_prefill(151) is None  # neither has room: it waits in the queue, in order
+
+
+def test_a_prompt_longer_than_the_budget_runs_on_an_idle_server():
+    reg = Registry(queue_factor=2.0)
+    _worker(reg, "p-a", spb.WORKER_ROLE_PREFILL, token_budget=100)
+    assert reg.pick_prefill(1000).instance_id == "p-a"
+
+
+def test_decode_goes_to_the_most_free_blocks_counting_what_was_just_sent():
+    reg = Registry()
+    a = _worker(reg, "d-a", spb.WORKER_ROLE_DECODE, free_blocks=10)
+    _worker(reg, "d-b", spb.WORKER_ROLE_DECODE, free_blocks=8)
+    handle = pb.KvHandle(layout=LAYOUT, transport=pb.KV_TRANSPORT_UCX)
+    assert reg.pick_decode(handle).instance_id == "d-a"
+    a.pending_blocks = 3
+    assert reg.pick_decode(handle).instance_id == "d-b"
+    assert reg.heartbeat("d-a", pb.WorkerStats(num_free_blocks=10), now=1.0)
+    assert reg.pick_decode(handle).instance_id == "d-a"  # the heartbeat's stats include what was sent
+
+
+def test_decode_ties_break_on_load_and_layouts_must_match():
+    reg = Registry()
+    _worker(reg, "d-a", spb.WORKER_ROLE_DECODE, free_blocks=10, running=5)
+    _worker(reg, "d-b", spb.WORKER_ROLE_DECODE, free_blocks=10, running=1)
+    assert reg.pick_decode(pb.KvHandle(layout=LAYOUT, transport=pb.KV_TRANSPORT_UCX)).instance_id == "d-b"
+    other = pb.KvLayout(num_layers=3, num_kv_heads=1, head_dim=8, block_size=16, dtype="bfloat16")
+    assert reg.pick_decode(pb.KvHandle(layout=other, transport=pb.KV_TRANSPORT_UCX)) is None
+    assert reg.pick_decode(pb.KvHandle(layout=LAYOUT, transport=pb.KV_TRANSPORT_GRPC)) is None
+
+
+def test_silent_workers_expire_and_unknown_heartbeats_are_refused():
+    reg = Registry()
+    _worker(reg, "p-a", spb.WORKER_ROLE_PREFILL)
+    _worker(reg, "d-a", spb.WORKER_ROLE_DECODE)
+    reg.heartbeat("d-a", pb.WorkerStats(), now=4.0)
+    assert reg.expired(now=6.0, timeout_s=5.0) == ["p-a"]
+    assert not reg.heartbeat("nobody", pb.WorkerStats(), now=6.0)
