@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-
 from pathlib import Path
 
 from splitserve.common.engine_args import add_engine_args, positive_int
@@ -23,10 +22,41 @@ def add_parser(subparsers) -> None:
     e.add_argument("--output", default=None, help="also write the JSON to this file")
     add_engine_args(e)
     e.set_defaults(func=_run_engine)
+    _add_kv_parser(sub)
+
+
+def _add_kv_parser(sub) -> None:
+    from splitserve.bench.kv_bench import DEFAULT_BYTES_PER_TOKEN, DEFAULT_TOKENS
+    from splitserve.kv_transfer.factory import TRANSPORTS
+
+    k = sub.add_parser("kv", help="KV transfer speed of each transport between two processes",
+                       description="Start a serving process holding synthetic KV payloads of the sizes of "
+                                   "the given prompt lengths, pull each over every transport, check the "
+                                   "bytes, and print the median latency and GB/s next to a local memcpy "
+                                   "of the same bytes.")
+    k.add_argument("--tokens", type=positive_int, nargs="+", default=list(DEFAULT_TOKENS),
+                   help="prompt lengths whose KV payloads to move (default: %(default)s)")
+    k.add_argument("--bytes-per-token", type=positive_int, default=DEFAULT_BYTES_PER_TOKEN,
+                   help="KV bytes per token: layers * 2 * kv_heads * head_dim * itemsize "
+                        "(default: %(default)s, SmolLM2-135M in bfloat16)")
+    k.add_argument("--repeat", type=positive_int, default=5, help="timed pulls per size, after a warm-up (default: 5)")
+    k.add_argument("--transports", nargs="+", choices=list(TRANSPORTS), default=list(TRANSPORTS),
+                   help="transports to measure (default: all)")
+    k.add_argument("--host", default="127.0.0.1", help="address the serving process listens on (default: 127.0.0.1)")
+    k.add_argument("--output", default=None, help="also write the figures as JSON to this file")
+    k.set_defaults(func=_run_kv)
 
 
 def _run_engine(args: argparse.Namespace) -> int:
     from splitserve.bench.engine_bench import run
+
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise ValueError(f"--output {args.output}: its folder does not exist")
+    return run(args)
+
+
+def _run_kv(args: argparse.Namespace) -> int:
+    from splitserve.bench.kv_bench import run
 
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise ValueError(f"--output {args.output}: its folder does not exist")
