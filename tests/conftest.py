@@ -47,7 +47,6 @@ def make_prompts(tokenizer, lengths: list[int]) -> list[list[int]]:
 
 # -- a real local cluster, started with `splitserve up` -------------------------------------------
 
-import os
 import signal
 import subprocess
 import sys

@@ -1,6 +1,7 @@
 """The scheduler's placement choices: pure, so exact instance ids."""
 
 from splitserve.services.scheduler.registry import Registry
+
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
 

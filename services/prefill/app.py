@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import structlog
-from splitserve.kv_transfer.factory import make_kv_server
 
 from splitserve.common.rpc import NOT_SERVING, SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
 from splitserve.engine.engine import LLMEngine
+from splitserve.kv_transfer.factory import make_kv_server
 from splitserve.queue.streams import connect
 from splitserve.v1 import prefill_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
@@ -32,6 +32,13 @@ async def serve(config: WorkerConfig, ucx_port: int, kv_lease_s: float) -> int:
     server = PrefillServer(config, engine, redis, None, kv_lease_s)
     server.grpc_address = advertised_address(config, port)
     await kv_server.start(server)
+    try:  # UCX keeps a non-daemon thread: stop the KV server on every exit path
+        return await _serve_started(config, engine, redis, grpc_server, server, kv_server)
+    finally:
+        await kv_server.stop()
+
+
+async def _serve_started(config, engine, redis, grpc_server, server, kv_server) -> int:
     server.kv_address = kv_server.address
     grpc_kv = kv_server if config.kv_transport == "grpc" else None
     prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(server, grpc_kv), grpc_server)
@@ -49,7 +56,6 @@ async def serve(config: WorkerConfig, ucx_port: int, kv_lease_s: float) -> int:
     async def shutdown() -> None:
         await health.set("", NOT_SERVING)
         await grpc_server.stop(2)
-        await kv_server.stop()
         await server.loop.stop()
 
     tasks = [link.run(), server.replies.run(), listen_for_cancels(redis, server.abort)]

@@ -9,9 +9,7 @@ from dataclasses import dataclass
 
 from splitserve.common.engine_args import add_engine_args, positive_float
 from splitserve.engine.config import EngineConfig
-from splitserve.v1 import common_pb2 as pb
-
-KV_TRANSPORTS = {"ucx": pb.KV_TRANSPORT_UCX, "grpc": pb.KV_TRANSPORT_GRPC}
+from splitserve.kv_transfer.factory import DEFAULT_TRANSPORT, TRANSPORTS, transport_value
 
 
 @dataclass(frozen=True)
@@ -29,7 +27,7 @@ class WorkerConfig:
 
     @property
     def kv_transport_proto(self) -> int:
-        return KV_TRANSPORTS[self.kv_transport]
+        return transport_value(self.kv_transport)
 
 
 def add_worker_args(parser: argparse.ArgumentParser, role: str, default_port: int) -> None:
@@ -42,8 +40,8 @@ def add_worker_args(parser: argparse.ArgumentParser, role: str, default_port: in
                         help="scheduler host:port (default: 127.0.0.1:50052)")
     parser.add_argument("--redis-url", default=env("SPLITSERVE_REDIS_URL", "redis://127.0.0.1:6379/0"),
                         help="Redis holding the reply and cancel channels")
-    parser.add_argument("--kv-transport", choices=sorted(KV_TRANSPORTS),
-                        default=env("SPLITSERVE_KV_TRANSPORT", "ucx"),
+    parser.add_argument("--kv-transport", choices=sorted(TRANSPORTS),
+                        default=env("SPLITSERVE_KV_TRANSPORT", DEFAULT_TRANSPORT),
                         help="how KV blocks move from prefill to decode (default: ucx)")
     parser.add_argument("--instance-id", default=env("SPLITSERVE_INSTANCE_ID"),
                         help=f"unique name of this worker (default: {role}-<host>-<pid>)")
