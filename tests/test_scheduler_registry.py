@@ -60,3 +60,28 @@ def test_silent_workers_expire_and_unknown_heartbeats_are_refused():
     reg.heartbeat("d-a", pb.WorkerStats(), now=4.0)
     assert reg.expired(now=6.0, timeout_s=5.0) == ["p-a"]
     assert not reg.heartbeat("nobody", pb.WorkerStats(), now=6.0)
+
+
+def test_a_dropped_worker_s_requests_go_back_to_the_front_in_arrival_order():
+    import asyncio
+
+    from splitserve.services.scheduler.config import SchedulerConfig
+    from splitserve.services.scheduler.server import SchedulerServer, Stage, Tracked
+
+    async def scenario():
+        config = SchedulerConfig("127.0.0.1", 0, "redis://unused", "s0", 2.0, 5.0, 60.0)
+        server = SchedulerServer(config, stream=None, redis=None)
+        worker = _worker(server.registry, "p-a", spb.WORKER_ROLE_PREFILL)
+        for i, rid in enumerate(["r1", "r2", "r3", "r4"]):
+            server.tracked[rid] = Tracked(f"{i}-0".encode(), pb.QueuedRequest(request_id=rid))
+        server.queue.extend(["r4"])  # r1..r3 were assigned, r4 still waits
+        for rid in ["r3", "r1", "r2"]:
+            server.tracked[rid].stage, server.tracked[rid].prefill_id = Stage.PREFILL, "p-a"
+            worker.assigned[rid] = 10
+        server.drop_worker("p-a")
+        return server
+
+    server = asyncio.run(scenario())
+    assert list(server.queue) == ["r1", "r2", "r3", "r4"]
+    assert all(t.stage is Stage.QUEUED and t.prefill_id is None for t in server.tracked.values())
+    assert "p-a" not in server.registry.workers

@@ -8,6 +8,7 @@ until Ctrl-C or SIGTERM, then stops the services in reverse order of their start
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -42,6 +43,7 @@ class ClusterConfig:
     engine_argv: tuple[str, ...]
     gateway_argv: tuple[str, ...]
     ready_timeout_s: float
+    api_key: str | None = None
 
     @property
     def http_url(self) -> str:
@@ -88,7 +90,7 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         grpc_port=args.grpc_port, scheduler_port=args.scheduler_port or free_port(args.host),
         redis_url=args.redis_url, kv_transport=args.kv_transport, log_dir=log_dir,
         threads_per_worker=threads, engine_argv=tuple(_engine_argv(args)),
-        gateway_argv=tuple(gateway_argv), ready_timeout_s=args.ready_timeout)
+        gateway_argv=tuple(gateway_argv), ready_timeout_s=args.ready_timeout, api_key=args.api_key)
 
 
 def _engine_argv(args: argparse.Namespace) -> list[str]:
@@ -164,6 +166,17 @@ class Cluster:
             self.redis.stop()
 
 
+def _served_model(config: ClusterConfig) -> str:
+    """The model name clients must pass, as the gateway lists it."""
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    request = urllib.request.Request(config.http_url + "/v1/models", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())["data"][0]["id"]
+    except (urllib.error.URLError, OSError, KeyError, IndexError, ValueError):
+        return "MODEL"
+
+
 def _ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -204,7 +217,8 @@ def _serve(cluster: Cluster, stop: list) -> int:
 
 
 def _print_endpoints(config: ClusterConfig) -> None:
-    key = ' -H "Authorization: Bearer $SPLITSERVE_API_KEY"' if "--api-key" in config.gateway_argv else ""
+    model = _served_model(config)
+    key = ' -H "Authorization: Bearer $SPLITSERVE_API_KEY"' if config.api_key else ""
     print(f"""
 splitserve is ready.
   OpenAI API: {config.http_url}/v1   (models: {config.http_url}/v1/models)
@@ -214,6 +228,6 @@ splitserve is ready.
 
 Try:
   curl {config.http_url}/v1/chat/completions{key} -H 'Content-Type: application/json' \\
-    -d '{{"model": "SmolLM2-135M-Instruct", "messages": [{{"role": "user", "content": "Why is the sky blue?"}}], "max_tokens": 64}}'
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Why is the sky blue?"}}], "max_tokens": 64}}'
 
 Ctrl-C stops the cluster.""", flush=True)
