@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import structlog
-from splitserve.kv_transfer.factory import make_kv_puller
 
 from splitserve.common.rpc import NOT_SERVING, SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
 from splitserve.engine.engine import LLMEngine
+from splitserve.kv_transfer.factory import make_kv_puller
 from splitserve.queue.streams import connect
 from splitserve.v1 import decode_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
@@ -31,11 +31,19 @@ async def serve(config: WorkerConfig) -> int:
     puller = make_kv_puller(config.kv_transport)
     server = DecodeServer(config, engine, redis, puller)
     decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(server), grpc_server)
-    health = add_health(grpc_server)
     address = advertised_address(config, port)
     link = SchedulerLink(config, worker_info(config, spb.WORKER_ROLE_DECODE, address, engine), server.stats)
     server.scheduler = link.stub
     server.loop.start()
+    await puller.start()
+    try:  # UCX keeps a non-daemon thread: close the puller on every exit path
+        return await _serve_started(config, engine, redis, grpc_server, server, link, address)
+    finally:
+        await puller.close()
+
+
+async def _serve_started(config, engine, redis, grpc_server, server, link, address) -> int:
+    health = add_health(grpc_server)
     await grpc_server.start()
     await health.set("", SERVING)
     log.info("decode server ready", grpc=address, kv_transport=config.kv_transport,
@@ -44,7 +52,6 @@ async def serve(config: WorkerConfig) -> int:
     async def shutdown() -> None:
         await health.set("", NOT_SERVING)
         await grpc_server.stop(2)
-        await puller.close()
         await server.loop.stop()
 
     tasks = [link.run(), server.replies.run(), server.admit_forever(),

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import grpc
-from splitserve.kv_transfer.grpc import GrpcKvServer
 
 from splitserve.common.logging import bind_request
+from splitserve.kv_transfer.grpc import GrpcKvServer
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
 

