@@ -22,11 +22,11 @@ from splitserve.common.protoconv import finish_to_proto, layout_from_proto, samp
 from splitserve.common.rpc import open_channel
 from splitserve.engine.block_manager import OutOfBlocks
 from splitserve.engine.engine import LLMEngine
-from splitserve.kv_transfer.base import KvPuller, KvPullError
+from splitserve.kv_transfer.base import KvPuller
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import decode_pb2, prefill_pb2, prefill_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
-from splitserve.worker.common import ReplyPublisher, Tombstones, engine_stats
+from splitserve.worker.common import ReplyPublisher, Tombstones, call_with_retries, engine_stats
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.engine_loop import EngineLoop, StepResult
 
@@ -49,7 +49,7 @@ class Admitted:
 class DecodeServer:
     def __init__(self, config: WorkerConfig, engine: LLMEngine, redis, puller: KvPuller) -> None:
         self.config = config
-        self.loop = EngineLoop(engine, self._on_step)
+        self.loop = EngineLoop(engine, self._on_step, snapshot=engine_stats)
         self.replies = ReplyPublisher(redis)
         self.puller = puller
         self.scheduler = None  # the SchedulerStub, set once the link exists
@@ -86,7 +86,8 @@ class DecodeServer:
         return True
 
     async def stats(self) -> pb.WorkerStats:
-        stats = await self.loop.call(engine_stats)
+        stats = pb.WorkerStats()
+        stats.CopyFrom(self.loop.snapshot)
         stats.num_waiting += len(self.waiting)
         return stats
 
@@ -98,7 +99,7 @@ class DecodeServer:
             await self.room.wait()
             self.room.clear()
             while self.waiting and await self._try_admit(self.waiting[0]):
-                self.waiting.popleft()
+                pass
 
     async def _try_admit(self, rid: str) -> bool:
         """Reserve blocks for the head request and start its pull; False when there is no room yet."""
@@ -110,31 +111,45 @@ class DecodeServer:
         except OutOfBlocks:
             return False
         except ValueError as exc:
+            self._dequeue(rid)
             asyncio.ensure_future(self._fail(rid, str(exc)))
+            return True
+        self._dequeue(rid)
+        if rid not in self.requests:  # cancelled while reserving: abort() queued the engine's free
             return True
         admitted.pull = asyncio.create_task(self._pull(rid, admitted))
         return True
+
+    def _dequeue(self, rid: str) -> None:
+        # abort() may have removed it while reserve() ran, so never pop blindly.
+        if self.waiting and self.waiting[0] == rid:
+            self.waiting.popleft()
 
     async def _pull(self, rid: str, admitted: Admitted) -> None:
         timeline, handle = admitted.request.timeline, admitted.submit.kv
         timeline.kv_transfer_start = time.time()
         try:
-            payload = await self.puller.pull(handle)
-        except KvPullError as exc:
-            await self._fail(rid, f"KV pull from {handle.prefill_instance_id} failed: {exc}")
+            await self._pull_into_cache(rid, handle)
+        except Exception as exc:  # any failure fails this request, never the server
+            await self._fail(rid, f"KV pull from {handle.prefill_instance_id} failed: {exc!r}")
+            await self._acknowledge(handle)  # the prefill server need not wait for its lease
             return
-        layout = self.loop.engine.layout
-        blocks = torch.frombuffer(payload, dtype=torch.uint8).view(layout.dtype).view(
-            layout.export_shape(len(handle.block_ids)))
         if rid not in self.requests:  # cancelled during the pull: its reservation is already freed
-            return
-        try:
-            await self.loop.call(lambda e: e.import_kv(rid, blocks))
-        except ValueError:  # aborted between the check and the import: nothing to write into
+            await self._acknowledge(handle)
             return
         timeline.kv_transfer_end = time.time()
         timeline.kv_transfer_bytes = handle.num_bytes
         await self._acknowledge(handle)
+
+    async def _pull_into_cache(self, rid: str, handle: pb.KvHandle) -> None:
+        payload = await self.puller.pull(handle)
+        if rid not in self.requests:
+            return
+        layout = self.loop.engine.layout
+        blocks = torch.frombuffer(payload, dtype=torch.uint8).view(layout.dtype).view(
+            layout.export_shape(len(handle.block_ids)))
+        # On the engine thread, after abort()'s free if one was queued first: import_kv then refuses.
+        await self.loop.call(lambda e: e.import_kv(rid, blocks))
 
     async def _acknowledge(self, handle: pb.KvHandle) -> None:
         """Tell the prefill server its blocks were pulled, so it frees them (its lease is the backstop)."""
@@ -187,7 +202,4 @@ class DecodeServer:
     async def _report_done(self, rid: str, reason: int, error: str) -> None:
         done = spb.RequestDoneRequest(request_id=rid, instance_id=self.config.instance_id,
                                       finish_reason=reason, error=error)
-        try:
-            await self.scheduler.RequestDone(done, timeout=10)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("RequestDone failed", request_id=rid, code=exc.code().name)
+        await call_with_retries(self.scheduler.RequestDone, done, what="RequestDone")

@@ -6,6 +6,7 @@ import asyncio
 
 import structlog
 
+from splitserve.common.net import advertised_host
 from splitserve.common.rpc import NOT_SERVING, SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
 from splitserve.engine.engine import LLMEngine
@@ -28,7 +29,7 @@ async def serve(config: WorkerConfig, ucx_port: int, kv_lease_s: float) -> int:
     redis = connect(config.redis_url)
     grpc_server = make_server()
     port = bind(grpc_server, config.host, config.port)
-    kv_server = make_kv_server(config.kv_transport, config.host, ucx_port)
+    kv_server = make_kv_server(config.kv_transport, advertised_host(config.host), ucx_port)
     server = PrefillServer(config, engine, redis, None, kv_lease_s)
     server.grpc_address = advertised_address(config, port)
     await kv_server.start(server)

@@ -2,8 +2,8 @@
 
 KV ownership: a prefilled request's blocks stay allocated in this engine until (a) the decode server
 acknowledges its pull (Release), (b) the lease runs out with no pull in progress, or (c) the request
-is aborted. A transport that is sending a payload pins it (KvSource.open .. close), and a pinned
-request is never released, so blocks are never reused while their bytes are on the wire.
+is aborted. A transport that is sending a payload pins it (KvSource.open .. close) and the lease
+waits for the pin; the payload itself is a copy (export_kv), so bytes on the wire never change.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-import grpc
 import structlog
 
 from splitserve.common.protoconv import finish_to_proto, layout_to_proto, sampling_from_proto
@@ -21,7 +20,7 @@ from splitserve.engine.kv_cache import export_bytes
 from splitserve.engine.request import StepOutput
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
-from splitserve.worker.common import ReplyPublisher, Tombstones, engine_stats
+from splitserve.worker.common import ReplyPublisher, Tombstones, call_with_retries, engine_stats
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.engine_loop import EngineLoop, StepResult
 
@@ -42,7 +41,7 @@ class PrefillServer:
     def __init__(self, config: WorkerConfig, engine: LLMEngine, redis, scheduler_stub,
                  kv_lease_s: float) -> None:
         self.config = config
-        self.loop = EngineLoop(engine, self._on_step, after_step=_block_tables)
+        self.loop = EngineLoop(engine, self._on_step, after_step=_block_tables, snapshot=engine_stats)
         self.replies = ReplyPublisher(redis)
         self.scheduler = scheduler_stub
         self.kv_lease_s = kv_lease_s
@@ -60,8 +59,14 @@ class PrefillServer:
             raise ValueError(f"request {rid!r} was cancelled")
         params = sampling_from_proto(request.sampling)
         ids = list(request.prompt_token_ids)
-        await self.loop.call(lambda e: e.add_request(rid, ids, params))
-        self.requests[rid] = Held(request)
+        self.requests[rid] = Held(request)  # before the engine sees it: its step may end first
+        try:
+            await self.loop.call(lambda e: e.add_request(rid, ids, params))
+        except ValueError:
+            self.requests.pop(rid, None)
+            raise
+        if rid in self.cancelled and rid in self.requests:  # cancelled while the engine took it
+            await self._free(rid, "aborted")
 
     async def release(self, request_id: str) -> None:
         """Decode acknowledged its pull: free the blocks (unknown ids are a harmless retry)."""
@@ -88,7 +93,7 @@ class PrefillServer:
         log.info("kv blocks freed", request_id=request_id, reason=why)
 
     async def stats(self) -> pb.WorkerStats:
-        return await self.loop.call(engine_stats)
+        return self.loop.snapshot
 
     # -- after each step ------------------------------------------------------------------------
 
@@ -136,10 +141,8 @@ class PrefillServer:
             lease_expires=time.time() + self.kv_lease_s)
 
     async def _report(self, done: spb.PrefillDoneRequest) -> None:
-        try:
-            await self.scheduler.PrefillDone(done, timeout=10)
-        except grpc.aio.AioRpcError as exc:  # the lease frees the blocks if the scheduler never hears
-            log.warning("PrefillDone failed", request_id=done.request_id, error=str(exc))
+        # The lease frees the blocks if the scheduler never hears of them.
+        await call_with_retries(self.scheduler.PrefillDone, done, what="PrefillDone")
 
     def _expire(self, request_id: str) -> None:
         held = self.requests.get(request_id)
@@ -161,7 +164,7 @@ class PrefillServer:
         try:
             # Off the engine thread: a pinned request's blocks are written by no one until released.
             blocks = await asyncio.to_thread(self.loop.engine.export_kv, request_id)
-        except Exception:
+        except BaseException:  # cancelled pulls too: a pin left behind would hold the blocks forever
             held.pins -= 1
             raise
         return export_bytes(blocks)

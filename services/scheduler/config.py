@@ -18,7 +18,7 @@ class SchedulerConfig:
     prefill_queue_factor: float  # token budgets of work a prefill server may have outstanding
     worker_timeout_s: float  # heartbeat silence after which a worker is dropped
     claim_idle_s: float  # take over other consumers' entries unacknowledged this long (at start)
-    rpc_timeout_s: float = 10.0
+    rpc_timeout_s: float = 30.0  # Prefill.Submit waits for the running batch (seconds at worst)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -82,12 +82,21 @@ class SchedulerServer:
     def _enqueue(self, entries: list[StreamEntry]) -> None:
         for entry in entries:
             rid = entry.message.request_id
-            if rid in self.tracked:
-                continue
-            self.tracked[rid] = Tracked(entry.entry_id, entry.message)
-            self.queue.append(rid)
+            tracked = self.tracked.get(rid)
+            if tracked is None:
+                self.tracked[rid] = Tracked(entry.entry_id, entry.message)
+                self.queue.append(rid)
+            elif tracked.entry_id != entry.entry_id:  # a second request under an id in flight
+                asyncio.ensure_future(self._refuse_duplicate(entry))
         if entries:
             self.wake.set()
+
+    async def _refuse_duplicate(self, entry: StreamEntry) -> None:
+        request = entry.message
+        error = f"request id {request.request_id!r} is already in flight"
+        await self.replies.publish(request.reply_channel, pb.TokenEvent(
+            request_id=request.request_id, finish_reason=pb.FINISH_REASON_ERROR, error=error))
+        await self.stream.ack(entry.entry_id)
 
     # -- prefill assignment ---------------------------------------------------------------------
 
@@ -119,11 +128,12 @@ class SchedulerServer:
             await self._rpc_failed(tracked, worker, exc)
 
     async def _rpc_failed(self, tracked: Tracked, worker: WorkerEntry, exc: grpc.aio.AioRpcError) -> None:
-        if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
-            await self.fail(tracked.request_id, exc.details())
-        else:
+        """An unreachable worker is dropped (its requests requeued); any other refusal fails the request."""
+        if exc.code() is grpc.StatusCode.UNAVAILABLE:
             log.warning("worker unreachable", worker=worker.instance_id, code=exc.code().name)
             self.drop_worker(worker.instance_id)
+        else:
+            await self.fail(tracked.request_id, f"{worker.instance_id}: {exc.details()}")
 
     # -- decode assignment ----------------------------------------------------------------------
 

@@ -134,8 +134,9 @@ class Cluster:
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.config.log_dir / f"{name}.log", "ab")
         # A new session: Ctrl-C reaches the launcher only, which then stops the services in order.
-        process = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "--log-json", *argv],
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with log:  # the child has its own copy of the descriptor
+            process = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "--log-json", *argv],
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append((name, process))
 
     def dead(self) -> list[str]:
@@ -188,32 +189,36 @@ def _ready(url: str) -> bool:
 def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     cluster = Cluster(config)
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the cluster like Ctrl-C, at any point
     try:
         cluster.start()
         print(f"starting {config.num_prefill} prefill + {config.num_decode} decode servers; "
               f"logs in {config.log_dir}", flush=True)
         cluster.wait_ready()
         _print_endpoints(config)
-        return _serve(cluster, stop)
+        return _serve(cluster)
     except KeyboardInterrupt:
         return 0
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan the services
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("stopping the cluster ...", flush=True)
         cluster.stop()
         print("stopped", flush=True)
 
 
-def _serve(cluster: Cluster, stop: list) -> int:
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _serve(cluster: Cluster) -> int:
     """Block until Ctrl-C / SIGTERM (exit 0) or until a service dies (exit 1)."""
-    while not stop:
+    while True:  # the services are other processes: watching them is polling by nature
         dead = cluster.dead()
         if dead:
             print(f"{', '.join(dead)} exited; see {cluster.config.log_dir}", file=sys.stderr)
             return 1
         time.sleep(0.5)
-    return 0
 
 
 def _print_endpoints(config: ClusterConfig) -> None:

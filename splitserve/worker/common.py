@@ -37,7 +37,8 @@ class SchedulerLink:
     """Registers this worker with the scheduler and heartbeats; re-registers when forgotten."""
 
     def __init__(self, config: WorkerConfig, info: spb.WorkerInfo, stats) -> None:
-        self.config, self.info, self._stats = config, info, stats  # stats: async () -> WorkerStats
+        # stats: async () -> WorkerStats, answered without waiting for an engine step
+        self.config, self.info, self._stats = config, info, stats
         self.channel = open_channel(config.scheduler)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
 
@@ -74,6 +75,20 @@ class SchedulerLink:
 
 def advertised_address(config: WorkerConfig, port: int) -> str:
     return f"{advertised_host(config.host)}:{port}"
+
+
+async def call_with_retries(rpc, request, what: str, attempts: int = 5, timeout_s: float = 10.0):
+    """Call a unary RPC, retrying with backoff: a lost PrefillDone/RequestDone strands a request."""
+    delay = 0.2
+    for attempt in range(1, attempts + 1):
+        try:
+            return await rpc(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if attempt == attempts or exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
+                log.error(f"{what} failed", code=exc.code().name, attempts=attempt)
+                return None
+            await asyncio.sleep(delay)
+            delay *= 2
 
 
 class Tombstones:

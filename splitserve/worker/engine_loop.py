@@ -47,10 +47,15 @@ class EngineLoop:
     """Steps an engine on a dedicated thread while it has work; runs calls between steps."""
 
     def __init__(self, engine: LLMEngine, on_step: Callable[[StepResult], None],
-                 after_step: Callable[[LLMEngine, list[StepOutput]], Any] | None = None) -> None:
+                 after_step: Callable[[LLMEngine, list[StepOutput]], Any] | None = None,
+                 snapshot: Callable[[LLMEngine], Any] | None = None) -> None:
         self.engine = engine
         self._on_step = on_step
         self._after_step = after_step
+        self._snapshot_fn = snapshot
+        # What snapshot(engine) returned after the latest step or call, taken on the engine thread:
+        # readable at any time without waiting for a step (heartbeats must not wait seconds).
+        self.snapshot: Any = snapshot(engine) if snapshot else None
         self._calls: queue.Queue[_Call | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -101,19 +106,25 @@ class EngineLoop:
             self._loop.call_soon_threadsafe(_set_exception, item.future, exc)
         else:
             self._loop.call_soon_threadsafe(_set_result, item.future, result)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        if self._snapshot_fn:
+            self.snapshot = self._snapshot_fn(self.engine)
 
     def _step(self) -> None:
         started = time.time()
         try:
             outputs = self.engine.step()
+            ended = time.time()
+            extra = self._after_step(self.engine, outputs) if self._after_step else None
+            self._refresh()
         except Exception as exc:
             # The engine's state is unknown after a failed step: the service must exit and its
             # requests be reassigned, not go on serving from a half-updated batch.
             log.exception("engine step failed")
             self._loop.call_soon_threadsafe(_set_exception, self.failed, exc)
             raise
-        ended = time.time()
-        extra = self._after_step(self.engine, outputs) if self._after_step else None
         self._loop.call_soon_threadsafe(self._on_step, StepResult(outputs, started, ended, extra))
 
 
