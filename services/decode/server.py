@@ -64,8 +64,10 @@ class DecodeServer:
     async def submit(self, submit: decode_pb2.DecodeRequest) -> None:
         """Queue a prefilled request for admission; ValueError when it can never run here."""
         rid = submit.request.request_id
-        if rid in self.cancelled or rid in self.requests:
-            raise ValueError(f"request {rid!r} was cancelled or is already here")
+        if rid in self.cancelled:
+            raise ValueError(f"request {rid!r} was cancelled")
+        if rid in self.requests:  # the scheduler reassigned it after losing track of this copy
+            await self._drop(rid)
         if layout_from_proto(submit.kv.layout) != self.loop.engine.layout:
             raise ValueError(f"KV layout {submit.kv.layout} does not match this server's")
         sampling_from_proto(submit.request.sampling)  # validates
@@ -75,6 +77,10 @@ class DecodeServer:
 
     async def abort(self, request_id: str) -> bool:
         self.cancelled.add(request_id)
+        return await self._drop(request_id)
+
+    async def _drop(self, request_id: str) -> bool:
+        """Forget a request and free its blocks, wherever it is."""
         admitted = self.requests.pop(request_id, None)
         if admitted is None:
             return False
@@ -115,7 +121,7 @@ class DecodeServer:
             asyncio.ensure_future(self._fail(rid, str(exc)))
             return True
         self._dequeue(rid)
-        if rid not in self.requests:  # cancelled while reserving: abort() queued the engine's free
+        if self.requests.get(rid) is not admitted:  # cancelled while reserving: the free is queued
             return True
         admitted.pull = asyncio.create_task(self._pull(rid, admitted))
         return True
@@ -129,21 +135,22 @@ class DecodeServer:
         timeline, handle = admitted.request.timeline, admitted.submit.kv
         timeline.kv_transfer_start = time.time()
         try:
-            await self._pull_into_cache(rid, handle)
+            await self._pull_into_cache(rid, admitted)
         except Exception as exc:  # any failure fails this request, never the server
             await self._fail(rid, f"KV pull from {handle.prefill_instance_id} failed: {exc!r}")
             await self._acknowledge(handle)  # the prefill server need not wait for its lease
             return
-        if rid not in self.requests:  # cancelled during the pull: its reservation is already freed
+        if self.requests.get(rid) is not admitted:  # cancelled or replaced during the pull
             await self._acknowledge(handle)
             return
         timeline.kv_transfer_end = time.time()
         timeline.kv_transfer_bytes = handle.num_bytes
         await self._acknowledge(handle)
 
-    async def _pull_into_cache(self, rid: str, handle: pb.KvHandle) -> None:
+    async def _pull_into_cache(self, rid: str, admitted: Admitted) -> None:
+        handle = admitted.submit.kv
         payload = await self.puller.pull(handle)
-        if rid not in self.requests:
+        if self.requests.get(rid) is not admitted:  # its reservation was freed meanwhile
             return
         layout = self.loop.engine.layout
         blocks = torch.frombuffer(payload, dtype=torch.uint8).view(layout.dtype).view(

@@ -57,6 +57,8 @@ class PrefillServer:
         rid = request.request_id
         if rid in self.cancelled:
             raise ValueError(f"request {rid!r} was cancelled")
+        if rid in self.requests:  # the scheduler reassigned it (its decode server died): start over
+            await self._free(rid, "replayed")
         params = sampling_from_proto(request.sampling)
         ids = list(request.prompt_token_ids)
         self.requests[rid] = Held(request)  # before the engine sees it: its step may end first

@@ -212,13 +212,27 @@ def _interrupt(signum, frame) -> None:
 
 
 def _serve(cluster: Cluster) -> int:
-    """Block until Ctrl-C / SIGTERM (exit 0) or until a service dies (exit 1)."""
+    """Block until Ctrl-C / SIGTERM (exit 0), or until the cluster cannot serve (exit 1).
+
+    A prefill or decode server that dies is reported and the others go on: the scheduler requeues
+    its requests. The cluster stops when the gateway or the scheduler dies, or the last server of a
+    role does.
+    """
+    reported: set[str] = set()
     while True:  # the services are other processes: watching them is polling by nature
-        dead = cluster.dead()
-        if dead:
-            print(f"{', '.join(dead)} exited; see {cluster.config.log_dir}", file=sys.stderr)
+        for name in sorted(set(cluster.dead()) - reported):
+            reported.add(name)
+            print(f"{name} exited; see {cluster.config.log_dir / (name + '.log')}", file=sys.stderr, flush=True)
+        if _fatal(cluster, reported):
             return 1
         time.sleep(0.5)
+
+
+def _fatal(cluster: Cluster, dead: set[str]) -> bool:
+    names = [name for name, _ in cluster.processes]
+    alive = [n for n in names if n not in dead]
+    return bool({"gateway", "scheduler"} & dead) or not any(n.startswith("prefill-") for n in alive) \
+        or not any(n.startswith("decode-") for n in alive)
 
 
 def _print_endpoints(config: ClusterConfig) -> None:
