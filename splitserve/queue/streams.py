@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 import redis.asyncio as aioredis
-from google.protobuf.message import Message
+import structlog
+from google.protobuf.message import DecodeError, Message
 
+log = structlog.get_logger(__name__)
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
 
@@ -99,18 +101,18 @@ class RequestStream(Generic[T]):
     async def get(self, consumer: str, block_ms: int, count: int = 64) -> list[StreamEntry[T]]:
         """New entries for this consumer, waiting up to block_ms for the first."""
         reply = await self.client.xreadgroup(self.group, consumer, {self.key: ">"}, count=count, block=block_ms)
-        return self._entries(reply)
+        return await self._entries(reply)
 
     async def pending(self, consumer: str) -> list[StreamEntry[T]]:
         """Entries delivered to this consumer before and never acknowledged (a restart's backlog)."""
         reply = await self.client.xreadgroup(self.group, consumer, {self.key: "0"}, count=100_000)
-        return self._entries(reply)
+        return await self._entries(reply)
 
     async def claim_idle(self, consumer: str, min_idle_ms: int) -> list[StreamEntry[T]]:
         """Take over entries another consumer has held unacknowledged for min_idle_ms."""
         _, claimed, *_ = await self.client.xautoclaim(self.key, self.group, consumer, min_idle_ms,
                                                        start_id="0-0", count=1000)
-        return [self._entry(i, f) for i, f in claimed if f]
+        return await self._decode_all(claimed)
 
     async def ack(self, entry_id: bytes) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
@@ -118,14 +120,25 @@ class RequestStream(Generic[T]):
             pipe.xdel(self.key, entry_id)
             await pipe.execute()
 
-    def _entries(self, reply) -> list[StreamEntry[T]]:
+    async def _entries(self, reply) -> list[StreamEntry[T]]:
         if not reply:
             return []
         (_, items), = reply
-        return [self._entry(i, f) for i, f in items if f]  # a deleted pending entry reads as None
+        return await self._decode_all(items)
 
-    def _entry(self, entry_id: bytes, fields: dict) -> StreamEntry[T]:
-        return StreamEntry(entry_id, self.codec.decode(fields[FIELD]))
+    async def _decode_all(self, items) -> list[StreamEntry[T]]:
+        """Decoded entries; one that cannot be decoded is logged and dropped, or it would come
+        back after every restart and stop the consumer each time."""
+        entries = []
+        for entry_id, fields in items:
+            if not fields:  # a deleted pending entry reads as None
+                continue
+            try:
+                entries.append(StreamEntry(entry_id, self.codec.decode(fields[FIELD])))
+            except (KeyError, ValueError, DecodeError) as exc:
+                log.error("malformed stream entry dropped", entry_id=entry_id.decode(), error=repr(exc))
+                await self.ack(entry_id)
+        return entries
 
 
 class PubSub(Generic[T]):
