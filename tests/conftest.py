@@ -1,11 +1,22 @@
-"""Shared fixtures: the real default model, loaded once per session per dtype."""
+"""Shared fixtures: the real default model (loaded once per session per dtype) and real local clusters."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
 import pytest
 import torch
 
+from splitserve.commands.up import is_ready
+from splitserve.common.net import free_port
 from splitserve.engine import EngineConfig, LoadedModel
+from splitserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 torch.set_num_threads(2)
 
@@ -46,19 +57,6 @@ def make_prompts(tokenizer, lengths: list[int]) -> list[list[int]]:
 
 
 # -- a real local cluster, started with `splitserve up` -------------------------------------------
-
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
-from dataclasses import dataclass
-from pathlib import Path
-
-import grpc
-
-from splitserve.common.net import free_port
-from splitserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 
 @dataclass
@@ -109,12 +107,8 @@ def start_cluster(log_dir: Path, *extra: str, timeout_s: float = 180.0) -> Runni
     while True:
         if process.poll() is not None:
             raise RuntimeError(f"splitserve up exited: {process.stdout.read()}\n{cluster.log_tail()}")
-        try:
-            with urllib.request.urlopen(cluster.http_url + "/ready", timeout=2) as response:
-                if response.status == 200:
-                    return cluster
-        except OSError:
-            pass
+        if is_ready(cluster.http_url):
+            return cluster
         if time.monotonic() > deadline:
             stop_cluster(cluster)
             raise RuntimeError(f"cluster not ready after {timeout_s} s\n{cluster.log_tail()}")

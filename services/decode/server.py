@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 import structlog
@@ -20,6 +20,7 @@ import torch
 
 from splitserve.common.protoconv import finish_to_proto, layout_from_proto, sampling_from_proto
 from splitserve.common.rpc import open_channel
+from splitserve.common.service import Background
 from splitserve.engine.block_manager import OutOfBlocks
 from splitserve.engine.engine import LLMEngine
 from splitserve.kv_transfer.base import KvPuller
@@ -39,7 +40,6 @@ class Admitted:
 
     submit: decode_pb2.DecodeRequest
     num_emitted: int = 0  # output tokens sent so far (the prefill server sent the first)
-    pull: asyncio.Task | None = field(default=None, repr=False)
 
     @property
     def request(self) -> pb.QueuedRequest:
@@ -57,6 +57,7 @@ class DecodeServer:
         self.waiting: deque[str] = deque()  # FCFS, until blocks are free
         self.room = asyncio.Event()  # set when blocks may have been freed
         self.cancelled = Tombstones()
+        self.background = Background()
         self._prefill_stubs: dict[str, prefill_pb2_grpc.PrefillStub] = {}
 
     # -- requests -------------------------------------------------------------------------------
@@ -118,12 +119,12 @@ class DecodeServer:
             return False
         except ValueError as exc:
             self._dequeue(rid)
-            asyncio.ensure_future(self._fail(rid, str(exc)))
+            self.background.spawn(self._fail(rid, str(exc)))
             return True
         self._dequeue(rid)
         if self.requests.get(rid) is not admitted:  # cancelled while reserving: the free is queued
             return True
-        admitted.pull = asyncio.create_task(self._pull(rid, admitted))
+        self.background.spawn(self._pull(rid, admitted))
         return True
 
     def _dequeue(self, rid: str) -> None:

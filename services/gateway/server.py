@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 
 import grpc
 import redis.asyncio as aioredis
@@ -13,6 +11,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from splitserve.common.rpc import NOT_SERVING, SERVING, add_health, bind, make_server, open_channel
+from splitserve.common.service import run_until_signal
 from splitserve.queue.streams import ProtoCodec, PubSub, RequestStream, TextCodec, connect, reply_channel
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import gateway_pb2_grpc, scheduler_pb2_grpc
@@ -38,10 +37,7 @@ async def serve(config: GatewayConfig) -> int:
     try:
         server = GatewayServer(config, model, redis, channel)
         await server.start()
-        try:
-            return await server.wait_for_stop()
-        finally:
-            await server.shutdown()
+        return await run_until_signal(server.tasks, server.shutdown)
     finally:
         await channel.close()
         await redis.aclose()
@@ -95,32 +91,11 @@ class GatewayServer:
                  grpc=f"{self.config.host}:{grpc_port}", model=self.frontend.model.name,
                  scheduler=self.config.scheduler, max_pending=self.config.max_pending)
 
-    async def wait_for_stop(self) -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        stopper = asyncio.create_task(stop.wait(), name="signal")
-        done, _ = await asyncio.wait([stopper, *self.tasks], return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if stopper in done:
-            log.info("gateway stopping", num_pending=self.frontend.num_pending)
-            return 0
-        for task in done:
-            log.error("background task ended", task=task.get_name(),
-                      error="cancelled" if task.cancelled() else repr(task.exception()))
-        return 1
-
     async def shutdown(self) -> None:
         """Drain first (new requests 503, in-flight ones finish or are aborted and cancelled
-        upstream), then stop the servers and the background tasks, all before Redis closes."""
+        upstream), then stop the servers; run_until_signal cancels the background tasks after."""
         await self._set_health(False)
         if self.tasks and not any(t.done() for t in self.tasks):
             await self.frontend.drain(self.config.shutdown_grace_s)
         await self.grpc_server.stop(grace=1.0)
         await self.runner.cleanup()
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task

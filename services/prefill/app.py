@@ -11,12 +11,11 @@ from splitserve.common.rpc import NOT_SERVING, SERVING, add_health, bind, make_s
 from splitserve.common.service import run_until_signal
 from splitserve.engine.engine import LLMEngine
 from splitserve.kv_transfer.factory import make_kv_server
-from splitserve.queue.streams import connect
+from splitserve.queue.streams import connect, listen_for_cancels
 from splitserve.v1 import prefill_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
-from splitserve.worker.common import SchedulerLink, advertised_address, listen_for_cancels
+from splitserve.worker.common import SchedulerLink, advertised_address, worker_info
 from splitserve.worker.config import WorkerConfig
-from splitserve.worker.lifecycle import worker_info
 
 from .server import PrefillServer
 from .servicer import PrefillServicer

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import structlog
 
 from splitserve.common.protoconv import finish_to_proto, layout_to_proto, sampling_from_proto
+from splitserve.common.service import Background
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.kv_cache import export_bytes
 from splitserve.engine.request import StepOutput
@@ -42,11 +43,12 @@ class PrefillServer:
                  kv_lease_s: float) -> None:
         self.config = config
         self.loop = EngineLoop(engine, self._on_step, after_step=_block_tables, snapshot=engine_stats)
-        self.replies = ReplyPublisher(redis)
+        self.replies = ReplyPublisher(redis)  # runs its follow-ups as background tasks
         self.scheduler = scheduler_stub
         self.kv_lease_s = kv_lease_s
         self.requests: dict[str, Held] = {}
         self.cancelled = Tombstones()
+        self.background = Background()
         self.grpc_address = ""  # set once the gRPC server is bound
         self.kv_address = ""  # the KV server's address (UCX), set at start
 
@@ -67,8 +69,6 @@ class PrefillServer:
         except ValueError:
             self.requests.pop(rid, None)
             raise
-        if rid in self.cancelled and rid in self.requests:  # cancelled while the engine took it
-            await self._free(rid, "aborted")
 
     async def release(self, request_id: str) -> None:
         """Decode acknowledged its pull: free the blocks (unknown ids are a harmless retry)."""
@@ -154,7 +154,7 @@ class PrefillServer:
             held.lease = asyncio.get_running_loop().call_later(1.0, self._expire, request_id)
             return
         log.warning("kv lease expired before any pull", request_id=request_id)
-        asyncio.ensure_future(self._free(request_id, "lease expired"))
+        self.background.spawn(self._free(request_id, "lease expired"))
 
     # -- KvSource, for the transports ----------------------------------------------------------
 

@@ -10,7 +10,7 @@ import structlog
 from splitserve.common.logging import bind_service
 from splitserve.common.rpc import NOT_SERVING, SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
-from splitserve.queue.streams import CANCEL_CHANNEL, ProtoCodec, PubSub, RequestStream, TextCodec, connect
+from splitserve.queue.streams import ProtoCodec, RequestStream, connect, listen_for_cancels
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2_grpc
 
@@ -50,13 +50,10 @@ async def serve(config: scheduler_config.SchedulerConfig) -> int:
     await health.set("", SERVING)
     log.info("scheduler ready", grpc=f"{config.host}:{port}", redis=config.redis_url)
 
-    async def cancels() -> None:
-        async for request_id in PubSub(redis, TextCodec()).subscribe(CANCEL_CHANNEL):
-            await server.cancel(request_id)
-
     async def shutdown() -> None:
         await health.set("", NOT_SERVING)
         await grpc_server.stop(2)
 
-    tasks = [server.consume_forever(), server.dispatch_forever(), server.reap_forever(), cancels()]
+    tasks = [server.consume_forever(), server.dispatch_forever(), server.reap_forever(),
+             listen_for_cancels(redis, server.cancel)]
     return await run_until_signal(tasks, shutdown)

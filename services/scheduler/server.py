@@ -18,6 +18,7 @@ import grpc
 import structlog
 
 from splitserve.common.rpc import open_channel
+from splitserve.common.service import Background
 from splitserve.engine.block_manager import blocks_for
 from splitserve.queue.streams import ProtoCodec, PubSub, RequestStream, StreamEntry
 from splitserve.v1 import common_pb2 as pb
@@ -65,6 +66,7 @@ class SchedulerServer:
         self.tracked: dict[str, Tracked] = {}
         self.wake = asyncio.Event()
         self._stubs: dict[str, object] = {}
+        self.background = Background()
 
     # -- intake ---------------------------------------------------------------------------------
 
@@ -87,7 +89,7 @@ class SchedulerServer:
                 self.tracked[rid] = Tracked(entry.entry_id, entry.message)
                 self.queue.append(rid)
             elif tracked.entry_id != entry.entry_id:  # a second request under an id in flight
-                asyncio.ensure_future(self._refuse_duplicate(entry))
+                self.background.spawn(self._refuse_duplicate(entry))
         if entries:
             self.wake.set()
 
@@ -117,7 +119,7 @@ class SchedulerServer:
         tracked.stage, tracked.prefill_id = Stage.PREFILL, worker.instance_id
         tracked.request.timeline.scheduled = time.time()
         worker.assigned[tracked.request_id] = tracked.num_prompt_tokens
-        asyncio.ensure_future(self._submit_prefill(tracked, worker))
+        self.background.spawn(self._submit_prefill(tracked, worker))
 
     async def _submit_prefill(self, tracked: Tracked, worker: WorkerEntry) -> None:
         stub = prefill_pb2_grpc.PrefillStub(self._channel(worker))
@@ -160,7 +162,7 @@ class SchedulerServer:
         tracked.stage, tracked.decode_id = Stage.DECODE, worker.instance_id
         worker.pending_blocks += blocks_for(kv.num_tokens + 1, kv.layout.block_size)
         worker.assigned[tracked.request_id] = tracked.num_prompt_tokens
-        asyncio.ensure_future(self._submit_decode(tracked, worker))
+        self.background.spawn(self._submit_decode(tracked, worker))
         return True
 
     def _retry_awaiting_decode(self) -> None:

@@ -62,8 +62,14 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(detok.add(out.token_id))
             sys.stdout.flush()
     sys.stdout.write("\n")
+    print_summary(len(prompt), len(token_times), seq.finish_reason.value, start, token_times)
+    return 0
+
+
+def print_summary(num_prompt_tokens: int, num_generated: int, finish_reason: str, start: float,
+                  token_times: list[float]) -> None:
+    """One line on stderr: counts, finish reason, TTFT and TPOT (token_times: perf_counter stamps)."""
     ttft = token_times[0] - start
     tpot = (token_times[-1] - token_times[0]) / max(1, len(token_times) - 1)
-    print(f"[{len(prompt)} prompt tokens, {len(token_times)} generated, finish_reason="
-          f"{seq.finish_reason.value}, ttft {ttft * 1e3:.1f} ms, tpot {tpot * 1e3:.1f} ms]", file=sys.stderr)
-    return 0
+    print(f"[{num_prompt_tokens} prompt tokens, {num_generated} generated, finish_reason="
+          f"{finish_reason}, ttft {ttft * 1e3:.1f} ms, tpot {tpot * 1e3:.1f} ms]", file=sys.stderr)

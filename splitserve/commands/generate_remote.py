@@ -8,6 +8,7 @@ import time
 
 import grpc
 
+from splitserve.commands.generate import print_summary
 from splitserve.common.protoconv import FINISH_REASON_NAMES
 from splitserve.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -51,8 +52,5 @@ def run_remote(args: argparse.Namespace) -> int:
 def _print_summary(last, start: float, times: list[float]) -> None:
     if last is None or not times:
         return
-    ttft = times[0] - start
-    tpot = (times[-1] - times[0]) / max(1, len(times) - 1)
     reason = FINISH_REASON_NAMES.get(last.finish_reason, "unknown")
-    print(f"[{last.usage.prompt_tokens} prompt tokens, {last.usage.completion_tokens} generated, "
-          f"finish_reason={reason}, ttft {ttft * 1e3:.1f} ms, tpot {tpot * 1e3:.1f} ms]", file=sys.stderr)
+    print_summary(last.usage.prompt_tokens, last.usage.completion_tokens, reason, start, times)

@@ -148,7 +148,7 @@ class Cluster:
         while time.monotonic() < deadline:
             if self.dead():
                 raise OSError(f"{', '.join(self.dead())} exited during start-up; see {self.config.log_dir}")
-            if _ready(self.config.http_url + "/ready"):
+            if is_ready(self.config.http_url):
                 return
             time.sleep(0.25)
         raise OSError(f"the cluster was not ready after {self.config.ready_timeout_s:.0f} s; "
@@ -178,7 +178,9 @@ def _served_model(config: ClusterConfig) -> str:
         return "MODEL"
 
 
-def _ready(url: str) -> bool:
+def is_ready(http_url: str) -> bool:
+    """Whether the gateway at http_url answers its readiness check with 200."""
+    url = http_url + "/ready"
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200

@@ -1,4 +1,4 @@
-"""Running a service process until SIGINT/SIGTERM or a fatal error, then shutting down in order."""
+"""Running a service process: background tasks, and serving until SIGINT/SIGTERM or a fatal error."""
 
 from __future__ import annotations
 
@@ -11,24 +11,58 @@ import structlog
 log = structlog.get_logger(__name__)
 
 
-async def run_until_signal(tasks: list[Coroutine], shutdown: Callable[[], Awaitable[None]],
+class Background:
+    """Fire-and-forget tasks that are neither lost nor silent.
+
+    The event loop keeps only weak references to tasks, so an unreferenced task can vanish
+    mid-flight; this set holds them until they end, and an exception one raises is logged.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro: Coroutine | Awaitable) -> asyncio.Future:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Future) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", error=repr(task.exception()))
+
+
+async def run_until_signal(tasks: list[Awaitable], shutdown: Callable[[], Awaitable[None]],
                            failed: asyncio.Future | None = None) -> int:
-    """Run background tasks until a signal (exit 0) or until one of them, or `failed`, fails (exit 1)."""
+    """Run background tasks until a signal (exit 0) or until one of them, or `failed`, ends (exit 1).
+
+    `shutdown` runs while the tasks still run (a gateway drains through its reply router, a worker
+    publishes its last tokens); they are cancelled after it.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    running = [asyncio.create_task(t) for t in tasks]
-    watched = [*running, asyncio.create_task(stop.wait()), *([failed] if failed else [])]
-    done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+    running = [asyncio.ensure_future(t) for t in tasks]
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([*running, stopper, *([failed] if failed else [])],
+                                 return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
     code = 0 if stop.is_set() else 1
-    for task in done:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            log.error("fatal error, shutting down", error=repr(task.exception()))
-            code = 1
+    for task in done - {stopper}:
+        error = "cancelled" if task.cancelled() else repr(task.exception())
+        log.error("fatal: a background task ended", task=_name(task), error=error)
+        code = 1
     log.info("shutting down", exit_code=code)
-    for task in running:
-        task.cancel()
-    await asyncio.gather(*running, return_exceptions=True)
-    await shutdown()
+    try:
+        await shutdown()
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
     return code
+
+
+def _name(task: asyncio.Future) -> str:
+    return task.get_name() if isinstance(task, asyncio.Task) else "engine"

@@ -170,3 +170,9 @@ class PubSub(Generic[T]):
                     yield self.codec.decode(item["data"])
         finally:
             await pubsub.aclose()
+
+
+async def listen_for_cancels(client: aioredis.Redis, on_cancel) -> None:
+    """Await on_cancel(request_id) for every id published on the cancel channel, forever."""
+    async for request_id in PubSub(client, TextCodec()).subscribe(CANCEL_CHANNEL):
+        await on_cancel(request_id)

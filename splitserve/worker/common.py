@@ -1,4 +1,5 @@
-"""Plumbing every worker (prefill or decode) shares: flags, config, stats, the scheduler link, cancels."""
+"""Plumbing every worker (prefill or decode) shares: its registration, stats, the scheduler link,
+ordered reply publishing, and cancelled-id tombstones."""
 
 from __future__ import annotations
 
@@ -9,16 +10,27 @@ import grpc
 import structlog
 
 from splitserve.common.net import advertised_host
+from splitserve.common.protoconv import layout_to_proto
 from splitserve.common.rpc import open_channel
+from splitserve.common.service import Background
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.request import RequestState
-from splitserve.queue.streams import CANCEL_CHANNEL, ProtoCodec, PubSub, TextCodec
+from splitserve.queue.streams import ProtoCodec, PubSub
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.v1 import scheduler_pb2_grpc
 from splitserve.worker.config import WorkerConfig
 
 log = structlog.get_logger(__name__)
+def worker_info(config: WorkerConfig, role: int, grpc_address: str, engine: LLMEngine) -> spb.WorkerInfo:
+    return spb.WorkerInfo(
+        instance_id=config.instance_id, role=role, grpc_address=grpc_address,
+        model=engine.loaded.source.name, max_model_len=engine.max_model_len,
+        token_budget=config.engine.token_budget, max_num_seqs=config.engine.max_num_seqs,
+        kv_layout=layout_to_proto(engine.layout), kv_transport=config.kv_transport_proto,
+    )
+
+
 def engine_stats(engine: LLMEngine) -> pb.WorkerStats:
     """Load and KV usage of an engine; call on the engine thread."""
     held = [s for s in engine.sequences.values() if s.state is RequestState.KV_READY]
@@ -107,12 +119,6 @@ class Tombstones:
         return request_id in self._ids
 
 
-async def listen_for_cancels(client, on_cancel) -> None:
-    """Call on_cancel(request_id) for every id published on the cancel channel."""
-    async for request_id in PubSub(client, TextCodec()).subscribe(CANCEL_CHANNEL):
-        await on_cancel(request_id)
-
-
 class ReplyPublisher:
     """Publishes TokenEvents in the order they were produced, batching what piles up.
 
@@ -123,6 +129,7 @@ class ReplyPublisher:
     def __init__(self, client) -> None:
         self._pubsub = PubSub(client, ProtoCodec(pb.TokenEvent))
         self._outbox: asyncio.Queue = asyncio.Queue()
+        self._background = Background()
 
     def send(self, events: list[tuple[str, pb.TokenEvent]], then=None) -> None:
         """Queue (channel, event) pairs; `then` (a coroutine function) runs once they are out."""
@@ -136,4 +143,4 @@ class ReplyPublisher:
             await self._pubsub.publish_many([e for events, _ in batch for e in events])
             for _, then in batch:
                 if then is not None:
-                    asyncio.ensure_future(then())
+                    self._background.spawn(then())
