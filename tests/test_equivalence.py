@@ -45,6 +45,36 @@ def test_greedy_mixed_batch_matches_transformers_token_for_token(model_fp32, pro
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
+@pytest.mark.parametrize("chunk_size", [48, 256])
+def test_chunked_prefill_matches_transformers_token_for_token(model_fp32, prompts, hf_greedy, chunk_size):
+    """Prompts arrive while others decode; their chunks ride along with the decodes (Sarathi-Serve)."""
+    engine = LLMEngine(EngineConfig(dtype="float32", kv_cache_bytes=256 << 20, chunk_size=chunk_size),
+                       loaded=model_fp32)
+    step_sizes, mixed = [], 0
+    run_mixed = engine.runner.mixed
+
+    def recording(chunks, decodes, *tables):
+        nonlocal mixed
+        step_sizes.append(sum(n for _, n in chunks) + len(decodes))
+        mixed += bool(chunks and decodes)
+        return run_mixed(chunks, decodes, *tables)
+
+    engine.runner.mixed = recording
+    outputs: dict[str, list[int]] = {}
+    arrivals = list(enumerate(prompts))
+    step = 0
+    while arrivals or engine.has_work:
+        if arrivals and step % 4 == 0:  # a new prompt every 4 steps
+            i, p = arrivals.pop(0)
+            engine.add_request(f"r{i}", p, greedy(NEW_TOKENS))
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out.token_id)
+        step += 1
+    assert [outputs[f"r{i}"] for i in range(len(prompts))] == hf_greedy
+    assert max(step_sizes) <= chunk_size and mixed > 0
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
 def test_prefill_logits_match_transformers(model_fp32, hf_fp32, prompts):
     engine = LLMEngine(EngineConfig(dtype="float32", kv_cache_bytes=256 << 20), loaded=model_fp32)
     seqs = [Sequence(f"p{i}", p, SamplingParams()) for i, p in enumerate(prompts[:4])]

@@ -84,3 +84,45 @@ def test_remove_frees_blocks_wherever_the_sequence_is():
     s.remove(b)
     assert not s.has_work
     assert s.blocks.num_free_blocks == 16
+
+
+def make_chunked(chunk_size: int, num_blocks=16, block_size=4, max_seqs=8) -> Scheduler:
+    return Scheduler(SchedulerConfig(100, max_seqs, chunk_size), BlockManager(num_blocks, block_size))
+
+
+def test_a_mixed_step_puts_decodes_first_and_fills_the_chunk_with_prompts_in_order():
+    s = make_chunked(chunk_size=8)
+    running = seq("run", 3)
+    s.blocks.allocate("run", 3)
+    running.transition(RequestState.DECODING)
+    s.running.append(running)
+    s.add(seq("a", 5))
+    s.add(seq("b", 9))
+    decodes, chunks, preempted = s.schedule_mixed()
+    assert decodes == [running] and preempted == []
+    assert [(x.request_id, n) for x, n in chunks] == [("a", 5), ("b", 2)]  # 1 decode + 7 prompt tokens
+    assert [x.request_id for x in s.prefilling] == ["a", "b"] and not s.waiting
+    assert s.blocks.block_table("b") == s.blocks.block_table("b")[:3] and len(s.blocks.block_table("b")) == 3
+
+
+def test_a_prompt_part_way_through_goes_before_new_ones():
+    s = make_chunked(chunk_size=4)
+    s.add(seq("a", 10))
+    s.add(seq("b", 2))
+    (_, [(a, n)], _) = s.schedule_mixed()
+    assert (a.request_id, n) == ("a", 4)
+    a.num_computed_tokens += n  # the engine's bookkeeping after the pass
+    _, chunks, _ = s.schedule_mixed()
+    assert [(x.request_id, n) for x, n in chunks] == [("a", 4)]
+    a.num_computed_tokens += 4
+    _, chunks, _ = s.schedule_mixed()
+    assert [(x.request_id, n) for x, n in chunks] == [("a", 2), ("b", 2)]
+
+
+def test_remove_takes_a_sequence_out_of_prefill_mid_way():
+    s = make_chunked(chunk_size=4)
+    s.add(seq("a", 10))
+    s.schedule_mixed()
+    s.remove(s.prefilling[0])
+    assert not s.prefilling and not s.has_work
+    assert s.blocks.num_free_blocks == s.blocks.num_blocks

@@ -42,6 +42,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="most sequences in one decode batch (default: 64)")
     g.add_argument("--max-model-len", type=positive_int, default=None,
                    help="context limit in tokens (default: the model's)")
+    g.add_argument("--chunk-size", type=positive_int, default=None,
+                   help="colocated engines: chunked prefill, at most this many tokens per step, decodes "
+                        "included (Sarathi-Serve); default: off, a new prompt runs whole first")
 
 
 def engine_config_from_args(args: argparse.Namespace, role: EngineRole = EngineRole.COLOCATED) -> EngineConfig:
@@ -55,6 +58,7 @@ def engine_config_from_args(args: argparse.Namespace, role: EngineRole = EngineR
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         role=role,
+        chunk_size=getattr(args, "chunk_size", None),
     )
 
 

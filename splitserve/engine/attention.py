@@ -1,5 +1,5 @@
-"""Attention over the paged KV cache: a batch of fresh prompts (prefill) or one token per sequence
-(decode). Tensors are token-major: q ``[tokens, heads, head_dim]``; caches are
+"""Attention over the paged KV cache: a batch of fresh prompts (prefill), one token per sequence
+(decode), or both in one pass (a mixed step of chunked prefill). Tensors are token-major: q ``[tokens, heads, head_dim]``; caches are
 ``[num_blocks, num_kv_heads, block_size, head_dim]``."""
 
 from __future__ import annotations
@@ -26,6 +26,22 @@ class AttentionBatch:
     query_lens: list[int] | None = None
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
+    # A mixed step (chunked prefill): the flat axis holds these prompt chunks first, then one token
+    # per decoding sequence, which block_tables / context_lens describe.
+    chunks: list[PromptChunk] | None = None
+
+    @property
+    def num_chunk_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks or ())
+
+
+@dataclass(frozen=True)
+class PromptChunk:
+    """The next num_tokens of a prompt, after prefix_len tokens already in the cache."""
+
+    num_tokens: int
+    prefix_len: int
+    block_table: torch.Tensor  # [blocks] covering prefix_len + num_tokens positions
 
 
 def write_kv(
@@ -89,3 +105,29 @@ def decode_attention(
     scores.masked_fill_(mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v).view(num_seqs, num_heads, head_dim)
+
+
+def chunk_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chunk: PromptChunk, scale: float
+) -> torch.Tensor:
+    """Causal attention of a prompt chunk over its cached prefix and itself.
+
+    The chunk's own K/V were written to the cache before this call, so the whole context is read
+    from there. q ``[n, heads, head_dim]`` -> ``[n, heads, head_dim]``.
+    """
+    n, context = chunk.num_tokens, chunk.prefix_len + chunk.num_tokens
+    group = q.shape[1] // k_cache.shape[1]
+    # [blocks, Hkv, block_size, D] -> [Hkv, T, D], cut at the context length.
+    k = k_cache[chunk.block_table].transpose(0, 1).flatten(1, 2)[:, :context]
+    v = v_cache[chunk.block_table].transpose(0, 1).flatten(1, 2)[:, :context]
+    out_dtype = q.dtype
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        q, k, v = q.float(), k.float(), v.float()  # as prefill_attention: faster on CPU
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+    # Query i sits at position prefix_len + i and sees keys 0 .. prefix_len + i.
+    rows = torch.arange(n, device=q.device)[:, None] + chunk.prefix_len
+    mask = torch.arange(context, device=q.device)[None, :] <= rows
+    out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+                                         attn_mask=mask, scale=scale)
+    return out[0].transpose(0, 1).to(out_dtype)

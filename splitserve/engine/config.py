@@ -29,6 +29,9 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     role: EngineRole = EngineRole.COLOCATED
+    # Chunked prefill (colocated only): every step carries the running decodes plus prompt chunks,
+    # at most chunk_size tokens in all. None: a waiting prompt runs whole first, stalling decodes.
+    chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -36,6 +39,11 @@ class EngineConfig:
         for name in ("block_size", "kv_cache_bytes", "token_budget", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.chunk_size is not None:
+            if self.chunk_size < 1:
+                raise ValueError("chunk_size must be >= 1")
+            if self.role is not EngineRole.COLOCATED:
+                raise ValueError("chunked prefill is for a colocated engine (it mixes prefill and decode)")
         try:
             device = torch.device(self.device)
         except RuntimeError as exc:

@@ -50,7 +50,8 @@ class LLMEngine:
             raise ValueError(f"kv_cache_bytes {config.kv_cache_bytes} holds no {self.layout.bytes_per_block}-byte block")
         self.cache = KVCache(self.layout, num_blocks, config.torch_device)
         self.blocks = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(SchedulerConfig(config.token_budget, config.max_num_seqs), self.blocks)
+        self.scheduler = Scheduler(SchedulerConfig(config.token_budget, config.max_num_seqs,
+                                                         config.chunk_size), self.blocks)
         self.runner = ModelRunner(self.loaded.model, self.cache, config.torch_device)
         self.max_model_len = min(config.max_model_len or spec.max_context, spec.max_context)
         if spec.max_context < spec.max_position_embeddings:
@@ -128,7 +129,10 @@ class LLMEngine:
         """One forward pass: a prefill batch if any request waits (vLLM's order), else a decode step.
 
         In the DECODE role the queue holds only preempted requests, recomputed here from their tokens.
+        With chunked prefill, every step is a mixed step instead.
         """
+        if self.config.chunk_size is not None:
+            return self._mixed_step()
         batch = self.scheduler.schedule_prefill()
         if batch:
             return self._run_prefill(batch)
@@ -145,6 +149,32 @@ class LLMEngine:
         for seq in batch:
             seq.num_computed_tokens = seq.num_tokens
         return self._postprocess(batch, logits)
+
+    def _mixed_step(self) -> list[StepOutput]:
+        decodes, chunks, preempted = self.scheduler.schedule_mixed()
+        for seq in preempted:
+            log.info("preempted", request_id=seq.request_id, free_blocks=self.blocks.num_free_blocks)
+        if not decodes and not chunks:
+            return []
+        table = self.blocks.block_table
+        logits = self.runner.mixed(chunks, decodes, [table(s.request_id) for s, _ in chunks],
+                                   [table(s.request_id) for s in decodes])
+        completed = []
+        for seq, n in chunks:
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == seq.num_tokens:
+                self.scheduler.prefilling.remove(seq)
+                completed.append(seq)
+        for seq in decodes:
+            seq.num_computed_tokens = seq.num_tokens
+        if not completed and not decodes:
+            return []
+        outputs = self._postprocess(completed + decodes, logits)
+        for seq in completed:
+            if not seq.is_finished:
+                seq.transition(RequestState.DECODING)
+                self.scheduler.running.append(seq)
+        return outputs
 
     def _run_prefill(self, batch: list[Sequence]) -> list[StepOutput]:
         logits = self.runner.prefill(batch, [self.blocks.block_table(s.request_id) for s in batch])

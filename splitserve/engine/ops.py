@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from splitserve.engine.attention import (AttentionBatch, decode_attention, prefill_attention, prompt_slices,
-                                        write_kv)
+from splitserve.engine.attention import (AttentionBatch, chunk_attention, decode_attention, prefill_attention,
+                                        prompt_slices, write_kv)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -60,6 +60,20 @@ class TorchOps:
 
     def prefill_attention(self, q, k, v, query_lens: list[int], scale: float) -> torch.Tensor:
         return prefill_attention(q, k, v, query_lens, scale)
+
+    def mixed_attention(self, q, k, v, k_cache, v_cache, batch: AttentionBatch, scale: float) -> torch.Tensor:
+        """A mixed step: prompt chunks (a chunk with no cached prefix is a plain prefill), then decodes."""
+        outputs, start = [], 0
+        for chunk in batch.chunks:
+            part = slice(start, start + chunk.num_tokens)
+            if chunk.prefix_len == 0:
+                outputs.append(self.prefill_attention(q[part], k[part], v[part], [chunk.num_tokens], scale))
+            else:
+                outputs.append(chunk_attention(q[part], k_cache, v_cache, chunk, scale))
+            start = part.stop
+        if start < q.shape[0]:
+            outputs.append(self.decode_attention(q[start:], k_cache, v_cache, batch, scale))
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
 class CpuKernelOps(TorchOps):

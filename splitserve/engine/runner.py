@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from splitserve.engine.attention import AttentionBatch
+from splitserve.engine.attention import AttentionBatch, PromptChunk
 from splitserve.engine.kv_cache import KVCache
 from splitserve.engine.models.llama import LlamaModel
 from splitserve.engine.request import Sequence
@@ -58,3 +58,40 @@ class ModelRunner:
         input_ids = self._tensor([seq.last_token_id for seq in seqs])
         hidden = self.model(input_ids, self._tensor(positions), batch, self.cache)
         return self.model.logits(hidden).float().cpu()
+
+    @torch.inference_mode()
+    def mixed(self, chunks: list[tuple[Sequence, int]], decodes: list[Sequence],
+              chunk_tables: list[list[int]], decode_tables: list[list[int]]) -> torch.Tensor:
+        """One pass over prompt chunks (the next n uncached tokens of each) and one token per decode.
+
+        Returns logits ``[rows, vocab]`` for each chunk that ends its prompt, then for each decode.
+        """
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        prompt_chunks: list[PromptChunk] = []
+        last_rows: list[int] = []
+        for (seq, n), table in zip(chunks, chunk_tables):
+            start = seq.num_computed_tokens
+            input_ids += seq.all_token_ids[start:start + n]
+            positions += range(start, start + n)
+            slots += [self._slot(table, p) for p in range(start, start + n)]
+            prompt_chunks.append(PromptChunk(n, start, self._tensor(table)))
+            if start + n == seq.num_tokens:
+                last_rows.append(len(input_ids) - 1)
+        batch = AttentionBatch(is_prefill=False, slot_mapping=self._tensor([]), chunks=prompt_chunks)
+        if decodes:
+            decode_positions = [seq.num_tokens - 1 for seq in decodes]
+            width = max(len(t) for t in decode_tables)
+            batch.block_tables = self._tensor([t + [0] * (width - len(t)) for t in decode_tables]).view(
+                len(decodes), width)
+            batch.context_lens = self._tensor([p + 1 for p in decode_positions])
+            last_rows += range(len(input_ids), len(input_ids) + len(decodes))
+            input_ids += [seq.last_token_id for seq in decodes]
+            slots += [self._slot(t, p) for t, p in zip(decode_tables, decode_positions)]
+            positions += decode_positions
+        batch.slot_mapping = self._tensor(slots)
+        hidden = self.model(self._tensor(input_ids), self._tensor(positions), batch, self.cache)
+        if not last_rows:  # only a middle chunk ran: nothing to sample
+            return torch.empty(0, self.model.spec.vocab_size)
+        return self.model.logits(hidden.index_select(0, self._tensor(last_rows))).float().cpu()

@@ -13,6 +13,8 @@ from splitserve.engine.request import RequestState, Sequence
 class SchedulerConfig:
     token_budget: int  # most prompt tokens in one prefill batch (a longer lone prompt still runs)
     max_num_seqs: int  # most sequences decoding at once
+    # Chunked prefill (Sarathi-Serve): most tokens in one mixed step, decodes included. None: off.
+    chunk_size: int | None = None
 
 
 class Scheduler:
@@ -20,6 +22,9 @@ class Scheduler:
 
     When a decode step runs out of KV blocks, the newest running sequence is preempted: its blocks
     are freed and it goes back to the front of the queue to be recomputed (vLLM's recompute policy).
+
+    With chunked prefill, a step instead carries every running decode plus as many prompt tokens
+    as fill the chunk size: first the prompts already part-way through, then new ones FCFS.
     """
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
@@ -27,13 +32,14 @@ class Scheduler:
         self.blocks = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.prefilling: list[Sequence] = []  # chunked prefill: prompts part-way through, in order
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.prefilling)
 
     def schedule_prefill(self) -> list[Sequence]:
         """Take queued sequences FCFS while their tokens fit the budget and the KV cache."""
@@ -51,6 +57,37 @@ class Scheduler:
         if batch and num_tokens + seq.num_tokens > self.config.token_budget:
             return False
         if len(self.running) + len(batch) >= self.config.max_num_seqs:
+            return False
+        return self.blocks.can_allocate(seq.num_tokens)
+
+    def schedule_mixed(self) -> tuple[list[Sequence], list[tuple[Sequence, int]], list[Sequence]]:
+        """A chunked-prefill step: (decodes, prompt chunks as (sequence, tokens), preempted).
+
+        Decodes go first, one token each; prompt chunks fill what is left of the chunk size. A
+        prompt's blocks are all allocated when its first chunk is scheduled.
+        """
+        assert self.config.chunk_size is not None
+        decodes, preempted = self.schedule_decode()
+        room = self.config.chunk_size - len(decodes)
+        chunks: list[tuple[Sequence, int]] = []
+        for seq in self.prefilling:
+            if room <= 0:
+                break
+            n = min(room, seq.num_tokens - seq.num_computed_tokens)
+            chunks.append((seq, n))
+            room -= n
+        while room > 0 and self.waiting and self._admits_chunked(self.waiting[0]):
+            seq = self.waiting.popleft()
+            self.blocks.allocate(seq.request_id, seq.num_tokens)
+            seq.transition(RequestState.PREFILLING)
+            self.prefilling.append(seq)
+            n = min(room, seq.num_tokens)
+            chunks.append((seq, n))
+            room -= n
+        return decodes, chunks, preempted
+
+    def _admits_chunked(self, seq: Sequence) -> bool:
+        if len(self.running) + len(self.prefilling) >= self.config.max_num_seqs:
             return False
         return self.blocks.can_allocate(seq.num_tokens)
 
@@ -85,8 +122,7 @@ class Scheduler:
 
     def remove(self, seq: Sequence) -> None:
         """Drop a sequence from whichever queue holds it and free its blocks."""
-        if seq in self.running:
-            self.running.remove(seq)
-        if seq in self.waiting:
-            self.waiting.remove(seq)
+        for queue in (self.running, self.waiting, self.prefilling):
+            if seq in queue:
+                queue.remove(seq)
         self.blocks.free(seq.request_id)

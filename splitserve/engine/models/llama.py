@@ -151,7 +151,9 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.ops.rope_write_kv(q, k, v, *cos_sin, kv[0], kv[1], batch.slot_mapping)
-        if batch.is_prefill:
+        if batch.chunks is not None:
+            out = self.ops.mixed_attention(q, k, v, kv[0], kv[1], batch, self.scale)
+        elif batch.is_prefill:
             assert batch.query_lens is not None
             out = self.ops.prefill_attention(q, k, v, batch.query_lens, self.scale)
         else:
