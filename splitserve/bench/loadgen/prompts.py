@@ -1,0 +1,59 @@
+"""Prompts of exact lengths: token-id lists for /v1/completions and gRPC, word texts for chat.
+
+Token ids are drawn uniformly from [lo, hi), a range inside every common vocabulary, so a prompt of
+n ids is exactly n tokens on any server that takes token-id prompts. Each run draws a random nonce
+that starts every prompt: no two runs share a prefix, so no prefix cache can flatter a result.
+`fixed_prompts` leaves the nonce out, and the prompts depend only on the seed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+DEFAULT_TOKEN_RANGE = (1000, 30000)
+NONCE_TOKENS = 4  # 26k^4 = 4.6e17 prefixes; far shorter than any KV block, so no shared cache block
+_WORDS = (  # common English nouns: one token each in most vocabularies
+    "time", "year", "people", "way", "day", "man", "thing", "woman", "life", "child", "world", "school",
+    "state", "family", "student", "group", "country", "problem", "hand", "part", "place", "case", "week",
+    "company", "system", "program", "question", "work", "government", "number", "night", "point", "home",
+    "water", "room", "mother", "area", "money", "story", "fact", "month", "lot", "right", "study", "book",
+    "eye", "job", "word", "business", "issue", "side", "kind", "head", "house", "service", "friend",
+    "father", "power", "hour", "game", "line", "end", "member", "law", "car", "city", "community", "name",
+    "president", "team", "minute", "idea", "kid", "body", "information", "back", "parent", "face", "others",
+    "level", "office", "door", "health", "person", "art", "war", "history", "party", "result", "change",
+    "morning", "reason", "research", "girl", "guy", "moment", "air", "teacher", "force", "education",
+)
+
+
+@dataclass(frozen=True)
+class PromptFactory:
+    """Builds request i's prompt; the same (seed, point, nonce, i, length) always gives the same one."""
+
+    seed: int
+    point: int = 0  # the sweep point: each point gets fresh prompts
+    token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE
+    nonce: tuple[int, ...] = ()  # the run's random first tokens; empty with fixed prompts
+
+    def __post_init__(self) -> None:
+        lo, hi = self.token_range
+        if not 0 <= lo < hi:
+            raise ValueError(f"token range needs 0 <= lo < hi, got {lo}..{hi}")
+
+    def token_ids(self, index: int, length: int) -> list[int]:
+        lo, hi = self.token_range
+        head = list(self.nonce[:length])
+        rng = random.Random(f"prompt:{self.seed}:{self.point}:{index}")
+        return head + [rng.randrange(lo, hi) for _ in range(length - len(head))]
+
+    def text(self, index: int, num_words: int) -> str:
+        """About num_words tokens of plain words (chat); the nonce is the first word."""
+        rng = random.Random(f"text:{self.seed}:{self.point}:{index}")
+        head = ["-".join(map(str, self.nonce))] if self.nonce else []
+        return " ".join(head + [rng.choice(_WORDS) for _ in range(max(1, num_words - len(head)))])
+
+
+def new_nonce(token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE) -> tuple[int, ...]:
+    """Fresh random first tokens for one run, from the OS's entropy (not the seed)."""
+    rng = random.SystemRandom()
+    return tuple(rng.randrange(*token_range) for _ in range(NONCE_TOKENS))
