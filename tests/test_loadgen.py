@@ -1,22 +1,35 @@
-"""`splitserve bench serve`'s pure parts: the report's arithmetic, arrivals, workloads, prompts."""
+"""`splitserve bench serve` / `bench plot`: the report's arithmetic, arrivals, workloads, prompts, SSE
+parsing, and whole runs against small in-process fake servers (OpenAI HTTP and splitserve gRPC)."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import statistics
+import threading
 from itertools import pairwise
+from pathlib import Path
+from typing import Self
 
+import grpc
 import numpy as np
 import pytest
+from aiohttp import web
 
+from splitserve.bench import cli as bench_cli
 from splitserve.bench.loadgen.arrivals import ArrivalProcess, arrival_times
+from splitserve.bench.loadgen.client import read_sse
 from splitserve.bench.loadgen.metrics import Slo, summarize
 from splitserve.bench.loadgen.prompts import NONCE_TOKENS, PromptFactory, new_nonce
 from splitserve.bench.loadgen.records import RequestRecord
 from splitserve.bench.loadgen.sweep import sweep_goodput
 from splitserve.bench.loadgen.workloads import WORKLOADS, get_workload, sample_lengths
+from splitserve.common.net import free_port
+from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # -- the report on a hand-built timeline ----------------------------------------------------------
@@ -165,3 +178,269 @@ def test_prompts_have_exact_lengths_and_are_unique_per_run():
     assert all(10 <= t < 20 for t in fixed.token_ids(3, 16))
     assert PromptFactory(seed=5, point=1).token_ids(3, 16) != PromptFactory(seed=5).token_ids(3, 16)
     assert len(a.text(0, 30).split()) == 30 and a.text(0, 30) != b.text(0, 30)
+
+
+# -- SSE ------------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        self.t += 1.0
+        return self.t
+
+
+async def _pieces(data: bytes, size: int):
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+CANNED = (b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+          b': a comment line\n\n'
+          b'data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}],"usage":null}\r\n\r\n'
+          b'data: {"choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"length"}]}\n\n'
+          b'data: {"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}\n\n'
+          b'data: [DONE]\n\n')
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("piece_size", [1, 7, 4096])
+async def test_sse_stream_with_usage_in_any_pieces(piece_size):
+    record = RequestRecord(0, 12, 3, 0.0, send_s=0.0)
+    await read_sse(_pieces(CANNED, piece_size), record, FakeClock())
+    assert record.ok and record.error is None
+    assert len(record.chunk_times_s) == 2  # the role chunk carries no content
+    assert (record.prompt_tokens, record.completion_tokens, record.finish_reason) == (12, 3, "length")
+    assert record.end_s > record.chunk_times_s[-1]
+    assert record.tpot_s == pytest.approx((record.chunk_times_s[1] - record.chunk_times_s[0]) / 2)
+
+
+@pytest.mark.asyncio
+async def test_sse_error_chunk_and_truncated_stream_fail_the_request():
+    record = RequestRecord(0, 12, 3, 0.0, send_s=0.0)
+    stream = (b'data: {"choices":[{"index":0,"text":"a","finish_reason":null}]}\n\n'
+              b'data: {"error":{"message":"generation failed: worker lost","type":"internal_error"}}\n\n'
+              b'data: [DONE]\n\n')
+    await read_sse(_pieces(stream, 5), record, FakeClock())
+    assert not record.ok and record.error == "generation failed: worker lost"
+    truncated = RequestRecord(1, 12, 3, 0.0, send_s=0.0)
+    await read_sse(_pieces(b'data: {"choices":[{"index":0,"text":"a"}]}\n\n', 64), truncated, FakeClock())
+    assert not truncated.ok and "before [DONE]" in truncated.error
+
+
+# -- fake servers in a background thread ----------------------------------------------------------
+
+FIRST_S, STEP_S = 0.05, 0.02  # the fake servers' time to the first token and between tokens
+
+
+def _sse(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+class FakeOpenAI:
+    """Streams one chunk per token (FIRST_S, then every STEP_S) and a usage chunk; the
+    `fail_nth`-th request it receives gets HTTP 400."""
+
+    def __init__(self, fail_nth: int | None = None) -> None:
+        self.fail_nth, self.bodies = fail_nth, []
+        self.app = web.Application()
+        self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_post("/v1/completions", self.generate)
+        self.app.router.add_post("/v1/chat/completions", self.generate)
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.bodies.append(body)
+        if len(self.bodies) == self.fail_nth:
+            return web.json_response({"error": {"message": "prompt too long", "type": "invalid_request_error"}},
+                                     status=400)
+        chat = "messages" in body
+        prompt_tokens = len(body["messages"][0]["content"].split()) + 5 if chat else len(body["prompt"])
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        n = body["max_tokens"]
+        for i in range(n):
+            await asyncio.sleep(FIRST_S if i == 0 else STEP_S)
+            choice = {"index": 0, "finish_reason": "length" if i == n - 1 else None}
+            choice |= {"delta": {"content": f" t{i}"}} if chat else {"text": f" t{i}"}
+            await response.write(_sse({"object": "text_completion", "choices": [choice], "usage": None}))
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+        await response.write(_sse({"choices": [], "usage": usage}))
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+
+class FakeGateway(gateway_pb2_grpc.GatewayServicer):
+    """splitserve's gRPC Generate: one token per message, usage on the last."""
+
+    def __init__(self) -> None:
+        self.requests = []
+
+    async def Generate(self, request, context):
+        self.requests.append(request)
+        n = request.max_tokens
+        for i in range(n):
+            await asyncio.sleep(FIRST_S if i == 0 else STEP_S)
+            last = i == n - 1
+            yield gateway_pb2.GenerateResponse(
+                request_id="r", text=f" t{i}", token_ids=[100 + i],
+                finish_reason=common_pb2.FINISH_REASON_LENGTH if last else common_pb2.FINISH_REASON_UNSPECIFIED,
+                usage=gateway_pb2.Usage(prompt_tokens=len(request.prompt_token_ids), completion_tokens=n)
+                if last else None)
+
+
+class ServerThread:
+    """An event loop in a thread serving the fake HTTP app and the fake gRPC gateway on 127.0.0.1."""
+
+    def __init__(self, openai: FakeOpenAI) -> None:
+        self.openai, self.gateway = openai, FakeGateway()
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    async def _start(self) -> None:
+        self.runner = web.AppRunner(self.openai.app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.http_port).start()
+        self.grpc_server = grpc.aio.server()
+        gateway_pb2_grpc.add_GatewayServicer_to_server(self.gateway, self.grpc_server)
+        self.grpc_server.add_insecure_port(f"127.0.0.1:{self.grpc_port}")
+        await self.grpc_server.start()
+
+    async def _stop(self) -> None:
+        await self.grpc_server.stop(None)
+        await self.runner.cleanup()
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+
+def bench(*argv: str) -> int:
+    """`splitserve bench ...` in this process, through the real argument parser."""
+    parser = argparse.ArgumentParser()
+    bench_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *argv])
+    return args.func(args)
+
+
+def _recomputed(records: list[dict]) -> dict:
+    return summarize([RequestRecord.from_json(r) for r in records]).to_json()
+
+
+# -- whole runs -----------------------------------------------------------------------------------
+
+
+def test_run_records_and_json_end_to_end(tmp_path: Path):
+    out = tmp_path / "run.json"
+    with ServerThread(FakeOpenAI(fail_nth=2)) as server:
+        code = bench("serve", "--url", server.url + "/v1", "--rate", "20", "--num-requests", "5",
+                     "--input-len", "16", "--output-len", "4", "--seed", "1", "--ttft-slo", "0.5",
+                     "--tpot-slo", "0.5", "--label", "fake", "--output", str(out))
+    assert code == 0
+    data = json.loads(out.read_text())
+    config = data["config"]
+    assert (config["url"], config["model"], config["label"], config["rates"]) == (
+        server.url + "/v1", "fake-model", "fake", [20.0])
+    assert config["workload"]["input"] == {"median": 16, "sigma": 0.0, "min": 16, "max": 16}
+    assert config["slo"] == {"ttft_s": 0.5, "tpot_s": 0.5, "target": 0.9} and "api_key" not in config
+    (point,) = data["points"]
+    records, report = point["records"], point["report"]
+    assert (report["num_requests"], report["completed"], report["failed"]) == (5, 4, 1)
+    failed = [r for r in records if r["error"]]
+    assert len(failed) == 1 and failed[0]["error"] == "HTTP 400: prompt too long"
+    for body in server.openai.bodies:  # the request is standard OpenAI plus vLLM's extensions
+        assert len(body["prompt"]) == 16 and body["model"] == "fake-model"
+        assert (body["max_tokens"], body["min_tokens"], body["ignore_eos"], body["temperature"]) == (4, 4, True, 0)
+        assert body["stream"] and body["stream_options"] == {"include_usage": True}
+    assert len({tuple(b["prompt"]) for b in server.openai.bodies}) == 5
+    for r in records:
+        assert r["send_s"] >= r["scheduled_s"] - 1e-3
+        if r["error"]:
+            continue
+        assert (r["prompt_tokens"], r["completion_tokens"], r["finish_reason"]) == (16, 4, "length")
+        assert len(r["chunk_times_s"]) == 4 and r["chunk_times_s"] == sorted(r["chunk_times_s"])
+        assert FIRST_S * 0.9 <= r["ttft_s"] < 2.0 and STEP_S * 0.9 <= r["tpot_s"] < 1.0
+    assert report == {**_recomputed(records), "slo": report["slo"]}
+    assert report["slo"]["attainment"] == pytest.approx(0.8)  # the failed request is a miss
+    assert data["sweep"]["goodput_rps"] is None  # 80% < 90% at the only rate
+
+
+def test_max_concurrency_holds_later_arrivals_back(tmp_path: Path):
+    out = tmp_path / "capped.json"
+    with ServerThread(FakeOpenAI()) as server:
+        assert bench("serve", "--url", server.url, "--rate", "inf", "--num-requests", "3", "--input-len", "8",
+                     "--output-len", "2", "--max-concurrency", "1", "--output", str(out)) == 0
+    records = sorted(json.loads(out.read_text())["points"][0]["records"], key=lambda r: r["send_s"])
+    assert all(r["scheduled_s"] == 0 for r in records)
+    for before, after in pairwise(records):
+        assert after["send_s"] >= before["end_s"]
+
+
+@pytest.mark.parametrize("backend", ["openai-chat", "grpc"])
+def test_chat_and_grpc_backends(tmp_path: Path, backend: str):
+    out = tmp_path / f"{backend}.json"
+    with ServerThread(FakeOpenAI()) as server:
+        url = server.url if backend == "openai-chat" else f"127.0.0.1:{server.grpc_port}"
+        assert bench("serve", "--backend", backend, "--url", url, "--rate", "50", "--num-requests", "3",
+                     "--input-len", "12", "--output-len", "3", "--output", str(out)) == 0
+    point = json.loads(out.read_text())["points"][0]
+    assert point["report"]["completed"] == 3
+    for r in point["records"]:
+        assert len(r["chunk_times_s"]) == 3 and r["completion_tokens"] == 3 and r["ttft_s"] >= FIRST_S * 0.9
+    if backend == "grpc":
+        assert all(r["chunk_tokens"] == [1, 1, 1] and r["prompt_tokens"] == 12 for r in point["records"])
+        sent = server.gateway.requests
+        assert [(len(q.prompt_token_ids), q.min_tokens, q.ignore_eos) for q in sent] == [(12, 3, True)] * 3
+    else:
+        assert all(len(b["messages"][0]["content"].split()) == 12 for b in server.openai.bodies)
+        assert all(r["prompt_tokens"] == 17 for r in point["records"])  # usage, not the word count
+
+
+def test_unreachable_server_is_a_clean_error(tmp_path: Path):
+    with pytest.raises(ValueError, match="cannot reach"):
+        bench("serve", "--url", f"http://127.0.0.1:{free_port()}", "--num-requests", "1")
+
+
+def test_sweep_writes_every_point_and_plots(tmp_path: Path):
+    runs = []
+    with ServerThread(FakeOpenAI()) as server:
+        for label in ("disaggregated", "colocated"):
+            out, png = tmp_path / f"{label}.json", tmp_path / f"{label}.png"
+            assert bench("serve", "--url", server.url, "--rates", "10", "20", "--num-requests", "3",
+                         "--input-len", "8", "--output-len", "3", "--pause", "0.1", "--ttft-slo", "1",
+                         "--tpot-slo", "0.001", "--label", label, "--output", str(out), "--plot", str(png)) == 0
+            assert png.read_bytes().startswith(PNG_MAGIC)
+            runs.append(out)
+        assert len({tuple(b["prompt"]) for b in server.openai.bodies}) == 12  # fresh prompts per point
+    data = json.loads(runs[0].read_text())
+    assert [p["rate"] for p in data["points"]] == [10, 20]
+    assert all(p["report"]["completed"] == 3 and p["report"]["slo"]["attainment"] == 0 for p in data["points"])
+    sweep = data["sweep"]  # a 1 ms TPOT target fails every rate
+    assert (sweep["goodput_rps"], sweep["first_failing_rate"], sweep["target"]) == (None, 10, 0.9)
+    assert "last passing rate" in sweep["definition"]
+    cmp = tmp_path / "cmp.png"
+    assert bench("plot", *map(str, runs), "--output", str(cmp), "--title", "fake") == 0
+    assert cmp.read_bytes().startswith(PNG_MAGIC) and cmp.stat().st_size > 10_000
+
+
+def test_plot_rejects_a_file_that_is_not_a_sweep(tmp_path: Path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"hello": 1}')
+    with pytest.raises(ValueError, match="not a `bench serve --output` file"):
+        bench("plot", str(bad), "--output", str(tmp_path / "x.png"))

@@ -23,6 +23,7 @@ def add_parser(subparsers) -> None:
     add_engine_args(e)
     e.set_defaults(func=_run_engine)
     _add_kv_parser(sub)
+    _add_serve_parsers(sub)
 
 
 def _add_kv_parser(sub) -> None:
@@ -45,6 +46,37 @@ def _add_kv_parser(sub) -> None:
     k.add_argument("--host", default="127.0.0.1", help="address the serving process listens on (default: 127.0.0.1)")
     k.add_argument("--output", default=None, help="also write the figures as JSON to this file")
     k.set_defaults(func=_run_kv)
+
+
+def _add_serve_parsers(sub) -> None:
+    from splitserve.bench.loadgen.config import add_plot_args, add_serve_args  # argparse only, no I/O
+
+    s = sub.add_parser("serve", help="open-loop load against an OpenAI-compatible server (goodput, SLOs)",
+                       description="Send requests open-loop (Poisson or gamma arrivals) to an "
+                                   "OpenAI-compatible server (splitserve's gateway, vLLM, ...), with exact "
+                                   "prompt lengths and forced output lengths; report throughput, "
+                                   "TTFT/TPOT/ITL/E2E percentiles and SLO attainment per rate, and the "
+                                   "goodput of a rate sweep.")
+    add_serve_args(s)
+    s.set_defaults(func=_run_serve)
+    p = sub.add_parser("plot", help="overlay `bench serve` sweeps in one PNG",
+                       description="Plot SLO attainment, TTFT and TPOT against the request rate, one "
+                                   "line per JSON file written by `bench serve --output` (named by its "
+                                   "--label).")
+    add_plot_args(p)
+    p.set_defaults(func=_run_plot)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from splitserve.bench.loadgen.run import run
+
+    return run(args)
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from splitserve.bench.loadgen.plot import run
+
+    return run(args)
 
 
 def _run_engine(args: argparse.Namespace) -> int:

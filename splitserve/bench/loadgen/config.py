@@ -1,0 +1,178 @@
+"""Flags of `splitserve bench serve` and `bench plot`, and the frozen config built from them.
+
+Importing this module stays light (no aiohttp, grpc or matplotlib): the CLI parser imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from splitserve.bench.loadgen.metrics import Slo
+from splitserve.bench.loadgen.prompts import DEFAULT_TOKEN_RANGE
+from splitserve.bench.loadgen.workloads import WORKLOAD_NAMES, Workload, get_workload
+
+BACKENDS = ("openai", "openai-chat", "grpc")
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    kind: str  # one of BACKENDS
+    url: str  # http(s)://host:port for openai*, host:port (or grpc://host:port) for grpc
+    model: str | None = None  # None: the first id of GET /v1/models (gRPC: the served model)
+    api_key: str | None = field(default=None, repr=False)
+    request_timeout_s: float = 600.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "api_key"}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """One `bench serve` run: a single rate, or a sweep over several."""
+
+    backend: BackendConfig
+    workload: Workload
+    rates: tuple[float, ...]
+    burstiness: float = 1.0
+    num_requests: int | None = 100  # exactly one of num_requests and duration_s
+    duration_s: float | None = None
+    seed: int = 0
+    max_concurrency: int | None = None
+    token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE
+    fixed_prompts: bool = False
+    slo: Slo = field(default_factory=Slo)
+    label: str | None = None
+    pause_s: float = 5.0  # between sweep points, after every request of the last one finished
+    output: Path | None = None
+    plot: Path | None = None
+    keep_records: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        local = ("backend", "output", "plot", "keep_records")
+        data = {k: v for k, v in asdict(self).items() if k not in local}
+        data["rates"] = [rate_json(r) for r in self.rates]
+        return {**self.backend.to_json(), **data}
+
+
+def rate_json(rate: float) -> float | str:
+    """JSON has no infinity: an unlimited rate is written "inf"."""
+    return rate if math.isfinite(rate) else "inf"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # inf allowed: --rate inf sends everything at once
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default="http://127.0.0.1:8000",
+                   help="server root (http://host:port; host:port for --backend grpc) (default: %(default)s)")
+    p.add_argument("--backend", choices=BACKENDS, default="openai",
+                   help="openai: /v1/completions with token-id prompts; openai-chat: /v1/chat/completions "
+                        "with word prompts; grpc: splitserve's gateway Generate (default: %(default)s)")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="model name (default: the first id of GET /v1/models)")
+    p.add_argument("--api-key", default=None, metavar="KEY", help="sent as 'Authorization: Bearer KEY'")
+    p.add_argument("--request-timeout", type=_positive_float, metavar="S", default=600.0,
+                   help="seconds one request may take before it counts as failed (default: %(default)s)")
+    load = p.add_argument_group("load")
+    rate = load.add_mutually_exclusive_group()
+    rate.add_argument("--rate", type=_positive_float, metavar="R", default=1.0,
+                      help="mean requests per second; 'inf' sends all at once (default: %(default)s)")
+    rate.add_argument("--rates", type=_positive_float, metavar="R", nargs="+", default=None,
+                      help="a sweep: one point per rate, in the order given")
+    load.add_argument("--burstiness", type=_positive_float, metavar="B", default=1.0,
+                      help="gamma shape of the inter-arrival times: 1 is Poisson, lower is burstier "
+                           "(default: %(default)s)")
+    count = load.add_mutually_exclusive_group()
+    count.add_argument("--num-requests", type=_positive_int, metavar="N", default=None,
+                       help="requests per point (default: 100 unless --duration)")
+    count.add_argument("--duration", type=_positive_float, metavar="S", default=None,
+                       help="send arrivals for this many seconds per point instead of a fixed count")
+    load.add_argument("--max-concurrency", type=_positive_int, metavar="N", default=None,
+                      help="at most this many requests in flight; later arrivals wait (default: no cap)")
+    load.add_argument("--seed", type=int, default=0, metavar="N",
+                      help="seed of arrivals, lengths and prompt ids (default: 0)")
+    load.add_argument("--pause", type=float, metavar="S", default=5.0,
+                      help="seconds to let the server drain between sweep points (default: %(default)s)")
+    _add_workload_args(p)
+    _add_slo_args(p)
+    out = p.add_argument_group("output")
+    out.add_argument("--label", default=None, metavar="NAME",
+                     help="name of this run in JSON and plots (e.g. disaggregated)")
+    out.add_argument("--output", type=Path, default=None, metavar="FILE.json",
+                     help="write config, reports and records as JSON here")
+    out.add_argument("--no-records", action="store_true",
+                     help="leave the per-request records out of the JSON")
+    out.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
+                     help="write a PNG of attainment, TTFT and TPOT vs rate")
+
+
+def _add_workload_args(p: argparse.ArgumentParser) -> None:
+    w = p.add_argument_group("workload")
+    w.add_argument("--workload", choices=WORKLOAD_NAMES, default="fixed",
+                   help="request lengths: fixed, or a synthetic lognormal mix (see docs/benchmarks.md) "
+                        "(default: %(default)s)")
+    w.add_argument("--input-len", type=_positive_int, metavar="N", default=None,
+                   help="fixed: prompt tokens (default 128); other workloads: move the input median here")
+    w.add_argument("--output-len", type=_positive_int, metavar="N", default=None,
+                   help="fixed: output tokens (default 32); other workloads: move the output median here")
+    w.add_argument("--token-range", type=int, nargs=2, metavar=("LO", "HI"),
+                   default=list(DEFAULT_TOKEN_RANGE),
+                   help="prompt token ids are drawn from LO <= id < HI (default: 1000 30000)")
+    w.add_argument("--fixed-prompts", action="store_true",
+                   help="no random per-run nonce at the start of each prompt: prompts depend on --seed only")
+
+
+def _add_slo_args(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("SLOs (DistServe-style attainment and goodput)")
+    s.add_argument("--ttft-slo", type=_positive_float, metavar="S", default=None,
+                   help="time to first token target, seconds (e.g. 0.5)")
+    s.add_argument("--tpot-slo", type=_positive_float, metavar="S", default=None,
+                   help="time per output token target, seconds (e.g. 0.1)")
+    s.add_argument("--attainment", type=_fraction, metavar="F", default=0.9,
+                   help="fraction of requests that must meet both targets (default: %(default)s)")
+
+
+def add_plot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", type=Path, help="JSON files written by `bench serve --output`")
+    p.add_argument("--output", type=Path, required=True, metavar="FILE.png", help="the PNG to write")
+    p.add_argument("--title", default=None, help="figure title")
+
+
+def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
+    for path in (args.output, args.plot):
+        if path is not None and not path.resolve().parent.is_dir():
+            raise ValueError(f"{path}: its folder does not exist")
+    lo, hi = args.token_range
+    if not 0 <= lo < hi:
+        raise ValueError(f"--token-range needs 0 <= LO < HI, got {lo} {hi}")
+    num_requests = args.num_requests or (None if args.duration else 100)
+    return ServeConfig(
+        backend=BackendConfig(args.backend, args.url, args.model, args.api_key, args.request_timeout),
+        workload=get_workload(args.workload, args.input_len, args.output_len),
+        rates=tuple(args.rates or [args.rate]), burstiness=args.burstiness,
+        num_requests=num_requests, duration_s=args.duration, seed=args.seed,
+        max_concurrency=args.max_concurrency, token_range=(lo, hi), fixed_prompts=args.fixed_prompts,
+        slo=Slo(args.ttft_slo, args.tpot_slo, args.attainment), label=args.label, pause_s=args.pause,
+        output=args.output, plot=args.plot, keep_records=not args.no_records)

@@ -1,0 +1,119 @@
+"""`splitserve bench serve`: drive an OpenAI-compatible server open-loop, one point per rate.
+
+Each point draws its arrivals (ArrivalProcess) and request lengths (workloads) from --seed, so every
+rate of a sweep sees the same request mix; its prompts are fresh (the point number and a random
+nonce go into them), so no point reuses another's cached prefixes. A request is sent at its arrival
+time whether or not earlier ones have finished. A point ends when its last request has; the next
+starts after --pause seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from splitserve.bench.loadgen.arrivals import ArrivalProcess, arrival_times
+from splitserve.bench.loadgen.client import Backend, Clock, RequestSpec, open_backend, send_when_due
+from splitserve.bench.loadgen.config import ServeConfig, rate_json, serve_config_from_args
+from splitserve.bench.loadgen.metrics import Report, format_report, summarize
+from splitserve.bench.loadgen.prompts import PromptFactory, new_nonce
+from splitserve.bench.loadgen.records import RequestRecord
+from splitserve.bench.loadgen.sweep import sweep_goodput
+from splitserve.bench.loadgen.workloads import sample_lengths
+
+FORMAT = "splitserve-bench-serve/1"
+
+
+@dataclass(frozen=True)
+class PointResult:
+    rate: float
+    nonce: tuple[int, ...]
+    report: Report
+    records: list[RequestRecord]
+
+    def to_json(self, keep_records: bool) -> dict[str, Any]:
+        data = {"rate": rate_json(self.rate), "nonce": list(self.nonce), "report": self.report.to_json()}
+        return {**data, "records": [r.to_json() for r in self.records]} if keep_records else data
+
+
+def request_specs(config: ServeConfig, rate: float, factory: PromptFactory) -> list[RequestSpec]:
+    times = arrival_times(ArrivalProcess(rate, config.burstiness), config.seed,
+                          num_requests=config.num_requests, duration_s=config.duration_s)
+    lengths = sample_lengths(config.workload, len(times), config.seed)
+    chat = config.backend.kind == "openai-chat"
+    return [RequestSpec(i, t, n_in, n_out, factory.text(i, n_in) if chat else factory.token_ids(i, n_in))
+            for i, (t, (n_in, n_out)) in enumerate(zip(times, lengths))]
+
+
+async def run_point(config: ServeConfig, backend: Backend, rate: float, point: int) -> PointResult:
+    nonce = () if config.fixed_prompts else new_nonce(config.token_range)
+    specs = request_specs(config, rate, PromptFactory(config.seed, point, config.token_range, nonce))
+    last = specs[-1].scheduled_s if specs else 0.0
+    _progress(f"rate {rate:g} req/s: {len(specs)} requests over {last:.1f} s")
+    limit = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
+    clock = Clock()
+    records = await asyncio.gather(*(send_when_due(backend, s, clock, limit) for s in specs))
+    return PointResult(rate, nonce, summarize(list(records), config.slo), list(records))
+
+
+async def run_sweep(config: ServeConfig) -> tuple[str, list[PointResult]]:
+    """Every point in order; returns the model measured and the points."""
+    points: list[PointResult] = []
+    async with open_backend(config.backend) as backend:
+        for i, rate in enumerate(config.rates):
+            if i:
+                await asyncio.sleep(config.pause_s)  # let the server drain queues and free KV blocks
+            points.append(await run_point(config, backend, rate, i))
+            print(format_report(points[-1].report, _title(config, rate)), flush=True)
+        return backend.model, points
+
+
+def result_json(config: ServeConfig, model: str, points: list[PointResult],
+                started_at: str) -> dict[str, Any]:
+    """The whole run as one JSON document (layout in docs/benchmarks.md)."""
+    sweep = None
+    if config.slo.given and points:
+        attainments = [(p.rate, p.report.slo.attainment) for p in points if math.isfinite(p.rate)]
+        sweep = sweep_goodput(attainments, config.slo.target).to_json() if attainments else None
+    return {"format": FORMAT, "started_at": started_at, "config": {**config.to_json(), "model": model},
+            "points": [p.to_json(config.keep_records) for p in points], "sweep": sweep}
+
+
+def run(args: argparse.Namespace) -> int:
+    config = serve_config_from_args(args)
+    started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    model, points = asyncio.run(run_sweep(config))
+    result = result_json(config, model, points, started_at)
+    if result["sweep"] is not None and len(points) > 1:
+        print(f"sweep goodput: {_goodput_text(result['sweep'])}", flush=True)
+    if config.output is not None:
+        config.output.write_text(json.dumps(result, indent=1) + "\n")
+        _progress(f"wrote {config.output}")
+    if config.plot is not None:
+        from splitserve.bench.loadgen.plot import Sweep, plot_sweeps
+
+        plot_sweeps([Sweep.from_json(result, config.label or "run")], config.plot)
+        _progress(f"wrote {config.plot}")
+    return 0 if all(p.report.completed for p in points) else 1
+
+
+def _title(config: ServeConfig, rate: float) -> str:
+    label = f"{config.label}: " if config.label else ""
+    return f"{label}{config.workload.name} at {rate:g} req/s"
+
+
+def _goodput_text(sweep: dict[str, Any]) -> str:
+    if sweep["goodput_rps"] is None:
+        return f"below the lowest rate tried ({sweep['first_failing_rate']:g} req/s fails the target)"
+    bound = " (every rate passed: a lower bound)" if sweep["lower_bound_only"] else ""
+    return f"{sweep['goodput_rps']:.3f} req/s at {sweep['target']:.0%} attainment{bound}"
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
