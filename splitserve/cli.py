@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from splitserve.bench import cli as bench_cli
     from splitserve.commands import generate, up
+    from splitserve.services.colocated import main as colocated
     from splitserve.services.decode import main as decode
     from splitserve.services.gateway import main as gateway
     from splitserve.services.prefill import main as prefill
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     scheduler.add_parser(sub)
     prefill.add_parser(sub)
     decode.add_parser(sub)
+    colocated.add_parser(sub)
     gateway.add_parser(sub)
     bench_cli.add_parser(sub)
     return parser

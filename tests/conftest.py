@@ -76,8 +76,8 @@ class RunningCluster:
         """Each worker's stats, asked from the worker itself (its admin RPC), not from heartbeats."""
         stats = {}
         for state in self.workers():
-            stub_type = (prefill_pb2_grpc.PrefillStub if state.worker.role == scheduler_pb2.WORKER_ROLE_PREFILL
-                         else decode_pb2_grpc.DecodeStub)
+            stub_type = (decode_pb2_grpc.DecodeStub if state.worker.role == scheduler_pb2.WORKER_ROLE_DECODE
+                         else prefill_pb2_grpc.PrefillStub)  # colocated workers serve the Prefill API
             with grpc.insecure_channel(state.worker.grpc_address) as channel:
                 stats[state.worker.instance_id] = stub_type(channel).GetStats(common_pb2.StatsRequest(), timeout=5)
         return stats

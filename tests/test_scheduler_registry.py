@@ -85,3 +85,13 @@ def test_a_dropped_worker_s_requests_go_back_to_the_front_in_arrival_order():
     assert list(server.queue) == ["r1", "r2", "r3", "r4"]
     assert all(t.stage is Stage.QUEUED and t.prefill_id is None for t in server.tracked.values())
     assert "p-a" not in server.registry.workers
+
+
+def test_colocated_workers_are_placed_like_prefill_servers():
+    reg = Registry(queue_factor=2.0)
+    a = _worker(reg, "c-a", spb.WORKER_ROLE_COLOCATED)
+    _worker(reg, "c-b", spb.WORKER_ROLE_COLOCATED)
+    _worker(reg, "d", spb.WORKER_ROLE_DECODE)
+    a.assigned["r1"] = 30
+    assert reg.pick_prefill(10).instance_id == "c-b"
+    assert reg.pick_decode(pb.KvHandle(layout=LAYOUT, transport=pb.KV_TRANSPORT_UCX)).instance_id == "d"

@@ -26,8 +26,9 @@ class ClusterSnapshot:
 
     @property
     def ready(self) -> bool:
-        """At least one prefill and one decode worker registered."""
-        return all(self.num_workers(role) > 0 for role in (spb.WORKER_ROLE_PREFILL, spb.WORKER_ROLE_DECODE))
+        """At least one prefill and one decode worker registered, or one colocated worker."""
+        disaggregated = all(self.num_workers(role) > 0 for role in (spb.WORKER_ROLE_PREFILL, spb.WORKER_ROLE_DECODE))
+        return disaggregated or self.num_workers(spb.WORKER_ROLE_COLOCATED) > 0
 
     @property
     def max_model_len(self) -> int | None:
@@ -66,6 +67,7 @@ class ClusterView:
         if snapshot.ready != self.snapshot.ready:
             log.info("cluster readiness changed", ready=snapshot.ready,
                      prefill_workers=snapshot.num_workers(spb.WORKER_ROLE_PREFILL),
-                     decode_workers=snapshot.num_workers(spb.WORKER_ROLE_DECODE))
+                     decode_workers=snapshot.num_workers(spb.WORKER_ROLE_DECODE),
+                     colocated_workers=snapshot.num_workers(spb.WORKER_ROLE_COLOCATED))
         self.snapshot = snapshot
         await self.on_update(snapshot)

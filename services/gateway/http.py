@@ -106,7 +106,8 @@ class HttpRoutes:
         body = {"ready": ready, "draining": self.frontend.draining,
                 "scheduler_reachable": snapshot.state is not None,
                 "prefill_workers": snapshot.num_workers(spb.WORKER_ROLE_PREFILL),
-                "decode_workers": snapshot.num_workers(spb.WORKER_ROLE_DECODE)}
+                "decode_workers": snapshot.num_workers(spb.WORKER_ROLE_DECODE),
+                "colocated_workers": snapshot.num_workers(spb.WORKER_ROLE_COLOCATED)}
         return web.json_response(body, status=200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:

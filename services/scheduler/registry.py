@@ -5,6 +5,8 @@
   `queue_factor` token budgets (one batch running, one forming), or it has nothing outstanding, so a
   prompt longer than the budget still runs alone. Requests beyond that wait in the scheduler's
   queue, in order, for whichever server frees up first.
+- Colocated workers (the baseline mode) are placed exactly like prefill servers; a request stays
+  with its worker to the end.
 - Decode: the decode server with the most free KV blocks after what was already sent its way since
   its last heartbeat, then the fewest running requests. It may have no room yet: it queues the
   request and admits it when blocks free up.
@@ -37,7 +39,7 @@ class WorkerEntry:
 
     @property
     def outstanding_tokens(self) -> int:
-        """Prompt tokens assigned and not yet prefilled (prefill servers)."""
+        """Prompt tokens assigned and not yet prefilled (prefill and colocated workers)."""
         return sum(self.assigned.values())
 
 
@@ -70,8 +72,9 @@ class Registry:
         return [w for w in self.workers.values() if w.role == role]
 
     def pick_prefill(self, num_tokens: int) -> WorkerEntry | None:
-        """The least-loaded prefill server with room for num_tokens more, or None."""
-        fits = [w for w in self.of_role(spb.WORKER_ROLE_PREFILL) if self._has_room(w, num_tokens)]
+        """The least-loaded prefill (or colocated) worker with room for num_tokens more, or None."""
+        takers = self.of_role(spb.WORKER_ROLE_PREFILL) + self.of_role(spb.WORKER_ROLE_COLOCATED)
+        fits = [w for w in takers if self._has_room(w, num_tokens)]
         return min(fits, key=lambda w: w.outstanding_tokens, default=None)
 
     def _has_room(self, worker: WorkerEntry, num_tokens: int) -> bool:

@@ -150,6 +150,11 @@ class SchedulerServer:
         if done.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
             await self.finish(done.request_id, done.finish_reason)
             return
+        if worker is not None and worker.role == spb.WORKER_ROLE_COLOCATED:
+            # It decodes there too: still its request (a drop requeues it), but no prompt left to run.
+            tracked.stage, tracked.decode_id = Stage.DECODE, worker.instance_id
+            worker.assigned[done.request_id] = 0
+            return
         tracked.done, tracked.stage = done, Stage.AWAITING_DECODE
         self._assign_decode(tracked)
 

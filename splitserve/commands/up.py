@@ -1,5 +1,11 @@
 """`splitserve up`: a whole local cluster (Redis, scheduler, prefill and decode servers, gateway).
 
+`--mode colocated` (and `chunked`) starts colocated workers instead of prefill and decode servers:
+the baseline behind the same gateway, scheduler and stream. Workers get their own CPU cores: the
+cores in --cpus (default: all this process may use) are split evenly among them, each pinned to its
+share with one torch thread per core, so a colocated worker gets all the cores that the prefill and
+decode servers of a disaggregated cluster share. The gateway, the scheduler and Redis float.
+
 Every service is a fresh process (never a fork: UCX must not be initialized before a fork), each
 with its own log file. The launcher waits until the gateway is ready, prints the endpoints, serves
 until Ctrl-C or SIGTERM, then stops the services in reverse order of their start.
@@ -20,12 +26,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from splitserve.common.engine_args import add_engine_args, positive_float, positive_int
+from splitserve.common.engine_args import add_engine_args, format_cpus, positive_float, positive_int
 from splitserve.common.net import free_port
 from splitserve.queue.redis_server import LocalRedis
 
 ENGINE_FLAGS = ("model", "dtype", "device", "block_size", "kv_cache_gb", "token_budget", "max_num_seqs",
                 "max_model_len")
+MODES = ("disaggregated", "colocated", "chunked")
+DEFAULT_CHUNK_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -39,15 +47,47 @@ class ClusterConfig:
     redis_url: str | None  # None: start a private redis-server
     kv_transport: str
     log_dir: Path
-    threads_per_worker: int
+    threads_per_worker: int | None  # None: one per core of the worker's share
     engine_argv: tuple[str, ...]
     gateway_argv: tuple[str, ...]
     ready_timeout_s: float
     api_key: str | None = None
+    num_colocated: int = 0
+    chunk_size: int | None = None  # colocated workers: chunked prefill
+    # CPU cores of each worker, in the order of worker_names; pinned unless pin is False.
+    worker_cpus: tuple[tuple[int, ...], ...] = ()
+    pin: bool = True
 
     @property
     def http_url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def worker_names(self) -> list[str]:
+        return ([f"prefill-{i}" for i in range(self.num_prefill)] + [f"decode-{i}" for i in range(self.num_decode)]
+                + [f"colocated-{i}" for i in range(self.num_colocated)])
+
+    def describe(self) -> str:
+        if self.num_colocated:
+            how = f"chunked prefill, chunks of {self.chunk_size} tokens" if self.chunk_size else "prefill first"
+            return f"{self.num_colocated} colocated worker(s) ({how})"
+        return f"{self.num_prefill} prefill + {self.num_decode} decode servers"
+
+
+def split_cpus(cpus: list[int], num_workers: int) -> list[list[int]]:
+    """Give each worker its own contiguous share of cpus; earlier workers get any remainder.
+
+    With fewer cores than workers, workers share cores round-robin (one core each).
+    """
+    if num_workers > len(cpus):
+        return [[cpus[i % len(cpus)]] for i in range(num_workers)]
+    share, extra = divmod(len(cpus), num_workers)
+    shares, start = [], 0
+    for i in range(num_workers):
+        size = share + (i < extra)
+        shares.append(cpus[start:start + size])
+        start += size
+    return shares
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -55,8 +95,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Start Redis (unless --redis-url), the scheduler, prefill and decode "
                                    "servers and the gateway as separate processes; wait until the cluster "
                                    "is ready; serve until Ctrl-C; stop everything.")
+    p.add_argument("--mode", choices=MODES, default="disaggregated",
+                   help="disaggregated: prefill and decode servers; colocated: workers that do both, new "
+                        "prompts first (vLLM's order); chunked: colocated with chunked prefill "
+                        "(default: disaggregated)")
     p.add_argument("--prefill", type=positive_int, default=1, help="prefill servers (default: 1)")
     p.add_argument("--decode", type=positive_int, default=1, help="decode servers (default: 1)")
+    p.add_argument("--colocated", type=positive_int, default=1,
+                   help="colocated workers, in the colocated and chunked modes (default: 1)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="do not pin workers to cores (they still get one torch thread per core of their share)")
     p.add_argument("--host", default="127.0.0.1", help="address every service binds (default: 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=8000, help="gateway HTTP port (default: 8000)")
     p.add_argument("--grpc-port", type=int, default=50051, help="gateway gRPC port (default: 50051)")
@@ -66,7 +114,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="how KV blocks move from prefill to decode (default: ucx)")
     p.add_argument("--log-dir", default=None, help="folder for the services' logs (default: a new temp folder)")
     p.add_argument("--threads-per-worker", type=positive_int, default=None,
-                   help="torch threads per prefill/decode server (default: cores / workers, at least 1)")
+                   help="torch threads per worker (default: one per core of its share of --cpus)")
     p.add_argument("--api-key", default=os.environ.get("SPLITSERVE_API_KEY"),
                    help="require this key from clients (Authorization: Bearer)")
     p.add_argument("--max-pending", type=positive_int, default=None,
@@ -78,19 +126,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ClusterConfig:
-    workers = args.prefill + args.decode
-    threads = args.threads or args.threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
+    colocated = args.mode != "disaggregated"
+    if args.chunk_size and args.mode != "chunked":
+        raise ValueError("--chunk-size applies to --mode chunked")
+    num_prefill, num_decode = (0, 0) if colocated else (args.prefill, args.decode)
+    num_colocated = args.colocated if colocated else 0
+    workers = num_prefill + num_decode + num_colocated
+    cpus = args.cpus or sorted(os.sched_getaffinity(0))
+    shares = split_cpus(cpus, workers)
+    threads = args.threads or args.threads_per_worker
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="splitserve-logs-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     gateway_argv = [*(["--api-key", args.api_key] if args.api_key else []),
                     *(["--max-pending", str(args.max_pending)] if args.max_pending else []),
                     *(["--model", args.model] if args.model else [])]
     return ClusterConfig(
-        num_prefill=args.prefill, num_decode=args.decode, host=args.host, http_port=args.http_port,
+        num_prefill=num_prefill, num_decode=num_decode, host=args.host, http_port=args.http_port,
         grpc_port=args.grpc_port, scheduler_port=args.scheduler_port or free_port(args.host),
         redis_url=args.redis_url, kv_transport=args.kv_transport, log_dir=log_dir,
         threads_per_worker=threads, engine_argv=tuple(_engine_argv(args)),
-        gateway_argv=tuple(gateway_argv), ready_timeout_s=args.ready_timeout, api_key=args.api_key)
+        gateway_argv=tuple(gateway_argv), ready_timeout_s=args.ready_timeout, api_key=args.api_key,
+        num_colocated=num_colocated,
+        chunk_size=(args.chunk_size or DEFAULT_CHUNK_SIZE) if args.mode == "chunked" else None,
+        worker_cpus=tuple(tuple(share) for share in shares), pin=not args.no_pin)
 
 
 def _engine_argv(args: argparse.Namespace) -> list[str]:
@@ -122,11 +180,15 @@ class Cluster:
         scheduler = f"{c.host}:{c.scheduler_port}"
         self._spawn("scheduler", ["scheduler", *common, "--host", c.host, "--port", str(c.scheduler_port)])
         worker = [*common, "--scheduler", scheduler, "--host", c.host, "--port", "0",
-                  "--kv-transport", c.kv_transport, "--threads", str(c.threads_per_worker), *c.engine_argv]
-        for i in range(c.num_prefill):
-            self._spawn(f"prefill-{i}", ["prefill", *worker, "--instance-id", f"prefill-{i}"])
-        for i in range(c.num_decode):
-            self._spawn(f"decode-{i}", ["decode", *worker, "--instance-id", f"decode-{i}"])
+                  "--kv-transport", c.kv_transport, *c.engine_argv]
+        chunking = ["--chunk-size", str(c.chunk_size)] if c.chunk_size else []
+        for name, cpus in zip(c.worker_names, c.worker_cpus):
+            role = name.split("-")[0]
+            placement = ["--threads", str(c.threads_per_worker or len(cpus))]
+            if c.pin:
+                placement += ["--cpus", format_cpus(list(cpus))]
+            self._spawn(name, [role, *worker, *placement, *(chunking if role == "colocated" else []),
+                               "--instance-id", name])
         self._spawn("gateway", ["gateway", *common, "--scheduler", scheduler, "--host", c.host,
                                 "--http-port", str(c.http_port), "--grpc-port", str(c.grpc_port),
                                 *c.gateway_argv])
@@ -194,7 +256,9 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the cluster like Ctrl-C, at any point
     try:
         cluster.start()
-        print(f"starting {config.num_prefill} prefill + {config.num_decode} decode servers; "
+        placement = ", ".join(f"{name} on cores {format_cpus(list(cpus))}"
+                              for name, cpus in zip(config.worker_names, config.worker_cpus))
+        print(f"starting {config.describe()}; {placement if config.pin else 'workers not pinned'}; "
               f"logs in {config.log_dir}", flush=True)
         cluster.wait_ready()
         _print_endpoints(config)
@@ -231,10 +295,10 @@ def _serve(cluster: Cluster) -> int:
 
 
 def _fatal(cluster: Cluster, dead: set[str]) -> bool:
-    names = [name for name, _ in cluster.processes]
-    alive = [n for n in names if n not in dead]
-    return bool({"gateway", "scheduler"} & dead) or not any(n.startswith("prefill-") for n in alive) \
-        or not any(n.startswith("decode-") for n in alive)
+    alive = [name for name, _ in cluster.processes if name not in dead]
+    roles = ("colocated",) if cluster.config.num_colocated else ("prefill", "decode")
+    return bool({"gateway", "scheduler"} & dead) or not all(
+        any(n.startswith(f"{role}-") for n in alive) for role in roles)
 
 
 def _print_endpoints(config: ClusterConfig) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 from splitserve.engine.config import DTYPES, EngineConfig, EngineRole
 
@@ -22,6 +23,24 @@ def positive_float(text: str) -> float:
     return value
 
 
+def cpu_list(text: str) -> list[int]:
+    """'0-3,6' -> [0, 1, 2, 3, 6] (the taskset / cgroups cpuset notation)."""
+    cpus: list[int] = []
+    try:
+        for part in text.split(","):
+            low, _, high = part.partition("-")
+            cpus += range(int(low), int(high or low) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CPU numbers like 0-3,6, got {text!r}") from None
+    if not cpus or min(cpus) < 0:
+        raise argparse.ArgumentTypeError(f"expected CPU numbers like 0-3,6, got {text!r}")
+    return sorted(set(cpus))
+
+
+def format_cpus(cpus: list[int]) -> str:
+    return ",".join(map(str, cpus))
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
     g.add_argument("--model", default=None,
@@ -32,7 +51,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "with AVX512_BF16 and on GPUs)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     g.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads for torch (default: torch's choice, one per core)")
+                   help="CPU threads for torch (default: one per core of --cpus, else torch's choice)")
+    g.add_argument("--cpus", type=cpu_list, default=None,
+                   help="pin the process to these CPU cores, e.g. 0-3 or 0,2 (default: no pinning)")
     g.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block (default: 16)")
     g.add_argument("--kv-cache-gb", type=positive_float, default=1.0,
                    help="memory for the paged KV cache in GiB (default: 1)")
@@ -63,7 +84,16 @@ def engine_config_from_args(args: argparse.Namespace, role: EngineRole = EngineR
 
 
 def apply_threads(args: argparse.Namespace) -> None:
-    if args.threads:
+    """Pin the process to --cpus (if given), then set torch's threads: --threads, else one per pinned core."""
+    cpus = getattr(args, "cpus", None)
+    if cpus:
+        available = os.sched_getaffinity(0)
+        if not set(cpus) <= available:
+            raise ValueError(f"--cpus {format_cpus(cpus)}: this process may only run on "
+                             f"{format_cpus(sorted(available))}")
+        os.sched_setaffinity(0, cpus)
+    threads = args.threads or (len(cpus) if cpus else None)
+    if threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)

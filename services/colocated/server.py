@@ -1,0 +1,111 @@
+"""The colocated worker's state: one engine runs each request from prompt to last token.
+
+It is placed by the scheduler like a prefill server. When a request's first token is out it reports
+PrefillDone (no KV handle: nothing moves), so the scheduler stops counting its prompt against this
+worker's room; when the request ends it reports RequestDone. Tokens go to the request's gateway in
+order through one sender task, as on the decode server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from splitserve.common.protoconv import finish_to_proto, sampling_from_proto
+from splitserve.engine.engine import LLMEngine
+from splitserve.v1 import common_pb2 as pb
+from splitserve.v1 import scheduler_pb2 as spb
+from splitserve.worker.common import ReplyPublisher, Tombstones, call_with_retries, engine_stats
+from splitserve.worker.config import WorkerConfig
+from splitserve.worker.engine_loop import EngineLoop, StepResult
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Running:
+    """A request from Submit to its last token."""
+
+    request: pb.QueuedRequest
+    num_emitted: int = 0
+
+
+class ColocatedServer:
+    def __init__(self, config: WorkerConfig, engine: LLMEngine, redis) -> None:
+        self.config = config
+        self.loop = EngineLoop(engine, self._on_step, snapshot=engine_stats)
+        self.replies = ReplyPublisher(redis)
+        self.scheduler = None  # the SchedulerStub, set once the link exists
+        self.requests: dict[str, Running] = {}
+        self.cancelled = Tombstones()
+
+    async def submit(self, request: pb.QueuedRequest) -> None:
+        """Queue a request; ValueError when the engine cannot serve it."""
+        rid = request.request_id
+        if rid in self.cancelled:
+            raise ValueError(f"request {rid!r} was cancelled")
+        if rid in self.requests:  # the scheduler lost track of this copy and sent it again
+            await self._drop(rid)
+        params = sampling_from_proto(request.sampling)
+        ids = list(request.prompt_token_ids)
+        self.requests[rid] = Running(request)  # before the engine sees it: its step may end first
+        try:
+            await self.loop.call(lambda e: e.add_request(rid, ids, params))
+        except ValueError:
+            self.requests.pop(rid, None)
+            raise
+
+    async def abort(self, request_id: str) -> bool:
+        self.cancelled.add(request_id)
+        return await self._drop(request_id)
+
+    async def _drop(self, request_id: str) -> bool:
+        if self.requests.pop(request_id, None) is None:
+            return False
+        await self.loop.call(lambda e: e.abort(request_id))
+        log.info("aborted, blocks freed", request_id=request_id)
+        return True
+
+    async def stats(self) -> pb.WorkerStats:
+        return self.loop.snapshot
+
+    def _on_step(self, result: StepResult) -> None:
+        events, prefilled, finished = [], [], []
+        for out in result.outputs:
+            running = self.requests.get(out.request_id)
+            if running is None:  # aborted while its step ran
+                continue
+            timeline = running.request.timeline
+            if running.num_emitted == 0:
+                # With chunked prefill this is the step that ran the prompt's last chunk.
+                timeline.prefill_start, timeline.prefill_end = result.started, result.ended
+                timeline.first_token = time.time()
+            else:
+                timeline.token_times.append(result.ended)
+            event = pb.TokenEvent(request_id=out.request_id, token_ids=[out.token_id],
+                                  index=running.num_emitted, finish_reason=finish_to_proto(out.finish_reason))
+            running.num_emitted += 1
+            if out.finish_reason is not None:
+                timeline.finish = time.time()
+                event.timeline.CopyFrom(timeline)
+                del self.requests[out.request_id]
+            if running.num_emitted == 1:
+                prefilled.append(self._prefill_done(running, out.token_id, event.finish_reason))
+            elif out.finish_reason is not None:
+                finished.append((out.request_id, event.finish_reason))
+            events.append((running.request.reply_channel, event))
+        self.replies.send(events, then=lambda: asyncio.gather(
+            *(call_with_retries(self.scheduler.PrefillDone, d, what="PrefillDone") for d in prefilled),
+            *(self._report_done(rid, reason) for rid, reason in finished)))
+
+    def _prefill_done(self, running: Running, token_id: int, reason: int) -> spb.PrefillDoneRequest:
+        return spb.PrefillDoneRequest(request_id=running.request.request_id, instance_id=self.config.instance_id,
+                                      output_token_ids=[token_id], finish_reason=reason,
+                                      timeline=running.request.timeline)
+
+    async def _report_done(self, rid: str, reason: int) -> None:
+        done = spb.RequestDoneRequest(request_id=rid, instance_id=self.config.instance_id, finish_reason=reason)
+        await call_with_retries(self.scheduler.RequestDone, done, what="RequestDone")

@@ -1,0 +1,88 @@
+"""The baselines behind the same gateway, scheduler and stream: `splitserve up --mode colocated` (new
+prompts first, vLLM's order) and `--mode chunked` (chunked prefill), as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import openai
+import pytest
+import torch
+from conftest import make_prompts, start_cluster, stop_cluster
+from test_cluster import MODEL, _generate_ids, _stream_one
+
+from splitserve.engine import EngineConfig, LLMEngine, SamplingParams
+from splitserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+from splitserve.v1 import scheduler_pb2 as spb
+
+pytestmark = pytest.mark.timeout(300)
+CHUNK_SIZE = 64
+MODES = {"colocated": (), "chunked": ("--chunk-size", str(CHUNK_SIZE))}
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def mode_cluster(request, tmp_path_factory):
+    mode = request.param
+    # One torch thread, as the in-process reference below: the same arithmetic, the same tokens.
+    cluster = start_cluster(tmp_path_factory.mktemp(mode), "--mode", mode, "--threads-per-worker", "1",
+                            *MODES[mode])
+    yield mode, cluster
+    code = stop_cluster(cluster)
+    assert code == 0, f"splitserve up exited {code} on SIGTERM\n{cluster.log_tail()}"
+
+
+def _reference(model, mode: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    chunk_size = CHUNK_SIZE if mode == "chunked" else None
+    engine = LLMEngine(EngineConfig(kv_cache_bytes=1 << 28, chunk_size=chunk_size), loaded=model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        params = SamplingParams(temperature=0.0, max_new_tokens=max_tokens, ignore_eos=True)
+        return [engine.generate([p], params)[0] for p in prompts]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_one_worker_serves_whole_requests_equal_to_the_engine(mode_cluster, model_bf16):
+    mode, cluster = mode_cluster
+    workers = cluster.workers()
+    assert [w.worker.role for w in workers] == [spb.WORKER_ROLE_COLOCATED]
+    prompts = make_prompts(model_bf16.tokenizer, [7, 60, 333])  # 333 tokens: six chunks of 64
+    for prompt, expected in zip(prompts, _reference(model_bf16, mode, prompts, 24)):
+        tokens, last = _generate_ids(cluster.grpc_address, prompt, len(expected))
+        assert tokens == expected
+        t = last.timeline
+        steps = [t.arrival, t.queued, t.scheduled, t.prefill_start, t.prefill_end, t.first_token,
+                 t.token_times[0], t.finish]
+        assert all(s > 0 for s in steps) and steps == sorted(steps)
+        assert len(t.token_times) == len(expected) - 1
+        assert t.kv_transfer_bytes == 0  # nothing moved
+
+
+def test_concurrent_streams_complete_and_free_every_block(mode_cluster, model_bf16):
+    _, cluster = mode_cluster
+    lengths = [5 + 53 * i % 300 for i in range(16)]
+    prompts = make_prompts(model_bf16.tokenizer, lengths)
+    max_tokens = [4 + 7 * i % 30 for i in range(16)]
+
+    async def run_all():
+        async with openai.AsyncOpenAI(base_url=cluster.http_url + "/v1", api_key="unused") as client:
+            return await asyncio.gather(*(_stream_one(client, p, m) for p, m in zip(prompts, max_tokens)))
+
+    for (text, usage, finish), prompt, m in zip(asyncio.run(run_all()), prompts, max_tokens):
+        assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt), m)
+        assert finish == "length" and text
+    stats = cluster.wait_all_blocks_free()
+    assert all(s.num_free_blocks == s.num_blocks and s.num_running == 0 for s in stats.values()), stats
+
+
+def test_it_refuses_kv_pulls(mode_cluster):
+    _, cluster = mode_cluster
+    [worker] = cluster.workers()
+    with grpc.insecure_channel(worker.worker.grpc_address) as channel:
+        stub = prefill_pb2_grpc.PrefillStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Release(prefill_pb2.ReleaseRequest(request_id="x"), timeout=5)
+        assert error.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert stub.GetStats(common_pb2.StatsRequest(), timeout=5).num_blocks > 0
