@@ -1,0 +1,40 @@
+"""`splitserve bench serve` as a user runs it (a subprocess) against a real local cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from splitserve.bench.loadgen.metrics import summarize
+from splitserve.bench.loadgen.records import RequestRecord
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def test_bench_serve_point_against_the_cluster(ucx_cluster, tmp_path: Path):
+    out = tmp_path / "point.json"
+    argv = [sys.executable, "-m", "splitserve.cli", "bench", "serve", "--url", ucx_cluster.http_url,
+            "--num-requests", "4", "--rate", "4", "--input-len", "32", "--output-len", "8", "--seed", "3",
+            "--ttft-slo", "5", "--tpot-slo", "1", "--label", "disaggregated", "--output", str(out)]
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "4 completed, 0 failed" in done.stdout
+
+    data = json.loads(out.read_text())
+    assert data["config"]["model"] == "SmolLM2-135M-Instruct" and data["config"]["label"] == "disaggregated"
+    (point,) = data["points"]
+    report, records = point["report"], point["records"]
+    assert (report["completed"], report["failed"]) == (4, 0)
+    for r in records:
+        assert r["error"] is None
+        assert (r["prompt_tokens"], r["completion_tokens"], r["finish_reason"]) == (32, 8, "length")
+        assert r["ttft_s"] > 0 and r["send_s"] >= 0
+        assert 1 <= len(r["chunk_times_s"]) <= 8  # a chunk may carry several tokens' text
+    recomputed = summarize([RequestRecord.from_json(r) for r in records]).to_json()
+    assert report == {**recomputed, "slo": report["slo"]}
+    assert report["slo"]["attainment"] == sum(
+        r["ttft_s"] <= 5 and r["tpot_s"] <= 1 for r in records) / 4
