@@ -355,8 +355,8 @@ def test_run_records_and_json_end_to_end(tmp_path: Path):
     assert code == 0
     data = json.loads(out.read_text())
     config = data["config"]
-    assert (config["url"], config["model"], config["label"], config["rates"]) == (
-        server.url + "/v1", "fake-model", "fake", [20.0])
+    assert (config["backend"], config["url"], config["model"], config["label"], config["rates"]) == (
+        "openai", server.url + "/v1", "fake-model", "fake", [20.0])
     assert config["workload"]["input"] == {"median": 16, "sigma": 0.0, "min": 16, "max": 16}
     assert config["slo"] == {"ttft_s": 0.5, "tpot_s": 0.5, "target": 0.9} and "api_key" not in config
     (point,) = data["points"]

@@ -27,7 +27,9 @@ class BackendConfig:
     request_timeout_s: float = 600.0
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "api_key"}
+        """Everything but the API key; `kind` is written as `backend`, the flag's name."""
+        data = {k: v for k, v in asdict(self).items() if k not in ("kind", "api_key")}
+        return {"backend": self.kind, **data}
 
 
 @dataclass(frozen=True)
