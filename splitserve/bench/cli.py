@@ -59,16 +59,69 @@ def _add_serve_parsers(sub) -> None:
                                    "goodput of a rate sweep.")
     add_serve_args(s)
     s.set_defaults(func=_run_serve)
+    lat = sub.add_parser("latency", help="the engine's own prefill and decode-step time for one request",
+                         description="Run requests one at a time in process (random token-id prompts of "
+                                     "--input-len, --output-len tokens forced) and print the P50/P90 of the "
+                                     "prefill step and of the decode steps: the floor that TTFT and TPOT "
+                                     "through a cluster are compared with.")
+    lat.add_argument("--input-len", type=positive_int, default=256, help="prompt tokens (default: 256)")
+    lat.add_argument("--output-len", type=positive_int, default=64, help="output tokens (default: 64)")
+    lat.add_argument("--repeat", type=positive_int, default=10, help="timed requests (default: 10)")
+    lat.add_argument("--warmup", type=int, default=2, help="untimed requests first (default: 2)")
+    lat.add_argument("--seed", type=int, default=0, help="seed of the prompt ids (default: 0)")
+    add_engine_args(lat)
+    lat.set_defaults(func=_run_latency)
     p = sub.add_parser("plot", help="overlay `bench serve` sweeps in one PNG",
                        description="Plot SLO attainment, TTFT and TPOT against the request rate, one "
                                    "line per JSON file written by `bench serve --output` (named by its "
                                    "--label).")
     add_plot_args(p)
     p.set_defaults(func=_run_plot)
+    r = sub.add_parser("rescore", help="goodput of saved `bench serve` runs under other SLOs",
+                       description="Re-score the per-request records of `bench serve --output` files for "
+                                   "every pair of the TTFT and TPOT SLOs given, and print each run's sweep "
+                                   "goodput side by side (no requests are sent).")
+    r.add_argument("inputs", nargs="+", type=Path, help="JSON files written by `bench serve --output`")
+    r.add_argument("--ttft-slo", type=float, nargs="+", required=True, help="TTFT targets to try (seconds)")
+    r.add_argument("--tpot-slo", type=float, nargs="+", required=True, help="TPOT targets to try (seconds)")
+    r.add_argument("--attainment", type=float, default=0.9, help="attainment target (default: 0.9)")
+    r.add_argument("--output", type=Path, default=None, help="also write the table as JSON here")
+    r.set_defaults(func=_run_rescore)
+    t = sub.add_parser("timeline", help="inter-token gaps of running requests over prompt arrivals",
+                       description="For one rate of each `bench serve --output` file, plot every "
+                                   "inter-token gap at the time it ended, over the arrivals of new prompts: "
+                                   "prefill interference with running decodes, one panel per file.")
+    t.add_argument("inputs", nargs="+", type=Path, help="JSON files written by `bench serve --output`")
+    t.add_argument("--rate", type=float, required=True, help="the sweep point to draw")
+    t.add_argument("--output", type=Path, required=True, help="the PNG to write")
+    t.add_argument("--window", type=float, nargs=2, metavar=("FROM", "TO"), help="seconds to show (default: all)")
+    t.add_argument("--tpot-slo", type=float, default=None, help="draw this TPOT target (seconds)")
+    t.add_argument("--stall-ms", type=float, default=100.0,
+                   help="count gaps longer than this as stalls in the printed summary (default: 100)")
+    t.add_argument("--title", default=None, help="figure title")
+    t.set_defaults(func=_run_timeline)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from splitserve.bench.loadgen.run import run
+
+    return run(args)
+
+
+def _run_latency(args: argparse.Namespace) -> int:
+    from splitserve.bench.engine_latency import run
+
+    return run(args)
+
+
+def _run_rescore(args: argparse.Namespace) -> int:
+    from splitserve.bench.loadgen.rescore import run
+
+    return run(args)
+
+
+def _run_timeline(args: argparse.Namespace) -> int:
+    from splitserve.bench.loadgen.timeline import run
 
     return run(args)
 
