@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""The images' HEALTHCHECK: exit 0 when this container's service answers healthy, else 1.
+
+    splitserve-healthcheck http   the gateway: GET /health on SPLITSERVE_HTTP_PORT (default 8000)
+    splitserve-healthcheck grpc   the scheduler and the workers: the standard gRPC health service
+                                  (grpc.health.v1, service "") on SPLITSERVE_PORT: SERVING or not
+
+It dials the address the service binds to (SPLITSERVE_HOST; 127.0.0.1 for a wildcard), as
+entrypoint.sh resolves it. Kubernetes probes the same endpoints natively instead.
+"""
+
+import os
+import socket
+import sys
+import urllib.request
+
+TIMEOUT_S = 3.0
+
+
+def service_host() -> str:
+    host = os.environ.get("SPLITSERVE_HOST", "127.0.0.1")
+    if host == "auto":
+        return socket.gethostbyname(socket.gethostname())
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+
+def http_healthy() -> bool:
+    url = f"http://{service_host()}:{os.environ.get('SPLITSERVE_HTTP_PORT', '8000')}/health"
+    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+        return response.status == 200
+
+
+def grpc_healthy() -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    address = f"{service_host()}:{os.environ['SPLITSERVE_PORT']}"
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                          timeout=TIMEOUT_S)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def main(argv: list[str]) -> int:
+    checks = {"http": http_healthy, "grpc": grpc_healthy}
+    if len(argv) != 1 or argv[0] not in checks:
+        print("usage: splitserve-healthcheck http|grpc", file=sys.stderr)
+        return 2
+    try:
+        healthy = checks[argv[0]]()
+    except Exception as exc:  # refused, timed out, NOT_SERVING: all mean unhealthy, and say why
+        print(f"unhealthy: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print("healthy" if healthy else "unhealthy: not serving")
+    return 0 if healthy else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
