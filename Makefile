@@ -46,3 +46,18 @@ kernels: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info
+
+# Offline checks of the deployment files (deploy/, docker-compose.yml), no cluster or container
+# engine needed: each Kustomize build rendered (kustomize, else kubectl) and every object validated
+# by kubernetes-validate --strict; the compose file against the compose-spec schema; the
+# Containerfiles parsed. Installs its few tools into $(VENV) (creating it if need be); a few seconds.
+.PHONY: lint-deploy
+DEPLOY_LINT_PKGS := kubernetes-validate==1.37.0 check-jsonschema==0.39.0 dockerfile==3.4.0 pyyaml
+
+lint-deploy: $(VENV)/.lint-deploy-done
+	$(PY) deploy/lint.py
+
+$(VENV)/.lint-deploy-done:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(DEPLOY_LINT_PKGS)
+	touch $@

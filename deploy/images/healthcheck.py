@@ -36,8 +36,11 @@ def grpc_healthy() -> bool:
 
     address = f"{service_host()}:{os.environ['SPLITSERVE_PORT']}"
     with grpc.insecure_channel(address) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
-                                                          timeout=TIMEOUT_S)
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                              timeout=TIMEOUT_S)
+        except grpc.RpcError as exc:  # refused or timed out: the same as a refused HTTP connection
+            raise ConnectionError(f"{address}: {exc.code().name}") from None
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -48,7 +51,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         healthy = checks[argv[0]]()
-    except Exception as exc:  # refused, timed out, NOT_SERVING: all mean unhealthy, and say why
+    except (OSError, KeyError) as exc:  # refused, timed out, HTTP error, no port set: unhealthy
         print(f"unhealthy: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print("healthy" if healthy else "unhealthy: not serving")
