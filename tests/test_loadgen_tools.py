@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from splitserve.bench.loadgen.metrics import Slo
+from splitserve.bench.loadgen.plot import load_sweep
 from splitserve.bench.loadgen.rescore import load_points, rescore
 from splitserve.bench.loadgen.timeline import load_timeline, timeline_from_records
 
@@ -86,6 +87,8 @@ def test_rescore_recomputes_attainment_and_goodput_under_new_slos(tmp_path):
     assert attainments == [1.0, 1.0, 1.0] and loose.lower_bound_only
     tight, _ = rescore(points, Slo(ttft_s=1.0, tpot_s=0.01, target=0.9))
     assert tight.goodput_rps is None  # every request misses a 10 ms TPOT
+    plotted = load_sweep(path, Slo(ttft_s=1.0, tpot_s=0.05, target=0.9))  # what `bench plot --ttft-slo` draws
+    assert plotted.attainment == [1.0, 0.8, 0.2] and plotted.ttft_slo_ms == 1000.0
 
 
 def test_rescore_cli_prints_each_run_side_by_side(tmp_path):

@@ -160,6 +160,10 @@ def add_plot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", type=Path, help="JSON files written by `bench serve --output`")
     p.add_argument("--output", type=Path, required=True, metavar="FILE.png", help="the PNG to write")
     p.add_argument("--title", default=None, help="figure title")
+    p.add_argument("--ttft-slo", type=float, default=None,
+                   help="re-score every run's records under this TTFT target (seconds) instead of its own")
+    p.add_argument("--tpot-slo", type=float, default=None, help="likewise for the TPOT target (seconds)")
+    p.add_argument("--attainment", type=float, default=None, help="likewise for the attainment target")
 
 
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:

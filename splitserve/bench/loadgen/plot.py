@@ -53,12 +53,30 @@ def _column(reports: list[dict[str, Any]], metric: str, stat: str) -> list[float
     return [r[metric][stat] for r in reports]
 
 
-def load_sweep(path: Path) -> Sweep:
+def load_sweep(path: Path, slo=None) -> Sweep:
+    """A sweep from a `bench serve --output` file; with slo (a metrics.Slo), re-scored under it."""
     try:
         data = json.loads(path.read_text())
+        if slo is not None:
+            data = rescored(data, slo)
         return Sweep.from_json(data, path.stem)
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: not a `bench serve --output` file ({type(exc).__name__}: {exc})") from None
+
+
+def rescored(data: dict[str, Any], slo) -> dict[str, Any]:
+    """The run's document with every point's report recomputed from its records under slo."""
+    from splitserve.bench.loadgen.metrics import summarize
+    from splitserve.bench.loadgen.records import RequestRecord
+
+    points = []
+    for point in data["points"]:
+        if "records" not in point:
+            raise ValueError("written with --no-records: cannot be re-scored")
+        records = [RequestRecord.from_json(r) for r in point["records"]]
+        points.append({**point, "report": summarize(records, slo).to_json()})
+    config = {**data["config"], "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "target": slo.target}}
+    return {**data, "config": config, "points": points}
 
 
 def plot_sweeps(sweeps: list[Sweep], output: Path, title: str | None = None) -> None:
@@ -113,6 +131,11 @@ def run(args) -> int:
     """`splitserve bench plot`: overlay the sweeps of several JSON files in one PNG."""
     if not args.output.resolve().parent.is_dir():
         raise ValueError(f"{args.output}: its folder does not exist")
-    plot_sweeps([load_sweep(path) for path in args.inputs], args.output, args.title)
+    slo = None
+    if args.ttft_slo is not None or args.tpot_slo is not None or args.attainment is not None:
+        from splitserve.bench.loadgen.metrics import Slo
+
+        slo = Slo(args.ttft_slo, args.tpot_slo, 0.9 if args.attainment is None else args.attainment)
+    plot_sweeps([load_sweep(path, slo) for path in args.inputs], args.output, args.title)
     print(f"wrote {args.output}")
     return 0
