@@ -7,7 +7,6 @@ import asyncio
 
 from splitserve.common.engine_args import apply_threads, engine_config_from_args
 from splitserve.common.logging import bind_service
-from splitserve.engine.config import EngineRole
 from splitserve.worker.config import add_worker_args, worker_config
 
 
@@ -24,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from splitserve.engine.config import EngineRole  # torch loads only when a worker starts
+
     apply_threads(args)
     config = worker_config(args, engine_config_from_args(args, EngineRole.COLOCATED), "colocated")
     bind_service("colocated", config.instance_id)

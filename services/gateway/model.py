@@ -9,7 +9,7 @@ from typing import Any
 
 import jinja2
 
-from splitserve.engine.loader import resolve_model
+from splitserve.engine.model_source import resolve_model
 
 from .errors import invalid
 from .schema import ChatPrompt, Prompt, TextPrompt, TokenPrompt

@@ -9,7 +9,6 @@ import time
 
 from splitserve.common.detokenize import IncrementalDetokenizer
 from splitserve.common.engine_args import add_engine_args, apply_threads, engine_config_from_args
-from splitserve.engine import LLMEngine, SamplingParams
 
 
 def add_parser(subparsers) -> None:
@@ -47,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         from splitserve.commands.generate_remote import run_remote
 
         return run_remote(args)
+    from splitserve.engine import LLMEngine, SamplingParams
+
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed, max_new_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
     apply_threads(args)

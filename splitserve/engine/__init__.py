@@ -1,18 +1,29 @@
-"""The engine: model runner, paged KV cache, scheduling and sampling. No gRPC, Redis or UCX here."""
+"""The engine: model runner, paged KV cache, scheduling and sampling. No gRPC, Redis or UCX here.
 
-from splitserve.engine.config import EngineConfig, EngineRole
-from splitserve.engine.engine import LLMEngine
-from splitserve.engine.loader import LoadedModel
-from splitserve.engine.request import FinishReason, RequestState, SamplingParams, Sequence, StepOutput
+The public names load on first use, so the torch-free parts (block_manager, model_source) can be
+imported by services that carry no torch (the gateway, the scheduler).
+"""
 
-__all__ = [
-    "EngineConfig",
-    "EngineRole",
-    "FinishReason",
-    "LLMEngine",
-    "LoadedModel",
-    "RequestState",
-    "SamplingParams",
-    "Sequence",
-    "StepOutput",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_PUBLIC = {
+    "EngineConfig": "config", "EngineRole": "config", "LLMEngine": "engine", "LoadedModel": "loader",
+    "FinishReason": "request", "RequestState": "request", "SamplingParams": "request",
+    "Sequence": "request", "StepOutput": "request",
+}
+__all__ = sorted(_PUBLIC)
+
+if TYPE_CHECKING:
+    from splitserve.engine.config import EngineConfig, EngineRole
+    from splitserve.engine.engine import LLMEngine
+    from splitserve.engine.loader import LoadedModel
+    from splitserve.engine.request import FinishReason, RequestState, SamplingParams, Sequence, StepOutput
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)

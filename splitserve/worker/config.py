@@ -6,10 +6,13 @@ import argparse
 import os
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from splitserve.common.engine_args import add_engine_args, positive_float
-from splitserve.engine.config import EngineConfig
 from splitserve.kv_transfer.factory import DEFAULT_TRANSPORT, TRANSPORTS, transport_value
+
+if TYPE_CHECKING:
+    from splitserve.engine.config import EngineConfig
 
 
 @dataclass(frozen=True)
