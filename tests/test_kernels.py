@@ -104,3 +104,24 @@ def test_prefill_attention_matches_reference(ops, lengths):
     assert got.shape == (total, heads, d)
     assert torch.allclose(got, expected, atol=2e-2, rtol=2e-2)
     assert (got - expected).abs().mean() < 2e-3
+
+
+@pytest.mark.parametrize("prefix, chunk", [(16, 16), (37, 64), (300, 128), (5, 1)])
+def test_chunk_attention_over_a_cached_prefix_matches_reference(ops, prefix, chunk):
+    from splitserve.engine.attention import PromptChunk, write_kv
+
+    heads, kv_heads, d, block_size = 9, 3, 64, 16
+    context = prefix + chunk
+    num_blocks = (context + block_size - 1) // block_size
+    k_cache = torch.zeros(num_blocks + 2, kv_heads, block_size, d, dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    table = torch.arange(num_blocks + 1, 1, -1)[:num_blocks]  # scattered, reversed block ids
+    slots = torch.tensor([int(table[p // block_size]) * block_size + p % block_size for p in range(context)])
+    write_kv(k_cache, v_cache, rand(context, kv_heads, d, seed=19), rand(context, kv_heads, d, seed=20), slots)
+    q = rand(chunk, heads, d, seed=21)
+    spec = PromptChunk(chunk, prefix, table)
+    expected = TorchOps().chunk_attention(q.float(), k_cache.float(), v_cache.float(), spec, d**-0.5)
+    got = ops.chunk_attention(q, k_cache, v_cache, spec, d**-0.5).float()
+    assert got.shape == (chunk, heads, d)
+    assert torch.allclose(got, expected, atol=2e-2, rtol=2e-2)
+    assert (got - expected).abs().mean() < 2e-3

@@ -35,7 +35,7 @@ def test_a_colocated_worker_gets_the_cores_the_disaggregated_workers_share(tmp_p
     colocated = _config(tmp_path, "--cpus", "0-1", "--mode", "colocated")
     assert colocated.worker_names == ["colocated-0"] and colocated.worker_cpus == ((0, 1),)
     assert colocated.chunk_size is None
-    assert _config(tmp_path, "--mode", "chunked").chunk_size == 128
+    assert _config(tmp_path, "--mode", "chunked").chunk_size == 256
     assert _config(tmp_path, "--mode", "chunked", "--chunk-size", "64").chunk_size == 64
     with pytest.raises(ValueError, match="chunked"):
         _config(tmp_path, "--chunk-size", "64")

@@ -33,7 +33,7 @@ from splitserve.queue.redis_server import LocalRedis
 ENGINE_FLAGS = ("model", "dtype", "device", "block_size", "kv_cache_gb", "token_budget", "max_num_seqs",
                 "max_model_len")
 MODES = ("disaggregated", "colocated", "chunked")
-DEFAULT_CHUNK_SIZE = 128  # on this CPU prefill tokens/s is as high at 128-token prompts as at longer ones
+DEFAULT_CHUNK_SIZE = 256  # measured: 128-token chunks cost ~40% more prefill time here, 256 ~5%
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,9 @@ class TorchOps:
     def prefill_attention(self, q, k, v, query_lens: list[int], scale: float) -> torch.Tensor:
         return prefill_attention(q, k, v, query_lens, scale)
 
+    def chunk_attention(self, q, k_cache, v_cache, chunk, scale: float) -> torch.Tensor:
+        return chunk_attention(q, k_cache, v_cache, chunk, scale)
+
     def mixed_attention(self, q, k, v, k_cache, v_cache, batch: AttentionBatch, scale: float) -> torch.Tensor:
         """A mixed step: prompt chunks (a chunk with no cached prefix is a plain prefill), then decodes."""
         outputs, start = [], 0
@@ -69,7 +72,7 @@ class TorchOps:
             if chunk.prefix_len == 0:
                 outputs.append(self.prefill_attention(q[part], k[part], v[part], [chunk.num_tokens], scale))
             else:
-                outputs.append(chunk_attention(q[part], k_cache, v_cache, chunk, scale))
+                outputs.append(self.chunk_attention(q[part], k_cache, v_cache, chunk, scale))
             start = part.stop
         if start < q.shape[0]:
             outputs.append(self.decode_attention(q[start:], k_cache, v_cache, batch, scale))
@@ -114,6 +117,15 @@ class CpuKernelOps(TorchOps):
             return super().prefill_attention(q, k, v, query_lens, scale)
         outs = [self.k.prefill_attention(q[p], k[p], v[p], scale) for p in prompt_slices(query_lens)]
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def chunk_attention(self, q, k_cache, v_cache, chunk, scale):
+        if q.shape[-1] % 64:
+            return super().chunk_attention(q, k_cache, v_cache, chunk, scale)
+        context = chunk.prefix_len + chunk.num_tokens
+        # [blocks, Hkv, block_size, D] -> [keys, Hkv, D], token-major like a prompt's own k and v.
+        k = k_cache[chunk.block_table].transpose(1, 2).flatten(0, 1)[:context]
+        v = v_cache[chunk.block_table].transpose(1, 2).flatten(0, 1)[:context]
+        return self.k.prefix_attention(q, k, v, chunk.prefix_len, scale)
 
 
 class Linear(torch.nn.Module):

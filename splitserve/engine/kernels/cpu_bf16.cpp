@@ -365,16 +365,19 @@ void causal_softmax(const float* s, int64_t rows, int64_t lds, int64_t q0, float
   }
 }
 
-torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+// Causal attention of len queries at positions prefix .. prefix + len - 1 over prefix + len keys: a
+// whole prompt (prefix 0) or a later chunk of one whose earlier keys are cached (chunked prefill).
+torch::Tensor prefix_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t prefix, double scale) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.dim() == 3, "prefill_attention: [tokens, heads, dim] bf16");
   const int64_t len = q.size(0), hq = q.size(1), d = q.size(2), hkv = k.size(1), group = hq / hkv;
   TORCH_CHECK(d % 64 == 0 && hq % hkv == 0, "prefill_attention: head_dim must be a multiple of 64");
-  const int64_t len_even = len + (len & 1);
+  const int64_t nk = k.size(0), nk_even = nk + (nk & 1);
+  TORCH_CHECK(prefix >= 0 && nk == prefix + len && v.size(0) == nk, "prefill_attention: keys must be prefix + queries");
   // Per KV head: K as a packed [keys, d] weight, V^T as a packed [d, keys] weight (keys padded even).
   std::vector<torch::Tensor> k_packed(hkv), v_packed(hkv);
   for (int64_t h = 0; h < hkv; ++h) {
     k_packed[h] = pack_weight(k.select(1, h));
-    v_packed[h] = pack_weight(torch::constant_pad_nd(v.select(1, h), {0, 0, 0, len_even - len}).t());
+    v_packed[h] = pack_weight(torch::constant_pad_nd(v.select(1, h), {0, 0, 0, nk_even - nk}).t());
   }
   auto qh = q.permute({1, 0, 2}).contiguous();  // [heads, tokens, d]: each head's rows dense
   auto out = torch::empty({len, hq, d}, q.options());
@@ -384,27 +387,31 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor 
   // Items (head, chunk) cost more the later the chunk; dynamic scheduling keeps threads even.
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    std::vector<float> s(kQueryChunk * len_even);
-    std::vector<bf16> p(kQueryChunk * len_even);
+    std::vector<float> s(kQueryChunk * nk_even);
+    std::vector<bf16> p(kQueryChunk * nk_even);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < hq * chunks; ++item) {
       const int64_t h = item % hq, c = chunks - 1 - item / hq;  // largest chunks first
-      const int64_t q0 = c * kQueryChunk, rows = std::min(kQueryChunk, len - q0), keys = q0 + rows;
+      const int64_t q0 = c * kQueryChunk, rows = std::min(kQueryChunk, len - q0), keys = prefix + q0 + rows;
       const int64_t keys_even = keys + (keys & 1);
       const uint32_t* qx = reinterpret_cast<const uint32_t*>(qh.data_ptr<bf16>() + (h * len + q0) * d);
       const bf16* kp = k_packed[h / group].data_ptr<bf16>();
       const bf16* vp = v_packed[h / group].data_ptr<bf16>();
       const int64_t key_tiles = (keys + kTileN - 1) / kTileN;
-      gemm_rows<float>(qx, d / 2, 0, rows, kp, d / 2, d / 2, 0, key_tiles, keys, nullptr, s.data(), len_even);
-      causal_softmax(s.data(), rows, len_even, q0, sc, p.data(), len_even, keys_even);
+      gemm_rows<float>(qx, d / 2, 0, rows, kp, d / 2, d / 2, 0, key_tiles, keys, nullptr, s.data(), nk_even);
+      causal_softmax(s.data(), rows, nk_even, prefix + q0, sc, p.data(), nk_even, keys_even);
       const uint32_t* px = reinterpret_cast<const uint32_t*>(p.data());
       std::vector<bf16> o(rows * d);
-      gemm_rows<bf16>(px, len_even / 2, 0, rows, vp, len_even / 2, keys_even / 2, 0, d / kTileN, d, nullptr,
+      gemm_rows<bf16>(px, nk_even / 2, 0, rows, vp, nk_even / 2, keys_even / 2, 0, d / kTileN, d, nullptr,
                       o.data(), d);
       for (int64_t r = 0; r < rows; ++r) std::copy(o.data() + r * d, o.data() + (r + 1) * d, op + ((q0 + r) * hq + h) * d);
     }
   }
   return out;
+}
+
+torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+  return prefix_attention(q, k, v, 0, scale);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -509,6 +516,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "x @ W^T (+ bias) with a packed weight");
   m.def("decode_attention", &decode_attention, "paged attention, one query token per sequence");
   m.def("prefill_attention", &prefill_attention, "causal attention of one prompt over itself");
+  m.def("prefix_attention", &prefix_attention, "causal attention of a prompt chunk over its cached prefix and itself");
   m.def("add_rmsnorm", &add_rmsnorm, "residual += delta in place; returns the RMS-normed residual");
   m.def("rope_write_kv", &rope_write_kv, "RoPE on q and k in place; k and v written to the caches");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
