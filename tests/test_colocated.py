@@ -4,17 +4,19 @@ prompts first, vLLM's order) and `--mode chunked` (chunked prefill), as real pro
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import openai
 import pytest
 import torch
 from conftest import make_prompts, start_cluster, stop_cluster
-from test_cluster import MODEL, _generate_ids, _stream_one
+from test_cluster import _generate_ids, _stream_one
 
 from splitserve.engine import EngineConfig, LLMEngine, SamplingParams
 from splitserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
+from splitserve.v1 import scheduler_pb2_grpc
 
 pytestmark = pytest.mark.timeout(300)
 CHUNK_SIZE = 64
@@ -75,6 +77,18 @@ def test_concurrent_streams_complete_and_free_every_block(mode_cluster, model_bf
         assert finish == "length" and text
     stats = cluster.wait_all_blocks_free()
     assert all(s.num_free_blocks == s.num_blocks and s.num_running == 0 for s in stats.values()), stats
+    assert _scheduler_running(cluster) == 0  # every request acknowledged, none left tracked
+
+
+def _scheduler_running(cluster, timeout_s: float = 10.0) -> int:
+    """The scheduler's count of requests in flight, once it reaches 0 or the timeout passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with grpc.insecure_channel(cluster.scheduler_address) as channel:
+            state = scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(spb.ClusterStateRequest(), timeout=5)
+        if state.num_running == 0 or time.monotonic() > deadline:
+            return state.num_running
+        time.sleep(0.2)
 
 
 def test_it_refuses_kv_pulls(mode_cluster):

@@ -106,7 +106,7 @@ def test_prefill_attention_matches_reference(ops, lengths):
     assert (got - expected).abs().mean() < 2e-3
 
 
-@pytest.mark.parametrize("prefix, chunk", [(16, 16), (37, 64), (300, 128), (5, 1)])
+@pytest.mark.parametrize("prefix, chunk", [(16, 16), (37, 64), (300, 128), (5, 1), (200, 256), (101, 300)])
 def test_chunk_attention_over_a_cached_prefix_matches_reference(ops, prefix, chunk):
     from splitserve.engine.attention import PromptChunk, write_kv
 

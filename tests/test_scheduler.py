@@ -102,7 +102,7 @@ def test_a_mixed_step_puts_decodes_first_and_fills_the_chunk_with_prompts_in_ord
     assert decodes == [running] and preempted == []
     assert [(x.request_id, n) for x, n in chunks] == [("a", 5), ("b", 2)]  # 1 decode + 7 prompt tokens
     assert [x.request_id for x in s.prefilling] == ["a", "b"] and not s.waiting
-    assert s.blocks.block_table("b") == s.blocks.block_table("b")[:3] and len(s.blocks.block_table("b")) == 3
+    assert len(s.blocks.block_table("b")) == 3  # the whole 9-token prompt's blocks, at its first chunk
 
 
 def test_a_prompt_part_way_through_goes_before_new_ones():
@@ -126,3 +126,23 @@ def test_remove_takes_a_sequence_out_of_prefill_mid_way():
     s.remove(s.prefilling[0])
     assert not s.prefilling and not s.has_work
     assert s.blocks.num_free_blocks == s.blocks.num_blocks
+
+
+def test_a_decode_out_of_blocks_is_preempted_while_a_prompt_part_way_through_keeps_its_blocks():
+    s = make_chunked(chunk_size=4, num_blocks=4, block_size=4)
+    running = seq("run", 4)  # its next token needs a second block
+    s.blocks.allocate("run", 4)
+    running.num_computed_tokens = 4
+    running.transition(RequestState.DECODING)
+    s.running.append(running)
+    s.add(seq("long", 12))  # takes the other 3 blocks at its first chunk
+    decodes, chunks, _ = s.schedule_mixed()
+    assert decodes == [running] and [(x.request_id, n) for x, n in chunks] == [("long", 3)]
+    chunks[0][0].num_computed_tokens += 3
+    running.output_token_ids.append(7)  # the decode step's token: 5 tokens now, 2 blocks needed
+    decodes, chunks, preempted = s.schedule_mixed()
+    assert decodes == [] and preempted == [running]
+    assert running.state is RequestState.QUEUED and running.num_computed_tokens == 0
+    assert list(s.waiting) == [running] and [x.request_id for x in s.prefilling] == ["long"]
+    assert [(x.request_id, n) for x, n in chunks] == [("long", 4)]  # the prompt goes on with its blocks
+    assert len(s.blocks.block_table("long")) == 3

@@ -94,4 +94,6 @@ def test_colocated_workers_are_placed_like_prefill_servers():
     _worker(reg, "d", spb.WORKER_ROLE_DECODE)
     a.assigned["r1"] = 30
     assert reg.pick_prefill(10).instance_id == "c-b"
+    a.assigned["r1"] = 0  # prefilled, decoding on c-a: a tie on tokens goes to the worker with fewer requests
+    assert reg.pick_prefill(10).instance_id == "c-b"
     assert reg.pick_decode(pb.KvHandle(layout=LAYOUT, transport=pb.KV_TRANSPORT_UCX)).instance_id == "d"

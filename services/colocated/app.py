@@ -6,13 +6,13 @@ import asyncio
 
 import structlog
 
-from splitserve.common.rpc import NOT_SERVING, SERVING, add_health, bind, make_server
+from splitserve.common.rpc import SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
 from splitserve.engine.engine import LLMEngine
 from splitserve.queue.streams import connect, listen_for_cancels
 from splitserve.v1 import prefill_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
-from splitserve.worker.common import SchedulerLink, advertised_address, worker_info
+from splitserve.worker.common import SchedulerLink, advertised_address, worker_info, worker_shutdown
 from splitserve.worker.config import WorkerConfig
 
 from .server import ColocatedServer
@@ -29,7 +29,8 @@ async def serve(config: WorkerConfig) -> int:
     server = ColocatedServer(config, engine, redis)
     prefill_pb2_grpc.add_PrefillServicer_to_server(ColocatedServicer(server), grpc_server)
     health = add_health(grpc_server)
-    link = SchedulerLink(config, worker_info(config, spb.WORKER_ROLE_COLOCATED, address, engine), server.stats)
+    info = worker_info(config, spb.WORKER_ROLE_COLOCATED, address, engine)
+    link = SchedulerLink(config, info, server.stats)
     server.scheduler = link.stub
     server.loop.start()
     await grpc_server.start()
@@ -37,10 +38,6 @@ async def serve(config: WorkerConfig) -> int:
     log.info("colocated worker ready", grpc=address, num_blocks=engine.blocks.num_blocks,
              token_budget=config.engine.token_budget, chunk_size=config.engine.chunk_size)
 
-    async def shutdown() -> None:
-        await health.set("", NOT_SERVING)
-        await grpc_server.stop(2)
-        await server.loop.stop()
-
     tasks = [link.run(), server.replies.run(), listen_for_cancels(redis, server.abort)]
+    shutdown = worker_shutdown(health, grpc_server, server.loop)
     return await run_until_signal(tasks, shutdown, server.loop.failed)

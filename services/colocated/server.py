@@ -14,11 +14,17 @@ from dataclasses import dataclass
 
 import structlog
 
-from splitserve.common.protoconv import finish_to_proto, sampling_from_proto
+from splitserve.common.protoconv import finish_to_proto
 from splitserve.engine.engine import LLMEngine
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
-from splitserve.worker.common import ReplyPublisher, Tombstones, call_with_retries, engine_stats
+from splitserve.worker.common import (
+    ReplyPublisher,
+    Tombstones,
+    add_to_engine,
+    call_with_retries,
+    engine_stats,
+)
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.engine_loop import EngineLoop, StepResult
 
@@ -49,14 +55,7 @@ class ColocatedServer:
             raise ValueError(f"request {rid!r} was cancelled")
         if rid in self.requests:  # the scheduler lost track of this copy and sent it again
             await self._drop(rid)
-        params = sampling_from_proto(request.sampling)
-        ids = list(request.prompt_token_ids)
-        self.requests[rid] = Running(request)  # before the engine sees it: its step may end first
-        try:
-            await self.loop.call(lambda e: e.add_request(rid, ids, params))
-        except ValueError:
-            self.requests.pop(rid, None)
-            raise
+        await add_to_engine(self.loop, self.requests, request, Running(request))
 
     async def abort(self, request_id: str) -> bool:
         self.cancelled.add(request_id)
@@ -102,10 +101,11 @@ class ColocatedServer:
             *(self._report_done(rid, reason) for rid, reason in finished)))
 
     def _prefill_done(self, running: Running, token_id: int, reason: int) -> spb.PrefillDoneRequest:
-        return spb.PrefillDoneRequest(request_id=running.request.request_id, instance_id=self.config.instance_id,
-                                      output_token_ids=[token_id], finish_reason=reason,
-                                      timeline=running.request.timeline)
+        return spb.PrefillDoneRequest(request_id=running.request.request_id,
+                                      instance_id=self.config.instance_id, output_token_ids=[token_id],
+                                      finish_reason=reason, timeline=running.request.timeline)
 
     async def _report_done(self, rid: str, reason: int) -> None:
-        done = spb.RequestDoneRequest(request_id=rid, instance_id=self.config.instance_id, finish_reason=reason)
+        done = spb.RequestDoneRequest(request_id=rid, instance_id=self.config.instance_id,
+                                      finish_reason=reason)
         await call_with_retries(self.scheduler.RequestDone, done, what="RequestDone")

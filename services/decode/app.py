@@ -6,14 +6,14 @@ import asyncio
 
 import structlog
 
-from splitserve.common.rpc import NOT_SERVING, SERVING, add_health, bind, make_server
+from splitserve.common.rpc import SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
 from splitserve.engine.engine import LLMEngine
 from splitserve.kv_transfer.factory import make_kv_puller
 from splitserve.queue.streams import connect, listen_for_cancels
 from splitserve.v1 import decode_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
-from splitserve.worker.common import SchedulerLink, advertised_address, worker_info
+from splitserve.worker.common import SchedulerLink, advertised_address, worker_info, worker_shutdown
 from splitserve.worker.config import WorkerConfig
 
 from .server import DecodeServer
@@ -48,11 +48,7 @@ async def _serve_started(config, engine, redis, grpc_server, server, link, addre
     log.info("decode server ready", grpc=address, kv_transport=config.kv_transport,
              num_blocks=engine.blocks.num_blocks, max_num_seqs=config.engine.max_num_seqs)
 
-    async def shutdown() -> None:
-        await health.set("", NOT_SERVING)
-        await grpc_server.stop(2)
-        await server.loop.stop()
-
     tasks = [link.run(), server.replies.run(), server.admit_forever(),
              listen_for_cancels(redis, server.abort)]
+    shutdown = worker_shutdown(health, grpc_server, server.loop)
     return await run_until_signal(tasks, shutdown, server.loop.failed)

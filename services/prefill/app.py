@@ -7,14 +7,14 @@ import asyncio
 import structlog
 
 from splitserve.common.net import advertised_host
-from splitserve.common.rpc import NOT_SERVING, SERVING, add_health, bind, make_server
+from splitserve.common.rpc import SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
 from splitserve.engine.engine import LLMEngine
 from splitserve.kv_transfer.factory import make_kv_server
 from splitserve.queue.streams import connect, listen_for_cancels
 from splitserve.v1 import prefill_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
-from splitserve.worker.common import SchedulerLink, advertised_address, worker_info
+from splitserve.worker.common import SchedulerLink, advertised_address, worker_info, worker_shutdown
 from splitserve.worker.config import WorkerConfig
 
 from .server import PrefillServer
@@ -53,10 +53,6 @@ async def _serve_started(config, engine, redis, grpc_server, server, kv_server) 
              kv_address=server.kv_address, num_blocks=engine.blocks.num_blocks,
              token_budget=config.engine.token_budget)
 
-    async def shutdown() -> None:
-        await health.set("", NOT_SERVING)
-        await grpc_server.stop(2)
-        await server.loop.stop()
-
     tasks = [link.run(), server.replies.run(), listen_for_cancels(redis, server.abort)]
+    shutdown = worker_shutdown(health, grpc_server, server.loop)
     return await run_until_signal(tasks, shutdown, server.loop.failed)

@@ -14,14 +14,20 @@ from dataclasses import dataclass
 
 import structlog
 
-from splitserve.common.protoconv import finish_to_proto, layout_to_proto, sampling_from_proto
+from splitserve.common.protoconv import finish_to_proto, layout_to_proto
 from splitserve.common.service import Background
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.kv_cache import export_bytes
 from splitserve.engine.request import StepOutput
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
-from splitserve.worker.common import ReplyPublisher, Tombstones, call_with_retries, engine_stats
+from splitserve.worker.common import (
+    ReplyPublisher,
+    Tombstones,
+    add_to_engine,
+    call_with_retries,
+    engine_stats,
+)
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.engine_loop import EngineLoop, StepResult
 
@@ -61,14 +67,7 @@ class PrefillServer:
             raise ValueError(f"request {rid!r} was cancelled")
         if rid in self.requests:  # the scheduler reassigned it (its decode server died): start over
             await self._free(rid, "replayed")
-        params = sampling_from_proto(request.sampling)
-        ids = list(request.prompt_token_ids)
-        self.requests[rid] = Held(request)  # before the engine sees it: its step may end first
-        try:
-            await self.loop.call(lambda e: e.add_request(rid, ids, params))
-        except ValueError:
-            self.requests.pop(rid, None)
-            raise
+        await add_to_engine(self.loop, self.requests, request, Held(request))
 
     async def release(self, request_id: str) -> None:
         """Decode acknowledged its pull: free the blocks (unknown ids are a harmless retry)."""
@@ -113,7 +112,8 @@ class PrefillServer:
         # The first tokens go toward the clients before the scheduler hears of the KV blocks.
         self.replies.send(events, then=lambda: asyncio.gather(*(self._report(d) for d in done)))
 
-    def _first_token_event(self, held: Held, out: StepOutput, block_tables: dict) -> tuple[str, pb.TokenEvent]:
+    def _first_token_event(self, held: Held, out: StepOutput,
+                           block_tables: dict) -> tuple[str, pb.TokenEvent]:
         request = held.request
         event = pb.TokenEvent(request_id=out.request_id, token_ids=[out.token_id], index=0,
                               finish_reason=finish_to_proto(out.finish_reason))

@@ -75,7 +75,8 @@ class Registry:
         """The least-loaded prefill (or colocated) worker with room for num_tokens more, or None."""
         takers = self.of_role(spb.WORKER_ROLE_PREFILL) + self.of_role(spb.WORKER_ROLE_COLOCATED)
         fits = [w for w in takers if self._has_room(w, num_tokens)]
-        return min(fits, key=lambda w: w.outstanding_tokens, default=None)
+        # Ties (colocated workers count a decoding request as 0 tokens) go to the fewer requests.
+        return min(fits, key=lambda w: (w.outstanding_tokens, len(w.assigned)), default=None)
 
     def _has_room(self, worker: WorkerEntry, num_tokens: int) -> bool:
         capacity = self.queue_factor * worker.info.token_budget

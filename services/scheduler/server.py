@@ -189,7 +189,8 @@ class SchedulerServer:
 
     async def request_done(self, done: spb.RequestDoneRequest) -> None:
         tracked = self.tracked.get(done.request_id)
-        if tracked is not None and tracked.decode_id == done.instance_id:
+        # A colocated worker's RequestDone may overtake its own PrefillDone: it is still prefill_id.
+        if tracked is not None and done.instance_id in (tracked.decode_id, tracked.prefill_id):
             await self.finish(done.request_id, done.finish_reason)
 
     async def finish(self, request_id: str, reason: int) -> None:

@@ -14,11 +14,16 @@ import random
 import statistics
 import time
 
+from splitserve.bench.loadgen.metrics import percentile
 from splitserve.common.engine_args import apply_threads, engine_config_from_args
 from splitserve.engine import LLMEngine, SamplingParams
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.chunk_size:
+        raise ValueError("bench latency times whole-prompt prefill; --chunk-size does not apply")
+    if args.output_len < 2:
+        raise ValueError("--output-len must be >= 2: one token is the prefill's, the rest are decode steps")
     apply_threads(args)
     engine = LLMEngine(engine_config_from_args(args))
     rng = random.Random(args.seed)
@@ -47,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _stats(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
-    return {"p50": round(statistics.median(ordered), 2), "mean": round(statistics.fmean(ordered), 2),
-            "p90": round(ordered[int(0.9 * (len(ordered) - 1))], 2), "count": len(ordered)}
+    return {"p50": round(percentile(ordered, 50), 2), "mean": round(statistics.fmean(ordered), 2),
+            "p90": round(percentile(ordered, 90), 2), "count": len(ordered)}
 
 
 def _threads() -> int:

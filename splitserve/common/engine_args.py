@@ -69,8 +69,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=positive_int, default=None,
                    help="context limit in tokens (default: the model's)")
     g.add_argument("--chunk-size", type=positive_int, default=None,
-                   help="colocated engines: chunked prefill, at most this many tokens per step, decodes "
-                        "included (Sarathi-Serve); default: off, a new prompt runs whole first")
+                   help="colocated engines: chunked prefill, prompt chunks fill each step up to this many "
+                        "tokens, running decodes included (each still gets its token) (Sarathi-Serve); "
+                        "default: off, a new prompt runs whole first")
 
 
 def engine_config_from_args(args: argparse.Namespace, role: EngineRole | None = None) -> EngineConfig:

@@ -16,11 +16,12 @@ _PUBLIC = {
 }
 __all__ = sorted(_PUBLIC)
 
-if TYPE_CHECKING:
-    from splitserve.engine.config import EngineConfig, EngineRole
-    from splitserve.engine.engine import LLMEngine
-    from splitserve.engine.loader import LoadedModel
-    from splitserve.engine.request import FinishReason, RequestState, SamplingParams, Sequence, StepOutput
+if TYPE_CHECKING:  # for type checkers; at run time __getattr__ loads them
+    from splitserve.engine.config import EngineConfig, EngineRole  # noqa: F401
+    from splitserve.engine.engine import LLMEngine  # noqa: F401
+    from splitserve.engine.loader import LoadedModel  # noqa: F401
+    from splitserve.engine.request import (  # noqa: F401
+        FinishReason, RequestState, SamplingParams, Sequence, StepOutput)
 
 
 def __getattr__(name: str):

@@ -30,10 +30,6 @@ class AttentionBatch:
     # per decoding sequence, which block_tables / context_lens describe.
     chunks: list[PromptChunk] | None = None
 
-    @property
-    def num_chunk_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks or ())
-
 
 @dataclass(frozen=True)
 class PromptChunk:

@@ -60,10 +60,22 @@ PROGRESS_EPOLL_TIMEOUT_MS = 100
 
 
 def _quiet_progress_thread() -> None:
-    """Make ucxx start its progress thread with PROGRESS_EPOLL_TIMEOUT_MS (it hard-codes 1 ms)."""
-    from ucxx._lib_async import application_context, continuous_ucx_progress
+    """Make ucxx start its progress thread with PROGRESS_EPOLL_TIMEOUT_MS (it hard-codes 1 ms).
 
-    class QuietThreadMode(continuous_ucx_progress.ThreadMode):
+    This reaches into ucxx's private modules; if a release moves them, UCX still works, with the
+    1 ms wake-ups.
+    """
+    try:
+        from ucxx._lib_async import application_context, continuous_ucx_progress
+
+        base = continuous_ucx_progress.ThreadMode
+        _ = (continuous_ucx_progress.ProgressTask, continuous_ucx_progress._create_context,
+             application_context.ThreadMode)
+    except (ImportError, AttributeError) as exc:
+        log.warning("ucx progress thread left at its 1 ms epoll timeout", reason=str(exc))
+        return
+
+    class QuietThreadMode(base):
         def __init__(self, worker, event_loop, polling_mode=False):
             continuous_ucx_progress.ProgressTask.__init__(self, worker, event_loop)
             worker.set_progress_thread_start_callback(continuous_ucx_progress._create_context)

@@ -10,8 +10,8 @@ import grpc
 import structlog
 
 from splitserve.common.net import advertised_host
-from splitserve.common.protoconv import layout_to_proto
-from splitserve.common.rpc import open_channel
+from splitserve.common.protoconv import layout_to_proto, sampling_from_proto
+from splitserve.common.rpc import NOT_SERVING, open_channel
 from splitserve.common.service import Background
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.request import RequestState
@@ -38,7 +38,7 @@ def engine_stats(engine: LLMEngine) -> pb.WorkerStats:
     return pb.WorkerStats(
         num_blocks=engine.blocks.num_blocks,
         num_free_blocks=engine.blocks.num_free_blocks,
-        num_running=len(engine.scheduler.running) + len(held),
+        num_running=len(engine.scheduler.running) + len(engine.scheduler.prefilling) + len(held),
         num_waiting=len(waiting),
         num_queued_prompt_tokens=sum(s.num_prompt_tokens for s in waiting),
         num_held=len(held),
@@ -83,6 +83,32 @@ class SchedulerLink:
                 await self._register()
             else:
                 log.warning("heartbeat failed", code=exc.code().name)
+
+
+async def add_to_engine(loop, tracked: dict, request: pb.QueuedRequest, entry) -> None:
+    """Track entry under the request's id, then queue the request in the engine (loop: EngineLoop).
+
+    Tracked first, because the engine's step may end before the call returns; untracked again if
+    the engine refuses the request (ValueError, raised here).
+    """
+    rid = request.request_id
+    params = sampling_from_proto(request.sampling)
+    ids = list(request.prompt_token_ids)
+    tracked[rid] = entry
+    try:
+        await loop.call(lambda e: e.add_request(rid, ids, params))
+    except ValueError:
+        tracked.pop(rid, None)
+        raise
+
+
+def worker_shutdown(health, grpc_server, loop):
+    """What a worker does on SIGTERM: report NOT_SERVING, stop gRPC (2 s grace), stop the engine thread."""
+    async def shutdown() -> None:
+        await health.set("", NOT_SERVING)
+        await grpc_server.stop(2)
+        await loop.stop()
+    return shutdown
 
 
 def advertised_address(config: WorkerConfig, port: int) -> str:

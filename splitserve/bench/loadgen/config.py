@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from splitserve.common.engine_args import positive_int
 from splitserve.bench.loadgen.metrics import Slo
 from splitserve.bench.loadgen.prompts import DEFAULT_TOKEN_RANGE
 from splitserve.bench.loadgen.workloads import WORKLOAD_NAMES, Workload, get_workload
@@ -65,13 +66,6 @@ def rate_json(rate: float) -> float | str:
     return rate if math.isfinite(rate) else "inf"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
-    return value
-
-
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:  # inf allowed: --rate inf sends everything at once
@@ -107,11 +101,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                       help="gamma shape of the inter-arrival times: 1 is Poisson, lower is burstier "
                            "(default: %(default)s)")
     count = load.add_mutually_exclusive_group()
-    count.add_argument("--num-requests", type=_positive_int, metavar="N", default=None,
+    count.add_argument("--num-requests", type=positive_int, metavar="N", default=None,
                        help="requests per point (default: 100 unless --duration)")
     count.add_argument("--duration", type=_positive_float, metavar="S", default=None,
                        help="send arrivals for this many seconds per point instead of a fixed count")
-    load.add_argument("--max-concurrency", type=_positive_int, metavar="N", default=None,
+    load.add_argument("--max-concurrency", type=positive_int, metavar="N", default=None,
                       help="at most this many requests in flight; later arrivals wait (default: no cap)")
     load.add_argument("--seed", type=int, default=0, metavar="N",
                       help="seed of arrivals, lengths and prompt ids (default: 0)")
@@ -135,9 +129,9 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     w.add_argument("--workload", choices=WORKLOAD_NAMES, default="fixed",
                    help="request lengths: fixed, or a synthetic lognormal mix (see docs/benchmarks.md) "
                         "(default: %(default)s)")
-    w.add_argument("--input-len", type=_positive_int, metavar="N", default=None,
+    w.add_argument("--input-len", type=positive_int, metavar="N", default=None,
                    help="fixed: prompt tokens (default 128); other workloads: move the input median here")
-    w.add_argument("--output-len", type=_positive_int, metavar="N", default=None,
+    w.add_argument("--output-len", type=positive_int, metavar="N", default=None,
                    help="fixed: output tokens (default 32); other workloads: move the output median here")
     w.add_argument("--token-range", type=int, nargs=2, metavar=("LO", "HI"),
                    default=list(DEFAULT_TOKEN_RANGE),

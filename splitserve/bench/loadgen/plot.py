@@ -53,10 +53,13 @@ def _column(reports: list[dict[str, Any]], metric: str, stat: str) -> list[float
     return [r[metric][stat] for r in reports]
 
 
-def load_sweep(path: Path, slo=None) -> Sweep:
-    """A sweep from a `bench serve --output` file; with slo (a metrics.Slo), re-scored under it."""
+def load_sweep(path: Path, slo=None, overrides: tuple | None = None) -> Sweep:
+    """A sweep from a `bench serve --output` file, re-scored under slo (a metrics.Slo) if given, or
+    under its own SLOs with the non-None of overrides (ttft_s, tpot_s, target) in their place."""
     try:
         data = json.loads(path.read_text())
+        if overrides is not None and any(v is not None for v in overrides):
+            slo = with_overrides(data, *overrides)
         if slo is not None:
             data = rescored(data, slo)
         return Sweep.from_json(data, path.stem)
@@ -77,6 +80,16 @@ def rescored(data: dict[str, Any], slo) -> dict[str, Any]:
         points.append({**point, "report": summarize(records, slo).to_json()})
     config = {**data["config"], "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "target": slo.target}}
     return {**data, "config": config, "points": points}
+
+
+def with_overrides(data: dict[str, Any], ttft_s, tpot_s, target):
+    """The file's own SLOs, with whichever of ttft_s / tpot_s / target is given replacing its own."""
+    from splitserve.bench.loadgen.metrics import Slo
+
+    own = data["config"]["slo"]
+    return Slo(own["ttft_s"] if ttft_s is None else ttft_s, own["tpot_s"] if tpot_s is None else tpot_s,
+               own["target"] if target is None else target)
+
 
 
 def plot_sweeps(sweeps: list[Sweep], output: Path, title: str | None = None) -> None:
@@ -131,11 +144,7 @@ def run(args) -> int:
     """`splitserve bench plot`: overlay the sweeps of several JSON files in one PNG."""
     if not args.output.resolve().parent.is_dir():
         raise ValueError(f"{args.output}: its folder does not exist")
-    slo = None
-    if args.ttft_slo is not None or args.tpot_slo is not None or args.attainment is not None:
-        from splitserve.bench.loadgen.metrics import Slo
-
-        slo = Slo(args.ttft_slo, args.tpot_slo, 0.9 if args.attainment is None else args.attainment)
-    plot_sweeps([load_sweep(path, slo) for path in args.inputs], args.output, args.title)
+    overrides = (args.ttft_slo, args.tpot_slo, args.attainment)
+    plot_sweeps([load_sweep(path, overrides=overrides) for path in args.inputs], args.output, args.title)
     print(f"wrote {args.output}")
     return 0

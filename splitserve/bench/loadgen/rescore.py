@@ -47,12 +47,12 @@ def run(args) -> int:
     print("\t".join(["TTFT SLO s", "TPOT SLO s", *labels]))
     for ttft, tpot in itertools.product(args.ttft_slo, args.tpot_slo):
         slo = Slo(ttft, tpot, args.attainment)
-        results = {label: rescore(points, slo) for label, points in runs}
-        print("\t".join([f"{ttft:g}", f"{tpot:g}", *(goodput_text(results[label][0]) for label in labels)]))
-        rows.append({"ttft_s": ttft, "tpot_s": tpot, "target": args.attainment, "runs": {
-            label: {"sweep": sweep.to_json(), "rates": [rate for rate, _ in dict(runs)[label]],
-                    "attainment": attainments}
-            for label, (sweep, attainments) in results.items()}})
+        results = [rescore(points, slo) for _, points in runs]  # labels may repeat: keep the order
+        print("\t".join([f"{ttft:g}", f"{tpot:g}", *(goodput_text(sweep) for sweep, _ in results)]))
+        rows.append({"ttft_s": ttft, "tpot_s": tpot, "target": args.attainment, "runs": [
+            {"label": label, "file": str(path), "sweep": sweep.to_json(),
+             "rates": [rate for rate, _ in points], "attainment": attainments}
+            for path, (label, points), (sweep, attainments) in zip(args.inputs, runs, results)]})
     if args.output:
         args.output.write_text(json.dumps(rows, indent=1) + "\n")
         print(f"wrote {args.output}")

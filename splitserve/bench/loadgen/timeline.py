@@ -41,7 +41,7 @@ def timeline_from_records(label: str, rate: float, records: list[dict[str, Any]]
     for record in records:
         if record.get("send_s") is not None:
             arrivals.append((record["send_s"], record.get("prompt_tokens") or record["input_len"]))
-        times = record.get("chunk_times_s") or []
+        times = [] if record.get("error") else record.get("chunk_times_s") or []
         gaps += [(b, 1e3 * (b - a)) for a, b in pairwise(times)]
     return Timeline(label, rate, sorted(gaps), sorted(arrivals))
 
@@ -58,7 +58,7 @@ def plot_timelines(timelines: list[Timeline], output: Path, window: tuple[float,
         xs, ys = zip(*_within(timeline.gaps, window)) if timeline.gaps else ((), ())
         axes.scatter(xs, ys, s=4, color=f"C{i % 10}", label="inter-token gap of a running request")
         for t, n in _within(timeline.arrivals, window):
-            axes.axvline(t, ymin=0, ymax=0.15 + 0.35 * n / longest, color="black", alpha=0.35, linewidth=1)
+            axes.axvline(t, ymin=0, ymax=0.04 + 0.16 * n / longest, color="black", alpha=0.35, linewidth=1)
         if slo_ms is not None:
             axes.axhline(slo_ms, color="grey", linestyle=":", label=f"TPOT SLO {slo_ms:g} ms")
         axes.set_ylim(0, top)

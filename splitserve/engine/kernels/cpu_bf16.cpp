@@ -368,11 +368,11 @@ void causal_softmax(const float* s, int64_t rows, int64_t lds, int64_t q0, float
 // Causal attention of len queries at positions prefix .. prefix + len - 1 over prefix + len keys: a
 // whole prompt (prefix 0) or a later chunk of one whose earlier keys are cached (chunked prefill).
 torch::Tensor prefix_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t prefix, double scale) {
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.dim() == 3, "prefill_attention: [tokens, heads, dim] bf16");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.dim() == 3, "prefix_attention: [tokens, heads, dim] bf16");
   const int64_t len = q.size(0), hq = q.size(1), d = q.size(2), hkv = k.size(1), group = hq / hkv;
-  TORCH_CHECK(d % 64 == 0 && hq % hkv == 0, "prefill_attention: head_dim must be a multiple of 64");
+  TORCH_CHECK(d % 64 == 0 && hq % hkv == 0, "prefix_attention: head_dim must be a multiple of 64");
   const int64_t nk = k.size(0), nk_even = nk + (nk & 1);
-  TORCH_CHECK(prefix >= 0 && nk == prefix + len && v.size(0) == nk, "prefill_attention: keys must be prefix + queries");
+  TORCH_CHECK(prefix >= 0 && nk == prefix + len && v.size(0) == nk, "prefix_attention: keys must be prefix + queries");
   // Per KV head: K as a packed [keys, d] weight, V^T as a packed [d, keys] weight (keys padded even).
   std::vector<torch::Tensor> k_packed(hkv), v_packed(hkv);
   for (int64_t h = 0; h < hkv; ++h) {
