@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import structlog
 
-from splitserve.common.protoconv import finish_to_proto
 from splitserve.engine.engine import LLMEngine
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
@@ -24,6 +23,7 @@ from splitserve.worker.common import (
     add_to_engine,
     call_with_retries,
     engine_stats,
+    token_event,
 )
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.engine_loop import EngineLoop, StepResult
@@ -84,12 +84,9 @@ class ColocatedServer:
                 timeline.first_token = time.time()
             else:
                 timeline.token_times.append(result.ended)
-            event = pb.TokenEvent(request_id=out.request_id, token_ids=[out.token_id],
-                                  index=running.num_emitted, finish_reason=finish_to_proto(out.finish_reason))
+            event = token_event(running.request, running.num_emitted, out)
             running.num_emitted += 1
             if out.finish_reason is not None:
-                timeline.finish = time.time()
-                event.timeline.CopyFrom(timeline)
                 del self.requests[out.request_id]
             if running.num_emitted == 1:
                 prefilled.append(self._prefill_done(running, out.token_id, event.finish_reason))

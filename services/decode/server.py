@@ -18,7 +18,7 @@ import grpc
 import structlog
 import torch
 
-from splitserve.common.protoconv import finish_to_proto, layout_from_proto, sampling_from_proto
+from splitserve.common.protoconv import layout_from_proto, sampling_from_proto
 from splitserve.common.rpc import open_channel
 from splitserve.common.service import Background
 from splitserve.engine.block_manager import OutOfBlocks
@@ -27,7 +27,7 @@ from splitserve.kv_transfer.base import KvPuller
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import decode_pb2, prefill_pb2, prefill_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
-from splitserve.worker.common import ReplyPublisher, Tombstones, call_with_retries, engine_stats
+from splitserve.worker.common import ReplyPublisher, Tombstones, call_with_retries, engine_stats, token_event
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.engine_loop import EngineLoop, StepResult
 
@@ -191,14 +191,10 @@ class DecodeServer:
             admitted = self.requests.get(out.request_id)
             if admitted is None:
                 continue
-            timeline = admitted.request.timeline
-            timeline.token_times.append(result.ended)
-            event = pb.TokenEvent(request_id=out.request_id, token_ids=[out.token_id],
-                                  index=admitted.num_emitted, finish_reason=finish_to_proto(out.finish_reason))
+            admitted.request.timeline.token_times.append(result.ended)
+            event = token_event(admitted.request, admitted.num_emitted, out)
             admitted.num_emitted += 1
             if out.finish_reason is not None:
-                timeline.finish = time.time()
-                event.timeline.CopyFrom(timeline)
                 del self.requests[out.request_id]
                 finished.append((out.request_id, event.finish_reason))
             events.append((admitted.request.reply_channel, event))

@@ -27,6 +27,7 @@ from splitserve.worker.common import (
     add_to_engine,
     call_with_retries,
     engine_stats,
+    token_event,
 )
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.engine_loop import EngineLoop, StepResult
@@ -115,11 +116,8 @@ class PrefillServer:
     def _first_token_event(self, held: Held, out: StepOutput,
                            block_tables: dict) -> tuple[str, pb.TokenEvent]:
         request = held.request
-        event = pb.TokenEvent(request_id=out.request_id, token_ids=[out.token_id], index=0,
-                              finish_reason=finish_to_proto(out.finish_reason))
+        event = token_event(request, 0, out)
         if out.finish_reason is not None:
-            request.timeline.finish = time.time()
-            event.timeline.CopyFrom(request.timeline)
             self.requests.pop(out.request_id)
         else:
             held.handle = self._handle(out.request_id, block_tables[out.request_id])

@@ -10,11 +10,11 @@ import grpc
 import structlog
 
 from splitserve.common.net import advertised_host
-from splitserve.common.protoconv import layout_to_proto, sampling_from_proto
+from splitserve.common.protoconv import finish_to_proto, layout_to_proto, sampling_from_proto
 from splitserve.common.rpc import NOT_SERVING, open_channel
 from splitserve.common.service import Background
 from splitserve.engine.engine import LLMEngine
-from splitserve.engine.request import RequestState
+from splitserve.engine.request import RequestState, StepOutput
 from splitserve.queue.streams import ProtoCodec, PubSub
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
@@ -83,6 +83,17 @@ class SchedulerLink:
                 await self._register()
             else:
                 log.warning("heartbeat failed", code=exc.code().name)
+
+
+def token_event(request: pb.QueuedRequest, index: int, out: StepOutput) -> pb.TokenEvent:
+    """The event carrying one output token at position index; the last one of a request stamps
+    `finish` and carries the whole Timeline."""
+    event = pb.TokenEvent(request_id=out.request_id, token_ids=[out.token_id], index=index,
+                          finish_reason=finish_to_proto(out.finish_reason))
+    if out.finish_reason is not None:
+        request.timeline.finish = time.time()
+        event.timeline.CopyFrom(request.timeline)
+    return event
 
 
 async def add_to_engine(loop, tracked: dict, request: pb.QueuedRequest, entry) -> None:
