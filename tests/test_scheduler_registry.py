@@ -97,3 +97,147 @@ def test_colocated_workers_are_placed_like_prefill_servers():
     a.assigned["r1"] = 0  # prefilled, decoding on c-a: a tie on tokens goes to the worker with fewer requests
     assert reg.pick_prefill(10).instance_id == "c-b"
     assert reg.pick_decode(pb.KvHandle(layout=LAYOUT, transport=pb.KV_TRANSPORT_UCX)).instance_id == "d"
+
+
+def test_a_draining_worker_is_placed_nothing_new():
+    reg = Registry(queue_factor=2.0)
+    a = _worker(reg, "p-a", spb.WORKER_ROLE_PREFILL)
+    _worker(reg, "p-b", spb.WORKER_ROLE_PREFILL).assigned["r1"] = 50
+    d = _worker(reg, "d-a", spb.WORKER_ROLE_DECODE, free_blocks=10)
+    _worker(reg, "d-b", spb.WORKER_ROLE_DECODE, free_blocks=2)
+    handle = pb.KvHandle(layout=LAYOUT, transport=pb.KV_TRANSPORT_UCX)
+    assert reg.pick_prefill(10).instance_id == "p-a" and reg.pick_decode(handle).instance_id == "d-a"
+    a.draining = d.draining = True
+    assert reg.pick_prefill(10).instance_id == "p-b"  # busier, but taking work
+    assert reg.pick_decode(handle).instance_id == "d-b"
+
+
+def _scheduler_with(*workers):
+    from splitserve.services.scheduler.config import SchedulerConfig
+    from splitserve.services.scheduler.server import SchedulerServer
+
+    class Stream:
+        acked: list[bytes] = []
+
+        async def ack(self, entry_id: bytes) -> None:
+            self.acked.append(entry_id)
+
+    server = SchedulerServer(SchedulerConfig("127.0.0.1", 0, "redis://unused", "s0", 2.0, 5.0, 60.0),
+                             stream=Stream(), redis=None)
+    for name, role in workers:
+        info = spb.WorkerInfo(instance_id=name, role=role, token_budget=100, kv_layout=LAYOUT,
+                              kv_transport=pb.KV_TRANSPORT_UCX, grpc_address="127.0.0.1:1")
+        server.registry.register(info, pb.WorkerStats(num_free_blocks=10), now=0.0)
+    return server
+
+
+def _in_decode(server, rid, entry, prefill_id, decode_id):
+    from splitserve.services.scheduler.server import Stage, Tracked
+
+    done = spb.PrefillDoneRequest(request_id=rid, instance_id=prefill_id,
+                                  kv=pb.KvHandle(layout=LAYOUT, transport=pb.KV_TRANSPORT_UCX, num_tokens=10))
+    tracked = Tracked(entry, pb.QueuedRequest(request_id=rid, prompt_token_ids=[1] * 10), Stage.DECODE,
+                      prefill_id, decode_id, done)
+    server.tracked[rid] = tracked
+    server.registry.workers[decode_id].assigned[rid] = 10
+    return tracked
+
+
+def test_a_request_handed_back_unpulled_goes_to_another_decode_server_and_a_pulled_one_to_the_queue():
+    import asyncio
+
+    from splitserve.services.scheduler.server import Stage
+
+    async def scenario():
+        server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d-a", spb.WORKER_ROLE_DECODE),
+                                 ("d-b", spb.WORKER_ROLE_DECODE))
+        unpulled = _in_decode(server, "r1", b"1-0", "p", "d-a")
+        running = _in_decode(server, "r2", b"2-0", "p", "d-a")
+        server.queue.append("r3")
+        server.drain_worker("d-a", finished=False)
+        server.hand_back(spb.HandBackRequest(request_id="r1", instance_id="d-a", kv_not_pulled=True))
+        server.hand_back(spb.HandBackRequest(request_id="r2", instance_id="d-a"))
+        server.hand_back(spb.HandBackRequest(request_id="r2", instance_id="d-a"))  # a retry: no-op
+        server.hand_back(spb.HandBackRequest(request_id="r1", instance_id="d-a"))  # d-b has it now
+        return server, unpulled, running
+
+    server, unpulled, running = asyncio.run(scenario())
+    assert server.registry.workers["d-a"].draining and server.registry.workers["d-a"].assigned == {}
+    assert unpulled.stage is Stage.DECODE and unpulled.decode_id == "d-b"
+    assert "r1" in server.registry.workers["d-b"].assigned
+    assert running.stage is Stage.QUEUED and running.decode_id is None and running.done is None
+    assert list(server.queue) == ["r2", "r3"]  # back at the front, from its prompt
+    assert [w.worker.instance_id for w in server.cluster_state().workers if w.draining] == ["d-a"]
+
+
+def test_a_finished_drain_forgets_the_worker_and_requeues_what_it_still_held():
+    import asyncio
+
+    async def scenario():
+        server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d-a", spb.WORKER_ROLE_DECODE))
+        _in_decode(server, "r1", b"1-0", "p", "d-a")
+        server.drain_worker("d-a", finished=True)
+        return server
+
+    server = asyncio.run(scenario())
+    assert "d-a" not in server.registry.workers and list(server.queue) == ["r1"]
+
+
+def test_a_draining_scheduler_starts_nothing_and_waits_for_requests_in_flight():
+    import asyncio
+
+    from splitserve.services.scheduler.server import Tracked
+
+    async def scenario():
+        server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d-a", spb.WORKER_ROLE_DECODE))
+        _in_decode(server, "r1", b"1-0", "p", "d-a")
+        server.tracked["r2"] = Tracked(b"2-0", pb.QueuedRequest(request_id="r2", prompt_token_ids=[1]))
+        server.queue.append("r2")
+        dispatch = asyncio.ensure_future(server.dispatch_forever())
+        drain = asyncio.ensure_future(server.drain(timeout_s=10))
+        await asyncio.sleep(0.05)
+        assert not drain.done()  # r1 is still decoding
+        await server.request_done(spb.RequestDoneRequest(request_id="r1", instance_id="d-a",
+                                                         finish_reason=pb.FINISH_REASON_LENGTH))
+        drained = await asyncio.wait_for(drain, 1)
+        dispatch.cancel()
+        return server, drained
+
+    server, drained = asyncio.run(scenario())
+    assert drained and list(server.queue) == ["r2"]  # never assigned: left pending for a successor
+    assert server.registry.workers["p"].assigned == {} and server.stream.acked == [b"1-0"]
+
+
+def test_a_scheduler_drain_times_out_when_requests_do_not_finish():
+    import asyncio
+
+    async def scenario():
+        server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d-a", spb.WORKER_ROLE_DECODE))
+        _in_decode(server, "r1", b"1-0", "p", "d-a")
+        return await server.drain(timeout_s=0.1)
+
+    assert asyncio.run(scenario()) is False
+
+
+def test_a_prefill_server_handing_back_unpulled_kv_requeues_the_request_and_stops_its_decode_server(monkeypatch):
+    import asyncio
+
+    from splitserve.services.scheduler.server import SchedulerServer, Stage
+
+    aborted = []
+
+    async def abort_on(self, instance_id, request_id):
+        aborted.append((instance_id, request_id))
+
+    monkeypatch.setattr(SchedulerServer, "_abort_on", abort_on)
+
+    async def scenario():
+        server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d-a", spb.WORKER_ROLE_DECODE))
+        tracked = _in_decode(server, "r1", b"1-0", "p", "d-a")
+        server.hand_back(spb.HandBackRequest(request_id="r1", instance_id="p"))
+        await asyncio.sleep(0)
+        return server, tracked
+
+    server, tracked = asyncio.run(scenario())
+    assert tracked.stage is Stage.QUEUED and list(server.queue) == ["r1"]
+    assert server.registry.workers["d-a"].assigned == {} and aborted == [("d-a", "r1")]

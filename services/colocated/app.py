@@ -39,5 +39,5 @@ async def serve(config: WorkerConfig) -> int:
              token_budget=config.engine.token_budget, chunk_size=config.engine.chunk_size)
 
     tasks = [link.run(), server.replies.run(), listen_for_cancels(redis, server.abort)]
-    shutdown = worker_shutdown(health, grpc_server, server.loop)
+    shutdown = worker_shutdown(health, grpc_server, server, link, config.drain_timeout_s)
     return await run_until_signal(tasks, shutdown, server.loop.failed)

@@ -4,6 +4,9 @@ It is placed by the scheduler like a prefill server. When a request's first toke
 PrefillDone (no KV handle: nothing moves), so the scheduler stops counting its prompt against this
 worker's room; when the request ends it reports RequestDone. Tokens go to the request's gateway in
 order through one sender task, as on the decode server.
+
+Draining (SIGTERM): Submit is refused; requests with no token out yet go back to the scheduler at
+once, running ones get the drain timeout to finish, and the rest go back then.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ from dataclasses import dataclass
 
 import structlog
 
+from splitserve.common.service import Progress
 from splitserve.engine.engine import LLMEngine
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.worker.common import (
+    Draining,
     ReplyPublisher,
+    SchedulerLink,
     Tombstones,
     add_to_engine,
     call_with_retries,
@@ -47,26 +53,48 @@ class ColocatedServer:
         self.scheduler = None  # the SchedulerStub, set once the link exists
         self.requests: dict[str, Running] = {}
         self.cancelled = Tombstones()
+        self.draining = False
+        self.progress = Progress()  # a request finished or left
 
     async def submit(self, request: pb.QueuedRequest) -> None:
         """Queue a request; ValueError when the engine cannot serve it."""
         rid = request.request_id
+        if self.draining:
+            raise Draining()
         if rid in self.cancelled:
             raise ValueError(f"request {rid!r} was cancelled")
         if rid in self.requests:  # the scheduler lost track of this copy and sent it again
             await self._drop(rid)
         await add_to_engine(self.loop, self.requests, request, Running(request))
 
-    async def abort(self, request_id: str) -> bool:
-        self.cancelled.add(request_id)
+    async def abort(self, request_id: str, cancelled: bool = True) -> bool:
+        """Drop a request; cancelled (by its client, not requeued) refuses its id from now on."""
+        if cancelled:
+            self.cancelled.add(request_id)
         return await self._drop(request_id)
 
-    async def _drop(self, request_id: str) -> bool:
+    async def _drop(self, request_id: str, why: str = "aborted") -> bool:
         if self.requests.pop(request_id, None) is None:
             return False
         await self.loop.call(lambda e: e.abort(request_id))
-        log.info("aborted, blocks freed", request_id=request_id)
+        self.progress.note()
+        log.info(f"{why}, blocks freed", request_id=request_id)
         return True
+
+    async def drain(self, link: SchedulerLink, timeout_s: float) -> None:
+        """Hand back the requests with no token out yet; give the running ones timeout_s to finish,
+        then hand back the rest."""
+        queued = [rid for rid, running in self.requests.items() if running.num_emitted == 0]
+        for rid in queued:
+            await self._drop(rid, "handed back")
+            await link.hand_back(rid)
+        log.info("draining", running=len(self.requests), handed_back_queued=len(queued), timeout_s=timeout_s)
+        await self.progress.until(lambda: not self.requests, timeout_s)
+        running = list(self.requests)
+        for rid in running:  # dropped first: no token of it goes out after the scheduler has it back
+            await self._drop(rid, "handed back")
+            await link.hand_back(rid)
+        log.info("drained", handed_back_queued=len(queued), handed_back_running=len(running))
 
     async def stats(self) -> pb.WorkerStats:
         return self.loop.snapshot
@@ -88,6 +116,7 @@ class ColocatedServer:
             running.num_emitted += 1
             if out.finish_reason is not None:
                 del self.requests[out.request_id]
+                self.progress.note()
             if running.num_emitted == 1:
                 prefilled.append(self._prefill_done(running, out.token_id, event.finish_reason))
             elif out.finish_reason is not None:

@@ -5,6 +5,10 @@ The payload lands in fresh memory, not in the cache, and import_kv writes it int
 blocks on the engine thread only if the request still holds them. A request cancelled mid-pull
 frees its reservation at once; its late payload is dropped, so no block is ever written after it
 was handed to another request.
+
+Draining (SIGTERM): Submit is refused; requests not admitted yet go back to the scheduler at once
+(their KV still waits on the prefill server, so another decode server pulls it); running ones get
+the drain timeout to finish, and those still running then go back to run again from their prompts.
 """
 
 from __future__ import annotations
@@ -20,14 +24,22 @@ import torch
 
 from splitserve.common.protoconv import layout_from_proto, sampling_from_proto
 from splitserve.common.rpc import open_channel
-from splitserve.common.service import Background
+from splitserve.common.service import Background, Progress
 from splitserve.engine.block_manager import OutOfBlocks
 from splitserve.engine.engine import LLMEngine
 from splitserve.kv_transfer.base import KvPuller
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import decode_pb2, prefill_pb2, prefill_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
-from splitserve.worker.common import ReplyPublisher, Tombstones, call_with_retries, engine_stats, token_event
+from splitserve.worker.common import (
+    Draining,
+    ReplyPublisher,
+    SchedulerLink,
+    Tombstones,
+    call_with_retries,
+    engine_stats,
+    token_event,
+)
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.engine_loop import EngineLoop, StepResult
 
@@ -58,6 +70,8 @@ class DecodeServer:
         self.room = asyncio.Event()  # set when blocks may have been freed
         self.cancelled = Tombstones()
         self.background = Background()
+        self.draining = False
+        self.progress = Progress()  # a request finished, failed or left
         self._prefill_stubs: dict[str, prefill_pb2_grpc.PrefillStub] = {}
 
     # -- requests -------------------------------------------------------------------------------
@@ -65,6 +79,8 @@ class DecodeServer:
     async def submit(self, submit: decode_pb2.DecodeRequest) -> None:
         """Queue a prefilled request for admission; ValueError when it can never run here."""
         rid = submit.request.request_id
+        if self.draining:
+            raise Draining()
         if rid in self.cancelled:
             raise ValueError(f"request {rid!r} was cancelled")
         if rid in self.requests:  # the scheduler reassigned it after losing track of this copy
@@ -76,11 +92,13 @@ class DecodeServer:
         self.waiting.append(rid)
         self.room.set()
 
-    async def abort(self, request_id: str) -> bool:
-        self.cancelled.add(request_id)
+    async def abort(self, request_id: str, cancelled: bool = True) -> bool:
+        """Drop a request; cancelled (by its client, not requeued) refuses its id from now on."""
+        if cancelled:
+            self.cancelled.add(request_id)
         return await self._drop(request_id)
 
-    async def _drop(self, request_id: str) -> bool:
+    async def _drop(self, request_id: str, why: str = "aborted") -> bool:
         """Forget a request and free its blocks, wherever it is."""
         admitted = self.requests.pop(request_id, None)
         if admitted is None:
@@ -89,8 +107,24 @@ class DecodeServer:
             self.waiting.remove(request_id)
         await self.loop.call(lambda e: e.abort(request_id))
         self.room.set()
-        log.info("aborted, blocks freed", request_id=request_id)
+        self.progress.note()
+        log.info(f"{why}, blocks freed", request_id=request_id)
         return True
+
+    async def drain(self, link: SchedulerLink, timeout_s: float) -> None:
+        """Hand back the requests not admitted yet; give the running ones timeout_s to finish, then
+        hand back the rest."""
+        waiting = list(self.waiting)
+        for rid in waiting:
+            await self._drop(rid, "handed back")
+            await link.hand_back(rid, kv_not_pulled=True)
+        log.info("draining", running=len(self.requests), handed_back_waiting=len(waiting), timeout_s=timeout_s)
+        await self.progress.until(lambda: not self.requests, timeout_s)
+        running = list(self.requests)
+        for rid in running:  # dropped first: no token of it goes out after the scheduler has it back
+            await self._drop(rid, "handed back")
+            await link.hand_back(rid)
+        log.info("drained", handed_back_waiting=len(waiting), handed_back_running=len(running))
 
     async def stats(self) -> pb.WorkerStats:
         stats = pb.WorkerStats()
@@ -176,6 +210,7 @@ class DecodeServer:
         admitted = self.requests.pop(rid, None)
         await self.loop.call(lambda e: e.abort(rid))
         self.room.set()
+        self.progress.note()
         if admitted is None:
             return
         event = pb.TokenEvent(request_id=rid, index=admitted.num_emitted,
@@ -200,6 +235,7 @@ class DecodeServer:
             events.append((admitted.request.reply_channel, event))
         if finished:
             self.room.set()
+            self.progress.note()
         self.replies.send(events, then=lambda: asyncio.gather(
             *(self._report_done(rid, reason, "") for rid, reason in finished)))
 

@@ -7,6 +7,7 @@ import grpc
 from splitserve.common.logging import bind_request
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import decode_pb2, decode_pb2_grpc
+from splitserve.worker.common import Draining
 
 from .server import DecodeServer
 
@@ -19,13 +20,15 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         bind_request(request.request.request_id)
         try:
             await self.server.submit(request)
+        except Draining as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return decode_pb2.DecodeSubmitResponse()
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         bind_request(request.request_id)
-        return pb.AbortResponse(found=await self.server.abort(request.request_id))
+        return pb.AbortResponse(found=await self.server.abort(request.request_id, cancelled=not request.requeued))
 
     async def GetStats(self, request: pb.StatsRequest, context) -> pb.WorkerStats:
         return await self.server.stats()

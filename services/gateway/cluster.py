@@ -22,11 +22,13 @@ class ClusterSnapshot:
     state: spb.ClusterState | None = None
 
     def num_workers(self, role: int) -> int:
-        return sum(1 for w in self.state.workers if w.worker.role == role) if self.state else 0
+        """Workers of this role registered and taking work (a draining one takes none)."""
+        workers = self.state.workers if self.state else []
+        return sum(1 for w in workers if w.worker.role == role and not w.draining)
 
     @property
     def ready(self) -> bool:
-        """At least one prefill and one decode worker registered, or one colocated worker."""
+        """At least one prefill and one decode worker taking work, or one colocated worker."""
         disaggregated = all(self.num_workers(role) > 0 for role in (spb.WORKER_ROLE_PREFILL, spb.WORKER_ROLE_DECODE))
         return disaggregated or self.num_workers(spb.WORKER_ROLE_COLOCATED) > 0
 

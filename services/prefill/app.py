@@ -54,5 +54,5 @@ async def _serve_started(config, engine, redis, grpc_server, server, kv_server) 
              token_budget=config.engine.token_budget)
 
     tasks = [link.run(), server.replies.run(), listen_for_cancels(redis, server.abort)]
-    shutdown = worker_shutdown(health, grpc_server, server.loop)
+    shutdown = worker_shutdown(health, grpc_server, server, link, config.drain_timeout_s)
     return await run_until_signal(tasks, shutdown, server.loop.failed)

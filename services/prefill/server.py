@@ -4,6 +4,9 @@ KV ownership: a prefilled request's blocks stay allocated in this engine until (
 acknowledges its pull (Release), (b) the lease runs out with no pull in progress, or (c) the request
 is aborted. A transport that is sending a payload pins it (KvSource.open .. close) and the lease
 waits for the pin; the payload itself is a copy (export_kv), so bytes on the wire never change.
+
+Draining (SIGTERM): Submit is refused, the queue is prefilled, and held blocks wait for their pulls;
+what is still held when the drain times out goes back to the scheduler, which runs it again.
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ from dataclasses import dataclass
 import structlog
 
 from splitserve.common.protoconv import finish_to_proto, layout_to_proto
-from splitserve.common.service import Background
+from splitserve.common.service import Background, Progress
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.kv_cache import export_bytes
 from splitserve.engine.request import StepOutput
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.worker.common import (
+    Draining,
     ReplyPublisher,
+    SchedulerLink,
     Tombstones,
     add_to_engine,
     call_with_retries,
@@ -33,6 +38,7 @@ from splitserve.worker.config import WorkerConfig
 from splitserve.worker.engine_loop import EngineLoop, StepResult
 
 log = structlog.get_logger(__name__)
+PULL_GRACE_S = 5.0  # a drain that timed out still lets pulls already sending finish this long
 
 
 @dataclass
@@ -56,6 +62,8 @@ class PrefillServer:
         self.requests: dict[str, Held] = {}
         self.cancelled = Tombstones()
         self.background = Background()
+        self.draining = False
+        self.progress = Progress()  # a request's blocks were freed, or a pull ended
         self.grpc_address = ""  # set once the gRPC server is bound
         self.kv_address = ""  # the KV server's address (UCX), set at start
 
@@ -64,6 +72,8 @@ class PrefillServer:
     async def submit(self, request: pb.QueuedRequest) -> None:
         """Queue a request for prefill; ValueError when the engine cannot serve it."""
         rid = request.request_id
+        if self.draining:
+            raise Draining()
         if rid in self.cancelled:
             raise ValueError(f"request {rid!r} was cancelled")
         if rid in self.requests:  # the scheduler reassigned it (its decode server died): start over
@@ -77,8 +87,10 @@ class PrefillServer:
             return
         await self._free(request_id, "pulled")
 
-    async def abort(self, request_id: str) -> bool:
-        self.cancelled.add(request_id)
+    async def abort(self, request_id: str, cancelled: bool = True) -> bool:
+        """Drop a request; cancelled (by its client, not requeued) refuses its id from now on."""
+        if cancelled:
+            self.cancelled.add(request_id)
         if request_id not in self.requests:
             return False
         await self._free(request_id, "aborted")
@@ -92,10 +104,23 @@ class PrefillServer:
             held.lease.cancel()
         # engine.abort frees the blocks whatever the state (queued, prefilling, kv_ready).
         await self.loop.call(lambda e: e.abort(request_id))
+        self.progress.note()
         log.info("kv blocks freed", request_id=request_id, reason=why)
 
     async def stats(self) -> pb.WorkerStats:
         return self.loop.snapshot
+
+    async def drain(self, link: SchedulerLink, timeout_s: float) -> None:
+        """Prefill the queue and wait for the held blocks to be pulled (or their leases to end); hand
+        back what is still here after timeout_s, once pulls already sending have ended."""
+        log.info("draining", requests=len(self.requests), timeout_s=timeout_s)
+        if not await self.progress.until(lambda: not self.requests, timeout_s):
+            await self.progress.until(lambda: not any(h.pins for h in self.requests.values()), PULL_GRACE_S)
+        left = list(self.requests)
+        for rid in left:  # the scheduler first, so that it tells a decode server not to pull
+            await link.hand_back(rid)
+            await self._free(rid, "handed back")
+        log.info("drained", handed_back=len(left))
 
     # -- after each step ------------------------------------------------------------------------
 
@@ -119,6 +144,7 @@ class PrefillServer:
         event = token_event(request, 0, out)
         if out.finish_reason is not None:
             self.requests.pop(out.request_id)
+            self.progress.note()
         else:
             held.handle = self._handle(out.request_id, block_tables[out.request_id])
             held.lease = asyncio.get_running_loop().call_later(self.kv_lease_s, self._expire, out.request_id)
@@ -173,6 +199,7 @@ class PrefillServer:
         held = self.requests.get(request_id)
         if held is not None:
             held.pins -= 1
+            self.progress.note()
 
 
 def _block_tables(engine: LLMEngine, outputs: list[StepOutput]) -> dict[str, list[int]]:

@@ -8,6 +8,7 @@ from splitserve.common.logging import bind_request
 from splitserve.kv_transfer.grpc import GrpcKvServer
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
+from splitserve.worker.common import Draining
 
 from .server import PrefillServer
 
@@ -21,6 +22,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         bind_request(request.request_id)
         try:
             await self.server.submit(request)
+        except Draining as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return prefill_pb2.SubmitResponse()
@@ -39,7 +42,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         bind_request(request.request_id)
-        return pb.AbortResponse(found=await self.server.abort(request.request_id))
+        return pb.AbortResponse(found=await self.server.abort(request.request_id, cancelled=not request.requeued))
 
     async def GetStats(self, request: pb.StatsRequest, context) -> pb.WorkerStats:
         return await self.server.stats()

@@ -18,6 +18,7 @@ class SchedulerConfig:
     prefill_queue_factor: float  # token budgets of work a prefill server may have outstanding
     worker_timeout_s: float  # heartbeat silence after which a worker is dropped
     claim_idle_s: float  # take over other consumers' entries unacknowledged this long (at start)
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight get to finish
     rpc_timeout_s: float = 30.0  # Prefill.Submit waits for the running batch (seconds at worst)
 
 
@@ -41,8 +42,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--claim-idle", type=positive_float, default=60.0,
                         help="at start, take over requests other schedulers left unacknowledged this "
                              "many seconds (default: 60)")
+    parser.add_argument("--drain-timeout", type=positive_float,
+                        default=float(env("SPLITSERVE_DRAIN_TIMEOUT", 30)),
+                        help="on SIGTERM: start nothing new and give the requests in flight this many "
+                             "seconds to finish; the rest stay pending in the stream for the next "
+                             "scheduler (default: 30)")
 
 
 def from_args(args: argparse.Namespace) -> SchedulerConfig:
     return SchedulerConfig(args.host, args.port, args.redis_url, args.consumer, args.prefill_queue_factor,
-                           args.worker_timeout, args.claim_idle)
+                           args.worker_timeout, args.claim_idle, drain_timeout_s=args.drain_timeout)

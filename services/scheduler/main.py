@@ -51,6 +51,8 @@ async def serve(config: scheduler_config.SchedulerConfig) -> int:
     log.info("scheduler ready", grpc=f"{config.host}:{port}", redis=config.redis_url)
 
     async def shutdown() -> None:
+        # Still SERVING while it drains: workers must reach it to report the requests they finish.
+        await server.drain(config.drain_timeout_s)
         await health.set("", NOT_SERVING)
         await grpc_server.stop(2)
 

@@ -10,6 +10,7 @@
 - Decode: the decode server with the most free KV blocks after what was already sent its way since
   its last heartbeat, then the fewest running requests. It may have no room yet: it queues the
   request and admits it when blocks free up.
+- A draining worker (shutting down) is placed nothing new; it finishes or hands back what it has.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class WorkerEntry:
     stats: pb.WorkerStats
     last_seen: float
     pending_blocks: int = 0  # decode: blocks of requests sent since its last heartbeat
+    draining: bool = False  # shutting down: assign it nothing more
     # Requests assigned to it and not yet done there, with their prompt lengths.
     assigned: dict[str, int] = field(default_factory=dict)
 
@@ -68,12 +70,13 @@ class Registry:
     def expired(self, now: float, timeout_s: float) -> list[str]:
         return [w.instance_id for w in self.workers.values() if now - w.last_seen > timeout_s]
 
-    def of_role(self, role: int) -> list[WorkerEntry]:
-        return [w for w in self.workers.values() if w.role == role]
+    def takers(self, *roles: int) -> list[WorkerEntry]:
+        """Workers of these roles that take new work (not draining)."""
+        return [w for w in self.workers.values() if w.role in roles and not w.draining]
 
     def pick_prefill(self, num_tokens: int) -> WorkerEntry | None:
         """The least-loaded prefill (or colocated) worker with room for num_tokens more, or None."""
-        takers = self.of_role(spb.WORKER_ROLE_PREFILL) + self.of_role(spb.WORKER_ROLE_COLOCATED)
+        takers = self.takers(spb.WORKER_ROLE_PREFILL, spb.WORKER_ROLE_COLOCATED)
         fits = [w for w in takers if self._has_room(w, num_tokens)]
         # Ties (colocated workers count a decoding request as 0 tokens) go to the fewer requests.
         return min(fits, key=lambda w: (w.outstanding_tokens, len(w.assigned)), default=None)
@@ -84,7 +87,7 @@ class Registry:
 
     def pick_decode(self, handle: pb.KvHandle) -> WorkerEntry | None:
         """The decode server with the most free blocks (then the least load) that can take handle."""
-        able = [w for w in self.of_role(spb.WORKER_ROLE_DECODE)
+        able = [w for w in self.takers(spb.WORKER_ROLE_DECODE)
                 if w.info.kv_layout == handle.layout and w.info.kv_transport == handle.transport]
         return max(able, key=lambda w: (w.stats.num_free_blocks - w.pending_blocks,
                                         -(w.stats.num_running + w.stats.num_waiting)), default=None)

@@ -4,6 +4,10 @@ A request read from the stream stays pending in the consumer group until it fini
 good; only then is it acknowledged (and deleted). A scheduler restart re-reads its pending entries,
 and a request whose worker died goes back to the front of the queue and runs again from its prompt
 (its seed is fixed, so it samples the same tokens; the gateway drops those it already has).
+
+Shutting down (SIGTERM): a worker that drains is placed nothing new and hands back what it will not
+finish, which runs elsewhere; the scheduler itself stops starting requests, waits for those in
+flight, and leaves the rest pending in the stream for its successor.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import grpc
 import structlog
 
 from splitserve.common.rpc import open_channel
-from splitserve.common.service import Background
+from splitserve.common.service import Background, Progress
 from splitserve.engine.block_manager import blocks_for
 from splitserve.queue.streams import ProtoCodec, PubSub, RequestStream, StreamEntry
 from splitserve.v1 import common_pb2 as pb
@@ -65,6 +69,8 @@ class SchedulerServer:
         self.queue: deque[str] = deque()
         self.tracked: dict[str, Tracked] = {}
         self.wake = asyncio.Event()
+        self.progress = Progress()  # a request finished: what a drain waits on
+        self.draining = False  # shutting down: start nothing new
         self._stubs: dict[str, object] = {}
         self.background = Background()
 
@@ -78,7 +84,7 @@ class SchedulerServer:
         if backlog:
             log.info("recovered pending requests", count=len(backlog))
         self._enqueue(backlog)
-        while True:
+        while not self.draining:
             self._enqueue(await self.stream.get(self.config.consumer, block_ms=5000))
 
     def _enqueue(self, entries: list[StreamEntry]) -> None:
@@ -107,7 +113,7 @@ class SchedulerServer:
             await self.wake.wait()
             self.wake.clear()
             self._retry_awaiting_decode()
-            while self.queue:
+            while self.queue and not self.draining:
                 tracked = self.tracked[self.queue[0]]
                 worker = self.registry.pick_prefill(tracked.num_prompt_tokens)
                 if worker is None:
@@ -130,10 +136,18 @@ class SchedulerServer:
             await self._rpc_failed(tracked, worker, exc)
 
     async def _rpc_failed(self, tracked: Tracked, worker: WorkerEntry, exc: grpc.aio.AioRpcError) -> None:
-        """An unreachable worker is dropped (its requests requeued); any other refusal fails the request."""
+        """An unreachable worker is dropped (its requests requeued); a draining one's refusal places the
+        request elsewhere; any other refusal fails the request."""
+        if worker.instance_id not in (tracked.prefill_id, tracked.decode_id):
+            return  # the request was taken back from it meanwhile (a hand-back, a dropped worker)
         if exc.code() is grpc.StatusCode.UNAVAILABLE:
             log.warning("worker unreachable", worker=worker.instance_id, code=exc.code().name)
             self.drop_worker(worker.instance_id)
+        elif exc.code() is grpc.StatusCode.FAILED_PRECONDITION:  # it began draining before it told us
+            log.info("worker draining, placing the request elsewhere", request_id=tracked.request_id,
+                     worker=worker.instance_id)
+            worker.draining = True
+            self._take_back(tracked, worker.instance_id, kv_not_pulled=worker.role == spb.WORKER_ROLE_DECODE)
         else:
             await self.fail(tracked.request_id, f"{worker.instance_id}: {exc.details()}")
 
@@ -167,7 +181,10 @@ class SchedulerServer:
         tracked.stage, tracked.decode_id = Stage.DECODE, worker.instance_id
         worker.pending_blocks += blocks_for(kv.num_tokens + 1, kv.layout.block_size)
         worker.assigned[tracked.request_id] = tracked.num_prompt_tokens
-        self.background.spawn(self._submit_decode(tracked, worker))
+        # Built now: by the time the task runs, a hand-back may have reset tracked.
+        submit = decode_pb2.DecodeRequest(request=tracked.request, kv=kv,
+                                          output_token_ids=tracked.done.output_token_ids)
+        self.background.spawn(self._submit_decode(tracked, worker, submit))
         return True
 
     def _retry_awaiting_decode(self) -> None:
@@ -175,9 +192,8 @@ class SchedulerServer:
             if tracked.stage is Stage.AWAITING_DECODE and not self._assign_decode(tracked):
                 return
 
-    async def _submit_decode(self, tracked: Tracked, worker: WorkerEntry) -> None:
-        submit = decode_pb2.DecodeRequest(request=tracked.request, kv=tracked.done.kv,
-                                          output_token_ids=tracked.done.output_token_ids)
+    async def _submit_decode(self, tracked: Tracked, worker: WorkerEntry,
+                             submit: decode_pb2.DecodeRequest) -> None:
         try:
             await decode_pb2_grpc.DecodeStub(self._channel(worker)).Submit(
                 submit, timeout=self.config.rpc_timeout_s)
@@ -203,6 +219,7 @@ class SchedulerServer:
             if worker is not None:
                 worker.assigned.pop(request_id, None)
         await self.stream.ack(tracked.entry_id)
+        self.progress.note()
         log.info("request done", request_id=request_id, finish_reason=pb.FinishReason.Name(reason))
 
     async def fail(self, request_id: str, error: str) -> None:
@@ -233,19 +250,88 @@ class SchedulerServer:
                  address=info.grpc_address)
         self.wake.set()
 
-    def drop_worker(self, instance_id: str) -> None:
+    def drop_worker(self, instance_id: str, drained: bool = False) -> None:
         """Forget a worker and put every request it held back at the front of the queue, in order."""
         worker = self.registry.remove(instance_id)
         if worker is None:
             return
         self._stubs.pop(worker.info.grpc_address, None)
-        requeued = sorted((self.tracked[r] for r in worker.assigned if r in self.tracked),
-                          key=lambda t: t.entry_id)
-        for tracked in requeued:
+        requeued = [self.tracked[r] for r in worker.assigned if r in self.tracked]
+        self._requeue(requeued)
+        if drained and not requeued:
+            log.info("worker drained and gone", worker=instance_id)
+        else:
+            log.warning("worker dropped", worker=instance_id, requeued=len(requeued), drained=drained)
+
+    def _requeue(self, requeued: list[Tracked]) -> None:
+        """Put requests back at the front of the queue, oldest first, to run again from their prompts."""
+        for tracked in sorted(requeued, key=lambda t: t.entry_id, reverse=True):
+            for worker_id in (tracked.prefill_id, tracked.decode_id):
+                worker = self.registry.workers.get(worker_id) if worker_id else None
+                if worker is not None:
+                    worker.assigned.pop(tracked.request_id, None)
             tracked.stage, tracked.prefill_id, tracked.decode_id, tracked.done = Stage.QUEUED, None, None, None
-        self.queue.extendleft(t.request_id for t in reversed(requeued))
-        log.warning("worker dropped", worker=instance_id, requeued=len(requeued))
+            self.queue.appendleft(tracked.request_id)
         self.wake.set()
+
+    def drain_worker(self, instance_id: str, finished: bool) -> None:
+        """A worker is shutting down: place nothing more on it; once finished, forget it."""
+        worker = self.registry.workers.get(instance_id)
+        if worker is None:
+            return
+        if finished:
+            self.drop_worker(instance_id, drained=True)
+        elif not worker.draining:
+            worker.draining = True
+            log.info("worker draining", worker=instance_id, assigned=len(worker.assigned))
+            self.wake.set()  # what waits for room may fit elsewhere now
+
+    def hand_back(self, back: spb.HandBackRequest) -> None:
+        """A draining worker gives back a request it will not finish."""
+        tracked = self.tracked.get(back.request_id)
+        if tracked is None or back.instance_id not in (tracked.prefill_id, tracked.decode_id):
+            return  # finished, cancelled, or already placed elsewhere
+        log.info("request handed back", request_id=back.request_id, worker=back.instance_id,
+                 kv_not_pulled=back.kv_not_pulled)
+        self._take_back(tracked, back.instance_id, back.kv_not_pulled)
+
+    def _take_back(self, tracked: Tracked, instance_id: str, kv_not_pulled: bool) -> None:
+        """Take a request off a worker: to another decode server when its KV still waits on the prefill
+        server, else back to the queue. A decode server it was sent to drops its copy."""
+        worker = self.registry.workers.get(instance_id)
+        if worker is not None:
+            worker.assigned.pop(tracked.request_id, None)
+        if kv_not_pulled and instance_id == tracked.decode_id and tracked.done is not None:
+            tracked.stage, tracked.decode_id = Stage.AWAITING_DECODE, None
+            self._assign_decode(tracked)
+            return
+        if tracked.decode_id not in (None, instance_id):
+            self.background.spawn(self._abort_on(tracked.decode_id, tracked.request_id))
+        self._requeue([tracked])
+
+    async def _abort_on(self, instance_id: str, request_id: str) -> None:
+        worker = self.registry.workers.get(instance_id)
+        if worker is None:
+            return
+        try:
+            await decode_pb2_grpc.DecodeStub(self._channel(worker)).Abort(
+                pb.AbortRequest(request_id=request_id, requeued=True), timeout=self.config.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("abort failed", request_id=request_id, worker=instance_id, code=exc.code().name)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Shutting down: read no more requests and start none; wait up to timeout_s for those in
+        flight. Requests not started stay pending in the stream for the next scheduler."""
+        self.draining = True
+        self.wake.set()
+        log.info("draining", in_flight=self._num_in_flight(), queued=len(self.queue), timeout_s=timeout_s)
+        drained = await self.progress.until(lambda: self._num_in_flight() == 0, timeout_s)
+        log.info("drained" if drained else "drain timed out; requests left pending in the stream",
+                 in_flight=self._num_in_flight(), queued=len(self.queue))
+        return drained
+
+    def _num_in_flight(self) -> int:
+        return sum(1 for t in self.tracked.values() if t.stage is not Stage.QUEUED)
 
     async def reap_forever(self) -> None:
         """Drop workers whose heartbeats stopped."""
@@ -262,7 +348,8 @@ class SchedulerServer:
 
     def cluster_state(self) -> spb.ClusterState:
         now = time.monotonic()
-        workers = [spb.WorkerState(worker=w.info, stats=w.stats, last_seen_s=now - w.last_seen)
+        workers = [spb.WorkerState(worker=w.info, stats=w.stats, last_seen_s=now - w.last_seen,
+                                   draining=w.draining)
                    for w in self.registry.workers.values()]
         return spb.ClusterState(workers=workers, num_waiting=len(self.queue),
                                 num_running=len(self.tracked) - len(self.queue))

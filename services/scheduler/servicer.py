@@ -42,3 +42,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def GetClusterState(self, request: spb.ClusterStateRequest, context) -> spb.ClusterState:
         return self.server.cluster_state()
+
+    async def Drain(self, request: spb.DrainRequest, context) -> spb.DrainResponse:
+        self.server.drain_worker(request.instance_id, request.finished)
+        return spb.DrainResponse()
+
+    async def HandBack(self, request: spb.HandBackRequest, context) -> spb.HandBackResponse:
+        bind_request(request.request_id)
+        self.server.hand_back(request)
+        return spb.HandBackResponse()

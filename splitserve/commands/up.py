@@ -57,6 +57,7 @@ class ClusterConfig:
     # CPU cores of each worker, in the order of worker_names; pinned unless pin is False.
     worker_cpus: tuple[tuple[int, ...], ...] = ()
     pin: bool = True
+    drain_timeout_s: float = 30.0  # on stop, what the scheduler and workers get to finish their work
 
     @property
     def http_url(self) -> str:
@@ -121,6 +122,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="requests in flight at the gateway before it answers 429 (default: the gateway's)")
     p.add_argument("--ready-timeout", type=positive_float, default=300.0,
                    help="seconds to wait for the cluster to become ready (default: 300)")
+    p.add_argument("--drain-timeout", type=positive_float, default=30.0,
+                   help="on SIGTERM a service takes nothing new and gets this many seconds to finish "
+                        "what it holds; a worker then hands the rest back (default: 30)")
     add_engine_args(p)
     p.set_defaults(func=main)
 
@@ -148,7 +152,8 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         gateway_argv=tuple(gateway_argv), ready_timeout_s=args.ready_timeout, api_key=args.api_key,
         num_colocated=num_colocated,
         chunk_size=(args.chunk_size or DEFAULT_CHUNK_SIZE) if args.mode == "chunked" else None,
-        worker_cpus=tuple(tuple(share) for share in shares), pin=not args.no_pin)
+        worker_cpus=tuple(tuple(share) for share in shares), pin=not args.no_pin,
+        drain_timeout_s=args.drain_timeout)
 
 
 def _engine_argv(args: argparse.Namespace) -> list[str]:
@@ -178,8 +183,9 @@ class Cluster:
             self.redis = LocalRedis().start()
         common = ["--redis-url", self.redis_url]
         scheduler = f"{c.host}:{c.scheduler_port}"
-        self._spawn("scheduler", ["scheduler", *common, "--host", c.host, "--port", str(c.scheduler_port)])
-        worker = [*common, "--scheduler", scheduler, "--host", c.host, "--port", "0",
+        drain = ["--drain-timeout", str(c.drain_timeout_s)]
+        self._spawn("scheduler", ["scheduler", *common, *drain, "--host", c.host, "--port", str(c.scheduler_port)])
+        worker = [*common, *drain, "--scheduler", scheduler, "--host", c.host, "--port", "0",
                   "--kv-transport", c.kv_transport, *c.engine_argv]
         chunking = ["--chunk-size", str(c.chunk_size)] if c.chunk_size else []
         for name, cpus in zip(c.worker_names, c.worker_cpus):
@@ -216,7 +222,10 @@ class Cluster:
         raise OSError(f"the cluster was not ready after {self.config.ready_timeout_s:.0f} s; "
                       f"see the logs in {self.config.log_dir}")
 
-    def stop(self, grace_s: float = 15.0) -> None:
+    def stop(self) -> None:
+        """SIGTERM each service, newest first (the gateway, the workers, the scheduler): each drains,
+        within its timeout, and exits; one that does not is killed."""
+        grace_s = self.config.drain_timeout_s + 15.0
         for name, process in reversed(self.processes):
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 
@@ -31,6 +32,35 @@ class Background:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", error=repr(task.exception()))
+
+    async def wait(self) -> None:
+        """Until every task spawned so far, and any they spawn meanwhile, has ended."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class Progress:
+    """An event a service sets whenever its work shrinks (a request finished, freed, handed back),
+    so that a drain can wait for a condition without polling."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def note(self) -> None:
+        self._event.set()
+
+    async def until(self, condition: Callable[[], bool], timeout_s: float) -> bool:
+        """Wait until condition() holds, re-checking it at every note(); False if timeout_s ran out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not condition():
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            self._event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), left)
+        return True
 
 
 async def run_until_signal(tasks: list[Awaitable], shutdown: Callable[[], Awaitable[None]],

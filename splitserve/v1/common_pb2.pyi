@@ -144,10 +144,12 @@ class KvHandle(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prefill_instance_id: _Optional[str] = ..., prefill_grpc_address: _Optional[str] = ..., transport: _Optional[_Union[KvTransport, str]] = ..., ucx_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., num_bytes: _Optional[int] = ..., lease_expires: _Optional[float] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
-    __slots__ = ("request_id",)
+    __slots__ = ("request_id", "requeued")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEUED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+    requeued: bool
+    def __init__(self, request_id: _Optional[str] = ..., requeued: _Optional[bool] = ...) -> None: ...
 
 class AbortResponse(_message.Message):
     __slots__ = ("found",)

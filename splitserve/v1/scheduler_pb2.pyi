@@ -105,19 +105,47 @@ class RequestDoneResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class DrainRequest(_message.Message):
+    __slots__ = ("instance_id", "finished")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    finished: bool
+    def __init__(self, instance_id: _Optional[str] = ..., finished: _Optional[bool] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HandBackRequest(_message.Message):
+    __slots__ = ("request_id", "instance_id", "kv_not_pulled")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    KV_NOT_PULLED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    instance_id: str
+    kv_not_pulled: bool
+    def __init__(self, request_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., kv_not_pulled: _Optional[bool] = ...) -> None: ...
+
+class HandBackResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ClusterStateRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class WorkerState(_message.Message):
-    __slots__ = ("worker", "stats", "last_seen_s")
+    __slots__ = ("worker", "stats", "last_seen_s", "draining")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_S_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     worker: WorkerInfo
     stats: _common_pb2.WorkerStats
     last_seen_s: float
-    def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., stats: _Optional[_Union[_common_pb2.WorkerStats, _Mapping]] = ..., last_seen_s: _Optional[float] = ...) -> None: ...
+    draining: bool
+    def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., stats: _Optional[_Union[_common_pb2.WorkerStats, _Mapping]] = ..., last_seen_s: _Optional[float] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class ClusterState(_message.Message):
     __slots__ = ("workers", "num_waiting", "num_running")

@@ -59,6 +59,16 @@ class SchedulerStub:
                 request_serializer=splitserve_dot_v1_dot_scheduler__pb2.ClusterStateRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_scheduler__pb2.ClusterState.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/splitserve.v1.Scheduler/Drain',
+                request_serializer=splitserve_dot_v1_dot_scheduler__pb2.DrainRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_scheduler__pb2.DrainResponse.FromString,
+                _registered_method=True)
+        self.HandBack = channel.unary_unary(
+                '/splitserve.v1.Scheduler/HandBack',
+                request_serializer=splitserve_dot_v1_dot_scheduler__pb2.HandBackRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_scheduler__pb2.HandBackResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -100,6 +110,21 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """A worker is shutting down (SIGTERM): assign it nothing more. With finished set it is about to
+        exit: forget it, and requeue whatever the scheduler still counts as its.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HandBack(self, request, context):
+        """A draining worker gives back a request it will not finish; the scheduler runs it elsewhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +152,16 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.GetClusterState,
                     request_deserializer=splitserve_dot_v1_dot_scheduler__pb2.ClusterStateRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_scheduler__pb2.ClusterState.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=splitserve_dot_v1_dot_scheduler__pb2.DrainRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_scheduler__pb2.DrainResponse.SerializeToString,
+            ),
+            'HandBack': grpc.unary_unary_rpc_method_handler(
+                    servicer.HandBack,
+                    request_deserializer=splitserve_dot_v1_dot_scheduler__pb2.HandBackRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_scheduler__pb2.HandBackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +299,60 @@ class Scheduler:
             '/splitserve.v1.Scheduler/GetClusterState',
             splitserve_dot_v1_dot_scheduler__pb2.ClusterStateRequest.SerializeToString,
             splitserve_dot_v1_dot_scheduler__pb2.ClusterState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.Scheduler/Drain',
+            splitserve_dot_v1_dot_scheduler__pb2.DrainRequest.SerializeToString,
+            splitserve_dot_v1_dot_scheduler__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HandBack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.Scheduler/HandBack',
+            splitserve_dot_v1_dot_scheduler__pb2.HandBackRequest.SerializeToString,
+            splitserve_dot_v1_dot_scheduler__pb2.HandBackResponse.FromString,
             options,
             channel_credentials,
             insecure,

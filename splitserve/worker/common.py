@@ -1,10 +1,12 @@
-"""Plumbing every worker (prefill or decode) shares: its registration, stats, the scheduler link,
-ordered reply publishing, and cancelled-id tombstones."""
+"""Plumbing every worker (prefill, decode, colocated) shares: its registration, stats, the scheduler
+link, ordered reply publishing, cancelled-id tombstones, and the drain on SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from typing import Protocol
 
 import grpc
 import structlog
@@ -20,8 +22,19 @@ from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.v1 import scheduler_pb2_grpc
 from splitserve.worker.config import WorkerConfig
+from splitserve.worker.engine_loop import EngineLoop
 
 log = structlog.get_logger(__name__)
+FLUSH_TIMEOUT_S = 10.0  # at exit, how long the last tokens and reports may take to go out
+
+
+class Draining(Exception):
+    """Raised by a worker's Submit while it shuts down (gRPC FAILED_PRECONDITION): place it elsewhere."""
+
+    def __init__(self) -> None:
+        super().__init__("this worker is draining (shutting down); it takes no new requests")
+
+
 def worker_info(config: WorkerConfig, role: int, grpc_address: str, engine: LLMEngine) -> spb.WorkerInfo:
     return spb.WorkerInfo(
         instance_id=config.instance_id, role=role, grpc_address=grpc_address,
@@ -53,6 +66,7 @@ class SchedulerLink:
         self.config, self.info, self._stats = config, info, stats
         self.channel = open_channel(config.scheduler)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
+        self.draining = False
 
     async def run(self) -> None:
         """Register (retrying until the scheduler answers), then heartbeat forever."""
@@ -68,6 +82,8 @@ class SchedulerLink:
                 await self.stub.Register(spb.RegisterRequest(worker=self.info, stats=await self._stats()),
                                          timeout=5)
                 log.info("registered", scheduler=self.config.scheduler, instance_id=self.info.instance_id)
+                if self.draining:  # a scheduler that forgot us must not place work here again
+                    await self.drain()
                 return
             except grpc.aio.AioRpcError as exc:
                 log.warning("scheduler unreachable, retrying", code=exc.code().name, retry_in_s=delay)
@@ -83,6 +99,18 @@ class SchedulerLink:
                 await self._register()
             else:
                 log.warning("heartbeat failed", code=exc.code().name)
+
+    async def drain(self, finished: bool = False) -> None:
+        """Tell the scheduler this worker is draining (nothing new), or, finished, that it exits now."""
+        self.draining = True
+        request = spb.DrainRequest(instance_id=self.info.instance_id, finished=finished)
+        await call_with_retries(self.stub.Drain, request, what="Drain", attempts=3, timeout_s=5.0)
+
+    async def hand_back(self, request_id: str, kv_not_pulled: bool = False) -> None:
+        """Give a request this draining worker will not finish back to the scheduler."""
+        request = spb.HandBackRequest(request_id=request_id, instance_id=self.info.instance_id,
+                                      kv_not_pulled=kv_not_pulled)
+        await call_with_retries(self.stub.HandBack, request, what="HandBack")
 
 
 def token_event(request: pb.QueuedRequest, index: int, out: StepOutput) -> pb.TokenEvent:
@@ -113,12 +141,35 @@ async def add_to_engine(loop, tracked: dict, request: pb.QueuedRequest, entry) -
         raise
 
 
-def worker_shutdown(health, grpc_server, loop):
-    """What a worker does on SIGTERM: report NOT_SERVING, stop gRPC (2 s grace), stop the engine thread."""
+class DrainableServer(Protocol):
+    """What worker_shutdown needs of a prefill, decode or colocated server."""
+
+    draining: bool
+    loop: EngineLoop
+    replies: ReplyPublisher
+
+    async def drain(self, link: SchedulerLink, timeout_s: float) -> None:
+        """Finish what it holds, within timeout_s, and hand the rest back through link."""
+
+
+def worker_shutdown(health, grpc_server, server: DrainableServer, link: SchedulerLink, timeout_s: float):
+    """What a worker does on SIGTERM: refuse new requests, tell the scheduler, finish or hand back what
+    it holds (server.drain), send its last tokens and reports, say it is gone, and stop.
+
+    After a failed engine step there is nothing to finish: the scheduler requeues the worker's
+    requests when it hears it is gone.
+    """
     async def shutdown() -> None:
+        server.draining = True  # Submit refuses from here on
         await health.set("", NOT_SERVING)
+        if not server.loop.failed.done():
+            await link.drain()
+            await server.drain(link, timeout_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.replies.flush(), FLUSH_TIMEOUT_S)
+        await link.drain(finished=True)
         await grpc_server.stop(2)
-        await loop.stop()
+        await server.loop.stop()
     return shutdown
 
 
@@ -181,3 +232,9 @@ class ReplyPublisher:
             for _, then in batch:
                 if then is not None:
                     self._background.spawn(then())
+                self._outbox.task_done()
+
+    async def flush(self) -> None:
+        """Until everything sent so far is published and its follow-ups (reports) have run."""
+        await self._outbox.join()
+        await self._background.wait()

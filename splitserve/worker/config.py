@@ -27,6 +27,7 @@ class WorkerConfig:
     kv_transport: str
     instance_id: str
     heartbeat_interval_s: float
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long running requests get to finish
 
     @property
     def kv_transport_proto(self) -> int:
@@ -50,6 +51,11 @@ def add_worker_args(parser: argparse.ArgumentParser, role: str, default_port: in
                         help=f"unique name of this worker (default: {role}-<host>-<pid>)")
     parser.add_argument("--heartbeat-interval", type=positive_float, default=1.0,
                         help="seconds between heartbeats to the scheduler (default: 1)")
+    parser.add_argument("--drain-timeout", type=positive_float,
+                        default=float(env("SPLITSERVE_DRAIN_TIMEOUT", 30)),
+                        help="on SIGTERM: take nothing new and give what this worker holds this many "
+                             "seconds to finish (prefill: to be pulled); what is left goes back to the "
+                             "scheduler, which runs it elsewhere (default: 30)")
     add_engine_args(parser)
 
 
@@ -58,5 +64,5 @@ def worker_config(args: argparse.Namespace, engine: EngineConfig, role: str) -> 
         engine=engine, host=args.host, port=args.port, scheduler=args.scheduler,
         redis_url=args.redis_url, kv_transport=args.kv_transport,
         instance_id=args.instance_id or f"{role}-{socket.gethostname()}-{os.getpid()}",
-        heartbeat_interval_s=args.heartbeat_interval,
+        heartbeat_interval_s=args.heartbeat_interval, drain_timeout_s=args.drain_timeout,
     )
