@@ -67,7 +67,14 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
             worker=spb.WorkerInfo(instance_id="decode-0", role=spb.WORKER_ROLE_DECODE,
                                   max_model_len=MAX_MODEL_LEN),
             stats=pb.WorkerStats(num_blocks=100, num_free_blocks=25, num_running=2))
-        return spb.ClusterState(workers=[prefill, decode], num_waiting=2, num_running=5)
+        draining = spb.WorkerState(  # shutting down: counted as draining, not for readiness
+            worker=spb.WorkerInfo(instance_id="prefill-1", role=spb.WORKER_ROLE_PREFILL, max_model_len=4096),
+            draining=True)
+        workload = spb.WorkloadEstimate(window_s=60, arrival_rate=1.5, num_arrivals=90, prompt_len_mean=300,
+                                        prompt_len_p50=250, prompt_len_p90=700, num_finished=88,
+                                        output_len_mean=120, output_len_p50=100, output_len_p90=240)
+        return spb.ClusterState(workers=[prefill, decode, draining], num_waiting=2, num_running=5,
+                                workload=workload)
 
 
 class FakeCluster:
@@ -568,6 +575,10 @@ def test_metrics_expose_latency_histograms_counters_and_cluster_gauges(gateway):
     assert samples[("splitserve:num_requests_waiting", ())] == 3  # scheduler 2 + prefill worker 1
     assert samples[("splitserve:kv_cache_usage_perc", (("role", "decode"),))] == pytest.approx(0.75)
     assert samples[("splitserve:kv_cache_usage_perc", (("role", "prefill"),))] == pytest.approx(0.10)
+    assert samples[("splitserve:num_workers_draining", ())] == 1
+    assert samples[("splitserve:workload_arrival_rate", ())] == 1.5
+    assert samples[("splitserve:workload_prompt_tokens", (("stat", "p90"),))] == 700
+    assert samples[("splitserve:workload_output_tokens", (("stat", "mean"),))] == 120
 
 
 @pytest.mark.timeout(40)

@@ -120,18 +120,18 @@ class ColocatedServer:
             if running.num_emitted == 1:
                 prefilled.append(self._prefill_done(running, out.token_id, event.finish_reason))
             elif out.finish_reason is not None:
-                finished.append((out.request_id, event.finish_reason))
+                finished.append((out.request_id, event.finish_reason, running.num_emitted))
             events.append((running.request.reply_channel, event))
         self.replies.send(events, then=lambda: asyncio.gather(
             *(call_with_retries(self.scheduler.PrefillDone, d, what="PrefillDone") for d in prefilled),
-            *(self._report_done(rid, reason) for rid, reason in finished)))
+            *(self._report_done(rid, reason, num_tokens) for rid, reason, num_tokens in finished)))
 
     def _prefill_done(self, running: Running, token_id: int, reason: int) -> spb.PrefillDoneRequest:
         return spb.PrefillDoneRequest(request_id=running.request.request_id,
                                       instance_id=self.config.instance_id, output_token_ids=[token_id],
                                       finish_reason=reason, timeline=running.request.timeline)
 
-    async def _report_done(self, rid: str, reason: int) -> None:
+    async def _report_done(self, rid: str, reason: int, num_tokens: int) -> None:
         done = spb.RequestDoneRequest(request_id=rid, instance_id=self.config.instance_id,
-                                      finish_reason=reason)
+                                      finish_reason=reason, num_output_tokens=num_tokens)
         await call_with_retries(self.scheduler.RequestDone, done, what="RequestDone")

@@ -216,7 +216,7 @@ class DecodeServer:
         event = pb.TokenEvent(request_id=rid, index=admitted.num_emitted,
                               finish_reason=pb.FINISH_REASON_ERROR, error=error)
         self.replies.send([(admitted.request.reply_channel, event)],
-                          then=lambda: self._report_done(rid, pb.FINISH_REASON_ERROR, error))
+                          then=lambda: self._report_done(rid, pb.FINISH_REASON_ERROR, admitted.num_emitted, error))
 
     # -- after each step ------------------------------------------------------------------------
 
@@ -231,15 +231,15 @@ class DecodeServer:
             admitted.num_emitted += 1
             if out.finish_reason is not None:
                 del self.requests[out.request_id]
-                finished.append((out.request_id, event.finish_reason))
+                finished.append((out.request_id, event.finish_reason, admitted.num_emitted))
             events.append((admitted.request.reply_channel, event))
         if finished:
             self.room.set()
             self.progress.note()
         self.replies.send(events, then=lambda: asyncio.gather(
-            *(self._report_done(rid, reason, "") for rid, reason in finished)))
+            *(self._report_done(rid, reason, num_tokens) for rid, reason, num_tokens in finished)))
 
-    async def _report_done(self, rid: str, reason: int, error: str) -> None:
+    async def _report_done(self, rid: str, reason: int, num_tokens: int, error: str = "") -> None:
         done = spb.RequestDoneRequest(request_id=rid, instance_id=self.config.instance_id,
-                                      finish_reason=reason, error=error)
+                                      finish_reason=reason, error=error, num_output_tokens=num_tokens)
         await call_with_retries(self.scheduler.RequestDone, done, what="RequestDone")

@@ -57,6 +57,15 @@ class GatewayMetrics:
                                  "scheduler or in a worker's queue.", registry=self.registry)
         self.kv_usage = Gauge("splitserve:kv_cache_usage_perc", "Fraction of KV cache blocks in use, "
                               "per worker role (1 = full).", ["role"], registry=self.registry)
+        self.arrival_rate = Gauge("splitserve:workload_arrival_rate", "Requests per second arriving "
+                                  "at the scheduler, over its workload window.", registry=self.registry)
+        self.prompt_len = Gauge("splitserve:workload_prompt_tokens", "Prompt lengths of recent "
+                                "arrivals (scheduler's window), by statistic.", ["stat"], registry=self.registry)
+        self.output_len = Gauge("splitserve:workload_output_tokens", "Output lengths of recently "
+                                "finished requests (scheduler's window), by statistic.", ["stat"],
+                                registry=self.registry)
+        self.num_draining = Gauge("splitserve:num_workers_draining", "Workers shutting down: they "
+                                  "finish what they hold and take nothing new.", registry=self.registry)
         self.num_pending = Gauge("splitserve:gateway_requests_in_flight", "Requests this gateway "
                                  "is serving (bounded by --max-pending).", registry=self.registry)
 
@@ -92,6 +101,12 @@ class GatewayMetrics:
         self.num_waiting.set(state.num_waiting + sum(w.stats.num_waiting for w in state.workers))
         for role, name in ROLE_NAMES.items():
             self.kv_usage.labels(role=name).set(kv_usage([w for w in state.workers if w.worker.role == role]))
+        self.num_draining.set(sum(w.draining for w in state.workers))
+        workload = state.workload
+        self.arrival_rate.set(workload.arrival_rate)
+        for stat in ("mean", "p50", "p90"):
+            self.prompt_len.labels(stat=stat).set(getattr(workload, f"prompt_len_{stat}"))
+            self.output_len.labels(stat=stat).set(getattr(workload, f"output_len_{stat}"))
 
 
 def kv_usage(workers: Iterable[spb.WorkerState]) -> float:

@@ -19,6 +19,7 @@ class SchedulerConfig:
     worker_timeout_s: float  # heartbeat silence after which a worker is dropped
     claim_idle_s: float  # take over other consumers' entries unacknowledged this long (at start)
     drain_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight get to finish
+    workload_window_s: float = 120.0  # the arrival rate and lengths are estimated over this window
     rpc_timeout_s: float = 30.0  # Prefill.Submit waits for the running batch (seconds at worst)
 
 
@@ -47,8 +48,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM: start nothing new and give the requests in flight this many "
                              "seconds to finish; the rest stay pending in the stream for the next "
                              "scheduler (default: 30)")
+    parser.add_argument("--workload-window", type=positive_float, default=120.0,
+                        help="seconds of arrivals and finished requests the workload estimate covers "
+                             "(ClusterState.workload; default: 120)")
 
 
 def from_args(args: argparse.Namespace) -> SchedulerConfig:
     return SchedulerConfig(args.host, args.port, args.redis_url, args.consumer, args.prefill_queue_factor,
-                           args.worker_timeout, args.claim_idle, drain_timeout_s=args.drain_timeout)
+                           args.worker_timeout, args.claim_idle, drain_timeout_s=args.drain_timeout,
+                           workload_window_s=args.workload_window)

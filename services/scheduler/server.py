@@ -31,6 +31,7 @@ from splitserve.v1 import scheduler_pb2 as spb
 
 from .config import SchedulerConfig
 from .registry import Registry, WorkerEntry
+from .workload import WorkloadEstimator
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +67,7 @@ class SchedulerServer:
         self.stream = stream
         self.replies = PubSub(redis, ProtoCodec(pb.TokenEvent))
         self.registry = Registry(config.prefill_queue_factor)
+        self.workload = WorkloadEstimator(config.workload_window_s)
         self.queue: deque[str] = deque()
         self.tracked: dict[str, Tracked] = {}
         self.wake = asyncio.Event()
@@ -94,6 +96,7 @@ class SchedulerServer:
             if tracked is None:
                 self.tracked[rid] = Tracked(entry.entry_id, entry.message)
                 self.queue.append(rid)
+                self.workload.arrived(time.monotonic(), len(entry.message.prompt_token_ids))
             elif tracked.entry_id != entry.entry_id:  # a second request under an id in flight
                 self.background.spawn(self._refuse_duplicate(entry))
         if entries:
@@ -162,7 +165,7 @@ class SchedulerServer:
             return  # cancelled, or reassigned after its worker was given up on
         tracked.request.timeline.CopyFrom(done.timeline)
         if done.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-            await self.finish(done.request_id, done.finish_reason)
+            await self.finish(done.request_id, done.finish_reason, len(done.output_token_ids))
             return
         if worker is not None and worker.role == spb.WORKER_ROLE_COLOCATED:
             # It decodes there too: still its request (a drop requeues it), but no prompt left to run.
@@ -207,13 +210,15 @@ class SchedulerServer:
         tracked = self.tracked.get(done.request_id)
         # A colocated worker's RequestDone may overtake its own PrefillDone: it is still prefill_id.
         if tracked is not None and done.instance_id in (tracked.decode_id, tracked.prefill_id):
-            await self.finish(done.request_id, done.finish_reason)
+            await self.finish(done.request_id, done.finish_reason, done.num_output_tokens)
 
-    async def finish(self, request_id: str, reason: int) -> None:
+    async def finish(self, request_id: str, reason: int, num_output_tokens: int = 0) -> None:
         """Forget the request and acknowledge it in the stream: it will not run again."""
         tracked = self.tracked.pop(request_id, None)
         if tracked is None:
             return
+        if reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH) and num_output_tokens > 0:
+            self.workload.finished(time.monotonic(), num_output_tokens)
         for worker_id in (tracked.prefill_id, tracked.decode_id):
             worker = self.registry.workers.get(worker_id) if worker_id else None
             if worker is not None:
@@ -352,4 +357,5 @@ class SchedulerServer:
                                    draining=w.draining)
                    for w in self.registry.workers.values()]
         return spb.ClusterState(workers=workers, num_waiting=len(self.queue),
-                                num_running=len(self.tracked) - len(self.queue))
+                                num_running=len(self.tracked) - len(self.queue),
+                                workload=self.workload.estimate(now))

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from splitserve.v1 import common_pb2 as splitserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsplitserve/v1/scheduler.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\x90\x02\n\nWorkerInfo\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\'\n\x04role\x18\x02 \x01(\x0e\x32\x19.splitserve.v1.WorkerRole\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmax_model_len\x18\x05 \x01(\x05\x12\x14\n\x0ctoken_budget\x18\x06 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x07 \x01(\x05\x12*\n\tkv_layout\x18\x08 \x01(\x0b\x32\x17.splitserve.v1.KvLayout\x12\x30\n\x0ckv_transport\x18\t \x01(\x0e\x32\x1a.splitserve.v1.KvTransport\"g\n\x0fRegisterRequest\x12)\n\x06worker\x18\x01 \x01(\x0b\x32\x19.splitserve.v1.WorkerInfo\x12)\n\x05stats\x18\x02 \x01(\x0b\x32\x1a.splitserve.v1.WorkerStats\"0\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"R\n\x10HeartbeatRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12)\n\x05stats\x18\x02 \x01(\x0b\x32\x1a.splitserve.v1.WorkerStats\"\x13\n\x11HeartbeatResponse\"\xea\x01\n\x12PrefillDoneRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12#\n\x02kv\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.KvHandle\x12\x18\n\x10output_token_ids\x18\x04 \x03(\x05\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12)\n\x08timeline\x18\x07 \x01(\x0b\x32\x17.splitserve.v1.Timeline\"\x15\n\x13PrefillDoneResponse\"\x80\x01\n\x12RequestDoneRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x15\n\x13RequestDoneResponse\"5\n\x0c\x44rainRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\"\x0f\n\rDrainResponse\"Q\n\x0fHandBackRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x15\n\rkv_not_pulled\x18\x03 \x01(\x08\"\x12\n\x10HandBackResponse\"\x15\n\x13\x43lusterStateRequest\"\x8a\x01\n\x0bWorkerState\x12)\n\x06worker\x18\x01 \x01(\x0b\x32\x19.splitserve.v1.WorkerInfo\x12)\n\x05stats\x18\x02 \x01(\x0b\x32\x1a.splitserve.v1.WorkerStats\x12\x13\n\x0blast_seen_s\x18\x03 \x01(\x01\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"e\n\x0c\x43lusterState\x12+\n\x07workers\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.WorkerState\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x13\n\x0bnum_running\x18\x03 \x01(\x05*u\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03\x32\xb9\x04\n\tScheduler\x12K\n\x08Register\x12\x1e.splitserve.v1.RegisterRequest\x1a\x1f.splitserve.v1.RegisterResponse\x12N\n\tHeartbeat\x12\x1f.splitserve.v1.HeartbeatRequest\x1a .splitserve.v1.HeartbeatResponse\x12T\n\x0bPrefillDone\x12!.splitserve.v1.PrefillDoneRequest\x1a\".splitserve.v1.PrefillDoneResponse\x12T\n\x0bRequestDone\x12!.splitserve.v1.RequestDoneRequest\x1a\".splitserve.v1.RequestDoneResponse\x12R\n\x0fGetClusterState\x12\".splitserve.v1.ClusterStateRequest\x1a\x1b.splitserve.v1.ClusterState\x12\x42\n\x05\x44rain\x12\x1b.splitserve.v1.DrainRequest\x1a\x1c.splitserve.v1.DrainResponse\x12K\n\x08HandBack\x12\x1e.splitserve.v1.HandBackRequest\x1a\x1f.splitserve.v1.HandBackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsplitserve/v1/scheduler.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\x90\x02\n\nWorkerInfo\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\'\n\x04role\x18\x02 \x01(\x0e\x32\x19.splitserve.v1.WorkerRole\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmax_model_len\x18\x05 \x01(\x05\x12\x14\n\x0ctoken_budget\x18\x06 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x07 \x01(\x05\x12*\n\tkv_layout\x18\x08 \x01(\x0b\x32\x17.splitserve.v1.KvLayout\x12\x30\n\x0ckv_transport\x18\t \x01(\x0e\x32\x1a.splitserve.v1.KvTransport\"g\n\x0fRegisterRequest\x12)\n\x06worker\x18\x01 \x01(\x0b\x32\x19.splitserve.v1.WorkerInfo\x12)\n\x05stats\x18\x02 \x01(\x0b\x32\x1a.splitserve.v1.WorkerStats\"0\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"R\n\x10HeartbeatRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12)\n\x05stats\x18\x02 \x01(\x0b\x32\x1a.splitserve.v1.WorkerStats\"\x13\n\x11HeartbeatResponse\"\xea\x01\n\x12PrefillDoneRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12#\n\x02kv\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.KvHandle\x12\x18\n\x10output_token_ids\x18\x04 \x03(\x05\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12)\n\x08timeline\x18\x07 \x01(\x0b\x32\x17.splitserve.v1.Timeline\"\x15\n\x13PrefillDoneResponse\"\x9b\x01\n\x12RequestDoneRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x19\n\x11num_output_tokens\x18\x05 \x01(\x05\"\x15\n\x13RequestDoneResponse\"5\n\x0c\x44rainRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\"\x0f\n\rDrainResponse\"Q\n\x0fHandBackRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x15\n\rkv_not_pulled\x18\x03 \x01(\x08\"\x12\n\x10HandBackResponse\"\x15\n\x13\x43lusterStateRequest\"\x8a\x01\n\x0bWorkerState\x12)\n\x06worker\x18\x01 \x01(\x0b\x32\x19.splitserve.v1.WorkerInfo\x12)\n\x05stats\x18\x02 \x01(\x0b\x32\x1a.splitserve.v1.WorkerStats\x12\x13\n\x0blast_seen_s\x18\x03 \x01(\x01\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"\x98\x01\n\x0c\x43lusterState\x12+\n\x07workers\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.WorkerState\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x13\n\x0bnum_running\x18\x03 \x01(\x05\x12\x31\n\x08workload\x18\x04 \x01(\x0b\x32\x1f.splitserve.v1.WorkloadEstimate\"\xf8\x01\n\x10WorkloadEstimate\x12\x10\n\x08window_s\x18\x01 \x01(\x01\x12\x14\n\x0c\x61rrival_rate\x18\x02 \x01(\x01\x12\x14\n\x0cnum_arrivals\x18\x03 \x01(\x05\x12\x17\n\x0fprompt_len_mean\x18\x04 \x01(\x01\x12\x16\n\x0eprompt_len_p50\x18\x05 \x01(\x01\x12\x16\n\x0eprompt_len_p90\x18\x06 \x01(\x01\x12\x14\n\x0cnum_finished\x18\x07 \x01(\x05\x12\x17\n\x0foutput_len_mean\x18\x08 \x01(\x01\x12\x16\n\x0eoutput_len_p50\x18\t \x01(\x01\x12\x16\n\x0eoutput_len_p90\x18\n \x01(\x01*u\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03\x32\xb9\x04\n\tScheduler\x12K\n\x08Register\x12\x1e.splitserve.v1.RegisterRequest\x1a\x1f.splitserve.v1.RegisterResponse\x12N\n\tHeartbeat\x12\x1f.splitserve.v1.HeartbeatRequest\x1a .splitserve.v1.HeartbeatResponse\x12T\n\x0bPrefillDone\x12!.splitserve.v1.PrefillDoneRequest\x1a\".splitserve.v1.PrefillDoneResponse\x12T\n\x0bRequestDone\x12!.splitserve.v1.RequestDoneRequest\x1a\".splitserve.v1.RequestDoneResponse\x12R\n\x0fGetClusterState\x12\".splitserve.v1.ClusterStateRequest\x1a\x1b.splitserve.v1.ClusterState\x12\x42\n\x05\x44rain\x12\x1b.splitserve.v1.DrainRequest\x1a\x1c.splitserve.v1.DrainResponse\x12K\n\x08HandBack\x12\x1e.splitserve.v1.HandBackRequest\x1a\x1f.splitserve.v1.HandBackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=1467
-  _globals['_WORKERROLE']._serialized_end=1584
+  _globals['_WORKERROLE']._serialized_start=1797
+  _globals['_WORKERROLE']._serialized_end=1914
   _globals['_WORKERINFO']._serialized_start=77
   _globals['_WORKERINFO']._serialized_end=349
   _globals['_REGISTERREQUEST']._serialized_start=351
@@ -49,23 +49,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLDONERESPONSE']._serialized_start=848
   _globals['_PREFILLDONERESPONSE']._serialized_end=869
   _globals['_REQUESTDONEREQUEST']._serialized_start=872
-  _globals['_REQUESTDONEREQUEST']._serialized_end=1000
-  _globals['_REQUESTDONERESPONSE']._serialized_start=1002
-  _globals['_REQUESTDONERESPONSE']._serialized_end=1023
-  _globals['_DRAINREQUEST']._serialized_start=1025
-  _globals['_DRAINREQUEST']._serialized_end=1078
-  _globals['_DRAINRESPONSE']._serialized_start=1080
-  _globals['_DRAINRESPONSE']._serialized_end=1095
-  _globals['_HANDBACKREQUEST']._serialized_start=1097
-  _globals['_HANDBACKREQUEST']._serialized_end=1178
-  _globals['_HANDBACKRESPONSE']._serialized_start=1180
-  _globals['_HANDBACKRESPONSE']._serialized_end=1198
-  _globals['_CLUSTERSTATEREQUEST']._serialized_start=1200
-  _globals['_CLUSTERSTATEREQUEST']._serialized_end=1221
-  _globals['_WORKERSTATE']._serialized_start=1224
-  _globals['_WORKERSTATE']._serialized_end=1362
-  _globals['_CLUSTERSTATE']._serialized_start=1364
-  _globals['_CLUSTERSTATE']._serialized_end=1465
-  _globals['_SCHEDULER']._serialized_start=1587
-  _globals['_SCHEDULER']._serialized_end=2156
+  _globals['_REQUESTDONEREQUEST']._serialized_end=1027
+  _globals['_REQUESTDONERESPONSE']._serialized_start=1029
+  _globals['_REQUESTDONERESPONSE']._serialized_end=1050
+  _globals['_DRAINREQUEST']._serialized_start=1052
+  _globals['_DRAINREQUEST']._serialized_end=1105
+  _globals['_DRAINRESPONSE']._serialized_start=1107
+  _globals['_DRAINRESPONSE']._serialized_end=1122
+  _globals['_HANDBACKREQUEST']._serialized_start=1124
+  _globals['_HANDBACKREQUEST']._serialized_end=1205
+  _globals['_HANDBACKRESPONSE']._serialized_start=1207
+  _globals['_HANDBACKRESPONSE']._serialized_end=1225
+  _globals['_CLUSTERSTATEREQUEST']._serialized_start=1227
+  _globals['_CLUSTERSTATEREQUEST']._serialized_end=1248
+  _globals['_WORKERSTATE']._serialized_start=1251
+  _globals['_WORKERSTATE']._serialized_end=1389
+  _globals['_CLUSTERSTATE']._serialized_start=1392
+  _globals['_CLUSTERSTATE']._serialized_end=1544
+  _globals['_WORKLOADESTIMATE']._serialized_start=1547
+  _globals['_WORKLOADESTIMATE']._serialized_end=1795
+  _globals['_SCHEDULER']._serialized_start=1917
+  _globals['_SCHEDULER']._serialized_end=2486
 # @@protoc_insertion_point(module_scope)

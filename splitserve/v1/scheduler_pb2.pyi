@@ -90,16 +90,18 @@ class PrefillDoneResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class RequestDoneRequest(_message.Message):
-    __slots__ = ("request_id", "instance_id", "finish_reason", "error")
+    __slots__ = ("request_id", "instance_id", "finish_reason", "error", "num_output_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    NUM_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     instance_id: str
     finish_reason: _common_pb2.FinishReason
     error: str
-    def __init__(self, request_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., error: _Optional[str] = ...) -> None: ...
+    num_output_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., error: _Optional[str] = ..., num_output_tokens: _Optional[int] = ...) -> None: ...
 
 class RequestDoneResponse(_message.Message):
     __slots__ = ()
@@ -148,11 +150,37 @@ class WorkerState(_message.Message):
     def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., stats: _Optional[_Union[_common_pb2.WorkerStats, _Mapping]] = ..., last_seen_s: _Optional[float] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class ClusterState(_message.Message):
-    __slots__ = ("workers", "num_waiting", "num_running")
+    __slots__ = ("workers", "num_waiting", "num_running", "workload")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerState]
     num_waiting: int
     num_running: int
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ...) -> None: ...
+    workload: WorkloadEstimate
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., workload: _Optional[_Union[WorkloadEstimate, _Mapping]] = ...) -> None: ...
+
+class WorkloadEstimate(_message.Message):
+    __slots__ = ("window_s", "arrival_rate", "num_arrivals", "prompt_len_mean", "prompt_len_p50", "prompt_len_p90", "num_finished", "output_len_mean", "output_len_p50", "output_len_p90")
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    ARRIVAL_RATE_FIELD_NUMBER: _ClassVar[int]
+    NUM_ARRIVALS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LEN_MEAN_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LEN_P50_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LEN_P90_FIELD_NUMBER: _ClassVar[int]
+    NUM_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_LEN_MEAN_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_LEN_P50_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_LEN_P90_FIELD_NUMBER: _ClassVar[int]
+    window_s: float
+    arrival_rate: float
+    num_arrivals: int
+    prompt_len_mean: float
+    prompt_len_p50: float
+    prompt_len_p90: float
+    num_finished: int
+    output_len_mean: float
+    output_len_p50: float
+    output_len_p90: float
+    def __init__(self, window_s: _Optional[float] = ..., arrival_rate: _Optional[float] = ..., num_arrivals: _Optional[int] = ..., prompt_len_mean: _Optional[float] = ..., prompt_len_p50: _Optional[float] = ..., prompt_len_p90: _Optional[float] = ..., num_finished: _Optional[int] = ..., output_len_mean: _Optional[float] = ..., output_len_p50: _Optional[float] = ..., output_len_p90: _Optional[float] = ...) -> None: ...
