@@ -1,0 +1,86 @@
+"""A simulated `bench serve` run: one simulation per rate, reported and written exactly as
+`bench serve` reports and writes a run against a real cluster (splitserve/bench/loadgen/run.py).
+
+The JSON is a `splitserve-bench-serve/1` document, so `bench plot`, `bench rescore` and
+`bench timeline` read it like a measured one; its backend is `simulate`, its url the profile, and a
+`simulation` section says which cluster was simulated.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from splitserve.bench.loadgen.config import ServeConfig
+from splitserve.bench.loadgen.metrics import format_report, summarize
+from splitserve.bench.loadgen.run import PointResult, result_json
+from splitserve.planner.latency import Profile
+from splitserve.planner.simulator import ClusterSpec, simulate, workload_requests
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+DEFAULT_PROFILE = PROFILES_DIR / "cpu-2core.json"
+
+
+@dataclass(frozen=True)
+class SimulatedRun:
+    profile: Profile
+    cluster: ClusterSpec
+    serve: ServeConfig  # the `bench serve` run being simulated (backend: simulate)
+
+
+def simulate_point(run: SimulatedRun, rate: float) -> PointResult:
+    serve = run.serve
+    requests = workload_requests(serve.workload, rate, serve.seed, burstiness=serve.burstiness,
+                                 num_requests=serve.num_requests, duration_s=serve.duration_s)
+    records = simulate(run.profile, run.cluster, requests)
+    return PointResult(rate, (), summarize(records, serve.slo), records)
+
+
+def simulation_json(run: SimulatedRun) -> dict[str, Any]:
+    cluster = asdict(run.cluster)
+    cluster["mode"] = run.cluster.mode.value
+    return {"cluster": cluster, "describe": run.cluster.describe(), "profile_source": run.profile.source,
+            "parallelism": run.profile.parallelism}
+
+
+def run_sweep(run: SimulatedRun, print_reports: bool) -> dict[str, Any]:
+    """Every rate of the run, in order; returns the `bench serve` JSON document with a simulation part."""
+    started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    points = []
+    for rate in run.serve.rates:
+        if not math.isfinite(rate) and run.serve.num_requests is None:
+            raise ValueError("an infinite rate needs --num-requests")
+        points.append(simulate_point(run, rate))
+        if print_reports:
+            print(format_report(points[-1].report, _title(run, rate)), flush=True)
+    result = result_json(run.serve, run.profile.model.name, points, started_at)
+    result["simulation"] = simulation_json(run)
+    return result
+
+
+def _title(run: SimulatedRun, rate: float) -> str:
+    label = f"{run.serve.label}: " if run.serve.label else ""
+    return f"{label}{run.serve.workload.name} at {rate:g} req/s, simulated on {run.cluster.describe()}"
+
+
+def write_outputs(run: SimulatedRun, result: dict[str, Any], as_json: bool) -> None:
+    serve = run.serve
+    if as_json:
+        print(json.dumps(result, indent=1))
+    elif result["sweep"] is not None and len(result["points"]) > 1:
+        from splitserve.bench.loadgen.run import _goodput_text  # the same sentence as bench serve's
+
+        print(f"sweep goodput: {_goodput_text(result['sweep'])}", flush=True)
+    if serve.output is not None:
+        serve.output.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {serve.output}", file=sys.stderr)
+    if serve.plot is not None:
+        from splitserve.bench.loadgen.plot import Sweep, plot_sweeps
+
+        plot_sweeps([Sweep.from_json(result, serve.label or run.cluster.mode.value)], serve.plot)
+        print(f"wrote {serve.plot}", file=sys.stderr)
