@@ -1,0 +1,332 @@
+"""The planner's latency model, its fit, and the cluster simulator on cases that can be worked by hand."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from splitserve.bench.loadgen.config import BackendConfig, ServeConfig
+from splitserve.bench.loadgen.metrics import Report, Slo, summarize
+from splitserve.bench.loadgen.prompts import PromptFactory
+from splitserve.bench.loadgen.run import request_specs
+from splitserve.bench.loadgen.workloads import get_workload
+from splitserve.engine.block_manager import blocks_for
+from splitserve.planner.fit import fit_linear
+from splitserve.planner.latency import (
+    DecodeModel,
+    DegreeProfile,
+    KvTransferModel,
+    ModelInfo,
+    Overheads,
+    PrefillModel,
+    Profile,
+    StepOverheads,
+    fit_decode,
+    fit_kv,
+    fit_prefill,
+    load_profile,
+    save_profile,
+)
+from splitserve.planner.sim_engine import EngineSettings
+from splitserve.planner.simulator import (
+    ClusterSpec,
+    Mode,
+    SimRequest,
+    Simulation,
+    pick_prefill,
+    simulate,
+    workload_requests,
+)
+from splitserve.planner.sweep import DEFAULT_PROFILE
+
+SPLITSERVE = [sys.executable, "-m", "splitserve.cli"]
+KV_BYTES_PER_TOKEN = 1000
+HOPS = Overheads(gateway_s=0.003, rpc_s=0.0015, reply_s=0.002)
+
+
+def prefill_s(n: int) -> float:
+    return 0.01 + 0.001 * n  # the test profile's prefill of one prompt
+
+
+DECODE_S = 0.021  # the test profile's decode step at batch 1 (no context term)
+
+
+def make_profile(**degree_changes) -> Profile:
+    """Round numbers: prefill 10 ms + 1 ms/token, decode 20 ms + 1 ms/sequence, KV 5 ms + 1 GB/s."""
+    degree = DegreeProfile(1, PrefillModel(0.01, 0.001, 0.0), DecodeModel(0.02, 0.0, 0.001))
+    degree = replace(degree, **degree_changes)
+    return Profile("test", {"num_cores": 2}, ModelInfo("test", "bfloat16", KV_BYTES_PER_TOKEN, 8192),
+                   {1: degree, 2: replace(degree, degree=2)}, KvTransferModel(0.005, 1.0), HOPS)
+
+
+def kv_s(prompt_len: int, block_size: int = 16) -> float:
+    return 0.005 + blocks_for(prompt_len, block_size) * block_size * KV_BYTES_PER_TOKEN / 1e9
+
+
+def requests(*specs: tuple[float, int, int]) -> list[SimRequest]:
+    """(arrival_s, input_len, output_len) each."""
+    return [SimRequest(i, t, n_in, n_out) for i, (t, n_in, n_out) in enumerate(specs)]
+
+
+# -- the fit --------------------------------------------------------------------------------------
+
+
+def test_the_fit_recovers_known_coefficients_from_exact_samples():
+    batches = [[n] * k for n in (16, 128, 512, 2048) for k in (1, 2, 4) if n * k <= 4096] + [[1024, 64, 64]]
+    truth = PrefillModel(0.012, 0.0007, 9e-8)
+    fitted = fit_prefill([{"lens": b, "s": truth.seconds(b)} for b in batches])
+    assert (fitted.a, fitted.b, fitted.c) == pytest.approx((truth.a, truth.b, truth.c), rel=1e-6)
+    assert fitted.error.max_rel_error < 1e-9 and fitted.error.num_samples == len(batches)
+
+    truth = DecodeModel(0.011, 1.4e-6, 7e-4)
+    shapes = [[c] * b for c in (64, 256, 1024) for b in (1, 8, 32)]
+    fitted = fit_decode([{"contexts": s, "s": truth.seconds(sum(s), len(s))} for s in shapes])
+    assert (fitted.a, fitted.b, fitted.c) == pytest.approx((truth.a, truth.b, truth.c), rel=1e-6)
+
+    kv = fit_kv([{"bytes": n, "s": 0.004 + n / 2.5e9} for n in (10**6, 10**7, 10**8)], "ucx")
+    assert kv.latency_s == pytest.approx(0.004) and kv.bandwidth_gbps == pytest.approx(2.5)
+
+
+def test_the_fit_keeps_coefficients_non_negative_and_reports_its_error():
+    rng = random.Random(0)
+    # Noisy samples of a model with no fixed cost: unconstrained, the intercept may go negative.
+    lens = [[n] for n in (16, 32, 64, 128, 256, 512, 1024, 2048)]
+    samples = [{"lens": b, "s": 0.0014 * b[0] * rng.uniform(0.9, 1.1)} for b in lens]
+    fitted = fit_prefill(samples)
+    assert min(fitted.a, fitted.b, fitted.c) >= 0
+    assert 0 < fitted.error.mean_rel_error <= fitted.error.max_rel_error < 0.2
+    assert fitted.error.unconstrained_mean_rel_error <= fitted.error.mean_rel_error + 1e-12
+    with pytest.raises(ValueError, match="at least 3 samples"):
+        fit_linear([(1.0, 2.0, 3.0)], [1.0])
+
+
+def test_a_profile_survives_a_round_trip_through_its_file(tmp_path):
+    samples = [{"lens": [n], "s": prefill_s(n)} for n in (10, 100, 1000)]
+    profile = make_profile(prefill=fit_prefill(samples), cluster=StepOverheads(1.1, 0.002, "x"),
+                           samples={"prefill": samples})
+    save_profile(profile, tmp_path / "p.json")
+    assert load_profile(tmp_path / "p.json") == profile
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not a splitserve profile"):
+        load_profile(tmp_path / "bad.json")
+
+
+def test_the_shipped_profile_is_labelled_a_placeholder_and_covers_both_placements():
+    profile = load_profile(DEFAULT_PROFILE)
+    assert profile.source.startswith("PLACEHOLDER")
+    assert set(profile.degrees) == {1, 2} and profile.machine["num_cores"] == 2
+    assert profile.model.kv_bytes_per_token == 23040
+    one, two = profile.degree(1), profile.degree(2)
+    assert one.prefill.seconds([512]) > two.prefill.seconds([512])  # one core is slower than two
+    assert 0.01 < one.decode.seconds(256, 1) < 0.03
+    with pytest.raises(ValueError, match="has no latency model for 3"):
+        profile.degree(3)
+
+
+# -- the simulator, by hand -----------------------------------------------------------------------
+
+
+def test_one_request_through_the_disaggregated_cluster():
+    (record,) = simulate(make_profile(), ClusterSpec(), requests((0.0, 100, 4)))
+    assert record.ok and record.completion_tokens == 4 and record.prompt_tokens == 100
+    ttft = HOPS.gateway_s + HOPS.rpc_s + prefill_s(100) + HOPS.reply_s
+    assert record.ttft_s == pytest.approx(ttft)
+    # PrefillDone, Decode.Submit, the pull, then one decode step per token.
+    handoff = 2 * HOPS.rpc_s + kv_s(100) + DECODE_S
+    assert record.itls_s == pytest.approx([handoff, DECODE_S, DECODE_S])
+    assert record.tpot_s == pytest.approx((handoff + 2 * DECODE_S) / 3)
+    assert record.end_s == pytest.approx(record.chunk_times_s[-1])
+
+
+def test_prompts_are_prefilled_first_come_first_served():
+    # Prompts that arrive together, one per batch (token budget 100): first tokens in arrival order.
+    cluster = ClusterSpec(engine=EngineSettings(token_budget=100))
+    records = simulate(make_profile(), cluster, requests(*[(0.001 * i, 100 - i, 2) for i in range(6)]))
+    first_tokens = [r.chunk_times_s[0] for r in records]
+    assert first_tokens == sorted(first_tokens)
+    gaps = [b - a for a, b in itertools.pairwise(first_tokens)]
+    assert gaps == pytest.approx([prefill_s(100 - i) for i in range(1, 6)])  # back to back
+
+
+def test_a_batch_takes_the_queue_head_within_the_token_budget():
+    # 60 + 30 fit a 100-token budget, the third would not: it runs in the next batch.
+    records = simulate(make_profile(), ClusterSpec(engine=EngineSettings(token_budget=100)),
+                       requests((0.0, 50, 2), (0.01, 60, 2), (0.011, 30, 2), (0.012, 20, 2)))
+    first = [r.chunk_times_s[0] for r in records]
+    assert first[1] == pytest.approx(first[2]) and first[2] < first[3]
+    assert first[1] - first[0] == pytest.approx(0.01 + 0.001 * 90)
+
+
+def test_two_prefill_servers_halve_the_queueing():
+    specs = [(0.0, 200, 2)] * 8  # all at once, one prompt per batch
+    alone = HOPS.gateway_s + HOPS.rpc_s + prefill_s(200) + HOPS.reply_s
+    queueing = {}
+    for num_prefill in (1, 2):
+        cluster = ClusterSpec(num_prefill=num_prefill, num_decode=2, engine=EngineSettings(token_budget=200))
+        records = simulate(make_profile(), cluster, requests(*specs))
+        queueing[num_prefill] = sum(r.ttft_s - alone for r in records) / len(records)
+    assert queueing[1] == pytest.approx(prefill_s(200) * 3.5)  # waits of 0..7 prefills
+    assert queueing[2] == pytest.approx(prefill_s(200) * 1.5)  # 0..3 on each server
+    assert queueing[2] < queueing[1] / 2
+
+
+def test_decode_admission_waits_for_free_blocks():
+    # The decode cache holds 8 blocks of 16 tokens: one 100-token request with its output at a time.
+    settings = EngineSettings(kv_cache_bytes=8 * 16 * KV_BYTES_PER_TOKEN)
+    cluster = ClusterSpec(engine=settings)
+    profile = make_profile()
+    first, second = simulate(profile, cluster, requests((0.0, 100, 10), (0.0, 100, 10)))
+    assert first.ok and second.ok
+    assert second.chunk_times_s[1] > first.chunk_times_s[-1]  # its pull waited for the first to finish
+    assert first.itls_s[1:] == pytest.approx([DECODE_S] * 8)  # never batched with the second
+    big = ClusterSpec(engine=replace(settings, kv_cache_bytes=1 << 30))
+    first, second = simulate(profile, big, requests((0.0, 100, 10), (0.0, 100, 10)))
+    assert second.chunk_times_s[1] < first.chunk_times_s[-1]  # with room they decode together
+
+
+def test_a_decode_server_out_of_blocks_preempts_and_recomputes():
+    # Room for both prompts but not for both outputs: the newest is preempted, recomputed, finished.
+    settings = EngineSettings(kv_cache_bytes=12 * 16 * KV_BYTES_PER_TOKEN)
+    records = simulate(make_profile(), ClusterSpec(engine=settings), requests((0.0, 80, 60), (0.0, 80, 60)))
+    assert all(r.ok and r.completion_tokens == 60 and len(r.chunk_times_s) == 60 for r in records)
+    assert max(records[1].itls_s) > prefill_s(80 + 20)  # a recompute of prompt + outputs stalled it
+
+
+def test_a_colocated_worker_stalls_its_decodes_while_a_prompt_prefills():
+    reqs = requests((0.0, 20, 40), (0.3, 500, 2))  # a long prompt arrives mid-decode
+    profile = make_profile()
+    colocated = simulate(profile, ClusterSpec(Mode.COLOCATED), reqs)[0]
+    assert max(colocated.itls_s) == pytest.approx(prefill_s(500) + DECODE_S, rel=0.05)
+    disaggregated = simulate(profile, ClusterSpec(), reqs)[0]
+    assert max(disaggregated.itls_s[1:]) == pytest.approx(DECODE_S + 0.001)  # batch 2 at most
+    chunked = simulate(profile, ClusterSpec(Mode.CHUNKED), reqs)[0]
+    # The stall is spread over two steps of 256 tokens, the prompt's chunks and the running decode.
+    assert max(chunked.itls_s) == pytest.approx(0.01 + 0.001 * 256)
+    assert sum(gap > 0.2 for gap in chunked.itls_s) == 2
+    assert sum(chunked.itls_s) > sum(disaggregated.itls_s[1:])
+
+
+def test_the_gateway_refuses_beyond_max_pending():
+    cluster = ClusterSpec(max_pending=3)
+    records = simulate(make_profile(), cluster, requests(*[(0.0, 50, 4)] * 5))
+    assert [r.ok for r in records] == [True, True, True, False, False]
+    assert records[3].error.startswith("429")
+
+
+# -- fidelity to the real code -------------------------------------------------------------------
+
+
+def test_engine_and_cluster_defaults_match_the_real_flags():
+    from splitserve.cli import build_parser
+    from splitserve.commands.up import DEFAULT_CHUNK_SIZE
+    from splitserve.engine import EngineConfig
+
+    config = EngineConfig()
+    assert EngineSettings() == EngineSettings(config.token_budget, config.max_num_seqs, config.block_size,
+                                              config.kv_cache_bytes)
+    parse = build_parser().parse_args
+    spec = ClusterSpec()
+    assert spec.chunk_size == DEFAULT_CHUNK_SIZE
+    assert spec.prefill_queue_factor == parse(["scheduler"]).prefill_queue_factor
+    assert spec.kv_lease_s == parse(["prefill"]).kv_lease
+    assert spec.heartbeat_interval_s == parse(["decode"]).heartbeat_interval
+    assert spec.max_pending == int(parse(["gateway"]).max_pending)
+
+
+def test_placement_picks_what_the_scheduler_s_registry_picks():
+    from splitserve.services.scheduler.registry import Registry
+
+    from splitserve.v1 import common_pb2 as pb
+    from splitserve.v1 import scheduler_pb2 as spb
+
+    rng = random.Random(1)
+    takers = Simulation(make_profile(), ClusterSpec(num_prefill=3), []).scheduler.takers
+    for _ in range(300):
+        registry = Registry(2.0)
+        for i, worker in enumerate(takers):
+            worker.assigned = {f"r{i}-{k}": rng.choice((0, 100, 700, 1500)) for k in range(rng.randrange(4))}
+            info = spb.WorkerInfo(instance_id=worker.name, role=spb.WORKER_ROLE_PREFILL, token_budget=2048)
+            registry.register(info, pb.WorkerStats(), 0.0).assigned = dict(worker.assigned)
+        n = rng.choice((50, 1000, 3000))
+        real, simulated = registry.pick_prefill(n), pick_prefill(takers, n, 2.0)
+        assert (real and real.instance_id) == (simulated and simulated.name)
+
+
+def test_the_simulated_requests_are_the_ones_bench_serve_sends():
+    workload = get_workload("chatbot")
+    serve = ServeConfig(BackendConfig("openai", "http://x"), workload, (2.0,), num_requests=50, seed=3)
+    sent = request_specs(serve, 2.0, PromptFactory(3))
+    simulated = workload_requests(workload, 2.0, 3, num_requests=50)
+    assert [(s.scheduled_s, s.input_len, s.output_len) for s in sent] == \
+        [(r.arrival_s, r.input_len, r.output_len) for r in simulated]
+
+
+def test_records_give_the_report_bench_serve_gives():
+    profile = load_profile(DEFAULT_PROFILE)
+    reqs = workload_requests(get_workload("code"), 2.0, 0, num_requests=60)
+    for mode, degree in ((Mode.DISAGGREGATED, 1), (Mode.COLOCATED, 2), (Mode.CHUNKED, 2)):
+        records = simulate(profile, ClusterSpec(mode, prefill_degree=degree, decode_degree=degree), reqs)
+        report = summarize(records, Slo(1.0, 0.05))
+        assert isinstance(report, Report) and report.completed == report.num_requests == 60
+        assert all(r.completion_tokens == r.output_len == len(r.chunk_times_s) for r in records)
+        assert report.ttft_ms.p50 > 0 and report.tpot_ms.p90 >= report.tpot_ms.p50 > 0
+        assert 0 <= report.slo.attainment <= 1 and math.isfinite(report.duration_s)
+
+
+# -- the commands ----------------------------------------------------------------------------------
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*SPLITSERVE, *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_the_planner_commands_have_help():
+    for command, flag in (("simulate", "--cores-per-worker"), ("profile", "--quick")):
+        out = _run(command, "--help")
+        assert out.returncode == 0 and flag in out.stdout
+
+
+def test_simulate_writes_what_bench_plot_and_rescore_read(tmp_path):
+    from splitserve.bench.loadgen.plot import load_sweep
+    from splitserve.bench.loadgen.rescore import load_points
+
+    path = tmp_path / "sim.json"
+    out = _run("simulate", "--workload", "code", "--rates", "1", "3", "--num-requests", "40", "--seed", "1",
+               "--ttft-slo", "1", "--tpot-slo", "0.05", "--output", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "simulated on 1 prefill x 1 + 1 decode x 1" in out.stdout and "sweep goodput" in out.stdout
+    assert "placeholder" in out.stderr
+    data = json.loads(path.read_text())
+    assert data["format"] == "splitserve-bench-serve/1" and data["config"]["backend"] == "simulate"
+    assert data["simulation"]["cluster"]["mode"] == "disaggregated"
+    label, points = load_points(path)
+    assert label == "disaggregated" and [rate for rate, _ in points] == [1.0, 3.0]
+    assert load_sweep(path).rates == [1.0, 3.0]
+    colocated = _run("simulate", "--mode", "colocated", "--workload", "code", "--num-requests", "20", "--json")
+    assert colocated.returncode == 0, colocated.stderr
+    assert json.loads(colocated.stdout)["simulation"]["cluster"]["prefill_degree"] == 2  # both cores
+
+
+def test_simulate_refuses_a_placement_the_profile_does_not_cover():
+    out = _run("simulate", "--cores-per-worker", "4", "--num-requests", "5")
+    assert out.returncode == 2 and "no latency model for 4" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_simulator_runs_without_torch():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from splitserve.planner.simulator import ClusterSpec, simulate, workload_requests\n"
+            "from splitserve.planner.latency import load_profile\n"
+            "from splitserve.planner.sweep import DEFAULT_PROFILE\n"
+            "from splitserve.bench.loadgen.workloads import get_workload\n"
+            "r = simulate(load_profile(DEFAULT_PROFILE), ClusterSpec(), "
+            "workload_requests(get_workload('code'), 1.0, 0, num_requests=5))\n"
+            "print(sum(x.ok for x in r))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "5", out.stderr
