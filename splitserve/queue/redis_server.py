@@ -7,6 +7,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 import redis
 
@@ -25,10 +26,15 @@ def redis_server_binary() -> str:
 
 
 class LocalRedis:
-    """Start redis-server on 127.0.0.1 and a free port; stop() (or the with block) ends it."""
+    """Start redis-server on 127.0.0.1 and a free port; stop() (or the with block) ends it.
 
-    def __init__(self, port: int | None = None) -> None:
+    With appendonly, every write is fsynced to an append-only file in its folder, so a restart()
+    (or terminate() then start()) on the same port comes back with the same data.
+    """
+
+    def __init__(self, port: int | None = None, appendonly: bool = False) -> None:
         self.port = port or free_port()
+        self.appendonly = appendonly
         self.dir = tempfile.TemporaryDirectory(prefix="splitserve-redis-")
         self.process: subprocess.Popen | None = None
 
@@ -37,32 +43,45 @@ class LocalRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> LocalRedis:
+        fsync = ["--appendfsync", "always"] if self.appendonly else []
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", self.dir.name, "--loglevel", "warning"]
-        log = open(Path(self.dir.name) / "redis.log", "wb")
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+                "--appendonly", "yes" if self.appendonly else "no", *fsync, "--dir", self.dir.name,
+                "--loglevel", "warning"]
+        with open(Path(self.dir.name) / "redis.log", "ab") as log:  # the child keeps its own copy
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         self._wait_ready(timeout_s)
         return self
 
-    def _wait_ready(self, timeout_s: float) -> None:
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise OSError(f"redis-server did not start on port {self.port}") from None
-                time.sleep(0.05)
-
-    def stop(self) -> None:
+    def terminate(self) -> None:
+        """Stop redis-server (SIGTERM: it flushes its append-only file), keeping its folder."""
         if self.process and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(10)
+
+    def restart(self, timeout_s: float = 10.0) -> LocalRedis:
+        """Stop and start again on the same port and folder: an outage its clients must ride out."""
+        self.terminate()
+        return self.start(timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        """Poll until it answers (another process: nothing to await); LOADING (replaying its
+        append-only file) is a ConnectionError too."""
+        deadline = time.monotonic() + timeout_s
+        with redis.Redis(port=self.port, socket_connect_timeout=0.2) as client:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        raise OSError(f"redis-server did not start on port {self.port}") from None
+                    time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.terminate()
         self.dir.cleanup()
 
-    def __enter__(self) -> LocalRedis:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
