@@ -10,17 +10,28 @@ Keys and channels:
   client goes away; the scheduler and workers drop the request).
 - ``splitserve:reply:<gateway id>``: pub/sub channel per gateway on which workers publish the
   TokenEvents of the requests that gateway owns.
+
+A Redis restart or short outage is ridden out (reconnect.py): reads and subscriptions wait for Redis
+as long as it takes and re-subscribe, results (publishes, acknowledgements) wait up to
+PUBLISH_RETRY_S, and only `put` fails at once, so the gateway can answer its client.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 import structlog
 from google.protobuf.message import DecodeError, Message
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
+
+from .reconnect import RedisLink
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -30,6 +41,10 @@ REQUEST_STREAM = "splitserve:requests"
 SCHEDULER_GROUP = "schedulers"
 CANCEL_CHANNEL = "splitserve:cancel"
 FIELD = b"msg"
+PUBLISH_RETRY_S = 60.0  # how long a publish or an acknowledgement waits for Redis before it raises
+# After Redis comes back, subscribers re-subscribe within a retry delay or two: until then a message
+# no one received is published again (a token is delayed, not lost).
+RESUBSCRIBE_GRACE_S = 5.0
 
 
 def reply_channel(gateway_id: str) -> str:
@@ -65,14 +80,29 @@ class TextCodec:
         return payload.decode()
 
 
-def connect(url: str) -> aioredis.Redis:
+class RedisClient(aioredis.Redis):
+    """redis-py's asyncio client plus `link`: whether Redis is reachable, as the wrappers on this
+    client (all of one process's) see it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.link = RedisLink()
+
+
+def connect(url: str) -> RedisClient:
     """A client for url (redis://host:port/db), bytes in and out.
 
     No socket timeout: stream reads and pub/sub subscriptions block on purpose (redis-py 8 would
     otherwise cut every read at 5 s); a dead server still shows up through the health checks.
+    No redis-py retries: they would resend an XADD whose reply was lost (queueing the request
+    twice); the wrappers below retry as each command allows (reconnect.py). No maintenance
+    notifications (a managed-Redis feature): while they are on ("auto"), the pool skips its check
+    that a pooled connection is still open, and the first command after a Redis restart fails on
+    a connection the old server closed.
     """
-    return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=10,
-                                   socket_timeout=None, socket_keepalive=True)
+    return RedisClient.from_url(url, decode_responses=False, health_check_interval=10,
+                                socket_timeout=None, socket_keepalive=True, retry=Retry(NoBackoff(), 0),
+                                maint_notifications_config=MaintNotificationsConfig(enabled=False))
 
 
 @dataclass(frozen=True)
@@ -82,43 +112,85 @@ class StreamEntry(Generic[T]):
 
 
 class RequestStream(Generic[T]):
-    """The request stream: producers put, consumers in one group get, ack, or re-read pending."""
+    """The request stream: producers put, consumers in one group get, ack, or re-read pending.
 
-    def __init__(self, client: aioredis.Redis, codec: Codec[T], key: str = REQUEST_STREAM,
+    Everything but `put` waits out a Redis outage; a consumer group lost with Redis's data is
+    created again.
+    """
+
+    def __init__(self, client: RedisClient, codec: Codec[T], key: str = REQUEST_STREAM,
                  group: str = SCHEDULER_GROUP) -> None:
         self.client, self.codec, self.key, self.group = client, codec, key, group
+        self.link = client.link
+        self._acking: set[bytes] = set()  # acknowledgements waiting for Redis: done, not to re-read
 
     async def put(self, message: T) -> bytes:
+        """Add message, once: a retry after a lost reply could queue it twice, and the client is
+        better told now (the gateway answers 503) than kept waiting for Redis."""
         return await self.client.xadd(self.key, {FIELD: self.codec.encode(message)})
 
     async def ensure_group(self) -> None:
+        await self.link.call(self._create_group)
+
+    async def get(self, consumer: str, block_ms: int, count: int = 64) -> list[StreamEntry[T]]:
+        """New entries for this consumer, waiting up to block_ms for the first (and for Redis).
+
+        After an outage it returns every entry pending for this consumer but those whose
+        acknowledgement is on its way: a read whose reply was lost with the connection still
+        delivered its entries. The caller skips those it holds.
+        """
+        num_outages = self.link.num_outages
+        reply = await self._read_group(lambda: self.client.xreadgroup(
+            self.group, consumer, {self.key: ">"}, count=count, block=block_ms))
+        if self.link.num_outages != num_outages:
+            return [e for e in await self.pending(consumer) if e.entry_id not in self._acking]
+        return await self._entries(reply)
+
+    async def pending(self, consumer: str) -> list[StreamEntry[T]]:
+        """Entries delivered to this consumer before and never acknowledged (a restart's backlog)."""
+        reply = await self._read_group(lambda: self.client.xreadgroup(
+            self.group, consumer, {self.key: "0"}, count=100_000))
+        return await self._entries(reply)
+
+    async def claim_idle(self, consumer: str, min_idle_ms: int) -> list[StreamEntry[T]]:
+        """Take over entries another consumer has held unacknowledged for min_idle_ms."""
+        _, claimed, *_ = await self._read_group(lambda: self.client.xautoclaim(
+            self.key, self.group, consumer, min_idle_ms, start_id="0-0", count=1000))
+        return await self._decode_all(claimed)
+
+    async def ack(self, entry_id: bytes) -> None:
+        self._acking.add(entry_id)
+        try:
+            await self.link.call(lambda: self._ack(entry_id), PUBLISH_RETRY_S)
+        finally:
+            self._acking.discard(entry_id)
+
+    async def _ack(self, entry_id: bytes) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.xack(self.key, self.group, entry_id)
+            pipe.xdel(self.key, entry_id)
+            await pipe.execute()
+
+    async def _create_group(self) -> None:
         try:
             await self.client.xgroup_create(self.key, self.group, id="0", mkstream=True)
         except aioredis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def get(self, consumer: str, block_ms: int, count: int = 64) -> list[StreamEntry[T]]:
-        """New entries for this consumer, waiting up to block_ms for the first."""
-        reply = await self.client.xreadgroup(self.group, consumer, {self.key: ">"}, count=count, block=block_ms)
-        return await self._entries(reply)
-
-    async def pending(self, consumer: str) -> list[StreamEntry[T]]:
-        """Entries delivered to this consumer before and never acknowledged (a restart's backlog)."""
-        reply = await self.client.xreadgroup(self.group, consumer, {self.key: "0"}, count=100_000)
-        return await self._entries(reply)
-
-    async def claim_idle(self, consumer: str, min_idle_ms: int) -> list[StreamEntry[T]]:
-        """Take over entries another consumer has held unacknowledged for min_idle_ms."""
-        _, claimed, *_ = await self.client.xautoclaim(self.key, self.group, consumer, min_idle_ms,
-                                                       start_id="0-0", count=1000)
-        return await self._decode_all(claimed)
-
-    async def ack(self, entry_id: bytes) -> None:
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.xack(self.key, self.group, entry_id)
-            pipe.xdel(self.key, entry_id)
-            await pipe.execute()
+    async def _read_group(self, read: Callable[[], Awaitable]):
+        """read() through outages; a group Redis no longer has (its data lost) is created again."""
+        async def read_or_recreate():
+            try:
+                return await read()
+            except aioredis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+            log.error("the consumer group is gone (Redis lost its data?): created again; requests "
+                      "queued before may be lost", stream=self.key, group=self.group)
+            await self._create_group()
+            return await read()
+        return await self.link.call(read_or_recreate)
 
     async def _entries(self, reply) -> list[StreamEntry[T]]:
         if not reply:
@@ -142,37 +214,77 @@ class RequestStream(Generic[T]):
 
 
 class PubSub(Generic[T]):
-    """Typed publish/subscribe on Redis channels."""
+    """Typed publish/subscribe on Redis channels.
 
-    def __init__(self, client: aioredis.Redis, codec: Codec[T]) -> None:
-        self.client, self.codec = client, codec
+    A publish waits for Redis up to retry_s (then raises), and right after an outage publishes again
+    what no one received while subscribers re-subscribe (RESUBSCRIBE_GRACE_S): subscribers must
+    drop duplicates (the gateway drops token positions it has; a cancel is idempotent).
+    """
+
+    def __init__(self, client: RedisClient, codec: Codec[T], retry_s: float = PUBLISH_RETRY_S) -> None:
+        self.client, self.codec, self.retry_s = client, codec, retry_s
+        self.link = client.link
 
     async def publish(self, channel: str, message: T) -> None:
-        await self.client.publish(channel, self.codec.encode(message))
+        await self.publish_many([(channel, message)])
 
     async def publish_many(self, messages: list[tuple[str, T]]) -> None:
-        """Publish several messages in one round trip (a decode step's tokens)."""
-        if not messages:
-            return
+        """Publish several messages in one round trip (a decode step's tokens), in order."""
+        payloads = [(channel, self.codec.encode(message)) for channel, message in messages]
+        while payloads:
+            receivers = await self.link.call(functools.partial(self._publish, payloads), self.retry_s)
+            if 0 not in receivers or not self.link.reconnected_within(RESUBSCRIBE_GRACE_S):
+                return
+            payloads = payloads[receivers.index(0):]  # from the first unheard one on, keeping order
+            await asyncio.sleep(0.1)  # a subscriber's retry delay is at least this long
+
+    async def _publish(self, payloads: list[tuple[str, bytes]]) -> list[int]:
         async with self.client.pipeline(transaction=False) as pipe:
-            for channel, message in messages:
-                pipe.publish(channel, self.codec.encode(message))
-            await pipe.execute()
+            for channel, payload in payloads:
+                pipe.publish(channel, payload)
+            return await pipe.execute()
 
     async def subscribe(self, channel: str) -> AsyncIterator[T]:
         """Messages on channel from now on, until the caller stops iterating."""
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(channel)
+        subscription = Subscription(self.client, channel, self.codec)
         try:
-            while True:
-                item = await pubsub.get_message(timeout=None)
-                if item is not None and item["type"] == "message":
-                    yield self.codec.decode(item["data"])
+            await subscription.open()
+            async for message in subscription:
+                yield message
         finally:
-            await pubsub.aclose()
+            await subscription.close()
 
 
-async def listen_for_cancels(client: aioredis.Redis, on_cancel) -> None:
-    """Await on_cancel(request_id) for every id published on the cancel channel, forever."""
+class Subscription(Generic[T]):
+    """One channel's messages, decoded. Through a Redis outage it waits; redis-py re-subscribes
+    the channel when it reconnects, and messages published after that arrive again."""
+
+    def __init__(self, client: RedisClient, channel: str, codec: Codec[T]) -> None:
+        self.channel, self.codec = channel, codec
+        self.link = client.link
+        self._pubsub = client.pubsub()
+
+    async def open(self) -> None:
+        """Subscribe and wait for Redis to confirm: messages published from now on are received."""
+        await self.link.call(lambda: self._pubsub.subscribe(self.channel))
+        while True:
+            message = await self.link.call(lambda: self._pubsub.get_message(timeout=None))
+            if message is not None and message["type"] == "subscribe":
+                return
+
+    async def __aiter__(self) -> AsyncIterator[T]:
+        while True:
+            # Any answer (the re-subscription's confirmation first) means Redis is back.
+            message = await self.link.call(lambda: self._pubsub.get_message(timeout=None))
+            if message is not None and message["type"] == "message":
+                yield self.codec.decode(message["data"])
+
+    async def close(self) -> None:
+        await self._pubsub.aclose()
+
+
+async def listen_for_cancels(client: RedisClient, on_cancel) -> None:
+    """Await on_cancel(request_id) for every id published on the cancel channel, forever (Redis
+    outages included)."""
     async for request_id in PubSub(client, TextCodec()).subscribe(CANCEL_CHANNEL):
         await on_cancel(request_id)
