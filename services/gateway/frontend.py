@@ -58,7 +58,8 @@ class Frontend:
 
     @property
     def ready(self) -> bool:
-        return self.services.cluster.snapshot.ready and not self.draining
+        """Workers registered, Redis reachable (no request can be queued without it), not shutting down."""
+        return self.services.cluster.snapshot.ready and self.services.router.connected and not self.draining
 
     @property
     def max_model_len(self) -> int:
@@ -151,7 +152,9 @@ class Generation:
         try:
             await self.frontend.services.requests.put(queued)
         except RedisError as exc:
-            raise ApiError(ErrorKind.UNAVAILABLE, f"the request stream is unavailable: {exc}") from None
+            # Not retried (RequestStream.put): the client hears at once and may retry.
+            raise ApiError(ErrorKind.UNAVAILABLE, f"Redis unavailable, the request was not queued; "
+                           f"retry later ({exc})") from None
 
     async def __aiter__(self) -> AsyncIterator[Output]:
         while self.processor.finish is None:

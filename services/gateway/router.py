@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 import structlog
 
-from splitserve.queue.streams import ProtoCodec
+from splitserve.queue.streams import ProtoCodec, RedisClient, Subscription
 from splitserve.v1 import common_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -28,31 +27,32 @@ class ReplyRouter:
     """Routes the TokenEvents published on one channel to the queue of their request.
 
     A request registers its queue before it is enqueued, so no event can arrive for it unseen;
-    events for requests that are gone (finished, cancelled) are dropped.
+    events for requests that are gone (finished, cancelled) are dropped. Through a Redis outage the
+    queues stay; once Redis is back the channel is subscribed again and events reach them again
+    (workers publish again what no one received meanwhile).
     """
 
-    def __init__(self, client: aioredis.Redis, channel: str) -> None:
+    def __init__(self, client: RedisClient, channel: str) -> None:
         self.client, self.channel = client, channel
-        self._codec = ProtoCodec(pb.TokenEvent)
         self._queues: dict[str, asyncio.Queue[Reply]] = {}
-        self._pubsub = client.pubsub()
+        self._subscription = Subscription(client, channel, ProtoCodec(pb.TokenEvent))
+
+    @property
+    def connected(self) -> bool:
+        """Whether Redis was reachable when last tried (false from a failure until it answers again)."""
+        return self.client.link.up
 
     async def subscribe(self) -> None:
         """Subscribe and wait for Redis to confirm, so events published from now on are received."""
-        await self._pubsub.subscribe(self.channel)
-        confirmation = await self._pubsub.get_message(timeout=None)
-        if confirmation is None or confirmation["type"] != "subscribe":
-            raise OSError(f"Redis did not confirm the subscription to {self.channel}")
+        await self._subscription.open()
 
     async def run(self) -> None:
         """Route events until cancelled (call subscribe() first)."""
         try:
-            while True:
-                message = await self._pubsub.get_message(timeout=None)
-                if message is not None and message["type"] == "message":
-                    self._route(self._codec.decode(message["data"]))
+            async for event in self._subscription:
+                self._route(event)
         finally:
-            await self._pubsub.aclose()
+            await self._subscription.close()
 
     def register(self, request_id: str) -> asyncio.Queue[Reply]:
         if request_id in self._queues:

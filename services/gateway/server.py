@@ -5,14 +5,21 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from splitserve.common.rpc import NOT_SERVING, SERVING, add_health, bind, make_server, open_channel
 from splitserve.common.service import run_until_signal
-from splitserve.queue.streams import ProtoCodec, PubSub, RequestStream, TextCodec, connect, reply_channel
+from splitserve.queue.streams import (
+    ProtoCodec,
+    PubSub,
+    RedisClient,
+    RequestStream,
+    TextCodec,
+    connect,
+    reply_channel,
+)
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import gateway_pb2_grpc, scheduler_pb2_grpc
 
@@ -27,6 +34,9 @@ from .router import ReplyRouter
 
 log = structlog.get_logger(__name__)
 GRPC_SERVICE = "splitserve.v1.Gateway"
+# A cancel waits this long for Redis, not the default minute: the handler of the request awaits it,
+# and a request whose cancel is lost only runs to its end in the cluster.
+CANCEL_RETRY_S = 5.0
 
 
 async def serve(config: GatewayConfig) -> int:
@@ -46,7 +56,7 @@ async def serve(config: GatewayConfig) -> int:
 class GatewayServer:
     """Both edges over one Frontend, plus the background reply router and cluster poller."""
 
-    def __init__(self, config: GatewayConfig, model: ServedModel, redis: aioredis.Redis,
+    def __init__(self, config: GatewayConfig, model: ServedModel, redis: RedisClient,
                  channel: grpc.aio.Channel) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
@@ -56,7 +66,7 @@ class GatewayServer:
         cluster = ClusterView(scheduler_pb2_grpc.SchedulerStub(channel), config.cluster_poll_interval_s,
                               self._on_cluster_update)
         services = Services(model, cluster, self.router, RequestStream(redis, ProtoCodec(pb.QueuedRequest)),
-                            PubSub(redis, TextCodec()), self.metrics)
+                            PubSub(redis, TextCodec(), retry_s=CANCEL_RETRY_S), self.metrics)
         self.frontend = Frontend(config, services)
         gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(self.frontend, config.api_key),
                                                        self.grpc_server)
@@ -76,10 +86,12 @@ class GatewayServer:
             await self.health.set(service, SERVING if serving else NOT_SERVING)
 
     async def start(self) -> None:
+        """Start serving; Redis must answer now (later outages are ridden out, see router.py)."""
         try:
-            await self.router.subscribe()  # before any request can be enqueued
+            await self.router.client.ping()
         except (RedisError, OSError) as exc:
             raise OSError(f"cannot reach Redis at {self.config.redis_url}: {exc}") from None
+        await self.router.subscribe()  # before any request can be enqueued
         await self._set_health(False)
         self.tasks = [asyncio.create_task(self.router.run(), name="reply-router"),
                       asyncio.create_task(self.frontend.services.cluster.run(), name="cluster-poller")]
