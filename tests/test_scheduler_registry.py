@@ -2,9 +2,11 @@
 
 from splitserve.services.scheduler.registry import Registry
 
+from splitserve.queue.streams import connect
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
 
+UNUSED_REDIS = "redis://127.0.0.1:1/0"  # a client that never connects: these tests publish nothing
 LAYOUT = pb.KvLayout(num_layers=2, num_kv_heads=1, head_dim=8, block_size=16, dtype="bfloat16")
 
 
@@ -70,7 +72,7 @@ def test_a_dropped_worker_s_requests_go_back_to_the_front_in_arrival_order():
 
     async def scenario():
         config = SchedulerConfig("127.0.0.1", 0, "redis://unused", "s0", 2.0, 5.0, 60.0)
-        server = SchedulerServer(config, stream=None, redis=None)
+        server = SchedulerServer(config, stream=None, redis=connect(UNUSED_REDIS))
         worker = _worker(server.registry, "p-a", spb.WORKER_ROLE_PREFILL)
         for i, rid in enumerate(["r1", "r2", "r3", "r4"]):
             server.tracked[rid] = Tracked(f"{i}-0".encode(), pb.QueuedRequest(request_id=rid))
@@ -123,7 +125,7 @@ def _scheduler_with(*workers):
             self.acked.append(entry_id)
 
     server = SchedulerServer(SchedulerConfig("127.0.0.1", 0, "redis://unused", "s0", 2.0, 5.0, 60.0),
-                             stream=Stream(), redis=None)
+                             stream=Stream(), redis=connect(UNUSED_REDIS))
     for name, role in workers:
         info = spb.WorkerInfo(instance_id=name, role=role, token_budget=100, kv_layout=LAYOUT,
                               kv_transport=pb.KV_TRANSPORT_UCX, grpc_address="127.0.0.1:1")
