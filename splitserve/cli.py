@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JSON log lines even on a terminal (default: JSON only off a terminal)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from splitserve.bench import cli as bench_cli
-    from splitserve.commands import generate, profile, simulate, up
+    from splitserve.commands import generate, plan, profile, simulate, up
     from splitserve.services.colocated import main as colocated
     from splitserve.services.decode import main as decode
     from splitserve.services.gateway import main as gateway
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cli.add_parser(sub)
     profile.add_parser(sub)
     simulate.add_parser(sub)
+    plan.add_parser(sub)
     return parser
 
 
