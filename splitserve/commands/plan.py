@@ -94,10 +94,10 @@ def run(args: argparse.Namespace) -> int:
     for warning in warnings:
         print(f"splitserve plan: warning: {warning}", file=sys.stderr)
     result = plan(spec)
-    write_outputs(result, args)
-    if args.json is not None:
+    if args.json is not None:  # first: a configuration the writers refuse is still in it
         from splitserve.planner.plan_output import plan_json
 
         args.json.write_text(json.dumps(plan_json(result), indent=1) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
+    write_outputs(result, args)
     return 0 if result.best is not None else 1
