@@ -73,8 +73,12 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         workload = spb.WorkloadEstimate(window_s=60, arrival_rate=1.5, num_arrivals=90, prompt_len_mean=300,
                                         prompt_len_p50=250, prompt_len_p90=700, num_finished=88,
                                         output_len_mean=120, output_len_p50=100, output_len_p90=240)
+        recommendation = spb.Recommendation(
+            available=True, running=spb.Placement(num_prefill=1, prefill_cores=1, num_decode=1, decode_cores=1),
+            recommended=spb.Placement(num_colocated=2, colocated_cores=1), running_goodput=1.0,
+            recommended_goodput=1.6, change=True)
         return spb.ClusterState(workers=[prefill, decode, draining], num_waiting=2, num_running=5,
-                                workload=workload)
+                                workload=workload, recommendation=recommendation)
 
 
 class FakeCluster:
@@ -579,6 +583,10 @@ def test_metrics_expose_latency_histograms_counters_and_cluster_gauges(gateway):
     assert samples[("splitserve:workload_arrival_rate", ())] == 1.5
     assert samples[("splitserve:workload_prompt_tokens", (("stat", "p90"),))] == 700
     assert samples[("splitserve:workload_output_tokens", (("stat", "mean"),))] == 120
+    assert samples[("splitserve:placement_workers", (("placement", "recommended"), ("role", "colocated")))] == 2
+    assert samples[("splitserve:placement_workers", (("placement", "running"), ("role", "decode")))] == 1
+    assert samples[("splitserve:placement_goodput", (("placement", "recommended"),))] == 1.6
+    assert samples[("splitserve:placement_change_recommended", ())] == 1
 
 
 @pytest.mark.timeout(40)

@@ -64,6 +64,14 @@ class GatewayMetrics:
         self.output_len = Gauge("splitserve:workload_output_tokens", "Output lengths of recently "
                                 "finished requests (scheduler's window), by statistic.", ["stat"],
                                 registry=self.registry)
+        self.placement_workers = Gauge("splitserve:placement_workers", "Workers per role in the running "
+                                       "placement and in the planner's recommendation.",
+                                       ["placement", "role"], registry=self.registry)
+        self.placement_goodput = Gauge("splitserve:placement_goodput", "Simulated goodput (req/s within "
+                                       "the SLOs) of the running and the recommended placement, for the "
+                                       "workload of late.", ["placement"], registry=self.registry)
+        self.placement_change = Gauge("splitserve:placement_change_recommended", "1 when the planner "
+                                      "recommends switching placement.", registry=self.registry)
         self.num_draining = Gauge("splitserve:num_workers_draining", "Workers shutting down: they "
                                   "finish what they hold and take nothing new.", registry=self.registry)
         self.num_pending = Gauge("splitserve:gateway_requests_in_flight", "Requests this gateway "
@@ -102,6 +110,14 @@ class GatewayMetrics:
         for role, name in ROLE_NAMES.items():
             self.kv_usage.labels(role=name).set(kv_usage([w for w in state.workers if w.worker.role == role]))
         self.num_draining.set(sum(w.draining for w in state.workers))
+        recommendation = state.recommendation
+        if recommendation.available:
+            for which in ("running", "recommended"):
+                placement = getattr(recommendation, which)
+                for role in ("prefill", "decode", "colocated"):
+                    self.placement_workers.labels(placement=which, role=role).set(getattr(placement, f"num_{role}"))
+                self.placement_goodput.labels(placement=which).set(getattr(recommendation, f"{which}_goodput"))
+            self.placement_change.set(int(recommendation.change))
         workload = state.workload
         self.arrival_rate.set(workload.arrival_rate)
         for stat in ("mean", "p50", "p90"):

@@ -6,7 +6,9 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from splitserve.common.engine_args import positive_float
+from splitserve.common.engine_args import positive_float, positive_int
+
+from .replan import PlanConfig
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,7 @@ class SchedulerConfig:
     claim_idle_s: float  # take over other consumers' entries unacknowledged this long (at start)
     drain_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight get to finish
     workload_window_s: float = 120.0  # the arrival rate and lengths are estimated over this window
+    plan: PlanConfig | None = None  # online re-planning; None: off
     rpc_timeout_s: float = 30.0  # Prefill.Submit waits for the running batch (seconds at worst)
 
 
@@ -51,9 +54,32 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload-window", type=positive_float, default=120.0,
                         help="seconds of arrivals and finished requests the workload estimate covers "
                              "(ClusterState.workload; default: 120)")
+    g = parser.add_argument_group("online re-planning (on with --plan-ttft-slo and --plan-tpot-slo)")
+    g.add_argument("--plan-ttft-slo", type=positive_float, default=None, help="TTFT SLO in seconds")
+    g.add_argument("--plan-tpot-slo", type=positive_float, default=None, help="TPOT SLO in seconds")
+    g.add_argument("--plan-attainment", type=positive_float, default=0.9,
+                   help="fraction of requests that must meet both SLOs (default: 0.9)")
+    g.add_argument("--plan-profile", default=None, help="latency profile (default: the shipped one)")
+    g.add_argument("--plan-resources", type=positive_int, default=None,
+                   help="cores (devices) a placement may use (default: what the running workers use)")
+    g.add_argument("--replan-interval", type=positive_float, default=30.0,
+                   help="seconds between plans; one is made only when the workload or placement moved "
+                        "(default: 30)")
+    g.add_argument("--replan-margin", type=positive_float, default=0.2,
+                   help="recommend a change when its goodput beats the running placement's by this "
+                        "fraction (default: 0.2)")
 
 
 def from_args(args: argparse.Namespace) -> SchedulerConfig:
     return SchedulerConfig(args.host, args.port, args.redis_url, args.consumer, args.prefill_queue_factor,
                            args.worker_timeout, args.claim_idle, drain_timeout_s=args.drain_timeout,
-                           workload_window_s=args.workload_window)
+                           workload_window_s=args.workload_window, plan=_plan_config(args))
+
+
+def _plan_config(args: argparse.Namespace) -> PlanConfig | None:
+    if args.plan_ttft_slo is None and args.plan_tpot_slo is None:
+        return None
+    if args.plan_ttft_slo is None or args.plan_tpot_slo is None:
+        raise ValueError("re-planning needs both --plan-ttft-slo and --plan-tpot-slo")
+    return PlanConfig(args.plan_profile, args.plan_ttft_slo, args.plan_tpot_slo, args.plan_attainment,
+                      args.plan_resources or 0, args.replan_interval, args.replan_margin)

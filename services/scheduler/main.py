@@ -58,4 +58,6 @@ async def serve(config: scheduler_config.SchedulerConfig) -> int:
 
     tasks = [server.consume_forever(), server.dispatch_forever(), server.reap_forever(),
              listen_for_cancels(redis, server.cancel)]
+    if server.replanner is not None:
+        tasks.append(server.replanner.run_forever())
     return await run_until_signal(tasks, shutdown)

@@ -74,6 +74,22 @@ class Registry:
         """Workers of these roles that take new work (not draining)."""
         return [w for w in self.workers.values() if w.role in roles and not w.draining]
 
+    def placement(self) -> spb.Placement:
+        """The placement running now: the workers taking work, by role, with cores and limits."""
+        prefill = self.takers(spb.WORKER_ROLE_PREFILL)
+        decode = self.takers(spb.WORKER_ROLE_DECODE)
+        colocated = self.takers(spb.WORKER_ROLE_COLOCATED)
+
+        def most(workers: list[WorkerEntry], field: str) -> int:
+            return max((getattr(w.info, field) for w in workers), default=0)
+
+        return spb.Placement(
+            num_prefill=len(prefill), prefill_cores=most(prefill, "num_cores"),
+            num_decode=len(decode), decode_cores=most(decode, "num_cores"),
+            num_colocated=len(colocated), colocated_cores=most(colocated, "num_cores"),
+            token_budget=most(prefill + colocated, "token_budget"),
+            max_num_seqs=most(decode + colocated, "max_num_seqs"))
+
     def pick_prefill(self, num_tokens: int) -> WorkerEntry | None:
         """The least-loaded prefill (or colocated) worker with room for num_tokens more, or None."""
         takers = self.takers(spb.WORKER_ROLE_PREFILL, spb.WORKER_ROLE_COLOCATED)

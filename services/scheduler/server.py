@@ -13,6 +13,7 @@ flight, and leaves the rest pending in the stream for its successor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
 from collections import deque
@@ -31,9 +32,11 @@ from splitserve.v1 import scheduler_pb2 as spb
 
 from .config import SchedulerConfig
 from .registry import Registry, WorkerEntry
+from .replan import Replanner
 from .workload import WorkloadEstimator
 
 log = structlog.get_logger(__name__)
+FLUSH_TIMEOUT_S = 10.0  # a drain's wait for acknowledgements and RPCs already under way
 
 
 class Stage(enum.Enum):
@@ -68,6 +71,7 @@ class SchedulerServer:
         self.replies = PubSub(redis, ProtoCodec(pb.TokenEvent))
         self.registry = Registry(config.prefill_queue_factor)
         self.workload = WorkloadEstimator(config.workload_window_s)
+        self.replanner = Replanner(config.plan, self.workload, self.registry) if config.plan else None
         self.queue: deque[str] = deque()
         self.tracked: dict[str, Tracked] = {}
         self.wake = asyncio.Event()
@@ -96,7 +100,8 @@ class SchedulerServer:
             if tracked is None:
                 self.tracked[rid] = Tracked(entry.entry_id, entry.message)
                 self.queue.append(rid)
-                self.workload.arrived(time.monotonic(), len(entry.message.prompt_token_ids))
+                self.workload.arrived(time.monotonic(), len(entry.message.prompt_token_ids),
+                                      entry.message.sampling.max_tokens)
             elif tracked.entry_id != entry.entry_id:  # a second request under an id in flight
                 self.background.spawn(self._refuse_duplicate(entry))
         if entries:
@@ -218,12 +223,14 @@ class SchedulerServer:
         if tracked is None:
             return
         if reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH) and num_output_tokens > 0:
-            self.workload.finished(time.monotonic(), num_output_tokens)
+            self.workload.finished(time.monotonic(), num_output_tokens, tracked.num_prompt_tokens)
         for worker_id in (tracked.prefill_id, tracked.decode_id):
             worker = self.registry.workers.get(worker_id) if worker_id else None
             if worker is not None:
                 worker.assigned.pop(request_id, None)
-        await self.stream.ack(tracked.entry_id)
+        # Shielded: an RPC handler cancelled at its deadline (Redis down) must not abandon the ack,
+        # or the request would run again after the next restart.
+        await asyncio.shield(self.background.spawn(self.stream.ack(tracked.entry_id)))
         self.progress.note()
         log.info("request done", request_id=request_id, finish_reason=pb.FinishReason.Name(reason))
 
@@ -331,6 +338,8 @@ class SchedulerServer:
         self.wake.set()
         log.info("draining", in_flight=self._num_in_flight(), queued=len(self.queue), timeout_s=timeout_s)
         drained = await self.progress.until(lambda: self._num_in_flight() == 0, timeout_s)
+        with contextlib.suppress(TimeoutError):  # acknowledgements and submits under way
+            await asyncio.wait_for(self.background.wait(), FLUSH_TIMEOUT_S)
         log.info("drained" if drained else "drain timed out; requests left pending in the stream",
                  in_flight=self._num_in_flight(), queued=len(self.queue))
         return drained
@@ -358,4 +367,7 @@ class SchedulerServer:
                    for w in self.registry.workers.values()]
         return spb.ClusterState(workers=workers, num_waiting=len(self.queue),
                                 num_running=len(self.tracked) - len(self.queue),
-                                workload=self.workload.estimate(now))
+                                workload=self.workload.estimate(now), recommendation=self.recommendation())
+
+    def recommendation(self) -> spb.Recommendation:
+        return self.replanner.recommendation if self.replanner else spb.Recommendation(available=False)

@@ -47,6 +47,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.server.drain_worker(request.instance_id, request.finished)
         return spb.DrainResponse()
 
+    async def GetRecommendation(self, request: spb.RecommendationRequest, context) -> spb.Recommendation:
+        return self.server.recommendation()
+
     async def HandBack(self, request: spb.HandBackRequest, context) -> spb.HandBackResponse:
         bind_request(request.request_id)
         self.server.hand_back(request)

@@ -44,24 +44,32 @@ class WorkloadEstimator:
 
     def __init__(self, window_s: float = DEFAULT_WINDOW_S) -> None:
         self.window_s = window_s
-        self._arrivals: deque[tuple[float, int]] = deque()  # (time, prompt tokens)
-        self._finished: deque[tuple[float, int]] = deque()  # (time, output tokens)
+        self._arrivals: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, max_tokens)
+        self._finished: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, output tokens)
         self._since: float | None = None  # the first arrival seen: a young window is shorter
 
-    def arrived(self, now: float, prompt_len: int) -> None:
+    def arrived(self, now: float, prompt_len: int, max_tokens: int = 0) -> None:
         if self._since is None:
             self._since = now
-        self._arrivals.append((now, prompt_len))
+        self._arrivals.append((now, prompt_len, max_tokens))
         self._trim(now)
 
-    def finished(self, now: float, output_len: int) -> None:
-        self._finished.append((now, output_len))
+    def finished(self, now: float, output_len: int, prompt_len: int = 0) -> None:
+        self._finished.append((now, prompt_len, output_len))
         self._trim(now)
+
+    def samples(self, now: float, min_finished: int = 10) -> list[tuple[int, int]]:
+        """(prompt, output) length pairs of the window, for a planner to resample: the finished
+        requests', or with fewer than min_finished of those, the arrivals' with their max_tokens."""
+        self._trim(now)
+        if len(self._finished) >= min_finished:
+            return [(n_in, n_out) for _, n_in, n_out in self._finished]
+        return [(n_in, n_max) for _, n_in, n_max in self._arrivals if n_max > 0]
 
     def estimate(self, now: float) -> spb.WorkloadEstimate:
         self._trim(now)
-        prompts = LengthStats.of([n for _, n in self._arrivals])
-        outputs = LengthStats.of([n for _, n in self._finished])
+        prompts = LengthStats.of([n for _, n, _ in self._arrivals])
+        outputs = LengthStats.of([n for _, _, n in self._finished])
         age = now - self._since if self._since is not None else 0.0
         if age >= self.window_s:
             observed, rate = self.window_s, prompts.count / self.window_s

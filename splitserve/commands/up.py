@@ -30,9 +30,12 @@ from splitserve.common.engine_args import add_engine_args, format_cpus, positive
 from splitserve.common.net import free_port
 from splitserve.queue.redis_server import LocalRedis
 
+from . import adapt
+
 ENGINE_FLAGS = ("model", "dtype", "device", "block_size", "kv_cache_gb", "token_budget", "max_num_seqs",
                 "max_model_len")
 MODES = ("disaggregated", "colocated", "chunked")
+WORKER_ROLES = ("prefill", "decode", "colocated")
 DEFAULT_CHUNK_SIZE = 256  # measured: 128-token chunks cost ~40% more prefill time here, 256 ~5%
 
 
@@ -58,6 +61,10 @@ class ClusterConfig:
     worker_cpus: tuple[tuple[int, ...], ...] = ()
     pin: bool = True
     drain_timeout_s: float = 30.0  # on stop, what the scheduler and workers get to finish their work
+    cpus: tuple[int, ...] = ()  # every core the workers may use (--cpus, or all)
+    scheduler_argv: tuple[str, ...] = ()  # planning flags (--adapt)
+    adapt: bool = False  # follow the scheduler's placement recommendations
+    adapt_cooldown_s: float = 60.0
 
     @property
     def http_url(self) -> str:
@@ -125,6 +132,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-timeout", type=positive_float, default=30.0,
                    help="on SIGTERM a service takes nothing new and gets this many seconds to finish "
                         "what it holds; a worker then hands the rest back (default: 30)")
+    adapt.add_args(p)
     add_engine_args(p)
     p.set_defaults(func=main)
 
@@ -153,7 +161,9 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         num_colocated=num_colocated,
         chunk_size=(args.chunk_size or DEFAULT_CHUNK_SIZE) if args.mode == "chunked" else None,
         worker_cpus=tuple(tuple(share) for share in shares), pin=not args.no_pin,
-        drain_timeout_s=args.drain_timeout)
+        drain_timeout_s=args.drain_timeout, cpus=tuple(cpus),
+        scheduler_argv=tuple(adapt.scheduler_argv(args, len(cpus))), adapt=args.adapt,
+        adapt_cooldown_s=args.adapt_cooldown)
 
 
 def _engine_argv(args: argparse.Namespace) -> list[str]:
@@ -172,6 +182,9 @@ class Cluster:
     config: ClusterConfig
     redis: LocalRedis | None = None
     processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    # Workers told to drain (SIGTERM) while the cluster goes on: --adapt replaced them.
+    retiring: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    _next_index: dict[str, int] = field(default_factory=dict)
 
     @property
     def redis_url(self) -> str:
@@ -182,22 +195,52 @@ class Cluster:
         if c.redis_url is None:
             self.redis = LocalRedis().start()
         common = ["--redis-url", self.redis_url]
-        scheduler = f"{c.host}:{c.scheduler_port}"
         drain = ["--drain-timeout", str(c.drain_timeout_s)]
-        self._spawn("scheduler", ["scheduler", *common, *drain, "--host", c.host, "--port", str(c.scheduler_port)])
-        worker = [*common, *drain, "--scheduler", scheduler, "--host", c.host, "--port", "0",
-                  "--kv-transport", c.kv_transport, *c.engine_argv]
-        chunking = ["--chunk-size", str(c.chunk_size)] if c.chunk_size else []
+        self._spawn("scheduler", ["scheduler", *common, *drain, "--host", c.host, "--port", str(c.scheduler_port),
+                                  *c.scheduler_argv])
         for name, cpus in zip(c.worker_names, c.worker_cpus):
-            role = name.split("-")[0]
-            placement = ["--threads", str(c.threads_per_worker or len(cpus))]
-            if c.pin:
-                placement += ["--cpus", format_cpus(list(cpus))]
-            self._spawn(name, [role, *worker, *placement, *(chunking if role == "colocated" else []),
-                               "--instance-id", name])
-        self._spawn("gateway", ["gateway", *common, "--scheduler", scheduler, "--host", c.host,
+            self.start_worker(name.split("-")[0], cpus)
+        self._spawn("gateway", ["gateway", *common, "--scheduler", self.scheduler_address, "--host", c.host,
                                 "--http-port", str(c.http_port), "--grpc-port", str(c.grpc_port),
                                 *c.gateway_argv])
+
+    @property
+    def scheduler_address(self) -> str:
+        return f"{self.config.host}:{self.config.scheduler_port}"
+
+    def start_worker(self, role: str, cpus, engine_argv: list[str] = ()) -> str:
+        """Start a worker of role on cpus (engine_argv overrides the cluster's engine flags); its name."""
+        c = self.config
+        index = self._next_index.get(role, 0)
+        self._next_index[role] = index + 1
+        name = f"{role}-{index}"
+        placement = ["--threads", str(c.threads_per_worker or len(cpus))]
+        if c.pin:
+            placement += ["--cpus", format_cpus(list(cpus))]
+        chunking = ["--chunk-size", str(c.chunk_size)] if c.chunk_size and role == "colocated" else []
+        self._spawn(name, [role, "--redis-url", self.redis_url, "--drain-timeout", str(c.drain_timeout_s),
+                           "--scheduler", self.scheduler_address, "--host", c.host, "--port", "0",
+                           "--kv-transport", c.kv_transport, *c.engine_argv, *engine_argv, *placement,
+                           *chunking, "--instance-id", name])
+        return name
+
+    def workers(self) -> list[str]:
+        return [name for name, _ in self.processes if name.split("-")[0] in WORKER_ROLES]
+
+    def retire(self, name: str) -> None:
+        """Drain a worker (SIGTERM) and stop watching it as part of the cluster."""
+        for entry in list(self.processes):
+            if entry[0] == name:
+                self.processes.remove(entry)
+                self.retiring.append(entry)
+                entry[1].send_signal(signal.SIGTERM)
+
+    def reap_retired(self) -> list[tuple[str, int]]:
+        """Retired workers that have exited, with their exit codes."""
+        gone = [(name, p) for name, p in self.retiring if p.poll() is not None]
+        for entry in gone:
+            self.retiring.remove(entry)
+        return [(name, p.returncode) for name, p in gone]
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.config.log_dir / f"{name}.log", "ab")
@@ -223,10 +266,11 @@ class Cluster:
                       f"see the logs in {self.config.log_dir}")
 
     def stop(self) -> None:
-        """SIGTERM each service, newest first (the gateway, the workers, the scheduler): each drains,
-        within its timeout, and exits; one that does not is killed."""
+        """SIGTERM each service, the gateway first, then the workers newest first, then the scheduler:
+        each drains, within its timeout, and exits; one that does not is killed."""
         grace_s = self.config.drain_timeout_s + 15.0
-        for name, process in reversed(self.processes):
+        order = sorted(reversed(self.processes + self.retiring), key=lambda entry: entry[0] != "gateway")
+        for name, process in order:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
                 try:
@@ -291,23 +335,27 @@ def _serve(cluster: Cluster) -> int:
 
     A prefill or decode server that dies is reported and the others go on: the scheduler requeues
     its requests. The cluster stops when the gateway or the scheduler dies, or the last server of a
-    role does.
+    role does. With --adapt, the placement follows the scheduler's recommendations.
     """
     reported: set[str] = set()
+    adapter = adapt.Adapter(cluster) if cluster.config.adapt else None
     while True:  # the services are other processes: watching them is polling by nature
         for name in sorted(set(cluster.dead()) - reported):
             reported.add(name)
             print(f"{name} exited; see {cluster.config.log_dir / (name + '.log')}", file=sys.stderr, flush=True)
+        for name, code in cluster.reap_retired():
+            print(f"{name} drained and exited ({code})", flush=True)
         if _fatal(cluster, reported):
             return 1
+        if adapter is not None:
+            adapter.tick()
         time.sleep(0.5)
 
 
 def _fatal(cluster: Cluster, dead: set[str]) -> bool:
-    alive = [name for name, _ in cluster.processes if name not in dead]
-    roles = ("colocated",) if cluster.config.num_colocated else ("prefill", "decode")
-    return bool({"gateway", "scheduler"} & dead) or not all(
-        any(n.startswith(f"{role}-") for n in alive) for role in roles)
+    """The gateway or the scheduler died, or no live workers can serve a request."""
+    alive = {name.split("-")[0] for name in cluster.workers() if name not in dead}
+    return bool({"gateway", "scheduler"} & dead) or not ("colocated" in alive or {"prefill", "decode"} <= alive)
 
 
 def _print_endpoints(config: ClusterConfig) -> None:

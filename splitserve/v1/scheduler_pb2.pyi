@@ -20,7 +20,7 @@ WORKER_ROLE_DECODE: WorkerRole
 WORKER_ROLE_COLOCATED: WorkerRole
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("instance_id", "role", "grpc_address", "model", "max_model_len", "token_budget", "max_num_seqs", "kv_layout", "kv_transport")
+    __slots__ = ("instance_id", "role", "grpc_address", "model", "max_model_len", "token_budget", "max_num_seqs", "kv_layout", "kv_transport", "num_cores")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class WorkerInfo(_message.Message):
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    NUM_CORES_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: WorkerRole
     grpc_address: str
@@ -39,7 +40,8 @@ class WorkerInfo(_message.Message):
     max_num_seqs: int
     kv_layout: _common_pb2.KvLayout
     kv_transport: _common_pb2.KvTransport
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., grpc_address: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., token_budget: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., kv_layout: _Optional[_Union[_common_pb2.KvLayout, _Mapping]] = ..., kv_transport: _Optional[_Union[_common_pb2.KvTransport, str]] = ...) -> None: ...
+    num_cores: int
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., grpc_address: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., token_budget: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., kv_layout: _Optional[_Union[_common_pb2.KvLayout, _Mapping]] = ..., kv_transport: _Optional[_Union[_common_pb2.KvTransport, str]] = ..., num_cores: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("worker", "stats")
@@ -133,6 +135,52 @@ class HandBackResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class RecommendationRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Placement(_message.Message):
+    __slots__ = ("num_prefill", "prefill_cores", "num_decode", "decode_cores", "num_colocated", "colocated_cores", "token_budget", "max_num_seqs")
+    NUM_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CORES_FIELD_NUMBER: _ClassVar[int]
+    NUM_DECODE_FIELD_NUMBER: _ClassVar[int]
+    DECODE_CORES_FIELD_NUMBER: _ClassVar[int]
+    NUM_COLOCATED_FIELD_NUMBER: _ClassVar[int]
+    COLOCATED_CORES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    num_prefill: int
+    prefill_cores: int
+    num_decode: int
+    decode_cores: int
+    num_colocated: int
+    colocated_cores: int
+    token_budget: int
+    max_num_seqs: int
+    def __init__(self, num_prefill: _Optional[int] = ..., prefill_cores: _Optional[int] = ..., num_decode: _Optional[int] = ..., decode_cores: _Optional[int] = ..., num_colocated: _Optional[int] = ..., colocated_cores: _Optional[int] = ..., token_budget: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+
+class Recommendation(_message.Message):
+    __slots__ = ("available", "workload", "running", "recommended", "running_goodput", "recommended_goodput", "change", "reason", "planned_at")
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDED_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_GOODPUT_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDED_GOODPUT_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_AT_FIELD_NUMBER: _ClassVar[int]
+    available: bool
+    workload: WorkloadEstimate
+    running: Placement
+    recommended: Placement
+    running_goodput: float
+    recommended_goodput: float
+    change: bool
+    reason: str
+    planned_at: float
+    def __init__(self, available: _Optional[bool] = ..., workload: _Optional[_Union[WorkloadEstimate, _Mapping]] = ..., running: _Optional[_Union[Placement, _Mapping]] = ..., recommended: _Optional[_Union[Placement, _Mapping]] = ..., running_goodput: _Optional[float] = ..., recommended_goodput: _Optional[float] = ..., change: _Optional[bool] = ..., reason: _Optional[str] = ..., planned_at: _Optional[float] = ...) -> None: ...
+
 class ClusterStateRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -150,16 +198,18 @@ class WorkerState(_message.Message):
     def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., stats: _Optional[_Union[_common_pb2.WorkerStats, _Mapping]] = ..., last_seen_s: _Optional[float] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class ClusterState(_message.Message):
-    __slots__ = ("workers", "num_waiting", "num_running", "workload")
+    __slots__ = ("workers", "num_waiting", "num_running", "workload", "recommendation")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDATION_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerState]
     num_waiting: int
     num_running: int
     workload: WorkloadEstimate
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., workload: _Optional[_Union[WorkloadEstimate, _Mapping]] = ...) -> None: ...
+    recommendation: Recommendation
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., workload: _Optional[_Union[WorkloadEstimate, _Mapping]] = ..., recommendation: _Optional[_Union[Recommendation, _Mapping]] = ...) -> None: ...
 
 class WorkloadEstimate(_message.Message):
     __slots__ = ("window_s", "arrival_rate", "num_arrivals", "prompt_len_mean", "prompt_len_p50", "prompt_len_p90", "num_finished", "output_len_mean", "output_len_p50", "output_len_p90")

@@ -69,6 +69,11 @@ class SchedulerStub:
                 request_serializer=splitserve_dot_v1_dot_scheduler__pb2.HandBackRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_scheduler__pb2.HandBackResponse.FromString,
                 _registered_method=True)
+        self.GetRecommendation = channel.unary_unary(
+                '/splitserve.v1.Scheduler/GetRecommendation',
+                request_serializer=splitserve_dot_v1_dot_scheduler__pb2.RecommendationRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_scheduler__pb2.Recommendation.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -125,6 +130,14 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRecommendation(self, request, context):
+        """The planner's placement for the workload of late, against the running one (admin; `splitserve up
+        --adapt` applies it). available is false when the scheduler was started without a plan profile.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +175,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.HandBack,
                     request_deserializer=splitserve_dot_v1_dot_scheduler__pb2.HandBackRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_scheduler__pb2.HandBackResponse.SerializeToString,
+            ),
+            'GetRecommendation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRecommendation,
+                    request_deserializer=splitserve_dot_v1_dot_scheduler__pb2.RecommendationRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_scheduler__pb2.Recommendation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +371,33 @@ class Scheduler:
             '/splitserve.v1.Scheduler/HandBack',
             splitserve_dot_v1_dot_scheduler__pb2.HandBackRequest.SerializeToString,
             splitserve_dot_v1_dot_scheduler__pb2.HandBackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRecommendation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.Scheduler/GetRecommendation',
+            splitserve_dot_v1_dot_scheduler__pb2.RecommendationRequest.SerializeToString,
+            splitserve_dot_v1_dot_scheduler__pb2.Recommendation.FromString,
             options,
             channel_credentials,
             insecure,

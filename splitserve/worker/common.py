@@ -41,7 +41,15 @@ def worker_info(config: WorkerConfig, role: int, grpc_address: str, engine: LLME
         model=engine.loaded.source.name, max_model_len=engine.max_model_len,
         token_budget=config.engine.token_budget, max_num_seqs=config.engine.max_num_seqs,
         kv_layout=layout_to_proto(engine.layout), kv_transport=config.kv_transport_proto,
+        num_cores=_parallelism(config.engine.device),
     )
+
+
+def _parallelism(device: str) -> int:
+    """Cores on CPU (the torch threads it runs with), one device on a GPU."""
+    import torch
+
+    return torch.get_num_threads() if device == "cpu" else 1
 
 
 def engine_stats(engine: LLMEngine) -> pb.WorkerStats:
