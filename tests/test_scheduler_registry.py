@@ -124,8 +124,15 @@ def _scheduler_with(*workers):
         async def ack(self, entry_id: bytes) -> None:
             self.acked.append(entry_id)
 
+    class Replies:  # what the clients' gateways would be told
+        published: list = []
+
+        async def publish(self, channel, event) -> None:
+            self.published.append(event)
+
     server = SchedulerServer(SchedulerConfig("127.0.0.1", 0, "redis://unused", "s0", 2.0, 5.0, 60.0),
                              stream=Stream(), redis=connect(UNUSED_REDIS))
+    server.replies = Replies()
     for name, role in workers:
         info = spb.WorkerInfo(instance_id=name, role=role, token_budget=100, kv_layout=LAYOUT,
                               kv_transport=pb.KV_TRANSPORT_UCX, grpc_address="127.0.0.1:1")
@@ -243,3 +250,51 @@ def test_a_prefill_server_handing_back_unpulled_kv_requeues_the_request_and_stop
     server, tracked = asyncio.run(scenario())
     assert tracked.stage is Stage.QUEUED and list(server.queue) == ["r1"]
     assert server.registry.workers["d-a"].assigned == {} and aborted == [("d-a", "r1")]
+
+
+def test_a_refusal_that_arrives_after_the_client_cancelled_changes_nothing():
+    import asyncio
+
+    import grpc
+
+    from splitserve.services.scheduler.server import Stage, Tracked
+
+    class Refused(grpc.aio.AioRpcError):
+        def __init__(self):
+            super().__init__(grpc.StatusCode.FAILED_PRECONDITION, None, None, "draining")
+
+    async def scenario():
+        server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d", spb.WORKER_ROLE_DECODE))
+        tracked = Tracked(b"1-0", pb.QueuedRequest(request_id="r1", prompt_token_ids=[1]), Stage.PREFILL, "p")
+        server.tracked["r1"] = tracked
+        server.registry.workers["p"].assigned["r1"] = 1
+        await server.cancel("r1")  # the client went away while Submit was in flight
+        await server._rpc_failed(tracked, server.registry.workers["p"], Refused())
+        return server
+
+    server = asyncio.run(scenario())
+    assert not server.queue and "r1" not in server.tracked
+
+
+def test_a_prefill_server_that_goes_takes_its_unplaced_kv_with_it_and_a_request_requeued_too_often_fails():
+    import asyncio
+
+    from splitserve.services.scheduler.server import MAX_RUNS, Stage
+
+    async def scenario():
+        server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d", spb.WORKER_ROLE_DECODE))
+        waiting = _in_decode(server, "r1", b"1-0", "p", "d")
+        waiting.stage, waiting.decode_id = Stage.AWAITING_DECODE, None  # no decode server had room
+        server.registry.workers["d"].assigned.clear()
+        server.drain_worker("p", finished=True)
+        assert list(server.queue) == ["r1"] and waiting.stage is Stage.QUEUED
+        server.queue.clear()
+        server.tracked["r1"].runs = MAX_RUNS
+        server._requeue([server.tracked["r1"]])
+        await server.background.wait()
+        return server
+
+    server = asyncio.run(scenario())
+    assert not server.queue and "r1" not in server.tracked  # failed for good, acknowledged
+    failed, = server.replies.published
+    assert failed.finish_reason == pb.FINISH_REASON_ERROR and "gave up" in failed.error

@@ -28,6 +28,7 @@ from splitserve.worker.common import (
     Tombstones,
     add_to_engine,
     call_with_retries,
+    drain_requests,
     engine_stats,
     token_event,
 )
@@ -64,16 +65,16 @@ class ColocatedServer:
         if rid in self.cancelled:
             raise ValueError(f"request {rid!r} was cancelled")
         if rid in self.requests:  # the scheduler lost track of this copy and sent it again
-            await self._drop(rid)
+            await self.drop(rid)
         await add_to_engine(self.loop, self.requests, request, Running(request))
 
     async def abort(self, request_id: str, cancelled: bool = True) -> bool:
         """Drop a request; cancelled (by its client, not requeued) refuses its id from now on."""
         if cancelled:
             self.cancelled.add(request_id)
-        return await self._drop(request_id)
+        return await self.drop(request_id)
 
-    async def _drop(self, request_id: str, why: str = "aborted") -> bool:
+    async def drop(self, request_id: str, why: str = "aborted") -> bool:
         if self.requests.pop(request_id, None) is None:
             return False
         await self.loop.call(lambda e: e.abort(request_id))
@@ -85,16 +86,7 @@ class ColocatedServer:
         """Hand back the requests with no token out yet; give the running ones timeout_s to finish,
         then hand back the rest."""
         queued = [rid for rid, running in self.requests.items() if running.num_emitted == 0]
-        for rid in queued:
-            await self._drop(rid, "handed back")
-            await link.hand_back(rid)
-        log.info("draining", running=len(self.requests), handed_back_queued=len(queued), timeout_s=timeout_s)
-        await self.progress.until(lambda: not self.requests, timeout_s)
-        running = list(self.requests)
-        for rid in running:  # dropped first: no token of it goes out after the scheduler has it back
-            await self._drop(rid, "handed back")
-            await link.hand_back(rid)
-        log.info("drained", handed_back_queued=len(queued), handed_back_running=len(running))
+        await drain_requests(self, link, queued, timeout_s)
 
     async def stats(self) -> pb.WorkerStats:
         return self.loop.snapshot

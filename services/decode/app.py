@@ -32,7 +32,7 @@ async def serve(config: WorkerConfig) -> int:
     decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(server), grpc_server)
     address = advertised_address(config, port)
     link = SchedulerLink(config, worker_info(config, spb.WORKER_ROLE_DECODE, address, engine), server.stats)
-    server.scheduler = link.stub
+    server.scheduler, server.link = link.stub, link
     server.loop.start()
     await puller.start()
     try:  # UCX keeps a non-daemon thread: close the puller on every exit path

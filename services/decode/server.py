@@ -37,6 +37,7 @@ from splitserve.worker.common import (
     SchedulerLink,
     Tombstones,
     call_with_retries,
+    drain_requests,
     engine_stats,
     token_event,
 )
@@ -65,6 +66,7 @@ class DecodeServer:
         self.replies = ReplyPublisher(redis)
         self.puller = puller
         self.scheduler = None  # the SchedulerStub, set once the link exists
+        self.link: SchedulerLink | None = None
         self.requests: dict[str, Admitted] = {}
         self.waiting: deque[str] = deque()  # FCFS, until blocks are free
         self.room = asyncio.Event()  # set when blocks may have been freed
@@ -84,7 +86,7 @@ class DecodeServer:
         if rid in self.cancelled:
             raise ValueError(f"request {rid!r} was cancelled")
         if rid in self.requests:  # the scheduler reassigned it after losing track of this copy
-            await self._drop(rid)
+            await self.drop(rid)
         if layout_from_proto(submit.kv.layout) != self.loop.engine.layout:
             raise ValueError(f"KV layout {submit.kv.layout} does not match this server's")
         sampling_from_proto(submit.request.sampling)  # validates
@@ -96,9 +98,9 @@ class DecodeServer:
         """Drop a request; cancelled (by its client, not requeued) refuses its id from now on."""
         if cancelled:
             self.cancelled.add(request_id)
-        return await self._drop(request_id)
+        return await self.drop(request_id)
 
-    async def _drop(self, request_id: str, why: str = "aborted") -> bool:
+    async def drop(self, request_id: str, why: str = "aborted") -> bool:
         """Forget a request and free its blocks, wherever it is."""
         admitted = self.requests.pop(request_id, None)
         if admitted is None:
@@ -112,19 +114,10 @@ class DecodeServer:
         return True
 
     async def drain(self, link: SchedulerLink, timeout_s: float) -> None:
-        """Hand back the requests not admitted yet; give the running ones timeout_s to finish, then
-        hand back the rest."""
-        waiting = list(self.waiting)
-        for rid in waiting:
-            await self._drop(rid, "handed back")
-            await link.hand_back(rid, kv_not_pulled=True)
-        log.info("draining", running=len(self.requests), handed_back_waiting=len(waiting), timeout_s=timeout_s)
-        await self.progress.until(lambda: not self.requests, timeout_s)
-        running = list(self.requests)
-        for rid in running:  # dropped first: no token of it goes out after the scheduler has it back
-            await self._drop(rid, "handed back")
-            await link.hand_back(rid)
-        log.info("drained", handed_back_waiting=len(waiting), handed_back_running=len(running))
+        """Hand back the requests not admitted yet (admission stopped with `draining`: their KV waits
+        on the prefill server still, so another decode server pulls it); give the running ones
+        timeout_s to finish, then hand back the rest."""
+        await drain_requests(self, link, list(self.waiting), timeout_s, kv_not_pulled=True)
 
     async def stats(self) -> pb.WorkerStats:
         stats = pb.WorkerStats()
@@ -139,7 +132,7 @@ class DecodeServer:
         while True:
             await self.room.wait()
             self.room.clear()
-            while self.waiting and await self._try_admit(self.waiting[0]):
+            while self.waiting and not self.draining and await self._try_admit(self.waiting[0]):
                 pass
 
     async def _try_admit(self, rid: str) -> bool:
@@ -171,8 +164,13 @@ class DecodeServer:
         timeline.kv_transfer_start = time.time()
         try:
             await self._pull_into_cache(rid, admitted)
-        except Exception as exc:  # any failure fails this request, never the server
-            await self._fail(rid, f"KV pull from {handle.prefill_instance_id} failed: {exc!r}")
+        except Exception as exc:  # any failure fails this pull, never the server
+            # The KV is gone or out of reach (its prefill server left, its lease ran out): the
+            # request runs again from its prompt; the scheduler gives up after a few tries.
+            log.warning("KV pull failed, handing the request back", request_id=rid,
+                        prefill=handle.prefill_instance_id, error=repr(exc))
+            if self.requests.get(rid) is admitted and await self.drop(rid, "kv pull failed"):
+                await self.link.hand_back(rid)
             await self._acknowledge(handle)  # the prefill server need not wait for its lease
             return
         if self.requests.get(rid) is not admitted:  # cancelled or replaced during the pull

@@ -117,9 +117,12 @@ class PrefillServer:
         if not await self.progress.until(lambda: not self.requests, timeout_s):
             await self.progress.until(lambda: not any(h.pins for h in self.requests.values()), PULL_GRACE_S)
         left = list(self.requests)
-        for rid in left:  # the scheduler first, so that it tells a decode server not to pull
+
+        async def hand_back(rid: str) -> None:  # the scheduler first: it tells a decode server not to pull
             await link.hand_back(rid)
             await self._free(rid, "handed back")
+
+        await asyncio.gather(*map(hand_back, left))
         log.info("drained", handed_back=len(left))
 
     # -- after each step ------------------------------------------------------------------------

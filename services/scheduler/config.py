@@ -81,5 +81,7 @@ def _plan_config(args: argparse.Namespace) -> PlanConfig | None:
         return None
     if args.plan_ttft_slo is None or args.plan_tpot_slo is None:
         raise ValueError("re-planning needs both --plan-ttft-slo and --plan-tpot-slo")
+    if args.plan_profile and not os.path.isfile(args.plan_profile):
+        raise ValueError(f"--plan-profile {args.plan_profile}: no such file")
     return PlanConfig(args.plan_profile, args.plan_ttft_slo, args.plan_tpot_slo, args.plan_attainment,
                       args.plan_resources or 0, args.replan_interval, args.replan_margin)

@@ -17,6 +17,7 @@ import asyncio
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import partial
 
@@ -51,7 +52,7 @@ class Replanner:
         self.config, self.workload, self.registry, self.clock = config, workload, registry, clock
         self.recommendation = spb.Recommendation(available=False)
         self._basis: tuple[spb.WorkloadEstimate, spb.Placement] | None = None
-        self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        self._pool = _new_pool()
 
     async def run_forever(self) -> None:
         try:
@@ -77,8 +78,15 @@ class Replanner:
         resources = self.config.resources or _cores(running)
         plan = partial(_plan, self.config, samples, _as_dict(running), resources)
         started = time.monotonic()
-        result = await asyncio.get_running_loop().run_in_executor(self._pool, plan)
         self._basis = (estimate, running)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._pool, plan)
+        except Exception as exc:  # a bad profile, a planner that died: report it, keep scheduling
+            log.error("placement planning failed", error=repr(exc))
+            self.recommendation = spb.Recommendation(available=False, reason=f"planning failed: {exc!r}")
+            if isinstance(exc, BrokenProcessPool):
+                self._pool = _new_pool()
+            return False
         self.recommendation = self._recommendation(estimate, running, result)
         log.info("placement planned", change=self.recommendation.change, reason=self.recommendation.reason,
                  seconds=round(time.monotonic() - started, 1), rate=round(estimate.arrival_rate, 3),
@@ -89,6 +97,12 @@ class Replanner:
         recommended = spb.Placement(**result["recommended"])
         best, now = result["recommended_goodput"], result["running_goodput"]
         different = _as_dict(recommended) != _as_dict(running)
+        if now is None:  # nothing to compare with: recommend nothing
+            return spb.Recommendation(
+                available=True, workload=estimate, running=running, recommended=recommended,
+                recommended_goodput=best, change=False, planned_at=time.time(),
+                reason="the running placement cannot be simulated with this profile (cores it has no "
+                       "degree for); not comparing")
         change = different and best > now * (1 + self.config.margin)
         if not different:
             reason = f"the running placement is the best found ({now:.2f} req/s within the SLOs)"
@@ -99,6 +113,10 @@ class Replanner:
         return spb.Recommendation(available=True, workload=estimate, running=running, recommended=recommended,
                                   running_goodput=now, recommended_goodput=best, change=change,
                                   reason=reason, planned_at=time.time())
+
+
+def _new_pool() -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
 
 
 def _plan(config: PlanConfig, samples: list[tuple[int, int]], running: dict, resources: int) -> dict:

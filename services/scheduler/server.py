@@ -37,6 +37,7 @@ from .workload import WorkloadEstimator
 
 log = structlog.get_logger(__name__)
 FLUSH_TIMEOUT_S = 10.0  # a drain's wait for acknowledgements and RPCs already under way
+MAX_RUNS = 4  # a request put back in the queue this often (its workers kept failing it) fails for good
 
 
 class Stage(enum.Enum):
@@ -54,6 +55,7 @@ class Tracked:
     prefill_id: str | None = None
     decode_id: str | None = None
     done: spb.PrefillDoneRequest | None = None
+    runs: int = 1  # times it was started: requeues add one
 
     @property
     def request_id(self) -> str:
@@ -146,8 +148,9 @@ class SchedulerServer:
     async def _rpc_failed(self, tracked: Tracked, worker: WorkerEntry, exc: grpc.aio.AioRpcError) -> None:
         """An unreachable worker is dropped (its requests requeued); a draining one's refusal places the
         request elsewhere; any other refusal fails the request."""
-        if worker.instance_id not in (tracked.prefill_id, tracked.decode_id):
-            return  # the request was taken back from it meanwhile (a hand-back, a dropped worker)
+        if self.tracked.get(tracked.request_id) is not tracked or worker.instance_id not in (
+                tracked.prefill_id, tracked.decode_id):
+            return  # finished, cancelled or taken back from it meanwhile (a hand-back, a dropped worker)
         if exc.code() is grpc.StatusCode.UNAVAILABLE:
             log.warning("worker unreachable", worker=worker.instance_id, code=exc.code().name)
             self.drop_worker(worker.instance_id)
@@ -181,7 +184,14 @@ class SchedulerServer:
         self._assign_decode(tracked)
 
     def _assign_decode(self, tracked: Tracked) -> bool:
+        """Send a prefilled request to a decode server; False when none can take it yet."""
         worker = self.registry.pick_decode(tracked.done.kv)
+        if worker is None and not self.registry.takers(spb.WORKER_ROLE_DECODE) and self.registry.takers(
+                spb.WORKER_ROLE_COLOCATED):
+            # No decode server will come back (a switch to colocated workers): run it again there.
+            log.info("no decode server takes work; requeued for a colocated worker", request_id=tracked.request_id)
+            self._requeue([tracked])
+            return True
         if worker is None:
             log.warning("no decode server can take the request yet", request_id=tracked.request_id)
             return False
@@ -228,10 +238,13 @@ class SchedulerServer:
             worker = self.registry.workers.get(worker_id) if worker_id else None
             if worker is not None:
                 worker.assigned.pop(request_id, None)
+        self.progress.note()
         # Shielded: an RPC handler cancelled at its deadline (Redis down) must not abandon the ack,
         # or the request would run again after the next restart.
-        await asyncio.shield(self.background.spawn(self.stream.ack(tracked.entry_id)))
-        self.progress.note()
+        try:
+            await asyncio.shield(self.background.spawn(self.stream.ack(tracked.entry_id)))
+        except Exception as exc:  # Redis gone for longer than acks wait: it may run again later
+            log.error("request not acknowledged in the stream", request_id=request_id, error=repr(exc))
         log.info("request done", request_id=request_id, finish_reason=pb.FinishReason.Name(reason))
 
     async def fail(self, request_id: str, error: str) -> None:
@@ -243,7 +256,10 @@ class SchedulerServer:
             self.queue.remove(request_id)
         log.warning("request failed", request_id=request_id, error=error)
         event = pb.TokenEvent(request_id=request_id, finish_reason=pb.FINISH_REASON_ERROR, error=error)
-        await self.replies.publish(tracked.request.reply_channel, event)
+        try:
+            await self.replies.publish(tracked.request.reply_channel, event)
+        except Exception as exc:  # Redis gone too long: the client's gateway times it out instead
+            log.error("could not tell the client its request failed", request_id=request_id, error=repr(exc))
         await self.finish(request_id, pb.FINISH_REASON_ERROR)
 
     async def cancel(self, request_id: str) -> None:
@@ -269,6 +285,9 @@ class SchedulerServer:
             return
         self._stubs.pop(worker.info.grpc_address, None)
         requeued = [self.tracked[r] for r in worker.assigned if r in self.tracked]
+        # Prefilled requests still waiting for a decode server had their KV there: it is gone too.
+        requeued += [t for t in self.tracked.values()
+                     if t.stage is Stage.AWAITING_DECODE and t.prefill_id == instance_id and t not in requeued]
         self._requeue(requeued)
         if drained and not requeued:
             log.info("worker drained and gone", worker=instance_id)
@@ -276,14 +295,21 @@ class SchedulerServer:
             log.warning("worker dropped", worker=instance_id, requeued=len(requeued), drained=drained)
 
     def _requeue(self, requeued: list[Tracked]) -> None:
-        """Put requests back at the front of the queue, oldest first, to run again from their prompts."""
+        """Put requests back at the front of the queue, oldest first, to run again from their prompts;
+        one that has run MAX_RUNS times fails instead."""
         for tracked in sorted(requeued, key=lambda t: t.entry_id, reverse=True):
             for worker_id in (tracked.prefill_id, tracked.decode_id):
                 worker = self.registry.workers.get(worker_id) if worker_id else None
                 if worker is not None:
                     worker.assigned.pop(tracked.request_id, None)
             tracked.stage, tracked.prefill_id, tracked.decode_id, tracked.done = Stage.QUEUED, None, None, None
+            tracked.runs += 1
+            if tracked.runs > MAX_RUNS:
+                self.background.spawn(self.fail(tracked.request_id, f"gave up after {MAX_RUNS} attempts: "
+                                                                     "its workers kept failing or handing it back"))
+                continue
             self.queue.appendleft(tracked.request_id)
+        self.progress.note()  # a drain waits for requests in flight, and these no longer are
         self.wake.set()
 
     def drain_worker(self, instance_id: str, finished: bool) -> None:

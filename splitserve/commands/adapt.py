@@ -55,6 +55,8 @@ def scheduler_argv(args: argparse.Namespace, num_cores: int) -> list[str]:
         return []
     if args.ttft_slo is None or args.tpot_slo is None:
         raise ValueError("--adapt needs --ttft-slo and --tpot-slo: the SLOs the placement must meet")
+    if args.device and args.device != "cpu":
+        raise ValueError("--adapt plans CPU cores; on GPUs use `splitserve plan` and deploy its placement")
     return ["--plan-ttft-slo", str(args.ttft_slo), "--plan-tpot-slo", str(args.tpot_slo),
             "--plan-attainment", str(args.attainment), "--plan-resources", str(num_cores),
             "--replan-interval", str(args.replan_interval), "--replan-margin", str(args.replan_margin),
@@ -98,6 +100,7 @@ class Adapter:
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
         self._next_poll = 0.0
         self._last_change = float("-inf")
+        self._last_change_wall = 0.0  # time.time() of the last change: older recommendations are stale
 
     def tick(self) -> None:
         now = time.monotonic()
@@ -109,7 +112,8 @@ class Adapter:
         except grpc.RpcError as exc:
             print(f"adapt: no recommendation from the scheduler ({exc.code().name})", flush=True)
             return
-        if recommendation.available and recommendation.change:
+        # A plan made before the last change describes a placement that is gone.
+        if recommendation.available and recommendation.change and recommendation.planned_at > self._last_change_wall:
             self.apply(recommendation)
 
     def apply(self, recommendation: spb.Recommendation) -> None:
@@ -119,11 +123,11 @@ class Adapter:
         print(f"adapt: {describe(recommendation.running)} -> {describe(target)} "
               f"({recommendation.reason})", flush=True)
         overrides = engine_overrides(target)
-        new = [self.cluster.start_worker(role, cores, overrides)
-               for role, cores in worker_plan(target, self.cluster.config.cpus)]
-        for name, (_, cores) in zip(new, worker_plan(target, self.cluster.config.cpus)):
-            print(f"adapt: started {name} on cores {format_cpus(cores)}", flush=True)
-        self._last_change = time.monotonic()
+        new = []
+        for role, cores in worker_plan(target, self.cluster.config.cpus):  # one torch thread per core
+            new.append(self.cluster.start_worker(role, cores, overrides, threads=len(cores)))
+            print(f"adapt: started {new[-1]} on cores {format_cpus(cores)}", flush=True)
+        self._last_change, self._last_change_wall = time.monotonic(), time.time()
         if not self._wait_registered(new):
             print("adapt: the new workers did not all register; keeping the old placement", flush=True)
             for name in new:
@@ -132,7 +136,7 @@ class Adapter:
         for name in old:
             self.cluster.retire(name)
             print(f"adapt: draining {name}", flush=True)
-        self._last_change = time.monotonic()
+        self._last_change, self._last_change_wall = time.monotonic(), time.time()
 
     def _wait_registered(self, names: list[str]) -> bool:
         deadline = time.monotonic() + self.cluster.config.ready_timeout_s

@@ -208,13 +208,14 @@ class Cluster:
     def scheduler_address(self) -> str:
         return f"{self.config.host}:{self.config.scheduler_port}"
 
-    def start_worker(self, role: str, cpus, engine_argv: list[str] = ()) -> str:
-        """Start a worker of role on cpus (engine_argv overrides the cluster's engine flags); its name."""
+    def start_worker(self, role: str, cpus, engine_argv: list[str] = (), threads: int | None = None) -> str:
+        """Start a worker of role on cpus (engine_argv overrides the cluster's engine flags, threads
+        --threads-per-worker); its name."""
         c = self.config
         index = self._next_index.get(role, 0)
         self._next_index[role] = index + 1
         name = f"{role}-{index}"
-        placement = ["--threads", str(c.threads_per_worker or len(cpus))]
+        placement = ["--threads", str(threads or c.threads_per_worker or len(cpus))]
         if c.pin:
             placement += ["--cpus", format_cpus(list(cpus))]
         chunking = ["--chunk-size", str(c.chunk_size)] if c.chunk_size and role == "colocated" else []
@@ -268,7 +269,7 @@ class Cluster:
     def stop(self) -> None:
         """SIGTERM each service, the gateway first, then the workers newest first, then the scheduler:
         each drains, within its timeout, and exits; one that does not is killed."""
-        grace_s = self.config.drain_timeout_s + 15.0
+        grace_s = self.config.drain_timeout_s + 30.0  # + a prefill's pull grace, the last reports, gRPC
         order = sorted(reversed(self.processes + self.retiring), key=lambda entry: entry[0] != "gateway")
         for name, process in order:
             if process.poll() is None:

@@ -44,7 +44,8 @@ def recommend(profile_path: str | None, samples: list[tuple[int, int]], running:
               resources: int, ttft_slo_s: float, tpot_slo_s: float, attainment: float,
               num_requests: int = ONLINE_NUM_REQUESTS, seed: int = 0) -> dict:
     """{"recommended": placement fields (as the Placement proto), "recommended_goodput": req/s,
-    "running_goodput": req/s} for the observed lengths within `resources` cores (or devices)."""
+    "running_goodput": req/s, or None when the running placement cannot be simulated} for the
+    observed lengths within `resources` cores (or devices)."""
     path = Path(profile_path) if profile_path else DEFAULT_PROFILE
     profile = load_profile(path)
     serve = ServeConfig(backend=BackendConfig("simulate", str(path), profile.model.name),
@@ -71,19 +72,19 @@ def placement_fields(placement: Placement) -> dict[str, int]:
             "num_colocated": placement.num_prefill, "colocated_cores": placement.prefill_degree}
 
 
-def _evaluate_running(spec: PlanSpec, running: dict[str, int]) -> float:
-    """The running placement's goodput on the same requests; 0 for a mix the simulator cannot run
-    (prefill and colocated workers at once, in the middle of a change)."""
+def _evaluate_running(spec: PlanSpec, running: dict[str, int]) -> float | None:
+    """The running placement's goodput on the same requests; None for one the simulator cannot run
+    (prefill and colocated workers at once, a role missing, cores the profile has no degree for)."""
     if running["num_colocated"] and (running["num_prefill"] or running["num_decode"]):
-        return 0.0
+        return None
     if running["num_colocated"]:
         placement = Placement(Mode.COLOCATED, running["num_colocated"], running["colocated_cores"])
     elif running["num_prefill"] and running["num_decode"]:
         placement = Placement(Mode.DISAGGREGATED, running["num_prefill"], running["prefill_cores"],
                               running["num_decode"], running["decode_cores"])
     else:
-        return 0.0
+        return None
     if not placement.degrees <= set(spec.profile.degrees):
-        return 0.0
+        return None
     planner = Planner(spec)
     return planner.evaluate(planner.default_candidate(placement)).max_rate

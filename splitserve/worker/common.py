@@ -14,7 +14,7 @@ import structlog
 from splitserve.common.net import advertised_host
 from splitserve.common.protoconv import finish_to_proto, layout_to_proto, sampling_from_proto
 from splitserve.common.rpc import NOT_SERVING, open_channel
-from splitserve.common.service import Background
+from splitserve.common.service import Background, Progress
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.request import RequestState, StepOutput
 from splitserve.queue.streams import ProtoCodec, PubSub
@@ -75,13 +75,15 @@ class SchedulerLink:
         self.channel = open_channel(config.scheduler)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
         self.draining = False
+        self.gone = False  # drained and about to exit: no more heartbeats, never re-register
 
     async def run(self) -> None:
         """Register (retrying until the scheduler answers), then heartbeat forever."""
         await self._register()
-        while True:
+        while not self.gone:
             await asyncio.sleep(self.config.heartbeat_interval_s)  # a timer, not a poll
             await self._heartbeat()
+        await asyncio.Event().wait()  # gone: idle until the process ends
 
     async def _register(self) -> None:
         delay = 0.2
@@ -103,7 +105,7 @@ class SchedulerLink:
         try:
             await self.stub.Heartbeat(request, timeout=5)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() is grpc.StatusCode.NOT_FOUND:
+            if exc.code() is grpc.StatusCode.NOT_FOUND and not self.gone:
                 await self._register()
             else:
                 log.warning("heartbeat failed", code=exc.code().name)
@@ -111,6 +113,7 @@ class SchedulerLink:
     async def drain(self, finished: bool = False) -> None:
         """Tell the scheduler this worker is draining (nothing new), or, finished, that it exits now."""
         self.draining = True
+        self.gone = self.gone or finished
         request = spb.DrainRequest(instance_id=self.info.instance_id, finished=finished)
         await call_with_retries(self.stub.Drain, request, what="Drain", attempts=3, timeout_s=5.0)
 
@@ -147,6 +150,35 @@ async def add_to_engine(loop, tracked: dict, request: pb.QueuedRequest, entry) -
     except ValueError:
         tracked.pop(rid, None)
         raise
+
+
+class RunningServer(Protocol):
+    """A decode or colocated server: requests that run to their last token here."""
+
+    requests: dict
+    progress: Progress
+
+    async def drop(self, request_id: str, why: str = "aborted") -> bool:
+        """Forget a request and free its blocks; False when it was not here."""
+
+
+async def drain_requests(server: RunningServer, link: SchedulerLink, early: list[str], timeout_s: float,
+                         kv_not_pulled: bool = False) -> None:
+    """Hand back `early` at once; give the other requests timeout_s to finish; hand back the rest,
+    to run again from their prompts. A request is dropped before it is handed back, so none of its
+    tokens goes out once the scheduler has it back."""
+    async def hand_back(rids: list[str], kv_intact: bool) -> None:
+        async def one(rid: str) -> None:
+            if await server.drop(rid, "handed back"):
+                await link.hand_back(rid, kv_intact)
+        await asyncio.gather(*map(one, rids))
+
+    await hand_back(early, kv_not_pulled)
+    log.info("draining", running=len(server.requests), handed_back_early=len(early), timeout_s=timeout_s)
+    await server.progress.until(lambda: not server.requests, timeout_s)
+    running = list(server.requests)
+    await hand_back(running, False)
+    log.info("drained", handed_back_early=len(early), handed_back_running=len(running))
 
 
 class DrainableServer(Protocol):

@@ -60,6 +60,8 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.failed: asyncio.Future | None = None  # set with the exception if a step raises
+        self._dead = False  # a step failed: the thread is gone and no call will ever run
+        self._dead_lock = threading.Lock()
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -69,7 +71,10 @@ class EngineLoop:
     async def call(self, fn: Callable[[LLMEngine], R]) -> R:
         """Run fn(engine) on the engine thread; its exception, if any, is raised here."""
         future = self._loop.create_future()
-        self._calls.put(_Call(fn, future))
+        with self._dead_lock:
+            if self._dead:
+                raise RuntimeError("the engine failed; it runs nothing more")
+            self._calls.put(_Call(fn, future))
         return await future
 
     async def stop(self) -> None:
@@ -124,8 +129,21 @@ class EngineLoop:
             # requests be reassigned, not go on serving from a half-updated batch.
             log.exception("engine step failed")
             self._loop.call_soon_threadsafe(_set_exception, self.failed, exc)
+            self._fail_pending(exc)
             raise
         self._loop.call_soon_threadsafe(self._on_step, StepResult(outputs, started, ended, extra))
+
+    def _fail_pending(self, exc: Exception) -> None:
+        """After a failed step: every call queued, and any made later, raises instead of waiting."""
+        with self._dead_lock:
+            self._dead = True
+            pending = []
+            while not self._calls.empty():
+                pending.append(self._calls.get_nowait())
+        error = RuntimeError(f"the engine failed: {exc!r}")
+        for item in pending:
+            if item is not None:
+                self._loop.call_soon_threadsafe(_set_exception, item.future, error)
 
 
 def _set_result(future: asyncio.Future, result: Any) -> None:
