@@ -61,3 +61,11 @@ $(VENV)/.lint-deploy-done:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(DEPLOY_LINT_PKGS)
 	touch $@
+
+# docker-compose.yml for real, with podman (no Docker engine needed; root, on Debian bookworm): builds
+# the images (a debootstrap base image, the local torch wheel), brings the cluster up, checks a chat
+# request, scales prefill to 2, restarts Redis under a queued request, tears everything down.
+# Not part of `make test`; see deploy/compose-test.sh.
+.PHONY: compose-test
+compose-test:
+	bash deploy/compose-test.sh
