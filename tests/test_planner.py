@@ -330,3 +330,80 @@ def test_the_simulator_runs_without_torch():
             "print(sum(x.ok for x in r))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0 and out.stdout.strip() == "5", out.stderr
+
+
+# -- fidelity: a real run replayed, and the calibration of a profile's overheads ---------------------
+
+
+def test_fidelity_errors_are_points_for_attainment_and_relative_for_latencies():
+    from splitserve.planner.fidelity import Figures, PointComparison
+
+    real = Figures(0.90, 200.0, 400.0, 20.0, 40.0)
+    sim = Figures(0.80, 240.0, 300.0, 20.0, None)
+    c = PointComparison("chatbot", "colocated", 1.0, 40, real, sim)
+    assert c.error("attainment") == pytest.approx(-10.0) and c.within("attainment")  # the bound itself
+    assert c.error("ttft_p50") == pytest.approx(0.2) and c.within("ttft_p50")
+    assert c.error("ttft_p90") == pytest.approx(-0.25) and not c.within("ttft_p90")
+    assert c.error("tpot_p50") == 0.0 and c.within("tpot_p50")
+    assert c.error("tpot_p90") is None and not c.within("tpot_p90")  # nothing to compare is no pass
+    assert not replace(c, sim=replace(sim, attainment=0.79)).within("attainment")
+
+
+def _bench_serve_file(path, label: str, records, slo: dict) -> None:
+    """A `bench serve --output` document around these records: fixed 100-token prompts, 4 tokens out."""
+    workload = {"name": "fixed", "description": "", "input": {"median": 100, "sigma": 0.0, "min": 100, "max": 100},
+                "output": {"median": 4, "sigma": 0.0, "min": 4, "max": 4}}
+    config = {"label": label, "workload": workload, "seed": 0, "burstiness": 1.0, "num_requests": len(records),
+              "duration_s": None, "max_concurrency": 1, "slo": slo}
+    points = [{"rate": 1.0, "records": [r.to_json() for r in records]}]
+    path.write_text(json.dumps({"format": "splitserve-bench-serve/1", "config": config, "points": points}))
+
+
+def test_fidelity_replays_the_real_requests_and_scores_both_sides_alike(tmp_path):
+    from splitserve.bench.loadgen.records import RequestRecord
+    from splitserve.planner import fidelity
+
+    # Two requests sent 10 s apart, each alone in the cluster. The real cluster took 30% longer to
+    # the first token than the simulated one does and decoded as fast.
+    sim_ttft = HOPS.gateway_s + HOPS.rpc_s + prefill_s(100) + HOPS.reply_s
+    handoff = 2 * HOPS.rpc_s + kv_s(100) + DECODE_S
+    real = []
+    for i, sent in enumerate((0.0, 10.0)):
+        record = RequestRecord(i, 100, 4, sent, sent, completion_tokens=4, prompt_tokens=100)
+        first = sent + 1.3 * sim_ttft
+        for t in (first, first + handoff, first + handoff + DECODE_S, first + handoff + 2 * DECODE_S):
+            record.add_chunk(t)
+        record.end_s = record.chunk_times_s[-1]
+        real.append(record)
+    _bench_serve_file(tmp_path / "real.json", "disaggregated", real, {"ttft_s": 1.0, "tpot_s": 0.05, "target": 0.9})
+    save_profile(make_profile(), tmp_path / "profile.json")
+    ttft_slo = 1.15 * sim_ttft  # between the two: the real requests miss it, the simulated ones meet it
+    assert fidelity.main([str(tmp_path / "real.json"), "--profile", str(tmp_path / "profile.json"),
+                          "--slo", f"fixed={ttft_slo},0.05", "--output", str(tmp_path / "out.json")]) == 0
+    (point,) = json.loads((tmp_path / "out.json").read_text())
+    assert point["mode"] == "disaggregated" and point["num_requests"] == 2
+    assert point["real"]["attainment"] == 0.0 and point["sim"]["attainment"] == 1.0
+    assert point["sim"]["ttft_p50"] == pytest.approx(sim_ttft * 1e3)
+    assert point["error"]["ttft_p50"] == pytest.approx(1 / 1.3 - 1) and not point["within"]["ttft_p50"]
+    assert point["error"]["tpot_p50"] == pytest.approx(0.0, abs=1e-9) and point["within"]["tpot_p90"]
+    assert point["error"]["attainment"] == pytest.approx(100.0) and not point["within"]["attainment"]
+
+
+def test_calibration_recovers_the_step_overheads_of_a_low_load_run():
+    from splitserve.planner.calibrate import calibrate_run
+    from splitserve.planner.fidelity import default_cluster
+
+    cluster = default_cluster("disaggregated", 2)
+    assert (cluster.prefill_degree, cluster.decode_degree) == (1, 1)
+    assert default_cluster("colocated", 2).prefill_degree == 2
+    # "Real" runs: the same profile with known overheads, one request at a time.
+    truth = StepOverheads(prefill_factor=1.5, decode_s=0.003)
+    slowed = make_profile(cluster=truth)
+    low_load = requests(*[(5.0 * i, 256, 64) for i in range(5)])
+    for name in ("disaggregated", "colocated"):
+        c = default_cluster(name, 2)
+        calibration = calibrate_run(make_profile(), c, simulate(slowed, c, low_load), name)
+        assert calibration.degree == c.prefill_degree
+        assert calibration.hops == pytest.approx((HOPS.gateway_s + HOPS.rpc_s + HOPS.reply_s) * 1e3)
+        assert calibration.prefill_factor == pytest.approx(1.5)
+        assert calibration.decode_s == pytest.approx(0.003)
