@@ -16,9 +16,9 @@
 #   chat      a chat request through the gateway (model from /v1/models, temperature 0), answer checked
 #   scale     prefill scaled to 2: the second server registers (the scheduler's ClusterState) and both
 #             serve some of a burst of requests (their own logs)
-#   redis     the scheduler is paused, so a request sent now waits in the Redis stream; Redis restarts
-#             (the entry is still there: AOF on the volume); the scheduler resumes; the request
-#             completes with a proper answer
+#   redis     the prefill servers are killed, so a request sent now waits in the Redis stream (pending
+#             in the scheduler's group); Redis restarts (the entry is still there: AOF on the volume);
+#             the prefill servers start again; the request completes with a proper answer
 #   down      podman-compose down -v and whatever else carries the project's label; always (trap)
 #
 # Environment: COMPOSE_TEST_PROJECT (splitserve-ctest), COMPOSE_TEST_WORKDIR (logs, the snapshot,
@@ -378,43 +378,68 @@ redis_stream() {  # the request stream: its length, its entries, and what the sc
 
 redis_restart() {
     phase redis "a request queued before a Redis restart completes"
-    local sched redis gw out before chat_pid attempt
-    sched=$(container scheduler) redis=$(container redis) gw=$(container gateway)
-    local all=("$redis" "$sched" "$gw" "$(container prefill 1)" "$(container prefill 2)" "$(container decode)")
+    local sched redis out before chat_pid attempt p1 p2
+    sched=$(container scheduler) redis=$(container redis) p1=$(container prefill 1) p2=$(container prefill 2)
+    local all=("$redis" "$sched" "$(container gateway)" "$p1" "$p2" "$(container decode)")
     before=$(restarts "${all[@]}")
+    xlen() { podman exec "$redis" redis-cli XLEN splitserve:requests 2>&1 | quiet; }
+    local base deadline=$((SECONDS + 30))
+    # Finished requests are acknowledged and deleted; wait for the last ones (an ack waits out a DNS
+    # hiccup while a container starts), so that the stream holds only the request queued below.
+    until [ "$(xlen)" = 0 ] || [ $SECONDS -ge $deadline ]; do sleep 1; done
+    base=$(xlen) || base=0
     log "stream before: $(redis_stream)"
     out=$WORK/queued.txt
     for attempt in 1 2 3; do
-        # Paused, the scheduler reads nothing: the request stays in the stream. The gateway admits it
-        # while its last look at the cluster (polled every second) still shows the workers.
-        podman pause "$sched" 2>&1 | quiet > /dev/null
-        log "scheduler paused; POST /v1/chat/completions in the background"
-        python3 "$CLIENT" chat "$URL" "$MODEL" "$PROMPT" --max-tokens 16 > "$out" 2>&1 &
+        # Killed (podman stop -t 0: SIGKILL, no drain), the prefill servers take nothing and the
+        # scheduler keeps the request queued. Stopped gracefully they would unregister at once, and
+        # the gateway refuses requests (503) while no prefill server is registered; killed, they stay
+        # listed until the scheduler notices (a refused Submit, or 5 s without heartbeats).
+        podman stop -t 0 "$p1" "$p2" 2>&1 | quiet > /dev/null
+        log "prefill servers killed; POST /v1/chat/completions in the background"
+        python3 "$CLIENT" chat "$URL" "$MODEL" "$PROMPT" --max-tokens 16 --timeout 240 > "$out" 2>&1 &
         chat_pid=$!
-        local deadline=$((SECONDS + 10)) len=0
+        local len=0
+        deadline=$((SECONDS + 10))
         while [ $SECONDS -lt $deadline ] && kill -0 "$chat_pid" 2> /dev/null; do
-            len=$(podman exec "$redis" redis-cli XLEN splitserve:requests 2>&1 | quiet) || len=0
-            [ "$len" -ge 1 ] && break
+            len=$(xlen) || len=0
+            [ "$len" -gt "$base" ] && break
             sleep 0.2
         done
-        [ "$len" -ge 1 ] && break
-        log "not queued (the gateway already saw the scheduler gone?): $(cat "$out")"
-        podman unpause "$sched" 2>&1 | quiet > /dev/null
+        [ "$len" -gt "$base" ] && break
+        log "not queued: $(cat "$out")"
         wait "$chat_pid" || true
+        podman start "$p1" "$p2" 2>&1 | quiet > /dev/null
+        wait_healthy "$p1" 300 && wait_healthy "$p2" 300 || fail "the prefill servers did not come back"
         python3 "$CLIENT" wait-ready "$URL" 60 || fail "the gateway is not ready again"
-        [ "$attempt" -lt 3 ] || fail "could not queue a request with the scheduler paused"
+        [ "$attempt" -lt 3 ] || fail "could not queue a request with the prefill servers down"
     done
+    sleep 2
     log "queued: $(redis_stream)"
+    log "the scheduler's workers now: $(cluster_state | awk '{printf "%s%s %s", sep, $1, $2; sep=", "}')"
     log "podman restart $redis"
+    local restarted_at
+    restarted_at=$(date -u +%Y-%m-%dT%H:%M:%S)
     podman restart -t 10 "$redis" 2>&1 | quiet > /dev/null
     wait_healthy "$redis" 60 || fail "Redis did not come back"
     log "after the restart: $(redis_stream)"
-    [ "$(podman exec "$redis" redis-cli XLEN splitserve:requests 2>&1 | quiet)" -ge 1 ] \
-        || fail "the queued request is gone from the stream after the restart (AOF?)"
+    [ "$(xlen)" -gt "$base" ] || fail "the queued request is gone from the stream after the restart (AOF?)"
     kill -0 "$chat_pid" 2> /dev/null || fail "the queued request ended during the Redis restart: $(cat "$out")"
-    podman unpause "$sched" 2>&1 | quiet > /dev/null
-    log "scheduler resumed; waiting for the queued request"
-    wait "$chat_pid" || fail "the queued request failed: $(cat "$out")"
+    log "podman start $p1 $p2"
+    podman start "$p1" "$p2" 2>&1 | quiet > /dev/null
+    wait_healthy "$p1" 300 || fail "$p1 did not come back"
+    wait_healthy "$p2" 300 || fail "$p2 did not come back"
+    log "waiting for the queued request"
+    if ! wait "$chat_pid"; then
+        log "the queued request failed: $(cat "$out")"
+        log "what the services logged about Redis since the restart (down_s: how long each was cut off):"
+        local c
+        for c in "${all[@]:1}"; do
+            podman logs --since "$restarted_at" "$c" 2>&1 | grep -a -e 'redis unreachable' -e 'redis reconnected' \
+                | sed "s/^/$c: /" | cut -c1-240 | indent
+        done
+        fail "the queued request did not complete after the Redis restart"
+    fi
     log "answer: $(cat "$out")"
     local first=${FIRST#*: } second
     second=$(cat "$out")
@@ -425,9 +450,9 @@ redis_restart() {
     log "stream after: $(redis_stream)"
     local after
     after=$(restarts "${all[@]}")
-    log "restart counts before: $before"
-    log "restart counts after:  $after"
-    [ "$before" = "$after" ] || log "NOTE: a container restarted during the Redis restart (its restart policy brought it back)"
+    log "restart counts (restart policy) before: $before"
+    log "restart counts (restart policy) after:  $after"
+    [ "$before" = "$after" ] || log "NOTE: a container died and its restart policy brought it back"
     python3 "$CLIENT" chat "$URL" "$MODEL" "$PROMPT" --max-tokens 16 > "$out" 2>&1 || fail "a request after the restart: $(cat "$out")"
     log "a new request after the restart: $(cat "$out")"
 }

@@ -3,7 +3,7 @@
 
     compose_client.py wait-ready URL TIMEOUT_S        until GET URL/ready answers 200
     compose_client.py model URL                       the served model's id (GET /v1/models)
-    compose_client.py chat URL MODEL PROMPT [--max-tokens N] [--out FILE]
+    compose_client.py chat URL MODEL PROMPT [--max-tokens N] [--timeout S] [--out FILE]
     compose_client.py burst URL MODEL N [--max-tokens N]   N chat requests at once
 
 `chat` sends POST /v1/chat/completions with temperature 0 and checks the answer: HTTP 200, a
@@ -75,14 +75,15 @@ def check_answer(status: int, body: bytes) -> tuple[str | None, dict | None]:
     return None, answer
 
 
-def chat_once(base: str, model_id: str, prompt: str, max_tokens: int) -> tuple[str | None, dict | None, float]:
+def chat_once(base: str, model_id: str, prompt: str, max_tokens: int,
+              timeout_s: float = TIMEOUT_S) -> tuple[str | None, dict | None, float]:
     payload = {"model": model_id, "messages": [{"role": "user", "content": prompt}],
                "temperature": 0, "max_tokens": max_tokens}
     request = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
     start = time.monotonic()
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             status, body = response.status, response.read()
     except urllib.error.HTTPError as exc:
         status, body = exc.code, exc.read()
@@ -99,8 +100,8 @@ def summary(answer: dict, elapsed: float) -> str:
             f"{json.dumps(choice['message']['content'])}")
 
 
-def chat(base: str, model_id: str, prompt: str, max_tokens: int, out: str | None) -> int:
-    why, answer, elapsed = chat_once(base, model_id, prompt, max_tokens)
+def chat(base: str, model_id: str, prompt: str, max_tokens: int, timeout_s: float, out: str | None) -> int:
+    why, answer, elapsed = chat_once(base, model_id, prompt, max_tokens, timeout_s)
     if out:
         with open(out, "w") as f:
             json.dump({"error": why, "answer": answer, "elapsed_s": elapsed}, f)
@@ -135,6 +136,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("model")
     p.add_argument("prompt")
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds to wait for the answer")
     p.add_argument("--out")
     p = sub.add_parser("burst")
     p.add_argument("url")
@@ -147,7 +149,7 @@ def main(argv: list[str]) -> int:
     if args.command == "model":
         return model(args.url)
     if args.command == "chat":
-        return chat(args.url, args.model, args.prompt, args.max_tokens, args.out)
+        return chat(args.url, args.model, args.prompt, args.max_tokens, args.timeout, args.out)
     return burst(args.url, args.model, args.n, args.max_tokens)
 
 
