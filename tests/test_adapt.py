@@ -91,7 +91,7 @@ def test_up_adapt_switches_to_the_recommended_placement_without_losing_a_request
     drains the old pair while requests keep coming; every request gets all its tokens."""
     cluster = start_cluster(tmp_path, "--adapt", "--plan-profile", PROFILE, "--ttft-slo", str(SLOS[0]),
                             "--tpot-slo", str(SLOS[1]),
-                            "--replan-interval", "2", "--workload-window", "60", "--threads-per-worker", "1",
+                            "--replan-interval", "2", "--workload-window", "60", "--cpus", "0,1",
                             "--kv-transport", "grpc", "--drain-timeout", "10")
     scheduler = scheduler_pb2_grpc.SchedulerStub(grpc.insecure_channel(cluster.scheduler_address))
     stop, futures = threading.Event(), []
