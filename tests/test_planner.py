@@ -389,21 +389,24 @@ def test_fidelity_replays_the_real_requests_and_scores_both_sides_alike(tmp_path
     assert point["error"]["attainment"] == pytest.approx(100.0) and not point["within"]["attainment"]
 
 
-def test_calibration_recovers_the_step_overheads_of_a_low_load_run():
-    from splitserve.planner.calibrate import calibrate_run
+def test_calibration_recovers_the_step_overheads_of_low_load_runs():
+    from splitserve.planner.calibrate import measure_run, step_overheads
     from splitserve.planner.fidelity import default_cluster
 
     cluster = default_cluster("disaggregated", 2)
     assert (cluster.prefill_degree, cluster.decode_degree) == (1, 1)
     assert default_cluster("colocated", 2).prefill_degree == 2
-    # "Real" runs: the same profile with known overheads, one request at a time.
-    truth = StepOverheads(prefill_factor=1.5, decode_s=0.003)
+    # "Real" runs: the same profile with known overheads, one request at a time, two prompt lengths.
+    truth = StepOverheads(prefill_factor=1.5, prefill_s=0.04, decode_s=0.003)
     slowed = make_profile(cluster=truth)
-    low_load = requests(*[(5.0 * i, 256, 64) for i in range(5)])
     for name in ("disaggregated", "colocated"):
         c = default_cluster(name, 2)
-        calibration = calibrate_run(make_profile(), c, simulate(slowed, c, low_load), name)
-        assert calibration.degree == c.prefill_degree
-        assert calibration.hops == pytest.approx((HOPS.gateway_s + HOPS.rpc_s + HOPS.reply_s) * 1e3)
-        assert calibration.prefill_factor == pytest.approx(1.5)
-        assert calibration.decode_s == pytest.approx(0.003)
+        runs = [measure_run(make_profile(), c, simulate(slowed, c, requests(*[(5.0 * i, n, 64) for i in range(5)])),
+                            f"{name}-{n}") for n in (256, 1024)]
+        assert {r.degree for r in runs} == {c.prefill_degree}
+        assert runs[0].hops == pytest.approx((HOPS.gateway_s + HOPS.rpc_s + HOPS.reply_s) * 1e3)
+        assert runs[0].in_cluster_prefill == pytest.approx((1.5 * prefill_s(256) + 0.04) * 1e3)
+        both = step_overheads(runs)
+        assert (both.prefill_factor, both.prefill_s, both.decode_s) == pytest.approx((1.5, 0.04, 0.003))
+        one = step_overheads(runs[:1])  # one length: all of it is a factor
+        assert one.prefill_s == 0 and one.prefill_factor == pytest.approx(1.5 + 0.04 / prefill_s(256), rel=1e-4)

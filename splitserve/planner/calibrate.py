@@ -1,21 +1,25 @@
-"""The cluster's step overheads of a profile, calibrated on one low-load `bench serve` run per mode.
+"""A profile's per-degree step overheads, calibrated on low-load `bench serve` runs of the cluster.
 
     python -m splitserve.planner.calibrate --profile P \
-        --run docs/figures/planner/overhead-disaggregated.json \
-        --run docs/figures/planner/overhead-colocated.json [--write]
+        --run docs/figures/planner/overhead-disaggregated-256.json \
+        --run docs/figures/planner/overhead-disaggregated-1024.json ... [--write]
 
 A low-load run sends one request at a time (`bench serve --workload fixed --max-concurrency 1`),
 so nothing queues and every gap between the cluster and the engine's own step times is overhead.
 Each run is replayed through the simulator on the cluster its label names (`splitserve up`'s
-default placement), first with that degree's overheads zeroed, then:
+default placement) with that degree's overheads zeroed. Per degree, over its runs:
 
-- prefill_factor = (real TTFT P50 - the hops) / the profile's prefill of the prompt, where the hops
-  (gateway_s + rpc_s + reply_s) are the simulated TTFT P50 minus that prefill;
-- decode_s = real TPOT P50 - simulated TPOT P50. With one request in the cluster every decode step
-  is a batch-1 step and each adds decode_s once, so TPOT moves by exactly decode_s.
+- the in-cluster prefill of a run is its real TTFT P50 minus the hops (the simulated TTFT P50
+  minus the profile's prefill of the prompt: gateway_s + rpc_s + reply_s);
+- with one prompt length, prefill_factor = in-cluster / profile prefill and prefill_s = 0; with two
+  or more, in-cluster = prefill_factor * profile prefill + prefill_s, fitted like the latency model
+  (relative least squares, non-negative);
+- decode_s = the mean over runs of real TPOT P50 - simulated TPOT P50. With one request in the
+  cluster every decode step is a batch-1 step and each adds decode_s once, so TPOT moves by exactly
+  decode_s.
 
-A disaggregated run calibrates its workers' degree from both servers (the factor from the prefill
-server, decode_s from the decode server); a colocated run, its one worker's degree.
+A disaggregated run calibrates its workers' degree from both servers (the prefill overhead from
+the prefill server, decode_s from the decode server); a colocated run, its one worker's degree.
 """
 
 from __future__ import annotations
@@ -24,72 +28,92 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from splitserve.bench.loadgen.metrics import summarize
 from splitserve.bench.loadgen.records import RequestRecord
 from splitserve.planner.fidelity import default_cluster, replayed_requests
+from splitserve.planner.fit import fit_linear
 from splitserve.planner.latency import Profile, StepOverheads, load_profile, save_profile
 from splitserve.planner.simulator import ClusterSpec, simulate
 
 
 @dataclass(frozen=True)
-class Calibration:
-    """One degree's overheads, with the figures they came from (ms)."""
+class LowLoadRun:
+    """One low-load run against the simulation with no step overheads (ms)."""
 
+    name: str
     degree: int
-    run: str
+    prompt_len: int
     real_ttft_p50: float
     hops: float
-    prefill: float  # the profile's prefill of the median prompt, alone
+    prefill: float  # the profile's prefill of the prompt, alone
     real_tpot_p50: float
     sim_tpot_p50: float  # with decode_s = 0
 
     @property
-    def prefill_factor(self) -> float:
-        return (self.real_ttft_p50 - self.hops) / self.prefill
+    def in_cluster_prefill(self) -> float:
+        return self.real_ttft_p50 - self.hops
 
-    @property
-    def decode_s(self) -> float:
-        return (self.real_tpot_p50 - self.sim_tpot_p50) / 1e3
-
-    def overheads(self) -> StepOverheads:
-        return StepOverheads(round(self.prefill_factor, 4), round(self.decode_s, 5), self.notes)
-
-    @property
-    def notes(self) -> str:
-        return (f"calibrated on {self.run} (one request at a time): prefill_factor = (TTFT P50 "
-                f"{self.real_ttft_p50:.1f} ms - hops {self.hops:.1f} ms) / prefill {self.prefill:.1f} ms; "
-                f"decode_s = TPOT P50 {self.real_tpot_p50:.2f} ms - simulated {self.sim_tpot_p50:.2f} ms "
-                "with no step overhead")
+    def describe(self) -> str:
+        return (f"{self.name}: {self.prompt_len}-token prompts, TTFT P50 {self.real_ttft_p50:.1f} ms - hops "
+                f"{self.hops:.1f} = {self.in_cluster_prefill:.1f} ms against a prefill of {self.prefill:.1f} ms; "
+                f"TPOT P50 {self.real_tpot_p50:.2f} ms against {self.sim_tpot_p50:.2f} ms simulated")
 
 
-def _zeroed(profile: Profile, degrees: set[int]) -> Profile:
-    changed = {k: replace(d, cluster=StepOverheads()) if k in degrees else d for k, d in profile.degrees.items()}
-    return replace(profile, degrees=changed)
+def _zeroed(profile: Profile, degree: int) -> Profile:
+    return replace(profile, degrees={**profile.degrees, degree: replace(profile.degree(degree),
+                                                                        cluster=StepOverheads())})
 
 
-def calibrate_run(profile: Profile, cluster: ClusterSpec, records: list[RequestRecord], name: str) -> Calibration:
-    if len({cluster.prefill_degree, cluster.decode_degree}) != 1:
-        raise ValueError("calibrate a run whose workers all have the same degree")
+def measure_run(profile: Profile, cluster: ClusterSpec, records: list[RequestRecord], name: str) -> LowLoadRun:
+    if cluster.prefill_degree != cluster.decode_degree:
+        raise ValueError("calibrate on a run whose workers all have the same degree")
     degree = cluster.prefill_degree
     done = [r for r in records if r.ok]
     if not done or len({r.input_len for r in done}) != 1:
         raise ValueError(f"{name}: calibrate on a run of one prompt length (--workload fixed)")
     real = summarize(records)
-    sim = summarize(simulate(_zeroed(profile, {degree}), cluster, replayed_requests(records)))
+    sim = summarize(simulate(_zeroed(profile, degree), cluster, replayed_requests(records)))
     prefill = profile.degree(degree).prefill.seconds([done[0].input_len]) * 1e3
-    return Calibration(degree, name, real.ttft_ms.p50, sim.ttft_ms.p50 - prefill, prefill,
-                       real.tpot_ms.p50, sim.tpot_ms.p50)
+    return LowLoadRun(name, degree, done[0].input_len, real.ttft_ms.p50, sim.ttft_ms.p50 - prefill, prefill,
+                      real.tpot_ms.p50, sim.tpot_ms.p50)
 
 
-def _load(path: Path) -> tuple[str | None, list[RequestRecord], int | None]:
+def step_overheads(runs: Sequence[LowLoadRun]) -> StepOverheads:
+    """One degree's overheads from its low-load runs (see the module's docstring)."""
+    if len({r.degree for r in runs}) != 1:
+        raise ValueError("calibrate one degree at a time")
+    if len({r.prompt_len for r in runs}) == 1:
+        factor = statistics.mean(r.in_cluster_prefill / r.prefill for r in runs)
+        prefill_ms = 0.0
+    else:
+        (factor, prefill_ms), _ = fit_linear([(r.prefill, 1.0) for r in runs], [r.in_cluster_prefill for r in runs])
+    decode_ms = statistics.mean(r.real_tpot_p50 - r.sim_tpot_p50 for r in runs)
+    notes = (f"calibrated by splitserve.planner.calibrate: in-cluster prefill = {factor:.4f} x profile prefill "
+             f"+ {prefill_ms:.1f} ms, decode + {decode_ms:.2f} ms per step; from " + "; ".join(r.describe() for r in runs))
+    return StepOverheads(round(factor, 4), round(decode_ms / 1e3, 5), notes, prefill_s=round(prefill_ms / 1e3, 5))
+
+
+def calibrate(profile: Profile, runs: Sequence[LowLoadRun]) -> Profile:
+    """The profile with the overheads of every degree the runs cover."""
+    degrees = dict(profile.degrees)
+    for degree in sorted({r.degree for r in runs}):
+        degrees[degree] = replace(degrees[degree], cluster=step_overheads([r for r in runs if r.degree == degree]))
+    return replace(profile, degrees=degrees)
+
+
+def load_run(path: Path, profile: Profile) -> LowLoadRun:
     data = json.loads(path.read_text())
     if len(data["points"]) != 1:
         raise ValueError(f"{path}: calibrate on a run of one rate")
+    if data["config"].get("max_concurrency") != 1:
+        print(f"{path}: not sent one at a time (--max-concurrency 1): queueing counts as overhead", file=sys.stderr)
     records = [RequestRecord.from_json(r) for r in data["points"][0]["records"]]
-    return data["config"].get("label"), records, data["config"].get("max_concurrency")
+    cluster = default_cluster(data["config"].get("label"), int(profile.machine.get("num_cores", 2)))
+    return measure_run(profile, cluster, records, str(path))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,19 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", action="store_true", help="write the overheads into the profile")
     args = p.parse_args(argv)
     profile = load_profile(args.profile)
-    cores = int(profile.machine.get("num_cores", 2))
-    for path in args.run:
-        label, records, concurrency = _load(path)
-        if concurrency != 1:
-            print(f"{path}: not sent one at a time (--max-concurrency 1): queueing counts as overhead",
-                  file=sys.stderr)
-        c = calibrate_run(profile, default_cluster(label, cores), records, str(path))
-        print(f"degree {c.degree}: prefill_factor {c.prefill_factor:.4f}, decode_s {c.decode_s * 1e3:.2f} ms "
-              f"({c.notes})")
-        profile = replace(profile, degrees={**profile.degrees, c.degree: replace(profile.degree(c.degree),
-                                                                                 cluster=c.overheads())})
+    calibrated = calibrate(profile, [load_run(path, profile) for path in args.run])
+    for degree, d in sorted(calibrated.degrees.items()):
+        c = d.cluster
+        print(f"degree {degree}: prefill_factor {c.prefill_factor:.4f}, prefill_s {c.prefill_s * 1e3:.1f} ms, "
+              f"decode_s {c.decode_s * 1e3:.2f} ms\n  {c.notes}")
     if args.write:
-        save_profile(profile, args.profile)
+        save_profile(calibrated, args.profile)
         print(f"wrote {args.profile}", file=sys.stderr)
     return 0
 

@@ -113,13 +113,16 @@ class StepOverheads:
 
     The worker shares its cores with its own event loop, gRPC and UCX threads, and (on a small
     machine) with the gateway, the scheduler, Redis and the load generator, which do work for every
-    token. Measured by comparing a low-load `bench serve` run with `bench latency` on the same
-    placement; 1.0 and 0 mean no slowdown.
+    token. Calibrated on low-load `bench serve` runs of the cluster against the profile's own step
+    times (splitserve/planner/calibrate.py); 1.0 and 0 mean no slowdown.
     """
 
     prefill_factor: float = 1.0  # prefill (and mixed) step time x this
     decode_s: float = 0.0  # + this on every decode and mixed step
     notes: str = ""
+    # + this on every step that prefills (a prefill step, a mixed step with chunks); keyword-only so
+    # the positional fields above keep their places
+    prefill_s: float = field(default=0.0, kw_only=True)
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,8 @@ class SimEngine:
         if not batch:
             return None
         seconds = self.spec.degree.prefill.seconds([s.num_tokens for s in batch])
-        return seconds * self.spec.degree.cluster.prefill_factor, lambda: self._finish_prefill(batch)
+        cluster = self.spec.degree.cluster
+        return seconds * cluster.prefill_factor + cluster.prefill_s, lambda: self._finish_prefill(batch)
 
     def _finish_prefill(self, batch: list[Sequence]) -> StepOutputs:
         for seq in batch:
@@ -201,7 +202,7 @@ class SimEngine:
         seconds = self._mixed_seconds(shape, [s.num_tokens for s in decodes])
         cluster = self.spec.degree.cluster
         if chunks:
-            seconds *= cluster.prefill_factor
+            seconds = seconds * cluster.prefill_factor + cluster.prefill_s
         return seconds + cluster.decode_s, lambda: self._finish_mixed(decodes, chunks)
 
     def _mixed_seconds(self, chunks: list[tuple[int, int]], contexts: list[int]) -> float:
