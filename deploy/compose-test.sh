@@ -414,9 +414,12 @@ redis_restart() {
         python3 "$CLIENT" wait-ready "$URL" 60 || fail "the gateway is not ready again"
         [ "$attempt" -lt 3 ] || fail "could not queue a request with the prefill servers down"
     done
-    sleep 2
+    # The scheduler drops the killed servers (5 s without heartbeats); the request waits in its queue.
+    local workers
+    deadline=$((SECONDS + 20))
+    until workers=$(cluster_state) && ! grep -q '^prefill ' <<< "$workers" || [ $SECONDS -ge $deadline ]; do sleep 1; done
     log "queued: $(redis_stream)"
-    log "the scheduler's workers now: $(cluster_state | awk '{printf "%s%s %s", sep, $1, $2; sep=", "}')"
+    log "the scheduler's workers now: $(awk '{printf "%s%s %s", sep, $1, $2; sep=", "}' <<< "$workers")"
     log "podman restart $redis"
     local restarted_at
     restarted_at=$(date -u +%Y-%m-%dT%H:%M:%S)
