@@ -42,6 +42,9 @@ SCHEDULER_GROUP = "schedulers"
 CANCEL_CHANNEL = "splitserve:cancel"
 FIELD = b"msg"
 PUBLISH_RETRY_S = 60.0  # how long a publish or an acknowledgement waits for Redis before it raises
+# A reconnect to an address that no longer answers (a container restarted under a new IP) would
+# otherwise hang in connect() for ~20 s per attempt before the retry resolves the name again.
+CONNECT_TIMEOUT_S = 2.0
 # After Redis comes back, subscribers re-subscribe within a retry delay or two: until then a message
 # no one received is published again (a token is delayed, not lost).
 RESUBSCRIBE_GRACE_S = 5.0
@@ -101,7 +104,8 @@ def connect(url: str) -> RedisClient:
     a connection the old server closed.
     """
     return RedisClient.from_url(url, decode_responses=False, health_check_interval=10,
-                                socket_timeout=None, socket_keepalive=True, retry=Retry(NoBackoff(), 0),
+                                socket_timeout=None, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_keepalive=True,
+                                retry=Retry(NoBackoff(), 0),
                                 maint_notifications_config=MaintNotificationsConfig(enabled=False))
 
 
