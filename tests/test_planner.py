@@ -213,6 +213,16 @@ def test_a_colocated_worker_stalls_its_decodes_while_a_prompt_prefills():
     assert sum(chunked.itls_s) > sum(disaggregated.itls_s[1:])
 
 
+def test_a_chunked_step_of_decodes_alone_costs_a_decode_step():
+    # A mixed fit whose fixed cost is near zero must not price a lone decode below the decode model.
+    from splitserve.planner.latency import MixedModel
+
+    profile = make_profile(mixed=MixedModel(0.0, 0.001, 0.0, 0.0))
+    (record,) = simulate(profile, ClusterSpec(Mode.CHUNKED), requests((0.0, 100, 4)))
+    assert record.itls_s == pytest.approx([DECODE_S] * 3)  # the decode model, not 1 ms per token
+    assert record.ttft_s == pytest.approx(HOPS.gateway_s + HOPS.rpc_s + 0.001 * 100 + HOPS.reply_s)
+
+
 def test_the_gateway_refuses_beyond_max_pending():
     cluster = ClusterSpec(max_pending=3)
     records = simulate(make_profile(), cluster, requests(*[(0.0, 50, 4)] * 5))
