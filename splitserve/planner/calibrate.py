@@ -97,12 +97,18 @@ def step_overheads(runs: Sequence[LowLoadRun]) -> StepOverheads:
     return StepOverheads(round(factor, 4), round(decode_ms / 1e3, 5), notes, prefill_s=round(prefill_ms / 1e3, 5))
 
 
+SOURCE_MARK = "; cluster step overheads calibrated"
+
+
 def calibrate(profile: Profile, runs: Sequence[LowLoadRun]) -> Profile:
-    """The profile with the overheads of every degree the runs cover."""
+    """The profile with the overheads of every degree the runs cover; its source says from what."""
     degrees = dict(profile.degrees)
-    for degree in sorted({r.degree for r in runs}):
+    covered = sorted({r.degree for r in runs})
+    for degree in covered:
         degrees[degree] = replace(degrees[degree], cluster=step_overheads([r for r in runs if r.degree == degree]))
-    return replace(profile, degrees=degrees)
+    source = (f"{profile.source.split(SOURCE_MARK)[0]}{SOURCE_MARK} (degrees {', '.join(map(str, covered))}) by "
+              f"`python -m splitserve.planner.calibrate` on {', '.join(r.name for r in runs)}")
+    return replace(profile, degrees=degrees, source=source)
 
 
 def load_run(path: Path, profile: Profile) -> LowLoadRun:
