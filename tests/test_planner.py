@@ -363,6 +363,19 @@ def test_fidelity_errors_are_points_for_attainment_and_relative_for_latencies():
     assert not replace(c, sim=replace(sim, attainment=0.79)).within("attainment")
 
 
+def test_a_sweep_s_goodput_and_the_points_that_place_it_on_both_sides():
+    from splitserve.planner.fidelity import Figures, PointComparison, RunComparison
+
+    def point(rate: float, real: float, sim: float) -> PointComparison:
+        return PointComparison("code", "colocated", rate, 40, Figures(real, 1.0, 1.0, 1.0, 1.0),
+                               Figures(sim, 1.0, 1.0, 1.0, 1.0))
+
+    run = RunComparison("x.json", 0.9, [point(1, 1.0, 1.0), point(2, 0.8, 0.95), point(3, 0.5, 0.7)])
+    assert [c.rate for c in run.deciding] == [1, 2]  # up to the real sweep's first failing rate
+    assert run.goodput("real").goodput_rps == pytest.approx(1.5)  # 1 + (1.0 - 0.9) / (1.0 - 0.8)
+    assert run.goodput("sim").goodput_rps == pytest.approx(2 + 0.05 / 0.25)
+
+
 def _bench_serve_file(path, label: str, records, slo: dict) -> None:
     """A `bench serve --output` document around these records: fixed 100-token prompts, 4 tokens out."""
     workload = {"name": "fixed", "description": "", "input": {"median": 100, "sigma": 0.0, "min": 100, "max": 100},
@@ -394,7 +407,9 @@ def test_fidelity_replays_the_real_requests_and_scores_both_sides_alike(tmp_path
     ttft_slo = 1.15 * sim_ttft  # between the two: the real requests miss it, the simulated ones meet it
     assert fidelity.main([str(tmp_path / "real.json"), "--profile", str(tmp_path / "profile.json"),
                           "--slo", f"fixed={ttft_slo},0.05", "--output", str(tmp_path / "out.json")]) == 0
-    (point,) = json.loads((tmp_path / "out.json").read_text())
+    (run,) = json.loads((tmp_path / "out.json").read_text())
+    assert run["goodput"] == {"real": None, "sim": 1.0}  # the real run fails its only rate; "+" simulated
+    (point,) = run["points"]
     assert point["mode"] == "disaggregated" and point["num_requests"] == 2
     assert point["real"]["attainment"] == 0.0 and point["sim"]["attainment"] == 1.0
     assert point["sim"]["ttft_p50"] == pytest.approx(sim_ttft * 1e3)

@@ -23,6 +23,8 @@ from typing import Any
 
 from splitserve.bench.loadgen.metrics import Report, Slo, summarize
 from splitserve.bench.loadgen.records import RequestRecord
+from splitserve.bench.loadgen.rescore import goodput_text
+from splitserve.bench.loadgen.sweep import SweepGoodput, sweep_goodput
 from splitserve.bench.loadgen.workloads import LengthDist, Workload
 from splitserve.planner.latency import Profile, load_profile
 from splitserve.planner.simulator import ClusterSpec, Mode, SimRequest, simulate, workload_requests
@@ -77,6 +79,29 @@ class PointComparison:
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "error": {m: self.error(m) for m in METRICS},
                 "within": {m: self.within(m) for m in METRICS}}
+
+
+@dataclass(frozen=True)
+class RunComparison:
+    """One `bench serve` file: its points, and the sweep goodput both sides give."""
+
+    path: str
+    target: float
+    points: list[PointComparison]
+
+    def goodput(self, side: str) -> SweepGoodput:
+        return sweep_goodput([(c.rate, getattr(c, side).attainment) for c in self.points], self.target)
+
+    @property
+    def deciding(self) -> list[PointComparison]:
+        """The real sweep's points up to its first failing rate: those that place the goodput."""
+        failing = self.goodput("real").first_failing_rate
+        return [c for c in self.points if failing is None or c.rate <= failing]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "target": self.target, "goodput": {
+            side: self.goodput(side).goodput_rps for side in ("real", "sim")},
+            "points": [c.to_json() for c in self.points]}
 
 
 # -- replaying a run ------------------------------------------------------------------------------
@@ -160,14 +185,26 @@ def markdown_table(comparisons: Sequence[PointComparison]) -> str:
     return "\n".join(lines)
 
 
-def summary_table(comparisons: Sequence[PointComparison]) -> str:
-    """Per mode and metric: how many points meet the bound."""
-    modes = list(dict.fromkeys(c.mode for c in comparisons))
+def summary_table(runs: Sequence[RunComparison]) -> str:
+    """Per mode and metric, how many points meet the bound: all of them, and those that place the
+    goodput (up to the real sweep's first failing rate)."""
+    modes = list(dict.fromkeys(c.mode for r in runs for c in r.points))
     lines = ["| mode | points | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     for mode in [*modes, "all"]:
-        rows = [c for c in comparisons if mode in ("all", c.mode)]
-        counts = [f"{sum(c.within(m) for c in rows)}/{sum(c.error(m) is not None for c in rows)}" for m in METRICS]
-        lines.append(f"| {mode} | {len(rows)} | " + " | ".join(counts) + " |")
+        for which, pick in (("", lambda r: r.points), (", up to the first failing rate", lambda r: r.deciding)):
+            rows = [c for r in runs for c in pick(r) if mode in ("all", c.mode)]
+            counts = [f"{sum(c.within(m) for c in rows)}/{sum(c.error(m) is not None for c in rows)}"
+                      for m in METRICS]
+            lines.append(f"| {mode}{which} | {len(rows)} | " + " | ".join(counts) + " |")
+    return "\n".join(lines)
+
+
+def goodput_table(runs: Sequence[RunComparison]) -> str:
+    """Each sweep's goodput (req/s at its attainment target), real and simulated."""
+    lines = ["| workload | mode | goodput real | goodput simulated |", "|---|---|---|---|"]
+    for r in runs:
+        cells = [goodput_text(r.goodput(side)) for side in ("real", "sim")]
+        lines.append(f"| {r.points[0].workload} | {r.points[0].mode} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 
@@ -211,36 +248,43 @@ def _cluster(args: argparse.Namespace, label: str | None, profile: Profile) -> C
     return cluster_from_args(args, profile)[0]
 
 
-def run(args: argparse.Namespace) -> list[PointComparison]:
+def _warn_if_generated_differently(path: Path, config: dict[str, Any], data: dict[str, Any]) -> None:
+    for point in data["points"]:
+        records = [RequestRecord.from_json(r) for r in point.get("records", [])]
+        if not generator_matches(config, float(point["rate"]), records):
+            print(f"{path} at {point['rate']}: `simulate` would send other requests; replaying the recorded ones",
+                  file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> list[RunComparison]:
     from splitserve.planner.sweep import DEFAULT_PROFILE
 
     profile = load_profile(args.profile or DEFAULT_PROFILE)
-    overrides, comparisons = dict(args.slo), []
+    overrides, runs = dict(args.slo), []
     for path in args.inputs:
         data = json.loads(path.read_text())
         config = data["config"]
-        for point in data["points"]:
-            records = [RequestRecord.from_json(r) for r in point.get("records", [])]
-            if not generator_matches(config, float(point["rate"]), records):
-                print(f"{path} at {point['rate']}: `simulate` would send other requests; replaying the "
-                      "recorded ones", file=sys.stderr)
-        comparisons += compare_run(data, profile, _cluster(args, config.get("label"), profile),
-                                   slo_of(config, overrides))
-    return comparisons
+        _warn_if_generated_differently(path, config, data)
+        slo = slo_of(config, overrides)
+        points = compare_run(data, profile, _cluster(args, config.get("label"), profile), slo)
+        runs.append(RunComparison(str(path), slo.target, points))
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        comparisons = run(args)
+        runs = run(args)
     except (OSError, ValueError) as exc:
         print(f"python -m splitserve.planner.fidelity: error: {exc}", file=sys.stderr)
         return 2
-    print(markdown_table(comparisons))
+    print(markdown_table([c for r in runs for c in r.points]))
     print()
-    print(summary_table(comparisons))
+    print(summary_table(runs))
+    print()
+    print(goodput_table(runs))
     if args.output is not None:
-        args.output.write_text(json.dumps([c.to_json() for c in comparisons], indent=1) + "\n")
+        args.output.write_text(json.dumps([r.to_json() for r in runs], indent=1) + "\n")
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
