@@ -10,11 +10,14 @@ import json
 import sys
 from pathlib import Path
 
-from splitserve.bench.loadgen.config import _add_slo_args, _positive_float  # the same flags as bench serve
-from splitserve.bench.loadgen.workloads import WORKLOAD_NAMES
+from splitserve.bench.loadgen.config import (  # the same flags as bench serve
+    _add_slo_args,
+    _positive_float,
+    add_length_args,
+)
 from splitserve.common.engine_args import positive_float, positive_int
 
-MODES = ("disaggregated", "colocated", "chunked")
+from .up import MODES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -54,11 +57,7 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
     load = p.add_argument_group("load (as `bench serve`)")
-    load.add_argument("--workload", choices=WORKLOAD_NAMES, default="fixed", help="(default: fixed)")
-    load.add_argument("--input-len", type=positive_int, default=None,
-                      help="fixed: prompt tokens (default 128); other workloads: move the input median here")
-    load.add_argument("--output-len", type=positive_int, default=None,
-                      help="fixed: output tokens (default 32); other workloads: move the output median here")
+    add_length_args(load)
     load.add_argument("--burstiness", type=_positive_float, default=1.0, help="gamma shape; 1 is Poisson")
     load.add_argument("--num-requests", type=positive_int, default=None,
                       help="requests per simulated rate (default: 400)")

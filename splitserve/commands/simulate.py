@@ -11,11 +11,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from splitserve.bench.loadgen.config import _add_slo_args, _positive_float  # the same flags as bench serve
-from splitserve.bench.loadgen.workloads import WORKLOAD_NAMES
+from splitserve.bench.loadgen.config import (  # the same flags as bench serve
+    _add_slo_args,
+    _positive_float,
+    add_length_args,
+)
 from splitserve.common.engine_args import positive_float, positive_int
 
-MODES = ("disaggregated", "colocated", "chunked")
+from .up import MODES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -71,11 +74,7 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     count.add_argument("--num-requests", type=positive_int, default=None, help="per point (default: 100)")
     count.add_argument("--duration", type=_positive_float, default=None, help="seconds of arrivals per point")
     load.add_argument("--seed", type=int, default=0, help="seed of arrivals and lengths (default: 0)")
-    load.add_argument("--workload", choices=WORKLOAD_NAMES, default="fixed", help="(default: fixed)")
-    load.add_argument("--input-len", type=positive_int, default=None,
-                      help="fixed: prompt tokens (default 128); other workloads: move the input median here")
-    load.add_argument("--output-len", type=positive_int, default=None,
-                      help="fixed: output tokens (default 32); other workloads: move the output median here")
+    add_length_args(load)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -124,15 +124,20 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                      help="write a PNG of attainment, TTFT and TPOT vs rate")
 
 
+def add_length_args(group) -> None:
+    """--workload, --input-len, --output-len: the request lengths (bench serve, simulate, plan)."""
+    group.add_argument("--workload", choices=WORKLOAD_NAMES, default="fixed",
+                       help="request lengths: fixed, or a synthetic lognormal mix (see docs/benchmarks.md) "
+                            "(default: %(default)s)")
+    group.add_argument("--input-len", type=positive_int, metavar="N", default=None,
+                       help="fixed: prompt tokens (default 128); other workloads: move the input median here")
+    group.add_argument("--output-len", type=positive_int, metavar="N", default=None,
+                       help="fixed: output tokens (default 32); other workloads: move the output median here")
+
+
 def _add_workload_args(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload")
-    w.add_argument("--workload", choices=WORKLOAD_NAMES, default="fixed",
-                   help="request lengths: fixed, or a synthetic lognormal mix (see docs/benchmarks.md) "
-                        "(default: %(default)s)")
-    w.add_argument("--input-len", type=positive_int, metavar="N", default=None,
-                   help="fixed: prompt tokens (default 128); other workloads: move the input median here")
-    w.add_argument("--output-len", type=positive_int, metavar="N", default=None,
-                   help="fixed: output tokens (default 32); other workloads: move the output median here")
+    add_length_args(w)
     w.add_argument("--token-range", type=int, nargs=2, metavar=("LO", "HI"),
                    default=list(DEFAULT_TOKEN_RANGE),
                    help="prompt token ids are drawn from LO <= id < HI (default: 1000 30000)")
