@@ -21,6 +21,14 @@ from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
 
 
+ROLES = ("prefill", "decode", "colocated")
+
+
+def placement_roles(placement: spb.Placement) -> list[tuple[str, int, int]]:
+    """(role, number of workers, cores each) of a placement, in ROLES order."""
+    return [(role, getattr(placement, f"num_{role}"), getattr(placement, f"{role}_cores")) for role in ROLES]
+
+
 @dataclass
 class WorkerEntry:
     info: spb.WorkerInfo

@@ -25,12 +25,11 @@ import structlog
 
 from splitserve.v1 import scheduler_pb2 as spb
 
-from .registry import Registry
+from .registry import ROLES, Registry, placement_roles
 from .workload import WorkloadEstimator
 
 log = structlog.get_logger(__name__)
-PLACEMENT_FIELDS = ("num_prefill", "prefill_cores", "num_decode", "decode_cores", "num_colocated",
-                    "colocated_cores")
+PLACEMENT_FIELDS = tuple(field for role in ROLES for field in (f"num_{role}", f"{role}_cores"))
 MOVED = 0.2  # a rate or mean length that moved this much (relative) since the last plan: plan again
 
 
@@ -132,8 +131,7 @@ def _as_dict(placement: spb.Placement) -> dict[str, int]:
 
 
 def _cores(placement: spb.Placement) -> int:
-    return (placement.num_prefill * placement.prefill_cores + placement.num_decode * placement.decode_cores
-            + placement.num_colocated * placement.colocated_cores)
+    return sum(count * cores for _, count, cores in placement_roles(placement))
 
 
 def _moved(basis: tuple[spb.WorkloadEstimate, spb.Placement], estimate: spb.WorkloadEstimate,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from splitserve.common.engine_args import format_cpus, positive_float
+from splitserve.services.scheduler.registry import placement_roles
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.v1 import scheduler_pb2_grpc
 
@@ -67,9 +68,7 @@ def scheduler_argv(args: argparse.Namespace, num_cores: int) -> list[str]:
 def worker_plan(placement: spb.Placement, cpus: tuple[int, ...]) -> list[tuple[str, list[int]]]:
     """(role, cores) of every worker of placement, the cores handed out from cpus in order."""
     plan, start = [], 0
-    for role, count, cores in (("prefill", placement.num_prefill, placement.prefill_cores),
-                               ("decode", placement.num_decode, placement.decode_cores),
-                               ("colocated", placement.num_colocated, placement.colocated_cores)):
+    for role, count, cores in placement_roles(placement):
         for _ in range(count):
             size = max(1, cores)
             plan.append((role, [cpus[(start + i) % len(cpus)] for i in range(size)]))
@@ -83,10 +82,7 @@ def engine_overrides(placement: spb.Placement) -> list[str]:
 
 
 def describe(placement: spb.Placement) -> str:
-    parts = [f"{n} {role} x {cores} core(s)" for role, n, cores in (
-        ("prefill", placement.num_prefill, placement.prefill_cores),
-        ("decode", placement.num_decode, placement.decode_cores),
-        ("colocated", placement.num_colocated, placement.colocated_cores)) if n]
+    parts = [f"{n} {role} x {cores} core(s)" for role, n, cores in placement_roles(placement) if n]
     return " + ".join(parts) or "no workers"
 
 
