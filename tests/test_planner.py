@@ -20,6 +20,7 @@ from splitserve.bench.loadgen.workloads import get_workload
 from splitserve.engine.block_manager import blocks_for
 from splitserve.planner.fit import fit_linear
 from splitserve.planner.latency import (
+    Contention,
     DecodeModel,
     DegreeProfile,
     KvTransferModel,
@@ -28,6 +29,7 @@ from splitserve.planner.latency import (
     PrefillModel,
     Profile,
     StepOverheads,
+    fit_contention,
     fit_decode,
     fit_kv,
     fit_prefill,
@@ -110,7 +112,8 @@ def test_the_fit_keeps_coefficients_non_negative_and_reports_its_error():
 def test_a_profile_survives_a_round_trip_through_its_file(tmp_path):
     samples = [{"lens": [n], "s": prefill_s(n)} for n in (10, 100, 1000)]
     profile = make_profile(prefill=fit_prefill(samples), cluster=StepOverheads(1.1, 0.002, "x"),
-                           samples={"prefill": samples})
+                           samples={"prefill": samples}, contention=Contention(0.1, 0.2, 0.3, 0.4, "y"))
+    profile = replace(profile, overheads=replace(HOPS, aux_cpu_per_token=0.001))
     save_profile(profile, tmp_path / "p.json")
     assert load_profile(tmp_path / "p.json") == profile
     (tmp_path / "bad.json").write_text(json.dumps({"format": "something-else"}))
@@ -128,6 +131,9 @@ def test_the_shipped_profile_is_measured_calibrated_and_covers_both_placements()
         assert d.cluster.notes.startswith("calibrated") and d.cluster.decode_s > 0
     assert profile.model.kv_bytes_per_token == 23040
     one, two = profile.degree(1), profile.degree(2)
+    # Beside a busy core (measured), and the load-dependent CPU (measured on a loaded run).
+    assert one.contention.notes.startswith("measured") and two.contention == Contention()
+    assert 0 < profile.overheads.aux_cpu_per_token < 0.01 and 0 < profile.overheads.kv_send_cpu_per_byte < 1e-7
     assert one.prefill.seconds([512]) > two.prefill.seconds([512])  # one core is slower than two
     assert 0.01 < one.decode.seconds(256, 1) < 0.03
     with pytest.raises(ValueError, match="has no latency model for 3"):
@@ -225,6 +231,61 @@ def test_a_chunked_step_of_decodes_alone_costs_a_decode_step():
     (record,) = simulate(profile, ClusterSpec(Mode.CHUNKED), requests((0.0, 100, 4)))
     assert record.itls_s == pytest.approx([DECODE_S] * 3)  # the decode model, not 1 ms per token
     assert record.ttft_s == pytest.approx(HOPS.gateway_s + HOPS.rpc_s + 0.001 * 100 + HOPS.reply_s)
+
+
+def test_contention_is_the_mean_slowdown_of_each_kind_of_step_beside_each_kind_of_busy_core():
+    def kinds(prefill: list[float], decode: list[float]) -> dict:
+        return {"prefill": [{"lens": [64], "s": t} for t in prefill],
+                "decode": [{"contexts": [256], "s": t} for t in decode]}
+
+    contention = fit_contention({"alone": kinds([0.1, 0.2], [0.01, 0.02]),
+                                 "beside prefill": kinds([0.11, 0.24], [0.011, 0.02]),
+                                 "beside decode": kinds([0.13, 0.26], [0.009, 0.018])})
+    assert contention.slowdown("prefill", "prefill") == pytest.approx(0.15)  # x1.1 and x1.2
+    assert contention.slowdown("decode", "prefill") == pytest.approx(0.05)
+    assert contention.slowdown("prefill", "decode") == pytest.approx(0.3)
+    assert contention.slowdown("decode", "decode") == 0.0  # faster beside busy cores: noise, held at 0
+    assert "prefill beside decode: x1.300 1.300" in contention.notes
+
+
+def test_a_step_beside_a_busy_core_runs_slower_by_the_profile_s_contention():
+    contention = Contention(prefill_beside_decode=0.2, decode_beside_prefill=0.5)
+    profile = make_profile(contention=contention)
+    # A long decode is running when a 500-token prompt comes: the prefill runs beside a decoding core.
+    first, second = simulate(profile, ClusterSpec(), requests((0.0, 20, 200), (1.0, 500, 2)))
+    assert second.ttft_s == pytest.approx(HOPS.gateway_s + HOPS.rpc_s + 1.2 * prefill_s(500) + HOPS.reply_s)
+    # The decode steps that start during that prefill take 1.5 times as long; none of the others.
+    slow = [gap for gap in first.itls_s[1:] if gap > DECODE_S + 0.0015]
+    assert slow and slow == pytest.approx([1.5 * DECODE_S] * len(slow))
+    assert sum(slow) == pytest.approx(1.2 * prefill_s(500), abs=1.5 * DECODE_S)
+    # One worker on both of the machine's cores has no neighbour to slow it.
+    alone = ClusterSpec(Mode.COLOCATED, prefill_degree=2)
+    degree_two = replace(profile, degrees={**profile.degrees, 2: replace(profile.degree(2), contention=contention)})
+    assert (simulate(degree_two, alone, requests((0.0, 500, 4)))[0].ttft_s
+            == simulate(make_profile(), alone, requests((0.0, 500, 4)))[0].ttft_s)
+
+
+def test_a_kv_send_delays_the_prefill_steps_that_start_before_it_is_done():
+    kv_bytes = blocks_for(100, 16) * 16 * KV_BYTES_PER_TOKEN
+    sending = replace(make_profile(), overheads=replace(HOPS, kv_send_cpu_per_byte=0.05 / kv_bytes))  # 50 ms
+    first_done = HOPS.gateway_s + HOPS.rpc_s + prefill_s(100)
+    send_start = first_done + 2 * HOPS.rpc_s  # PrefillDone, Decode.Submit, then the pull
+    alone = HOPS.gateway_s + HOPS.rpc_s + prefill_s(100) + HOPS.reply_s
+    for arrives, delay in ((send_start + 0.02, 0.03), (send_start + 0.06, 0.0)):  # at the prefill server
+        sent = arrives - HOPS.gateway_s - HOPS.rpc_s
+        records = simulate(sending, ClusterSpec(), requests((0.0, 100, 4), (sent, 100, 4)))
+        assert records[1].ttft_s == pytest.approx(alone + delay)
+
+
+def test_the_shared_services_cpu_comes_out_of_busy_cores_only():
+    aux = replace(make_profile(), overheads=replace(HOPS, aux_cpu_per_token=0.01))  # 10 ms per token
+    reqs = requests((0.0, 100, 200))
+    # 1 + 1 one-core workers: while the decode server steps the prefill core is idle and does the work.
+    assert simulate(aux, ClusterSpec(), reqs)[0].itls_s == simulate(make_profile(), ClusterSpec(), reqs)[0].itls_s
+    # One worker on both cores: at a step of t seconds the services need 0.01 / t cores, half from each
+    # busy core, so t = 0.021 / (1 - 0.005 / t), t = 26 ms (the rate is counted over one second).
+    record = simulate(aux, ClusterSpec(Mode.COLOCATED, prefill_degree=2), reqs)[0]
+    assert sorted(record.itls_s[-100:])[50] == pytest.approx(DECODE_S + 0.005, rel=0.02)
 
 
 def test_the_gateway_refuses_beyond_max_pending():
@@ -439,3 +500,44 @@ def test_calibration_recovers_the_step_overheads_of_low_load_runs():
         assert (both.prefill_factor, both.prefill_s, both.decode_s) == pytest.approx((1.5, 0.04, 0.003))
         one = step_overheads(runs[:1])  # one length: all of it is a factor
         assert one.prefill_s == 0 and one.prefill_factor == pytest.approx(1.5 + 0.04 / prefill_s(256), rel=1e-4)
+
+
+def test_calibration_measures_the_load_dependent_cpu_from_a_loaded_run_s_accounting(tmp_path, capsys):
+    from splitserve.planner import calibrate
+
+    profile = make_profile(cluster=StepOverheads(1.2, 0.003, prefill_s=0.01))
+    save_profile(profile, tmp_path / "profile.json")
+    cluster = ClusterSpec()
+    low = []
+    for n in (256, 1024):
+        low.append(tmp_path / f"low-{n}.json")
+        records = simulate(profile, cluster, requests(*[(5.0 * i, n, 64) for i in range(5)]))
+        _bench_serve_file(low[-1], "disaggregated", records, {"ttft_s": 2.0, "tpot_s": 0.05, "target": 0.9})
+    reqs = requests(*[(0.25 * i, 200, 64) for i in range(80)])
+    loaded = simulate(profile, cluster, reqs)
+    _bench_serve_file(tmp_path / "loaded.json", "disaggregated", loaded, {"ttft_s": 2.0, "tpot_s": 0.05, "target": 0.9})
+    # The accounting of a cluster whose services spend 2 ms per token and whose prefill server spends
+    # 5 ns per KV byte besides its steps (what the simulation above gives them).
+    sim = Simulation(profile, cluster, reqs)
+    sim.run()
+    steps_s = sim.scheduler.takers[0].engine.busy_s
+    kv_bytes = 80 * blocks_for(200, 16) * 16 * KV_BYTES_PER_TOKEN
+    account = {"processes_cpu_s": {"gateway": 80 * 64 * 0.001, "scheduler": 80 * 64 * 0.0005, "redis": 1.0,
+                                   "prefill": steps_s + kv_bytes * 5e-9, "decode": 30.0},
+               "client_cpu_s": 80 * 64 * 0.0005 - 1.0}
+    (tmp_path / "cpu.json").write_text(json.dumps(account))
+
+    argv = ["--profile", str(tmp_path / "profile.json"), "--loaded", str(tmp_path / "loaded.json"),
+            "--cpu", str(tmp_path / "cpu.json"), "--write"]
+    assert calibrate.main(argv + [arg for path in low for arg in ("--run", str(path))]) == 0
+    fitted = load_profile(tmp_path / "profile.json")
+    assert fitted.overheads.aux_cpu_per_token == pytest.approx(0.002)
+    assert fitted.overheads.kv_send_cpu_per_byte == pytest.approx(5e-9)
+    c = fitted.degree(1).cluster  # low-load runs: the new terms leave the step overheads alone
+    assert (c.prefill_factor, c.prefill_s, c.decode_s) == pytest.approx((1.2, 0.01, 0.003), rel=1e-3)
+    assert "2.000 ms per token" in capsys.readouterr().out
+    # Under load the terms slow the simulated cluster down.
+    slower = summarize(simulate(fitted, cluster, reqs))
+    assert slower.ttft_ms.p50 > summarize(loaded).ttft_ms.p50
+    with pytest.raises(SystemExit):
+        calibrate.main(argv[:4] + ["--run", str(low[0])])  # --loaded without --cpu

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -114,8 +115,15 @@ class Replanner:
                                   reason=reason, planned_at=time.time())
 
 
+PLANNER_NICENESS = 19  # planning is background work: on a busy machine the workers come first
+
+
 def _new_pool() -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_lower_priority)
+
+
+def _lower_priority() -> None:
+    os.nice(PLANNER_NICENESS)
 
 
 def _plan(config: PlanConfig, samples: list[tuple[int, int]], running: dict, resources: int) -> dict:

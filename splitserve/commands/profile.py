@@ -28,10 +28,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "number.")
     p.add_argument("--cores", type=_core_list, default=None,
                    help="core counts to measure, e.g. 1,2 (default: 1 up to every core this process may use)")
-    p.add_argument("--quick", action="store_true", help="a few tiny shapes: a smoke run, not a usable profile")
+    p.add_argument("--quick", action="store_true",
+                   help="a few tiny shapes: a smoke run, not a usable profile (no contention, unless --add-contention)")
     p.add_argument("--repeat", type=positive_int, default=3,
                    help="timed runs per shape, after a warm-up; the median is kept (default: 3)")
     p.add_argument("--output", default="profile.json", help="the profile to write (default: profile.json)")
+    p.add_argument("--add-contention", metavar="PROFILE", default=None,
+                   help="measure only how much slower steps run beside busy cores, for the core counts of "
+                        "this existing profile that leave cores free, and write it into PROFILE")
     p.add_argument("--description", default=None, help="what machine this is (default: the host name)")
     p.add_argument("--kv-transport", choices=("ucx", "grpc"), default="ucx",
                    help="the transport whose KV pulls to measure (default: ucx, as `splitserve up`)")

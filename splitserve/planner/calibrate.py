@@ -20,6 +20,16 @@ default placement) with that degree's overheads zeroed. Per degree, over its run
 
 A disaggregated run calibrates its workers' degree from both servers (the prefill overhead from
 the prefill server, decode_s from the decode server); a colocated run, its one worker's degree.
+
+With --loaded RUN --cpu ACCOUNT (a disaggregated `bench serve` run under load, and the CPU each
+process used during it, from splitserve.planner.cpu_account), it also measures the two load-dependent
+terms of the cluster's CPU that low-load runs cannot show (sim_machine.py, SimEngine.charge):
+
+- aux_cpu_per_token = (gateway + scheduler + Redis + load generator CPU) / output tokens;
+- kv_send_cpu_per_byte = (prefill server CPU - its steps' time in the simulation of the same
+  requests without these two terms) / KV bytes it sent.
+
+They are measured first, and the low-load overheads calibrated with them in place.
 """
 
 from __future__ import annotations
@@ -34,10 +44,11 @@ from pathlib import Path
 
 from splitserve.bench.loadgen.metrics import summarize
 from splitserve.bench.loadgen.records import RequestRecord
+from splitserve.engine.block_manager import blocks_for
 from splitserve.planner.fidelity import default_cluster, replayed_requests
 from splitserve.planner.fit import fit_linear
 from splitserve.planner.latency import Profile, StepOverheads, load_profile, save_profile
-from splitserve.planner.simulator import ClusterSpec, simulate
+from splitserve.planner.simulator import ClusterSpec, Mode, Simulation, simulate
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,7 @@ class LowLoadRun:
 
     def describe(self) -> str:
         return (f"{self.name}: {self.prompt_len}-token prompts, TTFT P50 {self.real_ttft_p50:.1f} ms - hops "
+                f"(and shared CPU) "
                 f"{self.hops:.1f} = {self.in_cluster_prefill:.1f} ms against a prefill of {self.prefill:.1f} ms; "
                 f"TPOT P50 {self.real_tpot_p50:.2f} ms against {self.sim_tpot_p50:.2f} ms simulated")
 
@@ -122,15 +134,82 @@ def load_run(path: Path, profile: Profile) -> LowLoadRun:
     return measure_run(profile, cluster, records, str(path))
 
 
+SHARED_SERVICES = ("gateway", "scheduler", "redis")
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """What a loaded run's CPU accounting says of the cluster's load-dependent CPU."""
+
+    name: str
+    output_tokens: int
+    shared_cpu_s: float  # gateway, scheduler, Redis and the load generator
+    kv_bytes: int
+    prefill_cpu_s: float  # the prefill server process
+    prefill_steps_s: float  # its steps in the simulation, without the load-dependent terms
+
+    @property
+    def aux_cpu_per_token(self) -> float:
+        return self.shared_cpu_s / self.output_tokens
+
+    @property
+    def kv_send_cpu_per_byte(self) -> float:
+        return max(0.0, (self.prefill_cpu_s - self.prefill_steps_s) / self.kv_bytes)
+
+    def describe(self) -> str:
+        return (f"{self.name}: shared services {self.shared_cpu_s:.2f} CPU-s / {self.output_tokens} tokens = "
+                f"{self.aux_cpu_per_token * 1e3:.3f} ms per token; prefill server {self.prefill_cpu_s:.2f} CPU-s - "
+                f"simulated steps {self.prefill_steps_s:.2f} s = {self.prefill_cpu_s - self.prefill_steps_s:.2f} s "
+                f"/ {self.kv_bytes / 1e9:.3f} GB of KV = {self.kv_send_cpu_per_byte * 1e9:.2f} ns per byte")
+
+
+def without_load_terms(profile: Profile) -> Profile:
+    return replace(profile, overheads=replace(profile.overheads, aux_cpu_per_token=0.0, kv_send_cpu_per_byte=0.0))
+
+
+def measure_loaded(profile: Profile, run: Path, cpu: Path) -> LoadedRun:
+    data, account = json.loads(run.read_text()), json.loads(cpu.read_text())
+    cluster = default_cluster(data["config"].get("label"), int(profile.machine.get("num_cores", 2)))
+    if cluster.mode is not Mode.DISAGGREGATED:
+        raise ValueError(f"{run}: measure the load-dependent terms on a disaggregated run")
+    records = [RequestRecord.from_json(r) for point in data["points"] for r in point["records"]]
+    sim = Simulation(without_load_terms(profile), cluster, replayed_requests(records))
+    sim.run()
+    block_size = cluster.engine.block_size
+    kv_bytes = sum(blocks_for(r.input_len, block_size) * block_size * profile.model.kv_bytes_per_token
+                   for r in records if r.ok and r.completion_tokens > 1)
+    processes = account["processes_cpu_s"]
+    return LoadedRun(str(run), sum(len(r.chunk_times_s) for r in records),
+                     sum(processes.get(k, 0.0) for k in SHARED_SERVICES) + account["client_cpu_s"], kv_bytes,
+                     processes["prefill"], sum(w.engine.busy_s for w in sim.scheduler.takers))
+
+
+def with_load_terms(profile: Profile, loaded: LoadedRun) -> Profile:
+    notes = f"{profile.overheads.notes.split('; load-dependent')[0]}; load-dependent terms measured by " \
+            f"splitserve.planner.calibrate: {loaded.describe()}"
+    return replace(profile, overheads=replace(
+        profile.overheads, aux_cpu_per_token=round(loaded.aux_cpu_per_token, 7),
+        kv_send_cpu_per_byte=round(loaded.kv_send_cpu_per_byte, 13), notes=notes))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m splitserve.planner.calibrate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", type=Path, required=True)
     p.add_argument("--run", type=Path, action="append", required=True,
                    help="a low-load `bench serve --output` file, labelled with its mode")
+    p.add_argument("--loaded", type=Path, default=None,
+                   help="a disaggregated `bench serve --output` file under load (with --cpu)")
+    p.add_argument("--cpu", type=Path, default=None, help="the loaded run's splitserve.planner.cpu_account file")
     p.add_argument("--write", action="store_true", help="write the overheads into the profile")
     args = p.parse_args(argv)
     profile = load_profile(args.profile)
+    if (args.loaded is None) != (args.cpu is None):
+        p.error("--loaded and --cpu go together")
+    if args.loaded:
+        loaded = measure_loaded(profile, args.loaded, args.cpu)
+        print(loaded.describe())
+        profile = with_load_terms(profile, loaded)
     calibrated = calibrate(profile, [load_run(path, profile) for path in args.run])
     for degree, d in sorted(calibrated.degrees.items()):
         c = d.cluster

@@ -8,8 +8,9 @@ Per parallelism degree (CPU: cores per worker; GPU: devices per worker), in seco
                   (chunked prefill: chunks of n tokens at prefix p, plus one token per decode;
                   `tokens` counts both; a chunk at p=0 costs what a prompt of n costs in prefill)
 
-plus, per degree, how much slower steps run inside the cluster than alone (StepOverheads), the KV
-transfer (latency + bytes / bandwidth) and the cluster's hops (Overheads). Every fit keeps its error on its samples (FitError). The file is plain JSON with a format
+plus, per degree, how much slower steps run inside the cluster than alone (StepOverheads) and beside
+busy cores (Contention), the KV transfer (latency + bytes / bandwidth) and the cluster's hops and
+shared CPU work (Overheads). Every fit keeps its error on its samples (FitError). The file is plain JSON with a format
 version, so a profile can also be written by hand, e.g. for a GPU from published step times.
 """
 
@@ -105,6 +106,12 @@ class Overheads:
     rpc_s: float = 0.0015  # one control RPC: Submit, PrefillDone, Release, RequestDone
     reply_s: float = 0.0021  # a step's end -> its token at the client (publish + gateway + stream)
     notes: str = ""
+    # CPU seconds the gateway, the scheduler, Redis and the load generator spend per output token;
+    # on a machine whose cores all run steps it comes out of the workers' (simulator.Machine)
+    aux_cpu_per_token: float = field(default=0.0, kw_only=True)
+    # CPU seconds per byte a prefill server spends sending KV blocks, on its own cores: under load
+    # the sends overlap its next steps (sim_engine.SimEngine.charge)
+    kv_send_cpu_per_byte: float = field(default=0.0, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,30 @@ class StepOverheads:
     prefill_s: float = field(default=0.0, kw_only=True)
 
 
+STEP_KINDS = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class Contention:
+    """How much slower a worker's step runs while the machine's other cores run steps.
+
+    Each field is the fractional slowdown of one kind of step (a mixed step with chunks counts as
+    prefill) with every other core running the other kind back to back: the cores share the memory
+    system and the last-level cache. `splitserve profile` measures it (measure.py --contention);
+    the simulator scales it by the share of the other cores that are busy. 0 means no slowdown, and
+    a worker on every core of its machine has no neighbours.
+    """
+
+    prefill_beside_prefill: float = 0.0
+    prefill_beside_decode: float = 0.0
+    decode_beside_prefill: float = 0.0
+    decode_beside_decode: float = 0.0
+    notes: str = ""
+
+    def slowdown(self, step: str, neighbour: str) -> float:
+        return getattr(self, f"{step}_beside_{neighbour}")
+
+
 @dataclass(frozen=True)
 class DegreeProfile:
     """The step-time models of workers with `degree` cores (or devices) each."""
@@ -135,6 +166,7 @@ class DegreeProfile:
     mixed: MixedModel | None = None
     cluster: StepOverheads = field(default_factory=StepOverheads)
     samples: dict[str, list] = field(default_factory=dict)  # raw samples, kept for refits
+    contention: Contention = field(default_factory=Contention)
 
 
 @dataclass(frozen=True)
@@ -193,7 +225,7 @@ def _model_from_json(cls, data: dict[str, Any]):
 def _degree_json(d: DegreeProfile) -> dict[str, Any]:
     return {"prefill": _model_json(d.prefill), "decode": _model_json(d.decode),
             "mixed": _model_json(d.mixed) if d.mixed else None, "cluster": vars(d.cluster),
-            "samples": d.samples}
+            "contention": vars(d.contention), "samples": d.samples}
 
 
 def _degree_from_json(degree: int, data: dict[str, Any]) -> DegreeProfile:
@@ -201,7 +233,8 @@ def _degree_from_json(degree: int, data: dict[str, Any]) -> DegreeProfile:
     return DegreeProfile(degree, _model_from_json(PrefillModel, data["prefill"]),
                          _model_from_json(DecodeModel, data["decode"]),
                          _model_from_json(MixedModel, mixed) if mixed else None,
-                         StepOverheads(**data.get("cluster", {})), data.get("samples", {}))
+                         StepOverheads(**data.get("cluster", {})), data.get("samples", {}),
+                         Contention(**data.get("contention", {})))
 
 
 def load_profile(path: str | Path) -> Profile:
@@ -248,5 +281,24 @@ def fit_kv(samples: list[dict], transport: str) -> KvTransferModel:
 
 def fit_degree(degree: int, samples: dict[str, list], cluster: StepOverheads | None = None) -> DegreeProfile:
     mixed = fit_mixed(samples["mixed"]) if samples.get("mixed") else None
+    contention = fit_contention(samples["contention"]) if samples.get("contention") else Contention()
     return DegreeProfile(degree, fit_prefill(samples["prefill"]), fit_decode(samples["decode"]), mixed,
-                         cluster or StepOverheads(), samples)
+                         cluster or StepOverheads(), samples, contention)
+
+
+# contention samples: {"alone": {"prefill": [...], "decode": [...]}, "beside prefill": {...},
+# "beside decode": {...}}, each list in the layouts above, the same shapes in the same order.
+
+
+def fit_contention(samples: dict[str, dict[str, list]]) -> Contention:
+    """Each slowdown: the mean over its shapes of (time beside busy cores / time alone) - 1, >= 0."""
+    alone = samples["alone"]
+    slowdowns, lines = {}, []
+    for neighbour in STEP_KINDS:
+        beside = samples[f"beside {neighbour}"]
+        for step in STEP_KINDS:
+            ratios = [b["s"] / a["s"] for a, b in zip(alone[step], beside[step], strict=True)]
+            slowdowns[f"{step}_beside_{neighbour}"] = round(max(0.0, sum(ratios) / len(ratios) - 1.0), 4)
+            lines.append(f"{step} beside {neighbour}: x" + " ".join(f"{r:.3f}" for r in ratios))
+    return Contention(**slowdowns, notes="measured by `splitserve profile`, step time beside busy cores / "
+                                         "alone, per shape: " + "; ".join(lines))

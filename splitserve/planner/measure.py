@@ -1,6 +1,8 @@
 """One parallelism degree's step-time samples, measured in a fresh process placed like a worker.
 
     python -m splitserve.planner.measure --cpus 0,1 --threads 2 [--quick] [--repeat 3]
+    python -m splitserve.planner.measure --cpus 1 --threads 1 --load decode      # steps until killed
+    python -m splitserve.planner.measure --cpus 0 --threads 1 --contention --beside prefill=PID --beside decode=PID
 
 `splitserve profile` starts one of these per core count: the process pins itself (--cpus) and sets
 its torch threads before the engine loads, as `splitserve up` places a worker. It times the model
@@ -8,13 +10,22 @@ runner's forward passes (what an engine step costs, without the server around it
 batches, decode batches and chunked-prefill mixed steps, and prints one JSON document on stdout:
 the samples in the layouts of `latency.py`, and the model's KV size. Each time is the median of
 --repeat runs after a warm-up run.
+
+`--contention` times a few prefill and decode shapes alone and beside busy cores, to see how much a
+step slows down when its neighbours work (they share the memory system and the last-level cache).
+The neighbours are `--load` processes on the other cores that `splitserve profile` started: each
+prints "ready" once its model is loaded, then runs steps of one kind back to back. This process
+pauses and resumes them (SIGSTOP, SIGCONT) so that every round times each shape alone and beside
+each kind of load in turn: the VM's drift, which is as large as the effect, falls on all alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import signal
 import statistics
 import sys
 import time
@@ -35,8 +46,8 @@ class Shapes:
 
     @property
     def max_tokens_held(self) -> int:
-        prefill = max(sum(b) for b in self.prefill)
-        decode = max(sum(b) for b in self.decode)
+        prefill = max((sum(b) for b in self.prefill), default=0)
+        decode = max((sum(b) for b in self.decode), default=0)
         mixed = max(sum(p + n for p, n in c) + b * ctx for c, b, ctx in self.mixed) if self.mixed else 0
         return max(prefill, decode, mixed)
 
@@ -59,17 +70,44 @@ QUICK = Shapes(
     mixed=((((0, 32),), 0, 64), (((32, 32),), 2, 64), (((0, 16),), 4, 128), (((64, 64),), 0, 64)),
 )
 FULL = _full()
+# The shapes whose slowdown beside busy cores `profile` measures: prompts and decode batches the size
+# of the planner's workloads.
+CONTENTION = Shapes(
+    prefill=((64,), (256,), (1024,), (256,) * 4),
+    decode=((256,), (512,) * 8, (512,) * 32),
+    mixed=(),
+)
+QUICK_CONTENTION = Shapes(prefill=((16,), (64,)), decode=((64,), (64,) * 4), mixed=())
+# What a --load process runs back to back: a chatbot-sized prompt, or a batch of decodes.
+LOAD_SHAPES = {"prefill": (512,), "decode": (512,) * 16}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=cpu_list, default=None, help="pin to these cores")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: one per core)")
+    shapes = p.add_mutually_exclusive_group()
+    shapes.add_argument("--contention", action="store_true",
+                        help="time a few shapes alone and beside the --beside processes (paused in turn)")
+    shapes.add_argument("--load", choices=sorted(LOAD_SHAPES),
+                        help="no measuring: run these steps back to back until terminated")
     p.add_argument("--quick", action="store_true", help="a few tiny shapes (a smoke run)")
+    p.add_argument("--beside", type=_load_pids, action="append", default=[], metavar="KIND=PID[,PID]",
+                   help="with --contention: the --load processes running KIND steps on the other cores")
     p.add_argument("--repeat", type=positive_int, default=3, help="timed runs per shape (default: 3)")
     p.add_argument("--model", default=None, help="as every engine command's --model (default: the bundled one)")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPE_NAMES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--block-size", type=positive_int, default=16)
+
+
+def _load_pids(text: str) -> tuple[str, list[int]]:
+    kind, _, pids = text.partition("=")
+    try:
+        if kind not in LOAD_SHAPES:
+            raise ValueError
+        return kind, [int(pid) for pid in pids.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KIND=PID[,PID...] with KIND prefill or decode, got {text!r}") from None
 
 
 class Runner:
@@ -99,18 +137,17 @@ class Runner:
                         output_token_ids=[5] * num_output)
 
     def _time(self, fn) -> float:
+        fn()  # warm-up
+        return statistics.median(self._once(fn) for _ in range(self.repeat))
+
+    def _once(self, fn) -> float:
         import torch
 
-        device = self.engine.runner.device
-        times = []
-        for i in range(self.repeat + 1):  # the first run warms up
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:
-                times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        start = time.perf_counter()
+        fn()
+        if self.engine.runner.device.type == "cuda":
+            torch.cuda.synchronize(self.engine.runner.device)
+        return time.perf_counter() - start
 
     def _tables(self, seqs, num_tokens: list[int]) -> list[list[int]]:
         return [self.engine.blocks.allocate(s.request_id, n) for s, n in zip(seqs, num_tokens)]
@@ -158,18 +195,93 @@ class Runner:
         return {"chunks": [list(c) for c in chunk_shape], "contexts": [context] * batch, "s": seconds}
 
 
+def _shapes(args: argparse.Namespace) -> Shapes:
+    if args.load == "prefill":
+        return Shapes(prefill=(LOAD_SHAPES["prefill"],), decode=(), mixed=())
+    if args.load == "decode":
+        return Shapes(prefill=(), decode=(LOAD_SHAPES["decode"],), mixed=())
+    if args.contention:
+        return QUICK_CONTENTION if args.quick else CONTENTION
+    return QUICK if args.quick else FULL
+
+
+PAUSE_SETTLE_S = 0.05  # after pausing or resuming the loads, before timing
+
+
+class Neighbours:
+    """The --load processes on the other cores, paused or resumed as one kind at a time."""
+
+    def __init__(self, beside: list[tuple[str, list[int]]]) -> None:
+        self.pids = dict(beside)
+        if sorted(self.pids) != sorted(LOAD_SHAPES):
+            raise ValueError("--contention needs --beside prefill=... and --beside decode=...")
+
+    def only(self, kind: str | None) -> None:
+        """Resume the loads of this kind (None: no load), pause the others."""
+        for k, pids in self.pids.items():
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT if k == kind else signal.SIGSTOP)
+        time.sleep(PAUSE_SETTLE_S)
+
+
+def contention(args: argparse.Namespace, runner: Runner) -> dict:
+    """Per condition ("alone", "beside prefill", "beside decode"), the contention shapes' samples."""
+    neighbours = Neighbours(args.beside)
+    conditions = {"alone": None, **{f"beside {kind}": kind for kind in sorted(LOAD_SHAPES)}}
+    samples = {name: {"prefill": [], "decode": []} for name in conditions}
+
+    def interleaved(fn) -> dict:
+        fn()  # warm-up
+        times = {name: [] for name in conditions}
+        for _ in range(runner.repeat):
+            for name, kind in conditions.items():
+                neighbours.only(kind)
+                times[name].append(runner._once(fn))
+        return {name: statistics.median(t) for name, t in times.items()}
+
+    runner._time = interleaved
+    shapes = _shapes(args)
+    try:
+        for kind, kind_shapes in (("prefill", shapes.prefill), ("decode", shapes.decode)):
+            for shape in kind_shapes:
+                sample = getattr(runner, kind)(shape)
+                for name, seconds in sample.pop("s").items():
+                    samples[name][kind].append({**sample, "s": seconds})
+                print(f"{kind} {_short(shape)}: " + ", ".join(
+                    f"{name} {samples[name][kind][-1]['s'] * 1e3:.1f} ms" for name in conditions),
+                    file=sys.stderr, flush=True)
+    finally:
+        neighbours.only(None)
+    return samples
+
+
+def _short(shape) -> str:
+    return str(shape) if len(str(shape)) < 60 else str(shape)[:57] + "..."
+
+
+def load(args: argparse.Namespace) -> None:
+    """Step back to back until terminated (SIGTERM ends the process: nothing to clean up)."""
+    apply_threads(args)
+    runner = Runner(argparse.Namespace(**{**vars(args), "repeat": 1}), _shapes(args))
+    step = getattr(runner, args.load)
+    print("ready", flush=True)
+    while True:
+        step(LOAD_SHAPES[args.load])
+
+
 def measure(args: argparse.Namespace) -> dict:
     import torch
 
     apply_threads(args)
-    shapes = QUICK if args.quick else FULL
+    shapes = _shapes(args)
     runner = Runner(args, shapes)
+    if args.contention:
+        return {"threads": torch.get_num_threads(), "cpus": args.cpus, "contention": contention(args, runner)}
     samples = {"prefill": [], "decode": [], "mixed": []}
     for kind, shape_list in (("prefill", shapes.prefill), ("decode", shapes.decode), ("mixed", shapes.mixed)):
         for shape in shape_list:
             samples[kind].append(getattr(runner, kind)(shape))
-            print(f"{kind} {shape if len(str(shape)) < 60 else str(shape)[:57] + '...'}: "
-                  f"{samples[kind][-1]['s'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
+            print(f"{kind} {_short(shape)}: {samples[kind][-1]['s'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
     engine = runner.engine
     return {"model": {"name": engine.loaded.source.name, "dtype": args.dtype,
                       "kv_bytes_per_token": engine.layout.bytes_per_token, "max_model_len": engine.max_model_len},
@@ -181,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m splitserve.planner.measure", description=__doc__)
     add_args(parser)
     configure_logging("warning")  # logs go to stderr; stdout carries the one JSON document
-    print(json.dumps(measure(parser.parse_args(argv))), flush=True)
+    args = parser.parse_args(argv)
+    if args.load:
+        load(args)
+    print(json.dumps(measure(args)), flush=True)
     return 0
 
 

@@ -4,8 +4,9 @@ The scheduler (services/scheduler/replan.py) calls `recommend` in a separate pro
 window's (prompt, output) length pairs. Those are summarized as a workload of the same kind `bench
 serve` draws from (a truncated lognormal per length, fitted to the window's median and spread, within
 its smallest and largest), and the planner searches every placement within the resources, as
-`splitserve plan` does; the running placement is simulated on the same requests, so the two goodputs
-are paired.
+`splitserve plan` does, and recommends the one with the most goodput (not the most per core: the
+cores are there already); the running placement is simulated on the same requests, so the two
+goodputs are paired.
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ def recommend(profile_path: str | None, samples: list[tuple[int, int]], running:
     spec = PlanSpec(profile, serve, resources, modes=DEFAULT_MODES, token_budgets=(DEFAULTS.token_budget,),
                     max_num_seqs=(DEFAULTS.max_num_seqs,))
     result = plan(spec)
-    best = result.best
+    # The launcher's cores are fixed: the most goodput within them (fewer cores on a tie), where
+    # `splitserve plan`, sizing hardware, ranks by goodput per core.
+    best = max((e for e in result.evaluations if e.max_rate > 0), default=None,
+               key=lambda e: (e.max_rate, -e.candidate.placement.resources))
     now = _evaluate_running(spec, running)
     if best is None:
         return {"recommended": running, "recommended_goodput": 0.0, "running_goodput": now}

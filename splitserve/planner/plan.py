@@ -20,8 +20,8 @@ from dataclasses import dataclass, field, replace
 
 from splitserve.bench.loadgen.config import ServeConfig
 from splitserve.bench.loadgen.metrics import Report, summarize
-from splitserve.planner.latency import Profile
 from splitserve.planner.cli_config import default_degrees
+from splitserve.planner.latency import Profile
 from splitserve.planner.placements import Placement, WorkloadShape, ceiling, enumerate_placements, is_cpu
 from splitserve.planner.rate_search import RateSearch, max_rate
 from splitserve.planner.sim_engine import EngineSettings

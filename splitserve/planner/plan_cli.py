@@ -13,7 +13,13 @@ from splitserve.bench.loadgen.metrics import Slo
 from splitserve.bench.loadgen.workloads import get_workload
 from splitserve.planner.latency import load_profile
 from splitserve.planner.placements import default_resources
-from splitserve.planner.plan import DEFAULT_MAX_NUM_SEQS, DEFAULT_NUM_REQUESTS, DEFAULT_TOKEN_BUDGETS, Plan, PlanSpec
+from splitserve.planner.plan import (
+    DEFAULT_MAX_NUM_SEQS,
+    DEFAULT_NUM_REQUESTS,
+    DEFAULT_TOKEN_BUDGETS,
+    Plan,
+    PlanSpec,
+)
 from splitserve.planner.plan_output import describe, format_plan, unit
 from splitserve.planner.plan_writers import Deployable, compose_text, up_script, write_kustomize
 from splitserve.planner.sim_engine import EngineSettings

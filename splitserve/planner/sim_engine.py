@@ -7,7 +7,7 @@ sequence, or with chunked prefill a mixed step; preemption by recompute when blo
 PREFILL role parks prefilled requests (KV_READY) holding their blocks; the DECODE role reserves
 blocks, imports the KV and decodes. It also mirrors the EngineLoop thread: a call from a server runs
 between two steps (at once when the engine is idle), and a step's results reach the server just
-after the next step has started.
+after the next step has started. The machine (sim_machine.py) prices each step beside the others.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from splitserve.engine.block_manager import BlockManager, blocks_for
 from splitserve.engine.request import RequestState, SamplingParams, Sequence
 from splitserve.engine.scheduler import Scheduler, SchedulerConfig
-from splitserve.planner.events import EventLoop
 from splitserve.planner.latency import DegreeProfile, MixedModel
+from splitserve.planner.sim_machine import Machine
 
 # (sequence, finished) for every sequence that got a token in a step.
 StepOutputs = list[tuple[Sequence, bool]]
+# A step about to run: its seconds alone, its kind (prefill: it prefills; decode), and what it does.
+StepPlan = tuple[float, str, Callable[[], StepOutputs]]
 
 
 class Role(enum.Enum):
@@ -55,9 +57,9 @@ class EngineSpec:
 
 
 class SimEngine:
-    def __init__(self, loop: EventLoop, spec: EngineSpec, on_step: Callable[[StepOutputs, float], None]) -> None:
+    def __init__(self, machine: Machine, spec: EngineSpec, on_step: Callable[[StepOutputs, float], None]) -> None:
         s = spec.settings
-        self.loop, self.spec, self.on_step = loop, spec, on_step
+        self.machine, self.loop, self.spec, self.on_step = machine, machine.loop, spec, on_step
         num_blocks = s.kv_cache_bytes // (spec.kv_bytes_per_token * s.block_size)
         if num_blocks < 1:
             raise ValueError(f"a {s.kv_cache_bytes}-byte KV cache holds no block")
@@ -67,6 +69,9 @@ class SimEngine:
         self._stepping = False
         self._calls: list[tuple[Callable, Callable | None]] = []
         self.num_steps = 0
+        self.busy_s = 0.0  # the steps' total time
+        self._owed_s = 0.0  # server work that came during a step: the next step starts that much later
+        self._work_until = 0.0  # server work that came while idle runs until then
 
     # -- requests (LLMEngine's methods of the same names) ---------------------------------------
 
@@ -114,6 +119,14 @@ class SimEngine:
         self.blocks.free(seq.request_id)
         self.sequences.pop(seq.request_id, None)
 
+    def charge(self, cpu_s: float) -> None:
+        """Work the server does on this worker's cores besides the engine (a KV send): it runs at once
+        if the engine is idle, and delays the steps that start before it is done."""
+        if self._stepping:
+            self._owed_s += cpu_s
+        else:
+            self._work_until = max(self.loop.now, self._work_until) + cpu_s
+
     # -- the engine thread (EngineLoop) ---------------------------------------------------------
 
     def call(self, fn: Callable[[], object], then: Callable[[object], None] | None = None) -> None:
@@ -135,13 +148,18 @@ class SimEngine:
         plan = self._plan()
         if plan is None:
             return  # waiting for blocks: the real loop spins, running calls as they come
-        seconds, finish = plan
+        seconds, kind, finish = plan
+        seconds += self._owed_s + max(0.0, self._work_until - self.loop.now)
+        self._owed_s, self._work_until = 0.0, 0.0
         self._stepping = True
         self.num_steps += 1
+        seconds = self.machine.start(self, kind, seconds)
+        self.busy_s += seconds
         self.loop.after(seconds, self._end_step, finish)
 
     def _end_step(self, finish: Callable[[], StepOutputs]) -> None:
         outputs = finish()
+        self.machine.end(self, len(outputs))
         self._stepping = False
         calls, self._calls = self._calls, []
         for fn, then in calls:
@@ -152,7 +170,7 @@ class SimEngine:
 
     # -- one step: engine.step() ----------------------------------------------------------------
 
-    def _plan(self) -> tuple[float, Callable[[], StepOutputs]] | None:
+    def _plan(self) -> StepPlan | None:
         if self.spec.settings.chunk_size is not None:
             return self._plan_mixed()
         plan = self._plan_prefill() or self._plan_decode()
@@ -160,13 +178,13 @@ class SimEngine:
             plan = self._plan_prefill()
         return plan
 
-    def _plan_prefill(self):
+    def _plan_prefill(self) -> StepPlan | None:
         batch = self.scheduler.schedule_prefill()
         if not batch:
             return None
         seconds = self.spec.degree.prefill.seconds([s.num_tokens for s in batch])
         cluster = self.spec.degree.cluster
-        return seconds * cluster.prefill_factor + cluster.prefill_s, lambda: self._finish_prefill(batch)
+        return seconds * cluster.prefill_factor + cluster.prefill_s, "prefill", lambda: self._finish_prefill(batch)
 
     def _finish_prefill(self, batch: list[Sequence]) -> StepOutputs:
         for seq in batch:
@@ -182,19 +200,19 @@ class SimEngine:
                 self.scheduler.running.append(seq)
         return outputs
 
-    def _plan_decode(self):
+    def _plan_decode(self) -> StepPlan | None:
         batch, _ = self.scheduler.schedule_decode()
         if not batch:
             return None
         seconds = self.spec.degree.decode.seconds(sum(s.num_tokens for s in batch), len(batch))
-        return seconds + self.spec.degree.cluster.decode_s, lambda: self._finish_decode(batch)
+        return seconds + self.spec.degree.cluster.decode_s, "decode", lambda: self._finish_decode(batch)
 
     def _finish_decode(self, batch: list[Sequence]) -> StepOutputs:
         for seq in batch:
             seq.num_computed_tokens = seq.num_tokens
         return self._postprocess(batch)
 
-    def _plan_mixed(self):
+    def _plan_mixed(self) -> StepPlan | None:
         decodes, chunks, _ = self.scheduler.schedule_mixed()
         if not decodes and not chunks:
             return None
@@ -203,7 +221,8 @@ class SimEngine:
         cluster = self.spec.degree.cluster
         if chunks:
             seconds = seconds * cluster.prefill_factor + cluster.prefill_s
-        return seconds + cluster.decode_s, lambda: self._finish_mixed(decodes, chunks)
+        kind = "prefill" if chunks else "decode"
+        return seconds + cluster.decode_s, kind, lambda: self._finish_mixed(decodes, chunks)
 
     def _mixed_seconds(self, chunks: list[tuple[int, int]], contexts: list[int]) -> float:
         degree = self.spec.degree

@@ -23,7 +23,7 @@ class Server:
 
     def __init__(self, sim: Simulation, name: str, spec: EngineSpec) -> None:
         self.sim, self.name, self.spec = sim, name, spec
-        self.engine = SimEngine(sim.loop, spec, self._on_step)
+        self.engine = SimEngine(sim.machine, spec, self._on_step)
         self.token_budget = spec.settings.token_budget
         self.assigned: dict[str, int] = {}  # the registry's WorkerEntry.assigned for this worker
 
@@ -186,6 +186,7 @@ class DecodeServer(Server):
         if not pending.source.open(rid):
             self._fail(rid, f"KV pull from {pending.source.name} failed: its lease expired")
             return
+        pending.source.engine.charge(pending.num_bytes * self.sim.overheads.kv_send_cpu_per_byte)
         self.sim.loop.after(self.sim.profile.kv_transfer.seconds(pending.num_bytes), self._pulled, rid)
 
     def _pulled(self, rid: str) -> None:

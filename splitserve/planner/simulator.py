@@ -23,6 +23,7 @@ from splitserve.engine.block_manager import blocks_for
 from splitserve.planner.events import EventLoop
 from splitserve.planner.latency import Profile
 from splitserve.planner.sim_engine import EngineSettings, EngineSpec, Role
+from splitserve.planner.sim_machine import Machine
 from splitserve.planner.sim_servers import ColocatedServer, DecodeServer, PrefillServer, Server
 
 DEFAULT_CHUNK_SIZE = 256  # splitserve up --mode chunked (a test keeps them equal)
@@ -53,6 +54,12 @@ class ClusterSpec:
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or (self.mode is Mode.DISAGGREGATED and self.num_decode < 1):
             raise ValueError("a cluster needs at least one worker of each role")
+
+    @property
+    def num_cores(self) -> int:
+        if self.mode is Mode.DISAGGREGATED:
+            return self.num_prefill * self.prefill_degree + self.num_decode * self.decode_degree
+        return self.num_prefill * self.prefill_degree
 
     def describe(self) -> str:
         if self.mode is Mode.DISAGGREGATED:
@@ -201,6 +208,9 @@ class Simulation:
     def __init__(self, profile: Profile, cluster: ClusterSpec, requests: list[SimRequest]) -> None:
         self.profile, self.cluster, self.overheads = profile, cluster, profile.overheads
         self.loop = EventLoop()
+        # one machine with the profile's cores, or with as many as the cluster's workers take
+        num_cores = max(cluster.num_cores, int(profile.machine.get("num_cores", 0)))
+        self.machine = Machine(self.loop, num_cores, profile.overheads)
         self.requests = {str(r.index): r for r in requests}
         self.scheduler = SimScheduler(self)
         self.client = Client(self, requests)

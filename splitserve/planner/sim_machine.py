@@ -1,0 +1,63 @@
+"""The machine the simulated workers share: how much slower a step runs because of the others.
+
+A step that starts while other workers are stepping runs slower by the profile's Contention (the
+cores share the memory system), scaled by the share of the other cores that are busy and by what
+they run. The gateway, the scheduler, Redis and the load generator do `aux_cpu_per_token` seconds of
+CPU work per output token; an idle core absorbs it, and what no idle core can take comes out of the
+cores that are stepping, in equal shares. Both are priced when a step starts, from who is stepping
+then and the token rate of the last second.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+from splitserve.planner.events import EventLoop
+from splitserve.planner.latency import Overheads
+
+if TYPE_CHECKING:
+    from splitserve.planner.sim_engine import SimEngine
+
+RATE_WINDOW_S = 1.0
+MAX_STOLEN = 0.5  # no more than half a busy core goes to the shared services
+
+
+class Machine:
+    def __init__(self, loop: EventLoop, num_cores: int, overheads: Overheads) -> None:
+        self.loop, self.num_cores = loop, num_cores
+        self.aux_cpu_per_token = overheads.aux_cpu_per_token
+        self.stepping: dict[SimEngine, str] = {}  # engine -> the kind of step it runs: prefill or decode
+        self._tokens: deque[tuple[float, int]] = deque()  # (step end, tokens), the last RATE_WINDOW_S
+        self._num_recent = 0
+
+    def start(self, engine: SimEngine, kind: str, seconds: float) -> float:
+        """A step of `kind` starts on `engine`: the time it takes on this machine now."""
+        seconds *= self.slowdown(engine, kind)
+        self.stepping[engine] = kind
+        return seconds
+
+    def end(self, engine: SimEngine, num_tokens: int) -> None:
+        del self.stepping[engine]
+        if num_tokens:
+            self._tokens.append((self.loop.now, num_tokens))
+            self._num_recent += num_tokens
+
+    def slowdown(self, engine: SimEngine, kind: str) -> float:
+        degree = engine.spec.degree
+        others = [(e.spec.degree.degree, k) for e, k in self.stepping.items() if e is not engine]
+        other_cores = self.num_cores - degree.degree
+        corun = 0.0
+        if other_cores > 0:
+            corun = sum(n * degree.contention.slowdown(kind, k) for n, k in others) / other_cores
+        busy = degree.degree + sum(n for n, _ in others)
+        demand = self.aux_cpu_per_token * self.token_rate()  # cores' worth of shared-service work
+        stolen = min(MAX_STOLEN, max(0.0, demand - max(0, self.num_cores - busy)) / busy)
+        return (1.0 + corun) / (1.0 - stolen)
+
+    def token_rate(self) -> float:
+        """Output tokens per second over the last RATE_WINDOW_S."""
+        horizon = self.loop.now - RATE_WINDOW_S
+        while self._tokens and self._tokens[0][0] < horizon:
+            self._num_recent -= self._tokens.popleft()[1]
+        return self._num_recent / RATE_WINDOW_S
