@@ -275,6 +275,14 @@ def test_a_kv_send_delays_the_prefill_steps_that_start_before_it_is_done():
         sent = arrives - HOPS.gateway_s - HOPS.rpc_s
         records = simulate(sending, ClusterSpec(), requests((0.0, 100, 4), (sent, 100, 4)))
         assert records[1].ttft_s == pytest.approx(alone + delay)
+    # A send that starts during another prompt's step runs once that step ends, then expires. (The
+    # other prompt wants one token: it ends at its prefill and sends no KV of its own.)
+    second_at_server = first_done + HOPS.rpc_s  # its step runs from here, across the send's start
+    second_done = second_at_server + prefill_s(100)
+    for arrives, delay in ((second_done + 0.02, 0.03), (second_done + 5.0, 0.0)):
+        reqs = requests((0.0, 100, 4), (second_at_server - HOPS.gateway_s - HOPS.rpc_s, 100, 1),
+                        (arrives - HOPS.gateway_s - HOPS.rpc_s, 100, 4))
+        assert simulate(sending, ClusterSpec(), reqs)[2].ttft_s == pytest.approx(alone + delay)
 
 
 def test_the_shared_services_cpu_comes_out_of_busy_cores_only():

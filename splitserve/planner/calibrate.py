@@ -29,7 +29,8 @@ terms of the cluster's CPU that low-load runs cannot show (sim_machine.py, SimEn
 - kv_send_cpu_per_byte = (prefill server CPU - its steps' time in the simulation of the same
   requests without these two terms) / KV bytes it sent.
 
-They are measured first, and the low-load overheads calibrated with them in place.
+The low-load overheads are calibrated first without them, the loaded run measured against that
+calibration, and the low-load overheads calibrated again with the terms in place.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ class LoadedRun:
     shared_cpu_s: float  # gateway, scheduler, Redis and the load generator
     kv_bytes: int
     prefill_cpu_s: float  # the prefill server process
-    prefill_steps_s: float  # its steps in the simulation, without the load-dependent terms
+    prefill_steps_s: float  # its steps' CPU in the simulation, without the load-dependent terms
 
     @property
     def aux_cpu_per_token(self) -> float:
@@ -178,10 +179,16 @@ def measure_loaded(profile: Profile, run: Path, cpu: Path) -> LoadedRun:
     block_size = cluster.engine.block_size
     kv_bytes = sum(blocks_for(r.input_len, block_size) * block_size * profile.model.kv_bytes_per_token
                    for r in records if r.ok and r.completion_tokens > 1)
+    tokens = sum(len(r.chunk_times_s) for r in records)
+    if not tokens or not kv_bytes:
+        raise ValueError(f"{run}: no output tokens or no KV sent: nothing to measure the load terms on")
     processes = account["processes_cpu_s"]
-    return LoadedRun(str(run), sum(len(r.chunk_times_s) for r in records),
-                     sum(processes.get(k, 0.0) for k in SHARED_SERVICES) + account["client_cpu_s"], kv_bytes,
-                     processes["prefill"], sum(w.engine.busy_s for w in sim.scheduler.takers))
+    if "prefill" not in processes:
+        raise ValueError(f"{cpu}: no prefill server in the accounting")
+    # CPU seconds of the steps: a worker on d cores keeps d torch threads busy while it steps.
+    steps_cpu_s = sum(w.engine.busy_s * w.spec.degree.degree for w in sim.scheduler.takers)
+    return LoadedRun(str(run), tokens, sum(processes.get(k, 0.0) for k in SHARED_SERVICES) + account["client_cpu_s"],
+                     kv_bytes, processes["prefill"], steps_cpu_s)
 
 
 def with_load_terms(profile: Profile, loaded: LoadedRun) -> Profile:
@@ -207,9 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     if (args.loaded is None) != (args.cpu is None):
         p.error("--loaded and --cpu go together")
     if args.loaded:
-        loaded = measure_loaded(profile, args.loaded, args.cpu)
+        # The low-load overheads without the load terms first, so that the loaded run is measured
+        # against this calibration and not whatever the profile held; then again with the terms.
+        profile = without_load_terms(profile)
+        base = calibrate(profile, [load_run(path, profile) for path in args.run])
+        loaded = measure_loaded(base, args.loaded, args.cpu)
         print(loaded.describe())
-        profile = with_load_terms(profile, loaded)
+        profile = with_load_terms(base, loaded)
     calibrated = calibrate(profile, [load_run(path, profile) for path in args.run])
     for degree, d in sorted(calibrated.degrees.items()):
         c = d.cluster

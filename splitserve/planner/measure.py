@@ -213,8 +213,8 @@ class Neighbours:
 
     def __init__(self, beside: list[tuple[str, list[int]]]) -> None:
         self.pids = dict(beside)
-        if sorted(self.pids) != sorted(LOAD_SHAPES):
-            raise ValueError("--contention needs --beside prefill=... and --beside decode=...")
+        if len(self.pids) != len(beside) or sorted(self.pids) != sorted(LOAD_SHAPES):
+            raise ValueError("--contention needs --beside prefill=... and --beside decode=..., once each")
 
     def only(self, kind: str | None) -> None:
         """Resume the loads of this kind (None: no load), pause the others."""
@@ -239,7 +239,7 @@ def contention(args: argparse.Namespace, runner: Runner) -> dict:
                 times[name].append(runner._once(fn))
         return {name: statistics.median(t) for name, t in times.items()}
 
-    runner._time = interleaved
+    runner._time = interleaved  # every shape method now times its step under each condition in turn
     shapes = _shapes(args)
     try:
         for kind, kind_shapes in (("prefill", shapes.prefill), ("decode", shapes.decode)):
@@ -259,14 +259,28 @@ def _short(shape) -> str:
     return str(shape) if len(str(shape)) < 60 else str(shape)[:57] + "..."
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies, even while it is paused (SIGSTOP)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # elsewhere the loop's parent check still ends it, once it runs
+
+
 def load(args: argparse.Namespace) -> None:
-    """Step back to back until terminated (SIGTERM ends the process: nothing to clean up)."""
+    """Step back to back until terminated (SIGTERM ends the process: nothing to clean up), or until
+    the process that started this one is gone."""
+    parent = os.getppid()
+    _die_with_parent()
     apply_threads(args)
     runner = Runner(argparse.Namespace(**{**vars(args), "repeat": 1}), _shapes(args))
     step = getattr(runner, args.load)
     print("ready", flush=True)
-    while True:
+    while os.getppid() == parent:
         step(LOAD_SHAPES[args.load])
+    sys.exit(0)
 
 
 def measure(args: argparse.Namespace) -> dict:

@@ -53,8 +53,9 @@ def recommend(profile_path: str | None, samples: list[tuple[int, int]], running:
                         workload=observed_workload(samples), rates=(), num_requests=num_requests, seed=seed,
                         slo=Slo(ttft_slo_s, tpot_slo_s, attainment), pause_s=0.0, keep_records=False)
     # Counts and cores only: the workers' batching knobs stay at their defaults.
+    # No pruning: it prunes by goodput per core, and the choice here is by goodput.
     spec = PlanSpec(profile, serve, resources, modes=DEFAULT_MODES, token_budgets=(DEFAULTS.token_budget,),
-                    max_num_seqs=(DEFAULTS.max_num_seqs,))
+                    max_num_seqs=(DEFAULTS.max_num_seqs,), prune=False)
     result = plan(spec)
     # The launcher's cores are fixed: the most goodput within them (fewer cores on a tie), where
     # `splitserve plan`, sizing hardware, ranks by goodput per core.

@@ -6,9 +6,10 @@ that many cores with one torch thread per core (`python -m splitserve.planner.me
 process pulls KV payloads over the chosen transport (the code of `bench kv`). For each core count
 that leaves cores free, a few shapes are timed again alone and beside busy cores: on each other
 core a process runs prefill steps back to back and another decode steps, paused and resumed in turn
-by the measuring process, and the slowdown is the profile's Contention. The samples are fitted (latency.py), the fits and their errors printed, and everything,
-samples included, written as JSON. The cluster's own hops and step slowdowns are not measured here:
-they keep the documented defaults until `bench serve` runs calibrate them (docs/planner.md).
+by the measuring process, and the slowdown is the profile's Contention. The samples are fitted
+(latency.py), the fits and their errors printed, and everything, samples included, written as JSON.
+The cluster's own hops and step slowdowns are not measured here: they keep the documented defaults
+until `bench serve` runs calibrate them (docs/planner.md).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import select
 import signal
 import subprocess
@@ -81,15 +83,23 @@ def loads(args: argparse.Namespace, cores: list[int]):
     argv = [sys.executable, "-m", "splitserve.planner.measure", "--dtype", args.dtype, "--device", args.device,
             "--block-size", str(args.block_size), "--threads", "1"]
     argv += ["--model", args.model] if args.model else []
-    started = {kind: [subprocess.Popen(argv + ["--load", kind, "--cpus", str(core)], stdout=subprocess.PIPE,
-                                       text=True) for core in cores] for kind in STEP_KINDS}
+    started: dict[str, list[subprocess.Popen]] = {kind: [] for kind in STEP_KINDS}
     try:
+        for kind in STEP_KINDS:
+            for core in cores:
+                started[kind].append(subprocess.Popen(argv + ["--load", kind, "--cpus", str(core)],
+                                                      stdout=subprocess.PIPE, text=True))
         for kind, procs in started.items():
             for proc in procs:
                 ready = select.select([proc.stdout], [], [], LOAD_START_TIMEOUT_S)[0]
                 if not ready or proc.stdout.readline().strip() != "ready":
                     raise OSError(f"a {kind} load process did not start (exit {proc.poll()})")
         yield {kind: [proc.pid for proc in procs] for kind, procs in started.items()}
+        # A load that died mid-way turned "beside" into "alone": the measurement is worthless.
+        dead = [f"{kind} (exit {proc.poll()})" for kind, procs in started.items() for proc in procs
+                if proc.poll() is not None]
+        if dead:
+            raise OSError(f"load processes ended during the measurement: {', '.join(dead)}")
     finally:
         for proc in (proc for procs in started.values() for proc in procs):
             proc.terminate()
@@ -160,13 +170,16 @@ def _row(head: str, error) -> str:
 def add_contention(args: argparse.Namespace, cpus: list[int]) -> int:
     """Measure the contention of an existing profile's degrees and write it back into the profile."""
     profile = load_profile(args.add_contention)
+    if profile.machine.get("device", "cpu") != "cpu":
+        raise ValueError(f"{args.add_contention}: contention is measured between CPU cores, not devices")
     degrees = dict(profile.degrees)
     for k, d in sorted(degrees.items()):
         if k < len(cpus):
             samples = {**d.samples, "contention": measure_contention(args, cpus, k)}
             degrees[k] = replace(d, samples=samples, contention=fit_contention(samples["contention"]))
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    source = f"{profile.source}; contention measured by `splitserve profile --add-contention` at {now}"
+    earlier = re.sub(r"; contention measured by [^;]*", "", profile.source)  # measured again: replaced
+    source = f"{earlier}; contention measured by `splitserve profile --add-contention` at {now}"
     profile = replace(profile, degrees=degrees, source=source)
     print(fit_table(profile))
     save_profile(profile, args.add_contention)

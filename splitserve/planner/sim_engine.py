@@ -70,8 +70,8 @@ class SimEngine:
         self._calls: list[tuple[Callable, Callable | None]] = []
         self.num_steps = 0
         self.busy_s = 0.0  # the steps' total time
-        self._owed_s = 0.0  # server work that came during a step: the next step starts that much later
-        self._work_until = 0.0  # server work that came while idle runs until then
+        self._owed_s = 0.0  # server work that came during the running step: it runs once the step ends
+        self._work_until = 0.0  # the server work queued on this worker's cores runs until then
 
     # -- requests (LLMEngine's methods of the same names) ---------------------------------------
 
@@ -149,8 +149,8 @@ class SimEngine:
         if plan is None:
             return  # waiting for blocks: the real loop spins, running calls as they come
         seconds, kind, finish = plan
-        seconds += self._owed_s + max(0.0, self._work_until - self.loop.now)
-        self._owed_s, self._work_until = 0.0, 0.0
+        seconds += max(0.0, self._work_until - self.loop.now)
+        self._work_until = 0.0
         self._stepping = True
         self.num_steps += 1
         seconds = self.machine.start(self, kind, seconds)
@@ -161,6 +161,9 @@ class SimEngine:
         outputs = finish()
         self.machine.end(self, len(outputs))
         self._stepping = False
+        # Server work that came during the step runs from now: a step starting before it is done waits.
+        self._work_until = max(self.loop.now, self._work_until) + self._owed_s
+        self._owed_s = 0.0
         calls, self._calls = self._calls, []
         for fn, then in calls:
             self._run_call(fn, then)
