@@ -2,7 +2,8 @@
 # A workload whose mix shifts mid-run, against one `splitserve up` cluster (docs/planner.md,
 # "Re-planning online, on a shifting mix"):
 #   phase 1: N1 decode-heavy requests (16 tokens in, 256 out) at R1 req/s;
-#   phase 2, from the moment phase 1 has sent its last request: N2 `code` requests at R2 req/s.
+#   phase 2, N1/R1 seconds later (when phase 1 is expected to have sent its last): N2 `code` requests
+#   at R2 req/s.
 # Both under TTFT 2 s / TPOT 50 ms. Writes OUT-1.json and OUT-2.json (bench serve) and OUT.up.log.
 #
 #   scripts/shift-demo.sh OUT "UP ARGS" R1 N1 R2 N2
