@@ -70,7 +70,7 @@ class SimEngine:
         self._calls: list[tuple[Callable, Callable | None]] = []
         self.num_steps = 0
         self.busy_s = 0.0  # the steps' total time
-        self._owed_s = 0.0  # server work that came during the running step: it runs once the step ends
+        self._step_ends_at = 0.0  # when the running step ends
         self._work_until = 0.0  # the server work queued on this worker's cores runs until then
 
     # -- requests (LLMEngine's methods of the same names) ---------------------------------------
@@ -121,11 +121,10 @@ class SimEngine:
 
     def charge(self, cpu_s: float) -> None:
         """Work the server does on this worker's cores besides the engine (a KV send): it runs at once
-        if the engine is idle, and delays the steps that start before it is done."""
-        if self._stepping:
-            self._owed_s += cpu_s
-        else:
-            self._work_until = max(self.loop.now, self._work_until) + cpu_s
+        if the engine is idle, or when the running step ends, and delays the steps that start before
+        it is done."""
+        starts = self._step_ends_at if self._stepping else self.loop.now
+        self._work_until = max(starts, self._work_until) + cpu_s
 
     # -- the engine thread (EngineLoop) ---------------------------------------------------------
 
@@ -155,15 +154,13 @@ class SimEngine:
         self.num_steps += 1
         seconds = self.machine.start(self, kind, seconds)
         self.busy_s += seconds
+        self._step_ends_at = self.loop.now + seconds
         self.loop.after(seconds, self._end_step, finish)
 
     def _end_step(self, finish: Callable[[], StepOutputs]) -> None:
         outputs = finish()
         self.machine.end(self, len(outputs))
         self._stepping = False
-        # Server work that came during the step runs from now: a step starting before it is done waits.
-        self._work_until = max(self.loop.now, self._work_until) + self._owed_s
-        self._owed_s = 0.0
         calls, self._calls = self._calls, []
         for fn, then in calls:
             self._run_call(fn, then)
