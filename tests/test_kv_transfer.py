@@ -30,7 +30,7 @@ from splitserve.bench.kv_serve import (
 from splitserve.kv_transfer.base import KvPuller, KvPullError
 from splitserve.kv_transfer.factory import make_kv_puller, make_kv_server, transport_name, transport_value
 from splitserve.kv_transfer.grpc import CHUNK_BYTES, GrpcKvPuller, GrpcKvServer
-from splitserve.kv_transfer.ucx import UcxKvPuller, UcxKvServer
+from splitserve.kv_transfer.ucx import UcxKvPuller, UcxKvServer, _Header, split_address
 from splitserve.v1 import common_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
@@ -160,6 +160,29 @@ async def test_unreachable_server_raises() -> None:
                 await puller.pull(make_handle(transport, info, 10))
         finally:
             await puller.close()
+
+
+@module_loop
+async def test_a_stalled_ucx_puller_is_cut_off_at_the_deadline_and_the_pin_closed() -> None:
+    import ucxx
+
+    num_bytes = SIZES[-1]
+    source = BalancedSource([num_bytes])
+    server = UcxKvServer("127.0.0.1", timeout_s=0.5)
+    await server.start(source)
+    ep = None
+    try:
+        ep = await ucxx.create_endpoint(*split_address(server.address))
+        await ep.send_obj(payload_id(num_bytes).encode())
+        header = _Header.empty()
+        await ep.recv(header)  # the server has the payload pinned; this puller takes nothing more
+        assert _Header.decode(header).num_bytes == num_bytes
+        await source.wait_balanced()
+        assert source.num_opens == 1
+    finally:
+        if ep is not None:
+            ep.abort()
+        await server.stop()
 
 
 @module_loop

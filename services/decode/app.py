@@ -27,7 +27,7 @@ async def serve(config: WorkerConfig) -> int:
     redis = connect(config.redis_url)
     grpc_server = make_server()
     port = bind(grpc_server, config.host, config.port)
-    puller = make_kv_puller(config.kv_transport)
+    puller = make_kv_puller(config.kv_transport, engine.layout)  # refuses handles unfit for this cache
     server = DecodeServer(config, engine, redis, puller)
     decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(server), grpc_server)
     address = advertised_address(config, port)

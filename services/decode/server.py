@@ -22,12 +22,12 @@ import grpc
 import structlog
 import torch
 
-from splitserve.common.protoconv import layout_from_proto, sampling_from_proto
-from splitserve.common.rpc import open_channel
+from splitserve.common.protoconv import sampling_from_proto
+from splitserve.common.rpc import ChannelCache
 from splitserve.common.service import Background, Progress
 from splitserve.engine.block_manager import OutOfBlocks
 from splitserve.engine.engine import LLMEngine
-from splitserve.kv_transfer.base import KvPuller
+from splitserve.kv_transfer.base import KvPuller, check_handle
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import decode_pb2, prefill_pb2, prefill_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
@@ -45,6 +45,13 @@ from splitserve.worker.config import WorkerConfig
 from splitserve.worker.engine_loop import EngineLoop, StepResult
 
 log = structlog.get_logger(__name__)
+
+
+class WaitingFull(Exception):
+    """Submit past --max-waiting (gRPC RESOURCE_EXHAUSTED): the scheduler tries later or elsewhere."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"{limit} requests already wait for KV blocks here (--max-waiting); try later")
 
 
 @dataclass
@@ -74,12 +81,13 @@ class DecodeServer:
         self.background = Background()
         self.draining = False
         self.progress = Progress()  # a request finished, failed or left
-        self._prefill_stubs: dict[str, prefill_pb2_grpc.PrefillStub] = {}
+        self._prefill_channels = ChannelCache()  # for Release, one per prefill server
 
     # -- requests -------------------------------------------------------------------------------
 
     async def submit(self, submit: decode_pb2.DecodeRequest) -> None:
-        """Queue a prefilled request for admission; ValueError when it can never run here."""
+        """Queue a prefilled request for admission; ValueError when it can never run here (a KV
+        handle that does not fit this cache included), WaitingFull when too many wait already."""
         rid = submit.request.request_id
         if self.draining:
             raise Draining()
@@ -87,12 +95,22 @@ class DecodeServer:
             raise ValueError(f"request {rid!r} was cancelled")
         if rid in self.requests:  # the scheduler reassigned it after losing track of this copy
             await self.drop(rid)
-        if layout_from_proto(submit.kv.layout) != self.loop.engine.layout:
-            raise ValueError(f"KV layout {submit.kv.layout} does not match this server's")
+        self._check_kv(submit)
         sampling_from_proto(submit.request.sampling)  # validates
+        if len(self.waiting) >= self.config.waiting_limit:
+            raise WaitingFull(self.config.waiting_limit)
         self.requests[rid] = Admitted(submit, num_emitted=len(submit.output_token_ids))
         self.waiting.append(rid)
         self.room.set()
+
+    def _check_kv(self, submit: decode_pb2.DecodeRequest) -> None:
+        """The handle must describe this request's prompt in this cache's layout: its num_bytes is
+        what the pull allocates."""
+        num_prompt_tokens = len(submit.request.prompt_token_ids)
+        if submit.kv.num_tokens != num_prompt_tokens:
+            raise ValueError(f"the KV handle holds {submit.kv.num_tokens} tokens, the prompt has "
+                             f"{num_prompt_tokens}")
+        check_handle(submit.kv, self.loop.engine.layout)
 
     async def abort(self, request_id: str, cancelled: bool = True) -> bool:
         """Drop a request; cancelled (by its client, not requeued) refuses its id from now on."""
@@ -193,12 +211,9 @@ class DecodeServer:
 
     async def _acknowledge(self, handle: pb.KvHandle) -> None:
         """Tell the prefill server its blocks were pulled, so it frees them (its lease is the backstop)."""
-        address = handle.prefill_grpc_address
-        if address not in self._prefill_stubs:
-            self._prefill_stubs[address] = prefill_pb2_grpc.PrefillStub(open_channel(address))
+        stub = prefill_pb2_grpc.PrefillStub(self._prefill_channels.get(handle.prefill_grpc_address))
         try:
-            await self._prefill_stubs[address].Release(prefill_pb2.ReleaseRequest(request_id=handle.request_id),
-                                                       timeout=10)
+            await stub.Release(prefill_pb2.ReleaseRequest(request_id=handle.request_id), timeout=10)
         except grpc.aio.AioRpcError as exc:
             log.warning("release failed; the prefill lease will free the blocks",
                         request_id=handle.request_id, code=exc.code().name)
@@ -229,13 +244,14 @@ class DecodeServer:
             admitted.num_emitted += 1
             if out.finish_reason is not None:
                 del self.requests[out.request_id]
-                finished.append((out.request_id, event.finish_reason, admitted.num_emitted))
+                finished.append((out.request_id, event.finish_reason, event.index + len(event.token_ids),
+                                 event.error))
             events.append((admitted.request.reply_channel, event))
         if finished:
             self.room.set()
             self.progress.note()
         self.replies.send(events, then=lambda: asyncio.gather(
-            *(self._report_done(rid, reason, num_tokens) for rid, reason, num_tokens in finished)))
+            *(self._report_done(*done) for done in finished)))
 
     async def _report_done(self, rid: str, reason: int, num_tokens: int, error: str = "") -> None:
         done = spb.RequestDoneRequest(request_id=rid, instance_id=self.config.instance_id,

@@ -9,7 +9,7 @@ from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import decode_pb2, decode_pb2_grpc
 from splitserve.worker.common import Draining
 
-from .server import DecodeServer
+from .server import DecodeServer, WaitingFull
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
@@ -22,6 +22,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             await self.server.submit(request)
         except Draining as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except WaitingFull as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return decode_pb2.DecodeSubmitResponse()

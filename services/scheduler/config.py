@@ -24,6 +24,7 @@ class SchedulerConfig:
     workload_window_s: float = 120.0  # the arrival rate and lengths are estimated over this window
     plan: PlanConfig | None = None  # online re-planning; None: off
     rpc_timeout_s: float = 30.0  # Prefill.Submit waits for the running batch (seconds at worst)
+    max_queued: int = 4096  # requests read from the stream and not started; past it reading pauses
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +55,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload-window", type=positive_float, default=120.0,
                         help="seconds of arrivals and finished requests the workload estimate covers "
                              "(ClusterState.workload; default: 120)")
+    parser.add_argument("--max-queued", type=positive_int, default=4096,
+                        help="requests read from the stream and waiting for a prefill server; at this "
+                             "many the scheduler stops reading (the rest wait in Redis) until the queue "
+                             "drains (default: 4096)")
     g = parser.add_argument_group("online re-planning (on with --plan-ttft-slo and --plan-tpot-slo)")
     g.add_argument("--plan-ttft-slo", type=positive_float, default=None, help="TTFT SLO in seconds")
     g.add_argument("--plan-tpot-slo", type=positive_float, default=None, help="TPOT SLO in seconds")
@@ -73,7 +78,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def from_args(args: argparse.Namespace) -> SchedulerConfig:
     return SchedulerConfig(args.host, args.port, args.redis_url, args.consumer, args.prefill_queue_factor,
                            args.worker_timeout, args.claim_idle, drain_timeout_s=args.drain_timeout,
-                           workload_window_s=args.workload_window, plan=_plan_config(args))
+                           workload_window_s=args.workload_window, plan=_plan_config(args),
+                           max_queued=args.max_queued)
 
 
 def _plan_config(args: argparse.Namespace) -> PlanConfig | None:

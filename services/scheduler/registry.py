@@ -11,6 +11,9 @@
   its last heartbeat, then the fewest running requests. It may have no room yet: it queues the
   request and admits it when blocks free up.
 - A draining worker (shutting down) is placed nothing new; it finishes or hands back what it has.
+- A worker that refused a request as overloaded (RESOURCE_EXHAUSTED: a decode server's waiting
+  queue is full, or its gRPC server is at its concurrency limit) is placed nothing new until its
+  next heartbeat.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class WorkerEntry:
     last_seen: float
     pending_blocks: int = 0  # decode: blocks of requests sent since its last heartbeat
     draining: bool = False  # shutting down: assign it nothing more
+    full: bool = False  # refused a request as overloaded (RESOURCE_EXHAUSTED) since its last heartbeat
     # Requests assigned to it and not yet done there, with their prompt lengths.
     assigned: dict[str, int] = field(default_factory=dict)
 
@@ -69,7 +73,7 @@ class Registry:
         entry = self.workers.get(instance_id)
         if entry is None:
             return False
-        entry.stats, entry.last_seen, entry.pending_blocks = stats, now, 0
+        entry.stats, entry.last_seen, entry.pending_blocks, entry.full = stats, now, 0, False
         return True
 
     def remove(self, instance_id: str) -> WorkerEntry | None:
@@ -101,7 +105,7 @@ class Registry:
     def pick_prefill(self, num_tokens: int) -> WorkerEntry | None:
         """The least-loaded prefill (or colocated) worker with room for num_tokens more, or None."""
         takers = self.takers(spb.WORKER_ROLE_PREFILL, spb.WORKER_ROLE_COLOCATED)
-        fits = [w for w in takers if self._has_room(w, num_tokens)]
+        fits = [w for w in takers if not w.full and self._has_room(w, num_tokens)]
         # Ties (colocated workers count a decoding request as 0 tokens) go to the fewer requests.
         return min(fits, key=lambda w: (w.outstanding_tokens, len(w.assigned)), default=None)
 
@@ -111,7 +115,7 @@ class Registry:
 
     def pick_decode(self, handle: pb.KvHandle) -> WorkerEntry | None:
         """The decode server with the most free blocks (then the least load) that can take handle."""
-        able = [w for w in self.takers(spb.WORKER_ROLE_DECODE)
-                if w.info.kv_layout == handle.layout and w.info.kv_transport == handle.transport]
+        able = [w for w in self.takers(spb.WORKER_ROLE_DECODE) if not w.full
+                and w.info.kv_layout == handle.layout and w.info.kv_transport == handle.transport]
         return max(able, key=lambda w: (w.stats.num_free_blocks - w.pending_blocks,
                                         -(w.stats.num_running + w.stats.num_waiting)), default=None)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
-from splitserve.common.rpc import open_channel
+from splitserve.common.rpc import ChannelCache
 from splitserve.common.service import Background, Progress
 from splitserve.engine.block_manager import blocks_for
 from splitserve.queue.streams import ProtoCodec, PubSub, RequestStream, StreamEntry
@@ -38,6 +38,7 @@ from .workload import WorkloadEstimator
 log = structlog.get_logger(__name__)
 FLUSH_TIMEOUT_S = 10.0  # a drain's wait for acknowledgements and RPCs already under way
 MAX_RUNS = 4  # a request put back in the queue this often (its workers kept failing it) fails for good
+READ_BATCH = 64  # stream entries read at most per XREADGROUP
 
 
 class Stage(enum.Enum):
@@ -77,9 +78,10 @@ class SchedulerServer:
         self.queue: deque[str] = deque()
         self.tracked: dict[str, Tracked] = {}
         self.wake = asyncio.Event()
+        self.dequeued = asyncio.Event()  # the queue shrank: reading, paused at max_queued, may resume
         self.progress = Progress()  # a request finished: what a drain waits on
         self.draining = False  # shutting down: start nothing new
-        self._stubs: dict[str, object] = {}
+        self._channels = ChannelCache()  # one per worker address
         self.background = Background()
 
     # -- intake ---------------------------------------------------------------------------------
@@ -93,7 +95,16 @@ class SchedulerServer:
             log.info("recovered pending requests", count=len(backlog))
         self._enqueue(backlog)
         while not self.draining:
-            self._enqueue(await self.stream.get(self.config.consumer, block_ms=5000))
+            count = min(READ_BATCH, await self._queue_room())
+            self._enqueue(await self.stream.get(self.config.consumer, block_ms=5000, count=count))
+
+    async def _queue_room(self) -> int:
+        """How many more entries the queue takes, once it has room: at max_queued reading pauses (new
+        requests wait in Redis, not here) until the queue drains."""
+        while len(self.queue) >= self.config.max_queued:
+            self.dequeued.clear()
+            await self.dequeued.wait()
+        return self.config.max_queued - len(self.queue)
 
     def _enqueue(self, entries: list[StreamEntry]) -> None:
         for entry in entries:
@@ -129,6 +140,7 @@ class SchedulerServer:
                 if worker is None:
                     break  # FCFS: nobody overtakes the head; a PrefillDone or a new worker wakes us
                 self.queue.popleft()
+                self.dequeued.set()
                 self._assign_prefill(tracked, worker)
 
     def _assign_prefill(self, tracked: Tracked, worker: WorkerEntry) -> None:
@@ -146,8 +158,8 @@ class SchedulerServer:
             await self._rpc_failed(tracked, worker, exc)
 
     async def _rpc_failed(self, tracked: Tracked, worker: WorkerEntry, exc: grpc.aio.AioRpcError) -> None:
-        """An unreachable worker is dropped (its requests requeued); a draining one's refusal places the
-        request elsewhere; any other refusal fails the request."""
+        """An unreachable worker is dropped (its requests requeued); a draining or overloaded one's
+        refusal places the request elsewhere or later; any other refusal fails the request."""
         if self.tracked.get(tracked.request_id) is not tracked or worker.instance_id not in (
                 tracked.prefill_id, tracked.decode_id):
             return  # finished, cancelled or taken back from it meanwhile (a hand-back, a dropped worker)
@@ -159,8 +171,28 @@ class SchedulerServer:
                      worker=worker.instance_id)
             worker.draining = True
             self._take_back(tracked, worker.instance_id, kv_not_pulled=worker.role == spb.WORKER_ROLE_DECODE)
+        elif exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and not _too_large(exc):
+            # Full for now (its waiting queue, its RPCs). A message over gRPC's size limit is
+            # RESOURCE_EXHAUSTED too, but would be refused everywhere: that one fails below.
+            log.info("worker overloaded, placing the request later or elsewhere",
+                     request_id=tracked.request_id, worker=worker.instance_id)
+            worker.full = True  # until its next heartbeat
+            self._place_again(tracked, worker)
         else:
             await self.fail(tracked.request_id, f"{worker.instance_id}: {exc.details()}")
+
+    def _place_again(self, tracked: Tracked, worker: WorkerEntry) -> None:
+        """Take back a request a worker refused as overloaded, without counting a run (nothing failed):
+        a prefilled one to another decode server or, with none free, to wait for one (every heartbeat
+        retries); one not started to the head of the queue."""
+        worker.assigned.pop(tracked.request_id, None)
+        if worker.role == spb.WORKER_ROLE_DECODE:
+            tracked.stage, tracked.decode_id = Stage.AWAITING_DECODE, None
+            self._assign_decode(tracked)
+            return
+        tracked.stage, tracked.prefill_id = Stage.QUEUED, None
+        self.queue.appendleft(tracked.request_id)
+        self.wake.set()
 
     # -- decode assignment ----------------------------------------------------------------------
 
@@ -254,6 +286,7 @@ class SchedulerServer:
             return
         if request_id in self.queue:
             self.queue.remove(request_id)
+            self.dequeued.set()
         log.warning("request failed", request_id=request_id, error=error)
         event = pb.TokenEvent(request_id=request_id, finish_reason=pb.FINISH_REASON_ERROR, error=error)
         try:
@@ -266,6 +299,7 @@ class SchedulerServer:
         """The client went away: workers free what they hold themselves (they hear the same cancel)."""
         if request_id in self.queue:
             self.queue.remove(request_id)
+            self.dequeued.set()
         await self.finish(request_id, pb.FINISH_REASON_ABORT)
 
     # -- workers --------------------------------------------------------------------------------
@@ -283,7 +317,7 @@ class SchedulerServer:
         worker = self.registry.remove(instance_id)
         if worker is None:
             return
-        self._stubs.pop(worker.info.grpc_address, None)
+        self._channels.drop(worker.info.grpc_address)
         requeued = [self.tracked[r] for r in worker.assigned if r in self.tracked]
         # Prefilled requests still waiting for a decode server had their KV there: it is gone too.
         requeued += [t for t in self.tracked.values()
@@ -381,10 +415,7 @@ class SchedulerServer:
                 self.drop_worker(instance_id)
 
     def _channel(self, worker: WorkerEntry):
-        address = worker.info.grpc_address
-        if address not in self._stubs:
-            self._stubs[address] = open_channel(address)
-        return self._stubs[address]
+        return self._channels.get(worker.info.grpc_address)
 
     def cluster_state(self) -> spb.ClusterState:
         now = time.monotonic()
@@ -397,3 +428,8 @@ class SchedulerServer:
 
     def recommendation(self) -> spb.Recommendation:
         return self.replanner.recommendation if self.replanner else spb.Recommendation(available=False)
+
+
+def _too_large(exc: grpc.aio.AioRpcError) -> bool:
+    """gRPC's own refusal of a message over its size limit (sent or received)."""
+    return "message larger than max" in (exc.details() or "")

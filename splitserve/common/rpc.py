@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import OrderedDict
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-# gRPC refuses messages over 4 MiB by default; KV chunks and long prompts need more headroom.
-MAX_MESSAGE_BYTES = 64 << 20
+# gRPC refuses messages over 4 MiB by default. The largest internal message is a Decode.Submit of a
+# long prompt (a 128k-token prompt is under 1 MiB of token ids) or a 1 MiB PullKv chunk: 16 MiB
+# leaves room, and bounds what one message from a peer can make a server buffer.
+MAX_MESSAGE_BYTES = 16 << 20
+# What a client of the gateway may send in one message: a prompt, as text or token ids, of the
+# longest context is well under 1 MiB.
+CLIENT_MAX_MESSAGE_BYTES = 8 << 20
+# RPCs a server handles at once; past it gRPC itself answers RESOURCE_EXHAUSTED. Streams (PullKv,
+# the gateway's Generate) count for as long as they run.
+MAX_CONCURRENT_RPCS = 1024
+# Cached channels to peers (one per address); the least recently used is closed past it.
+MAX_CACHED_CHANNELS = 256
+CHANNEL_CLOSE_GRACE_S = 30.0  # an evicted channel's RPCs in flight get this long to finish
 OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -14,8 +28,12 @@ OPTIONS = [
 ]
 
 
-def make_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=OPTIONS)
+def make_server(max_receive_bytes: int = MAX_MESSAGE_BYTES,
+                max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS) -> grpc.aio.Server:
+    """A server that refuses messages over max_receive_bytes and RPCs past max_concurrent_rpcs at once
+    (both RESOURCE_EXHAUSTED, from gRPC itself)."""
+    options = [(k, max_receive_bytes if k == "grpc.max_receive_message_length" else v) for k, v in OPTIONS]
+    return grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
 
 
 def bind(server: grpc.aio.Server, host: str, port: int) -> int:
@@ -28,6 +46,53 @@ def bind(server: grpc.aio.Server, host: str, port: int) -> int:
 
 def open_channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=OPTIONS)
+
+
+class ChannelCache:
+    """One channel per peer address, at most max_size of them, least recently used closed first.
+
+    Addresses come from peers (worker registrations, KV handles): without the bound a stream of
+    made-up addresses would grow the cache, and its open channels, forever.
+    """
+
+    def __init__(self, max_size: int = MAX_CACHED_CHANNELS) -> None:
+        self.max_size = max_size
+        self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
+        self._closing: set[asyncio.Task] = set()
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        """The channel to address, opened on first use; may close the least recently used one."""
+        channel = self._channels.get(address)
+        if channel is not None:
+            self._channels.move_to_end(address)
+            return channel
+        while len(self._channels) >= self.max_size:
+            self._close_later(self._channels.popitem(last=False)[1])
+        channel = self._channels[address] = open_channel(address)
+        return channel
+
+    def drop(self, address: str) -> None:
+        """Close and forget the channel to address (its peer is gone), if any."""
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            self._close_later(channel)
+
+    def __len__(self) -> int:
+        return len(self._channels)
+
+    def __contains__(self, address: str) -> bool:
+        return address in self._channels
+
+    async def close(self) -> None:
+        """Close every channel, waiting for those evicted before."""
+        channels, self._channels = list(self._channels.values()), OrderedDict()
+        await asyncio.gather(*(c.close() for c in channels), *self._closing, return_exceptions=True)
+
+    def _close_later(self, channel: grpc.aio.Channel) -> None:
+        # RPCs in flight on it (a pull, a Release) get a grace period rather than a cut.
+        task = asyncio.ensure_future(channel.close(CHANNEL_CLOSE_GRACE_S))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
 
 def add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:

@@ -10,13 +10,43 @@ Ownership: while a transport is sending a request's payload it holds it open (``
 from __future__ import annotations
 
 import abc
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from splitserve.engine.block_manager import blocks_for
 from splitserve.v1 import common_pb2 as pb
+
+if TYPE_CHECKING:
+    from splitserve.engine.kv_cache import KVLayout
 
 
 class KvPullError(Exception):
     """A pull failed: the prefill server does not hold the request, or the transfer broke."""
+
+
+class InvalidKvHandle(KvPullError, ValueError):
+    """A handle that cannot describe this server's KV (gRPC INVALID_ARGUMENT where it is an RPC)."""
+
+
+def check_handle(handle: pb.KvHandle, layout: KVLayout) -> int:
+    """The payload size a handle must name for a receiver whose cache has `layout`; raises
+    InvalidKvHandle when it does not, before anything is allocated for it.
+
+    The handle comes from a peer: its num_bytes is what a puller allocates, so it must follow from
+    the token count and this server's own layout, never be taken on trust.
+    """
+    from splitserve.common.protoconv import layout_to_proto  # torch: only where a layout exists
+
+    if handle.layout != layout_to_proto(layout):
+        raise InvalidKvHandle(f"{handle.request_id}: KV layout {handle.layout} is not this server's")
+    if handle.num_tokens <= 0:
+        raise InvalidKvHandle(f"{handle.request_id}: a KV handle of {handle.num_tokens} tokens")
+    num_blocks = blocks_for(handle.num_tokens, layout.block_size)
+    num_bytes = num_blocks * layout.bytes_per_block
+    if len(handle.block_ids) != num_blocks or handle.num_bytes != num_bytes:
+        raise InvalidKvHandle(f"{handle.request_id}: {handle.num_tokens} tokens take {num_blocks} blocks "
+                              f"of {num_bytes} bytes, the handle says {len(handle.block_ids)} blocks "
+                              f"of {handle.num_bytes} bytes")
+    return num_bytes
 
 
 class KvSource(Protocol):
@@ -47,7 +77,12 @@ class KvServer(abc.ABC):
 
 
 class KvPuller(abc.ABC):
-    """Decode side: pulls the payload a handle names, into fresh memory."""
+    """Decode side: pulls the payload a handle names, into fresh memory.
+
+    A puller given the receiving cache's layout refuses (InvalidKvHandle) a handle that does not fit
+    it before allocating anything; without one (benchmarks of synthetic payloads) it trusts
+    num_bytes. Either way a peer that sends more than num_bytes fails the pull.
+    """
 
     async def start(self) -> None:
         """Set up ahead of the first pull (call inside the serving event loop); optional."""

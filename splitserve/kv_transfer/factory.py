@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from splitserve.kv_transfer.base import KvPuller, KvServer
 from splitserve.kv_transfer.grpc import GrpcKvPuller, GrpcKvServer
 from splitserve.kv_transfer.ucx import UcxKvPuller, UcxKvServer
 from splitserve.v1 import common_pb2 as pb
+
+if TYPE_CHECKING:
+    from splitserve.engine.kv_cache import KVLayout
 
 TRANSPORTS: dict[str, int] = {"ucx": pb.KV_TRANSPORT_UCX, "grpc": pb.KV_TRANSPORT_GRPC}
 DEFAULT_TRANSPORT = "ucx"
@@ -34,8 +39,9 @@ def make_kv_server(transport: str, host: str, port: int = 0) -> KvServer:
     return GrpcKvServer()
 
 
-def make_kv_puller(transport: str) -> KvPuller:
-    """The decode side."""
+def make_kv_puller(transport: str, layout: KVLayout | None = None) -> KvPuller:
+    """The decode side; with the decode cache's layout, handles that do not fit it are refused
+    before anything is allocated (benchmarks of synthetic payloads pass none)."""
     if transport_value(transport) == pb.KV_TRANSPORT_UCX:
-        return UcxKvPuller()
-    return GrpcKvPuller()
+        return UcxKvPuller(layout=layout)
+    return GrpcKvPuller(layout=layout)

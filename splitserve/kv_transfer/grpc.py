@@ -13,12 +13,21 @@ puller one copy into its buffer; UCX avoids both. CHUNK_BYTES was picked with `s
 
 from __future__ import annotations
 
-import grpc
+import asyncio
+from typing import TYPE_CHECKING
 
-from splitserve.common.rpc import open_channel
-from splitserve.kv_transfer.base import KvPuller, KvPullError, KvServer, KvSource
+import grpc
+import structlog
+
+from splitserve.common.rpc import ChannelCache
+from splitserve.kv_transfer.base import KvPuller, KvPullError, KvServer, KvSource, check_handle
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
+
+if TYPE_CHECKING:
+    from splitserve.engine.kv_cache import KVLayout
+
+log = structlog.get_logger(__name__)
 
 # Measured with `splitserve bench kv` on 1k- and 4k-token payloads (three runs each): 1 MiB chunks
 # pulled 5-20% faster than 2 MiB and 4 MiB ones, and as fast as 512 KiB ones.
@@ -27,12 +36,18 @@ DEFAULT_TIMEOUT_S = 60.0
 
 
 class GrpcKvServer(KvServer):
-    """Serves payloads through the prefill server's own gRPC API (its address is that API's)."""
+    """Serves payloads through the prefill server's own gRPC API (its address is that API's).
+
+    A pull still sending after timeout_s is cut off: its pin is closed and its RPC's task cancelled,
+    so a puller that stalls cannot hold the blocks forever. (gRPC gives a server no way to reset one
+    stream: the stalled puller itself fails at its own deadline.)
+    """
 
     transport = pb.KV_TRANSPORT_GRPC
 
-    def __init__(self, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(self, chunk_bytes: int = CHUNK_BYTES, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self._chunk_bytes = chunk_bytes
+        self._timeout_s = timeout_s
         self._source: KvSource | None = None
 
     @property
@@ -52,24 +67,50 @@ class GrpcKvServer(KvServer):
         payload = await self._source.open(request.request_id)
         if payload is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"request {request.request_id} is not held here")
+        pin = _Pin(self._source, request.request_id)
+        # A puller that stops reading blocks gRPC's send outside this generator, where no timeout
+        # of ours runs: a timer closes the pin and cancels the RPC's task instead.
+        deadline = asyncio.get_running_loop().call_later(self._timeout_s, pin.expire, asyncio.current_task())
         try:
             payload = payload.cast("B")
             for offset in range(0, payload.nbytes, self._chunk_bytes):
                 yield prefill_pb2.KvChunk(data=payload[offset:offset + self._chunk_bytes].tobytes())
         finally:
             # Also on a cancelled stream (the puller went away): the blocks must not stay pinned.
-            self._source.close(request.request_id)
+            deadline.cancel()
+            pin.close()
+
+
+class _Pin:
+    """A payload opened for one pull, closed exactly once (by the pull's end or its deadline)."""
+
+    def __init__(self, source: KvSource, request_id: str) -> None:
+        self._source, self._request_id, self._open = source, request_id, True
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._source.close(self._request_id)
+
+    def expire(self, task: asyncio.Task | None) -> None:
+        log.warning("kv pull past its deadline, cut off", request_id=self._request_id)
+        self.close()
+        if task is not None:
+            task.cancel()
 
 
 class GrpcKvPuller(KvPuller):
-    """Pulls over Prefill.PullKv, with one cached channel per prefill server."""
+    """Pulls over Prefill.PullKv, with a bounded cache of channels, one per prefill server."""
 
-    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, layout: KVLayout | None = None) -> None:
         self._timeout_s = timeout_s
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._layout = layout
+        self._channels = ChannelCache()
 
     async def pull(self, handle: pb.KvHandle) -> memoryview:
-        stub = prefill_pb2_grpc.PrefillStub(self._channel(handle.prefill_grpc_address))
+        if self._layout is not None:
+            check_handle(handle, self._layout)
+        stub = prefill_pb2_grpc.PrefillStub(self._channels.get(handle.prefill_grpc_address))
         call = stub.PullKv(prefill_pb2.PullKvRequest(request_id=handle.request_id), timeout=self._timeout_s)
         try:
             return await _receive(call, handle)
@@ -80,22 +121,21 @@ class GrpcKvPuller(KvPuller):
             call.cancel()  # a no-op after a complete stream; stops the server early on a mismatch
 
     async def close(self) -> None:
-        channels, self._channels = self._channels, {}
-        for channel in channels.values():
-            await channel.close()
-
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        if address not in self._channels:
-            self._channels[address] = open_channel(address)
-        return self._channels[address]
+        await self._channels.close()
 
 
 async def _receive(call, handle: pb.KvHandle) -> memoryview:
-    """Concatenate the stream into one buffer of exactly handle.num_bytes bytes."""
+    """Concatenate the stream into one buffer of exactly handle.num_bytes bytes.
+
+    Every chunk must carry bytes and their sum must not pass num_bytes: a server sending more, or
+    endless empty chunks, fails the pull instead of growing anything here.
+    """
     payload = bytearray(handle.num_bytes)
     view = memoryview(payload)
     num_received = 0
     async for chunk in call:
+        if not chunk.data:
+            raise KvPullError(f"{handle.request_id}: the server sent an empty chunk")
         end = num_received + len(chunk.data)
         if end > handle.num_bytes:
             raise KvPullError(f"{handle.request_id}: the server sent more than the handle's "

@@ -35,18 +35,29 @@ import enum
 import os
 import struct
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import structlog
 
-from splitserve.kv_transfer.base import KvPuller, KvPullError, KvServer, KvSource
+from splitserve.kv_transfer.base import KvPuller, KvPullError, KvServer, KvSource, check_handle
 from splitserve.v1 import common_pb2 as pb
+
+if TYPE_CHECKING:
+    from splitserve.engine.kv_cache import KVLayout
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_TIMEOUT_S = 60.0
 MAX_IDLE_ENDPOINTS_PER_PEER = 4
+# Prefill servers a puller keeps idle endpoints to; the least recently used one's are closed past it
+# (addresses come from handles: made-up ones must not grow the pool forever).
+MAX_IDLE_PEERS = 256
+# Endpoints a server serves at once; one more is closed at once (its puller's pull fails and the
+# request is handed back). Each decode server keeps a few idle ones, plus one per pull in flight.
+MAX_SERVER_ENDPOINTS = 1024
 _ACK = np.ones(1, dtype=np.uint64)
 # Defaults that UCX_* environment variables override (set TX and RX together: UCX refuses RX < TX).
 # 256 KiB TCP segments (UCX's default is 64 KiB) cut 10-25% off 1k- and 4k-token pulls over TCP here;
@@ -179,15 +190,18 @@ class UcxKvServer(KvServer):
     """A ucxx listener serving payloads from a KvSource.
 
     host is the name decode servers dial (UCX listens on every interface); port 0 picks a free one.
-    A pull that takes longer than timeout_s is dropped, so a stalled peer cannot pin blocks forever.
+    A pull that takes longer than timeout_s is dropped, so a stalled peer cannot pin blocks forever;
+    past max_endpoints endpoints at once, a new one is closed as it arrives.
     """
 
     transport = pb.KV_TRANSPORT_UCX
 
-    def __init__(self, host: str, port: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, host: str, port: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 max_endpoints: int = MAX_SERVER_ENDPOINTS) -> None:
         self._host = host
         self._port = port
         self._timeout_s = timeout_s
+        self._max_endpoints = max_endpoints
         self._source: KvSource | None = None
         self._listener = None
         self._handlers: set[asyncio.Task] = set()
@@ -218,6 +232,10 @@ class UcxKvServer(KvServer):
 
     async def _handle(self, ep) -> None:
         """Serve pulls on one endpoint until the puller closes it; never raises into ucxx."""
+        if len(self._handlers) >= self._max_endpoints:
+            log.warning("ucx_kv_endpoint_refused", num_endpoints=len(self._handlers))
+            ep.abort()
+            return
         task = asyncio.current_task()
         self._handlers.add(task)
         try:
@@ -257,14 +275,18 @@ async def _next_request(ep) -> str | None:
 class UcxKvPuller(KvPuller):
     """Pulls payloads from UcxKvServers over pooled endpoints (see the module doc).
 
-    A pull that takes longer than timeout_s fails with KvPullError.
+    A pull that takes longer than timeout_s fails with KvPullError; given the receiving cache's
+    layout, a handle that does not fit it fails (InvalidKvHandle) before anything is sent or allocated.
     """
 
     def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 max_idle_per_peer: int = MAX_IDLE_ENDPOINTS_PER_PEER) -> None:
+                 max_idle_per_peer: int = MAX_IDLE_ENDPOINTS_PER_PEER, layout: KVLayout | None = None,
+                 max_idle_peers: int = MAX_IDLE_PEERS) -> None:
         self._timeout_s = timeout_s
         self._max_idle_per_peer = max_idle_per_peer
-        self._idle: dict[str, list] = {}
+        self._max_idle_peers = max_idle_peers
+        self._layout = layout
+        self._idle: OrderedDict[str, list] = OrderedDict()  # least recently used peer first
         self._acquired = False
 
     async def start(self) -> None:
@@ -274,6 +296,8 @@ class UcxKvPuller(KvPuller):
             self._acquired = True
 
     async def pull(self, handle: pb.KvHandle) -> memoryview:
+        if self._layout is not None:
+            check_handle(handle, self._layout)
         await self.start()
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -303,10 +327,12 @@ class UcxKvPuller(KvPuller):
 
     async def _checkout(self, address: str):
         """An idle endpoint to address that is still alive, or a new one."""
-        idle = self._idle.get(address, [])
+        idle = self._idle.pop(address, [])
         while idle:
             ep = idle.pop()
             if not ep.closed:
+                if idle:
+                    self._idle[address] = idle
                 return ep
             ep.abort()
         import ucxx
@@ -316,10 +342,19 @@ class UcxKvPuller(KvPuller):
 
     def _checkin(self, address: str, ep) -> None:
         idle = self._idle.setdefault(address, [])
+        self._idle.move_to_end(address)
         if len(idle) < self._max_idle_per_peer:
             idle.append(ep)
         else:
             ep.abort()
+        while len(self._idle) > self._max_idle_peers:
+            for stale in self._idle.popitem(last=False)[1]:
+                stale.abort()
+
+    @property
+    def num_idle_peers(self) -> int:
+        """Prefill servers this puller keeps idle endpoints to."""
+        return len(self._idle)
 
 
 async def _fetch(ep, handle: pb.KvHandle) -> memoryview:

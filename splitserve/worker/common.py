@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import OrderedDict
 from typing import Protocol
 
 import grpc
@@ -126,9 +127,10 @@ class SchedulerLink:
 
 def token_event(request: pb.QueuedRequest, index: int, out: StepOutput) -> pb.TokenEvent:
     """The event carrying one output token at position index; the last one of a request stamps
-    `finish` and carries the whole Timeline."""
-    event = pb.TokenEvent(request_id=out.request_id, token_ids=[out.token_id], index=index,
-                          finish_reason=finish_to_proto(out.finish_reason))
+    `finish` and carries the whole Timeline. A failed step's event has no token, and says why."""
+    token_ids = [] if out.token_id is None else [out.token_id]
+    event = pb.TokenEvent(request_id=out.request_id, token_ids=token_ids, index=index,
+                          finish_reason=finish_to_proto(out.finish_reason), error=out.error or "")
     if out.finish_reason is not None:
         request.timeline.finish = time.time()
         event.timeline.CopyFrom(request.timeline)
@@ -232,19 +234,34 @@ async def call_with_retries(rpc, request, what: str, attempts: int = 5, timeout_
 
 
 class Tombstones:
-    """Ids of cancelled requests, remembered for a while so a late Submit is refused."""
+    """Ids of cancelled requests, remembered for ttl_s so a late Submit is refused.
 
-    def __init__(self, ttl_s: float = 300.0) -> None:
+    Kept in insertion order, so adding costs O(1) amortized: expired ids leave from the front. A
+    flood of cancels (anyone can publish one) keeps at most max_size ids, oldest dropped first.
+    """
+
+    def __init__(self, ttl_s: float = 300.0, max_size: int = 100_000) -> None:
         self.ttl_s = ttl_s
-        self._ids: dict[str, float] = {}
+        self.max_size = max_size
+        self._ids: OrderedDict[str, float] = OrderedDict()  # oldest first
 
     def add(self, request_id: str) -> None:
         now = time.monotonic()
-        self._ids = {k: t for k, t in self._ids.items() if now - t < self.ttl_s}
+        self._ids.pop(request_id, None)  # a repeat moves to the back, with its new time
         self._ids[request_id] = now
+        while len(self._ids) > self.max_size or self._oldest_expired(now):
+            self._ids.popitem(last=False)
+
+    def _oldest_expired(self, now: float) -> bool:
+        oldest = next(iter(self._ids.values()), None)
+        return oldest is not None and now - oldest >= self.ttl_s
 
     def __contains__(self, request_id: str) -> bool:
-        return request_id in self._ids
+        added = self._ids.get(request_id)
+        return added is not None and time.monotonic() - added < self.ttl_s
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 class ReplyPublisher:

@@ -8,7 +8,7 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from splitserve.common.engine_args import add_engine_args, positive_float
+from splitserve.common.engine_args import add_engine_args, positive_float, positive_int
 from splitserve.kv_transfer.factory import DEFAULT_TRANSPORT, TRANSPORTS, transport_value
 
 if TYPE_CHECKING:
@@ -28,10 +28,17 @@ class WorkerConfig:
     instance_id: str
     heartbeat_interval_s: float
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running requests get to finish
+    max_waiting: int | None = None  # decode: requests submitted and not yet admitted; None: derived
 
     @property
     def kv_transport_proto(self) -> int:
         return transport_value(self.kv_transport)
+
+    @property
+    def waiting_limit(self) -> int:
+        """Decode: requests that may wait for blocks before Submit answers RESOURCE_EXHAUSTED. Four
+        full batches by default: their KV waits on prefill servers meanwhile, under a lease."""
+        return self.max_waiting or 4 * self.engine.max_num_seqs
 
 
 def add_worker_args(parser: argparse.ArgumentParser, role: str, default_port: int) -> None:
@@ -56,6 +63,11 @@ def add_worker_args(parser: argparse.ArgumentParser, role: str, default_port: in
                         help="on SIGTERM: take nothing new and give what this worker holds this many "
                              "seconds to finish (prefill: to be pulled); what is left goes back to the "
                              "scheduler, which runs it elsewhere (default: 30)")
+    if role == "decode":
+        parser.add_argument("--max-waiting", type=positive_int, default=None,
+                            help="requests queued for KV blocks before Submit answers RESOURCE_EXHAUSTED "
+                                 "and the scheduler places them elsewhere or later "
+                                 "(default: 4 x --max-num-seqs)")
     add_engine_args(parser)
 
 
@@ -65,4 +77,5 @@ def worker_config(args: argparse.Namespace, engine: EngineConfig, role: str) -> 
         redis_url=args.redis_url, kv_transport=args.kv_transport,
         instance_id=args.instance_id or f"{role}-{socket.gethostname()}-{os.getpid()}",
         heartbeat_interval_s=args.heartbeat_interval, drain_timeout_s=args.drain_timeout,
+        max_waiting=args.max_waiting if role == "decode" else None,
     )
