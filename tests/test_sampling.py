@@ -148,5 +148,5 @@ def test_top_k_keeps_exactly_k_candidates_under_ties():
     picks = set()
     for seed in range(40):
         seq = Sequence("t", [1], SamplingParams(temperature=1.0, top_k=2, seed=seed), seed=seed)
-        picks.update(sample(logits.clone(), [seq], torch.Generator()))
+        picks.update(sample(logits.clone(), [seq], frozenset(), torch.Generator()))
     assert len(picks) == 2 and picks <= {0, 1, 2}

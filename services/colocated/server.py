@@ -109,21 +109,23 @@ class ColocatedServer:
             if out.finish_reason is not None:
                 del self.requests[out.request_id]
                 self.progress.note()
-            if running.num_emitted == 1:
-                prefilled.append(self._prefill_done(running, out.token_id, event.finish_reason))
+            if running.num_emitted == 1:  # its first event: a token, or the error of its first step
+                prefilled.append(self._prefill_done(running, event))
             elif out.finish_reason is not None:
-                finished.append((out.request_id, event.finish_reason, running.num_emitted))
+                finished.append((out.request_id, event.finish_reason, event.index + len(event.token_ids),
+                                 event.error))
             events.append((running.request.reply_channel, event))
         self.replies.send(events, then=lambda: asyncio.gather(
             *(call_with_retries(self.scheduler.PrefillDone, d, what="PrefillDone") for d in prefilled),
-            *(self._report_done(rid, reason, num_tokens) for rid, reason, num_tokens in finished)))
+            *(self._report_done(*done) for done in finished)))
 
-    def _prefill_done(self, running: Running, token_id: int, reason: int) -> spb.PrefillDoneRequest:
+    def _prefill_done(self, running: Running, event: pb.TokenEvent) -> spb.PrefillDoneRequest:
         return spb.PrefillDoneRequest(request_id=running.request.request_id,
-                                      instance_id=self.config.instance_id, output_token_ids=[token_id],
-                                      finish_reason=reason, timeline=running.request.timeline)
+                                      instance_id=self.config.instance_id, output_token_ids=event.token_ids,
+                                      finish_reason=event.finish_reason, error=event.error,
+                                      timeline=running.request.timeline)
 
-    async def _report_done(self, rid: str, reason: int, num_tokens: int) -> None:
+    async def _report_done(self, rid: str, reason: int, num_tokens: int, error: str = "") -> None:
         done = spb.RequestDoneRequest(request_id=rid, instance_id=self.config.instance_id,
-                                      finish_reason=reason, num_output_tokens=num_tokens)
+                                      finish_reason=reason, error=error, num_output_tokens=num_tokens)
         await call_with_retries(self.scheduler.RequestDone, done, what="RequestDone")

@@ -156,7 +156,8 @@ class PrefillServer:
     def _prefill_done(self, held: Held, out: StepOutput) -> spb.PrefillDoneRequest:
         return spb.PrefillDoneRequest(
             request_id=out.request_id, instance_id=self.config.instance_id, kv=held.handle,
-            output_token_ids=[out.token_id], finish_reason=finish_to_proto(out.finish_reason),
+            output_token_ids=[] if out.token_id is None else [out.token_id],
+            finish_reason=finish_to_proto(out.finish_reason), error=out.error or "",
             timeline=held.request.timeline)
 
     def _handle(self, request_id: str, block_ids: list[int]) -> pb.KvHandle:

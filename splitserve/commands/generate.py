@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     token_times = []
     while engine.has_work:
         for out in engine.step():
+            if out.error is not None:
+                raise SystemExit(f"\n{out.error}")
             token_times.append(time.perf_counter())
             sys.stdout.write(detok.add(out.token_id))
             sys.stdout.flush()

@@ -12,6 +12,7 @@ _FINISH_TO_PROTO = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.ABORT: pb.FINISH_REASON_ABORT,
+    FinishReason.ERROR: pb.FINISH_REASON_ERROR,
 }
 FINISH_REASON_NAMES = {
     pb.FINISH_REASON_STOP: "stop",

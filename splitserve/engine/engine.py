@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
 
 import structlog
 import torch
@@ -25,10 +26,21 @@ from splitserve.engine.request import (
     StepOutput,
 )
 from splitserve.engine.runner import ModelRunner
-from splitserve.engine.sampler import sample, suppress_stop_tokens
+from splitserve.engine.sampler import plain_greedy_tokens, sample_one
 from splitserve.engine.scheduler import Scheduler, SchedulerConfig
 
 log = structlog.get_logger(__name__)
+# Forward passes of distinct batches failing one after another point at the engine (a broken device),
+# not at a request: the next one raises out of step(), so the worker exits and its requests run elsewhere.
+MAX_FAILED_FORWARDS_IN_A_ROW = 3
+
+
+class _ForwardFailed(Exception):
+    """The model's forward pass over seqs raised (the __cause__): their step fails, nothing else."""
+
+    def __init__(self, seqs: list[Sequence]) -> None:
+        super().__init__(f"the forward pass over {len(seqs)} sequences failed")
+        self.seqs = seqs
 
 
 class LLMEngine:
@@ -59,6 +71,7 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self._generator = torch.Generator()
         self._generate_ids = itertools.count()
+        self._num_failed_forwards = 0  # in a row; reset by any forward pass that returns
 
     @property
     def tokenizer(self):
@@ -112,8 +125,20 @@ class LLMEngine:
         seq.finish_reason = FinishReason.ABORT
         self._retire(seq, RequestState.ABORTED)
 
+    def _fail(self, seq: Sequence, exc: Exception) -> StepOutput:
+        """End a request whose step raised: out of every queue, blocks freed, never run again.
+
+        The KV slots its failed step may have written lie in its own blocks, freed here, and a later
+        owner overwrites every slot before reading it: nothing of the failed step survives.
+        """
+        self.scheduler.remove(seq)
+        seq.finish_reason = FinishReason.ERROR
+        self._retire(seq, RequestState.FAILED)
+        error = f"the engine step failed for this request: {type(exc).__name__}: {exc}"
+        return StepOutput(seq.request_id, None, FinishReason.ERROR, error)
+
     def _retire(self, seq: Sequence, state: RequestState) -> None:
-        # Every exit path frees the request's blocks here, so nothing leaks on finish or abort.
+        # Every exit path frees the request's blocks here, so nothing leaks on finish, abort or failure.
         self.blocks.free(seq.request_id)
         seq.transition(state)
         self.sequences.pop(seq.request_id, None)
@@ -130,22 +155,49 @@ class LLMEngine:
 
         In the DECODE role the queue holds only preempted requests, recomputed here from their tokens.
         With chunked prefill, every step is a mixed step instead.
+
+        A request's failure is its own: a forward pass that raises fails every request of its batch
+        (FinishReason.ERROR, blocks freed) and a sampling error only its row's request; the engine
+        goes on serving. Only MAX_FAILED_FORWARDS_IN_A_ROW failed batches in a row raise from here.
         """
+        try:
+            return self._schedule_and_run()
+        except _ForwardFailed as failed:
+            return self._fail_batch(failed.seqs, failed.__cause__)
+
+    def _schedule_and_run(self) -> list[StepOutput]:
         if self.config.chunk_size is not None:
             return self._mixed_step()
         batch = self.scheduler.schedule_prefill()
         if batch:
             return self._run_prefill(batch)
-        return self.decode_step()
+        return self._decode_step()
 
-    @torch.inference_mode()
-    def decode_step(self) -> list[StepOutput]:
+    def _forward(self, seqs: list[Sequence], run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """run() (the model over seqs), raising _ForwardFailed before any sequence's state moved on."""
+        try:
+            logits = run()
+        except Exception as exc:
+            raise _ForwardFailed(seqs) from exc
+        self._num_failed_forwards = 0
+        return logits
+
+    def _fail_batch(self, seqs: list[Sequence], exc: Exception) -> list[StepOutput]:
+        self._num_failed_forwards += 1
+        if self._num_failed_forwards >= MAX_FAILED_FORWARDS_IN_A_ROW:
+            raise RuntimeError(f"{self._num_failed_forwards} forward passes in a row failed") from exc
+        log.error("forward pass failed; its batch fails", request_ids=[s.request_id for s in seqs],
+                  error=repr(exc), exc_info=exc)
+        return [self._fail(seq, exc) for seq in seqs]
+
+    def _decode_step(self) -> list[StepOutput]:
         batch, preempted = self.scheduler.schedule_decode()
         for seq in preempted:
             log.info("preempted", request_id=seq.request_id, free_blocks=self.blocks.num_free_blocks)
         if not batch:
             return []
-        logits = self.runner.decode(batch, [self.blocks.block_table(s.request_id) for s in batch])
+        tables = [self.blocks.block_table(s.request_id) for s in batch]
+        logits = self._forward(batch, lambda: self.runner.decode(batch, tables))
         for seq in batch:
             seq.num_computed_tokens = seq.num_tokens
         return self._postprocess(batch, logits)
@@ -157,8 +209,10 @@ class LLMEngine:
         if not decodes and not chunks:
             return []
         table = self.blocks.block_table
-        logits = self.runner.mixed(chunks, decodes, [table(s.request_id) for s, _ in chunks],
-                                   [table(s.request_id) for s in decodes])
+        chunk_tables = [table(s.request_id) for s, _ in chunks]
+        decode_tables = [table(s.request_id) for s in decodes]
+        logits = self._forward([s for s, _ in chunks] + decodes,
+                               lambda: self.runner.mixed(chunks, decodes, chunk_tables, decode_tables))
         completed = []
         for seq, n in chunks:
             seq.num_computed_tokens += n
@@ -177,7 +231,8 @@ class LLMEngine:
         return outputs
 
     def _run_prefill(self, batch: list[Sequence]) -> list[StepOutput]:
-        logits = self.runner.prefill(batch, [self.blocks.block_table(s.request_id) for s in batch])
+        tables = [self.blocks.block_table(s.request_id) for s in batch]
+        logits = self._forward(batch, lambda: self.runner.prefill(batch, tables))
         for seq in batch:
             seq.num_computed_tokens = seq.num_tokens
         outputs = self._postprocess(batch, logits)
@@ -192,19 +247,27 @@ class LLMEngine:
         return outputs
 
     def _postprocess(self, batch: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
-        suppress_stop_tokens(logits, batch, self.loaded.eos_token_ids)
-        tokens = sample(logits, batch, self._generator)
-        outputs = []
-        for seq, token in zip(batch, tokens):
-            seq.output_token_ids.append(token)
-            reason = self._finish_reason(seq, token)
-            if reason is not None:
-                seq.finish_reason = reason
-                if seq in self.scheduler.running:
-                    self.scheduler.running.remove(seq)
-                self._retire(seq, RequestState.FINISHED)
-            outputs.append(StepOutput(seq.request_id, token, reason))
-        return outputs
+        greedy = plain_greedy_tokens(logits, batch)
+        return [self._advance(seq, logits[row], greedy[row]) for row, seq in enumerate(batch)]
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor, token: int | None) -> StepOutput:
+        """Sample seq's next token from its row of logits (unless the batched greedy pass chose it),
+        append it, and retire seq if it ended."""
+        try:
+            if token is None:
+                token = sample_one(logits, seq, self.loaded.eos_token_ids, self._generator)
+        except Exception as exc:  # sampling is per request: its neighbours still get their tokens
+            log.error("sampling failed; the request fails", request_id=seq.request_id, error=repr(exc),
+                      exc_info=exc)
+            return self._fail(seq, exc)
+        seq.output_token_ids.append(token)
+        reason = self._finish_reason(seq, token)
+        if reason is not None:
+            seq.finish_reason = reason
+            if seq in self.scheduler.running:
+                self.scheduler.running.remove(seq)
+            self._retire(seq, RequestState.FINISHED)
+        return StepOutput(seq.request_id, token, reason)
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         params = seq.params
@@ -272,7 +335,8 @@ class LLMEngine:
     # -- convenience ----------------------------------------------------------------------------
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-        """Run prompts to completion together; returns each one's output token ids."""
+        """Run prompts to completion together; returns each one's output token ids (a request whose
+        step failed returns the tokens it had: its Sequence's state is FAILED)."""
         seqs = [self.add_request(f"generate-{next(self._generate_ids)}", p, params) for p in prompts]
         while self.has_work:
             self.step()

@@ -22,20 +22,27 @@ class RequestState(enum.Enum):
     DECODING = "decoding"
     FINISHED = "finished"
     ABORTED = "aborted"
+    FAILED = "failed"  # its engine step raised: retired with FinishReason.ERROR, never retried
 
 
 class FinishReason(enum.Enum):
     STOP = "stop"  # EOS, a stop token id, or (at the gateway) a stop string
     LENGTH = "length"  # max_new_tokens or the model's context
     ABORT = "abort"  # cancelled by the client or the operator
+    ERROR = "error"  # the engine step that ran it failed; StepOutput.error says why
+
+
+# Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): dividing logits by a smaller one
+# only overflows, and the distribution is one-hot to float32 precision anyway.
+SAMPLING_EPS = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens for one request; the defaults follow vLLM's.
 
-    temperature 0 means greedy. top_k None and top_p 1.0 mean no filtering. A seed makes sampling
-    reproducible for this request whatever else is in the batch.
+    temperature 0 (below SAMPLING_EPS) means greedy. top_k None and top_p 1.0 mean no filtering. A
+    seed makes sampling reproducible for this request whatever else is in the batch.
     """
 
     temperature: float = 1.0
@@ -48,7 +55,7 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # NaN fails this too
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -63,8 +70,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """Deterministic argmax: temperature 0, or a single candidate (top_k 1)."""
-        return self.temperature == 0.0 or self.top_k == 1
+        """Deterministic argmax: temperature 0 (or below SAMPLING_EPS), or a single candidate (top_k 1)."""
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
 
 @dataclass
@@ -115,13 +122,18 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.state in (RequestState.FINISHED, RequestState.ABORTED)
+        return self.state in (RequestState.FINISHED, RequestState.ABORTED, RequestState.FAILED)
 
 
 @dataclass(frozen=True)
 class StepOutput:
-    """What one engine step produced for one request: the new token and, if it ended, why."""
+    """What one engine step produced for one request: the new token and, if it ended, why.
+
+    A request whose step failed gets no token: token_id is None, finish_reason ERROR, and error
+    says what went wrong.
+    """
 
     request_id: str
-    token_id: int
+    token_id: int | None
     finish_reason: FinishReason | None
+    error: str | None = None

@@ -1,13 +1,21 @@
-"""Per-request token choice: greedy, or temperature + top-k + top-p with reproducible draws."""
+"""Per-request token choice: greedy, or temperature + top-k + top-p with reproducible draws.
+
+Sampling is total: any row of float logits (NaN, +-inf and extreme values included) and any valid
+SamplingParams give a token id in range, never an exception, so no request's parameters can fail the
+step its neighbours share. Where the distribution is degenerate (every candidate masked, an infinite
+logit, probabilities that did not come out finite) the choice falls back to the argmax. Only a row
+that is NaN throughout, which holds no choice to make, fails its own request.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from splitserve.engine.request import Sequence
+from splitserve.engine.request import SamplingParams, Sequence
 
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads consecutive positions over the seed space
+_NEG_INF = float("-inf")
 
 
 def step_seed(seed: int, position: int) -> int:
@@ -15,38 +23,91 @@ def step_seed(seed: int, position: int) -> int:
     return (seed ^ (position * _MIX)) & (2**63 - 1)
 
 
-def suppress_stop_tokens(
-    logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: frozenset[int]
-) -> None:
-    """Below min_new_tokens, EOS and stop tokens may not be chosen (vLLM's min_tokens)."""
-    for row, seq in enumerate(seqs):
-        if seq.num_output_tokens < seq.params.min_new_tokens:
-            banned = list(eos_token_ids | set(seq.params.stop_token_ids))
-            logits[row, banned] = float("-inf")
+def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: frozenset[int],
+           generator: torch.Generator) -> list[int]:
+    """One token per row of logits ``[batch, vocab]`` (on the CPU); see sample_one."""
+    return [sample_one(logits[row], seq, eos_token_ids, generator) for row, seq in enumerate(seqs)]
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator) -> list[int]:
-    """One token per row of logits ``[batch, vocab]`` (float32, on the CPU)."""
-    tokens = logits.argmax(dim=-1).tolist()
-    for row, seq in enumerate(seqs):
-        if not seq.params.greedy:
-            generator.manual_seed(step_seed(seq.seed, seq.num_output_tokens))
-            tokens[row] = _sample_row(logits[row], seq, generator)
-    return tokens
+def plain_greedy_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
+    """One batched argmax for the rows that need nothing more (greedy, no min_tokens mask, no NaN);
+    None for the rows sample_one must decide. The common greedy step stays one pass over the batch."""
+    best = logits.argmax(dim=-1)
+    # argmax picks a NaN over any number, so a row holding one shows NaN here.
+    clean = ~torch.isnan(logits.gather(1, best[:, None]).squeeze(1))
+    return [int(token) if ok and seq.params.greedy and seq.num_output_tokens >= seq.params.min_new_tokens
+            else None for token, ok, seq in zip(best.tolist(), clean.tolist(), seqs)]
 
 
-def _sample_row(logits: torch.Tensor, seq: Sequence, gen: torch.Generator) -> int:
-    params = seq.params
-    logits = logits / params.temperature
-    if params.top_k is not None and params.top_k < logits.numel():
-        # Exactly k candidates even when bfloat16 logits tie at the k-th value.
-        values, indices = torch.topk(logits, params.top_k)
-        logits = torch.full_like(logits, float("-inf")).scatter_(0, indices, values)
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+def sample_one(logits: torch.Tensor, seq: Sequence, eos_token_ids: frozenset[int],
+               generator: torch.Generator) -> int:
+    """The next token of seq from its row of logits ``[vocab]``; the row itself is not modified.
+
+    Below min_new_tokens, EOS and stop tokens may not be chosen (vLLM's min_tokens). A row that is
+    NaN throughout carries no choice at all: ValueError, and the request fails alone.
+    """
+    if bool(torch.isnan(logits).all()):
+        raise ValueError("the model produced NaN for every token of this request's step")
+    # A NaN logit (a broken model row) is never drawn; infinities stay what they are.
+    raw = logits.float().nan_to_num(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
+    masked = _suppress_stop_tokens(raw, seq, eos_token_ids)
+    if seq.params.greedy:
+        return _argmax(masked, raw)
+    probs = _probabilities(masked, seq.params)
+    if probs is None:
+        return _argmax(masked, raw)
+    generator.manual_seed(step_seed(seq.seed, seq.num_output_tokens))
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def _suppress_stop_tokens(logits: torch.Tensor, seq: Sequence, eos_token_ids: frozenset[int]) -> torch.Tensor:
+    if seq.num_output_tokens >= seq.params.min_new_tokens:
+        return logits
+    banned = list(eos_token_ids | set(seq.params.stop_token_ids))
+    masked = logits.clone()
+    masked[banned] = _NEG_INF
+    return masked
+
+
+def _argmax(masked: torch.Tensor, raw: torch.Tensor) -> int:
+    """The best allowed token; when min_tokens (or NaN) left nothing allowed, the best of all."""
+    if bool(torch.isneginf(masked).all()):
+        return int(raw.argmax().item())  # may be an all -inf row: still an id in range
+    return int(masked.argmax().item())
+
+
+def _probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor | None:
+    """The distribution to draw from after temperature, top-k and top-p; None when it is degenerate.
+
+    The max is subtracted before scaling, so no finite logit and temperature overflow: the best token
+    scales to exactly 0 and the others to <= 0 (-inf at worst, which softmax turns into 0).
+    """
+    logits = _top_k(logits, params.top_k)
+    top = logits.max()
+    if not bool(torch.isfinite(top)):
+        return None  # every candidate masked, or an infinite logit: the argmax decides
+    masked = torch.isneginf(logits)
+    # -inf / inf would be NaN, so masked entries are restored rather than scaled.
+    scaled = torch.where(masked, _NEG_INF, (logits - top) / params.temperature)
+    probs = _top_p(torch.softmax(scaled, dim=-1), params.top_p)
+    if not (bool(torch.isfinite(probs).all()) and bool(probs.sum() > 0)):
+        return None  # cannot happen by the arithmetic above; multinomial must never see it
+    return probs
+
+
+def _top_k(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    if top_k is None or top_k >= logits.numel():
+        return logits
+    # Exactly k candidates even when bfloat16 logits tie at the k-th value.
+    values, indices = torch.topk(logits, top_k)
+    return torch.full_like(logits, _NEG_INF).scatter_(0, indices, values)
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(descending=True)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    drop = sorted_probs.cumsum(0) - sorted_probs >= top_p
+    sorted_probs[drop] = 0.0
+    return torch.zeros_like(probs).scatter_(0, order, sorted_probs)

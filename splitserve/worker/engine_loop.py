@@ -125,7 +125,9 @@ class EngineLoop:
             extra = self._after_step(self.engine, outputs) if self._after_step else None
             self._refresh()
         except Exception as exc:
-            # The engine's state is unknown after a failed step: the service must exit and its
+            # A request's own failure never gets here: LLMEngine.step fails that request (or its
+            # batch) and goes on. What does is a bug in the engine itself, or a device failing batch
+            # after batch; the engine's state is then unknown: the service must exit and its
             # requests be reassigned, not go on serving from a half-updated batch.
             log.exception("engine step failed")
             self._loop.call_soon_threadsafe(_set_exception, self.failed, exc)
