@@ -129,8 +129,10 @@ def num_tokens(responses: list[gateway_pb2.GenerateResponse]) -> tuple[int, int]
 
 
 def queued_in_redis(client: redis.Redis) -> list[str]:
-    """The request ids in the stream (each stays until the scheduler acknowledges it)."""
-    return [pb.QueuedRequest.FromString(fields[b"msg"]).request_id
+    """The requests in the stream (each stays until the scheduler acknowledges it), told apart by
+    their max_tokens: their ids are the gateway's own, not the names the test gave them."""
+    names = {DECODING_TOKENS: "decoding", MAX_TOKENS: "queued"}
+    return [names.get(pb.QueuedRequest.FromString(fields[b"msg"]).sampling.max_tokens, "other")
             for _, fields in client.xrange(REQUEST_STREAM)]
 
 

@@ -22,6 +22,7 @@ class GatewayConfig:
     served_model_name: str | None  # the name clients must use; None is the model's own name
     api_key: str | None  # None: no authentication
     max_pending: int  # requests in flight in this gateway before new ones get 429
+    max_body_bytes: int  # HTTP request bodies past this get 413 unread
     cluster_poll_interval_s: float
     shutdown_grace_s: float  # on SIGTERM, in-flight requests get this long before they are aborted
     gateway_id: str  # unique per process; names this gateway's reply channel
@@ -32,7 +33,8 @@ class GatewayConfig:
             redis_url=args.redis_url, scheduler=args.scheduler, host=args.host,
             http_port=args.http_port, grpc_port=args.grpc_port, model=args.model,
             served_model_name=args.served_model_name, api_key=args.api_key or None,
-            max_pending=args.max_pending, cluster_poll_interval_s=args.cluster_poll_interval,
+            max_pending=args.max_pending, max_body_bytes=args.max_body_bytes,
+            cluster_poll_interval_s=args.cluster_poll_interval,
             shutdown_grace_s=args.shutdown_grace,
             gateway_id=args.gateway_id or new_gateway_id(),
         )

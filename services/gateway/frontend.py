@@ -9,6 +9,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Self
 
@@ -21,6 +22,7 @@ from splitserve.v1 import common_pb2 as pb
 from .cluster import ClusterView
 from .config import GatewayConfig
 from .errors import ApiError, ErrorKind, GenerationError, invalid
+from .limits import preview
 from .metrics import GatewayMetrics
 from .model import ServedModel
 from .output import OutputProcessor
@@ -55,6 +57,9 @@ class Frontend:
         self.draining = False  # shutting down: refuse new requests
         self._idle = asyncio.Event()  # set while nothing is in flight
         self._idle.set()
+        # Tokenizers release the GIL: a prompt tokenized here leaves the event loop free. Two threads,
+        # so one huge prompt does not hold up every other request's tokenization.
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
 
     @property
     def ready(self) -> bool:
@@ -69,24 +74,31 @@ class Frontend:
     def generate(self, request: GenerationRequest) -> Generation:
         return Generation(self, request)
 
-    def admit(self, request: GenerationRequest) -> pb.QueuedRequest:
-        """Checks and tokenizes request into its stream entry; ApiError when refused."""
+    def check_admission(self, request: GenerationRequest) -> None:
+        """The cheap refusals, before any work is spent on the request; ApiError when refused."""
         if request.model not in (None, "", self.model.name):
-            raise invalid(f"The model `{request.model}` does not exist.", "model", "model_not_found")
+            raise invalid(f"The model `{preview(request.model)}` does not exist.", "model", "model_not_found")
+        if self.draining:
+            raise ApiError(ErrorKind.UNAVAILABLE, "the gateway is shutting down")
         if self.num_pending >= self.config.max_pending:
             raise ApiError(ErrorKind.OVERLOADED, f"this gateway is serving its maximum of "
                            f"{self.config.max_pending} requests; retry later", code="rate_limit_exceeded")
-        request_id = request.request_id or f"{request.api.value}-{uuid.uuid4().hex}"
-        if request_id in self.services.router:
-            raise invalid(f"request_id {request_id} is already in use", "request_id")
-        prompt_ids = self.model.encode(request.prompt)
-        if not prompt_ids:
-            raise invalid("the prompt is empty after tokenization", "prompt")
-        max_tokens = resolve_max_tokens(request, len(prompt_ids), self.max_model_len)
-        if self.draining:
-            raise ApiError(ErrorKind.UNAVAILABLE, "the gateway is shutting down")
         if not self.services.cluster.snapshot.ready:
             raise ApiError(ErrorKind.UNAVAILABLE, "no prefill and decode workers are registered yet")
+
+    async def admit(self, request: GenerationRequest, request_id: str) -> pb.QueuedRequest:
+        """Checks and tokenizes request into its stream entry; ApiError when refused.
+
+        The prompt's size is checked before tokenizing, and tokenizing (chat template included) runs
+        on a thread, so a huge prompt neither costs more than its bound nor stalls other streams."""
+        max_model_len = self.max_model_len
+        self.model.check_prompt_size(request.prompt, max_model_len)
+        self.model.check_token_ids(request.sampling.stop_token_ids, "stop_token_ids")
+        loop = asyncio.get_running_loop()
+        prompt_ids = await loop.run_in_executor(self._tokenize_pool, self.model.encode, request.prompt)
+        if not prompt_ids:
+            raise invalid("the prompt is empty after tokenization", "prompt")
+        max_tokens = resolve_max_tokens(request, len(prompt_ids), max_model_len)
         sampling = sampling_proto(request.sampling, max_tokens, secrets.randbits(63))
         return pb.QueuedRequest(request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling,
                                 reply_channel=self.services.router.channel)
@@ -132,14 +144,20 @@ class Generation:
 
     async def __aenter__(self) -> Self:
         frontend = self.frontend
-        queued = frontend.admit(self.request)
-        self.request_id = queued.request_id
-        self.processor = OutputProcessor(frontend.model.tokenizer, self.request.sampling.stop,
-                                         len(queued.prompt_token_ids))
-        self._queue = frontend.services.router.register(self.request_id)
-        frontend.acquire()
+        frontend.check_admission(self.request)
+        # Always the gateway's own id: a client cannot name (and so cancel) another client's request.
+        self.request_id = f"{self.request.api.value}-{uuid.uuid4().hex}"
+        frontend.acquire()  # before the first await: max_pending bounds requests being tokenized too
         structlog.contextvars.bind_contextvars(request_id=self.request_id)
+        if self.request.client_request_id:
+            structlog.contextvars.bind_contextvars(client_request_id=self.request.client_request_id)
         try:
+            queued = await frontend.admit(self.request, self.request_id)
+            if frontend.draining:  # it began while this request was tokenized: abort_all may be done
+                raise ApiError(ErrorKind.UNAVAILABLE, "the gateway is shutting down")
+            self.processor = OutputProcessor(frontend.model.tokenizer, self.request.sampling.stop,
+                                             len(queued.prompt_token_ids))
+            self._queue = frontend.services.router.register(self.request_id)
             await self._enqueue(queued)
         except BaseException:
             self._release()
@@ -184,4 +202,4 @@ class Generation:
     def _release(self) -> None:
         self.frontend.services.router.unregister(self.request_id)
         self.frontend.release()
-        structlog.contextvars.unbind_contextvars("request_id")
+        structlog.contextvars.unbind_contextvars("request_id", "client_request_id")

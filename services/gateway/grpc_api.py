@@ -12,6 +12,7 @@ from splitserve.v1 import gateway_pb2_grpc
 
 from .errors import ApiError, ErrorKind, GenerationError, invalid
 from .frontend import Frontend
+from .limits import client_request_id
 from .schema import (
     FINISH_TO_PROTO,
     Api,
@@ -35,9 +36,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[gpb.GenerateResponse]:
         try:
             self._authorize(context)
-            async with self.frontend.generate(request_from_proto(request)) as generation:
+            parsed = request_from_proto(request)
+            async with self.frontend.generate(parsed) as generation:
+                # The client's own id, when it gave one, is what it hears back; ours stays inside.
+                name = parsed.client_request_id or generation.request_id
                 async for output in generation:
-                    yield response_from_output(generation.request_id, output)
+                    yield response_from_output(name, output)
         except ApiError as exc:
             await context.abort(exc.kind.grpc_code, exc.message)
         except GenerationError as exc:
@@ -66,7 +70,8 @@ def request_from_proto(msg: gpb.GenerateRequest) -> GenerationRequest:
         stop_token_ids=tuple(msg.stop_token_ids),
     )
     return GenerationRequest(Api.GRPC, prompt_from_proto(msg), sampling, msg.model or None,
-                             msg.request_id or None)
+                             client_request_id(msg.request_id))
+
 
 
 def prompt_from_proto(msg: gpb.GenerateRequest) -> Prompt:

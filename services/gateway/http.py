@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import time
 from collections.abc import Awaitable, Callable
@@ -14,6 +15,7 @@ from splitserve.v1 import scheduler_pb2 as spb
 
 from .errors import ApiError, ErrorKind, GenerationError
 from .frontend import Frontend, Generation
+from .limits import client_request_id
 from .metrics import GatewayMetrics
 from .openai_api import OpenAIRequest, parse_chat, parse_completion, parse_json
 from .openai_render import DONE, Renderer, renderer_for, sse
@@ -21,13 +23,14 @@ from .openai_render import DONE, Renderer, renderer_for, sse
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-MAX_BODY_BYTES = 32 << 20  # long prompts as token id lists run to megabytes
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
 
 
-def build_app(frontend: Frontend, metrics: GatewayMetrics, api_key: str | None) -> web.Application:
+def build_app(frontend: Frontend, metrics: GatewayMetrics, api_key: str | None,
+              max_body_bytes: int) -> web.Application:
+    """Bodies past max_body_bytes get 413 before they are parsed."""
     app = web.Application(middlewares=[error_middleware, auth_middleware(api_key)],
-                          client_max_size=MAX_BODY_BYTES)
+                          client_max_size=max_body_bytes)
     routes = HttpRoutes(frontend, metrics)
     app.router.add_post("/v1/completions", routes.completions)
     app.router.add_post("/v1/chat/completions", routes.chat_completions)
@@ -85,12 +88,15 @@ class HttpRoutes:
         return await self._generate(request, parse_chat(parse_json(await request.read())))
 
     async def _generate(self, request: web.Request, parsed: OpenAIRequest) -> web.StreamResponse:
-        async with self.frontend.generate(parsed.generation) as generation:
+        client_id = client_request_id(request.headers.get("X-Request-Id", ""))
+        generation_request = dataclasses.replace(parsed.generation, client_request_id=client_id)
+        async with self.frontend.generate(generation_request) as generation:
             renderer = renderer_for(parsed.generation.api, generation.request_id,
                                     self.frontend.model.name, parsed.include_usage)
+            headers = {"X-Request-Id": client_id or generation.request_id}
             if parsed.stream:
-                return await stream_sse(request, generation, renderer)
-            return web.json_response(await collect(generation, renderer))
+                return await stream_sse(request, generation, renderer, headers)
+            return web.json_response(await collect(generation, renderer), headers=headers)
 
     async def models(self, request: web.Request) -> web.Response:
         model = self.frontend.model
@@ -126,10 +132,11 @@ async def collect(generation: Generation, renderer: Renderer) -> dict:
     return renderer.body(text, final)
 
 
-async def stream_sse(request: web.Request, generation: Generation, renderer: Renderer) -> web.StreamResponse:
+async def stream_sse(request: web.Request, generation: Generation, renderer: Renderer,
+                     headers: dict[str, str]) -> web.StreamResponse:
     """Server-sent events in OpenAI's chunk format; a failure mid-stream is an error event, and
     every stream ends with [DONE]. A client that goes away cancels the request (Generation's exit)."""
-    response = web.StreamResponse(headers=SSE_HEADERS)
+    response = web.StreamResponse(headers=SSE_HEADERS | headers)
     await response.prepare(request)
     try:
         await write_outputs(response, generation, renderer)

@@ -11,6 +11,7 @@ import structlog
 from splitserve.common.engine_args import positive_float, positive_int
 
 from .config import GatewayConfig
+from .limits import DEFAULT_MAX_BODY_BYTES
 from .server import serve
 
 
@@ -42,6 +43,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pending", type=positive_int, default=env("SPLITSERVE_MAX_PENDING", "256"),
                    help="requests in flight in this gateway before new ones get 429 / RESOURCE_EXHAUSTED "
                         "(default: 256)")
+    p.add_argument("--max-body-bytes", type=positive_int,
+                   default=env("SPLITSERVE_MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES)),
+                   help="HTTP request bodies larger than this get 413 before they are read in full "
+                        f"(default: {DEFAULT_MAX_BODY_BYTES} = 8 MiB; see docs/security.md for every limit)")
     p.add_argument("--cluster-poll-interval", type=positive_float, default=1.0,
                    help="seconds between cluster state polls of the scheduler (default: 1)")
     p.add_argument("--shutdown-grace", type=positive_float, default=5.0,

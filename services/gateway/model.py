@@ -11,7 +11,8 @@ import jinja2
 
 from splitserve.engine.model_source import resolve_model
 
-from .errors import invalid
+from .errors import ApiError, invalid
+from .limits import MAX_NAME_CHARS, max_prompt_chars
 from .schema import ChatPrompt, Prompt, TextPrompt, TokenPrompt
 
 # tokenizer.model_max_length is this huge placeholder when the tokenizer config sets no limit.
@@ -26,6 +27,8 @@ class ServedModel:
     root: str  # the model's own name or path
     tokenizer: Any
     config_max_model_len: int  # context limit from the model's files, until workers report theirs
+    # Characters in the longest vocabulary entry: no token covers more of a prompt's text.
+    max_token_chars: int
 
     @classmethod
     def load(cls, model: str | None, served_model_name: str | None) -> ServedModel:
@@ -34,11 +37,34 @@ class ServedModel:
         source = resolve_model(model)
         tokenizer = AutoTokenizer.from_pretrained(source.path)
         return cls(served_model_name or source.name, source.name, tokenizer,
-                   _config_max_model_len(source.path, tokenizer))
+                   _config_max_model_len(source.path, tokenizer), _max_token_chars(tokenizer))
 
     @property
     def vocab_size(self) -> int:
         return len(self.tokenizer)
+
+    def check_prompt_size(self, prompt: Prompt, max_model_len: int) -> None:
+        """Refuses, without tokenizing it, a prompt that cannot fit max_model_len tokens."""
+        limit = max_prompt_chars(max_model_len, self.max_token_chars)
+        _check_encodable(prompt)
+        match prompt:
+            case TextPrompt(text) if len(text) > limit:
+                raise _too_long("prompt", f"{len(text)} characters", max_model_len, limit)
+            case TokenPrompt(token_ids) if len(token_ids) >= max_model_len:
+                raise _too_long("prompt", f"{len(token_ids)} tokens", max_model_len)
+            case ChatPrompt(messages):
+                if len(messages) >= max_model_len:  # every message is at least one token
+                    raise _too_long("messages", f"{len(messages)} messages", max_model_len)
+                if any(len(m.role) > MAX_NAME_CHARS for m in messages):
+                    raise invalid(f"a message role must be at most {MAX_NAME_CHARS} characters", "messages")
+                num_chars = sum(len(m.content) + len(m.role) for m in messages)
+                if num_chars > limit:
+                    raise _too_long("messages", f"{num_chars} characters", max_model_len, limit)
+
+    def check_token_ids(self, token_ids: tuple[int, ...], param: str) -> None:
+        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise invalid(f"token id {bad} is out of the vocabulary (size {self.vocab_size})", param)
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of prompt (chat: through the chat template); ApiError when it cannot be."""
@@ -48,7 +74,7 @@ class ServedModel:
             case ChatPrompt(messages):
                 return self._apply_chat_template([{"role": m.role, "content": m.content} for m in messages])
             case TokenPrompt(token_ids):
-                self._check_token_ids(token_ids)
+                self.check_token_ids(token_ids, "prompt")
                 return list(token_ids)
 
     def _apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
@@ -60,10 +86,35 @@ class ServedModel:
             raise invalid(f"chat template error: {exc}", "messages") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    def _check_token_ids(self, token_ids: tuple[int, ...]) -> None:
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise invalid(f"token id {bad[0]} is out of the vocabulary (size {self.vocab_size})", "prompt")
+
+def _check_encodable(prompt: Prompt) -> None:
+    """JSON may carry lone UTF-16 surrogates ("\\ud800"), which no tokenizer can encode."""
+    match prompt:
+        case TextPrompt(text) if not _is_utf8(text):
+            raise invalid("prompt is not valid Unicode (a lone surrogate)", "prompt")
+        case ChatPrompt(messages) if not all(_is_utf8(m.role) and _is_utf8(m.content) for m in messages):
+            raise invalid("a message is not valid Unicode (a lone surrogate)", "messages")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _too_long(param: str, size: str, max_model_len: int, max_chars: int | None = None) -> ApiError:
+    bound = f" (at most {max_chars} characters can fit it)" if max_chars is not None else ""
+    return invalid(f"This model's maximum context length is {max_model_len} tokens{bound}. However, "
+                   f"your {param} has {size}. Please reduce the length of the {param}.", param,
+                   "context_length_exceeded")
+
+
+def _max_token_chars(tokenizer: Any) -> int:
+    """The longest vocabulary entry in characters. Entries are stored encoded (byte-level BPE's 'Ġ',
+    SentencePiece's '▁', byte fallback's '<0x41>'), never shorter than the text they cover."""
+    return max(len(token) for token in tokenizer.get_vocab())
 
 
 def _config_max_model_len(path: Path, tokenizer: Any) -> int:

@@ -1,17 +1,21 @@
 """OpenAI request bodies (/v1/completions, /v1/chat/completions) -> GenerationRequest.
 
-Types are checked strictly (an int field takes a JSON integer, a float field any JSON number); every
-mistake is an ApiError naming the field. Unknown fields are ignored, as vLLM does; known fields whose
-feature we do not have (logprobs, echo, penalties, n > 1) are refused rather than silently dropped.
+Types are checked strictly (an int field takes a JSON integer, a float field any finite JSON number;
+NaN and Infinity are not JSON), and so is the nesting depth; every mistake is an ApiError naming the
+field. Unknown top-level fields are ignored, as vLLM does (clients send vendor extensions there);
+unknown keys inside stream_options are refused, as OpenAI does. Known fields whose feature we do not
+have (logprobs, echo, penalties, n > 1) are refused rather than silently dropped.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import invalid
+from .limits import MAX_JSON_DEPTH, json_depth_exceeds, preview
 from .schema import (
     Api,
     ChatMessage,
@@ -31,6 +35,9 @@ _UNSUPPORTED = {
     "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
     "suffix": ("",), "tools": ([],), "logit_bias": ({},), "response_format": ({"type": "text"},),
 }
+
+
+_STREAM_OPTIONS = {"include_usage"}
 
 
 @dataclass(frozen=True)
@@ -53,8 +60,15 @@ class Fields:
         if value is None:
             return default
         if not _is(value, kind):
-            raise invalid(f"'{name}' must be {_KIND_NAMES[kind]}, got {json.dumps(value)[:40]}", name)
-        return float(value) if kind is float else value
+            raise invalid(f"'{name}' must be {_KIND_NAMES[kind]}, got {preview(value)}", name)
+        if kind is float:
+            try:
+                value = float(value)  # a JSON integer too large for a float overflows
+            except OverflowError:
+                value = math.inf
+            if not math.isfinite(value):
+                raise invalid(f"'{name}' must be a finite number", name)
+        return value
 
     def strings(self, name: str) -> tuple[str, ...]:
         """A string or a list of strings (OpenAI's stop)."""
@@ -83,13 +97,22 @@ def _is(value: Any, kind: type) -> bool:
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object; ApiError for anything else, or nesting deeper than MAX_JSON_DEPTH."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:  # nested thousands deep: the decoder gives up before we could measure it
+        raise invalid(f"request body nests deeper than {MAX_JSON_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise invalid(f"request body is not valid JSON: {exc}") from None
+        raise invalid(f"request body is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(body, dict):
         raise invalid("request body must be a JSON object")
+    if json_depth_exceeds(body, MAX_JSON_DEPTH):
+        raise invalid(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
     return body
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def parse_completion(body: dict[str, Any]) -> OpenAIRequest:
@@ -111,6 +134,9 @@ def _request(fields: Fields, api: Api, prompt: Prompt, max_tokens: int | None) -
     options = Fields(fields.get("stream_options", dict, {}))
     if options.body and not stream:
         raise invalid("stream_options is only allowed when stream is true", "stream_options")
+    unknown = sorted(set(options.body) - _STREAM_OPTIONS)
+    if unknown:
+        raise invalid(f"unknown field in stream_options: {preview(unknown[0])}", "stream_options")
     return OpenAIRequest(generation, stream, options.get("include_usage", bool, False))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from splitserve.engine.request import SAMPLING_EPS
 from splitserve.v1 import common_pb2 as pb
 
 from .errors import invalid
@@ -39,8 +40,9 @@ def resolve_max_tokens(request: GenerationRequest, num_prompt_tokens: int, max_m
 def sampling_proto(options: SamplingOptions, max_tokens: int, random_seed: int) -> pb.SamplingParams:
     """Every field set; random_seed stands in when the client gave none, so a request replayed after
     a worker failure samples the same tokens again."""
+    greedy = options.temperature < SAMPLING_EPS  # vLLM's rule, sent as 0 so every worker agrees
     return pb.SamplingParams(
-        temperature=options.temperature,
+        temperature=0.0 if greedy else options.temperature,
         top_p=options.top_p,
         top_k=options.top_k or 0,
         seed=random_seed if options.seed is None else options.seed,

@@ -9,6 +9,13 @@ from dataclasses import dataclass
 from splitserve.v1 import common_pb2 as pb
 
 from .errors import invalid
+from .limits import (
+    FLOAT32_MAX,
+    INT32_MAX,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+)
 
 MAX_SEED = 2**64  # SamplingParams.seed is a uint64
 
@@ -67,28 +74,43 @@ class SamplingOptions:
     stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise invalid(f"temperature must be >= 0, got {self.temperature}", "temperature")
-        if not 0.0 < self.top_p <= 1.0:
-            raise invalid(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
-        if self.top_k is not None and self.top_k < 1:
-            raise invalid(f"top_k must be -1 or 0 (disabled) or >= 1, got {self.top_k}", "top_k")
+        self._check_floats()
+        if self.top_k is not None and not 1 <= self.top_k <= INT32_MAX:
+            raise invalid(f"top_k must be -1 or 0 (disabled) or in [1, {INT32_MAX}], got {self.top_k}", "top_k")
         if self.seed is not None and not 0 <= self.seed < MAX_SEED:
             raise invalid(f"seed must be in [-2**63, 2**64), got {self.seed}", "seed")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise invalid(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
+        if self.max_tokens is not None and not 1 <= self.max_tokens <= INT32_MAX:
+            raise invalid(f"max_tokens must be in [1, {INT32_MAX}], got {self.max_tokens}", "max_tokens")
         self._check_min_tokens()
-        if any(not s for s in self.stop):
-            raise invalid("stop cannot contain an empty string", "stop")
-        if any(t < 0 for t in self.stop_token_ids):
-            raise invalid("stop_token_ids must be >= 0", "stop_token_ids")
+        self._check_stops()
+
+    def _check_floats(self) -> None:
+        # Finite and within float32, the proto's type: 1e39 would arrive as inf.
+        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= FLOAT32_MAX):
+            raise invalid(f"temperature must be a finite number >= 0, got {self.temperature}", "temperature")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise invalid(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
 
     def _check_min_tokens(self) -> None:
-        if self.min_tokens < 0:
-            raise invalid(f"min_tokens must be >= 0, got {self.min_tokens}", "min_tokens")
+        if not 0 <= self.min_tokens <= INT32_MAX:
+            raise invalid(f"min_tokens must be in [0, {INT32_MAX}], got {self.min_tokens}", "min_tokens")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise invalid(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
                           "min_tokens")
+
+    def _check_stops(self) -> None:
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise invalid(f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed", "stop")
+        if any(not s for s in self.stop):
+            raise invalid("stop cannot contain an empty string", "stop")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            raise invalid(f"each stop string must be at most {MAX_STOP_STRING_CHARS} characters", "stop")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise invalid(f"stop_token_ids has {len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} "
+                          "are allowed", "stop_token_ids")
+        # Ids above the vocabulary are refused by the frontend, which knows its size.
+        if any(not 0 <= t <= INT32_MAX for t in self.stop_token_ids):
+            raise invalid("stop_token_ids must be token ids (>= 0)", "stop_token_ids")
 
 
 def top_k_option(value: int | None) -> int | None:
@@ -111,7 +133,9 @@ class GenerationRequest:
     prompt: Prompt
     sampling: SamplingOptions
     model: str | None = None  # None: the served model
-    request_id: str | None = None  # None: the gateway chooses one
+    # The client's own name for the request (gRPC request_id): checked, logged and echoed back, never
+    # used as the request's id inside the cluster, which the gateway always chooses.
+    client_request_id: str | None = None
 
 
 class Finish(enum.Enum):

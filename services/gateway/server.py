@@ -9,7 +9,8 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from splitserve.common.rpc import NOT_SERVING, SERVING, add_health, bind, make_server, open_channel
+from splitserve.common.rpc import (CLIENT_MAX_MESSAGE_BYTES, NOT_SERVING, SERVING, add_health, bind, make_server,
+                                   open_channel)
 from splitserve.common.service import run_until_signal
 from splitserve.queue.streams import (
     ProtoCodec,
@@ -61,7 +62,7 @@ class GatewayServer:
         self.config = config
         self.metrics = GatewayMetrics()
         self.router = ReplyRouter(redis, reply_channel(config.gateway_id))
-        self.grpc_server = make_server()
+        self.grpc_server = make_server(CLIENT_MAX_MESSAGE_BYTES)
         self.health = add_health(self.grpc_server)
         cluster = ClusterView(scheduler_pb2_grpc.SchedulerStub(channel), config.cluster_poll_interval_s,
                               self._on_cluster_update)
@@ -72,7 +73,7 @@ class GatewayServer:
                                                        self.grpc_server)
         # handler_cancellation: a client that disconnects cancels its handler at once, which cancels
         # the request upstream even while no token is due.
-        self.runner = web.AppRunner(build_app(self.frontend, self.metrics, config.api_key),
+        self.runner = web.AppRunner(build_app(self.frontend, self.metrics, config.api_key, config.max_body_bytes),
                                     handler_cancellation=True, access_log=None)
         self.tasks: list[asyncio.Task] = []
 
