@@ -7,8 +7,10 @@ share with one torch thread per core, so a colocated worker gets all the cores t
 decode servers of a disaggregated cluster share. The gateway, the scheduler and Redis float.
 
 Every service is a fresh process (never a fork: UCX must not be initialized before a fork), each
-with its own log file. The launcher waits until the gateway is ready, prints the endpoints, serves
-until Ctrl-C or SIGTERM, then stops the services in reverse order of their start.
+with its own log file, and each dies with the launcher even when the launcher is killed
+(splitserve/common/proc.py). The launcher waits until the gateway is ready, prints the endpoints,
+serves until Ctrl-C or SIGTERM, then stops the services in reverse order of their start. A
+service that exits on its own meanwhile is restarted with the same flags after a backoff.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from splitserve.common.engine_args import add_engine_args, format_cpus, positive_float, positive_int
 from splitserve.common.net import free_port
+from splitserve.common.proc import RestartPolicy, Supervised, owned
 from splitserve.queue.redis_server import LocalRedis
 
 from . import adapt
@@ -65,6 +69,7 @@ class ClusterConfig:
     scheduler_argv: tuple[str, ...] = ()  # planning flags (--adapt)
     adapt: bool = False  # follow the scheduler's placement recommendations
     adapt_cooldown_s: float = 60.0
+    restart: RestartPolicy = RestartPolicy()  # for services that exit on their own
 
     @property
     def http_url(self) -> str:
@@ -102,7 +107,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="start a local cluster and serve until Ctrl-C",
                        description="Start Redis (unless --redis-url), the scheduler, prefill and decode "
                                    "servers and the gateway as separate processes; wait until the cluster "
-                                   "is ready; serve until Ctrl-C; stop everything.")
+                                   "is ready; serve until Ctrl-C or SIGTERM; stop everything. A service "
+                                   "that exits on its own (a crash, a kill) is restarted with the same name, "
+                                   "flags and cores, after 1 s, doubling for crashes in a row up to 30 s "
+                                   "(back to 1 s once it has stayed up for 60 s); one that exits during "
+                                   "start-up stops the launcher instead. Every service dies with the "
+                                   "launcher, even when the launcher is killed.")
     p.add_argument("--mode", choices=MODES, default="disaggregated",
                    help="disaggregated: prefill and decode servers; colocated: workers that do both, new "
                         "prompts first (vLLM's order); chunked: colocated with chunked prefill "
@@ -181,9 +191,9 @@ class Cluster:
 
     config: ClusterConfig
     redis: LocalRedis | None = None
-    processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
-    # Workers told to drain (SIGTERM) while the cluster goes on: --adapt replaced them.
-    retiring: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    services: list[Supervised] = field(default_factory=list)
+    # Workers told to drain (SIGTERM) while the cluster goes on: --adapt replaced them. Never restarted.
+    retiring: list[Supervised] = field(default_factory=list)
     _next_index: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -193,7 +203,7 @@ class Cluster:
     def start(self) -> None:
         c = self.config
         if c.redis_url is None:
-            self.redis = LocalRedis().start()
+            self._start_redis()
         common = ["--redis-url", self.redis_url]
         drain = ["--drain-timeout", str(c.drain_timeout_s)]
         self._spawn("scheduler", ["scheduler", *common, *drain, "--host", c.host, "--port", str(c.scheduler_port),
@@ -226,36 +236,62 @@ class Cluster:
         return name
 
     def workers(self) -> list[str]:
-        return [name for name, _ in self.processes if name.split("-")[0] in WORKER_ROLES]
+        return [s.name for s in self.services if s.name.split("-")[0] in WORKER_ROLES]
 
     def retire(self, name: str) -> None:
         """Drain a worker (SIGTERM) and stop watching it as part of the cluster."""
-        for entry in list(self.processes):
-            if entry[0] == name:
-                self.processes.remove(entry)
-                self.retiring.append(entry)
-                entry[1].send_signal(signal.SIGTERM)
+        for service in [s for s in self.services if s.name == name]:
+            self.services.remove(service)
+            self.retiring.append(service)
+            service.process.send_signal(signal.SIGTERM)  # a no-op for one that already exited
 
     def reap_retired(self) -> list[tuple[str, int]]:
         """Retired workers that have exited, with their exit codes."""
-        gone = [(name, p) for name, p in self.retiring if p.poll() is not None]
-        for entry in gone:
-            self.retiring.remove(entry)
-        return [(name, p.returncode) for name, p in gone]
+        gone = [s for s in self.retiring if s.exited]
+        for service in gone:
+            self.retiring.remove(service)
+        return [(s.name, s.process.returncode) for s in gone]
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        log = open(self.config.log_dir / f"{name}.log", "ab")
-        # A new session: Ctrl-C reaches the launcher only, which then stops the services in order.
-        with log:  # the child has its own copy of the descriptor
-            process = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "--log-json", *argv],
-                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.processes.append((name, process))
+        log = self.config.log_dir / f"{name}.log"
+        command = owned([sys.executable, "-m", "splitserve.cli", "--log-json", *argv])
+
+        def launch() -> subprocess.Popen:
+            with open(log, "ab") as out:  # the child has its own copy of the descriptor
+                # A new session: Ctrl-C reaches the launcher only, which then stops the services in order.
+                return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+        self.services.append(Supervised(name, launch, log, launch()))
+
+    def _start_redis(self) -> None:
+        # Append-only: a restarted Redis replays the stream, so requests queued in it are not lost.
+        self.redis = LocalRedis(appendonly=True, die_with_parent=True).start()
+
+        def launch() -> subprocess.Popen:  # same port and folder (its append-only file); services reconnect
+            try:
+                self.redis.start()
+            except OSError as exc:  # exited at once or never answered: supervise() sees an exit and backs off
+                print(f"redis: {exc}", file=sys.stderr, flush=True)
+            return self.redis.process
+
+        log = Path(self.redis.dir.name) / "redis.log"
+        self.services.append(Supervised("redis", launch, log, self.redis.process))
 
     def dead(self) -> list[str]:
-        return [name for name, p in self.processes if p.poll() is not None]
+        return [s.name for s in self.services if s.exited]
+
+    def supervise(self) -> None:
+        """Restart each service that exited though nobody asked it to, once its backoff has passed.
+        Retired workers are not in `services` any more: a drained worker stays gone."""
+        now = time.monotonic()
+        for service in self.services:
+            if (news := service.tend(self.config.restart, now)) is not None:
+                print(news, file=sys.stderr, flush=True)
 
     def wait_ready(self) -> None:
-        """Poll the gateway's readiness (an external process: there is nothing to await)."""
+        """Poll the gateway's readiness (an external process: there is nothing to await). A service
+        that exits now is not restarted: at start-up it is a configuration error (a port in use, a
+        bad flag), and repeating it would hide it."""
         deadline = time.monotonic() + self.config.ready_timeout_s
         while time.monotonic() < deadline:
             if self.dead():
@@ -267,18 +303,18 @@ class Cluster:
                       f"see the logs in {self.config.log_dir}")
 
     def stop(self) -> None:
-        """SIGTERM each service, the gateway first, then the workers newest first, then the scheduler:
-        each drains, within its timeout, and exits; one that does not is killed."""
+        """SIGTERM each service, the gateway first, then the workers newest first, then the scheduler
+        and Redis: each drains, within its timeout, and exits; one that does not is killed."""
         grace_s = self.config.drain_timeout_s + 30.0  # + a prefill's pull grace, the last reports, gRPC
-        order = sorted(reversed(self.processes + self.retiring), key=lambda entry: entry[0] != "gateway")
-        for name, process in order:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+        order = sorted(reversed(self.services + self.retiring), key=lambda s: s.name != "gateway")
+        for service in order:
+            if not service.exited:
+                service.process.send_signal(signal.SIGTERM)
                 try:
-                    process.wait(grace_s)
+                    service.process.wait(grace_s)
                 except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                    service.process.kill()
+                    service.process.wait()
         if self.redis is not None:
             self.redis.stop()
 
@@ -316,7 +352,7 @@ def main(args: argparse.Namespace) -> int:
               f"logs in {config.log_dir}", flush=True)
         cluster.wait_ready()
         _print_endpoints(config)
-        return _serve(cluster)
+        _serve(cluster)
     except KeyboardInterrupt:
         return 0
     finally:
@@ -331,32 +367,21 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _serve(cluster: Cluster) -> int:
-    """Block until Ctrl-C / SIGTERM (exit 0), or until the cluster cannot serve (exit 1).
+def _serve(cluster: Cluster) -> NoReturn:
+    """Watch the services until Ctrl-C / SIGTERM (a KeyboardInterrupt) ends the launcher.
 
-    A prefill or decode server that dies is reported and the others go on: the scheduler requeues
-    its requests. The cluster stops when the gateway or the scheduler dies, or the last server of a
-    role does. With --adapt, the placement follows the scheduler's recommendations.
+    A service that exits on its own is restarted after its backoff, so one crash costs only the
+    requests it held (the scheduler requeues a lost worker's). With --adapt, the placement follows
+    the scheduler's recommendations.
     """
-    reported: set[str] = set()
     adapter = adapt.Adapter(cluster) if cluster.config.adapt else None
     while True:  # the services are other processes: watching them is polling by nature
-        for name in sorted(set(cluster.dead()) - reported):
-            reported.add(name)
-            print(f"{name} exited; see {cluster.config.log_dir / (name + '.log')}", file=sys.stderr, flush=True)
+        cluster.supervise()
         for name, code in cluster.reap_retired():
             print(f"{name} drained and exited ({code})", flush=True)
-        if _fatal(cluster, reported):
-            return 1
         if adapter is not None:
             adapter.tick()
         time.sleep(0.5)
-
-
-def _fatal(cluster: Cluster, dead: set[str]) -> bool:
-    """The gateway or the scheduler died, or no live workers can serve a request."""
-    alive = {name.split("-")[0] for name in cluster.workers() if name not in dead}
-    return bool({"gateway", "scheduler"} & dead) or not ("colocated" in alive or {"prefill", "decode"} <= alive)
 
 
 def _print_endpoints(config: ClusterConfig) -> None:

@@ -12,6 +12,7 @@ from typing import Self
 import redis
 
 from splitserve.common.net import free_port
+from splitserve.common.proc import owned
 
 
 def redis_server_binary() -> str:
@@ -29,12 +30,16 @@ class LocalRedis:
     """Start redis-server on 127.0.0.1 and a free port; stop() (or the with block) ends it.
 
     With appendonly, every write is fsynced to an append-only file in its folder, so a restart()
-    (or terminate() then start()) on the same port comes back with the same data.
+    (or terminate() then start()) on the same port comes back with the same data. With
+    die_with_parent, redis-server is killed when the thread that started it ends, even by SIGKILL
+    (`splitserve up` starts it from its main thread; tests that start it from a helper thread must not).
     """
 
-    def __init__(self, port: int | None = None, appendonly: bool = False) -> None:
+    def __init__(self, port: int | None = None, appendonly: bool = False,
+                 die_with_parent: bool = False) -> None:
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.die_with_parent = die_with_parent
         self.dir = tempfile.TemporaryDirectory(prefix="splitserve-redis-")
         self.process: subprocess.Popen | None = None
 
@@ -48,7 +53,8 @@ class LocalRedis:
                 "--appendonly", "yes" if self.appendonly else "no", *fsync, "--dir", self.dir.name,
                 "--loglevel", "warning"]
         with open(Path(self.dir.name) / "redis.log", "ab") as log:  # the child keeps its own copy
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(owned(args) if self.die_with_parent else args, stdout=log,
+                                            stderr=subprocess.STDOUT)
         self._wait_ready(timeout_s)
         return self
 
