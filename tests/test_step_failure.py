@@ -1,8 +1,10 @@
 """One request can only hurt itself (issue 13): a failed engine step fails its own requests, frees
-their blocks, and the engine goes on serving the others correctly.
+their blocks, and the engine goes on serving the others correctly. When a batched forward pass
+raises, its sequences run again one at a time, and only those that raise alone too fail.
 
 No input known today makes a step fail (sampling is total), so the failures here are injected: the
-model runner raising for one step, or sampling raising for one row.
+model runner raising for one call or whenever a given request is in its batch, or sampling raising
+for one row.
 """
 
 from __future__ import annotations
@@ -41,6 +43,30 @@ class FailFirst:
         return self.fn(*args, **kwargs)
 
 
+def seq_ids(seqs, tables) -> list[str]:
+    return [s.request_id for s in seqs]
+
+
+def mixed_ids(chunks, decodes, chunk_tables, decode_tables) -> list[str]:
+    return [s.request_id for s, _ in chunks] + [s.request_id for s in decodes]
+
+
+class FailWith:
+    """Stands in for a runner method: raises whenever one of the culprits is in the batch it is given,
+    and records the request ids of every batch."""
+
+    def __init__(self, fn, culprits: set[str], ids_of=seq_ids) -> None:
+        self.fn, self.culprits, self.ids_of = fn, culprits, ids_of
+        self.batches: list[list[str]] = []
+
+    def __call__(self, *args):
+        ids = self.ids_of(*args)
+        self.batches.append(ids)
+        if self.culprits & set(ids):
+            raise RuntimeError("injected forward failure")
+        return self.fn(*args)
+
+
 def run_all(engine: LLMEngine) -> None:
     while engine.has_work:
         engine.step()
@@ -65,67 +91,148 @@ def assert_failed(outputs, request_ids: list[str]) -> None:
         assert out.error == "the engine step failed for this request: RuntimeError: injected forward failure"
 
 
-def test_a_failed_prefill_fails_exactly_its_batch_and_the_engine_serves_on(model_fp32, prompts, expected,
-                                                                            monkeypatch):
+def tokens(outputs) -> dict[str, int | None]:
+    return {o.request_id: o.token_id for o in outputs}
+
+
+def test_a_failed_prefill_batch_reruns_each_prompt_alone_and_all_survive(model_fp32, prompts, expected,
+                                                                         monkeypatch):
     engine = new_engine(model_fp32)
     a = engine.add_request("a", prompts[0], PARAMS)
     engine.step()  # a prefilled, now decoding
-    a_blocks = engine.blocks.block_table("a")
-    assert len(a_blocks) == blocks_for(len(prompts[0]), engine.blocks.block_size)
     b = engine.add_request("b", prompts[1], PARAMS)
-    engine.add_request("c", prompts[2], PARAMS)
-    monkeypatch.setattr(engine.runner, "prefill", FailFirst(engine.runner.prefill))
+    c = engine.add_request("c", prompts[2], PARAMS)
+    flaky = FailFirst(engine.runner.prefill)
+    monkeypatch.setattr(engine.runner, "prefill", flaky)
 
-    assert_failed(engine.step(), ["b", "c"])
+    outputs = engine.step()
 
-    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks - len(a_blocks)
-    assert engine.blocks.block_table("a") == a_blocks
-    assert engine.scheduler.running == [a] and not engine.scheduler.waiting
-    assert set(engine.sequences) == {"a"}
-    assert b.state is RequestState.FAILED and b.output_token_ids == [] and b.is_finished
-    engine.add_request("b", prompts[1], PARAMS)  # the id is free again; the prompt runs afresh
+    assert flaky.calls == 3  # the batch [b, c], then b alone, then c alone
+    assert tokens(outputs) == {"b": expected[None][1][0], "c": expected[None][2][0]}
+    assert engine.scheduler.running == [a, b, c] and not engine.scheduler.waiting
     run_all(engine)
-    assert a.output_token_ids == expected[None][0]
-    assert engine.generate([prompts[2]], PARAMS) == [expected[None][2]]
+    assert [s.output_token_ids for s in (a, b, c)] == expected[None]
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
-def test_a_failed_decode_step_fails_every_running_request_and_frees_all_blocks(model_fp32, prompts, expected,
-                                                                                monkeypatch):
+def test_a_prefill_culprit_fails_alone_and_its_neighbours_match_the_reference(model_fp32, prompts, expected,
+                                                                              monkeypatch):
     engine = new_engine(model_fp32)
-    engine.add_request("a", prompts[0], PARAMS)
-    engine.add_request("b", prompts[1], PARAMS)
-    engine.step()
-    monkeypatch.setattr(engine.runner, "decode", FailFirst(engine.runner.decode))
+    poisoned = FailWith(engine.runner.prefill, {"b"})
+    monkeypatch.setattr(engine.runner, "prefill", poisoned)
+    a = engine.add_request("a", prompts[0], PARAMS)
+    b = engine.add_request("b", prompts[1], PARAMS)
+    c = engine.add_request("c", prompts[2], PARAMS)
 
-    assert_failed(engine.step(), ["a", "b"])
+    outputs = engine.step()
 
+    assert poisoned.batches == [["a", "b", "c"], ["a"], ["b"], ["c"]]
+    assert_failed(outputs[:1], ["b"])
+    assert tokens(outputs[1:]) == {"a": expected[None][0][0], "c": expected[None][2][0]}
+    assert b.state is RequestState.FAILED and b.output_token_ids == [] and set(engine.sequences) == {"a", "c"}
+    block_size = engine.blocks.block_size
+    assert engine.blocks.num_used_blocks == blocks_for(len(prompts[0]), block_size) + blocks_for(
+        len(prompts[2]), block_size)
+    assert engine.scheduler.running == [a, c] and not engine.scheduler.waiting
+    run_all(engine)
+    assert [a.output_token_ids, c.output_token_ids] == [expected[None][0], expected[None][2]]
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
-    assert not engine.has_work and not engine.sequences
-    assert engine.generate(prompts[:2], PARAMS) == expected[None][:2]
+    assert engine.generate([prompts[1]], PARAMS) == [expected[None][1]]  # the prompt was never the culprit
 
 
-def test_a_failed_mixed_step_fails_its_decodes_and_chunks_and_leaves_the_queue(model_fp32, prompts, expected,
-                                                                               monkeypatch):
-    engine = new_engine(model_fp32, CHUNK_SIZE)
+def test_a_failed_decode_batch_reruns_each_sequence_alone_and_all_survive(model_fp32, prompts, expected,
+                                                                          monkeypatch):
+    engine = new_engine(model_fp32)
+    a = engine.add_request("a", prompts[0], PARAMS)
+    b = engine.add_request("b", prompts[1], PARAMS)
+    engine.step()
+    flaky = FailFirst(engine.runner.decode)
+    monkeypatch.setattr(engine.runner, "decode", flaky)
+
+    outputs = engine.step()
+
+    assert flaky.calls == 3
+    assert tokens(outputs) == {"a": expected[None][0][1], "b": expected[None][1][1]}
+    run_all(engine)
+    assert [a.output_token_ids, b.output_token_ids] == expected[None][:2]
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_a_decode_culprit_fails_alone_and_its_neighbours_match_the_reference(model_fp32, prompts, expected,
+                                                                             monkeypatch):
+    engine = new_engine(model_fp32)
+    a, b, c = (engine.add_request(rid, p, PARAMS) for rid, p in zip("abc", prompts))
+    engine.step()  # all three prefilled together, then decoding
+    poisoned = FailWith(engine.runner.decode, {"b"})
+    monkeypatch.setattr(engine.runner, "decode", poisoned)
+
+    outputs = engine.step()
+
+    assert poisoned.batches == [["a", "b", "c"], ["a"], ["b"], ["c"]]
+    assert_failed(outputs[:1], ["b"])
+    assert tokens(outputs[1:]) == {"a": expected[None][0][1], "c": expected[None][2][1]}
+    assert b.state is RequestState.FAILED and b.output_token_ids == expected[None][1][:1]
+    assert engine.scheduler.running == [a, c] and set(engine.sequences) == {"a", "c"}
+    block_size = engine.blocks.block_size
+    assert engine.blocks.num_used_blocks == sum(blocks_for(len(prompts[i]) + 1, block_size) for i in (0, 2))
+    run_all(engine)
+    assert [a.output_token_ids, c.output_token_ids] == [expected[None][0], expected[None][2]]
+    assert poisoned.batches[4:] == [["a", "c"]] * (PARAMS.max_new_tokens - 2)  # batched again
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def start_mixed(engine: LLMEngine, prompts):
+    """a decoding, b part-way through its prompt, c queued behind it (no room left in the step)."""
     a = engine.add_request("a", prompts[0], PARAMS)
     engine.step()  # a's whole prompt in one chunk: a decodes
     b = engine.add_request("b", prompts[2], PARAMS)
     c = engine.add_request("c", prompts[1], PARAMS)
     engine.step()  # a's decode + b's first chunk; no room left for c
     assert b.num_computed_tokens == CHUNK_SIZE - 1 and engine.scheduler.prefilling == [b]
-    monkeypatch.setattr(engine.runner, "mixed", FailFirst(engine.runner.mixed))
+    return a, b, c
 
-    assert_failed(engine.step(), ["b", "a"])  # chunks first, then decodes, as the step ran them
 
-    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks  # c holds nothing until scheduled
-    assert not engine.scheduler.running and not engine.scheduler.prefilling
-    assert list(engine.scheduler.waiting) == [c] and c.state is RequestState.QUEUED
-    assert a.state is RequestState.FAILED and b.state is RequestState.FAILED
+def test_a_failed_mixed_step_reruns_each_chunk_and_decode_alone_and_all_survive(model_fp32, prompts, expected,
+                                                                                monkeypatch):
+    engine = new_engine(model_fp32, CHUNK_SIZE)
+    a, b, c = start_mixed(engine, prompts)
+    flaky = FailFirst(engine.runner.mixed)
+    monkeypatch.setattr(engine.runner, "mixed", flaky)
+
+    outputs = engine.step()  # b's middle chunk samples nothing: only a's token comes out
+
+    assert flaky.calls == 3
+    assert tokens(outputs) == {"a": expected[CHUNK_SIZE][0][2]}
+    assert b.num_computed_tokens == 2 * (CHUNK_SIZE - 1) and engine.scheduler.prefilling == [b]
     run_all(engine)
-    assert c.output_token_ids == expected[CHUNK_SIZE][1]
-    again = engine.generate([prompts[2], prompts[0]], PARAMS)
-    assert again == [expected[CHUNK_SIZE][2], expected[CHUNK_SIZE][0]]
+    outputs = [s.output_token_ids for s in (a, b, c)]
+    assert outputs == [expected[CHUNK_SIZE][0], expected[CHUNK_SIZE][2], expected[CHUNK_SIZE][1]]
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+@pytest.mark.parametrize("culprit", ["a", "b"])  # a is the step's decode, b its prompt chunk
+def test_a_mixed_step_culprit_fails_alone_and_the_others_match_the_reference(model_fp32, prompts, expected,
+                                                                             monkeypatch, culprit):
+    engine = new_engine(model_fp32, CHUNK_SIZE)
+    a, b, c = start_mixed(engine, prompts)
+    poisoned = FailWith(engine.runner.mixed, {culprit}, ids_of=mixed_ids)
+    monkeypatch.setattr(engine.runner, "mixed", poisoned)
+
+    outputs = engine.step()
+
+    assert poisoned.batches == [["b", "a"], ["b"], ["a"]]  # chunks first, then decodes
+    assert_failed(outputs[:1], [culprit])
+    assert tokens(outputs[1:]) == ({} if culprit == "a" else {"a": expected[CHUNK_SIZE][0][2]})
+    failed, survivor = (a, b) if culprit == "a" else (b, a)
+    assert failed.state is RequestState.FAILED and set(engine.sequences) == {survivor.request_id, "c"}
+    assert failed not in engine.scheduler.running + engine.scheduler.prefilling
+    assert engine.blocks.num_used_blocks == blocks_for(survivor.num_tokens, engine.blocks.block_size)
+    assert list(engine.scheduler.waiting) == [c] and c.state is RequestState.QUEUED
+    run_all(engine)
+    want = {"a": expected[CHUNK_SIZE][0], "b": expected[CHUNK_SIZE][2], "c": expected[CHUNK_SIZE][1]}
+    assert {s.request_id: s.output_token_ids for s in (survivor, c)} == {
+        s.request_id: want[s.request_id] for s in (survivor, c)}
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
 def test_a_sampling_failure_fails_only_its_own_request(model_fp32, prompts, expected, monkeypatch):
@@ -153,16 +260,44 @@ def test_a_sampling_failure_fails_only_its_own_request(model_fp32, prompts, expe
 
 
 def test_forward_passes_failing_batch_after_batch_raise_out_of_step(model_fp32, prompts, monkeypatch):
-    """A device that fails every batch is the engine's fault: the worker must exit, not fail them all."""
+    """A device that fails every batch is the engine's fault: the worker must exit, not fail them all.
+
+    A batch whose every sequence fails alone too counts once, however many solo runs it took."""
     engine = new_engine(model_fp32)
     broken = FailFirst(engine.runner.prefill, times=10**6)
     monkeypatch.setattr(engine.runner, "prefill", broken)
     for i in range(MAX_FAILED_FORWARDS_IN_A_ROW - 1):
         engine.add_request(f"r{i}", prompts[0], PARAMS)
-        assert_failed(engine.step(), [f"r{i}"])
+        engine.add_request(f"s{i}", prompts[1], PARAMS)
+        assert_failed(engine.step(), [f"r{i}", f"s{i}"])
+        assert broken.calls == 3 * (i + 1)  # the batch, then each alone
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
     engine.add_request("last", prompts[0], PARAMS)
+    engine.add_request("last-too", prompts[1], PARAMS)
     with pytest.raises(RuntimeError, match="forward passes in a row failed"):
         engine.step()
+
+
+def test_a_batch_whose_culprit_alone_failed_resets_the_count_of_failures(model_fp32, prompts, expected,
+                                                                         monkeypatch):
+    """Some sequence ran: the engine works, a request was the culprit."""
+    engine = new_engine(model_fp32)
+    culprits = {f"bad{i}" for i in range(2 * MAX_FAILED_FORWARDS_IN_A_ROW)}
+    monkeypatch.setattr(engine.runner, "prefill", FailWith(engine.runner.prefill, culprits))
+    for i in range(MAX_FAILED_FORWARDS_IN_A_ROW - 1):
+        engine.add_request(f"bad{i}", prompts[0], PARAMS)
+        assert_failed(engine.step(), [f"bad{i}"])
+    good = engine.add_request("good", prompts[1], PARAMS)
+    engine.add_request(f"bad{MAX_FAILED_FORWARDS_IN_A_ROW - 1}", prompts[0], PARAMS)
+    outputs = engine.step()
+    assert_failed(outputs[:1], [f"bad{MAX_FAILED_FORWARDS_IN_A_ROW - 1}"])
+    assert tokens(outputs[1:]) == {"good": expected[None][1][0]}
+    for i in range(MAX_FAILED_FORWARDS_IN_A_ROW, 2 * MAX_FAILED_FORWARDS_IN_A_ROW - 1):
+        engine.add_request(f"bad{i}", prompts[0], PARAMS)  # prefill runs first: good waits a step
+        assert_failed(engine.step(), [f"bad{i}"])  # a fresh count: not raised
+    run_all(engine)
+    assert good.output_token_ids == expected[None][1]
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
 def test_a_successful_forward_resets_the_count_of_failures(model_fp32, prompts, monkeypatch):

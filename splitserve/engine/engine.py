@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable
 
 import structlog
 import torch
 
 from splitserve.engine.block_manager import BlockManager, OutOfBlocks, blocks_for
 from splitserve.engine.config import EngineConfig, EngineRole
+from splitserve.engine.isolation import Forward, among, isolate
 from splitserve.engine.kv_cache import KVCache, KVLayout
 from splitserve.engine.loader import LoadedModel
 from splitserve.engine.request import (
@@ -36,11 +36,11 @@ MAX_FAILED_FORWARDS_IN_A_ROW = 3
 
 
 class _ForwardFailed(Exception):
-    """The model's forward pass over seqs raised (the __cause__): their step fails, nothing else."""
+    """A forward pass failed for every sequence of its batch, alone too: the step fails them all."""
 
-    def __init__(self, seqs: list[Sequence]) -> None:
-        super().__init__(f"the forward pass over {len(seqs)} sequences failed")
-        self.seqs = seqs
+    def __init__(self, failed: list[tuple[Sequence, Exception]]) -> None:
+        super().__init__(f"the forward pass over {len(failed)} sequences failed")
+        self.failed = failed
 
 
 class LLMEngine:
@@ -71,7 +71,7 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self._generator = torch.Generator()
         self._generate_ids = itertools.count()
-        self._num_failed_forwards = 0  # in a row; reset by any forward pass that returns
+        self._num_failed_forwards = 0  # in a row; reset by any forward pass that runs any sequence
 
     @property
     def tokenizer(self):
@@ -156,14 +156,16 @@ class LLMEngine:
         In the DECODE role the queue holds only preempted requests, recomputed here from their tokens.
         With chunked prefill, every step is a mixed step instead.
 
-        A request's failure is its own: a forward pass that raises fails every request of its batch
-        (FinishReason.ERROR, blocks freed) and a sampling error only its row's request; the engine
-        goes on serving. Only MAX_FAILED_FORWARDS_IN_A_ROW failed batches in a row raise from here.
+        A request's failure is its own: when a forward pass over several sequences raises, each is
+        run again alone and only those that raise alone too fail (FinishReason.ERROR, blocks freed);
+        a sampling error fails only its row's request. The others are sampled and advanced as in any
+        step, and the engine goes on serving. Only MAX_FAILED_FORWARDS_IN_A_ROW batches
+        in a row that fail for every sequence raise from here.
         """
         try:
             return self._schedule_and_run()
         except _ForwardFailed as failed:
-            return self._fail_batch(failed.seqs, failed.__cause__)
+            return self._fail_batch(failed.failed, failed.__cause__)
 
     def _schedule_and_run(self) -> list[StepOutput]:
         if self.config.chunk_size is not None:
@@ -173,22 +175,38 @@ class LLMEngine:
             return self._run_prefill(batch)
         return self._decode_step()
 
-    def _forward(self, seqs: list[Sequence], run: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """run() (the model over seqs), raising _ForwardFailed before any sequence's state moved on."""
-        try:
-            logits = run()
-        except Exception as exc:
-            raise _ForwardFailed(seqs) from exc
-        self._num_failed_forwards = 0
-        return logits
+    def _forward(self, seqs: list[Sequence],
+                 run: Forward) -> tuple[list[Sequence], torch.Tensor, list[StepOutput]]:
+        """run(seqs), the model over seqs: (the sequences that ran, their logits, the failed ones' outputs).
 
-    def _fail_batch(self, seqs: list[Sequence], exc: Exception) -> list[StepOutput]:
+        No sequence's state has moved on yet (the steps update it only after this returns), so a
+        failed batch attempt leaves nothing half-done to undo before its sequences run alone.
+        Raises _ForwardFailed when no sequence ran.
+        """
+        failed: list[StepOutput] = []
+        try:
+            logits = run(seqs)
+        except Exception as exc:
+            isolated = isolate(seqs, run, exc)
+            if not isolated.kept:
+                raise _ForwardFailed(isolated.failed) from exc
+            log.error("forward pass failed; its sequences ran alone and only the culprits fail",
+                      failed_ids=[s.request_id for s, _ in isolated.failed], error=repr(exc), exc_info=exc)
+            seqs, logits = isolated.kept, isolated.logits
+            failed = [self._fail(seq, solo_exc) for seq, solo_exc in isolated.failed]
+        self._num_failed_forwards = 0  # some sequence ran: the engine works (a request was the culprit)
+        return seqs, logits, failed
+
+    def _fail_batch(self, failed: list[tuple[Sequence, Exception]], exc: Exception) -> list[StepOutput]:
         self._num_failed_forwards += 1
         if self._num_failed_forwards >= MAX_FAILED_FORWARDS_IN_A_ROW:
             raise RuntimeError(f"{self._num_failed_forwards} forward passes in a row failed") from exc
-        log.error("forward pass failed; its batch fails", request_ids=[s.request_id for s in seqs],
-                  error=repr(exc), exc_info=exc)
-        return [self._fail(seq, exc) for seq in seqs]
+        log.error("forward pass failed for every sequence of its batch; they fail",
+                  request_ids=[s.request_id for s, _ in failed], error=repr(exc), exc_info=exc)
+        return [self._fail(seq, solo_exc) for seq, solo_exc in failed]
+
+    def _tables(self, seqs: list[Sequence]) -> list[list[int]]:
+        return [self.blocks.block_table(s.request_id) for s in seqs]
 
     def _decode_step(self) -> list[StepOutput]:
         batch, preempted = self.scheduler.schedule_decode()
@@ -196,11 +214,11 @@ class LLMEngine:
             log.info("preempted", request_id=seq.request_id, free_blocks=self.blocks.num_free_blocks)
         if not batch:
             return []
-        tables = [self.blocks.block_table(s.request_id) for s in batch]
-        logits = self._forward(batch, lambda: self.runner.decode(batch, tables))
+        batch, logits, failed = self._forward(
+            batch, lambda seqs: self.runner.decode(seqs, self._tables(seqs)))
         for seq in batch:
             seq.num_computed_tokens = seq.num_tokens
-        return self._postprocess(batch, logits)
+        return failed + self._postprocess(batch, logits)
 
     def _mixed_step(self) -> list[StepOutput]:
         decodes, chunks, preempted = self.scheduler.schedule_mixed()
@@ -208,31 +226,39 @@ class LLMEngine:
             log.info("preempted", request_id=seq.request_id, free_blocks=self.blocks.num_free_blocks)
         if not decodes and not chunks:
             return []
-        table = self.blocks.block_table
-        chunk_tables = [table(s.request_id) for s, _ in chunks]
-        decode_tables = [table(s.request_id) for s in decodes]
-        logits = self._forward([s for s, _ in chunks] + decodes,
-                               lambda: self.runner.mixed(chunks, decodes, chunk_tables, decode_tables))
+        # Chunks first, then decodes: the order of the runner's logits rows.
+        ran, logits, failed = self._forward([s for s, _ in chunks] + decodes,
+                                            lambda seqs: self._run_mixed(*among(seqs, chunks, decodes)))
+        ran_chunks, ran_decodes = among(ran, chunks, decodes)
+        completed = self._advance_chunks(ran_chunks)
+        for seq in ran_decodes:
+            seq.num_computed_tokens = seq.num_tokens
+        if not completed and not ran_decodes:
+            return failed
+        outputs = self._postprocess(completed + ran_decodes, logits)
+        for seq in completed:
+            if not seq.is_finished:
+                seq.transition(RequestState.DECODING)
+                self.scheduler.running.append(seq)
+        return failed + outputs
+
+    def _run_mixed(self, chunks: list[tuple[Sequence, int]], decodes: list[Sequence]) -> torch.Tensor:
+        chunk_tables = self._tables([s for s, _ in chunks])
+        return self.runner.mixed(chunks, decodes, chunk_tables, self._tables(decodes))
+
+    def _advance_chunks(self, chunks: list[tuple[Sequence, int]]) -> list[Sequence]:
+        """Count each chunk's tokens as cached; returns the sequences whose prompt is now complete."""
         completed = []
         for seq, n in chunks:
             seq.num_computed_tokens += n
             if seq.num_computed_tokens == seq.num_tokens:
                 self.scheduler.prefilling.remove(seq)
                 completed.append(seq)
-        for seq in decodes:
-            seq.num_computed_tokens = seq.num_tokens
-        if not completed and not decodes:
-            return []
-        outputs = self._postprocess(completed + decodes, logits)
-        for seq in completed:
-            if not seq.is_finished:
-                seq.transition(RequestState.DECODING)
-                self.scheduler.running.append(seq)
-        return outputs
+        return completed
 
     def _run_prefill(self, batch: list[Sequence]) -> list[StepOutput]:
-        tables = [self.blocks.block_table(s.request_id) for s in batch]
-        logits = self._forward(batch, lambda: self.runner.prefill(batch, tables))
+        batch, logits, failed = self._forward(
+            batch, lambda seqs: self.runner.prefill(seqs, self._tables(seqs)))
         for seq in batch:
             seq.num_computed_tokens = seq.num_tokens
         outputs = self._postprocess(batch, logits)
@@ -244,7 +270,7 @@ class LLMEngine:
             else:
                 seq.transition(RequestState.DECODING)
                 self.scheduler.running.append(seq)
-        return outputs
+        return failed + outputs
 
     def _postprocess(self, batch: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
         greedy = plain_greedy_tokens(logits, batch)
