@@ -76,7 +76,8 @@ class SamplingOptions:
     def __post_init__(self) -> None:
         self._check_floats()
         if self.top_k is not None and not 1 <= self.top_k <= INT32_MAX:
-            raise invalid(f"top_k must be -1 or 0 (disabled) or in [1, {INT32_MAX}], got {self.top_k}", "top_k")
+            raise invalid(f"top_k must be -1 or 0 (disabled) or in [1, {INT32_MAX}], got {self.top_k}",
+                          "top_k")
         if self.seed is not None and not 0 <= self.seed < MAX_SEED:
             raise invalid(f"seed must be in [-2**63, 2**64), got {self.seed}", "seed")
         if self.max_tokens is not None and not 1 <= self.max_tokens <= INT32_MAX:
@@ -100,7 +101,8 @@ class SamplingOptions:
 
     def _check_stops(self) -> None:
         if len(self.stop) > MAX_STOP_STRINGS:
-            raise invalid(f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed", "stop")
+            raise invalid(f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed",
+                          "stop")
         if any(not s for s in self.stop):
             raise invalid("stop cannot contain an empty string", "stop")
         if any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):

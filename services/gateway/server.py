@@ -9,8 +9,16 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from splitserve.common.rpc import (CLIENT_MAX_MESSAGE_BYTES, NOT_SERVING, SERVING, add_health, bind, make_server,
-                                   open_channel)
+from splitserve.common.rpc import (
+    CLIENT_MAX_MESSAGE_BYTES,
+    MAX_CONCURRENT_RPCS,
+    NOT_SERVING,
+    SERVING,
+    add_health,
+    bind,
+    make_server,
+    open_channel,
+)
 from splitserve.common.service import run_until_signal
 from splitserve.queue.streams import (
     ProtoCodec,
@@ -62,7 +70,10 @@ class GatewayServer:
         self.config = config
         self.metrics = GatewayMetrics()
         self.router = ReplyRouter(redis, reply_channel(config.gateway_id))
-        self.grpc_server = make_server(CLIENT_MAX_MESSAGE_BYTES)
+        # Room for every request --max-pending admits (plus health checks): past them the client
+        # hears the gateway's own 429 / RESOURCE_EXHAUSTED message, not gRPC's.
+        self.grpc_server = make_server(CLIENT_MAX_MESSAGE_BYTES,
+                                       max(MAX_CONCURRENT_RPCS, 2 * config.max_pending))
         self.health = add_health(self.grpc_server)
         cluster = ClusterView(scheduler_pb2_grpc.SchedulerStub(channel), config.cluster_poll_interval_s,
                               self._on_cluster_update)
@@ -73,8 +84,8 @@ class GatewayServer:
                                                        self.grpc_server)
         # handler_cancellation: a client that disconnects cancels its handler at once, which cancels
         # the request upstream even while no token is due.
-        self.runner = web.AppRunner(build_app(self.frontend, self.metrics, config.api_key, config.max_body_bytes),
-                                    handler_cancellation=True, access_log=None)
+        app = build_app(self.frontend, self.metrics, config.api_key, config.max_body_bytes)
+        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         self.tasks: list[asyncio.Task] = []
 
     async def _on_cluster_update(self, snapshot: ClusterSnapshot) -> None:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 
 from splitserve.common.engine_args import DTYPE_NAMES, apply_threads, cpu_list, positive_int
 from splitserve.common.logging import configure_logging
+from splitserve.common.proc import die_with_parent
 
 # A mixed step: chunks as (prefix, n) pairs, plus `batch` decodes at `context` tokens each.
 MixedShape = tuple[tuple[tuple[int, int], ...], int, int]
@@ -259,21 +260,11 @@ def _short(shape) -> str:
     return str(shape) if len(str(shape)) < 60 else str(shape)[:57] + "..."
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent dies, even while it is paused (SIGSTOP)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # elsewhere the loop's parent check still ends it, once it runs
-
-
 def load(args: argparse.Namespace) -> None:
     """Step back to back until terminated (SIGTERM ends the process: nothing to clean up), or until
     the process that started this one is gone."""
     parent = os.getppid()
-    _die_with_parent()
+    die_with_parent(parent)  # even while paused (SIGSTOP) by the measuring process
     apply_threads(args)
     runner = Runner(argparse.Namespace(**{**vars(args), "repeat": 1}), _shapes(args))
     step = getattr(runner, args.load)
