@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
 
-from splitserve.commands.up import is_ready
 from splitserve.common.net import free_port
 from splitserve.engine import EngineConfig, LoadedModel
 from splitserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -65,7 +65,20 @@ class RunningCluster:
     grpc_address: str
     scheduler_address: str
     log_dir: Path
-    process: subprocess.Popen
+    process: subprocess.Popen  # its stdout (and stderr) a pipe, read without blocking by output()
+    _printed: list[bytes] = field(default_factory=list)
+
+    def output(self) -> str:
+        """All that `up` has printed so far (stdout and stderr)."""
+        while True:
+            try:
+                chunk = os.read(self.process.stdout.fileno(), 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self._printed.append(chunk)
+        return b"".join(self._printed).decode(errors="replace")
 
     def workers(self) -> list[scheduler_pb2.WorkerState]:
         with grpc.insecure_channel(self.scheduler_address) as channel:
@@ -100,15 +113,18 @@ def start_cluster(log_dir: Path, *extra: str, timeout_s: float = 180.0) -> Runni
     http, grpc_port, scheduler = free_port(), free_port(), free_port()
     argv = [sys.executable, "-m", "splitserve.cli", "up", "--http-port", str(http), "--grpc-port", str(grpc_port),
             "--scheduler-port", str(scheduler), "--log-dir", str(log_dir), "--kv-cache-gb", "0.25", *extra]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    os.set_blocking(process.stdout.fileno(), False)
     cluster = RunningCluster(f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc_port}", f"127.0.0.1:{scheduler}",
                              log_dir, process)
     deadline = time.monotonic() + timeout_s
     while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"splitserve up exited: {process.stdout.read()}\n{cluster.log_tail()}")
-        if is_ready(cluster.http_url):
+        # up's own word, not the gateway's /ready: until up has seen the cluster ready, a service that
+        # exits counts as a start-up failure and up stops everything.
+        if "splitserve is ready." in cluster.output():
             return cluster
+        if process.poll() is not None:
+            raise RuntimeError(f"splitserve up exited: {cluster.output()}\n{cluster.log_tail()}")
         if time.monotonic() > deadline:
             stop_cluster(cluster)
             raise RuntimeError(f"cluster not ready after {timeout_s} s\n{cluster.log_tail()}")

@@ -93,27 +93,6 @@ def _complete(http_url: str) -> dict:
         return json.loads(response.read())
 
 
-class UpOutput:
-    """What up printed (stdout and stderr), read without blocking as the test goes."""
-
-    def __init__(self, cluster: RunningCluster) -> None:
-        self.fd = cluster.process.stdout.fileno()
-        os.set_blocking(self.fd, False)
-        self.chunks: list[bytes] = []
-
-    @property
-    def text(self) -> str:
-        while True:
-            try:
-                chunk = os.read(self.fd, 65536)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            self.chunks.append(chunk)
-        return b"".join(self.chunks).decode(errors="replace")
-
-
 def _port_is_free(port: int) -> bool:
     """Whether a new server could listen on port (SO_REUSEADDR, as servers do: TIME_WAIT is no owner)."""
     with socket.socket() as probe:
@@ -155,10 +134,8 @@ def test_an_owned_child_whose_parent_is_already_gone_does_not_start():
 
 def test_killed_worker_and_gateway_are_restarted_and_serve_again(tmp_path):
     cluster = start_cluster(tmp_path, "--kv-transport", "grpc")
-    output = UpOutput(cluster)
     try:
-        # up watches its services once it has seen the gateway ready itself; until then an exit is fatal
-        _wait_for(lambda: "splitserve is ready" in output.text, 30, "up reporting the cluster ready")
+        # start_cluster returned on up's own "ready": from here on, up restarts a service that exits
         before = _service_pids(cluster.process.pid)
         assert {"redis", "scheduler", "prefill-0", "decode-0", "gateway"} <= before.keys(), before
         for name in ("prefill-0", "gateway"):
@@ -174,8 +151,8 @@ def test_killed_worker_and_gateway_are_restarted_and_serve_again(tmp_path):
         completion = _complete(cluster.http_url)
         assert completion["usage"]["completion_tokens"] == 4, completion
         for name in ("prefill-0", "gateway"):
-            assert f"{name} was killed by SIGKILL; restarting in 1 s" in output.text, output.text
-            assert f"{name} restarted (pid" in output.text, output.text
+            assert f"{name} was killed by SIGKILL; restarting in 1 s" in cluster.output(), cluster.output()
+            assert f"{name} restarted (pid" in cluster.output(), cluster.output()
         after = _service_pids(cluster.process.pid)
         assert after["decode-0"] == before["decode-0"] and after["scheduler"] == before["scheduler"]
     finally:
@@ -185,9 +162,8 @@ def test_killed_worker_and_gateway_are_restarted_and_serve_again(tmp_path):
 
 def test_no_process_outlives_a_sigkilled_up(tmp_path):
     cluster = start_cluster(tmp_path, "--mode", "colocated")
-    output, children = UpOutput(cluster), {}
+    children = {}
     try:
-        _wait_for(lambda: "splitserve is ready" in output.text, 30, "up reporting the cluster ready")
         children = _descendants(cluster.process.pid)
         names = _service_pids(cluster.process.pid)
         assert {"redis", "scheduler", "colocated-0", "gateway"} <= names.keys(), names

@@ -294,10 +294,12 @@ class Cluster:
         bad flag), and repeating it would hide it."""
         deadline = time.monotonic() + self.config.ready_timeout_s
         while time.monotonic() < deadline:
-            if self.dead():
-                raise OSError(f"{', '.join(self.dead())} exited during start-up; see {self.config.log_dir}")
+            # Readiness first: a service that exits just after the gateway turned ready (a client may
+            # already be using the cluster) is restarted like any later crash, not taken for a bad start.
             if is_ready(self.config.http_url):
                 return
+            if self.dead():
+                raise OSError(f"{', '.join(self.dead())} exited during start-up; see {self.config.log_dir}")
             time.sleep(0.25)
         raise OSError(f"the cluster was not ready after {self.config.ready_timeout_s:.0f} s; "
                       f"see the logs in {self.config.log_dir}")
