@@ -163,13 +163,19 @@ def _exhausted() -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, None, None, "waiting queue full")
 
 
-def test_a_full_decode_server_s_refusal_places_the_request_elsewhere_not_fails_it(monkeypatch) -> None:
+def _record_decode_submits(monkeypatch) -> list[str]:
+    """The decode servers the scheduler submits to from now on, by instance id (nothing is sent)."""
     submitted = []
 
     async def submit_decode(self, tracked, worker, submit):
         submitted.append(worker.instance_id)
 
     monkeypatch.setattr(SchedulerServer, "_submit_decode", submit_decode)
+    return submitted
+
+
+def test_a_full_decode_server_s_refusal_places_the_request_elsewhere_not_fails_it(monkeypatch) -> None:
+    submitted = _record_decode_submits(monkeypatch)
 
     async def scenario():
         server = _scheduler(workers=[("p", spb.WORKER_ROLE_PREFILL), ("d-a", spb.WORKER_ROLE_DECODE),
@@ -186,12 +192,7 @@ def test_a_full_decode_server_s_refusal_places_the_request_elsewhere_not_fails_i
 
 
 def test_with_every_decode_server_full_the_request_waits_for_the_next_heartbeat(monkeypatch) -> None:
-    submitted = []
-
-    async def submit_decode(self, tracked, worker, submit):
-        submitted.append(worker.instance_id)
-
-    monkeypatch.setattr(SchedulerServer, "_submit_decode", submit_decode)
+    submitted = _record_decode_submits(monkeypatch)
 
     async def scenario():
         server = _scheduler(workers=[("p", spb.WORKER_ROLE_PREFILL), ("d", spb.WORKER_ROLE_DECODE)])
