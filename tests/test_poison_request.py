@@ -82,7 +82,8 @@ def test_a_tiny_temperature_past_the_gateway_is_sampled_by_the_workers(grpc_clus
     client = redis.Redis.from_url(_redis_url(grpc_cluster.scheduler_address), socket_timeout=60)
     replies = client.pubsub()
     replies.subscribe("test:poison-replies")
-    assert replies.get_message(timeout=5)["type"] == "subscribe"
+    subscribed = replies.get_message(timeout=5)
+    assert subscribed and subscribed["type"] == "subscribe", subscribed
     for i, top_k in enumerate((0, 5)):  # whole vocabulary, and top-k
         request = pb.QueuedRequest(
             request_id=f"poison-{i}", prompt_token_ids=[1, 504, 3156, 314],

@@ -18,7 +18,7 @@ from conftest import make_prompts
 from splitserve.engine import EngineConfig, FinishReason, LLMEngine, RequestState, SamplingParams
 from splitserve.engine import engine as engine_module
 from splitserve.engine.block_manager import blocks_for
-from splitserve.engine.engine import MAX_FAILED_FORWARDS_IN_A_ROW
+from splitserve.engine.engine import PROBE_ID, EngineBroken
 from splitserve.worker.engine_loop import EngineLoop
 
 PARAMS = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
@@ -259,58 +259,38 @@ def test_a_sampling_failure_fails_only_its_own_request(model_fp32, prompts, expe
     assert good.output_token_ids == expected[None][0]
 
 
-def test_forward_passes_failing_batch_after_batch_raise_out_of_step(model_fp32, prompts, monkeypatch):
-    """A device that fails every batch is the engine's fault: the worker must exit, not fail them all.
-
-    A batch whose every sequence fails alone too counts once, however many solo runs it took."""
+def test_a_broken_engine_raises_out_of_step_and_fails_no_request(model_fp32, prompts, monkeypatch):
+    """Every forward pass failing, a one-token probe included, is the engine's fault (a broken device):
+    step raises, so the worker exits and its requests run elsewhere; none of them is failed."""
     engine = new_engine(model_fp32)
     broken = FailFirst(engine.runner.prefill, times=10**6)
     monkeypatch.setattr(engine.runner, "prefill", broken)
-    for i in range(MAX_FAILED_FORWARDS_IN_A_ROW - 1):
-        engine.add_request(f"r{i}", prompts[0], PARAMS)
-        engine.add_request(f"s{i}", prompts[1], PARAMS)
-        assert_failed(engine.step(), [f"r{i}", f"s{i}"])
-        assert broken.calls == 3 * (i + 1)  # the batch, then each alone
-    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
-    engine.add_request("last", prompts[0], PARAMS)
-    engine.add_request("last-too", prompts[1], PARAMS)
-    with pytest.raises(RuntimeError, match="forward passes in a row failed"):
+    first = engine.add_request("r", prompts[0], PARAMS)
+    second = engine.add_request("s", prompts[1], PARAMS)
+    with pytest.raises(EngineBroken, match="probe failed too"):
         engine.step()
+    assert broken.calls == 4  # the batch, each alone, the probe
+    assert first.finish_reason is None and second.finish_reason is None
 
 
-def test_a_batch_whose_culprit_alone_failed_resets_the_count_of_failures(model_fp32, prompts, expected,
-                                                                         monkeypatch):
-    """Some sequence ran: the engine works, a request was the culprit."""
+@pytest.mark.parametrize("lone", [True, False])
+def test_culprits_failing_step_after_step_never_stop_the_engine(model_fp32, prompts, expected, monkeypatch,
+                                                              lone):
+    """A probe runs after each batch that failed for every sequence: requests were the culprits, so
+    however many of them come in a row (alone, or in batches of culprits only), only they fail."""
     engine = new_engine(model_fp32)
-    culprits = {f"bad{i}" for i in range(2 * MAX_FAILED_FORWARDS_IN_A_ROW)}
-    monkeypatch.setattr(engine.runner, "prefill", FailWith(engine.runner.prefill, culprits))
-    for i in range(MAX_FAILED_FORWARDS_IN_A_ROW - 1):
-        engine.add_request(f"bad{i}", prompts[0], PARAMS)
-        assert_failed(engine.step(), [f"bad{i}"])
+    runner = FailWith(engine.runner.prefill, {f"bad{i}" for i in range(12)})
+    monkeypatch.setattr(engine.runner, "prefill", runner)
+    for i in range(0, 12, 2):
+        ids = [f"bad{i}"] if lone else [f"bad{i}", f"bad{i + 1}"]
+        for request_id in ids:
+            engine.add_request(request_id, prompts[0], PARAMS)
+        assert_failed(engine.step(), ids)
+        assert runner.batches[-1] == [PROBE_ID]
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
     good = engine.add_request("good", prompts[1], PARAMS)
-    engine.add_request(f"bad{MAX_FAILED_FORWARDS_IN_A_ROW - 1}", prompts[0], PARAMS)
-    outputs = engine.step()
-    assert_failed(outputs[:1], [f"bad{MAX_FAILED_FORWARDS_IN_A_ROW - 1}"])
-    assert tokens(outputs[1:]) == {"good": expected[None][1][0]}
-    for i in range(MAX_FAILED_FORWARDS_IN_A_ROW, 2 * MAX_FAILED_FORWARDS_IN_A_ROW - 1):
-        engine.add_request(f"bad{i}", prompts[0], PARAMS)  # prefill runs first: good waits a step
-        assert_failed(engine.step(), [f"bad{i}"])  # a fresh count: not raised
     run_all(engine)
     assert good.output_token_ids == expected[None][1]
-    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
-
-
-def test_a_successful_forward_resets_the_count_of_failures(model_fp32, prompts, monkeypatch):
-    engine = new_engine(model_fp32)
-    flaky = FailFirst(engine.runner.prefill, times=MAX_FAILED_FORWARDS_IN_A_ROW - 1)
-    monkeypatch.setattr(engine.runner, "prefill", flaky)
-    for i in range(MAX_FAILED_FORWARDS_IN_A_ROW - 1):
-        engine.add_request(f"r{i}", prompts[0], PARAMS)
-        engine.step()
-    engine.generate([prompts[0]], PARAMS)  # succeeds
-    flaky.calls, flaky.times = 0, MAX_FAILED_FORWARDS_IN_A_ROW - 1
-    engine.add_request("again", prompts[0], PARAMS)
-    assert_failed(engine.step(), ["again"])  # a fresh count: not raised
 
 
 @pytest.mark.parametrize("params", [

@@ -290,8 +290,10 @@ class Cluster:
 
     def wait_ready(self) -> None:
         """Poll the gateway's readiness (an external process: there is nothing to await). A service
-        that exits now is not restarted: at start-up it is a configuration error (a port in use, a
-        bad flag), and repeating it would hide it."""
+        that exits before the gateway is ready is not restarted: at start-up it is a configuration
+        error (a port in use, a bad flag), and repeating it would hide it. Once the gateway is ready
+        (with some workers), any exit is a crash that supervise() restarts, even one of a worker
+        that had not registered yet."""
         deadline = time.monotonic() + self.config.ready_timeout_s
         while time.monotonic() < deadline:
             # Readiness first: a service that exits just after the gateway turned ready (a client may

@@ -30,9 +30,15 @@ from splitserve.engine.sampler import plain_greedy_tokens, sample_one
 from splitserve.engine.scheduler import Scheduler, SchedulerConfig
 
 log = structlog.get_logger(__name__)
-# Forward passes of distinct batches failing one after another point at the engine (a broken device),
-# not at a request: the next one raises out of step(), so the worker exits and its requests run elsewhere.
-MAX_FAILED_FORWARDS_IN_A_ROW = 3
+# The request id of the probe that tells a broken engine from a request that breaks it: not
+# printable, so no request can have it.
+PROBE_ID = "\x00probe"
+
+
+class EngineBroken(RuntimeError):
+    """A forward pass failed for every sequence of its batch, and a one-token probe failed too: the
+    engine itself (its device) is broken, not a request. The worker must exit; its requests, the
+    failed batch's included, run elsewhere."""
 
 
 class _ForwardFailed(Exception):
@@ -71,7 +77,6 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self._generator = torch.Generator()
         self._generate_ids = itertools.count()
-        self._num_failed_forwards = 0  # in a row; reset by any forward pass that runs any sequence
 
     @property
     def tokenizer(self):
@@ -159,8 +164,9 @@ class LLMEngine:
         A request's failure is its own: when a forward pass over several sequences raises, each is
         run again alone and only those that raise alone too fail (FinishReason.ERROR, blocks freed);
         a sampling error fails only its row's request. The others are sampled and advanced as in any
-        step, and the engine goes on serving. Only MAX_FAILED_FORWARDS_IN_A_ROW batches
-        in a row that fail for every sequence raise from here.
+        step, and the engine goes on serving. When every sequence of a batch fails, a one-token
+        probe tells the culprits (the probe runs: they fail) from a broken engine (the probe fails
+        too: EngineBroken raises from here, and none of them is failed).
         """
         try:
             return self._schedule_and_run()
@@ -194,16 +200,30 @@ class LLMEngine:
                       failed_ids=[s.request_id for s, _ in isolated.failed], error=repr(exc), exc_info=exc)
             seqs, logits = isolated.kept, isolated.logits
             failed = [self._fail(seq, solo_exc) for seq, solo_exc in isolated.failed]
-        self._num_failed_forwards = 0  # some sequence ran: the engine works (a request was the culprit)
         return seqs, logits, failed
 
     def _fail_batch(self, failed: list[tuple[Sequence, Exception]], exc: Exception) -> list[StepOutput]:
-        self._num_failed_forwards += 1
-        if self._num_failed_forwards >= MAX_FAILED_FORWARDS_IN_A_ROW:
-            raise RuntimeError(f"{self._num_failed_forwards} forward passes in a row failed") from exc
-        log.error("forward pass failed for every sequence of its batch; they fail",
+        """Every sequence of a batch failed, alone too: fail them, unless the engine itself is broken."""
+        if (probe_exc := self._probe(failed[0][0])) is not None:
+            raise EngineBroken(f"a forward pass failed for all {len(failed)} sequences of its batch "
+                               f"({exc!r}) and a one-token probe failed too ({probe_exc!r})") from probe_exc
+        log.error("forward pass failed for every sequence of its batch, and a probe ran: they fail",
                   request_ids=[s.request_id for s, _ in failed], error=repr(exc), exc_info=exc)
         return [self._fail(seq, solo_exc) for seq, solo_exc in failed]
+
+    def _probe(self, borrower: Sequence) -> Exception | None:
+        """Run a one-token prompt through the model: None if it runs, else its error.
+
+        It writes one KV slot, in the first block of borrower, a sequence of the failed batch: that
+        sequence is failed (its blocks freed) if the probe runs, and runs elsewhere if it does not,
+        so nothing reads the slot.
+        """
+        probe = Sequence(PROBE_ID, [0], SamplingParams(max_new_tokens=1))
+        try:
+            self.runner.prefill([probe], [self.blocks.block_table(borrower.request_id)[:1]])
+        except Exception as probe_exc:
+            return probe_exc
+        return None
 
     def _tables(self, seqs: list[Sequence]) -> list[list[int]]:
         return [self.blocks.block_table(s.request_id) for s in seqs]

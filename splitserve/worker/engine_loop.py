@@ -125,10 +125,10 @@ class EngineLoop:
             extra = self._after_step(self.engine, outputs) if self._after_step else None
             self._refresh()
         except Exception as exc:
-            # A request's own failure never gets here: LLMEngine.step fails that request (or its
-            # batch) and goes on. What does is a bug in the engine itself, or a device failing batch
-            # after batch; the engine's state is then unknown: the service must exit and its
-            # requests be reassigned, not go on serving from a half-updated batch.
+            # A request's own failure never gets here: LLMEngine.step fails that request and goes
+            # on. What does is a bug in the engine itself, or a broken device (EngineBroken: even a
+            # one-token probe fails); the engine's state is then unknown: the service must exit and
+            # its requests be reassigned, not go on serving from a half-updated batch.
             log.exception("engine step failed")
             self._loop.call_soon_threadsafe(_set_exception, self.failed, exc)
             self._fail_pending(exc)
