@@ -14,6 +14,7 @@ import grpc
 import pytest
 import torch
 
+from splitserve.common.auth import TOKEN_ENV, new_token
 from splitserve.common.net import free_port
 from splitserve.engine import EngineConfig, LoadedModel
 from splitserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -66,7 +67,18 @@ class RunningCluster:
     scheduler_address: str
     log_dir: Path
     process: subprocess.Popen  # its stdout (and stderr) a pipe, read without blocking by output()
+    token: str  # the cluster token every internal call must carry
     _printed: list[bytes] = field(default_factory=list)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """For a test's own calls to the cluster's internal services."""
+        return (("x-splitserve-cluster-token", self.token),)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment of a process that joins this cluster (it carries the cluster token)."""
+        return {**os.environ, TOKEN_ENV: self.token}
 
     def output(self) -> str:
         """All that `up` has printed so far (stdout and stderr)."""
@@ -83,7 +95,7 @@ class RunningCluster:
     def workers(self) -> list[scheduler_pb2.WorkerState]:
         with grpc.insecure_channel(self.scheduler_address) as channel:
             return list(scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
-                scheduler_pb2.ClusterStateRequest(), timeout=5).workers)
+                scheduler_pb2.ClusterStateRequest(), timeout=5, metadata=self.metadata).workers)
 
     def worker_stats(self) -> dict[str, common_pb2.WorkerStats]:
         """Each worker's stats, asked from the worker itself (its admin RPC), not from heartbeats."""
@@ -92,7 +104,8 @@ class RunningCluster:
             stub_type = (decode_pb2_grpc.DecodeStub if state.worker.role == scheduler_pb2.WORKER_ROLE_DECODE
                          else prefill_pb2_grpc.PrefillStub)  # colocated workers serve the Prefill API
             with grpc.insecure_channel(state.worker.grpc_address) as channel:
-                stats[state.worker.instance_id] = stub_type(channel).GetStats(common_pb2.StatsRequest(), timeout=5)
+                stats[state.worker.instance_id] = stub_type(channel).GetStats(common_pb2.StatsRequest(), timeout=5,
+                                                                              metadata=self.metadata)
         return stats
 
     def wait_all_blocks_free(self, timeout_s: float = 30.0) -> dict[str, common_pb2.WorkerStats]:
@@ -113,10 +126,12 @@ def start_cluster(log_dir: Path, *extra: str, timeout_s: float = 180.0) -> Runni
     http, grpc_port, scheduler = free_port(), free_port(), free_port()
     argv = [sys.executable, "-m", "splitserve.cli", "up", "--http-port", str(http), "--grpc-port", str(grpc_port),
             "--scheduler-port", str(scheduler), "--log-dir", str(log_dir), "--kv-cache-gb", "0.25", *extra]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    token = new_token()  # given to up, which would otherwise make its own, so that tests can call in
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, TOKEN_ENV: token})
     os.set_blocking(process.stdout.fileno(), False)
     cluster = RunningCluster(f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc_port}", f"127.0.0.1:{scheduler}",
-                             log_dir, process)
+                             log_dir, process, token)
     deadline = time.monotonic() + timeout_s
     while True:
         # up's own word, not the gateway's /ready: until up has seen the cluster ready, a service that

@@ -97,7 +97,8 @@ def test_up_adapt_switches_to_the_recommended_placement_without_losing_a_request
     stop, futures = threading.Event(), []
 
     def roles() -> list[int]:
-        return sorted(w.worker.role for w in scheduler.GetClusterState(spb.ClusterStateRequest(), timeout=5).workers)
+        return sorted(w.worker.role for w in scheduler.GetClusterState(spb.ClusterStateRequest(), timeout=5,
+                                                                     metadata=cluster.metadata).workers)
 
     try:
         assert roles() == [spb.WORKER_ROLE_PREFILL, spb.WORKER_ROLE_DECODE]
@@ -125,7 +126,7 @@ def test_up_adapt_switches_to_the_recommended_placement_without_losing_a_request
         assert len(counts) >= 20 and counts == [DECODE_HEAVY[1]] * len(counts)
         log = (cluster.log_dir / "scheduler.log").read_text()
         assert "placement planned" in log and "worker drained and gone" in log
-        rec = scheduler.GetRecommendation(spb.RecommendationRequest(), timeout=5)
+        rec = scheduler.GetRecommendation(spb.RecommendationRequest(), timeout=5, metadata=cluster.metadata)
         assert rec.available and rec.recommended.num_colocated == 2
     finally:
         code = stop_cluster(cluster)

@@ -18,6 +18,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitserve.bench.kv_serve import KvOnlyPrefillServicer, SyntheticKvSource, make_payload, payload_id
+from splitserve.common.auth import NO_AUTH
 from splitserve.common.protoconv import layout_to_proto
 from splitserve.common.rpc import ChannelCache, add_health, bind, make_server, open_channel
 from splitserve.engine.kv_cache import KVLayout
@@ -279,7 +280,7 @@ def test_the_scheduler_keeps_a_bounded_number_of_worker_channels() -> None:
 
 def test_the_channel_cache_closes_the_least_recently_used_channel_past_its_bound() -> None:
     async def scenario():
-        cache = ChannelCache(max_size=2)
+        cache = ChannelCache(NO_AUTH, max_size=2)
         a, b = cache.get("127.0.0.1:1"), cache.get("127.0.0.1:2")
         assert cache.get("127.0.0.1:1") is a  # a is now the most recently used
         cache.get("127.0.0.1:3")
@@ -322,7 +323,8 @@ def test_a_handle_must_follow_from_its_tokens_and_the_receiver_s_layout() -> Non
     assert issubclass(InvalidKvHandle, KvPullError) and issubclass(InvalidKvHandle, ValueError)
 
 
-@pytest.mark.parametrize("puller_class", [GrpcKvPuller, UcxKvPuller])
+@pytest.mark.parametrize("puller_class", [pytest.param(lambda **kw: GrpcKvPuller(NO_AUTH, **kw), id="grpc"),
+                                          pytest.param(UcxKvPuller, id="ucx")])
 def test_pullers_refuse_an_invalid_handle_before_connecting_or_allocating(puller_class) -> None:
     async def scenario():
         puller = puller_class(layout=LAYOUT, timeout_s=5.0)
@@ -435,11 +437,11 @@ def test_the_decode_server_refuses_an_invalid_kv_handle_with_invalid_argument(ha
 
 def test_a_server_past_its_concurrent_rpcs_answers_resource_exhausted() -> None:
     async def scenario():
-        server = make_server(max_concurrent_rpcs=1)
+        server = make_server(NO_AUTH, max_concurrent_rpcs=1)
         port = bind(server, "127.0.0.1", 0)
         add_health(server)
         await server.start()
-        channel = open_channel(f"127.0.0.1:{port}")
+        channel = open_channel(f"127.0.0.1:{port}", NO_AUTH)
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             watch = stub.Watch(health_pb2.HealthCheckRequest())
@@ -457,11 +459,11 @@ def test_a_server_past_its_concurrent_rpcs_answers_resource_exhausted() -> None:
 
 def test_a_server_refuses_a_message_over_its_receive_limit() -> None:
     async def scenario():
-        server = make_server(max_receive_bytes=1024)
+        server = make_server(NO_AUTH, max_receive_bytes=1024)
         port = bind(server, "127.0.0.1", 0)
         add_health(server)
         await server.start()
-        channel = open_channel(f"127.0.0.1:{port}")
+        channel = open_channel(f"127.0.0.1:{port}", NO_AUTH)
         try:
             stub = health_pb2_grpc.HealthStub(channel)
             assert (await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)).status  # small: fine
@@ -485,11 +487,11 @@ def test_a_stalled_grpc_puller_is_cut_off_at_the_deadline_and_the_pin_closed() -
         source = SyntheticKvSource({payload_id(num_bytes): make_payload(num_bytes)})
         kv = GrpcKvServer(timeout_s=0.5)
         await kv.start(source)
-        server = make_server()
+        server = make_server(NO_AUTH)
         port = bind(server, "127.0.0.1", 0)
         prefill_pb2_grpc.add_PrefillServicer_to_server(KvOnlyPrefillServicer(kv), server)
         await server.start()
-        channel = open_channel(f"127.0.0.1:{port}")
+        channel = open_channel(f"127.0.0.1:{port}", NO_AUTH)
         try:
             call = prefill_pb2_grpc.PrefillStub(channel).PullKv(
                 prefill_pb2.PullKvRequest(request_id=payload_id(num_bytes)), timeout=30)

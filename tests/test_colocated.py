@@ -85,7 +85,8 @@ def _scheduler_running(cluster, timeout_s: float = 10.0) -> int:
     deadline = time.monotonic() + timeout_s
     while True:
         with grpc.insecure_channel(cluster.scheduler_address) as channel:
-            state = scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(spb.ClusterStateRequest(), timeout=5)
+            state = scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(spb.ClusterStateRequest(), timeout=5,
+                                                                              metadata=cluster.metadata)
         if state.num_running == 0 or time.monotonic() > deadline:
             return state.num_running
         time.sleep(0.2)
@@ -97,6 +98,6 @@ def test_it_refuses_kv_pulls(mode_cluster):
     with grpc.insecure_channel(worker.worker.grpc_address) as channel:
         stub = prefill_pb2_grpc.PrefillStub(channel)
         with pytest.raises(grpc.RpcError) as error:
-            stub.Release(prefill_pb2.ReleaseRequest(request_id="x"), timeout=5)
+            stub.Release(prefill_pb2.ReleaseRequest(request_id="x"), timeout=5, metadata=cluster.metadata)
         assert error.value.code() is grpc.StatusCode.FAILED_PRECONDITION
-        assert stub.GetStats(common_pb2.StatsRequest(), timeout=5).num_blocks > 0
+        assert stub.GetStats(common_pb2.StatsRequest(), timeout=5, metadata=cluster.metadata).num_blocks > 0

@@ -53,7 +53,7 @@ class Worker:
                 "--redis-url", redis_url, "--port", "0", "--kv-cache-gb", "0.25", "--threads", "1",
                 "--instance-id", name, *extra]
         with open(log, "wb") as out:
-            self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=cluster.env)
         self.address = self._wait_registered()
 
     def _wait_registered(self, timeout_s: float = 120.0) -> str:
@@ -69,7 +69,7 @@ class Worker:
     def stats(self) -> common_pb2.WorkerStats:
         stub_type = decode_pb2_grpc.DecodeStub if self.role == "decode" else prefill_pb2_grpc.PrefillStub
         with grpc.insecure_channel(self.address) as channel:
-            return stub_type(channel).GetStats(common_pb2.StatsRequest(), timeout=5)
+            return stub_type(channel).GetStats(common_pb2.StatsRequest(), timeout=5, metadata=self.cluster.metadata)
 
     def wait_busy(self, busy, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s

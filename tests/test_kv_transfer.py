@@ -28,6 +28,7 @@ from splitserve.bench.kv_serve import (
     start_kv_servers,
 )
 from splitserve.kv_transfer.base import KvPuller, KvPullError
+from splitserve.common.auth import NO_AUTH
 from splitserve.kv_transfer.factory import make_kv_puller, make_kv_server, transport_name, transport_value
 from splitserve.kv_transfer.grpc import CHUNK_BYTES, GrpcKvPuller, GrpcKvServer
 from splitserve.kv_transfer.ucx import UcxKvPuller, UcxKvServer, _Header, split_address
@@ -99,7 +100,7 @@ async def served(request) -> AsyncIterator[Served]:
     """Both transports serving SIZES in this loop, and a puller for the transport under test."""
     source = BalancedSource(SIZES)
     servers = await start_kv_servers("127.0.0.1", source)
-    puller = make_kv_puller(request.param)
+    puller = make_kv_puller(request.param, NO_AUTH)
     try:
         yield Served(source, servers, puller, request.param)
     finally:
@@ -151,9 +152,7 @@ async def test_concurrent_pulls_of_different_requests(served: Served) -> None:
 
 @module_loop
 async def test_unreachable_server_raises() -> None:
-    for puller_class in (UcxKvPuller, GrpcKvPuller):
-        puller = puller_class(timeout_s=1.0)
-        transport = "ucx" if puller_class is UcxKvPuller else "grpc"
+    for transport, puller in (("ucx", UcxKvPuller(timeout_s=1.0)), ("grpc", GrpcKvPuller(NO_AUTH, timeout_s=1.0))):
         info = ServeInfo(grpc_address="127.0.0.1:1", ucx_address="127.0.0.1:1")
         try:
             with pytest.raises(KvPullError):
@@ -189,7 +188,7 @@ async def test_a_stalled_ucx_puller_is_cut_off_at_the_deadline_and_the_pin_close
 async def test_ucx_and_grpc_pull_concurrently_in_one_event_loop() -> None:
     source = BalancedSource(SIZES)
     servers = await start_kv_servers("127.0.0.1", source)
-    pullers = {t: make_kv_puller(t) for t in TRANSPORTS}
+    pullers = {t: make_kv_puller(t, NO_AUTH) for t in TRANSPORTS}
     try:
         handles = [make_handle(t, servers.info, n) for t in TRANSPORTS for n in SIZES]
         pulled = await asyncio.gather(*(pullers[transport_name(h.transport)].pull(h) for h in handles))
@@ -206,7 +205,7 @@ async def test_ucx_and_grpc_pull_concurrently_in_one_event_loop() -> None:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_pull_from_another_process(transport: str) -> None:
     with KvServeProcess("127.0.0.1", SIZES) as process:
-        puller = make_kv_puller(transport)
+        puller = make_kv_puller(transport, NO_AUTH)
         try:
             for num_bytes in SIZES:
                 assert_payload(await puller.pull(make_handle(transport, process.info, num_bytes)), num_bytes)
@@ -222,8 +221,8 @@ def test_factory_maps_names_and_enums() -> None:
     assert [transport_name(transport_value(t)) for t in TRANSPORTS] == TRANSPORTS
     assert isinstance(make_kv_server("ucx", "127.0.0.1", 0), UcxKvServer)
     assert isinstance(make_kv_server("grpc", "127.0.0.1", 0), GrpcKvServer)
-    assert isinstance(make_kv_puller("ucx"), UcxKvPuller)
-    assert isinstance(make_kv_puller("grpc"), GrpcKvPuller)
+    assert isinstance(make_kv_puller("ucx", NO_AUTH), UcxKvPuller)
+    assert isinstance(make_kv_puller("grpc", NO_AUTH), GrpcKvPuller)
     with pytest.raises(ValueError):
         transport_value("rdma")
     with pytest.raises(ValueError):

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from splitserve.common.auth import NO_AUTH
 from splitserve.engine import EngineConfig, FinishReason, LLMEngine
 from splitserve.engine.request import StepOutput
 from splitserve.queue.streams import connect
@@ -24,7 +25,7 @@ from splitserve.worker.engine_loop import StepResult
 
 ERROR = "the engine step failed for this request: RuntimeError: injected"
 FAILED = StepOutput("r", None, FinishReason.ERROR, ERROR)
-CONFIG = SimpleNamespace(instance_id="w0")
+CONFIG = SimpleNamespace(instance_id="w0", cluster_auth=NO_AUTH)
 UNUSED_REDIS = "redis://127.0.0.1:1/0"  # a client that never connects: the recorders below publish
 
 

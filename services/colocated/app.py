@@ -6,6 +6,7 @@ import asyncio
 
 import structlog
 
+from splitserve.common.auth import warn_if_open
 from splitserve.common.rpc import SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
 from splitserve.engine.engine import LLMEngine
@@ -24,7 +25,8 @@ log = structlog.get_logger(__name__)
 async def serve(config: WorkerConfig) -> int:
     engine = await asyncio.to_thread(LLMEngine, config.engine)
     redis = connect(config.redis_url)
-    grpc_server = make_server()
+    warn_if_open(config.cluster_auth)
+    grpc_server = make_server(config.cluster_auth)
     address = advertised_address(config, bind(grpc_server, config.host, config.port))
     server = ColocatedServer(config, engine, redis)
     prefill_pb2_grpc.add_PrefillServicer_to_server(ColocatedServicer(server), grpc_server)

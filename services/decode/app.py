@@ -6,6 +6,7 @@ import asyncio
 
 import structlog
 
+from splitserve.common.auth import warn_if_open
 from splitserve.common.rpc import SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
 from splitserve.engine.engine import LLMEngine
@@ -25,9 +26,11 @@ log = structlog.get_logger(__name__)
 async def serve(config: WorkerConfig) -> int:
     engine = await asyncio.to_thread(LLMEngine, config.engine)
     redis = connect(config.redis_url)
-    grpc_server = make_server()
+    warn_if_open(config.cluster_auth)
+    grpc_server = make_server(config.cluster_auth)
     port = bind(grpc_server, config.host, config.port)
-    puller = make_kv_puller(config.kv_transport, engine.layout)  # refuses handles unfit for this cache
+    # Refuses handles unfit for this cache; its gRPC pulls carry the cluster token.
+    puller = make_kv_puller(config.kv_transport, config.cluster_auth, engine.layout)
     server = DecodeServer(config, engine, redis, puller)
     decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(server), grpc_server)
     address = advertised_address(config, port)

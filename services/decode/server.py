@@ -81,7 +81,7 @@ class DecodeServer:
         self.background = Background()
         self.draining = False
         self.progress = Progress()  # a request finished, failed or left
-        self._prefill_channels = ChannelCache()  # for Release, one per prefill server
+        self._prefill_channels = ChannelCache(config.cluster_auth)  # for Release, one per prefill server
 
     # -- requests -------------------------------------------------------------------------------
 

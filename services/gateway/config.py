@@ -8,6 +8,8 @@ import secrets
 import socket
 from dataclasses import dataclass
 
+from splitserve.common.auth import ClusterAuth, cluster_auth_from_args
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -15,6 +17,7 @@ class GatewayConfig:
 
     redis_url: str
     scheduler: str  # host:port of the scheduler's gRPC API
+    cluster_auth: ClusterAuth  # the token the gateway's calls to the scheduler carry
     host: str
     http_port: int  # 0 picks a free port
     grpc_port: int  # 0 picks a free port
@@ -30,7 +33,8 @@ class GatewayConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> GatewayConfig:
         return cls(
-            redis_url=args.redis_url, scheduler=args.scheduler, host=args.host,
+            redis_url=args.redis_url, scheduler=args.scheduler, cluster_auth=cluster_auth_from_args(args),
+            host=args.host,
             http_port=args.http_port, grpc_port=args.grpc_port, model=args.model,
             served_model_name=args.served_model_name, api_key=args.api_key or None,
             max_pending=args.max_pending, max_body_bytes=args.max_body_bytes,

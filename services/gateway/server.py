@@ -9,6 +9,7 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from splitserve.common.auth import NO_AUTH, warn_if_open
 from splitserve.common.rpc import (
     CLIENT_MAX_MESSAGE_BYTES,
     MAX_CONCURRENT_RPCS,
@@ -52,7 +53,8 @@ async def serve(config: GatewayConfig) -> int:
     """Run until SIGINT/SIGTERM (0), or until the reply router or cluster poller fails (1)."""
     model = await asyncio.to_thread(ServedModel.load, config.model, config.served_model_name)
     redis = connect(config.redis_url)
-    channel = open_channel(config.scheduler)
+    warn_if_open(config.cluster_auth)
+    channel = open_channel(config.scheduler, config.cluster_auth)
     try:
         server = GatewayServer(config, model, redis, channel)
         await server.start()
@@ -72,7 +74,8 @@ class GatewayServer:
         self.router = ReplyRouter(redis, reply_channel(config.gateway_id))
         # Room for every request --max-pending admits (plus health checks): past them the client
         # hears the gateway's own 429 / RESOURCE_EXHAUSTED message, not gRPC's.
-        self.grpc_server = make_server(CLIENT_MAX_MESSAGE_BYTES,
+        # The client edge: the API key guards it, not the cluster token.
+        self.grpc_server = make_server(NO_AUTH, CLIENT_MAX_MESSAGE_BYTES,
                                        max(MAX_CONCURRENT_RPCS, 2 * config.max_pending))
         self.health = add_health(self.grpc_server)
         cluster = ClusterView(scheduler_pb2_grpc.SchedulerStub(channel), config.cluster_poll_interval_s,

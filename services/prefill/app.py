@@ -6,6 +6,7 @@ import asyncio
 
 import structlog
 
+from splitserve.common.auth import warn_if_open
 from splitserve.common.net import advertised_host
 from splitserve.common.rpc import SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
@@ -26,7 +27,8 @@ log = structlog.get_logger(__name__)
 async def serve(config: WorkerConfig, ucx_port: int, kv_lease_s: float) -> int:
     engine = await asyncio.to_thread(LLMEngine, config.engine)
     redis = connect(config.redis_url)
-    grpc_server = make_server()
+    warn_if_open(config.cluster_auth)
+    grpc_server = make_server(config.cluster_auth)
     port = bind(grpc_server, config.host, config.port)
     kv_server = make_kv_server(config.kv_transport, advertised_host(config.host), ucx_port)
     server = PrefillServer(config, engine, redis, None, kv_lease_s)

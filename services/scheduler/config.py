@@ -6,6 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from splitserve.common.auth import NO_AUTH, ClusterAuth, add_cluster_auth_args, cluster_auth_from_args
 from splitserve.common.engine_args import positive_float, positive_int
 
 from .replan import PlanConfig
@@ -25,6 +26,8 @@ class SchedulerConfig:
     plan: PlanConfig | None = None  # online re-planning; None: off
     rpc_timeout_s: float = 30.0  # Prefill.Submit waits for the running batch (seconds at worst)
     max_queued: int = 4096  # requests read from the stream and not started; past it reading pauses
+    # The token callers must carry, and the scheduler's own calls to workers carry.
+    cluster_auth: ClusterAuth = NO_AUTH
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +36,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=int(env("SPLITSERVE_PORT", 50052)),
                         help="gRPC port (default: 50052)")
+    add_cluster_auth_args(parser)
     parser.add_argument("--redis-url", default=env("SPLITSERVE_REDIS_URL", "redis://127.0.0.1:6379/0"),
                         help="Redis holding the request stream (default: redis://127.0.0.1:6379/0)")
     parser.add_argument("--consumer", default=env("SPLITSERVE_CONSUMER", "scheduler-0"),
@@ -79,7 +83,7 @@ def from_args(args: argparse.Namespace) -> SchedulerConfig:
     return SchedulerConfig(args.host, args.port, args.redis_url, args.consumer, args.prefill_queue_factor,
                            args.worker_timeout, args.claim_idle, drain_timeout_s=args.drain_timeout,
                            workload_window_s=args.workload_window, plan=_plan_config(args),
-                           max_queued=args.max_queued)
+                           max_queued=args.max_queued, cluster_auth=cluster_auth_from_args(args))
 
 
 def _plan_config(args: argparse.Namespace) -> PlanConfig | None:

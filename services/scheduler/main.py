@@ -7,6 +7,7 @@ import asyncio
 
 import structlog
 
+from splitserve.common.auth import warn_if_open
 from splitserve.common.logging import bind_service
 from splitserve.common.rpc import NOT_SERVING, SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
@@ -41,7 +42,8 @@ async def serve(config: scheduler_config.SchedulerConfig) -> int:
     redis = connect(config.redis_url)
     await redis.ping()
     server = SchedulerServer(config, RequestStream(redis, ProtoCodec(pb.QueuedRequest)), redis)
-    grpc_server = make_server()
+    warn_if_open(config.cluster_auth)
+    grpc_server = make_server(config.cluster_auth)
     port = bind(grpc_server, config.host, config.port)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(server, HEARTBEAT_INTERVAL_S),
                                                        grpc_server)

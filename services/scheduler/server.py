@@ -81,7 +81,7 @@ class SchedulerServer:
         self.dequeued = asyncio.Event()  # the queue shrank: reading, paused at max_queued, may resume
         self.progress = Progress()  # a request finished: what a drain waits on
         self.draining = False  # shutting down: start nothing new
-        self._channels = ChannelCache()  # one per worker address
+        self._channels = ChannelCache(config.cluster_auth)  # one per worker address
         self.background = Background()
 
     # -- intake ---------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import numpy as np
 
 from splitserve.bench.kv_serve import KvServeProcess, ServeInfo, make_payload, payload_id
 from splitserve.kv_transfer.base import KvPuller, KvPullError
+from splitserve.common.auth import NO_AUTH
 from splitserve.kv_transfer.factory import make_kv_puller, transport_value
 from splitserve.v1 import common_pb2 as pb
 
@@ -94,7 +95,7 @@ async def measure_pull_ms(puller: KvPuller, handle: pb.KvHandle, repeat: int) ->
 
 async def _bench_transport(transport: str, shapes: list[_Shape], info: ServeInfo, repeat: int,
                            memcpy_ms: dict[int, float]) -> list[KvBenchRow]:
-    puller = make_kv_puller(transport)
+    puller = make_kv_puller(transport, NO_AUTH)  # a local serving process of synthetic payloads
     rows = []
     try:
         for shape in shapes:

@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 
 from splitserve.common.logging import configure_logging
+from splitserve.common.auth import NO_AUTH
 from splitserve.common.rpc import bind, make_server
 from splitserve.kv_transfer.base import KvSource
 from splitserve.kv_transfer.grpc import GrpcKvServer
@@ -114,7 +115,7 @@ class KvServers:
 async def start_kv_servers(host: str, source: KvSource) -> KvServers:
     """A grpc.aio server with PullKv and a UCX listener, both on free ports of host."""
     grpc_kv, ucx_kv = GrpcKvServer(), UcxKvServer(host)
-    server = make_server()
+    server = make_server(NO_AUTH)  # synthetic payloads only, on the host the benchmark names
     prefill_pb2_grpc.add_PrefillServicer_to_server(KvOnlyPrefillServicer(grpc_kv), server)
     grpc_port = bind(server, host, 0)
     await server.start()

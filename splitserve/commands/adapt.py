@@ -94,6 +94,7 @@ class Adapter:
         self.cooldown_s = cluster.config.adapt_cooldown_s
         self.channel = grpc.insecure_channel(cluster.scheduler_address)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
+        self.metadata = cluster.config.cluster_auth.metadata  # the cluster token, on each call
         self._next_poll = 0.0
         self._last_change = float("-inf")
         self._last_change_wall = 0.0  # time.time() of the last change: older recommendations are stale
@@ -104,7 +105,8 @@ class Adapter:
             return
         self._next_poll = now + POLL_INTERVAL_S
         try:
-            recommendation = self.stub.GetRecommendation(spb.RecommendationRequest(), timeout=5)
+            recommendation = self.stub.GetRecommendation(spb.RecommendationRequest(), timeout=5,
+                                                         metadata=self.metadata)
         except grpc.RpcError as exc:
             print(f"adapt: no recommendation from the scheduler ({exc.code().name})", flush=True)
             return
@@ -140,7 +142,7 @@ class Adapter:
             if set(names) & set(self.cluster.dead()):
                 return False
             try:
-                state = self.stub.GetClusterState(spb.ClusterStateRequest(), timeout=5)
+                state = self.stub.GetClusterState(spb.ClusterStateRequest(), timeout=5, metadata=self.metadata)
             except grpc.RpcError:
                 state = spb.ClusterState()
             if set(names) <= {w.worker.instance_id for w in state.workers}:

@@ -29,6 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from splitserve.common.auth import (
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
+    ClusterAuth,
+    add_cluster_auth_args,
+    cluster_auth_from_args,
+    new_token,
+)
 from splitserve.common.engine_args import add_engine_args, format_cpus, positive_float, positive_int
 from splitserve.common.net import free_port
 from splitserve.common.proc import RestartPolicy, Supervised, owned
@@ -58,6 +66,8 @@ class ClusterConfig:
     engine_argv: tuple[str, ...]
     gateway_argv: tuple[str, ...]
     ready_timeout_s: float
+    # Every internal call carries its token: a fresh one per run unless one is given (env or file).
+    cluster_auth: ClusterAuth
     api_key: str | None = None
     num_colocated: int = 0
     chunk_size: int | None = None  # colocated workers: chunked prefill
@@ -134,7 +144,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads-per-worker", type=positive_int, default=None,
                    help="torch threads per worker (default: one per core of its share of --cpus)")
     p.add_argument("--api-key", default=os.environ.get("SPLITSERVE_API_KEY"),
-                   help="require this key from clients (Authorization: Bearer)")
+                   help="require this key from clients (Authorization: Bearer; better from env "
+                        "SPLITSERVE_API_KEY: a flag's value is visible to every local user). The gateway "
+                        "gets it through its environment, never its command line")
+    add_cluster_auth_args(p)
     p.add_argument("--max-pending", type=positive_int, default=None,
                    help="requests in flight at the gateway before it answers 429 (default: the gateway's)")
     p.add_argument("--ready-timeout", type=positive_float, default=300.0,
@@ -159,21 +172,27 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
     threads = args.threads or args.threads_per_worker
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="splitserve-logs-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    gateway_argv = [*(["--api-key", args.api_key] if args.api_key else []),
-                    *(["--max-pending", str(args.max_pending)] if args.max_pending else []),
+    gateway_argv = [*(["--max-pending", str(args.max_pending)] if args.max_pending else []),
                     *(["--model", args.model] if args.model else [])]
     return ClusterConfig(
         num_prefill=num_prefill, num_decode=num_decode, host=args.host, http_port=args.http_port,
         grpc_port=args.grpc_port, scheduler_port=args.scheduler_port or free_port(args.host),
         redis_url=args.redis_url, kv_transport=args.kv_transport, log_dir=log_dir,
         threads_per_worker=threads, engine_argv=tuple(_engine_argv(args)),
-        gateway_argv=tuple(gateway_argv), ready_timeout_s=args.ready_timeout, api_key=args.api_key,
+        gateway_argv=tuple(gateway_argv), ready_timeout_s=args.ready_timeout,
+        cluster_auth=_cluster_auth(args), api_key=args.api_key,
         num_colocated=num_colocated,
         chunk_size=(args.chunk_size or DEFAULT_CHUNK_SIZE) if args.mode == "chunked" else None,
         worker_cpus=tuple(tuple(share) for share in shares), pin=not args.no_pin,
         drain_timeout_s=args.drain_timeout, cpus=tuple(cpus),
         scheduler_argv=tuple(adapt.scheduler_argv(args, len(cpus))), adapt=args.adapt,
         adapt_cooldown_s=args.adapt_cooldown)
+
+
+def _cluster_auth(args: argparse.Namespace) -> ClusterAuth:
+    """The token given (--cluster-token-file, env), else a fresh one for this run."""
+    given = cluster_auth_from_args(args)
+    return given if given.enabled else ClusterAuth(new_token())
 
 
 def _engine_argv(args: argparse.Namespace) -> list[str]:
@@ -213,6 +232,16 @@ class Cluster:
         self._spawn("gateway", ["gateway", *common, "--scheduler", self.scheduler_address, "--host", c.host,
                                 "--http-port", str(c.http_port), "--grpc-port", str(c.grpc_port),
                                 *c.gateway_argv])
+
+    @property
+    def service_env(self) -> dict[str, str]:
+        """The services' environment: secrets go here, never on a command line (readable by any
+        local user in /proc), while the environment is readable only by the same user."""
+        env = {k: v for k, v in os.environ.items() if k not in (TOKEN_FILE_ENV, "SPLITSERVE_API_KEY")}
+        env[TOKEN_ENV] = self.config.cluster_auth.token
+        if self.config.api_key:
+            env["SPLITSERVE_API_KEY"] = self.config.api_key
+        return env
 
     @property
     def scheduler_address(self) -> str:
@@ -259,7 +288,8 @@ class Cluster:
         def launch() -> subprocess.Popen:
             with open(log, "ab") as out:  # the child has its own copy of the descriptor
                 # A new session: Ctrl-C reaches the launcher only, which then stops the services in order.
-                return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env=self.service_env)
 
         self.services.append(Supervised(name, launch, log, launch()))
 

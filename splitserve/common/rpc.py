@@ -8,6 +8,8 @@ from collections import OrderedDict
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from splitserve.common.auth import ClusterAuth
+
 # gRPC refuses messages over 4 MiB by default. The largest internal message is a Decode.Submit of a
 # long prompt (a 128k-token prompt is under 1 MiB of token ids) or a 1 MiB PullKv chunk: 16 MiB
 # leaves room, and bounds what one message from a peer can make a server buffer.
@@ -28,12 +30,14 @@ OPTIONS = [
 ]
 
 
-def make_server(max_receive_bytes: int = MAX_MESSAGE_BYTES,
+def make_server(auth: ClusterAuth, max_receive_bytes: int = MAX_MESSAGE_BYTES,
                 max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS) -> grpc.aio.Server:
-    """A server that refuses messages over max_receive_bytes and RPCs past max_concurrent_rpcs at once
-    (both RESOURCE_EXHAUSTED, from gRPC itself)."""
+    """A server that refuses calls without auth's cluster token (UNAUTHENTICATED; none asked when
+    auth has none), messages over max_receive_bytes and RPCs past max_concurrent_rpcs at once (both
+    RESOURCE_EXHAUSTED, from gRPC itself)."""
     options = [(k, max_receive_bytes if k == "grpc.max_receive_message_length" else v) for k, v in OPTIONS]
-    return grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
+    return grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs,
+                           interceptors=auth.server_interceptors())
 
 
 def bind(server: grpc.aio.Server, host: str, port: int) -> int:
@@ -44,8 +48,9 @@ def bind(server: grpc.aio.Server, host: str, port: int) -> int:
     return bound
 
 
-def open_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=OPTIONS)
+def open_channel(address: str, auth: ClusterAuth) -> grpc.aio.Channel:
+    """A channel whose every call carries auth's cluster token (if it has one)."""
+    return grpc.aio.insecure_channel(address, options=OPTIONS, interceptors=auth.client_interceptors())
 
 
 class ChannelCache:
@@ -55,8 +60,8 @@ class ChannelCache:
     made-up addresses would grow the cache, and its open channels, forever.
     """
 
-    def __init__(self, max_size: int = MAX_CACHED_CHANNELS) -> None:
-        self.max_size = max_size
+    def __init__(self, auth: ClusterAuth, max_size: int = MAX_CACHED_CHANNELS) -> None:
+        self.auth, self.max_size = auth, max_size
         self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
         self._closing: set[asyncio.Task] = set()
 
@@ -68,7 +73,7 @@ class ChannelCache:
             return channel
         while len(self._channels) >= self.max_size:
             self._close_later(self._channels.popitem(last=False)[1])
-        channel = self._channels[address] = open_channel(address)
+        channel = self._channels[address] = open_channel(address, self.auth)
         return channel
 
     def drop(self, address: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from splitserve.common.auth import ClusterAuth
 from splitserve.kv_transfer.base import KvPuller, KvServer
 from splitserve.kv_transfer.grpc import GrpcKvPuller, GrpcKvServer
 from splitserve.kv_transfer.ucx import UcxKvPuller, UcxKvServer
@@ -39,9 +40,10 @@ def make_kv_server(transport: str, host: str, port: int = 0) -> KvServer:
     return GrpcKvServer()
 
 
-def make_kv_puller(transport: str, layout: KVLayout | None = None) -> KvPuller:
+def make_kv_puller(transport: str, auth: ClusterAuth, layout: KVLayout | None = None) -> KvPuller:
     """The decode side; with the decode cache's layout, handles that do not fit it are refused
-    before anything is allocated (benchmarks of synthetic payloads pass none)."""
+    before anything is allocated (benchmarks of synthetic payloads pass none). gRPC pulls carry
+    auth's cluster token (UCX pulls are not gRPC calls)."""
     if transport_value(transport) == pb.KV_TRANSPORT_UCX:
         return UcxKvPuller(layout=layout)
-    return GrpcKvPuller(layout=layout)
+    return GrpcKvPuller(auth, layout=layout)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import grpc
 import structlog
 
+from splitserve.common.auth import ClusterAuth
 from splitserve.common.rpc import ChannelCache
 from splitserve.kv_transfer.base import KvPuller, KvPullError, KvServer, KvSource, check_handle
 from splitserve.v1 import common_pb2 as pb
@@ -102,10 +103,11 @@ class _Pin:
 class GrpcKvPuller(KvPuller):
     """Pulls over Prefill.PullKv, with a bounded cache of channels, one per prefill server."""
 
-    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, layout: KVLayout | None = None) -> None:
+    def __init__(self, auth: ClusterAuth, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 layout: KVLayout | None = None) -> None:
         self._timeout_s = timeout_s
         self._layout = layout
-        self._channels = ChannelCache()
+        self._channels = ChannelCache(auth)
 
     async def pull(self, handle: pb.KvHandle) -> memoryview:
         if self._layout is not None:

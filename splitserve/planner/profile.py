@@ -120,13 +120,14 @@ def measure_kv(transport: str, tokens: tuple[int, ...], bytes_per_token: int, re
     """Pull synthetic payloads of these prompt lengths from a fresh serving process (`bench kv`)."""
     from splitserve.bench.kv_bench import measure_pull_ms
     from splitserve.bench.kv_serve import KvServeProcess, payload_id
+    from splitserve.common.auth import NO_AUTH
     from splitserve.kv_transfer.factory import make_kv_puller, transport_value
     from splitserve.v1 import common_pb2 as pb
 
     sizes = sorted({n * bytes_per_token for n in tokens})
 
     async def pull_all(info) -> list[dict]:
-        puller = make_kv_puller(transport)
+        puller = make_kv_puller(transport, NO_AUTH)  # a local serving process of synthetic payloads
         try:
             samples = []
             for num_bytes in sizes:

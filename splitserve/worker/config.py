@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from splitserve.common.auth import NO_AUTH, ClusterAuth, add_cluster_auth_args, cluster_auth_from_args
 from splitserve.common.engine_args import add_engine_args, positive_float, positive_int
 from splitserve.kv_transfer.factory import DEFAULT_TRANSPORT, TRANSPORTS, transport_value
 
@@ -29,6 +30,7 @@ class WorkerConfig:
     heartbeat_interval_s: float
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running requests get to finish
     max_waiting: int | None = None  # decode: requests submitted and not yet admitted; None: derived
+    cluster_auth: ClusterAuth = NO_AUTH  # the token this worker's calls carry and its servers ask for
 
     @property
     def kv_transport_proto(self) -> int:
@@ -68,6 +70,7 @@ def add_worker_args(parser: argparse.ArgumentParser, role: str, default_port: in
                             help="requests queued for KV blocks before Submit answers RESOURCE_EXHAUSTED "
                                  "and the scheduler places them elsewhere or later "
                                  "(default: 4 x --max-num-seqs)")
+    add_cluster_auth_args(parser)
     add_engine_args(parser)
 
 
@@ -76,6 +79,7 @@ def worker_config(args: argparse.Namespace, engine: EngineConfig, role: str) -> 
         engine=engine, host=args.host, port=args.port, scheduler=args.scheduler,
         redis_url=args.redis_url, kv_transport=args.kv_transport,
         instance_id=args.instance_id or f"{role}-{socket.gethostname()}-{os.getpid()}",
-        heartbeat_interval_s=args.heartbeat_interval, drain_timeout_s=args.drain_timeout,
+        heartbeat_interval_s=args.heartbeat_interval, cluster_auth=cluster_auth_from_args(args),
+        drain_timeout_s=args.drain_timeout,
         max_waiting=args.max_waiting if role == "decode" else None,
     )

@@ -20,6 +20,7 @@ import grpc
 from splitserve.bench.loadgen.config import BackendConfig
 from splitserve.bench.loadgen.records import RequestRecord
 from splitserve.bench.loadgen.sse import DONE, SseDecoder, StreamChunk, error_message, parse_chunk
+from splitserve.common.auth import NO_AUTH
 from splitserve.common.rpc import open_channel
 from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -178,7 +179,7 @@ async def served_model(session: aiohttp.ClientSession, url: str) -> str:
 async def open_backend(config: BackendConfig) -> AsyncIterator[Backend]:
     """One backend for the whole run: an aiohttp session with no connection limit, or a gRPC channel."""
     if config.kind == "grpc":
-        async with open_channel(config.url.removeprefix("grpc://")) as channel:
+        async with open_channel(config.url.removeprefix("grpc://"), NO_AUTH) as channel:  # the client edge
             yield GrpcBackend(channel, config)
         return
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None

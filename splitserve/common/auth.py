@@ -1,0 +1,178 @@
+"""Cluster identity, shared-token mode: every internal gRPC call carries the cluster's token, and
+every internal server checks it (in constant time) before it runs or even parses anything.
+
+A caller without the token gets UNAUTHENTICATED. Only the standard health service stays open: it
+says SERVING or not, and container runtimes probe it without credentials. The token reaches a
+process from the environment (SPLITSERVE_CLUSTER_TOKEN) or a file (--cluster-token-file), never
+from its command line, which any local user can read in /proc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+
+TOKEN_ENV = "SPLITSERVE_CLUSTER_TOKEN"
+TOKEN_FILE_ENV = "SPLITSERVE_CLUSTER_TOKEN_FILE"
+METADATA_KEY = "x-splitserve-cluster-token"
+# 24 bytes of randomness in URL-safe base64 is 32 characters; a shorter token is too guessable.
+MIN_TOKEN_CHARS = 32
+MAX_TOKEN_CHARS = 1024
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+
+
+@dataclass(frozen=True)
+class ClusterAuth:
+    """How this process proves it belongs to the cluster, and what its servers ask of callers.
+
+    token None is an unauthenticated plane: the process's servers trust any caller (a warning at
+    start says so). The gateway's client edge never uses this (its API key guards it).
+    """
+
+    token: str | None
+
+    @property
+    def enabled(self) -> bool:
+        return self.token is not None
+
+    def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        return [_RequireToken(self.token)] if self.token is not None else []
+
+    def client_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
+        """Each call on a channel carries the token, whatever its kind."""
+        return [kind(self.token) for kind in _ATTACH_KINDS] if self.token is not None else []
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """For blocking (non-aio) calls: pass as metadata= on each call."""
+        return ((METADATA_KEY, self.token),) if self.token is not None else ()
+
+
+NO_AUTH = ClusterAuth(None)
+
+
+def new_token() -> str:
+    """A fresh cluster token: 32 random bytes, URL-safe (valid in gRPC metadata)."""
+    return secrets.token_urlsafe(32)
+
+
+def check_token(token: str, source: str) -> str:
+    """The token, stripped, if it is MIN..MAX_TOKEN_CHARS visible ASCII characters; else ValueError."""
+    token = token.strip()
+    if not MIN_TOKEN_CHARS <= len(token) <= MAX_TOKEN_CHARS or not all(33 <= ord(c) <= 126 for c in token):
+        raise ValueError(f"the cluster token from {source} must be {MIN_TOKEN_CHARS} to {MAX_TOKEN_CHARS} "
+                         f"visible ASCII characters (splitserve up makes one per run)")
+    return token
+
+
+def add_cluster_auth_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cluster-token-file", default=os.environ.get(TOKEN_FILE_ENV),
+                        help=f"file holding the cluster token every internal call must carry (env "
+                             f"{TOKEN_FILE_ENV}; or the token itself in env {TOKEN_ENV}, never on the "
+                             f"command line). Without one a service trusts any caller, while "
+                             f"`splitserve up` makes a fresh token per run")
+
+
+def cluster_auth_from_args(args: argparse.Namespace) -> ClusterAuth:
+    """From --cluster-token-file, else the environment; raises ValueError for a bad token or file."""
+    if args.cluster_token_file:
+        try:
+            text = Path(args.cluster_token_file).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read the cluster token file {args.cluster_token_file}: {exc}") from None
+        return ClusterAuth(check_token(text, args.cluster_token_file))
+    if (token := os.environ.get(TOKEN_ENV)) is not None:
+        return ClusterAuth(check_token(token, TOKEN_ENV))
+    return NO_AUTH
+
+
+class _RequireToken(grpc.aio.ServerInterceptor):
+    """Refuses, before the handler runs and before its request is parsed, every call without the token."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or details.method in OPEN_METHODS or self._carries_token(details):
+            return handler
+        return _refusal(handler)
+
+    def _carries_token(self, details: grpc.HandlerCallDetails) -> bool:
+        given = [v for k, v in details.invocation_metadata or () if k == METADATA_KEY]
+        return len(given) == 1 and isinstance(given[0], str) and hmac.compare_digest(given[0].encode(), self._token)
+
+
+async def _refuse(request, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this is an internal service of a splitserve "
+                        "cluster: calls must carry the cluster's token")
+
+
+def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as handler that only refuses; requests stay unparsed bytes."""
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(_refuse)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(_refuse)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(_refuse)
+    return grpc.stream_stream_rpc_method_handler(_refuse)
+
+
+def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    metadata.add(METADATA_KEY, token)
+    return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                      details.wait_for_ready)
+
+
+# One interceptor per kind of call: a channel files each interceptor under the first kind it is an
+# instance of, so one class of all four would add the token to unary calls only.
+class _AttachToUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(_with_token(details, self._token), request)
+
+
+class _AttachToUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(_with_token(details, self._token), request)
+
+
+class _AttachToStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_stream_unary(self, continuation, details, request_iterator):
+        return await continuation(_with_token(details, self._token), request_iterator)
+
+
+class _AttachToStreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_stream_stream(self, continuation, details, request_iterator):
+        return await continuation(_with_token(details, self._token), request_iterator)
+
+
+_ATTACH_KINDS = (_AttachToUnaryUnary, _AttachToUnaryStream, _AttachToStreamUnary, _AttachToStreamStream)
+
+
+def warn_if_open(auth: ClusterAuth) -> None:
+    """Say loudly, at start, that this service trusts any caller."""
+    if not auth.enabled:
+        structlog.get_logger(__name__).warning(
+            "the cluster plane is unauthenticated: any process that reaches this service's internal "
+            f"ports is trusted; give every service one token (env {TOKEN_ENV} or --cluster-token-file)")

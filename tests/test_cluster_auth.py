@@ -1,0 +1,149 @@
+"""Cluster identity (issue 14, shared-token mode): every internal RPC of a real `splitserve up`
+cluster refuses a caller without the cluster's token (UNAUTHENTICATED, and nothing happens), and
+works with it; `up` puts the token in its services' environment, never on a command line.
+
+Before, any process that could reach a port could register a fake worker, drain a real one, or
+pull any request's KV cache by id.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_cluster import MODEL, _post
+
+from splitserve.common.auth import TOKEN_ENV, ClusterAuth, check_token, cluster_auth_from_args, new_token
+from splitserve.v1 import common_pb2, decode_pb2, prefill_pb2, scheduler_pb2
+from splitserve.v1 import scheduler_pb2_grpc
+
+pytestmark = pytest.mark.timeout(180)
+SERVICES = {  # (proto module, service name, the worker role serving it; None: the scheduler)
+    "scheduler": (scheduler_pb2, "Scheduler"),
+    "prefill-0": (prefill_pb2, "Prefill"),
+    "decode-0": (decode_pb2, "Decode"),
+}
+
+
+def _addresses(cluster) -> dict[str, str]:
+    workers = {w.worker.instance_id: w.worker.grpc_address for w in cluster.workers()}
+    return {"scheduler": cluster.scheduler_address, "prefill-0": workers["prefill-0"],
+            "decode-0": workers["decode-0"]}
+
+
+def _call(channel: grpc.Channel, path: str, streams: bool, request: bytes, metadata) -> grpc.StatusCode:
+    """Call path with a serialized request (no deserializing: only the status matters)."""
+    try:
+        if streams:
+            list(channel.unary_stream(path)(request, timeout=10, metadata=metadata))
+        else:
+            channel.unary_unary(path)(request, timeout=10, metadata=metadata)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def _every_rpc(cluster):
+    """(service name, method path, whether it streams replies, address) for every internal RPC."""
+    addresses = _addresses(cluster)
+    for name, (module, service) in SERVICES.items():
+        for method in module.DESCRIPTOR.services_by_name[service].methods:
+            yield name, f"/{method.containing_service.full_name}/{method.name}", method.server_streaming, \
+                addresses[name]
+
+
+@pytest.mark.parametrize("credentials", ["none", "wrong token", "two tokens"])
+def test_every_internal_rpc_refuses_a_caller_without_the_cluster_token(grpc_cluster, credentials):
+    metadata = {"none": (), "wrong token": (("x-splitserve-cluster-token", new_token()),),
+                "two tokens": (("x-splitserve-cluster-token", new_token()),
+                               ("x-splitserve-cluster-token", grpc_cluster.token))}[credentials]
+    seen = set()
+    for name, path, streams, address in _every_rpc(grpc_cluster):
+        with grpc.insecure_channel(address) as channel:
+            assert _call(channel, path, streams, b"", metadata) == grpc.StatusCode.UNAUTHENTICATED, path
+        seen.add(path)
+    assert len(seen) == 16  # 8 scheduler, 5 prefill (PullKv included), 3 decode RPCs
+
+
+def test_forged_calls_change_nothing_and_the_cluster_serves_on(grpc_cluster):
+    """The attacks of the issue, without the token: a fake decode worker claiming a huge cache, a
+    drain of a real worker, a KV pull and a release by request id."""
+    addresses = _addresses(grpc_cluster)
+    fake = scheduler_pb2.RegisterRequest(
+        worker=scheduler_pb2.WorkerInfo(instance_id="evil-decode", role=scheduler_pb2.WORKER_ROLE_DECODE,
+                                        grpc_address="127.0.0.1:1", model=MODEL),
+        stats=common_pb2.WorkerStats(num_blocks=10**9, num_free_blocks=10**9))
+    attacks = [
+        (addresses["scheduler"], "/splitserve.v1.Scheduler/Register", False, fake),
+        (addresses["scheduler"], "/splitserve.v1.Scheduler/Drain", False,
+         scheduler_pb2.DrainRequest(instance_id="decode-0", finished=True)),
+        (addresses["prefill-0"], "/splitserve.v1.Prefill/PullKv", True, prefill_pb2.PullKvRequest(request_id="x")),
+        (addresses["prefill-0"], "/splitserve.v1.Prefill/Release", False, prefill_pb2.ReleaseRequest(request_id="x")),
+    ]
+    for address, path, streams, request in attacks:
+        with grpc.insecure_channel(address) as channel:
+            code = _call(channel, path, streams, request.SerializeToString(), ())
+        assert code == grpc.StatusCode.UNAUTHENTICATED, path
+    assert sorted(w.worker.instance_id for w in grpc_cluster.workers()) == ["decode-0", "prefill-0"]
+    assert not any(w.draining for w in grpc_cluster.workers())
+    status, reply = _post(grpc_cluster.http_url + "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 3})
+    assert status == 200 and reply["usage"]["completion_tokens"] >= 1, reply
+
+
+def test_with_the_token_internal_calls_work_and_health_stays_open(grpc_cluster):
+    with grpc.insecure_channel(grpc_cluster.scheduler_address) as channel:
+        state = scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
+            scheduler_pb2.ClusterStateRequest(), timeout=5, metadata=grpc_cluster.metadata)
+        assert {w.worker.instance_id for w in state.workers} == {"prefill-0", "decode-0"}
+        # Container runtimes probe health without credentials; it tells only SERVING or not.
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert set(grpc_cluster.worker_stats()) == {"prefill-0", "decode-0"}  # GetStats, with the token
+
+
+def _command_lines_of_children(pid: int) -> list[str]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    lines = []
+    for child in children:
+        try:
+            lines.append(Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"))
+        except OSError:
+            continue
+        lines += _command_lines_of_children(int(child))
+    return lines
+
+
+def test_up_gives_its_services_the_token_and_api_key_only_through_their_environment(tmp_path):
+    from conftest import start_cluster, stop_cluster
+
+    cluster = start_cluster(tmp_path, "--mode", "colocated", "--api-key", "sk-test-key-that-must-stay-hidden")
+    try:
+        lines = _command_lines_of_children(cluster.process.pid)
+        assert any("gateway" in line for line in lines) and any("scheduler" in line for line in lines)
+        assert not [line for line in lines if cluster.token in line or "sk-test-key-that-must-stay" in line]
+        status, reply = _post(cluster.http_url + "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2},
+                              headers={"Authorization": "Bearer sk-test-key-that-must-stay-hidden"})
+        assert status == 200, reply
+        assert _post(cluster.http_url + "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2})[0] == 401
+    finally:
+        assert stop_cluster(cluster) == 0
+
+
+def test_a_token_comes_from_a_file_or_the_environment_and_must_be_long(tmp_path, monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    none = argparse.Namespace(cluster_token_file=None)
+    assert not cluster_auth_from_args(none).enabled
+    token = new_token()
+    monkeypatch.setenv(TOKEN_ENV, token)
+    assert cluster_auth_from_args(none) == ClusterAuth(token)
+    path = tmp_path / "token"
+    path.write_text(f"{'f' * 40}\n")
+    assert cluster_auth_from_args(argparse.Namespace(cluster_token_file=str(path))) == ClusterAuth("f" * 40)
+    for bad in ("short", "x" * 31, "has space" * 5, "é" * 40):
+        with pytest.raises(ValueError, match="cluster token"):
+            check_token(bad, "test")
+    with pytest.raises(ValueError, match="cannot read"):
+        cluster_auth_from_args(argparse.Namespace(cluster_token_file=str(tmp_path / "missing")))
