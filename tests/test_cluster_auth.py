@@ -9,6 +9,7 @@ pull any request's KV cache by id.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import grpc
@@ -17,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_cluster import MODEL, _post
 
 from splitserve.common.auth import TOKEN_ENV, ClusterAuth, check_token, cluster_auth_from_args, new_token
-from splitserve.v1 import common_pb2, decode_pb2, prefill_pb2, scheduler_pb2
+from splitserve.v1 import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc, scheduler_pb2
 from splitserve.v1 import scheduler_pb2_grpc
 
 pytestmark = pytest.mark.timeout(180)
@@ -102,6 +103,42 @@ def test_with_the_token_internal_calls_work_and_health_stays_open(grpc_cluster):
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert set(grpc_cluster.worker_stats()) == {"prefill-0", "decode-0"}  # GetStats, with the token
+
+
+def test_kv_of_a_held_request_needs_its_capability_besides_the_cluster_token(grpc_cluster):
+    """With the cluster token but a wrong capability, PullKv and Release get PERMISSION_DENIED and the
+    prefill server's blocks stay as they were; with the request's capability both work. The test
+    plays the scheduler: it submits a request with a capability it chose."""
+    address = _addresses(grpc_cluster)["prefill-0"]
+    capability = new_token()
+    request = common_pb2.QueuedRequest(
+        request_id="capability-test", prompt_token_ids=[1, 504, 3156, 314] * 8, reply_channel="test:capability",
+        sampling=common_pb2.SamplingParams(temperature=0.0, top_p=1.0, max_tokens=4), kv_capability=capability)
+    with grpc.insecure_channel(address) as channel:
+        stub = prefill_pb2_grpc.PrefillStub(channel)
+        stub.Submit(request, timeout=30, metadata=grpc_cluster.metadata)
+        deadline = time.monotonic() + 30
+        while (held := stub.GetStats(common_pb2.StatsRequest(), timeout=5, metadata=grpc_cluster.metadata)).num_held != 1:
+            assert time.monotonic() < deadline, held
+            time.sleep(0.05)
+        for wrong in ("", new_token()):
+            with pytest.raises(grpc.RpcError) as pulled:
+                list(stub.PullKv(prefill_pb2.PullKvRequest(request_id="capability-test", capability=wrong),
+                                 timeout=10, metadata=grpc_cluster.metadata))
+            assert pulled.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            with pytest.raises(grpc.RpcError) as released:
+                stub.Release(prefill_pb2.ReleaseRequest(request_id="capability-test", capability=wrong),
+                             timeout=10, metadata=grpc_cluster.metadata)
+            assert released.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        after = stub.GetStats(common_pb2.StatsRequest(), timeout=5, metadata=grpc_cluster.metadata)
+        assert after.num_held == 1 and after.num_free_blocks == held.num_free_blocks
+        chunks = list(stub.PullKv(prefill_pb2.PullKvRequest(request_id="capability-test", capability=capability),
+                                  timeout=10, metadata=grpc_cluster.metadata))
+        assert sum(len(c.data) for c in chunks) > 0
+        stub.Release(prefill_pb2.ReleaseRequest(request_id="capability-test", capability=capability),
+                     timeout=10, metadata=grpc_cluster.metadata)
+        final = stub.GetStats(common_pb2.StatsRequest(), timeout=5, metadata=grpc_cluster.metadata)
+        assert final.num_held == 0 and final.num_free_blocks == final.num_blocks
 
 
 def _command_lines_of_children(pid: int) -> list[str]:

@@ -27,11 +27,11 @@ from splitserve.bench.kv_serve import (
     payload_id,
     start_kv_servers,
 )
-from splitserve.kv_transfer.base import KvPuller, KvPullError
 from splitserve.common.auth import NO_AUTH
+from splitserve.kv_transfer.base import KvPermissionDenied, KvPuller, KvPullError
 from splitserve.kv_transfer.factory import make_kv_puller, make_kv_server, transport_name, transport_value
 from splitserve.kv_transfer.grpc import CHUNK_BYTES, GrpcKvPuller, GrpcKvServer
-from splitserve.kv_transfer.ucx import UcxKvPuller, UcxKvServer, _Header, split_address
+from splitserve.kv_transfer.ucx import UcxKvPuller, UcxKvServer, _Header, _PullRequest, split_address
 from splitserve.v1 import common_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
@@ -46,12 +46,12 @@ SIZES = [1, 1000, 3 * CHUNK_BYTES + 5]
 class BalancedSource(SyntheticKvSource):
     """A SyntheticKvSource that signals whenever every pin it handed out has been closed."""
 
-    def __init__(self, sizes: list[int]) -> None:
-        super().__init__({payload_id(n): make_payload(n) for n in sizes})
+    def __init__(self, sizes: list[int], capability: str = "") -> None:
+        super().__init__({payload_id(n): make_payload(n) for n in sizes}, capability)
         self.balanced = asyncio.Event()
 
-    async def open(self, request_id: str) -> memoryview | None:
-        payload = await super().open(request_id)
+    async def open(self, request_id: str, capability: str) -> memoryview | None:
+        payload = await super().open(request_id, capability)
         if payload is not None:
             self.balanced.clear()
         return payload
@@ -128,6 +128,28 @@ async def test_not_found_raises(served: Served) -> None:
 
 
 @module_loop
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_pull_with_a_wrong_capability_is_denied_and_opens_nothing(transport: str) -> None:
+    source = BalancedSource(SIZES, capability="the-request-s-own-capability-0123456789")
+    servers = await start_kv_servers("127.0.0.1", source)
+    puller = make_kv_puller(transport, NO_AUTH)
+    try:
+        for wrong in ("", "the-request-s-own-capability-012345678X", "x" * 128):
+            handle = make_handle(transport, servers.info, 1000)
+            handle.capability = wrong
+            with pytest.raises(KvPermissionDenied):
+                await puller.pull(handle)
+        assert source.num_opens == 0  # nothing pinned, no byte sent
+        handle = make_handle(transport, servers.info, 1000)
+        handle.capability = "the-request-s-own-capability-0123456789"
+        assert_payload(await puller.pull(handle), 1000)
+        await source.wait_balanced()
+    finally:
+        await puller.close()
+        await servers.stop()
+
+
+@module_loop
 @pytest.mark.parametrize("delta", [-1, 1])
 async def test_size_mismatch_raises_and_closes_the_pin(served: Served, delta: int) -> None:
     num_bytes = SIZES[-1]
@@ -172,7 +194,7 @@ async def test_a_stalled_ucx_puller_is_cut_off_at_the_deadline_and_the_pin_close
     ep = None
     try:
         ep = await ucxx.create_endpoint(*split_address(server.address))
-        await ep.send_obj(payload_id(num_bytes).encode())
+        await ep.send(_PullRequest(payload_id(num_bytes), "").encode())
         header = _Header.empty()
         await ep.recv(header)  # the server has the payload pinned; this puller takes nothing more
         assert _Header.decode(header).num_bytes == num_bytes

@@ -213,7 +213,8 @@ class DecodeServer:
         """Tell the prefill server its blocks were pulled, so it frees them (its lease is the backstop)."""
         stub = prefill_pb2_grpc.PrefillStub(self._prefill_channels.get(handle.prefill_grpc_address))
         try:
-            await stub.Release(prefill_pb2.ReleaseRequest(request_id=handle.request_id), timeout=10)
+            await stub.Release(prefill_pb2.ReleaseRequest(request_id=handle.request_id, capability=handle.capability),
+                               timeout=10)
         except grpc.aio.AioRpcError as exc:
             log.warning("release failed; the prefill lease will free the blocks",
                         request_id=handle.request_id, code=exc.code().name)

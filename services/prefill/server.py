@@ -22,6 +22,7 @@ from splitserve.common.service import Background, Progress
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.kv_cache import export_bytes
 from splitserve.engine.request import StepOutput
+from splitserve.kv_transfer.base import KvPermissionDenied, capability_matches
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.worker.common import (
@@ -80,11 +81,14 @@ class PrefillServer:
             await self._free(rid, "replayed")
         await add_to_engine(self.loop, self.requests, request, Held(request))
 
-    async def release(self, request_id: str) -> None:
-        """Decode acknowledged its pull: free the blocks (unknown ids are a harmless retry)."""
+    async def release(self, request_id: str, capability: str) -> None:
+        """Decode acknowledged its pull: free the blocks (unknown ids are a harmless retry).
+        KvPermissionDenied, freeing nothing, when capability is not the request's."""
         held = self.requests.get(request_id)
         if held is None or held.handle is None:
             return
+        if not capability_matches(held.request.kv_capability, capability):
+            raise KvPermissionDenied(f"a wrong KV capability for request {request_id}")
         await self._free(request_id, "pulled")
 
     async def abort(self, request_id: str, cancelled: bool = True) -> bool:
@@ -168,7 +172,7 @@ class PrefillServer:
             prefill_grpc_address=self.grpc_address, transport=self.config.kv_transport_proto,
             ucx_address=self.kv_address, block_ids=block_ids, num_tokens=seq_tokens,
             layout=layout_to_proto(engine.layout), num_bytes=len(block_ids) * engine.layout.bytes_per_block,
-            lease_expires=time.time() + self.kv_lease_s)
+            lease_expires=time.time() + self.kv_lease_s, capability=self.requests[request_id].request.kv_capability)
 
     async def _report(self, done: spb.PrefillDoneRequest) -> None:
         # The lease frees the blocks if the scheduler never hears of them.
@@ -186,10 +190,12 @@ class PrefillServer:
 
     # -- KvSource, for the transports ----------------------------------------------------------
 
-    async def open(self, request_id: str) -> memoryview | None:
+    async def open(self, request_id: str, capability: str) -> memoryview | None:
         held = self.requests.get(request_id)
         if held is None or held.handle is None:
             return None
+        if not capability_matches(held.request.kv_capability, capability):
+            raise KvPermissionDenied(f"a wrong KV capability for request {request_id}")
         held.pins += 1
         try:
             # Off the engine thread: a pinned request's blocks are written by no one until released.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from splitserve.common.logging import bind_request
+from splitserve.kv_transfer.base import KvPermissionDenied
 from splitserve.kv_transfer.grpc import GrpcKvServer
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
@@ -30,7 +31,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     async def Release(self, request: prefill_pb2.ReleaseRequest, context) -> prefill_pb2.ReleaseResponse:
         bind_request(request.request_id)
-        await self.server.release(request.request_id)
+        try:
+            await self.server.release(request.request_id, request.capability)
+        except KvPermissionDenied as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         return prefill_pb2.ReleaseResponse()
 
     async def PullKv(self, request: prefill_pb2.PullKvRequest, context):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from .replan import Replanner
 from .workload import WorkloadEstimator
 
 log = structlog.get_logger(__name__)
+KV_CAPABILITY_BYTES = 24  # random bytes of a request's KV capability (32 URL-safe characters)
 FLUSH_TIMEOUT_S = 10.0  # a drain's wait for acknowledgements and RPCs already under way
 MAX_RUNS = 4  # a request put back in the queue this often (its workers kept failing it) fails for good
 READ_BATCH = 64  # stream entries read at most per XREADGROUP
@@ -150,6 +152,9 @@ class SchedulerServer:
         self.background.spawn(self._submit_prefill(tracked, worker))
 
     async def _submit_prefill(self, tracked: Tracked, worker: WorkerEntry) -> None:
+        # A fresh KV capability for each run: only this prefill server and the decode server chosen
+        # for the request learn it (it rides the KvHandle), and a replay makes older handles useless.
+        tracked.request.kv_capability = secrets.token_urlsafe(KV_CAPABILITY_BYTES)
         stub = prefill_pb2_grpc.PrefillStub(self._channel(worker))
         try:
             await stub.Submit(tracked.request, timeout=self.config.rpc_timeout_s)

@@ -26,7 +26,7 @@ import numpy as np
 from splitserve.common.logging import configure_logging
 from splitserve.common.auth import NO_AUTH
 from splitserve.common.rpc import bind, make_server
-from splitserve.kv_transfer.base import KvSource
+from splitserve.kv_transfer.base import KvPermissionDenied, KvSource, capability_matches
 from splitserve.kv_transfer.grpc import GrpcKvServer
 from splitserve.kv_transfer.ucx import UcxKvServer
 from splitserve.v1 import prefill_pb2_grpc
@@ -64,17 +64,21 @@ class ServeStats:
 
 
 class SyntheticKvSource:
-    """A KvSource over fixed payloads that counts its pins."""
+    """A KvSource over fixed payloads that counts its pins; each payload's capability is
+    `capability` (the empty one by default, which benchmark handles present)."""
 
-    def __init__(self, payloads: dict[str, np.ndarray]) -> None:
+    def __init__(self, payloads: dict[str, np.ndarray], capability: str = "") -> None:
         self._payloads = payloads
+        self._capability = capability
         self.num_opens = 0
         self.num_closes = 0
 
-    async def open(self, request_id: str) -> memoryview | None:
+    async def open(self, request_id: str, capability: str) -> memoryview | None:
         payload = self._payloads.get(request_id)
         if payload is None:
             return None
+        if not capability_matches(self._capability, capability):
+            raise KvPermissionDenied(f"a wrong capability for {request_id}")
         self.num_opens += 1
         return memoryview(payload)
 

@@ -5,11 +5,16 @@ The payload of a request is its exported KV blocks as raw bytes, in the layout d
 
 Ownership: while a transport is sending a request's payload it holds it open (``KvSource.open`` ..
 ``close``), and the prefill server neither releases nor lets the lease free those blocks in between.
+
+Capability: every pull presents the request's KV capability (``KvHandle.capability``, minted by
+the scheduler and known only to the prefill server and the decode server chosen for the request);
+a wrong one opens nothing (``KvPermissionDenied``) and no byte is sent.
 """
 
 from __future__ import annotations
 
 import abc
+import hmac
 from typing import TYPE_CHECKING, Protocol
 
 from splitserve.engine.block_manager import blocks_for
@@ -21,6 +26,15 @@ if TYPE_CHECKING:
 
 class KvPullError(Exception):
     """A pull failed: the prefill server does not hold the request, or the transfer broke."""
+
+
+class KvPermissionDenied(KvPullError):
+    """The pull presented a wrong capability for the request (gRPC PERMISSION_DENIED)."""
+
+
+def capability_matches(expected: str, presented: str) -> bool:
+    """Constant-time comparison of a request's KV capability with the one a peer presented."""
+    return hmac.compare_digest(expected.encode(), presented.encode())
 
 
 class InvalidKvHandle(KvPullError, ValueError):
@@ -52,8 +66,9 @@ def check_handle(handle: pb.KvHandle, layout: KVLayout) -> int:
 class KvSource(Protocol):
     """What a prefill server offers a transport."""
 
-    async def open(self, request_id: str) -> memoryview | None:
-        """The payload of a held request, pinned until close(); None when not held."""
+    async def open(self, request_id: str, capability: str) -> memoryview | None:
+        """The payload of a held request, pinned until close(); None when not held. Raises
+        KvPermissionDenied, pinning nothing, when capability is not the request's."""
 
     def close(self, request_id: str) -> None:
         """Unpin a payload opened before (its blocks may be released from now on)."""

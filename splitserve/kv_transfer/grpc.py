@@ -21,7 +21,14 @@ import structlog
 
 from splitserve.common.auth import ClusterAuth
 from splitserve.common.rpc import ChannelCache
-from splitserve.kv_transfer.base import KvPuller, KvPullError, KvServer, KvSource, check_handle
+from splitserve.kv_transfer.base import (
+    KvPermissionDenied,
+    KvPuller,
+    KvPullError,
+    KvServer,
+    KvSource,
+    check_handle,
+)
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
 
@@ -65,7 +72,11 @@ class GrpcKvServer(KvServer):
         """The PullKv body: the payload in order, in chunks; NOT_FOUND when not held."""
         if self._source is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the KV transport is not started")
-        payload = await self._source.open(request.request_id)
+        try:
+            payload = await self._source.open(request.request_id, request.capability)
+        except KvPermissionDenied:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"a wrong KV capability for request {request.request_id}")
         if payload is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"request {request.request_id} is not held here")
         pin = _Pin(self._source, request.request_id)
@@ -113,12 +124,14 @@ class GrpcKvPuller(KvPuller):
         if self._layout is not None:
             check_handle(handle, self._layout)
         stub = prefill_pb2_grpc.PrefillStub(self._channels.get(handle.prefill_grpc_address))
-        call = stub.PullKv(prefill_pb2.PullKvRequest(request_id=handle.request_id), timeout=self._timeout_s)
+        call = stub.PullKv(prefill_pb2.PullKvRequest(request_id=handle.request_id, capability=handle.capability),
+                           timeout=self._timeout_s)
         try:
             return await _receive(call, handle)
         except grpc.aio.AioRpcError as exc:
-            raise KvPullError(f"gRPC pull of {handle.request_id} from {handle.prefill_grpc_address}: "
-                              f"{exc.code().name}: {exc.details()}") from exc
+            error = KvPermissionDenied if exc.code() == grpc.StatusCode.PERMISSION_DENIED else KvPullError
+            raise error(f"gRPC pull of {handle.request_id} from {handle.prefill_grpc_address}: "
+                        f"{exc.code().name}: {exc.details()}") from exc
         finally:
             call.cancel()  # a no-op after a complete stream; stops the server early on a mismatch
 

@@ -4,10 +4,15 @@ and receives the payload straight from the pinned KV blocks (no copy on the send
 One pull on an endpoint, in order (UCX tag messages on one endpoint arrive in order):
 
     puller                                   server
-    request id (ucxx send_obj) ------------>  KvSource.open(request_id)
+    request (fixed size) ------------------>  KvSource.open(request_id, capability)
              <------------------------------  header: status, payload size (struct "<QQ")
              <------------------------------  payload (when found), sent from the pin itself
     ack (8 bytes) ------------------------->  KvSource.close(request_id); wait for the next one
+
+The request is a fixed-size message (request id and capability, each with its length), so the
+server receives it into a buffer of its own size: a peer cannot make it allocate more (ucxx's
+send_obj/recv_obj would allocate whatever size the peer announces). A wrong capability gets the
+DENIED header and no payload.
 
 The ack exists because ucxx's Endpoint.close() aborts the connection: a server that closed right
 after its send completed cut the payload off in flight on TCP (measured: connection reset).
@@ -42,7 +47,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import structlog
 
-from splitserve.kv_transfer.base import KvPuller, KvPullError, KvServer, KvSource, check_handle
+from splitserve.kv_transfer.base import (
+    KvPermissionDenied,
+    KvPuller,
+    KvPullError,
+    KvServer,
+    KvSource,
+    check_handle,
+)
 from splitserve.v1 import common_pb2 as pb
 
 if TYPE_CHECKING:
@@ -154,6 +166,37 @@ def _ucx_errors() -> tuple[type[BaseException], ...]:
 class _Status(enum.IntEnum):
     FOUND = 1
     NOT_FOUND = 2
+    DENIED = 3
+
+
+@dataclass(frozen=True)
+class _PullRequest:
+    """What a puller asks for: one request's payload, with the request's KV capability."""
+
+    request_id: str
+    capability: str
+
+    MAX_ID_BYTES = 256
+    MAX_CAPABILITY_BYTES = 128
+    _FORMAT = struct.Struct(f"<HH{MAX_ID_BYTES}s{MAX_CAPABILITY_BYTES}s")
+    SIZE = _FORMAT.size
+
+    def encode(self) -> bytearray:
+        rid, cap = self.request_id.encode(), self.capability.encode()
+        if len(rid) > self.MAX_ID_BYTES or len(cap) > self.MAX_CAPABILITY_BYTES:
+            raise KvPullError(f"request id or capability too long for a UCX pull: {self.request_id[:64]!r}")
+        return bytearray(self._FORMAT.pack(len(rid), len(cap), rid, cap))
+
+    @classmethod
+    def decode(cls, raw) -> _PullRequest | None:
+        """None for a malformed request (lengths past the fields, bytes that are not UTF-8)."""
+        id_len, cap_len, rid, cap = cls._FORMAT.unpack(bytes(raw))
+        if id_len > cls.MAX_ID_BYTES or cap_len > cls.MAX_CAPABILITY_BYTES:
+            return None
+        try:
+            return cls(rid[:id_len].decode(), cap[:cap_len].decode())
+        except UnicodeDecodeError:
+            return None
 
 
 @dataclass(frozen=True)
@@ -239,17 +282,23 @@ class UcxKvServer(KvServer):
         task = asyncio.current_task()
         self._handlers.add(task)
         try:
-            while (request_id := await _next_request(ep)) is not None:
+            while (request := await _next_request(ep)) is not None:
                 async with asyncio.timeout(self._timeout_s):
-                    await self._serve_one(ep, request_id)
+                    await self._serve_one(ep, request)
         except _ucx_errors() as exc:
             log.warning("ucx_kv_pull_failed", error=repr(exc))
         finally:
             self._handlers.discard(task)
             ep.abort()
 
-    async def _serve_one(self, ep, request_id: str) -> None:
-        payload = await self._source.open(request_id)
+    async def _serve_one(self, ep, request: _PullRequest) -> None:
+        request_id = request.request_id
+        try:
+            payload = await self._source.open(request_id, request.capability)
+        except KvPermissionDenied:
+            log.warning("ucx_kv_pull_denied", request_id=request_id)
+            await ep.send(_Header(_Status.DENIED, 0).encode())
+            return
         if payload is None:
             await ep.send(_Header(_Status.NOT_FOUND, 0).encode())
             return
@@ -262,14 +311,17 @@ class UcxKvServer(KvServer):
             self._source.close(request_id)
 
 
-async def _next_request(ep) -> str | None:
-    """The next request id on an endpoint; None once the puller has closed it."""
+async def _next_request(ep) -> _PullRequest | None:
+    """The next pull request on an endpoint; None once the puller has closed it (or sent a malformed
+    one: the endpoint is then closed)."""
     import ucxx
 
+    raw = np.empty(_PullRequest.SIZE, dtype=np.uint8)
     try:
-        return bytes(await ep.recv_obj()).decode()
+        await ep.recv(raw)
     except ucxx.exceptions.UCXError:
         return None
+    return _PullRequest.decode(raw)
 
 
 class UcxKvPuller(KvPuller):
@@ -359,10 +411,13 @@ class UcxKvPuller(KvPuller):
 
 async def _fetch(ep, handle: pb.KvHandle) -> memoryview:
     """Request, header, payload, ack: the puller's half of one pull."""
-    await ep.send_obj(handle.request_id.encode())
+    await ep.send(_PullRequest(handle.request_id, handle.capability).encode())
     raw = _Header.empty()
     await ep.recv(raw)
     header = _Header.decode(raw)
+    if header.status is _Status.DENIED:
+        raise KvPermissionDenied(f"prefill server at {handle.ucx_address} refused the capability for "
+                                 f"{handle.request_id}")
     if header.status is _Status.NOT_FOUND:
         raise KvPullError(f"prefill server at {handle.ucx_address} does not hold {handle.request_id}")
     if header.num_bytes != handle.num_bytes:
