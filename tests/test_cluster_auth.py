@@ -9,6 +9,7 @@ pull any request's KV cache by id.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import time
 from pathlib import Path
 
@@ -17,12 +18,20 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_cluster import MODEL, _post
 
-from splitserve.common.auth import TOKEN_ENV, ClusterAuth, check_token, cluster_auth_from_args, new_token
+from splitserve.common.auth import (
+    TOKEN_ENV,
+    ClusterAuth,
+    api_key_from_args,
+    check_token,
+    cluster_auth_from_args,
+    new_token,
+)
+from splitserve.common.net import host_is_peer
 from splitserve.v1 import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc, scheduler_pb2
 from splitserve.v1 import scheduler_pb2_grpc
 
 pytestmark = pytest.mark.timeout(180)
-SERVICES = {  # (proto module, service name, the worker role serving it; None: the scheduler)
+SERVICES = {  # where each internal service is served: (its proto module, its name)
     "scheduler": (scheduler_pb2, "Scheduler"),
     "prefill-0": (prefill_pb2, "Prefill"),
     "decode-0": (decode_pb2, "Decode"),
@@ -141,6 +150,34 @@ def test_kv_of_a_held_request_needs_its_capability_besides_the_cluster_token(grp
         assert final.num_held == 0 and final.num_free_blocks == final.num_blocks
 
 
+def test_a_member_cannot_register_a_worker_at_an_address_it_does_not_connect_from(grpc_cluster):
+    """With the cluster token, Register still checks that the advertised host is the caller's own:
+    otherwise a member could point the scheduler's prompts and KV handles at another machine."""
+    elsewhere = scheduler_pb2.RegisterRequest(
+        worker=scheduler_pb2.WorkerInfo(instance_id="decode-elsewhere", role=scheduler_pb2.WORKER_ROLE_DECODE,
+                                        grpc_address="10.11.12.13:5000", model=MODEL),
+        stats=common_pb2.WorkerStats(num_blocks=100, num_free_blocks=100))
+    with grpc.insecure_channel(grpc_cluster.scheduler_address) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            scheduler_pb2_grpc.SchedulerStub(channel).Register(elsewhere, timeout=10, metadata=grpc_cluster.metadata)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "10.11.12.13:5000" in refused.value.details()
+    assert sorted(w.worker.instance_id for w in grpc_cluster.workers()) == ["decode-0", "prefill-0"]
+
+
+@pytest.mark.parametrize("host, peer, same", [
+    ("127.0.0.1", "ipv4:127.0.0.1:50000", True),
+    ("localhost", "ipv6:[::1]:50000", True),  # both loopback
+    ("127.0.0.1", "ipv6:[::ffff:127.0.0.1]:50000", True),
+    ("10.11.12.13", "ipv4:127.0.0.1:50000", False),
+    ("127.0.0.1", "ipv4:10.11.12.13:50000", False),
+    ("no-such-host.invalid", "ipv4:127.0.0.1:50000", False),
+    ("127.0.0.1", "unix:/tmp/socket", False),
+])
+def test_an_advertised_host_must_resolve_to_the_peer(host, peer, same):
+    assert asyncio.run(host_is_peer(host, peer)) is same
+
+
 def _command_lines_of_children(pid: int) -> list[str]:
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     lines = []
@@ -154,11 +191,15 @@ def _command_lines_of_children(pid: int) -> list[str]:
 
 
 def test_up_gives_its_services_the_token_and_api_key_only_through_their_environment(tmp_path):
+    """Nor does up's own command line hold them: the key comes from a file, the token from the environment."""
     from conftest import start_cluster, stop_cluster
 
-    cluster = start_cluster(tmp_path, "--mode", "colocated", "--api-key", "sk-test-key-that-must-stay-hidden")
+    key_file = tmp_path / "api-key"
+    key_file.write_text("sk-test-key-that-must-stay-hidden\n")
+    cluster = start_cluster(tmp_path, "--mode", "colocated", "--api-key-file", str(key_file))
     try:
-        lines = _command_lines_of_children(cluster.process.pid)
+        lines = [Path(f"/proc/{cluster.process.pid}/cmdline").read_bytes().decode(errors="replace"),
+                 *_command_lines_of_children(cluster.process.pid)]
         assert any("gateway" in line for line in lines) and any("scheduler" in line for line in lines)
         assert not [line for line in lines if cluster.token in line or "sk-test-key-that-must-stay" in line]
         status, reply = _post(cluster.http_url + "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2},
@@ -184,3 +225,14 @@ def test_a_token_comes_from_a_file_or_the_environment_and_must_be_long(tmp_path,
             check_token(bad, "test")
     with pytest.raises(ValueError, match="cannot read"):
         cluster_auth_from_args(argparse.Namespace(cluster_token_file=str(tmp_path / "missing")))
+
+
+def test_an_api_key_comes_from_a_file_or_the_flag(tmp_path):
+    path = tmp_path / "key"
+    path.write_text("sk-from-a-file\n")
+    assert api_key_from_args(argparse.Namespace(api_key="sk-flag", api_key_file=str(path))) == "sk-from-a-file"
+    assert api_key_from_args(argparse.Namespace(api_key="sk-flag", api_key_file=None)) == "sk-flag"
+    assert api_key_from_args(argparse.Namespace(api_key="", api_key_file=None)) is None
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="API key"):
+        api_key_from_args(argparse.Namespace(api_key=None, api_key_file=str(path)))

@@ -8,7 +8,7 @@ import secrets
 import socket
 from dataclasses import dataclass
 
-from splitserve.common.auth import ClusterAuth, cluster_auth_from_args
+from splitserve.common.auth import ClusterAuth, api_key_from_args, cluster_auth_from_args
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class GatewayConfig:
             redis_url=args.redis_url, scheduler=args.scheduler, cluster_auth=cluster_auth_from_args(args),
             host=args.host,
             http_port=args.http_port, grpc_port=args.grpc_port, model=args.model,
-            served_model_name=args.served_model_name, api_key=args.api_key or None,
+            served_model_name=args.served_model_name, api_key=api_key_from_args(args),
             max_pending=args.max_pending, max_body_bytes=args.max_body_bytes,
             cluster_poll_interval_s=args.cluster_poll_interval,
             shutdown_grace_s=args.shutdown_grace,

@@ -8,7 +8,7 @@ import os
 
 import structlog
 
-from splitserve.common.auth import add_cluster_auth_args
+from splitserve.common.auth import add_api_key_args, add_cluster_auth_args
 from splitserve.common.engine_args import positive_float, positive_int
 
 from .config import GatewayConfig
@@ -39,9 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(default: the bundled SmolLM2-135M-Instruct); must match the workers'")
     p.add_argument("--served-model-name", default=env("SPLITSERVE_SERVED_MODEL_NAME"),
                    help="the name clients pass as 'model' (default: the model's name)")
-    p.add_argument("--api-key", default=env("SPLITSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* and gRPC (env SPLITSERVE_API_KEY; "
-                        "default: no key)")
+    add_api_key_args(p)
     p.add_argument("--max-pending", type=positive_int, default=env("SPLITSERVE_MAX_PENDING", "256"),
                    help="requests in flight in this gateway before new ones get 429 / RESOURCE_EXHAUSTED "
                         "(default: 256)")

@@ -28,6 +28,8 @@ class SchedulerConfig:
     max_queued: int = 4096  # requests read from the stream and not started; past it reading pauses
     # The token callers must carry, and the scheduler's own calls to workers carry.
     cluster_auth: ClusterAuth = NO_AUTH
+    # Register only workers whose advertised gRPC host resolves to the address they connect from.
+    check_worker_addresses: bool = True
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +39,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=int(env("SPLITSERVE_PORT", 50052)),
                         help="gRPC port (default: 50052)")
     add_cluster_auth_args(parser)
+    parser.add_argument("--trust-worker-addresses", action="store_true",
+                        help="register a worker whatever address it advertises (default: only when its "
+                             "gRPC host resolves to the address it connected from; turn the check off "
+                             "behind a proxy or sidecar that hides workers' addresses)")
     parser.add_argument("--redis-url", default=env("SPLITSERVE_REDIS_URL", "redis://127.0.0.1:6379/0"),
                         help="Redis holding the request stream (default: redis://127.0.0.1:6379/0)")
     parser.add_argument("--consumer", default=env("SPLITSERVE_CONSUMER", "scheduler-0"),
@@ -83,7 +89,8 @@ def from_args(args: argparse.Namespace) -> SchedulerConfig:
     return SchedulerConfig(args.host, args.port, args.redis_url, args.consumer, args.prefill_queue_factor,
                            args.worker_timeout, args.claim_idle, drain_timeout_s=args.drain_timeout,
                            workload_window_s=args.workload_window, plan=_plan_config(args),
-                           max_queued=args.max_queued, cluster_auth=cluster_auth_from_args(args))
+                           max_queued=args.max_queued, cluster_auth=cluster_auth_from_args(args),
+                           check_worker_addresses=not args.trust_worker_addresses)
 
 
 def _plan_config(args: argparse.Namespace) -> PlanConfig | None:

@@ -7,6 +7,7 @@ import time
 import grpc
 
 from splitserve.common.logging import bind_request
+from splitserve.common.net import host_is_peer
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.v1 import scheduler_pb2_grpc
 
@@ -21,6 +22,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def Register(self, request: spb.RegisterRequest, context) -> spb.RegisterResponse:
         if request.worker.role == spb.WORKER_ROLE_UNSPECIFIED or not request.worker.instance_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a worker needs an instance id and a role")
+        address = request.worker.grpc_address
+        if self.server.config.check_worker_addresses and not await host_is_peer(
+                address.rpartition(":")[0].strip("[]"), context.peer()):
+            # Else a member could point the scheduler's traffic (prompts, KV handles) elsewhere.
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"worker {request.worker.instance_id[:64]!r} advertises {address[:80]!r}, "
+                                f"which does not resolve to the address it connected from ({context.peer()})")
         self.server.register(request.worker, request.stats)
         return spb.RegisterResponse(heartbeat_interval_s=self.heartbeat_interval_s)
 

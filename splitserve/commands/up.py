@@ -30,10 +30,14 @@ from pathlib import Path
 from typing import NoReturn
 
 from splitserve.common.auth import (
+    API_KEY_ENV,
+    API_KEY_FILE_ENV,
     TOKEN_ENV,
     TOKEN_FILE_ENV,
     ClusterAuth,
+    add_api_key_args,
     add_cluster_auth_args,
+    api_key_from_args,
     cluster_auth_from_args,
     new_token,
 )
@@ -143,10 +147,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-dir", default=None, help="folder for the services' logs (default: a new temp folder)")
     p.add_argument("--threads-per-worker", type=positive_int, default=None,
                    help="torch threads per worker (default: one per core of its share of --cpus)")
-    p.add_argument("--api-key", default=os.environ.get("SPLITSERVE_API_KEY"),
-                   help="require this key from clients (Authorization: Bearer; better from env "
-                        "SPLITSERVE_API_KEY: a flag's value is visible to every local user). The gateway "
-                        "gets it through its environment, never its command line")
+    add_api_key_args(p)  # the gateway gets the key through its environment, never its command line
     add_cluster_auth_args(p)
     p.add_argument("--max-pending", type=positive_int, default=None,
                    help="requests in flight at the gateway before it answers 429 (default: the gateway's)")
@@ -180,7 +181,7 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         redis_url=args.redis_url, kv_transport=args.kv_transport, log_dir=log_dir,
         threads_per_worker=threads, engine_argv=tuple(_engine_argv(args)),
         gateway_argv=tuple(gateway_argv), ready_timeout_s=args.ready_timeout,
-        cluster_auth=_cluster_auth(args), api_key=args.api_key,
+        cluster_auth=_cluster_auth(args), api_key=api_key_from_args(args),
         num_colocated=num_colocated,
         chunk_size=(args.chunk_size or DEFAULT_CHUNK_SIZE) if args.mode == "chunked" else None,
         worker_cpus=tuple(tuple(share) for share in shares), pin=not args.no_pin,
@@ -237,10 +238,10 @@ class Cluster:
     def service_env(self) -> dict[str, str]:
         """The services' environment: secrets go here, never on a command line (readable by any
         local user in /proc), while the environment is readable only by the same user."""
-        env = {k: v for k, v in os.environ.items() if k not in (TOKEN_FILE_ENV, "SPLITSERVE_API_KEY")}
+        env = {k: v for k, v in os.environ.items() if k not in (TOKEN_FILE_ENV, API_KEY_ENV, API_KEY_FILE_ENV)}
         env[TOKEN_ENV] = self.config.cluster_auth.token
         if self.config.api_key:
-            env["SPLITSERVE_API_KEY"] = self.config.api_key
+            env[API_KEY_ENV] = self.config.api_key
         return env
 
     @property

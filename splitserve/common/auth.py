@@ -93,6 +93,33 @@ def cluster_auth_from_args(args: argparse.Namespace) -> ClusterAuth:
     return NO_AUTH
 
 
+API_KEY_ENV = "SPLITSERVE_API_KEY"
+API_KEY_FILE_ENV = "SPLITSERVE_API_KEY_FILE"
+
+
+def add_api_key_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                        help=f"require 'Authorization: Bearer KEY' from clients on /v1/* and gRPC (env "
+                             f"{API_KEY_ENV}, better than the flag: a command line is visible to every "
+                             f"local user; default: no key)")
+    parser.add_argument("--api-key-file", default=os.environ.get(API_KEY_FILE_ENV),
+                        help=f"read the API key from this file instead (env {API_KEY_FILE_ENV})")
+
+
+def api_key_from_args(args: argparse.Namespace) -> str | None:
+    """The clients' API key from --api-key-file, else --api-key / the environment; None: no key."""
+    if not args.api_key_file:
+        return args.api_key or None
+    try:
+        key = Path(args.api_key_file).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the API key file {args.api_key_file}: {exc}") from None
+    if not 1 <= len(key) <= MAX_TOKEN_CHARS or not all(33 <= ord(c) <= 126 for c in key):
+        raise ValueError(f"the API key in {args.api_key_file} must be 1 to {MAX_TOKEN_CHARS} visible ASCII "
+                         f"characters")
+    return key
+
+
 class _RequireToken(grpc.aio.ServerInterceptor):
     """Refuses, before the handler runs and before its request is parsed, every call without the token."""
 
