@@ -125,6 +125,11 @@ def test_kv_of_a_held_request_needs_its_capability_besides_the_cluster_token(grp
         sampling=common_pb2.SamplingParams(temperature=0.0, top_p=1.0, max_tokens=4), kv_capability=capability)
     with grpc.insecure_channel(address) as channel:
         stub = prefill_pb2_grpc.PrefillStub(channel)
+        without = common_pb2.QueuedRequest(request_id="no-capability", prompt_token_ids=[1, 2, 3],
+                                           reply_channel="test:capability", sampling=request.sampling)
+        with pytest.raises(grpc.RpcError) as refused:  # its KV would be open to anyone guessing its id
+            stub.Submit(without, timeout=30, metadata=grpc_cluster.metadata)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         stub.Submit(request, timeout=30, metadata=grpc_cluster.metadata)
         deadline = time.monotonic() + 30
         while (held := stub.GetStats(common_pb2.StatsRequest(), timeout=5, metadata=grpc_cluster.metadata)).num_held != 1:
@@ -169,7 +174,8 @@ def test_a_member_cannot_register_a_worker_at_an_address_it_does_not_connect_fro
     ("127.0.0.1", "ipv4:127.0.0.1:50000", True),
     ("localhost", "ipv6:[::1]:50000", True),  # both loopback
     ("127.0.0.1", "ipv6:[::ffff:127.0.0.1]:50000", True),
-    ("10.11.12.13", "ipv4:127.0.0.1:50000", False),
+    ("10.11.12.13", "ipv4:127.0.0.1:50000", False),  # not this machine's
+    ("localhost", "ipv4:10.11.12.13:50000", False),  # every resolved address must be the peer's
     ("127.0.0.1", "ipv4:10.11.12.13:50000", False),
     ("no-such-host.invalid", "ipv4:127.0.0.1:50000", False),
     ("127.0.0.1", "unix:/tmp/socket", False),
@@ -196,7 +202,9 @@ def test_up_gives_its_services_the_token_and_api_key_only_through_their_environm
 
     key_file = tmp_path / "api-key"
     key_file.write_text("sk-test-key-that-must-stay-hidden\n")
-    cluster = start_cluster(tmp_path, "--mode", "colocated", "--api-key-file", str(key_file))
+    # On every interface: workers then advertise the host name, while they reach the scheduler over
+    # loopback, and must still be let in.
+    cluster = start_cluster(tmp_path, "--mode", "colocated", "--api-key-file", str(key_file), "--host", "0.0.0.0")
     try:
         lines = [Path(f"/proc/{cluster.process.pid}/cmdline").read_bytes().decode(errors="replace"),
                  *_command_lines_of_children(cluster.process.pid)]

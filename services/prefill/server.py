@@ -75,6 +75,8 @@ class PrefillServer:
         rid = request.request_id
         if self.draining:
             raise Draining()
+        if not request.kv_capability:  # its KV would be open to anyone who guessed its id
+            raise ValueError(f"request {rid!r} has no KV capability (the scheduler mints one per Submit)")
         if rid in self.cancelled:
             raise ValueError(f"request {rid!r} was cancelled")
         if rid in self.requests:  # the scheduler reassigned it (its decode server died): start over

@@ -234,13 +234,13 @@ class Cluster:
                                 "--http-port", str(c.http_port), "--grpc-port", str(c.grpc_port),
                                 *c.gateway_argv])
 
-    @property
-    def service_env(self) -> dict[str, str]:
-        """The services' environment: secrets go here, never on a command line (readable by any
-        local user in /proc), while the environment is readable only by the same user."""
+    def service_env(self, name: str) -> dict[str, str]:
+        """A service's environment: secrets go here, never on a command line (readable by any
+        local user in /proc), while the environment is readable only by the same user. Every
+        service gets the cluster token; only the gateway gets the API key."""
         env = {k: v for k, v in os.environ.items() if k not in (TOKEN_FILE_ENV, API_KEY_ENV, API_KEY_FILE_ENV)}
         env[TOKEN_ENV] = self.config.cluster_auth.token
-        if self.config.api_key:
+        if self.config.api_key and name == "gateway":
             env[API_KEY_ENV] = self.config.api_key
         return env
 
@@ -290,7 +290,7 @@ class Cluster:
             with open(log, "ab") as out:  # the child has its own copy of the descriptor
                 # A new session: Ctrl-C reaches the launcher only, which then stops the services in order.
                 return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                        env=self.service_env)
+                                        env=self.service_env(name))
 
         self.services.append(Supervised(name, launch, log, launch()))
 

@@ -34,18 +34,39 @@ def peer_ip(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+RESOLVE_TIMEOUT_S = 2.0  # a name a caller chose must not hold the resolver's threads for long
+
+
 async def host_is_peer(host: str, peer: str) -> bool:
     """Whether host (an address a worker advertises) names the machine the gRPC peer connected
-    from: one of its resolved addresses is the peer's, or both are loopback."""
+    from: every address it resolves to is the peer's, or, for a peer on loopback (a process on
+    this machine), an address of this machine.
+
+    Every address, not any: a name that also resolves elsewhere could send the traffic there when
+    it is resolved again to dial it."""
     ip = peer_ip(peer)
     if ip is None:
         return False
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
+        async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+            infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, TimeoutError):
         return False
     resolved = {_plain(ipaddress.ip_address(info[4][0].partition("%")[0])) for info in infos}
-    return ip in resolved or (ip.is_loopback and any(a.is_loopback for a in resolved))
+    if ip.is_loopback:
+        return bool(resolved) and all(a.is_loopback or _is_local(a) for a in resolved)
+    return resolved == {ip}
+
+
+def _is_local(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ip is an address of this machine (a socket can bind it)."""
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((str(ip), 0))
+        except OSError:
+            return False
+    return True
 
 
 def _plain(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -282,26 +282,29 @@ class UcxKvServer(KvServer):
         task = asyncio.current_task()
         self._handlers.add(task)
         try:
+            # A denied or malformed request ends the endpoint: guessing costs a new connection each time.
             while (request := await _next_request(ep)) is not None:
                 async with asyncio.timeout(self._timeout_s):
-                    await self._serve_one(ep, request)
+                    if not await self._serve_one(ep, request):
+                        break
         except _ucx_errors() as exc:
             log.warning("ucx_kv_pull_failed", error=repr(exc))
         finally:
             self._handlers.discard(task)
             ep.abort()
 
-    async def _serve_one(self, ep, request: _PullRequest) -> None:
+    async def _serve_one(self, ep, request: _PullRequest) -> bool:
+        """One pull; False when it was denied (the endpoint is then closed)."""
         request_id = request.request_id
         try:
             payload = await self._source.open(request_id, request.capability)
         except KvPermissionDenied:
-            log.warning("ucx_kv_pull_denied", request_id=request_id)
+            log.warning("ucx_kv_pull_denied", request_id=request_id[:64])
             await ep.send(_Header(_Status.DENIED, 0).encode())
-            return
+            return False
         if payload is None:
             await ep.send(_Header(_Status.NOT_FOUND, 0).encode())
-            return
+            return True
         try:
             await ep.send(_Header(_Status.FOUND, payload.nbytes).encode())
             if payload.nbytes:
@@ -309,6 +312,7 @@ class UcxKvServer(KvServer):
             await ep.recv(np.empty(1, dtype=np.uint64))  # the ack: the payload has landed
         finally:
             self._source.close(request_id)
+        return True
 
 
 async def _next_request(ep) -> _PullRequest | None:
@@ -316,7 +320,7 @@ async def _next_request(ep) -> _PullRequest | None:
     one: the endpoint is then closed)."""
     import ucxx
 
-    raw = np.empty(_PullRequest.SIZE, dtype=np.uint8)
+    raw = np.zeros(_PullRequest.SIZE, dtype=np.uint8)
     try:
         await ep.recv(raw)
     except ucxx.exceptions.UCXError:

@@ -97,7 +97,12 @@ class SchedulerLink:
                     await self.drain()
                 return
             except grpc.aio.AioRpcError as exc:
-                log.warning("scheduler unreachable, retrying", code=exc.code().name, retry_in_s=delay)
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    # A configuration error (the cluster token, the advertised address): say so loudly.
+                    log.error("the scheduler refused this worker, retrying", code=exc.code().name,
+                              reason=exc.details(), retry_in_s=delay)
+                else:
+                    log.warning("scheduler unreachable, retrying", code=exc.code().name, retry_in_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

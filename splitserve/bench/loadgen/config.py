@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from splitserve.common.auth import api_key_from_args
 from splitserve.common.engine_args import positive_int
 from splitserve.bench.loadgen.metrics import Slo
 from splitserve.bench.loadgen.prompts import DEFAULT_TOKEN_RANGE
@@ -88,7 +89,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "with word prompts; grpc: splitserve's gateway Generate (default: %(default)s)")
     p.add_argument("--model", default=None, metavar="NAME",
                    help="model name (default: the first id of GET /v1/models)")
-    p.add_argument("--api-key", default=None, metavar="KEY", help="sent as 'Authorization: Bearer KEY'")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="sent as 'Authorization: Bearer KEY' (a command line is visible to every local user: "
+                        "prefer --api-key-file)")
+    p.add_argument("--api-key-file", default=None, metavar="PATH", help="read the API key from this file")
     p.add_argument("--request-timeout", type=_positive_float, metavar="S", default=600.0,
                    help="seconds one request may take before it counts as failed (default: %(default)s)")
     load = p.add_argument_group("load")
@@ -174,7 +178,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise ValueError(f"--token-range needs 0 <= LO < HI, got {lo} {hi}")
     num_requests = args.num_requests or (None if args.duration else 100)
     return ServeConfig(
-        backend=BackendConfig(args.backend, args.url, args.model, args.api_key, args.request_timeout),
+        backend=BackendConfig(args.backend, args.url, args.model, api_key_from_args(args), args.request_timeout),
         workload=get_workload(args.workload, args.input_len, args.output_len),
         rates=tuple(args.rates or [args.rate]), burstiness=args.burstiness,
         num_requests=num_requests, duration_s=args.duration, seed=args.seed,
