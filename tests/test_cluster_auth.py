@@ -225,6 +225,7 @@ def test_a_token_comes_from_a_file_or_the_environment_and_must_be_long(tmp_path,
     token = new_token()
     monkeypatch.setenv(TOKEN_ENV, token)
     assert cluster_auth_from_args(none) == ClusterAuth(token)
+    assert token not in repr(ClusterAuth(token))  # configs that hold it may be logged whole
     path = tmp_path / "token"
     path.write_text(f"{'f' * 40}\n")
     assert cluster_auth_from_args(argparse.Namespace(cluster_token_file=str(path))) == ClusterAuth("f" * 40)

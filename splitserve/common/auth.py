@@ -13,7 +13,7 @@ import argparse
 import hmac
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -36,7 +36,7 @@ class ClusterAuth:
     start says so). The gateway's client edge never uses this (its API key guards it).
     """
 
-    token: str | None
+    token: str | None = field(repr=False)  # a config logged whole must not log the secret
 
     @property
     def enabled(self) -> bool:
