@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from conftest import start_cluster, stop_cluster
 from test_cluster import MODEL, _post
+from test_up_supervision import _argv, _descendants
 
 from splitserve.common.auth import (
     TOKEN_ENV,
@@ -184,30 +185,15 @@ def test_an_advertised_host_must_resolve_to_the_peer(host, peer, same):
     assert asyncio.run(host_is_peer(host, peer)) is same
 
 
-def _command_lines_of_children(pid: int) -> list[str]:
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    lines = []
-    for child in children:
-        try:
-            lines.append(Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"))
-        except OSError:
-            continue
-        lines += _command_lines_of_children(int(child))
-    return lines
-
-
 def test_up_gives_its_services_the_token_and_api_key_only_through_their_environment(tmp_path):
     """Nor does up's own command line hold them: the key comes from a file, the token from the environment."""
-    from conftest import start_cluster, stop_cluster
-
     key_file = tmp_path / "api-key"
     key_file.write_text("sk-test-key-that-must-stay-hidden\n")
     # On every interface: workers then advertise the host name, while they reach the scheduler over
     # loopback, and must still be let in.
     cluster = start_cluster(tmp_path, "--mode", "colocated", "--api-key-file", str(key_file), "--host", "0.0.0.0")
     try:
-        lines = [Path(f"/proc/{cluster.process.pid}/cmdline").read_bytes().decode(errors="replace"),
-                 *_command_lines_of_children(cluster.process.pid)]
+        lines = [" ".join(_argv(pid)) for pid in [cluster.process.pid, *_descendants(cluster.process.pid)]]
         assert any("gateway" in line for line in lines) and any("scheduler" in line for line in lines)
         assert not [line for line in lines if cluster.token in line or "sk-test-key-that-must-stay" in line]
         status, reply = _post(cluster.http_url + "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2},

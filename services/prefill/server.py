@@ -22,7 +22,7 @@ from splitserve.common.service import Background, Progress
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.kv_cache import export_bytes
 from splitserve.engine.request import StepOutput
-from splitserve.kv_transfer.base import KvPermissionDenied, capability_matches
+from splitserve.kv_transfer.base import check_capability
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.worker.common import (
@@ -89,8 +89,7 @@ class PrefillServer:
         held = self.requests.get(request_id)
         if held is None or held.handle is None:
             return
-        if not capability_matches(held.request.kv_capability, capability):
-            raise KvPermissionDenied(f"a wrong KV capability for request {request_id}")
+        check_capability(held.request.kv_capability, capability, request_id)
         await self._free(request_id, "pulled")
 
     async def abort(self, request_id: str, cancelled: bool = True) -> bool:
@@ -168,13 +167,13 @@ class PrefillServer:
 
     def _handle(self, request_id: str, block_ids: list[int]) -> pb.KvHandle:
         engine = self.loop.engine
-        seq_tokens = len(self.requests[request_id].request.prompt_token_ids)
+        request = self.requests[request_id].request
         return pb.KvHandle(
             request_id=request_id, prefill_instance_id=self.config.instance_id,
             prefill_grpc_address=self.grpc_address, transport=self.config.kv_transport_proto,
-            ucx_address=self.kv_address, block_ids=block_ids, num_tokens=seq_tokens,
+            ucx_address=self.kv_address, block_ids=block_ids, num_tokens=len(request.prompt_token_ids),
             layout=layout_to_proto(engine.layout), num_bytes=len(block_ids) * engine.layout.bytes_per_block,
-            lease_expires=time.time() + self.kv_lease_s, capability=self.requests[request_id].request.kv_capability)
+            lease_expires=time.time() + self.kv_lease_s, capability=request.kv_capability)
 
     async def _report(self, done: spb.PrefillDoneRequest) -> None:
         # The lease frees the blocks if the scheduler never hears of them.
@@ -196,8 +195,7 @@ class PrefillServer:
         held = self.requests.get(request_id)
         if held is None or held.handle is None:
             return None
-        if not capability_matches(held.request.kv_capability, capability):
-            raise KvPermissionDenied(f"a wrong KV capability for request {request_id}")
+        check_capability(held.request.kv_capability, capability, request_id)
         held.pins += 1
         try:
             # Off the engine thread: a pinned request's blocks are written by no one until released.

@@ -26,7 +26,7 @@ import numpy as np
 from splitserve.common.logging import configure_logging
 from splitserve.common.auth import NO_AUTH
 from splitserve.common.rpc import bind, make_server
-from splitserve.kv_transfer.base import KvPermissionDenied, KvSource, capability_matches
+from splitserve.kv_transfer.base import KvSource, check_capability
 from splitserve.kv_transfer.grpc import GrpcKvServer
 from splitserve.kv_transfer.ucx import UcxKvServer
 from splitserve.v1 import prefill_pb2_grpc
@@ -77,8 +77,7 @@ class SyntheticKvSource:
         payload = self._payloads.get(request_id)
         if payload is None:
             return None
-        if not capability_matches(self._capability, capability):
-            raise KvPermissionDenied(f"a wrong capability for {request_id}")
+        check_capability(self._capability, capability, request_id)
         self.num_opens += 1
         return memoryview(payload)
 

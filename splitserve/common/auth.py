@@ -63,10 +63,24 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+def _visible_ascii(text: str, min_chars: int) -> bool:
+    """min_chars to MAX_TOKEN_CHARS characters, each printable ASCII and not a space: what a gRPC
+    metadata value or an HTTP bearer token can carry as it is."""
+    return min_chars <= len(text) <= MAX_TOKEN_CHARS and all(33 <= ord(c) <= 126 for c in text)
+
+
+def _read_secret(path: str, what: str) -> str:
+    """The stripped text of a secret's file; ValueError naming what when it cannot be read."""
+    try:
+        return Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the {what} file {path}: {exc}") from None
+
+
 def check_token(token: str, source: str) -> str:
     """The token, stripped, if it is MIN..MAX_TOKEN_CHARS visible ASCII characters; else ValueError."""
     token = token.strip()
-    if not MIN_TOKEN_CHARS <= len(token) <= MAX_TOKEN_CHARS or not all(33 <= ord(c) <= 126 for c in token):
+    if not _visible_ascii(token, MIN_TOKEN_CHARS):
         raise ValueError(f"the cluster token from {source} must be {MIN_TOKEN_CHARS} to {MAX_TOKEN_CHARS} "
                          f"visible ASCII characters (splitserve up makes one per run)")
     return token
@@ -83,11 +97,8 @@ def add_cluster_auth_args(parser: argparse.ArgumentParser) -> None:
 def cluster_auth_from_args(args: argparse.Namespace) -> ClusterAuth:
     """From --cluster-token-file, else the environment; raises ValueError for a bad token or file."""
     if args.cluster_token_file:
-        try:
-            text = Path(args.cluster_token_file).read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"cannot read the cluster token file {args.cluster_token_file}: {exc}") from None
-        return ClusterAuth(check_token(text, args.cluster_token_file))
+        return ClusterAuth(check_token(_read_secret(args.cluster_token_file, "cluster token"),
+                                       args.cluster_token_file))
     if (token := os.environ.get(TOKEN_ENV)) is not None:
         return ClusterAuth(check_token(token, TOKEN_ENV))
     return NO_AUTH
@@ -110,11 +121,8 @@ def api_key_from_args(args: argparse.Namespace) -> str | None:
     """The clients' API key from --api-key-file, else --api-key / the environment; None: no key."""
     if not args.api_key_file:
         return args.api_key or None
-    try:
-        key = Path(args.api_key_file).read_text().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read the API key file {args.api_key_file}: {exc}") from None
-    if not 1 <= len(key) <= MAX_TOKEN_CHARS or not all(33 <= ord(c) <= 126 for c in key):
+    key = _read_secret(args.api_key_file, "API key")
+    if not _visible_ascii(key, 1):
         raise ValueError(f"the API key in {args.api_key_file} must be 1 to {MAX_TOKEN_CHARS} visible ASCII "
                          f"characters")
     return key
@@ -134,7 +142,8 @@ class _RequireToken(grpc.aio.ServerInterceptor):
 
     def _carries_token(self, details: grpc.HandlerCallDetails) -> bool:
         given = [v for k, v in details.invocation_metadata or () if k == METADATA_KEY]
-        return len(given) == 1 and isinstance(given[0], str) and hmac.compare_digest(given[0].encode(), self._token)
+        return (len(given) == 1 and isinstance(given[0], str)
+                and hmac.compare_digest(given[0].encode(), self._token))
 
 
 async def _refuse(request, context: grpc.aio.ServicerContext) -> None:
@@ -160,38 +169,32 @@ def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.Cli
                                       details.wait_for_ready)
 
 
-# One interceptor per kind of call: a channel files each interceptor under the first kind it is an
-# instance of, so one class of all four would add the token to unary calls only.
-class _AttachToUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+class _AttachToken:
+    """Adds the cluster token to each call's metadata; one subclass per kind of call, because a
+    channel files each interceptor under the first kind it is an instance of (one class of all four
+    would add the token to unary calls only)."""
+
     def __init__(self, token: str) -> None:
         self._token = token
 
-    async def intercept_unary_unary(self, continuation, details, request):
-        return await continuation(_with_token(details, self._token), request)
+    async def _call(self, continuation, details, request_or_iterator):
+        return await continuation(_with_token(details, self._token), request_or_iterator)
 
 
-class _AttachToUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, token: str) -> None:
-        self._token = token
-
-    async def intercept_unary_stream(self, continuation, details, request):
-        return await continuation(_with_token(details, self._token), request)
+class _AttachToUnaryUnary(_AttachToken, grpc.aio.UnaryUnaryClientInterceptor):
+    intercept_unary_unary = _AttachToken._call
 
 
-class _AttachToStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
-    def __init__(self, token: str) -> None:
-        self._token = token
-
-    async def intercept_stream_unary(self, continuation, details, request_iterator):
-        return await continuation(_with_token(details, self._token), request_iterator)
+class _AttachToUnaryStream(_AttachToken, grpc.aio.UnaryStreamClientInterceptor):
+    intercept_unary_stream = _AttachToken._call
 
 
-class _AttachToStreamStream(grpc.aio.StreamStreamClientInterceptor):
-    def __init__(self, token: str) -> None:
-        self._token = token
+class _AttachToStreamUnary(_AttachToken, grpc.aio.StreamUnaryClientInterceptor):
+    intercept_stream_unary = _AttachToken._call
 
-    async def intercept_stream_stream(self, continuation, details, request_iterator):
-        return await continuation(_with_token(details, self._token), request_iterator)
+
+class _AttachToStreamStream(_AttachToken, grpc.aio.StreamStreamClientInterceptor):
+    intercept_stream_stream = _AttachToken._call
 
 
 _ATTACH_KINDS = (_AttachToUnaryUnary, _AttachToUnaryStream, _AttachToStreamUnary, _AttachToStreamStream)

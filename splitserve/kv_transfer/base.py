@@ -32,9 +32,10 @@ class KvPermissionDenied(KvPullError):
     """The pull presented a wrong capability for the request (gRPC PERMISSION_DENIED)."""
 
 
-def capability_matches(expected: str, presented: str) -> bool:
-    """Constant-time comparison of a request's KV capability with the one a peer presented."""
-    return hmac.compare_digest(expected.encode(), presented.encode())
+def check_capability(expected: str, presented: str, request_id: str) -> None:
+    """Raise KvPermissionDenied unless presented is the request's KV capability (constant time)."""
+    if not hmac.compare_digest(expected.encode(), presented.encode()):
+        raise KvPermissionDenied(f"a wrong KV capability for request {request_id}")
 
 
 class InvalidKvHandle(KvPullError, ValueError):
