@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from splitserve.bench import cli as bench_cli
     from splitserve.commands import generate, plan, profile, simulate, up
+    from splitserve.common import certs
     from splitserve.services.colocated import main as colocated
     from splitserve.services.decode import main as decode
     from splitserve.services.gateway import main as gateway
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_parser(sub)
     simulate.add_parser(sub)
     plan.add_parser(sub)
+    certs.add_parser(sub)
     return parser
 
 

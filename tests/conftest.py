@@ -14,8 +14,10 @@ import grpc
 import pytest
 import torch
 
-from splitserve.common.auth import TOKEN_ENV, new_token
+from splitserve.common.auth import TOKEN_ENV, ClusterAuth, new_token
+from splitserve.common.certs import load_cluster_tls, write_cluster_certs
 from splitserve.common.net import free_port
+from splitserve.common.rpc import open_blocking_channel
 from splitserve.engine import EngineConfig, LoadedModel
 from splitserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
@@ -68,7 +70,17 @@ class RunningCluster:
     log_dir: Path
     process: subprocess.Popen  # its stdout (and stderr) a pipe, read without blocking by output()
     token: str  # the cluster token every internal call must carry
+    tls_dir: Path | None = None  # with --cluster-tls: the certificates (splitserve certs) up was given
     _printed: list[bytes] = field(default_factory=list)
+
+    def auth(self, role: str = "admin") -> ClusterAuth:
+        """The credentials of a member of role: the token and, under mutual TLS, role's certificate."""
+        return ClusterAuth(self.token, load_cluster_tls(self.tls_dir / role) if self.tls_dir else None)
+
+    def channel(self, address: str, role: str = "admin") -> grpc.Channel:
+        """A blocking channel to one of the cluster's internal services, as a member of role (calls
+        still pass metadata=self.metadata for the token)."""
+        return open_blocking_channel(address, self.auth(role))
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -93,7 +105,7 @@ class RunningCluster:
         return b"".join(self._printed).decode(errors="replace")
 
     def workers(self) -> list[scheduler_pb2.WorkerState]:
-        with grpc.insecure_channel(self.scheduler_address) as channel:
+        with self.channel(self.scheduler_address) as channel:
             return list(scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
                 scheduler_pb2.ClusterStateRequest(), timeout=5, metadata=self.metadata).workers)
 
@@ -103,7 +115,7 @@ class RunningCluster:
         for state in self.workers():
             stub_type = (decode_pb2_grpc.DecodeStub if state.worker.role == scheduler_pb2.WORKER_ROLE_DECODE
                          else prefill_pb2_grpc.PrefillStub)  # colocated workers serve the Prefill API
-            with grpc.insecure_channel(state.worker.grpc_address) as channel:
+            with self.channel(state.worker.grpc_address) as channel:
                 stats[state.worker.instance_id] = stub_type(channel).GetStats(common_pb2.StatsRequest(), timeout=5,
                                                                               metadata=self.metadata)
         return stats
@@ -122,16 +134,22 @@ class RunningCluster:
                          for p in sorted(self.log_dir.glob("*.log")))
 
 
-def start_cluster(log_dir: Path, *extra: str, timeout_s: float = 180.0) -> RunningCluster:
+def start_cluster(log_dir: Path, *extra: str, timeout_s: float = 180.0, tls: bool = False) -> RunningCluster:
+    """`splitserve up` with extra flags, started and waited for; with tls, mutual TLS between its
+    services, with certificates written next to log_dir (so that tests can call in as any role)."""
     http, grpc_port, scheduler = free_port(), free_port(), free_port()
+    tls_dir = log_dir.with_name(log_dir.name + "-certs") if tls else None
+    if tls_dir:
+        write_cluster_certs(tls_dir, gateway_names=("127.0.0.1", "localhost"))  # the edge test serves HTTPS
     argv = [sys.executable, "-m", "splitserve.cli", "up", "--http-port", str(http), "--grpc-port", str(grpc_port),
-            "--scheduler-port", str(scheduler), "--log-dir", str(log_dir), "--kv-cache-gb", "0.25", *extra]
+            "--scheduler-port", str(scheduler), "--log-dir", str(log_dir), "--kv-cache-gb", "0.25", *extra,
+            *(["--cluster-tls", str(tls_dir)] if tls_dir else [])]
     token = new_token()  # given to up, which would otherwise make its own, so that tests can call in
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env={**os.environ, TOKEN_ENV: token})
     os.set_blocking(process.stdout.fileno(), False)
     cluster = RunningCluster(f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc_port}", f"127.0.0.1:{scheduler}",
-                             log_dir, process, token)
+                             log_dir, process, token, tls_dir)
     deadline = time.monotonic() + timeout_s
     while True:
         # up's own word, not the gateway's /ready: until up has seen the cluster ready, a service that
@@ -155,11 +173,11 @@ def stop_cluster(cluster: RunningCluster) -> int:
         return cluster.process.wait()
 
 
-def _cluster_fixture(transport: str, *extra: str):
+def _cluster_fixture(transport: str, *extra: str, tls: bool = False):
     @pytest.fixture(scope="session")
     def fixture(tmp_path_factory):
         cluster = start_cluster(tmp_path_factory.mktemp(f"cluster-{transport}"), "--kv-transport", transport,
-                                *extra)
+                                *extra, tls=tls)
         yield cluster
         code = stop_cluster(cluster)
         assert code == 0, f"splitserve up exited {code} on SIGTERM\n{cluster.log_tail()}"
@@ -167,4 +185,5 @@ def _cluster_fixture(transport: str, *extra: str):
 
 
 ucx_cluster = _cluster_fixture("ucx", "--max-pending", "40")
-grpc_cluster = _cluster_fixture("grpc")
+# Mutual TLS (and the token) between its services: the gRPC KV transport runs encrypted.
+grpc_cluster = _cluster_fixture("grpc", tls=True)

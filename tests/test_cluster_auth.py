@@ -1,6 +1,8 @@
-"""Cluster identity (issue 14, shared-token mode): every internal RPC of a real `splitserve up`
-cluster refuses a caller without the cluster's token (UNAUTHENTICATED, and nothing happens), and
-works with it; `up` puts the token in its services' environment, never on a command line.
+"""Cluster identity (issue 14): every internal RPC of a real `splitserve up` cluster refuses a
+caller without the cluster's token (UNAUTHENTICATED, and nothing happens), and works with it; `up`
+puts the token in its services' environment, never on a command line. Under mutual TLS (grpc_cluster
+runs with --cluster-tls, its gRPC KV transport encrypted), a caller without a certificate from the
+cluster's CA cannot even connect, and each method is taken only from the roles that call it.
 
 Before, any process that could reach a port could register a fake worker, drain a real one, or
 pull any request's KV cache by id.
@@ -10,16 +12,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import shutil
+import ssl
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import start_cluster, stop_cluster
 from test_cluster import MODEL, _post
+from test_poison_request import _redis_url
 from test_up_supervision import _argv, _descendants
 
 from splitserve.common.auth import (
+    CALLER_ROLES,
+    TLS_DIR_ENV,
     TOKEN_ENV,
     ClusterAuth,
     api_key_from_args,
@@ -27,8 +39,11 @@ from splitserve.common.auth import (
     cluster_auth_from_args,
     new_token,
 )
-from splitserve.common.net import host_is_peer
-from splitserve.v1 import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc, scheduler_pb2
+from splitserve.common.certs import ROLES, load_cluster_tls, role_of, write_cluster_certs
+from splitserve.common.net import free_port, host_is_peer
+from splitserve.common.rpc import open_blocking_channel
+from splitserve.v1 import common_pb2, decode_pb2, gateway_pb2, gateway_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from splitserve.v1 import scheduler_pb2
 from splitserve.v1 import scheduler_pb2_grpc
 
 pytestmark = pytest.mark.timeout(180)
@@ -73,7 +88,7 @@ def test_every_internal_rpc_refuses_a_caller_without_the_cluster_token(grpc_clus
                                ("x-splitserve-cluster-token", grpc_cluster.token))}[credentials]
     seen = set()
     for name, path, streams, address in _every_rpc(grpc_cluster):
-        with grpc.insecure_channel(address) as channel:
+        with grpc_cluster.channel(address) as channel:  # a member's certificate, not its token
             assert _call(channel, path, streams, b"", metadata) == grpc.StatusCode.UNAUTHENTICATED, path
         seen.add(path)
     assert len(seen) == 16  # 8 scheduler, 5 prefill (PullKv included), 3 decode RPCs
@@ -95,9 +110,13 @@ def test_forged_calls_change_nothing_and_the_cluster_serves_on(grpc_cluster):
         (addresses["prefill-0"], "/splitserve.v1.Prefill/Release", False, prefill_pb2.ReleaseRequest(request_id="x")),
     ]
     for address, path, streams, request in attacks:
-        with grpc.insecure_channel(address) as channel:
-            code = _call(channel, path, streams, request.SerializeToString(), ())
-        assert code == grpc.StatusCode.UNAUTHENTICATED, path
+        with grpc.insecure_channel(address) as channel:  # not even a TLS handshake
+            assert _call(channel, path, streams, request.SerializeToString(), grpc_cluster.metadata) \
+                == grpc.StatusCode.UNAVAILABLE, path
+        for role in ("decode", "admin"):  # decode may pull and release, with the token only
+            with grpc_cluster.channel(address, role) as channel:
+                code = _call(channel, path, streams, request.SerializeToString(), ())
+            assert code == grpc.StatusCode.UNAUTHENTICATED, path
     assert sorted(w.worker.instance_id for w in grpc_cluster.workers()) == ["decode-0", "prefill-0"]
     assert not any(w.draining for w in grpc_cluster.workers())
     status, reply = _post(grpc_cluster.http_url + "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 3})
@@ -105,7 +124,7 @@ def test_forged_calls_change_nothing_and_the_cluster_serves_on(grpc_cluster):
 
 
 def test_with_the_token_internal_calls_work_and_health_stays_open(grpc_cluster):
-    with grpc.insecure_channel(grpc_cluster.scheduler_address) as channel:
+    with grpc_cluster.channel(grpc_cluster.scheduler_address) as channel:
         state = scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
             scheduler_pb2.ClusterStateRequest(), timeout=5, metadata=grpc_cluster.metadata)
         assert {w.worker.instance_id for w in state.workers} == {"prefill-0", "decode-0"}
@@ -124,8 +143,9 @@ def test_kv_of_a_held_request_needs_its_capability_besides_the_cluster_token(grp
     request = common_pb2.QueuedRequest(
         request_id="capability-test", prompt_token_ids=[1, 504, 3156, 314] * 8, reply_channel="test:capability",
         sampling=common_pb2.SamplingParams(temperature=0.0, top_p=1.0, max_tokens=4), kv_capability=capability)
-    with grpc.insecure_channel(address) as channel:
-        stub = prefill_pb2_grpc.PrefillStub(channel)
+    # The scheduler's certificate submits; a decode server's pulls and releases (mutual TLS roles).
+    with grpc_cluster.channel(address, "scheduler") as channel, grpc_cluster.channel(address, "decode") as puller:
+        stub, decode = prefill_pb2_grpc.PrefillStub(channel), prefill_pb2_grpc.PrefillStub(puller)
         without = common_pb2.QueuedRequest(request_id="no-capability", prompt_token_ids=[1, 2, 3],
                                            reply_channel="test:capability", sampling=request.sampling)
         with pytest.raises(grpc.RpcError) as refused:  # its KV would be open to anyone guessing its id
@@ -138,19 +158,19 @@ def test_kv_of_a_held_request_needs_its_capability_besides_the_cluster_token(grp
             time.sleep(0.05)
         for wrong in ("", new_token()):
             with pytest.raises(grpc.RpcError) as pulled:
-                list(stub.PullKv(prefill_pb2.PullKvRequest(request_id="capability-test", capability=wrong),
+                list(decode.PullKv(prefill_pb2.PullKvRequest(request_id="capability-test", capability=wrong),
                                  timeout=10, metadata=grpc_cluster.metadata))
             assert pulled.value.code() == grpc.StatusCode.PERMISSION_DENIED
             with pytest.raises(grpc.RpcError) as released:
-                stub.Release(prefill_pb2.ReleaseRequest(request_id="capability-test", capability=wrong),
+                decode.Release(prefill_pb2.ReleaseRequest(request_id="capability-test", capability=wrong),
                              timeout=10, metadata=grpc_cluster.metadata)
             assert released.value.code() == grpc.StatusCode.PERMISSION_DENIED
         after = stub.GetStats(common_pb2.StatsRequest(), timeout=5, metadata=grpc_cluster.metadata)
         assert after.num_held == 1 and after.num_free_blocks == held.num_free_blocks
-        chunks = list(stub.PullKv(prefill_pb2.PullKvRequest(request_id="capability-test", capability=capability),
+        chunks = list(decode.PullKv(prefill_pb2.PullKvRequest(request_id="capability-test", capability=capability),
                                   timeout=10, metadata=grpc_cluster.metadata))
         assert sum(len(c.data) for c in chunks) > 0
-        stub.Release(prefill_pb2.ReleaseRequest(request_id="capability-test", capability=capability),
+        decode.Release(prefill_pb2.ReleaseRequest(request_id="capability-test", capability=capability),
                      timeout=10, metadata=grpc_cluster.metadata)
         final = stub.GetStats(common_pb2.StatsRequest(), timeout=5, metadata=grpc_cluster.metadata)
         assert final.num_held == 0 and final.num_free_blocks == final.num_blocks
@@ -163,12 +183,119 @@ def test_a_member_cannot_register_a_worker_at_an_address_it_does_not_connect_fro
         worker=scheduler_pb2.WorkerInfo(instance_id="decode-elsewhere", role=scheduler_pb2.WORKER_ROLE_DECODE,
                                         grpc_address="10.11.12.13:5000", model=MODEL),
         stats=common_pb2.WorkerStats(num_blocks=100, num_free_blocks=100))
-    with grpc.insecure_channel(grpc_cluster.scheduler_address) as channel:
+    with grpc_cluster.channel(grpc_cluster.scheduler_address, "decode") as channel:
         with pytest.raises(grpc.RpcError) as refused:
             scheduler_pb2_grpc.SchedulerStub(channel).Register(elsewhere, timeout=10, metadata=grpc_cluster.metadata)
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "10.11.12.13:5000" in refused.value.details()
     assert sorted(w.worker.instance_id for w in grpc_cluster.workers()) == ["decode-0", "prefill-0"]
+
+
+def test_under_mutual_tls_a_stranger_cannot_connect_even_with_the_token(grpc_cluster, tmp_path):
+    """No certificate, or one from another CA: the handshake fails, no RPC (health included) runs."""
+    write_cluster_certs(tmp_path / "other")
+    stranger = ClusterAuth(grpc_cluster.token, load_cluster_tls(tmp_path / "other" / "scheduler"))
+    for name, path, streams, address in _every_rpc(grpc_cluster):
+        with grpc.insecure_channel(address) as plain, open_blocking_channel(address, stranger) as forged:
+            for channel in (plain, forged):
+                assert _call(channel, path, streams, b"", grpc_cluster.metadata) == grpc.StatusCode.UNAVAILABLE, path
+    assert sorted(w.worker.instance_id for w in grpc_cluster.workers()) == ["decode-0", "prefill-0"]
+
+
+def test_under_mutual_tls_each_method_is_taken_only_from_the_roles_that_call_it(grpc_cluster):
+    """A member's certificate of another role gets PERMISSION_DENIED before the handler runs (the
+    request, empty, is never looked at): a decode server cannot Submit to a prefill server, the
+    gateway cannot pull KV or register a worker. The roles that call a method get past the check."""
+    checked = 0
+    for name, path, streams, address in _every_rpc(grpc_cluster):
+        allowed = CALLER_ROLES.get(path)
+        if allowed is None:  # read-only (GetStats, GetClusterState): any member
+            continue
+        for role in sorted(set(ROLES) - allowed):
+            with grpc_cluster.channel(address, role) as channel:
+                code = _call(channel, path, streams, b"", grpc_cluster.metadata)
+            assert code == grpc.StatusCode.PERMISSION_DENIED, (path, role)
+            checked += 1
+    assert checked >= 40
+    # Allowed roles reach the handler: the scheduler aborts an unknown request (found=False).
+    with grpc_cluster.channel(_addresses(grpc_cluster)["prefill-0"], "scheduler") as channel:
+        assert not prefill_pb2_grpc.PrefillStub(channel).Abort(
+            common_pb2.AbortRequest(request_id="no-such-request"), timeout=10, metadata=grpc_cluster.metadata).found
+    # A worker registers only as what its certificate names: a prefill server's cannot enrol a decode server.
+    as_decode = scheduler_pb2.RegisterRequest(
+        worker=scheduler_pb2.WorkerInfo(instance_id="fake-decode", role=scheduler_pb2.WORKER_ROLE_DECODE,
+                                        grpc_address="127.0.0.1:1", model=MODEL),
+        stats=common_pb2.WorkerStats(num_blocks=10**9, num_free_blocks=10**9))
+    with grpc_cluster.channel(grpc_cluster.scheduler_address, "prefill") as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            scheduler_pb2_grpc.SchedulerStub(channel).Register(as_decode, timeout=10, metadata=grpc_cluster.metadata)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED and "prefill" in refused.value.details()
+    assert sorted(w.worker.instance_id for w in grpc_cluster.workers()) == ["decode-0", "prefill-0"]
+
+
+def test_a_second_gateway_serves_https_and_grpc_tls_to_clients(grpc_cluster, tmp_path):
+    """--tls-cert/--tls-key: the edge speaks only TLS (a plaintext request gets no answer), with the
+    cluster's gateway certificate here (made with --gateway-name 127.0.0.1), joined to the cluster as
+    the gateway role."""
+    gateway_dir = grpc_cluster.tls_dir / "gateway"
+    http_port, grpc_port = free_port(), free_port()
+    argv = [sys.executable, "-m", "splitserve.cli", "gateway", "--redis-url", _redis_url(grpc_cluster.scheduler_address),
+            "--scheduler", grpc_cluster.scheduler_address, "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+            "--tls-cert", str(gateway_dir / "tls.crt"), "--tls-key", str(gateway_dir / "tls.key")]
+    env = {**grpc_cluster.env, TLS_DIR_ENV: str(gateway_dir)}
+    with open(tmp_path / "gateway.log", "wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        context = ssl.create_default_context(cafile=str(gateway_dir / "ca.crt"))
+        url = f"https://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, (tmp_path / "gateway.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(url + "/ready", timeout=5, context=context) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "gateway.log").read_text()[-3000:]
+            time.sleep(0.5)
+        request = urllib.request.Request(url + "/v1/completions", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 3}).encode())
+        with urllib.request.urlopen(request, timeout=60, context=context) as response:
+            assert json.loads(response.read())["usage"]["completion_tokens"] >= 1
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{http_port}/ready", timeout=5).read()
+        credentials = grpc.ssl_channel_credentials(root_certificates=(gateway_dir / "ca.crt").read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{grpc_port}", credentials) as channel:
+            replies = list(gateway_pb2_grpc.GatewayStub(channel).Generate(
+                gateway_pb2.GenerateRequest(prompt="hi", max_tokens=3, temperature=0.0, ignore_eos=True), timeout=60))
+        assert replies[-1].usage.completion_tokens == 3
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_certs_are_checked_when_loaded(tmp_path):
+    """A service refuses to start on certificates that are not the cluster's: another CA's, a key
+    that is not the certificate's, a name with no role. `splitserve certs` keeps keys private."""
+    write_cluster_certs(tmp_path / "a")
+    write_cluster_certs(tmp_path / "b")
+    assert load_cluster_tls(tmp_path / "a" / "decode").role == "decode"
+    assert (tmp_path / "a" / "decode" / "tls.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "a" / "ca.key").stat().st_mode & 0o777 == 0o600
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tmp_path / "a" / "decode", mixed)
+    shutil.copy(tmp_path / "b" / "ca.crt", mixed / "ca.crt")
+    with pytest.raises(ValueError, match="not signed"):
+        load_cluster_tls(mixed)
+    shutil.copy(tmp_path / "a" / "ca.crt", mixed / "ca.crt")
+    shutil.copy(tmp_path / "a" / "prefill" / "tls.key", mixed / "tls.key")
+    with pytest.raises(ValueError, match="not the key"):
+        load_cluster_tls(mixed)
+    with pytest.raises(ValueError, match="cannot read"):
+        load_cluster_tls(tmp_path / "a")  # the CA's folder holds no tls.crt
+    assert role_of("splitserve-scheduler") == "scheduler" and role_of("splitserve-root") is None
+    assert role_of("scheduler") is None
 
 
 @pytest.mark.parametrize("host, peer, same", [

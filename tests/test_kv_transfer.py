@@ -251,7 +251,7 @@ def test_factory_maps_names_and_enums() -> None:
         transport_name(pb.KV_TRANSPORT_UNSPECIFIED)
 
 
-def test_bench_kv_reports_both_transports_and_memcpy(tmp_path: Path) -> None:
+def test_bench_kv_reports_every_transport_tls_included_and_memcpy(tmp_path: Path) -> None:
     output = tmp_path / "kv.json"
     result = subprocess.run(
         [sys.executable, "-m", "splitserve.cli", "bench", "kv", "--tokens", "16", "64", "--repeat", "1",
@@ -261,7 +261,7 @@ def test_bench_kv_reports_both_transports_and_memcpy(tmp_path: Path) -> None:
     assert "memcpy GB/s" in result.stdout
     report = json.loads(output.read_text())
     assert {(row["transport"], row["num_tokens"]) for row in report["rows"]} == \
-        {(t, n) for t in TRANSPORTS for n in (16, 64)}
+        {(t, n) for t in (*TRANSPORTS, "grpc+tls") for n in (16, 64)}
     for row in report["rows"]:
         assert row["num_bytes"] == row["num_tokens"] * report["bytes_per_token"]
         for figure in ("median_ms", "gbps", "memcpy_ms", "memcpy_gbps"):

@@ -27,7 +27,8 @@ async def serve(config: WorkerConfig) -> int:
     redis = connect(config.redis_url)
     warn_if_open(config.cluster_auth)
     grpc_server = make_server(config.cluster_auth)
-    address = advertised_address(config, bind(grpc_server, config.host, config.port))
+    address = advertised_address(config, bind(grpc_server, config.host, config.port,
+                                              config.cluster_auth.server_credentials()))
     server = ColocatedServer(config, engine, redis)
     prefill_pb2_grpc.add_PrefillServicer_to_server(ColocatedServicer(server), grpc_server)
     health = add_health(grpc_server)

@@ -28,7 +28,7 @@ async def serve(config: WorkerConfig) -> int:
     redis = connect(config.redis_url)
     warn_if_open(config.cluster_auth)
     grpc_server = make_server(config.cluster_auth)
-    port = bind(grpc_server, config.host, config.port)
+    port = bind(grpc_server, config.host, config.port, config.cluster_auth.server_credentials())
     # Refuses handles unfit for this cache; its gRPC pulls carry the cluster token.
     puller = make_kv_puller(config.kv_transport, config.cluster_auth, engine.layout)
     server = DecodeServer(config, engine, redis, puller)

@@ -29,9 +29,14 @@ class GatewayConfig:
     cluster_poll_interval_s: float
     shutdown_grace_s: float  # on SIGTERM, in-flight requests get this long before they are aborted
     gateway_id: str  # unique per process; names this gateway's reply channel
+    # --tls-cert / --tls-key: HTTPS and gRPC over TLS for clients; None: plaintext (behind a TLS proxy).
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> GatewayConfig:
+        if bool(args.tls_cert) != bool(args.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
         return cls(
             redis_url=args.redis_url, scheduler=args.scheduler, cluster_auth=cluster_auth_from_args(args),
             host=args.host,
@@ -41,6 +46,7 @@ class GatewayConfig:
             cluster_poll_interval_s=args.cluster_poll_interval,
             shutdown_grace_s=args.shutdown_grace,
             gateway_id=args.gateway_id or new_gateway_id(),
+            tls_cert=args.tls_cert, tls_key=args.tls_key,
         )
 
 

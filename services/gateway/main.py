@@ -40,6 +40,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=env("SPLITSERVE_SERVED_MODEL_NAME"),
                    help="the name clients pass as 'model' (default: the model's name)")
     add_api_key_args(p)
+    p.add_argument("--tls-cert", default=env("SPLITSERVE_TLS_CERT"),
+                   help="PEM certificate chain: serve HTTPS and gRPC over TLS to clients (env SPLITSERVE_TLS_CERT; "
+                        "default: plaintext, for a gateway behind a TLS-terminating proxy or on localhost)")
+    p.add_argument("--tls-key", default=env("SPLITSERVE_TLS_KEY"),
+                   help="the certificate's PEM private key (env SPLITSERVE_TLS_KEY)")
     p.add_argument("--max-pending", type=positive_int, default=env("SPLITSERVE_MAX_PENDING", "256"),
                    help="requests in flight in this gateway before new ones get 429 / RESOURCE_EXHAUSTED "
                         "(default: 256)")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
+from pathlib import Path
 
 import grpc
 import structlog
@@ -110,12 +112,14 @@ class GatewayServer:
         await self._set_health(False)
         self.tasks = [asyncio.create_task(self.router.run(), name="reply-router"),
                       asyncio.create_task(self.frontend.services.cluster.run(), name="cluster-poller")]
-        grpc_port = bind(self.grpc_server, self.config.host, self.config.grpc_port)
+        ssl_context, credentials = edge_tls(self.config)
+        grpc_port = bind(self.grpc_server, self.config.host, self.config.grpc_port, credentials)
         await self.grpc_server.start()
         await self.runner.setup()
-        await web.TCPSite(self.runner, self.config.host, self.config.http_port).start()
-        log.info("gateway started", http=f"http://{self.config.host}:{self.runner.addresses[0][1]}",
-                 grpc=f"{self.config.host}:{grpc_port}", model=self.frontend.model.name,
+        await web.TCPSite(self.runner, self.config.host, self.config.http_port, ssl_context=ssl_context).start()
+        scheme = "https" if ssl_context else "http"
+        log.info("gateway started", http=f"{scheme}://{self.config.host}:{self.runner.addresses[0][1]}",
+                 grpc=f"{self.config.host}:{grpc_port}", tls=ssl_context is not None, model=self.frontend.model.name,
                  scheduler=self.config.scheduler, max_pending=self.config.max_pending)
 
     async def shutdown(self) -> None:
@@ -126,3 +130,19 @@ class GatewayServer:
             await self.frontend.drain(self.config.shutdown_grace_s)
         await self.grpc_server.stop(grace=1.0)
         await self.runner.cleanup()
+
+
+def edge_tls(config: GatewayConfig) -> tuple[ssl.SSLContext | None, grpc.ServerCredentials | None]:
+    """The client edge's TLS, HTTP and gRPC, from --tls-cert/--tls-key (TLS 1.2 or newer); (None,
+    None) without them. ValueError when the files do not load."""
+    if not config.tls_cert:
+        return None, None
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+        cert, key = Path(config.tls_cert).read_bytes(), Path(config.tls_key).read_bytes()
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load the gateway's TLS certificate {config.tls_cert} / key "
+                         f"{config.tls_key}: {exc}") from None
+    return context, grpc.ssl_server_credentials([(key, cert)])

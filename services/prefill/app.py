@@ -29,7 +29,7 @@ async def serve(config: WorkerConfig, ucx_port: int, kv_lease_s: float) -> int:
     redis = connect(config.redis_url)
     warn_if_open(config.cluster_auth)
     grpc_server = make_server(config.cluster_auth)
-    port = bind(grpc_server, config.host, config.port)
+    port = bind(grpc_server, config.host, config.port, config.cluster_auth.server_credentials())
     kv_server = make_kv_server(config.kv_transport, advertised_host(config.host), ucx_port)
     server = PrefillServer(config, engine, redis, None, kv_lease_s)
     server.grpc_address = advertised_address(config, port)

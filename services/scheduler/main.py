@@ -44,7 +44,7 @@ async def serve(config: scheduler_config.SchedulerConfig) -> int:
     server = SchedulerServer(config, RequestStream(redis, ProtoCodec(pb.QueuedRequest)), redis)
     warn_if_open(config.cluster_auth)
     grpc_server = make_server(config.cluster_auth)
-    port = bind(grpc_server, config.host, config.port)
+    port = bind(grpc_server, config.host, config.port, config.cluster_auth.server_credentials())
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(server, HEARTBEAT_INTERVAL_S),
                                                        grpc_server)
     health = add_health(grpc_server)

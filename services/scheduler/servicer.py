@@ -6,12 +6,17 @@ import time
 
 import grpc
 
+from splitserve.common.auth import peer_role
 from splitserve.common.logging import bind_request
 from splitserve.common.net import host_is_peer
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.v1 import scheduler_pb2_grpc
 
 from .server import SchedulerServer
+
+# Under mutual TLS, the certificate role a worker of each kind registers with.
+CERT_ROLES = {spb.WORKER_ROLE_PREFILL: "prefill", spb.WORKER_ROLE_DECODE: "decode",
+              spb.WORKER_ROLE_COLOCATED: "colocated"}
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -22,6 +27,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def Register(self, request: spb.RegisterRequest, context) -> spb.RegisterResponse:
         if request.worker.role == spb.WORKER_ROLE_UNSPECIFIED or not request.worker.instance_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a worker needs an instance id and a role")
+        tls = self.server.config.cluster_auth.tls is not None
+        if tls and peer_role(context) != CERT_ROLES.get(request.worker.role):
+            # A prefill server's certificate cannot enrol a decode server (and be sent KV handles).
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"a {CERT_ROLES.get(request.worker.role, 'worker')} server registers with "
+                                f"its role's certificate; the caller's names {peer_role(context)}")
         address = request.worker.grpc_address
         if self.server.config.check_worker_addresses and not await host_is_peer(
                 address.rpartition(":")[0].strip("[]"), context.peer()):

@@ -27,8 +27,7 @@ def add_parser(subparsers) -> None:
 
 
 def _add_kv_parser(sub) -> None:
-    from splitserve.bench.kv_bench import DEFAULT_BYTES_PER_TOKEN, DEFAULT_TOKENS
-    from splitserve.kv_transfer.factory import TRANSPORTS
+    from splitserve.bench.kv_bench import BENCH_TRANSPORTS, DEFAULT_BYTES_PER_TOKEN, DEFAULT_TOKENS
 
     k = sub.add_parser("kv", help="KV transfer speed of each transport between two processes",
                        description="Start a serving process holding synthetic KV payloads of the sizes of "
@@ -41,8 +40,8 @@ def _add_kv_parser(sub) -> None:
                    help="KV bytes per token: layers * 2 * kv_heads * head_dim * itemsize "
                         "(default: %(default)s, SmolLM2-135M in bfloat16)")
     k.add_argument("--repeat", type=positive_int, default=5, help="timed pulls per size, after a warm-up (default: 5)")
-    k.add_argument("--transports", nargs="+", choices=list(TRANSPORTS), default=list(TRANSPORTS),
-                   help="transports to measure (default: all)")
+    k.add_argument("--transports", nargs="+", choices=BENCH_TRANSPORTS, default=list(BENCH_TRANSPORTS),
+                   help="transports to measure; grpc+tls is gRPC over mutual TLS (default: all)")
     k.add_argument("--host", default="127.0.0.1", help="address the serving process listens on (default: 127.0.0.1)")
     k.add_argument("--output", default=None, help="also write the figures as JSON to this file")
     k.set_defaults(func=_run_kv)

@@ -1,5 +1,7 @@
 """`splitserve bench kv`: pull synthetic KV payloads across two processes over each transport, next
-to a local memcpy of the same bytes.
+to a local memcpy of the same bytes. "grpc+tls" is the gRPC transport over mutual TLS, as a cluster
+with --cluster-tls-dir runs it (certificates made for the run; the serving side checks the puller's
+role as a prefill server does); UCX carries no encryption.
 
 The payloads have the byte sizes of prompts of the given token counts (bytes per token = num_layers
 * 2 (K, V) * num_kv_heads * head_dim * itemsize). A fresh serving process (`kv_serve.py`) holds them
@@ -14,6 +16,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,11 +25,13 @@ import numpy as np
 
 from splitserve.bench.kv_serve import KvServeProcess, ServeInfo, make_payload, payload_id
 from splitserve.kv_transfer.base import KvPuller, KvPullError
-from splitserve.common.auth import NO_AUTH
+from splitserve.common.auth import NO_AUTH, ClusterAuth
+from splitserve.common.certs import load_cluster_tls, write_cluster_certs
 from splitserve.kv_transfer.factory import make_kv_puller, transport_value
 from splitserve.v1 import common_pb2 as pb
 
 DEFAULT_TOKENS = (1024, 4096, 16384)
+BENCH_TRANSPORTS = ("ucx", "grpc", "grpc+tls")
 # SmolLM2-135M (the default model) in bfloat16: 30 layers * (K, V) * 3 KV heads * head_dim 64 * 2 bytes.
 DEFAULT_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2
 
@@ -74,8 +79,9 @@ def measure_memcpy_ms(num_bytes: int, repeat: int) -> float:
 
 
 def _handle(transport: str, shape: _Shape, info: ServeInfo) -> pb.KvHandle:
-    return pb.KvHandle(request_id=payload_id(shape.num_bytes), prefill_grpc_address=info.grpc_address,
-                       transport=transport_value(transport), ucx_address=info.ucx_address,
+    grpc_address = info.grpc_tls_address if transport == "grpc+tls" else info.grpc_address
+    return pb.KvHandle(request_id=payload_id(shape.num_bytes), prefill_grpc_address=grpc_address,
+                       transport=transport_value(transport.removesuffix("+tls")), ucx_address=info.ucx_address,
                        num_tokens=shape.num_tokens, num_bytes=shape.num_bytes)
 
 
@@ -94,8 +100,10 @@ async def measure_pull_ms(puller: KvPuller, handle: pb.KvHandle, repeat: int) ->
 
 
 async def _bench_transport(transport: str, shapes: list[_Shape], info: ServeInfo, repeat: int,
-                           memcpy_ms: dict[int, float]) -> list[KvBenchRow]:
-    puller = make_kv_puller(transport, NO_AUTH)  # a local serving process of synthetic payloads
+                           memcpy_ms: dict[int, float], tls_dir: Path | None) -> list[KvBenchRow]:
+    # A local serving process of synthetic payloads: no token; over TLS a decode server's certificate.
+    auth = ClusterAuth(None, load_cluster_tls(tls_dir / "decode")) if transport == "grpc+tls" else NO_AUTH
+    puller = make_kv_puller(transport.removesuffix("+tls"), auth)
     rows = []
     try:
         for shape in shapes:
@@ -123,9 +131,14 @@ def run(args: argparse.Namespace) -> int:
     sizes = sorted({s.num_bytes for s in shapes})
     memcpy_ms = {n: measure_memcpy_ms(n, args.repeat) for n in sizes}
     rows = []
-    with KvServeProcess(args.host, sizes) as server:
-        for transport in args.transports:
-            rows += asyncio.run(_bench_transport(transport, shapes, server.info, args.repeat, memcpy_ms))
+    with tempfile.TemporaryDirectory(prefix="splitserve-kv-bench-") as certs:
+        tls_dir = Path(certs) if "grpc+tls" in args.transports else None
+        if tls_dir:
+            write_cluster_certs(tls_dir, days=1, roles=("prefill", "decode"))
+        with KvServeProcess(args.host, sizes, tls_dir=tls_dir and tls_dir / "prefill") as server:
+            for transport in args.transports:
+                rows += asyncio.run(_bench_transport(transport, shapes, server.info, args.repeat, memcpy_ms,
+                                                     tls_dir))
     if server.stats.num_opens != server.stats.num_closes:
         raise RuntimeError(f"the serving process leaked pins: {server.stats}")
     report = KvBenchReport(args.bytes_per_token, args.repeat, rows)

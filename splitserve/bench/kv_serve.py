@@ -18,13 +18,15 @@ import select
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Self
 
 import grpc
 import numpy as np
 
 from splitserve.common.logging import configure_logging
-from splitserve.common.auth import NO_AUTH
+from splitserve.common.auth import NO_AUTH, ClusterAuth
+from splitserve.common.certs import ClusterTLS, load_cluster_tls
 from splitserve.common.rpc import bind, make_server
 from splitserve.kv_transfer.base import KvSource, check_capability
 from splitserve.kv_transfer.grpc import GrpcKvServer
@@ -53,6 +55,7 @@ class ServeInfo:
 
     grpc_address: str
     ucx_address: str
+    grpc_tls_address: str = ""  # the same PullKv over mutual TLS, when started with certificates
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ class KvOnlyPrefillServicer(prefill_pb2_grpc.PrefillServicer):
 class KvServers:
     """Both transports serving one source in this process, as a prefill server runs them."""
 
-    grpc_server: grpc.aio.Server
+    grpc_servers: list[grpc.aio.Server]
     grpc_kv: GrpcKvServer
     ucx_kv: UcxKvServer
     info: ServeInfo
@@ -112,25 +115,32 @@ class KvServers:
     async def stop(self) -> None:
         await self.ucx_kv.stop()
         await self.grpc_kv.stop()
-        await self.grpc_server.stop(grace=1.0)
+        for server in self.grpc_servers:
+            await server.stop(grace=1.0)
 
 
-async def start_kv_servers(host: str, source: KvSource) -> KvServers:
-    """A grpc.aio server with PullKv and a UCX listener, both on free ports of host."""
+async def start_kv_servers(host: str, source: KvSource, tls: ClusterTLS | None = None) -> KvServers:
+    """A grpc.aio server with PullKv and a UCX listener, both on free ports of host; with tls (a
+    prefill server's certificates) a second gRPC server too, serving the same PullKv over mutual TLS
+    as a cluster with --cluster-tls-dir does."""
     grpc_kv, ucx_kv = GrpcKvServer(), UcxKvServer(host)
-    server = make_server(NO_AUTH)  # synthetic payloads only, on the host the benchmark names
-    prefill_pb2_grpc.add_PrefillServicer_to_server(KvOnlyPrefillServicer(grpc_kv), server)
-    grpc_port = bind(server, host, 0)
-    await server.start()
+    servers, addresses = [], []
+    # Synthetic payloads only, on the host the benchmark names: no token.
+    for auth in (NO_AUTH, *([ClusterAuth(None, tls)] if tls else [])):
+        server = make_server(auth)
+        prefill_pb2_grpc.add_PrefillServicer_to_server(KvOnlyPrefillServicer(grpc_kv), server)
+        addresses.append(f"{host}:{bind(server, host, 0, auth.server_credentials())}")
+        await server.start()
+        servers.append(server)
     await grpc_kv.start(source)
     await ucx_kv.start(source)
-    return KvServers(server, grpc_kv, ucx_kv, ServeInfo(f"{host}:{grpc_port}", ucx_kv.address))
+    return KvServers(servers, grpc_kv, ucx_kv, ServeInfo(addresses[0], ucx_kv.address, "".join(addresses[1:])))
 
 
-async def serve(host: str, sizes: list[int]) -> None:
-    """Serve payloads of the given sizes over both transports until stdin closes."""
+async def serve(host: str, sizes: list[int], tls: ClusterTLS | None = None) -> None:
+    """Serve payloads of the given sizes over both transports (and gRPC over TLS with tls) until stdin closes."""
     source = SyntheticKvSource({payload_id(n): make_payload(n) for n in sizes})
-    servers = await start_kv_servers(host, source)
+    servers = await start_kv_servers(host, source, tls)
     try:
         _emit(servers.info)
         await asyncio.to_thread(sys.stdin.buffer.read)
@@ -149,9 +159,10 @@ class KvServeProcess:
     Use as a context manager; leaving it closes the child's stdin and waits for its ServeStats.
     """
 
-    def __init__(self, host: str, sizes: list[int], start_timeout_s: float = 60.0) -> None:
+    def __init__(self, host: str, sizes: list[int], start_timeout_s: float = 60.0,
+                 tls_dir: Path | None = None) -> None:
         self._command = [sys.executable, "-m", "splitserve.bench.kv_serve", "--host", host,
-                         "--bytes", *map(str, sizes)]
+                         "--bytes", *map(str, sizes), *(["--tls-dir", str(tls_dir)] if tls_dir else [])]
         self._start_timeout_s = start_timeout_s
         self._process: subprocess.Popen | None = None
         self.info: ServeInfo | None = None
@@ -207,9 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--bytes", type=int, nargs="+", required=True, help="payload sizes to hold")
+    parser.add_argument("--tls-dir", default=None, help="a prefill server's certificates: serve PullKv over "
+                                                        "mutual TLS too")
     args = parser.parse_args(argv)
     configure_logging("warning", json_logs=False)  # stdout carries the protocol lines only
-    asyncio.run(serve(args.host, args.bytes))
+    asyncio.run(serve(args.host, args.bytes, load_cluster_tls(args.tls_dir) if args.tls_dir else None))
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from splitserve.common.engine_args import format_cpus, positive_float
+from splitserve.common.rpc import open_blocking_channel
 from splitserve.services.scheduler.registry import placement_roles
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.v1 import scheduler_pb2_grpc
@@ -92,7 +93,7 @@ class Adapter:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.cooldown_s = cluster.config.adapt_cooldown_s
-        self.channel = grpc.insecure_channel(cluster.scheduler_address)
+        self.channel = open_blocking_channel(cluster.scheduler_address, cluster.config.cluster_auth)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
         self.metadata = cluster.config.cluster_auth.metadata  # the cluster token, on each call
         self._next_poll = 0.0

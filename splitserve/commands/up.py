@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from typing import NoReturn
 from splitserve.common.auth import (
     API_KEY_ENV,
     API_KEY_FILE_ENV,
+    TLS_DIR_ENV,
     TOKEN_ENV,
     TOKEN_FILE_ENV,
     ClusterAuth,
@@ -40,7 +42,9 @@ from splitserve.common.auth import (
     api_key_from_args,
     cluster_auth_from_args,
     new_token,
+    warn_if_open,
 )
+from splitserve.common.certs import load_cluster_tls, write_cluster_certs
 from splitserve.common.engine_args import add_engine_args, format_cpus, positive_float, positive_int
 from splitserve.common.net import free_port
 from splitserve.common.proc import RestartPolicy, Supervised, owned
@@ -70,7 +74,8 @@ class ClusterConfig:
     engine_argv: tuple[str, ...]
     gateway_argv: tuple[str, ...]
     ready_timeout_s: float
-    # Every internal call carries its token: a fresh one per run unless one is given (env or file).
+    # Every internal call carries its token: a fresh one per run unless one is given (env or file);
+    # with --cluster-tls, up's own certificate (admin) too. NO_AUTH only with --insecure-cluster.
     cluster_auth: ClusterAuth
     api_key: str | None = None
     num_colocated: int = 0
@@ -78,6 +83,8 @@ class ClusterConfig:
     # CPU cores of each worker, in the order of worker_names; pinned unless pin is False.
     worker_cpus: tuple[tuple[int, ...], ...] = ()
     pin: bool = True
+    tls_dir: Path | None = None  # --cluster-tls: the CA and one folder per role (certs.py)
+    own_certs: bool = False  # tls_dir was made for this run, and goes with it
     drain_timeout_s: float = 30.0  # on stop, what the scheduler and workers get to finish their work
     cpus: tuple[int, ...] = ()  # every core the workers may use (--cpus, or all)
     scheduler_argv: tuple[str, ...] = ()  # planning flags (--adapt)
@@ -148,7 +155,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads-per-worker", type=positive_int, default=None,
                    help="torch threads per worker (default: one per core of its share of --cpus)")
     add_api_key_args(p)  # the gateway gets the key through its environment, never its command line
-    add_cluster_auth_args(p)
+    add_cluster_auth_args(p, tls_dir=False)
+    p.add_argument("--cluster-tls", nargs="?", const="", default=None, metavar="DIR",
+                   help="mutual TLS between the services too (each internal method taken only from the "
+                        "roles that call it; gRPC KV encrypted), with a CA and certificates made for this "
+                        "run, or those of DIR (what `splitserve certs --out DIR` wrote)")
+    p.add_argument("--insecure-cluster", action="store_true",
+                   help="no cluster token and no certificates: any local process may call the internal "
+                        "services. Only to measure what authentication costs, never on a shared host")
     p.add_argument("--max-pending", type=positive_int, default=None,
                    help="requests in flight at the gateway before it answers 429 (default: the gateway's)")
     p.add_argument("--ready-timeout", type=positive_float, default=300.0,
@@ -173,6 +187,12 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
     threads = args.threads or args.threads_per_worker
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="splitserve-logs-"))
     log_dir.mkdir(parents=True, exist_ok=True)
+    if args.insecure_cluster and (args.cluster_tls is not None or cluster_auth_from_args(args).enabled):
+        raise ValueError("--insecure-cluster turns the cluster's credentials off: it takes no token or --cluster-tls")
+    tls_dir = Path(args.cluster_tls) if args.cluster_tls else None
+    if args.cluster_tls == "":
+        tls_dir = Path(tempfile.mkdtemp(prefix="splitserve-certs-"))
+        write_cluster_certs(tls_dir)
     gateway_argv = [*(["--max-pending", str(args.max_pending)] if args.max_pending else []),
                     *(["--model", args.model] if args.model else [])]
     return ClusterConfig(
@@ -181,19 +201,27 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         redis_url=args.redis_url, kv_transport=args.kv_transport, log_dir=log_dir,
         threads_per_worker=threads, engine_argv=tuple(_engine_argv(args)),
         gateway_argv=tuple(gateway_argv), ready_timeout_s=args.ready_timeout,
-        cluster_auth=_cluster_auth(args), api_key=api_key_from_args(args),
+        cluster_auth=_cluster_auth(args, tls_dir), api_key=api_key_from_args(args),
         num_colocated=num_colocated,
         chunk_size=(args.chunk_size or DEFAULT_CHUNK_SIZE) if args.mode == "chunked" else None,
-        worker_cpus=tuple(tuple(share) for share in shares), pin=not args.no_pin,
+        worker_cpus=tuple(tuple(share) for share in shares), pin=not args.no_pin, tls_dir=tls_dir,
+        own_certs=args.cluster_tls == "",
         drain_timeout_s=args.drain_timeout, cpus=tuple(cpus),
         scheduler_argv=tuple(adapt.scheduler_argv(args, len(cpus))), adapt=args.adapt,
         adapt_cooldown_s=args.adapt_cooldown)
 
 
-def _cluster_auth(args: argparse.Namespace) -> ClusterAuth:
-    """The token given (--cluster-token-file, env), else a fresh one for this run."""
-    given = cluster_auth_from_args(args)
-    return given if given.enabled else ClusterAuth(new_token())
+def _cluster_auth(args: argparse.Namespace, tls_dir: Path | None) -> ClusterAuth:
+    """The token given (--cluster-token-file, env), else a fresh one for this run (none with
+    --insecure-cluster), and with tls_dir up's own certificate, an operator's (admin)."""
+    if args.insecure_cluster:
+        return ClusterAuth(None)
+    token = cluster_auth_from_args(args).token or new_token()
+    if tls_dir is None:
+        return ClusterAuth(token)
+    for role in ("scheduler", "gateway", *WORKER_ROLES):  # each service's folder, checked before any starts
+        load_cluster_tls(tls_dir / role)
+    return ClusterAuth(token, load_cluster_tls(tls_dir / "admin"))
 
 
 def _engine_argv(args: argparse.Namespace) -> list[str]:
@@ -238,8 +266,12 @@ class Cluster:
         """A service's environment: secrets go here, never on a command line (readable by any
         local user in /proc), while the environment is readable only by the same user. Every
         service gets the cluster token; only the gateway gets the API key."""
-        env = {k: v for k, v in os.environ.items() if k not in (TOKEN_FILE_ENV, API_KEY_ENV, API_KEY_FILE_ENV)}
-        env[TOKEN_ENV] = self.config.cluster_auth.token
+        env = {k: v for k, v in os.environ.items()
+               if k not in (TOKEN_ENV, TOKEN_FILE_ENV, TLS_DIR_ENV, API_KEY_ENV, API_KEY_FILE_ENV)}
+        if self.config.cluster_auth.token is not None:
+            env[TOKEN_ENV] = self.config.cluster_auth.token
+        if self.config.tls_dir is not None:  # the folder of its role: prefill-1 is a prefill server
+            env[TLS_DIR_ENV] = str(self.config.tls_dir / name.split("-")[0])
         if self.config.api_key and name == "gateway":
             env[API_KEY_ENV] = self.config.api_key
         return env
@@ -352,6 +384,8 @@ class Cluster:
                     service.process.wait()
         if self.redis is not None:
             self.redis.stop()
+        if self.config.own_certs:  # this run's keys go with it
+            shutil.rmtree(self.config.tls_dir, ignore_errors=True)
 
 
 def _served_model(config: ClusterConfig) -> str:
@@ -377,6 +411,7 @@ def is_ready(http_url: str) -> bool:
 
 def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    warn_if_open(config.cluster_auth)
     cluster = Cluster(config)
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the cluster like Ctrl-C, at any point
     try:

@@ -1,10 +1,17 @@
-"""Cluster identity, shared-token mode: every internal gRPC call carries the cluster's token, and
-every internal server checks it (in constant time) before it runs or even parses anything.
+"""Cluster identity, in two modes that can be used together.
 
-A caller without the token gets UNAUTHENTICATED. Only the standard health service stays open: it
-says SERVING or not, and container runtimes probe it without credentials. The token reaches a
-process from the environment (SPLITSERVE_CLUSTER_TOKEN) or a file (--cluster-token-file), never
-from its command line, which any local user can read in /proc.
+Shared token (the minimal mode): every internal gRPC call carries the cluster's token, and every
+internal server checks it (in constant time) before it runs or even parses anything; a caller
+without it gets UNAUTHENTICATED. Only the standard health service stays open: it says SERVING or
+not, and container runtimes probe it without credentials. The token reaches a process from the
+environment (SPLITSERVE_CLUSTER_TOKEN) or a file (--cluster-token-file), never from its command
+line, which any local user can read in /proc.
+
+Mutual TLS (the production mode, --cluster-tls-dir; certs.py): every internal connection is
+encrypted, a caller without a certificate from the cluster's CA cannot complete the handshake, and
+each method is admitted only from the roles that call it (CALLER_ROLES: a worker takes Submit and
+Abort from the scheduler alone, a prefill server serves KV to decode servers alone); another
+member's certificate gets PERMISSION_DENIED before the handler runs.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from pathlib import Path
 import grpc
 import structlog
 
+from splitserve.common.certs import CLUSTER_NAME, ClusterTLS, load_cluster_tls, role_of
+
 TOKEN_ENV = "SPLITSERVE_CLUSTER_TOKEN"
 TOKEN_FILE_ENV = "SPLITSERVE_CLUSTER_TOKEN_FILE"
 METADATA_KEY = "x-splitserve-cluster-token"
@@ -26,6 +35,20 @@ METADATA_KEY = "x-splitserve-cluster-token"
 MIN_TOKEN_CHARS = 32
 MAX_TOKEN_CHARS = 1024
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+TLS_DIR_ENV = "SPLITSERVE_CLUSTER_TLS_DIR"
+WORKERS = frozenset({"prefill", "decode", "colocated"})
+# Under mutual TLS, the roles (certs.ROLES) each method is taken from; a method not named here is
+# open to every member (GetStats, GetClusterState: read-only).
+CALLER_ROLES: dict[str, frozenset[str]] = {
+    **{f"/splitserve.v1.{service}/{method}": frozenset({"scheduler"})
+       for service in ("Prefill", "Decode") for method in ("Submit", "Abort")},
+    "/splitserve.v1.Prefill/PullKv": frozenset({"decode"}),
+    "/splitserve.v1.Prefill/Release": frozenset({"decode"}),
+    **{f"/splitserve.v1.Scheduler/{method}": WORKERS
+       for method in ("Register", "Heartbeat", "PrefillDone", "RequestDone", "HandBack")},
+    "/splitserve.v1.Scheduler/Drain": WORKERS | {"admin"},  # a worker drains itself; an operator any
+    "/splitserve.v1.Scheduler/GetRecommendation": frozenset({"admin"}),
+}
 
 
 @dataclass(frozen=True)
@@ -37,13 +60,35 @@ class ClusterAuth:
     """
 
     token: str | None = field(repr=False)  # a config logged whole must not log the secret
+    tls: ClusterTLS | None = None  # mutual TLS: this process's certificate, key and the cluster CA
 
     @property
     def enabled(self) -> bool:
-        return self.token is not None
+        return self.token is not None or self.tls is not None
 
     def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [_RequireToken(self.token)] if self.token is not None else []
+        return ([_RequireToken(self.token)] if self.token is not None else []) + \
+               ([_RequireRole(CALLER_ROLES)] if self.tls is not None else [])
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        """Mutual TLS for an internal server (callers must show a certificate from the CA); None: plaintext."""
+        if self.tls is None:
+            return None
+        return grpc.ssl_server_credentials([(self.tls.key, self.tls.cert)], root_certificates=self.tls.ca,
+                                           require_client_auth=True)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """This process's certificate for an internal channel, servers checked against the CA; None: plaintext."""
+        if self.tls is None:
+            return None
+        return grpc.ssl_channel_credentials(root_certificates=self.tls.ca, private_key=self.tls.key,
+                                            certificate_chain=self.tls.cert)
+
+    @property
+    def channel_options(self) -> list[tuple[str, str]]:
+        """A server is checked against the cluster's name, which every member's certificate carries:
+        the addresses clients dial (IPs, pod names) are in no certificate."""
+        return [("grpc.ssl_target_name_override", CLUSTER_NAME)] if self.tls is not None else []
 
     def client_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
         """Each call on a channel carries the token, whatever its kind."""
@@ -86,22 +131,37 @@ def check_token(token: str, source: str) -> str:
     return token
 
 
-def add_cluster_auth_args(parser: argparse.ArgumentParser) -> None:
+def add_cluster_auth_args(parser: argparse.ArgumentParser, tls_dir: bool = True) -> None:
+    """--cluster-token-file, and unless tls_dir is False (splitserve up makes its own) --cluster-tls-dir."""
     parser.add_argument("--cluster-token-file", default=os.environ.get(TOKEN_FILE_ENV),
                         help=f"file holding the cluster token every internal call must carry (env "
                              f"{TOKEN_FILE_ENV}; or the token itself in env {TOKEN_ENV}, never on the "
-                             f"command line). Without one a service trusts any caller, while "
-                             f"`splitserve up` makes a fresh token per run")
+                             f"command line). Without a token or --cluster-tls-dir a service trusts any "
+                             f"caller, while `splitserve up` makes a fresh token per run")
+    if not tls_dir:
+        return
+    parser.add_argument("--cluster-tls-dir", default=os.environ.get(TLS_DIR_ENV),
+                        help=f"folder with ca.crt, tls.crt and tls.key (splitserve certs writes one per "
+                             f"role): internal calls then use mutual TLS, and each method is taken only "
+                             f"from the roles that call it (env {TLS_DIR_ENV})")
 
 
 def cluster_auth_from_args(args: argparse.Namespace) -> ClusterAuth:
-    """From --cluster-token-file, else the environment; raises ValueError for a bad token or file."""
+    """The token from --cluster-token-file, else the environment, and the TLS material of
+    --cluster-tls-dir; raises ValueError for a bad token, file or certificate."""
+    tls = load_cluster_tls(args.cluster_tls_dir) if getattr(args, "cluster_tls_dir", None) else None
+    token = None
     if args.cluster_token_file:
-        return ClusterAuth(check_token(_read_secret(args.cluster_token_file, "cluster token"),
-                                       args.cluster_token_file))
-    if (token := os.environ.get(TOKEN_ENV)) is not None:
-        return ClusterAuth(check_token(token, TOKEN_ENV))
-    return NO_AUTH
+        token = check_token(_read_secret(args.cluster_token_file, "cluster token"), args.cluster_token_file)
+    elif (from_env := os.environ.get(TOKEN_ENV)) is not None:
+        token = check_token(from_env, TOKEN_ENV)
+    return ClusterAuth(token, tls)
+
+
+def peer_role(context: grpc.aio.ServicerContext) -> str | None:
+    """The role the caller's certificate names (mutual TLS), None without one."""
+    names = context.auth_context().get("x509_common_name") or []
+    return role_of(names[0].decode(errors="replace")) if len(names) == 1 else None
 
 
 API_KEY_ENV = "SPLITSERVE_API_KEY"
@@ -144,6 +204,41 @@ class _RequireToken(grpc.aio.ServerInterceptor):
         given = [v for k, v in details.invocation_metadata or () if k == METADATA_KEY]
         return (len(given) == 1 and isinstance(given[0], str)
                 and hmac.compare_digest(given[0].encode(), self._token))
+
+
+class _RequireRole(grpc.aio.ServerInterceptor):
+    """Runs a method named in policy only for a caller whose certificate names one of its roles;
+    PERMISSION_DENIED for any other member (the TLS handshake already refused non-members)."""
+
+    def __init__(self, policy: dict[str, frozenset[str]]) -> None:
+        self._policy = policy
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        roles = self._policy.get(details.method)
+        if handler is None or roles is None:
+            return handler
+
+        async def check(context) -> None:
+            if (role := peer_role(context)) not in roles:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"{details.method} is taken from {', '.join(sorted(roles))} only; the "
+                                    f"caller's certificate names {role or 'no splitserve role'}")
+
+        kinds = dict(request_deserializer=handler.request_deserializer,
+                     response_serializer=handler.response_serializer)
+        if handler.unary_unary:
+            async def unary(request, context):
+                await check(context)
+                return await handler.unary_unary(request, context)
+            return grpc.unary_unary_rpc_method_handler(unary, **kinds)
+        if handler.unary_stream:
+            async def stream(request, context):
+                await check(context)
+                async for response in handler.unary_stream(request, context):
+                    yield response
+            return grpc.unary_stream_rpc_method_handler(stream, **kinds)
+        raise TypeError(f"{details.method}: only unary requests carry a role check")
 
 
 async def _refuse(request, context: grpc.aio.ServicerContext) -> None:
@@ -205,4 +300,5 @@ def warn_if_open(auth: ClusterAuth) -> None:
     if not auth.enabled:
         structlog.get_logger(__name__).warning(
             "the cluster plane is unauthenticated: any process that reaches this service's internal "
-            f"ports is trusted; give every service one token (env {TOKEN_ENV} or --cluster-token-file)")
+            f"ports is trusted; give every service one token (env {TOKEN_ENV} or --cluster-token-file) "
+            f"or certificates (--cluster-tls-dir)")

@@ -40,17 +40,33 @@ def make_server(auth: ClusterAuth, max_receive_bytes: int = MAX_MESSAGE_BYTES,
                            interceptors=auth.server_interceptors())
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Bind host:port (port 0 picks a free one); returns the port bound."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind host:port (port 0 picks a free one) with credentials (TLS; None: plaintext, said
+    explicitly so that no internal server is plaintext by accident); returns the port bound."""
+    address = f"{host}:{port}"
+    bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if bound == 0:
         raise OSError(f"cannot bind gRPC server to {host}:{port}")
     return bound
 
 
 def open_channel(address: str, auth: ClusterAuth) -> grpc.aio.Channel:
-    """A channel whose every call carries auth's cluster token (if it has one)."""
-    return grpc.aio.insecure_channel(address, options=OPTIONS, interceptors=auth.client_interceptors())
+    """A channel whose every call carries auth's cluster token (if it has one), over mutual TLS
+    when auth has certificates."""
+    credentials = auth.channel_credentials()
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=OPTIONS, interceptors=auth.client_interceptors())
+    return grpc.aio.secure_channel(address, credentials, options=OPTIONS + auth.channel_options,
+                                   interceptors=auth.client_interceptors())
+
+
+def open_blocking_channel(address: str, auth: ClusterAuth) -> grpc.Channel:
+    """A blocking (non-aio) channel for tools, over mutual TLS when auth has certificates; calls
+    pass metadata=auth.metadata for the token."""
+    credentials = auth.channel_credentials()
+    if credentials is None:
+        return grpc.insecure_channel(address, options=OPTIONS)
+    return grpc.secure_channel(address, credentials, options=OPTIONS + auth.channel_options)
 
 
 class ChannelCache:
