@@ -14,7 +14,7 @@ import grpc
 import pytest
 import torch
 
-from splitserve.common.auth import TOKEN_ENV, ClusterAuth, new_token
+from splitserve.common.auth import REDIS_PASSWORD_ENV, TOKEN_ENV, ClusterAuth, new_token
 from splitserve.common.certs import load_cluster_tls, write_cluster_certs
 from splitserve.common.net import free_port
 from splitserve.common.rpc import open_blocking_channel
@@ -71,6 +71,7 @@ class RunningCluster:
     process: subprocess.Popen  # its stdout (and stderr) a pipe, read without blocking by output()
     token: str  # the cluster token every internal call must carry
     tls_dir: Path | None = None  # with --cluster-tls: the certificates (splitserve certs) up was given
+    redis_password: str | None = None  # what up's private Redis asks for (given to up, like the token)
     _printed: list[bytes] = field(default_factory=list)
 
     def auth(self, role: str = "admin") -> ClusterAuth:
@@ -90,7 +91,8 @@ class RunningCluster:
     @property
     def env(self) -> dict[str, str]:
         """The environment of a process that joins this cluster (it carries the cluster token)."""
-        return {**os.environ, TOKEN_ENV: self.token}
+        return {**os.environ, TOKEN_ENV: self.token,
+                **({REDIS_PASSWORD_ENV: self.redis_password} if self.redis_password else {})}
 
     def output(self) -> str:
         """All that `up` has printed so far (stdout and stderr)."""
@@ -144,12 +146,13 @@ def start_cluster(log_dir: Path, *extra: str, timeout_s: float = 180.0, tls: boo
     argv = [sys.executable, "-m", "splitserve.cli", "up", "--http-port", str(http), "--grpc-port", str(grpc_port),
             "--scheduler-port", str(scheduler), "--log-dir", str(log_dir), "--kv-cache-gb", "0.25", *extra,
             *(["--cluster-tls", str(tls_dir)] if tls_dir else [])]
-    token = new_token()  # given to up, which would otherwise make its own, so that tests can call in
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env={**os.environ, TOKEN_ENV: token})
+    # Given to up, which would otherwise make its own, so that tests can call in (and reach its Redis).
+    token, redis_password = new_token(), None if "--redis-url" in extra else new_token()
+    env = {**os.environ, TOKEN_ENV: token, **({REDIS_PASSWORD_ENV: redis_password} if redis_password else {})}
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     os.set_blocking(process.stdout.fileno(), False)
     cluster = RunningCluster(f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc_port}", f"127.0.0.1:{scheduler}",
-                             log_dir, process, token, tls_dir)
+                             log_dir, process, token, tls_dir, redis_password)
     deadline = time.monotonic() + timeout_s
     while True:
         # up's own word, not the gateway's /ready: until up has seen the cluster ready, a service that

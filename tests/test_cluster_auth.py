@@ -23,6 +23,7 @@ import urllib.request
 
 import grpc
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import start_cluster, stop_cluster
 from test_cluster import MODEL, _post
@@ -313,7 +314,8 @@ def test_an_advertised_host_must_resolve_to_the_peer(host, peer, same):
 
 
 def test_up_gives_its_services_the_token_and_api_key_only_through_their_environment(tmp_path):
-    """Nor does up's own command line hold them: the key comes from a file, the token from the environment."""
+    """Nor does up's own command line hold them: the key comes from a file, the token and the Redis
+    password from the environment."""
     key_file = tmp_path / "api-key"
     key_file.write_text("sk-test-key-that-must-stay-hidden\n")
     # On every interface: workers then advertise the host name, while they reach the scheduler over
@@ -322,7 +324,12 @@ def test_up_gives_its_services_the_token_and_api_key_only_through_their_environm
     try:
         lines = [" ".join(_argv(pid)) for pid in [cluster.process.pid, *_descendants(cluster.process.pid)]]
         assert any("gateway" in line for line in lines) and any("scheduler" in line for line in lines)
-        assert not [line for line in lines if cluster.token in line or "sk-test-key-that-must-stay" in line]
+        assert not [line for line in lines if cluster.token in line or "sk-test-key-that-must-stay" in line
+                    or cluster.redis_password in line]
+        # up's private Redis asks for its password: a local user cannot read the prompts or add requests.
+        with redis.Redis.from_url(_redis_url(cluster.scheduler_address)) as anonymous:
+            with pytest.raises(redis.AuthenticationError):
+                anonymous.xlen("splitserve:requests")
         status, reply = _post(cluster.http_url + "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2},
                               headers={"Authorization": "Bearer sk-test-key-that-must-stay-hidden"})
         assert status == 200, reply

@@ -79,7 +79,8 @@ def test_extreme_temperatures_get_text_and_every_worker_keeps_serving(grpc_clust
 
 def test_a_tiny_temperature_past_the_gateway_is_sampled_by_the_workers(grpc_cluster):
     processes = _worker_processes(grpc_cluster.scheduler_address)
-    client = redis.Redis.from_url(_redis_url(grpc_cluster.scheduler_address), socket_timeout=60)
+    client = redis.Redis.from_url(_redis_url(grpc_cluster.scheduler_address), password=grpc_cluster.redis_password,
+                                  socket_timeout=60)
     replies = client.pubsub()
     replies.subscribe("test:poison-replies")
     subscribed = replies.get_message(timeout=5)

@@ -24,7 +24,7 @@ log = structlog.get_logger(__name__)
 
 async def serve(config: WorkerConfig) -> int:
     engine = await asyncio.to_thread(LLMEngine, config.engine)
-    redis = connect(config.redis_url)
+    redis = connect(config.redis_url, config.redis_credentials)
     warn_if_open(config.cluster_auth)
     grpc_server = make_server(config.cluster_auth)
     address = advertised_address(config, bind(grpc_server, config.host, config.port,

@@ -8,7 +8,13 @@ import secrets
 import socket
 from dataclasses import dataclass
 
-from splitserve.common.auth import ClusterAuth, api_key_from_args, cluster_auth_from_args
+from splitserve.common.auth import (
+    ClusterAuth,
+    RedisCredentials,
+    api_key_from_args,
+    cluster_auth_from_args,
+    redis_credentials_from_args,
+)
 
 
 @dataclass(frozen=True)
@@ -16,6 +22,7 @@ class GatewayConfig:
     """Everything the gateway needs to start; never mutated after main() builds it."""
 
     redis_url: str
+    redis_credentials: RedisCredentials
     scheduler: str  # host:port of the scheduler's gRPC API
     cluster_auth: ClusterAuth  # the token the gateway's calls to the scheduler carry
     host: str
@@ -38,7 +45,8 @@ class GatewayConfig:
         if bool(args.tls_cert) != bool(args.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         return cls(
-            redis_url=args.redis_url, scheduler=args.scheduler, cluster_auth=cluster_auth_from_args(args),
+            redis_url=args.redis_url, redis_credentials=redis_credentials_from_args(args),
+            scheduler=args.scheduler, cluster_auth=cluster_auth_from_args(args),
             host=args.host,
             http_port=args.http_port, grpc_port=args.grpc_port, model=args.model,
             served_model_name=args.served_model_name, api_key=api_key_from_args(args),

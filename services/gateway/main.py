@@ -8,7 +8,7 @@ import os
 
 import structlog
 
-from splitserve.common.auth import add_api_key_args, add_cluster_auth_args
+from splitserve.common.auth import add_api_key_args, add_cluster_auth_args, add_redis_auth_args
 from splitserve.common.engine_args import positive_float, positive_int
 
 from .config import GatewayConfig
@@ -27,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "default: redis://127.0.0.1:6379/0)")
     p.add_argument("--scheduler", default=env("SPLITSERVE_SCHEDULER", "127.0.0.1:50052"),
                    help="scheduler host:port (env SPLITSERVE_SCHEDULER; default: 127.0.0.1:50052)")
+    add_redis_auth_args(p)
     add_cluster_auth_args(p)
     p.add_argument("--host", default=env("SPLITSERVE_HOST", "127.0.0.1"),
                    help="address to bind both servers (default: 127.0.0.1; 0.0.0.0 for other machines)")

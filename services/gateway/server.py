@@ -30,6 +30,7 @@ from splitserve.queue.streams import (
     RequestStream,
     TextCodec,
     connect,
+    redacted,
     reply_channel,
 )
 from splitserve.v1 import common_pb2 as pb
@@ -54,7 +55,7 @@ CANCEL_RETRY_S = 5.0
 async def serve(config: GatewayConfig) -> int:
     """Run until SIGINT/SIGTERM (0), or until the reply router or cluster poller fails (1)."""
     model = await asyncio.to_thread(ServedModel.load, config.model, config.served_model_name)
-    redis = connect(config.redis_url)
+    redis = connect(config.redis_url, config.redis_credentials)
     warn_if_open(config.cluster_auth)
     channel = open_channel(config.scheduler, config.cluster_auth)
     try:
@@ -107,7 +108,7 @@ class GatewayServer:
         try:
             await self.router.client.ping()
         except (RedisError, OSError) as exc:
-            raise OSError(f"cannot reach Redis at {self.config.redis_url}: {exc}") from None
+            raise OSError(f"cannot reach Redis at {redacted(self.config.redis_url)}: {exc}") from None
         await self.router.subscribe()  # before any request can be enqueued
         await self._set_health(False)
         self.tasks = [asyncio.create_task(self.router.run(), name="reply-router"),

@@ -26,7 +26,7 @@ log = structlog.get_logger(__name__)
 
 async def serve(config: WorkerConfig, ucx_port: int, kv_lease_s: float) -> int:
     engine = await asyncio.to_thread(LLMEngine, config.engine)
-    redis = connect(config.redis_url)
+    redis = connect(config.redis_url, config.redis_credentials)
     warn_if_open(config.cluster_auth)
     grpc_server = make_server(config.cluster_auth)
     port = bind(grpc_server, config.host, config.port, config.cluster_auth.server_credentials())

@@ -6,7 +6,15 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from splitserve.common.auth import NO_AUTH, ClusterAuth, add_cluster_auth_args, cluster_auth_from_args
+from splitserve.common.auth import (
+    NO_AUTH,
+    ClusterAuth,
+    RedisCredentials,
+    add_cluster_auth_args,
+    add_redis_auth_args,
+    cluster_auth_from_args,
+    redis_credentials_from_args,
+)
 from splitserve.common.engine_args import positive_float, positive_int
 
 from .replan import PlanConfig
@@ -28,6 +36,7 @@ class SchedulerConfig:
     max_queued: int = 4096  # requests read from the stream and not started; past it reading pauses
     # The token callers must carry, and the scheduler's own calls to workers carry.
     cluster_auth: ClusterAuth = NO_AUTH
+    redis_credentials: RedisCredentials = RedisCredentials()
     # Register only workers whose advertised gRPC host resolves to the address they connect from.
     check_worker_addresses: bool = True
 
@@ -45,6 +54,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "behind a proxy or sidecar that hides workers' addresses)")
     parser.add_argument("--redis-url", default=env("SPLITSERVE_REDIS_URL", "redis://127.0.0.1:6379/0"),
                         help="Redis holding the request stream (default: redis://127.0.0.1:6379/0)")
+    add_redis_auth_args(parser)
     parser.add_argument("--consumer", default=env("SPLITSERVE_CONSUMER", "scheduler-0"),
                         help="consumer name in the stream's group; a restarted scheduler with the same "
                              "name resumes its pending requests (default: scheduler-0)")
@@ -90,6 +100,7 @@ def from_args(args: argparse.Namespace) -> SchedulerConfig:
                            args.worker_timeout, args.claim_idle, drain_timeout_s=args.drain_timeout,
                            workload_window_s=args.workload_window, plan=_plan_config(args),
                            max_queued=args.max_queued, cluster_auth=cluster_auth_from_args(args),
+                           redis_credentials=redis_credentials_from_args(args),
                            check_worker_addresses=not args.trust_worker_addresses)
 
 

@@ -11,7 +11,7 @@ from splitserve.common.auth import warn_if_open
 from splitserve.common.logging import bind_service
 from splitserve.common.rpc import NOT_SERVING, SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
-from splitserve.queue.streams import ProtoCodec, RequestStream, connect, listen_for_cancels
+from splitserve.queue.streams import ProtoCodec, RequestStream, connect, listen_for_cancels, redacted
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2_grpc
 
@@ -39,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def serve(config: scheduler_config.SchedulerConfig) -> int:
-    redis = connect(config.redis_url)
+    redis = connect(config.redis_url, config.redis_credentials)
     await redis.ping()
     server = SchedulerServer(config, RequestStream(redis, ProtoCodec(pb.QueuedRequest)), redis)
     warn_if_open(config.cluster_auth)
@@ -50,7 +50,7 @@ async def serve(config: scheduler_config.SchedulerConfig) -> int:
     health = add_health(grpc_server)
     await grpc_server.start()
     await health.set("", SERVING)
-    log.info("scheduler ready", grpc=f"{config.host}:{port}", redis=config.redis_url)
+    log.info("scheduler ready", grpc=f"{config.host}:{port}", redis=redacted(config.redis_url))
 
     async def shutdown() -> None:
         # Still SERVING while it drains: workers must reach it to report the requests they finish.

@@ -33,15 +33,21 @@ from typing import NoReturn
 from splitserve.common.auth import (
     API_KEY_ENV,
     API_KEY_FILE_ENV,
+    REDIS_PASSWORD_ENV,
+    REDIS_PASSWORD_FILE_ENV,
+    REDIS_USERNAME_ENV,
     TLS_DIR_ENV,
     TOKEN_ENV,
     TOKEN_FILE_ENV,
     ClusterAuth,
+    RedisCredentials,
     add_api_key_args,
     add_cluster_auth_args,
+    add_redis_auth_args,
     api_key_from_args,
     cluster_auth_from_args,
     new_token,
+    redis_credentials_from_args,
     warn_if_open,
 )
 from splitserve.common.certs import load_cluster_tls, write_cluster_certs
@@ -84,6 +90,8 @@ class ClusterConfig:
     worker_cpus: tuple[tuple[int, ...], ...] = ()
     pin: bool = True
     tls_dir: Path | None = None  # --cluster-tls: the CA and one folder per role (certs.py)
+    # What the services AUTH to Redis with: given, or for up's private Redis a fresh password per run.
+    redis_credentials: RedisCredentials = RedisCredentials()
     own_certs: bool = False  # tls_dir was made for this run, and goes with it
     drain_timeout_s: float = 30.0  # on stop, what the scheduler and workers get to finish their work
     cpus: tuple[int, ...] = ()  # every core the workers may use (--cpus, or all)
@@ -148,7 +156,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--http-port", type=int, default=8000, help="gateway HTTP port (default: 8000)")
     p.add_argument("--grpc-port", type=int, default=50051, help="gateway gRPC port (default: 50051)")
     p.add_argument("--scheduler-port", type=int, default=0, help="scheduler gRPC port (default: a free one)")
-    p.add_argument("--redis-url", default=None, help="use this Redis instead of starting a private one")
+    p.add_argument("--redis-url", default=None, help="use this Redis instead of starting a private one "
+                                                      "(its password from --redis-password-file or the environment)")
+    add_redis_auth_args(p)
     p.add_argument("--kv-transport", choices=("ucx", "grpc"), default="ucx",
                    help="how KV blocks move from prefill to decode (default: ucx)")
     p.add_argument("--log-dir", default=None, help="folder for the services' logs (default: a new temp folder)")
@@ -205,10 +215,19 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         num_colocated=num_colocated,
         chunk_size=(args.chunk_size or DEFAULT_CHUNK_SIZE) if args.mode == "chunked" else None,
         worker_cpus=tuple(tuple(share) for share in shares), pin=not args.no_pin, tls_dir=tls_dir,
-        own_certs=args.cluster_tls == "",
+        own_certs=args.cluster_tls == "", redis_credentials=_redis_credentials(args),
         drain_timeout_s=args.drain_timeout, cpus=tuple(cpus),
         scheduler_argv=tuple(adapt.scheduler_argv(args, len(cpus))), adapt=args.adapt,
         adapt_cooldown_s=args.adapt_cooldown)
+
+
+def _redis_credentials(args: argparse.Namespace) -> RedisCredentials:
+    """Those given; for up's private Redis, a fresh password when none is given (any local user
+    could otherwise read the prompts in its streams, or add requests)."""
+    given = redis_credentials_from_args(args)
+    if args.redis_url is not None or given.password is not None:
+        return given
+    return RedisCredentials(given.username, new_token())
 
 
 def _cluster_auth(args: argparse.Namespace, tls_dir: Path | None) -> ClusterAuth:
@@ -265,9 +284,16 @@ class Cluster:
     def service_env(self, name: str) -> dict[str, str]:
         """A service's environment: secrets go here, never on a command line (readable by any
         local user in /proc), while the environment is readable only by the same user. Every
-        service gets the cluster token; only the gateway gets the API key."""
+        service gets the cluster token, its role's certificates and the Redis password; only the
+        gateway gets the API key."""
         env = {k: v for k, v in os.environ.items()
-               if k not in (TOKEN_ENV, TOKEN_FILE_ENV, TLS_DIR_ENV, API_KEY_ENV, API_KEY_FILE_ENV)}
+               if k not in (TOKEN_ENV, TOKEN_FILE_ENV, TLS_DIR_ENV, API_KEY_ENV, API_KEY_FILE_ENV,
+                            REDIS_PASSWORD_ENV, REDIS_PASSWORD_FILE_ENV, REDIS_USERNAME_ENV)}
+        redis = self.config.redis_credentials
+        if redis.password is not None:
+            env[REDIS_PASSWORD_ENV] = redis.password
+        if redis.username is not None:
+            env[REDIS_USERNAME_ENV] = redis.username
         if self.config.cluster_auth.token is not None:
             env[TOKEN_ENV] = self.config.cluster_auth.token
         if self.config.tls_dir is not None:  # the folder of its role: prefill-1 is a prefill server
@@ -328,7 +354,8 @@ class Cluster:
 
     def _start_redis(self) -> None:
         # Append-only: a restarted Redis replays the stream, so requests queued in it are not lost.
-        self.redis = LocalRedis(appendonly=True, die_with_parent=True).start()
+        self.redis = LocalRedis(appendonly=True, die_with_parent=True,
+                                password=self.config.redis_credentials.password).start()
 
         def launch() -> subprocess.Popen:  # same port and folder (its append-only file); services reconnect
             try:

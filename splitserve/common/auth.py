@@ -164,6 +164,40 @@ def peer_role(context: grpc.aio.ServicerContext) -> str | None:
     return role_of(names[0].decode(errors="replace")) if len(names) == 1 else None
 
 
+REDIS_PASSWORD_ENV = "SPLITSERVE_REDIS_PASSWORD"
+REDIS_PASSWORD_FILE_ENV = "SPLITSERVE_REDIS_PASSWORD_FILE"
+REDIS_USERNAME_ENV = "SPLITSERVE_REDIS_USERNAME"
+
+
+@dataclass(frozen=True)
+class RedisCredentials:
+    """Who a service is to Redis (AUTH): an ACL user (None: the default user) and its password
+    (None: no AUTH). Kept out of the Redis URL, which services log and put on command lines."""
+
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+def add_redis_auth_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-password-file", default=os.environ.get(REDIS_PASSWORD_FILE_ENV),
+                        help=f"file holding the Redis password (env {REDIS_PASSWORD_FILE_ENV}; or the password "
+                             f"itself in env {REDIS_PASSWORD_ENV}, never on the command line; default: no AUTH)")
+    parser.add_argument("--redis-username", default=os.environ.get(REDIS_USERNAME_ENV),
+                        help=f"Redis ACL user to authenticate as (env {REDIS_USERNAME_ENV}; default: the "
+                             f"default user)")
+
+
+def redis_credentials_from_args(args: argparse.Namespace) -> RedisCredentials:
+    """From --redis-password-file, else env SPLITSERVE_REDIS_PASSWORD; ValueError for an unreadable
+    file or a password that is not 1 to 1,024 visible ASCII characters."""
+    source = args.redis_password_file or REDIS_PASSWORD_ENV
+    password = (_read_secret(args.redis_password_file, "Redis password") if args.redis_password_file
+                else os.environ.get(REDIS_PASSWORD_ENV))
+    if password is not None and not _visible_ascii(password.strip(), 1):
+        raise ValueError(f"the Redis password from {source} must be 1 to {MAX_TOKEN_CHARS} visible ASCII characters")
+    return RedisCredentials(args.redis_username or None, password.strip() if password is not None else None)
+
+
 API_KEY_ENV = "SPLITSERVE_API_KEY"
 API_KEY_FILE_ENV = "SPLITSERVE_API_KEY_FILE"
 

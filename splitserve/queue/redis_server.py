@@ -33,11 +33,14 @@ class LocalRedis:
     (or terminate() then start()) on the same port comes back with the same data. With
     die_with_parent, redis-server is killed when the thread that started it ends, even by SIGKILL
     (`splitserve up` starts it from its main thread; tests that start it from a helper thread must not).
+    With password, clients must AUTH (requirepass); it reaches redis-server on its stdin, never its
+    command line.
     """
 
     def __init__(self, port: int | None = None, appendonly: bool = False,
-                 die_with_parent: bool = False) -> None:
+                 die_with_parent: bool = False, password: str | None = None) -> None:
         self.port = port or free_port()
+        self.password = password
         self.appendonly = appendonly
         self.die_with_parent = die_with_parent
         self.dir = tempfile.TemporaryDirectory(prefix="splitserve-redis-")
@@ -49,12 +52,16 @@ class LocalRedis:
 
     def start(self, timeout_s: float = 10.0) -> LocalRedis:
         fsync = ["--appendfsync", "always"] if self.appendonly else []
-        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        # "-": the configuration file is stdin, which carries the password, if any.
+        args = [redis_server_binary(), "-", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "yes" if self.appendonly else "no", *fsync, "--dir", self.dir.name,
                 "--loglevel", "warning"]
         with open(Path(self.dir.name) / "redis.log", "ab") as log:  # the child keeps its own copy
             self.process = subprocess.Popen(owned(args) if self.die_with_parent else args, stdout=log,
-                                            stderr=subprocess.STDOUT)
+                                            stderr=subprocess.STDOUT, stdin=subprocess.PIPE)
+        if self.password is not None:
+            self.process.stdin.write(f"requirepass {self.password}\n".encode())
+        self.process.stdin.close()
         self._wait_ready(timeout_s)
         return self
 
@@ -73,7 +80,7 @@ class LocalRedis:
         """Poll until it answers (another process: nothing to await); LOADING (replaying its
         append-only file) is a ConnectionError too."""
         deadline = time.monotonic() + timeout_s
-        with redis.Redis(port=self.port, socket_connect_timeout=0.2) as client:
+        with redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2) as client:
             while True:
                 try:
                     client.ping()

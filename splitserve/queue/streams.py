@@ -31,6 +31,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 
+from splitserve.common.auth import RedisCredentials
+
 from .reconnect import RedisLink
 
 log = structlog.get_logger(__name__)
@@ -92,8 +94,19 @@ class RedisClient(aioredis.Redis):
         self.link = RedisLink()
 
 
-def connect(url: str) -> RedisClient:
-    """A client for url (redis://host:port/db), bytes in and out.
+def redacted(url: str) -> str:
+    """url for a log line: a password in it (redis://user:PASSWORD@host) becomes ***."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, tail = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{host}{slash}{tail}"
+
+
+def connect(url: str, credentials: RedisCredentials = RedisCredentials()) -> RedisClient:
+    """A client for url (redis://host:port/db, or rediss:// for TLS: ?ssl_ca_certs=PATH names the
+    CA), authenticated with credentials (a password in the URL wins), bytes in and out.
 
     No socket timeout: stream reads and pub/sub subscriptions block on purpose (redis-py 8 would
     otherwise cut every read at 5 s); a dead server still shows up through the health checks.
@@ -103,7 +116,8 @@ def connect(url: str) -> RedisClient:
     that a pooled connection is still open, and the first command after a Redis restart fails on
     a connection the old server closed.
     """
-    return RedisClient.from_url(url, decode_responses=False, health_check_interval=10,
+    return RedisClient.from_url(url, username=credentials.username, password=credentials.password,
+                                decode_responses=False, health_check_interval=10,
                                 socket_timeout=None, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_keepalive=True,
                                 retry=Retry(NoBackoff(), 0),
                                 maint_notifications_config=MaintNotificationsConfig(enabled=False))

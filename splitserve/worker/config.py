@@ -8,7 +8,15 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from splitserve.common.auth import NO_AUTH, ClusterAuth, add_cluster_auth_args, cluster_auth_from_args
+from splitserve.common.auth import (
+    NO_AUTH,
+    ClusterAuth,
+    RedisCredentials,
+    add_cluster_auth_args,
+    add_redis_auth_args,
+    cluster_auth_from_args,
+    redis_credentials_from_args,
+)
 from splitserve.common.engine_args import add_engine_args, positive_float, positive_int
 from splitserve.kv_transfer.factory import DEFAULT_TRANSPORT, TRANSPORTS, transport_value
 
@@ -31,6 +39,7 @@ class WorkerConfig:
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running requests get to finish
     max_waiting: int | None = None  # decode: requests submitted and not yet admitted; None: derived
     cluster_auth: ClusterAuth = NO_AUTH  # the token this worker's calls carry and its servers ask for
+    redis_credentials: RedisCredentials = RedisCredentials()
 
     @property
     def kv_transport_proto(self) -> int:
@@ -53,6 +62,7 @@ def add_worker_args(parser: argparse.ArgumentParser, role: str, default_port: in
                         help="scheduler host:port (default: 127.0.0.1:50052)")
     parser.add_argument("--redis-url", default=env("SPLITSERVE_REDIS_URL", "redis://127.0.0.1:6379/0"),
                         help="Redis holding the reply and cancel channels")
+    add_redis_auth_args(parser)
     parser.add_argument("--kv-transport", choices=sorted(TRANSPORTS),
                         default=env("SPLITSERVE_KV_TRANSPORT", DEFAULT_TRANSPORT),
                         help="how KV blocks move from prefill to decode (default: ucx)")
@@ -80,6 +90,7 @@ def worker_config(args: argparse.Namespace, engine: EngineConfig, role: str) -> 
         redis_url=args.redis_url, kv_transport=args.kv_transport,
         instance_id=args.instance_id or f"{role}-{socket.gethostname()}-{os.getpid()}",
         heartbeat_interval_s=args.heartbeat_interval, cluster_auth=cluster_auth_from_args(args),
+        redis_credentials=redis_credentials_from_args(args),
         drain_timeout_s=args.drain_timeout,
         max_waiting=args.max_waiting if role == "decode" else None,
     )
