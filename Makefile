@@ -62,6 +62,12 @@ $(VENV)/.lint-deploy-done:
 	$(PIP) install -q $(DEPLOY_LINT_PKGS)
 	touch $@
 
+# The secrets docker-compose.yml mounts (Redis's password, the cluster token, the gateway's API key):
+# deploy/secrets/, random values, made once; an existing file is kept.
+.PHONY: secrets
+secrets:
+	sh deploy/make-secrets.sh deploy/secrets
+
 # docker-compose.yml for real, with podman (no Docker engine needed; root, on Debian bookworm): builds
 # the images (a debootstrap base image, the local torch wheel), brings the cluster up, checks a chat
 # request, scales prefill to 2, restarts Redis under a queued request, tears everything down.

@@ -220,6 +220,9 @@ snapshot() {  # the build context and compose files, frozen: later edits to the 
     mkdir -p "$CTX"
     (cd "$ROOT" && tar --exclude=__pycache__ --exclude='*.pyc' -cf - .dockerignore pyproject.toml README.md \
         docker-compose.yml splitserve services deploy/images deploy/compose.local.yml) | tar -C "$CTX" -xf -
+    # The secrets the compose file mounts, fresh for this run (the snapshot is the compose project).
+    sh "$ROOT/deploy/make-secrets.sh" "$CTX/deploy/secrets" | indent
+    export SPLITSERVE_API_KEY_FILE=$CTX/deploy/secrets/api-key  # compose_client.py sends it
     log "snapshot of the working tree at $(git -C "$ROOT" rev-parse --short HEAD 2> /dev/null || echo '?')$(
         [ -n "$(git -C "$ROOT" status --porcelain -- splitserve services deploy docker-compose.yml pyproject.toml 2> /dev/null)" ] \
         && echo ' plus uncommitted changes') in $CTX"
@@ -317,18 +320,34 @@ chat() {
     log "model: $MODEL; POST /v1/chat/completions, temperature 0, max_tokens 16: \"$PROMPT\""
     FIRST=$(python3 "$CLIENT" chat "$URL" "$MODEL" "$PROMPT" --max-tokens 16) || fail "chat: $FIRST"
     log "answer: $FIRST"
+    KEYCHECK=$(python3 "$CLIENT" refuses-without-key "$URL" 2>&1) || fail "the gateway and its API key: $KEYCHECK"
+    log "the gateway: $KEYCHECK"
+    # Redis asks for its password; the scheduler refuses a call without the cluster token.
+    local answer
+    answer=$(podman exec "$(container redis)" redis-cli XLEN splitserve:requests 2>&1 || true)
+    [[ $answer == *NOAUTH* ]] || fail "Redis answered a client without its password: $answer"
+    log "Redis: NOAUTH without the password"
+    answer=$(cluster_state no-token 2>&1 || true)
+    [[ $answer == *UNAUTHENTICATED* ]] || fail "the scheduler answered a call without the cluster token: $answer"
+    log "scheduler: UNAUTHENTICATED without the cluster token"
 }
 
-cluster_state() {  # the scheduler's ClusterState, asked from the gateway's container: role id address state
+cluster_state() {  # the scheduler's ClusterState, asked from the gateway's container (with its cluster
+    # token; "no-token" to ask without): role id address state
     podman exec "$(container gateway)" python -c '
-import os, grpc
+import os, sys, grpc
 from splitserve.v1 import scheduler_pb2 as s, scheduler_pb2_grpc as g
+token = open(os.environ["SPLITSERVE_CLUSTER_TOKEN_FILE"]).read().strip()
+metadata = () if sys.argv[1:] == ["no-token"] else (("x-splitserve-cluster-token", token),)
 with grpc.insecure_channel(os.environ["SPLITSERVE_SCHEDULER"]) as channel:
-    state = g.SchedulerStub(channel).GetClusterState(s.ClusterStateRequest(), timeout=5)
+    try:
+        state = g.SchedulerStub(channel).GetClusterState(s.ClusterStateRequest(), timeout=5, metadata=metadata)
+    except grpc.RpcError as exc:
+        sys.exit(exc.code().name)
 for w in state.workers:
     role = s.WorkerRole.Name(w.worker.role).removeprefix("WORKER_ROLE_").lower()
     print(role, w.worker.instance_id, w.worker.grpc_address, "draining" if w.draining else "serving")
-' 2>&1 | quiet
+' "$@" 2>&1 | quiet
 }
 
 served() {  # requests a prefill container served: its KV blocks freed once the decode server took them
@@ -369,7 +388,7 @@ scale() {
 redis_stream() {  # the request stream: its length, its entries, and what the schedulers' group holds
     local redis
     redis=$(container redis)
-    rcli() { podman exec "$redis" redis-cli "$@" 2>&1 | quiet; }
+    rcli() { podman exec "$redis" sh -c 'REDISCLI_AUTH="$(cat /run/secrets/redis_password)" exec redis-cli "$@"' sh "$@" 2>&1 | quiet; }
     printf 'XLEN %s, entries [%s], group: ' "$(rcli XLEN splitserve:requests)" \
         "$(rcli XRANGE splitserve:requests - + | grep -aE '^[0-9]+-[0-9]+$' | paste -sd ' ' -)"
     rcli XINFO GROUPS splitserve:requests | paste - - | awk '$1 == "pending" || $1 == "lag" {printf "%s %s, ", $1, $2}'
@@ -382,7 +401,7 @@ redis_restart() {
     sched=$(container scheduler) redis=$(container redis) p1=$(container prefill 1) p2=$(container prefill 2)
     local all=("$redis" "$sched" "$(container gateway)" "$p1" "$p2" "$(container decode)")
     before=$(restarts "${all[@]}")
-    xlen() { podman exec "$redis" redis-cli XLEN splitserve:requests 2>&1 | quiet; }
+    xlen() { podman exec "$redis" sh -c 'REDISCLI_AUTH="$(cat /run/secrets/redis_password)" exec redis-cli XLEN splitserve:requests' 2>&1 | quiet; }
     local base deadline=$((SECONDS + 30))
     # Finished requests are acknowledged and deleted; wait for the last ones (an ack waits out a DNS
     # hiccup while a container starts), so that the stream holds only the request queued below.

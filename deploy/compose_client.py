@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -24,9 +25,19 @@ from concurrent.futures import ThreadPoolExecutor
 TIMEOUT_S = 600.0  # a request may wait out a Redis restart and a worker's start
 
 
-def get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+def auth_headers() -> dict[str, str]:
+    """The gateway's API key (the compose file requires one), from env SPLITSERVE_API_KEY_FILE."""
+    path = os.environ.get("SPLITSERVE_API_KEY_FILE")
+    if not path:
+        return {}
+    with open(path) as f:
+        return {"Authorization": f"Bearer {f.read().strip()}"}
+
+
+def get(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=auth_headers() if headers is None else headers)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -80,7 +91,7 @@ def chat_once(base: str, model_id: str, prompt: str, max_tokens: int,
     payload = {"model": model_id, "messages": [{"role": "user", "content": prompt}],
                "temperature": 0, "max_tokens": max_tokens}
     request = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **auth_headers()})
     start = time.monotonic()
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -123,6 +134,17 @@ def burst(base: str, model_id: str, n: int, max_tokens: int) -> int:
     return 1 if failed else 0
 
 
+def refuses_without_key(base: str) -> int:
+    """0 when /v1/models answers 401 to a request without the API key and 200 with it."""
+    without, body = get(f"{base}/v1/models", headers={})
+    with_key, _ = get(f"{base}/v1/models")
+    if without != 401 or with_key != 200:
+        print(f"GET /v1/models: {without} without the key ({body[:200]!r}), {with_key} with it", file=sys.stderr)
+        return 1
+    print("401 without the API key, 200 with it")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +152,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("url")
     p.add_argument("timeout", type=float)
     p = sub.add_parser("model")
+    p.add_argument("url")
+    p = sub.add_parser("refuses-without-key")
     p.add_argument("url")
     p = sub.add_parser("chat")
     p.add_argument("url")
@@ -148,6 +172,8 @@ def main(argv: list[str]) -> int:
         return wait_ready(args.url, args.timeout)
     if args.command == "model":
         return model(args.url)
+    if args.command == "refuses-without-key":
+        return refuses_without_key(args.url)
     if args.command == "chat":
         return chat(args.url, args.model, args.prompt, args.max_tokens, args.timeout, args.out)
     return burst(args.url, args.model, args.n, args.max_tokens)

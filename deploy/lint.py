@@ -6,7 +6,12 @@
   compose-spec JSON schema (check-jsonschema's copy).
 - Containerfiles: parsed with BuildKit's own parser (the `dockerfile` package); every file they copy
   or mount must exist and be in the build context that .dockerignore leaves.
-- On top of the schemas, what issue 5 asks of these files (probes, health checks, scaling, GPU).
+- On top of the schemas, what issue 5 asks of these files (probes, health checks, scaling, GPU), and
+  what issue 14 asks (secure by default): every service gets the cluster token and Redis's password
+  from a required Secret (a file in compose), never a value on a command line; Redis asks for its
+  password; the gateway requires its API key except in an overlay or override named for turning it
+  off; NetworkPolicies leave only the gateway open and the prefill servers' KV ports to decode
+  servers; the mTLS overlay gives each service its certificates and probes it over TLS.
 
 Prints one line per check and exits 1 on the first file that fails a check.
 """
@@ -74,6 +79,11 @@ def by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
     return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
 
 
+def _grpc_probe(probe: dict) -> bool:
+    """Kubernetes' own gRPC probe, or (under mutual TLS, which it cannot speak) the images' health check."""
+    return "grpc" in probe or probe.get("exec", {}).get("command") == ["splitserve-healthcheck", "grpc"]
+
+
 def check_k8s_base(objects: list[dict]) -> None:
     deployments, services = by_kind(objects, "Deployment"), by_kind(objects, "Service")
     check(set(deployments) == {"gateway", "scheduler", *WORKERS}, f"Deployments: {sorted(deployments)}")
@@ -83,16 +93,76 @@ def check_k8s_base(objects: list[dict]) -> None:
     for name, deployment in deployments.items():
         pod = deployment["spec"]["template"]["spec"]
         container = pod["containers"][0]
-        check("grpc" in container.get("readinessProbe", {}), f"{name}: a gRPC readiness probe")
+        check(_grpc_probe(container.get("readinessProbe", {})), f"{name}: a gRPC readiness probe")
         check(pod.get("securityContext", {}).get("runAsNonRoot"), f"{name}: runAsNonRoot")
         check(container.get("resources", {}).get("requests"), f"{name}: resource requests")
         if name in WORKERS:
-            check("grpc" in container.get("livenessProbe", {}), f"{name}: a gRPC liveness probe")
+            check(_grpc_probe(container.get("livenessProbe", {})), f"{name}: a gRPC liveness probe")
             check("preStop" in container.get("lifecycle", {}), f"{name}: a preStop hook")
             check(pod.get("terminationGracePeriodSeconds", 0) >= 30, f"{name}: a termination grace period")
             env = {e["name"]: e for e in container.get("env", [])}
             check(env.get("SPLITSERVE_HOST", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
                   == "status.podIP", f"{name}: SPLITSERVE_HOST from status.podIP (the address it advertises)")
+
+
+SECRET_FLAGS = ("--api-key", "--cluster-token", "--redis-password", "requirepass")
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _secret_ref(env: dict[str, dict], name: str) -> dict | None:
+    return env.get(name, {}).get("valueFrom", {}).get("secretKeyRef")
+
+
+def check_k8s_secure(objects: list[dict], build: str) -> None:
+    """The cluster's secrets come from required Secrets, never argv; Redis asks for its password; the
+    gateway requires its key (unless build is named insecure-*); NetworkPolicies admit only what is needed."""
+    for name, deployment in by_kind(objects, "Deployment").items():
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        env = _env(container)
+        for variable in ("SPLITSERVE_CLUSTER_TOKEN", "SPLITSERVE_REDIS_PASSWORD"):
+            ref = _secret_ref(env, variable)
+            check(ref is not None and not ref.get("optional"), f"{build}: {name}: {variable} from a required Secret")
+        argv = " ".join(map(str, container.get("command", []) + container.get("args", [])))
+        check(not any(flag in argv for flag in SECRET_FLAGS), f"{build}: {name}: a secret on the command line")
+    gateway = _env(by_kind(objects, "Deployment")["gateway"]["spec"]["template"]["spec"]["containers"][0])
+    if build.startswith("insecure-"):
+        check(gateway.get("SPLITSERVE_REQUIRE_API_KEY", {}).get("value") == "0", f"{build}: says it turns the key off")
+    else:
+        ref = _secret_ref(gateway, "SPLITSERVE_API_KEY")
+        check(ref is not None and not ref.get("optional"), f"{build}: the gateway's API key from a required Secret")
+        check(gateway.get("SPLITSERVE_REQUIRE_API_KEY", {}).get("value") == "1", f"{build}: the gateway requires its key")
+    redis = by_kind(objects, "StatefulSet")["redis"]["spec"]["template"]["spec"]["containers"][0]
+    script = " ".join(redis.get("command", []) + redis.get("args", []))
+    check("requirepass" in script and "$REDIS_PASSWORD" in script and _secret_ref(_env(redis), "REDIS_PASSWORD"),
+          f"{build}: Redis asks for the password of a Secret (requirepass, in a config file)")
+    check("REDISCLI_AUTH" in " ".join(redis["readinessProbe"]["exec"]["command"]), f"{build}: Redis's probe AUTHs")
+    policies = by_kind(objects, "NetworkPolicy")
+    deny = [p for p in policies.values() if not p["spec"].get("ingress") and p["spec"]["policyTypes"] == ["Ingress"]]
+    check(deny and {"gateway", "scheduler", "prefill", "decode", "redis"} <= set(
+        deny[0]["spec"]["podSelector"]["matchExpressions"][0]["values"]), f"{build}: a default-deny ingress policy")
+    for policy in policies.values():
+        component = policy["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component")
+        for rule in policy["spec"].get("ingress", []):
+            check(component == "gateway" or rule.get("from"), f"{build}: {policy['metadata']['name']}: open to all")
+        if component == "prefill":
+            kv = [r for r in policy["spec"]["ingress"] if {p["port"] for p in r["ports"]} & {50061}]
+            check(kv and all(f["podSelector"]["matchLabels"] == {"app.kubernetes.io/component": "decode"}
+                             for r in kv for f in r["from"]), f"{build}: the UCX KV port only from decode servers")
+
+
+def check_k8s_mtls(objects: list[dict]) -> None:
+    for name, deployment in by_kind(objects, "Deployment").items():
+        pod = deployment["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        check(_env(container).get("SPLITSERVE_CLUSTER_TLS_DIR"), f"mtls overlay: {name} gets SPLITSERVE_CLUSTER_TLS_DIR")
+        secrets = [v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v]
+        check(f"splitserve-tls-{name}" in secrets, f"mtls overlay: {name} mounts splitserve-tls-{name}")
+        if name != "gateway":  # the gateway's probes hit its client edge, not its cluster TLS
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                check("grpc" not in container.get(probe, {}), f"mtls overlay: {name}'s {probe} speaks no TLS")
 
 
 def check_k8s_gpu(objects: list[dict]) -> None:
@@ -110,8 +180,11 @@ def lint_k8s() -> None:
     for build_dir in builds:
         objects = validate_k8s(build_dir)
         check_k8s_base(objects)
+        check_k8s_secure(objects, build_dir.name)
         if build_dir.name == "gpu":
             check_k8s_gpu(objects)
+        if build_dir.name == "mtls":
+            check_k8s_mtls(objects)
         print(f"ok  {build_dir.relative_to(ROOT)}: {len(objects)} objects pass kubernetes-validate --strict")
 
 
@@ -126,8 +199,27 @@ def lint_compose(path: Path = ROOT / "docker-compose.yml") -> None:
                   f"{path.name}: {name} waits for {dependency} without condition: service_healthy")
     for name in WORKERS:  # --scale needs workers with no fixed name or host port
         check(not {"container_name", "ports", "hostname"} & set(services[name]), f"{path.name}: {name} cannot scale")
-    check("--appendonly" in services["redis"]["command"], f"{path.name}: Redis without AOF")
-    print(f"ok  {path.name}: compose-spec schema, health checks, depends_on healthy, scalable workers")
+    redis_command = " ".join(services["redis"]["command"])
+    check("--appendonly" in redis_command, f"{path.name}: Redis without AOF")
+    check("requirepass" in redis_command and "/run/secrets/redis_password" in redis_command,
+          f"{path.name}: Redis asks for the password of the redis_password secret")
+    check("REDISCLI_AUTH" in services["redis"]["healthcheck"]["test"], f"{path.name}: Redis's health check AUTHs")
+    secrets = yaml.safe_load(path.read_text()).get("secrets", {})
+    check(all("file" in secrets.get(s, {}) for s in ("redis_password", "cluster_token", "api_key")),
+          f"{path.name}: the secrets redis_password, cluster_token, api_key (files, made by make secrets)")
+    for name in ("scheduler", "gateway", *WORKERS):
+        env = services[name]["environment"]
+        check(env.get("SPLITSERVE_CLUSTER_TOKEN_FILE") == "/run/secrets/cluster_token"
+              and env.get("SPLITSERVE_REDIS_PASSWORD_FILE") == "/run/secrets/redis_password"
+              and {"cluster_token", "redis_password"} <= set(services[name].get("secrets", [])),
+              f"{path.name}: {name} reads the cluster token and Redis's password from its secrets")
+        check(not any(k in env for k in ("SPLITSERVE_API_KEY", "SPLITSERVE_CLUSTER_TOKEN", "SPLITSERVE_REDIS_PASSWORD")),
+              f"{path.name}: {name}: a secret's value in the compose file")
+    gateway = services["gateway"]["environment"]
+    check(gateway.get("SPLITSERVE_REQUIRE_API_KEY") == "1" and gateway.get("SPLITSERVE_API_KEY_FILE") == "/run/secrets/api_key",
+          f"{path.name}: the gateway requires its API key, from the api_key secret")
+    print(f"ok  {path.name}: compose-spec schema, health checks, depends_on healthy, scalable workers, secrets "
+          f"(Redis password, cluster token, required API key) from files")
 
 
 def lint_compose_override(path: Path = ROOT / "deploy" / "compose.local.yml",

@@ -6,13 +6,17 @@
                                   (grpc.health.v1, service "") on SPLITSERVE_PORT: SERVING or not
 
 It dials the address the service binds to (SPLITSERVE_HOST; 127.0.0.1 for a wildcard), as
-entrypoint.sh resolves it. Kubernetes probes the same endpoints natively instead.
+entrypoint.sh resolves it. Under mutual TLS (SPLITSERVE_CLUSTER_TLS_DIR) it dials with the service's
+own certificate, and a gateway with SPLITSERVE_TLS_CERT is asked over HTTPS (its certificate is not
+checked: this is the gateway's own container). Kubernetes probes the plaintext endpoints natively.
 """
 
 import os
 import socket
+import ssl
 import sys
 import urllib.request
+from pathlib import Path
 
 TIMEOUT_S = 3.0
 
@@ -25,8 +29,10 @@ def service_host() -> str:
 
 
 def http_healthy() -> bool:
-    url = f"http://{service_host()}:{os.environ.get('SPLITSERVE_HTTP_PORT', '8000')}/health"
-    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+    tls = bool(os.environ.get("SPLITSERVE_TLS_CERT"))
+    url = f"{'https' if tls else 'http'}://{service_host()}:{os.environ.get('SPLITSERVE_HTTP_PORT', '8000')}/health"
+    context = ssl._create_unverified_context() if tls else None  # noqa: S323 (its own container)
+    with urllib.request.urlopen(url, timeout=TIMEOUT_S, context=context) as response:
         return response.status == 200
 
 
@@ -35,7 +41,16 @@ def grpc_healthy() -> bool:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     address = f"{service_host()}:{os.environ['SPLITSERVE_PORT']}"
-    with grpc.insecure_channel(address) as channel:
+    tls_dir = os.environ.get("SPLITSERVE_CLUSTER_TLS_DIR")
+    if tls_dir:  # the cluster's CA, this service's certificate; servers carry the cluster's name
+        folder = Path(tls_dir)
+        credentials = grpc.ssl_channel_credentials((folder / "ca.crt").read_bytes(), (folder / "tls.key").read_bytes(),
+                                                   (folder / "tls.crt").read_bytes())
+        channel = grpc.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override",
+                                                                      "splitserve-cluster")])
+    else:
+        channel = grpc.insecure_channel(address)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
                                                               timeout=TIMEOUT_S)
