@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import ssl
 import subprocess
@@ -20,6 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -274,6 +276,27 @@ def test_a_second_gateway_serves_https_and_grpc_tls_to_clients(grpc_cluster, tmp
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_the_images_health_check_dials_with_the_services_own_certificate(grpc_cluster):
+    """Under mutual TLS, Kubernetes' gRPC probes cannot connect; splitserve-healthcheck (the mtls
+    overlay's probe) dials with the pod's certificate and sees SERVING, and without it fails."""
+    script = Path(__file__).resolve().parent.parent / "deploy" / "images" / "healthcheck.py"
+    env = {**os.environ, "SPLITSERVE_HOST": "127.0.0.1",
+           "SPLITSERVE_PORT": grpc_cluster.scheduler_address.rpartition(":")[2]}
+    env.pop(TLS_DIR_ENV, None)
+    plain = subprocess.run([sys.executable, str(script), "grpc"], env=env, capture_output=True, text=True, timeout=30)
+    assert plain.returncode == 1, plain
+    tls = subprocess.run([sys.executable, str(script), "grpc"], capture_output=True, text=True, timeout=30,
+                         env={**env, TLS_DIR_ENV: str(grpc_cluster.tls_dir / "scheduler")})
+    assert tls.returncode == 0 and "healthy" in tls.stdout, tls
+
+
+def test_a_gateway_told_to_require_an_api_key_does_not_start_without_one():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPLITSERVE_API_KEY")}
+    result = subprocess.run([sys.executable, "-m", "splitserve.cli", "gateway", "--redis-url", "redis://127.0.0.1:1/0"],
+                            env={**env, "SPLITSERVE_REQUIRE_API_KEY": "1"}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--require-api-key" in result.stderr, result.stderr
 
 
 def test_certs_are_checked_when_loaded(tmp_path):

@@ -10,6 +10,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +204,38 @@ async def test_a_stalled_ucx_puller_is_cut_off_at_the_deadline_and_the_pin_close
     finally:
         if ep is not None:
             ep.abort()
+        await server.stop()
+
+
+@module_loop
+async def test_a_ucx_connection_that_sends_no_request_is_closed() -> None:
+    """The listener takes connections from anyone who reaches it: one that says nothing holds a slot
+    only until the first-request deadline, then pulls on new connections go on working."""
+    import ucxx
+
+    source = BalancedSource(SIZES)
+    server = UcxKvServer("127.0.0.1", first_request_timeout_s=0.5)
+    await server.start(source)
+    silent = None
+    try:
+        silent = await ucxx.create_endpoint(*split_address(server.address))
+        deadline = time.monotonic() + 10
+        while not server._handlers:  # the server's side of the connection comes up
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        while server._handlers:  # and goes, without a request
+            assert time.monotonic() < deadline, "a silent connection was kept"
+            await asyncio.sleep(0.05)
+        puller = UcxKvPuller()
+        try:
+            handle = pb.KvHandle(request_id=payload_id(SIZES[0]), transport=pb.KV_TRANSPORT_UCX,
+                                 ucx_address=server.address, num_bytes=SIZES[0])
+            assert len(await puller.pull(handle)) == SIZES[0]
+        finally:
+            await puller.close()
+    finally:
+        if silent is not None:
+            silent.abort()
         await server.stop()
 
 

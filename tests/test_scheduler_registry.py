@@ -1,5 +1,7 @@
 """The scheduler's placement choices: pure, so exact instance ids."""
 
+import pytest
+
 from splitserve.services.scheduler.registry import Registry
 
 from splitserve.queue.streams import connect
@@ -298,3 +300,36 @@ def test_a_prefill_server_that_goes_takes_its_unplaced_kv_with_it_and_a_request_
     assert not server.queue and "r1" not in server.tracked  # failed for good, acknowledged
     failed, = server.replies.published
     assert failed.finish_reason == pb.FINISH_REASON_ERROR and "gave up" in failed.error
+
+
+@pytest.mark.parametrize("grpc_address, ucx_address, accepted", [
+    ("127.0.0.1:1", "127.0.0.1:7000", True),  # where the prefill server registered, its UCX beside it
+    ("10.9.9.9:1", "127.0.0.1:7000", False),  # a decode server would call another machine
+    ("127.0.0.1:1", "10.9.9.9:7000", False),  # and pull from another machine's listener
+])
+def test_a_kv_handle_must_name_its_prefill_servers_registered_addresses(grpc_address, ucx_address, accepted):
+    """A prefill server (or a member forging its PrefillDone) cannot point a decode server at an
+    address it did not register: the request fails, its client told why, and no decode server gets it."""
+    import asyncio
+
+    from splitserve.services.scheduler.server import Stage, Tracked
+
+    async def scenario():
+        server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d", spb.WORKER_ROLE_DECODE))
+        submitted = []
+        server._submit_decode = lambda tracked, worker, submit: submitted.append(worker.instance_id) or asyncio.sleep(0)
+        request = pb.QueuedRequest(request_id="r1", prompt_token_ids=[1] * 10, reply_channel="c")
+        server.tracked["r1"] = Tracked(b"1-0", request, Stage.PREFILL, "p")
+        kv = pb.KvHandle(request_id="r1", layout=LAYOUT, transport=pb.KV_TRANSPORT_UCX, num_tokens=10,
+                         prefill_grpc_address=grpc_address, ucx_address=ucx_address)
+        await server.prefill_done(spb.PrefillDoneRequest(request_id="r1", instance_id="p", kv=kv))
+        await asyncio.sleep(0)
+        return server, submitted
+
+    server, submitted = asyncio.run(scenario())
+    if accepted:
+        assert submitted == ["d"] and server.tracked["r1"].stage is Stage.DECODE
+    else:
+        assert submitted == [] and "r1" not in server.tracked
+        (event,) = server.replies.published
+        assert event.finish_reason == pb.FINISH_REASON_ERROR and "did not register" in event.error

@@ -44,12 +44,16 @@ class GatewayConfig:
     def from_args(cls, args: argparse.Namespace) -> GatewayConfig:
         if bool(args.tls_cert) != bool(args.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
+        api_key = api_key_from_args(args)
+        if args.require_api_key and api_key is None:
+            raise ValueError("--require-api-key (SPLITSERVE_REQUIRE_API_KEY=1) and no API key: give one with "
+                             "--api-key-file or SPLITSERVE_API_KEY, or turn the requirement off")
         return cls(
             redis_url=args.redis_url, redis_credentials=redis_credentials_from_args(args),
             scheduler=args.scheduler, cluster_auth=cluster_auth_from_args(args),
             host=args.host,
             http_port=args.http_port, grpc_port=args.grpc_port, model=args.model,
-            served_model_name=args.served_model_name, api_key=api_key_from_args(args),
+            served_model_name=args.served_model_name, api_key=api_key,
             max_pending=args.max_pending, max_body_bytes=args.max_body_bytes,
             cluster_poll_interval_s=args.cluster_poll_interval,
             shutdown_grace_s=args.shutdown_grace,

@@ -41,6 +41,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=env("SPLITSERVE_SERVED_MODEL_NAME"),
                    help="the name clients pass as 'model' (default: the model's name)")
     add_api_key_args(p)
+    p.add_argument("--require-api-key", action=argparse.BooleanOptionalAction,
+                   default=env("SPLITSERVE_REQUIRE_API_KEY", "0").lower() in ("1", "true", "yes"),
+                   help="refuse to start without an API key, so that an open gateway is never an accident "
+                        "(env SPLITSERVE_REQUIRE_API_KEY=1; the compose and Kubernetes files set it; "
+                        "default: off)")
     p.add_argument("--tls-cert", default=env("SPLITSERVE_TLS_CERT"),
                    help="PEM certificate chain: serve HTTPS and gRPC over TLS to clients (env SPLITSERVE_TLS_CERT; "
                         "default: plaintext, for a gateway behind a TLS-terminating proxy or on localhost)")

@@ -43,6 +43,14 @@ MAX_RUNS = 4  # a request put back in the queue this often (its workers kept fai
 READ_BATCH = 64  # stream entries read at most per XREADGROUP
 
 
+def handle_is_from(kv: pb.KvHandle, grpc_address: str) -> bool:
+    """Whether a KV handle names its prefill server's registered gRPC address and, over UCX, a
+    listener on that same host (Register checked that host against the worker's connection)."""
+    if kv.prefill_grpc_address != grpc_address:
+        return False
+    return kv.transport != pb.KV_TRANSPORT_UCX or kv.ucx_address.rpartition(":")[0] == grpc_address.rpartition(":")[0]
+
+
 class Stage(enum.Enum):
     QUEUED = "queued"
     PREFILL = "prefill"
@@ -211,6 +219,15 @@ class SchedulerServer:
         tracked.request.timeline.CopyFrom(done.timeline)
         if done.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
             await self.finish(done.request_id, done.finish_reason, len(done.output_token_ids))
+            return
+        if worker is not None and worker.role != spb.WORKER_ROLE_COLOCATED and not handle_is_from(
+                done.kv, worker.info.grpc_address):
+            # A decode server pulls from where the handle says: only the prefill server's own addresses.
+            log.error("a KV handle names addresses its prefill server did not register", request_id=done.request_id,
+                      instance_id=done.instance_id, registered=worker.info.grpc_address,
+                      grpc=done.kv.prefill_grpc_address[:80], ucx=done.kv.ucx_address[:80])
+            await self.fail(done.request_id, "its prefill server reported its KV cache at an address it did "
+                                             "not register")
             return
         if worker is not None and worker.role == spb.WORKER_ROLE_COLOCATED:
             # It decodes there too: still its request (a drop requeues it), but no prompt left to run.

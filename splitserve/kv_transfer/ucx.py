@@ -70,6 +70,10 @@ MAX_IDLE_PEERS = 256
 # Endpoints a server serves at once; one more is closed at once (its puller's pull fails and the
 # request is handed back). Each decode server keeps a few idle ones, plus one per pull in flight.
 MAX_SERVER_ENDPOINTS = 1024
+# A new endpoint must send its first pull request within this long, or it is closed: the listener
+# takes connections from anyone who reaches it (ucxx binds every interface), and one that says
+# nothing must not hold one of the MAX_SERVER_ENDPOINTS slots. A puller sends at once on connecting.
+FIRST_REQUEST_TIMEOUT_S = 10.0
 _ACK = np.ones(1, dtype=np.uint64)
 # Defaults that UCX_* environment variables override (set TX and RX together: UCX refuses RX < TX).
 # 256 KiB TCP segments (UCX's default is 64 KiB) cut 10-25% off 1k- and 4k-token pulls over TCP here;
@@ -240,11 +244,13 @@ class UcxKvServer(KvServer):
     transport = pb.KV_TRANSPORT_UCX
 
     def __init__(self, host: str, port: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 max_endpoints: int = MAX_SERVER_ENDPOINTS) -> None:
+                 max_endpoints: int = MAX_SERVER_ENDPOINTS,
+                 first_request_timeout_s: float = FIRST_REQUEST_TIMEOUT_S) -> None:
         self._host = host
         self._port = port
         self._timeout_s = timeout_s
         self._max_endpoints = max_endpoints
+        self._first_request_timeout_s = first_request_timeout_s
         self._source: KvSource | None = None
         self._listener = None
         self._handlers: set[asyncio.Task] = set()
@@ -283,10 +289,17 @@ class UcxKvServer(KvServer):
         self._handlers.add(task)
         try:
             # A denied or malformed request ends the endpoint: guessing costs a new connection each time.
-            while (request := await _next_request(ep)) is not None:
+            try:
+                async with asyncio.timeout(self._first_request_timeout_s):
+                    request = await _next_request(ep)
+            except TimeoutError:
+                log.warning("ucx_kv_endpoint_silent", timeout_s=self._first_request_timeout_s)
+                return
+            while request is not None:
                 async with asyncio.timeout(self._timeout_s):
                     if not await self._serve_one(ep, request):
                         break
+                request = await _next_request(ep)
         except _ucx_errors() as exc:
             log.warning("ucx_kv_pull_failed", error=repr(exc))
         finally:
