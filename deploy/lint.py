@@ -163,6 +163,8 @@ def check_k8s_mtls(objects: list[dict]) -> None:
         if name != "gateway":  # the gateway's probes hit its client edge, not its cluster TLS
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 check("grpc" not in container.get(probe, {}), f"mtls overlay: {name}'s {probe} speaks no TLS")
+                check(probe not in container or container[probe].get("timeoutSeconds", 1) >= 3,
+                      f"mtls overlay: {name}'s {probe} gives splitserve-healthcheck (Python, a TLS handshake) 3 s")
 
 
 def check_k8s_gpu(objects: list[dict]) -> None:

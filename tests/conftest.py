@@ -78,10 +78,21 @@ class RunningCluster:
         """The credentials of a member of role: the token and, under mutual TLS, role's certificate."""
         return ClusterAuth(self.token, load_cluster_tls(self.tls_dir / role) if self.tls_dir else None)
 
-    def channel(self, address: str, role: str = "admin") -> grpc.Channel:
-        """A blocking channel to one of the cluster's internal services, as a member of role (calls
-        still pass metadata=self.metadata for the token)."""
-        return open_blocking_channel(address, self.auth(role))
+    def channel(self, address: str, role: str = "admin", server: str | None = None) -> grpc.Channel:
+        """A blocking channel to one of the cluster's internal services, as a member of role, the
+        server checked for its own role (server; by default what it is: the scheduler, or the
+        worker registered at address). Calls still pass metadata=self.metadata for the token."""
+        return open_blocking_channel(address, self.auth(role), server or self.server_role(address))
+
+    def server_role(self, address: str) -> str:
+        if address == self.scheduler_address:
+            return "scheduler"
+        roles = {scheduler_pb2.WORKER_ROLE_PREFILL: "prefill", scheduler_pb2.WORKER_ROLE_DECODE: "decode",
+                 scheduler_pb2.WORKER_ROLE_COLOCATED: "colocated"}
+        for state in self.workers():
+            if state.worker.grpc_address == address:
+                return roles[state.worker.role]
+        raise LookupError(f"no service of this cluster at {address}")
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -107,7 +118,7 @@ class RunningCluster:
         return b"".join(self._printed).decode(errors="replace")
 
     def workers(self) -> list[scheduler_pb2.WorkerState]:
-        with self.channel(self.scheduler_address) as channel:
+        with self.channel(self.scheduler_address, server="scheduler") as channel:
             return list(scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
                 scheduler_pb2.ClusterStateRequest(), timeout=5, metadata=self.metadata).workers)
 
@@ -136,9 +147,12 @@ class RunningCluster:
                          for p in sorted(self.log_dir.glob("*.log")))
 
 
-def start_cluster(log_dir: Path, *extra: str, timeout_s: float = 180.0, tls: bool = False) -> RunningCluster:
+def start_cluster(log_dir: Path, *extra: str, timeout_s: float = 180.0, tls: bool = False,
+                  give_redis_password: bool = True) -> RunningCluster:
     """`splitserve up` with extra flags, started and waited for; with tls, mutual TLS between its
-    services, with certificates written next to log_dir (so that tests can call in as any role)."""
+    services, with certificates written next to log_dir (so that tests can call in as any role).
+    up's private Redis gets a password the test knows, unless give_redis_password is False (up
+    then makes its own)."""
     http, grpc_port, scheduler = free_port(), free_port(), free_port()
     tls_dir = log_dir.with_name(log_dir.name + "-certs") if tls else None
     if tls_dir:
@@ -147,8 +161,10 @@ def start_cluster(log_dir: Path, *extra: str, timeout_s: float = 180.0, tls: boo
             "--scheduler-port", str(scheduler), "--log-dir", str(log_dir), "--kv-cache-gb", "0.25", *extra,
             *(["--cluster-tls", str(tls_dir)] if tls_dir else [])]
     # Given to up, which would otherwise make its own, so that tests can call in (and reach its Redis).
-    token, redis_password = new_token(), None if "--redis-url" in extra else new_token()
-    env = {**os.environ, TOKEN_ENV: token, **({REDIS_PASSWORD_ENV: redis_password} if redis_password else {})}
+    token = new_token()
+    redis_password = new_token() if give_redis_password and "--redis-url" not in extra else None
+    env = {k: v for k, v in os.environ.items() if k != REDIS_PASSWORD_ENV}
+    env.update({TOKEN_ENV: token, **({REDIS_PASSWORD_ENV: redis_password} if redis_password else {})})
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     os.set_blocking(process.stdout.fileno(), False)
     cluster = RunningCluster(f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc_port}", f"127.0.0.1:{scheduler}",

@@ -281,9 +281,9 @@ def test_the_scheduler_keeps_a_bounded_number_of_worker_channels() -> None:
 def test_the_channel_cache_closes_the_least_recently_used_channel_past_its_bound() -> None:
     async def scenario():
         cache = ChannelCache(NO_AUTH, max_size=2)
-        a, b = cache.get("127.0.0.1:1"), cache.get("127.0.0.1:2")
-        assert cache.get("127.0.0.1:1") is a  # a is now the most recently used
-        cache.get("127.0.0.1:3")
+        a, b = cache.get("127.0.0.1:1", "prefill"), cache.get("127.0.0.1:2", "prefill")
+        assert cache.get("127.0.0.1:1", "prefill") is a  # a is now the most recently used
+        cache.get("127.0.0.1:3", "prefill")
         kept = ("127.0.0.1:1" in cache, "127.0.0.1:2" in cache, len(cache))
         await asyncio.sleep(0.1)  # the evicted channel's close runs in the background
         with pytest.raises(grpc.aio.UsageError):  # b is closed
@@ -438,10 +438,10 @@ def test_the_decode_server_refuses_an_invalid_kv_handle_with_invalid_argument(ha
 def test_a_server_past_its_concurrent_rpcs_answers_resource_exhausted() -> None:
     async def scenario():
         server = make_server(NO_AUTH, max_concurrent_rpcs=1)
-        port = bind(server, "127.0.0.1", 0)
+        port = bind(server, "127.0.0.1", 0, None)
         add_health(server)
         await server.start()
-        channel = open_channel(f"127.0.0.1:{port}", NO_AUTH)
+        channel = open_channel(f"127.0.0.1:{port}", NO_AUTH, "prefill")
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             watch = stub.Watch(health_pb2.HealthCheckRequest())
@@ -460,10 +460,10 @@ def test_a_server_past_its_concurrent_rpcs_answers_resource_exhausted() -> None:
 def test_a_server_refuses_a_message_over_its_receive_limit() -> None:
     async def scenario():
         server = make_server(NO_AUTH, max_receive_bytes=1024)
-        port = bind(server, "127.0.0.1", 0)
+        port = bind(server, "127.0.0.1", 0, None)
         add_health(server)
         await server.start()
-        channel = open_channel(f"127.0.0.1:{port}", NO_AUTH)
+        channel = open_channel(f"127.0.0.1:{port}", NO_AUTH, "prefill")
         try:
             stub = health_pb2_grpc.HealthStub(channel)
             assert (await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)).status  # small: fine
@@ -488,10 +488,10 @@ def test_a_stalled_grpc_puller_is_cut_off_at_the_deadline_and_the_pin_closed() -
         kv = GrpcKvServer(timeout_s=0.5)
         await kv.start(source)
         server = make_server(NO_AUTH)
-        port = bind(server, "127.0.0.1", 0)
+        port = bind(server, "127.0.0.1", 0, None)
         prefill_pb2_grpc.add_PrefillServicer_to_server(KvOnlyPrefillServicer(kv), server)
         await server.start()
-        channel = open_channel(f"127.0.0.1:{port}", NO_AUTH)
+        channel = open_channel(f"127.0.0.1:{port}", NO_AUTH, "prefill")
         try:
             call = prefill_pb2_grpc.PrefillStub(channel).PullKv(
                 prefill_pb2.PullKvRequest(request_id=payload_id(num_bytes)), timeout=30)

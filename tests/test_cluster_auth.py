@@ -34,6 +34,7 @@ from test_up_supervision import _argv, _descendants
 
 from splitserve.common.auth import (
     CALLER_ROLES,
+    REDIS_PASSWORD_ENV,
     TLS_DIR_ENV,
     TOKEN_ENV,
     ClusterAuth,
@@ -44,7 +45,7 @@ from splitserve.common.auth import (
 )
 from splitserve.common.certs import ROLES, load_cluster_tls, role_of, write_cluster_certs
 from splitserve.common.net import free_port, host_is_peer
-from splitserve.common.rpc import open_blocking_channel
+from splitserve.common.rpc import add_health, bind, make_server, open_blocking_channel, open_channel
 from splitserve.v1 import common_pb2, decode_pb2, gateway_pb2, gateway_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from splitserve.v1 import scheduler_pb2
 from splitserve.v1 import scheduler_pb2_grpc
@@ -199,7 +200,8 @@ def test_under_mutual_tls_a_stranger_cannot_connect_even_with_the_token(grpc_clu
     write_cluster_certs(tmp_path / "other")
     stranger = ClusterAuth(grpc_cluster.token, load_cluster_tls(tmp_path / "other" / "scheduler"))
     for name, path, streams, address in _every_rpc(grpc_cluster):
-        with grpc.insecure_channel(address) as plain, open_blocking_channel(address, stranger) as forged:
+        with grpc.insecure_channel(address) as plain, \
+                open_blocking_channel(address, stranger, name.split("-")[0]) as forged:
             for channel in (plain, forged):
                 assert _call(channel, path, streams, b"", grpc_cluster.metadata) == grpc.StatusCode.UNAVAILABLE, path
     assert sorted(w.worker.instance_id for w in grpc_cluster.workers()) == ["decode-0", "prefill-0"]
@@ -212,8 +214,7 @@ def test_under_mutual_tls_each_method_is_taken_only_from_the_roles_that_call_it(
     checked = 0
     for name, path, streams, address in _every_rpc(grpc_cluster):
         allowed = CALLER_ROLES.get(path)
-        if allowed is None:  # read-only (GetStats, GetClusterState): any member
-            continue
+        assert allowed is not None, f"{path} has no callers: every caller would be refused"
         for role in sorted(set(ROLES) - allowed):
             with grpc_cluster.channel(address, role) as channel:
                 code = _call(channel, path, streams, b"", grpc_cluster.metadata)
@@ -234,6 +235,51 @@ def test_under_mutual_tls_each_method_is_taken_only_from_the_roles_that_call_it(
             scheduler_pb2_grpc.SchedulerStub(channel).Register(as_decode, timeout=10, metadata=grpc_cluster.metadata)
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED and "prefill" in refused.value.details()
     assert sorted(w.worker.instance_id for w in grpc_cluster.workers()) == ["decode-0", "prefill-0"]
+    # Nor can a decode server's certificate speak for a prefill server (heartbeat, report, hand back, drain).
+    with grpc_cluster.channel(grpc_cluster.scheduler_address, "decode") as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        for call, request in ((stub.Heartbeat, scheduler_pb2.HeartbeatRequest(instance_id="prefill-0")),
+                              (stub.HandBack, scheduler_pb2.HandBackRequest(request_id="x", instance_id="prefill-0")),
+                              (stub.Drain, scheduler_pb2.DrainRequest(instance_id="prefill-0", finished=True))):
+            with pytest.raises(grpc.RpcError) as refused:
+                call(request, timeout=10, metadata=grpc_cluster.metadata)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, call
+    assert not any(w.draining for w in grpc_cluster.workers())
+
+
+def test_under_mutual_tls_a_client_checks_the_servers_role(grpc_cluster, tmp_path):
+    """A client dials a role, not just a member: the prefill server's certificate does not pass for
+    the scheduler's (a member that redirected traffic could otherwise pose as another), and the
+    admin certificate cannot serve at all."""
+    prefill = _addresses(grpc_cluster)["prefill-0"]
+    request = common_pb2.StatsRequest().SerializeToString()
+    with grpc_cluster.channel(prefill, "admin", server="scheduler") as channel:
+        assert _call(channel, "/splitserve.v1.Prefill/GetStats", False, request, grpc_cluster.metadata) \
+            == grpc.StatusCode.UNAVAILABLE
+    with grpc_cluster.channel(prefill, "admin", server="prefill") as channel:
+        assert _call(channel, "/splitserve.v1.Prefill/GetStats", False, request, grpc_cluster.metadata) \
+            == grpc.StatusCode.OK
+
+    async def serve_as(role: str) -> grpc.StatusCode:
+        auth = ClusterAuth(None, load_cluster_tls(grpc_cluster.tls_dir / role))
+        server = make_server(auth)
+        add_health(server)
+        port = bind(server, "127.0.0.1", 0, auth.server_credentials())
+        await server.start()
+        try:
+            client = ClusterAuth(None, load_cluster_tls(grpc_cluster.tls_dir / "decode"))
+            channel = open_channel(f"127.0.0.1:{port}", client, role)
+            try:
+                await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                return grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+            finally:
+                await channel.close()
+        finally:
+            await server.stop(0)
+    assert asyncio.run(serve_as("scheduler")) == grpc.StatusCode.OK
+    assert asyncio.run(serve_as("admin")) == grpc.StatusCode.UNAVAILABLE  # its certificate is for clients only
 
 
 def test_a_second_gateway_serves_https_and_grpc_tls_to_clients(grpc_cluster, tmp_path):
@@ -320,6 +366,23 @@ def test_certs_are_checked_when_loaded(tmp_path):
         load_cluster_tls(tmp_path / "a")  # the CA's folder holds no tls.crt
     assert role_of("splitserve-scheduler") == "scheduler" and role_of("splitserve-root") is None
     assert role_of("scheduler") is None
+    write_cluster_certs(tmp_path / "one-run", keep_ca_key=False)  # up --cluster-tls: nothing left to sign with
+    assert not (tmp_path / "one-run" / "ca.key").exists() and load_cluster_tls(tmp_path / "one-run" / "gateway")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--redis-url", "redis://:hunter2-password@127.0.0.1:6379/0"], "command line"),
+    (["--redis-username", "app"], "ACL user"),
+    (["--insecure-cluster", "--cluster-tls"], "insecure-cluster"),
+])
+def test_up_refuses_settings_that_would_leak_or_not_work(argv, fragment, monkeypatch):
+    from splitserve.cli import build_parser
+    from splitserve.commands.up import config_from_args
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    monkeypatch.delenv(REDIS_PASSWORD_ENV, raising=False)
+    with pytest.raises(ValueError, match=fragment):
+        config_from_args(build_parser().parse_args(["up", *argv]))
 
 
 @pytest.mark.parametrize("host, peer, same", [
@@ -337,18 +400,23 @@ def test_an_advertised_host_must_resolve_to_the_peer(host, peer, same):
 
 
 def test_up_gives_its_services_the_token_and_api_key_only_through_their_environment(tmp_path):
-    """Nor does up's own command line hold them: the key comes from a file, the token and the Redis
-    password from the environment."""
+    """Nor does up's own command line hold them: the key comes from a file, the token from the
+    environment, and the Redis password is up's own, made for this run."""
     key_file = tmp_path / "api-key"
     key_file.write_text("sk-test-key-that-must-stay-hidden\n")
     # On every interface: workers then advertise the host name, while they reach the scheduler over
     # loopback, and must still be let in.
-    cluster = start_cluster(tmp_path, "--mode", "colocated", "--api-key-file", str(key_file), "--host", "0.0.0.0")
+    cluster = start_cluster(tmp_path, "--mode", "colocated", "--api-key-file", str(key_file), "--host", "0.0.0.0",
+                            give_redis_password=False)
     try:
         lines = [" ".join(_argv(pid)) for pid in [cluster.process.pid, *_descendants(cluster.process.pid)]]
         assert any("gateway" in line for line in lines) and any("scheduler" in line for line in lines)
+        scheduler = next(pid for pid in _descendants(cluster.process.pid) if "scheduler" in _argv(pid))
+        environ = dict(item.split("=", 1) for item in Path(f"/proc/{scheduler}/environ").read_text().split("\0") if "=" in item)
+        redis_password = environ[REDIS_PASSWORD_ENV]  # up's own: the test gave none
+        assert len(redis_password) >= 32
         assert not [line for line in lines if cluster.token in line or "sk-test-key-that-must-stay" in line
-                    or cluster.redis_password in line]
+                    or redis_password in line]
         # up's private Redis asks for its password: a local user cannot read the prompts or add requests.
         with redis.Redis.from_url(_redis_url(cluster.scheduler_address)) as anonymous:
             with pytest.raises(redis.AuthenticationError):

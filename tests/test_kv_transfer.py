@@ -32,7 +32,7 @@ from splitserve.common.auth import NO_AUTH
 from splitserve.kv_transfer.base import KvPermissionDenied, KvPuller, KvPullError
 from splitserve.kv_transfer.factory import make_kv_puller, make_kv_server, transport_name, transport_value
 from splitserve.kv_transfer.grpc import CHUNK_BYTES, GrpcKvPuller, GrpcKvServer
-from splitserve.kv_transfer.ucx import UcxKvPuller, UcxKvServer, _Header, _PullRequest, split_address
+from splitserve.kv_transfer.ucx import UcxKvPuller, UcxKvServer, _Header, _PullRequest, _Status, split_address
 from splitserve.v1 import common_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
@@ -208,9 +208,11 @@ async def test_a_stalled_ucx_puller_is_cut_off_at_the_deadline_and_the_pin_close
 
 
 @module_loop
-async def test_a_ucx_connection_that_sends_no_request_is_closed() -> None:
+async def test_a_ucx_connection_that_sends_no_request_or_an_unknown_one_is_closed() -> None:
     """The listener takes connections from anyone who reaches it: one that says nothing holds a slot
-    only until the first-request deadline, then pulls on new connections go on working."""
+    only until the first-request deadline, one that asks for a request the server does not hold is
+    closed after the NOT_FOUND answer (else one such request per connection would hold every slot
+    for good), and pulls on new connections go on working."""
     import ucxx
 
     source = BalancedSource(SIZES)
@@ -226,6 +228,17 @@ async def test_a_ucx_connection_that_sends_no_request_is_closed() -> None:
         while server._handlers:  # and goes, without a request
             assert time.monotonic() < deadline, "a silent connection was kept"
             await asyncio.sleep(0.05)
+        guesser = await ucxx.create_endpoint(*split_address(server.address))
+        try:
+            await guesser.send(_PullRequest("no-such-request", "").encode())
+            header = _Header.empty()
+            await guesser.recv(header)
+            assert _Header.decode(header).status is _Status.NOT_FOUND
+            while server._handlers:
+                assert time.monotonic() < deadline + 10, "a connection that asked for an unknown id was kept"
+                await asyncio.sleep(0.05)
+        finally:
+            guesser.abort()
         puller = UcxKvPuller()
         try:
             handle = pb.KvHandle(request_id=payload_id(SIZES[0]), transport=pb.KV_TRANSPORT_UCX,

@@ -41,6 +41,15 @@ def test_a_redis_with_a_password_refuses_clients_without_it(locked_redis):
     assert asyncio.run(ping())
 
 
+def test_a_password_with_quotes_and_backslashes_is_the_password():
+    """It reaches redis-server in a config line: quoted, it is taken whole, not cut or changed."""
+    tricky = 'p"a\\ss\'wo#rd'
+    with LocalRedis(password=tricky) as server, redis.Redis(port=server.port, password=tricky) as client:
+        assert client.ping()
+        with redis.Redis(port=server.port, password="p") as cut, pytest.raises(redis.AuthenticationError):
+            cut.ping()
+
+
 async def _terminate_tls(context: ssl.SSLContext, backend_port: int) -> asyncio.Server:
     """A TLS listener on a free port that forwards each connection, decrypted, to backend_port."""
     async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -104,3 +113,4 @@ def test_credentials_come_from_a_file_or_the_environment_and_urls_are_logged_red
     assert redacted("redis://:secret@redis:6379/0") == "redis://:***@redis:6379/0"
     assert redacted("rediss://app:p@ss@redis:6380/0?ssl_ca_certs=/ca") == "rediss://app:***@redis:6380/0?ssl_ca_certs=/ca"
     assert redacted("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert redacted("redis://redis:6379/0?password=secret&db=1") == "redis://redis:6379/0?password=***&db=1"

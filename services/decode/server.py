@@ -211,7 +211,7 @@ class DecodeServer:
 
     async def _acknowledge(self, handle: pb.KvHandle) -> None:
         """Tell the prefill server its blocks were pulled, so it frees them (its lease is the backstop)."""
-        stub = prefill_pb2_grpc.PrefillStub(self._prefill_channels.get(handle.prefill_grpc_address))
+        stub = prefill_pb2_grpc.PrefillStub(self._prefill_channels.get(handle.prefill_grpc_address, "prefill"))
         try:
             await stub.Release(prefill_pb2.ReleaseRequest(request_id=handle.request_id, capability=handle.capability),
                                timeout=10)

@@ -57,7 +57,7 @@ async def serve(config: GatewayConfig) -> int:
     model = await asyncio.to_thread(ServedModel.load, config.model, config.served_model_name)
     redis = connect(config.redis_url, config.redis_credentials)
     warn_if_open(config.cluster_auth)
-    channel = open_channel(config.scheduler, config.cluster_auth)
+    channel = open_channel(config.scheduler, config.cluster_auth, "scheduler")
     try:
         server = GatewayServer(config, model, redis, channel)
         await server.start()

@@ -41,6 +41,10 @@ KV_CAPABILITY_BYTES = 24  # random bytes of a request's KV capability (32 URL-sa
 FLUSH_TIMEOUT_S = 10.0  # a drain's wait for acknowledgements and RPCs already under way
 MAX_RUNS = 4  # a request put back in the queue this often (its workers kept failing it) fails for good
 READ_BATCH = 64  # stream entries read at most per XREADGROUP
+# Each kind of worker's certificate role (mutual TLS): what it registers and reports with, and what
+# the scheduler checks its server's certificate for.
+CERT_ROLES = {spb.WORKER_ROLE_PREFILL: "prefill", spb.WORKER_ROLE_DECODE: "decode",
+              spb.WORKER_ROLE_COLOCATED: "colocated"}
 
 
 def handle_is_from(kv: pb.KvHandle, grpc_address: str) -> bool:
@@ -220,8 +224,10 @@ class SchedulerServer:
         if done.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
             await self.finish(done.request_id, done.finish_reason, len(done.output_token_ids))
             return
-        if worker is not None and worker.role != spb.WORKER_ROLE_COLOCATED and not handle_is_from(
-                done.kv, worker.info.grpc_address):
+        if worker is None:  # given up on meanwhile: nothing vouches for its handle; run it again
+            self._requeue([tracked])
+            return
+        if worker.role != spb.WORKER_ROLE_COLOCATED and not handle_is_from(done.kv, worker.info.grpc_address):
             # A decode server pulls from where the handle says: only the prefill server's own addresses.
             log.error("a KV handle names addresses its prefill server did not register", request_id=done.request_id,
                       instance_id=done.instance_id, registered=worker.info.grpc_address,
@@ -229,7 +235,7 @@ class SchedulerServer:
             await self.fail(done.request_id, "its prefill server reported its KV cache at an address it did "
                                              "not register")
             return
-        if worker is not None and worker.role == spb.WORKER_ROLE_COLOCATED:
+        if worker.role == spb.WORKER_ROLE_COLOCATED:
             # It decodes there too: still its request (a drop requeues it), but no prompt left to run.
             tracked.stage, tracked.decode_id = Stage.DECODE, worker.instance_id
             worker.assigned[done.request_id] = 0
@@ -437,7 +443,7 @@ class SchedulerServer:
                 self.drop_worker(instance_id)
 
     def _channel(self, worker: WorkerEntry):
-        return self._channels.get(worker.info.grpc_address)
+        return self._channels.get(worker.info.grpc_address, CERT_ROLES[worker.role])
 
     def cluster_state(self) -> spb.ClusterState:
         now = time.monotonic()

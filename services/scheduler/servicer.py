@@ -12,11 +12,7 @@ from splitserve.common.net import host_is_peer
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.v1 import scheduler_pb2_grpc
 
-from .server import SchedulerServer
-
-# Under mutual TLS, the certificate role a worker of each kind registers with.
-CERT_ROLES = {spb.WORKER_ROLE_PREFILL: "prefill", spb.WORKER_ROLE_DECODE: "decode",
-              spb.WORKER_ROLE_COLOCATED: "colocated"}
+from .server import CERT_ROLES, SchedulerServer
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -43,7 +39,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.server.register(request.worker, request.stats)
         return spb.RegisterResponse(heartbeat_interval_s=self.heartbeat_interval_s)
 
+    async def _check_instance(self, instance_id: str, context) -> None:
+        """Under mutual TLS, a call for a registered worker must come with its role's certificate: a
+        decode server's cannot report, hand back or drain for a prefill server. (Certificates name
+        roles, not instances: one prefill server's can still speak for another.)"""
+        if self.server.config.cluster_auth.tls is None:
+            return
+        worker = self.server.registry.workers.get(instance_id)
+        role = peer_role(context)
+        if worker is not None and role != CERT_ROLES.get(worker.role) and role != "admin":
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"worker {instance_id[:64]!r} is a {CERT_ROLES.get(worker.role)} server; the "
+                                f"caller's certificate names {role}")
+
     async def Heartbeat(self, request: spb.HeartbeatRequest, context) -> spb.HeartbeatResponse:
+        await self._check_instance(request.instance_id, context)
         if not self.server.registry.heartbeat(request.instance_id, request.stats, time.monotonic()):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown worker {request.instance_id}; register")
         self.server.wake.set()  # its load changed: a waiting request may fit now
@@ -51,11 +61,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def PrefillDone(self, request: spb.PrefillDoneRequest, context) -> spb.PrefillDoneResponse:
         bind_request(request.request_id)
+        await self._check_instance(request.instance_id, context)
         await self.server.prefill_done(request)
         return spb.PrefillDoneResponse()
 
     async def RequestDone(self, request: spb.RequestDoneRequest, context) -> spb.RequestDoneResponse:
         bind_request(request.request_id)
+        await self._check_instance(request.instance_id, context)
         await self.server.request_done(request)
         return spb.RequestDoneResponse()
 
@@ -63,6 +75,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return self.server.cluster_state()
 
     async def Drain(self, request: spb.DrainRequest, context) -> spb.DrainResponse:
+        await self._check_instance(request.instance_id, context)
         self.server.drain_worker(request.instance_id, request.finished)
         return spb.DrainResponse()
 
@@ -71,5 +84,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def HandBack(self, request: spb.HandBackRequest, context) -> spb.HandBackResponse:
         bind_request(request.request_id)
+        await self._check_instance(request.instance_id, context)
         self.server.hand_back(request)
         return spb.HandBackResponse()

@@ -93,7 +93,7 @@ class Adapter:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.cooldown_s = cluster.config.adapt_cooldown_s
-        self.channel = open_blocking_channel(cluster.scheduler_address, cluster.config.cluster_auth)
+        self.channel = open_blocking_channel(cluster.scheduler_address, cluster.config.cluster_auth, "scheduler")
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
         self.metadata = cluster.config.cluster_auth.metadata  # the cluster token, on each call
         self._next_poll = 0.0

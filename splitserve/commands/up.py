@@ -199,26 +199,34 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
     log_dir.mkdir(parents=True, exist_ok=True)
     if args.insecure_cluster and (args.cluster_tls is not None or cluster_auth_from_args(args).enabled):
         raise ValueError("--insecure-cluster turns the cluster's credentials off: it takes no token or --cluster-tls")
+    if args.redis_url and "@" in args.redis_url.partition("://")[2].partition("/")[0]:
+        raise ValueError("--redis-url carries credentials, which every service's command line would show: give "
+                         "the password with --redis-password-file or SPLITSERVE_REDIS_PASSWORD instead")
     tls_dir = Path(args.cluster_tls) if args.cluster_tls else None
     if args.cluster_tls == "":
         tls_dir = Path(tempfile.mkdtemp(prefix="splitserve-certs-"))
-        write_cluster_certs(tls_dir)
+        write_cluster_certs(tls_dir, keep_ca_key=False)  # removed when up stops
     gateway_argv = [*(["--max-pending", str(args.max_pending)] if args.max_pending else []),
                     *(["--model", args.model] if args.model else [])]
-    return ClusterConfig(
-        num_prefill=num_prefill, num_decode=num_decode, host=args.host, http_port=args.http_port,
-        grpc_port=args.grpc_port, scheduler_port=args.scheduler_port or free_port(args.host),
-        redis_url=args.redis_url, kv_transport=args.kv_transport, log_dir=log_dir,
-        threads_per_worker=threads, engine_argv=tuple(_engine_argv(args)),
-        gateway_argv=tuple(gateway_argv), ready_timeout_s=args.ready_timeout,
-        cluster_auth=_cluster_auth(args, tls_dir), api_key=api_key_from_args(args),
-        num_colocated=num_colocated,
-        chunk_size=(args.chunk_size or DEFAULT_CHUNK_SIZE) if args.mode == "chunked" else None,
-        worker_cpus=tuple(tuple(share) for share in shares), pin=not args.no_pin, tls_dir=tls_dir,
-        own_certs=args.cluster_tls == "", redis_credentials=_redis_credentials(args),
-        drain_timeout_s=args.drain_timeout, cpus=tuple(cpus),
-        scheduler_argv=tuple(adapt.scheduler_argv(args, len(cpus))), adapt=args.adapt,
-        adapt_cooldown_s=args.adapt_cooldown)
+    try:
+        return ClusterConfig(
+            num_prefill=num_prefill, num_decode=num_decode, host=args.host, http_port=args.http_port,
+            grpc_port=args.grpc_port, scheduler_port=args.scheduler_port or free_port(args.host),
+            redis_url=args.redis_url, kv_transport=args.kv_transport, log_dir=log_dir,
+            threads_per_worker=threads, engine_argv=tuple(_engine_argv(args)),
+            gateway_argv=tuple(gateway_argv), ready_timeout_s=args.ready_timeout,
+            cluster_auth=_cluster_auth(args, tls_dir), api_key=api_key_from_args(args),
+            num_colocated=num_colocated,
+            chunk_size=(args.chunk_size or DEFAULT_CHUNK_SIZE) if args.mode == "chunked" else None,
+            worker_cpus=tuple(tuple(share) for share in shares), pin=not args.no_pin, tls_dir=tls_dir,
+            own_certs=args.cluster_tls == "", redis_credentials=_redis_credentials(args),
+            drain_timeout_s=args.drain_timeout, cpus=tuple(cpus),
+            scheduler_argv=tuple(adapt.scheduler_argv(args, len(cpus))), adapt=args.adapt,
+            adapt_cooldown_s=args.adapt_cooldown)
+    except BaseException:  # this run's keys go with it
+        if args.cluster_tls == "":
+            shutil.rmtree(tls_dir, ignore_errors=True)
+        raise
 
 
 def _redis_credentials(args: argparse.Namespace) -> RedisCredentials:
@@ -227,7 +235,10 @@ def _redis_credentials(args: argparse.Namespace) -> RedisCredentials:
     given = redis_credentials_from_args(args)
     if args.redis_url is not None or given.password is not None:
         return given
-    return RedisCredentials(given.username, new_token())
+    if given.username is not None:
+        raise ValueError("--redis-username names an ACL user of a Redis given with --redis-url; up's private "
+                         "Redis has only its default user")
+    return RedisCredentials(None, new_token())
 
 
 def _cluster_auth(args: argparse.Namespace, tls_dir: Path | None) -> ClusterAuth:

@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 import structlog
 
-from splitserve.common.certs import CLUSTER_NAME, ClusterTLS, load_cluster_tls, role_of
+from splitserve.common.certs import ROLE_PREFIX, ClusterTLS, load_cluster_tls, role_of
 
 TOKEN_ENV = "SPLITSERVE_CLUSTER_TOKEN"
 TOKEN_FILE_ENV = "SPLITSERVE_CLUSTER_TOKEN_FILE"
@@ -37,17 +37,26 @@ MAX_TOKEN_CHARS = 1024
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 TLS_DIR_ENV = "SPLITSERVE_CLUSTER_TLS_DIR"
 WORKERS = frozenset({"prefill", "decode", "colocated"})
-# Under mutual TLS, the roles (certs.ROLES) each method is taken from; a method not named here is
-# open to every member (GetStats, GetClusterState: read-only).
+ANY_MEMBER = frozenset({"scheduler", "prefill", "decode", "colocated", "gateway", "admin"})
+# Under mutual TLS, the roles (certs.ROLES) each method is taken from. A method named nowhere here is
+# refused to every caller (PERMISSION_DENIED): a new RPC must be given its callers.
 CALLER_ROLES: dict[str, frozenset[str]] = {
     **{f"/splitserve.v1.{service}/{method}": frozenset({"scheduler"})
        for service in ("Prefill", "Decode") for method in ("Submit", "Abort")},
     "/splitserve.v1.Prefill/PullKv": frozenset({"decode"}),
     "/splitserve.v1.Prefill/Release": frozenset({"decode"}),
-    **{f"/splitserve.v1.Scheduler/{method}": WORKERS
-       for method in ("Register", "Heartbeat", "PrefillDone", "RequestDone", "HandBack")},
+    "/splitserve.v1.Scheduler/Register": WORKERS,
+    "/splitserve.v1.Scheduler/Heartbeat": WORKERS,
+    "/splitserve.v1.Scheduler/HandBack": WORKERS,
+    "/splitserve.v1.Scheduler/PrefillDone": frozenset({"prefill", "colocated"}),
+    "/splitserve.v1.Scheduler/RequestDone": frozenset({"decode", "colocated"}),
     "/splitserve.v1.Scheduler/Drain": WORKERS | {"admin"},  # a worker drains itself; an operator any
     "/splitserve.v1.Scheduler/GetRecommendation": frozenset({"admin"}),
+    # Read-only: any member.
+    "/splitserve.v1.Prefill/GetStats": ANY_MEMBER,
+    "/splitserve.v1.Decode/GetStats": ANY_MEMBER,
+    "/splitserve.v1.Scheduler/GetClusterState": ANY_MEMBER,
+    **{method: ANY_MEMBER for method in OPEN_METHODS},
 }
 
 
@@ -84,11 +93,11 @@ class ClusterAuth:
         return grpc.ssl_channel_credentials(root_certificates=self.tls.ca, private_key=self.tls.key,
                                             certificate_chain=self.tls.cert)
 
-    @property
-    def channel_options(self) -> list[tuple[str, str]]:
-        """A server is checked against the cluster's name, which every member's certificate carries:
-        the addresses clients dial (IPs, pod names) are in no certificate."""
-        return [("grpc.ssl_target_name_override", CLUSTER_NAME)] if self.tls is not None else []
+    def channel_options(self, server_role: str) -> list[tuple[str, str]]:
+        """A server is checked against the name of the role the client means to reach
+        (splitserve-ROLE, in that role's certificate), not the address it dials (IPs and pod names
+        are in no certificate): a prefill server's key cannot pass for the scheduler."""
+        return [("grpc.ssl_target_name_override", f"{ROLE_PREFIX}{server_role}")] if self.tls is not None else []
 
     def client_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
         """Each call on a channel carries the token, whatever its kind."""
@@ -241,17 +250,18 @@ class _RequireToken(grpc.aio.ServerInterceptor):
 
 
 class _RequireRole(grpc.aio.ServerInterceptor):
-    """Runs a method named in policy only for a caller whose certificate names one of its roles;
-    PERMISSION_DENIED for any other member (the TLS handshake already refused non-members)."""
+    """Runs a method only for a caller whose certificate names one of the roles policy gives it
+    (none for a method policy does not name); PERMISSION_DENIED for any other member (the TLS
+    handshake already refused non-members)."""
 
     def __init__(self, policy: dict[str, frozenset[str]]) -> None:
         self._policy = policy
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        roles = self._policy.get(details.method)
-        if handler is None or roles is None:
-            return handler
+        if handler is None:
+            return None
+        roles = self._policy.get(details.method, frozenset())
 
         async def check(context) -> None:
             if (role := peer_role(context)) not in roles:

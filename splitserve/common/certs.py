@@ -1,8 +1,9 @@
 """The cluster's certificates for mutual TLS between splitserve's services: one CA, and per service
 a key and a certificate whose common name says its role (splitserve-scheduler, splitserve-prefill,
 ...). Servers verify callers against the CA and admit each method only from the roles that call it
-(auth.CALLER_ROLES); clients verify servers against the CA and the cluster's name, which every
-certificate carries.
+(auth.CALLER_ROLES); clients verify servers against the CA and the DNS name of the role they mean to
+reach (splitserve-ROLE, in that role's certificate; every certificate also carries the cluster's
+name, splitserve-cluster, which a service's own health check dials itself by).
 
 `splitserve certs --out DIR` writes DIR/ca.crt and DIR/ca.key (keep the CA key offline) and, per
 role, DIR/ROLE/{ca.crt,tls.crt,tls.key}: the layout of a Kubernetes TLS secret with the CA added, so
@@ -91,10 +92,11 @@ def _read_pem(path: Path) -> bytes:
 
 
 def write_cluster_certs(out: Path, days: int = DEFAULT_DAYS, roles: tuple[str, ...] = ROLES,
-                        gateway_names: tuple[str, ...] = ()) -> None:
-    """A new CA in out (ca.crt, ca.key) and, per role, out/ROLE/{ca.crt,tls.crt,tls.key}; keys are
-    P-256, readable by their owner only. gateway_names (DNS names or IPs) go into the gateway's
-    certificate too, so that it can serve clients over TLS (--tls-cert/--tls-key) under those names."""
+                        gateway_names: tuple[str, ...] = (), keep_ca_key: bool = True) -> None:
+    """A new CA in out (ca.crt, and ca.key unless keep_ca_key is False: a set made for one run needs
+    no more certificates) and, per role, out/ROLE/{ca.crt,tls.crt,tls.key}; keys are P-256, readable
+    by their owner only. gateway_names (DNS names or IPs) go into the gateway's certificate too, so
+    that it can serve clients over TLS (--tls-cert/--tls-key) under those names."""
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     now = datetime.now(timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -106,7 +108,8 @@ def write_cluster_certs(out: Path, days: int = DEFAULT_DAYS, roles: tuple[str, .
                .sign(ca_key, hashes.SHA256()))
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     _write(out / CA_FILE, ca_pem)
-    _write(out / "ca.key", _key_pem(ca_key), secret=True)
+    if keep_ca_key:
+        _write(out / "ca.key", _key_pem(ca_key), secret=True)
     for role in roles:
         key = ec.generate_private_key(ec.SECP256R1())
         names = [CLUSTER_NAME, f"{ROLE_PREFIX}{role}", *(gateway_names if role == "gateway" else ())]
@@ -114,8 +117,10 @@ def write_cluster_certs(out: Path, days: int = DEFAULT_DAYS, roles: tuple[str, .
                          ca_name, key.public_key(), now, days)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .add_extension(_key_usage(ca=False), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                      ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                # An operator's tools only call: the admin certificate cannot serve as anything.
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH] if role == "admin" else
+                                                     [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                               critical=False)
                 .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False)
                 .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                                critical=False)

@@ -50,23 +50,23 @@ def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.Server
     return bound
 
 
-def open_channel(address: str, auth: ClusterAuth) -> grpc.aio.Channel:
+def open_channel(address: str, auth: ClusterAuth, server_role: str) -> grpc.aio.Channel:
     """A channel whose every call carries auth's cluster token (if it has one), over mutual TLS
-    when auth has certificates."""
+    when auth has certificates, the server's certificate checked for server_role (certs.ROLES)."""
     credentials = auth.channel_credentials()
     if credentials is None:
         return grpc.aio.insecure_channel(address, options=OPTIONS, interceptors=auth.client_interceptors())
-    return grpc.aio.secure_channel(address, credentials, options=OPTIONS + auth.channel_options,
+    return grpc.aio.secure_channel(address, credentials, options=OPTIONS + auth.channel_options(server_role),
                                    interceptors=auth.client_interceptors())
 
 
-def open_blocking_channel(address: str, auth: ClusterAuth) -> grpc.Channel:
-    """A blocking (non-aio) channel for tools, over mutual TLS when auth has certificates; calls
-    pass metadata=auth.metadata for the token."""
+def open_blocking_channel(address: str, auth: ClusterAuth, server_role: str) -> grpc.Channel:
+    """A blocking (non-aio) channel for tools, over mutual TLS when auth has certificates (the
+    server checked for server_role); calls pass metadata=auth.metadata for the token."""
     credentials = auth.channel_credentials()
     if credentials is None:
         return grpc.insecure_channel(address, options=OPTIONS)
-    return grpc.secure_channel(address, credentials, options=OPTIONS + auth.channel_options)
+    return grpc.secure_channel(address, credentials, options=OPTIONS + auth.channel_options(server_role))
 
 
 class ChannelCache:
@@ -78,31 +78,32 @@ class ChannelCache:
 
     def __init__(self, auth: ClusterAuth, max_size: int = MAX_CACHED_CHANNELS) -> None:
         self.auth, self.max_size = auth, max_size
-        self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
+        self._channels: OrderedDict[tuple[str, str], grpc.aio.Channel] = OrderedDict()
         self._closing: set[asyncio.Task] = set()
 
-    def get(self, address: str) -> grpc.aio.Channel:
-        """The channel to address, opened on first use; may close the least recently used one."""
-        channel = self._channels.get(address)
+    def get(self, address: str, server_role: str) -> grpc.aio.Channel:
+        """The channel to the server of server_role at address, opened on first use; may close the
+        least recently used one."""
+        key = (address, server_role)
+        channel = self._channels.get(key)
         if channel is not None:
-            self._channels.move_to_end(address)
+            self._channels.move_to_end(key)
             return channel
         while len(self._channels) >= self.max_size:
             self._close_later(self._channels.popitem(last=False)[1])
-        channel = self._channels[address] = open_channel(address, self.auth)
+        channel = self._channels[key] = open_channel(address, self.auth, server_role)
         return channel
 
     def drop(self, address: str) -> None:
-        """Close and forget the channel to address (its peer is gone), if any."""
-        channel = self._channels.pop(address, None)
-        if channel is not None:
-            self._close_later(channel)
+        """Close and forget the channels to address (its peer is gone), if any."""
+        for key in [key for key in self._channels if key[0] == address]:
+            self._close_later(self._channels.pop(key))
 
     def __len__(self) -> int:
         return len(self._channels)
 
     def __contains__(self, address: str) -> bool:
-        return address in self._channels
+        return any(key[0] == address for key in self._channels)
 
     async def close(self) -> None:
         """Close every channel, waiting for those evicted before."""

@@ -123,7 +123,7 @@ class GrpcKvPuller(KvPuller):
     async def pull(self, handle: pb.KvHandle) -> memoryview:
         if self._layout is not None:
             check_handle(handle, self._layout)
-        stub = prefill_pb2_grpc.PrefillStub(self._channels.get(handle.prefill_grpc_address))
+        stub = prefill_pb2_grpc.PrefillStub(self._channels.get(handle.prefill_grpc_address, "prefill"))
         call = stub.PullKv(prefill_pb2.PullKvRequest(request_id=handle.request_id, capability=handle.capability),
                            timeout=self._timeout_s)
         try:

@@ -288,7 +288,8 @@ class UcxKvServer(KvServer):
         task = asyncio.current_task()
         self._handlers.add(task)
         try:
-            # A denied or malformed request ends the endpoint: guessing costs a new connection each time.
+            # A denied, unknown or malformed request ends the endpoint: guessing costs a new connection
+            # each time, and only a connection whose every pull was served stays open.
             try:
                 async with asyncio.timeout(self._first_request_timeout_s):
                     request = await _next_request(ep)
@@ -307,7 +308,8 @@ class UcxKvServer(KvServer):
             ep.abort()
 
     async def _serve_one(self, ep, request: _PullRequest) -> bool:
-        """One pull; False when it was denied (the endpoint is then closed)."""
+        """One pull; False when it was denied or its request is not held (the endpoint is then
+        closed: the puller never reuses an endpoint after either)."""
         request_id = request.request_id
         try:
             payload = await self._source.open(request_id, request.capability)
@@ -317,7 +319,7 @@ class UcxKvServer(KvServer):
             return False
         if payload is None:
             await ep.send(_Header(_Status.NOT_FOUND, 0).encode())
-            return True
+            return False
         try:
             await ep.send(_Header(_Status.FOUND, payload.nbytes).encode())
             if payload.nbytes:

@@ -59,8 +59,9 @@ class LocalRedis:
         with open(Path(self.dir.name) / "redis.log", "ab") as log:  # the child keeps its own copy
             self.process = subprocess.Popen(owned(args) if self.die_with_parent else args, stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.PIPE)
-        if self.password is not None:
-            self.process.stdin.write(f"requirepass {self.password}\n".encode())
+        if self.password is not None:  # quoted: Redis's config parser reads \" and \\ in "..."
+            quoted = self.password.replace("\\", "\\\\").replace('"', '\\"')
+            self.process.stdin.write(f'requirepass "{quoted}"\n'.encode())
         self.process.stdin.close()
         self._wait_ready(timeout_s)
         return self

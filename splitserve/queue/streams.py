@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -95,7 +96,9 @@ class RedisClient(aioredis.Redis):
 
 
 def redacted(url: str) -> str:
-    """url for a log line: a password in it (redis://user:PASSWORD@host) becomes ***."""
+    """url for a log line: a password in it (redis://user:PASSWORD@host, ?password=) becomes ***."""
+    if "password=" in url:
+        url = re.sub(r"([?&]password=)[^&]*", r"\1***", url)
     scheme, sep, rest = url.partition("://")
     authority, slash, tail = rest.partition("/")
     userinfo, at, host = authority.rpartition("@")

@@ -73,7 +73,7 @@ class SchedulerLink:
     def __init__(self, config: WorkerConfig, info: spb.WorkerInfo, stats) -> None:
         # stats: async () -> WorkerStats, answered without waiting for an engine step
         self.config, self.info, self._stats = config, info, stats
-        self.channel = open_channel(config.scheduler, config.cluster_auth)
+        self.channel = open_channel(config.scheduler, config.cluster_auth, "scheduler")
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
         self.draining = False
         self.gone = False  # drained and about to exit: no more heartbeats, never re-register

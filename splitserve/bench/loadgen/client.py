@@ -179,7 +179,7 @@ async def served_model(session: aiohttp.ClientSession, url: str) -> str:
 async def open_backend(config: BackendConfig) -> AsyncIterator[Backend]:
     """One backend for the whole run: an aiohttp session with no connection limit, or a gRPC channel."""
     if config.kind == "grpc":
-        async with open_channel(config.url.removeprefix("grpc://"), NO_AUTH) as channel:  # the client edge
+        async with open_channel(config.url.removeprefix("grpc://"), NO_AUTH, "gateway") as channel:  # the client edge
             yield GrpcBackend(channel, config)
         return
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
