@@ -32,9 +32,9 @@ async def _start(auth: ClusterAuth) -> tuple[grpc.aio.Server, grpc.aio.Channel]:
     server = make_server(auth)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}),))
-    port = bind(server, "127.0.0.1", 0)
+    port = bind(server, "127.0.0.1", 0, auth.server_credentials())
     await server.start()
-    return server, open_channel(f"127.0.0.1:{port}", auth)
+    return server, open_channel(f"127.0.0.1:{port}", auth, "prefill")
 
 
 async def _time_calls(channel: grpc.aio.Channel, calls: int) -> float:
