@@ -238,6 +238,8 @@ build() {
         compose --podman-build-args '--network host --format docker' build "$svc" > "$LOGS/build-$svc.log" 2>&1 \
             || fail "building $svc" "$LOGS/build-$svc.log"
         image=$(sed -n 's/^Successfully tagged //p' "$LOGS/build-$svc.log" | tail -n 1)
+        # podman-compose 1.0.3 exits 0 when podman build fails: no tagged image is the failure.
+        [ -n "$image" ] || fail "building $svc" "$LOGS/build-$svc.log"
         log "built $svc: $image, $(podman image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}'), $((SECONDS - t)) s"
     done
     # What the issue asks of every image: a non-root user, a health check, `splitserve <role>`, no torch
