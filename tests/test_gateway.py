@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ MODEL = "smol-test"
 MAX_PENDING = 3
 MAX_MODEL_LEN = 2048
 SHUTDOWN_GRACE_S = 1.0
+IDLE_TIMEOUT_S = 6.0  # --request-idle-timeout: past every hold the other tests make
 
 
 def wait_until(predicate, timeout_s: float = 10.0, what: str = "condition") -> None:
@@ -256,7 +258,7 @@ def start_gateway(redis_url: str, scheduler_port: int, http_port: int, grpc_port
          "--scheduler", f"127.0.0.1:{scheduler_port}", "--http-port", str(http_port),
          "--grpc-port", str(grpc_port), "--served-model-name", MODEL, "--api-key", API_KEY,
          "--max-pending", str(MAX_PENDING), "--cluster-poll-interval", "0.1", "--shutdown-grace",
-         str(SHUTDOWN_GRACE_S)],
+         str(SHUTDOWN_GRACE_S), "--request-idle-timeout", str(IDLE_TIMEOUT_S)],
         stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 
 
@@ -487,6 +489,32 @@ def test_full_gateway_refuses_with_429_and_disconnects_cancel(gateway):
     wait_until(lambda: set(ids) <= gateway.fake.cancels, 10, "cancels of the disconnected requests")
     wait_until(lambda: gateway.post("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1})
                .status_code == 200, 10, "a free slot")
+
+
+def test_a_request_the_cluster_stops_answering_times_out_and_is_cancelled(gateway):
+    """A lost reply (the fake worker sends one token, then nothing) must not hold the client, or a
+    max-pending slot, forever: past the idle timeout the client gets a timeout error (HTTP 504 with
+    an OpenAI error body, gRPC DEADLINE_EXCEEDED) and the request is cancelled upstream."""
+    before = len(gateway.fake.received)
+
+    def over_grpc() -> grpc.RpcError | None:
+        try:
+            gateway.generate(prompt="hold", seed=HOLD_SEED)
+        except grpc.RpcError as exc:
+            return exc
+        return None
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        over_http = pool.submit(gateway.post, "/v1/completions", {"model": MODEL, "prompt": "hold", "seed": HOLD_SEED})
+        refused = pool.submit(over_grpc)
+        reply, error = over_http.result(), refused.result()
+    assert IDLE_TIMEOUT_S <= time.monotonic() - started < IDLE_TIMEOUT_S + 10
+    assert reply.status_code == 504 and reply.json()["error"]["type"] == "timeout_error", reply.text
+    assert error is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
+    ids = {r.request_id for r in gateway.fake.received[before:]}
+    assert len(ids) == 2
+    wait_until(lambda: ids <= gateway.fake.cancels, 10, "cancels of the timed-out requests")
 
 
 @pytest.mark.timeout(30)

@@ -39,6 +39,9 @@ class GatewayConfig:
     # --tls-cert / --tls-key: HTTPS and gRPC over TLS for clients; None: plaintext (behind a TLS proxy).
     tls_cert: str | None = None
     tls_key: str | None = None
+    # A request that hears nothing from the cluster this long (queue wait included) fails with a
+    # timeout error and is cancelled upstream: a lost reply must not hold a client forever.
+    request_idle_timeout_s: float = 300.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> GatewayConfig:
@@ -58,7 +61,7 @@ class GatewayConfig:
             cluster_poll_interval_s=args.cluster_poll_interval,
             shutdown_grace_s=args.shutdown_grace,
             gateway_id=args.gateway_id or new_gateway_id(),
-            tls_cert=args.tls_cert, tls_key=args.tls_key,
+            tls_cert=args.tls_cert, tls_key=args.tls_key, request_idle_timeout_s=args.request_idle_timeout,
         )
 
 

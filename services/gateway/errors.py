@@ -19,6 +19,7 @@ class ErrorKind(enum.Enum):
     OVERLOADED = (429, "rate_limit_error", grpc.StatusCode.RESOURCE_EXHAUSTED)
     INTERNAL = (500, "server_error", grpc.StatusCode.INTERNAL)
     UNAVAILABLE = (503, "service_unavailable_error", grpc.StatusCode.UNAVAILABLE)
+    TIMEOUT = (504, "timeout_error", grpc.StatusCode.DEADLINE_EXCEEDED)
 
     def __init__(self, http_status: int, error_type: str, grpc_code: grpc.StatusCode) -> None:
         self.http_status = http_status
@@ -50,4 +51,9 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
 
 
 class GenerationError(Exception):
-    """The cluster gave up on a request (FINISH_REASON_ERROR); the message says why."""
+    """The cluster gave up on a request (FINISH_REASON_ERROR), or stopped answering it (kind
+    TIMEOUT); the message says why."""
+
+    def __init__(self, message: str, kind: ErrorKind = ErrorKind.INTERNAL) -> None:
+        super().__init__(message)
+        self.kind = kind

@@ -175,8 +175,18 @@ class Generation:
                            f"retry later ({exc})") from None
 
     async def __aiter__(self) -> AsyncIterator[Output]:
+        idle_s = self.frontend.config.request_idle_timeout_s
         while self.processor.finish is None:
-            output = self._process(await self._queue.get())
+            try:
+                reply = await asyncio.wait_for(self._queue.get(), idle_s)
+            except TimeoutError:
+                # A lost reply (the last one included) must not hold the client, and a max-pending
+                # slot, forever; the exit cancels the request upstream.
+                self._failed = True
+                log.warning("no reply from the cluster within the idle timeout", idle_timeout_s=idle_s)
+                raise GenerationError(f"the cluster sent nothing for {idle_s:g} s; the request was cancelled",
+                                      ErrorKind.TIMEOUT) from None
+            output = self._process(reply)
             if output is not None:
                 self.stats.on_output(output, self.frontend.services.metrics)
                 yield output

@@ -45,7 +45,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except ApiError as exc:
             await context.abort(exc.kind.grpc_code, exc.message)
         except GenerationError as exc:
-            await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {exc}")
+            await context.abort(exc.kind.grpc_code, f"generation failed: {exc}")
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         if self.api_key is None:

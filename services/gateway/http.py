@@ -128,7 +128,7 @@ async def collect(generation: Generation, renderer: Renderer) -> dict:
             text += output.text
             final = output
     except GenerationError as exc:
-        raise ApiError(ErrorKind.INTERNAL, f"generation failed: {exc}") from None
+        raise ApiError(exc.kind, f"generation failed: {exc}") from None
     return renderer.body(text, final)
 
 
@@ -157,4 +157,4 @@ async def write_outputs(response: web.StreamResponse, generation: Generation, re
             if output.usage is not None and renderer.include_usage:
                 await response.write(sse(renderer.usage_chunk(output.usage)))
     except GenerationError as exc:
-        await response.write(sse(ApiError(ErrorKind.INTERNAL, f"generation failed: {exc}").body))
+        await response.write(sse(ApiError(exc.kind, f"generation failed: {exc}").body))

@@ -60,6 +60,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"(default: {DEFAULT_MAX_BODY_BYTES} = 8 MiB; see docs/security.md for every limit)")
     p.add_argument("--cluster-poll-interval", type=positive_float, default=1.0,
                    help="seconds between cluster state polls of the scheduler (default: 1)")
+    p.add_argument("--request-idle-timeout", type=positive_float,
+                   default=env("SPLITSERVE_REQUEST_IDLE_TIMEOUT", "300"),
+                   help="seconds a request may go without a reply from the cluster (waiting in the queue "
+                        "included) before the client gets a timeout error (HTTP 504, gRPC DEADLINE_EXCEEDED) "
+                        "and the request is cancelled (env SPLITSERVE_REQUEST_IDLE_TIMEOUT; default: 300)")
     p.add_argument("--shutdown-grace", type=positive_float, default=5.0,
                    help="seconds in-flight requests get to finish on SIGTERM before they are aborted "
                         "(default: 5)")
