@@ -19,6 +19,7 @@ from splitserve.common.certs import load_cluster_tls, write_cluster_certs
 from splitserve.common.net import free_port
 from splitserve.common.rpc import open_blocking_channel
 from splitserve.engine import EngineConfig, LoadedModel
+from splitserve.services.scheduler.registry import ROLE_NAMES
 from splitserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 torch.set_num_threads(2)
@@ -87,11 +88,9 @@ class RunningCluster:
     def server_role(self, address: str) -> str:
         if address == self.scheduler_address:
             return "scheduler"
-        roles = {scheduler_pb2.WORKER_ROLE_PREFILL: "prefill", scheduler_pb2.WORKER_ROLE_DECODE: "decode",
-                 scheduler_pb2.WORKER_ROLE_COLOCATED: "colocated"}
         for state in self.workers():
             if state.worker.grpc_address == address:
-                return roles[state.worker.role]
+                return ROLE_NAMES[state.worker.role]
         raise LookupError(f"no service of this cluster at {address}")
 
     @property

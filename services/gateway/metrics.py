@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from splitserve.services.scheduler.registry import ROLE_NAMES
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
 
@@ -20,8 +21,6 @@ REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
                    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BYTES_BUCKETS = tuple(float(4**i) for i in range(5, 19))  # 1 KiB .. 64 GiB
-ROLE_NAMES = {spb.WORKER_ROLE_PREFILL: "prefill", spb.WORKER_ROLE_DECODE: "decode",
-              spb.WORKER_ROLE_COLOCATED: "colocated"}
 
 
 class GatewayMetrics:

@@ -25,6 +25,10 @@ from splitserve.v1 import scheduler_pb2 as spb
 
 
 ROLES = ("prefill", "decode", "colocated")
+# Each kind of worker's name: its metrics label, and under mutual TLS its certificate's role (what it
+# registers and reports with, and what the scheduler checks its server's certificate for).
+ROLE_NAMES = {spb.WORKER_ROLE_PREFILL: "prefill", spb.WORKER_ROLE_DECODE: "decode",
+              spb.WORKER_ROLE_COLOCATED: "colocated"}
 
 
 def placement_roles(placement: spb.Placement) -> list[tuple[str, int, int]]:

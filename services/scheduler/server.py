@@ -32,7 +32,7 @@ from splitserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
 
 from .config import SchedulerConfig
-from .registry import Registry, WorkerEntry
+from .registry import ROLE_NAMES, Registry, WorkerEntry
 from .replan import Replanner
 from .workload import WorkloadEstimator
 
@@ -41,10 +41,6 @@ KV_CAPABILITY_BYTES = 24  # random bytes of a request's KV capability (32 URL-sa
 FLUSH_TIMEOUT_S = 10.0  # a drain's wait for acknowledgements and RPCs already under way
 MAX_RUNS = 4  # a request put back in the queue this often (its workers kept failing it) fails for good
 READ_BATCH = 64  # stream entries read at most per XREADGROUP
-# Each kind of worker's certificate role (mutual TLS): what it registers and reports with, and what
-# the scheduler checks its server's certificate for.
-CERT_ROLES = {spb.WORKER_ROLE_PREFILL: "prefill", spb.WORKER_ROLE_DECODE: "decode",
-              spb.WORKER_ROLE_COLOCATED: "colocated"}
 
 
 def handle_is_from(kv: pb.KvHandle, grpc_address: str) -> bool:
@@ -443,7 +439,7 @@ class SchedulerServer:
                 self.drop_worker(instance_id)
 
     def _channel(self, worker: WorkerEntry):
-        return self._channels.get(worker.info.grpc_address, CERT_ROLES[worker.role])
+        return self._channels.get(worker.info.grpc_address, ROLE_NAMES[worker.role])
 
     def cluster_state(self) -> spb.ClusterState:
         now = time.monotonic()

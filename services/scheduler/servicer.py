@@ -12,7 +12,8 @@ from splitserve.common.net import host_is_peer
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.v1 import scheduler_pb2_grpc
 
-from .server import CERT_ROLES, SchedulerServer
+from .registry import ROLE_NAMES
+from .server import SchedulerServer
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -24,10 +25,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if request.worker.role == spb.WORKER_ROLE_UNSPECIFIED or not request.worker.instance_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a worker needs an instance id and a role")
         tls = self.server.config.cluster_auth.tls is not None
-        if tls and peer_role(context) != CERT_ROLES.get(request.worker.role):
+        if tls and peer_role(context) != ROLE_NAMES.get(request.worker.role):
             # A prefill server's certificate cannot enrol a decode server (and be sent KV handles).
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"a {CERT_ROLES.get(request.worker.role, 'worker')} server registers with "
+                                f"a {ROLE_NAMES.get(request.worker.role, 'worker')} server registers with "
                                 f"its role's certificate; the caller's names {peer_role(context)}")
         address = request.worker.grpc_address
         if self.server.config.check_worker_addresses and not await host_is_peer(
@@ -47,9 +48,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             return
         worker = self.server.registry.workers.get(instance_id)
         role = peer_role(context)
-        if worker is not None and role != CERT_ROLES.get(worker.role) and role != "admin":
+        if worker is not None and role != ROLE_NAMES.get(worker.role) and role != "admin":
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"worker {instance_id[:64]!r} is a {CERT_ROLES.get(worker.role)} server; the "
+                                f"worker {instance_id[:64]!r} is a {ROLE_NAMES.get(worker.role)} server; the "
                                 f"caller's certificate names {role}")
 
     async def Heartbeat(self, request: spb.HeartbeatRequest, context) -> spb.HeartbeatResponse:

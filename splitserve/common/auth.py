@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 import structlog
 
-from splitserve.common.certs import ROLE_PREFIX, ClusterTLS, load_cluster_tls, role_of
+from splitserve.common.certs import ROLE_PREFIX, ROLES, ClusterTLS, load_cluster_tls, role_of
 
 TOKEN_ENV = "SPLITSERVE_CLUSTER_TOKEN"
 TOKEN_FILE_ENV = "SPLITSERVE_CLUSTER_TOKEN_FILE"
@@ -37,7 +37,7 @@ MAX_TOKEN_CHARS = 1024
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 TLS_DIR_ENV = "SPLITSERVE_CLUSTER_TLS_DIR"
 WORKERS = frozenset({"prefill", "decode", "colocated"})
-ANY_MEMBER = frozenset({"scheduler", "prefill", "decode", "colocated", "gateway", "admin"})
+ANY_MEMBER = frozenset(ROLES)
 # Under mutual TLS, the roles (certs.ROLES) each method is taken from. A method named nowhere here is
 # refused to every caller (PERMISSION_DENIED): a new RPC must be given its callers.
 CALLER_ROLES: dict[str, frozenset[str]] = {
