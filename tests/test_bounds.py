@@ -28,14 +28,14 @@ from splitserve.kv_transfer.ucx import UcxKvPuller
 from splitserve.queue.streams import StreamEntry, connect
 from splitserve.services.decode.server import DecodeServer
 from splitserve.services.decode.servicer import DecodeServicer
+from splitserve.services.scheduler import tombstones as tombstones_module
 from splitserve.services.scheduler.config import SchedulerConfig
 from splitserve.services.scheduler.registry import Registry
 from splitserve.services.scheduler.server import SchedulerServer, Stage, Tracked
+from splitserve.services.scheduler.tombstones import Tombstones
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import decode_pb2, prefill_pb2, prefill_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
-from splitserve.worker import common as worker_common
-from splitserve.worker.common import Tombstones
 from splitserve.worker.config import WorkerConfig
 
 pytestmark = pytest.mark.timeout(60)
@@ -66,7 +66,7 @@ def test_tombstones_keep_at_most_max_size_ids_dropping_the_oldest() -> None:
 
 def test_tombstones_expire_from_the_front(monkeypatch) -> None:
     clock = SimpleNamespace(now=0.0)
-    monkeypatch.setattr(worker_common.time, "monotonic", lambda: clock.now)
+    monkeypatch.setattr(tombstones_module.time, "monotonic", lambda: clock.now)
     tombstones = Tombstones(ttl_s=10.0)
     for now, rid in [(0.0, "a"), (5.0, "b"), (9.0, "a")]:  # a again: its time is renewed
         clock.now = now

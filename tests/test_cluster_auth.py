@@ -145,13 +145,13 @@ def test_kv_of_a_held_request_needs_its_capability_besides_the_cluster_token(grp
     address = _addresses(grpc_cluster)["prefill-0"]
     capability = new_token()
     request = common_pb2.QueuedRequest(
-        request_id="capability-test", prompt_token_ids=[1, 504, 3156, 314] * 8, reply_channel="test:capability",
+        request_id="capability-test", prompt_token_ids=[1, 504, 3156, 314] * 8, reply_stream="test:capability",
         sampling=common_pb2.SamplingParams(temperature=0.0, top_p=1.0, max_tokens=4), kv_capability=capability)
     # The scheduler's certificate submits; a decode server's pulls and releases (mutual TLS roles).
     with grpc_cluster.channel(address, "scheduler") as channel, grpc_cluster.channel(address, "decode") as puller:
         stub, decode = prefill_pb2_grpc.PrefillStub(channel), prefill_pb2_grpc.PrefillStub(puller)
         without = common_pb2.QueuedRequest(request_id="no-capability", prompt_token_ids=[1, 2, 3],
-                                           reply_channel="test:capability", sampling=request.sampling)
+                                           reply_stream="test:capability", sampling=request.sampling)
         with pytest.raises(grpc.RpcError) as refused:  # its KV would be open to anyone guessing its id
             stub.Submit(without, timeout=30, metadata=grpc_cluster.metadata)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -4,7 +4,8 @@ The fakes (on a private event loop in a thread): a grpc.aio Scheduler answering 
 one prefill and one decode worker (or none), and a worker that reads the Redis request stream and
 answers each request on its reply channel with the tokens of OUTPUT_TEXT, recording cancels. The
 request's seed picks a behaviour: HOLD_SEED sends one token and waits for a cancel, REPLAY_SEED
-resends positions as a replayed request would, ERROR_SEED fails the request after one token.
+resends positions as a replayed request would, ERROR_SEED fails the request after one token, GAP_SEED
+skips a position (as a reply lost on its way would).
 """
 
 from __future__ import annotations
@@ -30,14 +31,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from splitserve.common.net import free_port
 from splitserve.queue.redis_server import LocalRedis
-from splitserve.queue.streams import CANCEL_CHANNEL, ProtoCodec, RequestStream, connect
+from splitserve.queue.streams import CANCEL_STREAM, FIELD, ProtoCodec, RequestStream, TextCodec, connect
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import gateway_pb2 as gpb
 from splitserve.v1 import gateway_pb2_grpc, scheduler_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
 
 OUTPUT_TEXT = " one two three four five six seven eight nine ten eleven twelve"
-HOLD_SEED, REPLAY_SEED, ERROR_SEED = 7001, 7002, 7003
+HOLD_SEED, REPLAY_SEED, ERROR_SEED, GAP_SEED = 7001, 7002, 7003, 7004
 API_KEY = "test-key"
 MODEL = "smol-test"
 MAX_PENDING = 3
@@ -111,13 +112,12 @@ class FakeCluster:
         server.add_insecure_port(f"127.0.0.1:{self.port}")
         await server.start()
         client = connect(self.redis_url)
-        pubsub = client.pubsub()
-        await pubsub.subscribe(CANCEL_CHANNEL)
-        await pubsub.get_message(timeout=5)  # the subscribe confirmation
+        cancels = RequestStream(client, TextCodec(), key=CANCEL_STREAM)
+        await cancels.ensure_group()
         stream = RequestStream(client, ProtoCodec(pb.QueuedRequest))
         await stream.ensure_group()
         tasks = [asyncio.create_task(self._read_requests(stream)),
-                 asyncio.create_task(self._read_cancels(pubsub))]
+                 asyncio.create_task(self._read_cancels(cancels))]
         self._started.set()
         await self._stop.wait()
         for task in tasks:
@@ -135,20 +135,19 @@ class FakeCluster:
                 answering.add(task)
                 task.add_done_callback(answering.discard)
 
-    async def _read_cancels(self, pubsub) -> None:
+    async def _read_cancels(self, cancels: RequestStream) -> None:
         while True:
-            message = await pubsub.get_message(timeout=None)
-            if message and message["type"] == "message":
-                request_id = message["data"].decode()
-                self.cancels.add(request_id)
-                if request_id in self._cancel_events:
-                    self._cancel_events[request_id].set()
+            for entry in await cancels.get("fake-scheduler", block_ms=200):
+                await cancels.ack(entry.entry_id)
+                self.cancels.add(entry.message)
+                if entry.message in self._cancel_events:
+                    self._cancel_events[entry.message].set()
 
     async def _answer(self, request: pb.QueuedRequest, client) -> None:
         async def send(index: int, ids: list[int], finish: int = 0, **fields) -> None:
             event = pb.TokenEvent(request_id=request.request_id, index=index, token_ids=ids,
                                   finish_reason=finish, **fields)
-            await client.publish(request.reply_channel, event.SerializeToString())
+            await client.xadd(request.reply_stream, {FIELD: event.SerializeToString()})
             await asyncio.sleep(0.002)
 
         ids = self.output_ids[: request.sampling.max_tokens]
@@ -156,6 +155,10 @@ class FakeCluster:
         if seed == ERROR_SEED:
             await send(0, ids[:1])
             return await send(1, [], pb.FINISH_REASON_ERROR, error="boom")
+        if seed == GAP_SEED:
+            await send(0, ids[:1])
+            await send(2, ids[2:3])
+            return await self._cancel_events[request.request_id].wait()
         if seed == HOLD_SEED:
             await send(0, ids[:1])
             return await self._cancel_events[request.request_id].wait()
@@ -315,7 +318,7 @@ def test_completion_with_usage_and_a_fully_set_queued_request(gateway):
     assert list(queued.prompt_token_ids) == prompt_ids
     assert queued.sampling == pb.SamplingParams(temperature=0.5, top_p=0.9, top_k=0,
                                                 seed=2**64 - 3, max_tokens=5, min_tokens=2, ignore_eos=True)
-    assert queued.reply_channel.startswith("splitserve:reply:gateway-")
+    assert queued.reply_stream.startswith("splitserve:replies:gateway-")
     assert 0 < queued.timeline.arrival <= queued.timeline.queued <= time.time()
 
 
@@ -373,6 +376,18 @@ def test_streaming_completion_and_chat_with_include_usage(gateway):
 def test_replayed_positions_are_dropped(gateway):
     resp = gateway.client.completions.create(model=MODEL, prompt="Hi", max_tokens=8, seed=REPLAY_SEED)
     assert resp.choices[0].text == gateway.text(8) and resp.usage.completion_tokens == 8
+
+
+@pytest.mark.timeout(30)
+def test_a_gap_in_the_positions_fails_the_request_instead_of_splicing_the_text(gateway):
+    resp = gateway.post("/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 8, "seed": GAP_SEED})
+    assert resp.status_code == 500 and "output tokens 1 to 1 were lost" in resp.json()["error"]["message"]
+    events = sse_events(gateway.post("/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 8,
+                                                         "seed": GAP_SEED, "stream": True}))
+    assert json.loads(events[0])["choices"][0]["text"] == gateway.text(1)
+    assert "were lost" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
+    ids = {r.request_id for r in gateway.fake.received if r.sampling.seed == GAP_SEED}
+    wait_until(lambda: ids <= gateway.fake.cancels, 10, "cancels of the failed requests")
 
 
 @pytest.mark.timeout(30)

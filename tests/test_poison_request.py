@@ -81,14 +81,11 @@ def test_a_tiny_temperature_past_the_gateway_is_sampled_by_the_workers(grpc_clus
     processes = _worker_processes(grpc_cluster.scheduler_address)
     client = redis.Redis.from_url(_redis_url(grpc_cluster.scheduler_address), password=grpc_cluster.redis_password,
                                   socket_timeout=60)
-    replies = client.pubsub()
-    replies.subscribe("test:poison-replies")
-    subscribed = replies.get_message(timeout=5)
-    assert subscribed and subscribed["type"] == "subscribe", subscribed
+    last_id = client.xadd("test:poison-replies", {b"open": b"1"})  # workers append to existing streams only
     for i, top_k in enumerate((0, 5)):  # whole vocabulary, and top-k
         request = pb.QueuedRequest(
             request_id=f"poison-{i}", prompt_token_ids=[1, 504, 3156, 314],
-            reply_channel="test:poison-replies",
+            reply_stream="test:poison-replies",
             sampling=pb.SamplingParams(temperature=1e-40, top_p=1.0, top_k=top_k, seed=7, max_tokens=4,
                                        min_tokens=4))
         client.xadd(REQUEST_STREAM, {FIELD: request.SerializeToString()})
@@ -96,12 +93,12 @@ def test_a_tiny_temperature_past_the_gateway_is_sampled_by_the_workers(grpc_clus
         deadline = time.monotonic() + 120
         while event.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
             assert time.monotonic() < deadline, f"no last event for {request.request_id}: {tokens}"
-            message = replies.get_message(timeout=5)
-            if message and message["type"] == "message":
-                event = pb.TokenEvent.FromString(message["data"])
+            for _, entries in client.xread({"test:poison-replies": last_id}, count=1, block=5000) or ():
+                (last_id, fields), = entries
+                event = pb.TokenEvent.FromString(fields[FIELD])
                 tokens += event.token_ids
         assert event.finish_reason == pb.FINISH_REASON_LENGTH, event.error
         assert len(tokens) == 4
-    replies.close()
+    client.delete("test:poison-replies")
     client.close()
     assert _worker_processes(grpc_cluster.scheduler_address) == processes

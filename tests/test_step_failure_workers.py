@@ -59,7 +59,7 @@ def engine(model_fp32):
 
 
 def request() -> pb.QueuedRequest:
-    return pb.QueuedRequest(request_id="r", prompt_token_ids=[1, 2, 3], reply_channel="gw")
+    return pb.QueuedRequest(request_id="r", prompt_token_ids=[1, 2, 3], reply_stream="gw")
 
 
 async def step_failed(server, num_emitted_before: int = 0):

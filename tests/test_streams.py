@@ -1,4 +1,4 @@
-"""The request stream and pub/sub wrappers against a real (private) redis-server, restarts included."""
+"""The request, cancel and reply stream wrappers against a real (private) redis-server, restarts included."""
 
 import asyncio
 import time
@@ -8,12 +8,13 @@ from redis import exceptions as redis_exceptions
 from structlog.testing import capture_logs
 
 from splitserve.queue.redis_server import LocalRedis
+from splitserve.queue import streams
 from splitserve.queue.streams import (
     REQUEST_STREAM,
     ProtoCodec,
-    PubSub,
+    ReplyReader,
+    ReplyWriter,
     RequestStream,
-    Subscription,
     TextCodec,
     connect,
 )
@@ -56,22 +57,25 @@ async def _until(condition, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def _forward(subscription: Subscription, into: asyncio.Queue) -> None:
-    async for message in subscription:
+async def _forward(reader: ReplyReader, into: asyncio.Queue) -> None:
+    async for message in reader:
         into.put_nowait(message)
 
 
 @pytest.mark.timeout(60)
-def test_a_reader_and_a_subscriber_ride_out_a_restart_and_the_data_survives():
+def test_a_request_reader_and_a_reply_reader_ride_out_a_restart_and_nothing_is_lost():
     async def scenario(redis: LocalRedis):
-        client = connect(redis.url)
+        client, worker = connect(redis.url), connect(redis.url)
         stream = RequestStream(client, ProtoCodec(pb.QueuedRequest))
         await stream.ensure_group()
         await stream.put(_request("r1"))
         assert [e.message.request_id for e in await stream.get("c0", block_ms=100)] == ["r1"]  # now pending
-        subscription, received = Subscription(client, "ch", TextCodec()), asyncio.Queue()
-        await subscription.open()
-        listener = asyncio.create_task(_forward(subscription, received))
+        reader, received = ReplyReader(client, "replies:gw", TextCodec()), asyncio.Queue()
+        await reader.open()
+        writer = ReplyWriter(worker, TextCodec())
+        listener = asyncio.create_task(_forward(reader, received))
+        await writer.publish("replies:gw", "before")
+        assert await asyncio.wait_for(received.get(), 5) == "before"
         reading = asyncio.create_task(stream.get("c0", block_ms=60_000))  # blocked when Redis goes
         await asyncio.sleep(0.2)
 
@@ -81,34 +85,36 @@ def test_a_reader_and_a_subscriber_ride_out_a_restart_and_the_data_survives():
         with pytest.raises(redis_exceptions.ConnectionError):
             await stream.put(_request("refused"))  # not retried: the gateway answers 503
         put_s = time.monotonic() - started
+        during = asyncio.create_task(writer.publish_many([("replies:gw", "during 1"), ("replies:gw", "during 2")]))
         await asyncio.sleep(1.0)
         await asyncio.to_thread(redis.start)
-
-        await PubSub(client, TextCodec()).publish("ch", "after the restart")
-        after = await asyncio.wait_for(received.get(), 10)
+        await during
+        # Appended while the reader was still reconnecting: read all the same, in order.
+        await writer.publish("replies:gw", "after")
+        got = [await asyncio.wait_for(received.get(), 10) for _ in range(3)]
         await stream.put(_request("r2"))
         read = await asyncio.wait_for(reading, 10)
         listener.cancel()
-        await subscription.close()
         await client.aclose()
-        return put_s, after, [e.message.request_id for e in read]
+        await worker.aclose()
+        return put_s, got, [e.message.request_id for e in read]
 
     with LocalRedis(appendonly=True) as redis, capture_logs() as logs:
-        put_s, after, read = asyncio.run(scenario(redis))
+        put_s, got, read = asyncio.run(scenario(redis))
     assert put_s < 1.0
-    assert after == "after the restart"
+    assert got == ["during 1", "during 2", "after"]
     assert read == ["r1", "r2"]  # the read after an outage returns what is pending: r1 survived in the AOF
     events = [e["event"] for e in logs]
-    assert events.count("redis unreachable, retrying") == 1 and events.count("redis reconnected") == 1
+    assert events.count("redis reconnected") == 2  # once per client
 
 
 @pytest.mark.timeout(30)
-def test_a_publish_gives_up_after_its_bound():
+def test_an_append_gives_up_after_its_bound():
     async def scenario(url: str) -> float:
         client = connect(url)
         started = time.monotonic()
         with pytest.raises(redis_exceptions.ConnectionError):
-            await PubSub(client, TextCodec(), retry_s=0.5).publish("ch", "lost")
+            await ReplyWriter(client, TextCodec(), retry_s=0.5).publish("replies:gw", "lost")
         await client.aclose()
         return time.monotonic() - started
 
@@ -120,37 +126,40 @@ def test_a_publish_gives_up_after_its_bound():
     assert [e["event"] for e in logs] == ["redis unreachable, retrying", "redis still unreachable, giving up"]
 
 
-@pytest.mark.timeout(30)
-def test_right_after_an_outage_an_unheard_message_is_published_again_until_heard():
+def test_a_reply_stream_starts_after_a_previous_process_s_entries_expires_and_is_trimmed_as_read():
     async def scenario(url: str):
-        publisher, subscriber = connect(url), connect(url)
-        pubsub = PubSub(publisher, TextCodec())
-        started = time.monotonic()
-        await pubsub.publish("ch", "nobody listens")  # no outage: a message no one hears is gone
-        unheard_s = time.monotonic() - started
-
-        publisher.link.lost(OSError("cut"))
-        publisher.link.restored()  # as if Redis just came back: the subscriber is still re-subscribing
-        subscription, received = Subscription(subscriber, "ch", TextCodec()), asyncio.Queue()
-
-        async def subscribe_late():
-            await asyncio.sleep(0.5)
-            await subscription.open()
-            await _forward(subscription, received)
-
-        late = asyncio.create_task(subscribe_late())
-        await pubsub.publish_many([("ch", "first"), ("ch", "second")])
+        client = connect(url)
+        writer = ReplyWriter(client, TextCodec())
+        await writer.publish("replies:gone", "to a gateway that never opened its stream")
+        absent = await client.exists("replies:gone")
+        first = ReplyReader(client, "replies:gw", TextCodec())
+        await first.open()
+        await writer.publish("replies:gw", "for the first process")
+        second, received = ReplyReader(client, "replies:gw", TextCodec()), asyncio.Queue()
+        await second.open()  # a restart under the same gateway id
+        listener = asyncio.create_task(_forward(second, received))
+        await writer.publish_many([("replies:gw", "one"), ("replies:gw", "two")])
         got = [await asyncio.wait_for(received.get(), 5) for _ in range(2)]
-        late.cancel()
-        await subscription.close()
-        await publisher.aclose()
-        await subscriber.aclose()
-        return unheard_s, got
+        ttl = await client.ttl("replies:gw")
+        await second._keep()  # what keep_forever does every few seconds
+        left = [fields for _, fields in await client.xrange("replies:gw")]
+        await client.delete("replies:gw")  # Redis lost its data
+        await second._keep()
+        recreated = await client.exists("replies:gw")
+        listener.cancel()
+        await second.close()
+        closed = await client.exists("replies:gw")
+        await client.aclose()
+        return absent, got, ttl, left, recreated, closed
 
-    with LocalRedis() as redis:
-        unheard_s, got = asyncio.run(scenario(redis.url))
-    assert unheard_s < 0.5
-    assert got == ["first", "second"]  # in order
+    with LocalRedis() as redis, capture_logs() as logs:
+        absent, got, ttl, left, recreated, closed = asyncio.run(scenario(redis.url))
+    assert not absent  # appends never create a stream
+    assert got == ["one", "two"]
+    assert 0 < ttl <= streams.REPLY_TTL_S
+    assert left == [{streams.FIELD: b"two"}]  # what was read is trimmed, up to the last entry
+    assert recreated and not closed
+    assert any("reply stream is gone" in e["event"] for e in logs)
 
 
 def test_a_consumer_group_lost_with_the_data_is_created_again():

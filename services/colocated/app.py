@@ -10,7 +10,7 @@ from splitserve.common.auth import warn_if_open
 from splitserve.common.rpc import SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
 from splitserve.engine.engine import LLMEngine
-from splitserve.queue.streams import connect, listen_for_cancels
+from splitserve.queue.streams import connect
 from splitserve.v1 import prefill_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.worker.common import SchedulerLink, advertised_address, worker_info, worker_shutdown
@@ -41,6 +41,6 @@ async def serve(config: WorkerConfig) -> int:
     log.info("colocated worker ready", grpc=address, num_blocks=engine.blocks.num_blocks,
              token_budget=config.engine.token_budget, chunk_size=config.engine.chunk_size)
 
-    tasks = [link.run(), server.replies.run(), listen_for_cancels(redis, server.abort)]
+    tasks = [link.run(), server.replies.run()]
     shutdown = worker_shutdown(health, grpc_server, server, link, config.drain_timeout_s)
     return await run_until_signal(tasks, shutdown, server.loop.failed)

@@ -25,7 +25,6 @@ from splitserve.worker.common import (
     Draining,
     ReplyPublisher,
     SchedulerLink,
-    Tombstones,
     add_to_engine,
     call_with_retries,
     drain_requests,
@@ -53,7 +52,6 @@ class ColocatedServer:
         self.replies = ReplyPublisher(redis)
         self.scheduler = None  # the SchedulerStub, set once the link exists
         self.requests: dict[str, Running] = {}
-        self.cancelled = Tombstones()
         self.draining = False
         self.progress = Progress()  # a request finished or left
 
@@ -62,16 +60,12 @@ class ColocatedServer:
         rid = request.request_id
         if self.draining:
             raise Draining()
-        if rid in self.cancelled:
-            raise ValueError(f"request {rid!r} was cancelled")
         if rid in self.requests:  # the scheduler lost track of this copy and sent it again
             await self.drop(rid)
         await add_to_engine(self.loop, self.requests, request, Running(request))
 
-    async def abort(self, request_id: str, cancelled: bool = True) -> bool:
-        """Drop a request; cancelled (by its client, not requeued) refuses its id from now on."""
-        if cancelled:
-            self.cancelled.add(request_id)
+    async def abort(self, request_id: str) -> bool:
+        """Drop a request at the scheduler's word (its client went away, or it runs elsewhere)."""
         return await self.drop(request_id)
 
     async def drop(self, request_id: str, why: str = "aborted") -> bool:
@@ -114,7 +108,7 @@ class ColocatedServer:
             elif out.finish_reason is not None:
                 finished.append((out.request_id, event.finish_reason, event.index + len(event.token_ids),
                                  event.error))
-            events.append((running.request.reply_channel, event))
+            events.append((running.request.reply_stream, event))
         self.replies.send(events, then=lambda: asyncio.gather(
             *(call_with_retries(self.scheduler.PrefillDone, d, what="PrefillDone") for d in prefilled),
             *(self._report_done(*done) for done in finished)))

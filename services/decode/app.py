@@ -11,7 +11,7 @@ from splitserve.common.rpc import SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
 from splitserve.engine.engine import LLMEngine
 from splitserve.kv_transfer.factory import make_kv_puller
-from splitserve.queue.streams import connect, listen_for_cancels
+from splitserve.queue.streams import connect
 from splitserve.v1 import decode_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.worker.common import SchedulerLink, advertised_address, worker_info, worker_shutdown
@@ -51,7 +51,6 @@ async def _serve_started(config, engine, redis, grpc_server, server, link, addre
     log.info("decode server ready", grpc=address, kv_transport=config.kv_transport,
              num_blocks=engine.blocks.num_blocks, max_num_seqs=config.engine.max_num_seqs)
 
-    tasks = [link.run(), server.replies.run(), server.admit_forever(),
-             listen_for_cancels(redis, server.abort)]
+    tasks = [link.run(), server.replies.run(), server.admit_forever()]
     shutdown = worker_shutdown(health, grpc_server, server, link, config.drain_timeout_s)
     return await run_until_signal(tasks, shutdown, server.loop.failed)

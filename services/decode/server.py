@@ -35,7 +35,6 @@ from splitserve.worker.common import (
     Draining,
     ReplyPublisher,
     SchedulerLink,
-    Tombstones,
     call_with_retries,
     drain_requests,
     engine_stats,
@@ -77,7 +76,6 @@ class DecodeServer:
         self.requests: dict[str, Admitted] = {}
         self.waiting: deque[str] = deque()  # FCFS, until blocks are free
         self.room = asyncio.Event()  # set when blocks may have been freed
-        self.cancelled = Tombstones()
         self.background = Background()
         self.draining = False
         self.progress = Progress()  # a request finished, failed or left
@@ -91,8 +89,6 @@ class DecodeServer:
         rid = submit.request.request_id
         if self.draining:
             raise Draining()
-        if rid in self.cancelled:
-            raise ValueError(f"request {rid!r} was cancelled")
         if rid in self.requests:  # the scheduler reassigned it after losing track of this copy
             await self.drop(rid)
         self._check_kv(submit)
@@ -112,10 +108,8 @@ class DecodeServer:
                              f"{num_prompt_tokens}")
         check_handle(submit.kv, self.loop.engine.layout)
 
-    async def abort(self, request_id: str, cancelled: bool = True) -> bool:
-        """Drop a request; cancelled (by its client, not requeued) refuses its id from now on."""
-        if cancelled:
-            self.cancelled.add(request_id)
+    async def abort(self, request_id: str) -> bool:
+        """Drop a request at the scheduler's word (its client went away, or it runs elsewhere)."""
         return await self.drop(request_id)
 
     async def drop(self, request_id: str, why: str = "aborted") -> bool:
@@ -229,7 +223,7 @@ class DecodeServer:
             return
         event = pb.TokenEvent(request_id=rid, index=admitted.num_emitted,
                               finish_reason=pb.FINISH_REASON_ERROR, error=error)
-        self.replies.send([(admitted.request.reply_channel, event)],
+        self.replies.send([(admitted.request.reply_stream, event)],
                           then=lambda: self._report_done(rid, pb.FINISH_REASON_ERROR, admitted.num_emitted, error))
 
     # -- after each step ------------------------------------------------------------------------
@@ -247,7 +241,7 @@ class DecodeServer:
                 del self.requests[out.request_id]
                 finished.append((out.request_id, event.finish_reason, event.index + len(event.token_ids),
                                  event.error))
-            events.append((admitted.request.reply_channel, event))
+            events.append((admitted.request.reply_stream, event))
         if finished:
             self.room.set()
             self.progress.note()

@@ -30,7 +30,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         bind_request(request.request_id)
-        return pb.AbortResponse(found=await self.server.abort(request.request_id, cancelled=not request.requeued))
+        return pb.AbortResponse(found=await self.server.abort(request.request_id))
 
     async def GetStats(self, request: pb.StatsRequest, context) -> pb.WorkerStats:
         return await self.server.stats()

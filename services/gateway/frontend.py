@@ -16,7 +16,7 @@ from typing import Self
 import structlog
 from redis.exceptions import RedisError
 
-from splitserve.queue.streams import CANCEL_CHANNEL, PubSub, RequestStream
+from splitserve.queue.streams import CancelWriter, RequestStream
 from splitserve.v1 import common_pb2 as pb
 
 from .cluster import ClusterView
@@ -42,7 +42,7 @@ class Services:
     cluster: ClusterView
     router: ReplyRouter
     requests: RequestStream[pb.QueuedRequest]
-    cancels: PubSub[str]
+    cancels: CancelWriter
     metrics: GatewayMetrics
 
 
@@ -101,7 +101,7 @@ class Frontend:
         max_tokens = resolve_max_tokens(request, len(prompt_ids), max_model_len)
         sampling = sampling_proto(request.sampling, max_tokens, secrets.randbits(63))
         return pb.QueuedRequest(request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling,
-                                reply_channel=self.services.router.channel)
+                                reply_stream=self.services.router.stream)
 
     def acquire(self) -> None:
         self.num_pending += 1
@@ -127,9 +127,9 @@ class Frontend:
                 await asyncio.wait_for(self._idle.wait(), grace_s)
 
     async def cancel(self, request_id: str) -> None:
-        """Tell the scheduler and workers to drop the request and free what it holds."""
+        """Tell the scheduler to drop the request and free what it holds on the workers."""
         try:
-            await self.services.cancels.publish(CANCEL_CHANNEL, request_id)
+            await self.services.cancels.cancel(request_id)
         except RedisError as exc:
             log.warning("cancel not published", error=str(exc))
 

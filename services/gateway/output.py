@@ -94,12 +94,15 @@ class OutputProcessor:
         return Output(self._stop.flush(), (), self.finish, self.usage)
 
     def _new_tokens(self, event: pb.TokenEvent) -> list[int]:
-        """Drops positions already received: a request replayed after a worker failure resends them."""
+        """Drops positions already received: a request replayed after a worker failure resends them.
+        A position past the next one expected means tokens were lost on the way: the request fails
+        rather than return text with a hole in it."""
         skip = len(self.token_ids) - event.index
-        if skip < 0:
-            log.warning("token event skips positions", expected=len(self.token_ids), index=event.index)
-            skip = 0
-        return list(event.token_ids[skip:])
+        if skip < 0 and event.token_ids:
+            log.error("token event skips positions", expected=len(self.token_ids), index=event.index)
+            raise GenerationError(f"output tokens {len(self.token_ids)} to {event.index - 1} were lost on "
+                                  "their way from the cluster (Redis lost data?); the request was cancelled")
+        return list(event.token_ids[max(skip, 0):])
 
     def _accept(self, new_ids: list[int]) -> tuple[tuple[int, ...], str]:
         """Detokenizes token by token so a stop string ends generation at the token completing it."""

@@ -1,4 +1,4 @@
-"""One subscription to this gateway's reply channel, fanned out to per-request queues."""
+"""This gateway's reply stream, read in one place and fanned out to per-request queues."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from splitserve.queue.streams import ProtoCodec, RedisClient, Subscription
+from splitserve.queue.streams import ProtoCodec, RedisClient, ReplyReader
 from splitserve.v1 import common_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -24,35 +24,44 @@ Reply = pb.TokenEvent | GatewayAbort
 
 
 class ReplyRouter:
-    """Routes the TokenEvents published on one channel to the queue of their request.
+    """Routes the TokenEvents appended to one reply stream to the queue of their request.
 
     A request registers its queue before it is enqueued, so no event can arrive for it unseen;
     events for requests that are gone (finished, cancelled) are dropped. Through a Redis outage the
-    queues stay; once Redis is back the channel is subscribed again and events reach them again
-    (workers publish again what no one received meanwhile).
+    queues stay; once Redis is back the stream is read on from the last entry seen, so nothing
+    appended meanwhile is missed.
     """
 
-    def __init__(self, client: RedisClient, channel: str) -> None:
-        self.client, self.channel = client, channel
+    def __init__(self, client: RedisClient, stream: str) -> None:
+        self.client, self.stream = client, stream
         self._queues: dict[str, asyncio.Queue[Reply]] = {}
-        self._subscription = Subscription(client, channel, ProtoCodec(pb.TokenEvent))
+        self._reader = ReplyReader(client, stream, ProtoCodec(pb.TokenEvent))
 
     @property
     def connected(self) -> bool:
         """Whether Redis was reachable when last tried (false from a failure until it answers again)."""
         return self.client.link.up
 
-    async def subscribe(self) -> None:
-        """Subscribe and wait for Redis to confirm, so events published from now on are received."""
-        await self._subscription.open()
+    async def open(self) -> None:
+        """Create the stream: events appended from now on are read."""
+        await self._reader.open()
 
     async def run(self) -> None:
-        """Route events until cancelled (call subscribe() first)."""
+        """Route events until cancelled (call open() first), keeping the stream alive meanwhile;
+        the stream is deleted at the end."""
+        keeper = asyncio.create_task(self._reader.keep_forever(), name="reply-stream-keeper")
         try:
-            async for event in self._subscription:
+            async for event in self._reader:
                 self._route(event)
         finally:
-            await self._subscription.close()
+            keeper.cancel()
+            await asyncio.shield(self._close())
+
+    async def _close(self) -> None:
+        try:
+            await self._reader.close()
+        except Exception as exc:  # Redis gone: the stream expires by itself
+            log.warning("reply stream not deleted", stream=self.stream, error=repr(exc))
 
     def register(self, request_id: str) -> asyncio.Queue[Reply]:
         if request_id in self._queues:

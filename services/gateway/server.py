@@ -24,14 +24,13 @@ from splitserve.common.rpc import (
 )
 from splitserve.common.service import run_until_signal
 from splitserve.queue.streams import (
+    CancelWriter,
     ProtoCodec,
-    PubSub,
     RedisClient,
     RequestStream,
-    TextCodec,
     connect,
     redacted,
-    reply_channel,
+    reply_stream,
 )
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import gateway_pb2_grpc, scheduler_pb2_grpc
@@ -74,7 +73,7 @@ class GatewayServer:
                  channel: grpc.aio.Channel) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
-        self.router = ReplyRouter(redis, reply_channel(config.gateway_id))
+        self.router = ReplyRouter(redis, reply_stream(config.gateway_id))
         # Room for every request --max-pending admits (plus health checks): past them the client
         # hears the gateway's own 429 / RESOURCE_EXHAUSTED message, not gRPC's.
         # The client edge: the API key guards it, not the cluster token.
@@ -84,7 +83,7 @@ class GatewayServer:
         cluster = ClusterView(scheduler_pb2_grpc.SchedulerStub(channel), config.cluster_poll_interval_s,
                               self._on_cluster_update)
         services = Services(model, cluster, self.router, RequestStream(redis, ProtoCodec(pb.QueuedRequest)),
-                            PubSub(redis, TextCodec(), retry_s=CANCEL_RETRY_S), self.metrics)
+                            CancelWriter(redis, CANCEL_RETRY_S), self.metrics)
         self.frontend = Frontend(config, services)
         gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(self.frontend, config.api_key),
                                                        self.grpc_server)
@@ -109,7 +108,7 @@ class GatewayServer:
             await self.router.client.ping()
         except (RedisError, OSError) as exc:
             raise OSError(f"cannot reach Redis at {redacted(self.config.redis_url)}: {exc}") from None
-        await self.router.subscribe()  # before any request can be enqueued
+        await self.router.open()  # before any request can be enqueued
         await self._set_health(False)
         self.tasks = [asyncio.create_task(self.router.run(), name="reply-router"),
                       asyncio.create_task(self.frontend.services.cluster.run(), name="cluster-poller")]

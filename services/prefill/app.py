@@ -12,7 +12,7 @@ from splitserve.common.rpc import SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
 from splitserve.engine.engine import LLMEngine
 from splitserve.kv_transfer.factory import make_kv_server
-from splitserve.queue.streams import connect, listen_for_cancels
+from splitserve.queue.streams import connect
 from splitserve.v1 import prefill_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.worker.common import SchedulerLink, advertised_address, worker_info, worker_shutdown
@@ -55,6 +55,6 @@ async def _serve_started(config, engine, redis, grpc_server, server, kv_server) 
              kv_address=server.kv_address, num_blocks=engine.blocks.num_blocks,
              token_budget=config.engine.token_budget)
 
-    tasks = [link.run(), server.replies.run(), listen_for_cancels(redis, server.abort)]
+    tasks = [link.run(), server.replies.run()]
     shutdown = worker_shutdown(health, grpc_server, server, link, config.drain_timeout_s)
     return await run_until_signal(tasks, shutdown, server.loop.failed)

@@ -29,7 +29,6 @@ from splitserve.worker.common import (
     Draining,
     ReplyPublisher,
     SchedulerLink,
-    Tombstones,
     add_to_engine,
     call_with_retries,
     engine_stats,
@@ -61,7 +60,6 @@ class PrefillServer:
         self.scheduler = scheduler_stub
         self.kv_lease_s = kv_lease_s
         self.requests: dict[str, Held] = {}
-        self.cancelled = Tombstones()
         self.background = Background()
         self.draining = False
         self.progress = Progress()  # a request's blocks were freed, or a pull ended
@@ -77,8 +75,6 @@ class PrefillServer:
             raise Draining()
         if not request.kv_capability:  # its KV would be open to anyone who guessed its id
             raise ValueError(f"request {rid!r} has no KV capability (the scheduler mints one per Submit)")
-        if rid in self.cancelled:
-            raise ValueError(f"request {rid!r} was cancelled")
         if rid in self.requests:  # the scheduler reassigned it (its decode server died): start over
             await self._free(rid, "replayed")
         await add_to_engine(self.loop, self.requests, request, Held(request))
@@ -92,10 +88,8 @@ class PrefillServer:
         check_capability(held.request.kv_capability, capability, request_id)
         await self._free(request_id, "pulled")
 
-    async def abort(self, request_id: str, cancelled: bool = True) -> bool:
-        """Drop a request; cancelled (by its client, not requeued) refuses its id from now on."""
-        if cancelled:
-            self.cancelled.add(request_id)
+    async def abort(self, request_id: str) -> bool:
+        """Drop a request at the scheduler's word (its client went away, or it runs elsewhere)."""
         if request_id not in self.requests:
             return False
         await self._free(request_id, "aborted")
@@ -156,7 +150,7 @@ class PrefillServer:
         else:
             held.handle = self._handle(out.request_id, block_tables[out.request_id])
             held.lease = asyncio.get_running_loop().call_later(self.kv_lease_s, self._expire, out.request_id)
-        return request.reply_channel, event
+        return request.reply_stream, event
 
     def _prefill_done(self, held: Held, out: StepOutput) -> spb.PrefillDoneRequest:
         return spb.PrefillDoneRequest(

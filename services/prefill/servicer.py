@@ -46,7 +46,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         bind_request(request.request_id)
-        return pb.AbortResponse(found=await self.server.abort(request.request_id, cancelled=not request.requeued))
+        return pb.AbortResponse(found=await self.server.abort(request.request_id))
 
     async def GetStats(self, request: pb.StatsRequest, context) -> pb.WorkerStats:
         return await self.server.stats()

@@ -11,7 +11,7 @@ from splitserve.common.auth import warn_if_open
 from splitserve.common.logging import bind_service
 from splitserve.common.rpc import NOT_SERVING, SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
-from splitserve.queue.streams import ProtoCodec, RequestStream, connect, listen_for_cancels, redacted
+from splitserve.queue.streams import CANCEL_STREAM, ProtoCodec, RequestStream, TextCodec, connect, redacted
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2_grpc
 
@@ -41,7 +41,8 @@ def main(args: argparse.Namespace) -> int:
 async def serve(config: scheduler_config.SchedulerConfig) -> int:
     redis = connect(config.redis_url, config.redis_credentials)
     await redis.ping()
-    server = SchedulerServer(config, RequestStream(redis, ProtoCodec(pb.QueuedRequest)), redis)
+    server = SchedulerServer(config, RequestStream(redis, ProtoCodec(pb.QueuedRequest)), redis,
+                             RequestStream(redis, TextCodec(), key=CANCEL_STREAM))
     warn_if_open(config.cluster_auth)
     grpc_server = make_server(config.cluster_auth)
     port = bind(grpc_server, config.host, config.port, config.cluster_auth.server_credentials())
@@ -59,7 +60,7 @@ async def serve(config: scheduler_config.SchedulerConfig) -> int:
         await grpc_server.stop(2)
 
     tasks = [server.consume_forever(), server.dispatch_forever(), server.reap_forever(),
-             listen_for_cancels(redis, server.cancel)]
+             server.cancels_forever()]
     if server.replanner is not None:
         tasks.append(server.replanner.run_forever())
     return await run_until_signal(tasks, shutdown)

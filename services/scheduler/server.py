@@ -26,7 +26,7 @@ import structlog
 from splitserve.common.rpc import ChannelCache
 from splitserve.common.service import Background, Progress
 from splitserve.engine.block_manager import blocks_for
-from splitserve.queue.streams import ProtoCodec, PubSub, RequestStream, StreamEntry
+from splitserve.queue.streams import ProtoCodec, ReplyWriter, RequestStream, StreamEntry
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
@@ -34,11 +34,13 @@ from splitserve.v1 import scheduler_pb2 as spb
 from .config import SchedulerConfig
 from .registry import ROLE_NAMES, Registry, WorkerEntry
 from .replan import Replanner
+from .tombstones import Tombstones
 from .workload import WorkloadEstimator
 
 log = structlog.get_logger(__name__)
 KV_CAPABILITY_BYTES = 24  # random bytes of a request's KV capability (32 URL-safe characters)
 FLUSH_TIMEOUT_S = 10.0  # a drain's wait for acknowledgements and RPCs already under way
+MAX_REQUEST_ID_CHARS = 128  # a cancel naming a longer id names no request a gateway made
 MAX_RUNS = 4  # a request put back in the queue this often (its workers kept failing it) fails for good
 READ_BATCH = 64  # stream entries read at most per XREADGROUP
 
@@ -78,10 +80,13 @@ class Tracked:
 
 
 class SchedulerServer:
-    def __init__(self, config: SchedulerConfig, stream: RequestStream, redis) -> None:
+    def __init__(self, config: SchedulerConfig, stream: RequestStream, redis,
+                 cancels: RequestStream | None = None) -> None:
         self.config = config
         self.stream = stream
-        self.replies = PubSub(redis, ProtoCodec(pb.TokenEvent))
+        self.cancels = cancels  # the cancel stream (request ids), read through the same group
+        self.cancelled_early = Tombstones()  # cancels read before their requests
+        self.replies = ReplyWriter(redis, ProtoCodec(pb.TokenEvent))
         self.registry = Registry(config.prefill_queue_factor)
         self.workload = WorkloadEstimator(config.workload_window_s)
         self.replanner = Replanner(config.plan, self.workload, self.registry) if config.plan else None
@@ -120,7 +125,10 @@ class SchedulerServer:
         for entry in entries:
             rid = entry.message.request_id
             tracked = self.tracked.get(rid)
-            if tracked is None:
+            if tracked is None and rid in self.cancelled_early:  # its client left before we read it
+                log.info("request cancelled before it was read", request_id=rid)
+                self.background.spawn(self.stream.ack(entry.entry_id))
+            elif tracked is None:
                 self.tracked[rid] = Tracked(entry.entry_id, entry.message)
                 self.queue.append(rid)
                 self.workload.arrived(time.monotonic(), len(entry.message.prompt_token_ids),
@@ -133,7 +141,7 @@ class SchedulerServer:
     async def _refuse_duplicate(self, entry: StreamEntry) -> None:
         request = entry.message
         error = f"request id {request.request_id!r} is already in flight"
-        await self.replies.publish(request.reply_channel, pb.TokenEvent(
+        await self.replies.publish(request.reply_stream, pb.TokenEvent(
             request_id=request.request_id, finish_reason=pb.FINISH_REASON_ERROR, error=error))
         await self.stream.ack(entry.entry_id)
 
@@ -169,6 +177,15 @@ class SchedulerServer:
             log.info("assigned to prefill", request_id=tracked.request_id, worker=worker.instance_id)
         except grpc.aio.AioRpcError as exc:
             await self._rpc_failed(tracked, worker, exc)
+            return
+        self._abort_if_moved(tracked, worker)
+
+    def _abort_if_moved(self, tracked: Tracked, worker: WorkerEntry) -> None:
+        """After a Submit: a request cancelled or taken off worker while the call was on its way
+        (whose Abort the Submit may have overtaken) is aborted there now."""
+        if self.tracked.get(tracked.request_id) is not tracked or worker.instance_id not in (
+                tracked.prefill_id, tracked.decode_id):
+            self.background.spawn(self._abort_on(worker.instance_id, tracked.request_id))
 
     async def _rpc_failed(self, tracked: Tracked, worker: WorkerEntry, exc: grpc.aio.AioRpcError) -> None:
         """An unreachable worker is dropped (its requests requeued); a draining or overloaded one's
@@ -214,8 +231,13 @@ class SchedulerServer:
         worker = self.registry.workers.get(done.instance_id)
         if worker is not None and worker.assigned.pop(done.request_id, None) is not None:
             self.wake.set()  # it has room for more
-        if tracked is None or tracked.prefill_id != done.instance_id:
-            return  # cancelled, or reassigned after its worker was given up on
+        if tracked is None or tracked.prefill_id != done.instance_id or tracked.stage is not Stage.PREFILL:
+            # Cancelled, or reassigned after its worker was given up on: the KV it holds is no one's.
+            # (A report sent again for a request already past prefill changes nothing.)
+            if done.finish_reason == pb.FINISH_REASON_UNSPECIFIED and (
+                    tracked is None or tracked.prefill_id != done.instance_id):
+                self.background.spawn(self._abort_on(done.instance_id, done.request_id))
+            return
         tracked.request.timeline.CopyFrom(done.timeline)
         if done.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
             await self.finish(done.request_id, done.finish_reason, len(done.output_token_ids))
@@ -274,6 +296,8 @@ class SchedulerServer:
             log.info("assigned to decode", request_id=tracked.request_id, worker=worker.instance_id)
         except grpc.aio.AioRpcError as exc:
             await self._rpc_failed(tracked, worker, exc)
+            return
+        self._abort_if_moved(tracked, worker)
 
     # -- the end of a request -------------------------------------------------------------------
 
@@ -314,16 +338,37 @@ class SchedulerServer:
         log.warning("request failed", request_id=request_id, error=error)
         event = pb.TokenEvent(request_id=request_id, finish_reason=pb.FINISH_REASON_ERROR, error=error)
         try:
-            await self.replies.publish(tracked.request.reply_channel, event)
+            await self.replies.publish(tracked.request.reply_stream, event)
         except Exception as exc:  # Redis gone too long: the client's gateway times it out instead
             log.error("could not tell the client its request failed", request_id=request_id, error=repr(exc))
         await self.finish(request_id, pb.FINISH_REASON_ERROR)
 
+    async def cancels_forever(self) -> None:
+        """Read the cancel stream (what this consumer left pending first) and cancel each request."""
+        await self.cancels.ensure_group()
+        backlog = await self.cancels.pending(self.config.consumer)
+        backlog += await self.cancels.claim_idle(self.config.consumer, 0)
+        while True:
+            for entry in backlog:
+                await self.cancel(entry.message)
+                self.background.spawn(self.cancels.ack(entry.entry_id))
+            backlog = await self.cancels.get(self.config.consumer, block_ms=5000)
+
     async def cancel(self, request_id: str) -> None:
-        """The client went away: workers free what they hold themselves (they hear the same cancel)."""
+        """Its client went away (or a stop string ended it): forget the request and abort it on the
+        workers it was placed on. One not read yet is dropped when it is."""
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            log.warning("cancel of an id no gateway makes ignored", request_id=request_id[:64])
+            return
+        tracked = self.tracked.get(request_id)
+        if tracked is None:
+            self.cancelled_early.add(request_id)
+            return
         if request_id in self.queue:
             self.queue.remove(request_id)
             self.dequeued.set()
+        for worker_id in {tracked.prefill_id, tracked.decode_id} - {None}:
+            self.background.spawn(self._abort_on(worker_id, request_id))
         await self.finish(request_id, pb.FINISH_REASON_ABORT)
 
     # -- workers --------------------------------------------------------------------------------
@@ -406,12 +451,15 @@ class SchedulerServer:
         self._requeue([tracked])
 
     async def _abort_on(self, instance_id: str, request_id: str) -> None:
+        """Have a worker drop a request and free what it holds for it (nothing, if it has nothing)."""
         worker = self.registry.workers.get(instance_id)
         if worker is None:
             return
+        # A colocated worker answers the Prefill service, as it is placed like a prefill server.
+        stub = (decode_pb2_grpc.DecodeStub if worker.role == spb.WORKER_ROLE_DECODE
+                else prefill_pb2_grpc.PrefillStub)(self._channel(worker))
         try:
-            await decode_pb2_grpc.DecodeStub(self._channel(worker)).Abort(
-                pb.AbortRequest(request_id=request_id, requeued=True), timeout=self.config.rpc_timeout_s)
+            await stub.Abort(pb.AbortRequest(request_id=request_id), timeout=self.config.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.warning("abort failed", request_id=request_id, worker=instance_id, code=exc.code().name)
 

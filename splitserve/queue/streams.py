@@ -1,19 +1,22 @@
-"""Typed wrappers over the Redis request stream and pub/sub channels, with the codec injected.
+"""Typed wrappers over the Redis streams, with the codec injected.
 
-Keys and channels:
+Keys:
 - ``splitserve:requests``: the request stream. Gateways XADD, schedulers read it through the
   consumer group ``schedulers``. An entry stays in the group's pending list until the scheduler
   acknowledges it (finished or failed for good), so a scheduler that dies loses nothing: its
-  successor re-reads the pending entries. Acknowledged entries are deleted at once, which keeps the
+  successor claims the pending entries. Acknowledged entries are deleted at once, which keeps the
   stream short without ``MAXLEN`` (which in Redis 7 would also trim entries still pending).
-- ``splitserve:cancel``: pub/sub channel of cancelled request ids (the gateway publishes when a
-  client goes away; the scheduler and workers drop the request).
-- ``splitserve:reply:<gateway id>``: pub/sub channel per gateway on which workers publish the
-  TokenEvents of the requests that gateway owns.
+- ``splitserve:cancels``: the ids of requests a gateway cancels (its client went away, a stop string
+  ended it), read by the scheduler through the same group; the scheduler aborts each request on
+  the workers it placed it on.
+- ``splitserve:replies:<gateway id>``: one stream per gateway, on which workers (and the scheduler,
+  for a failure) append the TokenEvents of the requests that gateway owns. The gateway reads it
+  from the last entry it saw, so a reconnect resumes exactly where it stopped; every token event
+  carries its position, so a gap is seen, never silently skipped.
 
-A Redis restart or short outage is ridden out (reconnect.py): reads and subscriptions wait for Redis
-as long as it takes and re-subscribe, results (publishes, acknowledgements) wait up to
-PUBLISH_RETRY_S, and only `put` fails at once, so the gateway can answer its client.
+A Redis restart or short outage is ridden out (reconnect.py): reads wait for Redis as long as it
+takes, results (replies, acknowledgements) wait up to PUBLISH_RETRY_S, and only `put` fails at once,
+so the gateway can answer its client.
 """
 
 from __future__ import annotations
@@ -42,19 +45,22 @@ M = TypeVar("M", bound=Message)
 
 REQUEST_STREAM = "splitserve:requests"
 SCHEDULER_GROUP = "schedulers"
-CANCEL_CHANNEL = "splitserve:cancel"
+CANCEL_STREAM = "splitserve:cancels"
 FIELD = b"msg"
 PUBLISH_RETRY_S = 60.0  # how long a publish or an acknowledgement waits for Redis before it raises
 # A reconnect to an address that no longer answers (a container restarted under a new IP) would
 # otherwise hang in connect() for ~20 s per attempt before the retry resolves the name again.
 CONNECT_TIMEOUT_S = 2.0
-# After Redis comes back, subscribers re-subscribe within a retry delay or two: until then a message
-# no one received is published again (a token is delayed, not lost).
-RESUBSCRIBE_GRACE_S = 5.0
+# A reply stream holds at most about this many entries, far above any backlog (its gateway trims
+# what it read every REPLY_KEEP_S): bounded even if its gateway stops reading.
+REPLY_MAXLEN = 100_000
+REPLY_TTL_S = 300  # a reply stream whose gateway stopped renewing it (died) expires this long after
+REPLY_KEEP_S = 10.0
+CANCEL_MAXLEN = 100_000  # cancels not yet read by a scheduler, at most (about)
 
 
-def reply_channel(gateway_id: str) -> str:
-    return f"splitserve:reply:{gateway_id}"
+def reply_stream(gateway_id: str) -> str:
+    return f"splitserve:replies:{gateway_id}"
 
 
 class Codec(Protocol[T]):
@@ -77,7 +83,7 @@ class ProtoCodec(Generic[M]):
 
 
 class TextCodec:
-    """Plain UTF-8 strings (request ids on the cancel channel)."""
+    """Plain UTF-8 strings (request ids on the cancel stream)."""
 
     def encode(self, message: str) -> bytes:
         return message.encode()
@@ -234,78 +240,108 @@ class RequestStream(Generic[T]):
         return entries
 
 
-class PubSub(Generic[T]):
-    """Typed publish/subscribe on Redis channels.
+class ReplyWriter(Generic[T]):
+    """Appends messages to gateways' reply streams, in order, one round trip per batch.
 
-    A publish waits for Redis up to retry_s (then raises), and right after an outage publishes again
-    what no one received while subscribers re-subscribe (RESUBSCRIBE_GRACE_S): subscribers must
-    drop duplicates (the gateway drops token positions it has; a cancel is idempotent).
+    An append waits for Redis up to retry_s (then raises). A retry after a reply lost with the
+    connection may append a message twice: readers drop what they have (token positions). Appends
+    never create a stream (NOMKSTREAM): a stream its gateway no longer keeps (it exited, or its key
+    expired) takes nothing.
     """
 
     def __init__(self, client: RedisClient, codec: Codec[T], retry_s: float = PUBLISH_RETRY_S) -> None:
         self.client, self.codec, self.retry_s = client, codec, retry_s
         self.link = client.link
 
-    async def publish(self, channel: str, message: T) -> None:
-        await self.publish_many([(channel, message)])
+    async def publish(self, stream: str, message: T) -> None:
+        await self.publish_many([(stream, message)])
 
     async def publish_many(self, messages: list[tuple[str, T]]) -> None:
-        """Publish several messages in one round trip (a decode step's tokens), in order."""
-        payloads = [(channel, self.codec.encode(message)) for channel, message in messages]
-        while payloads:
-            receivers = await self.link.call(functools.partial(self._publish, payloads), self.retry_s)
-            if 0 not in receivers or not self.link.reconnected_within(RESUBSCRIBE_GRACE_S):
-                return
-            payloads = payloads[receivers.index(0):]  # from the first unheard one on, keeping order
-            await asyncio.sleep(0.1)  # a subscriber's retry delay is at least this long
+        payloads = [(stream, self.codec.encode(message)) for stream, message in messages]
+        if payloads:
+            await self.link.call(functools.partial(self._append, payloads), self.retry_s)
 
-    async def _publish(self, payloads: list[tuple[str, bytes]]) -> list[int]:
+    async def _append(self, payloads: list[tuple[str, bytes]]) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
-            for channel, payload in payloads:
-                pipe.publish(channel, payload)
-            return await pipe.execute()
-
-    async def subscribe(self, channel: str) -> AsyncIterator[T]:
-        """Messages on channel from now on, until the caller stops iterating."""
-        subscription = Subscription(self.client, channel, self.codec)
-        try:
-            await subscription.open()
-            async for message in subscription:
-                yield message
-        finally:
-            await subscription.close()
+            for stream, payload in payloads:
+                pipe.xadd(stream, {FIELD: payload}, maxlen=REPLY_MAXLEN, approximate=True, nomkstream=True)
+            await pipe.execute()
 
 
-class Subscription(Generic[T]):
-    """One channel's messages, decoded. Through a Redis outage it waits; redis-py re-subscribes
-    the channel when it reconnects, and messages published after that arrive again."""
+class ReplyReader(Generic[T]):
+    """One gateway's reply stream, read in order from the last entry seen: through a Redis outage it
+    waits, and resumes exactly where it stopped (with the append-only file, nothing is lost).
 
-    def __init__(self, client: RedisClient, channel: str, codec: Codec[T]) -> None:
-        self.channel, self.codec = channel, codec
+    open() creates the stream; keep_forever() keeps it alive (an expiry a dead gateway's stream runs
+    out on, renewed while this one runs) and trims what was read; close() deletes it.
+    """
+
+    def __init__(self, client: RedisClient, key: str, codec: Codec[T]) -> None:
+        self.client, self.key, self.codec = client, key, codec
         self.link = client.link
-        self._pubsub = client.pubsub()
+        self.last_id = b"0-0"
 
     async def open(self) -> None:
-        """Subscribe and wait for Redis to confirm: messages published from now on are received."""
-        await self.link.call(lambda: self._pubsub.subscribe(self.channel))
-        while True:
-            message = await self.link.call(lambda: self._pubsub.get_message(timeout=None))
-            if message is not None and message["type"] == "subscribe":
-                return
+        """Create the stream (if new) and start after its last entry: earlier ones are a previous
+        process's."""
+        self.last_id = await self.link.call(self._create)
+
+    async def _create(self) -> bytes:
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.key, {b"open": b"1"}, maxlen=REPLY_MAXLEN, approximate=True)
+            pipe.expire(self.key, REPLY_TTL_S)
+            marker, _ = await pipe.execute()
+        return marker
 
     async def __aiter__(self) -> AsyncIterator[T]:
         while True:
-            # Any answer (the re-subscription's confirmation first) means Redis is back.
-            message = await self.link.call(lambda: self._pubsub.get_message(timeout=None))
-            if message is not None and message["type"] == "message":
-                yield self.codec.decode(message["data"])
+            reply = await self.link.call(lambda: self.client.xread({self.key: self.last_id}, count=512,
+                                                                   block=5000))
+            for _, items in reply or ():
+                for entry_id, fields in items:
+                    self.last_id = entry_id
+                    if FIELD in fields:  # not the stream's opening marker
+                        message = self._decode(entry_id, fields[FIELD])
+                        if message is not None:
+                            yield message
+
+    def _decode(self, entry_id: bytes, payload: bytes) -> T | None:
+        try:
+            return self.codec.decode(payload)
+        except (ValueError, DecodeError) as exc:
+            log.error("malformed reply dropped", stream=self.key, entry_id=entry_id.decode(), error=repr(exc))
+            return None
+
+    async def keep_forever(self) -> None:
+        """Every REPLY_KEEP_S: renew the expiry, trim the entries read, and create the stream again if
+        Redis lost it (its data gone): replies appended meanwhile are lost, which readers see as a gap."""
+        while True:
+            await asyncio.sleep(REPLY_KEEP_S)
+            await self.link.call(self._keep)
+
+    async def _keep(self) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.expire(self.key, REPLY_TTL_S)
+            pipe.xtrim(self.key, minid=self.last_id, approximate=False)
+            renewed, _ = await pipe.execute()
+        if not renewed:
+            log.error("the reply stream is gone (Redis lost its data?): created again; replies sent "
+                      "meanwhile are lost", stream=self.key)
+            await self._create()
 
     async def close(self) -> None:
-        await self._pubsub.aclose()
+        await self.client.delete(self.key)
 
 
-async def listen_for_cancels(client: RedisClient, on_cancel) -> None:
-    """Await on_cancel(request_id) for every id published on the cancel channel, forever (Redis
-    outages included)."""
-    async for request_id in PubSub(client, TextCodec()).subscribe(CANCEL_CHANNEL):
-        await on_cancel(request_id)
+class CancelWriter:
+    """The gateway's side of the cancel stream: the ids of requests whose clients went away (or whose
+    stop string ended them), for the scheduler, which aborts them where it placed them."""
+
+    def __init__(self, client: RedisClient, retry_s: float) -> None:
+        self.client, self.retry_s = client, retry_s
+        self.link = client.link
+
+    async def cancel(self, request_id: str) -> None:
+        """Append request_id, waiting for Redis up to retry_s; a second copy (a retry) is harmless."""
+        await self.link.call(lambda: self.client.xadd(
+            CANCEL_STREAM, {FIELD: request_id.encode()}, maxlen=CANCEL_MAXLEN, approximate=True), self.retry_s)

@@ -76,20 +76,20 @@ class Timeline(_message.Message):
     def __init__(self, arrival: _Optional[float] = ..., queued: _Optional[float] = ..., scheduled: _Optional[float] = ..., prefill_start: _Optional[float] = ..., prefill_end: _Optional[float] = ..., first_token: _Optional[float] = ..., kv_transfer_start: _Optional[float] = ..., kv_transfer_end: _Optional[float] = ..., token_times: _Optional[_Iterable[float]] = ..., finish: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ...) -> None: ...
 
 class QueuedRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "reply_channel", "timeline", "kv_capability")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "reply_stream", "timeline", "kv_capability")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
-    REPLY_CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    REPLY_STREAM_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
     KV_CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
-    reply_channel: str
+    reply_stream: str
     timeline: Timeline
     kv_capability: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., reply_channel: _Optional[str] = ..., timeline: _Optional[_Union[Timeline, _Mapping]] = ..., kv_capability: _Optional[str] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., reply_stream: _Optional[str] = ..., timeline: _Optional[_Union[Timeline, _Mapping]] = ..., kv_capability: _Optional[str] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
     __slots__ = ("request_id", "token_ids", "index", "finish_reason", "error", "timeline")
@@ -148,12 +148,10 @@ class KvHandle(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prefill_instance_id: _Optional[str] = ..., prefill_grpc_address: _Optional[str] = ..., transport: _Optional[_Union[KvTransport, str]] = ..., ucx_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., num_bytes: _Optional[int] = ..., lease_expires: _Optional[float] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
-    __slots__ = ("request_id", "requeued")
+    __slots__ = ("request_id",)
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    REQUEUED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    requeued: bool
-    def __init__(self, request_id: _Optional[str] = ..., requeued: _Optional[bool] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class AbortResponse(_message.Message):
     __slots__ = ("found",)

@@ -1,12 +1,11 @@
 """Plumbing every worker (prefill, decode, colocated) shares: its registration, stats, the scheduler
-link, ordered reply publishing, cancelled-id tombstones, and the drain on SIGTERM."""
+link, ordered reply publishing, and the drain on SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections import OrderedDict
 from typing import Protocol
 
 import grpc
@@ -18,7 +17,7 @@ from splitserve.common.rpc import NOT_SERVING, open_channel
 from splitserve.common.service import Background, Progress
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.request import RequestState, StepOutput
-from splitserve.queue.streams import ProtoCodec, PubSub
+from splitserve.queue.streams import ProtoCodec, ReplyWriter
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.v1 import scheduler_pb2_grpc
@@ -238,51 +237,21 @@ async def call_with_retries(rpc, request, what: str, attempts: int = 5, timeout_
             delay *= 2
 
 
-class Tombstones:
-    """Ids of cancelled requests, remembered for ttl_s so a late Submit is refused.
-
-    Kept in insertion order, so adding costs O(1) amortized: expired ids leave from the front. A
-    flood of cancels (anyone can publish one) keeps at most max_size ids, oldest dropped first.
-    """
-
-    def __init__(self, ttl_s: float = 300.0, max_size: int = 100_000) -> None:
-        self.ttl_s = ttl_s
-        self.max_size = max_size
-        self._ids: OrderedDict[str, float] = OrderedDict()  # oldest first
-
-    def add(self, request_id: str) -> None:
-        now = time.monotonic()
-        self._ids.pop(request_id, None)  # a repeat moves to the back, with its new time
-        self._ids[request_id] = now
-        while len(self._ids) > self.max_size or self._oldest_expired(now):
-            self._ids.popitem(last=False)
-
-    def _oldest_expired(self, now: float) -> bool:
-        oldest = next(iter(self._ids.values()), None)
-        return oldest is not None and now - oldest >= self.ttl_s
-
-    def __contains__(self, request_id: str) -> bool:
-        added = self._ids.get(request_id)
-        return added is not None and time.monotonic() - added < self.ttl_s
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-
 class ReplyPublisher:
-    """Publishes TokenEvents in the order they were produced, batching what piles up.
+    """Appends TokenEvents to their reply streams in the order they were produced, batching what
+    piles up.
 
-    Concurrent publishes from separate tasks could overtake one another on different Redis
+    Concurrent appends from separate tasks could overtake one another on different Redis
     connections; one sender task keeps each request's tokens in order.
     """
 
     def __init__(self, client) -> None:
-        self._pubsub = PubSub(client, ProtoCodec(pb.TokenEvent))
+        self._writer = ReplyWriter(client, ProtoCodec(pb.TokenEvent))
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._background = Background()
 
     def send(self, events: list[tuple[str, pb.TokenEvent]], then=None) -> None:
-        """Queue (channel, event) pairs; `then` (a coroutine function) runs once they are out."""
+        """Queue (stream, event) pairs; `then` (a coroutine function) runs once they are out."""
         self._outbox.put_nowait((events, then))
 
     async def run(self) -> None:
@@ -290,7 +259,7 @@ class ReplyPublisher:
             batch = [await self._outbox.get()]
             while not self._outbox.empty():
                 batch.append(self._outbox.get_nowait())
-            await self._pubsub.publish_many([e for events, _ in batch for e in events])
+            await self._writer.publish_many([e for events, _ in batch for e in events])
             for _, then in batch:
                 if then is not None:
                     self._background.spawn(then())
