@@ -116,10 +116,17 @@ class RunningCluster:
             self._printed.append(chunk)
         return b"".join(self._printed).decode(errors="replace")
 
-    def workers(self) -> list[scheduler_pb2.WorkerState]:
+    def state(self) -> scheduler_pb2.ClusterState:
         with self.channel(self.scheduler_address, server="scheduler") as channel:
-            return list(scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
-                scheduler_pb2.ClusterStateRequest(), timeout=5, metadata=self.metadata).workers)
+            return scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
+                scheduler_pb2.ClusterStateRequest(), timeout=5, metadata=self.metadata)
+
+    def workers(self) -> list[scheduler_pb2.WorkerState]:
+        return list(self.state().workers)
+
+    def as_scheduler(self) -> tuple[tuple[str, str], ...]:
+        """Metadata for a test's Submit or Abort to a worker, as the leading scheduler's (its epoch)."""
+        return (*self.metadata, ("x-splitserve-epoch", str(self.state().epoch)))
 
     def worker_stats(self) -> dict[str, common_pb2.WorkerStats]:
         """Each worker's stats, asked from the worker itself (its admin RPC), not from heartbeats."""

@@ -95,7 +95,7 @@ class EndlessStream:
     async def pending(self, consumer: str) -> list:
         return []
 
-    async def claim_idle(self, consumer: str, min_idle_ms: int) -> list:
+    async def claim(self, consumer: str, min_idle_ms: int = 0) -> list:
         return []
 
     async def get(self, consumer: str, block_ms: int, count: int = 64) -> list[StreamEntry]:
@@ -114,6 +114,7 @@ class EndlessStream:
 def _scheduler(stream=None, max_queued: int = 4096, workers=()) -> SchedulerServer:
     config = SchedulerConfig("127.0.0.1", 0, "redis://unused", "s0", 2.0, 5.0, 60.0, max_queued=max_queued)
     server = SchedulerServer(config, stream=stream or EndlessStream(), redis=connect(UNUSED_REDIS))
+    server.leading.set()  # the leader, as a lone scheduler is once it took over
 
     class Replies:
         published: list = []
@@ -371,6 +372,9 @@ class Aborted(Exception):
 
 
 class Context:
+    def invocation_metadata(self) -> tuple:
+        return ()
+
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise Aborted(code, details)
 

@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import start_cluster, stop_cluster
 from test_cluster import MODEL, _post
-from test_poison_request import _redis_url
+from test_poison_request import _redis_url, _scheduler_pid
 from test_up_supervision import _argv, _descendants
 
 from splitserve.common.auth import (
@@ -141,21 +142,32 @@ def test_with_the_token_internal_calls_work_and_health_stays_open(grpc_cluster):
 def test_kv_of_a_held_request_needs_its_capability_besides_the_cluster_token(grpc_cluster):
     """With the cluster token but a wrong capability, PullKv and Release get PERMISSION_DENIED and the
     prefill server's blocks stay as they were; with the request's capability both work. The test
-    plays the scheduler: it submits a request with a capability it chose."""
+    plays the scheduler: it submits a request with a capability it chose, while the real one is
+    paused (it would abort at once a request it does not know)."""
     address = _addresses(grpc_cluster)["prefill-0"]
     capability = new_token()
     request = common_pb2.QueuedRequest(
         request_id="capability-test", prompt_token_ids=[1, 504, 3156, 314] * 8, reply_stream="test:capability",
         sampling=common_pb2.SamplingParams(temperature=0.0, top_p=1.0, max_tokens=4), kv_capability=capability)
+    as_scheduler, scheduler_pid = grpc_cluster.as_scheduler(), _scheduler_pid(grpc_cluster.scheduler_address)
+    os.kill(scheduler_pid, signal.SIGSTOP)
+    try:
+        _play_the_scheduler(grpc_cluster, address, request, capability, as_scheduler)
+    finally:
+        os.kill(scheduler_pid, signal.SIGCONT)
+
+
+def _play_the_scheduler(grpc_cluster, address: str, request, capability: str, as_scheduler) -> None:
     # The scheduler's certificate submits; a decode server's pulls and releases (mutual TLS roles).
-    with grpc_cluster.channel(address, "scheduler") as channel, grpc_cluster.channel(address, "decode") as puller:
+    with grpc_cluster.channel(address, "scheduler", server="prefill") as channel, \
+            grpc_cluster.channel(address, "decode", server="prefill") as puller:
         stub, decode = prefill_pb2_grpc.PrefillStub(channel), prefill_pb2_grpc.PrefillStub(puller)
         without = common_pb2.QueuedRequest(request_id="no-capability", prompt_token_ids=[1, 2, 3],
                                            reply_stream="test:capability", sampling=request.sampling)
         with pytest.raises(grpc.RpcError) as refused:  # its KV would be open to anyone guessing its id
-            stub.Submit(without, timeout=30, metadata=grpc_cluster.metadata)
+            stub.Submit(without, timeout=30, metadata=as_scheduler)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        stub.Submit(request, timeout=30, metadata=grpc_cluster.metadata)
+        stub.Submit(request, timeout=30, metadata=as_scheduler)
         deadline = time.monotonic() + 30
         while (held := stub.GetStats(common_pb2.StatsRequest(), timeout=5, metadata=grpc_cluster.metadata)).num_held != 1:
             assert time.monotonic() < deadline, held
@@ -224,7 +236,7 @@ def test_under_mutual_tls_each_method_is_taken_only_from_the_roles_that_call_it(
     # Allowed roles reach the handler: the scheduler aborts an unknown request (found=False).
     with grpc_cluster.channel(_addresses(grpc_cluster)["prefill-0"], "scheduler") as channel:
         assert not prefill_pb2_grpc.PrefillStub(channel).Abort(
-            common_pb2.AbortRequest(request_id="no-such-request"), timeout=10, metadata=grpc_cluster.metadata).found
+            common_pb2.AbortRequest(request_id="no-such-request"), timeout=10, metadata=grpc_cluster.as_scheduler()).found
     # A worker registers only as what its certificate names: a prefill server's cannot enrol a decode server.
     as_decode = scheduler_pb2.RegisterRequest(
         worker=scheduler_pb2.WorkerInfo(instance_id="fake-decode", role=scheduler_pb2.WORKER_ROLE_DECODE,

@@ -163,8 +163,9 @@ def test_a_draining_prefill_server_finishes_its_queue_and_its_kv_is_pulled_befor
 
 
 def test_a_draining_scheduler_exits_0_and_leaves_unstarted_requests_in_the_stream(tmp_path):
-    """No workers: the request it read cannot start. On SIGTERM it exits at once, the entry stays
-    pending in the stream, and the next scheduler under the same name takes it up."""
+    """No workers: the request it read cannot start. On SIGTERM it exits at once, giving up the leader
+    lease; the entry stays pending in the stream, and the next scheduler takes the lease at once (no
+    waiting out the lease) and the request over."""
     with LocalRedis() as server:
         async def put() -> None:  # as a gateway does
             client = connect(server.url)
@@ -188,12 +189,19 @@ def test_a_draining_scheduler_exits_0_and_leaves_unstarted_requests_in_the_strea
         second = _start_scheduler(server.url, tmp_path / "second.log")
         try:
             deadline = time.monotonic() + 20
-            while "recovered pending requests" not in (tmp_path / "second.log").read_text():
+            while not (leading := _log_events(tmp_path / "second.log", "leading")):
                 assert time.monotonic() < deadline and second.poll() is None, (tmp_path / "second.log").read_text()
                 time.sleep(0.05)
+            (taking,) = _log_events(tmp_path / "second.log", "leader lease taken; taking over")
+            assert (leading[0]["pending"], leading[0]["queued"], taking["epoch"]) == (1, 1, 2)
         finally:
             second.send_signal(signal.SIGTERM)
             assert second.wait(20) == 0
+
+
+def _log_events(log: Path, event: str) -> list[dict]:
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("event") == event]
 
 
 def _start_scheduler(redis_url: str, log: Path) -> subprocess.Popen:

@@ -54,6 +54,14 @@ def _worker_processes(scheduler_address: str) -> dict[str, int]:
             if _flag(argv, "--instance-id") and _flag(argv, "--scheduler") == scheduler_address}
 
 
+def _scheduler_pid(scheduler_address: str) -> int:
+    port = scheduler_address.rsplit(":", 1)[1]
+    for pid, argv in _command_lines().items():
+        if "scheduler" in argv and _flag(argv, "--port") == port and _flag(argv, "--redis-url"):
+            return pid
+    raise LookupError("no scheduler process for this cluster")
+
+
 def _redis_url(scheduler_address: str) -> str:
     """The cluster's Redis, as its scheduler process was told."""
     port = scheduler_address.rsplit(":", 1)[1]

@@ -75,6 +75,7 @@ def test_a_dropped_worker_s_requests_go_back_to_the_front_in_arrival_order():
     async def scenario():
         config = SchedulerConfig("127.0.0.1", 0, "redis://unused", "s0", 2.0, 5.0, 60.0)
         server = SchedulerServer(config, stream=None, redis=connect(UNUSED_REDIS))
+        server.leading.set()  # the leader, as a lone scheduler is once it took over
         worker = _worker(server.registry, "p-a", spb.WORKER_ROLE_PREFILL)
         for i, rid in enumerate(["r1", "r2", "r3", "r4"]):
             server.tracked[rid] = Tracked(f"{i}-0".encode(), pb.QueuedRequest(request_id=rid))
@@ -134,6 +135,8 @@ def _scheduler_with(*workers):
 
     server = SchedulerServer(SchedulerConfig("127.0.0.1", 0, "redis://unused", "s0", 2.0, 5.0, 60.0),
                              stream=Stream(), redis=connect(UNUSED_REDIS))
+
+    server.leading.set()  # the leader, as a lone scheduler is once it took over
     server.replies = Replies()
     for name, role in workers:
         info = spb.WorkerInfo(instance_id=name, role=role, token_budget=100, kv_layout=LAYOUT,
@@ -240,7 +243,7 @@ def test_a_prefill_server_handing_back_unpulled_kv_requeues_the_request_and_stop
     async def abort_on(self, instance_id, request_id):
         aborted.append((instance_id, request_id))
 
-    monkeypatch.setattr(SchedulerServer, "_abort_on", abort_on)
+    monkeypatch.setattr(SchedulerServer, "_abort", abort_on)
 
     async def scenario():
         server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d-a", spb.WORKER_ROLE_DECODE))
@@ -333,3 +336,76 @@ def test_a_kv_handle_must_name_its_prefill_servers_registered_addresses(grpc_add
         assert submitted == [] and "r1" not in server.tracked
         (event,) = server.replies.published
         assert event.finish_reason == pb.FINISH_REASON_ERROR and "did not register" in event.error
+
+
+# -- reconciliation: what heartbeats say a worker holds ---------------------------------------------
+
+
+def test_a_request_missing_from_two_heartbeats_after_its_submit_runs_again_and_a_stray_one_is_aborted(monkeypatch):
+    """The leader places r1 on d-a (its Submit answered at d-a's heartbeat count 5). The heartbeat
+    after may have been built before d-a had it; the one after that may not: r1 missing from it
+    means its report was lost with d-a's copy, and r1 runs again. d-a's copy of r9, which the
+    scheduler does not know (finished, cancelled), is aborted there."""
+    import asyncio
+
+    from splitserve.services.scheduler.server import SchedulerServer, Stage
+
+    aborted = []
+
+    async def abort(self, instance_id, request_id):
+        aborted.append((instance_id, request_id))
+
+    monkeypatch.setattr(SchedulerServer, "_abort", abort)
+
+    async def scenario():
+        server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d-a", spb.WORKER_ROLE_DECODE))
+        decode = server.registry.workers["d-a"]
+        tracked = _in_decode(server, "r1", b"1-0", "p", "d-a")
+        decode.beats = 5
+        server._submitted(tracked, decode)
+        server.heartbeat(decode, set())  # 6: built before the Submit reached d-a, perhaps
+        after_one = tracked.stage, list(server.queue)
+        server.heartbeat(decode, {"r9"})  # 7: built after it: r1 is gone
+        await asyncio.sleep(0)
+        return server, tracked, after_one
+
+    server, tracked, after_one = asyncio.run(scenario())
+    assert after_one == (Stage.DECODE, [])
+    assert tracked.stage is Stage.QUEUED and list(server.queue) == ["r1"] and tracked.runs == 2
+    assert aborted == [("d-a", "r9")]
+
+
+def test_held_requests_are_left_alone_and_a_prefill_server_s_copy_stops_counting_once_prefilled(monkeypatch):
+    import asyncio
+
+    from splitserve.services.scheduler.server import SchedulerServer, Stage
+
+    aborted = []
+
+    async def abort(self, instance_id, request_id):
+        aborted.append((instance_id, request_id))
+
+    monkeypatch.setattr(SchedulerServer, "_abort", abort)
+
+    async def scenario():
+        server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d-a", spb.WORKER_ROLE_DECODE))
+        prefill, decode = server.registry.workers["p"], server.registry.workers["d-a"]
+        tracked = _in_decode(server, "r1", b"1-0", "p", "d-a")
+        server._submitted(tracked, decode)
+        for _ in range(4):
+            server.heartbeat(decode, {"r1"})
+            server.heartbeat(prefill, {"r1"})  # its KV, until the decode server's pull releases it
+        server.heartbeat(prefill, set())  # released: not the prefill server's to hold any more
+        await asyncio.sleep(0)
+        return tracked
+
+    tracked = asyncio.run(scenario())
+    assert tracked.stage is Stage.DECODE and tracked.runs == 1 and aborted == []
+
+
+def test_a_standby_records_what_workers_hold_and_acts_on_nothing():
+    server = _scheduler_with(("d-a", spb.WORKER_ROLE_DECODE))
+    server.leading.clear()
+    decode = server.registry.workers["d-a"]
+    server.heartbeat(decode, {"r1", "r2"})
+    assert decode.held == {"r1", "r2"} and decode.beats == 1 and not server.background._tasks

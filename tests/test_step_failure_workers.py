@@ -42,14 +42,18 @@ class Replies:
             self.follow_ups.append(then())
 
 
-class SchedulerStub:
+class Link:
+    """Stands in for SchedulerLink: keeps what is owed (at the step) and what is reported (after the
+    events are out)."""
+
     def __init__(self) -> None:
+        self.owed: list[tuple[type, str]] = []
         self.reports: list = []
 
-    async def PrefillDone(self, done, timeout=None):  # noqa: N802 (gRPC's names)
-        self.reports.append(done)
+    def owe(self, report_type, request_id: str) -> None:
+        self.owed.append((report_type, request_id))
 
-    async def RequestDone(self, done, timeout=None):  # noqa: N802
+    async def report(self, done) -> None:
         self.reports.append(done)
 
 
@@ -64,11 +68,13 @@ def request() -> pb.QueuedRequest:
 
 async def step_failed(server, num_emitted_before: int = 0):
     """Hand the server a step whose only output is r's failure; returns (event, report)."""
-    server.replies, server.scheduler = Replies(), SchedulerStub()
+    server.replies, server.link = Replies(), Link()
     server._on_step(StepResult([FAILED], 1.0, 2.0, extra={}))
+    [(report_type, owed_id)] = server.link.owed  # counted as held from the step on, till reported
     await asyncio.gather(*server.replies.follow_ups)
     [(channel, event)] = server.replies.events
-    [report] = server.scheduler.reports
+    [report] = server.link.reports
+    assert (report_type, owed_id) == (type(report), "r")
     assert channel == "gw" and "r" not in server.requests
     assert event.finish_reason == pb.FINISH_REASON_ERROR and event.error == ERROR
     assert list(event.token_ids) == [] and event.index == num_emitted_before
@@ -79,8 +85,7 @@ async def step_failed(server, num_emitted_before: int = 0):
 
 def test_the_prefill_server_tells_the_client_and_reports_prefill_done_error(engine):
     async def scenario():
-        server = PrefillServer(CONFIG, engine, redis=connect(UNUSED_REDIS), scheduler_stub=None,
-                               kv_lease_s=60.0)
+        server = PrefillServer(CONFIG, engine, redis=connect(UNUSED_REDIS), kv_lease_s=60.0)
         server.requests["r"] = Held(request())
         report = await step_failed(server)
         assert isinstance(report, spb.PrefillDoneRequest) and list(report.output_token_ids) == []
@@ -132,6 +137,7 @@ def test_the_scheduler_acknowledges_a_failed_request_and_never_runs_it_again(rep
     async def scenario():
         config = SchedulerConfig("127.0.0.1", 0, "redis://unused", "s0", 2.0, 5.0, 60.0)
         server = SchedulerServer(config, stream=Stream(), redis=connect(UNUSED_REDIS))
+        server.leading.set()  # the leader, as a lone scheduler is once it took over
         info = spb.WorkerInfo(instance_id="p0", role=spb.WORKER_ROLE_PREFILL, token_budget=100)
         worker = server.registry.register(info, pb.WorkerStats(num_free_blocks=10), now=0.0)
         server.tracked["r"] = Tracked(b"1-0", request(), Stage.PREFILL, prefill_id="p0")

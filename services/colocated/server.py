@@ -23,10 +23,10 @@ from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.worker.common import (
     Draining,
+    Fence,
     ReplyPublisher,
     SchedulerLink,
     add_to_engine,
-    call_with_retries,
     drain_requests,
     engine_stats,
     token_event,
@@ -50,7 +50,8 @@ class ColocatedServer:
         self.config = config
         self.loop = EngineLoop(engine, self._on_step, snapshot=engine_stats)
         self.replies = ReplyPublisher(redis)
-        self.scheduler = None  # the SchedulerStub, set once the link exists
+        self.link: SchedulerLink | None = None  # set once it exists: reports and hand-backs go through it
+        self.fence = Fence()  # refuses a deposed scheduler's Submit and Abort
         self.requests: dict[str, Running] = {}
         self.draining = False
         self.progress = Progress()  # a request finished or left
@@ -82,6 +83,10 @@ class ColocatedServer:
         queued = [rid for rid, running in self.requests.items() if running.num_emitted == 0]
         await drain_requests(self, link, queued, timeout_s)
 
+    def held(self) -> list[str]:
+        """Every request here, from Submit to its last token."""
+        return list(self.requests)
+
     async def stats(self) -> pb.WorkerStats:
         return self.loop.snapshot
 
@@ -105,12 +110,14 @@ class ColocatedServer:
                 self.progress.note()
             if running.num_emitted == 1:  # its first event: a token, or the error of its first step
                 prefilled.append(self._prefill_done(running, event))
+                self.link.owe(spb.PrefillDoneRequest, out.request_id)
             elif out.finish_reason is not None:
+                self.link.owe(spb.RequestDoneRequest, out.request_id)
                 finished.append((out.request_id, event.finish_reason, event.index + len(event.token_ids),
                                  event.error))
             events.append((running.request.reply_stream, event))
         self.replies.send(events, then=lambda: asyncio.gather(
-            *(call_with_retries(self.scheduler.PrefillDone, d, what="PrefillDone") for d in prefilled),
+            *(self.link.report(d) for d in prefilled),
             *(self._report_done(*done) for done in finished)))
 
     def _prefill_done(self, running: Running, event: pb.TokenEvent) -> spb.PrefillDoneRequest:
@@ -122,4 +129,4 @@ class ColocatedServer:
     async def _report_done(self, rid: str, reason: int, num_tokens: int, error: str = "") -> None:
         done = spb.RequestDoneRequest(request_id=rid, instance_id=self.config.instance_id,
                                       finish_reason=reason, error=error, num_output_tokens=num_tokens)
-        await call_with_retries(self.scheduler.RequestDone, done, what="RequestDone")
+        await self.link.report(done)

@@ -34,8 +34,9 @@ async def serve(config: WorkerConfig) -> int:
     server = DecodeServer(config, engine, redis, puller)
     decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(server), grpc_server)
     address = advertised_address(config, port)
-    link = SchedulerLink(config, worker_info(config, spb.WORKER_ROLE_DECODE, address, engine), server.stats)
-    server.scheduler, server.link = link.stub, link
+    link = SchedulerLink(config, worker_info(config, spb.WORKER_ROLE_DECODE, address, engine), server.stats,
+                         server.held, server.fence)
+    server.link = link
     server.loop.start()
     await puller.start()
     try:  # UCX keeps a non-daemon thread: close the puller on every exit path

@@ -33,9 +33,9 @@ from splitserve.v1 import decode_pb2, prefill_pb2, prefill_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.worker.common import (
     Draining,
+    Fence,
     ReplyPublisher,
     SchedulerLink,
-    call_with_retries,
     drain_requests,
     engine_stats,
     token_event,
@@ -71,8 +71,8 @@ class DecodeServer:
         self.loop = EngineLoop(engine, self._on_step, snapshot=engine_stats)
         self.replies = ReplyPublisher(redis)
         self.puller = puller
-        self.scheduler = None  # the SchedulerStub, set once the link exists
-        self.link: SchedulerLink | None = None
+        self.link: SchedulerLink | None = None  # set once it exists: reports and hand-backs go through it
+        self.fence = Fence()  # refuses a deposed scheduler's Submit and Abort
         self.requests: dict[str, Admitted] = {}
         self.waiting: deque[str] = deque()  # FCFS, until blocks are free
         self.room = asyncio.Event()  # set when blocks may have been freed
@@ -130,6 +130,10 @@ class DecodeServer:
         on the prefill server still, so another decode server pulls it); give the running ones
         timeout_s to finish, then hand back the rest."""
         await drain_requests(self, link, list(self.waiting), timeout_s, kv_not_pulled=True)
+
+    def held(self) -> list[str]:
+        """Every request here, from Submit (waiting for blocks included) to its last token."""
+        return list(self.requests)
 
     async def stats(self) -> pb.WorkerStats:
         stats = pb.WorkerStats()
@@ -221,6 +225,7 @@ class DecodeServer:
         self.progress.note()
         if admitted is None:
             return
+        self.link.owe(spb.RequestDoneRequest, rid)
         event = pb.TokenEvent(request_id=rid, index=admitted.num_emitted,
                               finish_reason=pb.FINISH_REASON_ERROR, error=error)
         self.replies.send([(admitted.request.reply_stream, event)],
@@ -239,6 +244,7 @@ class DecodeServer:
             admitted.num_emitted += 1
             if out.finish_reason is not None:
                 del self.requests[out.request_id]
+                self.link.owe(spb.RequestDoneRequest, out.request_id)
                 finished.append((out.request_id, event.finish_reason, event.index + len(event.token_ids),
                                  event.error))
             events.append((admitted.request.reply_stream, event))
@@ -251,4 +257,4 @@ class DecodeServer:
     async def _report_done(self, rid: str, reason: int, num_tokens: int, error: str = "") -> None:
         done = spb.RequestDoneRequest(request_id=rid, instance_id=self.config.instance_id,
                                       finish_reason=reason, error=error, num_output_tokens=num_tokens)
-        await call_with_retries(self.scheduler.RequestDone, done, what="RequestDone")
+        await self.link.report(done)

@@ -18,6 +18,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     async def Submit(self, request: decode_pb2.DecodeRequest, context) -> decode_pb2.DecodeSubmitResponse:
         bind_request(request.request.request_id)
+        await self.server.fence.check(context)
         try:
             await self.server.submit(request)
         except Draining as exc:
@@ -30,6 +31,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         bind_request(request.request_id)
+        await self.server.fence.check(context)
         return pb.AbortResponse(found=await self.server.abort(request.request_id))
 
     async def GetStats(self, request: pb.StatsRequest, context) -> pb.WorkerStats:

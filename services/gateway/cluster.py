@@ -43,12 +43,13 @@ OnUpdate = Callable[[ClusterSnapshot], Awaitable[None]]
 
 
 class ClusterView:
-    """Polls Scheduler.GetClusterState every interval_s; readiness, the context limit and the load
-    gauges all read the latest snapshot."""
+    """Polls Scheduler.GetClusterState of every scheduler every interval_s and keeps the leader's
+    answer (a standby's, when none leads: it knows the workers too); readiness, the context limit and
+    the load gauges all read the latest snapshot."""
 
-    def __init__(self, stub: scheduler_pb2_grpc.SchedulerStub, interval_s: float,
+    def __init__(self, stubs: list[scheduler_pb2_grpc.SchedulerStub], interval_s: float,
                  on_update: OnUpdate) -> None:
-        self.stub, self.interval_s, self.on_update = stub, interval_s, on_update
+        self.stubs, self.interval_s, self.on_update = stubs, interval_s, on_update
         self.snapshot = ClusterSnapshot()
 
     async def run(self) -> None:
@@ -58,13 +59,10 @@ class ClusterView:
             await asyncio.sleep(self.interval_s)
 
     async def poll(self) -> None:
-        try:
-            request, timeout = spb.ClusterStateRequest(), max(1.0, self.interval_s)
-            state = await self.stub.GetClusterState(request, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            if self.snapshot.state is not None:  # log the transition, not every failed poll
-                log.warning("scheduler unreachable", code=exc.code().name, details=exc.details())
-            state = None
+        states = [s for s in await asyncio.gather(*map(self._ask, self.stubs)) if s is not None]
+        state = next((s for s in states if s.leader), states[0] if states else None)
+        if state is None and self.snapshot.state is not None:  # log the transition, not every failed poll
+            log.warning("no scheduler answers")
         snapshot = ClusterSnapshot(state)
         if snapshot.ready != self.snapshot.ready:
             log.info("cluster readiness changed", ready=snapshot.ready,
@@ -73,3 +71,10 @@ class ClusterView:
                      colocated_workers=snapshot.num_workers(spb.WORKER_ROLE_COLOCATED))
         self.snapshot = snapshot
         await self.on_update(snapshot)
+
+    async def _ask(self, stub: scheduler_pb2_grpc.SchedulerStub) -> spb.ClusterState | None:
+        try:
+            return await stub.GetClusterState(spb.ClusterStateRequest(), timeout=max(1.0, self.interval_s))
+        except grpc.aio.AioRpcError as exc:
+            log.debug("scheduler unreachable", code=exc.code().name, details=exc.details())
+            return None

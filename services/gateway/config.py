@@ -23,7 +23,7 @@ class GatewayConfig:
 
     redis_url: str
     redis_credentials: RedisCredentials
-    scheduler: str  # host:port of the scheduler's gRPC API
+    scheduler: str  # host:port of the scheduler's gRPC API, or several comma-separated
     cluster_auth: ClusterAuth  # the token the gateway's calls to the scheduler carry
     host: str
     http_port: int  # 0 picks a free port

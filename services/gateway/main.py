@@ -26,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="Redis holding the request stream (env SPLITSERVE_REDIS_URL; "
                         "default: redis://127.0.0.1:6379/0)")
     p.add_argument("--scheduler", default=env("SPLITSERVE_SCHEDULER", "127.0.0.1:50052"),
-                   help="scheduler host:port (env SPLITSERVE_SCHEDULER; default: 127.0.0.1:50052)")
+                   help="scheduler host:port, or several comma-separated (a leader and its standbys; env "
+                        "SPLITSERVE_SCHEDULER; default: 127.0.0.1:50052)")
     add_redis_auth_args(p)
     add_cluster_auth_args(p)
     p.add_argument("--host", default=env("SPLITSERVE_HOST", "127.0.0.1"),

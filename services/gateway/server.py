@@ -22,6 +22,7 @@ from splitserve.common.rpc import (
     make_server,
     open_channel,
 )
+from splitserve.common.net import scheduler_addresses
 from splitserve.common.service import run_until_signal
 from splitserve.queue.streams import (
     CancelWriter,
@@ -56,13 +57,15 @@ async def serve(config: GatewayConfig) -> int:
     model = await asyncio.to_thread(ServedModel.load, config.model, config.served_model_name)
     redis = connect(config.redis_url, config.redis_credentials)
     warn_if_open(config.cluster_auth)
-    channel = open_channel(config.scheduler, config.cluster_auth, "scheduler")
+    channels = [open_channel(address, config.cluster_auth, "scheduler")
+                for address in scheduler_addresses(config.scheduler)]
     try:
-        server = GatewayServer(config, model, redis, channel)
+        server = GatewayServer(config, model, redis, channels)
         await server.start()
         return await run_until_signal(server.tasks, server.shutdown)
     finally:
-        await channel.close()
+        for channel in channels:
+            await channel.close()
         await redis.aclose()
 
 
@@ -70,7 +73,7 @@ class GatewayServer:
     """Both edges over one Frontend, plus the background reply router and cluster poller."""
 
     def __init__(self, config: GatewayConfig, model: ServedModel, redis: RedisClient,
-                 channel: grpc.aio.Channel) -> None:
+                 channels: list[grpc.aio.Channel]) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
         self.router = ReplyRouter(redis, reply_stream(config.gateway_id))
@@ -80,8 +83,8 @@ class GatewayServer:
         self.grpc_server = make_server(NO_AUTH, CLIENT_MAX_MESSAGE_BYTES,
                                        max(MAX_CONCURRENT_RPCS, 2 * config.max_pending))
         self.health = add_health(self.grpc_server)
-        cluster = ClusterView(scheduler_pb2_grpc.SchedulerStub(channel), config.cluster_poll_interval_s,
-                              self._on_cluster_update)
+        cluster = ClusterView([scheduler_pb2_grpc.SchedulerStub(c) for c in channels],
+                              config.cluster_poll_interval_s, self._on_cluster_update)
         services = Services(model, cluster, self.router, RequestStream(redis, ProtoCodec(pb.QueuedRequest)),
                             CancelWriter(redis, CANCEL_RETRY_S), self.metrics)
         self.frontend = Frontend(config, services)

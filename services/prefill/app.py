@@ -31,7 +31,7 @@ async def serve(config: WorkerConfig, ucx_port: int, kv_lease_s: float) -> int:
     grpc_server = make_server(config.cluster_auth)
     port = bind(grpc_server, config.host, config.port, config.cluster_auth.server_credentials())
     kv_server = make_kv_server(config.kv_transport, advertised_host(config.host), ucx_port)
-    server = PrefillServer(config, engine, redis, None, kv_lease_s)
+    server = PrefillServer(config, engine, redis, kv_lease_s)
     server.grpc_address = advertised_address(config, port)
     await kv_server.start(server)
     try:  # UCX keeps a non-daemon thread: stop the KV server on every exit path
@@ -46,8 +46,7 @@ async def _serve_started(config, engine, redis, grpc_server, server, kv_server) 
     prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(server, grpc_kv), grpc_server)
     health = add_health(grpc_server)
     info = worker_info(config, spb.WORKER_ROLE_PREFILL, server.grpc_address, engine)
-    link = SchedulerLink(config, info, server.stats)
-    server.scheduler = link.stub
+    server.link = SchedulerLink(config, info, server.stats, server.held, server.fence)
     server.loop.start()
     await grpc_server.start()
     await health.set("", SERVING)
@@ -55,6 +54,6 @@ async def _serve_started(config, engine, redis, grpc_server, server, kv_server) 
              kv_address=server.kv_address, num_blocks=engine.blocks.num_blocks,
              token_budget=config.engine.token_budget)
 
-    tasks = [link.run(), server.replies.run()]
-    shutdown = worker_shutdown(health, grpc_server, server, link, config.drain_timeout_s)
+    tasks = [server.link.run(), server.replies.run()]
+    shutdown = worker_shutdown(health, grpc_server, server, server.link, config.drain_timeout_s)
     return await run_until_signal(tasks, shutdown, server.loop.failed)

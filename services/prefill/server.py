@@ -27,10 +27,10 @@ from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.worker.common import (
     Draining,
+    Fence,
     ReplyPublisher,
     SchedulerLink,
     add_to_engine,
-    call_with_retries,
     engine_stats,
     token_event,
 )
@@ -52,12 +52,12 @@ class Held:
 
 
 class PrefillServer:
-    def __init__(self, config: WorkerConfig, engine: LLMEngine, redis, scheduler_stub,
-                 kv_lease_s: float) -> None:
+    def __init__(self, config: WorkerConfig, engine: LLMEngine, redis, kv_lease_s: float) -> None:
         self.config = config
         self.loop = EngineLoop(engine, self._on_step, after_step=_block_tables, snapshot=engine_stats)
         self.replies = ReplyPublisher(redis)  # runs its follow-ups as background tasks
-        self.scheduler = scheduler_stub
+        self.link: SchedulerLink | None = None  # set once it exists: reports go through it
+        self.fence = Fence()  # refuses a deposed scheduler's Submit and Abort
         self.kv_lease_s = kv_lease_s
         self.requests: dict[str, Held] = {}
         self.background = Background()
@@ -109,6 +109,10 @@ class PrefillServer:
     async def stats(self) -> pb.WorkerStats:
         return self.loop.snapshot
 
+    def held(self) -> list[str]:
+        """Every request here, from Submit until its blocks are freed."""
+        return list(self.requests)
+
     async def drain(self, link: SchedulerLink, timeout_s: float) -> None:
         """Prefill the queue and wait for the held blocks to be pulled (or their leases to end); hand
         back what is still here after timeout_s, once pulls already sending have ended."""
@@ -137,6 +141,7 @@ class PrefillServer:
             timeline.first_token = time.time()
             events.append(self._first_token_event(held, out, result.extra))
             done.append(self._prefill_done(held, out))
+            self.link.owe(spb.PrefillDoneRequest, out.request_id)
         # The first tokens go toward the clients before the scheduler hears of the KV blocks.
         self.replies.send(events, then=lambda: asyncio.gather(*(self._report(d) for d in done)))
 
@@ -171,7 +176,7 @@ class PrefillServer:
 
     async def _report(self, done: spb.PrefillDoneRequest) -> None:
         # The lease frees the blocks if the scheduler never hears of them.
-        await call_with_retries(self.scheduler.PrefillDone, done, what="PrefillDone")
+        await self.link.report(done)
 
     def _expire(self, request_id: str) -> None:
         held = self.requests.get(request_id)

@@ -21,6 +21,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     async def Submit(self, request: pb.QueuedRequest, context) -> prefill_pb2.SubmitResponse:
         bind_request(request.request_id)
+        await self.server.fence.check(context)
         try:
             await self.server.submit(request)
         except Draining as exc:
@@ -46,6 +47,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         bind_request(request.request_id)
+        await self.server.fence.check(context)
         return pb.AbortResponse(found=await self.server.abort(request.request_id))
 
     async def GetStats(self, request: pb.StatsRequest, context) -> pb.WorkerStats:

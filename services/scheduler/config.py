@@ -28,7 +28,7 @@ class SchedulerConfig:
     consumer: str  # this scheduler's name in the stream's consumer group
     prefill_queue_factor: float  # token budgets of work a prefill server may have outstanding
     worker_timeout_s: float  # heartbeat silence after which a worker is dropped
-    claim_idle_s: float  # take over other consumers' entries unacknowledged this long (at start)
+    claim_idle_s: float  # the leader takes over other consumers' entries unacknowledged this long
     drain_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight get to finish
     workload_window_s: float = 120.0  # the arrival rate and lengths are estimated over this window
     plan: PlanConfig | None = None  # online re-planning; None: off
@@ -39,6 +39,8 @@ class SchedulerConfig:
     redis_credentials: RedisCredentials = RedisCredentials()
     # Register only workers whose advertised gRPC host resolves to the address they connect from.
     check_worker_addresses: bool = True
+    leader_lease_s: float = 3.0  # the leader lease's length: a dead leader is replaced within about this
+    heartbeat_interval_s: float = 1.0  # what workers are told; a takeover waits for one round of them
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -56,17 +58,21 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="Redis holding the request stream (default: redis://127.0.0.1:6379/0)")
     add_redis_auth_args(parser)
     parser.add_argument("--consumer", default=env("SPLITSERVE_CONSUMER", "scheduler-0"),
-                        help="consumer name in the stream's group; a restarted scheduler with the same "
-                             "name resumes its pending requests (default: scheduler-0)")
+                        help="this scheduler's name: its consumer in the streams' group and in the leader "
+                             "lease (default: scheduler-0)")
+    parser.add_argument("--leader-lease", type=positive_float, default=3.0,
+                        help="seconds of the leader lease in Redis: run several schedulers against one "
+                             "Redis and one leads while the others stand by; when the leader dies a "
+                             "standby takes over within about this long (default: 3)")
     parser.add_argument("--prefill-queue-factor", type=positive_float, default=2.0,
                         help="prompt tokens a prefill server may have assigned, in token budgets "
                              "(default: 2: one batch running, one forming)")
     parser.add_argument("--worker-timeout", type=positive_float, default=5.0,
                         help="seconds without a heartbeat before a worker is dropped and its requests "
                              "requeued (default: 5)")
-    parser.add_argument("--claim-idle", type=positive_float, default=60.0,
-                        help="at start, take over requests other schedulers left unacknowledged this "
-                             "many seconds (default: 60)")
+    parser.add_argument("--claim-idle", type=positive_float, default=10.0,
+                        help="the leader takes over requests other schedulers (deposed ones) left "
+                             "unacknowledged this many seconds (default: 10; at a takeover, all)")
     parser.add_argument("--drain-timeout", type=positive_float,
                         default=float(env("SPLITSERVE_DRAIN_TIMEOUT", 30)),
                         help="on SIGTERM: start nothing new and give the requests in flight this many "
@@ -101,7 +107,8 @@ def from_args(args: argparse.Namespace) -> SchedulerConfig:
                            workload_window_s=args.workload_window, plan=_plan_config(args),
                            max_queued=args.max_queued, cluster_auth=cluster_auth_from_args(args),
                            redis_credentials=redis_credentials_from_args(args),
-                           check_worker_addresses=not args.trust_worker_addresses)
+                           check_worker_addresses=not args.trust_worker_addresses,
+                           leader_lease_s=args.leader_lease)
 
 
 def _plan_config(args: argparse.Namespace) -> PlanConfig | None:

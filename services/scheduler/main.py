@@ -20,7 +20,6 @@ from .server import SchedulerServer
 from .servicer import SchedulerServicer
 
 log = structlog.get_logger(__name__)
-HEARTBEAT_INTERVAL_S = 1.0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +45,7 @@ async def serve(config: scheduler_config.SchedulerConfig) -> int:
     warn_if_open(config.cluster_auth)
     grpc_server = make_server(config.cluster_auth)
     port = bind(grpc_server, config.host, config.port, config.cluster_auth.server_credentials())
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(server, HEARTBEAT_INTERVAL_S),
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(server, config.heartbeat_interval_s),
                                                        grpc_server)
     health = add_health(grpc_server)
     await grpc_server.start()
@@ -55,12 +54,15 @@ async def serve(config: scheduler_config.SchedulerConfig) -> int:
 
     async def shutdown() -> None:
         # Still SERVING while it drains: workers must reach it to report the requests they finish.
-        await server.drain(config.drain_timeout_s)
+        # A deposed leader has nothing left to finish: the new leader took its requests over.
+        if not server.deposed_reason:
+            await server.drain(config.drain_timeout_s)
+            await server.lease.release()  # a standby takes over at once
         await health.set("", NOT_SERVING)
         await grpc_server.stop(2)
 
-    tasks = [server.consume_forever(), server.dispatch_forever(), server.reap_forever(),
-             server.cancels_forever()]
+    tasks = [server.lead_forever(), server.watch_deposed(), server.consume_forever(), server.dispatch_forever(),
+             server.reap_forever(), server.cancels_forever(), server.claim_forever()]
     if server.replanner is not None:
         tasks.append(server.replanner.run_forever())
     return await run_until_signal(tasks, shutdown)

@@ -46,6 +46,12 @@ class WorkerEntry:
     full: bool = False  # refused a request as overloaded (RESOURCE_EXHAUSTED) since its last heartbeat
     # Requests assigned to it and not yet done there, with their prompt lengths.
     assigned: dict[str, int] = field(default_factory=dict)
+    # Reconciliation: what it held at its last heartbeat (or registration), how many it has sent, when
+    # the last came (monotonic), and the requests whose Submit it answered, with the count then.
+    held: set[str] = field(default_factory=set)
+    beats: int = 0
+    heard_at: float = 0.0
+    confirmed: dict[str, int] = field(default_factory=dict)
 
     @property
     def instance_id(self) -> str:

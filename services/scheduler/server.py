@@ -7,7 +7,14 @@ and a request whose worker died goes back to the front of the queue and runs aga
 
 Shutting down (SIGTERM): a worker that drains is placed nothing new and hands back what it will not
 finish, which runs elsewhere; the scheduler itself stops starting requests, waits for those in
-flight, and leaves the rest pending in the stream for its successor.
+flight, leaves the rest pending in the stream for its successor, and gives up the leader lease.
+
+High availability: several schedulers may run; the one holding the leader lease (leader.py) reads
+the streams and places requests, the others keep the worker registry warm from the same
+registrations and heartbeats. A standby that takes the lease waits for a round of heartbeats (each
+carries the ids its worker holds), claims every pending entry of the group, adopts the requests a
+decode or colocated worker is running, and queues the rest. Its calls to workers carry its epoch; a
+worker's refusal of an older one (ABORTED) tells a deposed leader to exit.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from splitserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
 
 from .config import SchedulerConfig
+from .leader import Lease
 from .registry import ROLE_NAMES, Registry, WorkerEntry
 from .replan import Replanner
 from .tombstones import Tombstones
@@ -43,6 +51,12 @@ FLUSH_TIMEOUT_S = 10.0  # a drain's wait for acknowledgements and RPCs already u
 MAX_REQUEST_ID_CHARS = 128  # a cancel naming a longer id names no request a gateway made
 MAX_RUNS = 4  # a request put back in the queue this often (its workers kept failing it) fails for good
 READ_BATCH = 64  # stream entries read at most per XREADGROUP
+EPOCH_METADATA = "x-splitserve-epoch"  # worker/common.py's Fence reads it
+CLAIM_INTERVAL_S = 5.0  # how often the leader takes over entries a deposed leader left idle
+
+
+class Deposed(Exception):
+    """Another scheduler leads now: this one exits (its supervisor starts it again, as a standby)."""
 
 
 def handle_is_from(kv: pb.KvHandle, grpc_address: str) -> bool:
@@ -87,6 +101,13 @@ class SchedulerServer:
         self.cancels = cancels  # the cancel stream (request ids), read through the same group
         self.cancelled_early = Tombstones()  # cancels read before their requests
         self.replies = ReplyWriter(redis, ProtoCodec(pb.TokenEvent))
+        self.lease = Lease(redis, config.consumer, config.leader_lease_s)
+        self.epoch = 0  # this scheduler's fencing epoch once it took the lease
+        self.leading = asyncio.Event()  # set once it leads and has taken over
+        self._deposed = asyncio.Event()  # a worker refused this scheduler's epoch
+        self.deposed_reason = ""
+        self.heard = asyncio.Event()  # a worker registered or heartbeated
+        self._aborting: dict[tuple[str, str], asyncio.Future] = {}  # (worker, request): Abort under way
         self.registry = Registry(config.prefill_queue_factor)
         self.workload = WorkloadEstimator(config.workload_window_s)
         self.replanner = Replanner(config.plan, self.workload, self.registry) if config.plan else None
@@ -99,16 +120,144 @@ class SchedulerServer:
         self._channels = ChannelCache(config.cluster_auth)  # one per worker address
         self.background = Background()
 
+    # -- leadership -----------------------------------------------------------------------------
+
+    async def lead_forever(self) -> None:
+        """Take the leader lease when it is free and keep renewing it; raises Deposed when another
+        scheduler turns out to hold it. Through a Redis outage the leader keeps leading (its state
+        stays); should another have led meanwhile, the epochs tell, and it exits then."""
+        lease_s = self.config.leader_lease_s
+        while True:
+            epoch = await self.lease.try_lead()
+            if epoch == 0 and self.epoch:
+                self.deposed_reason = "another scheduler holds the leader lease"
+                raise Deposed(f"another scheduler holds the leader lease (this one led epoch {self.epoch})")
+            if epoch and not self.epoch:
+                self.epoch = epoch
+                self.background.spawn(self._take_over())  # the lease is renewed meanwhile
+            elif epoch and epoch != self.epoch:
+                if epoch != self.epoch + 1:
+                    self.deposed_reason = "other schedulers led meanwhile"
+                    raise Deposed(f"other schedulers led meanwhile (epoch {self.epoch}, now {epoch})")
+                log.warning("the leader lease ran out (redis unreachable?) and was taken again",
+                            epoch=epoch, previous=self.epoch)
+                self.epoch = epoch
+            await asyncio.sleep(lease_s / 3 if self.epoch else lease_s / 6)  # a timer, not a poll
+
+    async def watch_deposed(self) -> None:
+        """Raises Deposed once a worker refused this scheduler's epoch."""
+        await self._deposed.wait()
+        raise Deposed(self.deposed_reason)
+
+    def _depose(self, reason: str) -> None:
+        if not self._deposed.is_set():
+            log.error("deposed: a worker refused this scheduler's epoch; exiting", reason=reason)
+            self.deposed_reason = reason
+            self._deposed.set()
+
+    async def _take_over(self) -> None:
+        """Lead from now on: hear a round of heartbeats, claim every pending entry, adopt what
+        workers run, queue the rest, and abort on workers what no entry names."""
+        started, epoch = time.monotonic(), self.epoch
+        log.info("leader lease taken; taking over", epoch=epoch)
+        await self._hear_every_worker(started)
+        await self.stream.ensure_group()
+        entries = sorted(await self.stream.claim(self.config.consumer), key=lambda e: e.entry_id)
+        adopted = self._adopt(entries)
+        self.leading.set()
+        self.wake.set()
+        log.info("leading", epoch=epoch, pending=len(entries), adopted=adopted, queued=len(self.queue),
+                 workers=len(self.registry.workers), took_s=round(time.monotonic() - started, 2))
+
+    async def _hear_every_worker(self, since: float) -> None:
+        """Until every registered worker has reported what it holds since `since` (at least one
+        heartbeat interval, so workers that must register again have), at most 2.5 intervals."""
+        interval = self.config.heartbeat_interval_s
+        deadline = since + 2.5 * interval
+        while True:
+            now = time.monotonic()
+            fresh = all(w.heard_at >= since for w in self.registry.workers.values())
+            if (fresh and now >= since + interval) or now >= deadline:
+                return
+            self.heard.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.heard.wait(), (since + interval if fresh else deadline) - now)
+
+    def _adopt(self, entries: list[StreamEntry]) -> int:
+        """Track the claimed entries: one a decode or colocated worker runs stays there; one only a
+        prefill server holds is aborted there and queued, as is one no worker holds. Returns how many
+        were adopted."""
+        adopted = 0
+        for entry in entries:
+            rid = entry.message.request_id
+            if rid in self.tracked:
+                continue
+            tracked = Tracked(entry.entry_id, entry.message)
+            self.tracked[rid] = tracked
+            holders = [w for w in self.registry.workers.values() if rid in w.held]
+            runner = next((w for w in holders if w.role != spb.WORKER_ROLE_PREFILL), None)
+            if runner is None:
+                for worker in holders:
+                    self._abort_on(worker.instance_id, rid)
+                self.queue.append(rid)
+                self.workload.arrived(time.monotonic(), tracked.num_prompt_tokens,
+                                      entry.message.sampling.max_tokens)
+                continue
+            prefill = next((w for w in holders if w.role == spb.WORKER_ROLE_PREFILL), runner)
+            tracked.stage, tracked.prefill_id, tracked.decode_id = Stage.DECODE, prefill.instance_id, runner.instance_id
+            colocated = runner.role == spb.WORKER_ROLE_COLOCATED
+            runner.assigned[rid] = 0 if colocated else tracked.num_prompt_tokens
+            runner.confirmed[rid] = runner.beats - 1  # it held it at its last heartbeat
+            adopted += 1
+        for worker in self.registry.workers.values():
+            for rid in worker.held - self.tracked.keys():  # finished or cancelled under the last leader
+                self._abort_on(worker.instance_id, rid)
+        return adopted
+
+    async def claim_forever(self) -> None:
+        """Take over, now and then, entries another scheduler left idle (a deposed leader that read
+        before it learned it was deposed)."""
+        await self.leading.wait()
+        while True:
+            await asyncio.sleep(CLAIM_INTERVAL_S)  # a timer, not a poll
+            min_idle_ms = int(self.config.claim_idle_s * 1000)
+            stray = [e for e in await self.stream.claim(self.config.consumer, min_idle_ms)
+                     if e.message.request_id not in self.tracked]
+            if stray:
+                log.warning("took over requests another scheduler left", count=len(stray))
+                self._enqueue(stray)
+
+    # -- reconciliation -------------------------------------------------------------------------
+
+    def heartbeat(self, worker: WorkerEntry, held: set[str]) -> None:
+        """What a worker holds, as of its heartbeat (or registration): the leader runs again what it
+        placed there that is gone, and aborts there what it does not know or placed elsewhere."""
+        worker.held, worker.beats, worker.heard_at = held, worker.beats + 1, time.monotonic()
+        self.heard.set()
+        if not self.leading.is_set():
+            return
+        for rid in held:
+            tracked = self.tracked.get(rid)
+            if tracked is None or worker.instance_id not in (tracked.prefill_id, tracked.decode_id):
+                log.info("a worker holds a request that is done or runs elsewhere: aborted there",
+                         request_id=rid, worker=worker.instance_id)
+                self._abort_on(worker.instance_id, rid)
+        for rid, beat in list(worker.confirmed.items()):
+            tracked = self.tracked.get(rid)
+            if tracked is None or not _runs_on(tracked, worker.instance_id):
+                del worker.confirmed[rid]
+            elif rid not in held and worker.beats >= beat + 2:
+                # Two heartbeats since its Submit returned: the second was built after the worker had it.
+                del worker.confirmed[rid]
+                log.warning("a worker lost a request it was given (its report too): run again",
+                            request_id=rid, worker=worker.instance_id)
+                self._take_back(tracked, worker.instance_id, kv_not_pulled=False)
+
     # -- intake ---------------------------------------------------------------------------------
 
     async def consume_forever(self) -> None:
-        """Read the stream: first what this consumer left pending before a restart, then new entries."""
-        await self.stream.ensure_group()
-        backlog = await self.stream.pending(self.config.consumer)
-        backlog += await self.stream.claim_idle(self.config.consumer, int(self.config.claim_idle_s * 1000))
-        if backlog:
-            log.info("recovered pending requests", count=len(backlog))
-        self._enqueue(backlog)
+        """Read new entries of the stream, once leading (the takeover claimed the pending ones)."""
+        await self.leading.wait()
         while not self.draining:
             count = min(READ_BATCH, await self._queue_room())
             self._enqueue(await self.stream.get(self.config.consumer, block_ms=5000, count=count))
@@ -172,24 +321,35 @@ class SchedulerServer:
         # for the request learn it (it rides the KvHandle), and a replay makes older handles useless.
         tracked.request.kv_capability = secrets.token_urlsafe(KV_CAPABILITY_BYTES)
         stub = prefill_pb2_grpc.PrefillStub(self._channel(worker))
+        await self._abort_done(worker.instance_id, tracked.request_id)
         try:
-            await stub.Submit(tracked.request, timeout=self.config.rpc_timeout_s)
+            await stub.Submit(tracked.request, timeout=self.config.rpc_timeout_s, metadata=self._fencing())
             log.info("assigned to prefill", request_id=tracked.request_id, worker=worker.instance_id)
         except grpc.aio.AioRpcError as exc:
             await self._rpc_failed(tracked, worker, exc)
             return
-        self._abort_if_moved(tracked, worker)
+        self._submitted(tracked, worker)
 
-    def _abort_if_moved(self, tracked: Tracked, worker: WorkerEntry) -> None:
-        """After a Submit: a request cancelled or taken off worker while the call was on its way
-        (whose Abort the Submit may have overtaken) is aborted there now."""
+    def _fencing(self) -> tuple[tuple[str, str]]:
+        return ((EPOCH_METADATA, str(self.epoch)),)
+
+    def _submitted(self, tracked: Tracked, worker: WorkerEntry) -> None:
+        """After a Submit: the worker has the request from now on (what reconciliation checks its
+        heartbeats for), unless it was cancelled or taken off worker while the call was on its way
+        (the Submit may have overtaken its Abort): then it is aborted there now."""
         if self.tracked.get(tracked.request_id) is not tracked or worker.instance_id not in (
                 tracked.prefill_id, tracked.decode_id):
-            self.background.spawn(self._abort_on(worker.instance_id, tracked.request_id))
+            self._abort_on(worker.instance_id, tracked.request_id)
+        else:
+            worker.confirmed[tracked.request_id] = worker.beats
 
     async def _rpc_failed(self, tracked: Tracked, worker: WorkerEntry, exc: grpc.aio.AioRpcError) -> None:
         """An unreachable worker is dropped (its requests requeued); a draining or overloaded one's
-        refusal places the request elsewhere or later; any other refusal fails the request."""
+        refusal places the request elsewhere or later; a refusal of this scheduler's epoch deposes
+        it; any other refusal fails the request."""
+        if exc.code() is grpc.StatusCode.ABORTED:
+            self._depose(exc.details() or "")
+            return
         if self.tracked.get(tracked.request_id) is not tracked or worker.instance_id not in (
                 tracked.prefill_id, tracked.decode_id):
             return  # finished, cancelled or taken back from it meanwhile (a hand-back, a dropped worker)
@@ -228,6 +388,11 @@ class SchedulerServer:
 
     async def prefill_done(self, done: spb.PrefillDoneRequest) -> None:
         tracked = self.tracked.get(done.request_id)
+        if tracked is not None and done.kv.capability and done.kv.capability != tracked.request.kv_capability:
+            # An earlier run's (late, or sent again with a heartbeat): that run was replaced or aborted.
+            log.info("a report of an earlier run of the request ignored", request_id=done.request_id,
+                     worker=done.instance_id)
+            return
         worker = self.registry.workers.get(done.instance_id)
         if worker is not None and worker.assigned.pop(done.request_id, None) is not None:
             self.wake.set()  # it has room for more
@@ -236,7 +401,7 @@ class SchedulerServer:
             # (A report sent again for a request already past prefill changes nothing.)
             if done.finish_reason == pb.FINISH_REASON_UNSPECIFIED and (
                     tracked is None or tracked.prefill_id != done.instance_id):
-                self.background.spawn(self._abort_on(done.instance_id, done.request_id))
+                self._abort_on(done.instance_id, done.request_id)
             return
         tracked.request.timeline.CopyFrom(done.timeline)
         if done.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
@@ -290,14 +455,15 @@ class SchedulerServer:
 
     async def _submit_decode(self, tracked: Tracked, worker: WorkerEntry,
                              submit: decode_pb2.DecodeRequest) -> None:
+        await self._abort_done(worker.instance_id, tracked.request_id)
         try:
             await decode_pb2_grpc.DecodeStub(self._channel(worker)).Submit(
-                submit, timeout=self.config.rpc_timeout_s)
+                submit, timeout=self.config.rpc_timeout_s, metadata=self._fencing())
             log.info("assigned to decode", request_id=tracked.request_id, worker=worker.instance_id)
         except grpc.aio.AioRpcError as exc:
             await self._rpc_failed(tracked, worker, exc)
             return
-        self._abort_if_moved(tracked, worker)
+        self._submitted(tracked, worker)
 
     # -- the end of a request -------------------------------------------------------------------
 
@@ -344,10 +510,11 @@ class SchedulerServer:
         await self.finish(request_id, pb.FINISH_REASON_ERROR)
 
     async def cancels_forever(self) -> None:
-        """Read the cancel stream (what this consumer left pending first) and cancel each request."""
+        """Once leading, read the cancel stream (every pending entry first, whoever read it) and
+        cancel each request."""
+        await self.leading.wait()
         await self.cancels.ensure_group()
-        backlog = await self.cancels.pending(self.config.consumer)
-        backlog += await self.cancels.claim_idle(self.config.consumer, 0)
+        backlog = await self.cancels.claim(self.config.consumer)
         while True:
             for entry in backlog:
                 await self.cancel(entry.message)
@@ -368,7 +535,7 @@ class SchedulerServer:
             self.queue.remove(request_id)
             self.dequeued.set()
         for worker_id in {tracked.prefill_id, tracked.decode_id} - {None}:
-            self.background.spawn(self._abort_on(worker_id, request_id))
+            self._abort_on(worker_id, request_id)
         await self.finish(request_id, pb.FINISH_REASON_ABORT)
 
     # -- workers --------------------------------------------------------------------------------
@@ -447,11 +614,25 @@ class SchedulerServer:
             self._assign_decode(tracked)
             return
         if tracked.decode_id not in (None, instance_id):
-            self.background.spawn(self._abort_on(tracked.decode_id, tracked.request_id))
+            self._abort_on(tracked.decode_id, tracked.request_id)
         self._requeue([tracked])
 
-    async def _abort_on(self, instance_id: str, request_id: str) -> None:
-        """Have a worker drop a request and free what it holds for it (nothing, if it has nothing)."""
+    def _abort_on(self, instance_id: str, request_id: str) -> None:
+        """Have a worker drop a request and free what it holds for it (nothing, if it has nothing).
+        Until the Abort is answered, no Submit of the request goes to that worker (_abort_done): it
+        could be overtaken by the Abort, which would then drop the new run."""
+        key = (instance_id, request_id)
+        task = self.background.spawn(self._abort(instance_id, request_id))
+        self._aborting[key] = task
+        task.add_done_callback(lambda done: self._aborting.pop(key) if self._aborting.get(key) is done else None)
+
+    async def _abort_done(self, instance_id: str, request_id: str) -> None:
+        """Until an Abort of the request on the worker, if one is under way, was answered."""
+        task = self._aborting.get((instance_id, request_id))
+        if task is not None:
+            await asyncio.wait([task])
+
+    async def _abort(self, instance_id: str, request_id: str) -> None:
         worker = self.registry.workers.get(instance_id)
         if worker is None:
             return
@@ -459,9 +640,13 @@ class SchedulerServer:
         stub = (decode_pb2_grpc.DecodeStub if worker.role == spb.WORKER_ROLE_DECODE
                 else prefill_pb2_grpc.PrefillStub)(self._channel(worker))
         try:
-            await stub.Abort(pb.AbortRequest(request_id=request_id), timeout=self.config.rpc_timeout_s)
+            await stub.Abort(pb.AbortRequest(request_id=request_id), timeout=self.config.rpc_timeout_s,
+                             metadata=self._fencing())
         except grpc.aio.AioRpcError as exc:
-            log.warning("abort failed", request_id=request_id, worker=instance_id, code=exc.code().name)
+            if exc.code() is grpc.StatusCode.ABORTED:
+                self._depose(exc.details() or "")
+            else:  # its next heartbeat shows the request again, and the abort is sent again
+                log.warning("abort failed", request_id=request_id, worker=instance_id, code=exc.code().name)
 
     async def drain(self, timeout_s: float) -> bool:
         """Shutting down: read no more requests and start none; wait up to timeout_s for those in
@@ -496,10 +681,17 @@ class SchedulerServer:
                    for w in self.registry.workers.values()]
         return spb.ClusterState(workers=workers, num_waiting=len(self.queue),
                                 num_running=len(self.tracked) - len(self.queue),
-                                workload=self.workload.estimate(now), recommendation=self.recommendation())
+                                workload=self.workload.estimate(now), recommendation=self.recommendation(),
+                                leader=self.leading.is_set(), epoch=self.epoch)
 
     def recommendation(self) -> spb.Recommendation:
         return self.replanner.recommendation if self.replanner else spb.Recommendation(available=False)
+
+
+def _runs_on(tracked: Tracked, instance_id: str) -> bool:
+    """Whether the request should be held by this worker now: prefilling there, or decoding there."""
+    return ((tracked.stage is Stage.PREFILL and tracked.prefill_id == instance_id)
+            or (tracked.stage is Stage.DECODE and tracked.decode_id == instance_id))
 
 
 def _too_large(exc: grpc.aio.AioRpcError) -> bool:

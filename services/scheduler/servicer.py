@@ -9,6 +9,7 @@ import grpc
 from splitserve.common.auth import peer_role
 from splitserve.common.logging import bind_request
 from splitserve.common.net import host_is_peer
+from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.v1 import scheduler_pb2_grpc
 
@@ -38,7 +39,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                                 f"worker {request.worker.instance_id[:64]!r} advertises {address[:80]!r}, "
                                 f"which does not resolve to the address it connected from ({context.peer()})")
         self.server.register(request.worker, request.stats)
-        return spb.RegisterResponse(heartbeat_interval_s=self.heartbeat_interval_s)
+        self.server.heartbeat(self.server.registry.workers[request.worker.instance_id],
+                              set(request.held_request_ids))
+        return spb.RegisterResponse(heartbeat_interval_s=self.heartbeat_interval_s,
+                                    leader=self.server.leading.is_set(), epoch=self.server.epoch)
 
     async def _check_instance(self, instance_id: str, context) -> None:
         """Under mutual TLS, a call for a registered worker must come with its role's certificate: a
@@ -57,18 +61,39 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         await self._check_instance(request.instance_id, context)
         if not self.server.registry.heartbeat(request.instance_id, request.stats, time.monotonic()):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown worker {request.instance_id}; register")
+        leading, held = self.server.leading.is_set(), set(request.held_request_ids)
+        if leading:  # reports whose own call did not get through; a standby leaves them to the leader
+            for done in [*request.prefill_done, *request.request_done]:
+                if done.instance_id != request.instance_id:  # its own reports, not another worker's
+                    continue
+                if isinstance(done, spb.PrefillDoneRequest):
+                    await self.server.prefill_done(done)
+                else:
+                    await self.server.request_done(done)
+                if done.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                    held.discard(done.request_id)  # held only until this last report, now delivered
+        worker = self.server.registry.workers.get(request.instance_id)
+        if worker is not None:
+            self.server.heartbeat(worker, held)
         self.server.wake.set()  # its load changed: a waiting request may fit now
-        return spb.HeartbeatResponse()
+        return spb.HeartbeatResponse(leader=leading, epoch=self.server.epoch)
+
+    async def _require_leader(self, context) -> None:
+        if not self.server.leading.is_set():
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this scheduler does not lead (a standby, "
+                                                                     "or taking over): report to the leader")
 
     async def PrefillDone(self, request: spb.PrefillDoneRequest, context) -> spb.PrefillDoneResponse:
         bind_request(request.request_id)
         await self._check_instance(request.instance_id, context)
+        await self._require_leader(context)
         await self.server.prefill_done(request)
         return spb.PrefillDoneResponse()
 
     async def RequestDone(self, request: spb.RequestDoneRequest, context) -> spb.RequestDoneResponse:
         bind_request(request.request_id)
         await self._check_instance(request.instance_id, context)
+        await self._require_leader(context)
         await self.server.request_done(request)
         return spb.RequestDoneResponse()
 
@@ -86,5 +111,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def HandBack(self, request: spb.HandBackRequest, context) -> spb.HandBackResponse:
         bind_request(request.request_id)
         await self._check_instance(request.instance_id, context)
+        await self._require_leader(context)
         self.server.hand_back(request)
         return spb.HandBackResponse()

@@ -93,8 +93,9 @@ class Adapter:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.cooldown_s = cluster.config.adapt_cooldown_s
-        self.channel = open_blocking_channel(cluster.scheduler_address, cluster.config.cluster_auth, "scheduler")
-        self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
+        self.channels = [open_blocking_channel(address, cluster.config.cluster_auth, "scheduler")
+                         for address in cluster.scheduler_addresses]
+        self.stubs = [scheduler_pb2_grpc.SchedulerStub(channel) for channel in self.channels]
         self.metadata = cluster.config.cluster_auth.metadata  # the cluster token, on each call
         self._next_poll = 0.0
         self._last_change = float("-inf")
@@ -105,15 +106,26 @@ class Adapter:
         if now < self._next_poll or now - self._last_change < self.cooldown_s:
             return
         self._next_poll = now + POLL_INTERVAL_S
-        try:
-            recommendation = self.stub.GetRecommendation(spb.RecommendationRequest(), timeout=5,
-                                                         metadata=self.metadata)
-        except grpc.RpcError as exc:
-            print(f"adapt: no recommendation from the scheduler ({exc.code().name})", flush=True)
+        recommendation = self._leader_s_recommendation()
+        if recommendation is None:
             return
         # A plan made before the last change describes a placement that is gone.
         if recommendation.available and recommendation.change and recommendation.planned_at > self._last_change_wall:
             self.apply(recommendation)
+
+    def _leader_s_recommendation(self) -> spb.Recommendation | None:
+        """The leading scheduler's (the one that sees the workload), or None."""
+        codes = []
+        for stub in self.stubs:
+            try:
+                state = stub.GetClusterState(spb.ClusterStateRequest(), timeout=5, metadata=self.metadata)
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+                continue
+            if state.leader:
+                return state.recommendation
+        print(f"adapt: no recommendation, no scheduler leads ({', '.join(codes) or 'standbys only'})", flush=True)
+        return None
 
     def apply(self, recommendation: spb.Recommendation) -> None:
         """Start the recommended workers, wait for them to register, then drain the old ones."""
@@ -142,8 +154,8 @@ class Adapter:
         while time.monotonic() < deadline:
             if set(names) & set(self.cluster.dead()):
                 return False
-            try:
-                state = self.stub.GetClusterState(spb.ClusterStateRequest(), timeout=5, metadata=self.metadata)
+            try:  # the first scheduler's registry: every scheduler hears every worker
+                state = self.stubs[0].GetClusterState(spb.ClusterStateRequest(), timeout=5, metadata=self.metadata)
             except grpc.RpcError:
                 state = spb.ClusterState()
             if set(names) <= {w.worker.instance_id for w in state.workers}:

@@ -72,7 +72,7 @@ class ClusterConfig:
     host: str
     http_port: int
     grpc_port: int
-    scheduler_port: int
+    scheduler_ports: tuple[int, ...]  # the first one's leads at start; the others stand by
     redis_url: str | None  # None: start a private redis-server
     kv_transport: str
     log_dir: Path
@@ -99,6 +99,7 @@ class ClusterConfig:
     adapt: bool = False  # follow the scheduler's placement recommendations
     adapt_cooldown_s: float = 60.0
     restart: RestartPolicy = RestartPolicy()  # for services that exit on their own
+    more_gateways: tuple[tuple[int, int], ...] = ()  # (HTTP, gRPC) ports of gateway-1, gateway-2, ...
 
     @property
     def http_url(self) -> str:
@@ -155,7 +156,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address every service binds (default: 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=8000, help="gateway HTTP port (default: 8000)")
     p.add_argument("--grpc-port", type=int, default=50051, help="gateway gRPC port (default: 50051)")
-    p.add_argument("--scheduler-port", type=int, default=0, help="scheduler gRPC port (default: a free one)")
+    p.add_argument("--scheduler-port", type=int, default=0,
+                   help="the (first) scheduler's gRPC port (default: a free one)")
+    p.add_argument("--gateways", type=positive_int, default=1,
+                   help="gateways to run, each its own process and reply stream (the first on --http-port and "
+                        "--grpc-port, the others on free ports; default: 1)")
+    p.add_argument("--schedulers", type=positive_int, default=1,
+                   help="schedulers to run: one leads (a lease in Redis), the others stand by and take over "
+                        "within a few seconds should it die (default: 1)")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of starting a private one "
                                                       "(its password from --redis-password-file or the environment)")
     add_redis_auth_args(p)
@@ -211,7 +219,9 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
     try:
         return ClusterConfig(
             num_prefill=num_prefill, num_decode=num_decode, host=args.host, http_port=args.http_port,
-            grpc_port=args.grpc_port, scheduler_port=args.scheduler_port or free_port(args.host),
+            grpc_port=args.grpc_port,
+            scheduler_ports=(args.scheduler_port or free_port(args.host),
+                             *(free_port(args.host) for _ in range(args.schedulers - 1))),
             redis_url=args.redis_url, kv_transport=args.kv_transport, log_dir=log_dir,
             threads_per_worker=threads, engine_argv=tuple(_engine_argv(args)),
             gateway_argv=tuple(gateway_argv), ready_timeout_s=args.ready_timeout,
@@ -222,7 +232,8 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
             own_certs=args.cluster_tls == "", redis_credentials=_redis_credentials(args),
             drain_timeout_s=args.drain_timeout, cpus=tuple(cpus),
             scheduler_argv=tuple(adapt.scheduler_argv(args, len(cpus))), adapt=args.adapt,
-            adapt_cooldown_s=args.adapt_cooldown)
+            adapt_cooldown_s=args.adapt_cooldown,
+            more_gateways=tuple((free_port(args.host), free_port(args.host)) for _ in range(args.gateways - 1)))
     except BaseException:  # this run's keys go with it
         if args.cluster_tls == "":
             shutil.rmtree(tls_dir, ignore_errors=True)
@@ -284,13 +295,19 @@ class Cluster:
             self._start_redis()
         common = ["--redis-url", self.redis_url]
         drain = ["--drain-timeout", str(c.drain_timeout_s)]
-        self._spawn("scheduler", ["scheduler", *common, *drain, "--host", c.host, "--port", str(c.scheduler_port),
-                                  *c.scheduler_argv])
+        for i, port in enumerate(c.scheduler_ports):  # scheduler, scheduler-1, ...: the first leads at start
+            self._spawn(f"scheduler-{i}" if i else "scheduler",
+                        ["scheduler", *common, *drain, "--host", c.host, "--port", str(port),
+                         "--consumer", f"scheduler-{i}", *c.scheduler_argv])
+            if i == 0 and len(c.scheduler_ports) > 1:
+                time.sleep(0.5)  # so that it takes the lease: the others stand by
         for name, cpus in zip(c.worker_names, c.worker_cpus):
             self.start_worker(name.split("-")[0], cpus)
-        self._spawn("gateway", ["gateway", *common, "--scheduler", self.scheduler_address, "--host", c.host,
-                                "--http-port", str(c.http_port), "--grpc-port", str(c.grpc_port),
-                                *c.gateway_argv])
+        gateways = [("gateway", c.http_port, c.grpc_port)]
+        gateways += [(f"gateway-{i}", http, grpc) for i, (http, grpc) in enumerate(c.more_gateways, 1)]
+        for name, http, grpc in gateways:
+            self._spawn(name, ["gateway", *common, "--scheduler", self.scheduler_address, "--host", c.host,
+                               "--http-port", str(http), "--grpc-port", str(grpc), *c.gateway_argv])
 
     def service_env(self, name: str) -> dict[str, str]:
         """A service's environment: secrets go here, never on a command line (readable by any
@@ -309,13 +326,18 @@ class Cluster:
             env[TOKEN_ENV] = self.config.cluster_auth.token
         if self.config.tls_dir is not None:  # the folder of its role: prefill-1 is a prefill server
             env[TLS_DIR_ENV] = str(self.config.tls_dir / name.split("-")[0])
-        if self.config.api_key and name == "gateway":
+        if self.config.api_key and name.split("-")[0] == "gateway":
             env[API_KEY_ENV] = self.config.api_key
         return env
 
     @property
+    def scheduler_addresses(self) -> list[str]:
+        return [f"{self.config.host}:{port}" for port in self.config.scheduler_ports]
+
+    @property
     def scheduler_address(self) -> str:
-        return f"{self.config.host}:{self.config.scheduler_port}"
+        """Every scheduler's, comma-separated, as workers and the gateway take them."""
+        return ",".join(self.scheduler_addresses)
 
     def start_worker(self, role: str, cpus, engine_argv: list[str] = (), threads: int | None = None) -> str:
         """Start a worker of role on cpus (engine_argv overrides the cluster's engine flags, threads
@@ -411,7 +433,7 @@ class Cluster:
         """SIGTERM each service, the gateway first, then the workers newest first, then the scheduler
         and Redis: each drains, within its timeout, and exits; one that does not is killed."""
         grace_s = self.config.drain_timeout_s + 30.0  # + a prefill's pull grace, the last reports, gRPC
-        order = sorted(reversed(self.services + self.retiring), key=lambda s: s.name != "gateway")
+        order = sorted(reversed(self.services + self.retiring), key=lambda s: not s.name.startswith("gateway"))
         for service in order:
             if not service.exited:
                 service.process.send_signal(signal.SIGTERM)
@@ -492,6 +514,11 @@ def _serve(cluster: Cluster) -> NoReturn:
         time.sleep(0.5)
 
 
+def _more_gateways(config: ClusterConfig) -> str:
+    return "".join(f"\n  gateway-{i}:  http://{config.host}:{http}/v1, gRPC {config.host}:{grpc}"
+                   for i, (http, grpc) in enumerate(config.more_gateways, 1))
+
+
 def _print_endpoints(config: ClusterConfig) -> None:
     model = _served_model(config)
     key = ' -H "Authorization: Bearer $SPLITSERVE_API_KEY"' if config.api_key else ""
@@ -499,7 +526,7 @@ def _print_endpoints(config: ClusterConfig) -> None:
 splitserve is ready.
   OpenAI API: {config.http_url}/v1   (models: {config.http_url}/v1/models)
   gRPC:       {config.host}:{config.grpc_port}   (splitserve generate --gateway {config.host}:{config.grpc_port} "...")
-  metrics:    {config.http_url}/metrics
+  metrics:    {config.http_url}/metrics{_more_gateways(config)}
   logs:       {config.log_dir}
 
 Try:

@@ -72,3 +72,11 @@ def _is_local(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 def _plain(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """An IPv4 address mapped into IPv6 (::ffff:10.0.0.5), as the IPv4 address it is."""
     return (ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else ip
+
+
+def scheduler_addresses(value: str) -> list[str]:
+    """The host:port addresses of a --scheduler value (comma-separated); ValueError when empty."""
+    addresses = [a.strip() for a in value.split(",") if a.strip()]
+    if not addresses or any(":" not in a for a in addresses):
+        raise ValueError(f"--scheduler {value!r}: expected host:port[,host:port...]")
+    return addresses

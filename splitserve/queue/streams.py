@@ -179,11 +179,17 @@ class RequestStream(Generic[T]):
             self.group, consumer, {self.key: "0"}, count=100_000))
         return await self._entries(reply)
 
-    async def claim_idle(self, consumer: str, min_idle_ms: int) -> list[StreamEntry[T]]:
-        """Take over entries another consumer has held unacknowledged for min_idle_ms."""
-        _, claimed, *_ = await self._read_group(lambda: self.client.xautoclaim(
-            self.key, self.group, consumer, min_idle_ms, start_id="0-0", count=1000))
-        return await self._decode_all(claimed)
+    async def claim(self, consumer: str, min_idle_ms: int = 0) -> list[StreamEntry[T]]:
+        """Take over every entry of the group left unacknowledged min_idle_ms or longer, whoever
+        holds it (0: all of them, what a leader taking over does)."""
+        entries, start = [], "0-0"
+        while True:
+            cursor, claimed, *_ = await self._read_group(lambda: self.client.xautoclaim(
+                self.key, self.group, consumer, min_idle_ms, start_id=start, count=1000))
+            entries += await self._decode_all(claimed)
+            if cursor in (b"0-0", "0-0"):
+                return entries
+            start = cursor
 
     async def ack(self, entry_id: bytes) -> None:
         self._acking.add(entry_id)

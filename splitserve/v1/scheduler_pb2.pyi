@@ -44,30 +44,46 @@ class WorkerInfo(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., grpc_address: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., token_budget: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., kv_layout: _Optional[_Union[_common_pb2.KvLayout, _Mapping]] = ..., kv_transport: _Optional[_Union[_common_pb2.KvTransport, str]] = ..., num_cores: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker", "stats")
+    __slots__ = ("worker", "stats", "held_request_ids")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    HELD_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     worker: WorkerInfo
     stats: _common_pb2.WorkerStats
-    def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., stats: _Optional[_Union[_common_pb2.WorkerStats, _Mapping]] = ...) -> None: ...
+    held_request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., stats: _Optional[_Union[_common_pb2.WorkerStats, _Mapping]] = ..., held_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_s",)
+    __slots__ = ("heartbeat_interval_s", "leader", "epoch")
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_s: float
-    def __init__(self, heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    leader: bool
+    epoch: int
+    def __init__(self, heartbeat_interval_s: _Optional[float] = ..., leader: _Optional[bool] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("instance_id", "stats")
+    __slots__ = ("instance_id", "stats", "held_request_ids", "prefill_done", "request_done")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    HELD_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_DONE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_DONE_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     stats: _common_pb2.WorkerStats
-    def __init__(self, instance_id: _Optional[str] = ..., stats: _Optional[_Union[_common_pb2.WorkerStats, _Mapping]] = ...) -> None: ...
+    held_request_ids: _containers.RepeatedScalarFieldContainer[str]
+    prefill_done: _containers.RepeatedCompositeFieldContainer[PrefillDoneRequest]
+    request_done: _containers.RepeatedCompositeFieldContainer[RequestDoneRequest]
+    def __init__(self, instance_id: _Optional[str] = ..., stats: _Optional[_Union[_common_pb2.WorkerStats, _Mapping]] = ..., held_request_ids: _Optional[_Iterable[str]] = ..., prefill_done: _Optional[_Iterable[_Union[PrefillDoneRequest, _Mapping]]] = ..., request_done: _Optional[_Iterable[_Union[RequestDoneRequest, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("leader", "epoch")
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    leader: bool
+    epoch: int
+    def __init__(self, leader: _Optional[bool] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class PrefillDoneRequest(_message.Message):
     __slots__ = ("request_id", "instance_id", "kv", "output_token_ids", "finish_reason", "error", "timeline")
@@ -198,18 +214,22 @@ class WorkerState(_message.Message):
     def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., stats: _Optional[_Union[_common_pb2.WorkerStats, _Mapping]] = ..., last_seen_s: _Optional[float] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class ClusterState(_message.Message):
-    __slots__ = ("workers", "num_waiting", "num_running", "workload", "recommendation")
+    __slots__ = ("workers", "num_waiting", "num_running", "workload", "recommendation", "leader", "epoch")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     WORKLOAD_FIELD_NUMBER: _ClassVar[int]
     RECOMMENDATION_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerState]
     num_waiting: int
     num_running: int
     workload: WorkloadEstimate
     recommendation: Recommendation
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., workload: _Optional[_Union[WorkloadEstimate, _Mapping]] = ..., recommendation: _Optional[_Union[Recommendation, _Mapping]] = ...) -> None: ...
+    leader: bool
+    epoch: int
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., workload: _Optional[_Union[WorkloadEstimate, _Mapping]] = ..., recommendation: _Optional[_Union[Recommendation, _Mapping]] = ..., leader: _Optional[bool] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class WorkloadEstimate(_message.Message):
     __slots__ = ("window_s", "arrival_rate", "num_arrivals", "prompt_len_mean", "prompt_len_p50", "prompt_len_p90", "num_finished", "output_len_mean", "output_len_p50", "output_len_p90")

@@ -66,64 +66,199 @@ def engine_stats(engine: LLMEngine) -> pb.WorkerStats:
     )
 
 
-class SchedulerLink:
-    """Registers this worker with the scheduler and heartbeats; re-registers when forgotten."""
+EPOCH_METADATA = "x-splitserve-epoch"  # the fencing epoch a scheduler's calls to workers carry
+REPORT_ATTEMPTS = 3  # a report's own call, before it is left to the heartbeats
+MAX_REPORTS_PER_HEARTBEAT = 256
+Report = spb.PrefillDoneRequest | spb.RequestDoneRequest
 
-    def __init__(self, config: WorkerConfig, info: spb.WorkerInfo, stats) -> None:
-        # stats: async () -> WorkerStats, answered without waiting for an engine step
-        self.config, self.info, self._stats = config, info, stats
-        self.channel = open_channel(config.scheduler, config.cluster_auth, "scheduler")
+
+class Fence:
+    """The newest scheduler epoch this worker has seen. A call from an older one (a leader that was
+    deposed and does not know it yet) is refused with ABORTED, which tells it so."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def see(self, epoch: int) -> None:
+        self.epoch = max(self.epoch, epoch)
+
+    async def check(self, context) -> None:
+        """Admit a scheduler's call (Submit, Abort) only from the newest epoch."""
+        value = dict(context.invocation_metadata()).get(EPOCH_METADATA, "0")
+        epoch = int(value) if value.isdigit() and len(value) < 19 else 0
+        if epoch < self.epoch:
+            await context.abort(grpc.StatusCode.ABORTED, f"scheduler epoch {epoch} was superseded by epoch "
+                                                         f"{self.epoch}: that scheduler no longer leads")
+        self.see(epoch)
+
+
+class _Scheduler:
+    """One scheduler this worker registers and heartbeats with."""
+
+    def __init__(self, address: str, config: WorkerConfig) -> None:
+        self.address = address
+        self.channel = open_channel(address, config.cluster_auth, "scheduler")
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
+        self.leader = False  # as it last said
+
+
+class SchedulerLink:
+    """This worker's link to its schedulers (one, or a leader and standbys).
+
+    It registers with each and heartbeats to each: a standby keeps its registry warm for a takeover.
+    A heartbeat carries the ids of every request this worker holds, so the leader can requeue what
+    it placed here that is gone and abort here what it does not know. Reports (PrefillDone,
+    RequestDone) go to the leader; one whose call does not get through rides every heartbeat until
+    one to the leader delivers it, and its request counts as held until then.
+    """
+
+    def __init__(self, config: WorkerConfig, info: spb.WorkerInfo, stats, held, fence: Fence) -> None:
+        # stats: async () -> WorkerStats, answered without waiting for an engine step;
+        # held: () -> ids of the requests this worker holds; fence: the server's, which learns the
+        # newest epoch from the schedulers' answers too.
+        self.config, self.info, self._stats, self._held, self.fence = config, info, stats, held, fence
+        self.schedulers = [_Scheduler(address, config) for address in config.schedulers]
+        self._owed: dict[tuple[str, str], Report | None] = {}  # reports not yet delivered (None: not sent yet)
         self.draining = False
         self.gone = False  # drained and about to exit: no more heartbeats, never re-register
 
+    @property
+    def leader(self) -> _Scheduler:
+        return next((s for s in self.schedulers if s.leader), self.schedulers[0])
+
+    @property
+    def stub(self) -> scheduler_pb2_grpc.SchedulerStub:
+        """The leader's (as far as this worker knows)."""
+        return self.leader.stub
+
     async def run(self) -> None:
-        """Register (retrying until the scheduler answers), then heartbeat forever."""
-        await self._register()
+        """Register with every scheduler (retrying until each answers), then heartbeat forever."""
+        await asyncio.gather(*(self._run_with(s) for s in self.schedulers))
+
+    async def _run_with(self, scheduler: _Scheduler) -> None:
+        await self._register(scheduler)
         while not self.gone:
             await asyncio.sleep(self.config.heartbeat_interval_s)  # a timer, not a poll
-            await self._heartbeat()
+            await self._heartbeat(scheduler)
         await asyncio.Event().wait()  # gone: idle until the process ends
 
-    async def _register(self) -> None:
+    def _held_ids(self) -> list[str]:
+        return [*self._held(), *(rid for _, rid in self._owed)]
+
+    async def _register(self, scheduler: _Scheduler) -> None:
         delay = 0.2
         while True:
             try:
-                await self.stub.Register(spb.RegisterRequest(worker=self.info, stats=await self._stats()),
-                                         timeout=5)
-                log.info("registered", scheduler=self.config.scheduler, instance_id=self.info.instance_id)
+                request = spb.RegisterRequest(worker=self.info, stats=await self._stats(),
+                                              held_request_ids=self._held_ids())
+                response = await scheduler.stub.Register(request, timeout=5)
+                self._heard(scheduler, response.leader, response.epoch)
+                log.info("registered", scheduler=scheduler.address, leader=response.leader,
+                         instance_id=self.info.instance_id)
                 if self.draining:  # a scheduler that forgot us must not place work here again
-                    await self.drain()
+                    await self._drain_with(scheduler, False)
                 return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                     # A configuration error (the cluster token, the advertised address): say so loudly.
-                    log.error("the scheduler refused this worker, retrying", code=exc.code().name,
-                              reason=exc.details(), retry_in_s=delay)
+                    log.error("the scheduler refused this worker, retrying", scheduler=scheduler.address,
+                              code=exc.code().name, reason=exc.details(), retry_in_s=delay)
                 else:
-                    log.warning("scheduler unreachable, retrying", code=exc.code().name, retry_in_s=delay)
+                    log.warning("scheduler unreachable, retrying", scheduler=scheduler.address,
+                                code=exc.code().name, retry_in_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _heartbeat(self) -> None:
-        request = spb.HeartbeatRequest(instance_id=self.info.instance_id, stats=await self._stats())
+    async def _heartbeat(self, scheduler: _Scheduler) -> None:
+        owed = [(key, report) for key, report in self._owed.items() if report is not None]
+        owed = owed[:MAX_REPORTS_PER_HEARTBEAT]
+        request = spb.HeartbeatRequest(
+            instance_id=self.info.instance_id, stats=await self._stats(), held_request_ids=self._held_ids(),
+            prefill_done=[r for _, r in owed if isinstance(r, spb.PrefillDoneRequest)],
+            request_done=[r for _, r in owed if isinstance(r, spb.RequestDoneRequest)])
         try:
-            await self.stub.Heartbeat(request, timeout=5)
+            response = await scheduler.stub.Heartbeat(request, timeout=5)
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.NOT_FOUND and not self.gone:
-                await self._register()
+                await self._register(scheduler)
             else:
-                log.warning("heartbeat failed", code=exc.code().name)
+                log.warning("heartbeat failed", scheduler=scheduler.address, code=exc.code().name)
+            return
+        self._heard(scheduler, response.leader, response.epoch)
+        if response.leader:
+            for key, report in owed:
+                self._delivered(key, report)
+            if owed:
+                log.info("reports delivered with a heartbeat", count=len(owed))
+
+    def _heard(self, scheduler: _Scheduler, leader: bool, epoch: int) -> None:
+        self.fence.see(epoch)
+        if leader:
+            for other in self.schedulers:
+                other.leader = other is scheduler
+        else:
+            scheduler.leader = False
+
+    # -- reports ------------------------------------------------------------------------------
+
+    def owe(self, report_type: type[Report], request_id: str) -> None:
+        """A request left this worker (or finished its prefill) and its report is on its way: it counts
+        as held until the report is delivered. Call at once, in the step that ended it."""
+        self._owed[(report_type.__name__, request_id)] = None
+
+    async def report(self, report: Report) -> None:
+        """Deliver a report to the leader; if its own call fails, the heartbeats carry it."""
+        key = (type(report).__name__, report.request_id)
+        self._owed[key] = report
+        rpc = "PrefillDone" if isinstance(report, spb.PrefillDoneRequest) else "RequestDone"
+        delay = 0.2
+        for attempt in range(1, REPORT_ATTEMPTS + 1):
+            scheduler = self.leader
+            try:
+                await getattr(scheduler.stub, rpc)(report, timeout=5.0)
+                self._delivered(key, report)
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE):
+                    self._heard(scheduler, False, 0)  # a standby, or gone: ask another
+                    self._try_next_leader(scheduler)
+                elif exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
+                    log.error(f"{rpc} refused", code=exc.code().name, reason=exc.details())
+                    self._delivered(key, report)
+                    return
+                if attempt == REPORT_ATTEMPTS:
+                    log.warning(f"{rpc} not delivered; the heartbeats carry it", code=exc.code().name,
+                                request_id=report.request_id)
+                    return
+                await asyncio.sleep(delay)
+                delay *= 2
+
+    def _try_next_leader(self, refused: _Scheduler) -> None:
+        """Guess the scheduler after `refused` leads, until a heartbeat says which does."""
+        i = self.schedulers.index(refused)
+        following = self.schedulers[i + 1:] + self.schedulers[:i]
+        if following:
+            following[0].leader = True
+
+    def _delivered(self, key: tuple[str, str], report: Report) -> None:
+        if self._owed.get(key) is report:
+            del self._owed[key]
+
+    # -- drain --------------------------------------------------------------------------------
 
     async def drain(self, finished: bool = False) -> None:
-        """Tell the scheduler this worker is draining (nothing new), or, finished, that it exits now."""
+        """Tell every scheduler this worker is draining (nothing new), or, finished, that it exits now."""
         self.draining = True
         self.gone = self.gone or finished
+        await asyncio.gather(*(self._drain_with(s, finished) for s in self.schedulers))
+
+    async def _drain_with(self, scheduler: _Scheduler, finished: bool) -> None:
         request = spb.DrainRequest(instance_id=self.info.instance_id, finished=finished)
-        await call_with_retries(self.stub.Drain, request, what="Drain", attempts=3, timeout_s=5.0)
+        await call_with_retries(scheduler.stub.Drain, request, what="Drain", attempts=3, timeout_s=5.0)
 
     async def hand_back(self, request_id: str, kv_not_pulled: bool = False) -> None:
-        """Give a request this draining worker will not finish back to the scheduler."""
+        """Give a request this draining worker will not finish back to the leader (should this call
+        be lost, the leader sees it missing from the heartbeats and runs it again)."""
         request = spb.HandBackRequest(request_id=request_id, instance_id=self.info.instance_id,
                                       kv_not_pulled=kv_not_pulled)
         await call_with_retries(self.stub.HandBack, request, what="HandBack")
@@ -224,7 +359,8 @@ def advertised_address(config: WorkerConfig, port: int) -> str:
 
 
 async def call_with_retries(rpc, request, what: str, attempts: int = 5, timeout_s: float = 10.0):
-    """Call a unary RPC, retrying with backoff: a lost PrefillDone/RequestDone strands a request."""
+    """Call a unary RPC, retrying with backoff (Drain, HandBack: should one still be lost, the
+    scheduler reconciles from the heartbeats)."""
     delay = 0.2
     for attempt in range(1, attempts + 1):
         try:

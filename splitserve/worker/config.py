@@ -18,6 +18,7 @@ from splitserve.common.auth import (
     redis_credentials_from_args,
 )
 from splitserve.common.engine_args import add_engine_args, positive_float, positive_int
+from splitserve.common.net import scheduler_addresses
 from splitserve.kv_transfer.factory import DEFAULT_TRANSPORT, TRANSPORTS, transport_value
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ class WorkerConfig:
     engine: EngineConfig
     host: str
     port: int
-    scheduler: str
+    scheduler: str  # host:port, or several comma-separated (a leader and standbys)
     redis_url: str
     kv_transport: str
     instance_id: str
@@ -40,6 +41,10 @@ class WorkerConfig:
     max_waiting: int | None = None  # decode: requests submitted and not yet admitted; None: derived
     cluster_auth: ClusterAuth = NO_AUTH  # the token this worker's calls carry and its servers ask for
     redis_credentials: RedisCredentials = RedisCredentials()
+
+    @property
+    def schedulers(self) -> list[str]:
+        return scheduler_addresses(self.scheduler)
 
     @property
     def kv_transport_proto(self) -> int:
@@ -59,9 +64,10 @@ def add_worker_args(parser: argparse.ArgumentParser, role: str, default_port: in
     parser.add_argument("--port", type=int, default=int(env("SPLITSERVE_PORT", default_port)),
                         help=f"gRPC port (default: {default_port}; 0 picks a free one)")
     parser.add_argument("--scheduler", default=env("SPLITSERVE_SCHEDULER", "127.0.0.1:50052"),
-                        help="scheduler host:port (default: 127.0.0.1:50052)")
+                        help="scheduler host:port, or several comma-separated (a leader and its "
+                             "standbys: the worker registers with each; default: 127.0.0.1:50052)")
     parser.add_argument("--redis-url", default=env("SPLITSERVE_REDIS_URL", "redis://127.0.0.1:6379/0"),
-                        help="Redis holding the reply and cancel channels")
+                        help="Redis holding the gateways' reply streams")
     add_redis_auth_args(parser)
     parser.add_argument("--kv-transport", choices=sorted(TRANSPORTS),
                         default=env("SPLITSERVE_KV_TRANSPORT", DEFAULT_TRANSPORT),
@@ -86,7 +92,7 @@ def add_worker_args(parser: argparse.ArgumentParser, role: str, default_port: in
 
 def worker_config(args: argparse.Namespace, engine: EngineConfig, role: str) -> WorkerConfig:
     return WorkerConfig(
-        engine=engine, host=args.host, port=args.port, scheduler=args.scheduler,
+        engine=engine, host=args.host, port=args.port, scheduler=','.join(scheduler_addresses(args.scheduler)),
         redis_url=args.redis_url, kv_transport=args.kv_transport,
         instance_id=args.instance_id or f"{role}-{socket.gethostname()}-{os.getpid()}",
         heartbeat_interval_s=args.heartbeat_interval, cluster_auth=cluster_auth_from_args(args),
