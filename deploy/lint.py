@@ -84,13 +84,26 @@ def _grpc_probe(probe: dict) -> bool:
     return "grpc" in probe or probe.get("exec", {}).get("command") == ["splitserve-healthcheck", "grpc"]
 
 
+def services_of(objects: list[dict]) -> dict[str, dict]:
+    """splitserve's own workloads by name: the Deployments and the schedulers' StatefulSet (not Redis)."""
+    statefulsets = {k: v for k, v in by_kind(objects, "StatefulSet").items() if k != "redis"}
+    return {**by_kind(objects, "Deployment"), **statefulsets}
+
+
 def check_k8s_base(objects: list[dict]) -> None:
     deployments, services = by_kind(objects, "Deployment"), by_kind(objects, "Service")
-    check(set(deployments) == {"gateway", "scheduler", *WORKERS}, f"Deployments: {sorted(deployments)}")
+    check(set(deployments) == {"gateway", *WORKERS}, f"Deployments: {sorted(deployments)}")
     redis = by_kind(objects, "StatefulSet").get("redis")
     check(redis is not None and redis["spec"].get("volumeClaimTemplates"), "Redis: a StatefulSet with a volume")
+    schedulers = by_kind(objects, "StatefulSet").get("scheduler")
+    check(schedulers is not None and schedulers["spec"]["replicas"] >= 2
+          and services["scheduler"]["spec"].get("clusterIP") == "None",
+          "the schedulers: a StatefulSet of 2 or more behind a headless Service (a leader and a standby)")
+    config = next(iter(by_kind(objects, "ConfigMap").values()))["data"]
+    check(config.get("SPLITSERVE_SCHEDULER", "").count(",") + 1 == schedulers["spec"]["replicas"],
+          "SPLITSERVE_SCHEDULER names every scheduler replica")
     check(services["prefill"]["spec"].get("clusterIP") == "None", "the prefill Service must be headless")
-    for name, deployment in deployments.items():
+    for name, deployment in services_of(objects).items():
         pod = deployment["spec"]["template"]["spec"]
         container = pod["containers"][0]
         check(_grpc_probe(container.get("readinessProbe", {})), f"{name}: a gRPC readiness probe")
@@ -119,7 +132,7 @@ def _secret_ref(env: dict[str, dict], name: str) -> dict | None:
 def check_k8s_secure(objects: list[dict], build: str) -> None:
     """The cluster's secrets come from required Secrets, never argv; Redis asks for its password; the
     gateway requires its key (unless build is named insecure-*); NetworkPolicies admit only what is needed."""
-    for name, deployment in by_kind(objects, "Deployment").items():
+    for name, deployment in services_of(objects).items():
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         env = _env(container)
         for variable in ("SPLITSERVE_CLUSTER_TOKEN", "SPLITSERVE_REDIS_PASSWORD"):
@@ -154,7 +167,7 @@ def check_k8s_secure(objects: list[dict], build: str) -> None:
 
 
 def check_k8s_mtls(objects: list[dict]) -> None:
-    for name, deployment in by_kind(objects, "Deployment").items():
+    for name, deployment in services_of(objects).items():
         pod = deployment["spec"]["template"]["spec"]
         container = pod["containers"][0]
         check(_env(container).get("SPLITSERVE_CLUSTER_TLS_DIR"), f"mtls overlay: {name} gets SPLITSERVE_CLUSTER_TLS_DIR")
@@ -209,7 +222,12 @@ def lint_compose(path: Path = ROOT / "docker-compose.yml") -> None:
     secrets = yaml.safe_load(path.read_text()).get("secrets", {})
     check(all("file" in secrets.get(s, {}) for s in ("redis_password", "cluster_token", "api_key")),
           f"{path.name}: the secrets redis_password, cluster_token, api_key (files, made by make secrets)")
-    for name in ("scheduler", "gateway", *WORKERS):
+    schedulers = [name for name in services if name.startswith("scheduler")]
+    check(len(schedulers) >= 2 and all(
+        services[name]["environment"].get("SPLITSERVE_SCHEDULER") == ",".join(f"{s}:50052" for s in schedulers)
+        for name in ("gateway", *WORKERS)), f"{path.name}: 2 schedulers, and the gateway and workers name each")
+    check("--appendfsync always" in redis_command, f"{path.name}: Redis fsyncs each write (accepted requests survive)")
+    for name in (*schedulers, "gateway", *WORKERS):
         env = services[name]["environment"]
         check(env.get("SPLITSERVE_CLUSTER_TOKEN_FILE") == "/run/secrets/cluster_token"
               and env.get("SPLITSERVE_REDIS_PASSWORD_FILE") == "/run/secrets/redis_password"
