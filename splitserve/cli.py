@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JSON log lines even on a terminal (default: JSON only off a terminal)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from splitserve.bench import cli as bench_cli
-    from splitserve.commands import generate, plan, profile, simulate, up
+    from splitserve.commands import chaos, generate, plan, profile, simulate, up
     from splitserve.common import certs
     from splitserve.services.colocated import main as colocated
     from splitserve.services.decode import main as decode
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_parser(sub)
     plan.add_parser(sub)
     certs.add_parser(sub)
+    chaos.add_parser(sub)
     return parser
 
 
