@@ -34,7 +34,11 @@ def test_second_start_loads_from_cache_in_seconds(tmp_path):
 
 
 def test_unknown_model_gets_a_clear_error(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Read once at import, which earlier tests did: without this the hub is tried (20 s of retries here).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelNotFound, match="no-such-org/no-such-model"):
         resolve_model("no-such-org/no-such-model")
     bad = tmp_path / "weights.bin"
