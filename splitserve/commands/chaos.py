@@ -377,8 +377,11 @@ class Soak:
         if fault == "kill_leader":
             name = await asyncio.to_thread(self.leader_name)
             return self._kill(services[name]) if name else "no scheduler leads"
-        if fault == "kill_gateway":  # the one with the most streams open
-            open_streams = Counter(t.gateway for t in self.in_flight.values() if not t.done())
+        if fault == "kill_gateway":  # the one with the most streams open, once one has some (up to 10 s)
+            deadline = time.monotonic() + 10.0
+            while not (open_streams := Counter(t.gateway for t in self.in_flight.values() if not t.done())) \
+                    and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
             busiest = max((0, 1), key=lambda g: (open_streams[g], self.rng.random()))
             return self._kill(services["gateway" if busiest == 0 else "gateway-1"]) + \
                 f", {open_streams[busiest]} streams open"
