@@ -12,6 +12,20 @@ UNUSED_REDIS = "redis://127.0.0.1:1/0"  # a client that never connects: these te
 LAYOUT = pb.KvLayout(num_layers=2, num_kv_heads=1, head_dim=8, block_size=16, dtype="bfloat16")
 
 
+@pytest.fixture
+def aborted(monkeypatch) -> list[tuple[str, str]]:
+    """The (worker, request) of every Abort the scheduler sends, instead of sending it."""
+    from splitserve.services.scheduler.server import SchedulerServer
+
+    calls = []
+
+    async def abort(self, instance_id, request_id):
+        calls.append((instance_id, request_id))
+
+    monkeypatch.setattr(SchedulerServer, "_abort", abort)
+    return calls
+
+
 def _worker(registry, name, role, token_budget=100, free_blocks=10, running=0):
     info = spb.WorkerInfo(instance_id=name, role=role, token_budget=token_budget, kv_layout=LAYOUT,
                           kv_transport=pb.KV_TRANSPORT_UCX)
@@ -233,17 +247,10 @@ def test_a_scheduler_drain_times_out_when_requests_do_not_finish():
     assert asyncio.run(scenario()) is False
 
 
-def test_a_prefill_server_handing_back_unpulled_kv_requeues_the_request_and_stops_its_decode_server(monkeypatch):
+def test_a_prefill_server_handing_back_unpulled_kv_requeues_the_request_and_stops_its_decode_server(aborted):
     import asyncio
 
-    from splitserve.services.scheduler.server import SchedulerServer, Stage
-
-    aborted = []
-
-    async def abort_on(self, instance_id, request_id):
-        aborted.append((instance_id, request_id))
-
-    monkeypatch.setattr(SchedulerServer, "_abort", abort_on)
+    from splitserve.services.scheduler.server import Stage
 
     async def scenario():
         server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d-a", spb.WORKER_ROLE_DECODE))
@@ -341,21 +348,14 @@ def test_a_kv_handle_must_name_its_prefill_servers_registered_addresses(grpc_add
 # -- reconciliation: what heartbeats say a worker holds ---------------------------------------------
 
 
-def test_a_request_missing_from_two_heartbeats_after_its_submit_runs_again_and_a_stray_one_is_aborted(monkeypatch):
+def test_a_request_missing_from_two_heartbeats_after_its_submit_runs_again_and_a_stray_one_is_aborted(aborted):
     """The leader places r1 on d-a (its Submit answered at d-a's heartbeat count 5). The heartbeat
     after may have been built before d-a had it; the one after that may not: r1 missing from it
     means its report was lost with d-a's copy, and r1 runs again. d-a's copy of r9, which the
     scheduler does not know (finished, cancelled), is aborted there."""
     import asyncio
 
-    from splitserve.services.scheduler.server import SchedulerServer, Stage
-
-    aborted = []
-
-    async def abort(self, instance_id, request_id):
-        aborted.append((instance_id, request_id))
-
-    monkeypatch.setattr(SchedulerServer, "_abort", abort)
+    from splitserve.services.scheduler.server import Stage
 
     async def scenario():
         server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d-a", spb.WORKER_ROLE_DECODE))
@@ -375,17 +375,10 @@ def test_a_request_missing_from_two_heartbeats_after_its_submit_runs_again_and_a
     assert aborted == [("d-a", "r9")]
 
 
-def test_held_requests_are_left_alone_and_a_prefill_server_s_copy_stops_counting_once_prefilled(monkeypatch):
+def test_held_requests_are_left_alone_and_a_prefill_server_s_copy_stops_counting_once_prefilled(aborted):
     import asyncio
 
-    from splitserve.services.scheduler.server import SchedulerServer, Stage
-
-    aborted = []
-
-    async def abort(self, instance_id, request_id):
-        aborted.append((instance_id, request_id))
-
-    monkeypatch.setattr(SchedulerServer, "_abort", abort)
+    from splitserve.services.scheduler.server import Stage
 
     async def scenario():
         server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d-a", spb.WORKER_ROLE_DECODE))

@@ -79,6 +79,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 class Service:
     name: str  # up's name: scheduler, scheduler-1, gateway, gateway-1, prefill-0, ...
     pid: int
+    argv: list[str]
+
+    def flag(self, name: str) -> str | None:
+        return self.argv[self.argv.index(name) + 1] if name in self.argv[:-1] else None
 
 
 @dataclass
@@ -140,7 +144,7 @@ class Soak:
                          daemon=True).start()
 
     def stop(self) -> int:
-        self.up.send_signal(signal.SIGINT)
+        self.up.send_signal(signal.SIGTERM)  # up drains and stops every service
         try:
             code = self.up.wait(120)
         except subprocess.TimeoutExpired:
@@ -157,70 +161,43 @@ class Soak:
                 argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
             except (OSError, ValueError):
                 continue
-            if "splitserve.cli" not in argv or self.redis.url not in argv or "up" in argv:
-                continue
-            name = self._service_name(argv)
-            if name:
-                found.append(Service(name, int(proc.name)))
+            if "splitserve.cli" in argv and self.redis.url in argv and "up" not in argv:
+                service = Service("", int(proc.name), argv)
+                service.name = self._service_name(service)
+                if service.name:
+                    found.append(service)
         return found
 
-    def _service_name(self, argv: list[str]) -> str | None:
+    def _service_name(self, service: Service) -> str | None:
         """up's name of the service a process runs (as its argv says)."""
-        def flag(name: str) -> str | None:
-            return argv[argv.index(name) + 1] if name in argv[:-1] else None
-
-        if any(role in argv for role in ("prefill", "decode", "colocated")):
-            return flag("--instance-id")
-        if "scheduler" in argv:
-            consumer = flag("--consumer") or "scheduler-0"
+        if any(role in service.argv for role in ("prefill", "decode", "colocated")):
+            return service.flag("--instance-id")
+        if "scheduler" in service.argv:
+            consumer = service.flag("--consumer") or "scheduler-0"
             return "scheduler" if consumer == "scheduler-0" else consumer
-        if "gateway" in argv:
-            return "gateway" if flag("--http-port") == str(self.http_port) else "gateway-1"
+        if "gateway" in service.argv:
+            return "gateway" if service.flag("--http-port") == str(self.http_port) else "gateway-1"
         return None
 
-    def scheduler_addresses(self) -> list[str]:
-        addresses = []
-        for proc in Path("/proc").iterdir():
-            try:
-                argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
-            except (OSError, ValueError):
+    def schedulers(self) -> dict[str, spb.ClusterState | None]:
+        """Each scheduler's ClusterState (None: it did not answer), by service name."""
+        auth, states = ClusterAuth(self.token), {}
+        for service in self.services():
+            if not service.name.startswith("scheduler"):
                 continue
-            if "scheduler" in argv and self.redis.url in argv and "--port" in argv:
-                addresses.append(f"127.0.0.1:{argv[argv.index('--port') + 1]}")
-        return addresses
-
-    def cluster_state(self, leader_only: bool = True) -> spb.ClusterState | None:
-        auth = ClusterAuth(self.token)
-        for address in self.scheduler_addresses():
             try:
-                with open_blocking_channel(address, auth, "scheduler") as channel:
-                    state = scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
+                with open_blocking_channel(f"127.0.0.1:{service.flag('--port')}", auth, "scheduler") as channel:
+                    states[service.name] = scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
                         spb.ClusterStateRequest(), timeout=3, metadata=auth.metadata)
             except grpc.RpcError:
-                continue
-            if state.leader or not leader_only:
-                return state
-        return None
+                states[service.name] = None
+        return states
 
     def leader_name(self) -> str | None:
-        state = self.cluster_state()
-        if state is None:
-            return None
-        port = next((a.split(":")[1] for a in self.scheduler_addresses() if self._leads(a)), None)
-        return next((s.name for s in self.services() if s.name.startswith("scheduler") and port
-                     and _argv_port(s.pid) == port), None)
-
-    def _leads(self, address: str) -> bool:
-        auth = ClusterAuth(self.token)
-        try:
-            with open_blocking_channel(address, auth, "scheduler") as channel:
-                return scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
-                    spb.ClusterStateRequest(), timeout=3, metadata=auth.metadata).leader
-        except grpc.RpcError:
-            return False
+        return next((name for name, state in self.schedulers().items() if state and state.leader), None)
 
     def worker_stats(self) -> dict[str, common_pb2.WorkerStats]:
-        state = self.cluster_state(leader_only=False)
+        state = next((s for s in self.schedulers().values() if s is not None), None)
         auth, stats = ClusterAuth(self.token), {}
         for worker in state.workers if state else []:
             stub = (decode_pb2_grpc.DecodeStub if worker.worker.role == spb.WORKER_ROLE_DECODE
@@ -471,14 +448,6 @@ class Refused(Exception):
 def _reason(message: str) -> str:
     """An error message without the parts that vary per request (ids, numbers)."""
     return re.sub(r"\d+(\.\d+)?", "N", re.sub(r"'[^']*'", "'…'", message))[:120]
-
-
-def _argv_port(pid: int) -> str | None:
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return None
-    return argv[argv.index("--port") + 1] if "--port" in argv[:-1] else None
 
 
 def print_report(report: dict) -> None:
