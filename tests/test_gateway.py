@@ -2,7 +2,7 @@
 
 The fakes (on a private event loop in a thread): a grpc.aio Scheduler answering GetClusterState with
 one prefill and one decode worker (or none), and a worker that reads the Redis request stream and
-answers each request on its reply channel with the tokens of OUTPUT_TEXT, recording cancels. The
+answers each request on its reply stream with the tokens of OUTPUT_TEXT, recording cancels. The
 request's seed picks a behaviour: HOLD_SEED sends one token and waits for a cancel, REPLAY_SEED
 resends positions as a replayed request would, ERROR_SEED fails the request after one token, GAP_SEED
 skips a position (as a reply lost on its way would).

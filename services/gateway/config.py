@@ -35,7 +35,7 @@ class GatewayConfig:
     max_body_bytes: int  # HTTP request bodies past this get 413 unread
     cluster_poll_interval_s: float
     shutdown_grace_s: float  # on SIGTERM, in-flight requests get this long before they are aborted
-    gateway_id: str  # unique per process; names this gateway's reply channel
+    gateway_id: str  # unique per process; names this gateway's reply stream
     # --tls-cert / --tls-key: HTTPS and gRPC over TLS for clients; None: plaintext (behind a TLS proxy).
     tls_cert: str | None = None
     tls_key: str | None = None

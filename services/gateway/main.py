@@ -70,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="seconds in-flight requests get to finish on SIGTERM before they are aborted "
                         "(default: 5)")
     p.add_argument("--gateway-id", default=env("SPLITSERVE_GATEWAY_ID"),
-                   help="unique name of this gateway, naming its reply channel "
+                   help="unique name of this gateway, naming its reply stream "
                         "(default: gateway-<host>-<pid>-<random>)")
     p.set_defaults(func=main)
 
