@@ -10,10 +10,12 @@
 #             pip's CA bundle; podman-compose builds every image (docker-compose.yml plus
 #             deploy/compose.local.yml, `--network host --format docker`) from a snapshot of the
 #             working tree, so that all images see the same sources
-#   up        Redis, the scheduler, then the gateway, prefill and decode, each waited for until healthy
+#   up        Redis, the two schedulers, then the gateway, prefill and decode, each waited for until healthy
 #             (podman-compose 1.0.3 ignores depends_on conditions, and podman runs health checks from
 #             systemd timers, absent here: this script runs them), then the gateway's /ready
 #   chat      a chat request through the gateway (model from /v1/models, temperature 0), answer checked
+#   failover  one scheduler leads, the other stands by; the leader is killed (SIGKILL); the other leads
+#             within 20 s and a request completes; the killed one comes back as a standby
 #   scale     prefill scaled to 2: the second server registers (the scheduler's ClusterState) and both
 #             serve some of a burst of requests (their own logs)
 #   redis     the prefill servers are killed, so a request sent now waits in the Redis stream (pending
@@ -305,8 +307,9 @@ up() {
     # In depends_on order, each once what it depends on is healthy (what compose's service_healthy does).
     compose up -d --no-build redis > "$LOGS/up.log" 2>&1 || fail "podman-compose up redis" "$LOGS/up.log"
     wait_healthy "$(container redis)" 60 || fail "redis did not become healthy"
-    compose up -d --no-build scheduler >> "$LOGS/up.log" 2>&1 || fail "podman-compose up scheduler" "$LOGS/up.log"
+    compose up -d --no-build scheduler scheduler-b >> "$LOGS/up.log" 2>&1 || fail "podman-compose up the schedulers" "$LOGS/up.log"
     wait_healthy "$(container scheduler)" 90 || fail "the scheduler did not become healthy"
+    wait_healthy "$(container scheduler-b)" 90 || fail "the standby scheduler did not become healthy"
     compose up -d --no-build >> "$LOGS/up.log" 2>&1 || fail "podman-compose up" "$LOGS/up.log"
     wait_healthy "$(container gateway)" 120 || fail "the gateway did not become healthy"
     wait_healthy "$(container prefill)" 600 || fail "the prefill server did not become healthy"
@@ -334,22 +337,60 @@ chat() {
     log "scheduler: UNAUTHENTICATED without the cluster token"
 }
 
-cluster_state() {  # the scheduler's ClusterState, asked from the gateway's container (with its cluster
-    # token; "no-token" to ask without): role id address state
+cluster_state() {  # the schedulers' ClusterState, asked from the gateway's container (with its cluster
+    # token; "no-token" to ask without): the leader's workers (role id address state), or with
+    # "leaders" each scheduler's address and whether it leads
     podman exec "$(container gateway)" python -c '
 import os, sys, grpc
 from splitserve.v1 import scheduler_pb2 as s, scheduler_pb2_grpc as g
 token = open(os.environ["SPLITSERVE_CLUSTER_TOKEN_FILE"]).read().strip()
 metadata = () if sys.argv[1:] == ["no-token"] else (("x-splitserve-cluster-token", token),)
-with grpc.insecure_channel(os.environ["SPLITSERVE_SCHEDULER"]) as channel:
-    try:
-        state = g.SchedulerStub(channel).GetClusterState(s.ClusterStateRequest(), timeout=5, metadata=metadata)
-    except grpc.RpcError as exc:
-        sys.exit(exc.code().name)
+states = {}
+for address in os.environ["SPLITSERVE_SCHEDULER"].split(","):
+    with grpc.insecure_channel(address) as channel:
+        try:
+            states[address] = g.SchedulerStub(channel).GetClusterState(s.ClusterStateRequest(), timeout=5,
+                                                                       metadata=metadata)
+        except grpc.RpcError as exc:
+            error = exc.code().name
+if sys.argv[1:] == ["leaders"]:
+    for address, state in states.items():
+        print(address, "leader" if state.leader else "standby", "epoch", state.epoch)
+    sys.exit(0)
+state = next((st for st in states.values() if st.leader), next(iter(states.values()), None))
+if state is None:
+    sys.exit(error)
 for w in state.workers:
     role = s.WorkerRole.Name(w.worker.role).removeprefix("WORKER_ROLE_").lower()
     print(role, w.worker.instance_id, w.worker.grpc_address, "draining" if w.draining else "serving")
 ' "$@" 2>&1 | quiet
+}
+
+failover() {
+    phase failover "kill -9 of the leading scheduler"
+    local leaders leader killed other deadline t
+    leaders=$(cluster_state leaders) || fail "the schedulers: $leaders"
+    echo "$leaders" | indent
+    leader=$(awk '$2 == "leader" {print $1}' <<< "$leaders")
+    [ "$(grep -c ' leader ' <<< "$leaders")" = 1 ] && [ "$(grep -c ' standby ' <<< "$leaders")" = 1 ] \
+        || fail "not one leader and one standby"
+    killed=${leader%%:*} other=$([ "$killed" = scheduler ] && echo scheduler-b || echo scheduler)
+    t=$SECONDS
+    podman kill -s KILL "$(container "$killed")" 2>&1 | quiet > /dev/null
+    deadline=$((SECONDS + 20))
+    until grep -q "^$other:.* leader " <<< "$(cluster_state leaders 2> /dev/null)"; do
+        [ $SECONDS -lt $deadline ] || fail "$other did not take over within 20 s"
+        sleep 1
+    done
+    log "$killed killed; $other leads $((SECONDS - t)) s later"
+    python3 "$CLIENT" chat "$URL" "$MODEL" "$PROMPT" --max-tokens 16 > "$WORK/failover.txt" 2>&1 \
+        || fail "a request after the failover: $(cat "$WORK/failover.txt")"
+    log "a request after the failover: $(cat "$WORK/failover.txt")"
+    compose up -d --no-build "$killed" >> "$LOGS/up.log" 2>&1 || fail "podman-compose up $killed" "$LOGS/up.log"
+    wait_healthy "$(container "$killed")" 90 || fail "$killed did not come back"
+    leaders=$(cluster_state leaders) || fail "the schedulers: $leaders"
+    grep -q "^$killed:.* standby " <<< "$leaders" || { echo "$leaders" | indent; fail "$killed is not the standby"; }
+    log "$killed back, standing by"
 }
 
 served() {  # requests a prefill container served: its KV blocks freed once the decode server took them
@@ -491,6 +532,7 @@ main() {
     build
     up
     chat
+    failover
     scale
     redis_restart
 }
