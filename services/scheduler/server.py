@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
+from splitserve.common.auth import EPOCH_METADATA_KEY
 from splitserve.common.rpc import ChannelCache
 from splitserve.common.service import Background, Progress
 from splitserve.engine.block_manager import blocks_for
@@ -51,7 +52,6 @@ FLUSH_TIMEOUT_S = 10.0  # a drain's wait for acknowledgements and RPCs already u
 MAX_REQUEST_ID_CHARS = 128  # a cancel naming a longer id names no request a gateway made
 MAX_RUNS = 4  # a request put back in the queue this often (its workers kept failing it) fails for good
 READ_BATCH = 64  # stream entries read at most per XREADGROUP
-EPOCH_METADATA = "x-splitserve-epoch"  # worker/common.py's Fence reads it
 CLAIM_INTERVAL_S = 5.0  # how often the leader takes over entries a deposed leader left idle
 
 
@@ -130,15 +130,15 @@ class SchedulerServer:
         while True:
             epoch = await self.lease.try_lead()
             if epoch == 0 and self.epoch:
-                self.deposed_reason = "another scheduler holds the leader lease"
-                raise Deposed(f"another scheduler holds the leader lease (this one led epoch {self.epoch})")
+                self.deposed_reason = f"another scheduler holds the leader lease (this one led epoch {self.epoch})"
+                raise Deposed(self.deposed_reason)
             if epoch and not self.epoch:
                 self.epoch = epoch
                 self.background.spawn(self._take_over())  # the lease is renewed meanwhile
             elif epoch and epoch != self.epoch:
                 if epoch != self.epoch + 1:
-                    self.deposed_reason = "other schedulers led meanwhile"
-                    raise Deposed(f"other schedulers led meanwhile (epoch {self.epoch}, now {epoch})")
+                    self.deposed_reason = f"other schedulers led meanwhile (epoch {self.epoch}, now {epoch})"
+                    raise Deposed(self.deposed_reason)
                 log.warning("the leader lease ran out (redis unreachable?) and was taken again",
                             epoch=epoch, previous=self.epoch)
                 self.epoch = epoch
@@ -192,17 +192,14 @@ class SchedulerServer:
             rid = entry.message.request_id
             if rid in self.tracked:
                 continue
-            tracked = Tracked(entry.entry_id, entry.message)
-            self.tracked[rid] = tracked
             holders = [w for w in self.registry.workers.values() if rid in w.held]
             runner = next((w for w in holders if w.role != spb.WORKER_ROLE_PREFILL), None)
             if runner is None:
                 for worker in holders:
                     self._abort_on(worker.instance_id, rid)
-                self.queue.append(rid)
-                self.workload.arrived(time.monotonic(), tracked.num_prompt_tokens,
-                                      entry.message.sampling.max_tokens)
+                self._queue_new(entry)
                 continue
+            tracked = self.tracked[rid] = Tracked(entry.entry_id, entry.message)
             prefill = next((w for w in holders if w.role == spb.WORKER_ROLE_PREFILL), runner)
             tracked.stage, tracked.prefill_id, tracked.decode_id = Stage.DECODE, prefill.instance_id, runner.instance_id
             colocated = runner.role == spb.WORKER_ROLE_COLOCATED
@@ -238,7 +235,7 @@ class SchedulerServer:
             return
         for rid in held:
             tracked = self.tracked.get(rid)
-            if tracked is None or worker.instance_id not in (tracked.prefill_id, tracked.decode_id):
+            if tracked is None or not self._placed_on(tracked, worker.instance_id):
                 log.info("a worker holds a request that is done or runs elsewhere: aborted there",
                          request_id=rid, worker=worker.instance_id)
                 self._abort_on(worker.instance_id, rid)
@@ -278,14 +275,17 @@ class SchedulerServer:
                 log.info("request cancelled before it was read", request_id=rid)
                 self.background.spawn(self.stream.ack(entry.entry_id))
             elif tracked is None:
-                self.tracked[rid] = Tracked(entry.entry_id, entry.message)
-                self.queue.append(rid)
-                self.workload.arrived(time.monotonic(), len(entry.message.prompt_token_ids),
-                                      entry.message.sampling.max_tokens)
+                self._queue_new(entry)
             elif tracked.entry_id != entry.entry_id:  # a second request under an id in flight
                 self.background.spawn(self._refuse_duplicate(entry))
         if entries:
             self.wake.set()
+
+    def _queue_new(self, entry: StreamEntry) -> None:
+        """Track a request not seen before and queue it last (it counts as an arrival)."""
+        tracked = self.tracked[entry.message.request_id] = Tracked(entry.entry_id, entry.message)
+        self.queue.append(tracked.request_id)
+        self.workload.arrived(time.monotonic(), tracked.num_prompt_tokens, entry.message.sampling.max_tokens)
 
     async def _refuse_duplicate(self, entry: StreamEntry) -> None:
         request = entry.message
@@ -331,17 +331,22 @@ class SchedulerServer:
         self._submitted(tracked, worker)
 
     def _fencing(self) -> tuple[tuple[str, str]]:
-        return ((EPOCH_METADATA, str(self.epoch)),)
+        return ((EPOCH_METADATA_KEY, str(self.epoch)),)
 
     def _submitted(self, tracked: Tracked, worker: WorkerEntry) -> None:
         """After a Submit: the worker has the request from now on (what reconciliation checks its
         heartbeats for), unless it was cancelled or taken off worker while the call was on its way
         (the Submit may have overtaken its Abort): then it is aborted there now."""
-        if self.tracked.get(tracked.request_id) is not tracked or worker.instance_id not in (
-                tracked.prefill_id, tracked.decode_id):
-            self._abort_on(worker.instance_id, tracked.request_id)
-        else:
+        if self._placed_on(tracked, worker.instance_id):
             worker.confirmed[tracked.request_id] = worker.beats
+        else:
+            self._abort_on(worker.instance_id, tracked.request_id)
+
+    def _placed_on(self, tracked: Tracked, instance_id: str) -> bool:
+        """Whether the request is still in flight (not finished or cancelled) and placed on this
+        worker (not taken back from it meanwhile)."""
+        return self.tracked.get(tracked.request_id) is tracked and instance_id in (tracked.prefill_id,
+                                                                                     tracked.decode_id)
 
     async def _rpc_failed(self, tracked: Tracked, worker: WorkerEntry, exc: grpc.aio.AioRpcError) -> None:
         """An unreachable worker is dropped (its requests requeued); a draining or overloaded one's
@@ -350,8 +355,7 @@ class SchedulerServer:
         if exc.code() is grpc.StatusCode.ABORTED:
             self._depose(exc.details() or "")
             return
-        if self.tracked.get(tracked.request_id) is not tracked or worker.instance_id not in (
-                tracked.prefill_id, tracked.decode_id):
+        if not self._placed_on(tracked, worker.instance_id):
             return  # finished, cancelled or taken back from it meanwhile (a hand-back, a dropped worker)
         if exc.code() is grpc.StatusCode.UNAVAILABLE:
             log.warning("worker unreachable", worker=worker.instance_id, code=exc.code().name)

@@ -31,6 +31,9 @@ from splitserve.common.certs import ROLE_PREFIX, ROLES, ClusterTLS, load_cluster
 TOKEN_ENV = "SPLITSERVE_CLUSTER_TOKEN"
 TOKEN_FILE_ENV = "SPLITSERVE_CLUSTER_TOKEN_FILE"
 METADATA_KEY = "x-splitserve-cluster-token"
+# The leader's fencing epoch, on every Submit and Abort a scheduler sends a worker (worker/common.py's
+# Fence refuses an older one).
+EPOCH_METADATA_KEY = "x-splitserve-epoch"
 # 24 bytes of randomness in URL-safe base64 is 32 characters; a shorter token is too guessable.
 MIN_TOKEN_CHARS = 32
 MAX_TOKEN_CHARS = 1024

@@ -1,7 +1,7 @@
 """Riding out a Redis outage (a restart, a short network cut): retry until Redis is back.
 
-redis-py reconnects by itself on the next command once the server answers again, and a PubSub
-re-subscribes its channels on that reconnect; what it does not do is wait for the server. Its own
+redis-py reconnects by itself on the next command once the server answers again; what it does not
+do is wait for the server. Its own
 `Retry` is switched off in `connect()` (it retries any command blindly a fixed number of times, an
 XADD whose reply was lost included), and the wrappers in `streams.py` retry here instead, each as
 its command allows.
@@ -31,7 +31,7 @@ class RedisLink:
     """Redis as one process sees it through one client: up, or down since when.
 
     Every wrapper on the client shares it, so an outage is logged once however many tasks notice
-    it, and a publisher knows that Redis just came back even when a subscription noticed first.
+    it, and a reader knows that an outage happened (`num_outages`) even when another task noticed.
     `call` retries an operation while Redis is unreachable, waiting 0.1 s doubling to 2 s between
     tries. The first failure of an outage logs "redis unreachable, retrying", the first success
     after it "redis reconnected" with how long Redis was gone.
@@ -39,17 +39,12 @@ class RedisLink:
 
     def __init__(self) -> None:
         self.down_since: float | None = None
-        self.reconnected_at: float | None = None
         self.num_outages = 0  # outages over so far
         self._backoff = ExponentialBackoff(cap=MAX_RETRY_DELAY_S, base=FIRST_RETRY_DELAY_S)
 
     @property
     def up(self) -> bool:
         return self.down_since is None
-
-    def reconnected_within(self, seconds: float) -> bool:
-        """Whether Redis came back less than `seconds` ago."""
-        return self.reconnected_at is not None and time.monotonic() - self.reconnected_at < seconds
 
     async def call(self, operation: Callable[[], Awaitable[R]], limit_s: float | None = None) -> R:
         """operation(), tried again while Redis is unreachable; after limit_s seconds of trying
@@ -76,7 +71,6 @@ class RedisLink:
 
     def restored(self) -> None:
         if self.down_since is not None:
-            self.reconnected_at = time.monotonic()
-            down_s = self.reconnected_at - self.down_since
+            down_s = time.monotonic() - self.down_since
             self.down_since, self.num_outages = None, self.num_outages + 1
             log.info("redis reconnected", down_s=round(down_s, 2))

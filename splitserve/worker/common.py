@@ -11,6 +11,7 @@ from typing import Protocol
 import grpc
 import structlog
 
+from splitserve.common.auth import EPOCH_METADATA_KEY
 from splitserve.common.net import advertised_host
 from splitserve.common.protoconv import finish_to_proto, layout_to_proto, sampling_from_proto
 from splitserve.common.rpc import NOT_SERVING, open_channel
@@ -66,7 +67,6 @@ def engine_stats(engine: LLMEngine) -> pb.WorkerStats:
     )
 
 
-EPOCH_METADATA = "x-splitserve-epoch"  # the fencing epoch a scheduler's calls to workers carry
 REPORT_ATTEMPTS = 3  # a report's own call, before it is left to the heartbeats
 MAX_REPORTS_PER_HEARTBEAT = 256
 Report = spb.PrefillDoneRequest | spb.RequestDoneRequest
@@ -84,7 +84,7 @@ class Fence:
 
     async def check(self, context) -> None:
         """Admit a scheduler's call (Submit, Abort) only from the newest epoch."""
-        value = dict(context.invocation_metadata()).get(EPOCH_METADATA, "0")
+        value = dict(context.invocation_metadata()).get(EPOCH_METADATA_KEY, "0")
         epoch = int(value) if value.isdigit() and len(value) < 19 else 0
         if epoch < self.epoch:
             await context.abort(grpc.StatusCode.ABORTED, f"scheduler epoch {epoch} was superseded by epoch "
