@@ -207,6 +207,36 @@ def test_a_member_cannot_register_a_worker_at_an_address_it_does_not_connect_fro
     assert sorted(w.worker.instance_id for w in grpc_cluster.workers()) == ["decode-0", "prefill-0"]
 
 
+def test_a_worker_s_step_histograms_are_checked_before_the_gateways_export_them(grpc_cluster):
+    """The scheduler passes workers' step histograms on to the gateways' /metrics: Register and
+    Heartbeat refuse any a worker could not have made, and the registry keeps the worker's last good stats."""
+    good = common_pb2.StepHistogram(kind=common_pb2.STEP_KIND_DECODE, batch_min=1, counts=[1] + [0] * 22,
+                                    wall_s=0.004, cpu_s=0.004, num_tokens=1)
+    decode, prefill, mixed = common_pb2.STEP_KIND_DECODE, common_pb2.STEP_KIND_PREFILL, common_pb2.STEP_KIND_MIXED
+    bad = {"counts": common_pb2.StepHistogram(kind=decode, batch_min=1, counts=[1] * 5000),
+           "batch": common_pb2.StepHistogram(kind=decode, batch_min=7, counts=[0] * 23),
+           "kind": common_pb2.StepHistogram(kind=9, batch_min=1, counts=[0] * 23),
+           "negative": common_pb2.StepHistogram(kind=prefill, batch_min=2, counts=[-1] + [0] * 22),
+           "sum": common_pb2.StepHistogram(kind=mixed, batch_min=2, counts=[0] * 23, wall_s=float("nan"))}
+    with grpc_cluster.channel(grpc_cluster.scheduler_address, "decode") as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        worker = next(w.worker for w in grpc_cluster.workers() if w.worker.role == scheduler_pb2.WORKER_ROLE_DECODE)
+        for what, histogram in [*bad.items(), ("repeated", good), ("too many", good)]:
+            steps = {"repeated": [good, good], "too many": [good] * 28}.get(what, [histogram])
+            stats = common_pb2.WorkerStats(num_blocks=100, num_free_blocks=100, steps=steps)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Heartbeat(scheduler_pb2.HeartbeatRequest(instance_id=worker.instance_id, stats=stats),
+                               timeout=10, metadata=grpc_cluster.metadata)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, what
+            assert "step histogram" in refused.value.details(), what
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Register(scheduler_pb2.RegisterRequest(worker=worker, stats=stats), timeout=10,
+                              metadata=grpc_cluster.metadata)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, what
+    assert all(len(w.stats.steps) <= 27 and all(len(h.counts) == 23 for h in w.stats.steps)
+               for w in grpc_cluster.workers())
+
+
 def test_under_mutual_tls_a_stranger_cannot_connect_even_with_the_token(grpc_cluster, tmp_path):
     """No certificate, or one from another CA: the handshake fails, no RPC (health included) runs."""
     write_cluster_certs(tmp_path / "other")

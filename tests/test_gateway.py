@@ -56,6 +56,11 @@ def wait_until(predicate, timeout_s: float = 10.0, what: str = "condition") -> N
         time.sleep(0.02)
 
 
+# The decode worker's decode steps at batch 3-4: one of 12 ms, two of 40 ms (step_stats.STEP_BUCKETS).
+DECODE_STEPS = pb.StepHistogram(kind=pb.STEP_KIND_DECODE, batch_min=3, wall_s=0.092, cpu_s=0.08,
+                                num_tokens=10, counts=[0, 0, 0, 1, 0, 0, 0, 0, 0, 2] + [0] * 13)
+
+
 class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, cluster: FakeCluster) -> None:
         self.cluster = cluster
@@ -69,7 +74,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         decode = spb.WorkerState(
             worker=spb.WorkerInfo(instance_id="decode-0", role=spb.WORKER_ROLE_DECODE,
                                   max_model_len=MAX_MODEL_LEN),
-            stats=pb.WorkerStats(num_blocks=100, num_free_blocks=25, num_running=2))
+            stats=pb.WorkerStats(num_blocks=100, num_free_blocks=25, num_running=2, steps=[DECODE_STEPS]))
         draining = spb.WorkerState(  # shutting down: counted as draining, not for readiness
             worker=spb.WorkerInfo(instance_id="prefill-1", role=spb.WORKER_ROLE_PREFILL, max_model_len=4096),
             draining=True)
@@ -630,6 +635,13 @@ def test_metrics_expose_latency_histograms_counters_and_cluster_gauges(gateway):
     assert samples[("splitserve:placement_workers", (("placement", "running"), ("role", "decode")))] == 1
     assert samples[("splitserve:placement_goodput", (("placement", "recommended"),))] == 1.6
     assert samples[("splitserve:placement_change_recommended", ())] == 1
+    decode_steps = (("batch", "3-4"), ("kind", "decode"), ("role", "decode"), ("worker", "decode-0"))
+    assert samples[("splitserve:engine_step_seconds_count", decode_steps)] == 3
+    assert samples[("splitserve:engine_step_seconds_sum", decode_steps)] == pytest.approx(0.092)
+    for le, count in (("0.01", 0), ("0.0125", 1), ("0.04", 3)):
+        assert samples[("splitserve:engine_step_seconds_bucket", tuple(sorted((*decode_steps, ("le", le)))))] == count
+    assert samples[("splitserve:engine_step_cpu_seconds_total", decode_steps)] == pytest.approx(0.08)
+    assert samples[("splitserve:engine_step_tokens_total", decode_steps)] == 10
 
 
 @pytest.mark.timeout(40)

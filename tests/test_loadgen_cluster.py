@@ -38,3 +38,15 @@ def test_bench_serve_point_against_the_cluster(ucx_cluster, tmp_path: Path):
     assert report == {**recomputed, "slo": report["slo"]}
     assert report["slo"]["attainment"] == sum(
         r["ttft_s"] <= 5 and r["tpot_s"] <= 1 for r in records) / 4
+
+    # The workers' engine steps over the point, from the gateway's /metrics (issue 17): the prefill
+    # server computed the 4 prompts (its first token each), the decode server the 7 tokens left each.
+    steps = point["engine_steps"]
+    by_kind = {kind: [f for f in steps if f["kind"] == kind] for kind in ("prefill", "decode")}
+    assert {f["role"] for f in by_kind["prefill"]} == {"prefill"}
+    assert {f["role"] for f in by_kind["decode"]} == {"decode"}
+    assert sum(f["tokens"] for f in by_kind["prefill"]) == 4 * 32
+    assert sum(f["tokens"] for f in by_kind["decode"]) == 4 * 7
+    assert 7 <= sum(f["steps"] for f in by_kind["decode"]) <= 28  # 4 x 7 tokens, batched or not
+    assert all(f["mean_ms"] > 0 and 0 < f["cpu_share"] <= 1.05 for f in steps)
+    assert "engine steps in the workers" in done.stdout

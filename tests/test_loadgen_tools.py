@@ -54,12 +54,16 @@ def test_the_cli_draws_one_panel_per_file_and_prints_the_stall_share(tmp_path):
 @pytest.mark.slow
 def test_bench_latency_prints_the_engine_s_prefill_and_decode_step():
     out = subprocess.run([sys.executable, "-m", "splitserve.cli", "bench", "latency", "--input-len", "24",
-                          "--output-len", "5", "--repeat", "2", "--warmup", "0", "--threads", "1"],
+                          "--output-len", "5", "--repeat", "2", "--warmup", "0", "--threads", "1",
+                          "--batch", "1", "3"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["prefill_ms"]["count"] == 2 and report["decode_step_ms"]["count"] == 8
     assert 0 < report["decode_step_ms"]["p50"] and 0 < report["prefill_ms"]["p50"]
+    # --batch 3: 2 rounds of 3 requests, each decoding its 4 tokens after the first in 4 steps of all 3.
+    by_batch = report["decode_step_ms_by_batch"]
+    assert by_batch["1"] == report["decode_step_ms"] and by_batch["3"]["count"] == 8
 
 
 def _run_file(tmp_path, label, points):

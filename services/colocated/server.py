@@ -29,6 +29,7 @@ from splitserve.worker.common import (
     add_to_engine,
     drain_requests,
     engine_stats,
+    loop_stats,
     token_event,
 )
 from splitserve.worker.config import WorkerConfig
@@ -88,7 +89,7 @@ class ColocatedServer:
         return list(self.requests)
 
     async def stats(self) -> pb.WorkerStats:
-        return self.loop.snapshot
+        return loop_stats(self.loop)
 
     def _on_step(self, result: StepResult) -> None:
         events, prefilled, finished = [], [], []

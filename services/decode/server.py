@@ -38,6 +38,7 @@ from splitserve.worker.common import (
     SchedulerLink,
     drain_requests,
     engine_stats,
+    loop_stats,
     token_event,
 )
 from splitserve.worker.config import WorkerConfig
@@ -136,8 +137,7 @@ class DecodeServer:
         return list(self.requests)
 
     async def stats(self) -> pb.WorkerStats:
-        stats = pb.WorkerStats()
-        stats.CopyFrom(self.loop.snapshot)
+        stats = loop_stats(self.loop)
         stats.num_waiting += len(self.waiting)
         return stats
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+from splitserve.common.step_stats import KIND_NAMES, STEP_BUCKETS, batch_label
 
 from splitserve.services.scheduler.registry import ROLE_NAMES
 from splitserve.v1 import common_pb2 as pb
@@ -32,6 +35,8 @@ class GatewayMetrics:
         self._histograms()
         self._gauges()
         self._counters()
+        self.steps = StepCollector()
+        self.registry.register(self.steps)
 
     def _histograms(self) -> None:
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
@@ -104,6 +109,7 @@ class GatewayMetrics:
             self.kv_transfer_bytes.observe(timeline.kv_transfer_bytes)
 
     def update_cluster(self, state: spb.ClusterState) -> None:
+        self.steps.workers = list(state.workers)
         self.num_running.set(state.num_running)
         self.num_waiting.set(state.num_waiting + sum(w.stats.num_waiting for w in state.workers))
         for role, name in ROLE_NAMES.items():
@@ -122,6 +128,36 @@ class GatewayMetrics:
         for stat in ("mean", "p50", "p90"):
             self.prompt_len.labels(stat=stat).set(getattr(workload, f"prompt_len_{stat}"))
             self.output_len.labels(stat=stat).set(getattr(workload, f"output_len_{stat}"))
+
+
+class StepCollector:
+    """The engine step histograms each worker sent with its latest heartbeat (the scheduler checked
+    them), as cumulative Prometheus series per worker, kind and batch class."""
+
+    def __init__(self) -> None:
+        self.workers: list[spb.WorkerState] = []
+
+    def collect(self):
+        wall = HistogramMetricFamily("splitserve:engine_step_seconds", "Wall time of the engine's steps "
+                                     "inside each worker, by kind and batch size.",
+                                     labels=["worker", "role", "kind", "batch"])
+        cpu = CounterMetricFamily("splitserve:engine_step_cpu_seconds", "The engine thread's CPU time over "
+                                  "those steps; below their wall time when the thread waited for a core, "
+                                  "the GIL or its OpenMP team.", labels=["worker", "role", "kind", "batch"])
+        tokens = CounterMetricFamily("splitserve:engine_step_tokens", "Tokens those steps computed.",
+                                     labels=["worker", "role", "kind", "batch"])
+        for w in self.workers:
+            for h in w.stats.steps:
+                labels = [w.worker.instance_id, ROLE_NAMES.get(w.worker.role, "unknown"), KIND_NAMES[h.kind],
+                          batch_label(h.batch_min)]
+                cumulative, buckets = 0, []
+                for bound, count in zip([*map(str, STEP_BUCKETS), "+Inf"], h.counts):
+                    cumulative += count
+                    buckets.append((bound, cumulative))
+                wall.add_metric(labels, buckets, sum_value=h.wall_s)
+                cpu.add_metric(labels, h.cpu_s)
+                tokens.add_metric(labels, h.num_tokens)
+        yield from (wall, cpu, tokens)
 
 
 def kv_usage(workers: Iterable[spb.WorkerState]) -> float:

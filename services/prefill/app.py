@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import structlog
 
 from splitserve.common.auth import warn_if_open
 from splitserve.common.net import advertised_host
 from splitserve.common.rpc import SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
-from splitserve.engine.engine import LLMEngine
 from splitserve.kv_transfer.factory import make_kv_server
 from splitserve.queue.streams import connect
 from splitserve.v1 import prefill_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.worker.common import SchedulerLink, advertised_address, worker_info, worker_shutdown
 from splitserve.worker.config import WorkerConfig
+from splitserve.worker.engine_loop import load_engine
 
 from .server import PrefillServer
 from .servicer import PrefillServicer
@@ -25,7 +23,7 @@ log = structlog.get_logger(__name__)
 
 
 async def serve(config: WorkerConfig, ucx_port: int, kv_lease_s: float) -> int:
-    engine = await asyncio.to_thread(LLMEngine, config.engine)
+    engine = await load_engine(config.engine)
     redis = connect(config.redis_url, config.redis_credentials)
     warn_if_open(config.cluster_auth)
     grpc_server = make_server(config.cluster_auth)

@@ -32,6 +32,7 @@ from splitserve.worker.common import (
     SchedulerLink,
     add_to_engine,
     engine_stats,
+    loop_stats,
     token_event,
 )
 from splitserve.worker.config import WorkerConfig
@@ -107,7 +108,7 @@ class PrefillServer:
         log.info("kv blocks freed", request_id=request_id, reason=why)
 
     async def stats(self) -> pb.WorkerStats:
-        return self.loop.snapshot
+        return loop_stats(self.loop)
 
     def held(self) -> list[str]:
         """Every request here, from Submit until its blocks are freed."""

@@ -9,6 +9,7 @@ import grpc
 from splitserve.common.auth import peer_role
 from splitserve.common.logging import bind_request
 from splitserve.common.net import host_is_peer
+from splitserve.common.step_stats import check_step_histograms
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.v1 import scheduler_pb2_grpc
@@ -25,6 +26,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def Register(self, request: spb.RegisterRequest, context) -> spb.RegisterResponse:
         if request.worker.role == spb.WORKER_ROLE_UNSPECIFIED or not request.worker.instance_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a worker needs an instance id and a role")
+        await _check_stats(request.stats, context)
         tls = self.server.config.cluster_auth.tls is not None
         if tls and peer_role(context) != ROLE_NAMES.get(request.worker.role):
             # A prefill server's certificate cannot enrol a decode server (and be sent KV handles).
@@ -59,6 +61,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def Heartbeat(self, request: spb.HeartbeatRequest, context) -> spb.HeartbeatResponse:
         await self._check_instance(request.instance_id, context)
+        await _check_stats(request.stats, context)
         if not self.server.registry.heartbeat(request.instance_id, request.stats, time.monotonic()):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown worker {request.instance_id}; register")
         leading, held = self.server.leading.is_set(), set(request.held_request_ids)
@@ -114,3 +117,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         await self._require_leader(context)
         self.server.hand_back(request)
         return spb.HandBackResponse()
+
+
+async def _check_stats(stats: pb.WorkerStats, context) -> None:
+    """The scheduler passes a worker's step histograms on to the gateways' /metrics: refuse any it
+    could not have made."""
+    try:
+        check_step_histograms(stats.steps)
+    except ValueError as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"worker stats: {exc}")

@@ -68,6 +68,9 @@ def _add_serve_parsers(sub) -> None:
     lat.add_argument("--repeat", type=positive_int, default=10, help="timed requests (default: 10)")
     lat.add_argument("--warmup", type=int, default=2, help="untimed requests first (default: 2)")
     lat.add_argument("--seed", type=int, default=0, help="seed of the prompt ids (default: 0)")
+    lat.add_argument("--batch", type=positive_int, nargs="+", default=[1], metavar="B",
+                     help="also decode B requests together and time those steps, e.g. --batch 1 4 16: "
+                          "what a worker's splitserve:engine_step_seconds is read against (default: 1)")
     add_engine_args(lat)
     lat.set_defaults(func=_run_latency)
     p = sub.add_parser("plot", help="overlay `bench serve` sweeps in one PNG",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import dataclass
 
 import structlog
 import torch
@@ -49,6 +50,15 @@ class _ForwardFailed(Exception):
         self.failed = failed
 
 
+@dataclass(frozen=True)
+class StepShape:
+    """What one step ran: its kind (prefill, decode or mixed), its sequences and the tokens it computed."""
+
+    kind: str
+    num_seqs: int
+    num_tokens: int
+
+
 class LLMEngine:
     """Continuous-batching engine over a paged KV cache."""
 
@@ -77,6 +87,7 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self._generator = torch.Generator()
         self._generate_ids = itertools.count()
+        self.last_step: StepShape | None = None  # what the latest step ran; None when it ran nothing
 
     @property
     def tokenizer(self):
@@ -168,6 +179,7 @@ class LLMEngine:
         probe tells the culprits (the probe runs: they fail) from a broken engine (the probe fails
         too: EngineBroken raises from here, and none of them is failed).
         """
+        self.last_step = None
         try:
             return self._schedule_and_run()
         except _ForwardFailed as failed:
@@ -234,6 +246,7 @@ class LLMEngine:
             log.info("preempted", request_id=seq.request_id, free_blocks=self.blocks.num_free_blocks)
         if not batch:
             return []
+        self.last_step = StepShape("decode", len(batch), len(batch))
         batch, logits, failed = self._forward(
             batch, lambda seqs: self.runner.decode(seqs, self._tables(seqs)))
         for seq in batch:
@@ -246,6 +259,8 @@ class LLMEngine:
             log.info("preempted", request_id=seq.request_id, free_blocks=self.blocks.num_free_blocks)
         if not decodes and not chunks:
             return []
+        self.last_step = StepShape("mixed" if chunks else "decode", len(chunks) + len(decodes),
+                                   sum(n for _, n in chunks) + len(decodes))
         # Chunks first, then decodes: the order of the runner's logits rows.
         ran, logits, failed = self._forward([s for s, _ in chunks] + decodes,
                                             lambda seqs: self._run_mixed(*among(seqs, chunks, decodes)))
@@ -277,6 +292,8 @@ class LLMEngine:
         return completed
 
     def _run_prefill(self, batch: list[Sequence]) -> list[StepOutput]:
+        self.last_step = StepShape("prefill", len(batch),
+                                   sum(s.num_tokens - s.num_computed_tokens for s in batch))
         batch, logits, failed = self._forward(
             batch, lambda seqs: self.runner.prefill(seqs, self._tables(seqs)))
         for seq in batch:

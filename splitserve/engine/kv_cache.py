@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -51,6 +52,12 @@ class KVCache:
 
     def export(self, block_ids: list[int]) -> torch.Tensor:
         """Copy the given blocks out as one contiguous tensor on the CPU (see module docstring)."""
+        if self.data.device.type == "cpu":
+            # numpy copies on the calling thread alone. torch's index_select would start an OpenMP
+            # team on it, and a prefill server exports off its engine thread: a second team slows
+            # every step (worker/engine_loop.py, load_engine).
+            raw = self.data.view(torch.uint8).numpy()
+            return torch.from_numpy(np.take(raw, block_ids, axis=2)).view(self.layout.dtype)
         index = torch.tensor(block_ids, dtype=torch.long, device=self.data.device)
         return self.data.index_select(2, index).cpu().contiguous()
 

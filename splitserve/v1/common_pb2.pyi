@@ -20,6 +20,13 @@ class KvTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KV_TRANSPORT_UNSPECIFIED: _ClassVar[KvTransport]
     KV_TRANSPORT_UCX: _ClassVar[KvTransport]
     KV_TRANSPORT_GRPC: _ClassVar[KvTransport]
+
+class StepKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STEP_KIND_UNSPECIFIED: _ClassVar[StepKind]
+    STEP_KIND_PREFILL: _ClassVar[StepKind]
+    STEP_KIND_DECODE: _ClassVar[StepKind]
+    STEP_KIND_MIXED: _ClassVar[StepKind]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -28,6 +35,10 @@ FINISH_REASON_ERROR: FinishReason
 KV_TRANSPORT_UNSPECIFIED: KvTransport
 KV_TRANSPORT_UCX: KvTransport
 KV_TRANSPORT_GRPC: KvTransport
+STEP_KIND_UNSPECIFIED: StepKind
+STEP_KIND_PREFILL: StepKind
+STEP_KIND_DECODE: StepKind
+STEP_KIND_MIXED: StepKind
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "seed", "max_tokens", "min_tokens", "ignore_eos", "stop_token_ids")
@@ -164,17 +175,35 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("num_blocks", "num_free_blocks", "num_running", "num_waiting", "num_queued_prompt_tokens", "num_held")
+    __slots__ = ("num_blocks", "num_free_blocks", "num_running", "num_waiting", "num_queued_prompt_tokens", "num_held", "steps")
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_QUEUED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_HELD_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
     num_free_blocks: int
     num_running: int
     num_waiting: int
     num_queued_prompt_tokens: int
     num_held: int
-    def __init__(self, num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_queued_prompt_tokens: _Optional[int] = ..., num_held: _Optional[int] = ...) -> None: ...
+    steps: _containers.RepeatedCompositeFieldContainer[StepHistogram]
+    def __init__(self, num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_queued_prompt_tokens: _Optional[int] = ..., num_held: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepHistogram, _Mapping]]] = ...) -> None: ...
+
+class StepHistogram(_message.Message):
+    __slots__ = ("kind", "batch_min", "counts", "wall_s", "cpu_s", "num_tokens")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    BATCH_MIN_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    WALL_S_FIELD_NUMBER: _ClassVar[int]
+    CPU_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    kind: StepKind
+    batch_min: int
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    wall_s: float
+    cpu_s: float
+    num_tokens: int
+    def __init__(self, kind: _Optional[_Union[StepKind, str]] = ..., batch_min: _Optional[int] = ..., counts: _Optional[_Iterable[int]] = ..., wall_s: _Optional[float] = ..., cpu_s: _Optional[float] = ..., num_tokens: _Optional[int] = ...) -> None: ...

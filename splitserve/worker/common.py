@@ -67,6 +67,14 @@ def engine_stats(engine: LLMEngine) -> pb.WorkerStats:
     )
 
 
+def loop_stats(loop: EngineLoop) -> pb.WorkerStats:
+    """The engine's load after its latest step, with its step histograms (a copy: callers add to it)."""
+    stats = pb.WorkerStats()
+    stats.CopyFrom(loop.snapshot)
+    stats.steps.extend(loop.steps.to_proto())
+    return stats
+
+
 REPORT_ATTEMPTS = 3  # a report's own call, before it is left to the heartbeats
 MAX_REPORTS_PER_HEARTBEAT = 256
 Report = spb.PrefillDoneRequest | spb.RequestDoneRequest

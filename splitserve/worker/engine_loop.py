@@ -19,8 +19,10 @@ from typing import Any, TypeVar
 
 import structlog
 
+from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.request import StepOutput
+from splitserve.common.step_stats import StepStats
 
 log = structlog.get_logger(__name__)
 R = TypeVar("R")
@@ -56,6 +58,7 @@ class EngineLoop:
         # What snapshot(engine) returned after the latest step or call, taken on the engine thread:
         # readable at any time without waiting for a step (heartbeats must not wait seconds).
         self.snapshot: Any = snapshot(engine) if snapshot else None
+        self.steps = StepStats()  # every step's wall and CPU time, by kind and batch
         self._calls: queue.Queue[_Call | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -118,10 +121,11 @@ class EngineLoop:
             self.snapshot = self._snapshot_fn(self.engine)
 
     def _step(self) -> None:
-        started = time.time()
+        started, clock, cpu = time.time(), time.perf_counter(), time.thread_time()
         try:
             outputs = self.engine.step()
             ended = time.time()
+            self._record(time.perf_counter() - clock, time.thread_time() - cpu)
             extra = self._after_step(self.engine, outputs) if self._after_step else None
             self._refresh()
         except Exception as exc:
@@ -135,6 +139,11 @@ class EngineLoop:
             raise
         self._loop.call_soon_threadsafe(self._on_step, StepResult(outputs, started, ended, extra))
 
+    def _record(self, wall_s: float, cpu_s: float) -> None:
+        shape = self.engine.last_step
+        if shape is not None:
+            self.steps.record(shape.kind, shape.num_seqs, shape.num_tokens, wall_s, cpu_s)
+
     def _fail_pending(self, exc: Exception) -> None:
         """After a failed step: every call queued, and any made later, raises instead of waiting."""
         with self._dead_lock:
@@ -146,6 +155,34 @@ class EngineLoop:
         for item in pending:
             if item is not None:
                 self._loop.call_soon_threadsafe(_set_exception, item.future, error)
+
+
+async def load_engine(config: EngineConfig) -> LLMEngine:
+    """Build the engine on a thread of its own, which has exited when this returns.
+
+    torch's OpenMP runtime (libgomp) gives every thread that runs a parallel region a team of worker
+    threads, kept for as long as that thread lives. Loading packs the weights in parallel regions, so
+    a loading thread that stayed alive (the event loop's, or asyncio.to_thread's) would keep a second
+    team beside the engine thread's. libgomp then manages more threads than there are cores and
+    stops spinning between parallel regions: every region of every step waits on futex wake-ups.
+    Measured with two threads on two cores: decode steps 1.5-2x slower (docs/benchmarks.md,
+    "In-worker step time"). The only team left is the engine thread's.
+    """
+    built: list[LLMEngine] = []
+    failed: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            built.append(LLMEngine(config))
+        except BaseException as exc:  # raised in the caller
+            failed.append(exc)
+
+    thread = threading.Thread(target=build, name="engine-load", daemon=True)
+    thread.start()
+    await asyncio.to_thread(thread.join)  # join() runs no torch: that pool thread starts no team
+    if failed:
+        raise failed[0]
+    return built[0]
 
 
 def _set_result(future: asyncio.Future, result: Any) -> None:

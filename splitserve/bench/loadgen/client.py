@@ -20,6 +20,7 @@ import grpc
 from splitserve.bench.loadgen.config import BackendConfig
 from splitserve.bench.loadgen.records import RequestRecord
 from splitserve.bench.loadgen.sse import DONE, SseDecoder, StreamChunk, error_message, parse_chunk
+from splitserve.bench.loadgen.steps import Series, scrape_steps
 from splitserve.common.auth import NO_AUTH
 from splitserve.common.rpc import open_channel
 from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -55,6 +56,9 @@ class Backend(Protocol):
     async def send(self, spec: RequestSpec, record: RequestRecord, clock: Clock) -> None:
         """Send spec (stamping record.send_s first), record its stream; record a failure, never raise."""
 
+    async def engine_steps(self) -> Series | None:
+        """The server's engine step series (bench/loadgen/steps.py); None when it exports none."""
+
 
 def sampling_fields(output_len: int) -> dict[str, Any]:
     """Exactly output_len tokens, greedy (min_tokens and ignore_eos are vLLM's extensions)."""
@@ -73,7 +77,12 @@ class OpenAIBackend:
     def __init__(self, session: aiohttp.ClientSession, config: BackendConfig, model: str) -> None:
         self.session, self.model, self.chat = session, model, config.kind == "openai-chat"
         path = "/v1/chat/completions" if self.chat else "/v1/completions"
-        self.url = http_base(config.url) + path
+        self.base_url = http_base(config.url)
+        self.url = self.base_url + path
+
+    async def engine_steps(self) -> Series | None:
+        """The server's engine step series (splitserve's /metrics); None for other servers."""
+        return await scrape_steps(self.session, self.base_url)
 
     def body(self, spec: RequestSpec) -> dict[str, Any]:
         if self.chat:
@@ -147,6 +156,9 @@ class GrpcBackend:
             record.fail(f"{exc.code().name}: {exc.details()}", clock.now())
             return
         finish(record, clock.now())
+
+    async def engine_steps(self) -> Series | None:
+        return None  # /metrics is on the gateway's HTTP port, which a gRPC URL does not name
 
     @staticmethod
     def _apply(record: RequestRecord, response: gateway_pb2.GenerateResponse, t: float) -> None:

@@ -24,10 +24,13 @@ from splitserve.bench.loadgen.config import ServeConfig, rate_json, serve_config
 from splitserve.bench.loadgen.metrics import Report, format_report, summarize
 from splitserve.bench.loadgen.prompts import PromptFactory, new_nonce
 from splitserve.bench.loadgen.records import RequestRecord
+from splitserve.bench.loadgen.steps import StepFigures, format_steps, point_steps
 from splitserve.bench.loadgen.sweep import sweep_goodput
 from splitserve.bench.loadgen.workloads import sample_lengths
 
 FORMAT = "splitserve-bench-serve/1"
+# Worker heartbeat (1 s) + the gateway's cluster poll (1 s): when the last steps of a point show on /metrics.
+STEPS_LAG_S = 2.5
 
 
 @dataclass(frozen=True)
@@ -36,9 +39,11 @@ class PointResult:
     nonce: tuple[int, ...]
     report: Report
     records: list[RequestRecord]
+    steps: list[StepFigures] = ()  # the workers' engine steps over the point (splitserve servers)
 
     def to_json(self, keep_records: bool) -> dict[str, Any]:
-        data = {"rate": rate_json(self.rate), "nonce": list(self.nonce), "report": self.report.to_json()}
+        data = {"rate": rate_json(self.rate), "nonce": list(self.nonce), "report": self.report.to_json(),
+                "engine_steps": [f.to_json() for f in self.steps]}
         return {**data, "records": [r.to_json() for r in self.records]} if keep_records else data
 
 
@@ -57,9 +62,14 @@ async def run_point(config: ServeConfig, backend: Backend, rate: float, point: i
     last = specs[-1].scheduled_s if specs else 0.0
     _progress(f"rate {rate:g} req/s: {len(specs)} requests over {last:.1f} s")
     limit = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
+    before = await backend.engine_steps()
     clock = Clock()
     records = await asyncio.gather(*(send_when_due(backend, s, clock, limit) for s in specs))
-    return PointResult(rate, nonce, summarize(list(records), config.slo), list(records))
+    steps = []
+    if before is not None:
+        await asyncio.sleep(STEPS_LAG_S)
+        steps = point_steps(before, await backend.engine_steps() or {})
+    return PointResult(rate, nonce, summarize(list(records), config.slo), list(records), steps)
 
 
 async def run_sweep(config: ServeConfig) -> tuple[str, list[PointResult]]:
@@ -71,6 +81,8 @@ async def run_sweep(config: ServeConfig) -> tuple[str, list[PointResult]]:
                 await asyncio.sleep(config.pause_s)  # let the server drain queues and free KV blocks
             points.append(await run_point(config, backend, rate, i))
             print(format_report(points[-1].report, _title(config, rate)), flush=True)
+            if points[-1].steps:
+                print(format_steps(points[-1].steps), flush=True)
         return backend.model, points
 
 
