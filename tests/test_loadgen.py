@@ -164,6 +164,23 @@ def test_fixed_and_scaled_workloads():
         get_workload("poetry")
 
 
+@pytest.mark.parametrize("name, lengths, slos", [("w1", (256, 64), (1.066, 0.0854)),
+                                                  ("w2", (1024, 16), (4.474, 0.0919)),
+                                                  ("w3", (64, 128), (0.367, 0.0817))])
+def test_the_vllm_comparison_presets_fix_lengths_and_default_the_slos(name, lengths, slos):
+    from splitserve.bench.loadgen.config import serve_config_from_args
+
+    assert set(sample_lengths(get_workload(name), 10, seed=0)) == {lengths}
+    with pytest.raises(ValueError, match="fixes its lengths"):
+        get_workload(name, input_len=100)
+    parser = argparse.ArgumentParser()
+    bench_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    config = serve_config_from_args(parser.parse_args(["bench", "serve", "--workload", name]))
+    assert (config.workload.name, config.slo.ttft_s, config.slo.tpot_s) == (name, *slos)
+    mine = serve_config_from_args(parser.parse_args(["bench", "serve", "--workload", name, "--tpot-slo", "0.2"]))
+    assert (mine.slo.ttft_s, mine.slo.tpot_s) == (slos[0], 0.2)  # a given SLO wins
+
+
 def test_prompts_have_exact_lengths_and_are_unique_per_run():
     a = PromptFactory(seed=0, nonce=new_nonce())
     b = PromptFactory(seed=0, nonce=new_nonce())

@@ -52,3 +52,43 @@ def test_a_worker_pins_itself_to_its_cores():
             "print(sorted(os.sched_getaffinity(0)), torch.get_num_threads())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == [f"[{cpu}]", "1"]
+
+
+def test_mode_auto_starts_the_placement_the_planner_predicts_best(tmp_path, capsys):
+    """`up --mode auto` plans on its cores with the shipped profile (the preset brings its SLOs), says
+    what it chose and what each mode would give, and starts exactly that placement."""
+    from splitserve.commands import auto
+
+    config = _config(tmp_path, "--cpus", "0-1", "--mode", "auto", "--workload", "w2")
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if line.startswith("auto: "))
+    assert "for w2 at TTFT <= 4.474 s, TPOT <= 0.0919 s, 90% attainment" in line
+    # The planner's own answer for the same question, computed again here, is what was started.
+    args = build_parser().parse_args(["up", "--cpus", "0-1", "--workload", "w2"])
+    choice = auto.choose(args, 2)
+    assert line == choice.describe()
+    placement, candidate = choice.placement, choice.best.candidate
+    assert choice.best.max_rate == max(choice.per_mode.values()) > 0
+    if placement.mode.value == "disaggregated":
+        assert (config.num_prefill, config.num_decode, config.num_colocated) == (placement.num_prefill,
+                                                                                placement.num_decode, 0)
+        assert [len(c) for c in config.worker_cpus] == ([placement.prefill_degree] * placement.num_prefill
+                                                       + [placement.decode_degree] * placement.num_decode)
+    else:
+        assert (config.num_colocated, config.num_prefill) == (placement.num_prefill, 0)
+        assert (config.chunk_size is not None) == (placement.mode.value == "chunked")
+    engine = config.engine_argv
+    assert engine[engine.index("--token-budget") + 1] == str(candidate.token_budget)
+    assert engine[engine.index("--max-num-seqs") + 1] == str(candidate.max_num_seqs)
+
+
+def test_mode_auto_needs_slos_and_the_workload_flags_need_mode_auto(tmp_path):
+    with pytest.raises(ValueError, match="--ttft-slo and --tpot-slo"):
+        _config(tmp_path, "--mode", "auto", "--input-len", "256", "--output-len", "64")
+    with pytest.raises(ValueError, match="give --mode auto"):
+        _config(tmp_path, "--workload", "w1")
+    with pytest.raises(ValueError, match="fixes its lengths"):
+        _config(tmp_path, "--mode", "auto", "--workload", "w1", "--input-len", "100")
+    with pytest.raises(ValueError, match="no placement"):  # a TTFT below any prefill of 1,024 tokens
+        _config(tmp_path, "--cpus", "0-1", "--mode", "auto", "--input-len", "1024", "--output-len", "8",
+                "--ttft-slo", "0.01", "--tpot-slo", "0.5")

@@ -1,7 +1,8 @@
 """`splitserve up`: a whole local cluster (Redis, scheduler, prefill and decode servers, gateway).
 
 `--mode colocated` (and `chunked`) starts colocated workers instead of prefill and decode servers:
-the baseline behind the same gateway, scheduler and stream. Workers get their own CPU cores: the
+the baseline behind the same gateway, scheduler and stream. `--mode auto` starts the placement the
+planner predicts serves the most goodput for the SLOs and workload given (auto.py). Workers get their own CPU cores: the
 cores in --cpus (default: all this process may use) are split evenly among them, each pinned to its
 share with one torch thread per core, so a colocated worker gets all the cores that the prefill and
 decode servers of a disaggregated cluster share. The gateway, the scheduler and Redis float.
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from splitserve.bench.loadgen.config import add_length_args
 from splitserve.common.auth import (
     API_KEY_ENV,
     API_KEY_FILE_ENV,
@@ -60,7 +62,7 @@ from . import adapt
 
 ENGINE_FLAGS = ("model", "dtype", "device", "block_size", "kv_cache_gb", "token_budget", "max_num_seqs",
                 "max_model_len")
-MODES = ("disaggregated", "colocated", "chunked")
+MODES = ("disaggregated", "colocated", "chunked", "auto")
 WORKER_ROLES = ("prefill", "decode", "colocated")
 DEFAULT_CHUNK_SIZE = 256  # measured: 128-token chunks cost ~40% more prefill time here, 256 ~5%
 
@@ -117,6 +119,20 @@ class ClusterConfig:
         return f"{self.num_prefill} prefill + {self.num_decode} decode servers"
 
 
+def _plan_placement(args: argparse.Namespace) -> None:
+    """--mode auto: plan on the launcher's cores, say what was chosen, and set the flags to it."""
+    from . import auto  # the planner loads only for --mode auto
+
+    if args.chunk_size:
+        raise ValueError("--mode auto chooses the mode: --chunk-size applies to --mode chunked")
+    cpus = args.cpus or sorted(os.sched_getaffinity(0))
+    print(f"planning the placement for {len(cpus)} core(s) ...", flush=True)
+    choice = auto.choose(args, len(cpus))
+    print(choice.describe(), flush=True)
+    auto.apply(choice, args)
+    args.cpus = cpus[:choice.placement.resources]  # a placement may leave cores unused
+
+
 def split_cpus(cpus: list[int], num_workers: int) -> list[list[int]]:
     """Give each worker its own contiguous share of cpus; earlier workers get any remainder.
 
@@ -145,8 +161,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "launcher, even when the launcher is killed.")
     p.add_argument("--mode", choices=MODES, default="disaggregated",
                    help="disaggregated: prefill and decode servers; colocated: workers that do both, new "
-                        "prompts first (vLLM's order); chunked: colocated with chunked prefill "
-                        "(default: disaggregated)")
+                        "prompts first (vLLM's order); chunked: colocated with chunked prefill; auto: the "
+                        "placement (mode, workers, cores, token budget, batch limit) the planner predicts "
+                        "serves the most goodput for --ttft-slo, --tpot-slo and the --workload or lengths "
+                        "given (default: disaggregated)")
     p.add_argument("--prefill", type=positive_int, default=1, help="prefill servers (default: 1)")
     p.add_argument("--decode", type=positive_int, default=1, help="decode servers (default: 1)")
     p.add_argument("--colocated", type=positive_int, default=1,
@@ -189,11 +207,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="on SIGTERM a service takes nothing new and gets this many seconds to finish "
                         "what it holds; a worker then hands the rest back (default: 30)")
     adapt.add_args(p)
+    add_length_args(p.add_argument_group("the workload --mode auto plans for (a preset also sets the SLOs)"))
     add_engine_args(p)
     p.set_defaults(func=main)
 
 
 def config_from_args(args: argparse.Namespace) -> ClusterConfig:
+    if args.mode == "auto":
+        _plan_placement(args)
+    elif args.workload != "fixed" or args.input_len or args.output_len:
+        raise ValueError("--workload, --input-len and --output-len are what --mode auto plans for; give --mode auto")
     colocated = args.mode != "disaggregated"
     if args.chunk_size and args.mode != "chunked":
         raise ValueError("--chunk-size applies to --mode chunked")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from splitserve.bench.loadgen.config import BackendConfig, ServeConfig
 from splitserve.bench.loadgen.metrics import Slo
-from splitserve.bench.loadgen.workloads import get_workload
+from splitserve.bench.loadgen.workloads import get_workload, preset_slos
 from splitserve.commands.up import split_cpus
 from splitserve.planner.latency import Profile, load_profile
 from splitserve.planner.sim_engine import EngineSettings
@@ -68,6 +68,7 @@ def simulated_run_from_args(args: argparse.Namespace) -> SimulateSetup:
     if "placeholder" in profile.source.lower():
         warnings.append(f"{profile_path} is a placeholder profile (see its 'source'), not a measured one")
     num_requests = args.num_requests or (None if args.duration else 100)
+    preset_slos(args)
     serve = ServeConfig(
         backend=BackendConfig("simulate", str(profile_path), profile.model.name),
         workload=get_workload(args.workload, args.input_len, args.output_len),

@@ -10,7 +10,7 @@ import yaml
 
 from splitserve.bench.loadgen.config import BackendConfig, ServeConfig
 from splitserve.bench.loadgen.metrics import Slo
-from splitserve.bench.loadgen.workloads import get_workload
+from splitserve.bench.loadgen.workloads import get_workload, preset_slos
 from splitserve.planner.latency import load_profile
 from splitserve.planner.placements import default_resources
 from splitserve.planner.plan import (
@@ -36,6 +36,7 @@ def plan_spec_from_args(args: argparse.Namespace) -> tuple[PlanSpec, list[str]]:
     if resources is None:
         raise ValueError("the profile does not say how many cores or devices its machine has; give --resources")
     kv_cache_gb = args.kv_cache_gb or float(profile.machine.get("kv_cache_gb", 1.0))
+    preset_slos(args)
     serve = ServeConfig(
         backend=BackendConfig("simulate", str(profile_path), profile.model.name),
         workload=get_workload(args.workload, args.input_len, args.output_len), rates=(),

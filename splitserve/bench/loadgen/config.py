@@ -15,7 +15,7 @@ from splitserve.common.auth import api_key_from_args
 from splitserve.common.engine_args import positive_int
 from splitserve.bench.loadgen.metrics import Slo
 from splitserve.bench.loadgen.prompts import DEFAULT_TOKEN_RANGE
-from splitserve.bench.loadgen.workloads import WORKLOAD_NAMES, Workload, get_workload
+from splitserve.bench.loadgen.workloads import WORKLOAD_NAMES, Workload, get_workload, preset_slos
 
 BACKENDS = ("openai", "openai-chat", "grpc")
 
@@ -131,8 +131,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 def add_length_args(group) -> None:
     """--workload, --input-len, --output-len: the request lengths (bench serve, simulate, plan)."""
     group.add_argument("--workload", choices=WORKLOAD_NAMES, default="fixed",
-                       help="request lengths: fixed, or a synthetic lognormal mix (see docs/benchmarks.md) "
-                            "(default: %(default)s)")
+                       help="request lengths: fixed, a synthetic lognormal mix, or a preset of the comparison "
+                            "with vLLM, which also sets the SLOs: w1 256/64, w2 1024/16, w3 64/128 tokens in/out "
+                            "(see docs/benchmarks.md) (default: %(default)s)")
     group.add_argument("--input-len", type=positive_int, metavar="N", default=None,
                        help="fixed: prompt tokens (default 128); other workloads: move the input median here")
     group.add_argument("--output-len", type=positive_int, metavar="N", default=None,
@@ -177,6 +178,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     if not 0 <= lo < hi:
         raise ValueError(f"--token-range needs 0 <= LO < HI, got {lo} {hi}")
     num_requests = args.num_requests or (None if args.duration else 100)
+    preset_slos(args)
     return ServeConfig(
         backend=BackendConfig(args.backend, args.url, args.model, api_key_from_args(args), args.request_timeout),
         workload=get_workload(args.workload, args.input_len, args.output_len),

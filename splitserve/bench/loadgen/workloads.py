@@ -14,6 +14,11 @@ model on 2 CPU cores (prefill ~700 prompt tokens/s on one core, a decode step ~1
 
 A length is round(exp(N(ln median, sigma))), redrawn until it falls in [min, max] (truncation, not
 clipping, so no mass piles up at the bounds). `fixed` has sigma 0: every request the same lengths.
+
+The presets `w1`, `w2` and `w3` are the fixed-length workloads splitserve is compared with vLLM's
+CPU backend on (docs/benchmarks.md, "Against vLLM"), each with the SLOs of that comparison: 5x
+vLLM's unloaded TTFT and 3x its unloaded TPOT on this machine type. They fix their lengths; their
+SLOs are the defaults of --ttft-slo and --tpot-slo.
 """
 
 from __future__ import annotations
@@ -85,7 +90,29 @@ WORKLOADS: dict[str, Workload] = {
                               LengthDist(768, 0.4, 256, 1536), LengthDist(32, 0.5, 8, 96)),
 }
 FIXED_DEFAULT = (128, 32)  # fixed workload's (input_len, output_len) when not given
-WORKLOAD_NAMES = ("fixed", *WORKLOADS)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A fixed-length workload with the SLOs it is measured at."""
+
+    input_len: int
+    output_len: int
+    ttft_slo_s: float
+    tpot_slo_s: float
+
+    def workload(self, name: str) -> Workload:
+        return Workload(name, f"every request {self.input_len} tokens in, {self.output_len} out (SLOs TTFT "
+                              f"{self.ttft_slo_s:g} s, TPOT {self.tpot_slo_s:g} s)",
+                        LengthDist.fixed(self.input_len), LengthDist.fixed(self.output_len))
+
+
+PRESETS: dict[str, Preset] = {
+    "w1": Preset(256, 64, 1.066, 0.0854),  # chat-like
+    "w2": Preset(1024, 16, 4.474, 0.0919),  # prefill-heavy
+    "w3": Preset(64, 128, 0.367, 0.0817),  # decode-heavy
+}
+WORKLOAD_NAMES = ("fixed", *WORKLOADS, *PRESETS)
 
 
 def fixed_workload(input_len: int, output_len: int) -> Workload:
@@ -97,9 +124,24 @@ def get_workload(name: str, input_len: int | None = None, output_len: int | None
     """The named workload; for `fixed` the lengths themselves, otherwise the medians to scale to."""
     if name == "fixed":
         return fixed_workload(input_len or FIXED_DEFAULT[0], output_len or FIXED_DEFAULT[1])
+    if name in PRESETS:
+        if input_len or output_len:
+            raise ValueError(f"--workload {name} fixes its lengths; give --workload fixed with --input-len and "
+                             f"--output-len for others")
+        return PRESETS[name].workload(name)
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOAD_NAMES)}")
     return WORKLOADS[name].scaled(input_len, output_len)
+
+
+def preset_slos(args) -> None:
+    """Fill in --ttft-slo and --tpot-slo from a preset --workload where they were not given."""
+    preset = PRESETS.get(getattr(args, "workload", None))
+    if preset is not None:
+        if getattr(args, "ttft_slo", None) is None:
+            args.ttft_slo = preset.ttft_slo_s
+        if getattr(args, "tpot_slo", None) is None:
+            args.tpot_slo = preset.tpot_slo_s
 
 
 def iter_lengths(workload: Workload, seed: int) -> Iterator[tuple[int, int]]:
