@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The comparison with vLLM's CPU backend (docs/benchmarks.md, "Against vLLM"): for each preset
 # workload (w1, w2, w3, which carry their SLOs) and each placement, start a fresh `splitserve up`,
-# sweep `splitserve bench serve` over the workload's rates (60 s of Poisson arrivals each), stop it.
+# sweep `splitserve bench serve` over the workload's rates (Poisson arrivals for 60 s per rate, 90 s
+# for w2, whose rates are low), stop it.
 # `auto` is `up --mode auto --workload W`: the placement the planner predicts best for W's SLOs.
 #
 #   scripts/vllm-comparison.sh [OUT_DIR] [WORKLOADS] [PLACEMENTS]
@@ -12,8 +13,8 @@ set -euo pipefail
 out=${1:-vllm-comparison} workloads=${2:-w1 w2 w3} placements=${3:-auto disaggregated colocated}
 py=${PYTHON:-.venv/bin/python}
 port=${PORT:-18000}
-duration=${DURATION:-60}
 declare -A rates=([w1]="${RATES_W1:-1.7 2.2}" [w2]="${RATES_W2:-0.28 0.56}" [w3]="${RATES_W3:-3.1 4.0}")
+declare -A duration=([w1]=60 [w2]=90 [w3]=60)
 mkdir -p "$out"
 for workload in $workloads; do
   for placement in $placements; do
@@ -30,7 +31,7 @@ for workload in $workloads; do
     grep -h "^auto: \|^starting " "$logs/up.out" || true
     # shellcheck disable=SC2086
     "$py" -m splitserve.cli bench serve --url "http://127.0.0.1:$port" --workload "$workload" \
-        --rates ${rates[$workload]} --duration "$duration" --seed 1 --pause 5 \
+        --rates ${rates[$workload]} --duration "${duration[$workload]}" --seed 1 --pause 5 \
         --label "$placement" --output "$out/$workload-$placement.json" || true
     kill -TERM "$up"
     wait "$up" || true
