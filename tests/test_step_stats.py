@@ -116,7 +116,6 @@ import asyncio, json, os, sys, threading
 import torch
 torch.set_num_threads(2)
 from splitserve.engine.config import EngineConfig
-from splitserve.engine.engine import LLMEngine
 from splitserve.worker.engine_loop import load_engine
 
 def threads():
@@ -125,13 +124,14 @@ def threads():
 async def main():
     await asyncio.to_thread(lambda: None)  # the executor thread load_engine joins on exists already
     before = threads()
-    engine = await (asyncio.to_thread(LLMEngine, EngineConfig()) if sys.argv[1] == "to_thread"
-                    else load_engine(EngineConfig()))
+    if sys.argv[1] == "to_thread":  # a thread that stays runs a parallel region: its team stays too
+        await asyncio.to_thread(lambda: torch.ones(1 << 22).mul_(2))
+    engine = await load_engine(EngineConfig())
     for _ in range(50):  # libgomp's team threads leave just after their thread does
         if threads() == before:
             break
         await asyncio.sleep(0.02)
-    loaded = threads()
+    loaded = threads()  # before + the team left on the executor thread, if any
     # The prefill server exports KV off its engine thread, on the executor thread: a copy in numpy.
     engine.cache.export(list(range(8)))
     await asyncio.to_thread(engine.cache.export, list(range(8)))
@@ -146,7 +146,8 @@ def test_only_the_engine_thread_keeps_an_openmp_team(how, extra_threads):
     """libgomp keeps a team of worker threads for each thread that ran a parallel region, while that
     thread lives. A second team beside the engine thread's made every step 1.5-2x slower with two
     threads (docs/benchmarks.md, "In-worker step time"): the engine is built on a thread that exits,
-    and the KV export copies in numpy. The to_thread case shows that the count sees a team."""
+    and the KV export copies in numpy. The to_thread case, a parallel region on asyncio's executor
+    thread, shows that the count sees a team."""
     done = subprocess.run([sys.executable, "-c", OPENMP_TEAMS, how], capture_output=True, text=True, timeout=120,
                           check=False)
     assert done.returncode == 0, done.stderr[-2000:]
