@@ -2,10 +2,10 @@
 
 `--mode colocated` (and `chunked`) starts colocated workers instead of prefill and decode servers:
 the baseline behind the same gateway, scheduler and stream. `--mode auto` starts the placement the
-planner predicts serves the most goodput for the SLOs and workload given (auto.py). Workers get their own CPU cores: the
-cores in --cpus (default: all this process may use) are split evenly among them, each pinned to its
-share with one torch thread per core, so a colocated worker gets all the cores that the prefill and
-decode servers of a disaggregated cluster share. The gateway, the scheduler and Redis float.
+planner predicts serves the most goodput for the SLOs and workload given (auto.py). Workers get
+their own CPU cores: the cores in --cpus (default: all this process may use) are split evenly
+among them, each pinned to its share with one torch thread per core, so a colocated worker gets all
+the cores that the prefill and decode servers of a disaggregated cluster share. The gateway, the scheduler and Redis float.
 
 Every service is a fresh process (never a fork: UCX must not be initialized before a fork), each
 with its own log file, and each dies with the launcher even when the launcher is killed
@@ -216,7 +216,8 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
     if args.mode == "auto":
         _plan_placement(args)
     elif args.workload != "fixed" or args.input_len or args.output_len:
-        raise ValueError("--workload, --input-len and --output-len are what --mode auto plans for; give --mode auto")
+        raise ValueError("--workload, --input-len and --output-len are what --mode auto plans for; "
+                         "give --mode auto")
     colocated = args.mode != "disaggregated"
     if args.chunk_size and args.mode != "chunked":
         raise ValueError("--chunk-size applies to --mode chunked")

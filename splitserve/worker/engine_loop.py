@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 
 import structlog
 
+from splitserve.common.step_stats import StepStats
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.request import StepOutput
-from splitserve.common.step_stats import StepStats
 
 log = structlog.get_logger(__name__)
 R = TypeVar("R")
