@@ -66,14 +66,13 @@ def choose(args: argparse.Namespace, num_cores: int) -> AutoChoice:
                         keep_records=False)
     # No pruning: it prunes by goodput per core, and the cores here are the launcher's already.
     result = plan(PlanSpec(profile, serve, num_cores, modes=AUTO_MODES, prune=False))
-    met = [e for e in result.evaluations if e.max_rate > 0]
-    if not met:
+    best = result.most_goodput
+    if best is None:
         raise ValueError(f"no placement of {num_cores} core(s) meets TTFT <= {slo.ttft_s:g} s and TPOT <= "
                          f"{slo.tpot_s:g} s at {slo.target:.0%} for {workload.name}, as the planner predicts; "
                          f"loosen the SLOs or give a --mode")
-    best = max(met, key=lambda e: (e.max_rate, -e.candidate.placement.resources))
-    per_mode = {m.value: max((e.max_rate for e in met if e.candidate.placement.mode is m), default=0.0)
-                for m in AUTO_MODES}
+    per_mode = {m.value: max((e.max_rate for e in result.evaluations if e.candidate.placement.mode is m),
+                             default=0.0) for m in AUTO_MODES}
     return AutoChoice(best, per_mode, workload.name, slo)
 
 

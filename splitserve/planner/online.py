@@ -59,8 +59,7 @@ def recommend(profile_path: str | None, samples: list[tuple[int, int]], running:
     result = plan(spec)
     # The launcher's cores are fixed: the most goodput within them (fewer cores on a tie), where
     # `splitserve plan`, sizing hardware, ranks by goodput per core.
-    best = max((e for e in result.evaluations if e.max_rate > 0), default=None,
-               key=lambda e: (e.max_rate, -e.candidate.placement.resources))
+    best = result.most_goodput
     now = _evaluate_running(spec, running)
     if best is None:
         return {"recommended": running, "recommended_goodput": 0.0, "running_goodput": now}

@@ -106,6 +106,14 @@ class Plan:
     def best(self) -> Evaluation | None:
         return self.evaluations[0] if self.evaluations and self.evaluations[0].max_rate > 0 else None
 
+    @property
+    def most_goodput(self) -> Evaluation | None:
+        """The configuration with the most goodput (fewer cores on a tie), where `best` ranks by
+        goodput per core: the choice when the cores are there already (the launcher's, a running
+        cluster's). None when none met the SLOs."""
+        return max((e for e in self.evaluations if e.max_rate > 0), default=None,
+                   key=lambda e: (e.max_rate, -e.candidate.placement.resources))
+
 
 class Planner:
     """One plan's searches: every evaluation kept, so a configuration is never searched twice."""
