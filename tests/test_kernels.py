@@ -59,6 +59,35 @@ def test_decode_attention_matches_reference(ops, heads, kv_heads, head_dim):
     assert (got - expected).abs().mean() < 2e-3
 
 
+@pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [(9, 3, 64, 16), (8, 2, 128, 8), (4, 4, 32, 32)])
+def test_decode_attention_batched_equals_one_sequence_at_a_time(ops, heads, kv_heads, head_dim, block_size):
+    """A large batch runs each sequence's KV heads together (whole cache blocks), a single sequence one
+    head per thread: both paths must give the same bits, and match the reference."""
+    context_lens = [1, 2, 15, 16, 17, 31, 33, 64, 99, 100, 130, 255, 256, 257, 300, 7] * 3
+    width = -(-max(context_lens) // block_size)
+    num_blocks = sum(-(-c // block_size) for c in context_lens) + 5
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(20)).tolist()
+    tables = []
+    for c in context_lens:
+        n = -(-c // block_size)
+        tables.append(order[:n] + [0] * (width - n))
+        order = order[n:]
+    k_cache = rand(num_blocks, kv_heads, block_size, head_dim, seed=21)
+    v_cache = rand(num_blocks, kv_heads, block_size, head_dim, seed=22)
+    q = rand(len(context_lens), heads, head_dim, seed=23)
+    tables_t, lens_t = torch.tensor(tables), torch.tensor(context_lens)
+    scale = head_dim**-0.5
+    batched = ops.k.decode_attention(q, k_cache, v_cache, tables_t, lens_t, scale)
+    single = torch.cat([ops.k.decode_attention(q[i:i + 1], k_cache, v_cache, tables_t[i:i + 1], lens_t[i:i + 1], scale)
+                        for i in range(len(context_lens))])
+    assert torch.equal(batched, single)
+    batch = AttentionBatch(is_prefill=False, slot_mapping=torch.zeros(0, dtype=torch.long),
+                           block_tables=tables_t, context_lens=lens_t)
+    expected = TorchOps().decode_attention(q.float(), k_cache.float(), v_cache.float(), batch, scale)
+    assert torch.allclose(batched.float(), expected, atol=2e-2, rtol=2e-2)
+    assert (batched.float() - expected).abs().mean() < 2e-3
+
+
 def test_add_rmsnorm_matches_reference_and_updates_the_residual(ops):
     norm = torch.nn.Module()
     norm.weight, norm.eps = rand(576, seed=8), 1e-5
