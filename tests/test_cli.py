@@ -69,3 +69,15 @@ def test_bad_flags_and_model_paths_get_one_line_errors(tmp_path):
         assert out.returncode == 2, argv
         assert message in out.stderr, (argv, out.stderr[-500:])
         assert "Traceback" not in out.stderr, argv
+
+
+def test_bench_engine_drops_a_transformers_step_faster_than_the_roofline():
+    from splitserve.bench.engine_bench import plausible_baseline
+
+    assert plausible_baseline(0.05, 0.02) == 0.05
+    assert plausible_baseline(None, 0.02) is None
+    # a difference of two generate() runs lost in noise: zero, negative or below the physical bound
+    assert plausible_baseline(0.0, 0.02) is None
+    assert plausible_baseline(-0.3, 0.02) is None
+    assert plausible_baseline(0.01, 0.02) is None
+
