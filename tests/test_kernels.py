@@ -37,20 +37,26 @@ def test_gemm_matches_float32_matmul(ops, m, n, k, bias):
     assert torch.allclose(got, expected, rtol=BF16_EPS, atol=BF16_EPS * expected.abs().max().item())
 
 
+def block_tables(context_lens: list[int], block_size: int, num_blocks: int, seed: int) -> torch.Tensor:
+    """Each sequence's blocks drawn in a random order, padded with block 0 to the widest table."""
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+    tables, width = [], max(-(-c // block_size) for c in context_lens)
+    for c in context_lens:
+        n = -(-c // block_size)
+        tables.append(order[:n] + [0] * (width - n))
+        order = order[n:] + order[:n]
+    return torch.tensor(tables)
+
+
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 8, 64), (16, 4, 128)])
 def test_decode_attention_matches_reference(ops, heads, kv_heads, head_dim):
     block_size, num_blocks = 16, 40
     context_lens = [1, 15, 16, 17, 100, 200]
     k_cache, v_cache = rand(num_blocks, kv_heads, block_size, head_dim, seed=4), rand(
         num_blocks, kv_heads, block_size, head_dim, seed=5)
-    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(6)).tolist()
-    tables, width = [], max(-(-c // block_size) for c in context_lens)
-    for c in context_lens:
-        n = -(-c // block_size)
-        tables.append(order[:n] + [0] * (width - n))
-        order = order[n:] + order[:n]
     batch = AttentionBatch(is_prefill=False, slot_mapping=torch.zeros(0, dtype=torch.long),
-                           block_tables=torch.tensor(tables), context_lens=torch.tensor(context_lens))
+                           block_tables=block_tables(context_lens, block_size, num_blocks, seed=6),
+                           context_lens=torch.tensor(context_lens))
     q = rand(len(context_lens), heads, head_dim, seed=7)
     scale = head_dim**-0.5
     expected = TorchOps().decode_attention(q.float(), k_cache.float(), v_cache.float(), batch, scale)
@@ -59,27 +65,21 @@ def test_decode_attention_matches_reference(ops, heads, kv_heads, head_dim):
     assert (got - expected).abs().mean() < 2e-3
 
 
-@pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [(9, 3, 64, 16), (8, 2, 128, 8), (4, 4, 32, 32)])
+@pytest.mark.parametrize("heads, kv_heads, head_dim, block_size",
+                         [(9, 3, 64, 16), (8, 2, 128, 8), (4, 4, 32, 32)])
 def test_decode_attention_batched_equals_one_sequence_at_a_time(ops, heads, kv_heads, head_dim, block_size):
     """A large batch runs each sequence's KV heads together (whole cache blocks), a single sequence one
     head per thread: both paths must give the same bits, and match the reference."""
     context_lens = [1, 2, 15, 16, 17, 31, 33, 64, 99, 100, 130, 255, 256, 257, 300, 7] * 3
-    width = -(-max(context_lens) // block_size)
-    num_blocks = sum(-(-c // block_size) for c in context_lens) + 5
-    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(20)).tolist()
-    tables = []
-    for c in context_lens:
-        n = -(-c // block_size)
-        tables.append(order[:n] + [0] * (width - n))
-        order = order[n:]
+    num_blocks = sum(-(-c // block_size) for c in context_lens) + 5  # every sequence's blocks its own
+    tables_t, lens_t = block_tables(context_lens, block_size, num_blocks, seed=20), torch.tensor(context_lens)
     k_cache = rand(num_blocks, kv_heads, block_size, head_dim, seed=21)
     v_cache = rand(num_blocks, kv_heads, block_size, head_dim, seed=22)
     q = rand(len(context_lens), heads, head_dim, seed=23)
-    tables_t, lens_t = torch.tensor(tables), torch.tensor(context_lens)
     scale = head_dim**-0.5
     batched = ops.k.decode_attention(q, k_cache, v_cache, tables_t, lens_t, scale)
-    single = torch.cat([ops.k.decode_attention(q[i:i + 1], k_cache, v_cache, tables_t[i:i + 1], lens_t[i:i + 1], scale)
-                        for i in range(len(context_lens))])
+    single = torch.cat([ops.k.decode_attention(q[i:i + 1], k_cache, v_cache, tables_t[i:i + 1],
+                                               lens_t[i:i + 1], scale) for i in range(len(context_lens))])
     assert torch.equal(batched, single)
     batch = AttentionBatch(is_prefill=False, slot_mapping=torch.zeros(0, dtype=torch.long),
                            block_tables=tables_t, context_lens=lens_t)

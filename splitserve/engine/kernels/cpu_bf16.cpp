@@ -178,7 +178,7 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor packed, int64_t n, c10::option
 constexpr int kMaxGroup = 16;
 
 struct Scratch {
-  std::vector<int64_t> rows;   // [heads, ctx] element offset of each context token's K/V row
+  std::vector<int64_t> rows;   // element offset of each context token's K/V row for the first head
   std::vector<float> scores;   // [heads * group, ctx] logits
   std::vector<uint16_t> probs; // [heads * group, ctx rounded up to even] probabilities as bfloat16 bits
   std::vector<float> acc;      // [heads * group, d] fp32 accumulators, lanes in VNNI order (see unpermute)
@@ -288,22 +288,25 @@ void attend(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table,
             Scratch& scratch) {
   constexpr int64_t d = D16 * 16, d32 = D16 / 2;
   constexpr int hg = kPvHeads<D16>;
-  const int64_t heads = h1 - h0, rows_q = heads * group, stride = ctx + (ctx & 1);
-  scratch.rows.resize(heads * ctx);
+  // Caches are [block, head, offset, dim]: head h0 + h's row of a token is h * block_size rows after h0's.
+  const int64_t heads = h1 - h0, rows_q = heads * group, stride = ctx + (ctx & 1), head_step = block_size * d;
+  scratch.rows.resize(ctx);
   scratch.scores.resize(rows_q * ctx);
   scratch.probs.resize(rows_q * stride);
   scratch.acc.assign(rows_q * d, 0.0f);
   int64_t* rows = scratch.rows.data();
   for (int64_t t = 0, blk = 0, off = 0; t < ctx; ++t) {
-    for (int64_t h = 0; h < heads; ++h) rows[h * ctx + t] = ((table[blk] * hkv + h0 + h) * block_size + off) * d;
+    rows[t] = ((table[blk] * hkv + h0) * block_size + off) * d;
     if (++off == block_size) off = 0, ++blk;
   }
   const __m512 vscale = _mm512_set1_ps(scale);
-  for (int64_t h = 0; h < heads; ++h) prefetch_rows(kc, rows + h * ctx, 0, std::min(ctx, kTile * kPrefetchTiles), d);
+  for (int64_t h = 0; h < heads; ++h)
+    prefetch_rows(kc + h * head_step, rows, 0, std::min(ctx, kTile * kPrefetchTiles), d);
   for (int64_t t0 = 0; t0 < ctx; t0 += kTile) {
     const int64_t ahead = t0 + kTile * kPrefetchTiles;
     for (int64_t h = 0; h < heads; ++h) {
-      if (ahead < ctx) prefetch_rows(kc, rows + h * ctx, ahead, std::min(ctx, ahead + kTile), d);
+      const bf16* kh = kc + h * head_step;
+      if (ahead < ctx) prefetch_rows(kh, rows, ahead, std::min(ctx, ahead + kTile), d);
       for (int64_t g = 0; g < group; ++g) {
         __m512bh qv[d32];
         for (int64_t c = 0; c < d32; ++c) {
@@ -313,7 +316,7 @@ void attend(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table,
         for (int64_t t = t0; t < std::min(ctx, t0 + kTile); t += 16) {
           const int64_t n = std::min<int64_t>(16, ctx - t);
           _mm512_mask_storeu_ps(scratch.scores.data() + (h * group + g) * ctx + t, tail_mask(n),
-                                scores16<D16>(qv, kc, rows + h * ctx + t, n, vscale));
+                                scores16<D16>(qv, kh, rows + t, n, vscale));
         }
       }
     }
@@ -322,17 +325,19 @@ void attend(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table,
   softmax_rows(scratch.scores.data(), rows_q, ctx, scratch.probs.data(), stride, scratch.inv_sum.data());
   const uint32_t* probs = reinterpret_cast<const uint32_t*>(scratch.probs.data());
   const int64_t pstride = stride / 2;
-  for (int64_t h = 0; h < heads; ++h) prefetch_rows(vc, rows + h * ctx, 0, std::min(ctx, kTile * kPrefetchTiles), d);
+  for (int64_t h = 0; h < heads; ++h)
+    prefetch_rows(vc + h * head_step, rows, 0, std::min(ctx, kTile * kPrefetchTiles), d);
   for (int64_t t0 = 0; t0 < ctx; t0 += kTile) {
     const int64_t n = std::min(kTile, ctx - t0), ahead = t0 + kTile * kPrefetchTiles;
     for (int64_t h = 0; h < heads; ++h) {
-      if (ahead < ctx) prefetch_rows(vc, rows + h * ctx, ahead, std::min(ctx, ahead + kTile), d);
-      const int64_t* hr = rows + h * ctx + t0;
+      const bf16* vh = vc + h * head_step;
+      if (ahead < ctx) prefetch_rows(vh, rows, ahead, std::min(ctx, ahead + kTile), d);
+      const int64_t* hr = rows + t0;
       int64_t g = 0;
       for (; g + hg <= group; g += hg)
-        pv_tile<D16, hg>(vc, hr, n, probs + (h * group + g) * pstride + t0 / 2, pstride,
+        pv_tile<D16, hg>(vh, hr, n, probs + (h * group + g) * pstride + t0 / 2, pstride,
                          scratch.acc.data() + (h * group + g) * d);
-      pv_rest<D16, hg - 1>(group - g, vc, hr, n, probs + (h * group + g) * pstride + t0 / 2, pstride,
+      pv_rest<D16, hg - 1>(group - g, vh, hr, n, probs + (h * group + g) * pstride + t0 / 2, pstride,
                            scratch.acc.data() + (h * group + g) * d);
     }
   }
