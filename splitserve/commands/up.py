@@ -5,7 +5,8 @@ the baseline behind the same gateway, scheduler and stream. `--mode auto` starts
 planner predicts serves the most goodput for the SLOs and workload given (auto.py). Workers get
 their own CPU cores: the cores in --cpus (default: all this process may use) are split evenly
 among them, each pinned to its share with one torch thread per core, so a colocated worker gets all
-the cores that the prefill and decode servers of a disaggregated cluster share. The gateway, the scheduler and Redis float.
+the cores that the prefill and decode servers of a disaggregated cluster share. The gateway, the
+scheduler and Redis float.
 
 Every service is a fresh process (never a fork: UCX must not be initialized before a fork), each
 with its own log file, and each dies with the launcher even when the launcher is killed
