@@ -125,7 +125,7 @@ class LoadedModel:
                          spec.num_heads // spec.num_kv_heads)
         with torch.device("meta"):
             model = LlamaModel(spec, ops)
-        model = model.to_empty(device=config.torch_device).to(config.torch_dtype)
+        model = model.to(config.torch_dtype).to_empty(device=config.torch_device)  # allocated once, in dtype
         model.tie_weights()  # to_empty() unties parameters that were created on the meta device
         cos, sin = rope_cos_sin(hf_config, spec, config.torch_dtype)
         model.set_rope(cos.to(config.torch_device), sin.to(config.torch_device))

@@ -196,7 +196,10 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.ops = ops
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        # Given an empty weight: the default normal_ init imports torch._dynamo (~1 s per process),
+        # and the checkpoint overwrites it anyway.
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size,
+                                         _weight=torch.empty(spec.vocab_size, spec.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(spec, ops) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
