@@ -1,6 +1,6 @@
 import pytest
 
-from splitserve.engine.block_manager import BlockManager, OutOfBlocks, blocks_for
+from splitserve.engine.block_manager import BlockManager, OutOfBlocks, block_hashes, blocks_for
 
 
 def test_blocks_for_rounds_up():
@@ -50,3 +50,131 @@ def test_double_allocate_is_refused_and_unknown_free_is_harmless():
         bm.allocate("a", 1)
     assert bm.free("nobody") == []
     assert bm.usage == 0.5
+
+
+# -- the prefix cache ---------------------------------------------------------------------------
+
+
+def _cached_request(bm: BlockManager, request_id: str, tokens: list[int],
+                    salt: str | None = None) -> list[int]:
+    """Allocate tokens for request_id, reusing what is cached, and cache its full blocks (as the
+    engine does once they are computed); returns its table."""
+    hashes = block_hashes(tokens, bm.block_size, salt)
+    table = bm.allocate(request_id, len(tokens), hashes)
+    bm.cache(request_id, hashes)
+    return table
+
+
+def test_block_hashes_chain_over_the_prefix_and_the_salt():
+    a = block_hashes(list(range(10)), 4)
+    assert len(a) == 2  # full blocks only
+    assert block_hashes(list(range(8)), 4) == a
+    assert block_hashes([0, 1, 2, 3, 9, 9, 9, 9], 4)[0] == a[0]
+    changed_first = block_hashes([9, 1, 2, 3, 4, 5, 6, 7], 4)
+    assert changed_first[0] != a[0] and changed_first[1] != a[1]  # a later block depends on earlier ones
+    salted = block_hashes(list(range(8)), 4, salt="tenant-1")
+    assert salted[0] != a[0] and salted == block_hashes(list(range(8)), 4, salt="tenant-1")
+    assert block_hashes(list(range(8)), 4, salt="tenant-2")[0] != salted[0]
+
+
+def test_a_freed_prompts_full_blocks_are_reused_by_an_equal_prefix():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    assert _cached_request(bm, "a", list(range(10))) == [0, 1, 2]
+    bm.free("a")
+    assert bm.num_free_blocks == 8 and bm.num_cached_blocks == 2
+    hashes = block_hashes(list(range(10)) + [50, 51], 4)
+    assert bm.cached_prefix(hashes) == [0, 1]
+    assert bm.allocate("b", 12, hashes) == [0, 1, 3]  # block 2 held no full block: it was freed plainly
+    assert (bm.stats.queries, bm.stats.hits) == (10 + 12, 8)
+
+
+def test_a_partial_hit_stops_at_the_first_block_that_differs():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    _cached_request(bm, "a", list(range(12)))
+    bm.free("a")
+    tokens = list(range(4)) + [99] * 8
+    assert bm.allocate("b", 12, block_hashes(tokens, 4)) == [0, 3, 4]
+    assert (bm.stats.queries, bm.stats.hits) == (24, 4)
+
+
+def test_a_block_shared_by_many_requests_stays_held_until_the_last_frees_it():
+    bm = BlockManager(num_blocks=6, block_size=4)
+    _cached_request(bm, "a", list(range(8)))
+    tables = [_cached_request(bm, r, list(range(8)) + [i]) for i, r in enumerate(["b", "c"])]
+    assert tables == [[0, 1, 2], [0, 1, 3]]
+    assert bm.num_free_blocks == 2
+    bm.free("a")
+    bm.free("b")
+    assert bm.num_free_blocks == 3  # block 2; blocks 0 and 1 are still c's
+    assert not bm.can_allocate(16)
+    bm.free("c")
+    assert bm.num_free_blocks == 6 and bm.num_cached_blocks == 2
+
+
+def test_cached_blocks_are_evicted_least_recently_used_and_a_prompt_tail_first():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    _cached_request(bm, "a", list(range(8)))  # blocks 0, 1
+    _cached_request(bm, "b", list(range(100, 108)))  # blocks 2, 3
+    bm.free("a")
+    bm.free("b")  # most recently used
+    assert bm.allocate("c", 4) == [1]  # a's tail block first
+    assert bm.cached_prefix(block_hashes(list(range(8)), 4)) == [0]
+    assert bm.allocate("d", 8) == [0, 3]
+    assert bm.cached_prefix(block_hashes(list(range(100, 108)), 4)) == [2]
+    assert bm.num_cached_blocks == 1
+
+
+def test_an_unheld_hit_is_not_counted_free_for_the_rest_of_its_own_request():
+    bm = BlockManager(num_blocks=2, block_size=4)
+    _cached_request(bm, "a", list(range(4)))
+    bm.free("a")
+    hashes = block_hashes(list(range(8)), 4)[:1]
+    assert bm.num_free_blocks == 2
+    assert bm.can_allocate(8, hashes)  # block 0 reused, one fresh block
+    assert not bm.can_allocate(12, hashes)  # would need block 0 twice
+    with pytest.raises(OutOfBlocks):
+        bm.allocate("b", 12, hashes)
+    assert not bm.owns("b") and bm.num_free_blocks == 2 and bm.stats.queries == 4  # a's only
+
+
+def test_a_cancelled_requests_computed_blocks_stay_cached_and_the_rest_are_freed():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    tokens = list(range(16))
+    bm.allocate("a", 16, block_hashes(tokens, 4))
+    bm.cache("a", block_hashes(tokens, 4)[:1])  # one chunk of 4 tokens computed, then cancelled
+    bm.free("a")
+    assert bm.num_cached_blocks == 1
+    assert bm.allocate("b", 16, block_hashes(tokens, 4)[:3]) == [0, 1, 2, 3]
+    assert bm.stats.hits == 4
+
+
+def test_an_equal_prefix_computed_twice_at_once_keeps_the_first_copy_cached():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    hashes = block_hashes(list(range(8)), 4)
+    bm.allocate("a", 8, hashes)
+    bm.allocate("b", 8, hashes)  # nothing cached yet: both compute it
+    bm.cache("a", hashes)
+    bm.cache("b", hashes)
+    bm.free("b")
+    assert bm.num_cached_blocks == 2 and bm.cached_prefix(hashes) == [0, 1]
+    assert bm.allocate("c", 8) == [2, 3]  # b's copies went back to the free list, uncached
+
+
+def test_salted_prefixes_never_share_a_block():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    tokens = list(range(12))
+    _cached_request(bm, "a", tokens, salt="alice")
+    assert _cached_request(bm, "b", tokens, salt="bob") == [3, 4, 5]
+    assert bm.cached_prefix(block_hashes(tokens, 4)) == []  # nor with an unsalted request
+
+
+def test_reset_forgets_every_prefix_and_frees_the_unheld_blocks():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    _cached_request(bm, "a", list(range(8)))
+    _cached_request(bm, "b", list(range(100, 104)))
+    bm.free("a")
+    assert bm.reset_cache() == 3
+    assert bm.num_cached_blocks == 0 and bm.num_free_blocks == 3
+    assert bm.cached_prefix(block_hashes(list(range(8)), 4)) == []
+    bm.free("b")
+    assert bm.allocate("c", 16) == [3, 1, 0, 2]

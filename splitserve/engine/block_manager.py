@@ -1,8 +1,13 @@
-"""Paged KV block accounting: which request owns which block ids. Pure: no torch, no I/O."""
+"""Paged KV block accounting: which request owns which block ids, and which full blocks hold a
+known prompt prefix (the prefix cache). Pure: no torch, no I/O."""
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+import struct
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 
 class OutOfBlocks(Exception):
@@ -13,11 +18,38 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
-class BlockManager:
-    """Hands out fixed-size KV blocks to requests and takes them back.
+def block_hashes(token_ids: Sequence[int], block_size: int, salt: str | None = None) -> list[bytes]:
+    """The hash of each full block of token_ids, chained: block i's covers its tokens and block i-1's
+    hash, so equal hashes mean equal prefixes. SHA-256, so a collision is not a practical concern.
 
-    Free blocks are reused in the order they were freed (FIFO), starting from ids 0..num_blocks-1,
-    so allocation order is deterministic and testable.
+    A salt (vLLM's cache_salt) starts the chain, so requests with different salts never share a block.
+    """
+    parent = hashlib.sha256(b"splitserve-prefix\x00" + (salt or "").encode()).digest()
+    hashes = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        block = token_ids[start:start + block_size]
+        parent = hashlib.sha256(parent + struct.pack(f"<{block_size}I", *block)).digest()
+        hashes.append(parent)
+    return hashes
+
+
+@dataclass
+class PrefixCacheStats:
+    """vLLM's counters: prompt tokens looked up in the cache, and how many of them were found."""
+
+    queries: int = 0
+    hits: int = 0
+
+
+class BlockManager:
+    """Hands out fixed-size KV blocks to requests and takes them back; keeps full prompt blocks cached.
+
+    A block is free, held (by one or more requests' tables: a reference count), or cached and
+    unheld. Blocks with no cached content are reused in the order they were freed (FIFO), starting
+    from ids 0..num_blocks-1, so allocation order is deterministic and testable. With caching on, a
+    full block whose hash was registered (cache()) keeps its content when its last holder frees it,
+    and is taken back (its hash forgotten) only when no plain free block is left, least recently
+    used first. A request's blocks are released tail first, so a shared prefix outlives its suffixes.
     """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
@@ -27,14 +59,24 @@ class BlockManager:
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))
         self._tables: dict[str, list[int]] = {}
+        self._refs = [0] * num_blocks
+        self._cached: dict[bytes, int] = {}  # block hash -> the block holding it
+        self._hash_of: dict[int, bytes] = {}  # the other way round
+        self._unheld: OrderedDict[int, None] = OrderedDict()  # cached, no holder: least recently used first
+        self.stats = PrefixCacheStats()
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can take: plain free ones and cached ones no request holds."""
+        return len(self._free) + len(self._unheld)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
 
     @property
     def usage(self) -> float:
@@ -46,15 +88,50 @@ class BlockManager:
     def owns(self, request_id: str) -> bool:
         return request_id in self._tables
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        return blocks_for(num_tokens, self.block_size) <= len(self._free)
+    def cached_prefix(self, hashes: Sequence[bytes]) -> list[int]:
+        """The blocks holding the longest cached run of hashes from the first (a pure lookup)."""
+        found = []
+        for h in hashes:
+            block = self._cached.get(h)
+            if block is None:
+                break
+            found.append(block)
+        return found
 
-    def allocate(self, request_id: str, num_tokens: int) -> list[int]:
-        """Reserve blocks for a new request's first num_tokens tokens; returns its block table."""
+    def can_allocate(self, num_tokens: int, hashes: Sequence[bytes] = ()) -> bool:
+        hits = self.cached_prefix(hashes)
+        reclaimed = sum(1 for b in hits if self._refs[b] == 0)  # counted free, but the request keeps them
+        return blocks_for(num_tokens, self.block_size) - len(hits) <= self.num_free_blocks - reclaimed
+
+    def allocate(self, request_id: str, num_tokens: int, hashes: Sequence[bytes] = ()) -> list[int]:
+        """Reserve blocks for a new request's first num_tokens tokens; returns its block table.
+
+        The table starts with the cached blocks of the longest run of hashes found (the caller's
+        tokens there are already computed: cached_prefix() says how many); the rest are fresh.
+        """
         if request_id in self._tables:
             raise ValueError(f"request {request_id!r} already holds blocks")
-        self._tables[request_id] = self._take(blocks_for(num_tokens, self.block_size))
+        if not self.can_allocate(num_tokens, hashes):
+            raise OutOfBlocks(f"need {blocks_for(num_tokens, self.block_size)} blocks, "
+                              f"{self.num_free_blocks} free")
+        hits = self.cached_prefix(hashes)
+        if hashes:
+            self.stats.queries += num_tokens
+            self.stats.hits += len(hits) * self.block_size
+        for block in hits:
+            self._hold(block)
+        self._tables[request_id] = hits + self._take(blocks_for(num_tokens, self.block_size) - len(hits))
         return self._tables[request_id]
+
+    def cache(self, request_id: str, hashes: Sequence[bytes]) -> None:
+        """Register the request's first len(hashes) blocks, now computed, under their hashes.
+
+        A hash already cached in another block keeps that block (the request's copy stays private).
+        """
+        for block, h in zip(self._tables[request_id], hashes):
+            if h not in self._cached and block not in self._hash_of:
+                self._cached[h] = block
+                self._hash_of[block] = h
 
     def num_blocks_needed(self, request_id: str, num_tokens: int) -> int:
         """How many more blocks the request needs to hold num_tokens tokens."""
@@ -68,12 +145,42 @@ class BlockManager:
         return new_ids
 
     def free(self, request_id: str) -> list[int]:
-        """Return all of a request's blocks to the free list; returns them. Unknown ids free nothing."""
+        """Release a request's blocks, tail first; returns its table. Unknown ids free nothing.
+
+        A block no one else holds goes back to the free list, or, if it is cached, stays cached
+        (most recently used) until an allocation needs it.
+        """
         block_ids = self._tables.pop(request_id, [])
-        self._free.extend(block_ids)
+        for block in block_ids:
+            self._refs[block] -= 1
+        released = [b for b in block_ids if self._refs[b] == 0]
+        self._free.extend(b for b in released if b not in self._hash_of)
+        self._unheld.update((b, None) for b in reversed(released) if b in self._hash_of)
         return block_ids
 
+    def reset_cache(self) -> int:
+        """Forget every cached hash (held blocks stay with their requests); returns how many."""
+        forgotten = len(self._cached)
+        self._free.extend(self._unheld)
+        self._unheld.clear()
+        self._cached.clear()
+        self._hash_of.clear()
+        return forgotten
+
+    def _hold(self, block: int) -> None:
+        self._refs[block] += 1
+        self._unheld.pop(block, None)
+
     def _take(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfBlocks(f"need {n} blocks, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
+        if n > self.num_free_blocks:
+            raise OutOfBlocks(f"need {n} blocks, {self.num_free_blocks} free")
+        taken = []
+        for _ in range(n):
+            if self._free:
+                block = self._free.popleft()
+            else:  # evict the least recently used cached block
+                block, _ = self._unheld.popitem(last=False)
+                del self._cached[self._hash_of.pop(block)]
+            self._refs[block] = 1
+            taken.append(block)
+        return taken

@@ -32,6 +32,9 @@ class EngineConfig:
     # Chunked prefill (colocated only): every step carries the running decodes plus prompt chunks,
     # at most chunk_size tokens in all. None: a waiting prompt runs whole first, stalling decodes.
     chunk_size: int | None = None
+    # Automatic prefix caching: full prompt blocks stay cached after their request ends, and a
+    # prompt starting with cached blocks computes only the rest. Decode engines cache nothing.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

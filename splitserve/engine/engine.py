@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import structlog
 import torch
 
-from splitserve.engine.block_manager import BlockManager, OutOfBlocks, blocks_for
+from splitserve.engine.block_manager import (BlockManager, OutOfBlocks, PrefixCacheStats, block_hashes,
+                                            blocks_for)
 from splitserve.engine.config import EngineConfig, EngineRole
 from splitserve.engine.isolation import Forward, among, isolate
 from splitserve.engine.kv_cache import KVCache, KVLayout
@@ -95,11 +96,18 @@ class LLMEngine:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
-        """Queue a request for prefill. Raises ValueError for input the engine cannot serve."""
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    cache_salt: str | None = None) -> Sequence:
+        """Queue a request for prefill. Raises ValueError for input the engine cannot serve.
+
+        With prefix caching, its prompt reuses cached blocks of an equal prefix with an equal
+        cache_salt (none: the unsalted ones), so tenants given distinct salts share no blocks.
+        """
         if self.config.role is EngineRole.DECODE:
             raise ValueError("a decode engine takes requests through reserve() and import_kv()")
         seq = self._new_sequence(request_id, prompt_token_ids, [], params)
+        if self.config.enable_prefix_caching:
+            seq.block_hashes = block_hashes(seq.prompt_token_ids, self.blocks.block_size, cache_salt)
         self.scheduler.add(seq)
         return seq
 
@@ -144,8 +152,10 @@ class LLMEngine:
     def _fail(self, seq: Sequence, exc: Exception) -> StepOutput:
         """End a request whose step raised: out of every queue, blocks freed, never run again.
 
-        The KV slots its failed step may have written lie in its own blocks, freed here, and a later
-        owner overwrites every slot before reading it: nothing of the failed step survives.
+        The KV slots its failed step may have written lie in its own blocks, never in a cached one
+        (blocks are cached only after the step that computed them returned), so they are freed
+        uncached here, and a later owner overwrites every slot before reading it: nothing of the
+        failed step survives.
         """
         self.scheduler.remove(seq)
         seq.finish_reason = FinishReason.ERROR
@@ -226,13 +236,14 @@ class LLMEngine:
     def _probe(self, borrower: Sequence) -> Exception | None:
         """Run a one-token prompt through the model: None if it runs, else its error.
 
-        It writes one KV slot, in the first block of borrower, a sequence of the failed batch: that
+        It writes one KV slot, in the last block of borrower, a sequence of the failed batch: that
         sequence is failed (its blocks freed) if the probe runs, and runs elsewhere if it does not,
-        so nothing reads the slot.
+        so nothing reads the slot. The last block holds the borrower's newest position, not yet
+        computed, so it is never a cached block (only computed full blocks are) another request reads.
         """
         probe = Sequence(PROBE_ID, [0], SamplingParams(max_new_tokens=1))
         try:
-            self.runner.prefill([probe], [self.blocks.block_table(borrower.request_id)[:1]])
+            self.runner.prefill([probe], [self.blocks.block_table(borrower.request_id)[-1:]])
         except Exception as probe_exc:
             return probe_exc
         return None
@@ -286,6 +297,7 @@ class LLMEngine:
         completed = []
         for seq, n in chunks:
             seq.num_computed_tokens += n
+            self._cache_computed(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 self.scheduler.prefilling.remove(seq)
                 completed.append(seq)
@@ -298,6 +310,7 @@ class LLMEngine:
             batch, lambda seqs: self.runner.prefill(seqs, self._tables(seqs)))
         for seq in batch:
             seq.num_computed_tokens = seq.num_tokens
+            self._cache_computed(seq)
         outputs = self._postprocess(batch, logits)
         for seq in batch:
             if seq.is_finished:
@@ -308,6 +321,19 @@ class LLMEngine:
                 seq.transition(RequestState.DECODING)
                 self.scheduler.running.append(seq)
         return failed + outputs
+
+    def _cache_computed(self, seq: Sequence) -> None:
+        """Offer the prompt's full blocks computed so far to the prefix cache."""
+        num_full = seq.num_computed_tokens // self.blocks.block_size
+        self.blocks.cache(seq.request_id, seq.block_hashes[:num_full])
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        return self.blocks.stats
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (running requests keep their blocks); returns how many blocks."""
+        return self.blocks.reset_cache()
 
     def _postprocess(self, batch: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
         greedy = plain_greedy_tokens(logits, batch)

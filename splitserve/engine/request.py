@@ -87,6 +87,11 @@ class Sequence:
     timestamps: dict[RequestState, float] = field(default_factory=dict)
     # Tokens whose K/V are already in this engine's cache (prompt and earlier outputs).
     num_computed_tokens: int = 0
+    # The chained hashes of the prompt's full blocks (block_manager.block_hashes), by which its
+    # prefix is looked up in the prefix cache; empty when the engine caches no prefixes.
+    block_hashes: list[bytes] = field(default_factory=list, repr=False)
+    # Prompt tokens the prefix cache supplied when the sequence was last scheduled (usage's cached_tokens).
+    num_cached_tokens: int = 0
     # Sampling draws are seeded by (seed, output position), so a request samples the same tokens
     # whichever engine runs each step; params.seed when given, else random.
     seed: int = 0

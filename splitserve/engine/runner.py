@@ -28,6 +28,9 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence], block_tables: list[list[int]]) -> torch.Tensor:
         """Run every token of each sequence not yet in the cache; logits ``[batch, vocab]``."""
+        if any(seq.num_computed_tokens for seq in seqs):  # a cached prefix: attend over it as a chunk does
+            chunks = [(seq, seq.num_tokens - seq.num_computed_tokens) for seq in seqs]
+            return self.mixed(chunks, [], block_tables, [])
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []

@@ -25,6 +25,9 @@ class Scheduler:
 
     With chunked prefill, a step instead carries every running decode plus as many prompt tokens
     as fill the chunk size: first the prompts already part-way through, then new ones FCFS.
+
+    A sequence's prompt blocks found in the prefix cache (by seq.block_hashes) are in its table
+    already computed: only the rest of the prompt runs, and counts against the budget.
     """
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
@@ -42,23 +45,38 @@ class Scheduler:
         return bool(self.waiting or self.running or self.prefilling)
 
     def schedule_prefill(self) -> list[Sequence]:
-        """Take queued sequences FCFS while their tokens fit the budget and the KV cache."""
+        """Take queued sequences FCFS while the tokens they compute fit the budget and the KV cache."""
         batch: list[Sequence] = []
         num_tokens = 0
         while self.waiting and self._admits(batch, num_tokens, self.waiting[0]):
             seq = self.waiting.popleft()
-            self.blocks.allocate(seq.request_id, seq.num_tokens)
-            seq.transition(RequestState.PREFILLING)
+            self._allocate(seq)
             batch.append(seq)
-            num_tokens += seq.num_tokens
+            num_tokens += seq.num_tokens - seq.num_computed_tokens
         return batch
 
     def _admits(self, batch: list[Sequence], num_tokens: int, seq: Sequence) -> bool:
-        if batch and num_tokens + seq.num_tokens > self.config.token_budget:
-            return False
         if len(self.running) + len(batch) >= self.config.max_num_seqs:
             return False
-        return self.blocks.can_allocate(seq.num_tokens)
+        hashes = self._lookup_hashes(seq)
+        if batch:
+            to_compute = seq.num_tokens - len(self.blocks.cached_prefix(hashes)) * self.blocks.block_size
+            if num_tokens + to_compute > self.config.token_budget:
+                return False
+        return self.blocks.can_allocate(seq.num_tokens, hashes)
+
+    def _lookup_hashes(self, seq: Sequence) -> list[bytes]:
+        """The prompt blocks worth looking up: every full one but a block holding the last token,
+        which is computed anyway for its logits."""
+        return seq.block_hashes[:(seq.num_tokens - 1) // self.blocks.block_size]
+
+    def _allocate(self, seq: Sequence) -> None:
+        """Give a queued sequence its blocks, the cached prefix first; those tokens count as computed."""
+        hashes = self._lookup_hashes(seq)
+        self.blocks.allocate(seq.request_id, seq.num_tokens, hashes)
+        seq.num_cached_tokens = seq.num_computed_tokens = (
+            len(self.blocks.cached_prefix(hashes)) * self.blocks.block_size)
+        seq.transition(RequestState.PREFILLING)
 
     def schedule_mixed(self) -> tuple[list[Sequence], list[tuple[Sequence, int]], list[Sequence]]:
         """A chunked-prefill step: (decodes, prompt chunks as (sequence, tokens), preempted).
@@ -78,10 +96,9 @@ class Scheduler:
             room -= n
         while room > 0 and self.waiting and self._admits_chunked(self.waiting[0]):
             seq = self.waiting.popleft()
-            self.blocks.allocate(seq.request_id, seq.num_tokens)
-            seq.transition(RequestState.PREFILLING)
+            self._allocate(seq)
             self.prefilling.append(seq)
-            n = min(room, seq.num_tokens)
+            n = min(room, seq.num_tokens - seq.num_computed_tokens)
             chunks.append((seq, n))
             room -= n
         return decodes, chunks, preempted
@@ -89,7 +106,7 @@ class Scheduler:
     def _admits_chunked(self, seq: Sequence) -> bool:
         if len(self.running) + len(self.prefilling) >= self.config.max_num_seqs:
             return False
-        return self.blocks.can_allocate(seq.num_tokens)
+        return self.blocks.can_allocate(seq.num_tokens, self._lookup_hashes(seq))
 
     def schedule_decode(self) -> tuple[list[Sequence], list[Sequence]]:
         """Give every running sequence a slot for its next token; returns (batch, preempted)."""
