@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from splitserve.bench.kv_serve import KvOnlyPrefillServicer, SyntheticKvSource, make_payload, payload_id
 from splitserve.common.auth import NO_AUTH
 from splitserve.common.protoconv import layout_to_proto
+from splitserve.engine.block_manager import PrefixCacheStats
 from splitserve.common.rpc import ChannelCache, add_health, bind, make_server, open_channel
 from splitserve.engine.kv_cache import KVLayout
 from splitserve.kv_transfer.base import InvalidKvHandle, KvPullError, check_handle
@@ -381,7 +382,7 @@ class Context:
 
 def _decode_server(max_waiting: int) -> DecodeServer:
     """A decode server around a stand-in engine: Submit checks and queues, nothing is admitted."""
-    engine = SimpleNamespace(layout=LAYOUT, sequences={},
+    engine = SimpleNamespace(layout=LAYOUT, sequences={}, prefix_cache_stats=PrefixCacheStats(),
                              blocks=SimpleNamespace(num_blocks=8, num_free_blocks=8),
                              scheduler=SimpleNamespace(waiting=[], running=[], prefilling=[]))
     config = WorkerConfig(engine=SimpleNamespace(max_num_seqs=1), host="127.0.0.1", port=0, scheduler="",

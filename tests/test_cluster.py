@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import time
 import urllib.request
 
 import grpc
@@ -126,6 +128,8 @@ def _post(url: str, body: dict, headers: dict | None = None) -> tuple[int, dict]
     ({"model": MODEL, "prompt": "hi", "temperature": -1}, "temperature"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ({"model": "no-such-model", "prompt": "hi"}, "no-such-model"),
+    ({"model": MODEL, "prompt": "hi", "cache_salt": "s" * 257}, "cache_salt"),
+    ({"model": MODEL, "prompt": "hi", "cache_salt": ""}, "cache_salt"),
 ])
 def test_bad_input_is_refused_and_the_cluster_keeps_serving(ucx_cluster, body, fragment):
     status, error = _post(ucx_cluster.http_url + "/v1/completions", body)
@@ -169,3 +173,27 @@ def test_an_over_full_queue_gets_429(ucx_cluster):
     codes = asyncio.run(flood())
     assert set(codes) == {200, 429} and codes.count(200) >= 40  # --max-pending 40
     assert all(s.num_free_blocks == s.num_blocks for s in ucx_cluster.wait_all_blocks_free().values())
+
+
+def _prefix_cache_hits(cluster) -> float:
+    with urllib.request.urlopen(cluster.http_url + "/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+               if line.startswith("splitserve:prefix_cache_hits_total{"))
+
+
+def test_a_repeated_prompt_reuses_its_cached_prefix_within_its_salt(ucx_cluster):
+    """usage.prompt_tokens_details.cached_tokens as OpenAI reports it, and the workers' hit counter."""
+    prompt = [random.randrange(1000, 40000) for _ in range(100)]  # this test's own: nothing else cached it
+    url, body = ucx_cluster.http_url + "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 2}
+    hits_before = _prefix_cache_hits(ucx_cluster)
+    cached = []
+    for extra in ({}, {}, {"cache_salt": "tenant-a"}, {"cache_salt": "tenant-a"}, {"cache_salt": "tenant-b"}):
+        status, reply = _post(url, {**body, **extra})
+        assert status == 200, reply
+        cached.append(reply["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert cached == [0, 96, 0, 96, 0]  # (100 - 1) // 16 full blocks; the last token's block is computed
+    deadline = time.monotonic() + 15
+    while _prefix_cache_hits(ucx_cluster) < hits_before + 2 * 96:  # the counters come with heartbeats
+        assert time.monotonic() < deadline, _prefix_cache_hits(ucx_cluster)
+        time.sleep(0.5)

@@ -4,6 +4,7 @@ prompts first, vLLM's order) and `--mode chunked` (chunked prefill), as real pro
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import grpc
@@ -11,7 +12,7 @@ import openai
 import pytest
 import torch
 from conftest import make_prompts, start_cluster, stop_cluster
-from test_cluster import _generate_ids, _stream_one
+from test_cluster import MODEL, _generate_ids, _post, _stream_one
 
 from splitserve.engine import EngineConfig, LLMEngine, SamplingParams
 from splitserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
@@ -20,7 +21,8 @@ from splitserve.v1 import scheduler_pb2_grpc
 
 pytestmark = pytest.mark.timeout(300)
 CHUNK_SIZE = 64
-MODES = {"colocated": (), "chunked": ("--chunk-size", str(CHUNK_SIZE))}
+# The colocated worker runs without the prefix cache, the chunked one with it (the default).
+MODES = {"colocated": ("--no-prefix-caching",), "chunked": ("--chunk-size", str(CHUNK_SIZE))}
 
 
 @pytest.fixture(scope="module", params=list(MODES))
@@ -101,3 +103,15 @@ def test_it_refuses_kv_pulls(mode_cluster):
             stub.Release(prefill_pb2.ReleaseRequest(request_id="x"), timeout=5, metadata=cluster.metadata)
         assert error.value.code() is grpc.StatusCode.FAILED_PRECONDITION
         assert stub.GetStats(common_pb2.StatsRequest(), timeout=5, metadata=cluster.metadata).num_blocks > 0
+
+
+def test_a_repeated_prompt_hits_the_cache_unless_it_is_off(mode_cluster):
+    mode, cluster = mode_cluster
+    prompt = [random.randrange(1000, 40000) for _ in range(90)]  # this test's own: nothing else cached it
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
+    cached = []
+    for _ in range(2):
+        status, reply = _post(cluster.http_url + "/v1/completions", body)
+        assert status == 200, reply
+        cached.append(reply["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert cached == ([0, 0] if mode == "colocated" else [0, 80])

@@ -101,7 +101,7 @@ class Frontend:
         max_tokens = resolve_max_tokens(request, len(prompt_ids), max_model_len)
         sampling = sampling_proto(request.sampling, max_tokens, secrets.randbits(63))
         return pb.QueuedRequest(request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling,
-                                reply_stream=self.services.router.stream)
+                                reply_stream=self.services.router.stream, cache_salt=request.cache_salt or "")
 
     def acquire(self) -> None:
         self.num_pending += 1

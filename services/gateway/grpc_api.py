@@ -24,6 +24,7 @@ from .schema import (
     SamplingOptions,
     TextPrompt,
     TokenPrompt,
+    cache_salt_option,
     top_k_option,
 )
 
@@ -70,7 +71,7 @@ def request_from_proto(msg: gpb.GenerateRequest) -> GenerationRequest:
         stop_token_ids=tuple(msg.stop_token_ids),
     )
     return GenerationRequest(Api.GRPC, prompt_from_proto(msg), sampling, msg.model or None,
-                             client_request_id(msg.request_id))
+                             client_request_id(msg.request_id), cache_salt_option(msg.cache_salt or None))
 
 
 
@@ -93,7 +94,8 @@ def response_from_output(request_id: str, output: Output) -> gpb.GenerateRespons
         usage = output.usage
         response.usage.CopyFrom(gpb.Usage(prompt_tokens=usage.prompt_tokens,
                                           completion_tokens=usage.completion_tokens,
-                                          total_tokens=usage.total_tokens))
+                                          total_tokens=usage.total_tokens,
+                                          cached_prompt_tokens=usage.cached_tokens))
     if output.timeline is not None:
         response.timeline.CopyFrom(output.timeline)
     return response

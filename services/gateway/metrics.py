@@ -132,7 +132,8 @@ class GatewayMetrics:
 
 class StepCollector:
     """The engine step histograms each worker sent with its latest heartbeat (the scheduler checked
-    them), as cumulative Prometheus series per worker, kind and batch class."""
+    them), as cumulative Prometheus series per worker, kind and batch class, and each worker's
+    prefix cache counters."""
 
     def __init__(self) -> None:
         self.workers: list[spb.WorkerState] = []
@@ -146,7 +147,14 @@ class StepCollector:
                                   "the GIL or its OpenMP team.", labels=["worker", "role", "kind", "batch"])
         tokens = CounterMetricFamily("splitserve:engine_step_tokens", "Tokens those steps computed.",
                                      labels=["worker", "role", "kind", "batch"])
+        queries = CounterMetricFamily("splitserve:prefix_cache_queries", "Prompt tokens each worker looked "
+                                      "up in its prefix cache (vLLM's counter).", labels=["worker", "role"])
+        hits = CounterMetricFamily("splitserve:prefix_cache_hits", "Of those, the tokens found cached: their "
+                                   "KV was reused, not computed.", labels=["worker", "role"])
         for w in self.workers:
+            worker = [w.worker.instance_id, ROLE_NAMES.get(w.worker.role, "unknown")]
+            queries.add_metric(worker, w.stats.prefix_cache_queries)
+            hits.add_metric(worker, w.stats.prefix_cache_hits)
             for h in w.stats.steps:
                 labels = [w.worker.instance_id, ROLE_NAMES.get(w.worker.role, "unknown"), KIND_NAMES[h.kind],
                           batch_label(h.batch_min)]
@@ -157,7 +165,7 @@ class StepCollector:
                 wall.add_metric(labels, buckets, sum_value=h.wall_s)
                 cpu.add_metric(labels, h.cpu_s)
                 tokens.add_metric(labels, h.num_tokens)
-        yield from (wall, cpu, tokens)
+        yield from (wall, cpu, tokens, queries, hits)
 
 
 def kv_usage(workers: Iterable[spb.WorkerState]) -> float:

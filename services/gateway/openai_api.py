@@ -25,6 +25,7 @@ from .schema import (
     SamplingOptions,
     TextPrompt,
     TokenPrompt,
+    cache_salt_option,
     seed_option,
     top_k_option,
 )
@@ -129,7 +130,8 @@ def parse_chat(body: dict[str, Any]) -> OpenAIRequest:
 
 def _request(fields: Fields, api: Api, prompt: Prompt, max_tokens: int | None) -> OpenAIRequest:
     _refuse_unsupported(fields)
-    generation = GenerationRequest(api, prompt, _sampling(fields, max_tokens), fields.get("model", str))
+    generation = GenerationRequest(api, prompt, _sampling(fields, max_tokens), fields.get("model", str),
+                                   cache_salt=cache_salt_option(fields.get("cache_salt", str)))
     stream = fields.get("stream", bool, False)
     options = Fields(fields.get("stream_options", dict, {}))
     if options.body and not stream:

@@ -59,6 +59,7 @@ class OutputProcessor:
     stop: tuple[str, ...]
     num_prompt_tokens: int
     token_ids: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0  # of the prompt's, from the first token's event
     finish: Finish | None = None
     upstream_finished: bool = False  # the cluster sent its last event (no cancel needed)
 
@@ -68,7 +69,7 @@ class OutputProcessor:
 
     @property
     def usage(self) -> Usage:
-        return Usage(self.num_prompt_tokens, len(self.token_ids))
+        return Usage(self.num_prompt_tokens, len(self.token_ids), self.num_cached_tokens)
 
     def process(self, event: pb.TokenEvent) -> Output | None:
         """The client-visible output of event; None when it adds nothing (a replay, held text).
@@ -98,6 +99,8 @@ class OutputProcessor:
         A position past the next one expected means tokens were lost on the way: the request fails
         rather than return text with a hole in it."""
         skip = len(self.token_ids) - event.index
+        if event.index == 0 and skip == 0:  # the first copy of the first token (a worker's count, bounded)
+            self.num_cached_tokens = min(max(event.num_cached_tokens, 0), self.num_prompt_tokens)
         if skip < 0 and event.token_ids:
             log.error("token event skips positions", expected=len(self.token_ids), index=event.index)
             raise GenerationError(f"output tokens {len(self.token_ids)} to {event.index - 1} were lost on "

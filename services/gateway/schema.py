@@ -6,6 +6,7 @@ import enum
 import math
 from dataclasses import dataclass
 
+from splitserve.engine.block_manager import MAX_CACHE_SALT_CHARS
 from splitserve.v1 import common_pb2 as pb
 
 from .errors import invalid
@@ -138,6 +139,17 @@ class GenerationRequest:
     # The client's own name for the request (gRPC request_id): checked, logged and echoed back, never
     # used as the request's id inside the cluster, which the gateway always chooses.
     client_request_id: str | None = None
+    cache_salt: str | None = None  # vLLM's: only cached KV computed under the same salt is reused
+
+
+def cache_salt_option(value: str | None) -> str | None:
+    """vLLM's cache_salt: a non-empty string, at most MAX_CACHE_SALT_CHARS characters."""
+    if value is None:
+        return None
+    if not value or len(value) > MAX_CACHE_SALT_CHARS:
+        raise invalid(f"'cache_salt' must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} characters",
+                      "cache_salt")
+    return value
 
 
 class Finish(enum.Enum):
@@ -160,6 +172,7 @@ FINISH_TO_PROTO = {finish: proto for proto, finish in FINISH_FROM_PROTO.items()}
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV a worker's prefix cache supplied
 
     @property
     def total_tokens(self) -> int:

@@ -44,8 +44,8 @@ class RequestStats:
             metrics.observe_finished(finish, usage.prompt_tokens, usage.completion_tokens, e2e)
         metrics.observe_timeline(timeline)
         log.info("request finished", request_id=request_id, finish_reason=finish.value if finish else "error",
-                 prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                 e2e_s=_round(e2e), **self._latencies(timeline))
+                 prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
+                 completion_tokens=usage.completion_tokens, e2e_s=_round(e2e), **self._latencies(timeline))
 
     def _latencies(self, timeline: pb.Timeline) -> dict[str, float | None]:
         """TTFT, TPOT and KV transfer from the Timeline; the gateway's own clock where it lacks them."""

@@ -124,5 +124,8 @@ async def _check_stats(stats: pb.WorkerStats, context) -> None:
     could not have made."""
     try:
         check_step_histograms(stats.steps)
+        if not 0 <= stats.prefix_cache_hits <= stats.prefix_cache_queries:
+            raise ValueError(f"prefix cache hits {stats.prefix_cache_hits} are not within [0, queries "
+                             f"{stats.prefix_cache_queries}]")
     except ValueError as exc:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"worker stats: {exc}")

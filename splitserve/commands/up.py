@@ -296,7 +296,7 @@ def _engine_argv(args: argparse.Namespace) -> list[str]:
         value = getattr(args, name)
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
-    return argv
+    return argv + ([] if args.prefix_caching else ["--no-prefix-caching"])
 
 
 @dataclass

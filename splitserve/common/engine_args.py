@@ -72,6 +72,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="colocated engines: chunked prefill, prompt chunks fill each step up to this many "
                         "tokens, running decodes included (each still gets its token) (Sarathi-Serve); "
                         "default: off, a new prompt runs whole first")
+    g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="recompute every prompt from scratch (default: full prompt blocks stay cached and "
+                        "a prompt that starts with cached blocks computes only the rest)")
 
 
 def engine_config_from_args(args: argparse.Namespace, role: EngineRole | None = None) -> EngineConfig:
@@ -88,6 +91,7 @@ def engine_config_from_args(args: argparse.Namespace, role: EngineRole | None = 
         max_model_len=args.max_model_len,
         role=role or EngineRole.COLOCATED,
         chunk_size=getattr(args, "chunk_size", None),
+        enable_prefix_caching=args.prefix_caching,
     )
 
 

@@ -10,6 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
+MAX_CACHE_SALT_CHARS = 256  # a request's cache_salt; the gateway refuses longer ones with HTTP 400
+
+
 class OutOfBlocks(Exception):
     """Raised when an allocation needs more free blocks than there are."""
 

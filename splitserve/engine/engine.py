@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import structlog
 import torch
 
-from splitserve.engine.block_manager import (BlockManager, OutOfBlocks, PrefixCacheStats, block_hashes,
-                                            blocks_for)
+from splitserve.engine.block_manager import (MAX_CACHE_SALT_CHARS, BlockManager, OutOfBlocks, PrefixCacheStats,
+                                            block_hashes, blocks_for)
 from splitserve.engine.config import EngineConfig, EngineRole
 from splitserve.engine.isolation import Forward, among, isolate
 from splitserve.engine.kv_cache import KVCache, KVLayout
@@ -105,6 +105,8 @@ class LLMEngine:
         """
         if self.config.role is EngineRole.DECODE:
             raise ValueError("a decode engine takes requests through reserve() and import_kv()")
+        if cache_salt is not None and len(cache_salt) > MAX_CACHE_SALT_CHARS:
+            raise ValueError(f"cache_salt is longer than {MAX_CACHE_SALT_CHARS} characters")
         seq = self._new_sequence(request_id, prompt_token_ids, [], params)
         if self.config.enable_prefix_caching:
             seq.block_hashes = block_hashes(seq.prompt_token_ids, self.blocks.block_size, cache_salt)
@@ -356,7 +358,7 @@ class LLMEngine:
             if seq in self.scheduler.running:
                 self.scheduler.running.remove(seq)
             self._retire(seq, RequestState.FINISHED)
-        return StepOutput(seq.request_id, token, reason)
+        return StepOutput(seq.request_id, token, reason, num_cached_tokens=seq.num_cached_tokens)
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         params = seq.params

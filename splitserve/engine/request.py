@@ -142,3 +142,4 @@ class StepOutput:
     token_id: int | None
     finish_reason: FinishReason | None
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache supplied (usage's cached_tokens)

@@ -87,36 +87,40 @@ class Timeline(_message.Message):
     def __init__(self, arrival: _Optional[float] = ..., queued: _Optional[float] = ..., scheduled: _Optional[float] = ..., prefill_start: _Optional[float] = ..., prefill_end: _Optional[float] = ..., first_token: _Optional[float] = ..., kv_transfer_start: _Optional[float] = ..., kv_transfer_end: _Optional[float] = ..., token_times: _Optional[_Iterable[float]] = ..., finish: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ...) -> None: ...
 
 class QueuedRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "reply_stream", "timeline", "kv_capability")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "reply_stream", "timeline", "kv_capability", "cache_salt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     REPLY_STREAM_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
     KV_CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     reply_stream: str
     timeline: Timeline
     kv_capability: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., reply_stream: _Optional[str] = ..., timeline: _Optional[_Union[Timeline, _Mapping]] = ..., kv_capability: _Optional[str] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., reply_stream: _Optional[str] = ..., timeline: _Optional[_Union[Timeline, _Mapping]] = ..., kv_capability: _Optional[str] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
-    __slots__ = ("request_id", "token_ids", "index", "finish_reason", "error", "timeline")
+    __slots__ = ("request_id", "token_ids", "index", "finish_reason", "error", "timeline", "num_cached_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     index: int
     finish_reason: FinishReason
     error: str
     timeline: Timeline
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., index: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., error: _Optional[str] = ..., timeline: _Optional[_Union[Timeline, _Mapping]] = ...) -> None: ...
+    num_cached_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., index: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., error: _Optional[str] = ..., timeline: _Optional[_Union[Timeline, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class KvLayout(_message.Message):
     __slots__ = ("num_layers", "num_kv_heads", "head_dim", "block_size", "dtype")
@@ -175,7 +179,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("num_blocks", "num_free_blocks", "num_running", "num_waiting", "num_queued_prompt_tokens", "num_held", "steps")
+    __slots__ = ("num_blocks", "num_free_blocks", "num_running", "num_waiting", "num_queued_prompt_tokens", "num_held", "steps", "prefix_cache_queries", "prefix_cache_hits")
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +187,8 @@ class WorkerStats(_message.Message):
     NUM_QUEUED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_HELD_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
     num_free_blocks: int
     num_running: int
@@ -190,7 +196,9 @@ class WorkerStats(_message.Message):
     num_queued_prompt_tokens: int
     num_held: int
     steps: _containers.RepeatedCompositeFieldContainer[StepHistogram]
-    def __init__(self, num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_queued_prompt_tokens: _Optional[int] = ..., num_held: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepHistogram, _Mapping]]] = ...) -> None: ...
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    def __init__(self, num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_queued_prompt_tokens: _Optional[int] = ..., num_held: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepHistogram, _Mapping]]] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ...) -> None: ...
 
 class StepHistogram(_message.Message):
     __slots__ = ("kind", "batch_min", "counts", "wall_s", "cpu_s", "num_tokens")

@@ -64,6 +64,8 @@ def engine_stats(engine: LLMEngine) -> pb.WorkerStats:
         num_waiting=len(waiting),
         num_queued_prompt_tokens=sum(s.num_prompt_tokens for s in waiting),
         num_held=len(held),
+        prefix_cache_queries=engine.prefix_cache_stats.queries,
+        prefix_cache_hits=engine.prefix_cache_stats.hits,
     )
 
 
@@ -278,6 +280,8 @@ def token_event(request: pb.QueuedRequest, index: int, out: StepOutput) -> pb.To
     token_ids = [] if out.token_id is None else [out.token_id]
     event = pb.TokenEvent(request_id=out.request_id, token_ids=token_ids, index=index,
                           finish_reason=finish_to_proto(out.finish_reason), error=out.error or "")
+    if index == 0:
+        event.num_cached_tokens = out.num_cached_tokens
     if out.finish_reason is not None:
         request.timeline.finish = time.time()
         event.timeline.CopyFrom(request.timeline)
@@ -293,9 +297,10 @@ async def add_to_engine(loop, tracked: dict, request: pb.QueuedRequest, entry) -
     rid = request.request_id
     params = sampling_from_proto(request.sampling)
     ids = list(request.prompt_token_ids)
+    salt = request.cache_salt or None
     tracked[rid] = entry
     try:
-        await loop.call(lambda e: e.add_request(rid, ids, params))
+        await loop.call(lambda e: e.add_request(rid, ids, params, salt))
     except ValueError:
         tracked.pop(rid, None)
         raise
