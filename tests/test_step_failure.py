@@ -17,7 +17,7 @@ from conftest import make_prompts
 
 from splitserve.engine import EngineConfig, FinishReason, LLMEngine, RequestState, SamplingParams
 from splitserve.engine import engine as engine_module
-from splitserve.engine.block_manager import blocks_for
+from splitserve.engine.block_manager import block_hashes, blocks_for
 from splitserve.engine.engine import PROBE_ID, EngineBroken
 from splitserve.worker.engine_loop import EngineLoop
 
@@ -291,6 +291,26 @@ def test_culprits_failing_step_after_step_never_stop_the_engine(model_fp32, prom
     good = engine.add_request("good", prompts[1], PARAMS)
     run_all(engine)
     assert good.output_token_ids == expected[None][1]
+
+
+def test_the_probe_never_writes_a_cached_block_that_later_requests_reuse(model_fp32, prompts, expected,
+                                                                         monkeypatch):
+    """A culprit whose prompt starts with a cached prefix: the probe after its failed batch writes a
+    slot of the culprit's own last block, not of the shared first one: the cached blocks keep their KV
+    bit for bit, and the next request with that prefix gets the reference tokens."""
+    engine = new_engine(model_fp32)
+    engine.generate([prompts[2]], PARAMS)  # 70 tokens: its first 4 blocks stay cached
+    cached = engine.blocks.cached_prefix(block_hashes(prompts[2], engine.blocks.block_size))
+    kv_before = engine.cache.export(cached).clone()
+    runner = FailWith(engine.runner.prefill, {"bad"})
+    monkeypatch.setattr(engine.runner, "prefill", runner)
+    bad = engine.add_request("bad", prompts[2], PARAMS)
+    assert_failed(engine.step(), ["bad"])
+    assert bad.num_cached_tokens == 64 and runner.batches[-1] == [PROBE_ID]  # the probe ran
+    assert len(cached) == 4 and torch.equal(engine.cache.export(cached), kv_before)
+    good = engine.add_request("good", prompts[2], PARAMS)
+    run_all(engine)
+    assert good.num_cached_tokens == 64 and good.output_token_ids == expected[None][2]
 
 
 @pytest.mark.parametrize("params", [
