@@ -21,8 +21,9 @@ from splitserve.bench import cli as bench_cli
 from splitserve.bench.loadgen.arrivals import ArrivalProcess, arrival_times
 from splitserve.bench.loadgen.client import read_sse
 from splitserve.bench.loadgen.metrics import Slo, summarize
-from splitserve.bench.loadgen.prompts import NONCE_TOKENS, PromptFactory, new_nonce
+from splitserve.bench.loadgen.prompts import NONCE_TOKENS, PromptFactory, SharedPrefix, new_nonce
 from splitserve.bench.loadgen.records import RequestRecord
+from splitserve.bench.loadgen.run import prefix_cache_line
 from splitserve.bench.loadgen.sweep import sweep_goodput
 from splitserve.bench.loadgen.workloads import WORKLOADS, get_workload, sample_lengths
 from splitserve.common.net import free_port
@@ -195,6 +196,32 @@ def test_prompts_have_exact_lengths_and_are_unique_per_run():
     assert all(10 <= t < 20 for t in fixed.token_ids(3, 16))
     assert PromptFactory(seed=5, point=1).token_ids(3, 16) != PromptFactory(seed=5).token_ids(3, 16)
     assert len(a.text(0, 30).split()) == 30 and a.text(0, 30) != b.text(0, 30)
+
+
+def test_shared_system_prompts_are_the_only_shared_prefixes():
+    shared = SharedPrefix(num_prompts=3, length=40)
+    a = PromptFactory(seed=0, nonce=new_nonce(), shared_prefix=shared)
+    prompts = [a.token_ids(i, 10) for i in range(30)]
+    assert all(len(p) == 50 and p[:NONCE_TOKENS] == list(a.nonce) for p in prompts)
+    systems = [a.system_prompt_of(i) for i in range(30)]
+    assert set(systems) == {0, 1, 2}
+    for p, k in zip(prompts, systems):
+        assert p[:40] == a.system_prompt(k)
+    assert len({tuple(p[:40]) for p in prompts}) == 3 and len({tuple(p[40:]) for p in prompts}) == 30
+    b = PromptFactory(seed=0, nonce=new_nonce(), shared_prefix=shared)  # another run shares nothing
+    assert all(b.system_prompt(k)[:NONCE_TOKENS] != a.system_prompt(k)[:NONCE_TOKENS] for k in range(3))
+
+
+def test_the_prefix_cache_line_sets_the_hits_beside_the_workloads_most():
+    factory = PromptFactory(seed=0, shared_prefix=SharedPrefix(num_prompts=2, length=40))
+    records = [RequestRecord(i, 50, 4, 0.0, prompt_tokens=50, cached_tokens=32 if i > 1 else 0) for i in range(4)]
+    for r in records:
+        r.add_chunk(1.0)
+    uses = [factory.system_prompt_of(i) for i in range(4)]
+    most = (4 - len(set(uses))) * 32  # every use but each prompt's first reuses 2 full blocks of 16
+    assert prefix_cache_line(records, factory) == (f"prefix cache: 64 of 200 prompt tokens cached (32.0%); this "
+                                                   f"workload's most, 16-token blocks: {most} ({most / 200:.1%})")
+    assert prefix_cache_line([RequestRecord(0, 50, 4, 0.0)], factory) is None  # the server said nothing
 
 
 # -- SSE ------------------------------------------------------------------------------------------

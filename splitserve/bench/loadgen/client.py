@@ -129,6 +129,7 @@ def apply_chunk(record: RequestRecord, chunk: StreamChunk, t: float) -> None:
     record.finish_reason = chunk.finish_reason or record.finish_reason
     if chunk.has_usage:
         record.prompt_tokens, record.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+        record.cached_tokens = chunk.cached_tokens
 
 
 def finish(record: RequestRecord, t: float) -> None:
@@ -170,6 +171,7 @@ class GrpcBackend:
         if response.HasField("usage"):
             record.prompt_tokens = response.usage.prompt_tokens
             record.completion_tokens = response.usage.completion_tokens
+            record.cached_tokens = response.usage.cached_prompt_tokens
 
 
 async def served_model(session: aiohttp.ClientSession, url: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 from splitserve.common.auth import api_key_from_args
 from splitserve.common.engine_args import positive_int
 from splitserve.bench.loadgen.metrics import Slo
-from splitserve.bench.loadgen.prompts import DEFAULT_TOKEN_RANGE
+from splitserve.bench.loadgen.prompts import DEFAULT_TOKEN_RANGE, SharedPrefix
 from splitserve.bench.loadgen.workloads import WORKLOAD_NAMES, Workload, get_workload, preset_slos
 
 BACKENDS = ("openai", "openai-chat", "grpc")
@@ -48,6 +48,7 @@ class ServeConfig:
     max_concurrency: int | None = None
     token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE
     fixed_prompts: bool = False
+    shared_prefix: SharedPrefix | None = None  # system prompts shared by requests (a prefix cache's work)
     slo: Slo = field(default_factory=Slo)
     label: str | None = None
     pause_s: float = 5.0  # between sweep points, after every request of the last one finished
@@ -148,6 +149,11 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
                    help="prompt token ids are drawn from LO <= id < HI (default: 1000 30000)")
     w.add_argument("--fixed-prompts", action="store_true",
                    help="no random per-run nonce at the start of each prompt: prompts depend on --seed only")
+    w.add_argument("--system-prompts", type=positive_int, default=None, metavar="S",
+                   help="shared system prompts: each request's prompt is one of S system prompts (drawn at "
+                        "random) then its own --input-len tokens; token-id backends only (default: none)")
+    w.add_argument("--system-prompt-len", type=positive_int, default=1024, metavar="L",
+                   help="tokens of each system prompt (default: %(default)s)")
 
 
 def _add_slo_args(p: argparse.ArgumentParser) -> None:
@@ -178,6 +184,11 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     if not 0 <= lo < hi:
         raise ValueError(f"--token-range needs 0 <= LO < HI, got {lo} {hi}")
     num_requests = args.num_requests or (None if args.duration else 100)
+    shared = None
+    if args.system_prompts is not None:
+        if args.backend == "openai-chat":
+            raise ValueError("--system-prompts needs a token-id backend (openai or grpc), not openai-chat")
+        shared = SharedPrefix(args.system_prompts, args.system_prompt_len)
     preset_slos(args)
     return ServeConfig(
         backend=BackendConfig(args.backend, args.url, args.model, api_key_from_args(args), args.request_timeout),
@@ -185,5 +196,6 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         rates=tuple(args.rates or [args.rate]), burstiness=args.burstiness,
         num_requests=num_requests, duration_s=args.duration, seed=args.seed,
         max_concurrency=args.max_concurrency, token_range=(lo, hi), fixed_prompts=args.fixed_prompts,
+        shared_prefix=shared,
         slo=Slo(args.ttft_slo, args.tpot_slo, args.attainment), label=args.label, pause_s=args.pause,
         output=args.output, plot=args.plot, keep_records=not args.no_records)

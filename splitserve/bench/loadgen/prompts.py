@@ -4,6 +4,9 @@ Token ids are drawn uniformly from [lo, hi), a range inside every common vocabul
 n ids is exactly n tokens on any server that takes token-id prompts. Each run draws a random nonce
 that starts every prompt: no two runs share a prefix, so no prefix cache can flatter a result.
 `fixed_prompts` leaves the nonce out, and the prompts depend only on the seed.
+
+With a `SharedPrefix`, each prompt is one of S system prompts of L tokens (the nonce first, so
+still fresh each run) followed by the request's own question: the only prefixes requests share.
 """
 
 from __future__ import annotations
@@ -27,6 +30,24 @@ _WORDS = (  # common English nouns: one token each in most vocabularies
 
 
 @dataclass(frozen=True)
+class SharedPrefix:
+    """Shared system prompts: num_prompts of them, each length tokens, one per request at random."""
+
+    num_prompts: int
+    length: int
+
+    def __post_init__(self) -> None:
+        if self.num_prompts < 1 or self.length < 1:
+            raise ValueError(f"shared prefixes need >= 1 prompt of >= 1 token, got "
+                             f"{self.num_prompts} x {self.length}")
+
+    def max_cached_tokens(self, num_requests_per_prompt: list[int], block_size: int) -> int:
+        """The most prompt tokens a block-granular prefix cache can reuse: every use of a system prompt
+        but its first reuses its full blocks."""
+        return sum(max(n - 1, 0) for n in num_requests_per_prompt) * (self.length // block_size * block_size)
+
+
+@dataclass(frozen=True)
 class PromptFactory:
     """Builds request i's prompt; the same (seed, point, nonce, i, length) always gives the same one."""
 
@@ -34,6 +55,7 @@ class PromptFactory:
     point: int = 0  # the sweep point: each point gets fresh prompts
     token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE
     nonce: tuple[int, ...] = ()  # the run's random first tokens; empty with fixed prompts
+    shared_prefix: SharedPrefix | None = None  # system prompts before each request's own tokens
 
     def __post_init__(self) -> None:
         lo, hi = self.token_range
@@ -41,9 +63,26 @@ class PromptFactory:
             raise ValueError(f"token range needs 0 <= lo < hi, got {lo}..{hi}")
 
     def token_ids(self, index: int, length: int) -> list[int]:
+        """Request index's prompt: length tokens of its own, after its system prompt if any."""
         lo, hi = self.token_range
-        head = list(self.nonce[:length])
         rng = random.Random(f"prompt:{self.seed}:{self.point}:{index}")
+        if self.shared_prefix is not None:
+            system = self.system_prompt(self.system_prompt_of(index))
+            return system + [rng.randrange(lo, hi) for _ in range(length)]
+        head = list(self.nonce[:length])
+        return head + [rng.randrange(lo, hi) for _ in range(length - len(head))]
+
+    def system_prompt_of(self, index: int) -> int:
+        assert self.shared_prefix is not None
+        rng = random.Random(f"system-of:{self.seed}:{self.point}:{index}")
+        return rng.randrange(self.shared_prefix.num_prompts)
+
+    def system_prompt(self, k: int) -> list[int]:
+        assert self.shared_prefix is not None
+        lo, hi = self.token_range
+        length = self.shared_prefix.length
+        head = list(self.nonce[:length])
+        rng = random.Random(f"system:{self.seed}:{self.point}:{k}")
         return head + [rng.randrange(lo, hi) for _ in range(length - len(head))]
 
     def text(self, index: int, num_words: int) -> str:

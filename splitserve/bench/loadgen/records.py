@@ -32,6 +32,7 @@ class RequestRecord:
     end_s: float | None = None  # the stream ended ([DONE], the last message, or the error)
     prompt_tokens: int | None = None  # from the server's usage
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # of the prompt's, from a prefix cache (usage, where the server says)
     finish_reason: str | None = None
     error: str | None = None
 

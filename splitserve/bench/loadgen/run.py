@@ -15,6 +15,7 @@ import datetime
 import json
 import math
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,10 +41,11 @@ class PointResult:
     report: Report
     records: list[RequestRecord]
     steps: list[StepFigures] = ()  # the workers' engine steps over the point (splitserve servers)
+    prefix_cache: str | None = None  # prefix_cache_line()
 
     def to_json(self, keep_records: bool) -> dict[str, Any]:
         data = {"rate": rate_json(self.rate), "nonce": list(self.nonce), "report": self.report.to_json(),
-                "engine_steps": [f.to_json() for f in self.steps]}
+                "engine_steps": [f.to_json() for f in self.steps], "prefix_cache": self.prefix_cache}
         return {**data, "records": [r.to_json() for r in self.records]} if keep_records else data
 
 
@@ -52,13 +54,35 @@ def request_specs(config: ServeConfig, rate: float, factory: PromptFactory) -> l
                           num_requests=config.num_requests, duration_s=config.duration_s)
     lengths = sample_lengths(config.workload, len(times), config.seed)
     chat = config.backend.kind == "openai-chat"
-    return [RequestSpec(i, t, n_in, n_out, factory.text(i, n_in) if chat else factory.token_ids(i, n_in))
+    shared = config.shared_prefix.length if config.shared_prefix else 0
+    return [RequestSpec(i, t, shared + n_in, n_out,
+                        factory.text(i, n_in) if chat else factory.token_ids(i, n_in))
             for i, (t, (n_in, n_out)) in enumerate(zip(times, lengths))]
+
+
+CACHE_BLOCK_SIZE = 16  # the granularity of "the workload's most": splitserve's and vLLM's default block
+
+
+def prefix_cache_line(records: list[RequestRecord], factory: PromptFactory) -> str | None:
+    """How much of the prompts the server's prefix cache supplied, next to what this workload allows;
+    None when the server reports no cached tokens."""
+    reported = [r for r in records if r.ok and r.cached_tokens is not None]
+    if not reported:
+        return None
+    prompt = sum(r.num_prompt_tokens for r in reported)
+    cached = sum(r.cached_tokens for r in reported)
+    line = f"prefix cache: {cached} of {prompt} prompt tokens cached ({cached / prompt:.1%})"
+    if factory.shared_prefix is not None:
+        uses = Counter(factory.system_prompt_of(r.index) for r in reported)
+        best = factory.shared_prefix.max_cached_tokens(list(uses.values()), CACHE_BLOCK_SIZE)
+        line += f"; this workload's most, {CACHE_BLOCK_SIZE}-token blocks: {best} ({best / prompt:.1%})"
+    return line
 
 
 async def run_point(config: ServeConfig, backend: Backend, rate: float, point: int) -> PointResult:
     nonce = () if config.fixed_prompts else new_nonce(config.token_range)
-    specs = request_specs(config, rate, PromptFactory(config.seed, point, config.token_range, nonce))
+    factory = PromptFactory(config.seed, point, config.token_range, nonce, config.shared_prefix)
+    specs = request_specs(config, rate, factory)
     last = specs[-1].scheduled_s if specs else 0.0
     _progress(f"rate {rate:g} req/s: {len(specs)} requests over {last:.1f} s")
     limit = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
@@ -69,7 +93,9 @@ async def run_point(config: ServeConfig, backend: Backend, rate: float, point: i
     if before is not None:
         await asyncio.sleep(STEPS_LAG_S)
         steps = point_steps(before, await backend.engine_steps() or {})
-    return PointResult(rate, nonce, summarize(list(records), config.slo), list(records), steps)
+    records = list(records)
+    return PointResult(rate, nonce, summarize(records, config.slo), records, steps,
+                       prefix_cache_line(records, factory))
 
 
 async def run_sweep(config: ServeConfig) -> tuple[str, list[PointResult]]:
@@ -83,6 +109,8 @@ async def run_sweep(config: ServeConfig) -> tuple[str, list[PointResult]]:
             print(format_report(points[-1].report, _title(config, rate)), flush=True)
             if points[-1].steps:
                 print(format_steps(points[-1].steps), flush=True)
+            if points[-1].prefix_cache:
+                print(points[-1].prefix_cache, flush=True)
         return backend.model, points
 
 

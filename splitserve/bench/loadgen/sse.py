@@ -40,6 +40,7 @@ class StreamChunk:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, where the server says
 
     @property
     def has_content(self) -> bool:
@@ -60,8 +61,9 @@ def parse_chunk(payload: str) -> StreamChunk:
         return StreamChunk(error=error_message(data))
     usage = data.get("usage") or {}
     choice = (data.get("choices") or [{}])[0]
+    details = usage.get("prompt_tokens_details") or {}
     return StreamChunk(_choice_text(choice), choice.get("finish_reason"), usage.get("prompt_tokens"),
-                       usage.get("completion_tokens"))
+                       usage.get("completion_tokens"), cached_tokens=details.get("cached_tokens"))
 
 
 def _choice_text(choice: dict[str, Any]) -> str:
