@@ -1,5 +1,5 @@
-"""The chaos soak in the suite: `splitserve chaos` for 48 s (2 gateways, 2 schedulers, 2 prefill and
-2 decode servers, Redis with AOF), one fault every ~8 s. Seed 2 draws, in order: SIGKILL of a
+"""The chaos soak in the suite: `splitserve chaos` for 36 s (2 gateways, 2 schedulers, 2 prefill and
+2 decode servers, Redis with AOF), one fault every ~6 s. Seed 2 draws, in order: SIGKILL of a
 gateway with streams open, a Redis restart, SIGKILL of the leading scheduler, a SIGSTOP of a worker
 past the heartbeat timeout, a client that disconnects mid-stream. Nothing may be lost or corrupted,
 no KV block may stay held, and only clients whose own gateway died may fail. The 10-minute run's
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.timeout(400)
 def test_faults_under_load_lose_corrupt_and_leak_nothing(tmp_path):
     out = tmp_path / "chaos.json"
     result = subprocess.run(
-        [sys.executable, "-m", "splitserve.cli", "chaos", "--duration", "48", "--rate", "1.5", "--fault-interval",
-         "8", "--seed", "2", "--max-tokens", "24", "--log-dir", str(tmp_path / "logs"), "--out", str(out)],
+        [sys.executable, "-m", "splitserve.cli", "chaos", "--duration", "36", "--rate", "1.5", "--fault-interval",
+         "6", "--seed", "2", "--max-tokens", "24", "--log-dir", str(tmp_path / "logs"), "--out", str(out)],
         capture_output=True, text=True, timeout=380)
     print(result.stdout[-4000:])
     assert out.exists(), result.stdout[-4000:] + result.stderr[-2000:]
