@@ -197,3 +197,16 @@ def test_a_repeated_prompt_reuses_its_cached_prefix_within_its_salt(ucx_cluster)
     while _prefix_cache_hits(ucx_cluster) < hits_before + 2 * 96:  # the counters come with heartbeats
         assert time.monotonic() < deadline, _prefix_cache_hits(ucx_cluster)
         time.sleep(0.5)
+
+
+def test_reset_prefix_cache_empties_every_workers_cache(grpc_cluster):
+    """vLLM's POST /reset_prefix_cache, through the scheduler to the prefill worker, under mutual TLS."""
+    prompt = [random.randrange(1000, 40000) for _ in range(100)]
+    url, body = grpc_cluster.http_url, {"model": MODEL, "prompt": prompt, "max_tokens": 2}
+    cached = [_post(url + "/v1/completions", body)[1]["usage"]["prompt_tokens_details"]["cached_tokens"]
+              for _ in range(2)]
+    assert cached == [0, 96]
+    status, reset = _post(url + "/reset_prefix_cache", {})
+    assert (status, reset["num_workers"], reset["num_failed"]) == (200, 1, 0) and reset["num_blocks"] >= 6
+    status, again = _post(url + "/v1/completions", body)
+    assert status == 200 and again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0

@@ -96,7 +96,7 @@ def test_every_internal_rpc_refuses_a_caller_without_the_cluster_token(grpc_clus
         with grpc_cluster.channel(address) as channel:  # a member's certificate, not its token
             assert _call(channel, path, streams, b"", metadata) == grpc.StatusCode.UNAUTHENTICATED, path
         seen.add(path)
-    assert len(seen) == 16  # 8 scheduler, 5 prefill (PullKv included), 3 decode RPCs
+    assert len(seen) == 18  # 9 scheduler, 6 prefill (PullKv included), 3 decode RPCs
 
 
 def test_forged_calls_change_nothing_and_the_cluster_serves_on(grpc_cluster):
@@ -467,6 +467,11 @@ def test_up_gives_its_services_the_token_and_api_key_only_through_their_environm
                               headers={"Authorization": "Bearer sk-test-key-that-must-stay-hidden"})
         assert status == 200, reply
         assert _post(cluster.http_url + "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2})[0] == 401
+        # Flushing every worker's prefix cache is the API key holder's too (here, the colocated worker's).
+        assert _post(cluster.http_url + "/reset_prefix_cache", {})[0] == 401
+        status, reset = _post(cluster.http_url + "/reset_prefix_cache", {},
+                              headers={"Authorization": "Bearer sk-test-key-that-must-stay-hidden"})
+        assert (status, reset["num_workers"], reset["num_failed"]) == (200, 1, 0), reset
     finally:
         assert stop_cluster(cluster) == 0
 

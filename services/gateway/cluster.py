@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
+from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.v1 import scheduler_pb2_grpc
 
@@ -71,6 +72,16 @@ class ClusterView:
                      colocated_workers=snapshot.num_workers(spb.WORKER_ROLE_COLOCATED))
         self.snapshot = snapshot
         await self.on_update(snapshot)
+
+    async def reset_prefix_caches(self) -> pb.ResetPrefixCacheResponse | None:
+        """Ask every scheduler; the leader's answer (standbys refuse), or None when no scheduler leads."""
+        async def ask(stub: scheduler_pb2_grpc.SchedulerStub) -> pb.ResetPrefixCacheResponse | None:
+            try:
+                return await stub.ResetPrefixCache(pb.ResetPrefixCacheRequest(), timeout=30.0)
+            except grpc.aio.AioRpcError as exc:
+                log.info("prefix cache reset refused", code=exc.code().name, details=exc.details())
+                return None
+        return next((a for a in await asyncio.gather(*map(ask, self.stubs)) if a is not None), None)
 
     async def _ask(self, stub: scheduler_pb2_grpc.SchedulerStub) -> spb.ClusterState | None:
         try:

@@ -38,6 +38,7 @@ def build_app(frontend: Frontend, metrics: GatewayMetrics, api_key: str | None,
     app.router.add_get("/health", routes.health)
     app.router.add_get("/ready", routes.ready)
     app.router.add_get("/metrics", routes.metrics)
+    app.router.add_post("/reset_prefix_cache", routes.reset_prefix_cache)
     return app
 
 
@@ -62,11 +63,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def auth_middleware(api_key: str | None):
-    """Bearer-token check on /v1/*; /health, /ready and /metrics stay open."""
+    """Bearer-token check on /v1/* and /reset_prefix_cache; /health, /ready and /metrics stay open."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if api_key is not None and request.path.startswith("/v1/"):
+        if api_key is not None and (request.path.startswith("/v1/") or request.path == "/reset_prefix_cache"):
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 raise ApiError(ErrorKind.UNAUTHENTICATED, "Incorrect or missing API key; send "
@@ -115,6 +116,15 @@ class HttpRoutes:
                 "decode_workers": snapshot.num_workers(spb.WORKER_ROLE_DECODE),
                 "colocated_workers": snapshot.num_workers(spb.WORKER_ROLE_COLOCATED)}
         return web.json_response(body, status=200 if ready else 503)
+
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        """vLLM's endpoint (benchmark clients call it between runs): every worker forgets its cached
+        prefixes; requests running keep their blocks."""
+        answer = await self.frontend.services.cluster.reset_prefix_caches()
+        if answer is None:
+            raise ApiError(ErrorKind.UNAVAILABLE, "no scheduler leads: the prefix caches were not reset")
+        return web.json_response({"num_workers": answer.num_workers, "num_blocks": answer.num_blocks,
+                                  "num_failed": answer.num_failed})
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

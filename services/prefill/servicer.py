@@ -52,3 +52,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     async def GetStats(self, request: pb.StatsRequest, context) -> pb.WorkerStats:
         return await self.server.stats()
+
+    async def ResetPrefixCache(self, request: pb.ResetPrefixCacheRequest,
+                               context) -> pb.ResetPrefixCacheResponse:
+        await self.server.fence.check(context)
+        num_blocks = await self.server.loop.call(lambda engine: engine.reset_prefix_cache())
+        return pb.ResetPrefixCacheResponse(num_workers=1, num_blocks=num_blocks)

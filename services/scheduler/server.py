@@ -636,6 +636,23 @@ class SchedulerServer:
         if task is not None:
             await asyncio.wait([task])
 
+    async def reset_prefix_caches(self) -> pb.ResetPrefixCacheResponse:
+        """Every prefill and colocated worker forgets its cached prefixes (decode workers cache none)."""
+        workers = [w for w in self.registry.workers.values() if w.role != spb.WORKER_ROLE_DECODE]
+        answers = await asyncio.gather(*map(self._reset_prefix_cache, workers))
+        done = [a for a in answers if a is not None]
+        return pb.ResetPrefixCacheResponse(num_workers=len(done), num_blocks=sum(a.num_blocks for a in done),
+                                           num_failed=len(answers) - len(done))
+
+    async def _reset_prefix_cache(self, worker: WorkerEntry) -> pb.ResetPrefixCacheResponse | None:
+        stub = prefill_pb2_grpc.PrefillStub(self._channel(worker))  # a colocated worker's too
+        try:
+            return await stub.ResetPrefixCache(pb.ResetPrefixCacheRequest(),
+                                               timeout=self.config.rpc_timeout_s, metadata=self._fencing())
+        except grpc.aio.AioRpcError as exc:
+            log.warning("prefix cache reset failed", worker=worker.instance_id, code=exc.code().name)
+            return None
+
     async def _abort(self, instance_id: str, request_id: str) -> None:
         worker = self.registry.workers.get(instance_id)
         if worker is None:

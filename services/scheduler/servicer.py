@@ -111,6 +111,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def GetRecommendation(self, request: spb.RecommendationRequest, context) -> spb.Recommendation:
         return self.server.recommendation()
 
+    async def ResetPrefixCache(self, request: pb.ResetPrefixCacheRequest,
+                               context) -> pb.ResetPrefixCacheResponse:
+        await self._require_leader(context)
+        return await self.server.reset_prefix_caches()
+
     async def HandBack(self, request: spb.HandBackRequest, context) -> spb.HandBackResponse:
         bind_request(request.request_id)
         await self._check_instance(request.instance_id, context)

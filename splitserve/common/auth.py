@@ -55,6 +55,8 @@ CALLER_ROLES: dict[str, frozenset[str]] = {
     "/splitserve.v1.Scheduler/RequestDone": frozenset({"decode", "colocated"}),
     "/splitserve.v1.Scheduler/Drain": WORKERS | {"admin"},  # a worker drains itself; an operator any
     "/splitserve.v1.Scheduler/GetRecommendation": frozenset({"admin"}),
+    "/splitserve.v1.Scheduler/ResetPrefixCache": frozenset({"gateway", "admin"}),
+    "/splitserve.v1.Prefill/ResetPrefixCache": frozenset({"scheduler"}),
     # Read-only: any member.
     "/splitserve.v1.Prefill/GetStats": ANY_MEMBER,
     "/splitserve.v1.Decode/GetStats": ANY_MEMBER,

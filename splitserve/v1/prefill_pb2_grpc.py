@@ -60,6 +60,11 @@ class PrefillStub:
                 request_serializer=splitserve_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_common__pb2.WorkerStats.FromString,
                 _registered_method=True)
+        self.ResetPrefixCache = channel.unary_unary(
+                '/splitserve.v1.Prefill/ResetPrefixCache',
+                request_serializer=splitserve_dot_v1_dot_common__pb2.ResetPrefixCacheRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_common__pb2.ResetPrefixCacheResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillServicer:
@@ -102,6 +107,13 @@ class PrefillServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetPrefixCache(self, request, context):
+        """Forget this worker's cached prompt prefixes (num_workers 1). From the leading scheduler only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +141,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=splitserve_dot_v1_dot_common__pb2.StatsRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_common__pb2.WorkerStats.SerializeToString,
+            ),
+            'ResetPrefixCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetPrefixCache,
+                    request_deserializer=splitserve_dot_v1_dot_common__pb2.ResetPrefixCacheRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_common__pb2.ResetPrefixCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +283,33 @@ class Prefill:
             '/splitserve.v1.Prefill/GetStats',
             splitserve_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
             splitserve_dot_v1_dot_common__pb2.WorkerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetPrefixCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.Prefill/ResetPrefixCache',
+            splitserve_dot_v1_dot_common__pb2.ResetPrefixCacheRequest.SerializeToString,
+            splitserve_dot_v1_dot_common__pb2.ResetPrefixCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from splitserve.v1 import common_pb2 as splitserve_dot_v1_dot_common__pb2
 from splitserve.v1 import scheduler_pb2 as splitserve_dot_v1_dot_scheduler__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -74,6 +75,11 @@ class SchedulerStub:
                 request_serializer=splitserve_dot_v1_dot_scheduler__pb2.RecommendationRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_scheduler__pb2.Recommendation.FromString,
                 _registered_method=True)
+        self.ResetPrefixCache = channel.unary_unary(
+                '/splitserve.v1.Scheduler/ResetPrefixCache',
+                request_serializer=splitserve_dot_v1_dot_common__pb2.ResetPrefixCacheRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_common__pb2.ResetPrefixCacheResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -138,6 +144,14 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetPrefixCache(self, request, context):
+        """Every prefill and colocated worker forgets its cached prompt prefixes (the gateway's
+        POST /reset_prefix_cache). FAILED_PRECONDITION on a scheduler that does not lead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +194,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.GetRecommendation,
                     request_deserializer=splitserve_dot_v1_dot_scheduler__pb2.RecommendationRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_scheduler__pb2.Recommendation.SerializeToString,
+            ),
+            'ResetPrefixCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetPrefixCache,
+                    request_deserializer=splitserve_dot_v1_dot_common__pb2.ResetPrefixCacheRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_common__pb2.ResetPrefixCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +417,33 @@ class Scheduler:
             '/splitserve.v1.Scheduler/GetRecommendation',
             splitserve_dot_v1_dot_scheduler__pb2.RecommendationRequest.SerializeToString,
             splitserve_dot_v1_dot_scheduler__pb2.Recommendation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetPrefixCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.Scheduler/ResetPrefixCache',
+            splitserve_dot_v1_dot_common__pb2.ResetPrefixCacheRequest.SerializeToString,
+            splitserve_dot_v1_dot_common__pb2.ResetPrefixCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,

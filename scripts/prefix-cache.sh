@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The shared-system-prompt workload (docs/benchmarks.md, "Prefix caching"): a fresh disaggregated
+# 1 + 1 `splitserve up` with the prefix cache, then one with --no-prefix-caching, each swept by
+# `splitserve bench serve` (4 system prompts of 1,024 tokens, 64-token questions, 32 output tokens,
+# SLOs TTFT <= 2.5 s and TPOT <= 100 ms), one after the other in the same run.
+#
+#   scripts/prefix-cache.sh [OUT_DIR]
+#
+# Rates and requests per point: RATES_CACHE, RATES_NOCACHE, NUM_REQUESTS.
+set -euo pipefail
+out=${1:-prefix-cache}
+py=${PYTHON:-.venv/bin/python}
+port=${PORT:-18000}
+mkdir -p "$out"
+
+run() {  # label rates up-flags...
+  local label=$1 rates=$2
+  shift 2
+  "$py" -m splitserve.cli up --http-port "$port" --grpc-port $((port + 1)) --scheduler-port $((port + 2)) \
+    --log-dir "$out/logs-$label" "$@" > "$out/up-$label.txt" 2>&1 &
+  local up=$!
+  until grep -q "splitserve is ready" "$out/up-$label.txt"; do
+    kill -0 "$up" 2> /dev/null || { cat "$out/up-$label.txt"; exit 1; }
+    sleep 0.5
+  done
+  "$py" -m splitserve.cli bench serve --url "http://127.0.0.1:$port" --workload fixed --input-len 64 \
+    --output-len 32 --system-prompts 4 --system-prompt-len 1024 --rates $rates \
+    --num-requests "${NUM_REQUESTS:-30}" --seed 1 --ttft-slo 2.5 --tpot-slo 0.1 --label "$label" \
+    --output "$out/$label.json" | tee "$out/bench-$label.txt"
+  kill -TERM "$up"
+  wait "$up" || true
+}
+
+run cache "${RATES_CACHE:-0.4 1 2 3}"
+run nocache "${RATES_NOCACHE:-0.25 0.4 0.6}" --no-prefix-caching
