@@ -245,7 +245,8 @@ CANNED = (b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":"
           b': a comment line\n\n'
           b'data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}],"usage":null}\r\n\r\n'
           b'data: {"choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"length"}]}\n\n'
-          b'data: {"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}\n\n'
+          b'data: {"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15,'
+          b'"prompt_tokens_details":{"cached_tokens":8}}}\n\n'
           b'data: [DONE]\n\n')
 
 
@@ -257,6 +258,7 @@ async def test_sse_stream_with_usage_in_any_pieces(piece_size):
     assert record.ok and record.error is None
     assert len(record.chunk_times_s) == 2  # the role chunk carries no content
     assert (record.prompt_tokens, record.completion_tokens, record.finish_reason) == (12, 3, "length")
+    assert record.cached_tokens == 8
     assert record.end_s > record.chunk_times_s[-1]
     assert record.tpot_s == pytest.approx((record.chunk_times_s[1] - record.chunk_times_s[0]) / 2)
 
