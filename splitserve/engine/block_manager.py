@@ -102,7 +102,10 @@ class BlockManager:
         return found
 
     def can_allocate(self, num_tokens: int, hashes: Sequence[bytes] = ()) -> bool:
-        hits = self.cached_prefix(hashes)
+        return self._fits(num_tokens, self.cached_prefix(hashes))
+
+    def _fits(self, num_tokens: int, hits: list[int]) -> bool:
+        """Whether num_tokens fit when the request reuses the cached blocks hits."""
         reclaimed = sum(1 for b in hits if self._refs[b] == 0)  # counted free, but the request keeps them
         return blocks_for(num_tokens, self.block_size) - len(hits) <= self.num_free_blocks - reclaimed
 
@@ -114,10 +117,10 @@ class BlockManager:
         """
         if request_id in self._tables:
             raise ValueError(f"request {request_id!r} already holds blocks")
-        if not self.can_allocate(num_tokens, hashes):
+        hits = self.cached_prefix(hashes)
+        if not self._fits(num_tokens, hits):
             raise OutOfBlocks(f"need {blocks_for(num_tokens, self.block_size)} blocks, "
                               f"{self.num_free_blocks} free")
-        hits = self.cached_prefix(hashes)
         if hashes:
             self.stats.queries += num_tokens
             self.stats.hits += len(hits) * self.block_size

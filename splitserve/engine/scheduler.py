@@ -73,9 +73,9 @@ class Scheduler:
     def _allocate(self, seq: Sequence) -> None:
         """Give a queued sequence its blocks, the cached prefix first; those tokens count as computed."""
         hashes = self._lookup_hashes(seq)
+        num_cached = len(self.blocks.cached_prefix(hashes)) * self.blocks.block_size
         self.blocks.allocate(seq.request_id, seq.num_tokens, hashes)
-        seq.num_cached_tokens = seq.num_computed_tokens = (
-            len(self.blocks.cached_prefix(hashes)) * self.blocks.block_size)
+        seq.num_cached_tokens = seq.num_computed_tokens = num_cached
         seq.transition(RequestState.PREFILLING)
 
     def schedule_mixed(self) -> tuple[list[Sequence], list[tuple[Sequence, int]], list[Sequence]]:

@@ -64,13 +64,10 @@ class PromptFactory:
 
     def token_ids(self, index: int, length: int) -> list[int]:
         """Request index's prompt: length tokens of its own, after its system prompt if any."""
-        lo, hi = self.token_range
         rng = random.Random(f"prompt:{self.seed}:{self.point}:{index}")
         if self.shared_prefix is not None:
-            system = self.system_prompt(self.system_prompt_of(index))
-            return system + [rng.randrange(lo, hi) for _ in range(length)]
-        head = list(self.nonce[:length])
-        return head + [rng.randrange(lo, hi) for _ in range(length - len(head))]
+            return self.system_prompt(self.system_prompt_of(index)) + self._draw(rng, length)
+        return self._after_nonce(rng, length)
 
     def system_prompt_of(self, index: int) -> int:
         assert self.shared_prefix is not None
@@ -79,11 +76,17 @@ class PromptFactory:
 
     def system_prompt(self, k: int) -> list[int]:
         assert self.shared_prefix is not None
-        lo, hi = self.token_range
-        length = self.shared_prefix.length
-        head = list(self.nonce[:length])
         rng = random.Random(f"system:{self.seed}:{self.point}:{k}")
-        return head + [rng.randrange(lo, hi) for _ in range(length - len(head))]
+        return self._after_nonce(rng, self.shared_prefix.length)
+
+    def _after_nonce(self, rng: random.Random, length: int) -> list[int]:
+        """length tokens: the run's nonce (cut to length), then tokens drawn from rng."""
+        head = list(self.nonce[:length])
+        return head + self._draw(rng, length - len(head))
+
+    def _draw(self, rng: random.Random, n: int) -> list[int]:
+        lo, hi = self.token_range
+        return [rng.randrange(lo, hi) for _ in range(n)]
 
     def text(self, index: int, num_words: int) -> str:
         """About num_words tokens of plain words (chat); the nonce is the first word."""
