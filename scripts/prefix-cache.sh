@@ -12,24 +12,9 @@ out=${1:-prefix-cache}
 py=${PYTHON:-.venv/bin/python}
 port=${PORT:-18000}
 mkdir -p "$out"
+. "$(dirname "$0")/lib/serve-bench.sh"
 
-run() {  # label rates up-flags...
-  local label=$1 rates=$2
-  shift 2
-  "$py" -m splitserve.cli up --http-port "$port" --grpc-port $((port + 1)) --scheduler-port $((port + 2)) \
-    --log-dir "$out/logs-$label" "$@" > "$out/up-$label.txt" 2>&1 &
-  local up=$!
-  until grep -q "splitserve is ready" "$out/up-$label.txt"; do
-    kill -0 "$up" 2> /dev/null || { cat "$out/up-$label.txt"; exit 1; }
-    sleep 0.5
-  done
-  "$py" -m splitserve.cli bench serve --url "http://127.0.0.1:$port" --workload fixed --input-len 64 \
-    --output-len 32 --system-prompts 4 --system-prompt-len 1024 --rates $rates \
-    --num-requests "${NUM_REQUESTS:-30}" --seed 1 --ttft-slo 2.5 --tpot-slo 0.1 --label "$label" \
-    --output "$out/$label.json" | tee "$out/bench-$label.txt"
-  kill -TERM "$up"
-  wait "$up" || true
-}
-
-run cache "${RATES_CACHE:-0.4 1 2 3}"
-run nocache "${RATES_NOCACHE:-0.25 0.4 0.6}" --no-prefix-caching
+workload="--workload fixed --input-len 64 --output-len 32 --system-prompts 4 --system-prompt-len 1024
+  --num-requests ${NUM_REQUESTS:-30} --seed 1 --ttft-slo 2.5 --tpot-slo 0.1"
+serve_bench cache "$workload --rates ${RATES_CACHE:-0.4 1 2 3}"
+serve_bench nocache "$workload --rates ${RATES_NOCACHE:-0.25 0.4 0.6}" --no-prefix-caching

@@ -237,6 +237,30 @@ def test_a_worker_s_step_histograms_are_checked_before_the_gateways_export_them(
                for w in grpc_cluster.workers())
 
 
+def test_a_worker_s_cache_listing_is_bounded_by_its_kv_cache(grpc_cluster):
+    """The scheduler keeps each worker's cached block keys for KV-aware routing: a heartbeat listing
+    more than the worker's KV blocks, or a registration with an oversized hash namespace, is refused."""
+    with grpc_cluster.channel(grpc_cluster.scheduler_address, "prefill") as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        worker = next(w for w in grpc_cluster.workers() if w.worker.role == scheduler_pb2.WORKER_ROLE_PREFILL)
+        assert worker.worker.prefix_cache_namespace.endswith("|bfloat16|16")  # model, dtype, block size
+        stats = common_pb2.WorkerStats(num_blocks=4, num_free_blocks=4)
+        listing = scheduler_pb2.HeartbeatRequest(instance_id=worker.worker.instance_id, stats=stats,
+                                                 cached_blocks=scheduler_pb2.CachedBlocks(keys=range(5)))
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Heartbeat(listing, timeout=10, metadata=grpc_cluster.metadata)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "5 cached blocks listed" in refused.value.details()
+        info = scheduler_pb2.WorkerInfo()
+        info.CopyFrom(worker.worker)
+        info.prefix_cache_namespace = "n" * 1025
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Register(scheduler_pb2.RegisterRequest(worker=info, stats=worker.stats), timeout=10,
+                          metadata=grpc_cluster.metadata)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "prefix_cache_namespace" in refused.value.details()
+
+
 def test_under_mutual_tls_a_stranger_cannot_connect_even_with_the_token(grpc_cluster, tmp_path):
     """No certificate, or one from another CA: the handshake fails, no RPC (health included) runs."""
     write_cluster_certs(tmp_path / "other")

@@ -21,8 +21,10 @@ from splitserve.v1 import scheduler_pb2_grpc
 
 pytestmark = pytest.mark.timeout(300)
 CHUNK_SIZE = 64
-# The colocated worker runs without the prefix cache, the chunked one with it (the default).
-MODES = {"colocated": ("--no-prefix-caching",), "chunked": ("--chunk-size", str(CHUNK_SIZE))}
+# The colocated worker runs without the prefix cache; the chunked ones with it (the default), two of
+# them, between which the scheduler routes by what they cache.
+MODES = {"colocated": ("--no-prefix-caching",),
+         "chunked": ("--chunk-size", str(CHUNK_SIZE), "--colocated", "2")}
 
 
 @pytest.fixture(scope="module", params=list(MODES))
@@ -48,10 +50,10 @@ def _reference(model, mode: str, prompts: list[list[int]], max_tokens: int) -> l
         torch.set_num_threads(threads)
 
 
-def test_one_worker_serves_whole_requests_equal_to_the_engine(mode_cluster, model_bf16):
+def test_colocated_workers_serve_whole_requests_equal_to_the_engine(mode_cluster, model_bf16):
     mode, cluster = mode_cluster
     workers = cluster.workers()
-    assert [w.worker.role for w in workers] == [spb.WORKER_ROLE_COLOCATED]
+    assert [w.worker.role for w in workers] == [spb.WORKER_ROLE_COLOCATED] * (2 if mode == "chunked" else 1)
     prompts = make_prompts(model_bf16.tokenizer, [7, 60, 333])  # 333 tokens: six chunks of 64
     for prompt, expected in zip(prompts, _reference(model_bf16, mode, prompts, 24)):
         tokens, last = _generate_ids(cluster.grpc_address, prompt, len(expected))
@@ -96,7 +98,7 @@ def _scheduler_running(cluster, timeout_s: float = 10.0) -> int:
 
 def test_it_refuses_kv_pulls(mode_cluster):
     _, cluster = mode_cluster
-    [worker] = cluster.workers()
+    worker = cluster.workers()[0]
     with grpc.insecure_channel(worker.worker.grpc_address) as channel:
         stub = prefill_pb2_grpc.PrefillStub(channel)
         with pytest.raises(grpc.RpcError) as error:
@@ -115,3 +117,32 @@ def test_a_repeated_prompt_hits_the_cache_unless_it_is_off(mode_cluster):
         assert status == 200, reply
         cached.append(reply["usage"]["prompt_tokens_details"]["cached_tokens"])
     assert cached == ([0, 0] if mode == "colocated" else [0, 80])
+
+
+@pytest.mark.parametrize("mode_cluster", ["chunked"], indirect=True)
+def test_a_prompt_goes_to_the_worker_holding_its_prefix_though_that_one_is_busier(mode_cluster):
+    """KV-aware routing between two workers: a prompt cached on one, which now also decodes another
+    request, still goes there (least-loaded placement would pick the idle one and compute it all)."""
+    _, cluster = mode_cluster
+    prompt = [random.randrange(1000, 40000) for _ in range(200)]  # this test's own: cached nowhere
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
+    status, reply = _post(cluster.http_url + "/v1/completions", body)
+    assert status == 200 and reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 0, reply
+    time.sleep(1.5)  # its worker reported it done and listed its blocks: both workers are idle again
+    # A long request on the same worker (the first of equals, as the prompt was): it decodes meanwhile.
+    busy = [random.randrange(1000, 40000) for _ in range(50)]
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=cluster.http_url + "/v1", api_key="unused") as client:
+            stream = await client.completions.create(model=MODEL, prompt=busy, max_tokens=400, stream=True,
+                                                     extra_body={"ignore_eos": True})
+            async for _ in stream:  # its first token: it is placed and decoding
+                break
+            again = await asyncio.to_thread(_post, cluster.http_url + "/v1/completions", body)
+            await stream.close()  # cancels it
+            return again
+
+    status, reply = asyncio.run(run())
+    assert status == 200, reply
+    # 12 full blocks before the one holding the last token
+    assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 192

@@ -31,7 +31,8 @@ async def serve(config: WorkerConfig) -> int:
     prefill_pb2_grpc.add_PrefillServicer_to_server(ColocatedServicer(server), grpc_server)
     health = add_health(grpc_server)
     info = worker_info(config, spb.WORKER_ROLE_COLOCATED, address, engine)
-    link = SchedulerLink(config, info, server.stats, server.held, server.fence)
+    link = SchedulerLink(config, info, server.stats, server.held, server.fence,
+                         lambda: server.loop.published_cache)
     server.link = link
     server.loop.start()
     await grpc_server.start()

@@ -41,6 +41,8 @@ class SchedulerConfig:
     check_worker_addresses: bool = True
     leader_lease_s: float = 3.0  # the leader lease's length: a dead leader is replaced within about this
     heartbeat_interval_s: float = 1.0  # what workers are told; a takeover waits for one round of them
+    routing: str = "kv"  # prefill placement: "kv" (KV-aware, registry.py) or "least-loaded"
+    route_request_tokens: int = 32  # KV-aware routing's load term: prompt tokens per assigned request
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +69,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-queue-factor", type=positive_float, default=2.0,
                         help="prompt tokens a prefill server may have assigned, in token budgets "
                              "(default: 2: one batch running, one forming)")
+    parser.add_argument("--routing", choices=("kv", "least-loaded"), default=env("SPLITSERVE_ROUTING", "kv"),
+                        help="how a request picks its prefill server: kv (default) the least expected "
+                             "time to its first token given each server's cached prefix of its prompt, "
+                             "its queue and its load; least-loaded the fewest prompt tokens queued")
+    parser.add_argument("--route-request-tokens", type=int, default=32,
+                        help="KV-aware routing's load term: what each request already assigned to a "
+                             "server adds to its cost, in prompt tokens (default: 32)")
     parser.add_argument("--worker-timeout", type=positive_float, default=5.0,
                         help="seconds without a heartbeat before a worker is dropped and its requests "
                              "requeued (default: 5)")
@@ -108,7 +117,14 @@ def from_args(args: argparse.Namespace) -> SchedulerConfig:
                            max_queued=args.max_queued, cluster_auth=cluster_auth_from_args(args),
                            redis_credentials=redis_credentials_from_args(args),
                            check_worker_addresses=not args.trust_worker_addresses,
-                           leader_lease_s=args.leader_lease)
+                           leader_lease_s=args.leader_lease, routing=args.routing,
+                           route_request_tokens=_non_negative(args.route_request_tokens))
+
+
+def _non_negative(value: int) -> int:
+    if value < 0:
+        raise ValueError(f"--route-request-tokens must be >= 0, got {value}")
+    return value
 
 
 def _plan_config(args: argparse.Namespace) -> PlanConfig | None:

@@ -5,6 +5,18 @@
   `queue_factor` token budgets (one batch running, one forming), or it has nothing outstanding, so a
   prompt longer than the budget still runs alone. Requests beyond that wait in the scheduler's
   queue, in order, for whichever server frees up first.
+- Prefill with KV-aware routing (the default, `--routing kv`): among the servers with room, the
+  one that minimizes the expected time to the request's first token, counted in prompt tokens:
+
+      cost(w) = queued(w) + (P - cached(w)) + request_tokens * n(w)
+
+  queued(w) is the prompt tokens still to compute of the requests assigned to w, P - cached(w) the
+  prompt tokens w would compute for this one (cached(w): its longest prefix of full blocks that w
+  holds, by the block keys w publishes with its heartbeats, plus those of requests just sent there),
+  and the load term charges each of w's n(w) assigned requests `request_tokens` more (each costs a
+  step's overhead, and its cached prefix is still read), so one hot prefix does not pile onto one
+  server: once the queue there outweighs the prefix, the next request goes elsewhere and caches it
+  there too. Ties go to the fewer requests. Room counts the tokens still to compute.
 - Colocated workers (the baseline mode) are placed exactly like prefill servers; a request stays
   with its worker to the end.
 - Decode: the decode server with the most free KV blocks after what was already sent its way since
@@ -18,6 +30,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from splitserve.v1 import common_pb2 as pb
@@ -52,6 +65,12 @@ class WorkerEntry:
     beats: int = 0
     heard_at: float = 0.0
     confirmed: dict[str, int] = field(default_factory=dict)
+    # KV-aware routing: the keys of the blocks in its prefix cache (as of its latest heartbeat that
+    # listed them), and those of the requests routed here whose blocks it may not have listed yet.
+    # A request's keys are kept while it is assigned here and for one heartbeat after.
+    cached_keys: set[int] = field(default_factory=set)
+    routed: dict[str, list[int]] = field(default_factory=dict)
+    routed_left: set[str] = field(default_factory=set)
 
     @property
     def instance_id(self) -> str:
@@ -66,10 +85,33 @@ class WorkerEntry:
         """Prompt tokens assigned and not yet prefilled (prefill and colocated workers)."""
         return sum(self.assigned.values())
 
+    @property
+    def namespace(self) -> str:
+        """What its prefix cache's block hashes start from; empty when it caches nothing."""
+        return self.info.prefix_cache_namespace
+
+    def cached_blocks(self, keys: list[int]) -> int:
+        """How many of keys, from the first, it holds (or will: a request routed here has them)."""
+        routed = set().union(*self.routed.values()) if self.routed else set()
+        for i, key in enumerate(keys):
+            if key not in self.cached_keys and key not in routed:
+                return i
+        return len(keys)
+
+    def saw_heartbeat(self, cached_keys: list[int] | None) -> None:
+        """A heartbeat: its cache as listed (None: unchanged since the last list); the keys of requests
+        that had left it at the previous heartbeat are forgotten (the cache lists them by now)."""
+        if cached_keys is not None:
+            self.cached_keys = set(cached_keys)
+        for rid in self.routed_left:
+            self.routed.pop(rid, None)
+        self.routed_left = {rid for rid in self.routed if rid not in self.assigned}
+
 
 class Registry:
-    def __init__(self, queue_factor: float = 2.0) -> None:
+    def __init__(self, queue_factor: float = 2.0, request_tokens: int = 32) -> None:
         self.queue_factor = queue_factor
+        self.request_tokens = request_tokens  # KV-aware routing's load term, per assigned request
         self.workers: dict[str, WorkerEntry] = {}
 
     def register(self, info: spb.WorkerInfo, stats: pb.WorkerStats, now: float) -> WorkerEntry:
@@ -78,12 +120,15 @@ class Registry:
         self.workers[info.instance_id] = entry
         return entry
 
-    def heartbeat(self, instance_id: str, stats: pb.WorkerStats, now: float) -> bool:
-        """Record a heartbeat; False when the worker is unknown (it must register again)."""
+    def heartbeat(self, instance_id: str, stats: pb.WorkerStats, now: float,
+                  cached_keys: list[int] | None = None) -> bool:
+        """Record a heartbeat (with the worker's cached block keys when it listed them); False when the
+        worker is unknown (it must register again)."""
         entry = self.workers.get(instance_id)
         if entry is None:
             return False
         entry.stats, entry.last_seen, entry.pending_blocks, entry.full = stats, now, 0, False
+        entry.saw_heartbeat(cached_keys)
         return True
 
     def remove(self, instance_id: str) -> WorkerEntry | None:
@@ -118,6 +163,28 @@ class Registry:
         fits = [w for w in takers if not w.full and self._has_room(w, num_tokens)]
         # Ties (colocated workers count a decoding request as 0 tokens) go to the fewer requests.
         return min(fits, key=lambda w: (w.outstanding_tokens, len(w.assigned)), default=None)
+
+    def route_prefill(self, num_tokens: int,
+                      prefix_keys: Callable[[WorkerEntry], list[int]]) -> tuple[WorkerEntry, int] | None:
+        """KV-aware: the prefill (or colocated) worker with room of least cost (the module's
+        docstring), and the prompt tokens found in its cache; None when none has room.
+
+        prefix_keys(worker) are the keys of the prompt's full blocks, before the one holding its last
+        token (always computed), hashed as that worker hashes them.
+        """
+        best = None
+        for worker in self.takers(spb.WORKER_ROLE_PREFILL, spb.WORKER_ROLE_COLOCATED):
+            if worker.full:
+                continue
+            keys = prefix_keys(worker)
+            cached = worker.cached_blocks(keys) * worker.info.kv_layout.block_size if keys else 0
+            if not self._has_room(worker, num_tokens - cached):
+                continue
+            load = self.request_tokens * len(worker.assigned)
+            cost = (worker.outstanding_tokens + num_tokens - cached + load, len(worker.assigned))
+            if best is None or cost < best[0]:
+                best = (cost, worker, cached)
+        return None if best is None else (best[1], best[2])
 
     def _has_room(self, worker: WorkerEntry, num_tokens: int) -> bool:
         capacity = self.queue_factor * worker.info.token_budget

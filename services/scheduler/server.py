@@ -25,7 +25,7 @@ import enum
 import secrets
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import structlog
@@ -33,7 +33,7 @@ import structlog
 from splitserve.common.auth import EPOCH_METADATA_KEY
 from splitserve.common.rpc import ChannelCache
 from splitserve.common.service import Background, Progress
-from splitserve.engine.block_manager import blocks_for
+from splitserve.engine.block_manager import block_hashes, blocks_for, routing_key
 from splitserve.queue.streams import ProtoCodec, ReplyWriter, RequestStream, StreamEntry
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
@@ -83,6 +83,7 @@ class Tracked:
     decode_id: str | None = None
     done: spb.PrefillDoneRequest | None = None
     runs: int = 1  # times it was started: requeues add one
+    _keys: dict[tuple[str, int], list[int]] = field(default_factory=dict, repr=False)
 
     @property
     def request_id(self) -> str:
@@ -91,6 +92,20 @@ class Tracked:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.request.prompt_token_ids)
+
+    def prefix_keys(self, worker: WorkerEntry) -> list[int]:
+        """The routing keys of the prompt's full blocks before the one holding its last token, hashed
+        as worker hashes them (none when it caches nothing); computed once per kind of worker."""
+        namespace, block_size = worker.namespace, worker.info.kv_layout.block_size
+        if not namespace or block_size < 1:
+            return []
+        keys = self._keys.get((namespace, block_size))
+        if keys is None:
+            tokens = self.request.prompt_token_ids
+            hashes = block_hashes(tokens[:len(tokens) - 1], block_size, self.request.cache_salt or None,
+                                  namespace)
+            keys = self._keys[(namespace, block_size)] = [routing_key(h) for h in hashes]
+        return keys
 
 
 class SchedulerServer:
@@ -108,7 +123,7 @@ class SchedulerServer:
         self.deposed_reason = ""
         self.heard = asyncio.Event()  # a worker registered or heartbeated
         self._aborting: dict[tuple[str, str], asyncio.Future] = {}  # (worker, request): Abort under way
-        self.registry = Registry(config.prefill_queue_factor)
+        self.registry = Registry(config.prefill_queue_factor, config.route_request_tokens)
         self.workload = WorkloadEstimator(config.workload_window_s)
         self.replanner = Replanner(config.plan, self.workload, self.registry) if config.plan else None
         self.queue: deque[str] = deque()
@@ -303,17 +318,26 @@ class SchedulerServer:
             self._retry_awaiting_decode()
             while self.queue and not self.draining:
                 tracked = self.tracked[self.queue[0]]
-                worker = self.registry.pick_prefill(tracked.num_prompt_tokens)
-                if worker is None:
+                route = self._route(tracked)
+                if route is None:
                     break  # FCFS: nobody overtakes the head; a PrefillDone or a new worker wakes us
                 self.queue.popleft()
                 self.dequeued.set()
-                self._assign_prefill(tracked, worker)
+                self._assign_prefill(tracked, *route)
 
-    def _assign_prefill(self, tracked: Tracked, worker: WorkerEntry) -> None:
+    def _route(self, tracked: Tracked) -> tuple[WorkerEntry, int] | None:
+        """The prefill server for the request, and the prompt tokens it is expected to have cached."""
+        if self.config.routing == "kv":
+            return self.registry.route_prefill(tracked.num_prompt_tokens, tracked.prefix_keys)
+        worker = self.registry.pick_prefill(tracked.num_prompt_tokens)
+        return None if worker is None else (worker, 0)
+
+    def _assign_prefill(self, tracked: Tracked, worker: WorkerEntry, cached_tokens: int = 0) -> None:
         tracked.stage, tracked.prefill_id = Stage.PREFILL, worker.instance_id
         tracked.request.timeline.scheduled = time.time()
-        worker.assigned[tracked.request_id] = tracked.num_prompt_tokens
+        worker.assigned[tracked.request_id] = tracked.num_prompt_tokens - cached_tokens
+        if self.config.routing == "kv":  # its blocks are cached there once it ran: route alike there
+            worker.routed[tracked.request_id] = tracked.prefix_keys(worker)
         self.background.spawn(self._submit_prefill(tracked, worker))
 
     async def _submit_prefill(self, tracked: Tracked, worker: WorkerEntry) -> None:

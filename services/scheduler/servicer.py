@@ -17,6 +17,8 @@ from splitserve.v1 import scheduler_pb2_grpc
 from .registry import ROLE_NAMES
 from .server import SchedulerServer
 
+MAX_NAMESPACE_CHARS = 1024  # a worker's prefix_cache_namespace: its model name, dtype and block size
+
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, server: SchedulerServer, heartbeat_interval_s: float) -> None:
@@ -26,6 +28,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def Register(self, request: spb.RegisterRequest, context) -> spb.RegisterResponse:
         if request.worker.role == spb.WORKER_ROLE_UNSPECIFIED or not request.worker.instance_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a worker needs an instance id and a role")
+        if len(request.worker.prefix_cache_namespace) > MAX_NAMESPACE_CHARS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"prefix_cache_namespace is longer than {MAX_NAMESPACE_CHARS} characters")
         await _check_stats(request.stats, context)
         tls = self.server.config.cluster_auth.tls is not None
         if tls and peer_role(context) != ROLE_NAMES.get(request.worker.role):
@@ -62,7 +67,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def Heartbeat(self, request: spb.HeartbeatRequest, context) -> spb.HeartbeatResponse:
         await self._check_instance(request.instance_id, context)
         await _check_stats(request.stats, context)
-        if not self.server.registry.heartbeat(request.instance_id, request.stats, time.monotonic()):
+        cached = None
+        if request.HasField("cached_blocks"):
+            cached = request.cached_blocks.keys
+            if len(cached) > request.stats.num_blocks:  # the scheduler keeps them: bounded by the cache
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{len(cached)} cached blocks listed, more than the worker's "
+                                    f"{max(request.stats.num_blocks, 0)} KV blocks")
+        if not self.server.registry.heartbeat(request.instance_id, request.stats, time.monotonic(), cached):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown worker {request.instance_id}; register")
         leading, held = self.server.leading.is_set(), set(request.held_request_ids)
         if leading:  # reports whose own call did not get through; a standby leaves them to the leader

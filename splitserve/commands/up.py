@@ -170,6 +170,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode", type=positive_int, default=1, help="decode servers (default: 1)")
     p.add_argument("--colocated", type=positive_int, default=1,
                    help="colocated workers, in the colocated and chunked modes (default: 1)")
+    p.add_argument("--routing", choices=("kv", "least-loaded"), default="kv",
+                   help="the scheduler's prefill placement: kv (default) the server with the least "
+                        "expected time to the first token given its cached prefix, queue and load; "
+                        "least-loaded the fewest prompt tokens queued")
     p.add_argument("--no-pin", action="store_true",
                    help="do not pin workers to cores (they still get one torch thread per core of their share)")
     p.add_argument("--host", default="127.0.0.1", help="address every service binds (default: 127.0.0.1)")
@@ -256,7 +260,8 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
             worker_cpus=tuple(tuple(share) for share in shares), pin=not args.no_pin, tls_dir=tls_dir,
             own_certs=args.cluster_tls == "", redis_credentials=_redis_credentials(args),
             drain_timeout_s=args.drain_timeout, cpus=tuple(cpus),
-            scheduler_argv=tuple(adapt.scheduler_argv(args, len(cpus))), adapt=args.adapt,
+            scheduler_argv=("--routing", args.routing, *adapt.scheduler_argv(args, len(cpus))),
+            adapt=args.adapt,
             adapt_cooldown_s=args.adapt_cooldown,
             more_gateways=tuple((free_port(args.host), free_port(args.host)) for _ in range(args.gateways - 1)))
     except BaseException:  # this run's keys go with it

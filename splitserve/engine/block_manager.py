@@ -21,19 +21,31 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, salt: str | None = None) -> list[bytes]:
+def block_hashes(token_ids: Sequence[int], block_size: int, salt: str | None = None,
+                 namespace: str = "") -> list[bytes]:
     """The hash of each full block of token_ids, chained: block i's covers its tokens and block i-1's
     hash, so equal hashes mean equal prefixes. SHA-256, so a collision is not a practical concern.
 
-    A salt (vLLM's cache_salt) starts the chain, so requests with different salts never share a block.
+    The chain starts from the namespace (an engine's model, dtype and block size: KV blocks are equal
+    only under equal ones, which matters when hashes cross workers) and the salt (vLLM's cache_salt),
+    so requests with different salts never share a block.
     """
-    parent = hashlib.sha256(b"splitserve-prefix\x00" + (salt or "").encode()).digest()
+    root = b"splitserve-prefix\x00"
+    for part in (namespace.encode(), (salt or "").encode()):
+        root += struct.pack("<I", len(part)) + part
+    parent = hashlib.sha256(root).digest()
     hashes = []
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         block = token_ids[start:start + block_size]
         parent = hashlib.sha256(parent + struct.pack(f"<{block_size}I", *block)).digest()
         hashes.append(parent)
     return hashes
+
+
+def routing_key(block_hash: bytes) -> int:
+    """The 64-bit key under which a worker publishes a cached block for routing (a hint: a collision
+    only misroutes a request, the worker matches full hashes)."""
+    return int.from_bytes(block_hash[:8], "little")
 
 
 @dataclass
@@ -67,6 +79,11 @@ class BlockManager:
         self._hash_of: dict[int, bytes] = {}  # the other way round
         self._unheld: OrderedDict[int, None] = OrderedDict()  # cached, no holder: least recently used first
         self.stats = PrefixCacheStats()
+        self.version = 0  # counts changes to the set of cached hashes
+
+    def cached_keys(self) -> list[int]:
+        """The routing keys of every cached block (what a worker publishes to its schedulers)."""
+        return [routing_key(h) for h in self._cached]
 
     @property
     def num_free_blocks(self) -> int:
@@ -138,6 +155,7 @@ class BlockManager:
             if h not in self._cached and block not in self._hash_of:
                 self._cached[h] = block
                 self._hash_of[block] = h
+                self.version += 1
 
     def num_blocks_needed(self, request_id: str, num_tokens: int) -> int:
         """How many more blocks the request needs to hold num_tokens tokens."""
@@ -171,6 +189,7 @@ class BlockManager:
         self._unheld.clear()
         self._cached.clear()
         self._hash_of.clear()
+        self.version += 1
         return forgotten
 
     def _hold(self, block: int) -> None:
@@ -187,6 +206,7 @@ class BlockManager:
             else:  # evict the least recently used cached block
                 block, _ = self._unheld.popitem(last=False)
                 del self._cached[self._hash_of.pop(block)]
+                self.version += 1
             self._refs[block] = 1
             taken.append(block)
         return taken

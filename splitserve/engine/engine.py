@@ -79,6 +79,10 @@ class LLMEngine:
             raise ValueError(f"kv_cache_bytes {config.kv_cache_bytes} holds no {self.layout.bytes_per_block}-byte block")
         self.cache = KVCache(self.layout, num_blocks, config.torch_device)
         self.blocks = BlockManager(num_blocks, config.block_size)
+        # Block hashes start from it: KV blocks are equal only for an equal model, dtype and block size.
+        self.cache_namespace = (f"{self.loaded.source.name}|{config.dtype}|{config.block_size}"
+                                if config.enable_prefix_caching else "")
+        self._published: tuple[int, list[int]] = (-1, [])
         self.scheduler = Scheduler(SchedulerConfig(config.token_budget, config.max_num_seqs,
                                                          config.chunk_size), self.blocks)
         self.runner = ModelRunner(self.loaded.model, self.cache, config.torch_device)
@@ -109,7 +113,8 @@ class LLMEngine:
             raise ValueError(f"cache_salt is longer than {MAX_CACHE_SALT_CHARS} characters")
         seq = self._new_sequence(request_id, prompt_token_ids, [], params)
         if self.config.enable_prefix_caching:
-            seq.block_hashes = block_hashes(seq.prompt_token_ids, self.blocks.block_size, cache_salt)
+            seq.block_hashes = block_hashes(seq.prompt_token_ids, self.blocks.block_size, cache_salt,
+                                            self.cache_namespace)
         self.scheduler.add(seq)
         return seq
 
@@ -332,6 +337,13 @@ class LLMEngine:
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats:
         return self.blocks.stats
+
+    def published_cache(self) -> tuple[int, list[int]]:
+        """(version, the routing keys of every cached block): what the worker publishes to its
+        schedulers. The keys are listed again only when the cache changed. Call on the engine thread."""
+        if self._published[0] != self.blocks.version:
+            self._published = (self.blocks.version, self.blocks.cached_keys())
+        return self._published
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix (running requests keep their blocks); returns how many blocks."""

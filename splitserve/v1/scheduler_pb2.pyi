@@ -20,7 +20,7 @@ WORKER_ROLE_DECODE: WorkerRole
 WORKER_ROLE_COLOCATED: WorkerRole
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("instance_id", "role", "grpc_address", "model", "max_model_len", "token_budget", "max_num_seqs", "kv_layout", "kv_transport", "num_cores")
+    __slots__ = ("instance_id", "role", "grpc_address", "model", "max_model_len", "token_budget", "max_num_seqs", "kv_layout", "kv_transport", "num_cores", "prefix_cache_namespace")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class WorkerInfo(_message.Message):
     KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     NUM_CORES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: WorkerRole
     grpc_address: str
@@ -41,7 +42,8 @@ class WorkerInfo(_message.Message):
     kv_layout: _common_pb2.KvLayout
     kv_transport: _common_pb2.KvTransport
     num_cores: int
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., grpc_address: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., token_budget: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., kv_layout: _Optional[_Union[_common_pb2.KvLayout, _Mapping]] = ..., kv_transport: _Optional[_Union[_common_pb2.KvTransport, str]] = ..., num_cores: _Optional[int] = ...) -> None: ...
+    prefix_cache_namespace: str
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., grpc_address: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., token_budget: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., kv_layout: _Optional[_Union[_common_pb2.KvLayout, _Mapping]] = ..., kv_transport: _Optional[_Union[_common_pb2.KvTransport, str]] = ..., num_cores: _Optional[int] = ..., prefix_cache_namespace: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("worker", "stats", "held_request_ids")
@@ -64,18 +66,26 @@ class RegisterResponse(_message.Message):
     def __init__(self, heartbeat_interval_s: _Optional[float] = ..., leader: _Optional[bool] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("instance_id", "stats", "held_request_ids", "prefill_done", "request_done")
+    __slots__ = ("instance_id", "stats", "held_request_ids", "prefill_done", "request_done", "cached_blocks")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     HELD_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_DONE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_DONE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     stats: _common_pb2.WorkerStats
     held_request_ids: _containers.RepeatedScalarFieldContainer[str]
     prefill_done: _containers.RepeatedCompositeFieldContainer[PrefillDoneRequest]
     request_done: _containers.RepeatedCompositeFieldContainer[RequestDoneRequest]
-    def __init__(self, instance_id: _Optional[str] = ..., stats: _Optional[_Union[_common_pb2.WorkerStats, _Mapping]] = ..., held_request_ids: _Optional[_Iterable[str]] = ..., prefill_done: _Optional[_Iterable[_Union[PrefillDoneRequest, _Mapping]]] = ..., request_done: _Optional[_Iterable[_Union[RequestDoneRequest, _Mapping]]] = ...) -> None: ...
+    cached_blocks: CachedBlocks
+    def __init__(self, instance_id: _Optional[str] = ..., stats: _Optional[_Union[_common_pb2.WorkerStats, _Mapping]] = ..., held_request_ids: _Optional[_Iterable[str]] = ..., prefill_done: _Optional[_Iterable[_Union[PrefillDoneRequest, _Mapping]]] = ..., request_done: _Optional[_Iterable[_Union[RequestDoneRequest, _Mapping]]] = ..., cached_blocks: _Optional[_Union[CachedBlocks, _Mapping]] = ...) -> None: ...
+
+class CachedBlocks(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, keys: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("leader", "epoch")

@@ -42,7 +42,7 @@ def worker_info(config: WorkerConfig, role: int, grpc_address: str, engine: LLME
         model=engine.loaded.source.name, max_model_len=engine.max_model_len,
         token_budget=config.engine.token_budget, max_num_seqs=config.engine.max_num_seqs,
         kv_layout=layout_to_proto(engine.layout), kv_transport=config.kv_transport_proto,
-        num_cores=_parallelism(config.engine.device),
+        num_cores=_parallelism(config.engine.device), prefix_cache_namespace=engine.cache_namespace,
     )
 
 
@@ -110,6 +110,7 @@ class _Scheduler:
         self.channel = open_channel(address, config.cluster_auth, "scheduler")
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
         self.leader = False  # as it last said
+        self.cache_version_sent: int | None = None  # of the cached blocks it has from us; None: none
 
 
 class SchedulerLink:
@@ -117,16 +118,20 @@ class SchedulerLink:
 
     It registers with each and heartbeats to each: a standby keeps its registry warm for a takeover.
     A heartbeat carries the ids of every request this worker holds, so the leader can requeue what
-    it placed here that is gone and abort here what it does not know. Reports (PrefillDone,
+    it placed here that is gone and abort here what it does not know, and, when they changed, the
+    routing keys of every block in the prefix cache. Reports (PrefillDone,
     RequestDone) go to the leader; one whose call does not get through rides every heartbeat until
     one to the leader delivers it, and its request counts as held until then.
     """
 
-    def __init__(self, config: WorkerConfig, info: spb.WorkerInfo, stats, held, fence: Fence) -> None:
+    def __init__(self, config: WorkerConfig, info: spb.WorkerInfo, stats, held, fence: Fence,
+                 cache=None) -> None:
         # stats: async () -> WorkerStats, answered without waiting for an engine step;
         # held: () -> ids of the requests this worker holds; fence: the server's, which learns the
-        # newest epoch from the schedulers' answers too.
+        # newest epoch from the schedulers' answers too; cache: () -> (version, routing keys) of the
+        # prefix cache (EngineLoop.published_cache), None when the worker publishes none.
         self.config, self.info, self._stats, self._held, self.fence = config, info, stats, held, fence
+        self._cache = cache
         self.schedulers = [_Scheduler(address, config) for address in config.schedulers]
         self._owed: dict[tuple[str, str], Report | None] = {}  # reports not yet delivered (None: not sent yet)
         self.draining = False
@@ -163,6 +168,7 @@ class SchedulerLink:
                                               held_request_ids=self._held_ids())
                 response = await scheduler.stub.Register(request, timeout=5)
                 self._heard(scheduler, response.leader, response.epoch)
+                scheduler.cache_version_sent = None  # a new registry entry: it holds no cached blocks
                 log.info("registered", scheduler=scheduler.address, leader=response.leader,
                          instance_id=self.info.instance_id)
                 if self.draining:  # a scheduler that forgot us must not place work here again
@@ -186,6 +192,10 @@ class SchedulerLink:
             instance_id=self.info.instance_id, stats=await self._stats(), held_request_ids=self._held_ids(),
             prefill_done=[r for _, r in owed if isinstance(r, spb.PrefillDoneRequest)],
             request_done=[r for _, r in owed if isinstance(r, spb.RequestDoneRequest)])
+        version, keys = self._cache() if self._cache else (None, [])
+        if version != scheduler.cache_version_sent:
+            request.cached_blocks.SetInParent()  # set even when empty: the cache was emptied
+            request.cached_blocks.keys.extend(keys)
         try:
             response = await scheduler.stub.Heartbeat(request, timeout=5)
         except grpc.aio.AioRpcError as exc:
@@ -195,6 +205,7 @@ class SchedulerLink:
                 log.warning("heartbeat failed", scheduler=scheduler.address, code=exc.code().name)
             return
         self._heard(scheduler, response.leader, response.epoch)
+        scheduler.cache_version_sent = version
         if response.leader:
             for key, report in owed:
                 self._delivered(key, report)

@@ -58,6 +58,8 @@ class EngineLoop:
         # What snapshot(engine) returned after the latest step or call, taken on the engine thread:
         # readable at any time without waiting for a step (heartbeats must not wait seconds).
         self.snapshot: Any = snapshot(engine) if snapshot else None
+        # (version, routing keys) of the engine's cached blocks, refreshed with the snapshot.
+        self.published_cache = engine.published_cache()
         self.steps = StepStats()  # every step's wall and CPU time, by kind and batch
         self._calls: queue.Queue[_Call | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -119,6 +121,7 @@ class EngineLoop:
     def _refresh(self) -> None:
         if self._snapshot_fn:
             self.snapshot = self._snapshot_fn(self.engine)
+        self.published_cache = self.engine.published_cache()
 
     def _step(self) -> None:
         started, clock, cpu = time.time(), time.perf_counter(), time.thread_time()
