@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import statistics
 import threading
 from itertools import pairwise
@@ -21,7 +22,9 @@ from splitserve.bench import cli as bench_cli
 from splitserve.bench.loadgen.arrivals import ArrivalProcess, arrival_times
 from splitserve.bench.loadgen.client import read_sse
 from splitserve.bench.loadgen.metrics import Slo, summarize
-from splitserve.bench.loadgen.prompts import NONCE_TOKENS, PromptFactory, SharedPrefix, new_nonce
+from splitserve.bench.loadgen.prompts import (NONCE_TOKENS, PromptFactory, SharedPrefix, max_cached_tokens,
+                                              new_nonce)
+from splitserve.bench.loadgen.trace import TraceError, arrivals_at_rate, native_rate, read_trace
 from splitserve.bench.loadgen.records import RequestRecord
 from splitserve.bench.loadgen.run import prefix_cache_line
 from splitserve.bench.loadgen.sweep import sweep_goodput
@@ -214,14 +217,85 @@ def test_shared_system_prompts_are_the_only_shared_prefixes():
 
 def test_the_prefix_cache_line_sets_the_hits_beside_the_workloads_most():
     factory = PromptFactory(seed=0, shared_prefix=SharedPrefix(num_prompts=2, length=40))
-    records = [RequestRecord(i, 50, 4, 0.0, prompt_tokens=50, cached_tokens=32 if i > 1 else 0) for i in range(4)]
+    prompts = {i: factory.token_ids(i, 10) for i in range(4)}
+    records = [RequestRecord(i, 50, 4, 0.0, send_s=float(i), prompt_tokens=50,
+                             cached_tokens=32 if i > 1 else 0) for i in range(4)]
     for r in records:
         r.add_chunk(1.0)
     uses = [factory.system_prompt_of(i) for i in range(4)]
     most = (4 - len(set(uses))) * 32  # every use but each prompt's first reuses 2 full blocks of 16
-    assert prefix_cache_line(records, factory) == (f"prefix cache: 64 of 200 prompt tokens cached (32.0%); this "
-                                                   f"workload's most, 16-token blocks: {most} ({most / 200:.1%})")
-    assert prefix_cache_line([RequestRecord(0, 50, 4, 0.0)], factory) is None  # the server said nothing
+    assert prefix_cache_line(records, prompts) == (
+        f"prefix cache: 64 of 200 prompt tokens cached (32.0%); this workload's most, 16-token blocks: {most} "
+        f"({most / 200:.1%})")
+    assert prefix_cache_line([RequestRecord(0, 50, 4, 0.0)], prompts) is None  # the server said nothing
+
+
+def test_the_workloads_most_counts_leading_blocks_an_earlier_prompt_had():
+    a = list(range(100, 148))  # 3 blocks of 16
+    assert max_cached_tokens([a], 16) == 0
+    assert max_cached_tokens([a, a], 16) == 32  # the block holding the last token is computed anyway
+    assert max_cached_tokens([a, a + [7]], 16) == 48
+    assert max_cached_tokens([a, [1] + a[1:] + [7]], 16) == 0  # a prefix, not any equal block
+    assert max_cached_tokens([a + [7], a[:16] + [9] * 40], 16) == 16  # block 2 differs: the run stops
+    assert max_cached_tokens([a[:20], a + [7]], 16) == 16  # block 1 of the first was partial: not cached
+
+
+def test_a_trace_is_read_checked_and_replayed_at_any_rate(tmp_path: Path):
+    path = tmp_path / "trace.jsonl"
+    path.write_text(
+        '{"timestamp": 1000, "input_length": 1100, "output_length": 20, "hash_ids": [5, 6, 7]}\n'
+        '\n'
+        '{"timestamp": 1500, "input_length": 700, "output_length": 10, "hash_ids": [5, 6]}\n'
+        '{"timestamp": 3000, "input_length": 40, "output_length": 3, "hash_ids": [9]}\n')
+    requests = read_trace(path)
+    assert [(r.arrival_s, r.input_len, r.output_len, r.hash_ids) for r in requests] == [
+        (0.0, 1100, 20, (5, 6, 7)), (0.5, 700, 10, (5, 6)), (2.0, 40, 3, (9,))]
+    assert read_trace(path, limit=1) == requests[:1]
+    assert native_rate(requests) == 1.0  # 2 gaps over 2 s
+    assert arrivals_at_rate(requests, 4.0) == [0.0, 0.125, 0.5]
+    assert arrivals_at_rate(requests, math.inf) == [0.0] * 3
+    scaled = requests[0].scaled(0.1)
+    assert (scaled.input_len, scaled.output_len, scaled.hash_ids) == (110, 2, (5, 6, 7))
+    # Equal hash ids are equal blocks, cut to each request's length; every run draws them afresh.
+    factory = PromptFactory(seed=0, nonce=new_nonce())
+    first, second, third = (factory.trace_prompt(i, r.hash_ids, r.input_len, 512)
+                            for i, r in enumerate(requests))
+    assert (len(first), len(second), len(third)) == (1100, 700, 40)
+    assert first[:700] == second and first[700:] != second[700:] and third != first[:40]
+    assert factory.trace_prompt(3, (5,), 600, 512)[512:] != first[512:600]  # past its ids: its own tokens
+    other = PromptFactory(seed=0, nonce=new_nonce())
+    assert other.trace_prompt(0, (5, 6, 7), 1100, 512)[:16] != first[:16]
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("not json", "not JSON"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"timestamp": -1, "input_length": 5, "output_length": 1}', "timestamp"),
+    ('{"timestamp": "0", "input_length": 5, "output_length": 1}', "timestamp"),
+    ('{"timestamp": 0, "input_length": 0, "output_length": 1}', "input_length"),
+    ('{"timestamp": 0, "input_length": 5, "output_length": true}', "output_length"),
+    ('{"timestamp": 0, "input_length": 5.5, "output_length": 1}', "input_length"),
+    ('{"timestamp": 0, "input_length": 99999999999, "output_length": 1}', "input_length"),
+    ('{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [1, -2]}', "hash_ids"),
+    ('{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": "12"}', "hash_ids"),
+])
+def test_a_malformed_trace_line_is_refused_with_its_line_number(tmp_path: Path, line, fragment):
+    path = tmp_path / "trace.jsonl"
+    good = '{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [1]}'
+    path.write_text(good + "\n" + line + "\n")
+    with pytest.raises(TraceError, match=f"line 2: .*{fragment}"):
+        read_trace(path)
+
+
+def test_a_trace_out_of_order_or_empty_is_refused(tmp_path: Path):
+    path = tmp_path / "trace.jsonl"
+    path.write_text('{"timestamp": 5, "input_length": 5, "output_length": 1}\n'
+                    '{"timestamp": 4, "input_length": 5, "output_length": 1}\n')
+    with pytest.raises(TraceError, match="line 2: timestamp 4 is before"):
+        read_trace(path)
+    path.write_text("\n")
+    with pytest.raises(TraceError, match="no requests"):
+        read_trace(path)
 
 
 # -- SSE ------------------------------------------------------------------------------------------
@@ -436,6 +510,52 @@ def test_max_concurrency_holds_later_arrivals_back(tmp_path: Path):
     assert all(r["scheduled_s"] == 0 for r in records)
     for before, after in pairwise(records):
         assert after["send_s"] >= before["end_s"]
+
+
+def test_conversations_repeat_their_history_and_a_failed_turn_ends_one(tmp_path: Path):
+    out = tmp_path / "chat.json"
+    with ServerThread(FakeOpenAI(fail_nth=2)) as server:
+        assert bench("serve", "--url", server.url, "--rate", "inf", "--num-requests", "6", "--turns", "3",
+                     "--think-time", "0", "--input-len", "16", "--output-len", "4", "--output", str(out)) == 0
+    bodies = server.openai.bodies
+    records = json.loads(out.read_text())["points"][0]["records"]
+    assert [r["index"] for r in records] == list(range(6))  # 2 conversations of 3 turns
+    assert [r["input_len"] for r in records] == [16, 36, 56] * 2  # the history: prompts + 4-token replies
+    broken = [r for r in records if r["error"]]
+    # The second request received (both conversations start at once: a first turn) failed: its
+    # conversation's later turns were never sent, and count as failed.
+    assert len(bodies) == 4 and [r["error"] for r in broken] == [
+        "HTTP 400: prompt too long", *["an earlier turn of its conversation failed"] * 2]
+    assert [r["index"] % 3 for r in broken] == [0, 1, 2] and broken[1]["send_s"] is None
+    prompts = [b["prompt"] for b in bodies]
+    for later in [p for p in prompts if len(p) > 16]:  # each later turn extends an earlier one
+        earlier = next(p for p in prompts if len(p) == len(later) - 20)
+        assert later[:len(earlier)] == earlier and len(later) == len(earlier) + 20
+    assert len({tuple(p[:16]) for p in prompts}) == 2  # two conversations, fresh first turns
+
+
+def test_a_trace_replays_its_lengths_and_shared_blocks(tmp_path: Path):
+    trace, out = tmp_path / "trace.jsonl", tmp_path / "trace.json"
+    trace.write_text("".join(json.dumps({"timestamp": 100 * i, "input_length": 600 + 400 * (i % 2),
+                                         "output_length": 20, "hash_ids": [1, 2 + i % 2, 7 + i]}) + "\n"
+                             for i in range(4)))
+    with ServerThread(FakeOpenAI()) as server:
+        assert bench("serve", "--url", server.url, "--trace", str(trace), "--trace-length-scale", "0.5",
+                     "--rate", "40", "--output", str(out)) == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["trace"] == {"path": str(trace), "num_requests": 4, "block_tokens": 512,
+                                       "length_scale": 0.5, "native_rate_rps": 10.0}
+    records = sorted(data["points"][0]["records"], key=lambda r: r["index"])
+    assert [(r["input_len"], r["output_len"]) for r in records] == [(300, 10), (500, 10)] * 2
+    assert [r["scheduled_s"] for r in records] == pytest.approx([0.0, 0.025, 0.05, 0.075])
+    prompts = {len(b["prompt"]): [] for b in server.openai.bodies}
+    for body in server.openai.bodies:
+        prompts[len(body["prompt"])].append(body["prompt"])
+    # Blocks of 256 tokens: [1, 2] (the third id is past 300 tokens) twice, and [1, 3] twice.
+    (a, c), (b, d) = prompts[300], prompts[500]
+    assert a == c and b == d and a[:256] == b[:256] and a[256:] != b[256:300]
+    with pytest.raises(ValueError, match="--trace sets the lengths"):
+        bench("serve", "--url", server.url, "--trace", str(trace), "--input-len", "5")
 
 
 @pytest.mark.parametrize("backend", ["openai-chat", "grpc"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from splitserve.common.auth import api_key_from_args
 from splitserve.common.engine_args import positive_int
 from splitserve.bench.loadgen.metrics import Slo
 from splitserve.bench.loadgen.prompts import DEFAULT_TOKEN_RANGE, SharedPrefix
+from splitserve.bench.loadgen.trace import MOONCAKE_BLOCK_TOKENS, TraceRequest, native_rate, read_trace
 from splitserve.bench.loadgen.workloads import WORKLOAD_NAMES, Workload, get_workload, preset_slos
 
 BACKENDS = ("openai", "openai-chat", "grpc")
@@ -35,6 +36,36 @@ class BackendConfig:
 
 
 @dataclass(frozen=True)
+class MultiTurn:
+    """Conversations: each of `turns` requests repeats the whole history (the earlier prompts and
+    replies) before its new question, and is sent a think time after the previous reply ended."""
+
+    turns: int
+    think_s: float  # mean of the exponential think time; 0: the next turn at once
+
+
+@dataclass(frozen=True)
+class TraceReplay:
+    """A Mooncake-format trace (trace.py): arrivals, lengths and shared blocks from a file."""
+
+    path: Path
+    requests: tuple[TraceRequest, ...] = field(repr=False)
+    block_tokens: int = MOONCAKE_BLOCK_TOKENS  # tokens per hash id, before scaling
+    length_scale: float = 1.0  # input, output and block lengths are multiplied by it
+
+    @property
+    def scaled_block_tokens(self) -> int:
+        return max(1, round(self.block_tokens * self.length_scale))
+
+    def scaled_requests(self) -> list[TraceRequest]:
+        return [r.scaled(self.length_scale) for r in self.requests]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "num_requests": len(self.requests), "block_tokens": self.block_tokens,
+                "length_scale": self.length_scale, "native_rate_rps": native_rate(list(self.requests))}
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """One `bench serve` run: a single rate, or a sweep over several."""
 
@@ -49,6 +80,8 @@ class ServeConfig:
     token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE
     fixed_prompts: bool = False
     shared_prefix: SharedPrefix | None = None  # system prompts shared by requests (a prefix cache's work)
+    multi_turn: MultiTurn | None = None  # conversations; None: every request on its own
+    trace: TraceReplay | None = None  # a replayed trace, which sets arrivals, lengths and prompts
     slo: Slo = field(default_factory=Slo)
     label: str | None = None
     pause_s: float = 5.0  # between sweep points, after every request of the last one finished
@@ -58,8 +91,9 @@ class ServeConfig:
 
     def to_json(self) -> dict[str, Any]:
         local = ("backend", "output", "plot", "keep_records")
-        data = {k: v for k, v in asdict(self).items() if k not in local}
+        data = {k: v for k, v in asdict(replace(self, trace=None)).items() if k not in local}
         data["rates"] = [rate_json(r) for r in self.rates]
+        data["trace"] = self.trace.to_json() if self.trace else None
         return {**self.backend.to_json(), **data}
 
 
@@ -72,6 +106,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:  # inf allowed: --rate inf sends everything at once
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 
@@ -99,7 +140,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     load = p.add_argument_group("load")
     rate = load.add_mutually_exclusive_group()
     rate.add_argument("--rate", type=_positive_float, metavar="R", default=1.0,
-                      help="mean requests per second; 'inf' sends all at once (default: %(default)s)")
+                      help="mean requests per second; 'inf' sends all at once; a --trace is replayed "
+                           "with its timestamps stretched to this mean (default: %(default)s)")
     rate.add_argument("--rates", type=_positive_float, metavar="R", nargs="+", default=None,
                       help="a sweep: one point per rate, in the order given")
     load.add_argument("--burstiness", type=_positive_float, metavar="B", default=1.0,
@@ -107,7 +149,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                            "(default: %(default)s)")
     count = load.add_mutually_exclusive_group()
     count.add_argument("--num-requests", type=positive_int, metavar="N", default=None,
-                       help="requests per point (default: 100 unless --duration)")
+                       help="requests per point (default: 100 unless --duration; a --trace's first N, "
+                            "default all)")
     count.add_argument("--duration", type=_positive_float, metavar="S", default=None,
                        help="send arrivals for this many seconds per point instead of a fixed count")
     load.add_argument("--max-concurrency", type=positive_int, metavar="N", default=None,
@@ -154,6 +197,24 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
                         "random) then its own --input-len tokens; token-id backends only (default: none)")
     w.add_argument("--system-prompt-len", type=positive_int, default=1024, metavar="L",
                    help="tokens of each system prompt (default: %(default)s)")
+    w.add_argument("--turns", type=positive_int, default=1, metavar="T",
+                   help="multi-turn conversations of T requests: each turn's prompt is the whole history "
+                        "(earlier prompts, and replies of their output length) then its own --input-len "
+                        "tokens; conversations start at the rate divided by T, so requests arrive at about "
+                        "the rate; token-id backends only (default: 1, no conversations)")
+    w.add_argument("--think-time", type=_non_negative_float, default=1.0, metavar="S",
+                   help="mean seconds (exponential) between a turn's reply and the next turn (default: "
+                        "%(default)s)")
+    w.add_argument("--trace", type=Path, default=None, metavar="FILE.jsonl",
+                   help="replay a Mooncake-format trace (one JSON line per request: timestamp in ms, "
+                        "input_length, output_length, hash_ids of --trace-block-size blocks; equal ids are "
+                        "equal blocks) instead of --workload; each rate stretches its timestamps to that "
+                        "mean; token-id backends only")
+    w.add_argument("--trace-block-size", type=positive_int, default=MOONCAKE_BLOCK_TOKENS, metavar="N",
+                   help="tokens per hash id in the trace (default: %(default)s, Mooncake's)")
+    w.add_argument("--trace-length-scale", type=_positive_float, default=1.0, metavar="F",
+                   help="multiply the trace's input, output and block lengths by F (e.g. 0.1 for a small "
+                        "machine; the sharing between requests stays) (default: %(default)s)")
 
 
 def _add_slo_args(p: argparse.ArgumentParser) -> None:
@@ -184,11 +245,21 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     if not 0 <= lo < hi:
         raise ValueError(f"--token-range needs 0 <= LO < HI, got {lo} {hi}")
     num_requests = args.num_requests or (None if args.duration else 100)
-    shared = None
-    if args.system_prompts is not None:
-        if args.backend == "openai-chat":
-            raise ValueError("--system-prompts needs a token-id backend (openai or grpc), not openai-chat")
-        shared = SharedPrefix(args.system_prompts, args.system_prompt_len)
+    for flag, given in (("--system-prompts", args.system_prompts is not None), ("--turns", args.turns > 1),
+                        ("--trace", args.trace is not None)):
+        if given and args.backend == "openai-chat":
+            raise ValueError(f"{flag} needs a token-id backend (openai or grpc), not openai-chat")
+    shared = SharedPrefix(args.system_prompts, args.system_prompt_len) if args.system_prompts else None
+    trace = None
+    if args.trace is not None:
+        if shared or args.turns > 1 or args.input_len or args.output_len or args.workload != "fixed":
+            raise ValueError("--trace sets the lengths and shared prefixes: it takes no --workload, "
+                             "--input-len, --output-len, --system-prompts or --turns")
+        if not args.trace.is_file():
+            raise ValueError(f"--trace {args.trace}: no such file")
+        requests = read_trace(args.trace, None if args.duration else args.num_requests)
+        trace = TraceReplay(args.trace, tuple(requests), args.trace_block_size, args.trace_length_scale)
+        num_requests = None if args.duration else len(requests)
     preset_slos(args)
     return ServeConfig(
         backend=BackendConfig(args.backend, args.url, args.model, api_key_from_args(args), args.request_timeout),
@@ -196,6 +267,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         rates=tuple(args.rates or [args.rate]), burstiness=args.burstiness,
         num_requests=num_requests, duration_s=args.duration, seed=args.seed,
         max_concurrency=args.max_concurrency, token_range=(lo, hi), fixed_prompts=args.fixed_prompts,
-        shared_prefix=shared,
-        slo=Slo(args.ttft_slo, args.tpot_slo, args.attainment), label=args.label, pause_s=args.pause,
+        shared_prefix=shared, multi_turn=MultiTurn(args.turns, args.think_time) if args.turns > 1 else None,
+        trace=trace, slo=Slo(args.ttft_slo, args.tpot_slo, args.attainment), label=args.label,
+        pause_s=args.pause,
         output=args.output, plot=args.plot, keep_records=not args.no_records)

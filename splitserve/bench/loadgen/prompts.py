@@ -7,11 +7,16 @@ that starts every prompt: no two runs share a prefix, so no prefix cache can fla
 
 With a `SharedPrefix`, each prompt is one of S system prompts of L tokens (the nonce first, so
 still fresh each run) followed by the request's own question: the only prefixes requests share.
+A replayed trace's prompts are its blocks, each drawn from the nonce and its hash id (trace.py), and
+a conversation's turns repeat its history (conversations.py): the prefixes those workloads share.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
+import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 DEFAULT_TOKEN_RANGE = (1000, 30000)
@@ -40,11 +45,6 @@ class SharedPrefix:
         if self.num_prompts < 1 or self.length < 1:
             raise ValueError(f"shared prefixes need >= 1 prompt of >= 1 token, got "
                              f"{self.num_prompts} x {self.length}")
-
-    def max_cached_tokens(self, num_requests_per_prompt: list[int], block_size: int) -> int:
-        """The most prompt tokens a block-granular prefix cache can reuse: every use of a system prompt
-        but its first reuses its full blocks."""
-        return sum(max(n - 1, 0) for n in num_requests_per_prompt) * (self.length // block_size * block_size)
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,24 @@ class PromptFactory:
         rng = random.Random(f"system:{self.seed}:{self.point}:{k}")
         return self._after_nonce(rng, self.shared_prefix.length)
 
+    def trace_prompt(self, index: int, hash_ids: Sequence[int], length: int, block_tokens: int) -> list[int]:
+        """A trace request's prompt: the blocks its hash ids name (equal ids, equal tokens; all
+        fresh each run), then tokens of its own past them, cut to length."""
+        tokens: list[int] = []
+        for h in hash_ids[:-(-length // block_tokens)]:
+            rng = random.Random(f"block:{self.seed}:{self.point}:{self.nonce}:{h}")
+            tokens += self._draw(rng, block_tokens)
+        own = random.Random(f"prompt:{self.seed}:{self.point}:{index}")
+        return (tokens + self._draw(own, max(0, length - len(tokens))))[:length]
+
+    def turn(self, index: int, length: int) -> list[int]:
+        """Request index's new tokens in a conversation's later turn (its history comes first)."""
+        return self._draw(random.Random(f"turn:{self.seed}:{self.point}:{index}"), length)
+
+    def reply(self, index: int, length: int) -> list[int]:
+        """The tokens standing for request index's answer in the next turn of its conversation."""
+        return self._draw(random.Random(f"reply:{self.seed}:{self.point}:{index}"), length)
+
     def _after_nonce(self, rng: random.Random, length: int) -> list[int]:
         """length tokens: the run's nonce (cut to length), then tokens drawn from rng."""
         head = list(self.nonce[:length])
@@ -93,6 +111,25 @@ class PromptFactory:
         rng = random.Random(f"text:{self.seed}:{self.point}:{index}")
         head = ["-".join(map(str, self.nonce))] if self.nonce else []
         return " ".join(head + [rng.choice(_WORDS) for _ in range(max(1, num_words - len(head)))])
+
+
+def max_cached_tokens(prompts: Iterable[Sequence[int]], block_size: int) -> int:
+    """The most prompt tokens a prefix cache of block_size-token blocks, with room for everything,
+    reuses over these prompts sent in this order: each prompt's leading full blocks (before the one
+    holding its last token, which is always computed) that an earlier prompt had."""
+    seen: set[bytes] = set()
+    total = 0
+    for prompt in prompts:
+        keys, parent = [], b""
+        for start in range(0, len(prompt) - block_size + 1, block_size):
+            block = struct.pack(f"<{block_size}I", *prompt[start:start + block_size])
+            parent = hashlib.sha256(parent + block).digest()
+            keys.append(parent)
+        lookup = keys[:(len(prompt) - 1) // block_size]
+        hits = next((i for i, k in enumerate(lookup) if k not in seen), len(lookup))
+        total += hits * block_size
+        seen.update(keys)
+    return total
 
 
 def new_nonce(token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE) -> tuple[int, ...]:

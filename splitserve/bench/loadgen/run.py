@@ -5,6 +5,11 @@ rate of a sweep sees the same request mix; its prompts are fresh (the point numb
 nonce go into them), so no point reuses another's cached prefixes. A request is sent at its arrival
 time whether or not earlier ones have finished. A point ends when its last request has; the next
 starts after --pause seconds.
+
+A conversation (--turns) is closed-loop within itself: conversations arrive open-loop, and each turn
+is sent a think time after the previous turn's reply ended; a turn that fails ends its conversation
+(the turns left count as failed). A replayed --trace (trace.py) gives the arrivals, lengths and
+shared blocks, its timestamps stretched to each rate.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import datetime
 import json
 import math
 import sys
-from collections import Counter
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +28,11 @@ from splitserve.bench.loadgen.arrivals import ArrivalProcess, arrival_times
 from splitserve.bench.loadgen.client import Backend, Clock, RequestSpec, open_backend, send_when_due
 from splitserve.bench.loadgen.config import ServeConfig, rate_json, serve_config_from_args
 from splitserve.bench.loadgen.metrics import Report, format_report, summarize
-from splitserve.bench.loadgen.prompts import PromptFactory, new_nonce
+from splitserve.bench.loadgen.prompts import PromptFactory, max_cached_tokens, new_nonce
 from splitserve.bench.loadgen.records import RequestRecord
 from splitserve.bench.loadgen.steps import StepFigures, format_steps, point_steps
 from splitserve.bench.loadgen.sweep import sweep_goodput
+from splitserve.bench.loadgen.trace import arrivals_at_rate
 from splitserve.bench.loadgen.workloads import sample_lengths
 
 FORMAT = "splitserve-bench-serve/1"
@@ -50,6 +56,9 @@ class PointResult:
 
 
 def request_specs(config: ServeConfig, rate: float, factory: PromptFactory) -> list[RequestSpec]:
+    """Every request of a point (not conversations: their later turns are made as they go)."""
+    if config.trace is not None:
+        return trace_specs(config, rate, factory)
     times = arrival_times(ArrivalProcess(rate, config.burstiness), config.seed,
                           num_requests=config.num_requests, duration_s=config.duration_s)
     lengths = sample_lengths(config.workload, len(times), config.seed)
@@ -60,21 +69,32 @@ def request_specs(config: ServeConfig, rate: float, factory: PromptFactory) -> l
             for i, (t, (n_in, n_out)) in enumerate(zip(times, lengths))]
 
 
+def trace_specs(config: ServeConfig, rate: float, factory: PromptFactory) -> list[RequestSpec]:
+    requests = config.trace.scaled_requests()
+    times = arrivals_at_rate(requests, rate)
+    block = config.trace.scaled_block_tokens
+    return [RequestSpec(i, t, r.input_len, r.output_len,
+                        factory.trace_prompt(i, r.hash_ids, r.input_len, block))
+            for i, (t, r) in enumerate(zip(times, requests))
+            if config.duration_s is None or t < config.duration_s]
+
+
 CACHE_BLOCK_SIZE = 16  # the granularity of "the workload's most": splitserve's and vLLM's default block
 
 
-def prefix_cache_line(records: list[RequestRecord], factory: PromptFactory) -> str | None:
-    """How much of the prompts the server's prefix cache supplied, next to what this workload allows;
-    None when the server reports no cached tokens."""
+def prefix_cache_line(records: list[RequestRecord], prompts: dict[int, list[int]]) -> str | None:
+    """How much of the prompts the server's prefix cache supplied, next to the most this workload
+    allows (token-id prompts: in the order they were sent); None when the server reports no cached
+    tokens."""
     reported = [r for r in records if r.ok and r.cached_tokens is not None]
     if not reported:
         return None
     prompt = sum(r.num_prompt_tokens for r in reported)
     cached = sum(r.cached_tokens for r in reported)
     line = f"prefix cache: {cached} of {prompt} prompt tokens cached ({cached / prompt:.1%})"
-    if factory.shared_prefix is not None:
-        uses = Counter(factory.system_prompt_of(r.index) for r in reported)
-        best = factory.shared_prefix.max_cached_tokens(list(uses.values()), CACHE_BLOCK_SIZE)
+    sent = sorted((r for r in records if r.send_s is not None), key=lambda r: (r.send_s, r.index))
+    if prompts and all(isinstance(prompts.get(r.index), list) for r in sent):
+        best = max_cached_tokens([prompts[r.index] for r in sent], CACHE_BLOCK_SIZE)
         line += f"; this workload's most, {CACHE_BLOCK_SIZE}-token blocks: {best} ({best / prompt:.1%})"
     return line
 
@@ -82,20 +102,61 @@ def prefix_cache_line(records: list[RequestRecord], factory: PromptFactory) -> s
 async def run_point(config: ServeConfig, backend: Backend, rate: float, point: int) -> PointResult:
     nonce = () if config.fixed_prompts else new_nonce(config.token_range)
     factory = PromptFactory(config.seed, point, config.token_range, nonce, config.shared_prefix)
-    specs = request_specs(config, rate, factory)
-    last = specs[-1].scheduled_s if specs else 0.0
-    _progress(f"rate {rate:g} req/s: {len(specs)} requests over {last:.1f} s")
     limit = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
     before = await backend.engine_steps()
     clock = Clock()
-    records = await asyncio.gather(*(send_when_due(backend, s, clock, limit) for s in specs))
+    prompts: dict[int, list[int] | str] = {}
+    if config.multi_turn is not None:
+        records = await run_conversations(config, backend, rate, factory, clock, limit, prompts)
+    else:
+        specs = request_specs(config, rate, factory)
+        last = specs[-1].scheduled_s if specs else 0.0
+        _progress(f"rate {rate:g} req/s: {len(specs)} requests over {last:.1f} s")
+        prompts.update((s.index, s.prompt) for s in specs)
+        records = await asyncio.gather(*(send_when_due(backend, s, clock, limit) for s in specs))
     steps = []
     if before is not None:
         await asyncio.sleep(STEPS_LAG_S)
         steps = point_steps(before, await backend.engine_steps() or {})
     records = list(records)
     return PointResult(rate, nonce, summarize(records, config.slo), records, steps,
-                       prefix_cache_line(records, factory))
+                       prefix_cache_line(records, prompts))
+
+
+async def run_conversations(config: ServeConfig, backend: Backend, rate: float, factory: PromptFactory,
+                            clock: Clock, limit: asyncio.Semaphore | None,
+                            prompts: dict[int, list[int] | str]) -> list[RequestRecord]:
+    """Conversations of config.multi_turn.turns requests, starting at rate / turns per second."""
+    turns, think_s = config.multi_turn.turns, config.multi_turn.think_s
+    count = None if config.num_requests is None else -(-config.num_requests // turns)
+    starts = arrival_times(ArrivalProcess(rate / turns, config.burstiness), config.seed,
+                           num_requests=count, duration_s=config.duration_s)
+    lengths = sample_lengths(config.workload, len(starts) * turns, config.seed)
+    shared = config.shared_prefix.length if config.shared_prefix else 0
+    _progress(f"rate {rate:g} req/s: {len(starts)} conversations of {turns} turns, starting over "
+              f"{starts[-1] if starts else 0.0:.1f} s")
+
+    async def conversation(c: int, start_s: float) -> list[RequestRecord]:
+        think = random.Random(f"think:{config.seed}:{factory.point}:{c}")
+        records, history, due = [], [], start_s
+        for k in range(turns):
+            i = c * turns + k
+            n_in, n_out = lengths[i]
+            prompt = factory.token_ids(i, n_in) if k == 0 else history + factory.turn(i, n_in)
+            spec = RequestSpec(i, due, (shared if k == 0 else 0) + len(history) + n_in, n_out, prompt)
+            prompts[i] = prompt
+            if records and not records[-1].ok:  # the conversation broke: its later turns are not sent
+                record = spec.new_record()
+                record.fail("an earlier turn of its conversation failed", clock.now())
+            else:
+                record = await send_when_due(backend, spec, clock, limit)
+            records.append(record)
+            history = prompt + factory.reply(i, n_out)
+            due = clock.now() + (think.expovariate(1 / think_s) if think_s > 0 else 0.0)
+        return records
+
+    done = await asyncio.gather(*(conversation(c, t) for c, t in enumerate(starts)))
+    return sorted((r for records in done for r in records), key=lambda r: r.index)
 
 
 async def run_sweep(config: ServeConfig) -> tuple[str, list[PointResult]]:
