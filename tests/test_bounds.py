@@ -359,8 +359,8 @@ class FakeCall:
                          ids=["more bytes", "empty chunks"])
 def test_a_peer_sending_more_than_the_handle_says_fails_the_pull(chunks) -> None:
     with pytest.raises(KvPullError):
-        asyncio.run(_receive(FakeCall(chunks), pb.KvHandle(request_id="r1", num_bytes=8)))
-    assert bytes(asyncio.run(_receive(FakeCall([b"abcd", b"efgh"]), pb.KvHandle(num_bytes=8)))) == b"abcdefgh"
+        asyncio.run(_receive(FakeCall(chunks), "r1", 8))
+    assert bytes(asyncio.run(_receive(FakeCall([b"abcd", b"efgh"]), "r1", 8))) == b"abcdefgh"
 
 
 # -- the decode server's Submit -------------------------------------------------------------------

@@ -199,6 +199,21 @@ def test_a_repeated_prompt_reuses_its_cached_prefix_within_its_salt(ucx_cluster)
         time.sleep(0.5)
 
 
+def test_the_next_turn_of_a_conversation_pulls_only_the_blocks_its_decode_server_lacks(ucx_cluster):
+    """Decode-side reuse: the decode server keeps a finished request's blocks, its output's too, and
+    the next turn (the whole conversation, then a new question) pulls only the blocks past them."""
+    first = [random.randrange(1000, 40000) for _ in range(100)]  # this test's own: cached nowhere
+    reply, last = _generate_ids(ucx_cluster.grpc_address, first, 8)
+    assert last.timeline.kv_transfer_bytes % 7 == 0  # 100 tokens: 7 blocks pulled
+    block_bytes = last.timeline.kv_transfer_bytes // 7
+    second = first + reply + [random.randrange(1000, 40000) for _ in range(40)]  # 148 tokens: 10 blocks
+    _, last = _generate_ids(ucx_cluster.grpc_address, second, 8)
+    # The prefill server had the first prompt's 6 full blocks; the decode server had 6 full blocks of
+    # the 107 tokens whose KV it held (the 8th output's never computed), so it pulled 4.
+    assert last.usage.cached_prompt_tokens == 96
+    assert last.timeline.kv_transfer_bytes == 4 * block_bytes
+
+
 def test_reset_prefix_cache_empties_every_workers_cache(grpc_cluster):
     """vLLM's POST /reset_prefix_cache, through the scheduler to the prefill worker, under mutual TLS."""
     prompt = [random.randrange(1000, 40000) for _ in range(100)]

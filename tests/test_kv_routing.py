@@ -107,3 +107,22 @@ def test_draining_and_full_servers_are_skipped_whatever_they_hold():
     assert _route(reg, _tracked()) == ("p-b", 0)
     a.full, a.draining = False, True
     assert _route(reg, _tracked()) == ("p-b", 0)
+
+
+def test_a_turn_goes_to_the_decode_server_holding_its_conversation_if_the_rest_fits():
+    reg = Registry()
+    a = _worker(reg, "d-a", role=spb.WORKER_ROLE_DECODE)
+    b = _worker(reg, "d-b", role=spb.WORKER_ROLE_DECODE)
+    handle = pb.KvHandle(layout=LAYOUT, num_tokens=len(PROMPT))  # + the first decode slot: 11 blocks
+    reg.heartbeat("d-a", pb.WorkerStats(num_blocks=100, num_free_blocks=5), now=1.0,
+                  cached_keys=_keys(PROMPT)[:7])
+    reg.heartbeat("d-b", pb.WorkerStats(num_blocks=100, num_free_blocks=50), now=1.0)
+
+    def route(keys=_tracked().prefix_keys):
+        worker, cached = reg.route_decode(handle, keys)
+        return worker.instance_id, cached
+
+    assert route() == ("d-a", 7)  # 5 free + 7 cached hold the 11 blocks it needs
+    assert route(None) == ("d-b", 0) and reg.pick_decode(handle) is b  # least-loaded: the most free
+    a.pending_blocks = 2  # requests sent its way since: 3 + 7 < 11
+    assert route() == ("d-b", 0)

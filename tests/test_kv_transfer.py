@@ -29,7 +29,7 @@ from splitserve.bench.kv_serve import (
     start_kv_servers,
 )
 from splitserve.common.auth import NO_AUTH
-from splitserve.kv_transfer.base import KvPermissionDenied, KvPuller, KvPullError
+from splitserve.kv_transfer.base import InvalidKvHandle, KvPermissionDenied, KvPuller, KvPullError
 from splitserve.kv_transfer.factory import make_kv_puller, make_kv_server, transport_name, transport_value
 from splitserve.kv_transfer.grpc import CHUNK_BYTES, GrpcKvPuller, GrpcKvServer
 from splitserve.kv_transfer.ucx import UcxKvPuller, UcxKvServer, _Header, _PullRequest, _Status, split_address
@@ -47,12 +47,12 @@ SIZES = [1, 1000, 3 * CHUNK_BYTES + 5]
 class BalancedSource(SyntheticKvSource):
     """A SyntheticKvSource that signals whenever every pin it handed out has been closed."""
 
-    def __init__(self, sizes: list[int], capability: str = "") -> None:
-        super().__init__({payload_id(n): make_payload(n) for n in sizes}, capability)
+    def __init__(self, sizes: list[int], capability: str = "", block_bytes: int | None = None) -> None:
+        super().__init__({payload_id(n): make_payload(n) for n in sizes}, capability, block_bytes)
         self.balanced = asyncio.Event()
 
-    async def open(self, request_id: str, capability: str) -> memoryview | None:
-        payload = await super().open(request_id, capability)
+    async def open(self, request_id: str, capability: str, first_block: int = 0) -> memoryview | None:
+        payload = await super().open(request_id, capability, first_block)
         if payload is not None:
             self.balanced.clear()
         return payload
@@ -104,6 +104,34 @@ async def served(request) -> AsyncIterator[Served]:
     puller = make_kv_puller(request.param, NO_AUTH)
     try:
         yield Served(source, servers, puller, request.param)
+    finally:
+        await puller.close()
+        await servers.stop()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@module_loop
+async def test_a_pull_from_a_later_block_gets_only_the_blocks_from_there(transport: str) -> None:
+    """A decode server with a prefix cached pulls the rest: exactly the bytes from that block on. A
+    first block past the request's (the handle lies about its size) is refused by the server, one
+    past the handle's by the puller, and neither leaves a pin."""
+    source = BalancedSource([4000], block_bytes=1000)
+    servers = await start_kv_servers("127.0.0.1", source)
+    puller = make_kv_puller(transport, NO_AUTH)
+    try:
+        handle = make_handle(transport, servers.info, 4000)
+        handle.block_ids.extend(range(4))
+        for first in (0, 1, 3):
+            pulled = await puller.pull(handle, first)
+            assert bytes(pulled) == make_payload(4000)[first * 1000:].tobytes()
+        handle.block_ids.extend(range(4, 8))
+        handle.num_bytes = 8000
+        with pytest.raises(InvalidKvHandle):
+            await puller.pull(handle, 5)  # the server holds 4 blocks
+        with pytest.raises(InvalidKvHandle):
+            await puller.pull(handle, 8)  # the handle names 8: nothing is asked
+        await source.wait_balanced()
+        assert source.num_opens == 3
     finally:
         await puller.close()
         await servers.stop()

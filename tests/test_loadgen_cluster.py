@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from splitserve.bench.loadgen.metrics import summarize
 from splitserve.bench.loadgen.records import RequestRecord
+from splitserve.bench.loadgen.run import STEPS_LAG_S
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def test_bench_serve_point_against_the_cluster(ucx_cluster, tmp_path: Path):
     out = tmp_path / "point.json"
+    # Earlier tests' steps reach /metrics with the workers' heartbeats: let them land before the
+    # point's first scrape, so that the point's figures are its own.
+    time.sleep(STEPS_LAG_S)
     argv = [sys.executable, "-m", "splitserve.cli", "bench", "serve", "--url", ucx_cluster.http_url,
             "--num-requests", "4", "--rate", "4", "--input-len", "32", "--output-len", "8", "--seed", "3",
             "--ttft-slo", "5", "--tpot-slo", "1", "--label", "disaggregated", "--output", str(out)]
@@ -50,3 +56,9 @@ def test_bench_serve_point_against_the_cluster(ucx_cluster, tmp_path: Path):
     assert 7 <= sum(f["steps"] for f in by_kind["decode"]) <= 28  # 4 x 7 tokens, batched or not
     assert all(f["mean_ms"] > 0 and 0 < f["cpu_share"] <= 1.05 for f in steps)
     assert "engine steps in the workers" in done.stdout
+    # The KV the decode server pulled, from the gateway's kv_transfer_bytes: at least the 4 requests'
+    # (earlier tests' requests may end during the point too).
+    pulled = re.fullmatch(r"KV pulled: [0-9.]+ MB for (\d+) requests \(([0-9.]+) kB per request\)",
+                          point["kv_pulled"])
+    assert pulled and int(pulled[1]) >= 4 and float(pulled[2]) > 0
+    assert point["kv_pulled"] in done.stdout

@@ -120,3 +120,50 @@ def test_a_prefill_server_keeps_released_blocks_cached(model_fp32, system_prompt
     assert eng.sequences["r2"].num_cached_tokens == 224 and plain.sequences["r2"].num_cached_tokens == 0
     cached, computed = eng.export_kv("r2"), plain.export_kv("r2")
     assert (cached - computed).abs().max() < 1e-3
+
+
+def disaggregated_turn(prefill: LLMEngine, decode: LLMEngine, rid: str, prompt: list[int],
+                       **kwargs) -> tuple[list[int], int]:
+    """One request through a prefill engine and a decode engine, the decode pulling only the blocks
+    its prefix cache lacks: (its tokens, the blocks pulled)."""
+    prefill.add_request(rid, prompt, greedy(), **kwargs)
+    [first] = prefill.step()
+    table = decode.reserve(rid, prompt, [first.token_id], greedy(), **kwargs)
+    reused = decode.sequences[rid].num_cached_tokens // decode.blocks.block_size
+    pulled = len(table) - reused
+    decode.import_kv(rid, prefill.export_kv(rid, reused))
+    prefill.release(rid)
+    seq = decode.sequences[rid]
+    while decode.has_work:
+        decode.step()
+    assert seq.state is RequestState.FINISHED
+    return seq.output_token_ids, pulled
+
+
+def test_a_decode_engine_keeps_a_finished_turn_and_the_next_pulls_only_the_rest(model_fp32, system_prompt,
+                                                                               questions):
+    """Multi-turn: the next turn's prompt repeats the whole conversation. The decode engine that ran
+    the last turn kept its blocks, outputs included (all but the last token's, never computed), so
+    the next turn pulls only the blocks past them, with the same greedy tokens as a full pull."""
+    prefill, decode = engine(model_fp32, role=EngineRole.PREFILL), engine(model_fp32, role=EngineRole.DECODE)
+    turn1, pulled = disaggregated_turn(prefill, decode, "t1", system_prompt)
+    assert pulled == 13  # 200 tokens: every block
+    assert decode.blocks.num_cached_blocks == (200 + NEW_TOKENS - 1) // 16  # 12: 205 tokens with KV
+    turn2 = system_prompt + turn1 + questions[0]  # 236 tokens
+    fresh = engine(model_fp32, role=EngineRole.PREFILL), engine(model_fp32, role=EngineRole.DECODE)
+    expected, full = disaggregated_turn(*fresh, "u2", turn2)
+    assert full == 15
+    tokens, pulled = disaggregated_turn(prefill, decode, "t2", turn2)
+    assert (tokens, pulled) == (expected, 15 - 12)
+    assert (decode.prefix_cache_stats.queries, decode.prefix_cache_stats.hits) == (200 + 236, 12 * 16)
+    # Another tenant's salt shares none of it: a full pull.
+    assert disaggregated_turn(prefill, decode, "s2", turn2, cache_salt="other")[1] == 15
+
+
+def test_a_pull_past_the_request_s_blocks_is_refused(model_fp32, system_prompt):
+    prefill = engine(model_fp32, role=EngineRole.PREFILL)
+    prefill.add_request("r", system_prompt, greedy())
+    prefill.step()
+    assert prefill.export_kv("r", 12).shape[2] == 1  # the last of 13 blocks
+    with pytest.raises(ValueError, match="holds 13 blocks"):
+        prefill.export_kv("r", 13)

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from splitserve.bench.loadgen.steps import StepFigures, parse_steps, point_steps
+from splitserve.bench.loadgen.steps import (StepFigures, format_kv_pulled, parse_kv_pulled, parse_steps,
+                                            point_steps)
 from splitserve.common.step_stats import (
     BATCH_CLASSES,
     STEP_BUCKETS,
@@ -84,6 +85,19 @@ def test_the_gateway_exports_what_bench_serve_reads_back():
     assert point_steps(before, restarted) == [StepFigures("colocated-0", "colocated", "decode", "2", 1, 0.01, 0.01, 2)]
     assert parse_steps("# HELP vllm:num_requests_running x\n# TYPE vllm:num_requests_running gauge\n"
                        "vllm:num_requests_running 0.0\n") is None
+
+
+def test_bench_serve_reads_the_kv_pulled_per_request():
+    metrics = GatewayMetrics()
+    before = parse_kv_pulled(metrics.render().decode())
+    assert before == (0, 0.0)
+    for num_bytes in (368_640, 1_105_920):  # one block, three blocks of the default model
+        metrics.observe_timeline(pb.Timeline(kv_transfer_bytes=num_bytes))
+    metrics.observe_timeline(pb.Timeline())  # a colocated request: nothing pulled
+    after = parse_kv_pulled(metrics.render().decode())
+    assert after == (2, 1_474_560.0)
+    assert format_kv_pulled(before, after) == "KV pulled: 1.5 MB for 2 requests (737.3 kB per request)"
+    assert format_kv_pulled(after, after) is None
 
 
 def test_the_engine_records_what_each_step_ran(model_bf16):

@@ -33,7 +33,7 @@ async def serve(config: WorkerConfig) -> int:
     decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(server), grpc_server)
     address = advertised_address(config, port)
     link = SchedulerLink(config, worker_info(config, spb.WORKER_ROLE_DECODE, address, engine), server.stats,
-                         server.held, server.fence)
+                         server.held, server.fence, lambda: server.loop.published_cache)
     server.link = link
     server.loop.start()
     await puller.start()

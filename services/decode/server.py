@@ -60,6 +60,7 @@ class Admitted:
 
     submit: decode_pb2.DecodeRequest
     num_emitted: int = 0  # output tokens sent so far (the prefill server sent the first)
+    first_block: int = 0  # the prompt's blocks before this one came from the prefix cache: not pulled
 
     @property
     def request(self) -> pb.QueuedRequest:
@@ -156,8 +157,14 @@ class DecodeServer:
         admitted = self.requests[rid]
         submit, params = admitted.submit, sampling_from_proto(admitted.request.sampling)
         prompt, output = list(submit.request.prompt_token_ids), list(submit.output_token_ids)
+        salt = submit.request.cache_salt or None
+
+        def reserve(e: LLMEngine) -> int:
+            e.reserve(rid, prompt, output, params, salt)
+            return e.sequences[rid].num_cached_tokens // e.blocks.block_size
+
         try:
-            await self.loop.call(lambda e: e.reserve(rid, prompt, output, params))
+            admitted.first_block = await self.loop.call(reserve)
         except OutOfBlocks:
             return False
         except ValueError as exc:
@@ -179,7 +186,7 @@ class DecodeServer:
         timeline, handle = admitted.request.timeline, admitted.submit.kv
         timeline.kv_transfer_start = time.time()
         try:
-            await self._pull_into_cache(rid, admitted)
+            pulled = await self._pull_into_cache(rid, admitted)
         except Exception as exc:  # any failure fails this pull, never the server
             # The KV is gone or out of reach (its prefill server left, its lease ran out): the
             # request runs again from its prompt; the scheduler gives up after a few tries.
@@ -193,19 +200,21 @@ class DecodeServer:
             await self._acknowledge(handle)
             return
         timeline.kv_transfer_end = time.time()
-        timeline.kv_transfer_bytes = handle.num_bytes
+        timeline.kv_transfer_bytes = pulled
         await self._acknowledge(handle)
 
-    async def _pull_into_cache(self, rid: str, admitted: Admitted) -> None:
+    async def _pull_into_cache(self, rid: str, admitted: Admitted) -> int:
+        """Pull the blocks the prefix cache lacks into the reserved ones; returns the bytes pulled."""
         handle = admitted.submit.kv
-        payload = await self.puller.pull(handle)
+        payload = await self.puller.pull(handle, admitted.first_block)
         if self.requests.get(rid) is not admitted:  # its reservation was freed meanwhile
-            return
+            return payload.nbytes
         layout = self.loop.engine.layout
         blocks = torch.frombuffer(payload, dtype=torch.uint8).view(layout.dtype).view(
-            layout.export_shape(len(handle.block_ids)))
+            layout.export_shape(len(handle.block_ids) - admitted.first_block))
         # On the engine thread, after abort()'s free if one was queued first: import_kv then refuses.
         await self.loop.call(lambda e: e.import_kv(rid, blocks))
+        return payload.nbytes
 
     async def _acknowledge(self, handle: pb.KvHandle) -> None:
         """Tell the prefill server its blocks were pulled, so it frees them (its lease is the backstop)."""

@@ -22,7 +22,7 @@ from splitserve.common.service import Background, Progress
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.kv_cache import export_bytes
 from splitserve.engine.request import StepOutput
-from splitserve.kv_transfer.base import check_capability
+from splitserve.kv_transfer.base import check_capability, pull_size
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
 from splitserve.worker.common import (
@@ -191,15 +191,16 @@ class PrefillServer:
 
     # -- KvSource, for the transports ----------------------------------------------------------
 
-    async def open(self, request_id: str, capability: str) -> memoryview | None:
+    async def open(self, request_id: str, capability: str, first_block: int = 0) -> memoryview | None:
         held = self.requests.get(request_id)
         if held is None or held.handle is None:
             return None
         check_capability(held.request.kv_capability, capability, request_id)
+        pull_size(held.handle, first_block)  # InvalidKvHandle when it names no block held
         held.pins += 1
         try:
             # Off the engine thread: a pinned request's blocks are written by no one until released.
-            blocks = await asyncio.to_thread(self.loop.engine.export_kv, request_id)
+            blocks = await asyncio.to_thread(self.loop.engine.export_kv, request_id, first_block)
         except BaseException:  # cancelled pulls too: a pin left behind would hold the blocks forever
             held.pins -= 1
             raise

@@ -19,9 +19,11 @@
   there too. Ties go to the fewer requests. Room counts the tokens still to compute.
 - Colocated workers (the baseline mode) are placed exactly like prefill servers; a request stays
   with its worker to the end.
-- Decode: the decode server with the most free KV blocks after what was already sent its way since
-  its last heartbeat, then the fewest running requests. It may have no room yet: it queues the
-  request and admits it when blocks free up.
+- Decode: with KV-aware routing, the decode server holding the longest cached prefix of the prompt
+  (a conversation's earlier turns, kept when they finished) among those with room for the rest: it
+  pulls only the blocks it lacks. Then, and with least-loaded routing, the most free KV blocks after
+  what was already sent its way since its last heartbeat, then the fewest running requests. It may
+  have no room yet: it queues the request and admits it when blocks free up.
 - A draining worker (shutting down) is placed nothing new; it finishes or hands back what it has.
 - A worker that refused a request as overloaded (RESOURCE_EXHAUSTED: a decode server's waiting
   queue is full, or its gRPC server is at its concurrency limit) is placed nothing new until its
@@ -33,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from splitserve.engine.block_manager import blocks_for
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
 
@@ -192,7 +195,27 @@ class Registry:
 
     def pick_decode(self, handle: pb.KvHandle) -> WorkerEntry | None:
         """The decode server with the most free blocks (then the least load) that can take handle."""
+        route = self.route_decode(handle)
+        return None if route is None else route[0]
+
+    def route_decode(self, handle: pb.KvHandle, prefix_keys: Callable[[WorkerEntry], list[int]] | None = None
+                     ) -> tuple[WorkerEntry, int] | None:
+        """The decode server for handle, and how many of its blocks that server has cached.
+
+        With prefix_keys (KV-aware routing), among the servers with room for the blocks they lack,
+        the one holding the longest prefix of the prompt (a conversation's earlier turns): it pulls
+        only the rest. Then, and otherwise, the most free blocks, then the least load.
+        """
         able = [w for w in self.takers(spb.WORKER_ROLE_DECODE) if not w.full
                 and w.info.kv_layout == handle.layout and w.info.kv_transport == handle.transport]
-        return max(able, key=lambda w: (w.stats.num_free_blocks - w.pending_blocks,
-                                        -(w.stats.num_running + w.stats.num_waiting)), default=None)
+        needed = blocks_for(handle.num_tokens + 1, handle.layout.block_size)
+        best = None
+        for worker in able:
+            cached = worker.cached_blocks(prefix_keys(worker)) if prefix_keys else 0
+            free = worker.stats.num_free_blocks - worker.pending_blocks
+            if free + cached < needed:
+                cached = 0  # no room for the rest now: its prefix does not count
+            key = (cached, free, -(worker.stats.num_running + worker.stats.num_waiting))
+            if best is None or key > best[0]:
+                best = (key, worker, cached)
+        return None if best is None else (best[1], best[2])

@@ -456,7 +456,9 @@ class SchedulerServer:
 
     def _assign_decode(self, tracked: Tracked) -> bool:
         """Send a prefilled request to a decode server; False when none can take it yet."""
-        worker = self.registry.pick_decode(tracked.done.kv)
+        kv_aware = self.config.routing == "kv"
+        choice = self.registry.route_decode(tracked.done.kv, tracked.prefix_keys if kv_aware else None)
+        worker, cached = choice if choice is not None else (None, 0)
         if worker is None and not self.registry.takers(spb.WORKER_ROLE_DECODE) and self.registry.takers(
                 spb.WORKER_ROLE_COLOCATED):
             # No decode server will come back (a switch to colocated workers): run it again there.
@@ -468,8 +470,10 @@ class SchedulerServer:
             return False
         kv = tracked.done.kv
         tracked.stage, tracked.decode_id = Stage.DECODE, worker.instance_id
-        worker.pending_blocks += blocks_for(kv.num_tokens + 1, kv.layout.block_size)
+        worker.pending_blocks += blocks_for(kv.num_tokens + 1, kv.layout.block_size) - cached
         worker.assigned[tracked.request_id] = tracked.num_prompt_tokens
+        if kv_aware:  # cached there once it finished: the conversation's next turn goes there too
+            worker.routed[tracked.request_id] = tracked.prefix_keys(worker)
         # Built now: by the time the task runs, a hand-back may have reset tracked.
         submit = decode_pb2.DecodeRequest(request=tracked.request, kv=kv,
                                           output_token_ids=tracked.done.output_token_ids)

@@ -28,7 +28,7 @@ from splitserve.common.logging import configure_logging
 from splitserve.common.auth import NO_AUTH, ClusterAuth
 from splitserve.common.certs import ClusterTLS, load_cluster_tls
 from splitserve.common.rpc import bind, make_server
-from splitserve.kv_transfer.base import KvSource, check_capability
+from splitserve.kv_transfer.base import InvalidKvHandle, KvSource, check_capability
 from splitserve.kv_transfer.grpc import GrpcKvServer
 from splitserve.kv_transfer.ucx import UcxKvServer
 from splitserve.v1 import prefill_pb2_grpc
@@ -68,21 +68,27 @@ class ServeStats:
 
 class SyntheticKvSource:
     """A KvSource over fixed payloads that counts its pins; each payload's capability is
-    `capability` (the empty one by default, which benchmark handles present)."""
+    `capability` (the empty one by default, which benchmark handles present). A payload is blocks
+    of block_bytes (None: one block) for pulls that start past its first."""
 
-    def __init__(self, payloads: dict[str, np.ndarray], capability: str = "") -> None:
+    def __init__(self, payloads: dict[str, np.ndarray], capability: str = "",
+                 block_bytes: int | None = None) -> None:
         self._payloads = payloads
         self._capability = capability
+        self._block_bytes = block_bytes
         self.num_opens = 0
         self.num_closes = 0
 
-    async def open(self, request_id: str, capability: str) -> memoryview | None:
+    async def open(self, request_id: str, capability: str, first_block: int = 0) -> memoryview | None:
         payload = self._payloads.get(request_id)
         if payload is None:
             return None
         check_capability(self._capability, capability, request_id)
+        block_bytes = self._block_bytes or payload.nbytes
+        if not 0 <= first_block < max(1, payload.nbytes // block_bytes):
+            raise InvalidKvHandle(f"{request_id}: no block {first_block}")
         self.num_opens += 1
-        return memoryview(payload)
+        return memoryview(payload[first_block * block_bytes:])
 
     def close(self, request_id: str) -> None:
         self.num_closes += 1

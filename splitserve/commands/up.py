@@ -99,6 +99,7 @@ class ClusterConfig:
     drain_timeout_s: float = 30.0  # on stop, what the scheduler and workers get to finish their work
     cpus: tuple[int, ...] = ()  # every core the workers may use (--cpus, or all)
     scheduler_argv: tuple[str, ...] = ()  # planning flags (--adapt)
+    decode_prefix_caching: bool = True  # decode servers keep finished requests' blocks for the next turn
     adapt: bool = False  # follow the scheduler's placement recommendations
     adapt_cooldown_s: float = 60.0
     restart: RestartPolicy = RestartPolicy()  # for services that exit on their own
@@ -174,6 +175,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the scheduler's prefill placement: kv (default) the server with the least "
                         "expected time to the first token given its cached prefix, queue and load; "
                         "least-loaded the fewest prompt tokens queued")
+    p.add_argument("--no-decode-prefix-caching", action="store_true",
+                   help="decode servers keep no finished request's blocks, so each turn of a conversation "
+                        "pulls its whole prompt (measures what decode-side reuse saves; default: they keep "
+                        "them)")
     p.add_argument("--no-pin", action="store_true",
                    help="do not pin workers to cores (they still get one torch thread per core of their share)")
     p.add_argument("--host", default="127.0.0.1", help="address every service binds (default: 127.0.0.1)")
@@ -261,7 +266,7 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
             own_certs=args.cluster_tls == "", redis_credentials=_redis_credentials(args),
             drain_timeout_s=args.drain_timeout, cpus=tuple(cpus),
             scheduler_argv=("--routing", args.routing, *adapt.scheduler_argv(args, len(cpus))),
-            adapt=args.adapt,
+            adapt=args.adapt, decode_prefix_caching=not args.no_decode_prefix_caching,
             adapt_cooldown_s=args.adapt_cooldown,
             more_gateways=tuple((free_port(args.host), free_port(args.host)) for _ in range(args.gateways - 1)))
     except BaseException:  # this run's keys go with it
@@ -380,6 +385,8 @@ class Cluster:
         if c.pin:
             placement += ["--cpus", format_cpus(list(cpus))]
         chunking = ["--chunk-size", str(c.chunk_size)] if c.chunk_size and role == "colocated" else []
+        if role == "decode" and not c.decode_prefix_caching:
+            chunking.append("--no-prefix-caching")
         self._spawn(name, [role, "--redis-url", self.redis_url, "--drain-timeout", str(c.drain_timeout_s),
                            "--scheduler", self.scheduler_address, "--host", c.host, "--port", "0",
                            "--kv-transport", c.kv_transport, *c.engine_argv, *engine_argv, *placement,

@@ -112,11 +112,16 @@ class LLMEngine:
         if cache_salt is not None and len(cache_salt) > MAX_CACHE_SALT_CHARS:
             raise ValueError(f"cache_salt is longer than {MAX_CACHE_SALT_CHARS} characters")
         seq = self._new_sequence(request_id, prompt_token_ids, [], params)
-        if self.config.enable_prefix_caching:
-            seq.block_hashes = block_hashes(seq.prompt_token_ids, self.blocks.block_size, cache_salt,
-                                            self.cache_namespace)
+        seq.cache_salt = cache_salt
+        seq.block_hashes = self._hashes(seq.prompt_token_ids, cache_salt)
         self.scheduler.add(seq)
         return seq
+
+    def _hashes(self, tokens: list[int], cache_salt: str | None) -> list[bytes]:
+        """The chained hashes of tokens' full blocks; none when the engine caches no prefixes."""
+        if not self.config.enable_prefix_caching:
+            return []
+        return block_hashes(tokens, self.blocks.block_size, cache_salt, self.cache_namespace)
 
     def _new_sequence(self, request_id: str, prompt: list[int], output: list[int],
                       params: SamplingParams) -> Sequence:
@@ -334,6 +339,15 @@ class LLMEngine:
         num_full = seq.num_computed_tokens // self.blocks.block_size
         self.blocks.cache(seq.request_id, seq.block_hashes[:num_full])
 
+    def _cache_finished(self, seq: Sequence) -> None:
+        """Offer a finished request's full blocks, its output's too, to the prefix cache: the next
+        turn of a conversation repeats them (a decode or colocated engine; a prefill engine's
+        outputs never had their KV computed here)."""
+        if self.config.role is EngineRole.PREFILL or not self.config.enable_prefix_caching:
+            return
+        written = seq.prompt_token_ids + seq.output_token_ids[:-1]  # the last token's KV is never computed
+        self.blocks.cache(seq.request_id, self._hashes(written, seq.cache_salt))
+
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats:
         return self.blocks.stats
@@ -369,6 +383,7 @@ class LLMEngine:
             seq.finish_reason = reason
             if seq in self.scheduler.running:
                 self.scheduler.running.remove(seq)
+            self._cache_finished(seq)
             self._retire(seq, RequestState.FINISHED)
         return StepOutput(seq.request_id, token, reason, num_cached_tokens=seq.num_cached_tokens)
 
@@ -383,13 +398,18 @@ class LLMEngine:
 
     # -- disaggregation -------------------------------------------------------------------------
 
-    def export_kv(self, request_id: str) -> torch.Tensor:
-        """The KV blocks of a prefilled (KV_READY) request, as one contiguous tensor."""
+    def export_kv(self, request_id: str, first_block: int = 0) -> torch.Tensor:
+        """The KV blocks of a prefilled (KV_READY) request from its first_block-th on (the puller has
+        the earlier ones cached), as one contiguous tensor."""
         seq = self.sequences.get(request_id)
         if seq is None or seq.state is not RequestState.KV_READY:
             state = seq.state.value if seq else "unknown, released, or finished at its first token"
             raise ValueError(f"request {request_id!r} holds no KV blocks to export ({state})")
-        return self.cache.export(self.blocks.block_table(request_id))
+        table = self.blocks.block_table(request_id)
+        if not 0 <= first_block < len(table):
+            raise ValueError(f"request {request_id!r} holds {len(table)} blocks; a pull from block "
+                             f"{first_block} takes none")
+        return self.cache.export(table[first_block:])
 
     def release(self, request_id: str) -> None:
         """Free a KV_READY request once its blocks have been pulled (or its lease ran out).
@@ -404,33 +424,44 @@ class LLMEngine:
         self._retire(seq, RequestState.FINISHED)
 
     def reserve(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
-                params: SamplingParams) -> list[int]:
+                params: SamplingParams, cache_salt: str | None = None) -> list[int]:
         """Reserve destination blocks for a request whose prompt was prefilled elsewhere.
 
         output_token_ids holds what was sampled there (at least the first token). Raises OutOfBlocks
         when there is no room now (the caller retries later), ValueError when there never will be.
+        With prefix caching the table starts with the cached blocks of the prompt's longest cached
+        prefix (under cache_salt; never the block of its last token): those need no pull, and
+        seq.num_cached_tokens says how many tokens they hold.
         """
         if not output_token_ids:
             raise ValueError("reserve() needs the token(s) sampled at prefill")
+        if cache_salt is not None and len(cache_salt) > MAX_CACHE_SALT_CHARS:
+            raise ValueError(f"cache_salt is longer than {MAX_CACHE_SALT_CHARS} characters")
         if len(self.scheduler.running) + self._num_transferring >= self.config.max_num_seqs:
             raise OutOfBlocks(f"the decode batch is full ({self.config.max_num_seqs} sequences)")
-        num_cached = len(prompt_token_ids)
-        if not self.blocks.can_allocate(num_cached + 1):  # + the slot the first decode step writes
-            raise OutOfBlocks(f"{num_cached} tokens do not fit {self.blocks.num_free_blocks} free blocks")
+        num_prompt = len(prompt_token_ids)
+        hashes = self._hashes(prompt_token_ids, cache_salt)
+        lookup = hashes[:(num_prompt - 1) // self.blocks.block_size]
+        if not self.blocks.can_allocate(num_prompt + 1, lookup):  # + the slot the first decode step writes
+            raise OutOfBlocks(f"{num_prompt} tokens do not fit {self.blocks.num_free_blocks} free blocks")
         seq = self._new_sequence(request_id, prompt_token_ids, output_token_ids, params)
+        seq.cache_salt, seq.block_hashes = cache_salt, hashes
+        seq.num_cached_tokens = len(self.blocks.cached_prefix(lookup)) * self.blocks.block_size
         seq.transition(RequestState.TRANSFERRING)
-        return self.blocks.allocate(request_id, num_cached)
+        return self.blocks.allocate(request_id, num_prompt, lookup)
 
     @property
     def _num_transferring(self) -> int:
         return sum(s.state is RequestState.TRANSFERRING for s in self.sequences.values())
 
     def import_kv(self, request_id: str, blocks: torch.Tensor) -> None:
-        """Write the pulled blocks into the reserved ones and start decoding the request."""
+        """Write the pulled blocks into the reserved ones after those the prefix cache supplied, and
+        start decoding the request."""
         seq = self.sequences.get(request_id)
         if seq is None or seq.state is not RequestState.TRANSFERRING:
             raise ValueError(f"request {request_id!r} has no reserved blocks awaiting KV")
-        self.cache.import_(self.blocks.block_table(request_id), blocks)
+        first = seq.num_cached_tokens // self.blocks.block_size
+        self.cache.import_(self.blocks.block_table(request_id)[first:], blocks)
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.transition(RequestState.DECODING)
         self.scheduler.running.append(seq)

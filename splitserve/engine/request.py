@@ -92,6 +92,8 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list, repr=False)
     # Prompt tokens the prefix cache supplied when the sequence was last scheduled (usage's cached_tokens).
     num_cached_tokens: int = 0
+    # vLLM's cache_salt: its blocks are shared only with requests of the same salt (None: unsalted).
+    cache_salt: str | None = None
     # Sampling draws are seeded by (seed, output position), so a request samples the same tokens
     # whichever engine runs each step; params.seed when given, else random.
     seed: int = 0

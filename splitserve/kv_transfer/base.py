@@ -3,6 +3,9 @@
 The payload of a request is its exported KV blocks as raw bytes, in the layout documented in
 ``splitserve/engine/kv_cache.py``; its size is ``KvHandle.num_bytes``.
 
+A puller that holds a prefix of the request's blocks in its own prefix cache pulls from its
+`first_block`-th block on: the payload is then those blocks only (``pull_size``).
+
 Ownership: while a transport is sending a request's payload it holds it open (``KvSource.open`` ..
 ``close``), and the prefill server neither releases nor lets the lease free those blocks in between.
 
@@ -64,12 +67,27 @@ def check_handle(handle: pb.KvHandle, layout: KVLayout) -> int:
     return num_bytes
 
 
+def pull_size(handle: pb.KvHandle, first_block: int) -> int:
+    """The payload size of a pull of handle's blocks from first_block on; InvalidKvHandle when no
+    block is left to pull, or the handle's bytes do not split evenly into its blocks."""
+    if first_block == 0:  # the whole payload (synthetic benchmark handles list no blocks)
+        return handle.num_bytes
+    num_blocks = len(handle.block_ids)
+    if not 0 < first_block < num_blocks:
+        raise InvalidKvHandle(f"{handle.request_id}: a pull from block {first_block} of {num_blocks}")
+    if handle.num_bytes % num_blocks:
+        raise InvalidKvHandle(f"{handle.request_id}: {handle.num_bytes} bytes are not {num_blocks} "
+                              f"equal blocks")
+    return handle.num_bytes // num_blocks * (num_blocks - first_block)
+
+
 class KvSource(Protocol):
     """What a prefill server offers a transport."""
 
-    async def open(self, request_id: str, capability: str) -> memoryview | None:
-        """The payload of a held request, pinned until close(); None when not held. Raises
-        KvPermissionDenied, pinning nothing, when capability is not the request's."""
+    async def open(self, request_id: str, capability: str, first_block: int = 0) -> memoryview | None:
+        """The payload of a held request from its first_block-th block on, pinned until close(); None
+        when not held. Raises KvPermissionDenied, pinning nothing, when capability is not the
+        request's, and InvalidKvHandle when first_block is not one of its blocks."""
 
     def close(self, request_id: str) -> None:
         """Unpin a payload opened before (its blocks may be released from now on)."""
@@ -104,8 +122,9 @@ class KvPuller(abc.ABC):
         """Set up ahead of the first pull (call inside the serving event loop); optional."""
 
     @abc.abstractmethod
-    async def pull(self, handle: pb.KvHandle) -> memoryview:
-        """Exactly handle.num_bytes bytes, or KvPullError."""
+    async def pull(self, handle: pb.KvHandle, first_block: int = 0) -> memoryview:
+        """Exactly pull_size(handle, first_block) bytes (the blocks from first_block on), or
+        KvPullError."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...

@@ -22,12 +22,14 @@ import structlog
 from splitserve.common.auth import ClusterAuth
 from splitserve.common.rpc import ChannelCache
 from splitserve.kv_transfer.base import (
+    InvalidKvHandle,
     KvPermissionDenied,
     KvPuller,
     KvPullError,
     KvServer,
     KvSource,
     check_handle,
+    pull_size,
 )
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
@@ -73,10 +75,12 @@ class GrpcKvServer(KvServer):
         if self._source is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the KV transport is not started")
         try:
-            payload = await self._source.open(request.request_id, request.capability)
+            payload = await self._source.open(request.request_id, request.capability, request.first_block)
         except KvPermissionDenied:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"a wrong KV capability for request {request.request_id}")
+        except InvalidKvHandle as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if payload is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"request {request.request_id} is not held here")
         pin = _Pin(self._source, request.request_id)
@@ -120,16 +124,18 @@ class GrpcKvPuller(KvPuller):
         self._layout = layout
         self._channels = ChannelCache(auth)
 
-    async def pull(self, handle: pb.KvHandle) -> memoryview:
+    async def pull(self, handle: pb.KvHandle, first_block: int = 0) -> memoryview:
         if self._layout is not None:
             check_handle(handle, self._layout)
+        size = pull_size(handle, first_block)
         stub = prefill_pb2_grpc.PrefillStub(self._channels.get(handle.prefill_grpc_address, "prefill"))
-        call = stub.PullKv(prefill_pb2.PullKvRequest(request_id=handle.request_id, capability=handle.capability),
-                           timeout=self._timeout_s)
+        call = stub.PullKv(prefill_pb2.PullKvRequest(request_id=handle.request_id, capability=handle.capability,
+                                                     first_block=first_block), timeout=self._timeout_s)
         try:
-            return await _receive(call, handle)
+            return await _receive(call, handle.request_id, size)
         except grpc.aio.AioRpcError as exc:
-            error = KvPermissionDenied if exc.code() == grpc.StatusCode.PERMISSION_DENIED else KvPullError
+            error = {grpc.StatusCode.PERMISSION_DENIED: KvPermissionDenied,
+                     grpc.StatusCode.INVALID_ARGUMENT: InvalidKvHandle}.get(exc.code(), KvPullError)
             raise error(f"gRPC pull of {handle.request_id} from {handle.prefill_grpc_address}: "
                         f"{exc.code().name}: {exc.details()}") from exc
         finally:
@@ -139,25 +145,23 @@ class GrpcKvPuller(KvPuller):
         await self._channels.close()
 
 
-async def _receive(call, handle: pb.KvHandle) -> memoryview:
-    """Concatenate the stream into one buffer of exactly handle.num_bytes bytes.
+async def _receive(call, request_id: str, size: int) -> memoryview:
+    """Concatenate the stream into one buffer of exactly size bytes.
 
-    Every chunk must carry bytes and their sum must not pass num_bytes: a server sending more, or
+    Every chunk must carry bytes and their sum must not pass size: a server sending more, or
     endless empty chunks, fails the pull instead of growing anything here.
     """
-    payload = bytearray(handle.num_bytes)
+    payload = bytearray(size)
     view = memoryview(payload)
     num_received = 0
     async for chunk in call:
         if not chunk.data:
-            raise KvPullError(f"{handle.request_id}: the server sent an empty chunk")
+            raise KvPullError(f"{request_id}: the server sent an empty chunk")
         end = num_received + len(chunk.data)
-        if end > handle.num_bytes:
-            raise KvPullError(f"{handle.request_id}: the server sent more than the handle's "
-                              f"{handle.num_bytes} bytes")
+        if end > size:
+            raise KvPullError(f"{request_id}: the server sent more than the pull's {size} bytes")
         view[num_received:end] = chunk.data
         num_received = end
-    if num_received != handle.num_bytes:
-        raise KvPullError(f"{handle.request_id}: the server sent {num_received} bytes, "
-                          f"the handle says {handle.num_bytes}")
+    if num_received != size:
+        raise KvPullError(f"{request_id}: the server sent {num_received} bytes, the pull takes {size}")
     return view

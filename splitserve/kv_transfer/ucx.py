@@ -4,15 +4,16 @@ and receives the payload straight from the pinned KV blocks (no copy on the send
 One pull on an endpoint, in order (UCX tag messages on one endpoint arrive in order):
 
     puller                                   server
-    request (fixed size) ------------------>  KvSource.open(request_id, capability)
+    request (fixed size) ------------------>  KvSource.open(request_id, capability, first_block)
              <------------------------------  header: status, payload size (struct "<QQ")
              <------------------------------  payload (when found), sent from the pin itself
     ack (8 bytes) ------------------------->  KvSource.close(request_id); wait for the next one
 
-The request is a fixed-size message (request id and capability, each with its length), so the
-server receives it into a buffer of its own size: a peer cannot make it allocate more (ucxx's
-send_obj/recv_obj would allocate whatever size the peer announces). A wrong capability gets the
-DENIED header and no payload.
+The request is a fixed-size message (request id and capability, each with its length, and the
+first block to send), so the server receives it into a buffer of its own size: a peer cannot make
+it allocate more (ucxx's send_obj/recv_obj would allocate whatever size the peer announces). A
+wrong capability gets the DENIED header and no payload, a first block the request does not hold
+the INVALID one.
 
 The ack exists because ucxx's Endpoint.close() aborts the connection: a server that closed right
 after its send completed cut the payload off in flight on TCP (measured: connection reset).
@@ -48,12 +49,14 @@ import numpy as np
 import structlog
 
 from splitserve.kv_transfer.base import (
+    InvalidKvHandle,
     KvPermissionDenied,
     KvPuller,
     KvPullError,
     KvServer,
     KvSource,
     check_handle,
+    pull_size,
 )
 from splitserve.v1 import common_pb2 as pb
 
@@ -171,6 +174,7 @@ class _Status(enum.IntEnum):
     FOUND = 1
     NOT_FOUND = 2
     DENIED = 3
+    INVALID = 4  # a first block past the request's blocks
 
 
 @dataclass(frozen=True)
@@ -179,26 +183,27 @@ class _PullRequest:
 
     request_id: str
     capability: str
+    first_block: int = 0
 
     MAX_ID_BYTES = 256
     MAX_CAPABILITY_BYTES = 128
-    _FORMAT = struct.Struct(f"<HH{MAX_ID_BYTES}s{MAX_CAPABILITY_BYTES}s")
+    _FORMAT = struct.Struct(f"<HHI{MAX_ID_BYTES}s{MAX_CAPABILITY_BYTES}s")
     SIZE = _FORMAT.size
 
     def encode(self) -> bytearray:
         rid, cap = self.request_id.encode(), self.capability.encode()
         if len(rid) > self.MAX_ID_BYTES or len(cap) > self.MAX_CAPABILITY_BYTES:
             raise KvPullError(f"request id or capability too long for a UCX pull: {self.request_id[:64]!r}")
-        return bytearray(self._FORMAT.pack(len(rid), len(cap), rid, cap))
+        return bytearray(self._FORMAT.pack(len(rid), len(cap), self.first_block, rid, cap))
 
     @classmethod
     def decode(cls, raw) -> _PullRequest | None:
         """None for a malformed request (lengths past the fields, bytes that are not UTF-8)."""
-        id_len, cap_len, rid, cap = cls._FORMAT.unpack(bytes(raw))
+        id_len, cap_len, first_block, rid, cap = cls._FORMAT.unpack(bytes(raw))
         if id_len > cls.MAX_ID_BYTES or cap_len > cls.MAX_CAPABILITY_BYTES:
             return None
         try:
-            return cls(rid[:id_len].decode(), cap[:cap_len].decode())
+            return cls(rid[:id_len].decode(), cap[:cap_len].decode(), first_block)
         except UnicodeDecodeError:
             return None
 
@@ -312,10 +317,13 @@ class UcxKvServer(KvServer):
         closed: the puller never reuses an endpoint after either)."""
         request_id = request.request_id
         try:
-            payload = await self._source.open(request_id, request.capability)
+            payload = await self._source.open(request_id, request.capability, request.first_block)
         except KvPermissionDenied:
             log.warning("ucx_kv_pull_denied", request_id=request_id[:64])
             await ep.send(_Header(_Status.DENIED, 0).encode())
+            return False
+        except InvalidKvHandle:
+            await ep.send(_Header(_Status.INVALID, 0).encode())
             return False
         if payload is None:
             await ep.send(_Header(_Status.NOT_FOUND, 0).encode())
@@ -366,14 +374,15 @@ class UcxKvPuller(KvPuller):
             _RUNTIME.acquire()
             self._acquired = True
 
-    async def pull(self, handle: pb.KvHandle) -> memoryview:
+    async def pull(self, handle: pb.KvHandle, first_block: int = 0) -> memoryview:
         if self._layout is not None:
             check_handle(handle, self._layout)
+        size = pull_size(handle, first_block)
         await self.start()
         try:
             async with asyncio.timeout(self._timeout_s):
                 ep = await self._checkout(handle.ucx_address)
-                return await self._pull_on(ep, handle)
+                return await self._pull_on(ep, handle, first_block, size)
         except _ucx_errors() as exc:
             raise KvPullError(f"UCX pull of {handle.request_id} from {handle.ucx_address}: {exc!r}") from exc
 
@@ -387,9 +396,9 @@ class UcxKvPuller(KvPuller):
             self._acquired = False
             _RUNTIME.release()
 
-    async def _pull_on(self, ep, handle: pb.KvHandle) -> memoryview:
+    async def _pull_on(self, ep, handle: pb.KvHandle, first_block: int, size: int) -> memoryview:
         try:
-            payload = await _fetch(ep, handle)
+            payload = await _fetch(ep, handle, first_block, size)
         except BaseException:
             ep.abort()  # the stream may stop mid-message: never reuse it
             raise
@@ -428,9 +437,9 @@ class UcxKvPuller(KvPuller):
         return len(self._idle)
 
 
-async def _fetch(ep, handle: pb.KvHandle) -> memoryview:
-    """Request, header, payload, ack: the puller's half of one pull."""
-    await ep.send(_PullRequest(handle.request_id, handle.capability).encode())
+async def _fetch(ep, handle: pb.KvHandle, first_block: int, size: int) -> memoryview:
+    """Request, header, payload, ack: the puller's half of one pull (size bytes)."""
+    await ep.send(_PullRequest(handle.request_id, handle.capability, first_block).encode())
     raw = _Header.empty()
     await ep.recv(raw)
     header = _Header.decode(raw)
@@ -439,9 +448,12 @@ async def _fetch(ep, handle: pb.KvHandle) -> memoryview:
                                  f"{handle.request_id}")
     if header.status is _Status.NOT_FOUND:
         raise KvPullError(f"prefill server at {handle.ucx_address} does not hold {handle.request_id}")
-    if header.num_bytes != handle.num_bytes:
-        raise KvPullError(f"{handle.request_id}: the server holds {header.num_bytes} bytes, "
-                          f"the handle says {handle.num_bytes}")
+    if header.status is _Status.INVALID:
+        raise InvalidKvHandle(f"prefill server at {handle.ucx_address} holds no block {first_block} of "
+                              f"{handle.request_id}")
+    if header.num_bytes != size:
+        raise KvPullError(f"{handle.request_id}: the server sends {header.num_bytes} bytes, the pull "
+                          f"takes {size}")
     payload = np.empty(header.num_bytes, dtype=np.uint8)
     if header.num_bytes:
         await ep.recv(payload)

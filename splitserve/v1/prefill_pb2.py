@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitserve.v1 import common_pb2 as splitserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitserve/v1/prefill.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\x10\n\x0eSubmitResponse\"8\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ncapability\x18\x02 \x01(\t\"\x11\n\x0fReleaseResponse\"7\n\rPullKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ncapability\x18\x02 \x01(\t\"\x17\n\x07KvChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xca\x03\n\x07Prefill\x12\x45\n\x06Submit\x12\x1c.splitserve.v1.QueuedRequest\x1a\x1d.splitserve.v1.SubmitResponse\x12H\n\x07Release\x12\x1d.splitserve.v1.ReleaseRequest\x1a\x1e.splitserve.v1.ReleaseResponse\x12@\n\x06PullKv\x12\x1c.splitserve.v1.PullKvRequest\x1a\x16.splitserve.v1.KvChunk0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12\x43\n\x08GetStats\x12\x1b.splitserve.v1.StatsRequest\x1a\x1a.splitserve.v1.WorkerStats\x12\x63\n\x10ResetPrefixCache\x12&.splitserve.v1.ResetPrefixCacheRequest\x1a\'.splitserve.v1.ResetPrefixCacheResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitserve/v1/prefill.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\x10\n\x0eSubmitResponse\"8\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ncapability\x18\x02 \x01(\t\"\x11\n\x0fReleaseResponse\"L\n\rPullKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ncapability\x18\x02 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x03 \x01(\x05\"\x17\n\x07KvChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xca\x03\n\x07Prefill\x12\x45\n\x06Submit\x12\x1c.splitserve.v1.QueuedRequest\x1a\x1d.splitserve.v1.SubmitResponse\x12H\n\x07Release\x12\x1d.splitserve.v1.ReleaseRequest\x1a\x1e.splitserve.v1.ReleaseResponse\x12@\n\x06PullKv\x12\x1c.splitserve.v1.PullKvRequest\x1a\x16.splitserve.v1.KvChunk0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12\x43\n\x08GetStats\x12\x1b.splitserve.v1.StatsRequest\x1a\x1a.splitserve.v1.WorkerStats\x12\x63\n\x10ResetPrefixCache\x12&.splitserve.v1.ResetPrefixCacheRequest\x1a\'.splitserve.v1.ResetPrefixCacheResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,9 +39,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELEASERESPONSE']._serialized_start=150
   _globals['_RELEASERESPONSE']._serialized_end=167
   _globals['_PULLKVREQUEST']._serialized_start=169
-  _globals['_PULLKVREQUEST']._serialized_end=224
-  _globals['_KVCHUNK']._serialized_start=226
-  _globals['_KVCHUNK']._serialized_end=249
-  _globals['_PREFILL']._serialized_start=252
-  _globals['_PREFILL']._serialized_end=710
+  _globals['_PULLKVREQUEST']._serialized_end=245
+  _globals['_KVCHUNK']._serialized_start=247
+  _globals['_KVCHUNK']._serialized_end=270
+  _globals['_PREFILL']._serialized_start=273
+  _globals['_PREFILL']._serialized_end=731
 # @@protoc_insertion_point(module_scope)

@@ -22,12 +22,14 @@ class ReleaseResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PullKvRequest(_message.Message):
-    __slots__ = ("request_id", "capability")
+    __slots__ = ("request_id", "capability", "first_block")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     capability: str
-    def __init__(self, request_id: _Optional[str] = ..., capability: _Optional[str] = ...) -> None: ...
+    first_block: int
+    def __init__(self, request_id: _Optional[str] = ..., capability: _Optional[str] = ..., first_block: _Optional[int] = ...) -> None: ...
 
 class KvChunk(_message.Message):
     __slots__ = ("data",)

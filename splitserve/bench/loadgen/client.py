@@ -56,8 +56,9 @@ class Backend(Protocol):
     async def send(self, spec: RequestSpec, record: RequestRecord, clock: Clock) -> None:
         """Send spec (stamping record.send_s first), record its stream; record a failure, never raise."""
 
-    async def engine_steps(self) -> Series | None:
-        """The server's engine step series (bench/loadgen/steps.py); None when it exports none."""
+    async def engine_steps(self) -> tuple[Series, tuple[int, float]] | None:
+        """The server's engine step series and KV pulled so far (bench/loadgen/steps.py); None when it
+        exports none."""
 
 
 def sampling_fields(output_len: int) -> dict[str, Any]:
@@ -80,8 +81,8 @@ class OpenAIBackend:
         self.base_url = http_base(config.url)
         self.url = self.base_url + path
 
-    async def engine_steps(self) -> Series | None:
-        """The server's engine step series (splitserve's /metrics); None for other servers."""
+    async def engine_steps(self) -> tuple[Series, tuple[int, float]] | None:
+        """The server's engine step series and KV pulled (splitserve's /metrics); None for others."""
         return await scrape_steps(self.session, self.base_url)
 
     def body(self, spec: RequestSpec) -> dict[str, Any]:
@@ -158,7 +159,7 @@ class GrpcBackend:
             return
         finish(record, clock.now())
 
-    async def engine_steps(self) -> Series | None:
+    async def engine_steps(self) -> tuple[Series, tuple[int, float]] | None:
         return None  # /metrics is on the gateway's HTTP port, which a gRPC URL does not name
 
     @staticmethod

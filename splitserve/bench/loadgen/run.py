@@ -30,7 +30,7 @@ from splitserve.bench.loadgen.config import ServeConfig, rate_json, serve_config
 from splitserve.bench.loadgen.metrics import Report, format_report, summarize
 from splitserve.bench.loadgen.prompts import PromptFactory, max_cached_tokens, new_nonce
 from splitserve.bench.loadgen.records import RequestRecord
-from splitserve.bench.loadgen.steps import StepFigures, format_steps, point_steps
+from splitserve.bench.loadgen.steps import StepFigures, format_kv_pulled, format_steps, point_steps
 from splitserve.bench.loadgen.sweep import sweep_goodput
 from splitserve.bench.loadgen.trace import arrivals_at_rate
 from splitserve.bench.loadgen.workloads import sample_lengths
@@ -48,10 +48,12 @@ class PointResult:
     records: list[RequestRecord]
     steps: list[StepFigures] = ()  # the workers' engine steps over the point (splitserve servers)
     prefix_cache: str | None = None  # prefix_cache_line()
+    kv_pulled: str | None = None  # format_kv_pulled()
 
     def to_json(self, keep_records: bool) -> dict[str, Any]:
         data = {"rate": rate_json(self.rate), "nonce": list(self.nonce), "report": self.report.to_json(),
-                "engine_steps": [f.to_json() for f in self.steps], "prefix_cache": self.prefix_cache}
+                "engine_steps": [f.to_json() for f in self.steps], "prefix_cache": self.prefix_cache,
+                "kv_pulled": self.kv_pulled}
         return {**data, "records": [r.to_json() for r in self.records]} if keep_records else data
 
 
@@ -114,13 +116,14 @@ async def run_point(config: ServeConfig, backend: Backend, rate: float, point: i
         _progress(f"rate {rate:g} req/s: {len(specs)} requests over {last:.1f} s")
         prompts.update((s.index, s.prompt) for s in specs)
         records = await asyncio.gather(*(send_when_due(backend, s, clock, limit) for s in specs))
-    steps = []
+    steps, kv_pulled = [], None
     if before is not None:
         await asyncio.sleep(STEPS_LAG_S)
-        steps = point_steps(before, await backend.engine_steps() or {})
+        after = await backend.engine_steps() or ({}, before[1])
+        steps, kv_pulled = point_steps(before[0], after[0]), format_kv_pulled(before[1], after[1])
     records = list(records)
     return PointResult(rate, nonce, summarize(records, config.slo), records, steps,
-                       prefix_cache_line(records, prompts))
+                       prefix_cache_line(records, prompts), kv_pulled)
 
 
 async def run_conversations(config: ServeConfig, backend: Backend, rate: float, factory: PromptFactory,
@@ -170,8 +173,9 @@ async def run_sweep(config: ServeConfig) -> tuple[str, list[PointResult]]:
             print(format_report(points[-1].report, _title(config, rate)), flush=True)
             if points[-1].steps:
                 print(format_steps(points[-1].steps), flush=True)
-            if points[-1].prefix_cache:
-                print(points[-1].prefix_cache, flush=True)
+            for line in (points[-1].prefix_cache, points[-1].kv_pulled):
+                if line:
+                    print(line, flush=True)
         return backend.model, points
 
 

@@ -5,6 +5,9 @@ CPU time over those steps). `bench serve` reads them before and after a point an
 point's steps took, per worker, kind and batch class, to read against `splitserve bench latency
 --batch` (the engine alone). Workers send their histograms with heartbeats, so the figures trail by
 up to two heartbeat intervals. Any other server has no such series: nothing is printed.
+
+The same page's `splitserve:kv_transfer_bytes` histogram gives the KV cache bytes decode servers
+pulled over the point, and for how many requests (a gateway observes it as each request ends).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 STEP_METRIC = "splitserve:engine_step_seconds"
 CPU_METRIC = "splitserve:engine_step_cpu_seconds"
 TOKENS_METRIC = "splitserve:engine_step_tokens"
+KV_BYTES_METRIC = "splitserve:kv_transfer_bytes"
 Key = tuple[str, str, str, str]  # worker, role, kind, batch
 
 
@@ -76,6 +80,27 @@ def parse_steps(text: str) -> Series | None:
             for k, n in counts.items()}
 
 
+def parse_kv_pulled(text: str) -> tuple[int, float] | None:
+    """(requests whose KV was pulled, bytes pulled in all) of a /metrics page; None without the metric."""
+    count = total = None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == KV_BYTES_METRIC + "_count":
+                count = int(sample.value)
+            elif sample.name == KV_BYTES_METRIC + "_sum":
+                total = sample.value
+    return None if count is None or total is None else (count, total)
+
+
+def format_kv_pulled(before: tuple[int, float], after: tuple[int, float]) -> str | None:
+    """What the point pulled; None when it pulled nothing (colocated workers, another server)."""
+    requests, pulled = after[0] - before[0], after[1] - before[1]
+    if requests <= 0:
+        return None
+    return (f"KV pulled: {pulled / 1e6:.1f} MB for {requests} requests "
+            f"({pulled / requests / 1e3:.1f} kB per request)")
+
+
 def point_steps(before: Series, after: Series) -> list[StepFigures]:
     """What each series gained between two scrapes (a worker that restarted counts from zero)."""
     figures = []
@@ -93,13 +118,17 @@ def _order(item: tuple[Key, Any]) -> tuple:
     return worker, kind, int(batch.split("-")[0].rstrip("+"))
 
 
-async def scrape_steps(session: aiohttp.ClientSession, base_url: str) -> Series | None:
-    """The step series of base_url's /metrics; None when it has none or cannot be read."""
+async def scrape_steps(session: aiohttp.ClientSession,
+                       base_url: str) -> tuple[Series, tuple[int, float]] | None:
+    """The step series and the KV pulled so far of base_url's /metrics; None when it has no step
+    series or cannot be read."""
     try:
         async with session.get(base_url + "/metrics") as response:
             if response.status != 200:
                 return None
-            return parse_steps(await response.text())
+            text = await response.text()
+            steps = parse_steps(text)
+            return None if steps is None else (steps, parse_kv_pulled(text) or (0, 0.0))
     except (aiohttp.ClientError, TimeoutError, ValueError):
         return None
 
