@@ -411,6 +411,9 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
                 request_id="r", text=f" t{i}", token_ids=[100 + i],
                 finish_reason=common_pb2.FINISH_REASON_LENGTH if last else common_pb2.FINISH_REASON_UNSPECIFIED,
                 usage=gateway_pb2.Usage(prompt_tokens=len(request.prompt_token_ids), completion_tokens=n)
+                if last else None,
+                # As if every prompt token's KV were pulled, a kB each.
+                timeline=common_pb2.Timeline(kv_transfer_bytes=1000 * len(request.prompt_token_ids))
                 if last else None)
 
 
@@ -532,6 +535,20 @@ def test_conversations_repeat_their_history_and_a_failed_turn_ends_one(tmp_path:
         earlier = next(p for p in prompts if len(p) == len(later) - 20)
         assert later[:len(earlier)] == earlier and len(later) == len(earlier) + 20
     assert len({tuple(p[:16]) for p in prompts}) == 2  # two conversations, fresh first turns
+
+
+def test_over_grpc_a_conversation_repeats_the_real_replies_and_reports_the_kv_pulled(tmp_path: Path):
+    out = tmp_path / "grpc-chat.json"
+    with ServerThread(FakeOpenAI()) as server:
+        assert bench("serve", "--backend", "grpc", "--url", f"127.0.0.1:{server.grpc_port}", "--model", "m",
+                     "--rate", "inf", "--num-requests", "2", "--turns", "2", "--think-time", "0",
+                     "--input-len", "16", "--output-len", "4", "--output", str(out)) == 0
+    first, second = sorted((list(r.prompt_token_ids) for r in server.gateway.requests), key=len)
+    assert second[:16] == first and second[16:20] == [100, 101, 102, 103] and len(second) == 36
+    point = json.loads(out.read_text())["points"][0]
+    assert [r["kv_transfer_bytes"] for r in point["records"]] == [16_000, 36_000]
+    assert point["kv_pulled"] == ("KV pulled: 0.1 MB for 2 requests (26.0 kB per request); kB per request by "
+                                  "turn, 1: 16.0, 2: 36.0")
 
 
 def test_a_trace_replays_its_lengths_and_shared_blocks(tmp_path: Path):

@@ -166,6 +166,9 @@ class GrpcBackend:
     def _apply(record: RequestRecord, response: gateway_pb2.GenerateResponse, t: float) -> None:
         if response.token_ids:
             record.add_chunk(t, len(response.token_ids))
+            record.output_token_ids = [*(record.output_token_ids or []), *response.token_ids]
+        if response.HasField("timeline") and response.timeline.kv_transfer_bytes:
+            record.kv_transfer_bytes = response.timeline.kv_transfer_bytes
         if response.finish_reason:
             record.finish_reason = common_pb2.FinishReason.Name(response.finish_reason).removeprefix(
                 "FINISH_REASON_").lower()

@@ -33,8 +33,12 @@ class RequestRecord:
     prompt_tokens: int | None = None  # from the server's usage
     completion_tokens: int | None = None
     cached_tokens: int | None = None  # of the prompt's, from a prefix cache (usage, where the server says)
+    kv_transfer_bytes: int | None = None  # KV cache pulled to its decode server (splitserve's gRPC says)
     finish_reason: str | None = None
     error: str | None = None
+    # The output's token ids where the backend streams them (gRPC): a conversation's next turn
+    # repeats them. Not written to JSON.
+    output_token_ids: list[int] | None = field(default=None, repr=False)
 
     def add_chunk(self, t: float, num_tokens: int | None = None) -> None:
         self.chunk_times_s.append(t)
@@ -84,7 +88,8 @@ class RequestRecord:
 
     def to_json(self) -> dict[str, Any]:
         derived = {"ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "e2e_s": self.e2e_s}
-        return {**asdict(self), **derived}
+        data = {k: v for k, v in asdict(self).items() if k != "output_token_ids"}
+        return {**data, **derived}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RequestRecord:

@@ -101,6 +101,24 @@ def prefix_cache_line(records: list[RequestRecord], prompts: dict[int, list[int]
     return line
 
 
+def kv_pulled_line(records: list[RequestRecord], turns: int = 1) -> str | None:
+    """The KV cache the decode servers pulled, per request (and per turn of a conversation), from the
+    records where the backend reports it (splitserve's gRPC); None where it does not."""
+    pulled = [r for r in records if r.ok and r.kv_transfer_bytes is not None]
+    if not pulled:
+        return None
+    total = sum(r.kv_transfer_bytes for r in pulled)
+    line = (f"KV pulled: {total / 1e6:.1f} MB for {len(pulled)} requests "
+            f"({total / len(pulled) / 1e3:.1f} kB per request)")
+    if turns > 1:
+        per_turn = []
+        for k in range(turns):
+            sizes = [r.kv_transfer_bytes for r in pulled if r.index % turns == k]
+            per_turn.append(f"{k + 1}: {sum(sizes) / len(sizes) / 1e3:.1f}" if sizes else f"{k + 1}: -")
+        line += f"; kB per request by turn, {', '.join(per_turn)}"
+    return line
+
+
 async def run_point(config: ServeConfig, backend: Backend, rate: float, point: int) -> PointResult:
     nonce = () if config.fixed_prompts else new_nonce(config.token_range)
     factory = PromptFactory(config.seed, point, config.token_range, nonce, config.shared_prefix)
@@ -122,8 +140,9 @@ async def run_point(config: ServeConfig, backend: Backend, rate: float, point: i
         after = await backend.engine_steps() or ({}, before[1])
         steps, kv_pulled = point_steps(before[0], after[0]), format_kv_pulled(before[1], after[1])
     records = list(records)
+    turns = config.multi_turn.turns if config.multi_turn else 1
     return PointResult(rate, nonce, summarize(records, config.slo), records, steps,
-                       prefix_cache_line(records, prompts), kv_pulled)
+                       prefix_cache_line(records, prompts), kv_pulled_line(records, turns) or kv_pulled)
 
 
 async def run_conversations(config: ServeConfig, backend: Backend, rate: float, factory: PromptFactory,
@@ -154,7 +173,8 @@ async def run_conversations(config: ServeConfig, backend: Backend, rate: float, 
             else:
                 record = await send_when_due(backend, spec, clock, limit)
             records.append(record)
-            history = prompt + factory.reply(i, n_out)
+            reply = record.output_token_ids  # the real answer where the backend streams its ids (gRPC)
+            history = prompt + (reply if reply and len(reply) == n_out else factory.reply(i, n_out))
             due = clock.now() + (think.expovariate(1 / think_s) if think_s > 0 else 0.0)
         return records
 
