@@ -1,6 +1,6 @@
 import pytest
 
-from splitserve.engine.block_manager import BlockManager, OutOfBlocks, block_hashes, blocks_for
+from splitserve.engine.block_manager import BlockManager, OutOfBlocks, block_hashes, blocks_for, routing_key
 
 
 def test_blocks_for_rounds_up():
@@ -75,6 +75,11 @@ def test_block_hashes_chain_over_the_prefix_and_the_salt():
     salted = block_hashes(list(range(8)), 4, salt="tenant-1")
     assert salted[0] != a[0] and salted == block_hashes(list(range(8)), 4, salt="tenant-1")
     assert block_hashes(list(range(8)), 4, salt="tenant-2")[0] != salted[0]
+    # The namespace (an engine's model, dtype and block size) roots the chain too, apart from the salt.
+    named = block_hashes(list(range(8)), 4, namespace="model|bfloat16|4")
+    assert named[0] != a[0] and named[0] != block_hashes(list(range(8)), 4, namespace="model|float32|4")[0]
+    assert block_hashes(list(range(8)), 4, "x", "")[0] != block_hashes(list(range(8)), 4, "", "x")[0]
+    assert routing_key(a[0]) == int.from_bytes(a[0][:8], "little")
 
 
 def test_a_freed_prompts_full_blocks_are_reused_by_an_equal_prefix():

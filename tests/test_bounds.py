@@ -383,7 +383,7 @@ class Context:
 def _decode_server(max_waiting: int) -> DecodeServer:
     """A decode server around a stand-in engine: Submit checks and queues, nothing is admitted."""
     engine = SimpleNamespace(layout=LAYOUT, sequences={}, prefix_cache_stats=PrefixCacheStats(),
-                             published_cache=lambda: (0, []),
+                             published_cache=lambda now=False: (0, []),
                              blocks=SimpleNamespace(num_blocks=8, num_free_blocks=8),
                              scheduler=SimpleNamespace(waiting=[], running=[], prefilling=[]))
     config = WorkerConfig(engine=SimpleNamespace(max_num_seqs=1), host="127.0.0.1", port=0, scheduler="",

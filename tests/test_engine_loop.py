@@ -18,6 +18,9 @@ class BrokenEngine:
     def has_work(self) -> bool:
         return True
 
+    def published_cache(self, now: bool = False) -> tuple[int, list[int]]:
+        return 0, []
+
     def step(self):
         self.go.wait()
         raise ValueError("boom")

@@ -14,10 +14,11 @@ import pytest
 
 from splitserve.bench.loadgen.config import BackendConfig, ServeConfig
 from splitserve.bench.loadgen.metrics import Report, Slo, summarize
-from splitserve.bench.loadgen.prompts import PromptFactory
+from splitserve.bench.loadgen.prompts import PromptFactory, SharedPrefix
+from splitserve.bench.loadgen.records import RequestRecord
 from splitserve.bench.loadgen.run import request_specs
-from splitserve.bench.loadgen.workloads import get_workload
-from splitserve.engine.block_manager import blocks_for
+from splitserve.bench.loadgen.workloads import fixed_workload, get_workload
+from splitserve.engine.block_manager import block_hashes, blocks_for
 from splitserve.planner.fit import fit_linear
 from splitserve.planner.latency import (
     Contention,
@@ -37,12 +38,14 @@ from splitserve.planner.latency import (
     save_profile,
 )
 from splitserve.planner.sim_engine import EngineSettings
+from splitserve.planner.fidelity import prompt_factory, replayed_requests
 from splitserve.planner.simulator import (
     ClusterSpec,
     Mode,
     SimRequest,
     Simulation,
     pick_prefill,
+    serve_requests,
     simulate,
     workload_requests,
 )
@@ -153,6 +156,58 @@ def test_one_request_through_the_disaggregated_cluster():
     assert record.itls_s == pytest.approx([handoff, DECODE_S, DECODE_S])
     assert record.tpot_s == pytest.approx((handoff + 2 * DECODE_S) / 3)
     assert record.end_s == pytest.approx(record.chunk_times_s[-1])
+
+
+def test_a_cached_prefix_is_not_computed_again_and_the_rest_is_priced_alone():
+    prefix = tuple(block_hashes(list(range(1000, 1100)), 16))  # 6 full blocks of a 100-token prompt
+    again = requests((0.0, 100, 2), (1.0, 100, 2))
+    again = [replace(r, block_hashes=prefix) for r in again]
+    first, second = simulate(make_profile(), ClusterSpec(), again)
+    hops = HOPS.gateway_s + HOPS.rpc_s + HOPS.reply_s
+    assert first.ttft_s == pytest.approx(hops + prefill_s(100))
+    # 96 tokens (the blocks before the one holding the last token) hit: 4 are computed.
+    assert second.ttft_s == pytest.approx(hops + prefill_s(4))
+    off = ClusterSpec(engine=EngineSettings(enable_prefix_caching=False))
+    assert [r.ttft_s for r in simulate(make_profile(), off, again)] == pytest.approx([first.ttft_s] * 2)
+
+
+@pytest.mark.parametrize("routing, hits", [("kv", [96, 0]), ("least-loaded", [0, 0])])
+def test_kv_aware_routing_sends_a_prompt_to_the_busier_server_holding_its_prefix(routing, hits):
+    """As the scheduler does: prefill-0 holds the prefix and a 50-token prompt queued; the repeated
+    prompt goes there (50 + 4 + 32 < 100) under KV routing, to the idle prefill-1 under least-loaded."""
+    prefix = tuple(block_hashes(list(range(1000, 1100)), 16))
+    reqs = requests((0.0, 100, 2), (1.0, 50, 2), (1.001, 100, 2))
+    reqs = [replace(r, block_hashes=prefix) if r.input_len == 100 else r for r in reqs]
+    sim = Simulation(make_profile(), ClusterSpec(num_prefill=2, routing=routing), reqs)
+    assert all(r.ok for r in sim.run())
+    assert [w.engine.blocks.stats.hits for w in sim.scheduler.takers] == hits
+
+
+def test_the_simulator_and_a_replay_send_bench_serve_s_shared_system_prompts():
+    shared = SharedPrefix(num_prompts=3, length=64)
+    serve = ServeConfig(BackendConfig("simulate", "profile"), fixed_workload(32, 4), (1.0,), num_requests=12,
+                        seed=3, shared_prefix=shared)
+    sent = serve_requests(serve, 1.0, 16)
+    factory = PromptFactory(3, 0, serve.token_range, (), shared)
+    assert [r.arrival_s for r in sent] == [r.arrival_s for r in workload_requests(serve.workload, 1.0, 3,
+                                                                                  num_requests=12)]
+    assert all(r.input_len == 96 and r.block_hashes == tuple(block_hashes(factory.token_ids(r.index, 32), 16))
+               for r in sent)
+    by_prompt = {}
+    for r in sent:  # requests of one system prompt share its 4 blocks, and nothing past them
+        by_prompt.setdefault(factory.system_prompt_of(r.index), set()).add(r.block_hashes[:4])
+    assert len({r.block_hashes[4] for r in sent}) == len(sent)
+    assert len(by_prompt) == 3 and all(len(heads) == 1 for heads in by_prompt.values())
+    # A replay of a real run rebuilds each point's prompts from its config and nonce.
+    config = {"seed": 3, "token_range": list(serve.token_range),
+              "shared_prefix": {"num_prompts": 3, "length": 64}}
+    point = {"nonce": [11, 12, 13, 14]}
+    records = [RequestRecord(i, 96, 4, 0.1 * i, send_s=0.1 * i) for i in range(3)]
+    replayed = replayed_requests(records, prompt_factory(config, 2, point))
+    real = PromptFactory(3, 2, serve.token_range, (11, 12, 13, 14), shared)
+    assert [r.block_hashes for r in replayed] == [tuple(block_hashes(real.token_ids(i, 32), 16))
+                                                  for i in range(3)]
+    assert prompt_factory({"seed": 3}, 0, point) is None  # no shared prompts: nothing to rebuild
 
 
 def test_prompts_are_prefilled_first_come_first_served():

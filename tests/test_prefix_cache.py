@@ -5,6 +5,7 @@ import pytest
 
 from conftest import make_prompts
 from splitserve.engine import EngineConfig, EngineRole, LLMEngine, SamplingParams
+from splitserve.engine.block_manager import block_hashes, routing_key
 from splitserve.engine.request import RequestState
 
 NEW_TOKENS = 6
@@ -167,3 +168,17 @@ def test_a_pull_past_the_request_s_blocks_is_refused(model_fp32, system_prompt):
     assert prefill.export_kv("r", 12).shape[2] == 1  # the last of 13 blocks
     with pytest.raises(ValueError, match="holds 13 blocks"):
         prefill.export_kv("r", 13)
+
+
+def test_the_cached_blocks_keys_are_published_when_the_cache_changes(model_fp32, system_prompt):
+    """What a worker lists to its schedulers: the routing key of every cached block, named as any
+    engine of the same model, dtype and block size names it."""
+    eng = engine(model_fp32)
+    version, keys = eng.published_cache(now=True)
+    assert keys == [] and eng.cache_namespace == f"{model_fp32.source.name}|float32|16"
+    run_one(eng, "a", system_prompt)
+    expected = [routing_key(h) for h in block_hashes(system_prompt, 16, None, eng.cache_namespace)]
+    later, keys = eng.published_cache(now=True)
+    assert later > version and keys == expected  # 12 full blocks: 200 prompt tokens + 5 outputs with KV
+    eng.reset_prefix_cache()
+    assert eng.published_cache(now=True)[1] == []

@@ -300,7 +300,8 @@ def test_the_probe_never_writes_a_cached_block_that_later_requests_reuse(model_f
     bit for bit, and the next request with that prefix gets the reference tokens."""
     engine = new_engine(model_fp32)
     engine.generate([prompts[2]], PARAMS)  # 70 tokens: its first 4 blocks stay cached
-    cached = engine.blocks.cached_prefix(block_hashes(prompts[2], engine.blocks.block_size))
+    cached = engine.blocks.cached_prefix(block_hashes(prompts[2], engine.blocks.block_size, None,
+                                                      engine.cache_namespace))
     kv_before = engine.cache.export(cached).clone()
     runner = FailWith(engine.runner.prefill, {"bad"})
     monkeypatch.setattr(engine.runner, "prefill", runner)

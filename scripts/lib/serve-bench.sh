@@ -8,7 +8,7 @@ serve_bench() {
   "$py" -m splitserve.cli up --http-port "$port" --grpc-port $((port + 1)) --scheduler-port $((port + 2)) \
     --log-dir "$out/logs-$label" "$@" > "$out/up-$label.txt" 2>&1 &
   local up=$!
-  until grep -q "splitserve is ready" "$out/up-$label.txt"; do
+  until grep -qs "splitserve is ready" "$out/up-$label.txt"; do
     kill -0 "$up" 2> /dev/null || { cat "$out/up-$label.txt"; exit 1; }
     sleep 0.5
   done

@@ -14,6 +14,7 @@ from splitserve.bench.loadgen.config import (  # the same flags as bench serve
     _add_slo_args,
     _positive_float,
     add_length_args,
+    add_shared_prefix_args,
 )
 from splitserve.common.engine_args import positive_float, positive_int
 
@@ -58,6 +59,7 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
 def _add_load_args(p: argparse.ArgumentParser) -> None:
     load = p.add_argument_group("load (as `bench serve`)")
     add_length_args(load)
+    add_shared_prefix_args(load)
     load.add_argument("--burstiness", type=_positive_float, default=1.0, help="gamma shape; 1 is Poisson")
     load.add_argument("--num-requests", type=positive_int, default=None,
                       help="requests per simulated rate (default: 400)")

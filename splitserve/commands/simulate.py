@@ -15,6 +15,7 @@ from splitserve.bench.loadgen.config import (  # the same flags as bench serve
     _add_slo_args,
     _positive_float,
     add_length_args,
+    add_shared_prefix_args,
 )
 from splitserve.common.engine_args import positive_float, positive_int
 
@@ -62,6 +63,9 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--chunk-size", type=positive_int, default=None, help="chunked mode (default: 256)")
     c.add_argument("--prefill-queue-factor", type=positive_float, default=2.0, help="scheduler (default: 2)")
     c.add_argument("--max-pending", type=positive_int, default=256, help="gateway (default: 256)")
+    c.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="workers cache no prefixes (default: they do, for workloads whose prompts share them)")
+    c.add_argument("--routing", choices=("kv", "least-loaded"), default="kv", help="scheduler (default: kv)")
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
@@ -75,6 +79,7 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     count.add_argument("--duration", type=_positive_float, default=None, help="seconds of arrivals per point")
     load.add_argument("--seed", type=int, default=0, help="seed of arrivals and lengths (default: 0)")
     add_length_args(load)
+    add_shared_prefix_args(load)
 
 
 def run(args: argparse.Namespace) -> int:

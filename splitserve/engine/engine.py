@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -35,6 +36,7 @@ log = structlog.get_logger(__name__)
 # The request id of the probe that tells a broken engine from a request that breaks it: not
 # printable, so no request can have it.
 PROBE_ID = "\x00probe"
+PUBLISH_INTERVAL_S = 0.25  # the cached blocks' keys are listed at most this often (heartbeats: 1 s)
 
 
 class EngineBroken(RuntimeError):
@@ -83,6 +85,7 @@ class LLMEngine:
         self.cache_namespace = (f"{self.loaded.source.name}|{config.dtype}|{config.block_size}"
                                 if config.enable_prefix_caching else "")
         self._published: tuple[int, list[int]] = (-1, [])
+        self._published_at = -PUBLISH_INTERVAL_S
         self.scheduler = Scheduler(SchedulerConfig(config.token_budget, config.max_num_seqs,
                                                          config.chunk_size), self.blocks)
         self.runner = ModelRunner(self.loaded.model, self.cache, config.torch_device)
@@ -352,11 +355,15 @@ class LLMEngine:
     def prefix_cache_stats(self) -> PrefixCacheStats:
         return self.blocks.stats
 
-    def published_cache(self) -> tuple[int, list[int]]:
+    def published_cache(self, now: bool = False) -> tuple[int, list[int]]:
         """(version, the routing keys of every cached block): what the worker publishes to its
-        schedulers. The keys are listed again only when the cache changed. Call on the engine thread."""
-        if self._published[0] != self.blocks.version:
-            self._published = (self.blocks.version, self.blocks.cached_keys())
+        schedulers with its heartbeats. The keys are listed again when the cache changed, at most
+        every PUBLISH_INTERVAL_S unless `now` (a large cache takes milliseconds to list; the engine
+        loop lists them when it goes idle). Call on the engine thread."""
+        clock = time.monotonic()
+        due = now or clock - self._published_at >= PUBLISH_INTERVAL_S
+        if self._published[0] != self.blocks.version and due:
+            self._published, self._published_at = (self.blocks.version, self.blocks.cached_keys()), clock
         return self._published
 
     def reset_prefix_cache(self) -> int:

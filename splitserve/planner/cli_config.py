@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from splitserve.bench.loadgen.config import BackendConfig, ServeConfig
+from splitserve.bench.loadgen.config import BackendConfig, ServeConfig, shared_prefix_from_args
 from splitserve.bench.loadgen.metrics import Slo
 from splitserve.bench.loadgen.workloads import get_workload, preset_slos
 from splitserve.commands.up import split_cpus
@@ -49,10 +49,13 @@ def cluster_from_args(args: argparse.Namespace, profile: Profile) -> tuple[Clust
         if not num_cores:
             raise ValueError("the profile does not say how many cores its machine has; give --cores-per-worker")
         prefill_degree, decode_degree, warnings = default_degrees(int(num_cores), num_prefill, num_decode)
-    engine = EngineSettings(args.token_budget, args.max_num_seqs, args.block_size, int(args.kv_cache_gb * (1 << 30)))
+    engine = EngineSettings(args.token_budget, args.max_num_seqs, args.block_size,
+                            int(args.kv_cache_gb * (1 << 30)),
+                            enable_prefix_caching=getattr(args, "prefix_caching", True))
     cluster = ClusterSpec(mode, num_prefill, num_decode, prefill_degree, decode_degree, engine,
                           chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
-                          prefill_queue_factor=args.prefill_queue_factor, max_pending=args.max_pending)
+                          prefill_queue_factor=args.prefill_queue_factor, max_pending=args.max_pending,
+                          routing=getattr(args, "routing", "kv"))
     for degree in {prefill_degree, decode_degree} if disaggregated else {prefill_degree}:
         profile.degree(degree)  # fails early, naming the degrees the profile has
     return cluster, warnings
@@ -72,6 +75,7 @@ def simulated_run_from_args(args: argparse.Namespace) -> SimulateSetup:
     serve = ServeConfig(
         backend=BackendConfig("simulate", str(profile_path), profile.model.name),
         workload=get_workload(args.workload, args.input_len, args.output_len),
+        shared_prefix=shared_prefix_from_args(args),
         rates=tuple(args.rates or [args.rate]), burstiness=args.burstiness, num_requests=num_requests,
         duration_s=args.duration, seed=args.seed, slo=Slo(args.ttft_slo, args.tpot_slo, args.attainment),
         label=args.label or args.mode, pause_s=0.0, output=args.output, plot=args.plot,

@@ -7,7 +7,8 @@ A `bench serve --output` file keeps every request's record: when it was sent, it
 lengths. Each point is replayed through the simulator with exactly those requests (sent when the
 real ones were sent), on the cluster its label names (disaggregated, colocated or chunked, with
 `splitserve up`'s defaults, or the cluster flags given), and both sides are scored by the same
-`summarize`. The bounds are the planner's fidelity target: SLO attainment within 10 percentage
+`summarize`. A run on shared system prompts replays its very prompts' block hashes, so the
+simulated prefix cache sees what the real one saw. The bounds are the planner's fidelity target: SLO attainment within 10 percentage
 points, TTFT and TPOT P50 and P90 within 20% of the real figure.
 """
 
@@ -22,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from splitserve.bench.loadgen.metrics import Report, Slo, summarize
+from splitserve.bench.loadgen.prompts import PromptFactory, SharedPrefix
 from splitserve.bench.loadgen.records import RequestRecord
 from splitserve.bench.loadgen.rescore import goodput_text
 from splitserve.bench.loadgen.sweep import SweepGoodput, sweep_goodput
 from splitserve.bench.loadgen.workloads import LengthDist, Workload
+from splitserve.engine.block_manager import block_hashes
 from splitserve.planner.latency import Profile, load_profile
 from splitserve.planner.simulator import ClusterSpec, Mode, SimRequest, simulate, workload_requests
 
@@ -107,10 +110,28 @@ class RunComparison:
 # -- replaying a run ------------------------------------------------------------------------------
 
 
-def replayed_requests(records: Sequence[RequestRecord]) -> list[SimRequest]:
-    """The requests as the real client sent them: its send times and its lengths."""
-    return [SimRequest(r.index, r.send_s if r.send_s is not None else r.scheduled_s, r.input_len, r.output_len)
-            for r in sorted(records, key=lambda r: r.index)]
+def replayed_requests(records: Sequence[RequestRecord], factory: PromptFactory | None = None,
+                      block_size: int = 16) -> list[SimRequest]:
+    """The requests as the real client sent them: its send times and its lengths, and with the
+    point's prompt factory (shared system prompts) its prompts' block hashes."""
+    def hashes(r: RequestRecord) -> tuple[bytes, ...]:
+        if factory is None:
+            return ()
+        own = r.input_len - factory.shared_prefix.length
+        return tuple(block_hashes(factory.token_ids(r.index, own), block_size))
+
+    return [SimRequest(r.index, r.send_s if r.send_s is not None else r.scheduled_s, r.input_len, r.output_len,
+                       hashes(r)) for r in sorted(records, key=lambda r: r.index)]
+
+
+def prompt_factory(config: dict[str, Any], point_index: int, point: dict[str, Any]) -> PromptFactory | None:
+    """The factory that made a point's prompts, for runs whose prompts share system prompts (the
+    only shared prefixes a replay rebuilds; a trace's or a conversation's are not replayed)."""
+    shared = config.get("shared_prefix")
+    if not shared:
+        return None
+    return PromptFactory(config["seed"], point_index, tuple(config["token_range"]), tuple(point["nonce"]),
+                         SharedPrefix(shared["num_prompts"], shared["length"]))
 
 
 def workload_of(config: dict[str, Any]) -> Workload:
@@ -140,11 +161,12 @@ def slo_of(config: dict[str, Any], overrides: dict[str, tuple[float, float]]) ->
 def compare_run(data: dict[str, Any], profile: Profile, cluster: ClusterSpec, slo: Slo) -> list[PointComparison]:
     """Every point of one `bench serve` document, real against simulated."""
     config, out = data["config"], []
-    for point in data["points"]:
+    for index, point in enumerate(data["points"]):
         if "records" not in point:
             raise ValueError("the run was written with --no-records: there is nothing to replay")
         records = [RequestRecord.from_json(r) for r in point["records"]]
-        simulated = simulate(profile, cluster, replayed_requests(records))
+        requests = replayed_requests(records, prompt_factory(config, index, point), cluster.engine.block_size)
+        simulated = simulate(profile, cluster, requests)
         out.append(PointComparison(config["workload"]["name"], cluster.mode.value, float(point["rate"]),
                                    len(records), Figures.of(summarize(records, slo)),
                                    Figures.of(summarize(simulated, slo))))
@@ -239,8 +261,9 @@ def _cluster(args: argparse.Namespace, label: str | None, profile: Profile) -> C
     if args.mode is None and label in {m.value for m in Mode}:
         cluster = default_cluster(label, int(profile.machine.get("num_cores", 2)))
         engine = replace(cluster.engine, token_budget=args.token_budget, max_num_seqs=args.max_num_seqs,
-                         block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)))
-        return replace(cluster, engine=engine)
+                         block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)),
+                         enable_prefix_caching=args.prefix_caching)
+        return replace(cluster, engine=engine, routing=args.routing)
     from splitserve.planner.cli_config import cluster_from_args
 
     if args.mode is None:

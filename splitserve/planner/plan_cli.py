@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from splitserve.bench.loadgen.config import BackendConfig, ServeConfig
+from splitserve.bench.loadgen.config import BackendConfig, ServeConfig, shared_prefix_from_args
 from splitserve.bench.loadgen.metrics import Slo
 from splitserve.bench.loadgen.workloads import get_workload, preset_slos
 from splitserve.planner.latency import load_profile
@@ -40,6 +40,7 @@ def plan_spec_from_args(args: argparse.Namespace) -> tuple[PlanSpec, list[str]]:
     serve = ServeConfig(
         backend=BackendConfig("simulate", str(profile_path), profile.model.name),
         workload=get_workload(args.workload, args.input_len, args.output_len), rates=(),
+        shared_prefix=shared_prefix_from_args(args),
         burstiness=args.burstiness, num_requests=args.num_requests or DEFAULT_NUM_REQUESTS, seed=args.seed,
         slo=Slo(args.ttft_slo, args.tpot_slo, args.attainment), pause_s=0.0, keep_records=False)
     spec = PlanSpec(profile, serve, resources, modes=tuple(Mode(m) for m in dict.fromkeys(args.modes)),
@@ -47,7 +48,9 @@ def plan_spec_from_args(args: argparse.Namespace) -> tuple[PlanSpec, list[str]]:
                     token_budgets=tuple(args.token_budgets or DEFAULT_TOKEN_BUDGETS),
                     max_num_seqs=tuple(args.max_num_seqs or DEFAULT_MAX_NUM_SEQS),
                     engine=EngineSettings(kv_cache_bytes=int(kv_cache_gb * (1 << 30))),
-                    num_seeds=args.seeds, prune=not args.no_prune)
+                    # The pruning ceiling prices every prompt whole: with shared prefixes it would
+                    # drop placements the cache lets win, so each one is simulated.
+                    num_seeds=args.seeds, prune=not args.no_prune and not args.system_prompts)
     missing = set(args.degrees or []) - set(profile.degrees)
     if missing:
         warnings.append(f"the profile has no model for {sorted(missing)} {profile.parallelism}: left out")

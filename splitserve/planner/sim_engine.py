@@ -5,9 +5,11 @@ It mirrors splitserve/engine/engine.py (which needs torch) where it matters: a s
 batch if one can be formed (FCFS within the token budget), else a decode step over every running
 sequence, or with chunked prefill a mixed step; preemption by recompute when blocks run out; the
 PREFILL role parks prefilled requests (KV_READY) holding their blocks; the DECODE role reserves
-blocks, imports the KV and decodes. It also mirrors the EngineLoop thread: a call from a server runs
-between two steps (at once when the engine is idle), and a step's results reach the server just
-after the next step has started. The machine (sim_machine.py) prices each step beside the others.
+blocks, imports the KV and decodes. Given its prompt's block hashes (a workload that shares
+prefixes), a request reuses the prefix cache's blocks as in the engine, and a prefill with a cached
+prefix is priced as the chunk path the engine runs it on. It also mirrors the EngineLoop thread: a
+call from a server runs between two steps (at once when the engine is idle), and a step's results
+reach the server just after the next step has started. The machine (sim_machine.py) prices each step beside the others.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class EngineSettings:
     block_size: int = 16
     kv_cache_bytes: int = 1 << 30
     chunk_size: int | None = None
+    enable_prefix_caching: bool = True
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,22 @@ class SimEngine:
 
     # -- requests (LLMEngine's methods of the same names) ---------------------------------------
 
-    def add_request(self, rid: str, prompt_len: int, max_new_tokens: int) -> None:
-        self.scheduler.add(self._new_sequence(rid, prompt_len, max_new_tokens, []))
+    def add_request(self, rid: str, prompt_len: int, max_new_tokens: int,
+                    block_hashes: tuple[bytes, ...] = ()) -> None:
+        """With the prompt's block hashes (workloads that share prefixes), the engine's prefix cache
+        applies: cached blocks are not computed again."""
+        seq = self._new_sequence(rid, prompt_len, max_new_tokens, [])
+        if self.spec.settings.enable_prefix_caching:
+            seq.block_hashes = list(block_hashes)
+        self.scheduler.add(seq)
+
+    def cached_tokens(self, block_hashes: tuple[bytes, ...], prompt_len: int) -> int:
+        """Prompt tokens this engine's cache holds (the longest run of full blocks before the one
+        holding the prompt's last token), as KV-aware routing sees it."""
+        if not self.spec.settings.enable_prefix_caching:
+            return 0
+        lookup = block_hashes[:(prompt_len - 1) // self.blocks.block_size]
+        return len(self.blocks.cached_prefix(lookup)) * self.blocks.block_size
 
     def reserve(self, rid: str, prompt_len: int, max_new_tokens: int) -> bool:
         """Decode role: reserve blocks for a request prefilled elsewhere; False when no room yet."""
@@ -182,13 +199,19 @@ class SimEngine:
         batch = self.scheduler.schedule_prefill()
         if not batch:
             return None
-        seconds = self.spec.degree.prefill.seconds([s.num_tokens for s in batch])
+        if any(s.num_computed_tokens for s in batch):
+            # A cached prefix: the engine runs the rest through its chunk path, attending over it.
+            seconds = self._mixed_seconds([(s.num_computed_tokens, s.num_tokens - s.num_computed_tokens)
+                                           for s in batch], [])
+        else:
+            seconds = self.spec.degree.prefill.seconds([s.num_tokens for s in batch])
         cluster = self.spec.degree.cluster
         return seconds * cluster.prefill_factor + cluster.prefill_s, "prefill", lambda: self._finish_prefill(batch)
 
     def _finish_prefill(self, batch: list[Sequence]) -> StepOutputs:
         for seq in batch:
             seq.num_computed_tokens = seq.num_tokens
+            self._cache_computed(seq)
         outputs = self._postprocess(batch)
         for seq, finished in outputs:
             if finished:
@@ -246,6 +269,7 @@ class SimEngine:
         completed = []
         for seq, n in chunks:
             seq.num_computed_tokens += n
+            self._cache_computed(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 self.scheduler.prefilling.remove(seq)
                 completed.append(seq)
@@ -257,6 +281,12 @@ class SimEngine:
                 seq.transition(RequestState.DECODING)
                 self.scheduler.running.append(seq)
         return outputs
+
+    def _cache_computed(self, seq: Sequence) -> None:
+        """LLMEngine._cache_computed: the prompt's full blocks computed so far join the prefix cache."""
+        if seq.block_hashes:
+            num_full = seq.num_computed_tokens // self.blocks.block_size
+            self.blocks.cache(seq.request_id, seq.block_hashes[:num_full])
 
     def _postprocess(self, batch: list[Sequence]) -> StepOutputs:
         outputs = []

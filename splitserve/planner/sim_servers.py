@@ -26,19 +26,31 @@ class Server:
         self.engine = SimEngine(sim.machine, spec, self._on_step)
         self.token_budget = spec.settings.token_budget
         self.assigned: dict[str, int] = {}  # the registry's WorkerEntry.assigned for this worker
+        # The block hashes of requests routed here and not yet prefilled (KV-aware routing).
+        self.routed: dict[str, tuple[bytes, ...]] = {}
 
     @property
     def outstanding_tokens(self) -> int:
         return sum(self.assigned.values())
 
+    def cached_tokens(self, request) -> int:
+        """The request's prompt tokens this worker holds, or will once the requests routed here ran."""
+        held = self.engine.cached_tokens(request.block_hashes, request.input_len)
+        lookup = request.block_hashes[:(request.input_len - 1) // self.engine.blocks.block_size]
+        for hashes in self.routed.values():
+            shared = next((i for i, (a, b) in enumerate(zip(lookup, hashes)) if a != b),
+                          min(len(lookup), len(hashes)))
+            held = max(held, shared * self.engine.blocks.block_size)
+        return held
+
     def submit(self, rid: str) -> None:
         """Prefill.Submit: queue the request in the engine (at its next step boundary)."""
         request = self.sim.requests[rid]
-        self.engine.call(lambda: self._add(rid, request.input_len, request.output_len))
+        self.engine.call(lambda: self._add(rid, request.input_len, request.output_len, request.block_hashes))
 
-    def _add(self, rid: str, prompt_len: int, output_len: int) -> None:
+    def _add(self, rid: str, prompt_len: int, output_len: int, block_hashes: tuple[bytes, ...] = ()) -> None:
         try:
-            self.engine.add_request(rid, prompt_len, output_len)
+            self.engine.add_request(rid, prompt_len, output_len, block_hashes)
         except ValueError as exc:  # Submit answers INVALID_ARGUMENT; the scheduler fails the request
             self.sim.loop.after(self.sim.overheads.rpc_s, self.sim.scheduler.fail, rid, str(exc))
 

@@ -17,9 +17,11 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 from splitserve.bench.loadgen.arrivals import ArrivalProcess, arrival_times
+from splitserve.bench.loadgen.config import ServeConfig
+from splitserve.bench.loadgen.prompts import PromptFactory
 from splitserve.bench.loadgen.records import RequestRecord
 from splitserve.bench.loadgen.workloads import Workload, sample_lengths
-from splitserve.engine.block_manager import blocks_for
+from splitserve.engine.block_manager import block_hashes, blocks_for
 from splitserve.planner.events import EventLoop
 from splitserve.planner.latency import Profile
 from splitserve.planner.sim_engine import EngineSettings, EngineSpec, Role
@@ -50,6 +52,8 @@ class ClusterSpec:
     heartbeat_interval_s: float = 1.0
     kv_lease_s: float = 30.0  # the prefill server's --kv-lease
     max_pending: int = 256  # the gateway's --max-pending (429 beyond)
+    routing: str = "kv"  # the scheduler's --routing: "kv" or "least-loaded"
+    route_request_tokens: int = 32  # the scheduler's --route-request-tokens
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or (self.mode is Mode.DISAGGREGATED and self.num_decode < 1):
@@ -74,6 +78,9 @@ class SimRequest:
     arrival_s: float
     input_len: int
     output_len: int
+    # The chained hashes of the prompt's full blocks, for workloads whose prompts share prefixes
+    # (system prompts, a trace's hash ids): the prefix cache and KV-aware routing then apply.
+    block_hashes: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 def workload_requests(workload: Workload, rate: float, seed: int, *, burstiness: float = 1.0,
@@ -84,6 +91,20 @@ def workload_requests(workload: Workload, rate: float, seed: int, *, burstiness:
     return [SimRequest(i, t, n_in, n_out) for i, (t, (n_in, n_out)) in enumerate(zip(times, lengths))]
 
 
+def serve_requests(serve: ServeConfig, rate: float, block_size: int) -> list[SimRequest]:
+    """What `bench serve` sends for this config at this rate: for workloads whose prompts share
+    prefixes (--system-prompts, --trace) with their prompts' block hashes, built from the very
+    prompts it would send; otherwise arrivals and lengths alone (no prompt shares a block)."""
+    if serve.shared_prefix is None and serve.trace is None:
+        return workload_requests(serve.workload, rate, serve.seed, burstiness=serve.burstiness,
+                                 num_requests=serve.num_requests, duration_s=serve.duration_s)
+    from splitserve.bench.loadgen.run import request_specs
+
+    factory = PromptFactory(serve.seed, 0, serve.token_range, (), serve.shared_prefix)
+    return [SimRequest(s.index, s.scheduled_s, s.input_len, s.output_len,
+                       tuple(block_hashes(s.prompt, block_size))) for s in request_specs(serve, rate, factory)]
+
+
 # -- placement: services/scheduler/registry.py (a test checks both agree) -------------------------
 
 
@@ -92,6 +113,24 @@ def pick_prefill(takers: list[Server], num_tokens: int, queue_factor: float) -> 
     fits = [w for w in takers if w.outstanding_tokens == 0
             or w.outstanding_tokens + num_tokens <= queue_factor * w.token_budget]
     return min(fits, key=lambda w: (w.outstanding_tokens, len(w.assigned)), default=None)
+
+
+def route_prefill(takers: list[Server], request: SimRequest, queue_factor: float,
+                  request_tokens: int) -> tuple[Server, int] | None:
+    """KV-aware routing (registry.route_prefill): least queued + uncached tokens + request_tokens per
+    assigned request, among those with room; with the prompt tokens expected cached there. A worker's
+    cache is what its engine holds, or what a request routed there and not yet prefilled will leave."""
+    best = None
+    for worker in takers:
+        cached = worker.cached_tokens(request) if request.block_hashes else 0
+        n = request.input_len - cached
+        queued = worker.outstanding_tokens
+        if queued and queued + n > queue_factor * worker.token_budget:
+            continue
+        cost = (worker.outstanding_tokens + n + request_tokens * len(worker.assigned), len(worker.assigned))
+        if best is None or cost < best[0]:
+            best = (cost, worker, cached)
+    return None if best is None else (best[1], best[2])
 
 
 def pick_decode(decoders: list[DecodeServer]) -> DecodeServer:
@@ -116,18 +155,27 @@ class SimScheduler:
 
     def dispatch(self) -> None:
         factor = self.sim.cluster.prefill_queue_factor
+        cluster = self.sim.cluster
         while self.queue:
             rid = self.queue[0]
-            n = self.sim.requests[rid].input_len
-            worker = pick_prefill(self.takers, n, factor)
-            if worker is None:
+            request = self.sim.requests[rid]
+            if cluster.routing == "kv":
+                route = route_prefill(self.takers, request, factor, cluster.route_request_tokens)
+            else:
+                worker = pick_prefill(self.takers, request.input_len, factor)
+                route = None if worker is None else (worker, 0)
+            if route is None:
                 break  # FCFS: nobody overtakes the head
+            worker, cached = route
             self.queue.popleft()
-            worker.assigned[rid] = n
+            worker.assigned[rid] = request.input_len - cached
+            if request.block_hashes:
+                worker.routed[rid] = request.block_hashes
             self.placed[rid] = [worker]
             self.sim.loop.after(self.sim.overheads.rpc_s, worker.submit, rid)
 
     def prefill_done(self, rid: str, worker: Server, finished: bool) -> None:
+        worker.routed.pop(rid, None)  # its blocks are in the engine's cache now
         if worker.assigned.pop(rid, None) is not None:
             self.dispatch()  # it has room for more
         if rid not in self.placed:

@@ -20,7 +20,7 @@ from splitserve.bench.loadgen.config import ServeConfig
 from splitserve.bench.loadgen.metrics import format_report, summarize
 from splitserve.bench.loadgen.run import PointResult, result_json
 from splitserve.planner.latency import Profile
-from splitserve.planner.simulator import ClusterSpec, simulate, workload_requests
+from splitserve.planner.simulator import ClusterSpec, serve_requests, simulate
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 DEFAULT_PROFILE = PROFILES_DIR / "cpu-2core.json"
@@ -35,8 +35,7 @@ class SimulatedRun:
 
 def simulate_point(run: SimulatedRun, rate: float) -> PointResult:
     serve = run.serve
-    requests = workload_requests(serve.workload, rate, serve.seed, burstiness=serve.burstiness,
-                                 num_requests=serve.num_requests, duration_s=serve.duration_s)
+    requests = serve_requests(serve, rate, run.cluster.engine.block_size)
     records = simulate(run.profile, run.cluster, requests)
     return PointResult(rate, (), summarize(records, serve.slo), records)
 

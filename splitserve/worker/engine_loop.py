@@ -100,6 +100,8 @@ class EngineLoop:
         """
         block = not self.engine.has_work
         while True:
+            if block:  # idle from here: what the heartbeats publish must be up to date
+                self.published_cache = self.engine.published_cache(now=True)
             try:
                 item = self._calls.get(block=block)
             except queue.Empty:

@@ -184,6 +184,19 @@ def add_length_args(group) -> None:
                        help="fixed: output tokens (default 32); other workloads: move the output median here")
 
 
+def add_shared_prefix_args(group) -> None:
+    """--system-prompts, --system-prompt-len: prompts that share prefixes (bench serve, simulate, plan)."""
+    group.add_argument("--system-prompts", type=positive_int, default=None, metavar="S",
+                       help="shared system prompts: each request's prompt is one of S system prompts (drawn at "
+                            "random) then its own --input-len tokens; token-id backends only (default: none)")
+    group.add_argument("--system-prompt-len", type=positive_int, default=1024, metavar="L",
+                       help="tokens of each system prompt (default: %(default)s)")
+
+
+def shared_prefix_from_args(args: argparse.Namespace) -> SharedPrefix | None:
+    return SharedPrefix(args.system_prompts, args.system_prompt_len) if args.system_prompts else None
+
+
 def _add_workload_args(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload")
     add_length_args(w)
@@ -192,11 +205,7 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
                    help="prompt token ids are drawn from LO <= id < HI (default: 1000 30000)")
     w.add_argument("--fixed-prompts", action="store_true",
                    help="no random per-run nonce at the start of each prompt: prompts depend on --seed only")
-    w.add_argument("--system-prompts", type=positive_int, default=None, metavar="S",
-                   help="shared system prompts: each request's prompt is one of S system prompts (drawn at "
-                        "random) then its own --input-len tokens; token-id backends only (default: none)")
-    w.add_argument("--system-prompt-len", type=positive_int, default=1024, metavar="L",
-                   help="tokens of each system prompt (default: %(default)s)")
+    add_shared_prefix_args(w)
     w.add_argument("--turns", type=positive_int, default=1, metavar="T",
                    help="multi-turn conversations of T requests: each turn's prompt is the whole history "
                         "(earlier prompts, and replies of their output length) then its own --input-len "
@@ -249,7 +258,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
                         ("--trace", args.trace is not None)):
         if given and args.backend == "openai-chat":
             raise ValueError(f"{flag} needs a token-id backend (openai or grpc), not openai-chat")
-    shared = SharedPrefix(args.system_prompts, args.system_prompt_len) if args.system_prompts else None
+    shared = shared_prefix_from_args(args)
     trace = None
     if args.trace is not None:
         if shared or args.turns > 1 or args.input_len or args.output_len or args.workload != "fixed":
