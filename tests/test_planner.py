@@ -12,10 +12,11 @@ from dataclasses import replace
 
 import pytest
 
-from splitserve.bench.loadgen.config import BackendConfig, ServeConfig
+from splitserve.bench.loadgen.config import BackendConfig, ServeConfig, TraceReplay
 from splitserve.bench.loadgen.metrics import Report, Slo, summarize
 from splitserve.bench.loadgen.prompts import PromptFactory, SharedPrefix
 from splitserve.bench.loadgen.records import RequestRecord
+from splitserve.bench.loadgen.trace import read_trace
 from splitserve.bench.loadgen.run import request_specs
 from splitserve.bench.loadgen.workloads import fixed_workload, get_workload
 from splitserve.engine.block_manager import block_hashes, blocks_for
@@ -208,6 +209,26 @@ def test_the_simulator_and_a_replay_send_bench_serve_s_shared_system_prompts():
     assert [r.block_hashes for r in replayed] == [tuple(block_hashes(real.token_ids(i, 32), 16))
                                                   for i in range(3)]
     assert prompt_factory({"seed": 3}, 0, point) is None  # no shared prompts: nothing to rebuild
+
+
+def test_simulate_replays_a_trace_with_its_shared_blocks(tmp_path):
+    """`simulate --trace`: the trace's arrivals (stretched to the rate) and lengths, and its shared
+    hash ids as shared blocks, which the simulated prefill server reuses."""
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps({"timestamp": 1000 * i, "input_length": 100, "output_length": 4,
+                                         "hash_ids": [7, 8 + i % 2]}) + "\n" for i in range(6)))
+    done = _run("simulate", "--trace", str(trace), "--trace-block-size", "64", "--rate", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    (point,) = out["points"]
+    assert point["report"]["completed"] == 6 and out["config"]["trace"]["num_requests"] == 6
+    assert [r["input_len"] for r in point["records"]] == [100] * 6
+    serve = ServeConfig(BackendConfig("simulate", "profile"), fixed_workload(1, 1), (1.0,), num_requests=6,
+                        trace=TraceReplay(trace, tuple(read_trace(trace)), 64))
+    sent = serve_requests(serve, 1.0, 16)
+    assert [r.arrival_s for r in sent] == [float(i) for i in range(6)]
+    # Hash id 7 (64 tokens, 4 blocks) starts every prompt; 8 and 9 alternate after it.
+    assert len({r.block_hashes[:4] for r in sent}) == 1 and len({r.block_hashes[4] for r in sent}) == 2
 
 
 def test_prompts_are_prefilled_first_come_first_served():

@@ -16,6 +16,7 @@ from splitserve.bench.loadgen.config import (  # the same flags as bench serve
     _positive_float,
     add_length_args,
     add_shared_prefix_args,
+    add_trace_args,
 )
 from splitserve.common.engine_args import positive_float, positive_int
 
@@ -80,6 +81,7 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     load.add_argument("--seed", type=int, default=0, help="seed of arrivals and lengths (default: 0)")
     add_length_args(load)
     add_shared_prefix_args(load)
+    add_trace_args(load)
 
 
 def run(args: argparse.Namespace) -> int:

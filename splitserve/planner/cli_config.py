@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from splitserve.bench.loadgen.config import BackendConfig, ServeConfig, shared_prefix_from_args
+from splitserve.bench.loadgen.config import (BackendConfig, ServeConfig, shared_prefix_from_args,
+                                             trace_from_args)
 from splitserve.bench.loadgen.metrics import Slo
 from splitserve.bench.loadgen.workloads import get_workload, preset_slos
 from splitserve.commands.up import split_cpus
@@ -71,11 +72,14 @@ def simulated_run_from_args(args: argparse.Namespace) -> SimulateSetup:
     if "placeholder" in profile.source.lower():
         warnings.append(f"{profile_path} is a placeholder profile (see its 'source'), not a measured one")
     num_requests = args.num_requests or (None if args.duration else 100)
+    trace = trace_from_args(args)
+    if trace is not None:
+        num_requests = None if args.duration else len(trace.requests)
     preset_slos(args)
     serve = ServeConfig(
         backend=BackendConfig("simulate", str(profile_path), profile.model.name),
         workload=get_workload(args.workload, args.input_len, args.output_len),
-        shared_prefix=shared_prefix_from_args(args),
+        shared_prefix=shared_prefix_from_args(args), trace=trace,
         rates=tuple(args.rates or [args.rate]), burstiness=args.burstiness, num_requests=num_requests,
         duration_s=args.duration, seed=args.seed, slo=Slo(args.ttft_slo, args.tpot_slo, args.attainment),
         label=args.label or args.mode, pause_s=0.0, output=args.output, plot=args.plot,

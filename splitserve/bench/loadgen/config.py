@@ -187,8 +187,9 @@ def add_length_args(group) -> None:
 def add_shared_prefix_args(group) -> None:
     """--system-prompts, --system-prompt-len: prompts that share prefixes (bench serve, simulate, plan)."""
     group.add_argument("--system-prompts", type=positive_int, default=None, metavar="S",
-                       help="shared system prompts: each request's prompt is one of S system prompts (drawn at "
-                            "random) then its own --input-len tokens; token-id backends only (default: none)")
+                       help="shared system prompts: each request's prompt is one of S system prompts "
+                            "(drawn at random) then its own --input-len tokens; token-id backends only "
+                            "(default: none)")
     group.add_argument("--system-prompt-len", type=positive_int, default=1024, metavar="L",
                        help="tokens of each system prompt (default: %(default)s)")
 
@@ -214,16 +215,37 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     w.add_argument("--think-time", type=_non_negative_float, default=1.0, metavar="S",
                    help="mean seconds (exponential) between a turn's reply and the next turn (default: "
                         "%(default)s)")
-    w.add_argument("--trace", type=Path, default=None, metavar="FILE.jsonl",
-                   help="replay a Mooncake-format trace (one JSON line per request: timestamp in ms, "
-                        "input_length, output_length, hash_ids of --trace-block-size blocks; equal ids are "
-                        "equal blocks) instead of --workload; each rate stretches its timestamps to that "
-                        "mean; token-id backends only")
-    w.add_argument("--trace-block-size", type=positive_int, default=MOONCAKE_BLOCK_TOKENS, metavar="N",
-                   help="tokens per hash id in the trace (default: %(default)s, Mooncake's)")
-    w.add_argument("--trace-length-scale", type=_positive_float, default=1.0, metavar="F",
-                   help="multiply the trace's input, output and block lengths by F (e.g. 0.1 for a small "
-                        "machine; the sharing between requests stays) (default: %(default)s)")
+    add_trace_args(w)
+
+
+def add_trace_args(group) -> None:
+    """--trace and its scaling flags (bench serve, simulate)."""
+    group.add_argument("--trace", type=Path, default=None, metavar="FILE.jsonl",
+                       help="replay a Mooncake-format trace (one JSON line per request: timestamp in ms, "
+                            "input_length, output_length, hash_ids of --trace-block-size blocks; equal ids "
+                            "are equal blocks) instead of --workload; each rate stretches its timestamps to "
+                            "that mean; token-id backends only")
+    group.add_argument("--trace-block-size", type=positive_int, default=MOONCAKE_BLOCK_TOKENS, metavar="N",
+                       help="tokens per hash id in the trace (default: %(default)s, Mooncake's)")
+    group.add_argument("--trace-length-scale", type=_positive_float, default=1.0, metavar="F",
+                       help="multiply the trace's input, output and block lengths by F (e.g. 0.1 for a small "
+                            "machine; the sharing between requests stays) (default: %(default)s)")
+
+
+def trace_from_args(args: argparse.Namespace) -> TraceReplay | None:
+    """The --trace replay, its first --num-requests requests (all with --duration); None without one.
+    A trace sets the lengths and shared prefixes: --workload, --input-len, --output-len and
+    --system-prompts are refused beside it."""
+    if args.trace is None:
+        return None
+    if args.system_prompts or getattr(args, "turns", 1) > 1 or args.input_len or args.output_len or (
+            args.workload != "fixed"):
+        raise ValueError("--trace sets the lengths and shared prefixes: it takes no --workload, "
+                         "--input-len, --output-len, --system-prompts or --turns")
+    if not args.trace.is_file():
+        raise ValueError(f"--trace {args.trace}: no such file")
+    requests = read_trace(args.trace, None if args.duration else args.num_requests)
+    return TraceReplay(args.trace, tuple(requests), args.trace_block_size, args.trace_length_scale)
 
 
 def _add_slo_args(p: argparse.ArgumentParser) -> None:
@@ -259,16 +281,9 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         if given and args.backend == "openai-chat":
             raise ValueError(f"{flag} needs a token-id backend (openai or grpc), not openai-chat")
     shared = shared_prefix_from_args(args)
-    trace = None
-    if args.trace is not None:
-        if shared or args.turns > 1 or args.input_len or args.output_len or args.workload != "fixed":
-            raise ValueError("--trace sets the lengths and shared prefixes: it takes no --workload, "
-                             "--input-len, --output-len, --system-prompts or --turns")
-        if not args.trace.is_file():
-            raise ValueError(f"--trace {args.trace}: no such file")
-        requests = read_trace(args.trace, None if args.duration else args.num_requests)
-        trace = TraceReplay(args.trace, tuple(requests), args.trace_block_size, args.trace_length_scale)
-        num_requests = None if args.duration else len(requests)
+    trace = trace_from_args(args)
+    if trace is not None:
+        num_requests = None if args.duration else len(trace.requests)
     preset_slos(args)
     return ServeConfig(
         backend=BackendConfig(args.backend, args.url, args.model, api_key_from_args(args), args.request_timeout),
