@@ -19,7 +19,7 @@ import torch
 from conftest import make_prompts
 
 from splitserve.engine import EngineConfig, LLMEngine, SamplingParams
-from splitserve.v1 import gateway_pb2, gateway_pb2_grpc
+from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.timeout(300)
 TRANSPORTS = ["ucx", "grpc"]
@@ -51,6 +51,81 @@ def _generate_ids(address: str, prompt: list[int], max_tokens: int) -> tuple[lis
                                               ignore_eos=True)
         responses = list(gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=120))
     return [t for r in responses for t in r.token_ids], responses[-1]
+
+
+# Penalized greedy and seeded sampling with min_p and a bias, each with log probabilities: in the
+# disaggregated path the first token (and its logprobs) comes from the prefill server, the rest from
+# the decode server, which must penalize the output so far exactly as a colocated engine does.
+SCORED_PARAMS = [
+    dict(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.3,
+         top_logprobs=3),
+    dict(temperature=0.8, seed=5, min_p=0.1, frequency_penalty=1.0, top_logprobs=2),
+]
+SCORED_TEXT = "Scoring check: name the colours of the rainbow in order, then three rivers of Europe."
+
+
+def scored_prompt(tokenizer) -> tuple[list[int], tuple[tuple[int, float], ...]]:
+    """A prompt no other test sends (no cached prefix: the same prefill path as the reference), and
+    a bias that makes " blue" likelier and " red" impossible."""
+    bias = ((tokenizer(" blue")["input_ids"][0], 4.0), (tokenizer(" red")["input_ids"][0], -100.0))
+    return tokenizer(SCORED_TEXT)["input_ids"], bias
+
+
+def scored_reference(model, chunk_size: int | None = None, max_tokens: int = 20) -> list[tuple[list, list]]:
+    """(tokens, per-token (logprob, top ids, top logprobs)) of an in-process colocated engine on one
+    thread, for each of SCORED_PARAMS."""
+    prompt, bias = scored_prompt(model.tokenizer)
+    engine = LLMEngine(EngineConfig(kv_cache_bytes=1 << 28, chunk_size=chunk_size), loaded=model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = []
+        for i, kwargs in enumerate(SCORED_PARAMS):
+            params = SamplingParams(max_new_tokens=max_tokens, ignore_eos=True, logit_bias=bias,
+                                    logprobs=True, **kwargs)
+            engine.add_request(f"scored-{i}", prompt, params)
+            outputs = []
+            while engine.has_work:
+                outputs += engine.step()
+            scores = [(o.logprobs.logprob, [t for t, _ in o.logprobs.top], [v for _, v in o.logprobs.top])
+                      for o in outputs]
+            results.append(([o.token_id for o in outputs], scores))
+        return results
+    finally:
+        torch.set_num_threads(threads)
+
+
+def scored_through(address: str, tokenizer, max_tokens: int = 20) -> list[tuple[list, list]]:
+    """The same requests through a cluster's gateway (gRPC), as scored_reference returns them."""
+    prompt, bias = scored_prompt(tokenizer)
+    results = []
+    with grpc.insecure_channel(address) as channel:
+        for kwargs in SCORED_PARAMS:
+            request = gateway_pb2.GenerateRequest(
+                prompt_token_ids=prompt, max_tokens=max_tokens, ignore_eos=True, logprobs=True,
+                logit_bias=[common_pb2.LogitBias(token_id=t, bias=b) for t, b in bias], **kwargs)
+            responses = list(gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=120))
+            results.append(([t for r in responses for t in r.token_ids],
+                            [(lp.logprob, list(lp.top_token_ids), list(lp.top_logprobs))
+                             for r in responses for lp in r.logprobs]))
+    return results
+
+
+def assert_scored_equal(got: list, expected: list) -> None:
+    """Equal tokens, top ids and log probabilities (float32 on the wire: the engine's values exactly)."""
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, expected, strict=True):
+        assert tokens == want_tokens
+        assert [(torch.tensor(lp).float().item(), ids, [torch.tensor(v).float().item() for v in top])
+                for lp, ids, top in want_logprobs] == logprobs
+
+
+def test_logprobs_and_penalties_through_the_cluster_equal_the_colocated_engine(ucx_cluster, model_bf16):
+    expected = scored_reference(model_bf16)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=20, ignore_eos=True)
+    unpenalized = LLMEngine(EngineConfig(kv_cache_bytes=1 << 26), loaded=model_bf16).generate(
+        [scored_prompt(model_bf16.tokenizer)[0]], greedy)
+    assert expected[0][0] != unpenalized[0]  # the penalties and the bias change the output
+    assert_scored_equal(scored_through(ucx_cluster.grpc_address, model_bf16.tokenizer), expected)
 
 
 def test_greedy_output_through_the_cluster_equals_the_engine(cluster, reference_outputs):

@@ -12,7 +12,15 @@ import openai
 import pytest
 import torch
 from conftest import make_prompts, start_cluster, stop_cluster
-from test_cluster import MODEL, _generate_ids, _post, _stream_one
+from test_cluster import (
+    MODEL,
+    _generate_ids,
+    _post,
+    _stream_one,
+    assert_scored_equal,
+    scored_reference,
+    scored_through,
+)
 
 from splitserve.engine import EngineConfig, LLMEngine, SamplingParams
 from splitserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
@@ -64,6 +72,13 @@ def test_colocated_workers_serve_whole_requests_equal_to_the_engine(mode_cluster
         assert all(s > 0 for s in steps) and steps == sorted(steps)
         assert len(t.token_times) == len(expected) - 1
         assert t.kv_transfer_bytes == 0  # nothing moved
+
+
+def test_logprobs_and_penalties_equal_the_engine_and_so_the_disaggregated_path(mode_cluster, model_bf16):
+    """The same reference as test_cluster's disaggregated cluster must equal: both paths give the same."""
+    mode, cluster = mode_cluster
+    expected = scored_reference(model_bf16, CHUNK_SIZE if mode == "chunked" else None)
+    assert_scored_equal(scored_through(cluster.grpc_address, model_bf16.tokenizer), expected)
 
 
 def test_concurrent_streams_complete_and_free_every_block(mode_cluster, model_bf16):

@@ -5,7 +5,9 @@ one prefill and one decode worker (or none), and a worker that reads the Redis r
 answers each request on its reply stream with the tokens of OUTPUT_TEXT, recording cancels. The
 request's seed picks a behaviour: HOLD_SEED sends one token and waits for a cancel, REPLAY_SEED
 resends positions as a replayed request would, ERROR_SEED fails the request after one token, GAP_SEED
-skips a position (as a reply lost on its way would).
+skips a position (as a reply lost on its way would), NO_LOGPROBS_SEED sends no log probabilities
+where they were asked for. Otherwise position i's token has log probability -(i + 1) / 8, and its k
+top tokens are the output's next k tokens, with -1/4, -2/4, ...
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from splitserve.v1 import gateway_pb2_grpc, scheduler_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
 
 OUTPUT_TEXT = " one two three four five six seven eight nine ten eleven twelve"
-HOLD_SEED, REPLAY_SEED, ERROR_SEED, GAP_SEED = 7001, 7002, 7003, 7004
+HOLD_SEED, REPLAY_SEED, ERROR_SEED, GAP_SEED, NO_LOGPROBS_SEED = 7001, 7002, 7003, 7004, 7005
 API_KEY = "test-key"
 MODEL = "smol-test"
 MAX_PENDING = 3
@@ -152,6 +154,9 @@ class FakeCluster:
         async def send(index: int, ids: list[int], finish: int = 0, **fields) -> None:
             event = pb.TokenEvent(request_id=request.request_id, index=index, token_ids=ids,
                                   finish_reason=finish, **fields)
+            if request.sampling.logprobs and request.sampling.seed != NO_LOGPROBS_SEED:
+                event.logprobs.extend(self.logprobs(index + i, request.sampling.top_logprobs)
+                                      for i in range(len(ids)))
             await client.xadd(request.reply_stream, {FIELD: event.SerializeToString()})
             await asyncio.sleep(0.002)
 
@@ -175,6 +180,13 @@ class FakeCluster:
         length = request.sampling.max_tokens <= len(self.output_ids)
         await send(len(ids) - 1, ids[-1:], pb.FINISH_REASON_LENGTH if length else pb.FINISH_REASON_STOP,
                    timeline=self._timeline(request, len(ids)))
+
+    def logprobs(self, index: int, top: int) -> pb.TokenLogprobs:
+        """What the fake sends for position index (the module docstring says what)."""
+        ids = self.output_ids
+        return pb.TokenLogprobs(logprob=-(index + 1) / 8,
+                                top_token_ids=[ids[(index + r) % len(ids)] for r in range(top)],
+                                top_logprobs=[-(r + 1) / 4 for r in range(top)])
 
     @staticmethod
     def _timeline(request: pb.QueuedRequest, num_tokens: int) -> pb.Timeline:
@@ -321,8 +333,9 @@ def test_completion_with_usage_and_a_fully_set_queued_request(gateway):
         len(prompt_ids), 5, len(prompt_ids) + 5)
     queued = next(r for r in gateway.fake.received if r.request_id == resp.id)
     assert list(queued.prompt_token_ids) == prompt_ids
-    assert queued.sampling == pb.SamplingParams(temperature=0.5, top_p=0.9, top_k=0,
-                                                seed=2**64 - 3, max_tokens=5, min_tokens=2, ignore_eos=True)
+    assert queued.sampling == pb.SamplingParams(temperature=0.5, top_p=0.9, top_k=0, seed=2**64 - 3,
+                                                max_tokens=5, min_tokens=2, ignore_eos=True,
+                                                repetition_penalty=1.0)
     assert queued.reply_stream.startswith("splitserve:replies:gateway-")
     assert 0 < queued.timeline.arrival <= queued.timeline.queued <= time.time()
 
@@ -410,6 +423,80 @@ def test_stop_strings_truncate_the_text_and_cancel_upstream(gateway):
     wait_until(lambda: chunks[0].id in gateway.fake.cancels, 5, "cancel of the stopped stream")
 
 
+def fake_logprobs(gateway, num_tokens: int, top: int) -> list[tuple[str, float, dict[str, float]]]:
+    """(token text, logprob, top text -> logprob) per position, as the fake sends them."""
+    ids, text = gateway.output_ids, gateway.tokenizer.decode
+    return [(text([ids[i]]), -(i + 1) / 8,
+             {text([ids[(i + r) % len(ids)]]): -(r + 1) / 4 for r in range(top)}) for i in range(num_tokens)]
+
+
+@pytest.mark.timeout(30)
+def test_completion_logprobs_streamed_or_not(gateway):
+    expected = fake_logprobs(gateway, 4, 2)
+    resp = gateway.client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, logprobs=2)
+    logprobs = resp.choices[0].logprobs
+    assert logprobs.tokens == [t for t, _, _ in expected]
+    assert logprobs.token_logprobs == [lp for _, lp, _ in expected]
+    assert logprobs.top_logprobs == [top for _, _, top in expected]
+    assert logprobs.text_offset == [sum(len(t) for t, _, _ in expected[:i]) for i in range(4)]
+    queued = next(r for r in gateway.fake.received if r.request_id == resp.id)
+    assert (queued.sampling.logprobs, queued.sampling.top_logprobs) == (True, 2)
+
+    chunks = list(gateway.client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, logprobs=0,
+                                                    stream=True))
+    streamed = [lp for c in chunks if c.choices and c.choices[0].logprobs
+                for lp in c.choices[0].logprobs.token_logprobs]
+    assert streamed == [lp for _, lp, _ in expected]
+    assert all(top == {} for c in chunks if c.choices and c.choices[0].logprobs
+               for top in c.choices[0].logprobs.top_logprobs)
+    plain = gateway.client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+@pytest.mark.timeout(30)
+def test_chat_logprobs_streamed_or_not(gateway):
+    expected = fake_logprobs(gateway, 3, 1)
+    messages = [{"role": "user", "content": "Hi"}]
+    resp = gateway.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, logprobs=True,
+                                                  top_logprobs=1)
+    content = resp.choices[0].logprobs.content
+    assert [(c.token, c.logprob, c.bytes) for c in content] == [
+        (t, lp, list(t.encode())) for t, lp, _ in expected]
+    assert [{t.token: t.logprob for t in c.top_logprobs} for c in content] == [top for _, _, top in expected]
+    chunks = list(gateway.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3,
+                                                         logprobs=True, stream=True))
+    streamed = [(c.token, c.logprob, c.top_logprobs) for chunk in chunks if chunk.choices[0].logprobs
+                for c in chunk.choices[0].logprobs.content]
+    assert streamed == [(t, lp, []) for t, lp, _ in expected]
+    plain = gateway.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+@pytest.mark.timeout(30)
+def test_penalties_bias_and_min_p_reach_the_workers(gateway):
+    resp = gateway.client.completions.create(
+        model=MODEL, prompt="Hi", max_tokens=2, presence_penalty=0.5, frequency_penalty=-1.5,
+        logit_bias={"15": -100, "7": 2.5}, extra_body={"repetition_penalty": 1.2, "min_p": 0.05})
+    queued = next(r for r in gateway.fake.received if r.request_id == resp.id)
+    assert queued.sampling.presence_penalty == 0.5 and queued.sampling.frequency_penalty == -1.5
+    assert queued.sampling.repetition_penalty == pytest.approx(1.2)
+    assert queued.sampling.min_p == pytest.approx(0.05)
+    assert [(b.token_id, b.bias) for b in queued.sampling.logit_bias] == [(15, -100.0), (7, 2.5)]
+    [response] = gateway.generate(prompt="Hi", max_tokens=1, presence_penalty=2.0, min_p=0.5,
+                                  logit_bias=[pb.LogitBias(token_id=3, bias=-1)], request_id="pen")
+    queued = gateway.fake.received[-1]
+    assert response.request_id == "pen" and queued.sampling.presence_penalty == 2.0
+    assert (queued.sampling.min_p, queued.sampling.repetition_penalty) == (0.5, 1.0)
+    assert [(b.token_id, b.bias) for b in queued.sampling.logit_bias] == [(3, -1.0)]
+
+
+@pytest.mark.timeout(30)
+def test_tokens_without_the_logprobs_asked_for_fail_the_request(gateway):
+    resp = gateway.post("/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 3, "logprobs": 1,
+                                            "seed": NO_LOGPROBS_SEED})
+    assert resp.status_code == 500 and "log probabilities" in resp.json()["error"]["message"]
+
+
 BAD_COMPLETIONS = [
     {"prompt": ""}, {"prompt": []}, {}, {"prompt": ["a", "b"]}, {"prompt": {"text": "x"}},
     {"prompt": [100] * MAX_MODEL_LEN},  # no room left in the workers' context (the config allows 8192)
@@ -419,12 +506,23 @@ BAD_COMPLETIONS = [
     {"prompt": "x", "top_k": -5}, {"prompt": "x", "n": 2},
     {"prompt": "x", "stop": [""]}, {"prompt": "x", "stop": 5}, {"prompt": "x", "min_tokens": 20},
     {"prompt": [10**9]}, {"prompt": "x", "seed": "x"}, {"prompt": "x", "stream": "yes"},
-    {"prompt": "x", "logprobs": 2}, {"prompt": "x", "stream_options": {"include_usage": True}},
+    {"prompt": "x", "logprobs": 21}, {"prompt": "x", "logprobs": True}, {"prompt": "x", "echo": True},
+    {"prompt": "x", "stream_options": {"include_usage": True}}, {"prompt": "x", "presence_penalty": 2.5},
+    {"prompt": "x", "frequency_penalty": "1"}, {"prompt": "x", "repetition_penalty": 0},
+    {"prompt": "x", "min_p": 1.5}, {"prompt": "x", "logit_bias": {"abc": 1}},
+    {"prompt": "x", "logit_bias": []},
+    {"prompt": "x", "logit_bias": {"5": 101}}, {"prompt": "x", "logit_bias": {"5": 10**400}},
+    {"prompt": "x", "logit_bias": {"999999999": 1}},  # out of the vocabulary
+    {"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, {"prompt": "x", "guided_json": {}},
 ]
 BAD_CHATS = [
     {}, {"messages": []}, {"messages": [{"role": "user"}]}, {"messages": [{"role": 5, "content": "x"}]},
     {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+    {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},  # without logprobs
+    {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+    {"messages": [{"role": "user", "content": "x"}], "logprobs": 1},
+    {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
 ]
 
 
@@ -567,13 +665,23 @@ def test_grpc_generate_streams_text_usage_and_timeline(gateway):
     assert chat[-1].finish_reason == pb.FINISH_REASON_STOP
     ids = gateway.generate(prompt_token_ids=[5, 6, 7], max_tokens=1)
     assert ids[-1].usage.prompt_tokens == 3
+    scored = gateway.generate(prompt="Hi", max_tokens=3, logprobs=True, top_logprobs=2)
+    positions = [lp for r in scored for lp in r.logprobs]
+    assert [lp.logprob for lp in positions] == [-1 / 8, -2 / 8, -3 / 8]
+    assert [list(lp.top_token_ids) for lp in positions] == [gateway.output_ids[i:i + 2] for i in range(3)]
+    assert all(list(lp.top_logprobs) == [-0.25, -0.5] for lp in positions)
+    assert not any(r.logprobs for r in responses)
 
 
 @pytest.mark.timeout(30)
 def test_grpc_bad_input_is_invalid_argument(gateway):
     bad = [{}, {"prompt": "x", "prompt_token_ids": [1]}, {"prompt": "x", "temperature": -1.0},
            {"prompt": "x", "max_tokens": 0}, {"prompt": "x", "top_p": 2.0}, {"prompt": "x", "model": "other"},
-           {"prompt_token_ids": [100] * MAX_MODEL_LEN}]
+           {"prompt_token_ids": [100] * MAX_MODEL_LEN}, {"prompt": "x", "presence_penalty": 3.0},
+           {"prompt": "x", "repetition_penalty": -1.0}, {"prompt": "x", "min_p": 2.0},
+           {"prompt": "x", "top_logprobs": 2}, {"prompt": "x", "logprobs": True, "top_logprobs": 21},
+           {"prompt": "x", "logit_bias": [pb.LogitBias(token_id=10**9, bias=1.0)]},
+           {"prompt": "x", "logit_bias": [pb.LogitBias(token_id=1, bias=float("nan"))]}]
 
     def send_all():
         for fields in bad:

@@ -17,7 +17,16 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_gateway import API_KEY, ERROR_SEED, HOLD_SEED, MODEL, REPLAY_SEED, gateway, wait_until  # noqa: F401
+from test_gateway import (  # noqa: F401
+    API_KEY,
+    ERROR_SEED,
+    HOLD_SEED,
+    MODEL,
+    NO_LOGPROBS_SEED,
+    REPLAY_SEED,
+    gateway,
+    wait_until,
+)
 
 from splitserve.services.gateway.errors import ApiError
 from splitserve.services.gateway.frontend import Frontend
@@ -30,7 +39,8 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))
 # derandomize: CI runs the same examples every time, so a failure here reproduces.
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-FAKE_SEEDS = {HOLD_SEED, REPLAY_SEED, ERROR_SEED}  # seeds that make the fake cluster hold or fail
+# Seeds that make the fake cluster hold or fail.
+FAKE_SEEDS = {HOLD_SEED, REPLAY_SEED, ERROR_SEED, NO_LOGPROBS_SEED}
 
 # -- strategies -----------------------------------------------------------------------------------
 
@@ -57,7 +67,12 @@ SAMPLING_FIELDS = {
     "ignore_eos": st.booleans(),
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans(), "extra": st.none()}),
-    "n": st.integers(0, 3), "logprobs": st.integers(0, 2) | st.booleans(),
+    "n": st.integers(0, 3), "logprobs": st.integers(0, 22) | st.booleans(),
+    "top_logprobs": st.integers(-1, 22),
+    "presence_penalty": st.floats(-3, 3), "frequency_penalty": st.floats(-3, 3),
+    "repetition_penalty": st.floats(-1, 3), "min_p": st.floats(-0.5, 1.5),
+    "logit_bias": st.dictionaries(st.integers(-2, 60_000).map(str) | st.text(max_size=4),
+                                  st.floats(-150, 150) | st.integers(-10**30, 10**30), max_size=4),
     "model": st.sampled_from([MODEL, "other", "x" * 10_000]),
 }
 

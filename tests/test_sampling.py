@@ -1,5 +1,7 @@
 """Sampling parameters and stop conditions, on the real model."""
 
+import math
+
 import pytest
 
 from splitserve.engine import EngineConfig, FinishReason, LLMEngine, LoadedModel, SamplingParams
@@ -83,6 +85,15 @@ def test_eos_stops_unless_ignored(engine):
     (dict(top_k=0), "top_k"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(min_new_tokens=5, max_new_tokens=2), "min_new_tokens"),
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+    (dict(min_p=1.5), "min_p"),
+    (dict(logit_bias=((1, 101.0),)), "logit_bias"),
+    (dict(logit_bias=tuple((i, 1.0) for i in range(301))), "logit_bias"),
+    (dict(top_logprobs=2), "top_logprobs"),
+    (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
 ])
 def test_bad_sampling_params_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -98,6 +109,8 @@ def test_engine_rejects_requests_it_cannot_serve(engine, prompt):
         engine.add_request("z", [], SamplingParams())
     with pytest.raises(ValueError, match="stop_token_ids"):
         engine.add_request("w", prompt, SamplingParams(stop_token_ids=(10**7,), min_new_tokens=1))
+    with pytest.raises(ValueError, match="logit_bias"):
+        engine.add_request("v", prompt, SamplingParams(logit_bias=((10**7, 1.0),)))
     assert not engine.has_work
 
 
@@ -150,3 +163,81 @@ def test_top_k_keeps_exactly_k_candidates_under_ties():
         seq = Sequence("t", [1], SamplingParams(temperature=1.0, top_k=2, seed=seed), seed=seed)
         picks.update(sample(logits.clone(), [seq], frozenset(), torch.Generator()))
     assert len(picks) == 2 and picks <= {0, 1, 2}
+
+
+def _seq(prompt, output, **params):
+    from splitserve.engine.request import Sequence
+
+    return Sequence("t", prompt, SamplingParams(**params), output_token_ids=output,
+                    seed=params.get("seed", 0))
+
+
+def test_bias_and_penalties_follow_vllm_arithmetic():
+    import torch
+
+    from splitserve.engine.sampler import _process
+
+    logits = torch.tensor([2.0, -1.0, 3.0, 0.5, 4.0, -2.0])
+    # Prompt 0, 1; output 2, 2, 3. Repetition 2 on tokens 0-3 (positive /2, negative *2), then
+    # frequency 0.5 per occurrence and presence 1 once, on the output's tokens only; bias on 4 and 5.
+    seq = _seq([0, 1], [2, 2, 3], repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=1.0,
+               logit_bias=((4, -3.0), (5, 10.0)))
+    expected = torch.tensor([1.0, -2.0, 1.5 - 1.0 - 1.0, 0.25 - 0.5 - 1.0, 1.0, 8.0])
+    assert torch.equal(_process(logits, seq), expected)
+    assert torch.equal(_process(logits, _seq([0], [], frequency_penalty=1.0)), logits)  # no output yet
+    assert torch.equal(logits, torch.tensor([2.0, -1.0, 3.0, 0.5, 4.0, -2.0]))  # the row itself unchanged
+
+
+def test_a_biased_or_penalized_greedy_row_takes_the_processed_argmax():
+    import torch
+
+    from splitserve.engine.sampler import plain_greedy_tokens, sample_one
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]])
+    plain, biased = _seq([0], [], temperature=0.0), _seq([0], [], temperature=0.0, logit_bias=((2, 5.0),))
+    assert plain_greedy_tokens(logits, [plain, biased]) == [1, None]
+    assert sample_one(logits[0], biased, frozenset(), torch.Generator()) == 2
+    repeated = _seq([0], [1], temperature=0.0, presence_penalty=2.0)  # 3 - 2 < 2
+    assert sample_one(logits[0], repeated, frozenset(), torch.Generator()) == 2
+
+
+def test_min_p_drops_tokens_below_its_share_of_the_best():
+    import math
+
+    import torch
+
+    from splitserve.engine.sampler import sample_one
+
+    probs = torch.tensor([0.5, 0.3, 0.12, 0.08])  # min_p 0.2: keep p >= 0.1
+    logits = probs.log()
+    picks = {sample_one(logits, _seq([0], [], seed=s, min_p=0.2), frozenset(), torch.Generator())
+             for s in range(300)}
+    assert picks == {0, 1, 2}
+    picks = {sample_one(logits, _seq([0], [], seed=s), frozenset(), torch.Generator()) for s in range(300)}
+    assert 3 in picks and math.isclose(probs.sum().item(), 1.0)
+
+
+def test_logprobs_are_the_models_raw_distribution(engine, prompt):
+    import torch
+
+    from splitserve.engine.sampler import token_logprobs
+
+    params = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True, logprobs=True, top_logprobs=4,
+                            frequency_penalty=0.5)
+    seq = engine.add_request("lp", prompt, params)
+    outputs = []
+    while engine.has_work:
+        outputs += engine.step()
+    assert [o.token_id for o in outputs] == seq.output_token_ids
+    for out in outputs:
+        lp = out.logprobs
+        assert len(lp.top) == 4 and [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+        assert lp.logprob <= lp.top[0][1] and sum(math.exp(v) for _, v in lp.top) <= 1.0 + 1e-5
+    # A row with -inf and NaN: log probabilities stay finite (vLLM's -9999 floor).
+    row = torch.tensor([0.0, float("-inf"), float("nan"), 1.0])
+    got = token_logprobs(row, 1, 4)
+    assert got.logprob == -9999.0 and all(math.isfinite(v) for _, v in got.top)
+    assert got.top[0][0] == 3 and math.isclose(got.top[0][1], -math.log1p(math.exp(-1.0)), rel_tol=1e-6)
+    plain = engine.add_request("plain", prompt, SamplingParams(max_new_tokens=2))
+    while engine.has_work:
+        assert all(o.logprobs is None for o in engine.step() if o.request_id == plain.request_id)

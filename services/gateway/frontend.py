@@ -94,6 +94,7 @@ class Frontend:
         max_model_len = self.max_model_len
         self.model.check_prompt_size(request.prompt, max_model_len)
         self.model.check_token_ids(request.sampling.stop_token_ids, "stop_token_ids")
+        self.model.check_token_ids(tuple(t for t, _ in request.sampling.logit_bias), "logit_bias")
         loop = asyncio.get_running_loop()
         prompt_ids = await loop.run_in_executor(self._tokenize_pool, self.model.encode, request.prompt)
         if not prompt_ids:
@@ -156,7 +157,8 @@ class Generation:
             if frontend.draining:  # it began while this request was tokenized: abort_all may be done
                 raise ApiError(ErrorKind.UNAVAILABLE, "the gateway is shutting down")
             self.processor = OutputProcessor(frontend.model.tokenizer, self.request.sampling.stop,
-                                             len(queued.prompt_token_ids))
+                                             len(queued.prompt_token_ids), self.request.sampling.logprobs,
+                                             self.request.sampling.top_logprobs)
             self._queue = frontend.services.router.register(self.request_id)
             await self._enqueue(queued)
         except BaseException:

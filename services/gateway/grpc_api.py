@@ -69,6 +69,13 @@ def request_from_proto(msg: gpb.GenerateRequest) -> GenerationRequest:
         ignore_eos=msg.ignore_eos,
         stop=tuple(msg.stop),
         stop_token_ids=tuple(msg.stop_token_ids),
+        presence_penalty=msg.presence_penalty if msg.HasField("presence_penalty") else 0.0,
+        frequency_penalty=msg.frequency_penalty if msg.HasField("frequency_penalty") else 0.0,
+        repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
+        min_p=msg.min_p if msg.HasField("min_p") else 0.0,
+        logit_bias=tuple((b.token_id, b.bias) for b in msg.logit_bias),
+        logprobs=msg.logprobs,
+        top_logprobs=msg.top_logprobs,
     )
     return GenerationRequest(Api.GRPC, prompt_from_proto(msg), sampling, msg.model or None,
                              client_request_id(msg.request_id), cache_salt_option(msg.cache_salt or None))
@@ -98,4 +105,8 @@ def response_from_output(request_id: str, output: Output) -> gpb.GenerateRespons
                                           cached_prompt_tokens=usage.cached_tokens))
     if output.timeline is not None:
         response.timeline.CopyFrom(output.timeline)
+    for position in output.logprobs:
+        top = position.top
+        response.logprobs.add(logprob=position.chosen.logprob, top_token_ids=[t.token_id for t in top],
+                              top_logprobs=[t.logprob for t in top])
     return response

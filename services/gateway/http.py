@@ -92,8 +92,8 @@ class HttpRoutes:
         client_id = client_request_id(request.headers.get("X-Request-Id", ""))
         generation_request = dataclasses.replace(parsed.generation, client_request_id=client_id)
         async with self.frontend.generate(generation_request) as generation:
-            renderer = renderer_for(parsed.generation.api, generation.request_id,
-                                    self.frontend.model.name, parsed.include_usage)
+            renderer = renderer_for(parsed.generation.api, generation.request_id, self.frontend.model.name,
+                                    parsed.include_usage, parsed.generation.sampling.logprobs)
             headers = {"X-Request-Id": client_id or generation.request_id}
             if parsed.stream:
                 return await stream_sse(request, generation, renderer, headers)
@@ -132,14 +132,15 @@ class HttpRoutes:
 
 async def collect(generation: Generation, renderer: Renderer) -> dict:
     """The whole response at once; a failure in the cluster is a 500 error body."""
-    text = ""
+    text, logprobs = "", []
     try:
         async for output in generation:
             text += output.text
+            logprobs.extend(output.logprobs)
             final = output
     except GenerationError as exc:
         raise ApiError(exc.kind, f"generation failed: {exc}") from None
-    return renderer.body(text, final)
+    return renderer.body(text, final, tuple(logprobs))
 
 
 async def stream_sse(request: web.Request, generation: Generation, renderer: Renderer,

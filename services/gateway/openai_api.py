@@ -4,7 +4,7 @@ Types are checked strictly (an int field takes a JSON integer, a float field any
 NaN and Infinity are not JSON), and so is the nesting depth; every mistake is an ApiError naming the
 field. Unknown top-level fields are ignored, as vLLM does (clients send vendor extensions there);
 unknown keys inside stream_options are refused, as OpenAI does. Known fields whose feature we do not
-have (logprobs, echo, penalties, n > 1) are refused rather than silently dropped.
+have (echo, prompt_logprobs, n > 1, tools, structured output) are refused rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import json
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from splitserve.engine.request import MAX_LOGIT_BIAS
 
 from .errors import invalid
 from .limits import MAX_JSON_DEPTH, json_depth_exceeds, preview
@@ -32,9 +34,9 @@ from .schema import (
 
 # Fields we cannot honour, and the values that mean "not used".
 _UNSUPPORTED = {
-    "n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,),
-    "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
-    "suffix": ("",), "tools": ([],), "logit_bias": ({},), "response_format": ({"type": "text"},),
+    "n": (1,), "best_of": (1,), "echo": (False,), "prompt_logprobs": (0,),
+    "suffix": ("",), "tools": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},),
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
 }
 
 
@@ -117,20 +119,26 @@ def _refuse_constant(name: str) -> Any:
 
 
 def parse_completion(body: dict[str, Any]) -> OpenAIRequest:
+    """Completions' logprobs is a count: each token's log probability and that many top ones'."""
     fields = Fields(body)
+    top_logprobs = fields.get("logprobs", int)
     return _request(fields, Api.COMPLETIONS, _completion_prompt(body.get("prompt")),
-                    fields.get("max_tokens", int))
+                    fields.get("max_tokens", int), (top_logprobs is not None, top_logprobs or 0))
 
 
 def parse_chat(body: dict[str, Any]) -> OpenAIRequest:
+    """Chat's logprobs is a flag, and top_logprobs the count."""
     fields = Fields(body)
     max_tokens = fields.get("max_completion_tokens", int, fields.get("max_tokens", int))
-    return _request(fields, Api.CHAT, _chat_prompt(fields), max_tokens)
+    logprobs = (fields.get("logprobs", bool, False), fields.get("top_logprobs", int, 0))
+    return _request(fields, Api.CHAT, _chat_prompt(fields), max_tokens, logprobs)
 
 
-def _request(fields: Fields, api: Api, prompt: Prompt, max_tokens: int | None) -> OpenAIRequest:
+def _request(fields: Fields, api: Api, prompt: Prompt, max_tokens: int | None,
+             logprobs: tuple[bool, int]) -> OpenAIRequest:
     _refuse_unsupported(fields)
-    generation = GenerationRequest(api, prompt, _sampling(fields, max_tokens), fields.get("model", str),
+    generation = GenerationRequest(api, prompt, _sampling(fields, max_tokens, logprobs),
+                                   fields.get("model", str),
                                    cache_salt=cache_salt_option(fields.get("cache_salt", str)))
     stream = fields.get("stream", bool, False)
     options = Fields(fields.get("stream_options", dict, {}))
@@ -142,7 +150,7 @@ def _request(fields: Fields, api: Api, prompt: Prompt, max_tokens: int | None) -
     return OpenAIRequest(generation, stream, options.get("include_usage", bool, False))
 
 
-def _sampling(fields: Fields, max_tokens: int | None) -> SamplingOptions:
+def _sampling(fields: Fields, max_tokens: int | None, logprobs: tuple[bool, int]) -> SamplingOptions:
     return SamplingOptions(
         temperature=fields.get("temperature", float, 1.0),
         top_p=fields.get("top_p", float, 1.0),
@@ -153,7 +161,30 @@ def _sampling(fields: Fields, max_tokens: int | None) -> SamplingOptions:
         ignore_eos=fields.get("ignore_eos", bool, False),
         stop=fields.strings("stop"),
         stop_token_ids=tuple(fields.list_of("stop_token_ids", int)),
+        presence_penalty=fields.get("presence_penalty", float, 0.0),
+        frequency_penalty=fields.get("frequency_penalty", float, 0.0),
+        repetition_penalty=fields.get("repetition_penalty", float, 1.0),
+        min_p=fields.get("min_p", float, 0.0),
+        logit_bias=_logit_bias(fields.get("logit_bias", dict, {})),
+        logprobs=logprobs[0],
+        top_logprobs=logprobs[1],
     )
+
+
+def _logit_bias(bias: dict[str, Any]) -> tuple[tuple[int, float], ...]:
+    """OpenAI's map of token ids (as strings) to biases; bounds are SamplingOptions'."""
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise invalid(f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS} are allowed",
+                      "logit_bias")
+    entries = []
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10):
+            raise invalid(f"logit_bias keys must be token ids, got {preview(key)}", "logit_bias")
+        if not _is(value, float) or abs(value) > 100:  # bounded before float(): 10**400 overflows it
+            raise invalid(f"logit_bias values must be numbers in [-100, 100], got {preview(value)}",
+                          "logit_bias")
+        entries.append((int(key), float(value)))
+    return tuple(entries)
 
 
 def _refuse_unsupported(fields: Fields) -> None:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import structlog
 
 from splitserve.common.detokenize import IncrementalDetokenizer
+from splitserve.engine.request import LOGPROB_FLOOR
 from splitserve.v1 import common_pb2 as pb
 
 from .errors import GenerationError
-from .schema import FINISH_FROM_PROTO, Finish, Output, Usage
+from .schema import FINISH_FROM_PROTO, Finish, Output, PositionLogprobs, TokenLogprob, Usage
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +53,11 @@ class StopMatcher:
         return 0
 
 
+def _logprob(value: float) -> float:
+    """A worker's log probability as JSON can carry it: in [LOGPROB_FLOOR, 0] (NaN: the floor)."""
+    return LOGPROB_FLOOR if math.isnan(value) else min(max(value, LOGPROB_FLOOR), 0.0)
+
+
 @dataclass
 class OutputProcessor:
     """Turns one request's TokenEvents into Outputs (vLLM's output processor, for one request)."""
@@ -58,6 +65,8 @@ class OutputProcessor:
     tokenizer: object
     stop: tuple[str, ...]
     num_prompt_tokens: int
+    logprobs: bool = False  # the request asked for each token's log probability ...
+    top_logprobs: int = 0  # ... and at most this many most likely tokens' at each position
     token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # of the prompt's, from the first token's event
     finish: Finish | None = None
@@ -66,6 +75,8 @@ class OutputProcessor:
     def __post_init__(self) -> None:
         self._detokenizer = IncrementalDetokenizer(self.tokenizer)
         self._stop = StopMatcher(self.stop)
+        self._token_texts: dict[int, str] = {}
+        self._logprob_offset = 0  # characters of the chosen tokens' texts so far (text_offset)
 
     @property
     def usage(self) -> Usage:
@@ -79,14 +90,16 @@ class OutputProcessor:
         self.upstream_finished = event.finish_reason != pb.FINISH_REASON_UNSPECIFIED
         if event.finish_reason == pb.FINISH_REASON_ERROR:
             raise GenerationError(event.error or "the cluster failed the request")
-        new_ids, text = self._accept(self._new_tokens(event))
+        new, logprobs = self._new_tokens(event)
+        new_ids, text = self._accept(new)
+        logprobs = tuple(self._position(token, lp) for token, lp in zip(new_ids, logprobs))
         if self.finish is None and self.upstream_finished:
             self.finish = FINISH_FROM_PROTO[event.finish_reason]
             text += self._stop.flush()
         if self.finish is None:
-            return Output(text, new_ids) if text or new_ids else None
+            return Output(text, new_ids, logprobs=logprobs) if text or new_ids else None
         timeline = event.timeline if event.HasField("timeline") else None
-        return Output(text, new_ids, self.finish, self.usage, timeline)
+        return Output(text, new_ids, self.finish, self.usage, timeline, logprobs)
 
     def abort(self) -> Output:
         """The last output of a request the gateway ends itself (shutdown); the cluster is still
@@ -94,10 +107,13 @@ class OutputProcessor:
         self.finish = self.finish or Finish.ABORT
         return Output(self._stop.flush(), (), self.finish, self.usage)
 
-    def _new_tokens(self, event: pb.TokenEvent) -> list[int]:
-        """Drops positions already received: a request replayed after a worker failure resends them.
+    def _new_tokens(self, event: pb.TokenEvent) -> tuple[list[int], list[pb.TokenLogprobs]]:
+        """The event's tokens not received yet, and their log probabilities when asked for.
+
+        Drops positions already received: a request replayed after a worker failure resends them.
         A position past the next one expected means tokens were lost on the way: the request fails
-        rather than return text with a hole in it."""
+        rather than return text with a hole in it, and so does an event without the log
+        probabilities asked for, or with more of them than asked."""
         skip = len(self.token_ids) - event.index
         if event.index == 0 and skip == 0:  # the first copy of the first token (a worker's count, bounded)
             self.num_cached_tokens = min(max(event.num_cached_tokens, 0), self.num_prompt_tokens)
@@ -105,7 +121,31 @@ class OutputProcessor:
             log.error("token event skips positions", expected=len(self.token_ids), index=event.index)
             raise GenerationError(f"output tokens {len(self.token_ids)} to {event.index - 1} were lost on "
                                   "their way from the cluster (Redis lost data?); the request was cancelled")
-        return list(event.token_ids[max(skip, 0):])
+        if self.logprobs and (len(event.logprobs) != len(event.token_ids) or any(
+                not len(lp.top_token_ids) == len(lp.top_logprobs) <= self.top_logprobs
+                or any(not 0 <= t < self.vocab_size for t in lp.top_token_ids) for lp in event.logprobs)):
+            log.error("token event without the logprobs asked for", tokens=len(event.token_ids),
+                      logprobs=len(event.logprobs))
+            raise GenerationError("the cluster sent tokens without the log probabilities asked for")
+        logprobs = list(event.logprobs[max(skip, 0):]) if self.logprobs else []
+        return list(event.token_ids[max(skip, 0):]), logprobs
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def _text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def _position(self, token_id: int, logprobs: pb.TokenLogprobs) -> PositionLogprobs:
+        chosen = TokenLogprob(token_id, self._text(token_id), _logprob(logprobs.logprob))
+        top = tuple(TokenLogprob(t, self._text(t), _logprob(lp))
+                    for t, lp in zip(logprobs.top_token_ids, logprobs.top_logprobs))
+        offset, self._logprob_offset = self._logprob_offset, self._logprob_offset + len(chosen.text)
+        return PositionLogprobs(chosen, top, offset)
 
     def _accept(self, new_ids: list[int]) -> tuple[tuple[int, ...], str]:
         """Detokenizes token by token so a stop string ends generation at the token completing it."""

@@ -50,4 +50,11 @@ def sampling_proto(options: SamplingOptions, max_tokens: int, random_seed: int) 
         min_tokens=options.min_tokens,
         ignore_eos=options.ignore_eos,
         stop_token_ids=list(options.stop_token_ids),
+        presence_penalty=options.presence_penalty,
+        frequency_penalty=options.frequency_penalty,
+        repetition_penalty=options.repetition_penalty,
+        min_p=options.min_p,
+        logit_bias=[pb.LogitBias(token_id=t, bias=b) for t, b in options.logit_bias],
+        logprobs=options.logprobs,
+        top_logprobs=options.top_logprobs,
     )

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from splitserve.engine.block_manager import MAX_CACHE_SALT_CHARS
+from splitserve.engine.request import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 from splitserve.v1 import common_pb2 as pb
 
 from .errors import invalid
@@ -73,9 +74,17 @@ class SamplingOptions:
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); ids checked by the frontend
+    logprobs: bool = False  # each output token's log probability ...
+    top_logprobs: int = 0  # ... and the most likely tokens' at its position
 
     def __post_init__(self) -> None:
         self._check_floats()
+        self._check_processing()
         if self.top_k is not None and not 1 <= self.top_k <= INT32_MAX:
             raise invalid(f"top_k must be -1 or 0 (disabled) or in [1, {INT32_MAX}], got {self.top_k}",
                           "top_k")
@@ -92,6 +101,28 @@ class SamplingOptions:
             raise invalid(f"temperature must be a finite number >= 0, got {self.temperature}", "temperature")
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise invalid(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+
+    def _check_processing(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise invalid(f"{name} must be in [-2, 2], got {getattr(self, name)}", name)
+        if not 0.0 < self.repetition_penalty <= FLOAT32_MAX:
+            raise invalid(f"repetition_penalty must be a number > 0, got {self.repetition_penalty}",
+                          "repetition_penalty")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise invalid(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise invalid(f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS} are "
+                          "allowed", "logit_bias")
+        if any(not -100.0 <= bias <= 100.0 for _, bias in self.logit_bias):
+            raise invalid("logit_bias values must be in [-100, 100]", "logit_bias")
+        if any(not 0 <= token <= INT32_MAX for token, _ in self.logit_bias):
+            raise invalid("logit_bias keys must be token ids (>= 0)", "logit_bias")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise invalid(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}",
+                          "top_logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise invalid("top_logprobs needs logprobs to be true", "top_logprobs")
 
     def _check_min_tokens(self) -> None:
         if not 0 <= self.min_tokens <= INT32_MAX:
@@ -180,6 +211,26 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token, its text on its own (as vLLM renders it) and its log probability."""
+
+    token_id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class PositionLogprobs:
+    """The log probabilities at one output position: the chosen token's and the most likely ones'
+    (best first); offset is where the chosen token's text starts in the output (completions'
+    text_offset)."""
+
+    chosen: TokenLogprob
+    top: tuple[TokenLogprob, ...]
+    offset: int
+
+
+@dataclass(frozen=True)
 class Output:
     """New text and tokens of one request; the last one has finish, usage and timeline set."""
 
@@ -188,3 +239,4 @@ class Output:
     finish: Finish | None = None
     usage: Usage | None = None
     timeline: pb.Timeline | None = None
+    logprobs: tuple[PositionLogprobs, ...] = ()  # one per token of token_ids, when asked for

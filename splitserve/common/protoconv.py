@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from splitserve.engine.kv_cache import KVLayout
-from splitserve.engine.request import FinishReason, SamplingParams
+from splitserve.engine.request import FinishReason, SamplingParams, TokenLogprobs
 from splitserve.v1 import common_pb2 as pb
 
 _FINISH_TO_PROTO = {
@@ -33,6 +33,13 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         min_new_tokens=msg.min_tokens,
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
+        presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty,
+        repetition_penalty=msg.repetition_penalty or 1.0,  # 0 is the unset proto default
+        min_p=msg.min_p,
+        logit_bias=tuple((b.token_id, b.bias) for b in msg.logit_bias),
+        logprobs=msg.logprobs,
+        top_logprobs=msg.top_logprobs,
     )
 
 
@@ -46,7 +53,19 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         min_tokens=params.min_new_tokens,
         stop_token_ids=list(params.stop_token_ids),
         ignore_eos=params.ignore_eos,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty,
+        min_p=params.min_p,
+        logit_bias=[pb.LogitBias(token_id=t, bias=b) for t, b in params.logit_bias],
+        logprobs=params.logprobs,
+        top_logprobs=params.top_logprobs,
     )
+
+
+def logprobs_to_proto(logprobs: TokenLogprobs) -> pb.TokenLogprobs:
+    return pb.TokenLogprobs(logprob=logprobs.logprob, top_token_ids=[t for t, _ in logprobs.top],
+                            top_logprobs=[lp for _, lp in logprobs.top])
 
 
 def finish_to_proto(reason: FinishReason | None) -> int:

@@ -29,7 +29,7 @@ from splitserve.engine.request import (
     StepOutput,
 )
 from splitserve.engine.runner import ModelRunner
-from splitserve.engine.sampler import plain_greedy_tokens, sample_one
+from splitserve.engine.sampler import plain_greedy_tokens, sample_one, token_logprobs
 from splitserve.engine.scheduler import Scheduler, SchedulerConfig
 
 log = structlog.get_logger(__name__)
@@ -128,7 +128,7 @@ class LLMEngine:
 
     def _new_sequence(self, request_id: str, prompt: list[int], output: list[int],
                       params: SamplingParams) -> Sequence:
-        self._validate(request_id, prompt, params)
+        self._validate(request_id, prompt, output, params)
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         seq = Sequence(request_id, list(prompt), params, output_token_ids=list(output), seed=seed)
         if output and self._finish_reason(seq, output[-1]) is not None:
@@ -136,7 +136,8 @@ class LLMEngine:
         self.sequences[request_id] = seq
         return seq
 
-    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+    def _validate(self, request_id: str, prompt: list[int], output: list[int],
+                  params: SamplingParams) -> None:
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
         if len(prompt) + params.max_new_tokens > self.max_model_len:
@@ -145,8 +146,10 @@ class LLMEngine:
                 f"the model's context of {self.max_model_len} tokens"
             )
         vocab = self.loaded.spec.vocab_size
-        if any(not 0 <= t < vocab for t in [*prompt, *params.stop_token_ids]):
-            raise ValueError("prompt or stop_token_ids contain a token id outside the vocabulary")
+        if any(not 0 <= t < vocab for t in [*prompt, *output, *params.stop_token_ids]):
+            raise ValueError("prompt, output or stop_token_ids contain a token id outside the vocabulary")
+        if any(not 0 <= t < vocab for t, _ in params.logit_bias):
+            raise ValueError("logit_bias names a token id outside the vocabulary")
         held = len(prompt) if self.config.role is EngineRole.PREFILL else len(prompt) + params.max_new_tokens
         needed = blocks_for(held, self.blocks.block_size)
         if needed > self.blocks.num_blocks:
@@ -380,6 +383,7 @@ class LLMEngine:
         try:
             if token is None:
                 token = sample_one(logits, seq, self.loaded.eos_token_ids, self._generator)
+            logprobs = token_logprobs(logits, token, seq.params.top_logprobs) if seq.params.logprobs else None
         except Exception as exc:  # sampling is per request: its neighbours still get their tokens
             log.error("sampling failed; the request fails", request_id=seq.request_id, error=repr(exc),
                       exc_info=exc)
@@ -392,7 +396,8 @@ class LLMEngine:
                 self.scheduler.running.remove(seq)
             self._cache_finished(seq)
             self._retire(seq, RequestState.FINISHED)
-        return StepOutput(seq.request_id, token, reason, num_cached_tokens=seq.num_cached_tokens)
+        return StepOutput(seq.request_id, token, reason, num_cached_tokens=seq.num_cached_tokens,
+                          logprobs=logprobs)
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         params = seq.params

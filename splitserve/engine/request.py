@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +36,11 @@ class FinishReason(enum.Enum):
 # Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): dividing logits by a smaller one
 # only overflows, and the distribution is one-hot to float32 precision anyway.
 SAMPLING_EPS = 1e-5
+# Bounds on what one request may ask of the sampler: OpenAI's 300 biased tokens, vLLM's 20 top logprobs.
+MAX_LOGIT_BIAS = 300
+MAX_TOP_LOGPROBS = 20
+# What a log probability of -inf (or NaN) is reported as: vLLM's floor, since JSON has no infinities.
+LOGPROB_FLOOR = -9999.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,18 @@ class SamplingParams:
     min_new_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # OpenAI's penalties on the output so far (presence: once per token seen, frequency: per
+    # occurrence), vLLM's repetition penalty (1: none) on prompt and output tokens, and min_p.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    # Added to the logits of these token ids before sampling (OpenAI's logit_bias).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # Return the chosen token's log probability and the top_logprobs most likely tokens' (of the
+    # model's raw distribution, as vLLM's default), or nothing when logprobs is False.
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:  # NaN fails this too
@@ -67,6 +85,28 @@ class SamplingParams:
             raise ValueError(
                 f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}"
             )
+        self._check_processing()
+
+    def _check_processing(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not (0.0 < self.repetition_penalty and math.isfinite(self.repetition_penalty)):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
+        if any(not -100.0 <= bias <= 100.0 for _, bias in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS or (self.top_logprobs and not self.logprobs):
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], and 0 without logprobs")
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether anything changes the logits before the choice (penalties, bias, min_p)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_p)
 
     @property
     def greedy(self) -> bool:
@@ -133,6 +173,15 @@ class Sequence:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """The chosen token's log probability and the most likely tokens' (ids and log probabilities,
+    best first), from the model's distribution at that position."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class StepOutput:
     """What one engine step produced for one request: the new token and, if it ended, why.
 
@@ -145,3 +194,4 @@ class StepOutput:
     finish_reason: FinishReason | None
     error: str | None = None
     num_cached_tokens: int = 0  # prompt tokens the prefix cache supplied (usage's cached_tokens)
+    logprobs: TokenLogprobs | None = None  # when the request asked for them

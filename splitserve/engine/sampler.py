@@ -1,4 +1,5 @@
-"""Per-request token choice: greedy, or temperature + top-k + top-p with reproducible draws.
+"""Per-request token choice: logit bias and penalties, then greedy, or temperature + top-k + min-p +
+top-p with reproducible draws; and the chosen token's log probabilities.
 
 Sampling is total: any row of float logits (NaN, +-inf and extreme values included) and any valid
 SamplingParams give a token id in range, never an exception, so no request's parameters can fail the
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from splitserve.engine.request import SamplingParams, Sequence
+from splitserve.engine.request import LOGPROB_FLOOR, SamplingParams, Sequence, TokenLogprobs
 
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads consecutive positions over the seed space
@@ -30,13 +31,15 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: frozenset[
 
 
 def plain_greedy_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
-    """One batched argmax for the rows that need nothing more (greedy, no min_tokens mask, no NaN);
-    None for the rows sample_one must decide. The common greedy step stays one pass over the batch."""
+    """One batched argmax for the rows that need nothing more (greedy, no min_tokens mask, no bias or
+    penalty, no NaN); None for the rows sample_one must decide. The common greedy step stays one pass
+    over the batch."""
     best = logits.argmax(dim=-1)
     # argmax picks a NaN over any number, so a row holding one shows NaN here.
     clean = ~torch.isnan(logits.gather(1, best[:, None]).squeeze(1))
-    return [int(token) if ok and seq.params.greedy and seq.num_output_tokens >= seq.params.min_new_tokens
-            else None for token, ok, seq in zip(best.tolist(), clean.tolist(), seqs)]
+    return [int(token) if ok and seq.params.greedy and not seq.params.processes_logits
+            and seq.num_output_tokens >= seq.params.min_new_tokens else None
+            for token, ok, seq in zip(best.tolist(), clean.tolist(), seqs)]
 
 
 def sample_one(logits: torch.Tensor, seq: Sequence, eos_token_ids: frozenset[int],
@@ -49,7 +52,7 @@ def sample_one(logits: torch.Tensor, seq: Sequence, eos_token_ids: frozenset[int
     if bool(torch.isnan(logits).all()):
         raise ValueError("the model produced NaN for every token of this request's step")
     # A NaN logit (a broken model row) is never drawn; infinities stay what they are.
-    raw = logits.float().nan_to_num(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
+    raw = _process(logits.float().nan_to_num(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF), seq)
     masked = _suppress_stop_tokens(raw, seq, eos_token_ids)
     if seq.params.greedy:
         return _argmax(masked, raw)
@@ -58,6 +61,43 @@ def sample_one(logits: torch.Tensor, seq: Sequence, eos_token_ids: frozenset[int
         return _argmax(masked, raw)
     generator.manual_seed(step_seed(seq.seed, seq.num_output_tokens))
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> TokenLogprobs:
+    """token's log probability under the model's own distribution at this position (the raw logits,
+    before bias, penalties or temperature: vLLM's default) and the `top` most likely tokens'."""
+    # A NaN logit counts as -inf, as when sampling; an infinite one leaves NaN, reported as the floor.
+    row = logits.float().nan_to_num(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
+    logprobs = torch.log_softmax(row, dim=-1)
+    logprobs = logprobs.nan_to_num(nan=LOGPROB_FLOOR).clamp(min=LOGPROB_FLOOR)
+    best: tuple[tuple[int, float], ...] = ()
+    if top:
+        values, ids = torch.topk(logprobs, min(top, logprobs.numel()))
+        best = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprobs(float(logprobs[token]), best)
+
+
+def _process(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """logit_bias, then vLLM's penalties: repetition (on every prompt and output token: positive
+    logits divided by it, negative ones multiplied), frequency (times each output token's count)
+    and presence (once per output token seen). The output so far is the sequence's, so a decode
+    server that continues a request prefilled elsewhere penalizes exactly as a colocated one."""
+    params = seq.params
+    if not params.processes_logits:
+        return logits
+    out = logits.clone()
+    if params.logit_bias:
+        ids = torch.tensor([token for token, _ in params.logit_bias])
+        out.index_add_(0, ids, torch.tensor([bias for _, bias in params.logit_bias]))
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(seq.all_token_ids).unique()
+        values = out[seen]
+        out[seen] = torch.where(values > 0, values / params.repetition_penalty,
+                                values * params.repetition_penalty)
+    if seq.output_token_ids and (params.frequency_penalty or params.presence_penalty):
+        counts = torch.bincount(torch.tensor(seq.output_token_ids), minlength=out.numel()).float()
+        out -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    return out  # no NaN: infinities only ever meet finite, positive factors and finite terms
 
 
 def _suppress_stop_tokens(logits: torch.Tensor, seq: Sequence, eos_token_ids: frozenset[int]) -> torch.Tensor:
@@ -77,7 +117,7 @@ def _argmax(masked: torch.Tensor, raw: torch.Tensor) -> int:
 
 
 def _probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor | None:
-    """The distribution to draw from after temperature, top-k and top-p; None when it is degenerate.
+    """The distribution to draw from after temperature, top-k, min-p and top-p; None when it is degenerate.
 
     The max is subtracted before scaling, so no finite logit and temperature overflow: the best token
     scales to exactly 0 and the others to <= 0 (-inf at worst, which softmax turns into 0).
@@ -89,7 +129,7 @@ def _probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     masked = torch.isneginf(logits)
     # -inf / inf would be NaN, so masked entries are restored rather than scaled.
     scaled = torch.where(masked, _NEG_INF, (logits - top) / params.temperature)
-    probs = _top_p(torch.softmax(scaled, dim=-1), params.top_p)
+    probs = _top_p(_min_p(torch.softmax(scaled, dim=-1), params.min_p), params.top_p)
     if not (bool(torch.isfinite(probs).all()) and bool(probs.sum() > 0)):
         return None  # cannot happen by the arithmetic above; multinomial must never see it
     return probs
@@ -101,6 +141,14 @@ def _top_k(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
     # Exactly k candidates even when bfloat16 logits tie at the k-th value.
     values, indices = torch.topk(logits, top_k)
     return torch.full_like(logits, _NEG_INF).scatter_(0, indices, values)
+
+
+def _min_p(probs: torch.Tensor, min_p: float) -> torch.Tensor:
+    """vLLM's min_p: drop tokens less likely than min_p times the most likely one (which stays)."""
+    if min_p <= 0.0:
+        return probs
+    kept = torch.where(probs >= min_p * probs.max(), probs, 0.0)
+    return kept / kept.sum()
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -13,7 +13,12 @@ import structlog
 
 from splitserve.common.auth import EPOCH_METADATA_KEY
 from splitserve.common.net import advertised_host
-from splitserve.common.protoconv import finish_to_proto, layout_to_proto, sampling_from_proto
+from splitserve.common.protoconv import (
+    finish_to_proto,
+    layout_to_proto,
+    logprobs_to_proto,
+    sampling_from_proto,
+)
 from splitserve.common.rpc import NOT_SERVING, open_channel
 from splitserve.common.service import Background, Progress
 from splitserve.engine.engine import LLMEngine
@@ -293,6 +298,8 @@ def token_event(request: pb.QueuedRequest, index: int, out: StepOutput) -> pb.To
                           finish_reason=finish_to_proto(out.finish_reason), error=out.error or "")
     if index == 0:
         event.num_cached_tokens = out.num_cached_tokens
+    if out.logprobs is not None:
+        event.logprobs.append(logprobs_to_proto(out.logprobs))
     if out.finish_reason is not None:
         request.timeline.finish = time.time()
         event.timeline.CopyFrom(request.timeline)
