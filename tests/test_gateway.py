@@ -565,6 +565,8 @@ def test_api_key_guards_v1_and_grpc_but_not_the_probes(gateway):
             resp = gateway.post("/v1/completions", {"model": MODEL, "prompt": "x"}, key=key)
             assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
         assert gateway.get("/v1/models").status_code == 401
+        assert gateway.post("/tokenize", {"prompt": "x"}, key=None).status_code == 401
+        assert gateway.post("/detokenize", {"tokens": [1]}, key="wrong").status_code == 401
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="wrong", max_retries=0).models.list()
         with pytest.raises(grpc.RpcError) as info:
@@ -582,6 +584,34 @@ def test_models_lists_the_served_name_and_the_worker_context(gateway):
     assert card.model_extra["max_model_len"] == MAX_MODEL_LEN
     missing = gateway.get("/v1/nowhere", key=API_KEY)
     assert missing.status_code == 404 and missing.json()["error"]["message"]
+
+
+@pytest.mark.timeout(30)
+def test_tokenize_and_detokenize_as_vllm_answers_them(gateway):
+    text = "Hello there, tokenizer"
+    ids = gateway.tokenizer(text)["input_ids"]
+    resp = gateway.post("/tokenize", {"model": MODEL, "prompt": text, "return_token_strs": True}).json()
+    assert resp == {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids,
+                    "token_strs": gateway.tokenizer.convert_ids_to_tokens(ids)}
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = gateway.post("/tokenize", {"messages": messages, "add_generation_prompt": False}).json()
+    templated = gateway.tokenizer.apply_chat_template(messages, tokenize=True)
+    assert chat["tokens"] == list(templated["input_ids"] if hasattr(templated, "keys") else templated)
+    assert chat["token_strs"] is None
+    with_prompt = gateway.post("/tokenize", {"messages": messages}).json()["tokens"]
+    assert with_prompt[:len(chat["tokens"])] == chat["tokens"] and len(with_prompt) > len(chat["tokens"])
+    assert gateway.post("/detokenize", {"model": MODEL, "tokens": ids}).json() == {"prompt": text}
+    for path, body, param in [
+            ("/tokenize", {"prompt": ""}, "prompt"), ("/tokenize", {"prompt": [1, 2]}, "prompt"),
+            ("/tokenize", {"prompt": "x", "model": "other"}, "model"),
+            ("/tokenize", {"prompt": "x" * 10_000_000}, None),  # past the body limit: 413
+            ("/tokenize", {"prompt": "x" * (MAX_MODEL_LEN * 100)}, "prompt"),  # cannot fit the context
+            ("/detokenize", {"tokens": [10**9]}, "tokens"), ("/detokenize", {"tokens": [-1]}, "tokens"),
+            ("/detokenize", {"tokens": "abc"}, "tokens"),
+            ("/detokenize", {"tokens": [1] * (MAX_MODEL_LEN + 1)}, "tokens")]:
+        resp = gateway.post(path, body)
+        assert resp.status_code in (400, 413), (path, resp.text[:200])
+        assert resp.json()["error"]["param"] == param, (path, resp.text[:200])
 
 
 @pytest.mark.timeout(40)

@@ -25,6 +25,7 @@ from .errors import ApiError, ErrorKind, GenerationError, invalid
 from .limits import preview
 from .metrics import GatewayMetrics
 from .model import ServedModel
+from .openai_api import TokenizeRequest
 from .output import OutputProcessor
 from .router import GatewayAbort, Reply, ReplyRouter
 from .sampling import resolve_max_tokens, sampling_proto
@@ -74,10 +75,13 @@ class Frontend:
     def generate(self, request: GenerationRequest) -> Generation:
         return Generation(self, request)
 
+    def check_model(self, model: str | None) -> None:
+        if model not in (None, "", self.model.name):
+            raise invalid(f"The model `{preview(model)}` does not exist.", "model", "model_not_found")
+
     def check_admission(self, request: GenerationRequest) -> None:
         """The cheap refusals, before any work is spent on the request; ApiError when refused."""
-        if request.model not in (None, "", self.model.name):
-            raise invalid(f"The model `{preview(request.model)}` does not exist.", "model", "model_not_found")
+        self.check_model(request.model)
         if self.draining:
             raise ApiError(ErrorKind.UNAVAILABLE, "the gateway is shutting down")
         if self.num_pending >= self.config.max_pending:
@@ -103,6 +107,24 @@ class Frontend:
         sampling = sampling_proto(request.sampling, max_tokens, secrets.randbits(63))
         return pb.QueuedRequest(request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling,
                                 reply_stream=self.services.router.stream, cache_salt=request.cache_salt or "")
+
+    async def tokenize(self, request: TokenizeRequest) -> list[int]:
+        """vLLM's /tokenize: the prompt's token ids, checked by size first and tokenized on a thread."""
+        self.check_model(request.model)
+        self.model.check_prompt_size(request.prompt, self.max_model_len)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool, self.model.encode, request.prompt, request.add_special_tokens,
+            request.add_generation_prompt)
+
+    async def detokenize(self, model: str | None, token_ids: tuple[int, ...]) -> str:
+        """vLLM's /detokenize: the text of at most max_model_len token ids, decoded on a thread."""
+        self.check_model(model)
+        if len(token_ids) > self.max_model_len:
+            raise invalid(f"at most {self.max_model_len} tokens (the context) can be detokenized, "
+                          f"got {len(token_ids)}", "tokens")
+        self.model.check_token_ids(token_ids, "tokens")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool, self.model.tokenizer.decode, list(token_ids))
 
     def acquire(self) -> None:
         self.num_pending += 1

@@ -17,12 +17,20 @@ from .errors import ApiError, ErrorKind, GenerationError
 from .frontend import Frontend, Generation
 from .limits import client_request_id
 from .metrics import GatewayMetrics
-from .openai_api import OpenAIRequest, parse_chat, parse_completion, parse_json
+from .openai_api import (
+    OpenAIRequest,
+    parse_chat,
+    parse_completion,
+    parse_detokenize,
+    parse_json,
+    parse_tokenize,
+)
 from .openai_render import DONE, Renderer, renderer_for, sse
 
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_KEYED_PATHS = frozenset({"/reset_prefix_cache", "/tokenize", "/detokenize"})
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
 
 
@@ -39,6 +47,8 @@ def build_app(frontend: Frontend, metrics: GatewayMetrics, api_key: str | None,
     app.router.add_get("/ready", routes.ready)
     app.router.add_get("/metrics", routes.metrics)
     app.router.add_post("/reset_prefix_cache", routes.reset_prefix_cache)
+    app.router.add_post("/tokenize", routes.tokenize)
+    app.router.add_post("/detokenize", routes.detokenize)
     return app
 
 
@@ -63,11 +73,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def auth_middleware(api_key: str | None):
-    """Bearer-token check on /v1/* and /reset_prefix_cache; /health, /ready and /metrics stay open."""
+    """Bearer-token check on /v1/*, /reset_prefix_cache, /tokenize and /detokenize; /health, /ready and
+    /metrics stay open."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if api_key is not None and (request.path.startswith("/v1/") or request.path == "/reset_prefix_cache"):
+        if api_key is not None and (request.path.startswith("/v1/") or request.path in _KEYED_PATHS):
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 raise ApiError(ErrorKind.UNAUTHENTICATED, "Incorrect or missing API key; send "
@@ -125,6 +136,17 @@ class HttpRoutes:
             raise ApiError(ErrorKind.UNAVAILABLE, "no scheduler leads: the prefix caches were not reset")
         return web.json_response({"num_workers": answer.num_workers, "num_blocks": answer.num_blocks,
                                   "num_failed": answer.num_failed})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        parsed = parse_tokenize(parse_json(await request.read()))
+        ids = await self.frontend.tokenize(parsed)
+        strs = self.frontend.model.tokenizer.convert_ids_to_tokens(ids) if parsed.return_token_strs else None
+        return web.json_response({"count": len(ids), "max_model_len": self.frontend.max_model_len,
+                                  "tokens": ids, "token_strs": strs})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        model, token_ids = parse_detokenize(parse_json(await request.read()))
+        return web.json_response({"prompt": await self.frontend.detokenize(model, token_ids)})
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

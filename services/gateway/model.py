@@ -66,22 +66,26 @@ class ServedModel:
         if bad is not None:
             raise invalid(f"token id {bad} is out of the vocabulary (size {self.vocab_size})", param)
 
-    def encode(self, prompt: Prompt) -> list[int]:
+    def encode(self, prompt: Prompt, add_special_tokens: bool = True,
+               add_generation_prompt: bool = True) -> list[int]:
         """Token ids of prompt (chat: through the chat template); ApiError when it cannot be."""
         match prompt:
             case TextPrompt(text):
-                return list(self.tokenizer(text)["input_ids"])
+                return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
             case ChatPrompt(messages):
-                return self._apply_chat_template([{"role": m.role, "content": m.content} for m in messages])
+                return self._apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                                 add_generation_prompt)
             case TokenPrompt(token_ids):
                 self.check_token_ids(token_ids, "prompt")
                 return list(token_ids)
 
-    def _apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+    def _apply_chat_template(self, messages: list[dict[str, str]],
+                             add_generation_prompt: bool = True) -> list[int]:
         if not self.tokenizer.chat_template:
             raise invalid(f"model {self.name} has no chat template; use /v1/completions", "messages")
         try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=True)
         except jinja2.TemplateError as exc:  # templates raise on e.g. roles they do not support
             raise invalid(f"chat template error: {exc}", "messages") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

@@ -17,7 +17,7 @@ from typing import Any
 from splitserve.engine.request import MAX_LOGIT_BIAS
 
 from .errors import invalid
-from .limits import MAX_JSON_DEPTH, json_depth_exceeds, preview
+from .limits import INT32_MAX, MAX_JSON_DEPTH, json_depth_exceeds, preview
 from .schema import (
     Api,
     ChatMessage,
@@ -116,6 +116,41 @@ def parse_json(raw: bytes) -> dict[str, Any]:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    """vLLM's /tokenize: a prompt (text, or chat messages through the template)."""
+
+    prompt: Prompt
+    model: str | None
+    add_special_tokens: bool  # text: the tokenizer's BOS and the like (default true)
+    add_generation_prompt: bool  # chat: the assistant turn's opening (default true)
+    return_token_strs: bool  # also the tokens as the vocabulary spells them
+
+
+def parse_tokenize(body: dict[str, Any]) -> TokenizeRequest:
+    fields = Fields(body)
+    if "messages" in body:
+        prompt: Prompt = _chat_prompt(fields)
+    elif isinstance(body.get("prompt"), str) and body["prompt"]:
+        prompt = TextPrompt(body["prompt"])
+    else:
+        raise invalid("give 'prompt' (a non-empty string) or 'messages'", "prompt")
+    if fields.get("continue_final_message", bool, False):
+        raise invalid("'continue_final_message' is not supported", "continue_final_message")
+    return TokenizeRequest(prompt, fields.get("model", str), fields.get("add_special_tokens", bool, True),
+                           fields.get("add_generation_prompt", bool, True),
+                           fields.get("return_token_strs", bool, False))
+
+
+def parse_detokenize(body: dict[str, Any]) -> tuple[str | None, tuple[int, ...]]:
+    """vLLM's /detokenize: (model, token ids); the ids are checked against the vocabulary later."""
+    fields = Fields(body)
+    tokens = fields.list_of("tokens", int)
+    if not all(0 <= t <= INT32_MAX for t in tokens):
+        raise invalid("tokens must be token ids (>= 0)", "tokens")
+    return fields.get("model", str), tuple(tokens)
 
 
 def parse_completion(body: dict[str, Any]) -> OpenAIRequest:
