@@ -58,7 +58,7 @@ def _generate_ids(address: str, prompt: list[int], max_tokens: int) -> tuple[lis
 # the decode server, which must penalize the output so far exactly as a colocated engine does.
 SCORED_PARAMS = [
     dict(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.3,
-         top_logprobs=3),
+         top_logprobs=3, prompt_logprobs=2),
     dict(temperature=0.8, seed=5, min_p=0.1, frequency_penalty=1.0, top_logprobs=2),
 ]
 SCORED_TEXT = "Scoring check: name the colours of the rainbow in order, then three rivers of Europe."
@@ -72,8 +72,8 @@ def scored_prompt(tokenizer) -> tuple[list[int], tuple[tuple[int, float], ...]]:
 
 
 def scored_reference(model, chunk_size: int | None = None, max_tokens: int = 20) -> list[tuple[list, list]]:
-    """(tokens, per-token (logprob, top ids, top logprobs)) of an in-process colocated engine on one
-    thread, for each of SCORED_PARAMS."""
+    """(tokens, per-token (logprob, top ids, top logprobs), the same per prompt token) of an
+    in-process colocated engine on one thread, for each of SCORED_PARAMS."""
     prompt, bias = scored_prompt(model.tokenizer)
     engine = LLMEngine(EngineConfig(kv_cache_bytes=1 << 28, chunk_size=chunk_size), loaded=model)
     threads = torch.get_num_threads()
@@ -87,8 +87,8 @@ def scored_reference(model, chunk_size: int | None = None, max_tokens: int = 20)
             outputs = []
             while engine.has_work:
                 outputs += engine.step()
-            scores = [(o.logprobs.logprob, [t for t, _ in o.logprobs.top], [v for _, v in o.logprobs.top])
-                      for o in outputs]
+            scores = [(lp.logprob, [t for t, _ in lp.top], [v for _, v in lp.top])
+                      for lp in [o.logprobs for o in outputs] + list(outputs[0].prompt_logprobs or ())]
             results.append(([o.token_id for o in outputs], scores))
         return results
     finally:
@@ -105,9 +105,9 @@ def scored_through(address: str, tokenizer, max_tokens: int = 20) -> list[tuple[
                 prompt_token_ids=prompt, max_tokens=max_tokens, ignore_eos=True, logprobs=True,
                 logit_bias=[common_pb2.LogitBias(token_id=t, bias=b) for t, b in bias], **kwargs)
             responses = list(gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=120))
+            scores = [lp for r in responses for lp in r.logprobs] + list(responses[0].prompt_logprobs)
             results.append(([t for r in responses for t in r.token_ids],
-                            [(lp.logprob, list(lp.top_token_ids), list(lp.top_logprobs))
-                             for r in responses for lp in r.logprobs]))
+                            [(lp.logprob, list(lp.top_token_ids), list(lp.top_logprobs)) for lp in scores]))
     return results
 
 
@@ -125,6 +125,7 @@ def test_logprobs_and_penalties_through_the_cluster_equal_the_colocated_engine(u
     unpenalized = LLMEngine(EngineConfig(kv_cache_bytes=1 << 26), loaded=model_bf16).generate(
         [scored_prompt(model_bf16.tokenizer)[0]], greedy)
     assert expected[0][0] != unpenalized[0]  # the penalties and the bias change the output
+    assert len(expected[0][1]) == 20 + len(scored_prompt(model_bf16.tokenizer)[0]) - 1  # prompt scores too
     assert_scored_equal(scored_through(ucx_cluster.grpc_address, model_bf16.tokenizer), expected)
 
 

@@ -157,6 +157,8 @@ class FakeCluster:
             if request.sampling.logprobs and request.sampling.seed != NO_LOGPROBS_SEED:
                 event.logprobs.extend(self.logprobs(index + i, request.sampling.top_logprobs)
                                       for i in range(len(ids)))
+            if index == 0 and request.sampling.prompt_logprobs and request.sampling.seed != NO_LOGPROBS_SEED:
+                event.prompt_logprobs.extend(self.prompt_logprobs(request))
             await client.xadd(request.reply_stream, {FIELD: event.SerializeToString()})
             await asyncio.sleep(0.002)
 
@@ -187,6 +189,14 @@ class FakeCluster:
         return pb.TokenLogprobs(logprob=-(index + 1) / 8,
                                 top_token_ids=[ids[(index + r) % len(ids)] for r in range(top)],
                                 top_logprobs=[-(r + 1) / 4 for r in range(top)])
+
+    @staticmethod
+    def prompt_logprobs(request: pb.QueuedRequest) -> list[pb.TokenLogprobs]:
+        """Prompt position p (from 1) gets -p / 16, rank p, and as top tokens the prompt's first ones."""
+        ids, top = request.prompt_token_ids, request.sampling.top_prompt_logprobs
+        return [pb.TokenLogprobs(logprob=-p / 16, rank=p, top_token_ids=ids[:top],
+                                 top_logprobs=[-(r + 1) / 32 for r in range(min(top, len(ids)))])
+                for p in range(1, len(ids))]
 
     @staticmethod
     def _timeline(request: pb.QueuedRequest, num_tokens: int) -> pb.Timeline:
@@ -473,6 +483,55 @@ def test_chat_logprobs_streamed_or_not(gateway):
 
 
 @pytest.mark.timeout(30)
+def test_echo_and_prompt_logprobs_as_lm_eval_and_vllm_read_them(gateway):
+    decode = gateway.tokenizer.decode
+
+    def text(ids: list[int]) -> str:
+        return decode(ids)
+
+    echoed = gateway.client.completions.create(model=MODEL, prompt="Say hi", max_tokens=3, echo=True)
+    assert echoed.choices[0].text == "Say hi" + gateway.text(3) and echoed.choices[0].logprobs is None
+    queued = next(r for r in gateway.fake.received if r.request_id == echoed.id)
+    assert not queued.sampling.prompt_logprobs  # an echo without logprobs needs no scores
+
+    # lm-evaluation-harness's loglikelihood request: token ids, echo, logprobs 1, one new token.
+    prompt = gateway.tokenizer("The sky is blue")["input_ids"]
+    resp = gateway.post("/v1/completions", {"model": MODEL, "prompt": [prompt], "max_tokens": 1, "echo": True,
+                                            "logprobs": 1, "temperature": 0}).json()
+    choice = resp["choices"][0]
+    assert choice["text"] == decode(prompt) + gateway.text(1)
+    logprobs = choice["logprobs"]
+    assert logprobs["tokens"] == [text([t]) for t in prompt] + [text([gateway.output_ids[0]])]
+    assert logprobs["token_logprobs"] == [None] + [-p / 16 for p in range(1, len(prompt))] + [-1 / 8]
+    assert logprobs["top_logprobs"] == [None] + [{text([prompt[0]]): -1 / 32}] * (len(prompt) - 1) + [
+        {text([gateway.output_ids[0]]): -1 / 4}]
+    tokens = logprobs["tokens"]
+    assert logprobs["text_offset"] == [sum(len(t) for t in tokens[:i]) for i in range(len(prompt) + 1)]
+    queued = next(r for r in gateway.fake.received if r.request_id == resp["id"])
+    assert (queued.sampling.prompt_logprobs, queued.sampling.top_prompt_logprobs) == (True, 1)
+
+    # vLLM's prompt_logprobs: on the choice (completions) or the response (chat).
+    resp = gateway.post("/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 2,
+                                            "prompt_logprobs": 2}).json()
+    expected = [None] + [{str(prompt[0]): {"logprob": -1 / 32, "rank": 1, "decoded_token": text([prompt[0]])},
+                          str(prompt[1]): {"logprob": -2 / 32, "rank": 2, "decoded_token": text([prompt[1]])},
+                          str(prompt[p]): {"logprob": -p / 16, "rank": p, "decoded_token": text([prompt[p]])}}
+                         for p in range(1, len(prompt))]
+    assert resp["choices"][0]["prompt_logprobs"] == expected and resp["choices"][0]["logprobs"] is None
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = gateway.post("/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 1,
+                                                 "prompt_logprobs": 0}).json()
+    queued = next(r for r in gateway.fake.received if r.request_id == chat["id"])
+    assert len(chat["prompt_logprobs"]) == len(queued.prompt_token_ids) and chat["prompt_logprobs"][0] is None
+    [first] = gateway.generate(prompt_token_ids=prompt, max_tokens=1, prompt_logprobs=0)
+    assert [(lp.logprob, lp.rank) for lp in first.prompt_logprobs] == [
+        (-p / 16, p) for p in range(1, len(prompt))]
+    missing = gateway.post("/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 1,
+                                               "prompt_logprobs": 1, "seed": NO_LOGPROBS_SEED})
+    assert missing.status_code == 500 and "prompt's log probabilities" in missing.json()["error"]["message"]
+
+
+@pytest.mark.timeout(30)
 def test_penalties_bias_and_min_p_reach_the_workers(gateway):
     resp = gateway.client.completions.create(
         model=MODEL, prompt="Hi", max_tokens=2, presence_penalty=0.5, frequency_penalty=-1.5,
@@ -506,7 +565,8 @@ BAD_COMPLETIONS = [
     {"prompt": "x", "top_k": -5}, {"prompt": "x", "n": 2},
     {"prompt": "x", "stop": [""]}, {"prompt": "x", "stop": 5}, {"prompt": "x", "min_tokens": 20},
     {"prompt": [10**9]}, {"prompt": "x", "seed": "x"}, {"prompt": "x", "stream": "yes"},
-    {"prompt": "x", "logprobs": 21}, {"prompt": "x", "logprobs": True}, {"prompt": "x", "echo": True},
+    {"prompt": "x", "logprobs": 21}, {"prompt": "x", "logprobs": True}, {"prompt": "x", "echo": "yes"},
+    {"prompt": "x", "prompt_logprobs": 21}, {"prompt": "x", "prompt_logprobs": 1, "stream": True},
     {"prompt": "x", "stream_options": {"include_usage": True}}, {"prompt": "x", "presence_penalty": 2.5},
     {"prompt": "x", "frequency_penalty": "1"}, {"prompt": "x", "repetition_penalty": 0},
     {"prompt": "x", "min_p": 1.5}, {"prompt": "x", "logit_bias": {"abc": 1}},
@@ -523,6 +583,7 @@ BAD_CHATS = [
     {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
     {"messages": [{"role": "user", "content": "x"}], "logprobs": 1},
     {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+    {"messages": [{"role": "user", "content": "x"}], "echo": True},
 ]
 
 

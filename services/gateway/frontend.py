@@ -26,10 +26,10 @@ from .limits import preview
 from .metrics import GatewayMetrics
 from .model import ServedModel
 from .openai_api import TokenizeRequest
-from .output import OutputProcessor
+from .output import OutputProcessor, PromptWanted
 from .router import GatewayAbort, Reply, ReplyRouter
 from .sampling import resolve_max_tokens, sampling_proto
-from .schema import Finish, GenerationRequest, Output
+from .schema import Finish, GenerationRequest, Output, TextPrompt
 from .stats import RequestStats
 
 log = structlog.get_logger(__name__)
@@ -104,7 +104,7 @@ class Frontend:
         if not prompt_ids:
             raise invalid("the prompt is empty after tokenization", "prompt")
         max_tokens = resolve_max_tokens(request, len(prompt_ids), max_model_len)
-        sampling = sampling_proto(request.sampling, max_tokens, secrets.randbits(63))
+        sampling = sampling_proto(request.sampling, max_tokens, secrets.randbits(63), request.scored_prompt)
         return pb.QueuedRequest(request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling,
                                 reply_stream=self.services.router.stream, cache_salt=request.cache_salt or "")
 
@@ -157,6 +157,17 @@ class Frontend:
             log.warning("cancel not published", error=str(exc))
 
 
+def _prompt_wanted(request: GenerationRequest, queued: pb.QueuedRequest) -> PromptWanted | None:
+    """What the client gets of its prompt back: the echo's text (its own text, or its token ids'),
+    the prompt's token ids, and how many top logprobs per position."""
+    if not request.echo and request.scored_prompt is None:
+        return None
+    echo = None
+    if request.echo:
+        echo = request.prompt.text if isinstance(request.prompt, TextPrompt) else None
+    return PromptWanted(tuple(queued.prompt_token_ids), request.scored_prompt, echo, request.echo)
+
+
 class Generation:
     """One request in flight, from admission to its last output."""
 
@@ -178,9 +189,10 @@ class Generation:
             queued = await frontend.admit(self.request, self.request_id)
             if frontend.draining:  # it began while this request was tokenized: abort_all may be done
                 raise ApiError(ErrorKind.UNAVAILABLE, "the gateway is shutting down")
-            self.processor = OutputProcessor(frontend.model.tokenizer, self.request.sampling.stop,
-                                             len(queued.prompt_token_ids), self.request.sampling.logprobs,
-                                             self.request.sampling.top_logprobs)
+            self.processor = OutputProcessor(
+                frontend.model.tokenizer, self.request.sampling.stop, len(queued.prompt_token_ids),
+                self.request.sampling.logprobs, self.request.sampling.top_logprobs,
+                prompt=_prompt_wanted(self.request, queued))
             self._queue = frontend.services.router.register(self.request_id)
             await self._enqueue(queued)
         except BaseException:

@@ -20,6 +20,7 @@ from .schema import (
     ChatPrompt,
     GenerationRequest,
     Output,
+    PositionLogprobs,
     Prompt,
     SamplingOptions,
     TextPrompt,
@@ -76,6 +77,7 @@ def request_from_proto(msg: gpb.GenerateRequest) -> GenerationRequest:
         logit_bias=tuple((b.token_id, b.bias) for b in msg.logit_bias),
         logprobs=msg.logprobs,
         top_logprobs=msg.top_logprobs,
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
     )
     return GenerationRequest(Api.GRPC, prompt_from_proto(msg), sampling, msg.model or None,
                              client_request_id(msg.request_id), cache_salt_option(msg.cache_salt or None))
@@ -106,7 +108,13 @@ def response_from_output(request_id: str, output: Output) -> gpb.GenerateRespons
     if output.timeline is not None:
         response.timeline.CopyFrom(output.timeline)
     for position in output.logprobs:
-        top = position.top
-        response.logprobs.add(logprob=position.chosen.logprob, top_token_ids=[t.token_id for t in top],
-                              top_logprobs=[t.logprob for t in top])
+        _add_logprobs(response.logprobs, position)
+    for position in output.prompt.positions[1:] if output.prompt is not None else ():
+        _add_logprobs(response.prompt_logprobs, position)
     return response
+
+
+def _add_logprobs(field, position: PositionLogprobs) -> None:
+    top = position.top
+    field.add(logprob=position.chosen.logprob, top_token_ids=[t.token_id for t in top],
+              top_logprobs=[t.logprob for t in top], rank=position.chosen.rank)

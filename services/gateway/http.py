@@ -103,8 +103,10 @@ class HttpRoutes:
         client_id = client_request_id(request.headers.get("X-Request-Id", ""))
         generation_request = dataclasses.replace(parsed.generation, client_request_id=client_id)
         async with self.frontend.generate(generation_request) as generation:
-            renderer = renderer_for(parsed.generation.api, generation.request_id, self.frontend.model.name,
-                                    parsed.include_usage, parsed.generation.sampling.logprobs)
+            wanted = parsed.generation
+            renderer = renderer_for(wanted.api, generation.request_id, self.frontend.model.name,
+                                    parsed.include_usage, wanted.sampling.logprobs, wanted.echo,
+                                    wanted.sampling.prompt_logprobs is not None)
             headers = {"X-Request-Id": client_id or generation.request_id}
             if parsed.stream:
                 return await stream_sse(request, generation, renderer, headers)
@@ -154,15 +156,16 @@ class HttpRoutes:
 
 async def collect(generation: Generation, renderer: Renderer) -> dict:
     """The whole response at once; a failure in the cluster is a 500 error body."""
-    text, logprobs = "", []
+    text, logprobs, prompt = "", [], None
     try:
         async for output in generation:
             text += output.text
             logprobs.extend(output.logprobs)
+            prompt = prompt or output.prompt
             final = output
     except GenerationError as exc:
         raise ApiError(exc.kind, f"generation failed: {exc}") from None
-    return renderer.body(text, final, tuple(logprobs))
+    return renderer.body(text, final, tuple(logprobs), prompt)
 
 
 async def stream_sse(request: web.Request, generation: Generation, renderer: Renderer,

@@ -4,7 +4,7 @@ Types are checked strictly (an int field takes a JSON integer, a float field any
 NaN and Infinity are not JSON), and so is the nesting depth; every mistake is an ApiError naming the
 field. Unknown top-level fields are ignored, as vLLM does (clients send vendor extensions there);
 unknown keys inside stream_options are refused, as OpenAI does. Known fields whose feature we do not
-have (echo, prompt_logprobs, n > 1, tools, structured output) are refused rather than silently dropped.
+have (n > 1, tools, structured output, echo on chat) are refused rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from .schema import (
 
 # Fields we cannot honour, and the values that mean "not used".
 _UNSUPPORTED = {
-    "n": (1,), "best_of": (1,), "echo": (False,), "prompt_logprobs": (0,),
-    "suffix": ("",), "tools": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},),
+    "n": (1,), "best_of": (1,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
+    "response_format": ({"type": "text"},),
     "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
 }
 
@@ -158,7 +158,8 @@ def parse_completion(body: dict[str, Any]) -> OpenAIRequest:
     fields = Fields(body)
     top_logprobs = fields.get("logprobs", int)
     return _request(fields, Api.COMPLETIONS, _completion_prompt(body.get("prompt")),
-                    fields.get("max_tokens", int), (top_logprobs is not None, top_logprobs or 0))
+                    fields.get("max_tokens", int), (top_logprobs is not None, top_logprobs or 0),
+                    echo=fields.get("echo", bool, False))
 
 
 def parse_chat(body: dict[str, Any]) -> OpenAIRequest:
@@ -166,16 +167,20 @@ def parse_chat(body: dict[str, Any]) -> OpenAIRequest:
     fields = Fields(body)
     max_tokens = fields.get("max_completion_tokens", int, fields.get("max_tokens", int))
     logprobs = (fields.get("logprobs", bool, False), fields.get("top_logprobs", int, 0))
+    if fields.get("echo", bool, False):
+        raise invalid("'echo' is not supported on chat completions", "echo")
     return _request(fields, Api.CHAT, _chat_prompt(fields), max_tokens, logprobs)
 
 
 def _request(fields: Fields, api: Api, prompt: Prompt, max_tokens: int | None,
-             logprobs: tuple[bool, int]) -> OpenAIRequest:
+             logprobs: tuple[bool, int], echo: bool = False) -> OpenAIRequest:
     _refuse_unsupported(fields)
     generation = GenerationRequest(api, prompt, _sampling(fields, max_tokens, logprobs),
                                    fields.get("model", str),
-                                   cache_salt=cache_salt_option(fields.get("cache_salt", str)))
+                                   cache_salt=cache_salt_option(fields.get("cache_salt", str)), echo=echo)
     stream = fields.get("stream", bool, False)
+    if stream and generation.sampling.prompt_logprobs is not None:
+        raise invalid("prompt_logprobs is not available when stream is true (as vLLM)", "prompt_logprobs")
     options = Fields(fields.get("stream_options", dict, {}))
     if options.body and not stream:
         raise invalid("stream_options is only allowed when stream is true", "stream_options")
@@ -203,6 +208,7 @@ def _sampling(fields: Fields, max_tokens: int | None, logprobs: tuple[bool, int]
         logit_bias=_logit_bias(fields.get("logit_bias", dict, {})),
         logprobs=logprobs[0],
         top_logprobs=logprobs[1],
+        prompt_logprobs=fields.get("prompt_logprobs", int),
     )
 
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .schema import Api, Output, PositionLogprobs, TokenLogprob, Usage
+from .schema import Api, Output, PositionLogprobs, PromptScores, TokenLogprob, Usage
 
 DONE = b"data: [DONE]\n\n"
 
@@ -30,6 +30,8 @@ class Renderer:
     model: str
     include_usage: bool = False  # stream_options.include_usage
     logprobs: bool = False  # the request asked for them: each choice carries its tokens'
+    echo: bool = False  # completions: the first choice repeats the prompt (and its logprobs)
+    prompt_logprobs: bool = False  # vLLM's prompt_logprobs field
     created: int = field(default_factory=lambda: int(time.time()))
 
     chunk_object = ""
@@ -40,20 +42,30 @@ class Renderer:
 
     def chunk(self, output: Output) -> dict[str, Any] | None:
         """The SSE chunk for output; None when it carries nothing for the client."""
-        if not output.text and output.finish is None and not (self.logprobs and output.logprobs):
+        text, positions = self._with_echo(output.prompt, output.text, output.logprobs)
+        if not text and output.finish is None and not (self.logprobs and positions):
             return None
-        choice = self._chunk_choice(output.text, output.finish and output.finish.value)
-        return self._chunk({**choice, "logprobs": self._logprobs(output.logprobs)})
+        choice = self._chunk_choice(text, output.finish and output.finish.value)
+        return self._chunk({**choice, "logprobs": self._logprobs(positions)})
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         """OpenAI's last chunk under include_usage: no choices, the whole request's usage."""
         return {**self._envelope(self.chunk_object, []), "usage": usage_json(usage)}
 
-    def body(self, text: str, final: Output, logprobs: tuple[PositionLogprobs, ...] = ()) -> dict[str, Any]:
-        """The non-streaming response; logprobs are the whole output's."""
+    def body(self, text: str, final: Output, logprobs: tuple[PositionLogprobs, ...] = (),
+             prompt: PromptScores | None = None) -> dict[str, Any]:
+        """The non-streaming response; logprobs are the whole output's, prompt the first output's."""
+        text, logprobs = self._with_echo(prompt, text, logprobs)
         choice = self._body_choice(text, final.finish.value if final.finish else None)
         choice = {**choice, "logprobs": self._logprobs(logprobs)}
         return {**self._envelope(self.body_object, [choice]), "usage": usage_json(final.usage)}
+
+    def _with_echo(self, prompt: PromptScores | None, text: str,
+                   positions: tuple[PositionLogprobs, ...]) -> tuple[str, tuple[PositionLogprobs, ...]]:
+        """text and positions, after the prompt's when echoing (on the first output only)."""
+        if prompt is None or not self.echo:
+            return text, positions
+        return prompt.text + text, prompt.positions + positions if self.logprobs else positions
 
     def _logprobs(self, positions: tuple[PositionLogprobs, ...]) -> dict[str, Any] | None:
         return self._logprobs_json(positions) if self.logprobs else None
@@ -86,12 +98,27 @@ class CompletionRenderer(Renderer):
 
     _body_choice = _chunk_choice
 
+    def chunk(self, output: Output) -> dict[str, Any] | None:
+        chunk = super().chunk(output)
+        if chunk is not None and self.prompt_logprobs:  # (not streamed with prompt_logprobs, as vLLM)
+            chunk["choices"][0]["prompt_logprobs"] = prompt_logprobs_json(output.prompt)
+        return chunk
+
+    def body(self, text: str, final: Output, logprobs: tuple[PositionLogprobs, ...] = (),
+             prompt: PromptScores | None = None) -> dict[str, Any]:
+        body = super().body(text, final, logprobs, prompt)
+        if self.prompt_logprobs:
+            body["choices"][0]["prompt_logprobs"] = prompt_logprobs_json(prompt)
+        return body
+
     def _logprobs_json(self, positions: tuple[PositionLogprobs, ...]) -> dict[str, Any]:
-        """The legacy completions shape (vLLM's): parallel lists, top tokens as a text -> logprob map."""
+        """The legacy completions shape (vLLM's): parallel lists, top tokens as a text -> logprob map
+        (an echoed prompt's first token has None for both)."""
         return {"text_offset": [p.offset for p in positions],
                 "token_logprobs": [p.chosen.logprob for p in positions],
                 "tokens": [p.chosen.text for p in positions],
-                "top_logprobs": [{t.text: t.logprob for t in p.top} for p in positions]}
+                "top_logprobs": [None if p.chosen.logprob is None else {t.text: t.logprob for t in p.top}
+                                 for p in positions]}
 
 
 @dataclass(frozen=True)
@@ -112,17 +139,31 @@ class ChatRenderer(Renderer):
         return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                 "finish_reason": finish_reason}
 
+    def body(self, text: str, final: Output, logprobs: tuple[PositionLogprobs, ...] = (),
+             prompt: PromptScores | None = None) -> dict[str, Any]:
+        body = super().body(text, final, logprobs, prompt)
+        return {**body, "prompt_logprobs": prompt_logprobs_json(prompt)} if self.prompt_logprobs else body
+
     def _logprobs_json(self, positions: tuple[PositionLogprobs, ...]) -> dict[str, Any]:
         """Chat's shape: a record per token with its UTF-8 bytes and its top alternatives."""
         return {"content": [{**_token_json(p.chosen), "top_logprobs": [_token_json(t) for t in p.top]}
                             for p in positions]}
 
 
+def prompt_logprobs_json(prompt: PromptScores | None) -> list[dict[str, Any] | None] | None:
+    """vLLM's prompt_logprobs: None for the first token, then per position a map of token ids (the
+    prompt's own and the top ones) to their logprob, rank and text."""
+    if prompt is None:
+        return None
+    return [None] + [{str(t.token_id): {"logprob": t.logprob, "rank": t.rank, "decoded_token": t.text}
+                      for t in (*p.top, p.chosen)} for p in prompt.positions[1:]]
+
+
 def _token_json(token: TokenLogprob) -> dict[str, Any]:
     return {"token": token.text, "logprob": token.logprob, "bytes": list(token.text.encode())}
 
 
-def renderer_for(api: Api, request_id: str, model: str, include_usage: bool,
-                 logprobs: bool = False) -> Renderer:
+def renderer_for(api: Api, request_id: str, model: str, include_usage: bool, logprobs: bool = False,
+                 echo: bool = False, prompt_logprobs: bool = False) -> Renderer:
     cls = ChatRenderer if api is Api.CHAT else CompletionRenderer
-    return cls(request_id, model, include_usage, logprobs)
+    return cls(request_id, model, include_usage, logprobs, echo, prompt_logprobs)

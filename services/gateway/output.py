@@ -12,7 +12,7 @@ from splitserve.engine.request import LOGPROB_FLOOR
 from splitserve.v1 import common_pb2 as pb
 
 from .errors import GenerationError
-from .schema import FINISH_FROM_PROTO, Finish, Output, PositionLogprobs, TokenLogprob, Usage
+from .schema import FINISH_FROM_PROTO, Finish, Output, PositionLogprobs, PromptScores, TokenLogprob, Usage
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +58,17 @@ def _logprob(value: float) -> float:
     return LOGPROB_FLOOR if math.isnan(value) else min(max(value, LOGPROB_FLOOR), 0.0)
 
 
+@dataclass(frozen=True)
+class PromptWanted:
+    """What a request gets of its prompt back: scores (top logprobs per position; None: none) and
+    an echo of its text (None: the prompt's token ids decoded)."""
+
+    token_ids: tuple[int, ...]
+    top: int | None
+    text: str | None
+    echo: bool
+
+
 @dataclass
 class OutputProcessor:
     """Turns one request's TokenEvents into Outputs (vLLM's output processor, for one request)."""
@@ -67,6 +78,7 @@ class OutputProcessor:
     num_prompt_tokens: int
     logprobs: bool = False  # the request asked for each token's log probability ...
     top_logprobs: int = 0  # ... and at most this many most likely tokens' at each position
+    prompt: PromptWanted | None = None
     token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # of the prompt's, from the first token's event
     finish: Finish | None = None
@@ -90,16 +102,18 @@ class OutputProcessor:
         self.upstream_finished = event.finish_reason != pb.FINISH_REASON_UNSPECIFIED
         if event.finish_reason == pb.FINISH_REASON_ERROR:
             raise GenerationError(event.error or "the cluster failed the request")
+        first = event.index == 0 and not self.token_ids and event.token_ids
         new, logprobs = self._new_tokens(event)
+        prompt = self._prompt_scores(event) if first and self.prompt is not None else None
         new_ids, text = self._accept(new)
         logprobs = tuple(self._position(token, lp) for token, lp in zip(new_ids, logprobs))
         if self.finish is None and self.upstream_finished:
             self.finish = FINISH_FROM_PROTO[event.finish_reason]
             text += self._stop.flush()
         if self.finish is None:
-            return Output(text, new_ids, logprobs=logprobs) if text or new_ids else None
+            return Output(text, new_ids, logprobs=logprobs, prompt=prompt) if text or new_ids else None
         timeline = event.timeline if event.HasField("timeline") else None
-        return Output(text, new_ids, self.finish, self.usage, timeline, logprobs)
+        return Output(text, new_ids, self.finish, self.usage, timeline, logprobs, prompt)
 
     def abort(self) -> Output:
         """The last output of a request the gateway ends itself (shutdown); the cluster is still
@@ -121,14 +135,41 @@ class OutputProcessor:
             log.error("token event skips positions", expected=len(self.token_ids), index=event.index)
             raise GenerationError(f"output tokens {len(self.token_ids)} to {event.index - 1} were lost on "
                                   "their way from the cluster (Redis lost data?); the request was cancelled")
-        if self.logprobs and (len(event.logprobs) != len(event.token_ids) or any(
-                not len(lp.top_token_ids) == len(lp.top_logprobs) <= self.top_logprobs
-                or any(not 0 <= t < self.vocab_size for t in lp.top_token_ids) for lp in event.logprobs)):
+        if self.logprobs and (len(event.logprobs) != len(event.token_ids)
+                              or not all(self._bounded(lp, self.top_logprobs) for lp in event.logprobs)):
             log.error("token event without the logprobs asked for", tokens=len(event.token_ids),
                       logprobs=len(event.logprobs))
             raise GenerationError("the cluster sent tokens without the log probabilities asked for")
         logprobs = list(event.logprobs[max(skip, 0):]) if self.logprobs else []
         return list(event.token_ids[max(skip, 0):]), logprobs
+
+    def _prompt_scores(self, event: pb.TokenEvent) -> PromptScores:
+        """The echo's text and the prompt's per-token records, from the first token's event."""
+        wanted = self.prompt
+        ids = wanted.token_ids
+        text = wanted.text if wanted.text is not None else ""
+        if wanted.echo and wanted.text is None:
+            text = self.tokenizer.decode(list(ids))
+        if wanted.top is None:
+            return PromptScores(text, ())
+        scores = event.prompt_logprobs
+        if len(scores) != len(ids) - 1 or not all(self._bounded(lp, wanted.top) for lp in scores):
+            log.error("first token without the prompt logprobs asked for", prompt_tokens=len(ids),
+                      prompt_logprobs=len(scores))
+            raise GenerationError("the cluster sent the first token without the prompt's log probabilities")
+        positions = [PositionLogprobs(TokenLogprob(ids[0], self._text(ids[0]), None), (), 0)]
+        offset = len(positions[0].chosen.text)
+        for token_id, lp in zip(ids[1:], scores):
+            position = self._record(token_id, lp, offset)
+            positions.append(position)
+            offset += len(position.chosen.text)
+        if wanted.echo:
+            self._logprob_offset = offset  # the output's text_offset counts on from the prompt's
+        return PromptScores(text, tuple(positions))
+
+    def _bounded(self, lp: pb.TokenLogprobs, top: int) -> bool:
+        return (len(lp.top_token_ids) == len(lp.top_logprobs) <= top
+                and all(0 <= t < self.vocab_size for t in lp.top_token_ids))
 
     @property
     def vocab_size(self) -> int:
@@ -141,10 +182,15 @@ class OutputProcessor:
         return text
 
     def _position(self, token_id: int, logprobs: pb.TokenLogprobs) -> PositionLogprobs:
-        chosen = TokenLogprob(token_id, self._text(token_id), _logprob(logprobs.logprob))
-        top = tuple(TokenLogprob(t, self._text(t), _logprob(lp))
-                    for t, lp in zip(logprobs.top_token_ids, logprobs.top_logprobs))
-        offset, self._logprob_offset = self._logprob_offset, self._logprob_offset + len(chosen.text)
+        position = self._record(token_id, logprobs, self._logprob_offset)
+        self._logprob_offset += len(position.chosen.text)
+        return position
+
+    def _record(self, token_id: int, logprobs: pb.TokenLogprobs, offset: int) -> PositionLogprobs:
+        chosen = TokenLogprob(token_id, self._text(token_id), _logprob(logprobs.logprob),
+                              max(logprobs.rank, 1))
+        top = tuple(TokenLogprob(t, self._text(t), _logprob(lp), rank)
+                    for rank, (t, lp) in enumerate(zip(logprobs.top_token_ids, logprobs.top_logprobs), 1))
         return PositionLogprobs(chosen, top, offset)
 
     def _accept(self, new_ids: list[int]) -> tuple[tuple[int, ...], str]:

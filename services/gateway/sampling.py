@@ -37,9 +37,10 @@ def resolve_max_tokens(request: GenerationRequest, num_prompt_tokens: int, max_m
     return max_tokens
 
 
-def sampling_proto(options: SamplingOptions, max_tokens: int, random_seed: int) -> pb.SamplingParams:
+def sampling_proto(options: SamplingOptions, max_tokens: int, random_seed: int,
+                   prompt_logprobs: int | None = None) -> pb.SamplingParams:
     """Every field set; random_seed stands in when the client gave none, so a request replayed after
-    a worker failure samples the same tokens again."""
+    a worker failure samples the same tokens again. prompt_logprobs: GenerationRequest.scored_prompt."""
     greedy = options.temperature < SAMPLING_EPS  # vLLM's rule, sent as 0 so every worker agrees
     return pb.SamplingParams(
         temperature=0.0 if greedy else options.temperature,
@@ -57,4 +58,6 @@ def sampling_proto(options: SamplingOptions, max_tokens: int, random_seed: int) 
         logit_bias=[pb.LogitBias(token_id=t, bias=b) for t, b in options.logit_bias],
         logprobs=options.logprobs,
         top_logprobs=options.top_logprobs,
+        prompt_logprobs=prompt_logprobs is not None,
+        top_prompt_logprobs=prompt_logprobs or 0,
     )

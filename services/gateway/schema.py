@@ -81,6 +81,7 @@ class SamplingOptions:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); ids checked by the frontend
     logprobs: bool = False  # each output token's log probability ...
     top_logprobs: int = 0  # ... and the most likely tokens' at its position
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's, and this many top ones'
 
     def __post_init__(self) -> None:
         self._check_floats()
@@ -123,6 +124,9 @@ class SamplingOptions:
                           "top_logprobs")
         if self.top_logprobs and not self.logprobs:
             raise invalid("top_logprobs needs logprobs to be true", "top_logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise invalid(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}",
+                          "prompt_logprobs")
 
     def _check_min_tokens(self) -> None:
         if not 0 <= self.min_tokens <= INT32_MAX:
@@ -171,6 +175,16 @@ class GenerationRequest:
     # used as the request's id inside the cluster, which the gateway always chooses.
     client_request_id: str | None = None
     cache_salt: str | None = None  # vLLM's: only cached KV computed under the same salt is reused
+    echo: bool = False  # completions: the response repeats the prompt (with its logprobs when asked)
+
+    @property
+    def scored_prompt(self) -> int | None:
+        """The top prompt logprobs the workers must compute: what prompt_logprobs asks, or an echo
+        with logprobs (vLLM's rule); None when the prompt needs no scoring."""
+        asked = [n for n in (self.sampling.prompt_logprobs,
+                             self.sampling.top_logprobs if self.echo and self.sampling.logprobs else None)
+                 if n is not None]
+        return max(asked) if asked else None
 
 
 def cache_salt_option(value: str | None) -> str | None:
@@ -216,7 +230,8 @@ class TokenLogprob:
 
     token_id: int
     text: str
-    logprob: float
+    logprob: float | None  # None: the prompt's first token, which nothing precedes
+    rank: int = 1
 
 
 @dataclass(frozen=True)
@@ -231,6 +246,15 @@ class PositionLogprobs:
 
 
 @dataclass(frozen=True)
+class PromptScores:
+    """On a request's first output when it asked for an echo or prompt logprobs: the prompt's text
+    (for the echo) and a record per prompt token (the first's logprob None: nothing precedes it)."""
+
+    text: str
+    positions: tuple[PositionLogprobs, ...]
+
+
+@dataclass(frozen=True)
 class Output:
     """New text and tokens of one request; the last one has finish, usage and timeline set."""
 
@@ -240,3 +264,4 @@ class Output:
     usage: Usage | None = None
     timeline: pb.Timeline | None = None
     logprobs: tuple[PositionLogprobs, ...] = ()  # one per token of token_ids, when asked for
+    prompt: PromptScores | None = None

@@ -40,6 +40,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         logit_bias=tuple((b.token_id, b.bias) for b in msg.logit_bias),
         logprobs=msg.logprobs,
         top_logprobs=msg.top_logprobs,
+        prompt_logprobs=msg.top_prompt_logprobs if msg.prompt_logprobs else None,
     )
 
 
@@ -60,12 +61,14 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         logit_bias=[pb.LogitBias(token_id=t, bias=b) for t, b in params.logit_bias],
         logprobs=params.logprobs,
         top_logprobs=params.top_logprobs,
+        prompt_logprobs=params.prompt_logprobs is not None,
+        top_prompt_logprobs=params.prompt_logprobs or 0,
     )
 
 
 def logprobs_to_proto(logprobs: TokenLogprobs) -> pb.TokenLogprobs:
     return pb.TokenLogprobs(logprob=logprobs.logprob, top_token_ids=[t for t, _ in logprobs.top],
-                            top_logprobs=[lp for _, lp in logprobs.top])
+                            top_logprobs=[lp for _, lp in logprobs.top], rank=logprobs.rank)
 
 
 def finish_to_proto(reason: FinishReason | None) -> int:

@@ -27,6 +27,7 @@ from splitserve.engine.request import (
     SamplingParams,
     Sequence,
     StepOutput,
+    TokenLogprobs,
 )
 from splitserve.engine.runner import ModelRunner
 from splitserve.engine.sampler import plain_greedy_tokens, sample_one, token_logprobs
@@ -384,6 +385,7 @@ class LLMEngine:
             if token is None:
                 token = sample_one(logits, seq, self.loaded.eos_token_ids, self._generator)
             logprobs = token_logprobs(logits, token, seq.params.top_logprobs) if seq.params.logprobs else None
+            prompt_logprobs = self._take_prompt_logprobs(seq)
         except Exception as exc:  # sampling is per request: its neighbours still get their tokens
             log.error("sampling failed; the request fails", request_id=seq.request_id, error=repr(exc),
                       exc_info=exc)
@@ -397,7 +399,17 @@ class LLMEngine:
             self._cache_finished(seq)
             self._retire(seq, RequestState.FINISHED)
         return StepOutput(seq.request_id, token, reason, num_cached_tokens=seq.num_cached_tokens,
-                          logprobs=logprobs)
+                          logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+    @staticmethod
+    def _take_prompt_logprobs(seq: Sequence) -> tuple[TokenLogprobs, ...] | None:
+        """With the first token of a request that asked: its prompt's log probabilities, in order.
+        (KeyError, which fails the request alone, should a position be missing.)"""
+        if seq.params.prompt_logprobs is None or seq.num_output_tokens != 0:
+            return None
+        scores = tuple(seq.prompt_logprobs[p] for p in range(1, seq.num_prompt_tokens))
+        seq.prompt_logprobs.clear()
+        return scores
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         params = seq.params

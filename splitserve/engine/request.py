@@ -71,6 +71,10 @@ class SamplingParams:
     # model's raw distribution, as vLLM's default), or nothing when logprobs is False.
     logprobs: bool = False
     top_logprobs: int = 0
+    # vLLM's prompt_logprobs: each prompt token's log probability given the tokens before it (and
+    # the top this-many tokens' at each position), computed at prefill; None: not computed. Such a
+    # prompt is computed whole, never from the prefix cache (cached blocks have no logits).
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:  # NaN fails this too
@@ -101,6 +105,8 @@ class SamplingParams:
             raise ValueError("logit_bias values must be in [-100, 100]")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS or (self.top_logprobs and not self.logprobs):
             raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], and 0 without logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}] or None")
 
     @property
     def processes_logits(self) -> bool:
@@ -137,6 +143,10 @@ class Sequence:
     # Sampling draws are seeded by (seed, output position), so a request samples the same tokens
     # whichever engine runs each step; params.seed when given, else random.
     seed: int = 0
+    # With params.prompt_logprobs: position -> the log probabilities of the prompt token there,
+    # filled as prefill chunks run (a chunk run again writes the same entries), handed out with
+    # the first output token.
+    prompt_logprobs: dict[int, TokenLogprobs] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -179,6 +189,7 @@ class TokenLogprobs:
 
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int = 1  # 1 + how many tokens were likelier
 
 
 @dataclass(frozen=True)
@@ -195,3 +206,6 @@ class StepOutput:
     error: str | None = None
     num_cached_tokens: int = 0  # prompt tokens the prefix cache supplied (usage's cached_tokens)
     logprobs: TokenLogprobs | None = None  # when the request asked for them
+    # With the first token, when asked for: the prompt's tokens' from the second on (the first has
+    # nothing before it).
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None

@@ -1,4 +1,5 @@
-"""Turns scheduled sequences into one forward pass and returns the logits of their last tokens."""
+"""Turns scheduled sequences into one forward pass and returns the logits of their last tokens (and,
+for a request that asks, its prompt tokens' log probabilities)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from splitserve.engine.attention import AttentionBatch, PromptChunk
 from splitserve.engine.kv_cache import KVCache
 from splitserve.engine.models.llama import LlamaModel
 from splitserve.engine.request import Sequence
+from splitserve.engine.sampler import rows_logprobs
+
+# Prompt rows projected to logits at once for prompt_logprobs: 256 x a 150k vocabulary is 150 MB.
+PROMPT_LOGITS_ROWS = 256
 
 
 class ModelRunner:
@@ -43,8 +48,12 @@ class ModelRunner:
             query_lens.append(end - start)
         batch = AttentionBatch(is_prefill=True, slot_mapping=self._tensor(slots), query_lens=query_lens)
         hidden = self.model(self._tensor(input_ids), self._tensor(positions), batch, self.cache)
-        last = self._tensor([end - 1 for end in itertools.accumulate(query_lens)])
-        return self.model.logits(hidden.index_select(0, last)).float().cpu()
+        ends = list(itertools.accumulate(query_lens))
+        last = self._tensor([end - 1 for end in ends])
+        logits = self.model.logits(hidden.index_select(0, last)).float().cpu()
+        for seq, end, n in zip(seqs, ends, query_lens):
+            self._score_prompt(seq, hidden, end - n, seq.num_computed_tokens, n)
+        return logits
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], block_tables: list[list[int]]) -> torch.Tensor:
@@ -74,8 +83,10 @@ class ModelRunner:
         slots: list[int] = []
         prompt_chunks: list[PromptChunk] = []
         last_rows: list[int] = []
+        scored: list[tuple[Sequence, int, int, int]] = []  # (sequence, first row, first position, rows)
         for (seq, n), table in zip(chunks, chunk_tables):
             start = seq.num_computed_tokens
+            scored.append((seq, len(input_ids), start, n))
             input_ids += seq.all_token_ids[start:start + n]
             positions += range(start, start + n)
             slots += [self._slot(table, p) for p in range(start, start + n)]
@@ -95,6 +106,23 @@ class ModelRunner:
             positions += decode_positions
         batch.slot_mapping = self._tensor(slots)
         hidden = self.model(self._tensor(input_ids), self._tensor(positions), batch, self.cache)
-        if not last_rows:  # only a middle chunk ran: nothing to sample
-            return torch.empty(0, self.model.spec.vocab_size)
-        return self.model.logits(hidden.index_select(0, self._tensor(last_rows))).float().cpu()
+        logits = torch.empty(0, self.model.spec.vocab_size)  # only a middle chunk ran: nothing to sample
+        if last_rows:
+            logits = self.model.logits(hidden.index_select(0, self._tensor(last_rows))).float().cpu()
+        for seq, row, start, n in scored:
+            self._score_prompt(seq, hidden, row, start, n)
+        return logits
+
+    def _score_prompt(self, seq: Sequence, hidden: torch.Tensor, row: int, start: int, n: int) -> None:
+        """With params.prompt_logprobs, before its first token: the log probabilities of the prompt
+        tokens that rows row.. (positions start.. start+n-1) predict, into seq.prompt_logprobs.
+        In slices, so a long prompt's logits never sit in memory at once."""
+        if seq.params.prompt_logprobs is None or seq.output_token_ids:
+            return
+        end = min(start + n, seq.num_prompt_tokens - 1)  # the last prompt row predicts no prompt token
+        for first in range(start, end, PROMPT_LOGITS_ROWS):
+            last = min(first + PROMPT_LOGITS_ROWS, end)
+            rows = hidden[row + first - start:row + last - start]
+            targets = seq.prompt_token_ids[first + 1:last + 1]
+            scores = rows_logprobs(self.model.logits(rows).float().cpu(), targets, seq.params.prompt_logprobs)
+            seq.prompt_logprobs.update(zip(range(first + 1, last + 1), scores))

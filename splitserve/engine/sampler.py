@@ -66,15 +66,22 @@ def sample_one(logits: torch.Tensor, seq: Sequence, eos_token_ids: frozenset[int
 def token_logprobs(logits: torch.Tensor, token: int, top: int) -> TokenLogprobs:
     """token's log probability under the model's own distribution at this position (the raw logits,
     before bias, penalties or temperature: vLLM's default) and the `top` most likely tokens'."""
+    return rows_logprobs(logits[None], [token], top)[0]
+
+
+def rows_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprobs]:
+    """For each row of logits ``[rows, vocab]``: tokens[row]'s log probability, rank, and the `top`
+    most likely tokens'."""
     # A NaN logit counts as -inf, as when sampling; an infinite one leaves NaN, reported as the floor.
-    row = logits.float().nan_to_num(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
-    logprobs = torch.log_softmax(row, dim=-1)
-    logprobs = logprobs.nan_to_num(nan=LOGPROB_FLOOR).clamp(min=LOGPROB_FLOOR)
-    best: tuple[tuple[int, float], ...] = ()
+    rows = logits.float().nan_to_num(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
+    logprobs = torch.log_softmax(rows, dim=-1).nan_to_num(nan=LOGPROB_FLOOR).clamp(min=LOGPROB_FLOOR)
+    chosen = logprobs.gather(1, torch.tensor(tokens)[:, None])
+    ranks = (logprobs > chosen).sum(dim=1) + 1
+    best: list[tuple[tuple[int, float], ...]] = [()] * len(tokens)
     if top:
-        values, ids = torch.topk(logprobs, min(top, logprobs.numel()))
-        best = tuple(zip(ids.tolist(), values.tolist()))
-    return TokenLogprobs(float(logprobs[token]), best)
+        values, ids = torch.topk(logprobs, min(top, logprobs.shape[1]), dim=1)
+        best = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return [TokenLogprobs(lp, b, rank) for lp, b, rank in zip(chosen[:, 0].tolist(), best, ranks.tolist())]
 
 
 def _process(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:

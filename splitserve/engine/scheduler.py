@@ -67,7 +67,10 @@ class Scheduler:
 
     def _lookup_hashes(self, seq: Sequence) -> list[bytes]:
         """The prompt blocks worth looking up: every full one but a block holding the last token,
-        which is computed anyway for its logits."""
+        which is computed anyway for its logits; none for a prompt whose every position's logits
+        are asked for (prompt_logprobs)."""
+        if seq.params.prompt_logprobs is not None:
+            return []
         return seq.block_hashes[:(seq.num_tokens - 1) // self.blocks.block_size]
 
     def _allocate(self, seq: Sequence) -> None:

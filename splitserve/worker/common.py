@@ -300,6 +300,8 @@ def token_event(request: pb.QueuedRequest, index: int, out: StepOutput) -> pb.To
         event.num_cached_tokens = out.num_cached_tokens
     if out.logprobs is not None:
         event.logprobs.append(logprobs_to_proto(out.logprobs))
+    if out.prompt_logprobs is not None:
+        event.prompt_logprobs.extend(logprobs_to_proto(lp) for lp in out.prompt_logprobs)
     if out.finish_reason is not None:
         request.timeline.finish = time.time()
         event.timeline.CopyFrom(request.timeline)
