@@ -60,15 +60,21 @@ def test_full_and_partial_hits_give_the_uncached_tokens(model_fp32, system_promp
     assert eng.blocks.num_free_blocks == eng.blocks.num_blocks
 
 
-def test_concurrent_identical_prefixes_compute_it_once_each_and_cache_one_copy(model_fp32, system_prompt,
-                                                                              questions, uncached):
-    eng = engine(model_fp32)
+@pytest.mark.parametrize("chunk_size", [None, 64])
+def test_concurrent_identical_prefixes_are_computed_once(model_fp32, system_prompt, questions, uncached,
+                                                         chunk_size):
+    """A prompt whose prefix another prompt of the batch is computing waits a step for it (the
+    chunked path: until the chunks holding it ran) instead of computing it again."""
+    eng = engine(model_fp32, chunk_size=chunk_size)
     seqs = [eng.add_request(f"q{i}", system_prompt + q, greedy()) for i, q in enumerate(questions[:2])]
+    twin = eng.add_request("twin", system_prompt + questions[0], greedy())
     while eng.has_work:
         eng.step()
-    assert [s.output_token_ids for s in seqs] == [uncached[0], uncached[1]]
-    assert [s.num_cached_tokens for s in seqs] == [0, 0]  # one prefill batch: nothing cached yet
-    assert eng.blocks.num_cached_blocks == 230 // 16 * 2 - 12  # q1's copy of the shared 12 blocks stays out
+    assert [s.output_token_ids for s in [*seqs, twin]] == [uncached[0], uncached[1], uncached[0]]
+    # q1 reuses the system prompt's 12 blocks, the twin all of q0's full blocks but its last token's.
+    assert [s.num_cached_tokens for s in [*seqs, twin]] == [0, 192, 224]
+    assert eng.prefix_cache_stats.hits == 192 + 224
+    assert eng.blocks.num_cached_blocks == 230 // 16 * 2 - 12  # one copy of the shared 12 blocks
     assert run_one(eng, "q2", system_prompt + questions[2]) == (uncached[2], 192)
 
 

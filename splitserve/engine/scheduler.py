@@ -27,7 +27,10 @@ class Scheduler:
     as fill the chunk size: first the prompts already part-way through, then new ones FCFS.
 
     A sequence's prompt blocks found in the prefix cache (by seq.block_hashes) are in its table
-    already computed: only the rest of the prompt runs, and counts against the budget.
+    already computed: only the rest of the prompt runs, and counts against the budget. A sequence
+    whose next uncached block another sequence is computing (an identical prompt in the same
+    batch, n > 1 samples of one prompt, a system prompt's first uses) waits for it instead of
+    computing it again: it stops the batch there (FCFS) and finds the block cached a step later.
     """
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
@@ -48,7 +51,8 @@ class Scheduler:
         """Take queued sequences FCFS while the tokens they compute fit the budget and the KV cache."""
         batch: list[Sequence] = []
         num_tokens = 0
-        while self.waiting and self._admits(batch, num_tokens, self.waiting[0]):
+        while (self.waiting and not self._waits_for_prefix(self.waiting[0], batch)
+               and self._admits(batch, num_tokens, self.waiting[0])):
             seq = self.waiting.popleft()
             self._allocate(seq)
             batch.append(seq)
@@ -64,6 +68,20 @@ class Scheduler:
             if num_tokens + to_compute > self.config.token_budget:
                 return False
         return self.blocks.can_allocate(seq.num_tokens, hashes)
+
+    def _waits_for_prefix(self, seq: Sequence, computing: list[Sequence]) -> bool:
+        """Whether seq's first uncached prompt block is one that a sequence of `computing` (being
+        prefilled) computes and will cache."""
+        hashes = self._lookup_hashes(seq)
+        if not hashes or not computing:
+            return False
+        num_cached = len(self.blocks.cached_prefix(hashes))
+        if num_cached == len(hashes):
+            return False
+        size = self.blocks.block_size
+        return any(hashes[num_cached] in other.block_hashes[other.num_computed_tokens // size:
+                                                             other.num_prompt_tokens // size]
+                   for other in computing)
 
     def _lookup_hashes(self, seq: Sequence) -> list[bytes]:
         """The prompt blocks worth looking up: every full one but a block holding the last token,
@@ -97,7 +115,8 @@ class Scheduler:
             n = min(room, seq.num_tokens - seq.num_computed_tokens)
             chunks.append((seq, n))
             room -= n
-        while room > 0 and self.waiting and self._admits_chunked(self.waiting[0]):
+        while (room > 0 and self.waiting and not self._waits_for_prefix(self.waiting[0], self.prefilling)
+               and self._admits_chunked(self.waiting[0])):
             seq = self.waiting.popleft()
             self._allocate(seq)
             self.prefilling.append(seq)
