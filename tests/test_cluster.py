@@ -275,6 +275,22 @@ def test_a_repeated_prompt_reuses_its_cached_prefix_within_its_salt(ucx_cluster)
         time.sleep(0.5)
 
 
+def test_n_samples_share_their_prompt_and_equal_requests_seeded_seed_plus_index(ucx_cluster):
+    prompt = [random.randrange(1000, 40000) for _ in range(100)]  # this test's own: nothing else cached it
+    url = ucx_cluster.http_url + "/v1/completions"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0.9, "ignore_eos": True}
+    hits_before = _prefix_cache_hits(ucx_cluster)
+    status, reply = _post(url, {**body, "n": 3, "seed": 70})
+    assert status == 200, reply
+    assert reply["usage"]["prompt_tokens"] == 100 and reply["usage"]["completion_tokens"] == 18
+    deadline = time.monotonic() + 15
+    while _prefix_cache_hits(ucx_cluster) < hits_before + 2 * 96:  # the siblings reused the first's blocks
+        assert time.monotonic() < deadline, _prefix_cache_hits(ucx_cluster)
+        time.sleep(0.5)
+    alone = [_post(url, {**body, "seed": 70 + i})[1]["choices"][0]["text"] for i in range(3)]
+    assert [c["text"] for c in reply["choices"]] == alone and len(set(alone)) > 1
+
+
 def test_the_next_turn_of_a_conversation_pulls_only_the_blocks_its_decode_server_lacks(ucx_cluster):
     """Decode-side reuse: the decode server keeps a finished request's blocks, its output's too, and
     the next turn (the whole conversation, then a new question) pulls only the blocks past them."""

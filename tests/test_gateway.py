@@ -532,6 +532,38 @@ def test_echo_and_prompt_logprobs_as_lm_eval_and_vllm_read_them(gateway):
 
 
 @pytest.mark.timeout(30)
+def test_n_samples_are_choices_of_one_response_with_one_prompt(gateway):
+    resp = gateway.client.completions.create(model=MODEL, prompt="Say hi", max_tokens=3, n=3, seed=40)
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    assert all(c.text == gateway.text(3) and c.finish_reason == "length" for c in resp.choices)
+    prompt_tokens = len(gateway.tokenizer("Say hi")["input_ids"])
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (prompt_tokens, 9)
+    queued = [r for r in gateway.fake.received if r.request_id.startswith(resp.id)]
+    assert [r.request_id for r in queued] == [f"{resp.id}-{i}" for i in range(3)]
+    assert [r.sampling.seed for r in queued] == [40, 41, 42]  # vLLM's seed + index
+    assert len({tuple(r.prompt_token_ids) for r in queued}) == 1
+
+    chunks = list(gateway.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, n=2, stream=True,
+        stream_options={"include_usage": True}))
+    roles = [c.choices[0].index for c in chunks if c.choices and c.choices[0].delta.role == "assistant"]
+    assert roles == [0, 1]
+    for index in (0, 1):
+        text = "".join(c.choices[0].delta.content or "" for c in chunks
+                       if c.choices and c.choices[0].index == index)
+        assert text == gateway.text(2)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+
+    # One failed sample fails the request; the others are cancelled.
+    failed = gateway.post("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 5, "n": 2,
+                                              "seed": ERROR_SEED - 1})
+    assert failed.status_code == 500 and "boom" in failed.json()["error"]["message"]
+    first, second = gateway.fake.received[-2:]
+    assert (first.request_id[-2:], second.sampling.seed) == ("-0", ERROR_SEED)
+    wait_until(lambda: first.request_id in gateway.fake.cancels, 5, "the surviving sample's cancel")
+
+
+@pytest.mark.timeout(30)
 def test_penalties_bias_and_min_p_reach_the_workers(gateway):
     resp = gateway.client.completions.create(
         model=MODEL, prompt="Hi", max_tokens=2, presence_penalty=0.5, frequency_penalty=-1.5,
@@ -562,7 +594,8 @@ BAD_COMPLETIONS = [
     {"prompt": [100] * 2000, "max_tokens": 100}, {"prompt": "x", "max_tokens": 0},
     {"prompt": "x", "max_tokens": "ten"}, {"prompt": "x", "max_tokens": 2.5},
     {"prompt": "x", "temperature": -0.5}, {"prompt": "x", "top_p": 0}, {"prompt": "x", "top_p": 1.5},
-    {"prompt": "x", "top_k": -5}, {"prompt": "x", "n": 2},
+    {"prompt": "x", "top_k": -5}, {"prompt": "x", "n": 0}, {"prompt": "x", "n": 129},
+    {"prompt": "x", "n": MAX_PENDING + 1}, {"prompt": "x", "n": 2, "echo": True}, {"prompt": "x", "best_of": 2},
     {"prompt": "x", "stop": [""]}, {"prompt": "x", "stop": 5}, {"prompt": "x", "min_tokens": 20},
     {"prompt": [10**9]}, {"prompt": "x", "seed": "x"}, {"prompt": "x", "stream": "yes"},
     {"prompt": "x", "logprobs": 21}, {"prompt": "x", "logprobs": True}, {"prompt": "x", "echo": "yes"},

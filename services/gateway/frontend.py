@@ -75,16 +75,24 @@ class Frontend:
     def generate(self, request: GenerationRequest) -> Generation:
         return Generation(self, request)
 
+    def generate_n(self, request: GenerationRequest) -> Generations:
+        """request.n samples: `async with ...: async for index, output in generations: ...`"""
+        return Generations(self, request)
+
     def check_model(self, model: str | None) -> None:
         if model not in (None, "", self.model.name):
             raise invalid(f"The model `{preview(model)}` does not exist.", "model", "model_not_found")
 
-    def check_admission(self, request: GenerationRequest) -> None:
-        """The cheap refusals, before any work is spent on the request; ApiError when refused."""
+    def check_admission(self, request: GenerationRequest, slots: int = 1) -> None:
+        """The cheap refusals, before any work is spent on the request (which takes `slots` of
+        --max-pending: one per sample); ApiError when refused."""
         self.check_model(request.model)
+        if slots > self.config.max_pending:
+            raise invalid(f"n ({slots}) is more than this gateway serves at once "
+                          f"({self.config.max_pending})", "n")
         if self.draining:
             raise ApiError(ErrorKind.UNAVAILABLE, "the gateway is shutting down")
-        if self.num_pending >= self.config.max_pending:
+        if self.num_pending + slots > self.config.max_pending:
             raise ApiError(ErrorKind.OVERLOADED, f"this gateway is serving its maximum of "
                            f"{self.config.max_pending} requests; retry later", code="rate_limit_exceeded")
         if not self.services.cluster.snapshot.ready:
@@ -168,25 +176,35 @@ def _prompt_wanted(request: GenerationRequest, queued: pb.QueuedRequest) -> Prom
     return PromptWanted(tuple(queued.prompt_token_ids), request.scored_prompt, echo, request.echo)
 
 
-class Generation:
-    """One request in flight, from admission to its last output."""
+def new_request_id(request: GenerationRequest) -> str:
+    """Always the gateway's own id: a client cannot name (and so cancel) another client's request."""
+    return f"{request.api.value}-{uuid.uuid4().hex}"
 
-    def __init__(self, frontend: Frontend, request: GenerationRequest) -> None:
+
+class Generation:
+    """One request in flight, from admission to its last output.
+
+    request_id and queued: a sample of n (Generations), whose sibling tokenized the prompt already.
+    """
+
+    def __init__(self, frontend: Frontend, request: GenerationRequest, request_id: str | None = None,
+                 queued: pb.QueuedRequest | None = None) -> None:
         self.frontend, self.request = frontend, request
+        self.request_id = request_id or new_request_id(request)
         self.stats = RequestStats(arrival=time.time())
         self._failed = False
+        self._queued = queued
 
     async def __aenter__(self) -> Self:
         frontend = self.frontend
         frontend.check_admission(self.request)
-        # Always the gateway's own id: a client cannot name (and so cancel) another client's request.
-        self.request_id = f"{self.request.api.value}-{uuid.uuid4().hex}"
         frontend.acquire()  # before the first await: max_pending bounds requests being tokenized too
         structlog.contextvars.bind_contextvars(request_id=self.request_id)
         if self.request.client_request_id:
             structlog.contextvars.bind_contextvars(client_request_id=self.request.client_request_id)
         try:
-            queued = await frontend.admit(self.request, self.request_id)
+            queued = self._queued or await frontend.admit(self.request, self.request_id)
+            self.queued = queued
             if frontend.draining:  # it began while this request was tokenized: abort_all may be done
                 raise ApiError(ErrorKind.UNAVAILABLE, "the gateway is shutting down")
             self.processor = OutputProcessor(
@@ -249,3 +267,70 @@ class Generation:
         self.frontend.services.router.unregister(self.request_id)
         self.frontend.release()
         structlog.contextvars.unbind_contextvars("request_id", "client_request_id")
+
+
+class Generations:
+    """OpenAI's n: n samples of one prompt, a child request each (ids "<id>-<i>"; n = 1 is the
+    request itself), queued together. The prompt is tokenized once, and computed once: a sibling's
+    prefill waits for the blocks the first one computes (the engine scheduler). Sample i draws with
+    seed + i (vLLM's rule), so a seeded request repeats. A failed sample fails the request, and
+    leaving cancels every sample still running."""
+
+    def __init__(self, frontend: Frontend, request: GenerationRequest) -> None:
+        self.frontend, self.request, self.n = frontend, request, request.n
+        self.request_id = new_request_id(request)
+        self.children: list[Generation] = []
+
+    async def __aenter__(self) -> Self:
+        self.frontend.check_admission(self.request, self.n)
+        if self.n == 1:
+            self.children.append(await Generation(self.frontend, self.request, self.request_id).__aenter__())
+            return self
+        try:
+            first = await Generation(self.frontend, self.request, f"{self.request_id}-0").__aenter__()
+            self.children.append(first)
+            for i in range(1, self.n):
+                rid = f"{self.request_id}-{i}"
+                queued = pb.QueuedRequest()
+                queued.CopyFrom(first.queued)
+                queued.request_id = rid
+                queued.sampling.seed = (first.queued.sampling.seed + i) % 2**64
+                self.children.append(await Generation(self.frontend, self.request, rid, queued).__aenter__())
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, Output]]:
+        if self.n == 1:
+            async for output in self.children[0]:
+                yield 0, output
+            return
+        merged: asyncio.Queue[tuple[int, Output | None, BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int, child: Generation) -> None:
+            try:
+                async for output in child:
+                    await merged.put((index, output, None))
+                await merged.put((index, None, None))
+            except Exception as exc:  # handed to the client's task, which ends the request
+                await merged.put((index, None, exc))
+
+        pumps = [asyncio.create_task(pump(i, child)) for i, child in enumerate(self.children)]
+        try:
+            for _ in range(self.n):
+                while True:
+                    index, output, exc = await merged.get()
+                    if exc is not None:
+                        raise exc
+                    if output is None:
+                        break
+                    yield index, output
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for child in self.children:
+            await child.__aexit__(*exc_info)

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from splitserve.v1 import scheduler_pb2 as spb
 
 from .errors import ApiError, ErrorKind, GenerationError
-from .frontend import Frontend, Generation
+from .frontend import Frontend, Generations
 from .limits import client_request_id
 from .metrics import GatewayMetrics
 from .openai_api import (
@@ -25,7 +25,8 @@ from .openai_api import (
     parse_json,
     parse_tokenize,
 )
-from .openai_render import DONE, Renderer, renderer_for, sse
+from .openai_render import DONE, Choice, Renderer, renderer_for, sse
+from .schema import Usage
 
 log = structlog.get_logger(__name__)
 
@@ -102,15 +103,15 @@ class HttpRoutes:
     async def _generate(self, request: web.Request, parsed: OpenAIRequest) -> web.StreamResponse:
         client_id = client_request_id(request.headers.get("X-Request-Id", ""))
         generation_request = dataclasses.replace(parsed.generation, client_request_id=client_id)
-        async with self.frontend.generate(generation_request) as generation:
+        async with self.frontend.generate_n(generation_request) as generations:
             wanted = parsed.generation
-            renderer = renderer_for(wanted.api, generation.request_id, self.frontend.model.name,
+            renderer = renderer_for(wanted.api, generations.request_id, self.frontend.model.name,
                                     parsed.include_usage, wanted.sampling.logprobs, wanted.echo,
                                     wanted.sampling.prompt_logprobs is not None)
-            headers = {"X-Request-Id": client_id or generation.request_id}
+            headers = {"X-Request-Id": client_id or generations.request_id}
             if parsed.stream:
-                return await stream_sse(request, generation, renderer, headers)
-            return web.json_response(await collect(generation, renderer), headers=headers)
+                return await stream_sse(request, generations, renderer, headers)
+            return web.json_response(await collect(generations, renderer), headers=headers)
 
     async def models(self, request: web.Request) -> web.Response:
         model = self.frontend.model
@@ -154,43 +155,48 @@ class HttpRoutes:
         return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def collect(generation: Generation, renderer: Renderer) -> dict:
+async def collect(generations: Generations, renderer: Renderer) -> dict:
     """The whole response at once; a failure in the cluster is a 500 error body."""
-    text, logprobs, prompt = "", [], None
+    choices = [Choice() for _ in range(generations.n)]
     try:
-        async for output in generation:
-            text += output.text
-            logprobs.extend(output.logprobs)
-            prompt = prompt or output.prompt
-            final = output
+        async for index, output in generations:
+            choices[index].add(output)
     except GenerationError as exc:
         raise ApiError(exc.kind, f"generation failed: {exc}") from None
-    return renderer.body(text, final, tuple(logprobs), prompt)
+    return renderer.body(choices, total_usage([c.final.usage for c in choices]))
 
 
-async def stream_sse(request: web.Request, generation: Generation, renderer: Renderer,
+def total_usage(usages: list[Usage]) -> Usage:
+    """A request's usage over its samples: the prompt (and its cached part) once, every sample's output."""
+    return Usage(usages[0].prompt_tokens, sum(u.completion_tokens for u in usages), usages[0].cached_tokens)
+
+
+async def stream_sse(request: web.Request, generations: Generations, renderer: Renderer,
                      headers: dict[str, str]) -> web.StreamResponse:
     """Server-sent events in OpenAI's chunk format; a failure mid-stream is an error event, and
     every stream ends with [DONE]. A client that goes away cancels the request (Generation's exit)."""
     response = web.StreamResponse(headers=SSE_HEADERS | headers)
     await response.prepare(request)
     try:
-        await write_outputs(response, generation, renderer)
+        await write_outputs(response, generations, renderer)
         await response.write(DONE)
     except ConnectionResetError:
         log.info("client disconnected mid-stream")
     return response
 
 
-async def write_outputs(response: web.StreamResponse, generation: Generation, renderer: Renderer) -> None:
-    for chunk in renderer.opening_chunks():
+async def write_outputs(response: web.StreamResponse, generations: Generations, renderer: Renderer) -> None:
+    for chunk in renderer.opening_chunks(generations.n):
         await response.write(sse(chunk))
+    usages: list[Usage] = []
     try:
-        async for output in generation:
-            chunk = renderer.chunk(output)
+        async for index, output in generations:
+            chunk = renderer.chunk(output, index)
             if chunk is not None:
                 await response.write(sse(chunk))
-            if output.usage is not None and renderer.include_usage:
-                await response.write(sse(renderer.usage_chunk(output.usage)))
+            if output.usage is not None:
+                usages.append(output.usage)
+                if len(usages) == generations.n and renderer.include_usage:
+                    await response.write(sse(renderer.usage_chunk(total_usage(usages))))
     except GenerationError as exc:
         await response.write(sse(ApiError(exc.kind, f"generation failed: {exc}").body))

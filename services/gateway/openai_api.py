@@ -4,7 +4,7 @@ Types are checked strictly (an int field takes a JSON integer, a float field any
 NaN and Infinity are not JSON), and so is the nesting depth; every mistake is an ApiError naming the
 field. Unknown top-level fields are ignored, as vLLM does (clients send vendor extensions there);
 unknown keys inside stream_options are refused, as OpenAI does. Known fields whose feature we do not
-have (n > 1, tools, structured output, echo on chat) are refused rather than silently dropped.
+have (best_of, tools, structured output, echo on chat) are refused rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .schema import (
 
 # Fields we cannot honour, and the values that mean "not used".
 _UNSUPPORTED = {
-    "n": (1,), "best_of": (1,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
+    "best_of": (1,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
     "response_format": ({"type": "text"},),
     "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
 }
@@ -177,7 +177,8 @@ def _request(fields: Fields, api: Api, prompt: Prompt, max_tokens: int | None,
     _refuse_unsupported(fields)
     generation = GenerationRequest(api, prompt, _sampling(fields, max_tokens, logprobs),
                                    fields.get("model", str),
-                                   cache_salt=cache_salt_option(fields.get("cache_salt", str)), echo=echo)
+                                   cache_salt=cache_salt_option(fields.get("cache_salt", str)), echo=echo,
+                                   n=fields.get("n", int, 1))
     stream = fields.get("stream", bool, False)
     if stream and generation.sampling.prompt_logprobs is not None:
         raise invalid("prompt_logprobs is not available when stream is true (as vLLM)", "prompt_logprobs")
@@ -232,8 +233,7 @@ def _refuse_unsupported(fields: Fields) -> None:
     for name, neutral in _UNSUPPORTED.items():
         value = fields.body.get(name)
         if value is not None and value not in neutral:
-            message = "only n=1 is supported" if name == "n" else f"'{name}' is not supported"
-            raise invalid(message, name)
+            raise invalid(f"'{name}' is not supported", name)
 
 
 def _completion_prompt(prompt: Any) -> Prompt:

@@ -22,6 +22,22 @@ def usage_json(usage: Usage) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
 
 
+@dataclass
+class Choice:
+    """One sample's whole output, for a non-streaming response."""
+
+    text: str = ""
+    final: Output | None = None
+    logprobs: tuple[PositionLogprobs, ...] = ()
+    prompt: PromptScores | None = None
+
+    def add(self, output: Output) -> None:
+        self.text += output.text
+        self.logprobs += output.logprobs
+        self.prompt = self.prompt or output.prompt
+        self.final = output
+
+
 @dataclass(frozen=True)
 class Renderer:
     """Renders one request's response; subclasses fill in the endpoint's choice shape."""
@@ -37,28 +53,30 @@ class Renderer:
     chunk_object = ""
     body_object = ""
 
-    def opening_chunks(self) -> list[dict[str, Any]]:
+    def opening_chunks(self, n: int = 1) -> list[dict[str, Any]]:
         return []
 
-    def chunk(self, output: Output) -> dict[str, Any] | None:
-        """The SSE chunk for output; None when it carries nothing for the client."""
+    def chunk(self, output: Output, index: int = 0) -> dict[str, Any] | None:
+        """The SSE chunk for output of choice index; None when it carries nothing for the client."""
         text, positions = self._with_echo(output.prompt, output.text, output.logprobs)
         if not text and output.finish is None and not (self.logprobs and positions):
             return None
         choice = self._chunk_choice(text, output.finish and output.finish.value)
-        return self._chunk({**choice, "logprobs": self._logprobs(positions)})
+        return self._chunk({**choice, "index": index, "logprobs": self._logprobs(positions)})
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         """OpenAI's last chunk under include_usage: no choices, the whole request's usage."""
         return {**self._envelope(self.chunk_object, []), "usage": usage_json(usage)}
 
-    def body(self, text: str, final: Output, logprobs: tuple[PositionLogprobs, ...] = (),
-             prompt: PromptScores | None = None) -> dict[str, Any]:
-        """The non-streaming response; logprobs are the whole output's, prompt the first output's."""
-        text, logprobs = self._with_echo(prompt, text, logprobs)
-        choice = self._body_choice(text, final.finish.value if final.finish else None)
-        choice = {**choice, "logprobs": self._logprobs(logprobs)}
-        return {**self._envelope(self.body_object, [choice]), "usage": usage_json(final.usage)}
+    def body(self, choices: list[Choice], usage: Usage) -> dict[str, Any]:
+        """The non-streaming response: a choice per sample, and the whole request's usage."""
+        return {**self._envelope(self.body_object, [self._choice_json(i, c) for i, c in enumerate(choices)]),
+                "usage": usage_json(usage)}
+
+    def _choice_json(self, index: int, choice: Choice) -> dict[str, Any]:
+        text, logprobs = self._with_echo(choice.prompt, choice.text, choice.logprobs)
+        finish = choice.final.finish.value if choice.final.finish else None
+        return {**self._body_choice(text, finish), "index": index, "logprobs": self._logprobs(logprobs)}
 
     def _with_echo(self, prompt: PromptScores | None, text: str,
                    positions: tuple[PositionLogprobs, ...]) -> tuple[str, tuple[PositionLogprobs, ...]]:
@@ -98,18 +116,17 @@ class CompletionRenderer(Renderer):
 
     _body_choice = _chunk_choice
 
-    def chunk(self, output: Output) -> dict[str, Any] | None:
-        chunk = super().chunk(output)
+    def chunk(self, output: Output, index: int = 0) -> dict[str, Any] | None:
+        chunk = super().chunk(output, index)
         if chunk is not None and self.prompt_logprobs:  # (not streamed with prompt_logprobs, as vLLM)
             chunk["choices"][0]["prompt_logprobs"] = prompt_logprobs_json(output.prompt)
         return chunk
 
-    def body(self, text: str, final: Output, logprobs: tuple[PositionLogprobs, ...] = (),
-             prompt: PromptScores | None = None) -> dict[str, Any]:
-        body = super().body(text, final, logprobs, prompt)
-        if self.prompt_logprobs:
-            body["choices"][0]["prompt_logprobs"] = prompt_logprobs_json(prompt)
-        return body
+    def _choice_json(self, index: int, choice: Choice) -> dict[str, Any]:
+        record = super()._choice_json(index, choice)
+        if not self.prompt_logprobs:
+            return record
+        return {**record, "prompt_logprobs": prompt_logprobs_json(choice.prompt)}
 
     def _logprobs_json(self, positions: tuple[PositionLogprobs, ...]) -> dict[str, Any]:
         """The legacy completions shape (vLLM's): parallel lists, top tokens as a text -> logprob map
@@ -126,10 +143,10 @@ class ChatRenderer(Renderer):
     chunk_object = "chat.completion.chunk"
     body_object = "chat.completion"
 
-    def opening_chunks(self) -> list[dict[str, Any]]:
-        """OpenAI's first chunk announces the role with empty content."""
-        return [self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
-                             "logprobs": None, "finish_reason": None})]
+    def opening_chunks(self, n: int = 1) -> list[dict[str, Any]]:
+        """OpenAI's first chunk of each choice announces the role with empty content."""
+        return [self._chunk({"index": i, "delta": {"role": "assistant", "content": ""},
+                             "logprobs": None, "finish_reason": None}) for i in range(n)]
 
     def _chunk_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
         delta = {"content": text} if text else {}
@@ -139,10 +156,11 @@ class ChatRenderer(Renderer):
         return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                 "finish_reason": finish_reason}
 
-    def body(self, text: str, final: Output, logprobs: tuple[PositionLogprobs, ...] = (),
-             prompt: PromptScores | None = None) -> dict[str, Any]:
-        body = super().body(text, final, logprobs, prompt)
-        return {**body, "prompt_logprobs": prompt_logprobs_json(prompt)} if self.prompt_logprobs else body
+    def body(self, choices: list[Choice], usage: Usage) -> dict[str, Any]:
+        body = super().body(choices, usage)
+        if not self.prompt_logprobs:
+            return body
+        return {**body, "prompt_logprobs": prompt_logprobs_json(choices[0].prompt)}
 
     def _logprobs_json(self, positions: tuple[PositionLogprobs, ...]) -> dict[str, Any]:
         """Chat's shape: a record per token with its UTF-8 bytes and its top alternatives."""

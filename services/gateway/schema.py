@@ -14,6 +14,7 @@ from .errors import invalid
 from .limits import (
     FLOAT32_MAX,
     INT32_MAX,
+    MAX_N,
     MAX_STOP_STRING_CHARS,
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
@@ -176,6 +177,13 @@ class GenerationRequest:
     client_request_id: str | None = None
     cache_salt: str | None = None  # vLLM's: only cached KV computed under the same salt is reused
     echo: bool = False  # completions: the response repeats the prompt (with its logprobs when asked)
+    n: int = 1  # OpenAI's n: samples of the prompt, a choice each
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n <= MAX_N:
+            raise invalid(f"n must be in [1, {MAX_N}], got {self.n}", "n")
+        if self.n > 1 and (self.echo or self.sampling.prompt_logprobs is not None):
+            raise invalid("echo and prompt_logprobs are not supported with n > 1", "n")
 
     @property
     def scored_prompt(self) -> int | None:
