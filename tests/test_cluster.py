@@ -275,6 +275,26 @@ def test_a_repeated_prompt_reuses_its_cached_prefix_within_its_salt(ucx_cluster)
         time.sleep(0.5)
 
 
+def test_the_openai_sdk_parses_structured_output_into_a_pydantic_model(ucx_cluster):
+    """response_format from a pydantic model (what chat.completions.parse sends), through prefill and
+    decode: the grammar the prefill server started continues on the decode server."""
+    import pydantic
+
+    class City(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=16)
+        country: str = pydantic.Field(max_length=16)
+        population_millions: int
+
+    client = openai.OpenAI(base_url=ucx_cluster.http_url + "/v1", api_key="unused", max_retries=0)
+    for seed in range(3):
+        completion = client.chat.completions.parse(
+            model=MODEL, messages=[{"role": "user", "content": "Give me a large city as JSON."}],
+            response_format=City, max_completion_tokens=80, temperature=1.0, seed=seed)
+        city = completion.choices[0].message.parsed
+        assert isinstance(city, City) and completion.choices[0].finish_reason == "stop"
+        assert len(city.name) <= 16 and len(city.country) <= 16
+
+
 def test_n_samples_share_their_prompt_and_equal_requests_seeded_seed_plus_index(ucx_cluster):
     prompt = [random.randrange(1000, 40000) for _ in range(100)]  # this test's own: nothing else cached it
     url = ucx_cluster.http_url + "/v1/completions"

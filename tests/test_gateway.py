@@ -564,6 +564,31 @@ def test_n_samples_are_choices_of_one_response_with_one_prompt(gateway):
 
 
 @pytest.mark.timeout(30)
+def test_structured_output_fields_become_the_request_s_grammar(gateway):
+    def grammar_of(body: dict, path: str = "/v1/completions") -> pb.Grammar:
+        resp = gateway.post(path, {"model": MODEL, "max_tokens": 1, **body})
+        assert resp.status_code == 200, resp.text
+        return next(r for r in gateway.fake.received if r.request_id == resp.json()["id"]).sampling.grammar
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    assert grammar_of({**chat, "response_format": {"type": "json_object"}}, "/v1/chat/completions") == pb.Grammar(
+        json_schema='{"type": "object"}')
+    assert json.loads(grammar_of({**chat, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}},
+        "/v1/chat/completions").json_schema) == schema
+    assert json.loads(grammar_of({"prompt": "x", "guided_json": schema}).json_schema) == schema
+    assert grammar_of({"prompt": "x", "guided_regex": "[a-z]+"}) == pb.Grammar(regex="[a-z]+")
+    assert grammar_of({"prompt": "x", "guided_choice": ["yes", "a.b"]}) == pb.Grammar(regex=r"(yes|a\.b)")
+    plain = gateway.client.completions.create(model=MODEL, prompt="x", max_tokens=1,
+                                              extra_body={"response_format": {"type": "text"}})
+    queued = next(r for r in gateway.fake.received if r.request_id == plain.id)
+    assert not queued.sampling.HasField("grammar")
+    [response] = gateway.generate(prompt="x", max_tokens=1, grammar=pb.Grammar(regex="[0-9]+"))
+    assert gateway.fake.received[-1].sampling.grammar.regex == "[0-9]+"
+
+
+@pytest.mark.timeout(30)
 def test_penalties_bias_and_min_p_reach_the_workers(gateway):
     resp = gateway.client.completions.create(
         model=MODEL, prompt="Hi", max_tokens=2, presence_penalty=0.5, frequency_penalty=-1.5,
@@ -606,7 +631,13 @@ BAD_COMPLETIONS = [
     {"prompt": "x", "logit_bias": []},
     {"prompt": "x", "logit_bias": {"5": 101}}, {"prompt": "x", "logit_bias": {"5": 10**400}},
     {"prompt": "x", "logit_bias": {"999999999": 1}},  # out of the vocabulary
-    {"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, {"prompt": "x", "guided_json": {}},
+    {"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, {"prompt": "x", "guided_grammar": "root"},
+    {"prompt": "x", "response_format": {"type": "xml"}}, {"prompt": "x", "response_format": "json"},
+    {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+    {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}},
+    {"prompt": "x", "guided_regex": "(a|b"}, {"prompt": "x", "guided_json": 5}, {"prompt": "x", "guided_choice": []},
+    {"prompt": "x", "guided_json": {"type": "object"}, "guided_regex": "a"},
+    {"prompt": "x", "guided_regex": "a" * (64 << 10 + 1)},
 ]
 BAD_CHATS = [
     {}, {"messages": []}, {"messages": [{"role": "user"}]}, {"messages": [{"role": 5, "content": "x"}]},

@@ -16,6 +16,7 @@ from typing import Self
 import structlog
 from redis.exceptions import RedisError
 
+from splitserve.engine.structured import Grammar
 from splitserve.queue.streams import CancelWriter, RequestStream
 from splitserve.v1 import common_pb2 as pb
 
@@ -108,6 +109,8 @@ class Frontend:
         self.model.check_token_ids(request.sampling.stop_token_ids, "stop_token_ids")
         self.model.check_token_ids(tuple(t for t, _ in request.sampling.logit_bias), "logit_bias")
         loop = asyncio.get_running_loop()
+        if request.sampling.grammar is not None:  # checked before queueing, off the event loop
+            await loop.run_in_executor(self._tokenize_pool, _check_grammar, request.sampling.grammar)
         prompt_ids = await loop.run_in_executor(self._tokenize_pool, self.model.encode, request.prompt)
         if not prompt_ids:
             raise invalid("the prompt is empty after tokenization", "prompt")
@@ -174,6 +177,14 @@ def _prompt_wanted(request: GenerationRequest, queued: pb.QueuedRequest) -> Prom
     if request.echo:
         echo = request.prompt.text if isinstance(request.prompt, TextPrompt) else None
     return PromptWanted(tuple(queued.prompt_token_ids), request.scored_prompt, echo, request.echo)
+
+
+def _check_grammar(grammar: Grammar) -> None:
+    """ApiError unless llguidance accepts the grammar (workers check it again)."""
+    try:
+        grammar.llguidance()
+    except ValueError as exc:
+        raise invalid(f"structured output: {exc}", "response_format") from None
 
 
 def new_request_id(request: GenerationRequest) -> str:

@@ -26,6 +26,7 @@ from .schema import (
     TextPrompt,
     TokenPrompt,
     cache_salt_option,
+    grammar_option,
     top_k_option,
 )
 
@@ -78,6 +79,8 @@ def request_from_proto(msg: gpb.GenerateRequest) -> GenerationRequest:
         logprobs=msg.logprobs,
         top_logprobs=msg.top_logprobs,
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+        grammar=(grammar_option("grammar", msg.grammar.json_schema or None, msg.grammar.regex or None)
+                 if msg.HasField("grammar") else None),
     )
     return GenerationRequest(Api.GRPC, prompt_from_proto(msg), sampling, msg.model or None,
                              client_request_id(msg.request_id), cache_salt_option(msg.cache_salt or None))

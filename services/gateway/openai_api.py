@@ -4,7 +4,7 @@ Types are checked strictly (an int field takes a JSON integer, a float field any
 NaN and Infinity are not JSON), and so is the nesting depth; every mistake is an ApiError naming the
 field. Unknown top-level fields are ignored, as vLLM does (clients send vendor extensions there);
 unknown keys inside stream_options are refused, as OpenAI does. Known fields whose feature we do not
-have (best_of, tools, structured output, echo on chat) are refused rather than silently dropped.
+have (best_of, tools, guided_grammar, echo on chat) are refused rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from splitserve.engine.request import MAX_LOGIT_BIAS
+from splitserve.engine.structured import Grammar, choice_regex
 
 from .errors import invalid
 from .limits import INT32_MAX, MAX_JSON_DEPTH, json_depth_exceeds, preview
@@ -28,16 +29,17 @@ from .schema import (
     TextPrompt,
     TokenPrompt,
     cache_salt_option,
+    grammar_option,
     seed_option,
     top_k_option,
 )
 
 # Fields we cannot honour, and the values that mean "not used".
 _UNSUPPORTED = {
-    "best_of": (1,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
-    "response_format": ({"type": "text"},),
-    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+    "best_of": (1,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",), "guided_grammar": (),
 }
+MAX_CHOICES = 256  # guided_choice: options, each at most MAX_CHOICE_CHARS
+MAX_CHOICE_CHARS = 256
 
 
 _STREAM_OPTIONS = {"include_usage"}
@@ -210,7 +212,49 @@ def _sampling(fields: Fields, max_tokens: int | None, logprobs: tuple[bool, int]
         logprobs=logprobs[0],
         top_logprobs=logprobs[1],
         prompt_logprobs=fields.get("prompt_logprobs", int),
+        grammar=_grammar(fields),
     )
+
+
+def _grammar(fields: Fields) -> Grammar | None:
+    """OpenAI's response_format (json_object, json_schema) or vLLM's guided_json, guided_regex,
+    guided_choice: at most one of them."""
+    given = [name for name in ("response_format", "guided_json", "guided_regex", "guided_choice")
+             if fields.body.get(name) is not None]
+    if given == ["response_format"] and fields.get("response_format", dict).get("type") == "text":
+        return None
+    if len(given) > 1:
+        raise invalid(f"give at most one of {', '.join(given)}", given[1])
+    if not given:
+        return None
+    name = given[0]
+    if name == "response_format":
+        return _response_format(Fields(fields.get(name, dict)))
+    if name == "guided_json":
+        schema = fields.body[name]
+        if not isinstance(schema, (dict, str)):
+            raise invalid("'guided_json' must be a JSON schema (an object or its JSON text)", name)
+        return grammar_option(name, json_schema=schema if isinstance(schema, str) else json.dumps(schema))
+    if name == "guided_regex":
+        return grammar_option(name, regex=fields.get(name, str))
+    choices = fields.list_of(name, str)
+    if not choices or len(choices) > MAX_CHOICES or any(not c or len(c) > MAX_CHOICE_CHARS for c in choices):
+        raise invalid(f"'guided_choice' must be 1 to {MAX_CHOICES} non-empty strings of at most "
+                      f"{MAX_CHOICE_CHARS} characters", name)
+    return grammar_option(name, regex=choice_regex(choices))
+
+
+def _response_format(fields: Fields) -> Grammar:
+    kind = fields.get("type", str)
+    if kind == "json_object":
+        return grammar_option("response_format", json_schema='{"type": "object"}')
+    if kind != "json_schema":
+        raise invalid("response_format's type must be text, json_object or json_schema", "response_format")
+    spec = Fields(fields.get("json_schema", dict, {}))
+    schema = spec.get("schema", dict)
+    if schema is None:
+        raise invalid("response_format.json_schema needs a 'schema' object", "response_format")
+    return grammar_option("response_format", json_schema=json.dumps(schema))
 
 
 def _logit_bias(bias: dict[str, Any]) -> tuple[tuple[int, float], ...]:

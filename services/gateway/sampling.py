@@ -60,4 +60,6 @@ def sampling_proto(options: SamplingOptions, max_tokens: int, random_seed: int,
         top_logprobs=options.top_logprobs,
         prompt_logprobs=prompt_logprobs is not None,
         top_prompt_logprobs=prompt_logprobs or 0,
+        grammar=(pb.Grammar(json_schema=options.grammar.json_schema or "", regex=options.grammar.regex or "")
+                 if options.grammar is not None else None),
     )

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from splitserve.engine.block_manager import MAX_CACHE_SALT_CHARS
 from splitserve.engine.request import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
+from splitserve.engine.structured import Grammar
 from splitserve.v1 import common_pb2 as pb
 
 from .errors import invalid
@@ -83,6 +84,7 @@ class SamplingOptions:
     logprobs: bool = False  # each output token's log probability ...
     top_logprobs: int = 0  # ... and the most likely tokens' at its position
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's, and this many top ones'
+    grammar: Grammar | None = None  # structured output (checked by the frontend, off the event loop)
 
     def __post_init__(self) -> None:
         self._check_floats()
@@ -150,6 +152,14 @@ class SamplingOptions:
         # Ids above the vocabulary are refused by the frontend, which knows its size.
         if any(not 0 <= t <= INT32_MAX for t in self.stop_token_ids):
             raise invalid("stop_token_ids must be token ids (>= 0)", "stop_token_ids")
+
+
+def grammar_option(param: str, json_schema: str | None = None, regex: str | None = None) -> Grammar:
+    """A Grammar from a client's field (its shape and size: what it says is checked later)."""
+    try:
+        return Grammar(json_schema=json_schema, regex=regex)
+    except ValueError as exc:
+        raise invalid(f"'{param}': {exc}", param) from None
 
 
 def top_k_option(value: int | None) -> int | None:

@@ -6,6 +6,7 @@ import torch
 
 from splitserve.engine.kv_cache import KVLayout
 from splitserve.engine.request import FinishReason, SamplingParams, TokenLogprobs
+from splitserve.engine.structured import Grammar
 from splitserve.v1 import common_pb2 as pb
 
 _FINISH_TO_PROTO = {
@@ -41,7 +42,16 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         logprobs=msg.logprobs,
         top_logprobs=msg.top_logprobs,
         prompt_logprobs=msg.top_prompt_logprobs if msg.prompt_logprobs else None,
+        grammar=grammar_from_proto(msg.grammar) if msg.HasField("grammar") else None,
     )
+
+
+def grammar_from_proto(msg: pb.Grammar) -> Grammar:
+    return Grammar(json_schema=msg.json_schema or None, regex=msg.regex or None)
+
+
+def grammar_to_proto(grammar: Grammar) -> pb.Grammar:
+    return pb.Grammar(json_schema=grammar.json_schema or "", regex=grammar.regex or "")
 
 
 def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
@@ -63,6 +73,7 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         top_logprobs=params.top_logprobs,
         prompt_logprobs=params.prompt_logprobs is not None,
         top_prompt_logprobs=params.prompt_logprobs or 0,
+        grammar=grammar_to_proto(params.grammar) if params.grammar is not None else None,
     )
 
 

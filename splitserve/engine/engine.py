@@ -32,6 +32,7 @@ from splitserve.engine.request import (
 from splitserve.engine.runner import ModelRunner
 from splitserve.engine.sampler import plain_greedy_tokens, sample_one, token_logprobs
 from splitserve.engine.scheduler import Scheduler, SchedulerConfig
+from splitserve.engine.structured import GrammarBackend
 
 log = structlog.get_logger(__name__)
 # The request id of the probe that tells a broken engine from a request that breaks it: not
@@ -90,6 +91,7 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(config.token_budget, config.max_num_seqs,
                                                          config.chunk_size), self.blocks)
         self.runner = ModelRunner(self.loaded.model, self.cache, config.torch_device)
+        self.grammars = GrammarBackend(self.loaded.tokenizer, spec.vocab_size, self.loaded.eos_token_ids)
         self.max_model_len = min(config.max_model_len or spec.max_context, spec.max_context)
         if spec.max_context < spec.max_position_embeddings:
             log.info("context capped at the sliding window", max_context=spec.max_context)
@@ -132,6 +134,8 @@ class LLMEngine:
         self._validate(request_id, prompt, output, params)
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         seq = Sequence(request_id, list(prompt), params, output_token_ids=list(output), seed=seed)
+        if params.grammar is not None:  # a decode server's matcher consumes what prefill sampled
+            seq.matcher = self.grammars.matcher(params.grammar, list(output))
         if output and self._finish_reason(seq, output[-1]) is not None:
             raise ValueError(f"request {request_id!r} has already finished: nothing left to decode")
         self.sequences[request_id] = seq
@@ -384,6 +388,9 @@ class LLMEngine:
         try:
             if token is None:
                 token = sample_one(logits, seq, self.loaded.eos_token_ids, self._generator)
+            if seq.matcher is not None and not seq.matcher.consume_token(token):
+                raise ValueError(f"the grammar refused the sampled token {token} (min_tokens against a "
+                                 f"finished grammar?): {seq.matcher.get_error()[:300]}")
             logprobs = token_logprobs(logits, token, seq.params.top_logprobs) if seq.params.logprobs else None
             prompt_logprobs = self._take_prompt_logprobs(seq)
         except Exception as exc:  # sampling is per request: its neighbours still get their tokens
@@ -413,6 +420,8 @@ class LLMEngine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         params = seq.params
+        if seq.matcher is not None and seq.matcher.is_stopped():
+            return FinishReason.STOP  # the grammar is complete: it allows nothing more
         if seq.num_output_tokens >= params.min_new_tokens:
             if token in params.stop_token_ids or (not params.ignore_eos and token in self.loaded.eos_token_ids):
                 return FinishReason.STOP

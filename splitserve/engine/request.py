@@ -6,6 +6,9 @@ import enum
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
+
+from splitserve.engine.structured import Grammar
 
 
 class RequestState(enum.Enum):
@@ -75,6 +78,8 @@ class SamplingParams:
     # the top this-many tokens' at each position), computed at prefill; None: not computed. Such a
     # prompt is computed whole, never from the prefix cache (cached blocks have no logits).
     prompt_logprobs: int | None = None
+    # Structured output: only tokens this grammar allows are sampled (engine/structured.py).
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:  # NaN fails this too
@@ -110,9 +115,9 @@ class SamplingParams:
 
     @property
     def processes_logits(self) -> bool:
-        """Whether anything changes the logits before the choice (penalties, bias, min_p)."""
+        """Whether anything changes the logits before the choice (penalties, bias, min_p, a grammar)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias or self.min_p)
+                    or self.logit_bias or self.min_p or self.grammar)
 
     @property
     def greedy(self) -> bool:
@@ -147,6 +152,8 @@ class Sequence:
     # filled as prefill chunks run (a chunk run again writes the same entries), handed out with
     # the first output token.
     prompt_logprobs: dict[int, TokenLogprobs] = field(default_factory=dict, repr=False)
+    # With params.grammar: its llguidance matcher, which has consumed the output so far.
+    matcher: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

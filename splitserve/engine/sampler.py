@@ -1,5 +1,5 @@
-"""Per-request token choice: logit bias and penalties, then greedy, or temperature + top-k + min-p +
-top-p with reproducible draws; and the chosen token's log probabilities.
+"""Per-request token choice: a grammar's mask, logit bias and penalties, then greedy, or temperature +
+top-k + min-p + top-p with reproducible draws; and the chosen token's log probabilities.
 
 Sampling is total: any row of float logits (NaN, +-inf and extreme values included) and any valid
 SamplingParams give a token id in range, never an exception, so no request's parameters can fail the
@@ -93,6 +93,8 @@ def _process(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
     if not params.processes_logits:
         return logits
     out = logits.clone()
+    if seq.matcher is not None:
+        _apply_grammar(out, seq.matcher)
     if params.logit_bias:
         ids = torch.tensor([token for token, _ in params.logit_bias])
         out.index_add_(0, ids, torch.tensor([bias for _, bias in params.logit_bias]))
@@ -105,6 +107,16 @@ def _process(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
         counts = torch.bincount(torch.tensor(seq.output_token_ids), minlength=out.numel()).float()
         out -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
     return out  # no NaN: infinities only ever meet finite, positive factors and finite terms
+
+
+def _apply_grammar(logits: torch.Tensor, matcher) -> None:
+    """-inf for every token the request's grammar does not allow next (in place)."""
+    import llguidance.torch
+
+    words = llguidance.torch.allocate_token_bitmask(1, logits.numel())
+    llguidance.torch.fill_next_token_bitmask(matcher, words, 0)
+    allowed = (words[0, :, None] >> torch.arange(32, dtype=torch.int32)) & 1  # bit i of word w: token 32w + i
+    logits.masked_fill_(allowed.flatten()[:logits.numel()] == 0, _NEG_INF)
 
 
 def _suppress_stop_tokens(logits: torch.Tensor, seq: Sequence, eos_token_ids: frozenset[int]) -> torch.Tensor:

@@ -24,47 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/common.proto\x12\rsplitserve.v1\"\x91\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x12\n\nmin_tokens\x18\x06 \x01(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x0b \x01(\x02\x12\r\n\x05min_p\x18\x0c \x01(\x02\x12,\n\nlogit_bias\x18\r \x03(\x0b\x32\x18.splitserve.v1.LogitBias\x12\x10\n\x08logprobs\x18\x0e \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0f \x01(\x05\x12\x17\n\x0fprompt_logprobs\x18\x10 \x01(\x08\x12\x1b\n\x13top_prompt_logprobs\x18\x11 \x01(\x05\"+\n\tLogitBias\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04\x62ias\x18\x02 \x01(\x02\"[\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\x05\"\xf3\x01\n\x08Timeline\x12\x0f\n\x07\x61rrival\x18\x01 \x01(\x01\x12\x0e\n\x06queued\x18\x02 \x01(\x01\x12\x11\n\tscheduled\x18\x03 \x01(\x01\x12\x15\n\rprefill_start\x18\x04 \x01(\x01\x12\x13\n\x0bprefill_end\x18\x05 \x01(\x01\x12\x13\n\x0b\x66irst_token\x18\x06 \x01(\x01\x12\x19\n\x11kv_transfer_start\x18\x07 \x01(\x01\x12\x17\n\x0fkv_transfer_end\x18\x08 \x01(\x01\x12\x13\n\x0btoken_times\x18\t \x03(\x01\x12\x0e\n\x06\x66inish\x18\n \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x0b \x01(\x03\"\xda\x01\n\rQueuedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x14\n\x0creply_stream\x18\x04 \x01(\t\x12)\n\x08timeline\x18\x05 \x01(\x0b\x32\x17.splitserve.v1.Timeline\x12\x15\n\rkv_capability\x18\x06 \x01(\t\x12\x12\n\ncache_salt\x18\x07 \x01(\t\"\xb2\x02\n\nTokenEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12)\n\x08timeline\x18\x06 \x01(\x0b\x32\x17.splitserve.v1.Timeline\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\x05\x12.\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1c.splitserve.v1.TokenLogprobs\x12\x35\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1c.splitserve.v1.TokenLogprobs\"i\n\x08KvLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\x05\x12\x10\n\x08head_dim\x18\x03 \x01(\x05\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\xab\x02\n\x08KvHandle\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\x13prefill_instance_id\x18\x02 \x01(\t\x12\x1c\n\x14prefill_grpc_address\x18\x03 \x01(\t\x12-\n\ttransport\x18\x04 \x01(\x0e\x32\x1a.splitserve.v1.KvTransport\x12\x13\n\x0bucx_address\x18\x05 \x01(\t\x12\x11\n\tblock_ids\x18\x06 \x03(\x05\x12\x12\n\nnum_tokens\x18\x07 \x01(\x05\x12\'\n\x06layout\x18\x08 \x01(\x0b\x32\x17.splitserve.v1.KvLayout\x12\x11\n\tnum_bytes\x18\t \x01(\x03\x12\x15\n\rlease_expires\x18\n \x01(\x01\x12\x12\n\ncapability\x18\x0b \x01(\t\"(\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\tJ\x04\x08\x02\x10\x03\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x19\n\x17ResetPrefixCacheRequest\"W\n\x18ResetPrefixCacheResponse\x12\x13\n\x0bnum_workers\x18\x01 \x01(\x05\x12\x12\n\nnum_blocks\x18\x02 \x01(\x03\x12\x12\n\nnum_failed\x18\x03 \x01(\x05\"\x0e\n\x0cStatsRequest\"\xfe\x01\n\x0bWorkerStats\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x02 \x01(\x05\x12\x13\n\x0bnum_running\x18\x03 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\x05\x12 \n\x18num_queued_prompt_tokens\x18\x05 \x01(\x03\x12\x10\n\x08num_held\x18\x06 \x01(\x05\x12+\n\x05steps\x18\x07 \x03(\x0b\x32\x1c.splitserve.v1.StepHistogram\x12\x1c\n\x14prefix_cache_queries\x18\x08 \x01(\x03\x12\x19\n\x11prefix_cache_hits\x18\t \x01(\x03\"\x8c\x01\n\rStepHistogram\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.splitserve.v1.StepKind\x12\x11\n\tbatch_min\x18\x02 \x01(\x05\x12\x0e\n\x06\x63ounts\x18\x03 \x03(\x03\x12\x0e\n\x06wall_s\x18\x04 \x01(\x01\x12\r\n\x05\x63pu_s\x18\x05 \x01(\x01\x12\x12\n\nnum_tokens\x18\x06 \x01(\x03*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*X\n\x0bKvTransport\x12\x1c\n\x18KV_TRANSPORT_UNSPECIFIED\x10\x00\x12\x14\n\x10KV_TRANSPORT_UCX\x10\x01\x12\x15\n\x11KV_TRANSPORT_GRPC\x10\x02*g\n\x08StepKind\x12\x19\n\x15STEP_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11STEP_KIND_PREFILL\x10\x01\x12\x14\n\x10STEP_KIND_DECODE\x10\x02\x12\x13\n\x0fSTEP_KIND_MIXED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/common.proto\x12\rsplitserve.v1\"\xba\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x12\n\nmin_tokens\x18\x06 \x01(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x0b \x01(\x02\x12\r\n\x05min_p\x18\x0c \x01(\x02\x12,\n\nlogit_bias\x18\r \x03(\x0b\x32\x18.splitserve.v1.LogitBias\x12\x10\n\x08logprobs\x18\x0e \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0f \x01(\x05\x12\x17\n\x0fprompt_logprobs\x18\x10 \x01(\x08\x12\x1b\n\x13top_prompt_logprobs\x18\x11 \x01(\x05\x12\'\n\x07grammar\x18\x12 \x01(\x0b\x32\x16.splitserve.v1.Grammar\"-\n\x07Grammar\x12\x13\n\x0bjson_schema\x18\x01 \x01(\t\x12\r\n\x05regex\x18\x02 \x01(\t\"+\n\tLogitBias\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04\x62ias\x18\x02 \x01(\x02\"[\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\x05\"\xf3\x01\n\x08Timeline\x12\x0f\n\x07\x61rrival\x18\x01 \x01(\x01\x12\x0e\n\x06queued\x18\x02 \x01(\x01\x12\x11\n\tscheduled\x18\x03 \x01(\x01\x12\x15\n\rprefill_start\x18\x04 \x01(\x01\x12\x13\n\x0bprefill_end\x18\x05 \x01(\x01\x12\x13\n\x0b\x66irst_token\x18\x06 \x01(\x01\x12\x19\n\x11kv_transfer_start\x18\x07 \x01(\x01\x12\x17\n\x0fkv_transfer_end\x18\x08 \x01(\x01\x12\x13\n\x0btoken_times\x18\t \x03(\x01\x12\x0e\n\x06\x66inish\x18\n \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x0b \x01(\x03\"\xda\x01\n\rQueuedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x14\n\x0creply_stream\x18\x04 \x01(\t\x12)\n\x08timeline\x18\x05 \x01(\x0b\x32\x17.splitserve.v1.Timeline\x12\x15\n\rkv_capability\x18\x06 \x01(\t\x12\x12\n\ncache_salt\x18\x07 \x01(\t\"\xb2\x02\n\nTokenEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12)\n\x08timeline\x18\x06 \x01(\x0b\x32\x17.splitserve.v1.Timeline\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\x05\x12.\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1c.splitserve.v1.TokenLogprobs\x12\x35\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1c.splitserve.v1.TokenLogprobs\"i\n\x08KvLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\x05\x12\x10\n\x08head_dim\x18\x03 \x01(\x05\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\xab\x02\n\x08KvHandle\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\x13prefill_instance_id\x18\x02 \x01(\t\x12\x1c\n\x14prefill_grpc_address\x18\x03 \x01(\t\x12-\n\ttransport\x18\x04 \x01(\x0e\x32\x1a.splitserve.v1.KvTransport\x12\x13\n\x0bucx_address\x18\x05 \x01(\t\x12\x11\n\tblock_ids\x18\x06 \x03(\x05\x12\x12\n\nnum_tokens\x18\x07 \x01(\x05\x12\'\n\x06layout\x18\x08 \x01(\x0b\x32\x17.splitserve.v1.KvLayout\x12\x11\n\tnum_bytes\x18\t \x01(\x03\x12\x15\n\rlease_expires\x18\n \x01(\x01\x12\x12\n\ncapability\x18\x0b \x01(\t\"(\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\tJ\x04\x08\x02\x10\x03\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x19\n\x17ResetPrefixCacheRequest\"W\n\x18ResetPrefixCacheResponse\x12\x13\n\x0bnum_workers\x18\x01 \x01(\x05\x12\x12\n\nnum_blocks\x18\x02 \x01(\x03\x12\x12\n\nnum_failed\x18\x03 \x01(\x05\"\x0e\n\x0cStatsRequest\"\xfe\x01\n\x0bWorkerStats\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x02 \x01(\x05\x12\x13\n\x0bnum_running\x18\x03 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\x05\x12 \n\x18num_queued_prompt_tokens\x18\x05 \x01(\x03\x12\x10\n\x08num_held\x18\x06 \x01(\x05\x12+\n\x05steps\x18\x07 \x03(\x0b\x32\x1c.splitserve.v1.StepHistogram\x12\x1c\n\x14prefix_cache_queries\x18\x08 \x01(\x03\x12\x19\n\x11prefix_cache_hits\x18\t \x01(\x03\"\x8c\x01\n\rStepHistogram\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.splitserve.v1.StepKind\x12\x11\n\tbatch_min\x18\x02 \x01(\x05\x12\x0e\n\x06\x63ounts\x18\x03 \x03(\x03\x12\x0e\n\x06wall_s\x18\x04 \x01(\x01\x12\r\n\x05\x63pu_s\x18\x05 \x01(\x01\x12\x12\n\nnum_tokens\x18\x06 \x01(\x03*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*X\n\x0bKvTransport\x12\x1c\n\x18KV_TRANSPORT_UNSPECIFIED\x10\x00\x12\x14\n\x10KV_TRANSPORT_UCX\x10\x01\x12\x15\n\x11KV_TRANSPORT_GRPC\x10\x02*g\n\x08StepKind\x12\x19\n\x15STEP_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11STEP_KIND_PREFILL\x10\x01\x12\x14\n\x10STEP_KIND_DECODE\x10\x02\x12\x13\n\x0fSTEP_KIND_MIXED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2379
-  _globals['_FINISHREASON']._serialized_end=2524
-  _globals['_KVTRANSPORT']._serialized_start=2526
-  _globals['_KVTRANSPORT']._serialized_end=2614
-  _globals['_STEPKIND']._serialized_start=2616
-  _globals['_STEPKIND']._serialized_end=2719
+  _globals['_FINISHREASON']._serialized_start=2467
+  _globals['_FINISHREASON']._serialized_end=2612
+  _globals['_KVTRANSPORT']._serialized_start=2614
+  _globals['_KVTRANSPORT']._serialized_end=2702
+  _globals['_STEPKIND']._serialized_start=2704
+  _globals['_STEPKIND']._serialized_end=2807
   _globals['_SAMPLINGPARAMS']._serialized_start=46
-  _globals['_SAMPLINGPARAMS']._serialized_end=447
-  _globals['_LOGITBIAS']._serialized_start=449
-  _globals['_LOGITBIAS']._serialized_end=492
-  _globals['_TOKENLOGPROBS']._serialized_start=494
-  _globals['_TOKENLOGPROBS']._serialized_end=585
-  _globals['_TIMELINE']._serialized_start=588
-  _globals['_TIMELINE']._serialized_end=831
-  _globals['_QUEUEDREQUEST']._serialized_start=834
-  _globals['_QUEUEDREQUEST']._serialized_end=1052
-  _globals['_TOKENEVENT']._serialized_start=1055
-  _globals['_TOKENEVENT']._serialized_end=1361
-  _globals['_KVLAYOUT']._serialized_start=1363
-  _globals['_KVLAYOUT']._serialized_end=1468
-  _globals['_KVHANDLE']._serialized_start=1471
-  _globals['_KVHANDLE']._serialized_end=1770
-  _globals['_ABORTREQUEST']._serialized_start=1772
-  _globals['_ABORTREQUEST']._serialized_end=1812
-  _globals['_ABORTRESPONSE']._serialized_start=1814
-  _globals['_ABORTRESPONSE']._serialized_end=1844
-  _globals['_RESETPREFIXCACHEREQUEST']._serialized_start=1846
-  _globals['_RESETPREFIXCACHEREQUEST']._serialized_end=1871
-  _globals['_RESETPREFIXCACHERESPONSE']._serialized_start=1873
-  _globals['_RESETPREFIXCACHERESPONSE']._serialized_end=1960
-  _globals['_STATSREQUEST']._serialized_start=1962
-  _globals['_STATSREQUEST']._serialized_end=1976
-  _globals['_WORKERSTATS']._serialized_start=1979
-  _globals['_WORKERSTATS']._serialized_end=2233
-  _globals['_STEPHISTOGRAM']._serialized_start=2236
-  _globals['_STEPHISTOGRAM']._serialized_end=2376
+  _globals['_SAMPLINGPARAMS']._serialized_end=488
+  _globals['_GRAMMAR']._serialized_start=490
+  _globals['_GRAMMAR']._serialized_end=535
+  _globals['_LOGITBIAS']._serialized_start=537
+  _globals['_LOGITBIAS']._serialized_end=580
+  _globals['_TOKENLOGPROBS']._serialized_start=582
+  _globals['_TOKENLOGPROBS']._serialized_end=673
+  _globals['_TIMELINE']._serialized_start=676
+  _globals['_TIMELINE']._serialized_end=919
+  _globals['_QUEUEDREQUEST']._serialized_start=922
+  _globals['_QUEUEDREQUEST']._serialized_end=1140
+  _globals['_TOKENEVENT']._serialized_start=1143
+  _globals['_TOKENEVENT']._serialized_end=1449
+  _globals['_KVLAYOUT']._serialized_start=1451
+  _globals['_KVLAYOUT']._serialized_end=1556
+  _globals['_KVHANDLE']._serialized_start=1559
+  _globals['_KVHANDLE']._serialized_end=1858
+  _globals['_ABORTREQUEST']._serialized_start=1860
+  _globals['_ABORTREQUEST']._serialized_end=1900
+  _globals['_ABORTRESPONSE']._serialized_start=1902
+  _globals['_ABORTRESPONSE']._serialized_end=1932
+  _globals['_RESETPREFIXCACHEREQUEST']._serialized_start=1934
+  _globals['_RESETPREFIXCACHEREQUEST']._serialized_end=1959
+  _globals['_RESETPREFIXCACHERESPONSE']._serialized_start=1961
+  _globals['_RESETPREFIXCACHERESPONSE']._serialized_end=2048
+  _globals['_STATSREQUEST']._serialized_start=2050
+  _globals['_STATSREQUEST']._serialized_end=2064
+  _globals['_WORKERSTATS']._serialized_start=2067
+  _globals['_WORKERSTATS']._serialized_end=2321
+  _globals['_STEPHISTOGRAM']._serialized_start=2324
+  _globals['_STEPHISTOGRAM']._serialized_end=2464
 # @@protoc_insertion_point(module_scope)
