@@ -1,10 +1,11 @@
-"""What logprobs cost the engine per token, on this machine: decode steps with and without them.
+"""What logprobs and structured output cost the engine per token, on this machine.
 
 Runs the same batch (default 32 sequences of 128 prompt tokens, 64 output tokens, greedy, bfloat16,
-one thread per worker as in the cluster) with logprobs off, with logprobs and top_logprobs 20, and
-with prompt_logprobs 20, alternating, and prints each run's decode-step and prefill times.
+one thread per worker as in the cluster) with nothing asked, with logprobs and top_logprobs 20, with
+prompt_logprobs 20, and with a grammar (a regex of 400 lowercase letters or spaces, which no sequence
+completes within 64 tokens), alternating, and prints each run's prefill and mean decode-step times.
 
-    .venv/bin/python scripts/logprobs-cost.py [--batch 32] [--repeat 3]
+    .venv/bin/python scripts/sampling-cost.py [--batch 32] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 import torch
 
 from splitserve.engine import EngineConfig, LLMEngine, LoadedModel, SamplingParams
+from splitserve.engine.structured import Grammar
 
 
 def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> tuple[float, float]:
@@ -48,7 +50,8 @@ def main() -> None:
     prompts = [[(7 * i + 13 * j) % 30000 + 100 for j in range(args.prompt_len)] for i in range(args.batch)]
     base = dict(temperature=0.0, max_new_tokens=args.output_len, ignore_eos=True)
     configs = {"none": SamplingParams(**base), "logprobs top 20": SamplingParams(**base, logprobs=True, top_logprobs=20),
-               "prompt_logprobs 20": SamplingParams(**base, prompt_logprobs=20)}
+               "prompt_logprobs 20": SamplingParams(**base, prompt_logprobs=20),
+               "grammar": SamplingParams(**base, grammar=Grammar(regex="[a-z ]{400}"))}
     run(engine, prompts, configs["none"])  # warm-up
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
     for _ in range(args.repeat):
