@@ -283,8 +283,8 @@ def test_culprits_failing_step_after_step_never_stop_the_engine(model_fp32, prom
     monkeypatch.setattr(engine.runner, "prefill", runner)
     for i in range(0, 12, 2):
         ids = [f"bad{i}"] if lone else [f"bad{i}", f"bad{i + 1}"]
-        for request_id in ids:
-            engine.add_request(request_id, prompts[0], PARAMS)
+        for request_id, prompt in zip(ids, [prompts[0], prompts[2]]):  # distinct: a twin would wait a step
+            engine.add_request(request_id, prompt, PARAMS)
         assert_failed(engine.step(), ids)
         assert runner.batches[-1] == [PROBE_ID]
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks

@@ -17,6 +17,7 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import structlog
@@ -38,6 +39,7 @@ from splitserve.worker.common import (
     SchedulerLink,
     drain_requests,
     engine_stats,
+    grammar_matcher,
     loop_stats,
     token_event,
 )
@@ -61,6 +63,7 @@ class Admitted:
     submit: decode_pb2.DecodeRequest
     num_emitted: int = 0  # output tokens sent so far (the prefill server sent the first)
     first_block: int = 0  # the prompt's blocks before this one came from the prefix cache: not pulled
+    matcher: Any = None  # the grammar's, fed the tokens prefill sampled (built once, off the engine thread)
 
     @property
     def request(self) -> pb.QueuedRequest:
@@ -158,9 +161,17 @@ class DecodeServer:
         submit, params = admitted.submit, sampling_from_proto(admitted.request.sampling)
         prompt, output = list(submit.request.prompt_token_ids), list(submit.output_token_ids)
         salt = submit.request.cache_salt or None
+        try:
+            matcher = admitted.matcher = admitted.matcher or await grammar_matcher(self.loop.engine, params, output)
+        except ValueError as exc:  # the grammar refuses what prefill sampled
+            self._dequeue(rid)
+            self.background.spawn(self._fail(rid, str(exc)))
+            return True
+        if self.requests.get(rid) is not admitted:  # dropped while its grammar was built
+            return True
 
         def reserve(e: LLMEngine) -> int:
-            e.reserve(rid, prompt, output, params, salt)
+            e.reserve(rid, prompt, output, params, salt, matcher)
             return e.sequences[rid].num_cached_tokens // e.blocks.block_size
 
         try:

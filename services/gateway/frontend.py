@@ -320,6 +320,7 @@ class Generations:
         merged: asyncio.Queue[tuple[int, Output | None, BaseException | None]] = asyncio.Queue()
 
         async def pump(index: int, child: Generation) -> None:
+            structlog.contextvars.bind_contextvars(request_id=child.request_id)  # this task's own context
             try:
                 async for output in child:
                     await merged.put((index, output, None))

@@ -11,6 +11,7 @@ import itertools
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 import torch
@@ -107,7 +108,7 @@ class LLMEngine:
     # -- requests -------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    cache_salt: str | None = None) -> Sequence:
+                    cache_salt: str | None = None, matcher: Any = None) -> Sequence:
         """Queue a request for prefill. Raises ValueError for input the engine cannot serve.
 
         With prefix caching, its prompt reuses cached blocks of an equal prefix with an equal
@@ -117,7 +118,7 @@ class LLMEngine:
             raise ValueError("a decode engine takes requests through reserve() and import_kv()")
         if cache_salt is not None and len(cache_salt) > MAX_CACHE_SALT_CHARS:
             raise ValueError(f"cache_salt is longer than {MAX_CACHE_SALT_CHARS} characters")
-        seq = self._new_sequence(request_id, prompt_token_ids, [], params)
+        seq = self._new_sequence(request_id, prompt_token_ids, [], params, matcher)
         seq.cache_salt = cache_salt
         seq.block_hashes = self._hashes(seq.prompt_token_ids, cache_salt)
         self.scheduler.add(seq)
@@ -130,12 +131,14 @@ class LLMEngine:
         return block_hashes(tokens, self.blocks.block_size, cache_salt, self.cache_namespace)
 
     def _new_sequence(self, request_id: str, prompt: list[int], output: list[int],
-                      params: SamplingParams) -> Sequence:
+                      params: SamplingParams, matcher: Any = None) -> Sequence:
+        """matcher: params.grammar's, built by the caller off the engine thread (a large grammar
+        takes long to build) and fed output; None: built here."""
         self._validate(request_id, prompt, output, params)
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         seq = Sequence(request_id, list(prompt), params, output_token_ids=list(output), seed=seed)
         if params.grammar is not None:  # a decode server's matcher consumes what prefill sampled
-            seq.matcher = self.grammars.matcher(params.grammar, list(output))
+            seq.matcher = matcher or self.grammars.matcher(params.grammar, list(output))
         if output and self._finish_reason(seq, output[-1]) is not None:
             raise ValueError(f"request {request_id!r} has already finished: nothing left to decode")
         self.sequences[request_id] = seq
@@ -457,7 +460,7 @@ class LLMEngine:
         self._retire(seq, RequestState.FINISHED)
 
     def reserve(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
-                params: SamplingParams, cache_salt: str | None = None) -> list[int]:
+                params: SamplingParams, cache_salt: str | None = None, matcher: Any = None) -> list[int]:
         """Reserve destination blocks for a request whose prompt was prefilled elsewhere.
 
         output_token_ids holds what was sampled there (at least the first token). Raises OutOfBlocks
@@ -477,7 +480,7 @@ class LLMEngine:
         lookup = hashes[:(num_prompt - 1) // self.blocks.block_size]
         if not self.blocks.can_allocate(num_prompt + 1, lookup):  # + the slot the first decode step writes
             raise OutOfBlocks(f"{num_prompt} tokens do not fit {self.blocks.num_free_blocks} free blocks")
-        seq = self._new_sequence(request_id, prompt_token_ids, output_token_ids, params)
+        seq = self._new_sequence(request_id, prompt_token_ids, output_token_ids, params, matcher)
         seq.cache_salt, seq.block_hashes = cache_salt, hashes
         seq.num_cached_tokens = len(self.blocks.cached_prefix(lookup)) * self.blocks.block_size
         seq.transition(RequestState.TRANSFERRING)

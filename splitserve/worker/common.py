@@ -22,7 +22,7 @@ from splitserve.common.protoconv import (
 from splitserve.common.rpc import NOT_SERVING, open_channel
 from splitserve.common.service import Background, Progress
 from splitserve.engine.engine import LLMEngine
-from splitserve.engine.request import RequestState, StepOutput
+from splitserve.engine.request import RequestState, SamplingParams, StepOutput
 from splitserve.queue.streams import ProtoCodec, ReplyWriter
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
@@ -308,6 +308,15 @@ def token_event(request: pb.QueuedRequest, index: int, out: StepOutput) -> pb.To
     return event
 
 
+async def grammar_matcher(engine, params: SamplingParams, output: list[int]):
+    """params.grammar's matcher fed output, built on a thread of its own: a large grammar takes up
+    to a second, which must not stall the engine thread's other requests. ValueError for a grammar
+    llguidance refuses; None without a grammar."""
+    if params.grammar is None:
+        return None
+    return await asyncio.to_thread(engine.grammars.matcher, params.grammar, output)
+
+
 async def add_to_engine(loop, tracked: dict, request: pb.QueuedRequest, entry) -> None:
     """Track entry under the request's id, then queue the request in the engine (loop: EngineLoop).
 
@@ -320,7 +329,10 @@ async def add_to_engine(loop, tracked: dict, request: pb.QueuedRequest, entry) -
     salt = request.cache_salt or None
     tracked[rid] = entry
     try:
-        await loop.call(lambda e: e.add_request(rid, ids, params, salt))
+        matcher = await grammar_matcher(loop.engine, params, [])
+        if tracked.get(rid) is not entry:  # aborted while its grammar was built
+            return
+        await loop.call(lambda e: e.add_request(rid, ids, params, salt, matcher))
     except ValueError:
         tracked.pop(rid, None)
         raise
