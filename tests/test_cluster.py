@@ -295,6 +295,36 @@ def test_the_openai_sdk_parses_structured_output_into_a_pydantic_model(ucx_clust
         assert len(city.name) <= 16 and len(city.country) <= 16
 
 
+def test_a_tool_call_round_trip(ucx_cluster):
+    """A named and a required tool_choice give calls whose arguments parse (the grammar holds the
+    output to them); the call and its result sent back give an answer."""
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                       "properties": {"city": {"type": "string", "maxLength": 20}}}}}
+    client = openai.OpenAI(base_url=ucx_cluster.http_url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "What is the weather like in Oslo?"}]
+    for choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
+        reply = client.chat.completions.create(model=MODEL, messages=messages, tools=[weather],
+                                               tool_choice=choice, max_completion_tokens=60, temperature=0)
+        message = reply.choices[0].message
+        [call] = message.tool_calls[:1]
+        assert call.function.name == "get_weather" and call.id.startswith("call_") and message.content is None
+        arguments = json.loads(call.function.arguments)
+        assert set(arguments) == {"city"} and len(arguments["city"]) <= 20
+        assert reply.choices[0].finish_reason == ("stop" if isinstance(choice, dict) else "tool_calls")
+    streamed = list(client.chat.completions.create(model=MODEL, messages=messages, tools=[weather],
+                                                   tool_choice="required", max_completion_tokens=60,
+                                                   temperature=0, stream=True))
+    deltas = [c.choices[0].delta.tool_calls for c in streamed if c.choices and c.choices[0].delta.tool_calls]
+    assert [d[0].function.arguments for d in deltas] == [message.tool_calls[0].function.arguments]
+    history = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                          {"role": "tool", "tool_call_id": call.id, "content": "12 degrees and raining"}]
+    answer = client.chat.completions.create(model=MODEL, messages=history, tools=[weather], tool_choice="none",
+                                            max_completion_tokens=30, temperature=0)
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+
+
 def test_n_samples_share_their_prompt_and_equal_requests_seeded_seed_plus_index(ucx_cluster):
     prompt = [random.randrange(1000, 40000) for _ in range(100)]  # this test's own: nothing else cached it
     url = ucx_cluster.http_url + "/v1/completions"

@@ -589,6 +589,25 @@ def test_structured_output_fields_become_the_request_s_grammar(gateway):
 
 
 @pytest.mark.timeout(30)
+def test_tools_reach_the_prompt_and_a_required_call_its_grammar(gateway):
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Time?"}], "max_tokens": 3, "tools": [tool]}
+    auto = gateway.post("/v1/chat/completions", body).json()
+    queued = next(r for r in gateway.fake.received if r.request_id == auto["id"])
+    assert "<tools>" in gateway.tokenizer.decode(queued.prompt_token_ids) and not queued.sampling.HasField("grammar")
+    assert auto["choices"][0]["message"] == {"role": "assistant", "content": gateway.text(3)}  # no call in it
+    required = gateway.post("/v1/chat/completions", {**body, "tool_choice": "required"}).json()
+    queued = next(r for r in gateway.fake.received if r.request_id == required["id"])
+    assert json.loads(queued.sampling.grammar.json_schema)["type"] == "array"
+    # The fake's words are no call: cut short by max_tokens, they come back as content.
+    assert required["choices"][0]["finish_reason"] == "length"
+    assert required["choices"][0]["message"]["content"] == gateway.text(3)
+    none = gateway.post("/v1/chat/completions", {**body, "tool_choice": "none"}).json()
+    queued = next(r for r in gateway.fake.received if r.request_id == none["id"])
+    assert "<tools>" not in gateway.tokenizer.decode(queued.prompt_token_ids)
+
+
+@pytest.mark.timeout(30)
 def test_penalties_bias_and_min_p_reach_the_workers(gateway):
     resp = gateway.client.completions.create(
         model=MODEL, prompt="Hi", max_tokens=2, presence_penalty=0.5, frequency_penalty=-1.5,
@@ -638,6 +657,7 @@ BAD_COMPLETIONS = [
     {"prompt": "x", "guided_regex": "(a|b"}, {"prompt": "x", "guided_json": 5}, {"prompt": "x", "guided_choice": []},
     {"prompt": "x", "guided_json": {"type": "object"}, "guided_regex": "a"},
     {"prompt": "x", "guided_regex": "a" * (64 << 10 + 1)},
+    {"prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]},
 ]
 BAD_CHATS = [
     {}, {"messages": []}, {"messages": [{"role": "user"}]}, {"messages": [{"role": 5, "content": "x"}]},
@@ -648,6 +668,11 @@ BAD_CHATS = [
     {"messages": [{"role": "user", "content": "x"}], "logprobs": 1},
     {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
     {"messages": [{"role": "user", "content": "x"}], "echo": True},
+    {"messages": [{"role": "user", "content": "x"}], "tools": "x"},
+    {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
+    {"messages": [{"role": "user", "content": "x"}], "tool_choice": {"type": "function", "function": {"name": "f"}},
+     "tools": [{"type": "function", "function": {"name": "g"}}]},
+    {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "function": {"name": "f"}}]}]},
 ]
 
 

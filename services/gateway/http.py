@@ -104,10 +104,8 @@ class HttpRoutes:
         client_id = client_request_id(request.headers.get("X-Request-Id", ""))
         generation_request = dataclasses.replace(parsed.generation, client_request_id=client_id)
         async with self.frontend.generate_n(generation_request) as generations:
-            wanted = parsed.generation
-            renderer = renderer_for(wanted.api, generations.request_id, self.frontend.model.name,
-                                    parsed.include_usage, wanted.sampling.logprobs, wanted.echo,
-                                    wanted.sampling.prompt_logprobs is not None)
+            renderer = renderer_for(parsed.generation, generations.request_id, self.frontend.model.name,
+                                    parsed.include_usage)
             headers = {"X-Request-Id": client_id or generations.request_id}
             if parsed.stream:
                 return await stream_sse(request, generations, renderer, headers)

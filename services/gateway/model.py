@@ -13,7 +13,8 @@ from splitserve.engine.model_source import resolve_model
 
 from .errors import ApiError, invalid
 from .limits import MAX_NAME_CHARS, max_prompt_chars
-from .schema import ChatPrompt, Prompt, TextPrompt, TokenPrompt
+from .schema import ChatMessage, ChatPrompt, Prompt, TextPrompt, TokenPrompt
+from .tools import Tool, call_text, json_or_text, system_prompt
 
 # tokenizer.model_max_length is this huge placeholder when the tokenizer config sets no limit.
 _NO_LIMIT = 10**12
@@ -52,12 +53,14 @@ class ServedModel:
                 raise _too_long("prompt", f"{len(text)} characters", max_model_len, limit)
             case TokenPrompt(token_ids) if len(token_ids) >= max_model_len:
                 raise _too_long("prompt", f"{len(token_ids)} tokens", max_model_len)
-            case ChatPrompt(messages):
+            case ChatPrompt(messages, tools):
                 if len(messages) >= max_model_len:  # every message is at least one token
                     raise _too_long("messages", f"{len(messages)} messages", max_model_len)
                 if any(len(m.role) > MAX_NAME_CHARS for m in messages):
                     raise invalid(f"a message role must be at most {MAX_NAME_CHARS} characters", "messages")
-                num_chars = sum(len(m.content) + len(m.role) for m in messages)
+                num_chars = sum(len(m.content) + len(m.role) + sum(len(c.arguments) + len(c.name)
+                                                                   for c in m.tool_calls) for m in messages)
+                num_chars += sum(len(t.description) + len(t.parameters) for t in tools)
                 if num_chars > limit:
                     raise _too_long("messages", f"{num_chars} characters", max_model_len, limit)
 
@@ -72,20 +75,48 @@ class ServedModel:
         match prompt:
             case TextPrompt(text):
                 return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-            case ChatPrompt(messages):
-                return self._apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
-                                                 add_generation_prompt)
+            case ChatPrompt(messages, tools):
+                return self._apply_chat_template(*self._chat(messages, tools), add_generation_prompt)
             case TokenPrompt(token_ids):
                 self.check_token_ids(token_ids, "prompt")
                 return list(token_ids)
 
-    def _apply_chat_template(self, messages: list[dict[str, str]],
+    @property
+    def template_renders_tools(self) -> bool:
+        return "tools" in (self.tokenizer.chat_template or "")
+
+    def _chat(self, messages: tuple[ChatMessage, ...],
+              tools: tuple[Tool, ...]) -> tuple[list[dict], list | None]:
+        """The messages and tools as the chat template takes them. A template that does not render
+        tools gets them as a Hermes-format system message, and earlier calls as their text."""
+        native = self.template_renders_tools
+        rendered = []
+        for m in messages:
+            message: dict[str, Any] = {"role": m.role, "content": m.content}
+            if m.tool_calls and native:
+                message["tool_calls"] = [{"type": "function", "id": c.id,
+                                          "function": {"name": c.name, "arguments": json_or_text(c.arguments)}}
+                                         for c in m.tool_calls]
+            elif m.tool_calls:
+                message["content"] = "\n".join(filter(None, [m.content, call_text(m.tool_calls)]))
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            rendered.append(message)
+        if not tools or native:
+            return rendered, [t.json() for t in tools] or None
+        if rendered and rendered[0]["role"] == "system":
+            rendered[0] = {**rendered[0], "content": rendered[0]["content"] + "\n\n" + system_prompt(tools)}
+        else:
+            rendered.insert(0, {"role": "system", "content": system_prompt(tools)})
+        return rendered, None
+
+    def _apply_chat_template(self, messages: list[dict[str, Any]], tools: list | None = None,
                              add_generation_prompt: bool = True) -> list[int]:
         if not self.tokenizer.chat_template:
             raise invalid(f"model {self.name} has no chat template; use /v1/completions", "messages")
         try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                     tokenize=True)
+            ids = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=True,
+                                                     add_generation_prompt=add_generation_prompt)
         except jinja2.TemplateError as exc:  # templates raise on e.g. roles they do not support
             raise invalid(f"chat template error: {exc}", "messages") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -96,8 +127,12 @@ def _check_encodable(prompt: Prompt) -> None:
     match prompt:
         case TextPrompt(text) if not _is_utf8(text):
             raise invalid("prompt is not valid Unicode (a lone surrogate)", "prompt")
-        case ChatPrompt(messages) if not all(_is_utf8(m.role) and _is_utf8(m.content) for m in messages):
-            raise invalid("a message is not valid Unicode (a lone surrogate)", "messages")
+        case ChatPrompt(messages, tools) if not all(
+                _is_utf8(m.role) and _is_utf8(m.content) and all(_is_utf8(c.arguments + c.name + c.id)
+                                                                 for c in m.tool_calls)
+                and _is_utf8(m.tool_call_id or "") for m in messages) or not all(
+                _is_utf8(t.description) for t in tools):
+            raise invalid("a message or tool is not valid Unicode (a lone surrogate)", "messages")
 
 
 def _is_utf8(text: str) -> bool:

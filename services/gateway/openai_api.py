@@ -9,6 +9,7 @@ have (best_of, tools, guided_grammar, echo on chat) are refused rather than sile
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -33,10 +34,11 @@ from .schema import (
     seed_option,
     top_k_option,
 )
+from .tools import call_grammar, parse_call_history, parse_tools
 
 # Fields we cannot honour, and the values that mean "not used".
 _UNSUPPORTED = {
-    "best_of": (1,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",), "guided_grammar": (),
+    "best_of": (1,), "suffix": ("",), "guided_grammar": (),
 }
 MAX_CHOICES = 256  # guided_choice: options, each at most MAX_CHOICE_CHARS
 MAX_CHOICE_CHARS = 256
@@ -159,6 +161,9 @@ def parse_completion(body: dict[str, Any]) -> OpenAIRequest:
     """Completions' logprobs is a count: each token's log probability and that many top ones'."""
     fields = Fields(body)
     top_logprobs = fields.get("logprobs", int)
+    for name in ("tools", "tool_choice"):
+        if body.get(name) not in (None, [], "none"):
+            raise invalid(f"'{name}' is for chat completions", name)
     return _request(fields, Api.COMPLETIONS, _completion_prompt(body.get("prompt")),
                     fields.get("max_tokens", int), (top_logprobs is not None, top_logprobs or 0),
                     echo=fields.get("echo", bool, False))
@@ -171,7 +176,25 @@ def parse_chat(body: dict[str, Any]) -> OpenAIRequest:
     logprobs = (fields.get("logprobs", bool, False), fields.get("top_logprobs", int, 0))
     if fields.get("echo", bool, False):
         raise invalid("'echo' is not supported on chat completions", "echo")
-    return _request(fields, Api.CHAT, _chat_prompt(fields), max_tokens, logprobs)
+    tools, choice = parse_tools(fields.get("tools", list, []), body.get("tool_choice"))
+    prompt = _chat_prompt(fields)
+    if choice.active:
+        prompt = ChatPrompt(prompt.messages, tools)
+    parsed = _request(fields, Api.CHAT, prompt, max_tokens, logprobs)
+    grammar = call_grammar(tools, choice)
+    if grammar is not None:
+        if parsed.generation.sampling.grammar is not None:
+            raise invalid("a required or named tool_choice cannot be combined with response_format",
+                          "tool_choice")
+        if parsed.generation.n > 1:
+            raise invalid("a required or named tool_choice is not supported with n > 1", "tool_choice")
+        sampling = dataclasses.replace(parsed.generation.sampling, grammar=grammar)
+        parsed = _with_generation(parsed, sampling=sampling)
+    return _with_generation(parsed, tool_choice=choice) if choice.active else parsed
+
+
+def _with_generation(parsed: OpenAIRequest, **changes: Any) -> OpenAIRequest:
+    return dataclasses.replace(parsed, generation=dataclasses.replace(parsed.generation, **changes))
 
 
 def _request(fields: Fields, api: Api, prompt: Prompt, max_tokens: int | None,
@@ -306,6 +329,10 @@ def _chat_message(message: dict[str, Any]) -> ChatMessage:
     role, content = message.get("role"), message.get("content")
     if not isinstance(role, str):
         raise invalid("each message needs a string 'role'", "messages")
+    calls = parse_call_history(message["tool_calls"]) if message.get("tool_calls") is not None else ()
+    call_id = message.get("tool_call_id")
+    if call_id is not None and not isinstance(call_id, str):
+        raise invalid("'tool_call_id' must be a string", "messages")
     if isinstance(content, list):  # OpenAI content parts: text only
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                    for p in content):
@@ -315,4 +342,4 @@ def _chat_message(message: dict[str, Any]) -> ChatMessage:
         content = ""
     if not isinstance(content, str):
         raise invalid("each message's 'content' must be a string or a list of text parts", "messages")
-    return ChatMessage(role, content)
+    return ChatMessage(role, content, calls, call_id)

@@ -7,7 +7,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .schema import Api, Output, PositionLogprobs, PromptScores, TokenLogprob, Usage
+from .schema import (
+    Api,
+    ChatPrompt,
+    GenerationRequest,
+    Output,
+    PositionLogprobs,
+    PromptScores,
+    TokenLogprob,
+    Usage,
+)
+from .tools import Tool, ToolCall, ToolChoice, extract_calls
 
 DONE = b"data: [DONE]\n\n"
 
@@ -48,7 +58,11 @@ class Renderer:
     logprobs: bool = False  # the request asked for them: each choice carries its tokens'
     echo: bool = False  # completions: the first choice repeats the prompt (and its logprobs)
     prompt_logprobs: bool = False  # vLLM's prompt_logprobs field
+    tools: tuple[Tool, ...] = ()  # chat: the request's tools, when tool_choice is not "none"
+    tool_choice: ToolChoice | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    # Chat with tools, streamed: each choice's text until it ends (calls are parsed from the whole).
+    _held: dict[int, str] = field(default_factory=dict)
 
     chunk_object = ""
     body_object = ""
@@ -143,6 +157,30 @@ class ChatRenderer(Renderer):
     chunk_object = "chat.completion.chunk"
     body_object = "chat.completion"
 
+    @property
+    def calls_tools(self) -> bool:
+        return self.tool_choice is not None and self.tool_choice.active
+
+    def chunk(self, output: Output, index: int = 0) -> dict[str, Any] | None:
+        """With tools, a choice's text is held until it ends, then sent as its calls or its content."""
+        if not self.calls_tools:
+            return super().chunk(output, index)
+        self._held[index] = self._held.get(index, "") + output.text
+        if output.finish is None:
+            return None
+        content, calls, finish = self._calls(self._held.pop(index), output.finish.value)
+        delta = ({"tool_calls": [{"index": i, **c.json()} for i, c in enumerate(calls)]} if calls
+                 else {"content": content or ""})
+        return self._chunk({"index": index, "delta": delta, "logprobs": None, "finish_reason": finish})
+
+    def _calls(self, text: str, finish: str) -> tuple[str | None, tuple[ToolCall, ...], str]:
+        """(content, tool calls, finish_reason) of a choice's whole text; a choice cut short by
+        max_tokens keeps its text as content."""
+        content, calls = extract_calls(text, self.tools, self.tool_choice)
+        if finish == "length" and self.tool_choice.mode != "named":
+            return text, (), finish
+        return content, calls, "tool_calls" if calls and self.tool_choice.mode != "named" else finish
+
     def opening_chunks(self, n: int = 1) -> list[dict[str, Any]]:
         """OpenAI's first chunk of each choice announces the role with empty content."""
         return [self._chunk({"index": i, "delta": {"role": "assistant", "content": ""},
@@ -161,6 +199,16 @@ class ChatRenderer(Renderer):
         if not self.prompt_logprobs:
             return body
         return {**body, "prompt_logprobs": prompt_logprobs_json(choices[0].prompt)}
+
+    def _choice_json(self, index: int, choice: Choice) -> dict[str, Any]:
+        record = super()._choice_json(index, choice)
+        if not self.calls_tools or record["finish_reason"] is None:
+            return record
+        content, calls, finish = self._calls(record["message"]["content"], record["finish_reason"])
+        message = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = [c.json() for c in calls]
+        return {**record, "message": message, "finish_reason": finish}
 
     def _logprobs_json(self, positions: tuple[PositionLogprobs, ...]) -> dict[str, Any]:
         """Chat's shape: a record per token with its UTF-8 bytes and its top alternatives."""
@@ -181,7 +229,10 @@ def _token_json(token: TokenLogprob) -> dict[str, Any]:
     return {"token": token.text, "logprob": token.logprob, "bytes": list(token.text.encode())}
 
 
-def renderer_for(api: Api, request_id: str, model: str, include_usage: bool, logprobs: bool = False,
-                 echo: bool = False, prompt_logprobs: bool = False) -> Renderer:
-    cls = ChatRenderer if api is Api.CHAT else CompletionRenderer
-    return cls(request_id, model, include_usage, logprobs, echo, prompt_logprobs)
+def renderer_for(request: GenerationRequest, request_id: str, model: str, include_usage: bool) -> Renderer:
+    if request.api is not Api.CHAT:
+        return CompletionRenderer(request_id, model, include_usage, request.sampling.logprobs, request.echo,
+                                  request.sampling.prompt_logprobs is not None)
+    tools = request.prompt.tools if isinstance(request.prompt, ChatPrompt) else ()
+    return ChatRenderer(request_id, model, include_usage, request.sampling.logprobs, False,
+                        request.sampling.prompt_logprobs is not None, tools, request.tool_choice)

@@ -20,6 +20,7 @@ from .limits import (
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
 )
+from .tools import Tool, ToolCall, ToolChoice
 
 MAX_SEED = 2**64  # SamplingParams.seed is a uint64
 
@@ -42,6 +43,8 @@ class Api(enum.Enum):
 class ChatMessage:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls, sent back with the conversation
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class TokenPrompt:
 @dataclass(frozen=True)
 class ChatPrompt:
     messages: tuple[ChatMessage, ...]
+    tools: tuple[Tool, ...] = ()  # rendered into the prompt (none when tool_choice is "none")
 
 
 Prompt = TextPrompt | TokenPrompt | ChatPrompt
@@ -188,6 +192,7 @@ class GenerationRequest:
     cache_salt: str | None = None  # vLLM's: only cached KV computed under the same salt is reused
     echo: bool = False  # completions: the response repeats the prompt (with its logprobs when asked)
     n: int = 1  # OpenAI's n: samples of the prompt, a choice each
+    tool_choice: ToolChoice | None = None  # chat with tools: how calls are made and parsed
 
     def __post_init__(self) -> None:
         if not 1 <= self.n <= MAX_N:
