@@ -50,33 +50,6 @@ def grammar_from_proto(msg: pb.Grammar) -> Grammar:
     return Grammar(json_schema=msg.json_schema or None, regex=msg.regex or None)
 
 
-def grammar_to_proto(grammar: Grammar) -> pb.Grammar:
-    return pb.Grammar(json_schema=grammar.json_schema or "", regex=grammar.regex or "")
-
-
-def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
-    return pb.SamplingParams(
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k or 0,
-        seed=params.seed or 0,
-        max_tokens=params.max_new_tokens,
-        min_tokens=params.min_new_tokens,
-        stop_token_ids=list(params.stop_token_ids),
-        ignore_eos=params.ignore_eos,
-        presence_penalty=params.presence_penalty,
-        frequency_penalty=params.frequency_penalty,
-        repetition_penalty=params.repetition_penalty,
-        min_p=params.min_p,
-        logit_bias=[pb.LogitBias(token_id=t, bias=b) for t, b in params.logit_bias],
-        logprobs=params.logprobs,
-        top_logprobs=params.top_logprobs,
-        prompt_logprobs=params.prompt_logprobs is not None,
-        top_prompt_logprobs=params.prompt_logprobs or 0,
-        grammar=grammar_to_proto(params.grammar) if params.grammar is not None else None,
-    )
-
-
 def logprobs_to_proto(logprobs: TokenLogprobs) -> pb.TokenLogprobs:
     return pb.TokenLogprobs(logprob=logprobs.logprob, top_token_ids=[t for t, _ in logprobs.top],
                             top_logprobs=[lp for _, lp in logprobs.top], rank=logprobs.rank)
