@@ -51,6 +51,18 @@ def test_a_required_call_is_a_json_array_of_calls_and_a_named_one_its_arguments(
     required_grammar.llguidance()  # llguidance takes it
 
 
+def test_a_tool_whose_call_grammar_is_too_large_is_a_400():
+    from splitserve.services.gateway.openai_api import parse_chat
+
+    huge = {"type": "function", "function": {"name": "big", "parameters": {
+        "type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(4000)}}}}
+    body = {"messages": [{"role": "user", "content": "x"}], "tools": [huge], "tool_choice": "required"}
+    with pytest.raises(ApiError) as info:
+        parse_chat(body)
+    assert info.value.param == "tools" and "longer than" in info.value.message
+    assert parse_chat({**body, "tool_choice": "auto"}).generation.sampling.grammar is None
+
+
 def test_calls_are_parsed_from_the_model_s_text():
     tools, _ = parse_tools([WEATHER, TIME], None)
     text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'

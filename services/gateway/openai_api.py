@@ -181,13 +181,14 @@ def parse_chat(body: dict[str, Any]) -> OpenAIRequest:
     if choice.active:
         prompt = ChatPrompt(prompt.messages, tools)
     parsed = _request(fields, Api.CHAT, prompt, max_tokens, logprobs)
-    grammar = call_grammar(tools, choice)
+    try:
+        grammar = call_grammar(tools, choice)
+    except ValueError as exc:  # the calls' schema past the grammar's size bound
+        raise invalid(f"tools: {exc}", "tools") from None
     if grammar is not None:
         if parsed.generation.sampling.grammar is not None:
             raise invalid("a required or named tool_choice cannot be combined with response_format",
                           "tool_choice")
-        if parsed.generation.n > 1:
-            raise invalid("a required or named tool_choice is not supported with n > 1", "tool_choice")
         sampling = dataclasses.replace(parsed.generation.sampling, grammar=grammar)
         parsed = _with_generation(parsed, sampling=sampling)
     return _with_generation(parsed, tool_choice=choice) if choice.active else parsed
