@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,12 +128,17 @@ def _check_encodable(prompt: Prompt) -> None:
     match prompt:
         case TextPrompt(text) if not _is_utf8(text):
             raise invalid("prompt is not valid Unicode (a lone surrogate)", "prompt")
-        case ChatPrompt(messages, tools) if not all(
-                _is_utf8(m.role) and _is_utf8(m.content) and all(_is_utf8(c.arguments + c.name + c.id)
-                                                                 for c in m.tool_calls)
-                and _is_utf8(m.tool_call_id or "") for m in messages) or not all(
-                _is_utf8(t.description) for t in tools):
+        case ChatPrompt(messages, tools) if not all(map(_is_utf8, _chat_strings(messages, tools))):
             raise invalid("a message or tool is not valid Unicode (a lone surrogate)", "messages")
+
+
+def _chat_strings(messages: tuple[ChatMessage, ...], tools: tuple[Tool, ...]) -> Iterator[str]:
+    """Every client string a chat prompt's template may render."""
+    for m in messages:
+        yield from (m.role, m.content, m.tool_call_id or "")
+        for call in m.tool_calls:
+            yield from (call.id, call.name, call.arguments)
+    yield from (t.description for t in tools)
 
 
 def _is_utf8(text: str) -> bool:

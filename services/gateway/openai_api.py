@@ -4,7 +4,8 @@ Types are checked strictly (an int field takes a JSON integer, a float field any
 NaN and Infinity are not JSON), and so is the nesting depth; every mistake is an ApiError naming the
 field. Unknown top-level fields are ignored, as vLLM does (clients send vendor extensions there);
 unknown keys inside stream_options are refused, as OpenAI does. Known fields whose feature we do not
-have (best_of, tools, guided_grammar, echo on chat) are refused rather than silently dropped.
+have (best_of, suffix, guided_grammar, echo on chat, tools on completions) are refused rather than
+silently dropped.
 """
 
 from __future__ import annotations
