@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the cluster's authentication costs a request at low load, side by side in one run: for each
+# What the cluster's authentication (or tracing) costs a request at low load, side by side in one run: for each
 # round, each mode gets a fresh `splitserve up` and the same `splitserve bench serve` load; then the
 # TTFT and TPOT P50 of every (mode, round) are printed, so that the spread between rounds of one mode
 # shows the VM's drift next to the differences between modes.
@@ -9,15 +9,25 @@
 #
 # Modes: insecure (up --insecure-cluster: no token, no TLS), token (the default), mtls (up
 # --cluster-tls: token and mutual TLS); each with UCX KV, and mtls-grpc with the gRPC KV transport
-# over mutual TLS. Extra `splitserve up` flags go in UP_ARGS, extra bench flags in BENCH_ARGS.
+# over mutual TLS. Not among the defaults: traced (token, and every service exports its OpenTelemetry
+# spans to a collector that keeps nothing, scripts/tracing-cost.py --sink), e.g.
+# MODES="token traced" scripts/auth-latency.sh 2 40 1 /tmp/tracing-latency.
+# Extra `splitserve up` flags go in UP_ARGS, extra bench flags in BENCH_ARGS.
 set -euo pipefail
 rounds=${1:-2} requests=${2:-40} rate=${3:-0.5} out=${4:-auth-latency-results}
 py=${PYTHON:-.venv/bin/python}
 port=${PORT:-18000}
+sink_port=$((port + 317))
 declare -A mode_args=([insecure]="--insecure-cluster" [token]="" [mtls]="--cluster-tls"
-                      [mtls-grpc]="--cluster-tls --kv-transport grpc")
+                      [mtls-grpc]="--cluster-tls --kv-transport grpc"
+                      [traced]="--otlp-endpoint http://127.0.0.1:$sink_port")
 modes=${MODES:-insecure token mtls mtls-grpc}
 mkdir -p "$out"
+if [[ " $modes " == *" traced "* ]]; then
+  "$py" "$(dirname "$0")/tracing-cost.py" --sink "$sink_port" &
+  sink=$!
+  trap 'kill "$sink" 2> /dev/null || true' EXIT
+fi
 for round in $(seq "$rounds"); do
   for mode in $modes; do
     logs=$(mktemp -d)

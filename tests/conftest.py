@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from otlp import OtlpCollector
 
 from splitserve.common.auth import REDIS_PASSWORD_ENV, TOKEN_ENV, ClusterAuth, new_token
 from splitserve.common.certs import load_cluster_tls, write_cluster_certs
@@ -171,6 +172,7 @@ def start_cluster(log_dir: Path, *extra: str, timeout_s: float = 180.0, tls: boo
     redis_password = new_token() if give_redis_password and "--redis-url" not in extra else None
     env = {k: v for k, v in os.environ.items() if k != REDIS_PASSWORD_ENV}
     env.update({TOKEN_ENV: token, **({REDIS_PASSWORD_ENV: redis_password} if redis_password else {})})
+    env["OTEL_BSP_SCHEDULE_DELAY"] = "100"  # with --otlp-endpoint: spans reach a test's collector at once
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     os.set_blocking(process.stdout.fileno(), False)
     cluster = RunningCluster(f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc_port}", f"127.0.0.1:{scheduler}",
@@ -198,17 +200,28 @@ def stop_cluster(cluster: RunningCluster) -> int:
         return cluster.process.wait()
 
 
-def _cluster_fixture(transport: str, *extra: str, tls: bool = False):
+@pytest.fixture(scope="session")
+def otlp_collector():
+    """The OpenTelemetry collector the traced clusters export their spans to."""
+    collector = OtlpCollector().start()
+    yield collector
+    collector.stop()
+
+
+def _cluster_fixture(transport: str, *extra: str, tls: bool = False, traced: bool = False):
     @pytest.fixture(scope="session")
-    def fixture(tmp_path_factory):
+    def fixture(request, tmp_path_factory):
+        tracing = ("--otlp-endpoint", request.getfixturevalue("otlp_collector").endpoint) if traced else ()
         cluster = start_cluster(tmp_path_factory.mktemp(f"cluster-{transport}"), "--kv-transport", transport,
-                                *extra, tls=tls)
+                                *extra, *tracing, tls=tls)
         yield cluster
         code = stop_cluster(cluster)
         assert code == 0, f"splitserve up exited {code} on SIGTERM\n{cluster.log_tail()}"
     return fixture
 
 
+# Without tracing (as by default) ...
 ucx_cluster = _cluster_fixture("ucx", "--max-pending", "40")
-# Mutual TLS (and the token) between its services: the gRPC KV transport runs encrypted.
-grpc_cluster = _cluster_fixture("grpc", tls=True)
+# ... and with it, under mutual TLS (and the token) between its services: the gRPC KV transport runs
+# encrypted.
+grpc_cluster = _cluster_fixture("grpc", tls=True, traced=True)

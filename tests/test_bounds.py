@@ -170,7 +170,7 @@ def _record_decode_submits(monkeypatch) -> list[str]:
     """The decode servers the scheduler submits to from now on, by instance id (nothing is sent)."""
     submitted = []
 
-    async def submit_decode(self, tracked, worker, submit):
+    async def submit_decode(self, tracked, worker, submit, span):
         submitted.append(worker.instance_id)
 
     monkeypatch.setattr(SchedulerServer, "_submit_decode", submit_decode)

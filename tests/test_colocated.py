@@ -21,11 +21,11 @@ from test_cluster import (
     scored_reference,
     scored_through,
 )
+from test_tracing import EPS, complete, new_traceparent, one
 
 from splitserve.engine import EngineConfig, LLMEngine, SamplingParams
-from splitserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+from splitserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc, scheduler_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
-from splitserve.v1 import scheduler_pb2_grpc
 
 pytestmark = pytest.mark.timeout(300)
 CHUNK_SIZE = 64
@@ -36,11 +36,11 @@ MODES = {"colocated": ("--no-prefix-caching",),
 
 
 @pytest.fixture(scope="module", params=list(MODES))
-def mode_cluster(request, tmp_path_factory):
+def mode_cluster(request, tmp_path_factory, otlp_collector):
     mode = request.param
     # One torch thread, as the in-process reference below: the same arithmetic, the same tokens.
     cluster = start_cluster(tmp_path_factory.mktemp(mode), "--mode", mode, "--threads-per-worker", "1",
-                            *MODES[mode])
+                            "--otlp-endpoint", otlp_collector.endpoint, *MODES[mode])
     yield mode, cluster
     code = stop_cluster(cluster)
     assert code == 0, f"splitserve up exited {code} on SIGTERM\n{cluster.log_tail()}"
@@ -161,3 +161,22 @@ def test_a_prompt_goes_to_the_worker_holding_its_prefix_though_that_one_is_busie
     assert status == 200, reply
     # 12 full blocks before the one holding the last token
     assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 192
+
+
+def test_a_request_is_one_trace_across_gateway_scheduler_and_worker(mode_cluster, otlp_collector):
+    _, cluster = mode_cluster
+    traceparent, trace_id, client_span = new_traceparent()
+    body = complete(cluster.http_url, {"traceparent": traceparent})
+    worker = "splitserve-colocated"
+    spans = otlp_collector.wait_for(trace_id, {
+        ("splitserve-gateway", "request"), ("splitserve-gateway", "admit"), ("splitserve-gateway", "queue"),
+        ("splitserve-scheduler", "placement"), (worker, "batch wait"), (worker, "prefill"), (worker, "decode")})
+    assert all(s.attributes["gen_ai.request.id"] == body["id"] for s in spans)
+    request = one(spans, "splitserve-gateway", "request")
+    placement = one(spans, "splitserve-scheduler", "placement")
+    assert request.parent_id == client_span and placement.parent_id == request.span_id
+    steps = [one(spans, worker, name) for name in ("batch wait", "prefill", "decode")]
+    assert all(s.parent_id == placement.span_id for s in steps)
+    assert steps[0].end <= steps[1].start + EPS and steps[1].end <= steps[2].start + EPS
+    assert steps[2].attributes["gen_ai.usage.output_tokens"] == body["usage"]["completion_tokens"] == 6
+    assert not any(s.service == "splitserve-decode" or s.name == "kv transfer" for s in spans)  # nothing moved

@@ -327,7 +327,7 @@ def test_a_kv_handle_must_name_its_prefill_servers_registered_addresses(grpc_add
     async def scenario():
         server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d", spb.WORKER_ROLE_DECODE))
         submitted = []
-        server._submit_decode = lambda tracked, worker, submit: submitted.append(worker.instance_id) or asyncio.sleep(0)
+        server._submit_decode = lambda tracked, worker, submit, span: submitted.append(worker.instance_id) or asyncio.sleep(0)
         request = pb.QueuedRequest(request_id="r1", prompt_token_ids=[1] * 10, reply_stream="c")
         server.tracked["r1"] = Tracked(b"1-0", request, Stage.PREFILL, "p")
         kv = pb.KvHandle(request_id="r1", layout=LAYOUT, transport=pb.KV_TRANSPORT_UCX, num_tokens=10,

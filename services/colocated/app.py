@@ -7,6 +7,7 @@ import structlog
 from splitserve.common.auth import warn_if_open
 from splitserve.common.rpc import SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
+from splitserve.common.tracing import Tracer, exporting
 from splitserve.queue.streams import connect
 from splitserve.v1 import prefill_pb2_grpc
 from splitserve.v1 import scheduler_pb2 as spb
@@ -21,13 +22,18 @@ log = structlog.get_logger(__name__)
 
 
 async def serve(config: WorkerConfig) -> int:
+    async with exporting(config.otlp_endpoint, "colocated", config.instance_id) as tracer:
+        return await _serve(config, tracer)
+
+
+async def _serve(config: WorkerConfig, tracer: Tracer) -> int:
     engine = await load_engine(config.engine)
     redis = connect(config.redis_url, config.redis_credentials)
     warn_if_open(config.cluster_auth)
     grpc_server = make_server(config.cluster_auth)
     address = advertised_address(config, bind(grpc_server, config.host, config.port,
                                               config.cluster_auth.server_credentials()))
-    server = ColocatedServer(config, engine, redis)
+    server = ColocatedServer(config, engine, redis, tracer)
     prefill_pb2_grpc.add_PrefillServicer_to_server(ColocatedServicer(server), grpc_server)
     health = add_health(grpc_server)
     info = worker_info(config, spb.WORKER_ROLE_COLOCATED, address, engine)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import structlog
 
 from splitserve.common.service import Progress
+from splitserve.common.tracing import NO_TRACER, Tracer
 from splitserve.engine.engine import LLMEngine
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2 as spb
@@ -34,6 +35,7 @@ from splitserve.worker.common import (
 )
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.engine_loop import EngineLoop, StepResult
+from splitserve.worker.trace import NO_SPANS, RequestSpans
 
 log = structlog.get_logger(__name__)
 
@@ -43,12 +45,14 @@ class Running:
     """A request from Submit to its last token."""
 
     request: pb.QueuedRequest
+    spans: RequestSpans = NO_SPANS
     num_emitted: int = 0
 
 
 class ColocatedServer:
-    def __init__(self, config: WorkerConfig, engine: LLMEngine, redis) -> None:
+    def __init__(self, config: WorkerConfig, engine: LLMEngine, redis, tracer: Tracer = NO_TRACER) -> None:
         self.config = config
+        self.tracer = tracer
         self.loop = EngineLoop(engine, self._on_step, snapshot=engine_stats)
         self.replies = ReplyPublisher(redis)
         self.link: SchedulerLink | None = None  # set once it exists: reports and hand-backs go through it
@@ -57,22 +61,26 @@ class ColocatedServer:
         self.draining = False
         self.progress = Progress()  # a request finished or left
 
-    async def submit(self, request: pb.QueuedRequest) -> None:
-        """Queue a request; ValueError when the engine cannot serve it."""
+    async def submit(self, request: pb.QueuedRequest, traceparent: str = "") -> None:
+        """Queue a request (its spans under traceparent, the Submit's); ValueError when the engine
+        cannot serve it."""
         rid = request.request_id
         if self.draining:
             raise Draining()
         if rid in self.requests:  # the scheduler lost track of this copy and sent it again
             await self.drop(rid)
-        await add_to_engine(self.loop, self.requests, request, Running(request))
+        await add_to_engine(self.loop, self.requests, request,
+                            Running(request, RequestSpans.of(self.tracer, request, traceparent)))
 
     async def abort(self, request_id: str) -> bool:
         """Drop a request at the scheduler's word (its client went away, or it runs elsewhere)."""
         return await self.drop(request_id)
 
     async def drop(self, request_id: str, why: str = "aborted") -> bool:
-        if self.requests.pop(request_id, None) is None:
+        running = self.requests.pop(request_id, None)
+        if running is None:
             return False
+        running.spans.decoded(running.request.timeline.first_token, running.num_emitted, "abort", why)
         await self.loop.call(lambda e: e.abort(request_id))
         self.progress.note()
         log.info(f"{why}, blocks freed", request_id=request_id)
@@ -102,6 +110,7 @@ class ColocatedServer:
                 # With chunked prefill this is the step that ran the prompt's last chunk.
                 timeline.prefill_start, timeline.prefill_end = result.started, result.ended
                 timeline.first_token = time.time()
+                running.spans.prefilled(running.request, out.num_cached_tokens, len(result.outputs))
             else:
                 timeline.token_times.append(result.ended)
             event = token_event(running.request, running.num_emitted, out)
@@ -109,6 +118,7 @@ class ColocatedServer:
             if out.finish_reason is not None:
                 del self.requests[out.request_id]
                 self.progress.note()
+                running.spans.decoded(timeline.first_token, running.num_emitted, out.finish_reason.value, out.error)
             if running.num_emitted == 1:  # its first event: a token, or the error of its first step
                 prefilled.append(self._prefill_done(running, event))
                 self.link.owe(spb.PrefillDoneRequest, out.request_id)

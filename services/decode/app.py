@@ -7,6 +7,7 @@ import structlog
 from splitserve.common.auth import warn_if_open
 from splitserve.common.rpc import SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
+from splitserve.common.tracing import Tracer, exporting
 from splitserve.kv_transfer.factory import make_kv_puller
 from splitserve.queue.streams import connect
 from splitserve.v1 import decode_pb2_grpc
@@ -22,6 +23,11 @@ log = structlog.get_logger(__name__)
 
 
 async def serve(config: WorkerConfig) -> int:
+    async with exporting(config.otlp_endpoint, "decode", config.instance_id) as tracer:
+        return await _serve(config, tracer)
+
+
+async def _serve(config: WorkerConfig, tracer: Tracer) -> int:
     engine = await load_engine(config.engine)
     redis = connect(config.redis_url, config.redis_credentials)
     warn_if_open(config.cluster_auth)
@@ -29,7 +35,7 @@ async def serve(config: WorkerConfig) -> int:
     port = bind(grpc_server, config.host, config.port, config.cluster_auth.server_credentials())
     # Refuses handles unfit for this cache; its gRPC pulls carry the cluster token.
     puller = make_kv_puller(config.kv_transport, config.cluster_auth, engine.layout)
-    server = DecodeServer(config, engine, redis, puller)
+    server = DecodeServer(config, engine, redis, puller, tracer)
     decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(server), grpc_server)
     address = advertised_address(config, port)
     link = SchedulerLink(config, worker_info(config, spb.WORKER_ROLE_DECODE, address, engine), server.stats,

@@ -26,6 +26,7 @@ import torch
 from splitserve.common.protoconv import sampling_from_proto
 from splitserve.common.rpc import ChannelCache
 from splitserve.common.service import Background, Progress
+from splitserve.common.tracing import NO_TRACER, Tracer
 from splitserve.engine.block_manager import OutOfBlocks
 from splitserve.engine.engine import LLMEngine
 from splitserve.kv_transfer.base import KvPuller, check_handle
@@ -45,6 +46,7 @@ from splitserve.worker.common import (
 )
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.engine_loop import EngineLoop, StepResult
+from splitserve.worker.trace import NO_SPANS, RequestSpans
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +63,7 @@ class Admitted:
     """A request this server took over, from Submit to finish."""
 
     submit: decode_pb2.DecodeRequest
+    spans: RequestSpans = NO_SPANS
     num_emitted: int = 0  # output tokens sent so far (the prefill server sent the first)
     first_block: int = 0  # the prompt's blocks before this one came from the prefix cache: not pulled
     matcher: Any = None  # the grammar's, fed the tokens prefill sampled (built once, off the engine thread)
@@ -71,8 +74,10 @@ class Admitted:
 
 
 class DecodeServer:
-    def __init__(self, config: WorkerConfig, engine: LLMEngine, redis, puller: KvPuller) -> None:
+    def __init__(self, config: WorkerConfig, engine: LLMEngine, redis, puller: KvPuller,
+                 tracer: Tracer = NO_TRACER) -> None:
         self.config = config
+        self.tracer = tracer
         self.loop = EngineLoop(engine, self._on_step, snapshot=engine_stats)
         self.replies = ReplyPublisher(redis)
         self.puller = puller
@@ -88,9 +93,10 @@ class DecodeServer:
 
     # -- requests -------------------------------------------------------------------------------
 
-    async def submit(self, submit: decode_pb2.DecodeRequest) -> None:
-        """Queue a prefilled request for admission; ValueError when it can never run here (a KV
-        handle that does not fit this cache included), WaitingFull when too many wait already."""
+    async def submit(self, submit: decode_pb2.DecodeRequest, traceparent: str = "") -> None:
+        """Queue a prefilled request for admission (its spans under traceparent, the Submit's);
+        ValueError when it can never run here (a KV handle that does not fit this cache included),
+        WaitingFull when too many wait already."""
         rid = submit.request.request_id
         if self.draining:
             raise Draining()
@@ -100,7 +106,8 @@ class DecodeServer:
         sampling_from_proto(submit.request.sampling)  # validates
         if len(self.waiting) >= self.config.waiting_limit:
             raise WaitingFull(self.config.waiting_limit)
-        self.requests[rid] = Admitted(submit, num_emitted=len(submit.output_token_ids))
+        spans = RequestSpans.of(self.tracer, submit.request, traceparent)
+        self.requests[rid] = Admitted(submit, spans, num_emitted=len(submit.output_token_ids))
         self.waiting.append(rid)
         self.room.set()
 
@@ -124,6 +131,7 @@ class DecodeServer:
             return False
         if request_id in self.waiting:
             self.waiting.remove(request_id)
+        admitted.spans.decoded(admitted.request.timeline.kv_transfer_end, admitted.num_emitted, "abort", why)
         await self.loop.call(lambda e: e.abort(request_id))
         self.room.set()
         self.progress.note()
@@ -196,9 +204,12 @@ class DecodeServer:
     async def _pull(self, rid: str, admitted: Admitted) -> None:
         timeline, handle = admitted.request.timeline, admitted.submit.kv
         timeline.kv_transfer_start = time.time()
+        admitted.spans.admitted(timeline.kv_transfer_start)
+        num_blocks = len(handle.block_ids) - admitted.first_block
         try:
             pulled = await self._pull_into_cache(rid, admitted)
         except Exception as exc:  # any failure fails this pull, never the server
+            admitted.spans.pulled(timeline.kv_transfer_start, 0, num_blocks, self.config.kv_transport, repr(exc))
             # The KV is gone or out of reach (its prefill server left, its lease ran out): the
             # request runs again from its prompt; the scheduler gives up after a few tries.
             log.warning("KV pull failed, handing the request back", request_id=rid,
@@ -212,6 +223,7 @@ class DecodeServer:
             return
         timeline.kv_transfer_end = time.time()
         timeline.kv_transfer_bytes = pulled
+        admitted.spans.pulled(timeline.kv_transfer_start, pulled, num_blocks, self.config.kv_transport)
         await self._acknowledge(handle)
 
     async def _pull_into_cache(self, rid: str, admitted: Admitted) -> int:
@@ -264,6 +276,8 @@ class DecodeServer:
             admitted.num_emitted += 1
             if out.finish_reason is not None:
                 del self.requests[out.request_id]
+                admitted.spans.decoded(admitted.request.timeline.kv_transfer_end, admitted.num_emitted,
+                                       out.finish_reason.value, out.error)
                 self.link.owe(spb.RequestDoneRequest, out.request_id)
                 finished.append((out.request_id, event.finish_reason, event.index + len(event.token_ids),
                                  event.error))

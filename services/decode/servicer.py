@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from splitserve.common.logging import bind_request
+from splitserve.common.tracing import grpc_traceparent
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import decode_pb2, decode_pb2_grpc
 from splitserve.worker.common import Draining
@@ -20,7 +21,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         bind_request(request.request.request_id)
         await self.server.fence.check(context)
         try:
-            await self.server.submit(request)
+            await self.server.submit(request, grpc_traceparent(context))
         except Draining as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except WaitingFull as exc:

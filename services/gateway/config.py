@@ -42,6 +42,7 @@ class GatewayConfig:
     # A request that hears nothing from the cluster this long (queue wait included) fails with a
     # timeout error and is cancelled upstream: a lost reply must not hold a client forever.
     request_idle_timeout_s: float = 300.0
+    otlp_endpoint: str | None = None  # OpenTelemetry collector for request traces; None: no tracing
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> GatewayConfig:
@@ -62,6 +63,7 @@ class GatewayConfig:
             shutdown_grace_s=args.shutdown_grace,
             gateway_id=args.gateway_id or new_gateway_id(),
             tls_cert=args.tls_cert, tls_key=args.tls_key, request_idle_timeout_s=args.request_idle_timeout,
+            otlp_endpoint=args.otlp_endpoint,
         )
 
 

@@ -16,6 +16,7 @@ from typing import Self
 import structlog
 from redis.exceptions import RedisError
 
+from splitserve.common.tracing import NO_TRACER, Tracer
 from splitserve.engine.structured import Grammar
 from splitserve.queue.streams import CancelWriter, RequestStream
 from splitserve.v1 import common_pb2 as pb
@@ -30,8 +31,9 @@ from .openai_api import TokenizeRequest
 from .output import OutputProcessor, PromptWanted
 from .router import GatewayAbort, Reply, ReplyRouter
 from .sampling import resolve_max_tokens, sampling_proto
-from .schema import Finish, GenerationRequest, Output, TextPrompt
+from .schema import Finish, GenerationRequest, Output, TextPrompt, Usage
 from .stats import RequestStats
+from .trace import RequestTrace
 
 log = structlog.get_logger(__name__)
 
@@ -46,6 +48,7 @@ class Services:
     requests: RequestStream[pb.QueuedRequest]
     cancels: CancelWriter
     metrics: GatewayMetrics
+    tracer: Tracer = NO_TRACER
 
 
 class Frontend:
@@ -187,6 +190,10 @@ def _check_grammar(grammar: Grammar) -> None:
         raise invalid(f"structured output: {exc}", "response_format") from None
 
 
+def _why(exc: BaseException) -> str:
+    return getattr(exc, "message", None) or str(exc) or type(exc).__name__
+
+
 def new_request_id(request: GenerationRequest) -> str:
     """Always the gateway's own id: a client cannot name (and so cancel) another client's request."""
     return f"{request.api.value}-{uuid.uuid4().hex}"
@@ -195,21 +202,25 @@ def new_request_id(request: GenerationRequest) -> str:
 class Generation:
     """One request in flight, from admission to its last output.
 
-    request_id and queued: a sample of n (Generations), whose sibling tokenized the prompt already.
+    request_id, queued and trace: a sample of n (Generations), whose sibling tokenized the prompt
+    already, under the request's trace.
     """
 
     def __init__(self, frontend: Frontend, request: GenerationRequest, request_id: str | None = None,
-                 queued: pb.QueuedRequest | None = None) -> None:
+                 queued: pb.QueuedRequest | None = None, trace: RequestTrace | None = None) -> None:
         self.frontend, self.request = frontend, request
         self.request_id = request_id or new_request_id(request)
         self.stats = RequestStats(arrival=time.time())
-        self._failed = False
+        self.trace = trace  # set at admission
+        self._failed: str | None = None  # why the cluster's answer failed it
         self._queued = queued
 
     async def __aenter__(self) -> Self:
         frontend = self.frontend
         frontend.check_admission(self.request)
         frontend.acquire()  # before the first await: max_pending bounds requests being tokenized too
+        self.trace = self.trace or RequestTrace.start(frontend.services.tracer, self.request, self.request_id,
+                                                      self.stats.arrival)
         structlog.contextvars.bind_contextvars(request_id=self.request_id)
         if self.request.client_request_id:
             structlog.contextvars.bind_contextvars(client_request_id=self.request.client_request_id)
@@ -224,14 +235,17 @@ class Generation:
                 prompt=_prompt_wanted(self.request, queued))
             self._queue = frontend.services.router.register(self.request_id)
             await self._enqueue(queued)
-        except BaseException:
+        except BaseException as exc:
             self._release()
+            self.trace.finished(self.request_id, None, None, None, Usage(0, 0), _why(exc))
             raise
         return self
 
     async def _enqueue(self, queued: pb.QueuedRequest) -> None:
         queued.timeline.arrival = self.stats.arrival
         queued.timeline.queued = time.time()
+        queued.trace_context = self.trace.traceparent
+        self.trace.queued(self.request_id, queued.timeline, len(queued.prompt_token_ids))
         try:
             await self.frontend.services.requests.put(queued)
         except RedisError as exc:
@@ -247,10 +261,11 @@ class Generation:
             except TimeoutError:
                 # A lost reply (the last one included) must not hold the client, and a max-pending
                 # slot, forever; the exit cancels the request upstream.
-                self._failed = True
                 log.warning("no reply from the cluster within the idle timeout", idle_timeout_s=idle_s)
-                raise GenerationError(f"the cluster sent nothing for {idle_s:g} s; the request was cancelled",
-                                      ErrorKind.TIMEOUT) from None
+                error = GenerationError(f"the cluster sent nothing for {idle_s:g} s; the request was cancelled",
+                                        ErrorKind.TIMEOUT)
+                self._failed = str(error)
+                raise error from None
             output = self._process(reply)
             if output is not None:
                 self.stats.on_output(output, self.frontend.services.metrics)
@@ -262,15 +277,18 @@ class Generation:
             return self.processor.abort()
         try:
             return self.processor.process(reply)
-        except GenerationError:
-            self._failed = True
+        except GenerationError as exc:
+            self._failed = str(exc) or "generation failed"
             raise
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._release()
         # A client that went away counts as an abort, as in vLLM.
         finish = None if self._failed else self.processor.finish or Finish.ABORT
-        self.stats.record(self.request_id, finish, self.processor.usage, self.frontend.services.metrics)
+        usage = self.processor.usage
+        self.stats.record(self.request_id, finish, usage, self.frontend.services.metrics)
+        self.trace.finished(self.request_id, self.queued.timeline.queued, self.stats.timeline, finish, usage,
+                            self._failed)
         if not self.processor.upstream_finished:  # client gone, stop string, shutdown, or an error here
             await asyncio.shield(self.frontend.cancel(self.request_id))
 
@@ -291,14 +309,17 @@ class Generations:
         self.frontend, self.request, self.n = frontend, request, request.n
         self.request_id = new_request_id(request)
         self.children: list[Generation] = []
+        self.trace: RequestTrace | None = None  # n > 1: the samples' request span
 
     async def __aenter__(self) -> Self:
         self.frontend.check_admission(self.request, self.n)
         if self.n == 1:
             self.children.append(await Generation(self.frontend, self.request, self.request_id).__aenter__())
             return self
+        self.trace = RequestTrace.start(self.frontend.services.tracer, self.request, self.request_id, time.time())
         try:
-            first = await Generation(self.frontend, self.request, f"{self.request_id}-0").__aenter__()
+            first = await Generation(self.frontend, self.request, f"{self.request_id}-0",
+                                     trace=self.trace.sample()).__aenter__()
             self.children.append(first)
             for i in range(1, self.n):
                 rid = f"{self.request_id}-{i}"
@@ -306,9 +327,10 @@ class Generations:
                 queued.CopyFrom(first.queued)
                 queued.request_id = rid
                 queued.sampling.seed = (first.queued.sampling.seed + i) % 2**64
-                self.children.append(await Generation(self.frontend, self.request, rid, queued).__aenter__())
-        except BaseException:
-            await self.__aexit__(None, None, None)
+                self.children.append(await Generation(self.frontend, self.request, rid, queued,
+                                                      self.trace.sample()).__aenter__())
+        except BaseException as exc:
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
@@ -344,5 +366,9 @@ class Generations:
             await asyncio.gather(*pumps, return_exceptions=True)
 
     async def __aexit__(self, *exc_info: object) -> None:
-        for child in self.children:
-            await child.__aexit__(*exc_info)
+        try:
+            for child in self.children:
+                await child.__aexit__(*exc_info)
+        finally:
+            if self.trace is not None:
+                self.trace.end(None if exc_info[1] is None else _why(exc_info[1]))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 from collections.abc import AsyncIterator
 
 import grpc
 
+from splitserve.common.tracing import grpc_traceparent
 from splitserve.v1 import gateway_pb2 as gpb
 from splitserve.v1 import gateway_pb2_grpc
 
@@ -39,7 +41,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[gpb.GenerateResponse]:
         try:
             self._authorize(context)
-            parsed = request_from_proto(request)
+            parsed = dataclasses.replace(request_from_proto(request), traceparent=grpc_traceparent(context))
             async with self.frontend.generate(parsed) as generation:
                 # The client's own id, when it gave one, is what it hears back; ours stays inside.
                 name = parsed.client_request_id or generation.request_id

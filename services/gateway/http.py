@@ -11,6 +11,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from splitserve.common.tracing import TRACEPARENT
 from splitserve.v1 import scheduler_pb2 as spb
 
 from .errors import ApiError, ErrorKind, GenerationError
@@ -102,7 +103,8 @@ class HttpRoutes:
 
     async def _generate(self, request: web.Request, parsed: OpenAIRequest) -> web.StreamResponse:
         client_id = client_request_id(request.headers.get("X-Request-Id", ""))
-        generation_request = dataclasses.replace(parsed.generation, client_request_id=client_id)
+        generation_request = dataclasses.replace(parsed.generation, client_request_id=client_id,
+                                                 traceparent=request.headers.get(TRACEPARENT))
         async with self.frontend.generate_n(generation_request) as generations:
             renderer = renderer_for(parsed.generation, generations.request_id, self.frontend.model.name,
                                     parsed.include_usage)

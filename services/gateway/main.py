@@ -10,6 +10,7 @@ import structlog
 
 from splitserve.common.auth import add_api_key_args, add_cluster_auth_args, add_redis_auth_args
 from splitserve.common.engine_args import positive_float, positive_int
+from splitserve.common.tracing import add_tracing_args
 
 from .config import GatewayConfig
 from .limits import DEFAULT_MAX_BODY_BYTES
@@ -72,6 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gateway-id", default=env("SPLITSERVE_GATEWAY_ID"),
                    help="unique name of this gateway, naming its reply stream "
                         "(default: gateway-<host>-<pid>-<random>)")
+    add_tracing_args(p)
     p.set_defaults(func=main)
 
 

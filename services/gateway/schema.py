@@ -193,6 +193,9 @@ class GenerationRequest:
     echo: bool = False  # completions: the response repeats the prompt (with its logprobs when asked)
     n: int = 1  # OpenAI's n: samples of the prompt, a choice each
     tool_choice: ToolChoice | None = None  # chat with tools: how calls are made and parsed
+    # The client's W3C traceparent (HTTP header, gRPC metadata): the request's trace goes under it.
+    # Used only when well-formed (splitserve/common/tracing.py), ignored otherwise, as W3C says.
+    traceparent: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.n <= MAX_N:

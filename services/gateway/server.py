@@ -12,6 +12,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from splitserve.common.auth import NO_AUTH, warn_if_open
+from splitserve.common.net import scheduler_addresses
 from splitserve.common.rpc import (
     CLIENT_MAX_MESSAGE_BYTES,
     MAX_CONCURRENT_RPCS,
@@ -22,8 +23,8 @@ from splitserve.common.rpc import (
     make_server,
     open_channel,
 )
-from splitserve.common.net import scheduler_addresses
 from splitserve.common.service import run_until_signal
+from splitserve.common.tracing import NO_TRACER, Tracer, exporting
 from splitserve.queue.streams import (
     CancelWriter,
     ProtoCodec,
@@ -60,9 +61,10 @@ async def serve(config: GatewayConfig) -> int:
     channels = [open_channel(address, config.cluster_auth, "scheduler")
                 for address in scheduler_addresses(config.scheduler)]
     try:
-        server = GatewayServer(config, model, redis, channels)
-        await server.start()
-        return await run_until_signal(server.tasks, server.shutdown)
+        async with exporting(config.otlp_endpoint, "gateway", config.gateway_id) as tracer:
+            server = GatewayServer(config, model, redis, channels, tracer)
+            await server.start()
+            return await run_until_signal(server.tasks, server.shutdown)
     finally:
         for channel in channels:
             await channel.close()
@@ -73,7 +75,7 @@ class GatewayServer:
     """Both edges over one Frontend, plus the background reply router and cluster poller."""
 
     def __init__(self, config: GatewayConfig, model: ServedModel, redis: RedisClient,
-                 channels: list[grpc.aio.Channel]) -> None:
+                 channels: list[grpc.aio.Channel], tracer: Tracer = NO_TRACER) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
         self.router = ReplyRouter(redis, reply_stream(config.gateway_id))
@@ -86,7 +88,7 @@ class GatewayServer:
         cluster = ClusterView([scheduler_pb2_grpc.SchedulerStub(c) for c in channels],
                               config.cluster_poll_interval_s, self._on_cluster_update)
         services = Services(model, cluster, self.router, RequestStream(redis, ProtoCodec(pb.QueuedRequest)),
-                            CancelWriter(redis, CANCEL_RETRY_S), self.metrics)
+                            CancelWriter(redis, CANCEL_RETRY_S), self.metrics, tracer)
         self.frontend = Frontend(config, services)
         gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(self.frontend, config.api_key),
                                                        self.grpc_server)

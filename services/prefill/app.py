@@ -8,6 +8,7 @@ from splitserve.common.auth import warn_if_open
 from splitserve.common.net import advertised_host
 from splitserve.common.rpc import SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
+from splitserve.common.tracing import Tracer, exporting
 from splitserve.kv_transfer.factory import make_kv_server
 from splitserve.queue.streams import connect
 from splitserve.v1 import prefill_pb2_grpc
@@ -23,13 +24,18 @@ log = structlog.get_logger(__name__)
 
 
 async def serve(config: WorkerConfig, ucx_port: int, kv_lease_s: float) -> int:
+    async with exporting(config.otlp_endpoint, "prefill", config.instance_id) as tracer:
+        return await _serve(config, ucx_port, kv_lease_s, tracer)
+
+
+async def _serve(config: WorkerConfig, ucx_port: int, kv_lease_s: float, tracer: Tracer) -> int:
     engine = await load_engine(config.engine)
     redis = connect(config.redis_url, config.redis_credentials)
     warn_if_open(config.cluster_auth)
     grpc_server = make_server(config.cluster_auth)
     port = bind(grpc_server, config.host, config.port, config.cluster_auth.server_credentials())
     kv_server = make_kv_server(config.kv_transport, advertised_host(config.host), ucx_port)
-    server = PrefillServer(config, engine, redis, kv_lease_s)
+    server = PrefillServer(config, engine, redis, kv_lease_s, tracer)
     server.grpc_address = advertised_address(config, port)
     await kv_server.start(server)
     try:  # UCX keeps a non-daemon thread: stop the KV server on every exit path

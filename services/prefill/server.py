@@ -19,6 +19,7 @@ import structlog
 
 from splitserve.common.protoconv import finish_to_proto, layout_to_proto
 from splitserve.common.service import Background, Progress
+from splitserve.common.tracing import NO_TRACER, Tracer
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.kv_cache import export_bytes
 from splitserve.engine.request import StepOutput
@@ -37,6 +38,7 @@ from splitserve.worker.common import (
 )
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.engine_loop import EngineLoop, StepResult
+from splitserve.worker.trace import NO_SPANS, RequestSpans
 
 log = structlog.get_logger(__name__)
 PULL_GRACE_S = 5.0  # a drain that timed out still lets pulls already sending finish this long
@@ -47,14 +49,17 @@ class Held:
     """A request from Submit until its blocks are released."""
 
     request: pb.QueuedRequest
+    spans: RequestSpans = NO_SPANS
     handle: pb.KvHandle | None = None
     pins: int = 0
     lease: asyncio.TimerHandle | None = None
 
 
 class PrefillServer:
-    def __init__(self, config: WorkerConfig, engine: LLMEngine, redis, kv_lease_s: float) -> None:
+    def __init__(self, config: WorkerConfig, engine: LLMEngine, redis, kv_lease_s: float,
+                 tracer: Tracer = NO_TRACER) -> None:
         self.config = config
+        self.tracer = tracer
         self.loop = EngineLoop(engine, self._on_step, after_step=_block_tables, snapshot=engine_stats)
         self.replies = ReplyPublisher(redis)  # runs its follow-ups as background tasks
         self.link: SchedulerLink | None = None  # set once it exists: reports go through it
@@ -69,8 +74,9 @@ class PrefillServer:
 
     # -- requests -------------------------------------------------------------------------------
 
-    async def submit(self, request: pb.QueuedRequest) -> None:
-        """Queue a request for prefill; ValueError when the engine cannot serve it."""
+    async def submit(self, request: pb.QueuedRequest, traceparent: str = "") -> None:
+        """Queue a request for prefill (its spans under traceparent, the Submit's); ValueError when the
+        engine cannot serve it."""
         rid = request.request_id
         if self.draining:
             raise Draining()
@@ -78,7 +84,8 @@ class PrefillServer:
             raise ValueError(f"request {rid!r} has no KV capability (the scheduler mints one per Submit)")
         if rid in self.requests:  # the scheduler reassigned it (its decode server died): start over
             await self._free(rid, "replayed")
-        await add_to_engine(self.loop, self.requests, request, Held(request))
+        await add_to_engine(self.loop, self.requests, request,
+                            Held(request, RequestSpans.of(self.tracer, request, traceparent)))
 
     async def release(self, request_id: str, capability: str) -> None:
         """Decode acknowledged its pull: free the blocks (unknown ids are a harmless retry).
@@ -102,6 +109,7 @@ class PrefillServer:
             return
         if held.lease:
             held.lease.cancel()
+        held.spans.released(held.request.timeline.prefill_end if held.handle else 0.0, why)
         # engine.abort frees the blocks whatever the state (queued, prefilling, kv_ready).
         await self.loop.call(lambda e: e.abort(request_id))
         self.progress.note()
@@ -140,6 +148,7 @@ class PrefillServer:
             timeline = held.request.timeline
             timeline.prefill_start, timeline.prefill_end = result.started, result.ended
             timeline.first_token = time.time()
+            held.spans.prefilled(held.request, out.num_cached_tokens, len(result.outputs))
             events.append(self._first_token_event(held, out, result.extra))
             done.append(self._prefill_done(held, out))
             self.link.owe(spb.PrefillDoneRequest, out.request_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from splitserve.common.logging import bind_request
+from splitserve.common.tracing import grpc_traceparent
 from splitserve.kv_transfer.base import KvPermissionDenied
 from splitserve.kv_transfer.grpc import GrpcKvServer
 from splitserve.v1 import common_pb2 as pb
@@ -23,7 +24,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         bind_request(request.request_id)
         await self.server.fence.check(context)
         try:
-            await self.server.submit(request)
+            await self.server.submit(request, grpc_traceparent(context))
         except Draining as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ValueError as exc:

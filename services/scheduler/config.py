@@ -16,6 +16,7 @@ from splitserve.common.auth import (
     redis_credentials_from_args,
 )
 from splitserve.common.engine_args import positive_float, positive_int
+from splitserve.common.tracing import add_tracing_args
 
 from .replan import PlanConfig
 
@@ -43,6 +44,7 @@ class SchedulerConfig:
     heartbeat_interval_s: float = 1.0  # what workers are told; a takeover waits for one round of them
     routing: str = "kv"  # prefill placement: "kv" (KV-aware, registry.py) or "least-loaded"
     route_request_tokens: int = 32  # KV-aware routing's load term: prompt tokens per assigned request
+    otlp_endpoint: str | None = None  # OpenTelemetry collector for placement spans; None: no tracing
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +96,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="requests read from the stream and waiting for a prefill server; at this "
                              "many the scheduler stops reading (the rest wait in Redis) until the queue "
                              "drains (default: 4096)")
+    add_tracing_args(parser)
     g = parser.add_argument_group("online re-planning (on with --plan-ttft-slo and --plan-tpot-slo)")
     g.add_argument("--plan-ttft-slo", type=positive_float, default=None, help="TTFT SLO in seconds")
     g.add_argument("--plan-tpot-slo", type=positive_float, default=None, help="TPOT SLO in seconds")
@@ -118,7 +121,8 @@ def from_args(args: argparse.Namespace) -> SchedulerConfig:
                            redis_credentials=redis_credentials_from_args(args),
                            check_worker_addresses=not args.trust_worker_addresses,
                            leader_lease_s=args.leader_lease, routing=args.routing,
-                           route_request_tokens=_non_negative(args.route_request_tokens))
+                           route_request_tokens=_non_negative(args.route_request_tokens),
+                           otlp_endpoint=args.otlp_endpoint)
 
 
 def _non_negative(value: int) -> int:

@@ -11,6 +11,7 @@ from splitserve.common.auth import warn_if_open
 from splitserve.common.logging import bind_service
 from splitserve.common.rpc import NOT_SERVING, SERVING, add_health, bind, make_server
 from splitserve.common.service import run_until_signal
+from splitserve.common.tracing import Tracer, exporting
 from splitserve.queue.streams import CANCEL_STREAM, ProtoCodec, RequestStream, TextCodec, connect, redacted
 from splitserve.v1 import common_pb2 as pb
 from splitserve.v1 import scheduler_pb2_grpc
@@ -38,10 +39,15 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def serve(config: scheduler_config.SchedulerConfig) -> int:
+    async with exporting(config.otlp_endpoint, "scheduler", config.consumer) as tracer:
+        return await _serve(config, tracer)
+
+
+async def _serve(config: scheduler_config.SchedulerConfig, tracer: Tracer) -> int:
     redis = connect(config.redis_url, config.redis_credentials)
     await redis.ping()
     server = SchedulerServer(config, RequestStream(redis, ProtoCodec(pb.QueuedRequest)), redis,
-                             RequestStream(redis, TextCodec(), key=CANCEL_STREAM))
+                             RequestStream(redis, TextCodec(), key=CANCEL_STREAM), tracer)
     warn_if_open(config.cluster_auth)
     grpc_server = make_server(config.cluster_auth)
     port = bind(grpc_server, config.host, config.port, config.cluster_auth.server_credentials())

@@ -33,6 +33,7 @@ import structlog
 from splitserve.common.auth import EPOCH_METADATA_KEY
 from splitserve.common.rpc import ChannelCache
 from splitserve.common.service import Background, Progress
+from splitserve.common.tracing import NO_TRACER, Span, Tracer
 from splitserve.engine.block_manager import block_hashes, blocks_for, routing_key
 from splitserve.queue.streams import ProtoCodec, ReplyWriter, RequestStream, StreamEntry
 from splitserve.v1 import common_pb2 as pb
@@ -83,6 +84,7 @@ class Tracked:
     decode_id: str | None = None
     done: spb.PrefillDoneRequest | None = None
     runs: int = 1  # times it was started: requeues add one
+    waiting_since: float = field(default_factory=time.time)  # waits for a placement since (its trace's)
     _keys: dict[tuple[str, int], list[int]] = field(default_factory=dict, repr=False)
 
     @property
@@ -92,6 +94,10 @@ class Tracked:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.request.prompt_token_ids)
+
+    def waits(self, stage: Stage) -> None:
+        """Back to waiting for a placement: QUEUED for a prefill server, AWAITING_DECODE for a decode server."""
+        self.stage, self.waiting_since = stage, time.time()
 
     def prefix_keys(self, worker: WorkerEntry) -> list[int]:
         """The routing keys of the prompt's full blocks before the one holding its last token, hashed
@@ -110,8 +116,9 @@ class Tracked:
 
 class SchedulerServer:
     def __init__(self, config: SchedulerConfig, stream: RequestStream, redis,
-                 cancels: RequestStream | None = None) -> None:
+                 cancels: RequestStream | None = None, tracer: Tracer = NO_TRACER) -> None:
         self.config = config
+        self.tracer = tracer  # placement spans, under the gateway's request span
         self.stream = stream
         self.cancels = cancels  # the cancel stream (request ids), read through the same group
         self.cancelled_early = Tombstones()  # cancels read before their requests
@@ -338,21 +345,32 @@ class SchedulerServer:
         worker.assigned[tracked.request_id] = tracked.num_prompt_tokens - cached_tokens
         if self.config.routing == "kv":  # its blocks are cached there once it ran: route alike there
             worker.routed[tracked.request_id] = tracked.prefix_keys(worker)
-        self.background.spawn(self._submit_prefill(tracked, worker))
+        span = self._placement_span("placement", tracked, worker, expected_cached_tokens=cached_tokens)
+        self.background.spawn(self._submit_prefill(tracked, worker, span))
 
-    async def _submit_prefill(self, tracked: Tracked, worker: WorkerEntry) -> None:
+    async def _submit_prefill(self, tracked: Tracked, worker: WorkerEntry, span: Span) -> None:
         # A fresh KV capability for each run: only this prefill server and the decode server chosen
         # for the request learn it (it rides the KvHandle), and a replay makes older handles useless.
         tracked.request.kv_capability = secrets.token_urlsafe(KV_CAPABILITY_BYTES)
         stub = prefill_pb2_grpc.PrefillStub(self._channel(worker))
         await self._abort_done(worker.instance_id, tracked.request_id)
         try:
-            await stub.Submit(tracked.request, timeout=self.config.rpc_timeout_s, metadata=self._fencing())
+            await stub.Submit(tracked.request, timeout=self.config.rpc_timeout_s,
+                              metadata=self._fencing() + span.metadata())
             log.info("assigned to prefill", request_id=tracked.request_id, worker=worker.instance_id)
         except grpc.aio.AioRpcError as exc:
+            span.end(error=f"{exc.code().name}: {exc.details()}")
             await self._rpc_failed(tracked, worker, exc)
             return
+        span.end()
         self._submitted(tracked, worker)
+
+    def _placement_span(self, name: str, tracked: Tracked, worker: WorkerEntry, **attributes: int) -> Span:
+        """The trace's span of a placement, from when the request began to wait for one to its Submit's
+        answer; its context goes to the worker in the Submit's metadata."""
+        return self.tracer.start(name, tracked.request.trace_context, tracked.waiting_since, **{
+            "gen_ai.request.id": tracked.request_id, "splitserve.worker": worker.instance_id,
+            "splitserve.run": tracked.runs, **{f"splitserve.{k}": v for k, v in attributes.items()}})
 
     def _fencing(self) -> tuple[tuple[str, str]]:
         return ((EPOCH_METADATA_KEY, str(self.epoch)),)
@@ -405,10 +423,12 @@ class SchedulerServer:
         retries); one not started to the head of the queue."""
         worker.assigned.pop(tracked.request_id, None)
         if worker.role == spb.WORKER_ROLE_DECODE:
-            tracked.stage, tracked.decode_id = Stage.AWAITING_DECODE, None
+            tracked.decode_id = None
+            tracked.waits(Stage.AWAITING_DECODE)
             self._assign_decode(tracked)
             return
-        tracked.stage, tracked.prefill_id = Stage.QUEUED, None
+        tracked.prefill_id = None
+        tracked.waits(Stage.QUEUED)
         self.queue.appendleft(tracked.request_id)
         self.wake.set()
 
@@ -451,7 +471,8 @@ class SchedulerServer:
             tracked.stage, tracked.decode_id = Stage.DECODE, worker.instance_id
             worker.assigned[done.request_id] = 0
             return
-        tracked.done, tracked.stage = done, Stage.AWAITING_DECODE
+        tracked.done = done
+        tracked.waits(Stage.AWAITING_DECODE)
         self._assign_decode(tracked)
 
     def _assign_decode(self, tracked: Tracked) -> bool:
@@ -477,7 +498,8 @@ class SchedulerServer:
         # Built now: by the time the task runs, a hand-back may have reset tracked.
         submit = decode_pb2.DecodeRequest(request=tracked.request, kv=kv,
                                           output_token_ids=tracked.done.output_token_ids)
-        self.background.spawn(self._submit_decode(tracked, worker, submit))
+        span = self._placement_span("decode placement", tracked, worker, expected_cached_tokens=cached)
+        self.background.spawn(self._submit_decode(tracked, worker, submit, span))
         return True
 
     def _retry_awaiting_decode(self) -> None:
@@ -486,15 +508,17 @@ class SchedulerServer:
                 return
 
     async def _submit_decode(self, tracked: Tracked, worker: WorkerEntry,
-                             submit: decode_pb2.DecodeRequest) -> None:
+                             submit: decode_pb2.DecodeRequest, span: Span) -> None:
         await self._abort_done(worker.instance_id, tracked.request_id)
         try:
             await decode_pb2_grpc.DecodeStub(self._channel(worker)).Submit(
-                submit, timeout=self.config.rpc_timeout_s, metadata=self._fencing())
+                submit, timeout=self.config.rpc_timeout_s, metadata=self._fencing() + span.metadata())
             log.info("assigned to decode", request_id=tracked.request_id, worker=worker.instance_id)
         except grpc.aio.AioRpcError as exc:
+            span.end(error=f"{exc.code().name}: {exc.details()}")
             await self._rpc_failed(tracked, worker, exc)
             return
+        span.end()
         self._submitted(tracked, worker)
 
     # -- the end of a request -------------------------------------------------------------------
@@ -604,7 +628,8 @@ class SchedulerServer:
                 worker = self.registry.workers.get(worker_id) if worker_id else None
                 if worker is not None:
                     worker.assigned.pop(tracked.request_id, None)
-            tracked.stage, tracked.prefill_id, tracked.decode_id, tracked.done = Stage.QUEUED, None, None, None
+            tracked.prefill_id, tracked.decode_id, tracked.done = None, None, None
+            tracked.waits(Stage.QUEUED)
             tracked.runs += 1
             if tracked.runs > MAX_RUNS:
                 self.background.spawn(self.fail(tracked.request_id, f"gave up after {MAX_RUNS} attempts: "
@@ -642,7 +667,8 @@ class SchedulerServer:
         if worker is not None:
             worker.assigned.pop(tracked.request_id, None)
         if kv_not_pulled and instance_id == tracked.decode_id and tracked.done is not None:
-            tracked.stage, tracked.decode_id = Stage.AWAITING_DECODE, None
+            tracked.decode_id = None
+            tracked.waits(Stage.AWAITING_DECODE)
             self._assign_decode(tracked)
             return
         if tracked.decode_id not in (None, instance_id):

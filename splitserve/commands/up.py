@@ -57,6 +57,7 @@ from splitserve.common.certs import load_cluster_tls, write_cluster_certs
 from splitserve.common.engine_args import add_engine_args, format_cpus, positive_float, positive_int
 from splitserve.common.net import free_port
 from splitserve.common.proc import RestartPolicy, Supervised, owned
+from splitserve.common.tracing import add_tracing_args
 from splitserve.queue.redis_server import LocalRedis
 
 from . import adapt
@@ -104,6 +105,7 @@ class ClusterConfig:
     adapt_cooldown_s: float = 60.0
     restart: RestartPolicy = RestartPolicy()  # for services that exit on their own
     more_gateways: tuple[tuple[int, int], ...] = ()  # (HTTP, gRPC) ports of gateway-1, gateway-2, ...
+    otlp_endpoint: str | None = None  # every service's request spans go to this collector
 
     @property
     def http_url(self) -> str:
@@ -216,6 +218,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-timeout", type=positive_float, default=30.0,
                    help="on SIGTERM a service takes nothing new and gets this many seconds to finish "
                         "what it holds; a worker then hands the rest back (default: 30)")
+    add_tracing_args(p)
     adapt.add_args(p)
     add_length_args(p.add_argument_group("the workload --mode auto plans for (a preset also sets the SLOs)"))
     add_engine_args(p)
@@ -268,7 +271,8 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
             scheduler_argv=("--routing", args.routing, *adapt.scheduler_argv(args, len(cpus))),
             adapt=args.adapt, decode_prefix_caching=not args.no_decode_prefix_caching,
             adapt_cooldown_s=args.adapt_cooldown,
-            more_gateways=tuple((free_port(args.host), free_port(args.host)) for _ in range(args.gateways - 1)))
+            more_gateways=tuple((free_port(args.host), free_port(args.host)) for _ in range(args.gateways - 1)),
+            otlp_endpoint=args.otlp_endpoint)
     except BaseException:  # this run's keys go with it
         if args.cluster_tls == "":
             shutil.rmtree(tls_dir, ignore_errors=True)
@@ -412,7 +416,8 @@ class Cluster:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = self.config.log_dir / f"{name}.log"
-        command = owned([sys.executable, "-m", "splitserve.cli", "--log-json", *argv])
+        tracing = ["--otlp-endpoint", self.config.otlp_endpoint] if self.config.otlp_endpoint else []
+        command = owned([sys.executable, "-m", "splitserve.cli", "--log-json", *argv, *tracing])
 
         def launch() -> subprocess.Popen:
             with open(log, "ab") as out:  # the child has its own copy of the descriptor

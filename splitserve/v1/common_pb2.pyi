@@ -135,7 +135,7 @@ class Timeline(_message.Message):
     def __init__(self, arrival: _Optional[float] = ..., queued: _Optional[float] = ..., scheduled: _Optional[float] = ..., prefill_start: _Optional[float] = ..., prefill_end: _Optional[float] = ..., first_token: _Optional[float] = ..., kv_transfer_start: _Optional[float] = ..., kv_transfer_end: _Optional[float] = ..., token_times: _Optional[_Iterable[float]] = ..., finish: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ...) -> None: ...
 
 class QueuedRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "reply_stream", "timeline", "kv_capability", "cache_salt")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "reply_stream", "timeline", "kv_capability", "cache_salt", "trace_context")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class QueuedRequest(_message.Message):
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
     KV_CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
@@ -150,7 +151,8 @@ class QueuedRequest(_message.Message):
     timeline: Timeline
     kv_capability: str
     cache_salt: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., reply_stream: _Optional[str] = ..., timeline: _Optional[_Union[Timeline, _Mapping]] = ..., kv_capability: _Optional[str] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+    trace_context: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., reply_stream: _Optional[str] = ..., timeline: _Optional[_Union[Timeline, _Mapping]] = ..., kv_capability: _Optional[str] = ..., cache_salt: _Optional[str] = ..., trace_context: _Optional[str] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
     __slots__ = ("request_id", "token_ids", "index", "finish_reason", "error", "timeline", "num_cached_tokens", "logprobs", "prompt_logprobs")

@@ -19,6 +19,7 @@ from splitserve.common.auth import (
 )
 from splitserve.common.engine_args import add_engine_args, positive_float, positive_int
 from splitserve.common.net import scheduler_addresses
+from splitserve.common.tracing import add_tracing_args
 from splitserve.kv_transfer.factory import DEFAULT_TRANSPORT, TRANSPORTS, transport_value
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ class WorkerConfig:
     max_waiting: int | None = None  # decode: requests submitted and not yet admitted; None: derived
     cluster_auth: ClusterAuth = NO_AUTH  # the token this worker's calls carry and its servers ask for
     redis_credentials: RedisCredentials = RedisCredentials()
+    otlp_endpoint: str | None = None  # OpenTelemetry collector for request spans; None: no tracing
 
     @property
     def schedulers(self) -> list[str]:
@@ -87,6 +89,7 @@ def add_worker_args(parser: argparse.ArgumentParser, role: str, default_port: in
                                  "and the scheduler places them elsewhere or later "
                                  "(default: 4 x --max-num-seqs)")
     add_cluster_auth_args(parser)
+    add_tracing_args(parser)
     add_engine_args(parser)
 
 
@@ -99,4 +102,5 @@ def worker_config(args: argparse.Namespace, engine: EngineConfig, role: str) -> 
         redis_credentials=redis_credentials_from_args(args),
         drain_timeout_s=args.drain_timeout,
         max_waiting=args.max_waiting if role == "decode" else None,
+        otlp_endpoint=args.otlp_endpoint,
     )
