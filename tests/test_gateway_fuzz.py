@@ -210,6 +210,13 @@ def test_huge_bodies_and_prompts_are_refused_before_tokenization(gateway):
     many = gateway.post("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}]
                                                  * 5000})
     assert many.status_code == 400 and many.json()["error"]["param"] == "messages"
+    # Every string a chat template renders counts, tool call ids too.
+    call = {"id": "c" * 400_000, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    long_ids = gateway.post("/v1/chat/completions", {"model": MODEL, "messages": [
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c" * 400_000, "content": "1"}]})
+    assert long_ids.status_code == 400 and long_ids.json()["error"]["code"] == "context_length_exceeded"
+    assert "characters" in long_ids.json()["error"]["message"]  # refused before the template and tokenizer
 
 
 @pytest.mark.timeout(30)

@@ -59,9 +59,7 @@ class ServedModel:
                     raise _too_long("messages", f"{len(messages)} messages", max_model_len)
                 if any(len(m.role) > MAX_NAME_CHARS for m in messages):
                     raise invalid(f"a message role must be at most {MAX_NAME_CHARS} characters", "messages")
-                num_chars = sum(len(m.content) + len(m.role) + sum(len(c.arguments) + len(c.name)
-                                                                   for c in m.tool_calls) for m in messages)
-                num_chars += sum(len(t.description) + len(t.parameters) for t in tools)
+                num_chars = sum(map(len, _chat_strings(messages, tools)))
                 if num_chars > limit:
                     raise _too_long("messages", f"{num_chars} characters", max_model_len, limit)
 
@@ -133,12 +131,13 @@ def _check_encodable(prompt: Prompt) -> None:
 
 
 def _chat_strings(messages: tuple[ChatMessage, ...], tools: tuple[Tool, ...]) -> Iterator[str]:
-    """Every client string a chat prompt's template may render."""
+    """Every client string a chat prompt's template may render (call ids included)."""
     for m in messages:
         yield from (m.role, m.content, m.tool_call_id or "")
         for call in m.tool_calls:
             yield from (call.id, call.name, call.arguments)
-    yield from (t.description for t in tools)
+    for t in tools:
+        yield from (t.name, t.description, t.parameters)
 
 
 def _is_utf8(text: str) -> bool:
