@@ -103,6 +103,9 @@ class Tracer:
                **attributes: AttributeValue) -> None:
         """A finished span, from timestamps kept anyway (wall-clock seconds)."""
 
+    def flush(self) -> None:
+        """Until every span recorded so far has been sent."""
+
     def shutdown(self) -> None:
         pass
 
@@ -162,6 +165,9 @@ class _OtelTracer(Tracer):
         remote = self._trace.SpanContext(trace_id, span_id, is_remote=True,
                                          trace_flags=self._trace.TraceFlags(flags & 0x01))
         return self._trace.set_span_in_context(self._trace.NonRecordingSpan(remote))
+
+    def flush(self) -> None:
+        self._provider.force_flush()
 
     def shutdown(self) -> None:
         """Send what is left, waiting at most SHUTDOWN_WAIT_S (a collector that is down must not hold
