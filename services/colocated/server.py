@@ -80,7 +80,7 @@ class ColocatedServer:
         running = self.requests.pop(request_id, None)
         if running is None:
             return False
-        running.spans.decoded(running.request.timeline.first_token, running.num_emitted, "abort", why)
+        running.spans.decoded(running.request.timeline.first_token, running.num_emitted, why)
         await self.loop.call(lambda e: e.abort(request_id))
         self.progress.note()
         log.info(f"{why}, blocks freed", request_id=request_id)

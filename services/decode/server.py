@@ -131,7 +131,7 @@ class DecodeServer:
             return False
         if request_id in self.waiting:
             self.waiting.remove(request_id)
-        admitted.spans.decoded(admitted.request.timeline.kv_transfer_end, admitted.num_emitted, "abort", why)
+        admitted.spans.decoded(admitted.request.timeline.kv_transfer_end, admitted.num_emitted, why)
         await self.loop.call(lambda e: e.abort(request_id))
         self.room.set()
         self.progress.note()

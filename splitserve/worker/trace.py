@@ -64,7 +64,8 @@ class RequestSpans:
         span.end(time.time(), error)
 
     def decoded(self, start: float, num_output_tokens: int, finish: str, error: str | None = None) -> None:
-        """Its decode ended at its last token (or when it was dropped: error says why)."""
+        """Its decode ended: at its last token (finish is its reason; error, a failed step's), or when
+        it was dropped (finish says why: aborted, handed back)."""
         if self.tracer.enabled and start:
             span = self.tracer.start("decode", self.parent, start, **{
                 "gen_ai.request.id": self.request_id, "gen_ai.usage.output_tokens": num_output_tokens,
