@@ -304,7 +304,9 @@ def test_a_tool_call_round_trip(ucx_cluster):
                        "properties": {"city": {"type": "string", "maxLength": 20}}}}}
     client = openai.OpenAI(base_url=ucx_cluster.http_url + "/v1", api_key="unused", max_retries=0)
     messages = [{"role": "user", "content": "What is the weather like in Oslo?"}]
-    for choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    arguments_of = {}
+    for choice in (named, "required"):
         reply = client.chat.completions.create(model=MODEL, messages=messages, tools=[weather],
                                                tool_choice=choice, max_completion_tokens=60, temperature=0)
         message = reply.choices[0].message
@@ -313,11 +315,18 @@ def test_a_tool_call_round_trip(ucx_cluster):
         arguments = json.loads(call.function.arguments)
         assert set(arguments) == {"city"} and len(arguments["city"]) <= 20
         assert reply.choices[0].finish_reason == ("stop" if isinstance(choice, dict) else "tool_calls")
-    streamed = list(client.chat.completions.create(model=MODEL, messages=messages, tools=[weather],
-                                                   tool_choice="required", max_completion_tokens=60,
-                                                   temperature=0, stream=True))
-    deltas = [c.choices[0].delta.tool_calls for c in streamed if c.choices and c.choices[0].delta.tool_calls]
-    assert [d[0].function.arguments for d in deltas] == [message.tool_calls[0].function.arguments]
+        arguments_of[str(choice)] = call.function.arguments
+
+    def streamed_calls(choice) -> list:
+        chunks = client.chat.completions.create(model=MODEL, messages=messages, tools=[weather], tool_choice=choice,
+                                                max_completion_tokens=60, temperature=0, stream=True)
+        return [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+
+    # A required call's array goes out whole when the choice ends; a named call's arguments piece by piece.
+    assert [d.function.arguments for d in streamed_calls("required")] == [arguments_of["required"]]
+    first, *rest = streamed_calls(named)
+    assert rest and first.id.startswith("call_") and first.function.name == "get_weather"
+    assert "".join(d.function.arguments for d in [first, *rest]) == arguments_of[str(named)]
     history = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                           {"role": "tool", "tool_call_id": call.id, "content": "12 degrees and raining"}]
     answer = client.chat.completions.create(model=MODEL, messages=history, tools=[weather], tool_choice="none",

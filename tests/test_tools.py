@@ -1,5 +1,6 @@
 """Tool calls: the tools' checks, their rendering for a template without tool support (Hermes
-format), the grammar of a required or named call, and the parsing of calls from the model's text."""
+format), the grammar of a required or named call, and the parsing of calls from the model's text,
+whole and streamed."""
 
 import json
 
@@ -8,6 +9,7 @@ import pytest
 from splitserve.services.gateway.errors import ApiError
 from splitserve.services.gateway.schema import ChatMessage
 from splitserve.services.gateway.tools import (
+    CallStream,
     ToolCall,
     ToolChoice,
     call_grammar,
@@ -96,3 +98,61 @@ def test_a_template_without_tools_gets_them_in_a_hermes_system_message(model_bf1
     assert rendered[3] == {"role": "tool", "content": "12 C, rain", "tool_call_id": "call_1"}
     text = model_bf16.tokenizer.decode(served._apply_chat_template(rendered, native_tools))
     assert "<tools>" in text and "12 C, rain" in text
+
+
+def _streamed(choice: ToolChoice, pieces: list[str], reason: str = "stop"):
+    """(content sent after each piece, tool-call deltas in order, finish_reason) of a streamed choice."""
+    stream = CallStream(parse_tools([WEATHER, TIME], None)[0], choice)
+    contents, deltas = [], []
+    for piece in pieces:
+        content, new = stream.feed(piece)
+        contents.append(content)
+        deltas += new
+    content, new, finish = stream.finish(reason)
+    return [*contents, content], deltas + new, finish
+
+
+def test_auto_calls_stream_content_at_once_and_each_call_when_its_block_closes():
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
+            '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\n')
+    tools = parse_tools([WEATHER, TIME], None)[0]
+    whole_content, whole_calls = extract_calls(text, tools, ToolChoice("auto"))
+    for pieces in ([text], list(text), [text[i:i + 7] for i in range(0, len(text), 7)]):
+        contents, deltas, finish = _streamed(ToolChoice("auto"), pieces)
+        assert "".join(contents).strip() == whole_content and finish == "tool_calls"
+        assert [(d["index"], d["function"]["name"], json.loads(d["function"]["arguments"])) for d in deltas] == [
+            (0, "get_weather", {"city": "Oslo"}), (1, "get_time", {})]
+        assert all(d["id"].startswith("call_") and d["type"] == "function" for d in deltas)
+        assert [(c.name, c.arguments) for c in whole_calls] == [(d["function"]["name"], d["function"]["arguments"])
+                                                                 for d in deltas]
+    # The content goes out before the call's tag is complete, and a partial tag waits.
+    contents, _, _ = _streamed(ToolChoice("auto"), ["Let me check.\n<tool", "_call>{"])
+    assert contents[0] == "Let me check.\n" and contents[1] == ""
+
+
+def test_streamed_text_that_is_not_a_call_is_content():
+    for text in ["It is 3 < 4 and <tool> is not a tag.", '<tool_call>{"name": "launch"}</tool_call> no',
+                 "<tool_call>{oops</tool_call>"]:
+        contents, deltas, finish = _streamed(ToolChoice("auto"), list(text))
+        assert "".join(contents) == text and deltas == [] and finish == "stop"
+    # Cut short inside a call: what was held comes back as content, and the reason stays "length".
+    contents, deltas, finish = _streamed(ToolChoice("auto"), list('ok <tool_call>{"name": "get_'), "length")
+    assert "".join(contents) == 'ok <tool_call>{"name": "get_' and deltas == [] and finish == "length"
+
+
+def test_a_named_call_streams_its_arguments_piece_by_piece():
+    pieces = ['{"ci', 'ty": "Ro', 'me"}']
+    _, deltas, finish = _streamed(ToolChoice("named", "get_weather"), pieces)
+    first, *rest = deltas
+    assert first["id"].startswith("call_") and first["function"] == {"name": "get_weather", "arguments": '{"ci'}
+    assert rest == [{"index": 0, "function": {"arguments": p}} for p in pieces[1:]]
+    assert "".join(d["function"]["arguments"] for d in deltas) == '{"city": "Rome"}' and finish == "stop"
+
+
+def test_a_required_call_array_goes_out_whole_when_the_choice_ends():
+    text = '[{"name": "get_time", "arguments": {}}]'
+    contents, deltas, finish = _streamed(ToolChoice("required"), list(text))
+    assert contents == [""] * (len(text) + 1) and finish == "tool_calls"
+    assert [(d["index"], d["function"]) for d in deltas] == [(0, {"name": "get_time", "arguments": "{}"})]
+    contents, deltas, finish = _streamed(ToolChoice("required"), list(text[:12]), "length")
+    assert "".join(contents) == text[:12] and deltas == [] and finish == "length"

@@ -17,7 +17,7 @@ from .schema import (
     TokenLogprob,
     Usage,
 )
-from .tools import Tool, ToolCall, ToolChoice, extract_calls
+from .tools import CallStream, Tool, ToolCall, ToolChoice, extract_calls
 
 DONE = b"data: [DONE]\n\n"
 
@@ -61,8 +61,8 @@ class Renderer:
     tools: tuple[Tool, ...] = ()  # chat: the request's tools, when tool_choice is not "none"
     tool_choice: ToolChoice | None = None
     created: int = field(default_factory=lambda: int(time.time()))
-    # Chat with tools, streamed: each choice's text until it ends (calls are parsed from the whole).
-    _held: dict[int, str] = field(default_factory=dict)
+    # Chat with tools, streamed: each choice's calls and content as they come (tools.CallStream).
+    _streams: dict[int, CallStream] = field(default_factory=dict)
 
     chunk_object = ""
     body_object = ""
@@ -162,15 +162,19 @@ class ChatRenderer(Renderer):
         return self.tool_choice is not None and self.tool_choice.active
 
     def chunk(self, output: Output, index: int = 0) -> dict[str, Any] | None:
-        """With tools, a choice's text is held until it ends, then sent as its calls or its content."""
+        """With tools, a choice's content and tool calls as tools.CallStream releases them."""
         if not self.calls_tools:
             return super().chunk(output, index)
-        self._held[index] = self._held.get(index, "") + output.text
-        if output.finish is None:
+        stream = self._streams.setdefault(index, CallStream(self.tools, self.tool_choice))
+        content, calls = stream.feed(output.text)
+        finish = None
+        if output.finish is not None:
+            more, more_calls, finish = stream.finish(output.finish.value)
+            content, calls = content + more, calls + more_calls
+            del self._streams[index]
+        if not (content or calls or finish):
             return None
-        content, calls, finish = self._calls(self._held.pop(index), output.finish.value)
-        delta = ({"tool_calls": [{"index": i, **c.json()} for i, c in enumerate(calls)]} if calls
-                 else {"content": content or ""})
+        delta = {**({"content": content} if content else {}), **({"tool_calls": calls} if calls else {})}
         return self._chunk({"index": index, "delta": delta, "logprobs": None, "finish_reason": finish})
 
     def _calls(self, text: str, finish: str) -> tuple[str | None, tuple[ToolCall, ...], str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from splitserve.engine.structured import Grammar
@@ -157,20 +157,108 @@ def extract_calls(text: str, tools: tuple[Tool, ...],
             return text, ()  # cut short (max_tokens): no call to report
         return None, tuple(_new_call(c["name"], json.dumps(c["arguments"])) for c in calls)
     names = {t.name for t in tools}
-    calls = []
-    for body in _CALL.findall(text):
-        try:
-            call = json.loads(body)
-        except ValueError:
-            continue
-        if (isinstance(call, dict) and call.get("name") in names
-                and isinstance(call.get("arguments", {}), dict)):
-            calls.append(_new_call(call["name"], json.dumps(call.get("arguments", {}))))
+    calls = [call for body in _CALL.findall(text) if (call := _parse_call(body, names)) is not None]
     if not calls:
         return text, ()
     content = _CALL.sub("", text).strip()
     return content or None, tuple(calls)
 
 
+def _parse_call(body: str, names: set[str]) -> ToolCall | None:
+    """The call a <tool_call> block's JSON makes; None for broken JSON or an unknown function."""
+    try:
+        call = json.loads(body)
+    except ValueError:
+        return None
+    if isinstance(call, dict) and call.get("name") in names and isinstance(call.get("arguments", {}), dict):
+        return _new_call(call["name"], json.dumps(call.get("arguments", {})))
+    return None
+
+
 def _new_call(name: str, arguments: str) -> ToolCall:
     return ToolCall(f"call_{secrets.token_hex(12)}", name, arguments)
+
+
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+Delta = dict[str, Any]  # one entry of a streamed delta's tool_calls
+
+
+@dataclass
+class CallStream:
+    """One streamed choice's text, turned into content and tool-call deltas as it comes (OpenAI's
+    streaming shape): a named call's arguments go out piece by piece under its first delta's id and
+    name; with "auto", content streams until a <tool_call> opens, and each call goes out whole once
+    its block closes (a block that is not a call goes out as content); a required call's JSON array
+    is held until the choice ends. Text that may begin a <tool_call> tag, and whitespace-only content,
+    wait for what follows."""
+
+    tools: tuple[Tool, ...]
+    choice: ToolChoice
+    held: str = ""  # required: everything; auto: a possible tag start, or an open block's body
+    blank: str = ""  # auto: whitespace-only content, sent only once more content follows
+    in_call: bool = False
+    calls: list[ToolCall] = field(default_factory=list)  # sent so far
+
+    def feed(self, text: str) -> tuple[str, list[Delta]]:
+        """(content, tool-call deltas) to send now for the next piece of the choice's text."""
+        if self.choice.mode == "named":
+            return "", self._arguments(text)
+        self.held += text
+        return ("", []) if self.choice.mode == "required" else self._auto()
+
+    def finish(self, reason: str) -> tuple[str, list[Delta], str]:
+        """What is left to send when the choice ends, and its finish_reason."""
+        if self.choice.mode == "named":
+            return "", [] if self.calls else self._arguments(""), reason
+        if self.choice.mode == "required":
+            content, calls = extract_calls(self.held, self.tools, self.choice) if reason != "length" else (
+                self.held, ())
+            return content or "", [_whole(i, c) for i, c in enumerate(calls)], "tool_calls" if calls else reason
+        left = (_OPEN if self.in_call else "") + self.held
+        content = self.blank + left if left.strip() else ""
+        return content, [], "tool_calls" if self.calls and reason == "stop" else reason
+
+    def _arguments(self, text: str) -> list[Delta]:
+        if self.calls:
+            return [{"index": 0, "function": {"arguments": text}}] if text else []
+        self.calls.append(_new_call(self.choice.name, ""))
+        return [_whole(0, ToolCall(self.calls[0].id, self.choice.name, text))]
+
+    def _auto(self) -> tuple[str, list[Delta]]:
+        content, deltas, names = "", [], {t.name for t in self.tools}
+        while True:
+            if self.in_call:
+                end = self.held.find(_CLOSE)
+                if end < 0:
+                    break
+                body, self.held, self.in_call = self.held[:end], self.held[end + len(_CLOSE):], False
+                call = _parse_call(body.strip(), names)
+                if call is None:
+                    content += self._content(_OPEN + body + _CLOSE)
+                else:
+                    deltas.append(_whole(len(self.calls), call))
+                    self.calls.append(call)
+                continue
+            start = self.held.find(_OPEN)
+            if start >= 0:
+                content += self._content(self.held[:start])
+                self.held, self.in_call = self.held[start + len(_OPEN):], True
+                continue
+            keep = next((n for n in range(min(len(_OPEN) - 1, len(self.held)), 0, -1)
+                         if _OPEN.startswith(self.held[-n:])), 0)
+            content += self._content(self.held[:len(self.held) - keep])
+            self.held = self.held[len(self.held) - keep:]
+            break
+        return content, deltas
+
+    def _content(self, text: str) -> str:
+        """text to send as content now: whitespace alone waits for more."""
+        if not text.strip():
+            self.blank += text
+            return ""
+        text, self.blank = self.blank + text, ""
+        return text
+
+
+def _whole(index: int, call: ToolCall) -> Delta:
+    return {"index": index, **call.json()}
