@@ -562,6 +562,16 @@ def test_n_samples_are_choices_of_one_response_with_one_prompt(gateway):
     assert (first.request_id[-2:], second.sampling.seed) == ("-0", ERROR_SEED)
     wait_until(lambda: first.request_id in gateway.fake.cancels, 5, "the surviving sample's cancel")
 
+    # gRPC: each message names its sample; each sample's last one has its finish and usage.
+    responses = gateway.generate(prompt="Say hi", max_tokens=3, n=3, seed=50, request_id="mine-n")
+    for index in range(3):
+        sample = [r for r in responses if r.index == index]
+        assert "".join(r.text for r in sample) == gateway.text(3) and sample[-1].usage.completion_tokens == 3
+        assert sample[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert {r.request_id for r in responses} == {"mine-n"} and {r.index for r in responses} == {0, 1, 2}
+    queued = [r for r in gateway.fake.received if r.sampling.seed in (50, 51, 52)]
+    assert sorted(r.sampling.seed for r in queued) == [50, 51, 52]
+
 
 @pytest.mark.timeout(30)
 def test_structured_output_fields_become_the_request_s_grammar(gateway):
@@ -861,7 +871,8 @@ def test_grpc_bad_input_is_invalid_argument(gateway):
            {"prompt": "x", "repetition_penalty": -1.0}, {"prompt": "x", "min_p": 2.0},
            {"prompt": "x", "top_logprobs": 2}, {"prompt": "x", "logprobs": True, "top_logprobs": 21},
            {"prompt": "x", "logit_bias": [pb.LogitBias(token_id=10**9, bias=1.0)]},
-           {"prompt": "x", "logit_bias": [pb.LogitBias(token_id=1, bias=float("nan"))]}]
+           {"prompt": "x", "logit_bias": [pb.LogitBias(token_id=1, bias=float("nan"))]},
+           {"prompt": "x", "n": 0}, {"prompt": "x", "n": 129}, {"prompt": "x", "n": 2, "prompt_logprobs": 1}]
 
     def send_all():
         for fields in bad:

@@ -52,8 +52,8 @@ class Services:
 
 
 class Frontend:
-    """Turns GenerationRequests into streams of Outputs:
-    `async with frontend.generate(request) as generation: async for output in generation: ...`"""
+    """Turns GenerationRequests into streams of Outputs, a stream per sample:
+    `async with frontend.generate_n(request) as generations: async for index, output in generations: ...`"""
 
     def __init__(self, config: GatewayConfig, services: Services) -> None:
         self.config, self.services = config, services
@@ -75,9 +75,6 @@ class Frontend:
     def max_model_len(self) -> int:
         """The workers' context limit, or the model config's until workers register."""
         return self.services.cluster.snapshot.max_model_len or self.model.config_max_model_len
-
-    def generate(self, request: GenerationRequest) -> Generation:
-        return Generation(self, request)
 
     def generate_n(self, request: GenerationRequest) -> Generations:
         """request.n samples: `async with ...: async for index, output in generations: ...`"""

@@ -42,11 +42,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             self._authorize(context)
             parsed = dataclasses.replace(request_from_proto(request), traceparent=grpc_traceparent(context))
-            async with self.frontend.generate(parsed) as generation:
+            async with self.frontend.generate_n(parsed) as generations:
                 # The client's own id, when it gave one, is what it hears back; ours stays inside.
-                name = parsed.client_request_id or generation.request_id
-                async for output in generation:
-                    yield response_from_output(name, output)
+                name = parsed.client_request_id or generations.request_id
+                async for index, output in generations:
+                    yield response_from_output(name, output, index)
         except ApiError as exc:
             await context.abort(exc.kind.grpc_code, exc.message)
         except GenerationError as exc:
@@ -85,7 +85,8 @@ def request_from_proto(msg: gpb.GenerateRequest) -> GenerationRequest:
                  if msg.HasField("grammar") else None),
     )
     return GenerationRequest(Api.GRPC, prompt_from_proto(msg), sampling, msg.model or None,
-                             client_request_id(msg.request_id), cache_salt_option(msg.cache_salt or None))
+                             client_request_id(msg.request_id), cache_salt_option(msg.cache_salt or None),
+                             n=msg.n if msg.HasField("n") else 1)
 
 
 
@@ -100,8 +101,9 @@ def prompt_from_proto(msg: gpb.GenerateRequest) -> Prompt:
     return TokenPrompt(tuple(msg.prompt_token_ids))
 
 
-def response_from_output(request_id: str, output: Output) -> gpb.GenerateResponse:
-    response = gpb.GenerateResponse(request_id=request_id, text=output.text, token_ids=output.token_ids)
+def response_from_output(request_id: str, output: Output, index: int = 0) -> gpb.GenerateResponse:
+    response = gpb.GenerateResponse(request_id=request_id, text=output.text, token_ids=output.token_ids,
+                                    index=index)
     if output.finish is not None:
         response.finish_reason = FINISH_TO_PROTO[output.finish]
     if output.usage is not None:
