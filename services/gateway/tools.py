@@ -197,6 +197,7 @@ class CallStream:
     held: str = ""  # required: everything; auto: a possible tag start, or an open block's body
     blank: str = ""  # auto: whitespace-only content, sent only once more content follows
     in_call: bool = False
+    searched: int = 0  # an open block's body holds no closing tag before this (each piece is scanned once)
     calls: list[ToolCall] = field(default_factory=list)  # sent so far
 
     def feed(self, text: str) -> tuple[str, list[Delta]]:
@@ -228,10 +229,11 @@ class CallStream:
         content, deltas, names = "", [], {t.name for t in self.tools}
         while True:
             if self.in_call:
-                end = self.held.find(_CLOSE)
+                end = self.held.find(_CLOSE, max(0, self.searched - len(_CLOSE) + 1))
                 if end < 0:
+                    self.searched = len(self.held)
                     break
-                body, self.held, self.in_call = self.held[:end], self.held[end + len(_CLOSE):], False
+                body, self.held, self.in_call, self.searched = self.held[:end], self.held[end + len(_CLOSE):], False, 0
                 call = _parse_call(body.strip(), names)
                 if call is None:
                     content += self._content(_OPEN + body + _CLOSE)
