@@ -184,7 +184,8 @@ def start_cluster(log_dir: Path, *extra: str, timeout_s: float = 180.0, tls: boo
         if "splitserve is ready." in cluster.output():
             return cluster
         if process.poll() is not None:
-            raise RuntimeError(f"splitserve up exited: {cluster.output()}\n{cluster.log_tail()}")
+            raise RuntimeError(f"splitserve up exited {process.returncode} (negative: killed by that signal): "
+                               f"{cluster.output()}\n{cluster.log_tail()}")
         if time.monotonic() > deadline:
             stop_cluster(cluster)
             raise RuntimeError(f"cluster not ready after {timeout_s} s\n{cluster.log_tail()}")
