@@ -12,13 +12,22 @@ import json
 import secrets
 import subprocess
 import sys
+import time
 import urllib.request
 
 import grpc
 import pytest
+from conftest import start_cluster, stop_cluster
 from otlp import CollectedSpan
 
-from splitserve.common.tracing import NO_TRACER, add_tracing_args, parse_traceparent, tracer_from
+from splitserve.common.net import free_port
+from splitserve.common.tracing import (
+    NO_TRACER,
+    SHUTDOWN_WAIT_S,
+    add_tracing_args,
+    parse_traceparent,
+    tracer_from,
+)
 from splitserve.v1 import gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.timeout(180)
@@ -160,3 +169,21 @@ def test_tracing_off_loads_nothing():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_collector_that_is_down_costs_the_cluster_nothing(tmp_path):
+    """Spans to an endpoint nobody listens on are retried and dropped on the exporters' threads:
+    requests are served, and every service still stops at once on SIGTERM (its last spans get
+    SHUTDOWN_WAIT_S at most)."""
+    cluster = start_cluster(tmp_path / "logs", "--mode", "colocated", "--threads-per-worker", "1",
+                            "--otlp-endpoint", f"http://127.0.0.1:{free_port()}")
+    try:
+        for _ in range(3):
+            body = complete(cluster.http_url, {}, max_tokens=4)
+            assert body["usage"]["completion_tokens"] == 4
+    finally:
+        started = time.monotonic()
+        code = stop_cluster(cluster)
+    stop_s = time.monotonic() - started
+    assert code == 0, cluster.log_tail()
+    assert stop_s < 30 + SHUTDOWN_WAIT_S

@@ -36,7 +36,7 @@ ENDPOINT_ENVS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPO
 # version 00: 32 hex trace id, 16 hex span id, 2 hex flags; all-zero ids are invalid
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _TRACEPARENT_CHARS = 55
-SHUTDOWN_WAIT_S = 5.0  # what an exiting service gives its last spans to reach the collector
+SHUTDOWN_WAIT_S = 2.0  # what an exiting service gives its last spans to reach the collector (ms when it is up)
 
 AttributeValue = str | float  # OpenTelemetry attribute values: strings, numbers (ints and bools count)
 
