@@ -125,6 +125,15 @@ class RunningCluster:
     def workers(self) -> list[scheduler_pb2.WorkerState]:
         return list(self.state().workers)
 
+    def wait_workers(self, count: int, timeout_s: float = 60.0) -> list[scheduler_pb2.WorkerState]:
+        """The workers once count of them registered: up is ready once the gateway is, which needs
+        only some of them."""
+        deadline = time.monotonic() + timeout_s
+        while len(workers := self.workers()) < count:
+            assert time.monotonic() < deadline, f"{len(workers)} of {count} workers\n{self.log_tail()}"
+            time.sleep(0.2)
+        return workers
+
     def as_scheduler(self) -> tuple[tuple[str, str], ...]:
         """Metadata for a test's Submit or Abort to a worker, as the leading scheduler's (its epoch)."""
         return (*self.metadata, ("x-splitserve-epoch", str(self.state().epoch)))
@@ -184,8 +193,8 @@ def start_cluster(log_dir: Path, *extra: str, timeout_s: float = 180.0, tls: boo
         if "splitserve is ready." in cluster.output():
             return cluster
         if process.poll() is not None:
-            raise RuntimeError(f"splitserve up exited {process.returncode} (negative: killed by that signal): "
-                               f"{cluster.output()}\n{cluster.log_tail()}")
+            raise RuntimeError(f"splitserve up exited {process.returncode} (negative: the signal that "
+                               f"killed it): {cluster.output()}\n{cluster.log_tail()}")
         if time.monotonic() > deadline:
             stop_cluster(cluster)
             raise RuntimeError(f"cluster not ready after {timeout_s} s\n{cluster.log_tail()}")

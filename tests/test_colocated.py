@@ -41,6 +41,7 @@ def mode_cluster(request, tmp_path_factory, otlp_collector):
     # One torch thread, as the in-process reference below: the same arithmetic, the same tokens.
     cluster = start_cluster(tmp_path_factory.mktemp(mode), "--mode", mode, "--threads-per-worker", "1",
                             "--otlp-endpoint", otlp_collector.endpoint, *MODES[mode])
+    cluster.wait_workers(2 if mode == "chunked" else 1)  # the tests count them, and route between them
     yield mode, cluster
     code = stop_cluster(cluster)
     assert code == 0, f"splitserve up exited {code} on SIGTERM\n{cluster.log_tail()}"
@@ -60,8 +61,8 @@ def _reference(model, mode: str, prompts: list[list[int]], max_tokens: int) -> l
 
 def test_colocated_workers_serve_whole_requests_equal_to_the_engine(mode_cluster, model_bf16):
     mode, cluster = mode_cluster
-    workers = cluster.workers()
-    assert [w.worker.role for w in workers] == [spb.WORKER_ROLE_COLOCATED] * (2 if mode == "chunked" else 1)
+    roles = [w.worker.role for w in cluster.workers()]
+    assert roles == [spb.WORKER_ROLE_COLOCATED] * (2 if mode == "chunked" else 1)
     prompts = make_prompts(model_bf16.tokenizer, [7, 60, 333])  # 333 tokens: six chunks of 64
     for prompt, expected in zip(prompts, _reference(model_bf16, mode, prompts, 24)):
         tokens, last = _generate_ids(cluster.grpc_address, prompt, len(expected))
