@@ -17,7 +17,7 @@ from .schema import (
     TokenLogprob,
     Usage,
 )
-from .tools import CallStream, Tool, ToolCall, ToolChoice, extract_calls
+from .tools import CallStream, Tool, ToolChoice, final_calls
 
 DONE = b"data: [DONE]\n\n"
 
@@ -177,14 +177,6 @@ class ChatRenderer(Renderer):
         delta = {**({"content": content} if content else {}), **({"tool_calls": calls} if calls else {})}
         return self._chunk({"index": index, "delta": delta, "logprobs": None, "finish_reason": finish})
 
-    def _calls(self, text: str, finish: str) -> tuple[str | None, tuple[ToolCall, ...], str]:
-        """(content, tool calls, finish_reason) of a choice's whole text; a choice cut short by
-        max_tokens keeps its text as content."""
-        content, calls = extract_calls(text, self.tools, self.tool_choice)
-        if finish == "length" and self.tool_choice.mode != "named":
-            return text, (), finish
-        return content, calls, "tool_calls" if calls and self.tool_choice.mode != "named" else finish
-
     def opening_chunks(self, n: int = 1) -> list[dict[str, Any]]:
         """OpenAI's first chunk of each choice announces the role with empty content."""
         return [self._chunk({"index": i, "delta": {"role": "assistant", "content": ""},
@@ -208,7 +200,8 @@ class ChatRenderer(Renderer):
         record = super()._choice_json(index, choice)
         if not self.calls_tools or record["finish_reason"] is None:
             return record
-        content, calls, finish = self._calls(record["message"]["content"], record["finish_reason"])
+        content, calls, finish = final_calls(record["message"]["content"], self.tools, self.tool_choice,
+                                             record["finish_reason"])
         message = {"role": "assistant", "content": content}
         if calls:
             message["tool_calls"] = [c.json() for c in calls]

@@ -164,6 +164,17 @@ def extract_calls(text: str, tools: tuple[Tool, ...],
     return content or None, tuple(calls)
 
 
+def final_calls(text: str, tools: tuple[Tool, ...], choice: ToolChoice,
+                finish: str) -> tuple[str | None, tuple[ToolCall, ...], str]:
+    """(content, tool calls, finish_reason) of a choice's whole text: a choice cut short by
+    max_tokens keeps its text as content (a named call's arguments stay its call), and one that made
+    calls finishes with "tool_calls" (a named one with its own reason, as OpenAI)."""
+    if finish == "length" and choice.mode != "named":
+        return text, (), finish
+    content, calls = extract_calls(text, tools, choice)
+    return content, calls, "tool_calls" if calls and choice.mode != "named" else finish
+
+
 def _parse_call(body: str, names: set[str]) -> ToolCall | None:
     """The call a <tool_call> block's JSON makes; None for broken JSON or an unknown function."""
     try:
@@ -212,9 +223,8 @@ class CallStream:
         if self.choice.mode == "named":
             return "", [] if self.calls else self._arguments(""), reason
         if self.choice.mode == "required":
-            content, calls = extract_calls(self.held, self.tools, self.choice) if reason != "length" else (
-                self.held, ())
-            return content or "", [_whole(i, c) for i, c in enumerate(calls)], "tool_calls" if calls else reason
+            content, calls, reason = final_calls(self.held, self.tools, self.choice, reason)
+            return content or "", [_whole(i, c) for i, c in enumerate(calls)], reason
         left = (_OPEN if self.in_call else "") + self.held
         content = self.blank + left if left.strip() else ""
         return content, [], "tool_calls" if self.calls and reason == "stop" else reason
