@@ -75,6 +75,31 @@ def test_chunked_prefill_matches_transformers_token_for_token(model_fp32, prompt
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
+def test_layered_prefill_matches_transformers_token_for_token(model_fp32, prompts, hf_greedy):
+    """Prompts arrive while others decode; their passes run a layer part per step, decode steps between."""
+    engine = LLMEngine(EngineConfig(dtype="float32", token_budget=4096, kv_cache_bytes=256 << 20,
+                                    prefill_slice_ms=1e-6), loaded=model_fp32)  # one layer part per slice
+    outputs: dict[str, list[int]] = {}
+    kinds: list[str] = []
+    arrivals = list(enumerate(prompts))
+    step = 0
+    while arrivals or engine.has_work:
+        if arrivals and step % 8 == 0:
+            i, p = arrivals.pop(0)
+            engine.add_request(f"r{i}", p, greedy(NEW_TOKENS))
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out.token_id)
+        kinds.append(engine.last_step.kind if engine.last_step else "")
+        step += 1
+    assert [outputs[f"r{i}"] for i in range(len(prompts))] == hf_greedy
+    # Slices alternate with decode steps: a slice is followed by a decode step while any decodes.
+    pairs = list(zip(kinds, kinds[1:]))
+    assert pairs.count(("prefill_slice", "decode")) >= model_fp32.spec.num_layers
+    assert ("prefill_slice", "prefill_slice") not in pairs[:model_fp32.spec.num_layers]
+    assert kinds.count("prefill") == 1  # the first prompt: nothing decoded yet, so it ran whole
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
 def test_prefill_logits_match_transformers(model_fp32, hf_fp32, prompts):
     engine = LLMEngine(EngineConfig(dtype="float32", kv_cache_bytes=256 << 20), loaded=model_fp32)
     seqs = [Sequence(f"p{i}", p, SamplingParams()) for i, p in enumerate(prompts[:4])]

@@ -39,9 +39,10 @@ def test_steps_land_in_their_series_and_bucket():
     stats.record("decode", 4, 4, 7.0, 6.0)  # past the last bound: the open bucket
     stats.record("prefill", 2, 512, 0.4, 0.38)
     stats.record("mixed", 3, 70, 0.05, 0.05)
+    stats.record("prefill_slice", 1, 0, 0.03, 0.03)
     by_key = {(h.kind, h.batch_min): h for h in stats.to_proto()}
     assert sorted(by_key) == [(pb.STEP_KIND_PREFILL, 2), (pb.STEP_KIND_DECODE, 1), (pb.STEP_KIND_DECODE, 3),
-                              (pb.STEP_KIND_MIXED, 3)]
+                              (pb.STEP_KIND_MIXED, 3), (pb.STEP_KIND_PREFILL_SLICE, 1)]
     one = by_key[(pb.STEP_KIND_DECODE, 1)]
     assert list(one.counts).index(1) == STEP_BUCKETS.index(0.0125)
     assert one.counts[STEP_BUCKETS.index(0.015)] == 1 and sum(one.counts) == 2
@@ -122,6 +123,17 @@ def test_the_engine_records_what_each_step_ran(model_bf16):
         chunked.step()
         kinds.append((chunked.last_step.kind, chunked.last_step.num_tokens))
     assert kinds == [("mixed", 16), ("mixed", 16), ("mixed", 8), ("decode", 1)]
+    layered = LLMEngine(EngineConfig(kv_cache_bytes=64 << 20, prefill_slice_ms=1e-6), loaded=model_bf16)
+    layered.add_request("d", list(range(100, 110)), SamplingParams(max_new_tokens=4, ignore_eos=True))
+    layered.step()  # d prefilled whole (nothing decoding): it decodes from now on
+    layered.add_request("e", list(range(300, 340)), SamplingParams(max_new_tokens=1, ignore_eos=True))
+    kinds = []
+    while layered.has_work:
+        layered.step()
+        kinds.append((layered.last_step.kind, layered.last_step.num_seqs, layered.last_step.num_tokens))
+    # e's pass a layer per slice between d's three decode steps, then the rest at once; its
+    # tokens count on the slice that ends it
+    assert kinds == [("prefill_slice", 1, 0), ("decode", 1, 1)] * 3 + [("prefill_slice", 1, 40)]
 
 
 # Run in a fresh process: the test process's own threads have run torch already.

@@ -28,6 +28,15 @@ def positive_float(text: str) -> float:
     return value
 
 
+def slice_ms(text: str) -> float:
+    from splitserve.engine.config import MAX_PREFILL_SLICE_MS
+
+    value = positive_float(text)
+    if value > MAX_PREFILL_SLICE_MS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_PREFILL_SLICE_MS:g} ms")
+    return value
+
+
 def cpu_list(text: str) -> list[int]:
     """'0-3,6' -> [0, 1, 2, 3, 6] (the taskset / cgroups cpuset notation)."""
     cpus: list[int] = []
@@ -72,6 +81,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="colocated engines: chunked prefill, prompt chunks fill each step up to this many "
                         "tokens, running decodes included (each still gets its token) (Sarathi-Serve); "
                         "default: off, a new prompt runs whole first")
+    g.add_argument("--prefill-slice-ms", type=slice_ms, default=None,
+                   help="colocated engines: layered prefill, a prompt batch that arrives while others decode "
+                        "runs its pass a slice of layer parts (a layer's attention, or its MLP) at a time, "
+                        "those expected to end within this many milliseconds (one part at least), with a "
+                        "decode step between slices; default: off, its pass runs whole first")
     g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="recompute every prompt from scratch (default: full prompt blocks stay cached and "
                         "a prompt that starts with cached blocks computes only the rest)")
@@ -91,6 +105,7 @@ def engine_config_from_args(args: argparse.Namespace, role: EngineRole | None = 
         max_model_len=args.max_model_len,
         role=role or EngineRole.COLOCATED,
         chunk_size=getattr(args, "chunk_size", None),
+        prefill_slice_ms=getattr(args, "prefill_slice_ms", None),
         enable_prefix_caching=args.prefix_caching,
     )
 

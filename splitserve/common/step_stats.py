@@ -20,7 +20,8 @@ STEP_BUCKETS = (0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0
                 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
 # The smallest batch of each batch class: 1, 2, 3-4, 5-8, ..., 129 and more.
 BATCH_CLASSES = (1, 2, 3, 5, 9, 17, 33, 65, 129)
-KINDS = {"prefill": pb.STEP_KIND_PREFILL, "decode": pb.STEP_KIND_DECODE, "mixed": pb.STEP_KIND_MIXED}
+KINDS = {"prefill": pb.STEP_KIND_PREFILL, "decode": pb.STEP_KIND_DECODE, "mixed": pb.STEP_KIND_MIXED,
+         "prefill_slice": pb.STEP_KIND_PREFILL_SLICE}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
 
 

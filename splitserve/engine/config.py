@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+MAX_PREFILL_SLICE_MS = 60_000.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -32,6 +33,11 @@ class EngineConfig:
     # Chunked prefill (colocated only): every step carries the running decodes plus prompt chunks,
     # at most chunk_size tokens in all. None: a waiting prompt runs whole first, stalling decodes.
     chunk_size: int | None = None
+    # Layered prefill (colocated only): while sequences are decoding, a prompt batch's forward pass
+    # runs a slice of layer parts (a layer's attention, or its MLP) per step, those expected to end
+    # within this many milliseconds (one part at least), with a decode step between slices. None: the
+    # pass runs whole, stalling the decodes for all of it.
+    prefill_slice_ms: float | None = None
     # Automatic prefix caching: full prompt blocks stay cached after their request ends, and a
     # prompt starting with cached blocks computes only the rest. Decode engines cache nothing.
     enable_prefix_caching: bool = True
@@ -47,6 +53,11 @@ class EngineConfig:
                 raise ValueError("chunk_size must be >= 1")
             if self.role is not EngineRole.COLOCATED:
                 raise ValueError("chunked prefill is for a colocated engine (it mixes prefill and decode)")
+        if self.prefill_slice_ms is not None:
+            if not 0 < self.prefill_slice_ms <= MAX_PREFILL_SLICE_MS:
+                raise ValueError(f"prefill_slice_ms must be in (0, {MAX_PREFILL_SLICE_MS:g}]")
+            if self.role is not EngineRole.COLOCATED or self.chunk_size is not None:
+                raise ValueError("layered prefill is for a colocated engine without chunked prefill")
         try:
             device = torch.device(self.device)
         except RuntimeError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -30,7 +30,7 @@ from splitserve.engine.request import (
     StepOutput,
     TokenLogprobs,
 )
-from splitserve.engine.runner import ModelRunner
+from splitserve.engine.runner import LayeredPass, ModelRunner
 from splitserve.engine.sampler import plain_greedy_tokens, sample_one, token_logprobs
 from splitserve.engine.scheduler import Scheduler, SchedulerConfig
 from splitserve.engine.structured import GrammarBackend
@@ -63,6 +63,16 @@ class StepShape:
     kind: str
     num_seqs: int
     num_tokens: int
+
+
+@dataclass
+class _LayeredPrefill:
+    """A prompt batch whose forward pass runs a few layer parts per step (config.prefill_slice_ms)."""
+
+    batch: list[Sequence]
+    run: LayeredPass
+    aborted: list[Sequence] = field(default_factory=list)  # their blocks are freed when the pass ends
+    decodes_next: bool = False  # a slice ran last: the running sequences step next
 
 
 class LLMEngine:
@@ -100,6 +110,7 @@ class LLMEngine:
         self._generator = torch.Generator()
         self._generate_ids = itertools.count()
         self.last_step: StepShape | None = None  # what the latest step ran; None when it ran nothing
+        self._layered: _LayeredPrefill | None = None  # the prompt batch part-way through its layers
 
     @property
     def tokenizer(self):
@@ -171,6 +182,11 @@ class LLMEngine:
         seq = self.sequences.get(request_id)
         if seq is None:
             return
+        if self._layered is not None and seq in self._layered.batch:
+            # Its pass still writes into its blocks: they are freed when the pass ends.
+            if seq not in self._layered.aborted:
+                self._layered.aborted.append(seq)
+            return
         self.scheduler.remove(seq)
         seq.finish_reason = FinishReason.ABORT
         self._retire(seq, RequestState.ABORTED)
@@ -197,7 +213,7 @@ class LLMEngine:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work  # a layered prefill's batch is in scheduler.prefilling
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -206,7 +222,9 @@ class LLMEngine:
         """One forward pass: a prefill batch if any request waits (vLLM's order), else a decode step.
 
         In the DECODE role the queue holds only preempted requests, recomputed here from their tokens.
-        With chunked prefill, every step is a mixed step instead.
+        With chunked prefill, every step is a mixed step instead. With layered prefill
+        (prefill_slice_ms), a prompt batch that arrives while sequences decode runs a slice of its
+        layer parts per step, the slices alternating with decode steps.
 
         A request's failure is its own: when a forward pass over several sequences raises, each is
         run again alone and only those that raise alone too fail (FinishReason.ERROR, blocks freed);
@@ -224,10 +242,65 @@ class LLMEngine:
     def _schedule_and_run(self) -> list[StepOutput]:
         if self.config.chunk_size is not None:
             return self._mixed_step()
+        if self._layered is not None:
+            if self._layered.decodes_next and self.scheduler.running:
+                self._layered.decodes_next = False
+                return self._decode_step()
+            return self._prefill_slice(self._layered)
         batch = self.scheduler.schedule_prefill()
+        if batch and self.config.prefill_slice_ms is not None and self.scheduler.running:
+            return self._start_layered(batch)
         if batch:
             return self._run_prefill(batch)
         return self._decode_step()
+
+    def _start_layered(self, batch: list[Sequence]) -> list[StepOutput]:
+        """Layered prefill: the batch's pass runs a slice of its layers now and the rest in later
+        steps, each after a decode step of the running sequences."""
+        try:
+            run = self.runner.layered(batch, self._tables(batch))
+        except Exception:  # building the inputs failed: the whole pass isolates the culprit
+            return self._run_prefill(batch)
+        self._layered = _LayeredPrefill(batch, run)
+        self.scheduler.prefilling.extend(batch)
+        return self._prefill_slice(self._layered)
+
+    def _prefill_slice(self, layered: _LayeredPrefill) -> list[StepOutput]:
+        """The pass's next layer parts, those that fit prefill_slice_ms (all that are left once
+        nothing decodes).
+
+        Aborted sequences of the batch keep their blocks until the pass has ended. When a slice
+        raises, the batch's live sequences run again as one whole prefill, whose failures are
+        isolated to their culprits as in any step (the KV slots written so far are rewritten)."""
+        live = [s for s in layered.batch if s not in layered.aborted]
+        if not live:  # every request of the pass was aborted: nothing to finish it for
+            self._end_layered(layered)
+            return []
+        tokens = sum(s.num_tokens - s.num_computed_tokens for s in live)
+        slice_s = self.config.prefill_slice_ms / 1000 if self.scheduler.running else float("inf")
+        try:
+            done = layered.run.advance(time.perf_counter() + slice_s)
+            logits = layered.run.logits() if done else None
+        except Exception as exc:
+            log.warning("a layered prefill slice failed; its batch runs again whole", error=repr(exc))
+            self._end_layered(layered)
+            return self._run_prefill(live)
+        self.last_step = StepShape("prefill_slice", len(live), tokens if done else 0)
+        if not done:
+            layered.decodes_next = True
+            return []
+        self._end_layered(layered)
+        if layered.aborted:
+            logits = logits[[i for i, s in enumerate(layered.batch) if s not in layered.aborted]]
+        return self._prefilled(live, logits, [])
+
+    def _end_layered(self, layered: _LayeredPrefill) -> None:
+        self._layered = None
+        for seq in layered.batch:
+            self.scheduler.prefilling.remove(seq)
+        for seq in layered.aborted:
+            seq.finish_reason = FinishReason.ABORT
+            self._retire(seq, RequestState.ABORTED)
 
     def _forward(self, seqs: list[Sequence],
                  run: Forward) -> tuple[list[Sequence], torch.Tensor, list[StepOutput]]:
@@ -334,6 +407,11 @@ class LLMEngine:
                                    sum(s.num_tokens - s.num_computed_tokens for s in batch))
         batch, logits, failed = self._forward(
             batch, lambda seqs: self.runner.prefill(seqs, self._tables(seqs)))
+        return self._prefilled(batch, logits, failed)
+
+    def _prefilled(self, batch: list[Sequence], logits: torch.Tensor,
+                   failed: list[StepOutput]) -> list[StepOutput]:
+        """After a prefill pass over batch: its blocks cached, its first tokens sampled."""
         for seq in batch:
             seq.num_computed_tokens = seq.num_tokens
             self._cache_computed(seq)

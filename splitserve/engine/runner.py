@@ -4,17 +4,57 @@ for a request that asks, its prompt tokens' log probabilities)."""
 from __future__ import annotations
 
 import itertools
+import time
+from dataclasses import dataclass
 
 import torch
 
 from splitserve.engine.attention import AttentionBatch, PromptChunk
 from splitserve.engine.kv_cache import KVCache
-from splitserve.engine.models.llama import LlamaModel
+from splitserve.engine.models.llama import LayerState, LlamaModel
 from splitserve.engine.request import Sequence
 from splitserve.engine.sampler import rows_logprobs
 
 # Prompt rows projected to logits at once for prompt_logprobs: 256 x a 150k vocabulary is 150 MB.
 PROMPT_LOGITS_ROWS = 256
+
+
+@dataclass
+class PassInputs:
+    """One forward pass's tensors, and which hidden rows become logits and prompt scores."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    batch: AttentionBatch
+    last_rows: list[int]  # rows whose logits are sampled: each prompt's last token, then each decode
+    scored: list[tuple[Sequence, int, int, int]]  # (sequence, first row, first position, rows)
+
+
+class LayeredPass:
+    """A prefill's forward pass that runs a few layer parts per call (layered prefill): between
+    calls the engine runs decode steps, which touch none of this pass's KV blocks."""
+
+    def __init__(self, runner: ModelRunner, inputs: PassInputs, state: LayerState) -> None:
+        self.runner, self.inputs, self.state = runner, inputs, state
+        self._part_s = [0.0, 0.0]  # the latest attention part's and MLP part's seconds
+
+    @torch.inference_mode()
+    def advance(self, until: float) -> bool:
+        """Run layer parts (a layer's attention, or its MLP) while the next one is expected to end
+        by time.perf_counter() until (one part at least); True once all have run."""
+        model, state = self.runner.model, self.state
+        while True:
+            started = time.perf_counter()
+            done = model.run_parts(state, 1, self.inputs.batch, self.runner.cache)
+            now = time.perf_counter()
+            self._part_s[(state.next_part - 1) % 2] = now - started
+            if done or now + self._part_s[state.next_part % 2] > until:
+                return done
+
+    @torch.inference_mode()
+    def logits(self) -> torch.Tensor:
+        """After the last part: the logits of each prompt's last token (and prompt scores)."""
+        return self.runner._mixed_outputs(self.inputs, self.state.normed)
 
 
 class ModelRunner:
@@ -78,6 +118,21 @@ class ModelRunner:
 
         Returns logits ``[rows, vocab]`` for each chunk that ends its prompt, then for each decode.
         """
+        inputs = self._mixed_inputs(chunks, decodes, chunk_tables, decode_tables)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.batch, self.cache)
+        return self._mixed_outputs(inputs, hidden)
+
+    def layered(self, seqs: list[Sequence], block_tables: list[list[int]]) -> LayeredPass:
+        """A prefill of seqs (every uncached prompt token, as prefill() runs them) to run a few
+        layers at a time: the same arithmetic as prefill(), so the same logits."""
+        chunks = [(seq, seq.num_tokens - seq.num_computed_tokens) for seq in seqs]
+        inputs = self._mixed_inputs(chunks, [], block_tables, [])
+        with torch.inference_mode():
+            state = self.model.embed(inputs.input_ids, inputs.positions)
+        return LayeredPass(self, inputs, state)
+
+    def _mixed_inputs(self, chunks: list[tuple[Sequence, int]], decodes: list[Sequence],
+                      chunk_tables: list[list[int]], decode_tables: list[list[int]]) -> PassInputs:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -105,11 +160,13 @@ class ModelRunner:
             slots += [self._slot(t, p) for t, p in zip(decode_tables, decode_positions)]
             positions += decode_positions
         batch.slot_mapping = self._tensor(slots)
-        hidden = self.model(self._tensor(input_ids), self._tensor(positions), batch, self.cache)
+        return PassInputs(self._tensor(input_ids), self._tensor(positions), batch, last_rows, scored)
+
+    def _mixed_outputs(self, inputs: PassInputs, hidden: torch.Tensor) -> torch.Tensor:
         logits = torch.empty(0, self.model.spec.vocab_size)  # only a middle chunk ran: nothing to sample
-        if last_rows:
-            logits = self.model.logits(hidden.index_select(0, self._tensor(last_rows))).float().cpu()
-        for seq, row, start, n in scored:
+        if inputs.last_rows:
+            logits = self.model.logits(hidden.index_select(0, self._tensor(inputs.last_rows))).float().cpu()
+        for seq, row, start, n in inputs.scored:
             self._score_prompt(seq, hidden, row, start, n)
         return logits
 

@@ -27,6 +27,7 @@ class StepKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STEP_KIND_PREFILL: _ClassVar[StepKind]
     STEP_KIND_DECODE: _ClassVar[StepKind]
     STEP_KIND_MIXED: _ClassVar[StepKind]
+    STEP_KIND_PREFILL_SLICE: _ClassVar[StepKind]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -39,6 +40,7 @@ STEP_KIND_UNSPECIFIED: StepKind
 STEP_KIND_PREFILL: StepKind
 STEP_KIND_DECODE: StepKind
 STEP_KIND_MIXED: StepKind
+STEP_KIND_PREFILL_SLICE: StepKind
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "seed", "max_tokens", "min_tokens", "ignore_eos", "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "logit_bias", "logprobs", "top_logprobs", "prompt_logprobs", "top_prompt_logprobs", "grammar")

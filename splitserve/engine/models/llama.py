@@ -184,9 +184,28 @@ class DecoderLayer(nn.Module):
     def forward(self, residual, normed, cos_sin, kv, batch: AttentionBatch, next_norm: RMSNorm):
         """Takes the residual stream and its input-normed copy; returns both for the next layer
         (the residual add is fused with the next norm: next_norm is the next layer's input norm)."""
+        residual, normed = self.attention_part(residual, normed, cos_sin, kv, batch)
+        return self.mlp_part(residual, normed, next_norm)
+
+    def attention_part(self, residual, normed, cos_sin, kv, batch: AttentionBatch):
+        """The layer's first half: attention and its residual add, normed for the MLP."""
         attn = self.self_attn(normed, cos_sin, kv, batch)
-        residual, normed = self.ops.add_rmsnorm(residual, attn, self.post_attention_layernorm)
+        return self.ops.add_rmsnorm(residual, attn, self.post_attention_layernorm)
+
+    def mlp_part(self, residual, normed, next_norm: RMSNorm):
+        """The layer's second half: the MLP and its residual add, normed for the next layer."""
         return self.ops.add_rmsnorm(residual, self.mlp(normed), next_norm)
+
+
+@dataclass
+class LayerState:
+    """A forward pass between two layer parts (each layer's attention, then its MLP): the residual
+    stream, its normed copy and the next part to run. A layered prefill keeps one across steps."""
+
+    cos_sin: tuple[torch.Tensor, torch.Tensor]
+    residual: torch.Tensor
+    normed: torch.Tensor
+    next_part: int = 0  # layer i's attention is part 2i, its MLP part 2i + 1
 
 
 class LlamaModel(nn.Module):
@@ -218,12 +237,35 @@ class LlamaModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, cache: KVCache
     ) -> torch.Tensor:
+        state = self.embed(input_ids, positions)
+        self.run_parts(state, self.num_parts, batch, cache)
+        return state.normed
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> LayerState:
+        """The pass's state before layer 0: forward() is embed() and then every layer."""
         cos_sin = (self.rope_cos[positions], self.rope_sin[positions])
         residual, normed = self.ops.add_rmsnorm(self.embed_tokens(input_ids), None, self.layers[0].input_layernorm)
-        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
-        for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
-            residual, normed = layer(residual, normed, cos_sin, cache.layer(i), batch, next_norm)
-        return normed
+        return LayerState(cos_sin, residual, normed)
+
+    @property
+    def num_parts(self) -> int:
+        return 2 * len(self.layers)
+
+    def run_parts(self, state: LayerState, count: int, batch: AttentionBatch, cache: KVCache) -> bool:
+        """Run the next count layer parts (fewer at the end) of a pass; True once the last has run,
+        when state.normed holds the final hidden states (the last MLP applies the final norm)."""
+        stop = min(state.next_part + count, self.num_parts)
+        for part in range(state.next_part, stop):
+            i, mlp = divmod(part, 2)
+            layer = self.layers[i]
+            if mlp:
+                next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+                state.residual, state.normed = layer.mlp_part(state.residual, state.normed, next_norm)
+            else:
+                state.residual, state.normed = layer.attention_part(
+                    state.residual, state.normed, state.cos_sin, cache.layer(i), batch)
+        state.next_part = stop
+        return stop == self.num_parts
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.ops.linear(hidden, self.lm_head)
