@@ -40,6 +40,13 @@ def test_a_colocated_worker_gets_the_cores_the_disaggregated_workers_share(tmp_p
     assert _config(tmp_path, "--mode", "chunked", "--chunk-size", "64").chunk_size == 64
     with pytest.raises(ValueError, match="chunked"):
         _config(tmp_path, "--chunk-size", "64")
+    layered = _config(tmp_path, "--cpus", "0-1", "--mode", "layered")
+    assert layered.worker_names == ["colocated-0"] and layered.prefill_slice_ms == 30.0
+    assert layered.chunk_size is None and colocated.prefill_slice_ms is None
+    assert "layered prefill, slices of 30 ms" in layered.describe()
+    assert _config(tmp_path, "--mode", "layered", "--prefill-slice-ms", "12.5").prefill_slice_ms == 12.5
+    with pytest.raises(ValueError, match="--mode layered"):
+        _config(tmp_path, "--mode", "colocated", "--prefill-slice-ms", "20")
 
 
 def test_a_worker_pins_itself_to_its_cores():
@@ -69,7 +76,7 @@ def test_mode_auto_starts_the_placement_the_planner_predicts_best(tmp_path, caps
     assert "for w2 at TTFT <= 4.474 s, TPOT <= 0.0919 s, 90% attainment" in line and line == choice.describe()
     placement, candidate = choice.placement, choice.best.candidate
     assert choice.best.max_rate == max(choice.per_mode.values()) > 0
-    assert set(choice.per_mode) == {"disaggregated", "colocated", "chunked"}
+    assert set(choice.per_mode) == {"disaggregated", "colocated", "chunked", "layered"}
     if placement.mode.value == "disaggregated":
         assert (config.num_prefill, config.num_decode, config.num_colocated) == (placement.num_prefill,
                                                                                 placement.num_decode, 0)
@@ -78,6 +85,7 @@ def test_mode_auto_starts_the_placement_the_planner_predicts_best(tmp_path, caps
     else:
         assert (config.num_colocated, config.num_prefill) == (placement.num_prefill, 0)
         assert (config.chunk_size is not None) == (placement.mode.value == "chunked")
+        assert (config.prefill_slice_ms is not None) == (placement.mode.value == "layered")
     engine = config.engine_argv
     assert engine[engine.index("--token-budget") + 1] == str(candidate.token_budget)
     assert engine[engine.index("--max-num-seqs") + 1] == str(candidate.max_num_seqs)

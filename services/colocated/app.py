@@ -44,7 +44,8 @@ async def _serve(config: WorkerConfig, tracer: Tracer) -> int:
     await grpc_server.start()
     await health.set("", SERVING)
     log.info("colocated worker ready", grpc=address, num_blocks=engine.blocks.num_blocks,
-             token_budget=config.engine.token_budget, chunk_size=config.engine.chunk_size)
+             token_budget=config.engine.token_budget, chunk_size=config.engine.chunk_size,
+             prefill_slice_ms=config.engine.prefill_slice_ms)
 
     tasks = [link.run(), server.replies.run()]
     shutdown = worker_shutdown(health, grpc_server, server, link, config.drain_timeout_s)

@@ -1,6 +1,6 @@
 """`splitserve up`: a whole local cluster (Redis, scheduler, prefill and decode servers, gateway).
 
-`--mode colocated` (and `chunked`) starts colocated workers instead of prefill and decode servers:
+`--mode colocated` (and `chunked`, `layered`) starts colocated workers instead of prefill and decode servers:
 the baseline behind the same gateway, scheduler and stream. `--mode auto` starts the placement the
 planner predicts serves the most goodput for the SLOs and workload given (auto.py). Workers get
 their own CPU cores: the cores in --cpus (default: all this process may use) are split evenly
@@ -64,9 +64,10 @@ from . import adapt
 
 ENGINE_FLAGS = ("model", "dtype", "device", "block_size", "kv_cache_gb", "token_budget", "max_num_seqs",
                 "max_model_len")
-MODES = ("disaggregated", "colocated", "chunked", "auto")
+MODES = ("disaggregated", "colocated", "chunked", "layered", "auto")
 WORKER_ROLES = ("prefill", "decode", "colocated")
 DEFAULT_CHUNK_SIZE = 256  # measured: 128-token chunks cost ~40% more prefill time here, 256 ~5%
+DEFAULT_PREFILL_SLICE_MS = 30.0  # layered prefill: a decode step every ~30 ms of a prompt's pass
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class ClusterConfig:
     api_key: str | None = None
     num_colocated: int = 0
     chunk_size: int | None = None  # colocated workers: chunked prefill
+    prefill_slice_ms: float | None = None  # colocated workers: layered prefill
     # CPU cores of each worker, in the order of worker_names; pinned unless pin is False.
     worker_cpus: tuple[tuple[int, ...], ...] = ()
     pin: bool = True
@@ -118,7 +120,9 @@ class ClusterConfig:
 
     def describe(self) -> str:
         if self.num_colocated:
-            how = f"chunked prefill, chunks of {self.chunk_size} tokens" if self.chunk_size else "prefill first"
+            how = (f"chunked prefill, chunks of {self.chunk_size} tokens" if self.chunk_size
+                   else f"layered prefill, slices of {self.prefill_slice_ms:g} ms" if self.prefill_slice_ms
+                   else "prefill first")
             return f"{self.num_colocated} colocated worker(s) ({how})"
         return f"{self.num_prefill} prefill + {self.num_decode} decode servers"
 
@@ -127,8 +131,9 @@ def _plan_placement(args: argparse.Namespace) -> None:
     """--mode auto: plan on the launcher's cores, say what was chosen, and set the flags to it."""
     from . import auto  # the planner loads only for --mode auto
 
-    if args.chunk_size:
-        raise ValueError("--mode auto chooses the mode: --chunk-size applies to --mode chunked")
+    if args.chunk_size or args.prefill_slice_ms:
+        raise ValueError("--mode auto chooses the mode: --chunk-size applies to --mode chunked, "
+                         "--prefill-slice-ms to --mode layered")
     cpus = args.cpus or sorted(os.sched_getaffinity(0))
     print(f"planning the placement for {len(cpus)} core(s) ...", flush=True)
     choice = auto.choose(args, len(cpus))
@@ -165,14 +170,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "launcher, even when the launcher is killed.")
     p.add_argument("--mode", choices=MODES, default="disaggregated",
                    help="disaggregated: prefill and decode servers; colocated: workers that do both, new "
-                        "prompts first (vLLM's order); chunked: colocated with chunked prefill; auto: the "
+                        "prompts first (vLLM's order); chunked: colocated with chunked prefill; layered: "
+                        "colocated with layered prefill (a prompt's pass runs a few layers at a time, with "
+                        "the running sequences' decode steps between, --prefill-slice-ms); auto: the "
                         "placement (mode, workers, cores, token budget, batch limit) the planner predicts "
                         "serves the most goodput for --ttft-slo, --tpot-slo and the --workload or lengths "
                         "given (default: disaggregated)")
     p.add_argument("--prefill", type=positive_int, default=1, help="prefill servers (default: 1)")
     p.add_argument("--decode", type=positive_int, default=1, help="decode servers (default: 1)")
     p.add_argument("--colocated", type=positive_int, default=1,
-                   help="colocated workers, in the colocated and chunked modes (default: 1)")
+                   help="colocated workers, in the colocated, chunked and layered modes (default: 1)")
     p.add_argument("--routing", choices=("kv", "least-loaded"), default="kv",
                    help="the scheduler's prefill placement: kv (default) the server with the least "
                         "expected time to the first token given its cached prefix, queue and load; "
@@ -234,6 +241,8 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
     colocated = args.mode != "disaggregated"
     if args.chunk_size and args.mode != "chunked":
         raise ValueError("--chunk-size applies to --mode chunked")
+    if args.prefill_slice_ms and args.mode != "layered":
+        raise ValueError("--prefill-slice-ms applies to --mode layered")
     num_prefill, num_decode = (0, 0) if colocated else (args.prefill, args.decode)
     num_colocated = args.colocated if colocated else 0
     workers = num_prefill + num_decode + num_colocated
@@ -265,6 +274,8 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
             cluster_auth=_cluster_auth(args, tls_dir), api_key=api_key_from_args(args),
             num_colocated=num_colocated,
             chunk_size=(args.chunk_size or DEFAULT_CHUNK_SIZE) if args.mode == "chunked" else None,
+            prefill_slice_ms=((args.prefill_slice_ms or DEFAULT_PREFILL_SLICE_MS) if args.mode == "layered"
+                              else None),
             worker_cpus=tuple(tuple(share) for share in shares), pin=not args.no_pin, tls_dir=tls_dir,
             own_certs=args.cluster_tls == "", redis_credentials=_redis_credentials(args),
             drain_timeout_s=args.drain_timeout, cpus=tuple(cpus),
@@ -389,6 +400,8 @@ class Cluster:
         if c.pin:
             placement += ["--cpus", format_cpus(list(cpus))]
         chunking = ["--chunk-size", str(c.chunk_size)] if c.chunk_size and role == "colocated" else []
+        if c.prefill_slice_ms and role == "colocated":
+            chunking += ["--prefill-slice-ms", f"{c.prefill_slice_ms:g}"]
         if role == "decode" and not c.decode_prefix_caching:
             chunking.append("--no-prefix-caching")
         self._spawn(name, [role, "--redis-url", self.redis_url, "--drain-timeout", str(c.drain_timeout_s),
