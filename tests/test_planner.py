@@ -299,6 +299,20 @@ def test_a_colocated_worker_stalls_its_decodes_while_a_prompt_prefills():
     assert sum(chunked.itls_s) > sum(disaggregated.itls_s[1:])
 
 
+def test_a_layered_worker_steps_its_decodes_between_slices_of_a_prompts_layers():
+    reqs = requests((0.0, 20, 40), (0.3, 500, 2))  # a long prompt arrives mid-decode
+    profile = make_profile()
+    profile = replace(profile, model=replace(profile.model, num_layers=10))
+    running, arriving = simulate(profile, ClusterSpec(Mode.LAYERED, prefill_slice_ms=30.0), reqs)
+    part_s = prefill_s(500) / 20  # 25.5 ms: a 30 ms slice holds one layer part (half a layer)
+    stalls = [gap for gap in running.itls_s if gap > DECODE_S + 0.002]
+    # 19 slices each followed by a decode step, and the last one by the first step of batch 2.
+    assert stalls == pytest.approx([part_s + DECODE_S] * 19 + [part_s + DECODE_S + 0.001], rel=0.02)
+    colocated = simulate(profile, ClusterSpec(Mode.COLOCATED), reqs)[1]
+    assert arriving.ttft_s > colocated.ttft_s + 19 * DECODE_S - 0.002  # the pass waited for 19 decode steps
+    assert arriving.completion_tokens == 2
+
+
 def test_a_chunked_step_of_decodes_alone_costs_a_decode_step():
     # A mixed fit whose fixed cost is near zero must not price a lone decode below the decode model.
     from splitserve.planner.latency import MixedModel
@@ -384,7 +398,7 @@ def test_the_gateway_refuses_beyond_max_pending():
 
 def test_engine_and_cluster_defaults_match_the_real_flags():
     from splitserve.cli import build_parser
-    from splitserve.commands.up import DEFAULT_CHUNK_SIZE
+    from splitserve.commands.up import DEFAULT_CHUNK_SIZE, DEFAULT_PREFILL_SLICE_MS
     from splitserve.engine import EngineConfig
 
     config = EngineConfig()
@@ -392,7 +406,8 @@ def test_engine_and_cluster_defaults_match_the_real_flags():
                                               config.kv_cache_bytes)
     parse = build_parser().parse_args
     spec = ClusterSpec()
-    assert spec.chunk_size == DEFAULT_CHUNK_SIZE
+    assert spec.chunk_size == DEFAULT_CHUNK_SIZE and spec.prefill_slice_ms == DEFAULT_PREFILL_SLICE_MS
+    assert config.prefill_slice_ms is EngineSettings().prefill_slice_ms is None
     assert spec.prefill_queue_factor == parse(["scheduler"]).prefill_queue_factor
     assert spec.kv_lease_s == parse(["prefill"]).kv_lease
     assert spec.heartbeat_interval_s == parse(["decode"]).heartbeat_interval

@@ -25,7 +25,7 @@ from splitserve.planner.simulator import Mode
 from splitserve.planner.sweep import DEFAULT_PROFILE
 
 AUTO_NUM_REQUESTS = 300  # per simulated rate: a plan in 10-30 s on this machine
-AUTO_MODES = (Mode.DISAGGREGATED, Mode.COLOCATED, Mode.CHUNKED)
+AUTO_MODES = (Mode.DISAGGREGATED, Mode.COLOCATED, Mode.CHUNKED, Mode.LAYERED)
 
 
 @dataclass(frozen=True)

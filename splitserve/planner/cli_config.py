@@ -12,7 +12,7 @@ from splitserve.bench.loadgen.workloads import get_workload, preset_slos
 from splitserve.commands.up import split_cpus
 from splitserve.planner.latency import Profile, load_profile
 from splitserve.planner.sim_engine import EngineSettings
-from splitserve.planner.simulator import DEFAULT_CHUNK_SIZE, ClusterSpec, Mode
+from splitserve.planner.simulator import DEFAULT_CHUNK_SIZE, DEFAULT_PREFILL_SLICE_MS, ClusterSpec, Mode
 from splitserve.planner.sweep import DEFAULT_PROFILE, SimulatedRun
 
 
@@ -39,6 +39,8 @@ def cluster_from_args(args: argparse.Namespace, profile: Profile) -> tuple[Clust
     mode = Mode(args.mode)
     if args.chunk_size and mode is not Mode.CHUNKED:
         raise ValueError("--chunk-size applies to --mode chunked")
+    if getattr(args, "prefill_slice_ms", None) and mode is not Mode.LAYERED:
+        raise ValueError("--prefill-slice-ms applies to --mode layered")
     disaggregated = mode is Mode.DISAGGREGATED
     num_prefill = args.prefill if disaggregated else args.colocated
     num_decode = args.decode if disaggregated else 0
@@ -55,6 +57,8 @@ def cluster_from_args(args: argparse.Namespace, profile: Profile) -> tuple[Clust
                             enable_prefix_caching=getattr(args, "prefix_caching", True))
     cluster = ClusterSpec(mode, num_prefill, num_decode, prefill_degree, decode_degree, engine,
                           chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
+                          prefill_slice_ms=(getattr(args, "prefill_slice_ms", None)
+                                            or DEFAULT_PREFILL_SLICE_MS),
                           prefill_queue_factor=args.prefill_queue_factor, max_pending=args.max_pending,
                           routing=getattr(args, "routing", "kv"))
     for degree in {prefill_degree, decode_degree} if disaggregated else {prefill_degree}:

@@ -175,6 +175,7 @@ class ModelInfo:
     dtype: str
     kv_bytes_per_token: int
     max_model_len: int
+    num_layers: int | None = None  # layered prefill's slices are whole layers; None: not known
 
 
 @dataclass(frozen=True)

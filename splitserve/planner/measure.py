@@ -289,7 +289,8 @@ def measure(args: argparse.Namespace) -> dict:
             print(f"{kind} {_short(shape)}: {samples[kind][-1]['s'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
     engine = runner.engine
     return {"model": {"name": engine.loaded.source.name, "dtype": args.dtype,
-                      "kv_bytes_per_token": engine.layout.bytes_per_token, "max_model_len": engine.max_model_len},
+                      "kv_bytes_per_token": engine.layout.bytes_per_token, "max_model_len": engine.max_model_len,
+                      "num_layers": engine.loaded.spec.num_layers},
             "threads": torch.get_num_threads(), "cpus": args.cpus, "torch": torch.__version__,
             "samples": samples}
 

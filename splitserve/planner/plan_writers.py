@@ -24,7 +24,7 @@ from splitserve.planner.latency import Profile
 from splitserve.planner.placements import Placement, is_cpu
 from splitserve.planner.plan import Evaluation
 from splitserve.planner.sim_engine import EngineSettings
-from splitserve.planner.simulator import DEFAULT_CHUNK_SIZE, Mode
+from splitserve.planner.simulator import DEFAULT_CHUNK_SIZE, DEFAULT_PREFILL_SLICE_MS, Mode
 
 REPO_BASE = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "base"  # in a source checkout
 COLOCATED_PORT = 50080  # deploy/images/Containerfile.worker's colocated target
@@ -68,6 +68,8 @@ class Deployable:
         flags = (["--threads", str(degree)] if self.cpu else ["--device", "cuda"]) + self.engine_flags()
         if role == "colocated" and self.placement.mode is Mode.CHUNKED:
             flags += ["--chunk-size", str(DEFAULT_CHUNK_SIZE)]
+        if role == "colocated" and self.placement.mode is Mode.LAYERED:
+            flags += ["--prefill-slice-ms", f"{DEFAULT_PREFILL_SLICE_MS:g}"]
         return flags
 
 

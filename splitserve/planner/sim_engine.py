@@ -15,6 +15,7 @@ reach the server just after the next step has started. The machine (sim_machine.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ class EngineSettings:
     block_size: int = 16
     kv_cache_bytes: int = 1 << 30
     chunk_size: int | None = None
+    prefill_slice_ms: float | None = None
     enable_prefix_caching: bool = True
 
 
@@ -57,6 +59,17 @@ class EngineSpec:
     settings: EngineSettings
     kv_bytes_per_token: int
     max_model_len: int
+    num_layers: int | None = None  # the profile's model's; layered prefill slices by whole layers
+
+
+@dataclass
+class _LayeredPrefill:
+    """LLMEngine._LayeredPrefill: a prompt batch part-way through its layers, in seconds."""
+
+    batch: list[Sequence]
+    remaining_s: float  # of the pass, alone
+    part_s: float  # one layer part's share, half a layer's (0: the profile does not say how many layers)
+    decodes_next: bool = False
 
 
 class SimEngine:
@@ -69,6 +82,7 @@ class SimEngine:
         self.blocks = BlockManager(num_blocks, s.block_size)
         self.scheduler = Scheduler(SchedulerConfig(s.token_budget, s.max_num_seqs, s.chunk_size), self.blocks)
         self.sequences: dict[str, Sequence] = {}
+        self._layered: _LayeredPrefill | None = None
         self._stepping = False
         self._calls: list[tuple[Callable, Callable | None]] = []
         self.num_steps = 0
@@ -190,6 +204,11 @@ class SimEngine:
     def _plan(self) -> StepPlan | None:
         if self.spec.settings.chunk_size is not None:
             return self._plan_mixed()
+        if self._layered is not None:
+            if self._layered.decodes_next and self.scheduler.running:
+                self._layered.decodes_next = False
+                return self._plan_decode()
+            return self._plan_slice(self._layered)
         plan = self._plan_prefill() or self._plan_decode()
         if plan is None and self.scheduler.waiting:  # a decode step preempted everyone: recompute
             plan = self._plan_prefill()
@@ -199,6 +218,37 @@ class SimEngine:
         batch = self.scheduler.schedule_prefill()
         if not batch:
             return None
+        seconds = self._prefill_seconds(batch)
+        if self.spec.settings.prefill_slice_ms is not None and self.scheduler.running:
+            num_layers = self.spec.num_layers
+            self._layered = _LayeredPrefill(batch, seconds, seconds / (2 * num_layers) if num_layers else 0.0)
+            self.scheduler.prefilling.extend(batch)
+            return self._plan_slice(self._layered)
+        return seconds, "prefill", lambda: self._finish_prefill(batch)
+
+    def _plan_slice(self, layered: _LayeredPrefill) -> StepPlan:
+        """LLMEngine._prefill_slice: the layer parts that fit prefill_slice_ms (one at least; the
+        parts taken as equal halves of a layer), or the rest of the pass once nothing decodes."""
+        seconds = layered.remaining_s
+        if self.scheduler.running:
+            target = self.spec.settings.prefill_slice_ms / 1000
+            if layered.part_s > 0:
+                target = max(1, math.floor(target / layered.part_s + 1e-9)) * layered.part_s
+            seconds = min(seconds, target)
+        layered.remaining_s -= seconds
+        if layered.remaining_s > 1e-9:
+            layered.decodes_next = True
+            return seconds, "prefill", list
+
+        def finish() -> StepOutputs:
+            self._layered = None
+            for seq in layered.batch:
+                self.scheduler.prefilling.remove(seq)
+            return self._finish_prefill(layered.batch)
+        return seconds, "prefill", finish
+
+    def _prefill_seconds(self, batch: list[Sequence]) -> float:
+        """A prefill pass over batch, the cluster's overheads included."""
         if any(s.num_computed_tokens for s in batch):
             # A cached prefix: the engine runs the rest through its chunk path, attending over it.
             seconds = self._mixed_seconds([(s.num_computed_tokens, s.num_tokens - s.num_computed_tokens)
@@ -206,7 +256,7 @@ class SimEngine:
         else:
             seconds = self.spec.degree.prefill.seconds([s.num_tokens for s in batch])
         cluster = self.spec.degree.cluster
-        return seconds * cluster.prefill_factor + cluster.prefill_s, "prefill", lambda: self._finish_prefill(batch)
+        return seconds * cluster.prefill_factor + cluster.prefill_s
 
     def _finish_prefill(self, batch: list[Sequence]) -> StepOutputs:
         for seq in batch:

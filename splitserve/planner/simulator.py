@@ -29,12 +29,14 @@ from splitserve.planner.sim_machine import Machine
 from splitserve.planner.sim_servers import ColocatedServer, DecodeServer, PrefillServer, Server
 
 DEFAULT_CHUNK_SIZE = 256  # splitserve up --mode chunked (a test keeps them equal)
+DEFAULT_PREFILL_SLICE_MS = 30.0  # splitserve up --mode layered (a test keeps them equal)
 
 
 class Mode(enum.Enum):
     DISAGGREGATED = "disaggregated"
     COLOCATED = "colocated"  # a waiting prompt runs whole before the next decode step
     CHUNKED = "chunked"  # colocated with chunked prefill
+    LAYERED = "layered"  # colocated with layered prefill: decode steps between slices of a prompt's layers
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class ClusterSpec:
     decode_degree: int = 1
     engine: EngineSettings = field(default_factory=EngineSettings)
     chunk_size: int = DEFAULT_CHUNK_SIZE  # chunked mode only
+    prefill_slice_ms: float = DEFAULT_PREFILL_SLICE_MS  # layered mode only
     prefill_queue_factor: float = 2.0  # the scheduler's --prefill-queue-factor
     heartbeat_interval_s: float = 1.0
     kv_lease_s: float = 30.0  # the prefill server's --kv-lease
@@ -269,12 +272,13 @@ class Simulation:
     def _spec(self, role: Role, degree: int, settings: EngineSettings) -> EngineSpec:
         model = self.profile.model
         return EngineSpec(role, self.profile.degree(degree), settings, model.kv_bytes_per_token,
-                          model.max_model_len)
+                          model.max_model_len, model.num_layers)
 
     def _start_workers(self) -> None:
         c = self.cluster
         if c.mode is not Mode.DISAGGREGATED:
-            settings = replace(c.engine, chunk_size=c.chunk_size if c.mode is Mode.CHUNKED else None)
+            settings = replace(c.engine, chunk_size=c.chunk_size if c.mode is Mode.CHUNKED else None,
+                               prefill_slice_ms=c.prefill_slice_ms if c.mode is Mode.LAYERED else None)
             spec = self._spec(Role.COLOCATED, c.prefill_degree, settings)
             self.scheduler.takers = [ColocatedServer(self, f"colocated-{i}", spec) for i in range(c.num_prefill)]
             return
