@@ -9,6 +9,7 @@
 #   scripts/vllm-comparison.sh docs/figures/vllm-comparison "w1 w2 w3" "auto disaggregated colocated"
 #
 # Rates per workload: RATES_W1, RATES_W2, RATES_W3 (defaults: vLLM's goodput and the target's).
+# UP_FLAGS: more flags for every `splitserve up` (e.g. "--token-budget 1024"; auto sets its own).
 set -euo pipefail
 out=${1:-vllm-comparison} workloads=${2:-w1 w2 w3} placements=${3:-auto disaggregated colocated}
 py=${PYTHON:-.venv/bin/python}
@@ -20,6 +21,8 @@ for workload in $workloads; do
   for placement in $placements; do
     logs=$(mktemp -d)
     flags=(--mode "$placement")
+    # shellcheck disable=SC2206
+    [ -n "${UP_FLAGS:-}" ] && flags+=(${UP_FLAGS})
     [ "$placement" = auto ] && flags+=(--workload "$workload")
     "$py" -m splitserve.cli up "${flags[@]}" --http-port "$port" --grpc-port $((port + 51)) \
         --log-dir "$logs" > "$logs/up.out" 2>&1 &
