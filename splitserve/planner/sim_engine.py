@@ -59,7 +59,7 @@ class EngineSpec:
     settings: EngineSettings
     kv_bytes_per_token: int
     max_model_len: int
-    num_layers: int | None = None  # the profile's model's; layered prefill slices by whole layers
+    num_layers: int | None = None  # the profile's model's: a layered prefill's slices are parts of layers
 
 
 @dataclass
@@ -132,6 +132,8 @@ class SimEngine:
     def abort(self, rid: str) -> None:
         seq = self.sequences.get(rid)
         if seq is not None:
+            if self._layered is not None and seq in self._layered.batch:
+                self._layered.batch.remove(seq)  # its pass goes on for the others (it writes no KV here)
             self.scheduler.remove(seq)
             self._retire(seq)
 
