@@ -13,6 +13,8 @@ import grpc
 import pytest
 from conftest import start_cluster, stop_cluster
 
+from splitserve.cli import build_parser
+from splitserve.commands import adapt
 from splitserve.commands.adapt import worker_plan
 from splitserve.services.scheduler.registry import Registry
 from splitserve.services.scheduler.replan import PlanConfig, Replanner
@@ -76,6 +78,31 @@ def test_the_scheduler_recommends_colocated_workers_for_a_decode_heavy_window_an
 
     replanner, _, _ = asyncio.run(plan(_window((192, 48))))
     assert not replanner.recommendation.change, replanner.recommendation
+
+
+def test_the_plans_simulate_colocated_workers_as_the_cluster_schedules_them():
+    """A cluster of two layered workers (what `up --mode auto` starts for w2) is judged as layered:
+    judged as prefill-first workers it would look like a third of what it serves."""
+    registry = Registry()
+    for name in ("colocated-0", "colocated-1"):
+        registry.register(spb.WorkerInfo(instance_id=name, role=spb.WORKER_ROLE_COLOCATED, num_cores=1,
+                                         token_budget=2048, max_num_seqs=64), None, now=0.0)
+
+    async def plan(mode: str) -> spb.Recommendation:
+        config = PlanConfig(PROFILE, 4.474, 0.0919, attainment=0.9, resources=2, colocated_mode=mode)
+        replanner = Replanner(config, _window((1024, 16), rate=0.5), registry, clock=lambda: 20.0)
+        try:
+            await replanner.replan()
+        finally:
+            replanner.close()
+        return replanner.recommendation
+
+    layered, colocated = asyncio.run(plan("layered")), asyncio.run(plan("colocated"))
+    assert layered.available and not layered.change, layered
+    assert layered.running_goodput > 2 * colocated.running_goodput > 0, (layered, colocated)
+    argv = adapt.scheduler_argv(build_parser().parse_args(
+        ["up", "--mode", "layered", "--adapt", "--ttft-slo", "4", "--tpot-slo", "0.09"]), 2)
+    assert argv[argv.index("--plan-colocated-mode") + 1] == "layered"
 
 
 def _generate(address: str, prompt: list[int], max_tokens: int) -> int:

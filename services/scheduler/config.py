@@ -111,6 +111,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--replan-margin", type=positive_float, default=0.2,
                    help="recommend a change when its goodput beats the running placement's by this "
                         "fraction (default: 0.2)")
+    g.add_argument("--plan-colocated-mode", choices=("colocated", "chunked", "layered"), default="colocated",
+                   help="how the cluster's colocated workers schedule, as the plans simulate them: prefill "
+                        "first, chunked or layered prefill (default: colocated)")
 
 
 def from_args(args: argparse.Namespace) -> SchedulerConfig:
@@ -139,4 +142,5 @@ def _plan_config(args: argparse.Namespace) -> PlanConfig | None:
     if args.plan_profile and not os.path.isfile(args.plan_profile):
         raise ValueError(f"--plan-profile {args.plan_profile}: no such file")
     return PlanConfig(args.plan_profile, args.plan_ttft_slo, args.plan_tpot_slo, args.plan_attainment,
-                      args.plan_resources or 0, args.replan_interval, args.replan_margin)
+                      args.plan_resources or 0, args.replan_interval, args.replan_margin,
+                      colocated_mode=args.plan_colocated_mode)

@@ -44,6 +44,7 @@ class PlanConfig:
     interval_s: float = 30.0
     margin: float = 0.2
     min_samples: int = 20  # fewer requests seen than this: too early to say anything
+    colocated_mode: str = "colocated"  # how the cluster's colocated workers schedule: colocated, chunked, layered
 
 
 class Replanner:
@@ -129,9 +130,10 @@ def _lower_priority() -> None:
 def _plan(config: PlanConfig, samples: list[tuple[int, int]], running: dict, resources: int) -> dict:
     """In the planner's process."""
     from splitserve.planner.online import recommend
+    from splitserve.planner.simulator import Mode
 
     return recommend(config.profile, samples, running, resources, config.ttft_slo_s, config.tpot_slo_s,
-                     config.attainment)
+                     config.attainment, colocated_mode=Mode(config.colocated_mode))
 
 
 def _as_dict(placement: spb.Placement) -> dict[str, int]:

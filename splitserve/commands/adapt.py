@@ -63,6 +63,7 @@ def scheduler_argv(args: argparse.Namespace, num_cores: int) -> list[str]:
             "--plan-attainment", str(args.attainment), "--plan-resources", str(num_cores),
             "--replan-interval", str(args.replan_interval), "--replan-margin", str(args.replan_margin),
             "--workload-window", str(args.workload_window),
+            "--plan-colocated-mode", args.mode if args.mode in ("chunked", "layered") else "colocated",
             *(["--plan-profile", args.plan_profile] if args.plan_profile else [])]
 
 

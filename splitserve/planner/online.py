@@ -43,10 +43,12 @@ def _fit(values: list[int]) -> LengthDist:
 
 def recommend(profile_path: str | None, samples: list[tuple[int, int]], running: dict[str, int],
               resources: int, ttft_slo_s: float, tpot_slo_s: float, attainment: float,
-              num_requests: int = ONLINE_NUM_REQUESTS, seed: int = 0) -> dict:
+              num_requests: int = ONLINE_NUM_REQUESTS, seed: int = 0,
+              colocated_mode: Mode = Mode.COLOCATED) -> dict:
     """{"recommended": placement fields (as the Placement proto), "recommended_goodput": req/s,
     "running_goodput": req/s, or None when the running placement cannot be simulated} for the
-    observed lengths within `resources` cores (or devices)."""
+    observed lengths within `resources` cores (or devices). Colocated workers, running or
+    recommended, schedule as colocated_mode says (the cluster's: prefill first, chunked or layered)."""
     path = Path(profile_path) if profile_path else DEFAULT_PROFILE
     profile = load_profile(path)
     serve = ServeConfig(backend=BackendConfig("simulate", str(path), profile.model.name),
@@ -54,13 +56,14 @@ def recommend(profile_path: str | None, samples: list[tuple[int, int]], running:
                         slo=Slo(ttft_slo_s, tpot_slo_s, attainment), pause_s=0.0, keep_records=False)
     # Counts and cores only: the workers' batching knobs stay at their defaults.
     # No pruning: it prunes by goodput per core, and the choice here is by goodput.
-    spec = PlanSpec(profile, serve, resources, modes=DEFAULT_MODES, token_budgets=(DEFAULTS.token_budget,),
+    spec = PlanSpec(profile, serve, resources, modes=(DEFAULT_MODES[0], colocated_mode),
+                    token_budgets=(DEFAULTS.token_budget,),
                     max_num_seqs=(DEFAULTS.max_num_seqs,), prune=False)
     result = plan(spec)
     # The launcher's cores are fixed: the most goodput within them (fewer cores on a tie), where
     # `splitserve plan`, sizing hardware, ranks by goodput per core.
     best = result.most_goodput
-    now = _evaluate_running(spec, running)
+    now = _evaluate_running(spec, running, colocated_mode)
     if best is None:
         return {"recommended": running, "recommended_goodput": 0.0, "running_goodput": now}
     return {"recommended": placement_fields(best.candidate.placement), "recommended_goodput": best.max_rate,
@@ -76,13 +79,13 @@ def placement_fields(placement: Placement) -> dict[str, int]:
             "num_colocated": placement.num_prefill, "colocated_cores": placement.prefill_degree}
 
 
-def _evaluate_running(spec: PlanSpec, running: dict[str, int]) -> float | None:
+def _evaluate_running(spec: PlanSpec, running: dict[str, int], colocated_mode: Mode) -> float | None:
     """The running placement's goodput on the same requests; None for one the simulator cannot run
     (prefill and colocated workers at once, a role missing, cores the profile has no degree for)."""
     if running["num_colocated"] and (running["num_prefill"] or running["num_decode"]):
         return None
     if running["num_colocated"]:
-        placement = Placement(Mode.COLOCATED, running["num_colocated"], running["colocated_cores"])
+        placement = Placement(colocated_mode, running["num_colocated"], running["colocated_cores"])
     elif running["num_prefill"] and running["num_decode"]:
         placement = Placement(Mode.DISAGGREGATED, running["num_prefill"], running["prefill_cores"],
                               running["num_decode"], running["decode_cores"])
