@@ -38,7 +38,7 @@ MODES = {"colocated": ("--no-prefix-caching",),
          "layered": ("--prefill-slice-ms", "0.001")}  # one layer part per slice: every pass beside a decode slices
 
 
-@pytest.fixture(scope="module", params=list(MODES))
+@pytest.fixture(scope="module", params=["colocated", "chunked"])  # layered: where it slices (below)
 def mode_cluster(request, tmp_path_factory, otlp_collector):
     mode = request.param
     # One torch thread, as the in-process reference below: the same arithmetic, the same tokens.
@@ -62,6 +62,7 @@ def _reference(model, mode: str, prompts: list[list[int]], max_tokens: int) -> l
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("mode_cluster", list(MODES), indirect=True)
 def test_colocated_workers_serve_whole_requests_equal_to_the_engine(mode_cluster, model_bf16):
     mode, cluster = mode_cluster
     roles = [w.worker.role for w in cluster.workers()]
@@ -85,6 +86,7 @@ def test_logprobs_and_penalties_equal_the_engine_and_so_the_disaggregated_path(m
     assert_scored_equal(scored_through(cluster.grpc_address, model_bf16.tokenizer), expected)
 
 
+@pytest.mark.parametrize("mode_cluster", list(MODES), indirect=True)
 def test_concurrent_streams_complete_and_free_every_block(mode_cluster, model_bf16):
     _, cluster = mode_cluster
     lengths = [5 + 53 * i % 300 for i in range(16)]
