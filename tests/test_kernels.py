@@ -24,7 +24,9 @@ def rand(*shape, seed=0):
 
 
 @pytest.mark.parametrize("m, n, k, bias", [(1, 576, 576, False), (7, 200, 130, True), (100, 960, 576, False),
-                                           (3, 70, 33, True), (64, 1536, 576, False)])
+                                           (3, 70, 33, True), (64, 1536, 576, False),
+                                           # several row groups, split evenly over the threads
+                                           (128, 576, 576, False), (257, 200, 130, True), (1000, 70, 64, False)])
 def test_gemm_matches_float32_matmul(ops, m, n, k, bias):
     layer = Linear(k, n, bias)
     layer.weight.data = rand(n, k, seed=1)
@@ -35,6 +37,21 @@ def test_gemm_matches_float32_matmul(ops, m, n, k, bias):
     got = ops.linear(x, layer).float()
     # fp32 accumulation, one rounding to bfloat16 at the end
     assert torch.allclose(got, expected, rtol=BF16_EPS, atol=BF16_EPS * expected.abs().max().item())
+
+
+def test_gemm_rows_split_over_more_threads_than_they_fill(ops):
+    """97 rows over 16 threads: row groups of 7, the last two of which hold no row."""
+    layer = Linear(130, 200, True)
+    layer.weight.data, layer.bias = rand(200, 130, seed=1), torch.nn.Parameter(rand(200, seed=2))
+    layer.packed = ops.k.pack_weight(layer.weight.data)
+    x = rand(97, 130, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(16)
+        got = ops.linear(x, layer)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got, ops.linear(x, layer))  # the same bits as at the test's 2 threads
 
 
 def block_tables(context_lens: list[int], block_size: int, num_blocks: int, seed: int) -> torch.Tensor:

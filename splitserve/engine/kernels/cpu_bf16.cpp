@@ -158,13 +158,21 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor packed, int64_t n, c10::option
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<bf16>());
   const bf16* wp = packed.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
-  const int64_t groups = (m + kRowGroup - 1) / kRowGroup;
+  // Row groups of at most kRowGroup rows, as equal as they can be and, past one, as many as a
+  // multiple of the threads: parallel_for hands each thread an equal run of items, and groups of
+  // unequal rows (96 + 32 for 128 rows) left one of two threads a quarter of the work.
+  int64_t groups = (m + kRowGroup - 1) / kRowGroup;
+  const int64_t threads = at::get_num_threads();
+  if (groups > 1 && threads > 1) groups = (groups + threads - 1) / threads * threads;
+  groups = std::min(groups, m);
+  const int64_t group_rows = (m + groups - 1) / groups;
   // Items run tile-major within a row group, so with few rows each thread streams a contiguous
   // run of weight tiles.
   at::parallel_for(0, groups * tiles, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t g = item / tiles, t = item % tiles;
-      gemm_rows<bf16>(xp, k2, g * kRowGroup, std::min(m, (g + 1) * kRowGroup), wp, k2, k2, t, t + 1, n, b, op, n);
+      const int64_t r0 = g * group_rows, r1 = std::min(m, r0 + group_rows);
+      if (r0 < r1) gemm_rows<bf16>(xp, k2, r0, r1, wp, k2, k2, t, t + 1, n, b, op, n);
     }
   });
   return out;
