@@ -63,6 +63,9 @@ def test_bad_flags_and_model_paths_get_one_line_errors(tmp_path):
         (["generate", "--local", "hi", "--threads", "-1"], "must be a whole number >= 1"),
         (["generate", "--local", "hi", "--kv-cache-gb", "inf"], "must be a positive number"),
         (["bench", "engine", "--output", str(tmp_path / "missing" / "x.json")], "folder does not exist"),
+        # auto is up's: the planner simulates placements, and had "'auto' is not a valid Mode" to say
+        (["simulate", "--mode", "auto", "--workload", "w2"], "invalid choice: 'auto'"),
+        (["plan", "--modes", "auto", "--workload", "w2"], "invalid choice: 'auto'"),
     ]
     for argv, message in cases:
         out = run(*argv)

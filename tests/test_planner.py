@@ -407,6 +407,9 @@ def test_engine_and_cluster_defaults_match_the_real_flags():
     parse = build_parser().parse_args
     spec = ClusterSpec()
     assert spec.chunk_size == DEFAULT_CHUNK_SIZE and spec.prefill_slice_ms == DEFAULT_PREFILL_SLICE_MS
+    from splitserve.commands.up import SIMULATED_MODES
+
+    assert SIMULATED_MODES == tuple(m.value for m in Mode)
     assert config.prefill_slice_ms is EngineSettings().prefill_slice_ms is None
     assert spec.prefill_queue_factor == parse(["scheduler"]).prefill_queue_factor
     assert spec.kv_lease_s == parse(["prefill"]).kv_lease

@@ -18,7 +18,7 @@ from splitserve.bench.loadgen.config import (  # the same flags as bench serve
 )
 from splitserve.common.engine_args import positive_float, positive_int
 
-from .up import MODES
+from .up import SIMULATED_MODES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +42,7 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--resources", type=positive_int, default=None, metavar="N",
                    help="cores (CPU profiles) or devices (GPU profiles) to place workers on (default: the "
                         "profiled machine's)")
-    s.add_argument("--modes", choices=MODES, nargs="+", default=["disaggregated", "colocated"],
+    s.add_argument("--modes", choices=SIMULATED_MODES, nargs="+", default=["disaggregated", "colocated"],
                    help="(default: disaggregated colocated)")
     s.add_argument("--degrees", type=positive_int, nargs="+", default=None,
                    help="cores (devices) per worker to consider (default: every degree in the profile)")

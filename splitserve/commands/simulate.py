@@ -20,7 +20,7 @@ from splitserve.bench.loadgen.config import (  # the same flags as bench serve
 )
 from splitserve.common.engine_args import positive_float, positive_int
 
-from .up import MODES
+from .up import SIMULATED_MODES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("cluster (as `splitserve up`)")
-    c.add_argument("--mode", choices=MODES, default="disaggregated", help="(default: disaggregated)")
+    c.add_argument("--mode", choices=SIMULATED_MODES, default="disaggregated", help="(default: disaggregated)")
     c.add_argument("--prefill", type=positive_int, default=1, help="prefill servers (default: 1)")
     c.add_argument("--decode", type=positive_int, default=1, help="decode servers (default: 1)")
     c.add_argument("--colocated", type=positive_int, default=1,

@@ -64,7 +64,8 @@ from . import adapt
 
 ENGINE_FLAGS = ("model", "dtype", "device", "block_size", "kv_cache_gb", "token_budget", "max_num_seqs",
                 "max_model_len")
-MODES = ("disaggregated", "colocated", "chunked", "layered", "auto")
+SIMULATED_MODES = ("disaggregated", "colocated", "chunked", "layered")  # the planner's Mode (tested equal)
+MODES = (*SIMULATED_MODES, "auto")
 WORKER_ROLES = ("prefill", "decode", "colocated")
 DEFAULT_CHUNK_SIZE = 256  # measured (1,024-token prompt, 2 threads): 128-token chunks cost ~18% more, 256 ~6%
 DEFAULT_PREFILL_SLICE_MS = 30.0  # layered prefill: a decode step every ~30 ms of a prompt's pass
