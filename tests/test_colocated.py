@@ -35,7 +35,8 @@ CHUNK_SIZE = 64
 # them, between which the scheduler routes by what they cache.
 MODES = {"colocated": ("--no-prefix-caching",),
          "chunked": ("--chunk-size", str(CHUNK_SIZE), "--colocated", "2"),
-         "layered": ("--prefill-slice-ms", "0.001")}  # one layer part per slice: every pass beside a decode slices
+         # one layer part per slice: every pass beside a decode slices
+         "layered": ("--prefill-slice-ms", "0.001")}
 
 
 @pytest.fixture(scope="module", params=["colocated", "chunked"])  # layered: where it slices (below)
@@ -151,50 +152,47 @@ def test_a_prompt_goes_to_the_worker_holding_its_prefix_though_that_one_is_busie
     assert status == 200 and reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 0, reply
     time.sleep(1.5)  # its worker reported it done and listed its blocks: both workers are idle again
     # A long request on the same worker (the first of equals, as the prompt was): it decodes meanwhile.
-    busy = [random.randrange(1000, 40000) for _ in range(50)]
-
-    async def run():
-        async with openai.AsyncOpenAI(base_url=cluster.http_url + "/v1", api_key="unused") as client:
-            stream = await client.completions.create(model=MODEL, prompt=busy, max_tokens=400, stream=True,
-                                                     extra_body={"ignore_eos": True})
-            async for _ in stream:  # its first token: it is placed and decoding
-                break
-            again = await asyncio.to_thread(_post, cluster.http_url + "/v1/completions", body)
-            await stream.close()  # cancels it
-            return again
-
-    status, reply = asyncio.run(run())
+    status, reply = _beside_a_stream(cluster, 50, 400,
+                                     lambda: _post(cluster.http_url + "/v1/completions", body))
     assert status == 200, reply
     # 12 full blocks before the one holding the last token
     assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 192
 
 
 @pytest.mark.parametrize("mode_cluster", ["layered"], indirect=True)
-def test_a_prompt_arriving_while_another_decodes_runs_in_slices_with_the_engines_tokens(mode_cluster, model_bf16):
+def test_a_prompt_arriving_while_one_decodes_runs_in_slices_with_the_engines_tokens(mode_cluster, model_bf16):
     """A layered worker: while one request decodes, a prompt's pass runs a layer part per step with the
     decode steps between; its tokens are the engine's whole prefill's, and the worker's step
     histogram (the gateway's /metrics) counts the slices."""
     _, cluster = mode_cluster
-    busy = [random.randrange(1000, 40000) for _ in range(40)]
     (prompt,) = make_prompts(model_bf16.tokenizer, [300])
     (expected,) = _reference(model_bf16, "layered", [prompt], 8)
-
-    async def run():
-        async with openai.AsyncOpenAI(base_url=cluster.http_url + "/v1", api_key="unused") as client:
-            stream = await client.completions.create(model=MODEL, prompt=busy, max_tokens=300, stream=True,
-                                                     extra_body={"ignore_eos": True})
-            async for _ in stream:  # its first token: it decodes from now on
-                break
-            tokens, _ = await asyncio.to_thread(_generate_ids, cluster.grpc_address, prompt, len(expected))
-            await stream.close()
-            return tokens
-
-    assert asyncio.run(run()) == expected
+    tokens, _ = _beside_a_stream(cluster, 40, 300,
+                                 lambda: _generate_ids(cluster.grpc_address, prompt, len(expected)))
+    assert tokens == expected
     layers = model_bf16.spec.num_layers
     deadline = time.monotonic() + 10  # the histograms come with the worker's next heartbeat
     while _slices(cluster) < 2 * layers - 1 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _slices(cluster) >= 2 * layers - 1  # a slice per layer part
+
+
+def _beside_a_stream(cluster, prompt_len: int, max_tokens: int, call):
+    """call() (on a thread) while a streamed request of a random prompt decodes, once its first
+    token is out; the stream is cancelled after."""
+    busy = [random.randrange(1000, 40000) for _ in range(prompt_len)]
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=cluster.http_url + "/v1", api_key="unused") as client:
+            stream = await client.completions.create(model=MODEL, prompt=busy, max_tokens=max_tokens,
+                                                     stream=True, extra_body={"ignore_eos": True})
+            async for _ in stream:  # its first token: it is placed and decoding
+                break
+            result = await asyncio.to_thread(call)
+            await stream.close()  # cancels it
+            return result
+
+    return asyncio.run(run())
 
 
 def _slices(cluster) -> float:
@@ -203,7 +201,8 @@ def _slices(cluster) -> float:
     with urllib.request.urlopen(cluster.http_url + "/metrics", timeout=10) as reply:
         text = reply.read().decode()
     return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == "splitserve:engine_step_seconds_count" and s.labels.get("kind") == "prefill_slice")
+               if s.name == "splitserve:engine_step_seconds_count"
+               and s.labels.get("kind") == "prefill_slice")
 
 
 def test_a_request_is_one_trace_across_gateway_scheduler_and_worker(mode_cluster, otlp_collector):
