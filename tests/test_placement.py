@@ -101,3 +101,36 @@ def test_mode_auto_needs_slos_and_the_workload_flags_need_mode_auto(tmp_path):
     with pytest.raises(ValueError, match="no placement"):  # a TTFT below any prefill of 1,024 tokens
         _config(tmp_path, "--cpus", "0-1", "--mode", "auto", "--input-len", "1024", "--output-len", "8",
                 "--ttft-slo", "0.01", "--tpot-slo", "0.5")
+
+
+def test_free_ports_lie_below_the_ephemeral_range_and_are_never_handed_twice():
+    """A port from the kernel's ephemeral range could go to a worker binding port 0 before the
+    gateway binds it (a CI run lost a cluster so)."""
+    from splitserve.common.net import PORT_FLOOR, _ephemeral_low, free_port
+
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50 and all(PORT_FLOOR <= p < _ephemeral_low() for p in ports)
+
+
+def test_up_reads_an_answer_that_is_not_http_as_not_ready():
+    """Another server on the gateway's port (a gRPC one answers with HTTP/2 frames) must not crash
+    the launcher's readiness check: it raised http.client.BadStatusLine."""
+    import socket
+    import threading
+
+    from splitserve.commands.up import is_ready
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        def answer():
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x04\x00\x3f\xff\xff")  # an HTTP/2 frame
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        assert is_ready(f"http://127.0.0.1:{server.getsockname()[1]}") is False
+        thread.join(5)

@@ -4,15 +4,45 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import random
 import socket
 import urllib.parse
 
 
+PORT_FLOOR = 10000  # free_port's ports lie between this and the kernel's ephemeral range
+_handed: set[int] = set()  # this process's free_port answers, never given twice
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the caller binds it soon after)."""
+    """A TCP port that was free a moment ago (the caller binds it soon after), below the kernel's
+    ephemeral range where it can be: a port in that range can go to any process that binds port 0
+    (every worker's gRPC server does) or to an outgoing connection before its caller binds it (seen:
+    a worker took the gateway's HTTP port, and `up` read gRPC's HTTP/2 from its readiness check)."""
+    low = _ephemeral_low()
+    for _ in range(64 if low > PORT_FLOOR + 1000 else 0):
+        port = random.randrange(PORT_FLOOR, low)
+        if port in _handed:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed.add(port)
+        return port
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for port 0 and outgoing connections (Linux's default
+    where it cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def advertised_host(bind_host: str) -> str:
