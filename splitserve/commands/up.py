@@ -18,7 +18,6 @@ service that exits on its own meanwhile is restarted with the same flags after a
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from http.client import HTTPException
 from pathlib import Path
 from typing import NoReturn
 
@@ -522,7 +522,7 @@ def is_ready(http_url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
-    except (urllib.error.URLError, OSError, http.client.HTTPException):  # not our gateway (yet): not ready
+    except (urllib.error.URLError, OSError, HTTPException):  # not our gateway (yet): not ready
         return False
 
 

@@ -8,7 +8,6 @@ import random
 import socket
 import urllib.parse
 
-
 PORT_FLOOR = 10000  # free_port's ports lie between this and the kernel's ephemeral range
 _handed: set[int] = set()  # this process's free_port answers, never given twice
 
