@@ -1,10 +1,14 @@
 """The compiled bfloat16 CPU kernels against the torch reference ops they replace."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from splitserve.engine.attention import AttentionBatch
-from splitserve.engine.kernels import kernels_enabled, load_cpu_kernels
+from splitserve.engine.kernels import amx_wanted, kernels_enabled, load_cpu_kernels
 from splitserve.engine.ops import CpuKernelOps, Linear, TorchOps
 
 pytestmark = pytest.mark.skipif(not kernels_enabled(), reason="this CPU has no AVX512_BF16")
@@ -23,11 +27,26 @@ def rand(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(BF16)
 
 
+@pytest.fixture(params=["avx512", "amx"])
+def gemm_path(request, ops):
+    """Each GEMM test on both paths: AVX512 blocks, and AMX tiles where the CPU has them."""
+    if request.param == "amx":
+        if not (amx_wanted() and ops.k.amx_enable()):
+            pytest.skip("this CPU has no AMX_BF16")
+        ops.k.set_amx_min_rows(1)
+    ops.k.set_amx(request.param == "amx")
+    yield request.param
+    ops.k.set_amx(amx_wanted())
+    ops.k.set_amx_min_rows(6)
+
+
 @pytest.mark.parametrize("m, n, k, bias", [(1, 576, 576, False), (7, 200, 130, True), (100, 960, 576, False),
                                            (3, 70, 33, True), (64, 1536, 576, False),
                                            # several row groups, split evenly over the threads
-                                           (128, 576, 576, False), (257, 200, 130, True), (1000, 70, 64, False)])
-def test_gemm_matches_float32_matmul(ops, m, n, k, bias):
+                                           (128, 576, 576, False), (257, 200, 130, True), (1000, 70, 64, False),
+                                           # K a multiple of 32 (AMX), rows short of a 32-row block, column tails
+                                           (6, 100, 64, True), (33, 130, 96, True), (95, 576, 1536, False)])
+def test_gemm_matches_float32_matmul(ops, gemm_path, m, n, k, bias):
     layer = Linear(k, n, bias)
     layer.weight.data = rand(n, k, seed=1)
     layer.bias = torch.nn.Parameter(rand(n, seed=2)) if bias else None
@@ -39,12 +58,13 @@ def test_gemm_matches_float32_matmul(ops, m, n, k, bias):
     assert torch.allclose(got, expected, rtol=BF16_EPS, atol=BF16_EPS * expected.abs().max().item())
 
 
-def test_gemm_rows_split_over_more_threads_than_they_fill(ops):
-    """97 rows over 16 threads: row groups of 7, the last two of which hold no row."""
-    layer = Linear(130, 200, True)
-    layer.weight.data, layer.bias = rand(200, 130, seed=1), torch.nn.Parameter(rand(200, seed=2))
+@pytest.mark.parametrize("k", [130, 128])
+def test_gemm_rows_split_over_more_threads_than_they_fill(ops, gemm_path, k):
+    """97 rows over 16 threads: row groups of 7 (of 32 on AMX), some of which hold no row."""
+    layer = Linear(k, 200, True)
+    layer.weight.data, layer.bias = rand(200, k, seed=1), torch.nn.Parameter(rand(200, seed=2))
     layer.packed = ops.k.pack_weight(layer.weight.data)
-    x = rand(97, 130, seed=3)
+    x = rand(97, k, seed=3)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(16)
@@ -52,6 +72,15 @@ def test_gemm_rows_split_over_more_threads_than_they_fill(ops):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(got, ops.linear(x, layer))  # the same bits as at the test's 2 threads
+
+
+@pytest.mark.skipif(not amx_wanted(), reason="this CPU has no AMX_BF16")
+def test_amx_is_on_by_default_and_off_with_splitserve_amx_0():
+    probe = "from splitserve.engine.kernels import load_cpu_kernels; print(load_cpu_kernels().amx_enabled())"
+    for value, expected in (("1", "True"), ("0", "False")):
+        env = {**os.environ, "SPLITSERVE_AMX": value}
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip().splitlines()[-1] == expected
 
 
 def block_tables(context_lens: list[int], block_size: int, num_blocks: int, seed: int) -> torch.Tensor:

@@ -138,17 +138,22 @@ def test_engine_refuses_a_model_loaded_for_another_dtype(model_bf16):
         LLMEngine(EngineConfig(dtype="float32"), loaded=model_bf16)
 
 
-def test_bfloat16_without_kernels_uses_torch_ops_and_agrees(model_bf16, monkeypatch):
-    """The path of CPUs without AVX512_BF16: plain torch ops in bfloat16."""
+def test_bfloat16_without_kernels_uses_torch_ops_and_agrees(model_fp32, monkeypatch):
+    """The path of CPUs without AVX512_BF16: plain torch ops in bfloat16, against float32.
+
+    Not against the kernels' bfloat16: the second prompt's first token is a near-tie (logits 31.19
+    and 30.93 in float32) that either bfloat16 path may flip, and every later token then differs.
+    """
     monkeypatch.setenv("SPLITSERVE_KERNELS", "0")
     plain = LoadedModel.load(EngineConfig(dtype="bfloat16"))
     assert plain.model.ops.name == "torch"
     prompts = [plain.tokenizer(t)["input_ids"] for t in ("The capital of Italy is", "def add(a, b):")]
     params = SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True)
     slow = LLMEngine(EngineConfig(kv_cache_bytes=64 << 20), loaded=plain).generate(prompts, params)
-    fast = LLMEngine(EngineConfig(kv_cache_bytes=64 << 20), loaded=model_bf16).generate(prompts, params)
-    same = sum(a == b for s, f in zip(slow, fast) for a, b in zip(s, f))
-    assert same / 32 >= 0.75  # both bfloat16; only rounding order differs
+    exact = LLMEngine(EngineConfig(dtype="float32", kv_cache_bytes=64 << 20), loaded=model_fp32).generate(
+        prompts, params)
+    same = sum(a == b for s, f in zip(slow, exact) for a, b in zip(s, f))
+    assert same / 32 >= 0.75  # bfloat16 rounding flips near-ties only
 
 
 def test_top_k_keeps_exactly_k_candidates_under_ties():

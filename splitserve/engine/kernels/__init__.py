@@ -1,7 +1,9 @@
 """Compiled CPU kernels, built once per machine into the cache and loaded on demand.
 
 The build needs a C++ compiler and runs only on CPUs with AVX512_BF16; anywhere else (or with
-SPLITSERVE_KERNELS=0) load_cpu_kernels() returns None and the engine uses plain torch ops.
+SPLITSERVE_KERNELS=0) load_cpu_kernels() returns None and the engine uses plain torch ops. Where the
+CPU also has AMX_BF16 (Sapphire Rapids and later), GEMMs of 6 rows or more run on AMX tiles, 3-10x
+the AVX512 rate; SPLITSERVE_AMX=0 keeps them on AVX512.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ log = structlog.get_logger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_bf16.cpp")
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+AMX_FLAGS = ("amx_tile", "amx_bf16")
 # -fopenmp makes at::parallel_for parallel (it is inlined from ATen's headers); the library then
 # needs libgomp.so.1, which resolves to the copy torch has already loaded: one thread pool.
 CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
@@ -38,6 +41,17 @@ def cpu_flags() -> set[str]:
 
 def kernels_enabled() -> bool:
     return os.environ.get("SPLITSERVE_KERNELS", "1") != "0" and set(REQUIRED_FLAGS) <= cpu_flags()
+
+
+def amx_wanted() -> bool:
+    return os.environ.get("SPLITSERVE_AMX", "1") != "0" and set(AMX_FLAGS) <= cpu_flags()
+
+
+def _enable_amx(module: ModuleType) -> None:
+    """Turn the AMX GEMM path on where the CPU has it and Linux grants the tile state."""
+    if amx_wanted():
+        if not module.amx_enable():
+            log.warning("cpu has AMX but Linux refused its tile state; GEMMs stay on AVX512")
 
 
 STALE_LOCK_S = 600  # a build takes ~30 s; a lock this old was left by a process killed mid-build
@@ -69,7 +83,7 @@ def load_cpu_kernels() -> ModuleType | None:
     build_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_lock(build_dir / "lock")
     try:
-        return cpp_extension.load(
+        module = cpp_extension.load(
             name=f"splitserve_cpu_bf16_{digest}",
             sources=[str(SOURCE)],
             extra_cflags=CFLAGS,
@@ -80,4 +94,6 @@ def load_cpu_kernels() -> ModuleType | None:
     except (RuntimeError, OSError, ImportError) as exc:
         log.warning("cpu kernels failed to build; using torch ops", error=str(exc)[:500])
         return None
+    _enable_amx(module)
+    return module
 
