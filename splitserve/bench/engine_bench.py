@@ -47,14 +47,21 @@ def _time(fn, device: torch.device, repeat: int, warmup: bool = True) -> float:
     return min(times)
 
 
-def measure_limits(dtype: torch.dtype, device: torch.device) -> MachineLimits:
-    """Attainable memory read bandwidth (a large reduction) and matmul rate (a large GEMM)."""
+def measure_limits(dtype: torch.dtype, device: torch.device, kernels=None) -> MachineLimits:
+    """Attainable memory read bandwidth (a large reduction) and matmul rate (a large GEMM).
+
+    The matmul rate is the faster of torch's GEMM and, where the engine runs them, the compiled
+    kernels' (on AMX CPUs several times torch's): a roofline from the slower would let steps beat it.
+    """
     data = torch.ones(256 << 20, dtype=torch.float32, device=device)  # 1 GiB
     read_s = _time(lambda: data.sum(), device, 5)
     n = 2048 if device.type == "cpu" else 8192
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     mm_s = _time(lambda: a @ b, device, 5)
+    if kernels is not None and dtype == torch.bfloat16:
+        packed = kernels.pack_weight(b.t().contiguous())
+        mm_s = min(mm_s, _time(lambda: kernels.gemm(a, packed, n, None), device, 5))
     return MachineLimits(memory_read_gbps=data.numel() * 4 / read_s / 1e9, matmul_gflops=2 * n**3 / mm_s / 1e9)
 
 
@@ -227,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     shapes = QUICK if args.quick else FULL
     engine = _engine_for(args, shapes)
     config, device = engine.config, engine.runner.device
-    limits = measure_limits(config.torch_dtype, device)
+    limits = measure_limits(config.torch_dtype, device, getattr(engine.runner.model.ops, "k", None))
     log.info("machine limits", **vars(limits))
     bench = Bench(engine, limits, None if args.no_transformers else TransformersBaseline(engine))
     prefill, decode = _prefill_rows(bench, shapes), _decode_rows(bench, shapes, args.steps)
