@@ -49,9 +49,8 @@ def amx_wanted() -> bool:
 
 def _enable_amx(module: ModuleType) -> None:
     """Turn the AMX GEMM path on where the CPU has it and Linux grants the tile state."""
-    if amx_wanted():
-        if not module.amx_enable():
-            log.warning("cpu has AMX but Linux refused its tile state; GEMMs stay on AVX512")
+    if amx_wanted() and not module.amx_enable():
+        log.warning("cpu has AMX but Linux refused its tile state; GEMMs stay on AVX512")
 
 
 STALE_LOCK_S = 600  # a build takes ~30 s; a lock this old was left by a process killed mid-build
