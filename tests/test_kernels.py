@@ -33,11 +33,9 @@ def gemm_path(request, ops):
     if request.param == "amx":
         if not (amx_wanted() and ops.k.amx_enable()):
             pytest.skip("this CPU has no AMX_BF16")
-        ops.k.set_amx_min_rows(1)
     ops.k.set_amx(request.param == "amx")
     yield request.param
     ops.k.set_amx(amx_wanted())
-    ops.k.set_amx_min_rows(6)
 
 
 @pytest.mark.parametrize("m, n, k, bias", [(1, 576, 576, False), (7, 200, 130, True), (100, 960, 576, False),
@@ -56,6 +54,17 @@ def test_gemm_matches_float32_matmul(ops, gemm_path, m, n, k, bias):
     got = ops.linear(x, layer).float()
     # fp32 accumulation, one rounding to bfloat16 at the end
     assert torch.allclose(got, expected, rtol=BF16_EPS, atol=BF16_EPS * expected.abs().max().item())
+
+
+def test_a_gemm_rows_result_does_not_depend_on_the_rows_beside_it(ops, gemm_path):
+    """A decode step's rows are its sequences: a request's tokens must not depend on its batch."""
+    layer = Linear(576, 960, False)
+    layer.weight.data = rand(960, 576, seed=1)
+    layer.packed = ops.k.pack_weight(layer.weight.data)
+    x = rand(40, 576, seed=3)
+    full = ops.linear(x, layer)
+    for m in (1, 2, 5, 6, 16, 17, 33):
+        assert torch.equal(ops.linear(x[:m], layer), full[:m]), m
 
 
 @pytest.mark.parametrize("k", [130, 128])

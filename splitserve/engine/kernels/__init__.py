@@ -2,8 +2,8 @@
 
 The build needs a C++ compiler and runs only on CPUs with AVX512_BF16; anywhere else (or with
 SPLITSERVE_KERNELS=0) load_cpu_kernels() returns None and the engine uses plain torch ops. Where the
-CPU also has AMX_BF16 (Sapphire Rapids and later), GEMMs of 6 rows or more run on AMX tiles, 3-10x
-the AVX512 rate; SPLITSERVE_AMX=0 keeps them on AVX512.
+CPU also has AMX_BF16 (Sapphire Rapids and later), the GEMMs and the prefill attention run on AMX
+tiles, 3-10x the AVX512 rate from 8 rows up; SPLITSERVE_AMX=0 keeps them on AVX512.
 """
 
 from __future__ import annotations

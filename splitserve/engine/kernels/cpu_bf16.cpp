@@ -211,6 +211,10 @@ AMX_TARGET void amx_rows(const uint32_t* x, int64_t ldx, int64_t m, const uint32
     const bool from_tail = tail && r + kAmxRows > m;
     const uint32_t* a = from_tail ? tail : x + r * ldx;
     const int64_t lda = from_tail ? k2 : ldx;
+    // A block of at most 16 rows (a decode step of few sequences) uses one row tile and half the
+    // tile products. Each output element sums the same products in the same order either way, so a
+    // row's result never depends on the rows beside it.
+    const bool two = rows > 16;
     for (int64_t t = t0; t < t1; ++t) {
       const bf16* tile = packed + t * tile_k2 * kTileN * 2;
       for (int64_t half = 0; half < kTileN / kAmxRows; ++half) {
@@ -218,23 +222,36 @@ AMX_TARGET void amx_rows(const uint32_t* x, int64_t ldx, int64_t m, const uint32
         if (col >= n) break;
         _tile_zero(0);
         _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int64_t kk = 0; kk < k2; kk += kAmxPairs) {
-          _tile_loadd(4, a + kk, lda * 4);
-          _tile_loadd(5, a + 16 * lda + kk, lda * 4);
-          const bf16* b = tile + (kk * kTileN + half * kAmxRows) * 2;
-          _tile_loadd(6, b, kTileN * 4);
-          _tile_loadd(7, b + 32, kTileN * 4);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
+        if (two) {
+          _tile_zero(2);
+          _tile_zero(3);
+          for (int64_t kk = 0; kk < k2; kk += kAmxPairs) {
+            _tile_loadd(4, a + kk, lda * 4);
+            _tile_loadd(5, a + 16 * lda + kk, lda * 4);
+            const bf16* b = tile + (kk * kTileN + half * kAmxRows) * 2;
+            _tile_loadd(6, b, kTileN * 4);
+            _tile_loadd(7, b + 32, kTileN * 4);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        } else {
+          for (int64_t kk = 0; kk < k2; kk += kAmxPairs) {
+            _tile_loadd(4, a + kk, lda * 4);
+            const bf16* b = tile + (kk * kTileN + half * kAmxRows) * 2;
+            _tile_loadd(6, b, kTileN * 4);
+            _tile_loadd(7, b + 32, kTileN * 4);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+          }
         }
         _tile_stored(0, acc, kAmxRows * 4);
         _tile_stored(1, acc + 16, kAmxRows * 4);
-        _tile_stored(2, acc + 16 * kAmxRows, kAmxRows * 4);
-        _tile_stored(3, acc + 16 * kAmxRows + 16, kAmxRows * 4);
+        if (two) {
+          _tile_stored(2, acc + 16 * kAmxRows, kAmxRows * 4);
+          _tile_stored(3, acc + 16 * kAmxRows + 16, kAmxRows * 4);
+        }
         for (int64_t j = 0; j < 2; ++j) {
           const __mmask16 mask = tail_mask(n - col - j * 16);
           if (!mask) break;
@@ -251,12 +268,6 @@ AMX_TARGET void amx_rows(const uint32_t* x, int64_t ldx, int64_t m, const uint32
 AMX_TARGET void amx_release() { _tile_release(); }
 #endif
 
-// AMX for a GEMM of at least this many rows; below it the AVX512 blocks are as fast or faster
-// (AMX against AVX512 on one core, the default model's shapes: 0.85-1.3x at 4 rows, 1.0-1.9x at 6,
-// 1.5-2.5x at 8, 4-10x at 32 rows and more).
-int64_t g_amx_min_rows = 6;
-
-void set_amx_min_rows(int64_t rows) { g_amx_min_rows = std::max<int64_t>(1, rows); }
 
 #if SPLITSERVE_AMX
 torch::Tensor amx_gemm(const uint32_t* xp, int64_t m, int64_t k2, const bf16* wp, int64_t tiles, int64_t n,
@@ -297,7 +308,10 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor packed, int64_t n, c10::option
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<bf16>());
   const bf16* wp = packed.data_ptr<bf16>();
 #if SPLITSERVE_AMX
-  if (g_amx && m >= g_amx_min_rows && k2 % kAmxPairs == 0) return amx_gemm(xp, m, k2, wp, tiles, n, b, out);
+  // Every GEMM of a weight with K a multiple of 32 runs on AMX, however few its rows: AVX512 sums in
+  // another order, and a row's result must not depend on how many rows share its step (a request's
+  // tokens would then depend on the batch it decodes in). At 1-2 rows AVX512 would be 1.0-1.5x faster.
+  if (g_amx && k2 % kAmxPairs == 0) return amx_gemm(xp, m, k2, wp, tiles, n, b, out);
 #endif
   bf16* op = out.data_ptr<bf16>();
   // Row groups of at most kRowGroup rows, as equal as they can be and, past one, as many as a
@@ -752,7 +766,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_enable", &amx_enable, "ask Linux for AMX tile state; true if granted (GEMMs then use AMX)");
   m.def("amx_enabled", &amx_enabled, "whether GEMMs use AMX");
   m.def("set_amx", &set_amx, "turn the AMX GEMM path on or off (on only where amx_enable succeeded)");
-  m.def("set_amx_min_rows", &set_amx_min_rows, "the fewest rows a GEMM needs to run on AMX");
   m.def("decode_attention", &decode_attention, "paged attention, one query token per sequence");
   m.def("prefill_attention", &prefill_attention, "causal attention of one prompt over itself");
   m.def("prefix_attention", &prefix_attention, "causal attention of a prompt chunk over its cached prefix and itself");
