@@ -30,9 +30,8 @@ def rand(*shape, seed=0):
 @pytest.fixture(params=["avx512", "amx"])
 def gemm_path(request, ops):
     """Each GEMM test on both paths: AVX512 blocks, and AMX tiles where the CPU has them."""
-    if request.param == "amx":
-        if not (amx_wanted() and ops.k.amx_enable()):
-            pytest.skip("this CPU has no AMX_BF16")
+    if request.param == "amx" and not (amx_wanted() and ops.k.amx_enable()):
+        pytest.skip("this CPU has no AMX_BF16")
     ops.k.set_amx(request.param == "amx")
     yield request.param
     ops.k.set_amx(amx_wanted())
