@@ -170,7 +170,7 @@ bool g_amx_granted = false;  // the process holds the tile state (amx_enable)
 bool g_amx = false;  // GEMMs and prefill attention use it
 
 // Asks Linux for the AMX tile state (off for every process until asked); true if granted, and
-// GEMMs then use AMX.
+// GEMMs and prefill attention then use AMX.
 bool amx_enable() {
 #if SPLITSERVE_AMX
   constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
@@ -222,28 +222,19 @@ AMX_TARGET void amx_rows(const uint32_t* x, int64_t ldx, int64_t m, const uint32
         if (col >= n) break;
         _tile_zero(0);
         _tile_zero(1);
-        if (two) {
-          _tile_zero(2);
-          _tile_zero(3);
-          for (int64_t kk = 0; kk < k2; kk += kAmxPairs) {
-            _tile_loadd(4, a + kk, lda * 4);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t kk = 0; kk < k2; kk += kAmxPairs) {
+          const bf16* b = tile + (kk * kTileN + half * kAmxRows) * 2;
+          _tile_loadd(4, a + kk, lda * 4);
+          _tile_loadd(6, b, kTileN * 4);
+          _tile_loadd(7, b + 32, kTileN * 4);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          if (two) {
             _tile_loadd(5, a + 16 * lda + kk, lda * 4);
-            const bf16* b = tile + (kk * kTileN + half * kAmxRows) * 2;
-            _tile_loadd(6, b, kTileN * 4);
-            _tile_loadd(7, b + 32, kTileN * 4);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
             _tile_dpbf16ps(2, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
-          }
-        } else {
-          for (int64_t kk = 0; kk < k2; kk += kAmxPairs) {
-            _tile_loadd(4, a + kk, lda * 4);
-            const bf16* b = tile + (kk * kTileN + half * kAmxRows) * 2;
-            _tile_loadd(6, b, kTileN * 4);
-            _tile_loadd(7, b + 32, kTileN * 4);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
           }
         }
         _tile_stored(0, acc, kAmxRows * 4);
@@ -266,10 +257,7 @@ AMX_TARGET void amx_rows(const uint32_t* x, int64_t ldx, int64_t m, const uint32
 }
 
 AMX_TARGET void amx_release() { _tile_release(); }
-#endif
 
-
-#if SPLITSERVE_AMX
 torch::Tensor amx_gemm(const uint32_t* xp, int64_t m, int64_t k2, const bf16* wp, int64_t tiles, int64_t n,
                        const float* b, torch::Tensor out) {
   // Row groups of whole 32-row blocks (at most 3), as many as a multiple of the threads past one.
@@ -280,14 +268,18 @@ torch::Tensor amx_gemm(const uint32_t* xp, int64_t m, int64_t k2, const bf16* wp
   const int64_t group_rows = (blocks + groups - 1) / groups * kAmxRows;
   bf16* op = out.data_ptr<bf16>();
   const int64_t tail_row = m / kAmxRows * kAmxRows;
-  std::vector<uint32_t> tail(kAmxRows * k2, 0);
-  std::copy(xp + tail_row * k2, xp + m * k2, tail.data());
+  std::vector<uint32_t> tail;  // the last block's rows, zero-padded, where m is not whole blocks
+  if (tail_row < m) {
+    tail.assign(kAmxRows * k2, 0);
+    std::copy(xp + tail_row * k2, xp + m * k2, tail.data());
+  }
+  const uint32_t* tp = tail.empty() ? nullptr : tail.data();
   at::parallel_for(0, groups * tiles, 1, [&](int64_t i0, int64_t i1) {
     amx_configure();
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t g = item / tiles, t = item % tiles;
       const int64_t r0 = g * group_rows, r1 = std::min(m, r0 + group_rows);
-      if (r0 < r1) amx_rows<bf16>(xp, k2, m, tail.data(), r0, r1, wp, k2, k2, t, t + 1, n, b, op, n);
+      if (r0 < r1) amx_rows<bf16>(xp, k2, m, tp, r0, r1, wp, k2, k2, t, t + 1, n, b, op, n);
     }
     amx_release();
   });
@@ -611,8 +603,9 @@ torch::Tensor prefix_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   }
   // [heads, tokens, d]: each head's rows dense, and kAmxRows rows past the last, which an AMX block
   // of the last head's last chunk reads (and does not store).
-  auto qh = torch::zeros({hq * len + kAmxRows, d}, q.options());
+  auto qh = torch::empty({hq * len + kAmxRows, d}, q.options());
   qh.narrow(0, 0, hq * len).view({hq, len, d}).copy_(q.permute({1, 0, 2}));
+  qh.narrow(0, hq * len, kAmxRows).zero_();
   auto out = torch::empty({len, hq, d}, q.options());
   const int64_t chunks = (len + kQueryChunk - 1) / kQueryChunk;
   const float sc = static_cast<float>(scale);
@@ -764,8 +757,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_weight", &pack_weight, "pack a [N, K] bf16 weight into [N/64, K/2, 64, 2] tiles");
   m.def("gemm", &gemm, "x @ W^T (+ bias) with a packed weight");
   m.def("amx_enable", &amx_enable, "ask Linux for AMX tile state; true if granted (GEMMs then use AMX)");
-  m.def("amx_enabled", &amx_enabled, "whether GEMMs use AMX");
-  m.def("set_amx", &set_amx, "turn the AMX GEMM path on or off (on only where amx_enable succeeded)");
+  m.def("amx_enabled", &amx_enabled, "whether GEMMs and prefill attention use AMX");
+  m.def("set_amx", &set_amx, "turn the AMX path on or off (on only where amx_enable succeeded)");
   m.def("decode_attention", &decode_attention, "paged attention, one query token per sequence");
   m.def("prefill_attention", &prefill_attention, "causal attention of one prompt over itself");
   m.def("prefix_attention", &prefix_attention, "causal attention of a prompt chunk over its cached prefix and itself");
