@@ -177,6 +177,23 @@ def test_silu_mul_matches_reference(ops):
     assert torch.allclose(got, expected, rtol=2 * BF16_EPS, atol=1e-6)
 
 
+@pytest.mark.parametrize("vocab", [1, 15, 16, 49152, 50001])
+def test_argmax_rows_matches_torch_with_ties_infinities_and_nan(ops, vocab):
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randint(-4, 5, (9, vocab), generator=generator).float()  # ties everywhere
+    logits[1] = float("-inf")  # all -inf: index 0, as torch
+    logits[2, vocab // 2] = float("inf")
+    logits[3, -1] = float("inf")  # in the tail lanes
+    logits[4, vocab // 3] = float("nan")
+    logits[5, -1] = float("nan")
+    logits[6, -1] = 100.0
+    expected = logits.argmax(dim=-1).masked_fill(torch.tensor([False] * 4 + [True] * 2 + [False] * 3), -1)
+    assert torch.equal(ops.argmax_rows(logits), expected)
+    assert torch.equal(TorchOps().argmax_rows(logits), expected)
+    assert torch.equal(ops.argmax_rows(logits[:, :vocab]), expected)  # a strided view
+    assert torch.equal(ops.argmax_rows(logits[:0]), torch.empty(0, dtype=torch.long))
+
+
 @pytest.mark.parametrize("lengths", [[1], [5, 64], [193, 2, 400]])
 def test_prefill_attention_matches_reference(ops, lengths):
     heads, kv_heads, d = 9, 3, 64

@@ -137,12 +137,34 @@ def test_a_row_of_nan_alone_fails_its_request_rather_than_picking_token_0():
             sample_one(torch.full((8,), NAN), Sequence("r", [1], params), frozenset(), torch.Generator())
 
 
-def test_the_batched_greedy_pass_leaves_nan_rows_and_min_tokens_to_sample_one():
+def test_the_batched_greedy_pass_leaves_nan_rows_and_a_banned_best_to_sample_one():
     logits = torch.tensor([[0.0, 2.0, 1.0], [NAN, 5.0, 1.0], [0.0, 2.0, 1.0], [0.0, 2.0, 1.0]])
     plain, needs_min = (SamplingParams(temperature=0.0, max_new_tokens=4, min_new_tokens=m) for m in (0, 2))
     seqs = [Sequence("a", [1], plain), Sequence("b", [1], plain), Sequence("c", [1], needs_min),
             Sequence("d", [1], SamplingParams(temperature=1.0))]
-    assert plain_greedy_tokens(logits, seqs) == [1, None, None, None]
+    # Below min_tokens, a best token that is EOS (1 here) must be masked: sample_one decides.
+    assert plain_greedy_tokens(logits, seqs, frozenset({1})) == [1, None, None, None]
+    # A best that no stop rule bans is the masked row's argmax as well: the batched pass keeps it.
+    assert plain_greedy_tokens(logits, seqs, frozenset({2})) == [1, None, 1, None]
+    stop_at_1 = SamplingParams(temperature=0.0, max_new_tokens=4, min_new_tokens=2, stop_token_ids=(1,))
+    assert plain_greedy_tokens(logits[2:3], [Sequence("e", [1], stop_at_1)], frozenset({2})) == [None]
+
+
+def test_the_batched_greedy_pass_agrees_with_sample_one_below_min_tokens():
+    generator = torch.Generator().manual_seed(3)
+    eos = frozenset({0, 5})
+    for trial in range(200):
+        logits = torch.randint(-3, 4, (6, 12), generator=generator).float()  # many ties
+        logits[trial % 6, trial % 12] = float("-inf")
+        params = SamplingParams(temperature=0.0, max_new_tokens=8, min_new_tokens=4,
+                                stop_token_ids=(trial % 12,))
+        seqs = [Sequence(f"r{i}", [1], params, output_token_ids=[7] * (i % 6)) for i in range(6)]
+        for row, token in enumerate(plain_greedy_tokens(logits, seqs, eos)):
+            expected = sample_one(logits[row], seqs[row], eos, torch.Generator())
+            assert token in (None, expected)
+            banned = eos | {trial % 12}
+            if seqs[row].num_output_tokens < 4 and int(logits[row].argmax()) in banned:
+                assert token is None and expected not in banned
 
 
 def test_a_nan_temperature_is_refused():

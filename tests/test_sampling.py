@@ -200,7 +200,7 @@ def test_a_biased_or_penalized_greedy_row_takes_the_processed_argmax():
 
     logits = torch.tensor([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]])
     plain, biased = _seq([0], [], temperature=0.0), _seq([0], [], temperature=0.0, logit_bias=((2, 5.0),))
-    assert plain_greedy_tokens(logits, [plain, biased]) == [1, None]
+    assert plain_greedy_tokens(logits, [plain, biased], frozenset()) == [1, None]
     assert sample_one(logits[0], biased, frozenset(), torch.Generator()) == 2
     repeated = _seq([0], [1], temperature=0.0, presence_penalty=2.0)  # 3 - 2 < 2
     assert sample_one(logits[0], repeated, frozenset(), torch.Generator()) == 2

@@ -79,7 +79,8 @@ def bench_prefill(engine: LLMEngine, prompt_len: int, budget: int) -> tuple[floa
     seqs = _random_seqs(engine, max(1, budget // prompt_len), prompt_len)
     tables = [engine.blocks.allocate(s.request_id, s.num_tokens) for s in seqs]
     try:
-        seconds = _time(lambda: engine.runner.prefill(seqs, tables).argmax(-1), engine.runner.device, 3)
+        runner = engine.runner
+        seconds = _time(lambda: runner.greedy(runner.prefill(seqs, tables)), runner.device, 3)
     finally:
         for s in seqs:
             engine.blocks.free(s.request_id)
@@ -94,7 +95,8 @@ def bench_decode(engine: LLMEngine, batch: int, context: int, steps: int) -> flo
         s.num_computed_tokens = context - 1
     tables = [engine.blocks.allocate(s.request_id, context) for s in seqs]
     try:
-        return _time(lambda: engine.runner.decode(seqs, tables).argmax(-1).tolist(), engine.runner.device, steps)
+        runner = engine.runner
+        return _time(lambda: runner.greedy(runner.decode(seqs, tables)).tolist(), runner.device, steps)
     finally:
         for s in seqs:
             engine.blocks.free(s.request_id)

@@ -460,7 +460,7 @@ class LLMEngine:
         return self.blocks.reset_cache()
 
     def _postprocess(self, batch: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
-        greedy = plain_greedy_tokens(logits, batch)
+        greedy = plain_greedy_tokens(logits, batch, self.loaded.eos_token_ids, self.runner.greedy)
         return [self._advance(seq, logits[row], greedy[row]) for row, seq in enumerate(batch)]
 
     def _advance(self, seq: Sequence, logits: torch.Tensor, token: int | None) -> StepOutput:

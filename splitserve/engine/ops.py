@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from splitserve.engine.attention import (AttentionBatch, chunk_attention, decode_attention, prefill_attention,
                                         prompt_slices, write_kv)
+from splitserve.engine.sampler import argmax_rows
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -57,6 +58,10 @@ class TorchOps:
 
     def decode_attention(self, q, k_cache, v_cache, batch: AttentionBatch, scale: float) -> torch.Tensor:
         return decode_attention(q, k_cache, v_cache, batch, scale)
+
+    def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's first argmax, -1 for a row holding a NaN (sampler.argmax_rows)."""
+        return argmax_rows(logits)
 
     def prefill_attention(self, q, k, v, query_lens: list[int], scale: float) -> torch.Tensor:
         return prefill_attention(q, k, v, query_lens, scale)
@@ -126,6 +131,11 @@ class CpuKernelOps(TorchOps):
         k = k_cache[chunk.block_table].transpose(1, 2).flatten(0, 1)[:context]
         v = v_cache[chunk.block_table].transpose(1, 2).flatten(0, 1)[:context]
         return self.k.prefix_attention(q, k, v, chunk.prefix_len, scale)
+
+    def argmax_rows(self, logits):
+        if logits.dtype != torch.float32 or logits.device.type != "cpu" or not logits.shape[-1]:
+            return super().argmax_rows(logits)
+        return self.k.argmax_rows(logits)
 
 
 class Linear(torch.nn.Module):

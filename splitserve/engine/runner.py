@@ -67,6 +67,10 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
+    def greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's argmax (-1 for a row holding a NaN), as the engine's step chooses greedy tokens."""
+        return self.model.ops.argmax_rows(logits)
+
     def _slot(self, block_table: list[int], position: int) -> int:
         return block_table[position // self.block_size] * self.block_size + position % self.block_size
 

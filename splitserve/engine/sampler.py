@@ -10,6 +10,8 @@ that is NaN throughout, which holds no choice to make, fails its own request.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from splitserve.engine.request import LOGPROB_FLOOR, SamplingParams, Sequence, TokenLogprobs
@@ -30,16 +32,25 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: frozenset[
     return [sample_one(logits[row], seq, eos_token_ids, generator) for row, seq in enumerate(seqs)]
 
 
-def plain_greedy_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
-    """One batched argmax for the rows that need nothing more (greedy, no min_tokens mask, no bias or
-    penalty, no NaN); None for the rows sample_one must decide. The common greedy step stays one pass
-    over the batch."""
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first argmax, or -1 for a row holding a NaN (which argmax would pick); the kernels'
+    argmax_rows computes the same in one vector pass."""
     best = logits.argmax(dim=-1)
-    # argmax picks a NaN over any number, so a row holding one shows NaN here.
-    clean = ~torch.isnan(logits.gather(1, best[:, None]).squeeze(1))
-    return [int(token) if ok and seq.params.greedy and not seq.params.processes_logits
-            and seq.num_output_tokens >= seq.params.min_new_tokens else None
-            for token, ok, seq in zip(best.tolist(), clean.tolist(), seqs)]
+    return best.masked_fill(torch.isnan(logits.gather(1, best[:, None]).squeeze(1)), -1)
+
+
+def plain_greedy_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: frozenset[int],
+                        argmax: Callable[[torch.Tensor], torch.Tensor] = argmax_rows) -> list[int | None]:
+    """One batched argmax for the rows that need nothing more (greedy, no bias or penalty, no NaN);
+    None for the rows sample_one must decide. The common greedy step stays one pass over the batch.
+
+    A row below its min_new_tokens takes the argmax too when that is not a stop token: masking the
+    stop tokens lowers only other entries, so the first best of the rest is the same token. Only a
+    row whose best is a stop token goes to sample_one."""
+    return [token if token >= 0 and seq.params.greedy and not seq.params.processes_logits
+            and (seq.num_output_tokens >= seq.params.min_new_tokens
+                 or (token not in eos_token_ids and token not in seq.params.stop_token_ids)) else None
+            for token, seq in zip(argmax(logits).tolist(), seqs)]
 
 
 def sample_one(logits: torch.Tensor, seq: Sequence, eos_token_ids: frozenset[int],

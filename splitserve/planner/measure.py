@@ -161,7 +161,8 @@ class Runner:
         seqs = [self._seq(n) for n in lens]
         tables = self._tables(seqs, list(lens))
         try:
-            seconds = self._time(lambda: self.engine.runner.prefill(seqs, tables).argmax(-1))
+            runner = self.engine.runner
+            seconds = self._time(lambda: runner.greedy(runner.prefill(seqs, tables)))
         finally:
             self._free(seqs)
         return {"lens": list(lens), "s": seconds}
@@ -176,7 +177,8 @@ class Runner:
     def decode(self, contexts: tuple[int, ...]) -> dict:
         seqs, tables = self._decodes(contexts)
         try:
-            seconds = self._time(lambda: self.engine.runner.decode(seqs, tables).argmax(-1).tolist())
+            runner = self.engine.runner
+            seconds = self._time(lambda: runner.greedy(runner.decode(seqs, tables)).tolist())
         finally:
             self._free(seqs)
         return {"contexts": list(contexts), "s": seconds}
