@@ -1,0 +1,96 @@
+"""How fast the decode step's two big reads stream from memory, next to a plain sequential read:
+the compiled decode attention over 30 layers' K/V caches (so that they do not fit the L3 cache), and
+the model's GEMM shapes over 60 layers' packed weights at a few row counts. On two threads:
+
+    .venv/bin/python scripts/memory-streams.py --threads 2 --batch 32 --context 1024 --rows 8 32 64
+
+What docs/benchmarks.md's "Greedy rows below min_tokens" and "bench engine after the argmax kernel"
+figures for the decode attention and the GEMMs were measured with (SmolLM2-135M's shapes: 9 query
+heads over 3 KV heads of 64 dimensions, 16-token blocks; the best of --repeat passes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from splitserve.engine.kernels import load_cpu_kernels
+
+LAYERS = 30
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
+GEMM_SHAPES = [(576, 1728), (576, 576), (576, 3072), (1536, 576)]  # (K, N): qkv, o, gate_up, down
+
+
+def best_seconds(fn, repeat: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--batch", type=int, default=32, help="decode sequences (default: 32)")
+    parser.add_argument("--context", type=int, default=1024, help="tokens of context each (default: 1024)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[8, 32, 64],
+                        help="GEMM rows (default: 8 32 64)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed passes, the best kept (default: 3)")
+    args = parser.parse_args()
+    kernels = load_cpu_kernels()
+    if kernels is None:
+        raise SystemExit("the CPU kernels do not run here (no AVX512_BF16)")
+    torch.set_num_threads(args.threads)
+    result = {"threads": args.threads, "amx": kernels.amx_enabled()}
+
+    data = torch.ones(256 << 20)  # 1 GiB of float32
+    result["sequential_read_gbps"] = round(data.numel() * 4 / best_seconds(data.sum, args.repeat) / 1e9, 1)
+    del data
+
+    width = -(-args.context // BLOCK)
+    num_blocks = args.batch * width
+    caches = [(torch.randn(num_blocks, KV_HEADS, BLOCK, HEAD_DIM).bfloat16(),
+               torch.randn(num_blocks, KV_HEADS, BLOCK, HEAD_DIM).bfloat16()) for _ in range(LAYERS)]
+    tables = torch.randperm(num_blocks).view(args.batch, width).contiguous()
+    lens = torch.full((args.batch,), args.context, dtype=torch.long)
+    q = torch.randn(args.batch, HEADS, HEAD_DIM).bfloat16()
+
+    def attend_all() -> None:
+        for k, v in caches:
+            kernels.decode_attention(q, k, v, tables, lens, HEAD_DIM**-0.5)
+
+    seconds = best_seconds(attend_all, args.repeat)
+    kv_bytes = sum(k.numel() + v.numel() for k, v in caches) * 2
+    result["decode_attention"] = {"batch": args.batch, "context": args.context, "layers": LAYERS,
+                                  "ms": round(seconds * 1e3, 2), "gbps": round(kv_bytes / seconds / 1e9, 1)}
+    caches.clear()  # 755 MB at the defaults
+
+    weights = [[(kernels.pack_weight((torch.randn(n, k) / 24).bfloat16()), n, k) for k, n in GEMM_SHAPES]
+               for _ in range(2 * LAYERS)]
+    weight_bytes = sum(n * k * 2 for k, n in GEMM_SHAPES) * 2 * LAYERS
+    result["gemm"] = []
+    for rows in args.rows:
+        xs = {k: torch.randn(rows, k).bfloat16() for k, _ in GEMM_SHAPES}
+
+        def multiply_all() -> None:
+            for layer in weights:
+                for packed, n, k in layer:
+                    kernels.gemm(xs[k], packed, n, None)
+
+        seconds = best_seconds(multiply_all, args.repeat)
+        result["gemm"].append({"rows": rows, "weight_mb": round(weight_bytes / 1e6),
+                               "ms": round(seconds * 1e3, 2),
+                               "weights_gbps": round(weight_bytes / seconds / 1e9, 1),
+                               "gflops": round(rows * weight_bytes / seconds / 1e9)})
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
