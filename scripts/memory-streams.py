@@ -1,6 +1,7 @@
 """How fast the decode step's two big reads stream from memory, next to a plain sequential read:
 the compiled decode attention over 30 layers' K/V caches (so that they do not fit the L3 cache), and
-the model's GEMM shapes over 60 layers' packed weights at a few row counts. On two threads:
+the model's GEMM shapes over two models' worth of packed weights (60 layers and 2 LM heads) at a few row
+counts. On two threads:
 
     .venv/bin/python scripts/memory-streams.py --threads 2 --batch 32 --context 1024 --rows 8 32 64
 
@@ -21,7 +22,8 @@ from splitserve.engine.kernels import load_cpu_kernels
 
 LAYERS = 30
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
-GEMM_SHAPES = [(576, 1728), (576, 576), (576, 3072), (1536, 576)]  # (K, N): qkv, o, gate_up, down
+GEMM_SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (K, N): qkv, o, gate_up, down
+LM_HEAD = (576, 49152)  # once per 30 layers, as in the model
 
 
 def best_seconds(fn, repeat: int) -> float:
@@ -72,12 +74,12 @@ def main() -> None:
                                   "ms": round(seconds * 1e3, 2), "gbps": round(kv_bytes / seconds / 1e9, 1)}
     caches.clear()  # 755 MB at the defaults
 
-    weights = [[(kernels.pack_weight((torch.randn(n, k) / 24).bfloat16()), n, k) for k, n in GEMM_SHAPES]
-               for _ in range(2 * LAYERS)]
-    weight_bytes = sum(n * k * 2 for k, n in GEMM_SHAPES) * 2 * LAYERS
+    shapes = (GEMM_SHAPES * LAYERS + [LM_HEAD]) * 2  # the model's weights twice over: not all in L3
+    weights = [[(kernels.pack_weight((torch.randn(n, k) / 24).bfloat16()), n, k) for k, n in shapes]]
+    weight_bytes = sum(n * k * 2 for k, n in shapes)
     result["gemm"] = []
     for rows in args.rows:
-        xs = {k: torch.randn(rows, k).bfloat16() for k, _ in GEMM_SHAPES}
+        xs = {k: torch.randn(rows, k).bfloat16() for k, _ in shapes}
 
         def multiply_all() -> None:
             for layer in weights:

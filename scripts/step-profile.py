@@ -32,6 +32,8 @@ def main() -> None:
     args = parser.parse_args()
     apply_threads(args)
     engine = LLMEngine(engine_config_from_args(args))
+    if not 1 <= args.batch <= engine.config.max_num_seqs:
+        parser.error(f"--batch must be 1 to --max-num-seqs ({engine.config.max_num_seqs})")
     rng = random.Random(0)
     new_tokens = 4 * args.steps + 64
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -40,6 +42,8 @@ def main() -> None:
         prompt = [rng.randrange(1000, 30000) for _ in range(args.prompt_len)]
         engine.add_request(f"profile-{i}", prompt, params)
     while True:  # until every request decodes in one step
+        if not engine.has_work:
+            raise SystemExit(f"no step decoded all {args.batch} requests together (too few KV blocks?)")
         engine.step()
         last = engine.last_step
         if last is not None and last.kind == "decode" and last.num_seqs == args.batch:

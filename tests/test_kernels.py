@@ -190,7 +190,10 @@ def test_argmax_rows_matches_torch_with_ties_infinities_and_nan(ops, vocab):
     expected = logits.argmax(dim=-1).masked_fill(torch.tensor([False] * 4 + [True] * 2 + [False] * 3), -1)
     assert torch.equal(ops.argmax_rows(logits), expected)
     assert torch.equal(TorchOps().argmax_rows(logits), expected)
-    assert torch.equal(ops.argmax_rows(logits[:, :vocab]), expected)  # a strided view
+    wider = torch.full((9, vocab + 5), 1000.0)  # its extra columns would win if they were read
+    wider[:, :vocab] = logits
+    assert not wider[:, :vocab].is_contiguous()
+    assert torch.equal(ops.argmax_rows(wider[:, :vocab]), expected)
     assert torch.equal(ops.argmax_rows(logits[:0]), torch.empty(0, dtype=torch.long))
 
 

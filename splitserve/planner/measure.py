@@ -192,7 +192,9 @@ class Runner:
         chunk_tables = self._tables(chunk_seqs, [p + n for p, n in chunk_shape])
         chunks = [(seq, n) for seq, (_, n) in zip(chunk_seqs, chunk_shape)]
         try:
-            seconds = self._time(lambda: self.engine.runner.mixed(chunks, decodes, chunk_tables, decode_tables))
+            runner = self.engine.runner
+            seconds = self._time(
+                lambda: runner.greedy(runner.mixed(chunks, decodes, chunk_tables, decode_tables)))
         finally:
             self._free(decodes + chunk_seqs)
         return {"chunks": [list(c) for c in chunk_shape], "contexts": [context] * batch, "s": seconds}
