@@ -7,17 +7,18 @@ counts. On two threads:
 
 What docs/benchmarks.md's "Greedy rows below min_tokens" and "bench engine after the argmax kernel"
 figures for the decode attention and the GEMMs were measured with (SmolLM2-135M's shapes: 9 query
-heads over 3 KV heads of 64 dimensions, 16-token blocks; the best of --repeat passes).
+heads over 3 KV heads of 64 dimensions, 16-token blocks; the best of --repeat passes). The sequential
+read is `bench engine`'s memory bandwidth, measured the same way (`measure_limits`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
+from splitserve.bench.engine_bench import best_time, measure_limits
 from splitserve.engine.kernels import load_cpu_kernels
 
 LAYERS = 30
@@ -26,14 +27,7 @@ GEMM_SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (K, N): qkv,
 LM_HEAD = (576, 49152)  # once per 30 layers, as in the model
 
 
-def best_seconds(fn, repeat: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+CPU = torch.device("cpu")
 
 
 def main() -> None:
@@ -52,9 +46,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     result = {"threads": args.threads, "amx": kernels.amx_enabled()}
 
-    data = torch.ones(256 << 20)  # 1 GiB of float32
-    result["sequential_read_gbps"] = round(data.numel() * 4 / best_seconds(data.sum, args.repeat) / 1e9, 1)
-    del data
+    limits = measure_limits(torch.bfloat16, CPU, kernels)  # bench engine's roofline: a 1 GiB sum, a GEMM
+    result["sequential_read_gbps"] = round(limits.memory_read_gbps, 1)
+    result["matmul_gflops"] = round(limits.matmul_gflops)
 
     width = -(-args.context // BLOCK)
     num_blocks = args.batch * width
@@ -68,25 +62,24 @@ def main() -> None:
         for k, v in caches:
             kernels.decode_attention(q, k, v, tables, lens, HEAD_DIM**-0.5)
 
-    seconds = best_seconds(attend_all, args.repeat)
+    seconds = best_time(attend_all, CPU, args.repeat)
     kv_bytes = sum(k.numel() + v.numel() for k, v in caches) * 2
     result["decode_attention"] = {"batch": args.batch, "context": args.context, "layers": LAYERS,
                                   "ms": round(seconds * 1e3, 2), "gbps": round(kv_bytes / seconds / 1e9, 1)}
     caches.clear()  # 755 MB at the defaults
 
     shapes = (GEMM_SHAPES * LAYERS + [LM_HEAD]) * 2  # the model's weights twice over: not all in L3
-    weights = [[(kernels.pack_weight((torch.randn(n, k) / 24).bfloat16()), n, k) for k, n in shapes]]
+    weights = [(kernels.pack_weight((torch.randn(n, k) / 24).bfloat16()), n, k) for k, n in shapes]
     weight_bytes = sum(n * k * 2 for k, n in shapes)
     result["gemm"] = []
     for rows in args.rows:
         xs = {k: torch.randn(rows, k).bfloat16() for k, _ in shapes}
 
         def multiply_all() -> None:
-            for layer in weights:
-                for packed, n, k in layer:
-                    kernels.gemm(xs[k], packed, n, None)
+            for packed, n, k in weights:
+                kernels.gemm(xs[k], packed, n, None)
 
-        seconds = best_seconds(multiply_all, args.repeat)
+        seconds = best_time(multiply_all, CPU, args.repeat)
         result["gemm"].append({"rows": rows, "weight_mb": round(weight_bytes / 1e6),
                                "ms": round(seconds * 1e3, 2),
                                "weights_gbps": round(weight_bytes / seconds / 1e9, 1),

@@ -33,7 +33,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device: torch.device, repeat: int, warmup: bool = True) -> float:
+def best_time(fn, device: torch.device, repeat: int, warmup: bool = True) -> float:
     """Best-of-repeat wall time of fn() in seconds, after one warm-up call unless told otherwise."""
     if warmup:
         fn()
@@ -54,14 +54,14 @@ def measure_limits(dtype: torch.dtype, device: torch.device, kernels=None) -> Ma
     kernels' (on AMX CPUs several times torch's): a roofline from the slower would let steps beat it.
     """
     data = torch.ones(256 << 20, dtype=torch.float32, device=device)  # 1 GiB
-    read_s = _time(lambda: data.sum(), device, 5)
+    read_s = best_time(lambda: data.sum(), device, 5)
     n = 2048 if device.type == "cpu" else 8192
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
-    mm_s = _time(lambda: a @ b, device, 5)
+    mm_s = best_time(lambda: a @ b, device, 5)
     if kernels is not None and dtype == torch.bfloat16:
         packed = kernels.pack_weight(b.t().contiguous())
-        mm_s = min(mm_s, _time(lambda: kernels.gemm(a, packed, n, None), device, 5))
+        mm_s = min(mm_s, best_time(lambda: kernels.gemm(a, packed, n, None), device, 5))
     return MachineLimits(memory_read_gbps=data.numel() * 4 / read_s / 1e9, matmul_gflops=2 * n**3 / mm_s / 1e9)
 
 
@@ -80,7 +80,7 @@ def bench_prefill(engine: LLMEngine, prompt_len: int, budget: int) -> tuple[floa
     tables = [engine.blocks.allocate(s.request_id, s.num_tokens) for s in seqs]
     try:
         runner = engine.runner
-        seconds = _time(lambda: runner.greedy(runner.prefill(seqs, tables)), runner.device, 3)
+        seconds = best_time(lambda: runner.greedy(runner.prefill(seqs, tables)), runner.device, 3)
     finally:
         for s in seqs:
             engine.blocks.free(s.request_id)
@@ -96,7 +96,7 @@ def bench_decode(engine: LLMEngine, batch: int, context: int, steps: int) -> flo
     tables = [engine.blocks.allocate(s.request_id, context) for s in seqs]
     try:
         runner = engine.runner
-        return _time(lambda: runner.greedy(runner.decode(seqs, tables)).tolist(), runner.device, steps)
+        return best_time(lambda: runner.greedy(runner.decode(seqs, tables)).tolist(), runner.device, steps)
     finally:
         for s in seqs:
             engine.blocks.free(s.request_id)
@@ -120,14 +120,14 @@ class TransformersBaseline:
 
     def prefill_seconds(self, batch: int, length: int) -> float:
         ids = torch.randint(3, self.vocab_size, (batch, length), device=self.device)
-        return _time(lambda: self._generate(ids, 1), self.device, 2)
+        return best_time(lambda: self._generate(ids, 1), self.device, 2)
 
     def decode_step_seconds(self, batch: int, context: int, steps: int) -> float:
         # One run each: the prefill rows already warmed the model, and a prefill of batch x context
         # tokens in transformers takes minutes at the largest shapes.
         ids = torch.randint(3, self.vocab_size, (batch, context - 1), device=self.device)
-        one = _time(lambda: self._generate(ids, 1), self.device, 1, warmup=False)
-        many = _time(lambda: self._generate(ids, steps + 1), self.device, 1, warmup=False)
+        one = best_time(lambda: self._generate(ids, 1), self.device, 1, warmup=False)
+        many = best_time(lambda: self._generate(ids, steps + 1), self.device, 1, warmup=False)
         return (many - one) / steps
 
 
