@@ -135,6 +135,14 @@ def test_decode_attention_batched_equals_one_sequence_at_a_time(ops, heads, kv_h
     single = torch.cat([ops.k.decode_attention(q[i:i + 1], k_cache, v_cache, tables_t[i:i + 1],
                                                lens_t[i:i + 1], scale) for i in range(len(context_lens))])
     assert torch.equal(batched, single)
+    # q as the model passes it: a view of the fused qkv projection's rows, read in place.
+    fused = torch.full((len(context_lens), (heads + 2 * kv_heads) * head_dim), 1000.0, dtype=q.dtype)
+    fused[:, :heads * head_dim] = q.reshape(len(context_lens), -1)
+    strided = fused[:, :heads * head_dim].view(-1, heads, head_dim)
+    assert not strided.is_contiguous()
+    assert torch.equal(ops.k.decode_attention(strided, k_cache, v_cache, tables_t, lens_t, scale), batched)
+    assert torch.equal(ops.k.decode_attention(strided[:1], k_cache, v_cache, tables_t[:1], lens_t[:1], scale),
+                       single[:1])
     batch = AttentionBatch(is_prefill=False, slot_mapping=torch.zeros(0, dtype=torch.long),
                            block_tables=tables_t, context_lens=lens_t)
     expected = TorchOps().decode_attention(q.float(), k_cache.float(), v_cache.float(), batch, scale)
@@ -142,10 +150,12 @@ def test_decode_attention_batched_equals_one_sequence_at_a_time(ops, heads, kv_h
     assert (batched.float() - expected).abs().mean() < 2e-3
 
 
-def test_add_rmsnorm_matches_reference_and_updates_the_residual(ops):
+@pytest.mark.parametrize("hidden", [576, 1000])  # 1000: a last vector of 8 lanes
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rmsnorm_matches_reference_and_updates_the_residual(ops, hidden, with_delta):
     norm = torch.nn.Module()
-    norm.weight, norm.eps = rand(576, seed=8), 1e-5
-    residual, delta = rand(33, 576, seed=9), rand(33, 576, seed=10)
+    norm.weight, norm.eps = rand(hidden, seed=8), 1e-5
+    residual, delta = rand(33, hidden, seed=9), rand(33, hidden, seed=10) if with_delta else None
     ref_residual, ref_normed = TorchOps().add_rmsnorm(residual.clone(), delta, norm)
     got_residual, got_normed = ops.add_rmsnorm(residual, delta, norm)
     assert torch.equal(got_residual, ref_residual)
@@ -153,8 +163,9 @@ def test_add_rmsnorm_matches_reference_and_updates_the_residual(ops):
     assert torch.allclose(got_normed.float(), ref_normed.float(), rtol=2 * BF16_EPS, atol=1e-3)
 
 
-def test_rope_write_kv_matches_reference(ops):
-    tokens, heads, kv_heads, d = 21, 9, 3, 64
+@pytest.mark.parametrize("d", [64, 80, 128])  # 80: each half ends in a vector of 8 lanes
+def test_rope_write_kv_matches_reference(ops, d):
+    tokens, heads, kv_heads = 21, 9, 3
     qkv = rand(tokens, (heads + 2 * kv_heads) * d, seed=11)
     cos, sin = rand(tokens, d, seed=12), rand(tokens, d, seed=13)
     slots = torch.randperm(64, generator=torch.Generator().manual_seed(14))[:tokens]
@@ -177,16 +188,20 @@ def test_silu_mul_matches_reference(ops):
     assert torch.allclose(got, expected, rtol=2 * BF16_EPS, atol=1e-6)
 
 
-@pytest.mark.parametrize("vocab", [1, 15, 16, 49152, 50001])
-def test_argmax_rows_matches_torch_with_ties_infinities_and_nan(ops, vocab):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 15, 16, 64, 65, 130, 49152, 50001])
+def test_argmax_rows_matches_torch_with_ties_infinities_and_nan(ops, vocab, dtype):
     generator = torch.Generator().manual_seed(vocab)
-    logits = torch.randint(-4, 5, (9, vocab), generator=generator).float()  # ties everywhere
+    logits = torch.randint(-4, 5, (9, vocab), generator=generator).to(dtype)  # ties everywhere
     logits[1] = float("-inf")  # all -inf: index 0, as torch
     logits[2, vocab // 2] = float("inf")
     logits[3, -1] = float("inf")  # in the tail lanes
     logits[4, vocab // 3] = float("nan")
     logits[5, -1] = float("nan")
     logits[6, -1] = 100.0
+    if vocab > 64:  # the kernel's four chains take 16 columns each: a tie across chains and blocks
+        logits[7] = 0
+        logits[7, [48, 64, vocab - 1]] = 5
     expected = logits.argmax(dim=-1).masked_fill(torch.tensor([False] * 4 + [True] * 2 + [False] * 3), -1)
     assert torch.equal(ops.argmax_rows(logits), expected)
     assert torch.equal(TorchOps().argmax_rows(logits), expected)
