@@ -133,7 +133,8 @@ class CpuKernelOps(TorchOps):
         return self.k.prefix_attention(q, k, v, chunk.prefix_len, scale)
 
     def argmax_rows(self, logits):
-        if logits.dtype != torch.float32 or logits.device.type != "cpu" or not logits.shape[-1]:
+        kernel_dtype = logits.dtype in (torch.float32, torch.bfloat16)
+        if not kernel_dtype or logits.device.type != "cpu" or not logits.shape[-1]:
             return super().argmax_rows(logits)
         return self.k.argmax_rows(logits)
 
