@@ -189,7 +189,7 @@ def test_silu_mul_matches_reference(ops):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("vocab", [1, 15, 16, 64, 65, 130, 49152, 50001])
+@pytest.mark.parametrize("vocab", [1, 15, 16, 40, 64, 65, 130, 49152, 50001])
 def test_argmax_rows_matches_torch_with_ties_infinities_and_nan(ops, vocab, dtype):
     generator = torch.Generator().manual_seed(vocab)
     logits = torch.randint(-4, 5, (9, vocab), generator=generator).to(dtype)  # ties everywhere
@@ -205,7 +205,7 @@ def test_argmax_rows_matches_torch_with_ties_infinities_and_nan(ops, vocab, dtyp
     expected = logits.argmax(dim=-1).masked_fill(torch.tensor([False] * 4 + [True] * 2 + [False] * 3), -1)
     assert torch.equal(ops.argmax_rows(logits), expected)
     assert torch.equal(TorchOps().argmax_rows(logits), expected)
-    wider = torch.full((9, vocab + 5), 1000.0)  # its extra columns would win if they were read
+    wider = torch.full((9, vocab + 5), 1000.0, dtype=dtype)  # its extra columns would win if read
     wider[:, :vocab] = logits
     assert not wider[:, :vocab].is_contiguous()
     assert torch.equal(ops.argmax_rows(wider[:, :vocab]), expected)

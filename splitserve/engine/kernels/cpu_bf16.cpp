@@ -231,10 +231,10 @@ AMX_TARGET void amx_rows(const uint32_t* x, int64_t ldx, int64_t m, const uint32
         _tile_zero(3);
         for (int64_t kk = 0; kk < k2; kk += kAmxPairs) {
           const bf16* b = tile + (kk * kTileN + half * kAmxRows) * 2;
-          if (prefetch && half == 0) {
-            const char* next = reinterpret_cast<const char*>(tile + (kk + kAmxPairs) * kTileN * 2);
-            for (int64_t line = 0; line < kAmxPairs * kTileN * 2 * 2; line += 64)
-              _mm_prefetch(next + line, _MM_HINT_T0);
+          if (prefetch && half == 0) {  // an address, not a pointer: past the weight's end it is only a hint
+            const uintptr_t next = reinterpret_cast<uintptr_t>(tile) + (kk + kAmxPairs) * kTileN * 2 * sizeof(bf16);
+            for (uintptr_t line = 0; line < kAmxPairs * kTileN * 2 * sizeof(bf16); line += 64)
+              _mm_prefetch(reinterpret_cast<const char*>(next + line), _MM_HINT_T0);
           }
           _tile_loadd(4, a + kk, lda * 4);
           _tile_loadd(6, b, kTileN * 4);
