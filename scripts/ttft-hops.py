@@ -20,6 +20,7 @@ import statistics
 import time
 
 from splitserve.common.auth import NO_AUTH
+from splitserve.common.engine_args import positive_float, positive_int
 from splitserve.common.rpc import open_channel
 from splitserve.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -75,18 +76,16 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--address", default="127.0.0.1:50051",
                         help="the gateway's gRPC address (default: %(default)s)")
-    parser.add_argument("--requests", type=int, default=16,
+    parser.add_argument("--requests", type=positive_int, default=16,
                         help="requests timed, one at a time (default: 16)")
-    parser.add_argument("--input-len", type=int, default=256,
+    parser.add_argument("--input-len", type=positive_int, default=256,
                         help="random prompt token ids each (default: 256)")
-    parser.add_argument("--output-len", type=int, default=64,
+    parser.add_argument("--output-len", type=positive_int, default=64,
                         help="output tokens each, forced (default: 64)")
-    parser.add_argument("--gap", type=float, default=0.3, help="seconds between requests (default: 0.3)")
+    parser.add_argument("--gap", type=positive_float, default=0.3,
+                        help="seconds between requests (default: 0.3)")
     parser.add_argument("--seed", type=int, default=1, help="prompt seed (default: 1)")
-    args = parser.parse_args()
-    if min(args.requests, args.input_len, args.output_len) < 1 or args.gap < 0:
-        parser.error("--requests, --input-len and --output-len must be at least 1, --gap at least 0")
-    asyncio.run(run(args))
+    asyncio.run(run(parser.parse_args()))
 
 
 if __name__ == "__main__":
