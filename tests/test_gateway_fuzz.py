@@ -32,7 +32,8 @@ from splitserve.services.gateway.errors import ApiError
 from splitserve.services.gateway.frontend import Frontend
 from splitserve.services.gateway.limits import max_prompt_chars
 from splitserve.services.gateway.model import ServedModel
-from splitserve.services.gateway.schema import Api, GenerationRequest, SamplingOptions, TextPrompt
+from splitserve.services.gateway.schema import (Api, ChatMessage, ChatPrompt, GenerationRequest,
+                                                 SamplingOptions, TextPrompt, TokenPrompt)
 from splitserve.v1 import gateway_pb2 as gpb
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))
@@ -283,3 +284,35 @@ def test_a_huge_prompt_is_tokenized_off_the_event_loop():
         return ticks
 
     assert asyncio.run(ticks_during_admission()) >= 10  # on the loop itself it would be 0 or 1
+
+
+@pytest.mark.timeout(60)
+def test_short_prompts_are_not_held_up_behind_huge_ones_being_tokenized():
+    """Two huge prompts take both tokenizer threads for most of a second each; short prompts (text,
+    chat and token ids) arriving meanwhile are admitted at once, not queued behind them: a client
+    sending huge prompts delays only itself."""
+    model = ServedModel.load(None, None)
+    snapshot = SimpleNamespace(ready=True, max_model_len=8192)
+    services = SimpleNamespace(model=model, cluster=SimpleNamespace(snapshot=snapshot),
+                               router=SimpleNamespace(stream="replies"))
+    frontend = Frontend(SimpleNamespace(max_pending=8), services)
+    huge = GenerationRequest(Api.COMPLETIONS, TextPrompt("word " * 120_000), SamplingOptions())
+    short = [GenerationRequest(Api.COMPLETIONS, TextPrompt("Why is the sky blue?"), SamplingOptions()),
+             GenerationRequest(Api.CHAT, ChatPrompt((ChatMessage("user", "Why is the sky blue?"),)),
+                               SamplingOptions()),
+             GenerationRequest(Api.COMPLETIONS, TokenPrompt(tuple(range(100, 1100))), SamplingOptions())]
+
+    async def admit_while_huge_ones_tokenize() -> tuple[list, list[bool]]:
+        huge_ones = [asyncio.create_task(frontend.admit(huge, f"cmpl-huge-{i}")) for i in range(2)]
+        await asyncio.sleep(0.05)  # both are on the threads now
+        admitted = [await frontend.admit(request, f"cmpl-short-{i}") for i, request in enumerate(short)]
+        still_tokenizing = [not task.done() for task in huge_ones]
+        for outcome in await asyncio.gather(*huge_ones, return_exceptions=True):
+            assert isinstance(outcome, ApiError) and "maximum context length" in outcome.message
+        return admitted, still_tokenizing
+
+    admitted, still_tokenizing = asyncio.run(admit_while_huge_ones_tokenize())
+    assert still_tokenizing == [True, True]
+    assert [len(q.prompt_token_ids) for q in admitted[::2]] == [len(model.encode(short[0].prompt)), 1000]
+    assert list(admitted[2].prompt_token_ids) == list(range(100, 1100))
+    assert admitted[1].prompt_token_ids[-3:] == model.encode(short[1].prompt)[-3:]

@@ -103,7 +103,9 @@ class Frontend:
         """Checks and tokenizes request into its stream entry; ApiError when refused.
 
         The prompt's size is checked before tokenizing, and tokenizing (chat template included) runs
-        on a thread, so a huge prompt neither costs more than its bound nor stalls other streams."""
+        on a thread, so a huge prompt neither costs more than its bound nor stalls other streams; a
+        short one (ServedModel.encodes_quickly) is tokenized at once, so it never waits behind huge
+        ones for the threads."""
         max_model_len = self.max_model_len
         self.model.check_prompt_size(request.prompt, max_model_len)
         self.model.check_token_ids(request.sampling.stop_token_ids, "stop_token_ids")
@@ -111,7 +113,10 @@ class Frontend:
         loop = asyncio.get_running_loop()
         if request.sampling.grammar is not None:  # checked before queueing, off the event loop
             await loop.run_in_executor(self._tokenize_pool, _check_grammar, request.sampling.grammar)
-        prompt_ids = await loop.run_in_executor(self._tokenize_pool, self.model.encode, request.prompt)
+        if self.model.encodes_quickly(request.prompt):
+            prompt_ids = self.model.encode(request.prompt)
+        else:
+            prompt_ids = await loop.run_in_executor(self._tokenize_pool, self.model.encode, request.prompt)
         if not prompt_ids:
             raise invalid("the prompt is empty after tokenization", "prompt")
         max_tokens = resolve_max_tokens(request, len(prompt_ids), max_model_len)
