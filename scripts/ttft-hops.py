@@ -84,7 +84,9 @@ def main() -> None:
                         help="output tokens each, forced (default: 64)")
     parser.add_argument("--gap", type=positive_float, default=0.3,
                         help="seconds between requests (default: 0.3)")
-    parser.add_argument("--seed", type=int, default=1, help="prompt seed (default: 1)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="prompt seed (default: a new one each run: a prompt of an earlier run against "
+                             "the same cluster would be served from its prefix cache)")
     asyncio.run(run(parser.parse_args()))
 
 
