@@ -32,6 +32,7 @@ from splitserve.services.gateway.errors import ApiError
 from splitserve.services.gateway.frontend import Frontend
 from splitserve.services.gateway.limits import max_prompt_chars
 from splitserve.services.gateway.model import ServedModel
+from splitserve.services.gateway.tools import Tool, ToolCall
 from splitserve.services.gateway.schema import (Api, ChatMessage, ChatPrompt, GenerationRequest,
                                                  SamplingOptions, TextPrompt, TokenPrompt)
 from splitserve.v1 import gateway_pb2 as gpb
@@ -289,8 +290,7 @@ def test_a_huge_prompt_is_tokenized_off_the_event_loop():
 @pytest.mark.timeout(60)
 def test_short_prompts_are_not_held_up_behind_huge_ones_being_tokenized():
     """Two huge prompts take both tokenizer threads for most of a second each; short prompts (text,
-    chat and token ids) arriving meanwhile are admitted at once, not queued behind them: a client
-    sending huge prompts delays only itself."""
+    chat and token ids, no grammar) arriving meanwhile are admitted at once, not queued behind them."""
     model = ServedModel.load(None, None)
     snapshot = SimpleNamespace(ready=True, max_model_len=8192)
     services = SimpleNamespace(model=model, cluster=SimpleNamespace(snapshot=snapshot),
@@ -313,6 +313,20 @@ def test_short_prompts_are_not_held_up_behind_huge_ones_being_tokenized():
 
     admitted, still_tokenizing = asyncio.run(admit_while_huge_ones_tokenize())
     assert still_tokenizing == [True, True]
-    assert [len(q.prompt_token_ids) for q in admitted[::2]] == [len(model.encode(short[0].prompt)), 1000]
+    assert [list(q.prompt_token_ids) for q in admitted] == [model.encode(r.prompt) for r in short]
     assert list(admitted[2].prompt_token_ids) == list(range(100, 1100))
-    assert admitted[1].prompt_token_ids[-3:] == model.encode(short[1].prompt)[-3:]
+
+
+def test_only_prompts_within_the_inline_bounds_are_tokenized_on_the_event_loop():
+    """What runs on the event loop is bounded: past 512 characters, 4,096 token ids or 16 chat
+    messages, and any chat with tools or tool calls (each call rendered, however empty), the
+    tokenizer threads take it."""
+    quick = ServedModel.encodes_quickly
+    assert quick(TextPrompt("x" * 512)) and not quick(TextPrompt("x" * 513))
+    assert quick(TokenPrompt((1,) * 4096)) and not quick(TokenPrompt((1,) * 4097))
+    assert quick(ChatPrompt((ChatMessage("user", "hi"),) * 16))
+    assert not quick(ChatPrompt((ChatMessage("user", "hi"),) * 17))
+    assert not quick(ChatPrompt((ChatMessage("user", "x" * 600),)))
+    empty_calls = tuple(ToolCall("", "", "") for _ in range(128))
+    assert not quick(ChatPrompt((ChatMessage("assistant", "", empty_calls),)))
+    assert not quick(ChatPrompt((ChatMessage("user", "hi"),), (Tool("f", "", "{}"),)))

@@ -104,8 +104,8 @@ class Frontend:
 
         The prompt's size is checked before tokenizing, and tokenizing (chat template included) runs
         on a thread, so a huge prompt neither costs more than its bound nor stalls other streams; a
-        short one (ServedModel.encodes_quickly) is tokenized at once, so it never waits behind huge
-        ones for the threads."""
+        short one (ServedModel.encodes_quickly) is tokenized at once, so without a grammar (whose
+        check also runs on the threads) it never waits behind huge ones for them."""
         max_model_len = self.max_model_len
         self.model.check_prompt_size(request.prompt, max_model_len)
         self.model.check_token_ids(request.sampling.stop_token_ids, "stop_token_ids")
