@@ -56,18 +56,21 @@ def serve_grpc(port: int, token: str, ready) -> None:
     asyncio.run(main())
 
 
-def read_stream(url: str, samples: int, results) -> None:
-    """Block on XREAD for samples entries; each one's delay from its XADD (the time it carries)."""
+def read_stream(url: str, samples: int, ready, results) -> None:
+    """Block on XREAD for samples entries (after one warm-up entry); each one's delay from its XADD
+    (the time it carries)."""
     async def main() -> None:
-        client, last, delays = aioredis.from_url(url), b"$", []
-        while len(delays) < samples:
+        client, last, delays = aioredis.from_url(url), b"0-0", []  # a fresh Redis: every entry
+        await client.ping()
+        ready.set()
+        while len(delays) < samples + 1:
             reply = await client.xread({"floor": last}, block=5000, count=16)
             now = time.time()
             for _, items in reply or ():
                 for entry_id, fields in items:
                     last = entry_id
                     delays.append(now - float(fields[b"t"]))
-        results.put(delays)
+        results.put(delays[1:])
     asyncio.run(main())
 
 
@@ -89,12 +92,14 @@ async def grpc_hops(port: int, token: str, samples: int, gap: float) -> tuple[li
 
 async def redis_hops(url: str, samples: int, gap: float) -> list[float]:
     context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    reader = context.Process(target=read_stream, args=(url, samples, results), daemon=True)
+    ready, results = context.Event(), context.Queue()
+    reader = context.Process(target=read_stream, args=(url, samples, ready, results), daemon=True)
     reader.start()
     client = aioredis.from_url(url)
-    await asyncio.sleep(2.0)  # the reader is blocked on XREAD by now
-    for _ in range(samples):
+    await client.ping()
+    if not await asyncio.to_thread(ready.wait, 60):
+        raise SystemExit("the Redis reader did not start")
+    for _ in range(samples + 1):  # the first is the reader's warm-up
         await asyncio.sleep(gap)
         await client.xadd("floor", {"t": repr(time.time())})
     delays = await asyncio.to_thread(results.get, True, 60)
@@ -105,6 +110,7 @@ async def redis_hops(url: str, samples: int, gap: float) -> list[float]:
 
 async def thread_hops(samples: int, gap: float) -> list[float]:
     loop, hops = asyncio.get_running_loop(), []
+    await loop.run_in_executor(None, len, ())  # the pool's thread starts
     for _ in range(samples):
         await asyncio.sleep(gap)
         start = time.perf_counter()
@@ -116,7 +122,7 @@ async def thread_hops(samples: int, gap: float) -> list[float]:
 def report(name: str, seconds: list[float]) -> float:
     values = sorted(s * 1e3 for s in seconds)
     p50 = statistics.median(values)
-    print(f"{name:52s} P50 {p50:6.2f} ms   P10 {values[len(values) // 10]:6.2f}   "
+    print(f"{name:55s} P50 {p50:6.2f} ms   P10 {values[len(values) // 10]:6.2f}   "
           f"P90 {values[len(values) * 9 // 10]:6.2f}")
     return p50
 
@@ -142,6 +148,7 @@ def main() -> None:
         to_handler, to_first = asyncio.run(grpc_hops(args.port, token, args.samples, args.gap))
     finally:
         server.terminate()
+        server.join(10)
     with LocalRedis() as redis:
         wakes = asyncio.run(redis_hops(redis.url, args.samples, args.gap))
     threads = asyncio.run(thread_hops(args.samples, args.gap))
@@ -150,8 +157,8 @@ def main() -> None:
     first = report("gRPC call: client send -> first streamed message", to_first)
     wake = report("Redis: XADD -> a blocked XREAD returns (two processes)", wakes)
     thread = report("thread hop: run_in_executor and back", threads)
-    print(f"{'floor of the TTFT chain (2 calls, 2 wakes, 1 message back, 1 hop)':52s} "
-          f"P50 sum {2 * call + 2 * wake + (first - call) + thread:6.2f} ms")
+    print(f"{'the TTFT chain: 2 calls, 2 wakes, 1 message back, 1 hop':55s} "
+          f"P50 {2 * call + 2 * wake + (first - call) + thread:6.2f} ms (sum)")
 
 
 if __name__ == "__main__":

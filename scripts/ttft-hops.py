@@ -55,7 +55,9 @@ async def one(stub, prompt: list[int], output_len: int) -> dict[str, float]:
 
 
 async def run(args: argparse.Namespace) -> None:
-    rng = random.Random(args.seed)
+    seed = random.randrange(2**32) if args.seed is None else args.seed
+    print(f"prompt seed {seed}")
+    rng = random.Random(seed)
     rows = []
     async with open_channel(args.address, NO_AUTH, "gateway") as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
