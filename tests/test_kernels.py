@@ -55,6 +55,36 @@ def test_gemm_matches_float32_matmul(ops, gemm_path, m, n, k, bias):
     assert torch.allclose(got, expected, rtol=BF16_EPS, atol=BF16_EPS * expected.abs().max().item())
 
 
+def test_the_kernels_let_other_python_threads_run_while_they_compute(ops):
+    """A GEMM lets go of the GIL while it runs: with the interpreter's forced switch put off for
+    longer than the test, the main thread still runs while another thread is inside its GEMMs (a
+    worker's event loop beside its engine thread). Holding the GIL, the other thread would keep it
+    until its loop ended, and the main thread would find it gone."""
+    import threading
+
+    layer = Linear(2048, 2048, False)
+    layer.weight.data = rand(2048, 2048, seed=1)
+    layer.packed = ops.k.pack_weight(layer.weight.data)
+    x = rand(64, 2048, seed=3)
+    started, seen_running, results = threading.Event(), [], []
+
+    def compute():
+        started.set()
+        results.extend(ops.k.gemm(x, layer.packed, 2048, None) for _ in range(200))  # no torch call between
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(60.0)
+    try:
+        worker = threading.Thread(target=compute)
+        worker.start()
+        started.wait()
+        seen_running.append(worker.is_alive())
+        worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert seen_running == [True] and len(results) == 200
+
+
 def test_a_gemm_rows_result_does_not_depend_on_the_rows_beside_it(ops, gemm_path):
     """A decode step's rows are its sequences: a request's tokens must not depend on its batch."""
     layer = Linear(576, 960, False)

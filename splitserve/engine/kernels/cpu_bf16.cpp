@@ -849,16 +849,21 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack_weight", &pack_weight, "pack a [N, K] bf16 weight into [N/64, K/2, 64, 2] tiles");
-  m.def("gemm", &gemm, "x @ W^T (+ bias) with a packed weight");
+  // The compute kernels touch no Python object, so they let go of the GIL while they run, as torch's
+  // own operators do: a worker's event loop thread runs beside its engine thread's step instead of
+  // waiting for it between operations (and holding up the next one when it gets the GIL).
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("pack_weight", &pack_weight, "pack a [N, K] bf16 weight into [N/64, K/2, 64, 2] tiles", nogil);
+  m.def("gemm", &gemm, "x @ W^T (+ bias) with a packed weight", nogil);
   m.def("amx_enable", &amx_enable, "ask Linux for AMX tile state; true if granted (GEMMs then use AMX)");
   m.def("amx_enabled", &amx_enabled, "whether GEMMs and prefill attention use AMX");
   m.def("set_amx", &set_amx, "turn the AMX path on or off (on only where amx_enable succeeded)");
-  m.def("decode_attention", &decode_attention, "paged attention, one query token per sequence");
-  m.def("prefill_attention", &prefill_attention, "causal attention of one prompt over itself");
-  m.def("prefix_attention", &prefix_attention, "causal attention of a prompt chunk over its cached prefix and itself");
-  m.def("add_rmsnorm", &add_rmsnorm, "residual += delta in place; returns the RMS-normed residual");
-  m.def("rope_write_kv", &rope_write_kv, "RoPE on q and k in place; k and v written to the caches");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up");
-  m.def("argmax_rows", &argmax_rows, "each row's first argmax, -1 for a row holding a NaN");
+  m.def("decode_attention", &decode_attention, "paged attention, one query token per sequence", nogil);
+  m.def("prefill_attention", &prefill_attention, "causal attention of one prompt over itself", nogil);
+  m.def("prefix_attention", &prefix_attention,
+        "causal attention of a prompt chunk over its cached prefix and itself", nogil);
+  m.def("add_rmsnorm", &add_rmsnorm, "residual += delta in place; returns the RMS-normed residual", nogil);
+  m.def("rope_write_kv", &rope_write_kv, "RoPE on q and k in place; k and v written to the caches", nogil);
+  m.def("silu_mul", &silu_mul, "silu(gate) * up", nogil);
+  m.def("argmax_rows", &argmax_rows, "each row's first argmax, -1 for a row holding a NaN", nogil);
 }
