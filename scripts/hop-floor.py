@@ -23,15 +23,15 @@ import argparse
 import asyncio
 import multiprocessing
 import secrets
-import statistics
 import time
 
 import grpc
 import redis.asyncio as aioredis
 
+from splitserve.bench.loadgen.metrics import percentile
 from splitserve.common.auth import ClusterAuth
 from splitserve.common.engine_args import positive_float, positive_int
-from splitserve.common.rpc import make_server, open_channel
+from splitserve.common.rpc import bind, make_server, open_channel
 from splitserve.queue.redis_server import LocalRedis
 
 METHOD = "/floor.Floor/Stream"
@@ -49,7 +49,7 @@ def serve_grpc(port: int, token: str, ready) -> None:
         handler = grpc.method_handlers_generic_handler("floor.Floor", {
             "Stream": grpc.unary_stream_rpc_method_handler(stream)})
         server.add_generic_rpc_handlers((handler,))
-        server.add_insecure_port(f"127.0.0.1:{port}")
+        bind(server, "127.0.0.1", port, None)
         await server.start()
         ready.set()
         await server.wait_for_termination()
@@ -121,9 +121,9 @@ async def thread_hops(samples: int, gap: float) -> list[float]:
 
 def report(name: str, seconds: list[float]) -> float:
     values = sorted(s * 1e3 for s in seconds)
-    p50 = statistics.median(values)
-    print(f"{name:55s} P50 {p50:6.2f} ms   P10 {values[len(values) // 10]:6.2f}   "
-          f"P90 {values[len(values) * 9 // 10]:6.2f}")
+    p50 = percentile(values, 50)
+    print(f"{name:55s} P50 {p50:6.2f} ms   P10 {percentile(values, 10):6.2f}   "
+          f"P90 {percentile(values, 90):6.2f}")
     return p50
 
 

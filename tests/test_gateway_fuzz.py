@@ -32,9 +32,9 @@ from splitserve.services.gateway.errors import ApiError
 from splitserve.services.gateway.frontend import Frontend
 from splitserve.services.gateway.limits import max_prompt_chars
 from splitserve.services.gateway.model import ServedModel
-from splitserve.services.gateway.tools import Tool, ToolCall
 from splitserve.services.gateway.schema import (Api, ChatMessage, ChatPrompt, GenerationRequest,
                                                  SamplingOptions, TextPrompt, TokenPrompt)
+from splitserve.services.gateway.tools import Tool, ToolCall
 from splitserve.v1 import gateway_pb2 as gpb
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -60,8 +61,6 @@ def test_the_kernels_let_other_python_threads_run_while_they_compute(ops):
     longer than the test, the main thread still runs while another thread is inside its GEMMs (a
     worker's event loop beside its engine thread). Holding the GIL, the other thread would keep it
     until its loop ended, and the main thread would find it gone."""
-    import threading
-
     layer = Linear(2048, 2048, False)
     layer.weight.data = rand(2048, 2048, seed=1)
     layer.packed = ops.k.pack_weight(layer.weight.data)
