@@ -5,10 +5,10 @@ counts. On two threads:
 
     .venv/bin/python scripts/memory-streams.py --threads 2 --batch 32 --context 1024 --rows 8 32 64
 
-What docs/benchmarks.md's "Greedy rows below min_tokens" and "bench engine after the argmax kernel"
-figures for the decode attention and the GEMMs were measured with (SmolLM2-135M's shapes: 9 query
-heads over 3 KV heads of 64 dimensions, 16-token blocks; the best of --repeat passes). The sequential
-read is `bench engine`'s memory bandwidth, measured the same way (`measure_limits`).
+What docs/benchmarks.md's "Greedy rows below min_tokens", "bench engine after the argmax kernel" and
+"On AMD's Zen 5" figures for the decode attention and the GEMMs were measured with (SmolLM2-135M's
+shapes: 9 query heads over 3 KV heads of 64 dimensions, 16-token blocks; the best of --repeat passes).
+The sequential read is `bench engine`'s memory bandwidth, measured the same way (`measure_limits`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from splitserve.bench.engine_bench import best_time, measure_limits
 from splitserve.engine.kernels import load_cpu_kernels
+from splitserve.engine.kv_cache import zeros_on_huge_pages
 
 LAYERS = 30
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
@@ -39,12 +40,21 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[8, 32, 64],
                         help="GEMM rows (default: 8 32 64)")
     parser.add_argument("--repeat", type=int, default=3, help="timed passes, the best kept (default: 3)")
+    parser.add_argument("--pages", choices=["huge", "small"], default="huge",
+                        help="the K/V caches on 2 MiB pages, as the engine allocates them, or on 4 KiB "
+                             "pages (default: huge)")
+    parser.add_argument("--prefetch", choices=["default", "l1", "l2"], default="default",
+                        help="where the decode attention prefetches K and V (default: this CPU's, as "
+                             "the engine sets it)")
     args = parser.parse_args()
     kernels = load_cpu_kernels()
     if kernels is None:
         raise SystemExit("the CPU kernels do not run here (no AVX512_BF16)")
     torch.set_num_threads(args.threads)
-    result = {"threads": args.threads, "amx": kernels.amx_enabled()}
+    if args.prefetch != "default":
+        kernels.set_attention_prefetch_l1(args.prefetch == "l1")
+    result = {"threads": args.threads, "amx": kernels.amx_enabled(), "pages": args.pages,
+              "prefetch": "l1" if kernels.attention_prefetch_l1() else "l2"}
 
     limits = measure_limits(torch.bfloat16, CPU, kernels)  # bench engine's roofline: a 1 GiB sum, a GEMM
     result["sequential_read_gbps"] = round(limits.memory_read_gbps, 1)
@@ -52,8 +62,13 @@ def main() -> None:
 
     width = -(-args.context // BLOCK)
     num_blocks = args.batch * width
-    caches = [(torch.randn(num_blocks, KV_HEADS, BLOCK, HEAD_DIM).bfloat16(),
-               torch.randn(num_blocks, KV_HEADS, BLOCK, HEAD_DIM).bfloat16()) for _ in range(LAYERS)]
+    def cache() -> torch.Tensor:
+        values = torch.randn(num_blocks, KV_HEADS, BLOCK, HEAD_DIM).bfloat16()
+        if args.pages == "small":
+            return values
+        return zeros_on_huge_pages(tuple(values.shape), values.dtype).copy_(values)
+
+    caches = [(cache(), cache()) for _ in range(LAYERS)]
     tables = torch.randperm(num_blocks).view(args.batch, width).contiguous()
     lens = torch.full((args.batch,), args.context, dtype=torch.long)
     q = torch.randn(args.batch, HEADS, HEAD_DIM).bfloat16()

@@ -11,6 +11,8 @@ importing writes such a tensor into (other) block ids. Two processes agree on a 
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +46,11 @@ class KVCache:
     def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device) -> None:
         self.layout = layout
         self.num_blocks = num_blocks
-        self.data = torch.zeros(layout.export_shape(num_blocks), dtype=layout.dtype, device=device)
+        shape = layout.export_shape(num_blocks)
+        if device.type == "cpu":
+            self.data = zeros_on_huge_pages(shape, layout.dtype)
+        else:
+            self.data = torch.zeros(shape, dtype=layout.dtype, device=device)
         # Each layer's views, made once: indexing anew costs ~3 us a layer, every step.
         self._layers = [(self.data[i, 0], self.data[i, 1]) for i in range(layout.num_layers)]
 
@@ -79,6 +85,28 @@ class KVCache:
         flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         blocks = flat.view(self.layout.dtype).view(self.layout.export_shape(len(block_ids)))
         self.import_(block_ids, blocks)
+
+
+HUGE_PAGE = 2 << 20
+
+
+def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor in private anonymous memory that asks Linux for 2 MiB pages
+    (``MADV_HUGEPAGE``; honoured where transparent huge pages are ``always`` or ``madvise``).
+
+    The decode attention reads each sequence's blocks wherever the block manager put them: with 4 KiB
+    pages nearly every 6 KiB block is a TLB miss, and such reads stream from memory at about half the
+    rate of a sequential read (docs/benchmarks.md). The memory is touched here, as torch.zeros would.
+    """
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE)
+    flat = torch.frombuffer(region, dtype=torch.uint8)  # holds a reference to the region
+    start = -flat.data_ptr() % HUGE_PAGE  # 2 MiB pages map only 2 MiB-aligned addresses
+    data = flat[start:start + nbytes].view(dtype).view(shape)
+    data.zero_()
+    return data
 
 
 def export_bytes(blocks: torch.Tensor) -> memoryview:

@@ -28,15 +28,26 @@ CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512b
 LDFLAGS = ["-fopenmp"]
 
 
-def cpu_flags() -> set[str]:
+def _cpuinfo_field(name: str) -> str:
+    """The first value of a /proc/cpuinfo field ("" where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return ""
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        if line.split(":", 1)[0].strip() == name:
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def cpu_flags() -> set[str]:
+    return set(_cpuinfo_field("flags").split())
+
+
+def prefetch_into_l1() -> bool:
+    """Whether the decode attention prefetches K and V into L1: measured faster on AMD's Zen 5, slower
+    than into L2 on Intel's Sapphire Rapids (docs/benchmarks.md)."""
+    return _cpuinfo_field("vendor_id") == "AuthenticAMD"
 
 
 def kernels_enabled() -> bool:
@@ -94,5 +105,6 @@ def load_cpu_kernels() -> ModuleType | None:
         log.warning("cpu kernels failed to build; using torch ops", error=str(exc)[:500])
         return None
     _enable_amx(module)
+    module.set_attention_prefetch_l1(prefetch_into_l1())
     return module
 

@@ -1,0 +1,59 @@
+"""The paged KV cache's memory: zeroed, on 2 MiB pages where Linux offers them, and its blocks export
+and import as before."""
+
+from __future__ import annotations
+
+import gc
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitserve.engine.kv_cache import KVCache, KVLayout
+
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _mapping_of(address: int) -> dict[str, str]:
+    """The /proc/self/smaps fields of the mapping that holds address."""
+    fields: dict[str, str] = {}
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        span = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if span:
+            if inside:
+                break
+            inside = int(span.group(1), 16) <= address < int(span.group(2), 16)
+        elif inside and ":" in line:
+            key, value = line.split(":", 1)
+            fields[key] = value.strip()
+    return fields
+
+
+def _cache(num_blocks: int = 64) -> KVCache:
+    layout = KVLayout(num_layers=4, num_kv_heads=3, head_dim=64, block_size=16, dtype=torch.bfloat16)
+    return KVCache(layout, num_blocks, torch.device("cpu"))  # 64 blocks: 6 MiB
+
+
+@pytest.mark.skipif(not THP_MODE.exists() or "[never]" in THP_MODE.read_text(),
+                    reason="this kernel offers no transparent huge pages")
+def test_the_cpu_kv_cache_asks_linux_for_huge_pages() -> None:
+    cache = _cache()
+    mapping = _mapping_of(cache.data.data_ptr())
+    # Where THP is "madvise" (as on most distributions) only memory that asked is eligible: torch's
+    # own allocation (malloc) is not.
+    assert mapping.get("THPeligible") == "1", mapping
+    assert cache.data.data_ptr() % (2 << 20) == 0
+
+
+def test_the_kv_cache_is_zeroed_outlives_its_region_handle_and_round_trips_blocks() -> None:
+    cache = _cache()
+    assert cache.data.is_contiguous() and tuple(cache.data.shape) == (4, 2, 64, 3, 16, 64)
+    assert not cache.data.any()
+    gc.collect()  # the tensor alone keeps the mapping alive
+    blocks = torch.randn(4, 2, 3, 3, 16, 64).bfloat16()
+    cache.import_([5, 63, 0], blocks)
+    assert torch.equal(cache.export([5, 63, 0]), blocks)
+    k, v = cache.layer(2)
+    assert torch.equal(k[63], blocks[2, 0, 1]) and torch.equal(v[0], blocks[2, 1, 2])
