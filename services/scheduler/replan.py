@@ -36,7 +36,7 @@ MOVED = 0.2  # a rate or mean length that moved this much (relative) since the l
 
 @dataclass(frozen=True)
 class PlanConfig:
-    profile: str | None  # None: the shipped profile
+    profile: str | None  # None: the shipped profile of this machine type (sweep.machine_profile)
     ttft_slo_s: float
     tpot_slo_s: float
     attainment: float

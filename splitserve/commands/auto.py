@@ -3,10 +3,10 @@
 Given SLOs and a workload (a preset such as `--workload w1`, which brings its SLOs, or lengths), the
 planner (splitserve/planner) simulates every placement of the launcher's cores (--cpus) in every
 mode, with every token budget and batch limit it searches, on the latency profile (--plan-profile,
-default: the shipped one of this machine type), and `up` starts the one with the most goodput at the
-attainment target: its mode, worker counts and cores per worker, token budget and batch limit. Ties
-go to fewer cores. With --adapt the scheduler then keeps re-planning for the lengths it sees, and
-`up` follows its recommendations.
+default: the shipped one of this machine type, `sweep.machine_profile`), and `up` starts the one with
+the most goodput at the attainment target: its mode, worker counts and cores per worker, token budget
+and batch limit. Ties go to fewer cores. With --adapt the scheduler then keeps re-planning for the
+lengths it sees, and `up` follows its recommendations.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from splitserve.planner.latency import load_profile
 from splitserve.planner.placements import Placement
 from splitserve.planner.plan import Evaluation, PlanSpec, plan
 from splitserve.planner.simulator import Mode
-from splitserve.planner.sweep import DEFAULT_PROFILE
+from splitserve.planner.sweep import machine_profile
 
 AUTO_NUM_REQUESTS = 300  # per simulated rate: a plan in 10-30 s on this machine
 AUTO_MODES = (Mode.DISAGGREGATED, Mode.COLOCATED, Mode.CHUNKED, Mode.LAYERED)
@@ -36,6 +36,7 @@ class AutoChoice:
     per_mode: dict[str, float]  # each mode's best goodput (req/s); 0 where nothing met the SLOs
     workload: str
     slo: Slo
+    profile: str  # the latency profile's file name
 
     @property
     def placement(self) -> Placement:
@@ -47,7 +48,7 @@ class AutoChoice:
         return (f"auto: {c.placement.mode.value}, {c.placement.describe()}, token budget {c.token_budget}, "
                 f"max {c.max_num_seqs} seqs: predicted goodput {self.best.max_rate:.3g} req/s for {self.workload} "
                 f"at TTFT <= {self.slo.ttft_s:g} s, TPOT <= {self.slo.tpot_s:g} s, {self.slo.target:.0%} attainment "
-                f"(each mode's best: {others} req/s)")
+                f"(each mode's best: {others} req/s; profile {self.profile})")
 
 
 def choose(args: argparse.Namespace, num_cores: int) -> AutoChoice:
@@ -57,7 +58,7 @@ def choose(args: argparse.Namespace, num_cores: int) -> AutoChoice:
         raise ValueError("--mode auto needs --ttft-slo and --tpot-slo (or a preset --workload, which sets them)")
     if args.device and args.device != "cpu":
         raise ValueError("--mode auto plans CPU cores; on GPUs use `splitserve plan` and deploy its placement")
-    path = Path(args.plan_profile) if args.plan_profile else DEFAULT_PROFILE
+    path = Path(args.plan_profile) if args.plan_profile else machine_profile()
     profile = load_profile(path)
     workload = get_workload(args.workload, args.input_len, args.output_len)
     slo = Slo(args.ttft_slo, args.tpot_slo, args.attainment)
@@ -73,7 +74,7 @@ def choose(args: argparse.Namespace, num_cores: int) -> AutoChoice:
                          f"loosen the SLOs or give a --mode")
     per_mode = {m.value: max((e.max_rate for e in result.evaluations if e.candidate.placement.mode is m),
                              default=0.0) for m in AUTO_MODES}
-    return AutoChoice(best, per_mode, workload.name, slo)
+    return AutoChoice(best, per_mode, workload.name, slo, path.name)
 
 
 def apply(choice: AutoChoice, args: argparse.Namespace) -> None:

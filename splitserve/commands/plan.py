@@ -29,7 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "attainment meets the target; rank by goodput per core (device). "
                                    "See docs/planner.md, 'Plan'.")
     p.add_argument("--profile", type=Path, default=None,
-                   help="latency profile JSON (default: the shipped profile of the project's 2-core machine)")
+                   help="latency profile JSON (default: the shipped profile of this machine type: "
+                        "its processor's, else the Sapphire Rapids VM's)")
     _add_search_args(p)
     _add_load_args(p)
     _add_slo_args(p)

@@ -32,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "written by `splitserve profile`. Prints the same report as `bench serve`, "
                                    "and with --output writes the same JSON.")
     p.add_argument("--profile", type=Path, default=None,
-                   help="latency profile JSON (default: the shipped profile of the project's 2-core machine)")
+                   help="latency profile JSON (default: the shipped profile of this machine type: "
+                        "its processor's, else the Sapphire Rapids VM's)")
     _add_cluster_args(p)
     _add_load_args(p)
     _add_slo_args(p)

@@ -13,7 +13,7 @@ from splitserve.commands.up import split_cpus
 from splitserve.planner.latency import Profile, load_profile
 from splitserve.planner.sim_engine import EngineSettings
 from splitserve.planner.simulator import DEFAULT_CHUNK_SIZE, DEFAULT_PREFILL_SLICE_MS, ClusterSpec, Mode
-from splitserve.planner.sweep import DEFAULT_PROFILE, SimulatedRun
+from splitserve.planner.sweep import SimulatedRun, machine_profile
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def simulated_run_from_args(args: argparse.Namespace) -> SimulateSetup:
     for path in (args.output, args.plot):
         if path is not None and not path.resolve().parent.is_dir():
             raise ValueError(f"{path}: its folder does not exist")
-    profile_path = args.profile or DEFAULT_PROFILE
+    profile_path = args.profile or machine_profile()
     profile = load_profile(profile_path)
     cluster, warnings = cluster_from_args(args, profile)
     if "placeholder" in profile.source.lower():

@@ -22,7 +22,7 @@ from splitserve.planner.latency import load_profile
 from splitserve.planner.placements import Placement
 from splitserve.planner.plan import DEFAULT_MODES, DEFAULTS, Planner, PlanSpec, plan
 from splitserve.planner.simulator import Mode
-from splitserve.planner.sweep import DEFAULT_PROFILE
+from splitserve.planner.sweep import machine_profile
 
 ONLINE_NUM_REQUESTS = 200  # per simulation: a plan within seconds on a busy 2-core machine
 
@@ -49,7 +49,7 @@ def recommend(profile_path: str | None, samples: list[tuple[int, int]], running:
     "running_goodput": req/s, or None when the running placement cannot be simulated} for the
     observed lengths within `resources` cores (or devices). Colocated workers, running or
     recommended, schedule as colocated_mode says (the cluster's: prefill first, chunked or layered)."""
-    path = Path(profile_path) if profile_path else DEFAULT_PROFILE
+    path = Path(profile_path) if profile_path else machine_profile()
     profile = load_profile(path)
     serve = ServeConfig(backend=BackendConfig("simulate", str(path), profile.model.name),
                         workload=observed_workload(samples), rates=(), num_requests=num_requests, seed=seed,

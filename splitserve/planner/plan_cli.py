@@ -24,11 +24,11 @@ from splitserve.planner.plan_output import describe, format_plan, unit
 from splitserve.planner.plan_writers import Deployable, compose_text, up_script, write_kustomize
 from splitserve.planner.sim_engine import EngineSettings
 from splitserve.planner.simulator import Mode
-from splitserve.planner.sweep import DEFAULT_PROFILE
+from splitserve.planner.sweep import machine_profile
 
 
 def plan_spec_from_args(args: argparse.Namespace) -> tuple[PlanSpec, list[str]]:
-    profile_path = args.profile or DEFAULT_PROFILE
+    profile_path = args.profile or machine_profile()
     profile = load_profile(profile_path)
     warnings = ([f"{profile_path} is a placeholder profile (see its 'source'), not a measured one"]
                 if "placeholder" in profile.source.lower() else [])

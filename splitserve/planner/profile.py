@@ -40,6 +40,7 @@ from splitserve.planner.latency import (
     fit_degree,
     fit_kv,
     load_profile,
+    processor_name,
     save_profile,
 )
 
@@ -206,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     kv = fit_kv(measure_kv(args.kv_transport, tokens, model.kv_bytes_per_token, args.repeat), args.kv_transport)
     degrees: dict[int, DegreeProfile] = {k: fit_degree(k, m["samples"]) for k, m in measured.items()}
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    machine = {"description": args.description or platform.node(), "processor": _processor(),
+    machine = {"description": args.description or platform.node(), "processor": processor_name(),
                "num_cores": len(cpus), "device": args.device, "torch": first["torch"], "measured_at": now}
     source = f"measured by `splitserve profile{' --quick' if args.quick else ''}` (repeat {args.repeat})"
     profile = Profile(source, machine, model, degrees, kv, Overheads(notes="defaults: not measured by profile"),
@@ -216,12 +217,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
-
-def _processor() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

@@ -9,8 +9,10 @@ The JSON is a `splitserve-bench-serve/1` document, so `bench plot`, `bench resco
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,11 +21,24 @@ from typing import Any
 from splitserve.bench.loadgen.config import ServeConfig
 from splitserve.bench.loadgen.metrics import format_report, summarize
 from splitserve.bench.loadgen.run import PointResult, result_json
-from splitserve.planner.latency import Profile
+from splitserve.planner.latency import Profile, processor_name
 from splitserve.planner.simulator import ClusterSpec, serve_requests, simulate
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
-DEFAULT_PROFILE = PROFILES_DIR / "cpu-2core.json"
+DEFAULT_PROFILE = PROFILES_DIR / "cpu-2core.json"  # the Sapphire Rapids VM the project was built on
+
+
+@functools.cache
+def machine_profile() -> Path:
+    """The shipped CPU profile of this machine type: one measured on a processor of this machine's
+    name (/proc/cpuinfo's model name), one of its core count first; DEFAULT_PROFILE where none was."""
+    name, cores = processor_name(), os.cpu_count()
+    matches = []
+    for path in sorted(PROFILES_DIR.glob("*.json")):
+        machine = json.loads(path.read_text()).get("machine", {})
+        if machine.get("device") == "cpu" and machine.get("processor") == name:
+            matches.append((machine.get("num_cores") != cores, path.name, path))
+    return min(matches)[2] if matches else DEFAULT_PROFILE
 
 
 @dataclass(frozen=True)
