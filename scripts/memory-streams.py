@@ -9,6 +9,8 @@ What docs/benchmarks.md's "Greedy rows below min_tokens", "bench engine after th
 "On AMD's Zen 5" figures for the decode attention and the GEMMs were measured with (SmolLM2-135M's
 shapes: 9 query heads over 3 KV heads of 64 dimensions, 16-token blocks; the best of --repeat passes).
 The sequential read is `bench engine`'s memory bandwidth, measured the same way (`measure_limits`).
+The caches are on 2 MiB pages as the engine's are since 2026-12-06; the figures measured before with
+4 KiB pages are `--pages small`.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def main() -> None:
 
     width = -(-args.context // BLOCK)
     num_blocks = args.batch * width
+
     def cache() -> torch.Tensor:
         values = torch.randn(num_blocks, KV_HEADS, BLOCK, HEAD_DIM).bfloat16()
         if args.pages == "small":

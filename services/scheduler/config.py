@@ -102,7 +102,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--plan-tpot-slo", type=positive_float, default=None, help="TPOT SLO in seconds")
     g.add_argument("--plan-attainment", type=positive_float, default=0.9,
                    help="fraction of requests that must meet both SLOs (default: 0.9)")
-    g.add_argument("--plan-profile", default=None, help="latency profile (default: the shipped one of this machine type)")
+    g.add_argument("--plan-profile", default=None,
+                   help="latency profile (default: the shipped one of this machine type)")
     g.add_argument("--plan-resources", type=positive_int, default=None,
                    help="cores (devices) a placement may use (default: what the running workers use)")
     g.add_argument("--replan-interval", type=positive_float, default=30.0,

@@ -35,7 +35,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="re-plan the placement for the workload seen of late and apply it: start the "
                         "recommended workers, then drain the ones they replace (needs --ttft-slo, --tpot-slo)")
     g.add_argument("--plan-profile", default=None,
-                   help="latency profile the scheduler plans with (default: the shipped profile of this machine type)")
+                   help="latency profile the scheduler plans with (default: the shipped profile of this "
+                        "machine type)")
     g.add_argument("--ttft-slo", type=positive_float, default=None, help="TTFT SLO in seconds, for planning")
     g.add_argument("--tpot-slo", type=positive_float, default=None, help="TPOT SLO in seconds, for planning")
     g.add_argument("--attainment", type=positive_float, default=0.9,

@@ -11,6 +11,7 @@ importing writes such a tensor into (other) block ids. Two processes agree on a 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 from dataclasses import dataclass
@@ -96,11 +97,15 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
 
     The decode attention reads each sequence's blocks wherever the block manager put them: with 4 KiB
     pages nearly every 6 KiB block is a TLB miss, and such reads stream from memory at about half the
-    rate of a sequential read (docs/benchmarks.md). The memory is touched here, as torch.zeros would.
+    rate of a sequential read (docs/benchmarks.md). The memory is touched here, as torch.zeros would
+    (with THP's `defrag` at `madvise`, a fragmented machine may compact memory for it first). Where
+    the kernel has no THP the pages stay small; where there is no anonymous mmap, torch.zeros.
     """
+    if not hasattr(mmap, "MAP_ANONYMOUS"):
+        return torch.zeros(shape, dtype=dtype)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    with contextlib.suppress(AttributeError, OSError):  # no MADV_HUGEPAGE, or a kernel without THP
         region.madvise(mmap.MADV_HUGEPAGE)
     flat = torch.frombuffer(region, dtype=torch.uint8)  # holds a reference to the region
     start = -flat.data_ptr() % HUGE_PAGE  # 2 MiB pages map only 2 MiB-aligned addresses

@@ -216,4 +216,3 @@ def run(args: argparse.Namespace) -> int:
     save_profile(profile, args.output)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
-

@@ -44,10 +44,16 @@ def cpu_flags() -> set[str]:
     return set(_cpuinfo_field("flags").split())
 
 
+ZEN5_FAMILY = 26
+
+
 def prefetch_into_l1() -> bool:
-    """Whether the decode attention prefetches K and V into L1: measured faster on AMD's Zen 5, slower
-    than into L2 on Intel's Sapphire Rapids (docs/benchmarks.md)."""
-    return _cpuinfo_field("vendor_id") == "AuthenticAMD"
+    """Whether the decode attention prefetches K and V into L1: measured faster on AMD's Zen 5 (CPU
+    family 26 and later), slower than into L2 on Intel's Sapphire Rapids (docs/benchmarks.md); L2
+    wherever it was not measured."""
+    family = _cpuinfo_field("cpu family")
+    return (_cpuinfo_field("vendor_id") == "AuthenticAMD" and family.isdigit()
+            and int(family) >= ZEN5_FAMILY)
 
 
 def kernels_enabled() -> bool:
