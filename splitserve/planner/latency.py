@@ -17,7 +17,6 @@ version, so a profile can also be written by hand, e.g. for a GPU from published
 from __future__ import annotations
 
 import json
-import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,17 +236,6 @@ def _degree_from_json(degree: int, data: dict[str, Any]) -> DegreeProfile:
                          _model_from_json(MixedModel, mixed) if mixed else None,
                          StepOverheads(**data.get("cluster", {})), data.get("samples", {}),
                          Contention(**data.get("contention", {})))
-
-
-def processor_name() -> str:
-    """This machine's processor as a profile records it: /proc/cpuinfo's model name."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_profile(path: str | Path) -> Profile:

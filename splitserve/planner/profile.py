@@ -29,6 +29,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from splitserve.common.cpuinfo import processor_name
 from splitserve.common.engine_args import format_cpus
 from splitserve.planner.latency import (
     STEP_KINDS,
@@ -40,7 +41,6 @@ from splitserve.planner.latency import (
     fit_degree,
     fit_kv,
     load_profile,
-    processor_name,
     save_profile,
 )
 

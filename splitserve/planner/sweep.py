@@ -21,7 +21,8 @@ from typing import Any
 from splitserve.bench.loadgen.config import ServeConfig
 from splitserve.bench.loadgen.metrics import format_report, summarize
 from splitserve.bench.loadgen.run import PointResult, result_json
-from splitserve.planner.latency import Profile, processor_name
+from splitserve.common.cpuinfo import processor_name
+from splitserve.planner.latency import Profile
 from splitserve.planner.simulator import ClusterSpec, serve_requests, simulate
 
 PROFILES_DIR = Path(__file__).parent / "profiles"

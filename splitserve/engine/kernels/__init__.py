@@ -17,6 +17,8 @@ from types import ModuleType
 
 import structlog
 
+from splitserve.common.cpuinfo import cpuinfo_field
+
 log = structlog.get_logger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_bf16.cpp")
@@ -28,20 +30,8 @@ CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512b
 LDFLAGS = ["-fopenmp"]
 
 
-def _cpuinfo_field(name: str) -> str:
-    """The first value of a /proc/cpuinfo field ("" where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    for line in text.splitlines():
-        if line.split(":", 1)[0].strip() == name:
-            return line.split(":", 1)[1].strip()
-    return ""
-
-
 def cpu_flags() -> set[str]:
-    return set(_cpuinfo_field("flags").split())
+    return set(cpuinfo_field("flags").split())
 
 
 ZEN5_FAMILY = 26
@@ -51,8 +41,8 @@ def prefetch_into_l1() -> bool:
     """Whether the decode attention prefetches K and V into L1: measured faster on AMD's Zen 5 (CPU
     family 26 and later), slower than into L2 on Intel's Sapphire Rapids (docs/benchmarks.md); L2
     wherever it was not measured."""
-    family = _cpuinfo_field("cpu family")
-    return (_cpuinfo_field("vendor_id") == "AuthenticAMD" and family.isdigit()
+    family = cpuinfo_field("cpu family")
+    return (cpuinfo_field("vendor_id") == "AuthenticAMD" and family.isdigit()
             and int(family) >= ZEN5_FAMILY)
 
 
