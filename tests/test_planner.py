@@ -141,7 +141,8 @@ def test_the_shipped_profile_is_measured_calibrated_and_covers_both_placements(p
     one, two = profile.degree(1), profile.degree(2)
     # Beside a busy core (measured), and the load-dependent CPU (measured on a loaded run).
     assert one.contention.notes.startswith("measured") and two.contention == Contention()
-    assert 0 < profile.overheads.aux_cpu_per_token < 0.01 and 0 < profile.overheads.kv_send_cpu_per_byte < 1e-7
+    o = profile.overheads
+    assert 0 < o.aux_cpu_per_token + o.aux_cpu_per_step < 0.01 and 0 < o.kv_send_cpu_per_byte < 1e-7
     assert one.prefill.seconds([512]) > two.prefill.seconds([512])  # one core is slower than two
     # A batch-1 step on one core: 8 ms on the AMD VM; on the Sapphire Rapids VM 20 ms on a normal day,
     # 35 ms on the slow day it was profiled.
@@ -412,6 +413,27 @@ def test_the_shared_services_cpu_comes_out_of_busy_cores_only():
     assert sorted(record.itls_s[-100:])[50] == pytest.approx(DECODE_S + 0.005, rel=0.02)
 
 
+def test_the_shared_services_cpu_per_step_and_per_request_is_charged_at_their_rates():
+    reqs = requests(*[(0.0, 100, 200)] * 4)  # four sequences decoding together on one worker, both cores
+    cluster = ClusterSpec(Mode.COLOCATED, prefill_degree=2)
+
+    def itl_p50(**aux) -> float:
+        profile = replace(make_profile(), overheads=replace(HOPS, **aux))
+        return sorted(simulate(profile, cluster, reqs)[0].itls_s[-100:])[50]
+
+    # Every step emits 4 tokens: 10 ms per step is the CPU of 2.5 ms per token. The step of 24 ms at
+    # batch 4 becomes t = 0.024 / (1 - 0.005 / t), t = 29 ms.
+    per_step = itl_p50(aux_cpu_per_step=0.01)
+    assert per_step == pytest.approx(itl_p50(aux_cpu_per_token=0.0025), rel=1e-6)
+    assert per_step == pytest.approx(DECODE_S + 0.003 + 0.005, rel=0.02)
+    # Admissions are charged in the second after them: four at once, 10 ms each, slow the steps of
+    # that second only.
+    profile = replace(make_profile(), overheads=replace(HOPS, aux_cpu_per_request=0.01))
+    base = simulate(make_profile(), cluster, reqs)[0]
+    admitted = simulate(profile, cluster, reqs)[0]
+    assert admitted.ttft_s > base.ttft_s and admitted.itls_s[-1] == pytest.approx(base.itls_s[-1])
+
+
 def test_the_gateway_refuses_beyond_max_pending():
     cluster = ClusterSpec(max_pending=3)
     records = simulate(make_profile(), cluster, requests(*[(0.0, 50, 4)] * 5))
@@ -669,3 +691,39 @@ def test_calibration_measures_the_load_dependent_cpu_from_a_loaded_run_s_account
     assert slower.ttft_ms.p50 > summarize(loaded).ttft_ms.p50
     with pytest.raises(SystemExit):
         calibrate.main(argv[:4] + ["--run", str(low[0])])  # --loaded without --cpu
+
+
+def test_calibration_prices_the_shared_cpu_per_request_and_per_step_from_two_loaded_runs(tmp_path, capsys):
+    from splitserve.planner import calibrate
+
+    profile = make_profile(cluster=StepOverheads(1.2, 0.003, prefill_s=0.01))
+    save_profile(profile, tmp_path / "profile.json")
+    cluster, slo = ClusterSpec(), {"ttft_s": 2.0, "tpot_s": 0.05, "target": 0.9}
+    argv = ["--profile", str(tmp_path / "profile.json"), "--write"]
+    for n in (256, 1024):  # two lengths: the low-load calibration gives back the profile's overheads
+        records = simulate(profile, cluster, requests(*[(5.0 * i, n, 64) for i in range(5)]))
+        _bench_serve_file(tmp_path / f"low-{n}.json", "disaggregated", records, slo)
+        argv += ["--run", str(tmp_path / f"low-{n}.json")]
+    # Two loaded runs: short outputs one at a time, long ones many at once. Their services spend 20 ms
+    # per request and 0.5 ms per step that emits tokens, whatever the tokens.
+    per_token = []
+    for name, reqs in (("short", requests(*[(0.5 * i, 200, 8) for i in range(60)])),
+                       ("long", requests(*[(0.1 * i, 50, 128) for i in range(60)]))):
+        _bench_serve_file(tmp_path / f"{name}.json", "disaggregated", simulate(profile, cluster, reqs), slo)
+        sim = Simulation(calibrate.without_load_terms(profile), cluster, reqs)
+        sim.run()
+        shared = 60 * 0.02 + sim.machine.num_emitting_steps * 0.0005
+        per_token.append(shared / sum(r.output_len for r in reqs))
+        account = {"processes_cpu_s": {"gateway": shared - 1.0, "redis": 1.0, "decode": 30.0,
+                                       "prefill": sim.scheduler.takers[0].engine.busy_s},
+                   "client_cpu_s": 0.0}
+        (tmp_path / f"{name}.cpu.json").write_text(json.dumps(account))
+        argv += ["--loaded", str(tmp_path / f"{name}.json"), "--cpu", str(tmp_path / f"{name}.cpu.json")]
+    assert per_token[0] > 3 * per_token[1]  # per token the two runs are far apart
+    assert calibrate.main(argv) == 0
+    o = load_profile(tmp_path / "profile.json").overheads
+    fitted = (o.aux_cpu_per_request, o.aux_cpu_per_step, o.aux_cpu_per_token)
+    assert fitted == pytest.approx((0.02, 0.0005, 0.0), rel=0.02, abs=1e-9)
+    assert "20.00 ms per request + 0.500 ms per step" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        calibrate.main(argv + ["--loaded", str(tmp_path / "long.json")])  # a --loaded without its --cpu

@@ -22,14 +22,21 @@ A disaggregated run calibrates its workers' degree from both servers (the prefil
 the prefill server, decode_s from the decode server); a colocated run, its one worker's degree.
 
 With --loaded RUN --cpu ACCOUNT (a disaggregated `bench serve` run under load, and the CPU each
-process used during it, from splitserve.planner.cpu_account), it also measures the two load-dependent
-terms of the cluster's CPU that low-load runs cannot show (sim_machine.py, SimEngine.charge):
+process used during it, from splitserve.planner.cpu_account; repeat both for more runs), it also
+measures the load-dependent terms of the cluster's CPU that low-load runs cannot show
+(sim_machine.py, SimEngine.charge). Each loaded run is simulated without them, for the requests
+it sent and the steps that emitted tokens in the simulation:
 
-- aux_cpu_per_token = (gateway + scheduler + Redis + load generator CPU) / output tokens;
-- kv_send_cpu_per_byte = (prefill server CPU - its steps' time in the simulation of the same
-  requests without these two terms) / KV bytes it sent.
+- the shared services' CPU (gateway + scheduler + Redis + load generator): with two runs or more
+  (of different output lengths or loads), aux_cpu_per_request and aux_cpu_per_step fitted to
+  requests and steps (relative least squares, non-negative): the services work per request and per
+  step (one publish, one read, one write per stream), not per token, so a run of long outputs at a
+  high batch costs far less per token than one of short outputs; with one run, aux_cpu_per_token =
+  CPU / output tokens, as before;
+- kv_send_cpu_per_byte = (prefill server CPU - its steps' time in the simulation) / KV bytes it sent,
+  over all the runs.
 
-The low-load overheads are calibrated first without them, the loaded run measured against that
+The low-load overheads are calibrated first without them, the loaded runs measured against that
 calibration, and the low-load overheads calibrated again with the terms in place.
 """
 
@@ -143,6 +150,8 @@ class LoadedRun:
     """What a loaded run's CPU accounting says of the cluster's load-dependent CPU."""
 
     name: str
+    requests: int  # sent
+    steps: int  # steps that emitted tokens, in the simulation without the load-dependent terms
     output_tokens: int
     shared_cpu_s: float  # gateway, scheduler, Redis and the load generator
     kv_bytes: int
@@ -154,18 +163,51 @@ class LoadedRun:
         return self.shared_cpu_s / self.output_tokens
 
     @property
-    def kv_send_cpu_per_byte(self) -> float:
-        return max(0.0, (self.prefill_cpu_s - self.prefill_steps_s) / self.kv_bytes)
+    def kv_send_cpu_s(self) -> float:
+        return self.prefill_cpu_s - self.prefill_steps_s
 
     def describe(self) -> str:
-        return (f"{self.name}: shared services {self.shared_cpu_s:.2f} CPU-s / {self.output_tokens} tokens = "
-                f"{self.aux_cpu_per_token * 1e3:.3f} ms per token; prefill server {self.prefill_cpu_s:.2f} CPU-s - "
-                f"simulated steps {self.prefill_steps_s:.2f} s = {self.prefill_cpu_s - self.prefill_steps_s:.2f} s "
-                f"/ {self.kv_bytes / 1e9:.3f} GB of KV = {self.kv_send_cpu_per_byte * 1e9:.2f} ns per byte")
+        return (f"{self.name}: shared services {self.shared_cpu_s:.2f} CPU-s for {self.requests} requests, "
+                f"{self.steps} steps, {self.output_tokens} tokens "
+                f"({self.aux_cpu_per_token * 1e3:.3f} ms per token); prefill server {self.prefill_cpu_s:.2f} "
+                f"CPU-s - simulated steps {self.prefill_steps_s:.2f} s = "
+                f"{self.kv_send_cpu_s:.2f} s for {self.kv_bytes / 1e9:.3f} GB of KV")
+
+
+@dataclass(frozen=True)
+class LoadTerms:
+    """The load-dependent terms the loaded runs give (Overheads' fields of the same names)."""
+
+    aux_cpu_per_request: float
+    aux_cpu_per_step: float
+    aux_cpu_per_token: float
+    kv_send_cpu_per_byte: float
+    fit: str = ""  # how well the shared services' terms fit the runs
+
+    def describe(self) -> str:
+        return (f"shared services {self.aux_cpu_per_request * 1e3:.2f} ms per request + "
+                f"{self.aux_cpu_per_step * 1e3:.3f} ms per step + "
+                f"{self.aux_cpu_per_token * 1e3:.3f} ms per token"
+                f"{self.fit}; KV sends {self.kv_send_cpu_per_byte * 1e9:.2f} ns per byte")
+
+
+def load_terms(runs: Sequence[LoadedRun]) -> LoadTerms:
+    """Per request and per step from two runs or more, per token from one (the module's docstring)."""
+    if not runs:
+        raise ValueError("no loaded run")
+    kv = max(0.0, sum(r.kv_send_cpu_s for r in runs) / sum(r.kv_bytes for r in runs))
+    if len(runs) == 1:
+        return LoadTerms(0.0, 0.0, runs[0].aux_cpu_per_token, kv)
+    (per_request, per_step), error = fit_linear([(r.requests, r.steps) for r in runs],
+                                                [r.shared_cpu_s for r in runs])
+    fit = f" (fit to {len(runs)} runs: mean error {error.mean_rel_error:.1%}, max {error.max_rel_error:.1%})"
+    return LoadTerms(per_request, per_step, 0.0, kv, fit)
 
 
 def without_load_terms(profile: Profile) -> Profile:
-    return replace(profile, overheads=replace(profile.overheads, aux_cpu_per_token=0.0, kv_send_cpu_per_byte=0.0))
+    return replace(profile, overheads=replace(profile.overheads, aux_cpu_per_request=0.0,
+                                              aux_cpu_per_step=0.0, aux_cpu_per_token=0.0,
+                                              kv_send_cpu_per_byte=0.0))
 
 
 def measure_loaded(profile: Profile, run: Path, cpu: Path) -> LoadedRun:
@@ -187,16 +229,20 @@ def measure_loaded(profile: Profile, run: Path, cpu: Path) -> LoadedRun:
         raise ValueError(f"{cpu}: no prefill server in the accounting")
     # CPU seconds of the steps: a worker on d cores keeps d torch threads busy while it steps.
     steps_cpu_s = sum(w.engine.busy_s * w.spec.degree.degree for w in sim.scheduler.takers)
-    return LoadedRun(str(run), tokens, sum(processes.get(k, 0.0) for k in SHARED_SERVICES) + account["client_cpu_s"],
-                     kv_bytes, processes["prefill"], steps_cpu_s)
+    shared_cpu_s = sum(processes.get(k, 0.0) for k in SHARED_SERVICES) + account["client_cpu_s"]
+    return LoadedRun(str(run), len(records), sim.machine.num_emitting_steps, tokens, shared_cpu_s, kv_bytes,
+                     processes["prefill"], steps_cpu_s)
 
 
-def with_load_terms(profile: Profile, loaded: LoadedRun) -> Profile:
+def with_load_terms(profile: Profile, runs: Sequence[LoadedRun]) -> Profile:
+    terms = load_terms(runs)
     notes = f"{profile.overheads.notes.split('; load-dependent')[0]}; load-dependent terms measured by " \
-            f"splitserve.planner.calibrate: {loaded.describe()}"
+            f"splitserve.planner.calibrate: {terms.describe()}; from " + "; ".join(r.describe() for r in runs)
     return replace(profile, overheads=replace(
-        profile.overheads, aux_cpu_per_token=round(loaded.aux_cpu_per_token, 7),
-        kv_send_cpu_per_byte=round(loaded.kv_send_cpu_per_byte, 13), notes=notes))
+        profile.overheads, aux_cpu_per_request=round(terms.aux_cpu_per_request, 6),
+        aux_cpu_per_step=round(terms.aux_cpu_per_step, 7),
+        aux_cpu_per_token=round(terms.aux_cpu_per_token, 7),
+        kv_send_cpu_per_byte=round(terms.kv_send_cpu_per_byte, 13), notes=notes))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,22 +251,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", type=Path, required=True)
     p.add_argument("--run", type=Path, action="append", required=True,
                    help="a low-load `bench serve --output` file, labelled with its mode")
-    p.add_argument("--loaded", type=Path, default=None,
-                   help="a disaggregated `bench serve --output` file under load (with --cpu)")
-    p.add_argument("--cpu", type=Path, default=None, help="the loaded run's splitserve.planner.cpu_account file")
+    p.add_argument("--loaded", type=Path, action="append", default=[],
+                   help="a disaggregated `bench serve --output` file under load (with --cpu); "
+                        "repeat for more runs")
+    p.add_argument("--cpu", type=Path, action="append", default=[],
+                   help="the loaded run's splitserve.planner.cpu_account file, one per --loaded, "
+                        "in their order")
     p.add_argument("--write", action="store_true", help="write the overheads into the profile")
     args = p.parse_args(argv)
     profile = load_profile(args.profile)
-    if (args.loaded is None) != (args.cpu is None):
-        p.error("--loaded and --cpu go together")
+    if len(args.loaded) != len(args.cpu):
+        p.error("--loaded and --cpu go together, one --cpu per --loaded")
     if args.loaded:
-        # The low-load overheads without the load terms first, so that the loaded run is measured
+        # The low-load overheads without the load terms first, so that the loaded runs are measured
         # against this calibration and not whatever the profile held; then again with the terms.
         profile = without_load_terms(profile)
         base = calibrate(profile, [load_run(path, profile) for path in args.run])
-        loaded = measure_loaded(base, args.loaded, args.cpu)
-        print(loaded.describe())
+        loaded = [measure_loaded(base, run, cpu) for run, cpu in zip(args.loaded, args.cpu)]
+        for run in loaded:
+            print(run.describe())
         profile = with_load_terms(base, loaded)
+        print(load_terms(loaded).describe())
     calibrated = calibrate(profile, [load_run(path, profile) for path in args.run])
     for degree, d in sorted(calibrated.degrees.items()):
         c = d.cluster

@@ -106,8 +106,14 @@ class Overheads:
     rpc_s: float = 0.0015  # one control RPC: Submit, PrefillDone, Release, RequestDone
     reply_s: float = 0.0021  # a step's end -> its token at the client (publish + gateway + stream)
     notes: str = ""
-    # CPU seconds the gateway, the scheduler, Redis and the load generator spend per output token;
-    # on a machine whose cores all run steps it comes out of the workers' (simulator.Machine)
+    # CPU seconds the gateway, the scheduler, Redis and the load generator spend per request the
+    # gateway admits, per worker step that emits tokens (each is one publish, one read by the gateway
+    # and one write to each of its streams, however many sequences it ran) and per output token; on a
+    # machine whose cores all run steps it comes out of the workers' (sim_machine.Machine). Measured
+    # on two loaded runs or more, the cost is per request and per step (calibrate.py); a profile
+    # calibrated on one run has it per token.
+    aux_cpu_per_request: float = field(default=0.0, kw_only=True)
+    aux_cpu_per_step: float = field(default=0.0, kw_only=True)
     aux_cpu_per_token: float = field(default=0.0, kw_only=True)
     # CPU seconds per byte a prefill server spends sending KV blocks, on its own cores: under load
     # the sends overlap its next steps (sim_engine.SimEngine.charge)

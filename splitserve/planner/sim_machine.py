@@ -2,10 +2,11 @@
 
 A step that starts while other workers are stepping runs slower by the profile's Contention (the
 cores share the memory system), scaled by the share of the other cores that are busy and by what
-they run. The gateway, the scheduler, Redis and the load generator do `aux_cpu_per_token` seconds of
-CPU work per output token; an idle core absorbs it, and what no idle core can take comes out of the
-cores that are stepping, in equal shares. Both are priced when a step starts, from who is stepping
-then and the token rate of the last second.
+they run. The gateway, the scheduler, Redis and the load generator do CPU work for every request
+admitted, every step that emits tokens and every output token (the profile's `aux_cpu_per_request`,
+`aux_cpu_per_step` and `aux_cpu_per_token`); an idle core absorbs it, and what no idle core can take
+comes out of the cores that are stepping, in equal shares. Both are priced when a step starts, from
+who is stepping then and the rates of the last second.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ MAX_STOLEN = 0.5  # no more than half a busy core goes to the shared services
 class Machine:
     def __init__(self, loop: EventLoop, num_cores: int, overheads: Overheads) -> None:
         self.loop, self.num_cores = loop, num_cores
-        self.aux_cpu_per_token = overheads.aux_cpu_per_token
+        self.overheads = overheads
         self.stepping: dict[SimEngine, str] = {}  # engine -> the kind of step it runs: prefill or decode
-        self._tokens: deque[tuple[float, int]] = deque()  # (step end, tokens), the last RATE_WINDOW_S
-        self._num_recent = 0
+        # (time, requests, steps, tokens) of the last RATE_WINDOW_S: admissions and token-emitting steps
+        self._events: deque[tuple[float, int, int, int]] = deque()
+        self._recent = [0, 0, 0]
+        self.num_emitting_steps = 0  # over the whole run: what calibrate.py prices the per-step CPU on
 
     def start(self, engine: SimEngine, kind: str, seconds: float) -> float:
         """A step of `kind` starts on `engine`: the time it takes on this machine now."""
@@ -40,8 +43,17 @@ class Machine:
     def end(self, engine: SimEngine, num_tokens: int) -> None:
         del self.stepping[engine]
         if num_tokens:
-            self._tokens.append((self.loop.now, num_tokens))
-            self._num_recent += num_tokens
+            self.num_emitting_steps += 1
+            self._count(0, 1, num_tokens)
+
+    def admit(self) -> None:
+        """The gateway admitted a request."""
+        self._count(1, 0, 0)
+
+    def _count(self, requests: int, steps: int, tokens: int) -> None:
+        self._events.append((self.loop.now, requests, steps, tokens))
+        for i, n in enumerate((requests, steps, tokens)):
+            self._recent[i] += n
 
     def slowdown(self, engine: SimEngine, kind: str) -> float:
         degree = engine.spec.degree
@@ -51,13 +63,17 @@ class Machine:
         if other_cores > 0:
             corun = sum(n * degree.contention.slowdown(kind, k) for n, k in others) / other_cores
         busy = degree.degree + sum(n for n, _ in others)
-        demand = self.aux_cpu_per_token * self.token_rate()  # cores' worth of shared-service work
+        demand = self.aux_demand()  # cores' worth of shared-service work
         stolen = min(MAX_STOLEN, max(0.0, demand - max(0, self.num_cores - busy)) / busy)
         return (1.0 + corun) / (1.0 - stolen)
 
-    def token_rate(self) -> float:
-        """Output tokens per second over the last RATE_WINDOW_S."""
+    def aux_demand(self) -> float:
+        """Cores the shared services need at the rates of the last RATE_WINDOW_S."""
         horizon = self.loop.now - RATE_WINDOW_S
-        while self._tokens and self._tokens[0][0] < horizon:
-            self._num_recent -= self._tokens.popleft()[1]
-        return self._num_recent / RATE_WINDOW_S
+        while self._events and self._events[0][0] < horizon:
+            for i, n in enumerate(self._events.popleft()[1:]):
+                self._recent[i] -= n
+        requests, steps, tokens = self._recent
+        o = self.overheads
+        return (o.aux_cpu_per_request * requests + o.aux_cpu_per_step * steps
+                + o.aux_cpu_per_token * tokens) / RATE_WINDOW_S

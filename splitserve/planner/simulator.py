@@ -224,6 +224,7 @@ class Client:
             self._close(rid, "400: prompt + max_tokens exceed the model's context", sim.loop.now, False)
         else:
             self.num_pending += 1
+            sim.machine.admit()
             sim.loop.after(sim.overheads.gateway_s, sim.scheduler.enqueue, rid)
 
     def token(self, rid: str, t: float, last: bool) -> None:
