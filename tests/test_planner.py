@@ -143,6 +143,8 @@ def test_the_shipped_profile_is_measured_calibrated_and_covers_both_placements(p
     assert one.contention.notes.startswith("measured") and two.contention == Contention()
     o = profile.overheads
     assert 0 < o.aux_cpu_per_token + o.aux_cpu_per_step < 0.01 and 0 < o.kv_send_cpu_per_byte < 1e-7
+    if o.aux_cpu_per_step:  # fitted to several loaded runs: per request too, and not per token
+        assert 0.001 < o.aux_cpu_per_request < 0.1 and o.aux_cpu_per_token == 0
     assert one.prefill.seconds([512]) > two.prefill.seconds([512])  # one core is slower than two
     # A batch-1 step on one core: 8 ms on the AMD VM; on the Sapphire Rapids VM 20 ms on a normal day,
     # 35 ms on the slow day it was profiled.

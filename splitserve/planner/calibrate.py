@@ -25,14 +25,17 @@ With --loaded RUN --cpu ACCOUNT (a disaggregated `bench serve` run under load, a
 process used during it, from splitserve.planner.cpu_account; repeat both for more runs), it also
 measures the load-dependent terms of the cluster's CPU that low-load runs cannot show
 (sim_machine.py, SimEngine.charge). Each loaded run is simulated without them, for the requests
-it sent and the steps that emitted tokens in the simulation:
+it admitted and the steps that emitted tokens in the simulation:
 
 - the shared services' CPU (gateway + scheduler + Redis + load generator): with two runs or more
   (of different output lengths or loads), aux_cpu_per_request and aux_cpu_per_step fitted to
-  requests and steps (relative least squares, non-negative): the services work per request and per
-  step (one publish, one read, one write per stream), not per token, so a run of long outputs at a
-  high batch costs far less per token than one of short outputs; with one run, aux_cpu_per_token =
-  CPU / output tokens, as before;
+  requests and steps (relative least squares, non-negative; no per-token term: with two runs the
+  two terms solve exactly, so use three or more to see the error): the services work per request
+  and per step (one publish, one read, one write per stream), not per token, so a run of long
+  outputs at a high batch costs far less per token than one of short outputs; with one run,
+  aux_cpu_per_token = CPU / output tokens, as before. The steps are counted in a simulation without
+  the terms, where they are a little more than with them (steps that run slower batch more); the
+  load generator's start-up is spread over the requests;
 - kv_send_cpu_per_byte = (prefill server CPU - its steps' time in the simulation) / KV bytes it sent,
   over all the runs.
 
@@ -150,7 +153,7 @@ class LoadedRun:
     """What a loaded run's CPU accounting says of the cluster's load-dependent CPU."""
 
     name: str
-    requests: int  # sent
+    requests: int  # admitted by the gateway, in the simulation (what the simulator charges)
     steps: int  # steps that emitted tokens, in the simulation without the load-dependent terms
     output_tokens: int
     shared_cpu_s: float  # gateway, scheduler, Redis and the load generator
@@ -185,10 +188,13 @@ class LoadTerms:
     fit: str = ""  # how well the shared services' terms fit the runs
 
     def describe(self) -> str:
-        return (f"shared services {self.aux_cpu_per_request * 1e3:.2f} ms per request + "
-                f"{self.aux_cpu_per_step * 1e3:.3f} ms per step + "
-                f"{self.aux_cpu_per_token * 1e3:.3f} ms per token"
-                f"{self.fit}; KV sends {self.kv_send_cpu_per_byte * 1e9:.2f} ns per byte")
+        if self.aux_cpu_per_token:
+            shared = f"{self.aux_cpu_per_token * 1e3:.3f} ms per token"
+        else:
+            shared = (f"{self.aux_cpu_per_request * 1e3:.2f} ms per request + "
+                      f"{self.aux_cpu_per_step * 1e3:.3f} ms per step")
+        kv = f"KV sends {self.kv_send_cpu_per_byte * 1e9:.2f} ns per byte"
+        return f"shared services {shared}{self.fit}; {kv}"
 
 
 def load_terms(runs: Sequence[LoadedRun]) -> LoadTerms:
@@ -200,7 +206,10 @@ def load_terms(runs: Sequence[LoadedRun]) -> LoadTerms:
         return LoadTerms(0.0, 0.0, runs[0].aux_cpu_per_token, kv)
     (per_request, per_step), error = fit_linear([(r.requests, r.steps) for r in runs],
                                                 [r.shared_cpu_s for r in runs])
-    fit = f" (fit to {len(runs)} runs: mean error {error.mean_rel_error:.1%}, max {error.max_rel_error:.1%})"
+    fit = " (solved from 2 runs: no error to show)"
+    if len(runs) > 2:
+        fit = (f" (fitted to {len(runs)} runs: mean error {error.mean_rel_error:.1%}, "
+               f"max {error.max_rel_error:.1%})")
     return LoadTerms(per_request, per_step, 0.0, kv, fit)
 
 
@@ -230,8 +239,8 @@ def measure_loaded(profile: Profile, run: Path, cpu: Path) -> LoadedRun:
     # CPU seconds of the steps: a worker on d cores keeps d torch threads busy while it steps.
     steps_cpu_s = sum(w.engine.busy_s * w.spec.degree.degree for w in sim.scheduler.takers)
     shared_cpu_s = sum(processes.get(k, 0.0) for k in SHARED_SERVICES) + account["client_cpu_s"]
-    return LoadedRun(str(run), len(records), sim.machine.num_emitting_steps, tokens, shared_cpu_s, kv_bytes,
-                     processes["prefill"], steps_cpu_s)
+    return LoadedRun(str(run), sim.machine.num_admitted, sim.machine.num_emitting_steps, tokens, shared_cpu_s,
+                     kv_bytes, processes["prefill"], steps_cpu_s)
 
 
 def with_load_terms(profile: Profile, runs: Sequence[LoadedRun]) -> Profile:

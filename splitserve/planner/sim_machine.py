@@ -32,7 +32,8 @@ class Machine:
         # (time, requests, steps, tokens) of the last RATE_WINDOW_S: admissions and token-emitting steps
         self._events: deque[tuple[float, int, int, int]] = deque()
         self._recent = [0, 0, 0]
-        self.num_emitting_steps = 0  # over the whole run: what calibrate.py prices the per-step CPU on
+        # over the whole run: what calibrate.py prices the per-request and per-step CPU on
+        self.num_admitted = self.num_emitting_steps = 0
 
     def start(self, engine: SimEngine, kind: str, seconds: float) -> float:
         """A step of `kind` starts on `engine`: the time it takes on this machine now."""
@@ -48,6 +49,7 @@ class Machine:
 
     def admit(self) -> None:
         """The gateway admitted a request."""
+        self.num_admitted += 1
         self._count(1, 0, 0)
 
     def _count(self, requests: int, steps: int, tokens: int) -> None:
