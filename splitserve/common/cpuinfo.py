@@ -3,20 +3,29 @@ choose their paths by, and what a planner profile records as the machine it was 
 
 from __future__ import annotations
 
+import functools
 import platform
 from pathlib import Path
 
 
-def cpuinfo_field(name: str) -> str:
-    """The first value of a /proc/cpuinfo field ("" where there is none)."""
+@functools.cache
+def _first_processor_fields() -> dict[str, str]:
+    """/proc/cpuinfo's fields, each as the first processor gives it, read once per process."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return ""
+        return {}
+    fields: dict[str, str] = {}
     for line in text.splitlines():
-        if line.split(":", 1)[0].strip() == name:
-            return line.split(":", 1)[1].strip()
-    return ""
+        key, colon, value = line.partition(":")
+        if colon:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpuinfo_field(name: str) -> str:
+    """The first value of a /proc/cpuinfo field ("" where there is none)."""
+    return _first_processor_fields().get(name, "")
 
 
 def processor_name() -> str:
