@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 from splitserve.engine.block_manager import BlockManager, OutOfBlocks, block_hashes, blocks_for, routing_key
@@ -7,21 +9,73 @@ def test_blocks_for_rounds_up():
     assert [blocks_for(n, 16) for n in (1, 15, 16, 17, 32, 33)] == [1, 1, 1, 2, 2, 3]
 
 
-def test_allocate_hands_out_ids_in_order():
+def test_allocate_starts_at_block_0_and_a_later_table_in_the_middle_of_the_free_extent():
     bm = BlockManager(num_blocks=8, block_size=4)
     assert bm.allocate("a", 5) == [0, 1]
-    assert bm.allocate("b", 4) == [2]
+    assert bm.allocate("b", 4) == [4]  # blocks 2-3 stay free for a to grow into, 5-7 for b
     assert bm.num_free_blocks == 5
     assert bm.block_table("a") == [0, 1]
 
 
-def test_free_returns_blocks_fifo_and_reuses_them():
-    bm = BlockManager(num_blocks=4, block_size=4)
-    bm.allocate("a", 8)  # 0, 1
-    bm.allocate("b", 4)  # 2
-    assert bm.free("a") == [0, 1]
-    assert bm.allocate("c", 12) == [3, 0, 1]
+def test_tables_growing_at_once_each_stay_one_run():
+    # The regression: free blocks handed out in the order they were freed interleave sequences that
+    # grow in the same steps (a: 0, 2, 4, 6; b: 1, 3, 5, 7), and the decode attention then reads
+    # every block of every sequence as a stream of its own.
+    bm = BlockManager(num_blocks=16, block_size=4)
+    bm.allocate("a", 4)
+    bm.allocate("b", 4)
+    for tokens in range(5, 17):
+        bm.grow("a", tokens)
+        bm.grow("b", tokens)
+    assert bm.block_table("a") == [0, 1, 2, 3]
+    assert bm.block_table("b") == [8, 9, 10, 11]
+
+
+def test_a_table_that_meets_another_starts_a_new_run_in_the_largest_free_extent():
+    bm = BlockManager(num_blocks=8, block_size=1)
+    bm.allocate("a", 1)
+    assert bm.allocate("b", 1) == [4]
+    bm.grow("a", 4)
+    assert bm.grow("a", 5) == [6]  # 4 is b's: the middle of the largest extent, 5-7
+    assert bm.block_table("a") == [0, 1, 2, 3, 6]
+
+
+def test_freed_blocks_join_their_neighbours_and_are_reused_in_runs():
+    bm = BlockManager(num_blocks=8, block_size=1)
+    assert bm.allocate("a", 3) == [0, 1, 2]
+    assert bm.allocate("b", 2) == [4, 5]
+    assert bm.free("a") == [0, 1, 2]  # joins the free block 3: 0-3 is one extent again
+    assert bm.allocate("c", 6) == [0, 1, 2, 3, 6, 7]  # larger than any extent: two runs
     assert bm.num_free_blocks == 0
+
+
+def test_random_churn_keeps_every_block_in_exactly_one_place():
+    rng = random.Random(7)
+    bm = BlockManager(num_blocks=64, block_size=4)
+    tokens: dict[str, int] = {}
+    for i in range(3000):
+        rid = rng.choice(list(tokens)) if tokens and rng.random() < 0.8 else f"r{i}"
+        try:
+            if rid not in tokens:
+                prompt = rng.randrange(1, 40)
+                bm.allocate(rid, prompt, block_hashes([rng.randrange(3)] * prompt, 4))
+                bm.cache(rid, block_hashes([0] * prompt, 4)[:1])
+                tokens[rid] = prompt
+            elif rng.random() < 0.1:
+                bm.free(rid)
+                del tokens[rid]
+            else:
+                bm.grow(rid, tokens[rid] + 1)
+                tokens[rid] += 1
+        except OutOfBlocks:
+            pass
+        held = [b for r in tokens for b in bm.block_table(r)]
+        free = [b for first, n in bm._extents.items() for b in range(first, first + n)]
+        assert len(set(free)) == len(free) == bm._num_free
+        assert not set(free) & (set(held) | set(bm._unheld))
+        assert set(free) | set(held) | set(bm._unheld) == set(range(64))
+        assert bm.num_free_blocks == 64 - len(set(held))
+        assert all(first + n not in bm._extents for first, n in bm._extents.items())  # joined
 
 
 def test_grow_adds_a_block_only_at_the_boundary():
@@ -89,7 +143,7 @@ def test_a_freed_prompts_full_blocks_are_reused_by_an_equal_prefix():
     assert bm.num_free_blocks == 8 and bm.num_cached_blocks == 2
     hashes = block_hashes(list(range(10)) + [50, 51], 4)
     assert bm.cached_prefix(hashes) == [0, 1]
-    assert bm.allocate("b", 12, hashes) == [0, 1, 3]  # block 2 held no full block: it was freed plainly
+    assert bm.allocate("b", 12, hashes) == [0, 1, 2]  # block 2 held no full block: freed plainly, reused
     assert (bm.stats.queries, bm.stats.hits) == (10 + 12, 8)
 
 
@@ -98,7 +152,7 @@ def test_a_partial_hit_stops_at_the_first_block_that_differs():
     _cached_request(bm, "a", list(range(12)))
     bm.free("a")
     tokens = list(range(4)) + [99] * 8
-    assert bm.allocate("b", 12, block_hashes(tokens, 4)) == [0, 3, 4]
+    assert bm.allocate("b", 12, block_hashes(tokens, 4)) == [0, 4, 5]  # 1 and 2 stay cached
     assert (bm.stats.queries, bm.stats.hits) == (24, 4)
 
 
@@ -106,7 +160,7 @@ def test_a_block_shared_by_many_requests_stays_held_until_the_last_frees_it():
     bm = BlockManager(num_blocks=6, block_size=4)
     _cached_request(bm, "a", list(range(8)))
     tables = [_cached_request(bm, r, list(range(8)) + [i]) for i, r in enumerate(["b", "c"])]
-    assert tables == [[0, 1, 2], [0, 1, 3]]
+    assert tables == [[0, 1, 2], [0, 1, 4]]
     assert bm.num_free_blocks == 2
     bm.free("a")
     bm.free("b")
@@ -169,7 +223,7 @@ def test_salted_prefixes_never_share_a_block():
     bm = BlockManager(num_blocks=8, block_size=4)
     tokens = list(range(12))
     _cached_request(bm, "a", tokens, salt="alice")
-    assert _cached_request(bm, "b", tokens, salt="bob") == [3, 4, 5]
+    assert _cached_request(bm, "b", tokens, salt="bob") == [4, 5, 6]
     assert bm.cached_prefix(block_hashes(tokens, 4)) == []  # nor with an unsalted request
 
 
@@ -182,4 +236,4 @@ def test_reset_forgets_every_prefix_and_frees_the_unheld_blocks():
     assert bm.num_cached_blocks == 0 and bm.num_free_blocks == 3
     assert bm.cached_prefix(block_hashes(list(range(8)), 4)) == []
     bm.free("b")
-    assert bm.allocate("c", 16) == [3, 1, 0, 2]
+    assert bm.allocate("c", 16) == [0, 1, 2, 3]  # one run again

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -60,11 +60,19 @@ class BlockManager:
     """Hands out fixed-size KV blocks to requests and takes them back; keeps full prompt blocks cached.
 
     A block is free, held (by one or more requests' tables: a reference count), or cached and
-    unheld. Blocks with no cached content are reused in the order they were freed (FIFO), starting
-    from ids 0..num_blocks-1, so allocation order is deterministic and testable. With caching on, a
-    full block whose hash was registered (cache()) keeps its content when its last holder frees it,
-    and is taken back (its hash forgotten) only when no plain free block is left, least recently
-    used first. A request's blocks are released tail first, so a shared prefix outlives its suffixes.
+    unheld. Free blocks are kept as extents (runs of consecutive ids), and a table is kept in runs:
+    the decode attention reads a run as one stream, where blocks scattered over the cache cost a
+    step at 1,024 tokens of context a quarter to a third more (docs/benchmarks.md, "Scattered
+    blocks"). So a table takes the block after its last one while that is free; otherwise it starts a
+    new run in the largest free extent, at its start when it starts the cache, else in its middle,
+    leaving the first half to the table that ends just before it (many sequences grow at once, and
+    taking the next free block each would interleave them). Ties go to the extent freed first, so
+    allocation is deterministic and testable.
+
+    With caching on, a full block whose hash was registered (cache()) keeps its content when its
+    last holder frees it, and is taken back (its hash forgotten) only when no plain free block is
+    left, least recently used first. A request's blocks are released tail first, so a shared prefix
+    outlives its suffixes.
     """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
@@ -72,7 +80,9 @@ class BlockManager:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self._extents: dict[int, int] = {0: num_blocks}  # free runs: first block -> length
+        self._extent_ending: dict[int, int] = {num_blocks: 0}  # the other way: one past the last -> first
+        self._num_free = num_blocks  # blocks in the extents
         self._tables: dict[str, list[int]] = {}
         self._refs = [0] * num_blocks
         self._cached: dict[bytes, int] = {}  # block hash -> the block holding it
@@ -88,7 +98,7 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         """Blocks an allocation can take: plain free ones and cached ones no request holds."""
-        return len(self._free) + len(self._unheld)
+        return self._num_free + len(self._unheld)
 
     @property
     def num_used_blocks(self) -> int:
@@ -143,7 +153,8 @@ class BlockManager:
             self.stats.hits += len(hits) * self.block_size
         for block in hits:
             self._hold(block)
-        self._tables[request_id] = hits + self._take(blocks_for(num_tokens, self.block_size) - len(hits))
+        fresh = self._take(blocks_for(num_tokens, self.block_size) - len(hits), hits[-1] if hits else None)
+        self._tables[request_id] = hits + fresh
         return self._tables[request_id]
 
     def cache(self, request_id: str, hashes: Sequence[bytes]) -> None:
@@ -164,8 +175,9 @@ class BlockManager:
 
     def grow(self, request_id: str, num_tokens: int) -> list[int]:
         """Extend a request's table so it can hold num_tokens tokens; returns the new block ids."""
-        new_ids = self._take(self.num_blocks_needed(request_id, num_tokens))
-        self._tables[request_id].extend(new_ids)
+        table = self._tables[request_id]
+        new_ids = self._take(self.num_blocks_needed(request_id, num_tokens), table[-1] if table else None)
+        table.extend(new_ids)
         return new_ids
 
     def free(self, request_id: str) -> list[int]:
@@ -178,14 +190,17 @@ class BlockManager:
         for block in block_ids:
             self._refs[block] -= 1
         released = [b for b in block_ids if self._refs[b] == 0]
-        self._free.extend(b for b in released if b not in self._hash_of)
+        for block in released:
+            if block not in self._hash_of:
+                self._release(block)
         self._unheld.update((b, None) for b in reversed(released) if b in self._hash_of)
         return block_ids
 
     def reset_cache(self) -> int:
         """Forget every cached hash (held blocks stay with their requests); returns how many."""
         forgotten = len(self._cached)
-        self._free.extend(self._unheld)
+        for block in self._unheld:
+            self._release(block)
         self._unheld.clear()
         self._cached.clear()
         self._hash_of.clear()
@@ -196,17 +211,56 @@ class BlockManager:
         self._refs[block] += 1
         self._unheld.pop(block, None)
 
-    def _take(self, n: int) -> list[int]:
+    def _take(self, n: int, after: int | None = None) -> list[int]:
+        """n blocks, continuing the run that ends at block after where its next blocks are free;
+        cached unheld blocks (least recently used first) only once no plain free block is left."""
         if n > self.num_free_blocks:
             raise OutOfBlocks(f"need {n} blocks, {self.num_free_blocks} free")
-        taken = []
-        for _ in range(n):
-            if self._free:
-                block = self._free.popleft()
-            else:  # evict the least recently used cached block
-                block, _ = self._unheld.popitem(last=False)
-                del self._cached[self._hash_of.pop(block)]
-                self.version += 1
-            self._refs[block] = 1
+        taken: list[int] = []
+        while len(taken) < n and self._extents:
+            last = taken[-1] if taken else after
+            want = n - len(taken)
+            if last is not None and last + 1 in self._extents:
+                first, offset = last + 1, 0
+                count = min(want, self._extents[first])
+            else:
+                first = max(self._extents, key=self._extents.__getitem__)
+                count = min(want, self._extents[first])
+                offset = 0 if first == 0 else (self._extents[first] - count) // 2
+            self._carve(first, offset, count)
+            taken.extend(range(first + offset, first + offset + count))
+        while len(taken) < n:  # evict the least recently used cached block
+            block, _ = self._unheld.popitem(last=False)
+            del self._cached[self._hash_of.pop(block)]
+            self.version += 1
             taken.append(block)
+        for block in taken:
+            self._refs[block] = 1
         return taken
+
+    def _carve(self, first: int, offset: int, count: int) -> None:
+        """Take blocks first + offset .. + count out of the free extent that starts at first."""
+        length = self._extents.pop(first)
+        del self._extent_ending[first + length]
+        self._num_free -= count
+        if offset:
+            self._extents[first] = offset
+            self._extent_ending[first + offset] = first
+        rest = length - offset - count
+        if rest:
+            self._extents[first + offset + count] = rest
+            self._extent_ending[first + length] = first + offset + count
+
+    def _release(self, block: int) -> None:
+        """Put a block back into the free extents, joining the extents either side of it."""
+        first, length = block, 1
+        left = self._extent_ending.pop(block, None)
+        if left is not None:
+            first, length = left, self._extents.pop(left) + 1
+        right = self._extents.pop(block + 1, None)
+        if right is not None:
+            del self._extent_ending[block + 1 + right]
+            length += right
+        self._extents[first] = length
+        self._extent_ending[first + length] = first
+        self._num_free += 1
