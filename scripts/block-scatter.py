@@ -23,6 +23,7 @@ import argparse
 import os
 import random
 from collections import deque
+from itertools import pairwise
 
 SHAPES = ((32, 1024), (64, 1024), (8, 1024), (32, 256))  # (batch, context)
 
@@ -80,7 +81,7 @@ def churned_tables(blocks, batch: int, context: int, seed: int) -> tuple[list[li
 
 
 def mean_run(tables: list[list[int]]) -> float:
-    runs = sum(1 + sum(b != a + 1 for a, b in zip(t, t[1:])) for t in tables)
+    runs = sum(1 + sum(b != a + 1 for a, b in pairwise(t)) for t in tables)
     return sum(len(t) for t in tables) / runs
 
 
@@ -122,7 +123,8 @@ def main() -> None:
                 for s in seqs:
                     s.output_token_ids.append(5)
                     s.num_computed_tokens = s.num_tokens - 1
-                step = best_time(lambda: runner.greedy(runner.decode(seqs, tables[name])).tolist(),
+                table = tables[name]
+                step = best_time(lambda s=seqs, t=table: runner.greedy(runner.decode(s, t)).tolist(),
                                  runner.device, args.steps)
                 ms.append(round(step * 1e3, 1))
             print(f"round {r + 1}, {name}: {ms} ms")

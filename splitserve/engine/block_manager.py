@@ -9,7 +9,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-
 MAX_CACHE_SALT_CHARS = 256  # a request's cache_salt; the gateway refuses longer ones with HTTP 400
 
 
