@@ -102,13 +102,22 @@ torch::Tensor pack_weight(torch::Tensor w) {
 inline void store_out(bf16* p, __m512 v, __mmask16 mask) { store_bf16x16(p, v, mask); }
 inline void store_out(float* p, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(p, mask, v); }
 
+// A tile's row blocks each read it whole, the first from memory. From kPrefetchBlocks row blocks on,
+// each block also prefetches its share of the next tile into L2, spread over its K loop, so that read
+// overlaps this tile's arithmetic instead of stalling the next tile's first block: 32-row GEMMs over
+// a model's weights 20% faster (docs/benchmarks.md). With fewer blocks it costs more than it hides.
+constexpr int64_t kPrefetchBlocks = 3;
+
 template <int MB, typename Out>
 void gemm_block(const uint32_t* x, int64_t ldx, const bf16* tile, int64_t k2, const float* bias,
-                Out* out, int64_t ldo, int64_t ncols) {
+                Out* out, int64_t ldo, int64_t ncols, const char* prefetch, int64_t prefetch_lines) {
   __m512 acc[MB][4];
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+  int64_t line = 0;
   for (int64_t kk = 0; kk < k2; ++kk) {
+    for (; line < prefetch_lines && line * k2 < (kk + 1) * prefetch_lines; ++line)
+      _mm_prefetch(prefetch + line * 64, _MM_HINT_T1);
     const __m512i* wp = reinterpret_cast<const __m512i*>(tile + kk * kTileN * 2);
     __m512bh w[4];
     for (int j = 0; j < 4; ++j) {
@@ -128,22 +137,35 @@ void gemm_block(const uint32_t* x, int64_t ldx, const bf16* tile, int64_t k2, co
 }
 
 template <typename Out>
-using BlockFn = void (*)(const uint32_t*, int64_t, const bf16*, int64_t, const float*, Out*, int64_t, int64_t);
+using BlockFn = void (*)(const uint32_t*, int64_t, const bf16*, int64_t, const float*, Out*, int64_t, int64_t,
+                         const char*, int64_t);
 template <typename Out>
 constexpr BlockFn<Out> kBlocks[kRowBlock + 1] = {nullptr, gemm_block<1, Out>, gemm_block<2, Out>, gemm_block<3, Out>,
                                                  gemm_block<4, Out>, gemm_block<5, Out>, gemm_block<6, Out>};
 
 // One thread's share: rows [r0, r1) of x (k2 K-pairs each, row stride ldx in pairs) against weight
-// tiles [t0, t1) of a packed weight whose tiles hold tile_k2 K-pairs (k2 <= tile_k2).
+// tiles [t0, t1) of a packed weight whose tiles hold tile_k2 K-pairs (k2 <= tile_k2), in row blocks
+// as equal as they can be. With prefetch on, each tile's blocks prefetch the next tile, and the last
+// tile's the one at after (the tile this thread takes next, or nullptr).
 template <typename Out>
 void gemm_rows(const uint32_t* x, int64_t ldx, int64_t r0, int64_t r1, const bf16* packed, int64_t tile_k2,
-               int64_t k2, int64_t t0, int64_t t1, int64_t n, const float* bias, Out* out, int64_t ldo) {
+               int64_t k2, int64_t t0, int64_t t1, int64_t n, const float* bias, Out* out, int64_t ldo,
+               bool prefetch = false, const bf16* after = nullptr) {
+  const int64_t blocks = (r1 - r0 + kRowBlock - 1) / kRowBlock;
+  const int64_t lines = k2 * kTileN * 2 * static_cast<int64_t>(sizeof(bf16)) / 64;  // of one tile
+  const int64_t share = prefetch && blocks >= kPrefetchBlocks ? lines / blocks : 0;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t col = t * kTileN, ncols = std::min(kTileN, n - col);
     const bf16* tile = packed + t * tile_k2 * kTileN * 2;
-    for (int64_t r = r0; r < r1; r += kRowBlock) {
-      const int64_t rows = std::min(kRowBlock, r1 - r);
-      kBlocks<Out>[rows](x + r * ldx, ldx, tile, k2, bias ? bias + col : nullptr, out + r * ldo + col, ldo, ncols);
+    const bf16* next_tile = t + 1 < t1 ? tile + tile_k2 * kTileN * 2 : after;
+    const char* next = share && next_tile ? reinterpret_cast<const char*>(next_tile) : nullptr;
+    int64_t r = r0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t rows = (r1 - r + blocks - b - 1) / (blocks - b);
+      const int64_t block_lines = next ? (b + 1 < blocks ? share : lines - b * share) : 0;
+      kBlocks<Out>[rows](x + r * ldx, ldx, tile, k2, bias ? bias + col : nullptr, out + r * ldo + col, ldo, ncols,
+                         next ? next + b * share * 64 : nullptr, block_lines);
+      r += rows;
     }
   }
 }
@@ -330,7 +352,8 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor packed, int64_t n, c10::option
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t g = item / tiles, t = item % tiles;
       const int64_t r0 = g * group_rows, r1 = std::min(m, r0 + group_rows);
-      if (r0 < r1) gemm_rows<bf16>(xp, k2, r0, r1, wp, k2, k2, t, t + 1, n, b, op, n);
+      const bf16* after = item + 1 < i1 && t + 1 < tiles ? wp + (t + 1) * k2 * kTileN * 2 : nullptr;
+      if (r0 < r1) gemm_rows<bf16>(xp, k2, r0, r1, wp, k2, k2, t, t + 1, n, b, op, n, true, after);
     }
   });
   return out;
