@@ -4,7 +4,7 @@
 
 Builds splitserve/engine/kernels/cpu_bf16.cpp as it was at the baseline revision (git show) beside
 this tree's, checks both give the same bits, and times, alternated in one process on cores 0-1 with
-two threads, one decode step's GEMMs of SmolLM2-135M's shapes (30 layers' QKV, O, gate-up and down
+two threads (or on core 1 with one: --threads 1), one decode step's GEMMs of SmolLM2-135M's shapes (30 layers' QKV, O, gate-up and down
 projections, each layer its own random weights so they stream from memory as in a step, and the LM
 head): the best of five, in ms and GFLOP/s (docs/benchmarks.md, "The GEMM's next tile").
 """
@@ -28,15 +28,17 @@ def main() -> None:
     p.add_argument("--baseline", required=True, help="the git revision whose kernels to compare against")
     p.add_argument("--rows", default="1,8,16,32,64,128", help="row counts (default: 1,8,16,32,64,128)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of every row count (default: 2)")
+    p.add_argument("--threads", type=int, choices=(1, 2), default=2,
+                   help="torch threads, pinned to cores 0-1 or (one) to core 1, as a one-core worker (default: 2)")
     args = p.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
-    os.sched_setaffinity(0, [0, 1])
+    os.sched_setaffinity(0, [0, 1] if args.threads == 2 else [1])
     import torch
     from torch.utils import cpp_extension
 
     from splitserve.engine.kernels import CFLAGS, LDFLAGS, SOURCE, load_cpu_kernels
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     new = load_cpu_kernels()
     if new is None:
         sys.exit("the compiled kernels do not run on this CPU")
