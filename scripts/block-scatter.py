@@ -13,7 +13,8 @@ cores 0-1 with two torch threads:
 - fifo: the allocator before runs were kept (free blocks reused in the order they were freed);
 - runs: the engine's BlockManager (a table continues its run while the next block is free).
 
-It prints the mean blocks per run of each layout and each round's step times in ms
+It prints the mean blocks per run of each layout, what each allocator's churn cost per sequence
+per step (pure Python, no engine), and each round's step times in ms
 (docs/benchmarks.md, "Scattered blocks").
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import time
 from collections import deque
 from itertools import pairwise
 
@@ -59,7 +61,7 @@ def churned_tables(blocks, batch: int, context: int, seed: int) -> tuple[list[li
     prompt, output = context * 3 // 4, context // 2
     rng = random.Random(seed)
     live: dict[str, list[int]] = {}  # request -> [tokens, tokens still to decode]
-    for i in range(batch):  # staggered: each has decoded a random part of its output
+    for i in range(batch):  # staggered: each has a random part of its output still to decode
         live[f"s{i}"] = [prompt + 1, output - rng.randrange(output)]
         blocks.allocate(f"s{i}", prompt + 1)
     arrived = batch
@@ -105,14 +107,19 @@ def main() -> None:
         print(next(line.strip() for line in f if line.startswith("AnonHugePages")), f"({num_blocks} blocks)")
     layouts = {}
     for batch, context in SHAPES:
+        start = time.perf_counter()
         runs_tables, lengths = churned_tables(BlockManager(num_blocks, block_size), batch, context, seed=batch)
+        runs_us = (time.perf_counter() - start) / (3 * (context // 2) * batch) * 1e6
+        start = time.perf_counter()
         fifo_tables, fifo_lengths = churned_tables(FifoBlocks(num_blocks, block_size), batch, context, seed=batch)
+        fifo_us = (time.perf_counter() - start) / (3 * (context // 2) * batch) * 1e6
         assert fifo_lengths == lengths
         fresh = BlockManager(num_blocks, block_size)
         fresh_tables = [fresh.allocate(f"f{i}", n) for i, n in enumerate(lengths)]
         layouts[batch, context] = lengths, {"fresh": fresh_tables, "fifo": fifo_tables, "runs": runs_tables}
         print(f"{batch} x {context} (lengths {min(lengths)}-{max(lengths)}): mean blocks per run",
-              {name: round(mean_run(t), 1) for name, t in layouts[batch, context][1].items()})
+              {name: round(mean_run(t), 1) for name, t in layouts[batch, context][1].items()},
+              f"; churn, us per sequence per step: fifo {fifo_us:.2f}, runs {runs_us:.2f}")
     runner = engine.runner
     for r in range(args.rounds):
         for name in ("fresh", "fifo", "runs"):

@@ -6,7 +6,7 @@ Builds splitserve/engine/kernels/cpu_bf16.cpp as it was at the baseline revision
 this tree's, checks both give the same bits, and times, alternated in one process on cores 0-1 with
 two threads (or on core 1 with one: --threads 1), one decode step's GEMMs of SmolLM2-135M's shapes (30 layers' QKV, O, gate-up and down
 projections, each layer its own random weights so they stream from memory as in a step, and the LM
-head): the best of five, in ms and GFLOP/s (docs/benchmarks.md, "The GEMM's next tile").
+head): the best of five, in ms and GFLOP/s. Both run the AVX512 path, AMX or not (docs/benchmarks.md, "The GEMM's next tile").
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def main() -> None:
     new = load_cpu_kernels()
     if new is None:
         sys.exit("the compiled kernels do not run on this CPU")
+    new.set_amx(False)  # the baseline build never asks for AMX: both time the AVX512 path
     repo = SOURCE.parents[3]
     text = subprocess.run(["git", "show", f"{args.baseline}:{SOURCE.relative_to(repo)}"], cwd=repo,
                           capture_output=True, text=True, check=True).stdout

@@ -1,4 +1,5 @@
 import random
+from collections import Counter
 
 import pytest
 
@@ -69,13 +70,36 @@ def test_random_churn_keeps_every_block_in_exactly_one_place():
                 tokens[rid] += 1
         except OutOfBlocks:
             pass
-        held = [b for r in tokens for b in bm.block_table(r)]
+        held = Counter(b for r in tokens for b in bm.block_table(r))
+        assert all(bm._refs[b] == count for b, count in held.items())  # no block in two tables unshared
+        assert all(bm._refs[b] == 0 for b in range(64) if b not in held)
         free = [b for first, n in bm._extents.items() for b in range(first, first + n)]
         assert len(set(free)) == len(free) == bm._num_free
         assert not set(free) & (set(held) | set(bm._unheld))
         assert set(free) | set(held) | set(bm._unheld) == set(range(64))
-        assert bm.num_free_blocks == 64 - len(set(held))
+        assert bm.num_free_blocks == 64 - len(held)
+        assert bm._extent_ending == {first + n: first for first, n in bm._extents.items()}
         assert all(first + n not in bm._extents for first, n in bm._extents.items())  # joined
+
+
+def test_a_take_past_the_free_extents_evicts_cached_blocks_least_recently_used_first():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    assert _cached_request(bm, "a", list(range(8))) == [0, 1]
+    bm.free("a")  # 0 and 1 stay cached; a's tail, 1, is the least recently used
+    assert bm.allocate("c", 12) == [2, 3, 1]  # the free extent first, then one eviction
+    assert bm.cached_prefix(block_hashes(list(range(8)), 4)) == [0]
+    assert bm.num_cached_blocks == 1 and bm.num_free_blocks == 1
+
+
+def test_a_grow_past_the_free_blocks_leaves_every_structure_as_it_was():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    bm.allocate("a", 8)
+    bm.allocate("b", 4)
+    before = (dict(bm._extents), dict(bm._extent_ending), list(bm._refs), bm.block_table("a")[:])
+    with pytest.raises(OutOfBlocks):
+        bm.grow("a", 17)  # 3 more blocks, 1 free
+    assert (dict(bm._extents), dict(bm._extent_ending), list(bm._refs), bm.block_table("a")) == before
+    assert bm.grow("a", 9) == [3]  # the one free block: 2 is b's
 
 
 def test_grow_adds_a_block_only_at_the_boundary():

@@ -60,12 +60,14 @@ class BlockManager:
 
     A block is free, held (by one or more requests' tables: a reference count), or cached and
     unheld. Free blocks are kept as extents (runs of consecutive ids), and a table is kept in runs:
-    the decode attention reads a run as one stream, where blocks scattered over the cache cost a
-    step at 1,024 tokens of context a quarter to a third more (docs/benchmarks.md, "Scattered
-    blocks"). So a table takes the block after its last one while that is free; otherwise it starts a
-    new run in the largest free extent, at its start when it starts the cache, else in its middle,
-    leaving the first half to the table that ends just before it (many sequences grow at once, and
-    taking the next free block each would interleave them). Ties go to the extent freed first, so
+    the decode attention reads a run as one stream, where the tables of a free list that reused
+    blocks first freed, first taken cost a decode step at 1,024 tokens of context 16-25% more after
+    churn (docs/benchmarks.md, "Tables kept in runs"). So a table takes the block after its last one
+    while that is free; otherwise it starts a new run in the largest free extent, at its start when
+    it starts the cache, else in its middle, leaving the first half to the table that ends just
+    before it (many sequences grow at once, and taking the next free block each would interleave
+    them). Finding the largest extent scans them all (as many as the gaps between held runs), only
+    when a run starts. Among equal extents the one whose entry was written first wins, so
     allocation is deterministic and testable.
 
     With caching on, a full block whose hash was registered (cache()) keeps its content when its
@@ -182,7 +184,7 @@ class BlockManager:
     def free(self, request_id: str) -> list[int]:
         """Release a request's blocks, tail first; returns its table. Unknown ids free nothing.
 
-        A block no one else holds goes back to the free list, or, if it is cached, stays cached
+        A block no one else holds goes back to the free extents, or, if it is cached, stays cached
         (most recently used) until an allocation needs it.
         """
         block_ids = self._tables.pop(request_id, [])

@@ -145,8 +145,9 @@ constexpr BlockFn<Out> kBlocks[kRowBlock + 1] = {nullptr, gemm_block<1, Out>, ge
 
 // One thread's share: rows [r0, r1) of x (k2 K-pairs each, row stride ldx in pairs) against weight
 // tiles [t0, t1) of a packed weight whose tiles hold tile_k2 K-pairs (k2 <= tile_k2), in row blocks
-// as equal as they can be. With prefetch on, each tile's blocks prefetch the next tile, and the last
-// tile's the one at after (the tile this thread takes next, or nullptr).
+// as equal as they can be. With prefetch on and at least kPrefetchBlocks blocks, each tile's blocks
+// prefetch the next tile, and the last tile's the one at after (the tile this thread takes next, or
+// nullptr).
 template <typename Out>
 void gemm_rows(const uint32_t* x, int64_t ldx, int64_t r0, int64_t r1, const bf16* packed, int64_t tile_k2,
                int64_t k2, int64_t t0, int64_t t1, int64_t n, const float* bias, Out* out, int64_t ldo,
