@@ -243,8 +243,7 @@ def measure_loaded(profile: Profile, run: Path, cpu: Path) -> LoadedRun:
                      kv_bytes, processes["prefill"], steps_cpu_s)
 
 
-def with_load_terms(profile: Profile, runs: Sequence[LoadedRun]) -> Profile:
-    terms = load_terms(runs)
+def with_load_terms(profile: Profile, terms: LoadTerms, runs: Sequence[LoadedRun]) -> Profile:
     notes = f"{profile.overheads.notes.split('; load-dependent')[0]}; load-dependent terms measured by " \
             f"splitserve.planner.calibrate: {terms.describe()}; from " + "; ".join(r.describe() for r in runs)
     return replace(profile, overheads=replace(
@@ -279,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         loaded = [measure_loaded(base, run, cpu) for run, cpu in zip(args.loaded, args.cpu)]
         for run in loaded:
             print(run.describe())
-        profile = with_load_terms(base, loaded)
-        print(load_terms(loaded).describe())
+        terms = load_terms(loaded)
+        profile = with_load_terms(base, terms, loaded)
+        print(terms.describe())
     calibrated = calibrate(profile, [load_run(path, profile) for path in args.run])
     for degree, d in sorted(calibrated.degrees.items()):
         c = d.cluster
