@@ -28,6 +28,13 @@ def rand(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(BF16)
 
 
+def tiled(ops, k_cache, v_cache):
+    """Copies of plain-row K and V caches in the kernels' tiled layout."""
+    blocks = torch.stack((k_cache, v_cache))
+    ops.retile_kv(blocks, True)
+    return blocks[0], blocks[1]
+
+
 @pytest.fixture(params=["avx512", "amx"])
 def gemm_path(request, ops):
     """Each GEMM test on both paths: AVX512 blocks, and AMX tiles where the CPU has them."""
@@ -143,21 +150,74 @@ def test_decode_attention_matches_reference(ops, heads, kv_heads, head_dim):
     q = rand(len(context_lens), heads, head_dim, seed=7)
     scale = head_dim**-0.5
     expected = TorchOps().decode_attention(q.float(), k_cache.float(), v_cache.float(), batch, scale)
-    got = ops.decode_attention(q, k_cache, v_cache, batch, scale).float()
+    got = ops.decode_attention(q, *tiled(ops, k_cache, v_cache), batch, scale).float()
     assert torch.allclose(got, expected, atol=2e-2, rtol=2e-2)
     assert (got - expected).abs().mean() < 2e-3
 
 
+def test_the_tiled_layout_puts_each_element_where_the_kernels_read_it(ops):
+    """K: [block_size / 16, D / 2, 16, 2] per (block, head) tile; V: [block_size / 2, D, 2]; and back."""
+    block_size, d = 32, 64
+    plain = torch.arange(2 * 3 * block_size * d, dtype=torch.float32).view(2, 3, 1, block_size, d).to(BF16)
+    plain = torch.stack((plain[0], plain[1]))[:, :, :1]  # [2, 3 blocks, 1 head, block_size, d]
+    blocks = plain.clone()
+    ops.retile_kv(blocks, True)
+    k, v = plain[0].view(3, block_size, d), plain[1].view(3, block_size, d)
+    tk, tv = blocks[0].reshape(3, -1), blocks[1].reshape(3, -1)
+    for off, dim in [(0, 0), (0, 1), (1, 0), (15, 63), (16, 2), (31, 33)]:
+        assert tk[:, ((off // 16 * (d // 2) + dim // 2) * 16 + off % 16) * 2 + dim % 2].equal(k[:, off, dim])
+        assert tv[:, (off // 2 * d + dim) * 2 + off % 2].equal(v[:, off, dim])
+    ops.retile_kv(blocks, False)
+    assert torch.equal(blocks, plain)
+
+
+def test_decode_attention_reads_nothing_past_the_context(ops):
+    """An odd context's last V pair holds one token of the sequence and one that is not: the other's
+    lanes (and every K past the context) must not reach the result, even as NaN or infinity."""
+    heads, kv_heads, d, block_size = 9, 3, 64, 16
+    context_lens = [1, 15, 17, 31, 33]
+    k_plain, v_plain = rand(12, kv_heads, block_size, d, seed=30), rand(12, kv_heads, block_size, d, seed=31)
+    tables = torch.tensor([[2 * i, 2 * i + 1, 11] for i in range(len(context_lens))])
+    clean_k, clean_v = k_plain.clone(), v_plain.clone()
+    for i, ctx in enumerate(context_lens):  # poison every slot a sequence's table covers past its context
+        for pos in range(ctx, 2 * block_size):
+            block = int(tables[i, pos // block_size])
+            k_plain[block, :, pos % block_size] = float("nan")
+            v_plain[block, :, pos % block_size] = float("inf") if pos % 2 else float("nan")
+    batch = AttentionBatch(is_prefill=False, slot_mapping=torch.zeros(0, dtype=torch.long),
+                           block_tables=tables, context_lens=torch.tensor(context_lens))
+    q = rand(len(context_lens), heads, d, seed=32)
+    expected = TorchOps().decode_attention(q.float(), clean_k.float(), clean_v.float(), batch, d**-0.5)
+    got = ops.decode_attention(q, *tiled(ops, k_plain, v_plain), batch, d**-0.5).float()
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, expected, atol=2e-2, rtol=2e-2)
+
+
+def test_blocks_not_a_multiple_of_16_tokens_stay_plain_and_use_the_reference(ops):
+    heads, kv_heads, d, block_size = 9, 3, 64, 8
+    assert not ops.tiles_kv(block_size) and ops.tiles_kv(16) and ops.tiles_kv(32)
+    assert not TorchOps().tiles_kv(16)
+    context_lens = [3, 8, 9, 40]
+    k_cache, v_cache = rand(30, kv_heads, block_size, d, seed=33), rand(30, kv_heads, block_size, d, seed=34)
+    batch = AttentionBatch(is_prefill=False, slot_mapping=torch.zeros(0, dtype=torch.long),
+                           block_tables=block_tables(context_lens, block_size, 30, seed=35),
+                           context_lens=torch.tensor(context_lens))
+    q = rand(len(context_lens), heads, d, seed=36)
+    assert torch.equal(ops.decode_attention(q, k_cache, v_cache, batch, d**-0.5),
+                       TorchOps().decode_attention(q, k_cache, v_cache, batch, d**-0.5))
+
+
 @pytest.mark.parametrize("heads, kv_heads, head_dim, block_size",
-                         [(9, 3, 64, 16), (8, 2, 128, 8), (4, 4, 32, 32)])
+                         [(9, 3, 64, 16), (8, 2, 128, 16), (4, 4, 32, 32)])
 def test_decode_attention_batched_equals_one_sequence_at_a_time(ops, heads, kv_heads, head_dim, block_size):
     """A large batch runs each sequence's KV heads together (whole cache blocks), a single sequence one
     head per thread: both paths must give the same bits, and match the reference."""
     context_lens = [1, 2, 15, 16, 17, 31, 33, 64, 99, 100, 130, 255, 256, 257, 300, 7] * 3
     num_blocks = sum(-(-c // block_size) for c in context_lens) + 5  # every sequence's blocks its own
     tables_t, lens_t = block_tables(context_lens, block_size, num_blocks, seed=20), torch.tensor(context_lens)
-    k_cache = rand(num_blocks, kv_heads, block_size, head_dim, seed=21)
-    v_cache = rand(num_blocks, kv_heads, block_size, head_dim, seed=22)
+    plain_k = rand(num_blocks, kv_heads, block_size, head_dim, seed=21)
+    plain_v = rand(num_blocks, kv_heads, block_size, head_dim, seed=22)
+    k_cache, v_cache = tiled(ops, plain_k, plain_v)
     q = rand(len(context_lens), heads, head_dim, seed=23)
     scale = head_dim**-0.5
     batched = ops.k.decode_attention(q, k_cache, v_cache, tables_t, lens_t, scale)
@@ -182,7 +242,7 @@ def test_decode_attention_batched_equals_one_sequence_at_a_time(ops, heads, kv_h
                        single[:1])
     batch = AttentionBatch(is_prefill=False, slot_mapping=torch.zeros(0, dtype=torch.long),
                            block_tables=tables_t, context_lens=lens_t)
-    expected = TorchOps().decode_attention(q.float(), k_cache.float(), v_cache.float(), batch, scale)
+    expected = TorchOps().decode_attention(q.float(), plain_k.float(), plain_v.float(), batch, scale)
     assert torch.allclose(batched.float(), expected, atol=2e-2, rtol=2e-2)
     assert (batched.float() - expected).abs().mean() < 2e-3
 
@@ -212,6 +272,10 @@ def test_rope_write_kv_matches_reference(ops, d):
         q, k, v = q.view(tokens, heads, d), k.view(tokens, kv_heads, d), v.view(tokens, kv_heads, d)
         kc, vc = torch.zeros(4, kv_heads, 16, d, dtype=BF16), torch.zeros(4, kv_heads, 16, d, dtype=BF16)
         q, k = impl.rope_write_kv(q, k, v, cos, sin, kc, vc, slots)
+        if impl.tiles_kv(16):  # the kernels write the caches tiled
+            blocks = torch.stack((kc, vc))
+            impl.retile_kv(blocks, False)
+            kc, vc = blocks
         return q, k, kc, vc
 
     for a, b in zip(run(TorchOps(), qkv.clone()), run(ops, qkv.clone())):
@@ -276,7 +340,7 @@ def test_chunk_attention_over_a_cached_prefix_matches_reference(ops, prefix, chu
     q = rand(chunk, heads, d, seed=21)
     spec = PromptChunk(chunk, prefix, table)
     expected = TorchOps().chunk_attention(q.float(), k_cache.float(), v_cache.float(), spec, d**-0.5)
-    got = ops.chunk_attention(q, k_cache, v_cache, spec, d**-0.5).float()
+    got = ops.chunk_attention(q, *tiled(ops, k_cache, v_cache), spec, d**-0.5).float()
     assert got.shape == (chunk, heads, d)
     assert torch.allclose(got, expected, atol=2e-2, rtol=2e-2)
     assert (got - expected).abs().mean() < 2e-3

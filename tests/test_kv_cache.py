@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from splitserve.engine.kernels import kernels_enabled, load_cpu_kernels
 from splitserve.engine.kv_cache import KVCache, KVLayout
+from splitserve.engine.ops import CpuKernelOps
 
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -56,3 +58,25 @@ def test_the_kv_cache_is_zeroed_outlives_its_region_handle_and_round_trips_block
     assert torch.equal(cache.export([5, 63, 0]), blocks)
     k, v = cache.layer(2)
     assert torch.equal(k[63], blocks[2, 0, 1]) and torch.equal(v[0], blocks[2, 1, 2])
+
+
+@pytest.mark.skipif(not kernels_enabled(), reason="this CPU has no AVX512_BF16")
+def test_a_tiled_cache_exports_and_imports_plain_rows() -> None:
+    """Under the CPU kernels blocks are kept tiled in memory but travel in plain rows, so a peer that
+    keeps them plain (another device, or the kernels off) reads the same tokens."""
+    ops = CpuKernelOps(load_cpu_kernels())
+    layout = KVLayout(num_layers=4, num_kv_heads=3, head_dim=64, block_size=16, dtype=torch.bfloat16)
+    cache = KVCache(layout, 64, torch.device("cpu"), retile=ops.retile_kv)
+    plain_cache = _cache()
+    blocks = torch.randn(4, 2, 3, 3, 16, 64).bfloat16()
+    sent = blocks.clone()
+    cache.import_([5, 63, 0], blocks)
+    plain_cache.import_([5, 63, 0], blocks)
+    assert torch.equal(blocks, sent)  # the caller's tensor is not rewritten
+    assert not torch.equal(cache.data, plain_cache.data)  # kept tiled ...
+    tiled = plain_cache.data.clone()
+    ops.retile_kv(tiled, True)
+    assert torch.equal(cache.data, tiled)  # ... as the kernels read them
+    assert torch.equal(cache.export([5, 63, 0]), blocks)  # and exported plain
+    cache.import_bytes([1, 2, 3], memoryview(plain_cache.export([0, 5, 63]).view(torch.uint8).numpy()))
+    assert torch.equal(cache.export([1, 2, 3]), blocks[:, :, [2, 0, 1]])

@@ -92,7 +92,9 @@ class LLMEngine:
         num_blocks = config.kv_cache_bytes // self.layout.bytes_per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes {config.kv_cache_bytes} holds no {self.layout.bytes_per_block}-byte block")
-        self.cache = KVCache(self.layout, num_blocks, config.torch_device)
+        ops = self.loaded.model.ops
+        self.cache = KVCache(self.layout, num_blocks, config.torch_device,
+                             retile=ops.retile_kv if ops.tiles_kv(config.block_size) else None)
         self.blocks = BlockManager(num_blocks, config.block_size)
         # Block hashes start from it: KV blocks are equal only for an equal model, dtype and block size.
         self.cache_namespace = (f"{self.loaded.source.name}|{config.dtype}|{config.block_size}"

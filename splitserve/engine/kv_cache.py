@@ -2,11 +2,14 @@
 
 Layout (both in memory and on the wire): one tensor of shape
 ``[num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim]`` where index 0 of the second axis
-is K and 1 is V; each head's rows of a block are contiguous, so attention streams them. Exporting a
-list of block ids gathers ``[:, :, block_ids]`` into a contiguous tensor of shape
+is K and 1 is V; each head's tile of a block (``block_size x head_dim``) is contiguous, so attention
+streams it. On the wire a tile is plain rows (token-major). In memory it is too, except under the
+CPU kernels, whose caches keep each tile in their tiled layout (kernels/cpu_bf16.cpp,
+decode_attention), converted to and from plain rows on export and import. Exporting a list of block
+ids gathers ``[:, :, block_ids]`` into a contiguous tensor of shape
 ``[num_layers, 2, len(block_ids), num_kv_heads, block_size, head_dim]`` in the cache dtype;
 importing writes such a tensor into (other) block ids. Two processes agree on a transfer when their
-``KVLayout`` values are equal.
+``KVLayout`` values are equal, whichever layout each keeps in memory.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import mmap
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,9 +48,13 @@ class KVLayout:
 class KVCache:
     """One preallocated tensor holding every layer's K and V in fixed-size blocks."""
 
-    def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device) -> None:
+    def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device,
+                 retile: Callable[[torch.Tensor, bool], None] | None = None) -> None:
+        """retile, where the blocks are kept tiled (ops.retile_kv): converts exported blocks in place
+        to plain rows (False) or imported ones to the tiled layout (True)."""
         self.layout = layout
         self.num_blocks = num_blocks
+        self.retile = retile
         shape = layout.export_shape(num_blocks)
         if device.type == "cpu":
             self.data = zeros_on_huge_pages(shape, layout.dtype)
@@ -66,18 +74,27 @@ class KVCache:
             # team on it, and a prefill server exports off its engine thread: a second team slows
             # every step (worker/engine_loop.py, load_engine).
             raw = self.data.view(torch.uint8).numpy()
-            return torch.from_numpy(np.take(raw, block_ids, axis=2)).view(self.layout.dtype)
+            blocks = torch.from_numpy(np.take(raw, block_ids, axis=2)).view(self.layout.dtype)
+            if self.retile is not None:
+                self.retile(blocks, False)
+            return blocks
         index = torch.tensor(block_ids, dtype=torch.long, device=self.data.device)
         return self.data.index_select(2, index).cpu().contiguous()
 
-    def import_(self, block_ids: list[int], blocks: torch.Tensor) -> None:
-        """Write exported blocks into block_ids of this cache."""
+    def import_(self, block_ids: list[int], blocks: torch.Tensor, owned: bool = False) -> None:
+        """Write exported blocks into block_ids of this cache; owned: blocks is a copy this call may
+        rewrite in place."""
         expected = self.layout.export_shape(len(block_ids))
         if tuple(blocks.shape) != expected or blocks.dtype != self.layout.dtype:
             raise ValueError(
                 f"KV blocks of shape {tuple(blocks.shape)} {blocks.dtype} do not match this cache's "
                 f"layout {expected} {self.layout.dtype}"
             )
+        if self.retile is not None:
+            if not (owned and blocks.is_contiguous()):  # numpy copies on this thread alone (see export)
+                blocks = torch.from_numpy(np.array(blocks.cpu().view(torch.int16).numpy(), order="C"))
+                blocks = blocks.view(self.layout.dtype)
+            self.retile(blocks, True)
         index = torch.tensor(block_ids, dtype=torch.long, device=self.data.device)
         self.data.index_copy_(2, index, blocks.to(self.data.device))
 
@@ -85,7 +102,7 @@ class KVCache:
         """Import blocks that arrived as raw bytes in the export layout."""
         flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         blocks = flat.view(self.layout.dtype).view(self.layout.export_shape(len(block_ids)))
-        self.import_(block_ids, blocks)
+        self.import_(block_ids, blocks, owned=True)
 
 
 HUGE_PAGE = 2 << 20

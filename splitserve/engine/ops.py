@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from splitserve.engine.attention import (AttentionBatch, chunk_attention, decode_attention, prefill_attention,
-                                        prompt_slices, write_kv)
+from splitserve.engine.attention import (AttentionBatch, PromptChunk, chunk_attention, decode_attention,
+                                        prefill_attention, prompt_slices, write_kv)
 from splitserve.engine.sampler import argmax_rows
 
 
@@ -83,6 +83,16 @@ class TorchOps:
             outputs.append(self.decode_attention(q[start:], k_cache, v_cache, batch, scale))
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
+    def tiles_kv(self, block_size: int) -> bool:
+        """Whether a KV cache of this block size holds its blocks in the kernels' tiled layout
+        (cpu_bf16.cpp, decode_attention) instead of plain ``[block_size, head_dim]`` rows."""
+        return False
+
+    def retile_kv(self, blocks: torch.Tensor, to_tiled: bool) -> None:
+        """Rewrite KV blocks ``[..., 2, n, kv_heads, block_size, head_dim]`` in place, between plain
+        rows and the tiled layout."""
+        raise NotImplementedError("these ops keep KV blocks in plain rows")
+
 
 class CpuKernelOps(TorchOps):
     name = "cpu-bf16-kernels"
@@ -107,7 +117,15 @@ class CpuKernelOps(TorchOps):
     def add_rmsnorm(self, residual, delta, norm):
         return residual, self.k.add_rmsnorm(residual, delta, norm.weight, norm.eps)
 
+    def tiles_kv(self, block_size: int) -> bool:
+        return block_size % 16 == 0
+
+    def retile_kv(self, blocks, to_tiled):
+        self.k.retile_kv(blocks, to_tiled)
+
     def rope_write_kv(self, q, k, v, cos, sin, k_cache, v_cache, slots):
+        if not self.tiles_kv(k_cache.shape[2]):
+            return super().rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
         self.k.rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
         return q, k
 
@@ -115,6 +133,8 @@ class CpuKernelOps(TorchOps):
         return self.k.silu_mul(gate_up)
 
     def decode_attention(self, q, k_cache, v_cache, batch, scale):
+        if not self.tiles_kv(k_cache.shape[2]):
+            return super().decode_attention(q, k_cache, v_cache, batch, scale)
         return self.k.decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
 
     def prefill_attention(self, q, k, v, query_lens, scale):
@@ -124,12 +144,16 @@ class CpuKernelOps(TorchOps):
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def chunk_attention(self, q, k_cache, v_cache, chunk, scale):
-        if q.shape[-1] % 64:
+        if not self.tiles_kv(k_cache.shape[2]):
             return super().chunk_attention(q, k_cache, v_cache, chunk, scale)
-        context = chunk.prefix_len + chunk.num_tokens
+        k, v = plain_blocks(self, k_cache, v_cache, chunk.block_table)
+        if q.shape[-1] % 64:
+            whole = PromptChunk(chunk.num_tokens, chunk.prefix_len, torch.arange(len(chunk.block_table)))
+            return super().chunk_attention(q, k, v, whole, scale)
         # [blocks, Hkv, block_size, D] -> [keys, Hkv, D], token-major like a prompt's own k and v.
-        k = k_cache[chunk.block_table].transpose(1, 2).flatten(0, 1)[:context]
-        v = v_cache[chunk.block_table].transpose(1, 2).flatten(0, 1)[:context]
+        context = chunk.prefix_len + chunk.num_tokens
+        k = k.transpose(1, 2).flatten(0, 1)[:context]
+        v = v.transpose(1, 2).flatten(0, 1)[:context]
         return self.k.prefix_attention(q, k, v, chunk.prefix_len, scale)
 
     def argmax_rows(self, logits):
@@ -137,6 +161,15 @@ class CpuKernelOps(TorchOps):
         if not kernel_dtype or logits.device.type != "cpu" or not logits.shape[-1]:
             return super().argmax_rows(logits)
         return self.k.argmax_rows(logits)
+
+
+def plain_blocks(ops: TorchOps, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of the given blocks of tiled K and V caches in plain rows, each
+    ``[len(block_ids), kv_heads, block_size, head_dim]``."""
+    blocks = torch.stack((k_cache[block_ids], v_cache[block_ids]))
+    ops.retile_kv(blocks, False)
+    return blocks[0], blocks[1]
 
 
 class Linear(torch.nn.Module):

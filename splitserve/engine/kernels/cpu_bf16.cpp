@@ -58,21 +58,6 @@ inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// Lane i of the result is the sum of the 16 lanes of v[i]: a transpose-and-add tree that costs
-// about 3 instructions per sum instead of one full horizontal reduction each.
-inline __m512 reduce16(const __m512* v) {
-  __m512 t[8], u[4];
-  for (int i = 0; i < 8; ++i)
-    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {
-    const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
-    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  }
-  const __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
-  const __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xDD));
-}
-
 inline __m512 round_bf16x16(__m512 v) {
   __m256bh b = _mm512_cvtneps_pbh(v);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i&>(b)), 16));
@@ -362,16 +347,30 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor packed, int64_t n, c10::option
 
 // ---------------------------------------------------------------------------------------------
 // Decode attention: one query token per sequence over its paged K/V. q [B, Hq, D]; caches
-// [num_blocks, Hkv, block_size, D] (a head's rows of a block are contiguous); block_tables [B, W]
-// int64; context_lens [B] int64.
+// [num_blocks, Hkv, block_size, D] in the tiled layout below; block_tables [B, W] int64;
+// context_lens [B] int64.
+//
+// The caches' (block, head) tiles of block_size tokens x D dims are stored so that one 64-byte
+// vector needs no shuffle (block_size a multiple of 16):
+//   K: [block_size / 16, D / 2, 16, 2]: a vector holds one dim pair of 16 tokens, so q . K of 16
+//      tokens is D / 2 vdpbf16ps with q's pair broadcast, and no sum across lanes;
+//   V: [block_size / 2, D, 2]: a vector holds 16 dims of two tokens, so P V is one vdpbf16ps per
+//      16 dims with the two tokens' probabilities broadcast, and the lanes are in dim order.
+// rope_write_kv writes them so; tile_kv and untile_kv convert whole blocks to and from the plain
+// [block_size, D] rows in which blocks travel between processes.
 
 constexpr int kMaxGroup = 16;
 
+// Element offsets, within a (block, head) tile of D dims, of K's dim `dim` of token `off`, and of V's.
+inline int64_t tiled_k_offset(int64_t off, int64_t dim, int64_t d) {
+  return ((off / 16 * (d / 2) + dim / 2) * 16 + off % 16) * 2 + dim % 2;
+}
+inline int64_t tiled_v_offset(int64_t off, int64_t dim, int64_t d) { return (off / 2 * d + dim) * 2 + off % 2; }
+
 struct Scratch {
-  std::vector<int64_t> rows;   // element offset of each context token's K/V row for the first head
   std::vector<float> scores;   // [heads * group, ctx] logits
   std::vector<uint16_t> probs; // [heads * group, ctx rounded up to even] probabilities as bfloat16 bits
-  std::vector<float> acc;      // [heads * group, d] fp32 accumulators, lanes in VNNI order (see unpermute)
+  std::vector<float> acc;      // [heads * group, d] fp32 accumulators
   std::vector<float> inv_sum;  // [heads * group] 1 / softmax denominator
 };
 
@@ -392,76 +391,99 @@ void softmax_rows(const float* scores, int64_t rows, int64_t ctx, uint16_t* prob
       store_bf16x16(reinterpret_cast<bf16*>(probs + g * probs_stride + t), e, mask);
       sum = _mm512_add_ps(sum, e);
     }
-    if (ctx & 1) probs[g * probs_stride + ctx] = 0;  // the last pair's partner multiplies a zero V row
+    if (ctx & 1) probs[g * probs_stride + ctx] = 0;  // the last pair's partner multiplies a zero V lane
     inv_sum[g] = 1.0f / _mm512_reduce_add_ps(sum);
   }
 }
 
-// Tokens per tile of each pass. The rows kPrefetchTiles tiles ahead are prefetched meanwhile, into
-// L2 by default: on Sapphire Rapids at batch 32-64 a third faster than no prefetch on 2 cores, where
-// prefetching into L1 was no faster (it evicts rows still in use). On AMD Zen 5 (48 KB L1) into L1
-// was faster: the step at 64 x 1,024 tokens 6-10% quicker (set_attention_prefetch_l1).
-constexpr int64_t kTile = 16;
+// Each pass (logits, then P V) goes block by block, the blocks kPrefetchTiles ahead prefetched
+// meanwhile, into L2 by default: on Sapphire Rapids at batch 32-64 a third faster than no prefetch
+// on 2 cores, where prefetching into L1 was no faster (it evicts rows still in use). On AMD Zen 5
+// (48 KB L1) into L1 was faster: the step at 64 x 1,024 tokens 6-10% quicker
+// (set_attention_prefetch_l1).
 constexpr int64_t kPrefetchTiles = 2;
 bool g_prefetch_l1 = false;
 
-inline void prefetch_rows(const bf16* cache, const int64_t* rows, int64_t t0, int64_t t1, int64_t d) {
-  for (int64_t t = t0; t < t1; ++t)
-    for (int64_t e = 0; e < d; e += 32) {  // one 64-byte line per 32 bfloat16
-      const char* line = reinterpret_cast<const char*>(cache + rows[t] + e);
-      if (g_prefetch_l1)
-        _mm_prefetch(line, _MM_HINT_T0);
-      else
-        _mm_prefetch(line, _MM_HINT_T1);
-    }
+inline void prefetch_span(const bf16* p, int64_t elements) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < elements * static_cast<int64_t>(sizeof(bf16)); b += 64) {
+    if (g_prefetch_l1)
+      _mm_prefetch(c + b, _MM_HINT_T0);
+    else
+      _mm_prefetch(c + b, _MM_HINT_T1);
+  }
 }
 
 void set_attention_prefetch_l1(bool on) { g_prefetch_l1 = on; }
 bool attention_prefetch_l1() { return g_prefetch_l1; }
 
-// scale * (q . K[rows[i]]) for up to 16 tokens, one reduction tree for all 16.
-template <int D16>
-inline __m512 scores16(const __m512bh* qv, const bf16* kc, const int64_t* rows, int64_t n, __m512 vscale) {
-  constexpr int64_t d32 = D16 / 2;
-  __m512 acc[16];
-  for (int64_t i = 0; i < 16; ++i) {
-    acc[i] = _mm512_setzero_ps();
-    if (i >= n) continue;
-    for (int64_t c = 0; c < d32; ++c) {
-      __m512i raw = _mm512_loadu_si512(kc + rows[i] + c * 32);
-      acc[i] = _mm512_dpbf16_ps(acc[i], qv[c], reinterpret_cast<__m512bh&>(raw));
+// A vector's bits as bfloat16 pairs. A value cast: GCC kept accumulators fed through a
+// reinterpret_cast reference in memory, storing each one after every product.
+inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+// Logits of H query heads (q32: the first's dim pairs, the next qstride pairs on) for the 16
+// tokens of one K group (kt: its [D/2, 16, 2] elements), the first `valid` stored to out, each head's
+// row out_stride apart. Four chains of products per head (dim pairs 4i + j in chain j), summed in a
+// fixed order.
+template <int D16, int H>
+__attribute__((always_inline)) inline void scores_group(const uint32_t* q32, int64_t qstride, const bf16* kt,
+                                                        __m512 vscale, float* out, int64_t out_stride,
+                                                        int64_t valid) {
+  constexpr int64_t pairs = D16 * 8;
+  __m512 acc[H][4];
+  for (int h = 0; h < H; ++h)
+    for (int j = 0; j < 4; ++j) acc[h][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; p += 4)
+    for (int j = 0; j < 4; ++j) {
+      const __m512i k = _mm512_loadu_si512(kt + (p + j) * 32);
+      for (int h = 0; h < H; ++h)
+        acc[h][j] = _mm512_dpbf16_ps(acc[h][j], as_bh(k),
+                                     as_bh(_mm512_set1_epi32(static_cast<int>(q32[h * qstride + p + j]))));
     }
+  for (int h = 0; h < H; ++h) {
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[h][0], acc[h][1]), _mm512_add_ps(acc[h][2], acc[h][3]));
+    _mm512_mask_storeu_ps(out + h * out_stride, tail_mask(valid), _mm512_mul_ps(sum, vscale));
   }
-  return _mm512_mul_ps(reduce16(acc), vscale);
 }
 
-// acc[h] += P[h] V over tokens [0, n) of a tile for H query heads: each pair of V rows is
-// interleaved in registers (VNNI) and multiplied with every head's bfloat16 probability pair via
-// vdpbf16ps. Lane l of accumulator 2c+half holds output dim 32c + 8(l/4) + 4 half + l%4 (unpack's
-// in-lane order).
+// Query heads per logits call: 4 H accumulators, a K vector and a broadcast in registers.
+constexpr int kQkHeads = 4;
+
 template <int D16, int H>
-void pv_tile(const bf16* vc, const int64_t* rows, int64_t n, const uint32_t* probs, int64_t probs_stride,
-             float* acc_mem) {
-  constexpr int64_t d = D16 * 16, d32 = D16 / 2;
+void scores_rest(int64_t rest, const uint32_t* q32, int64_t qstride, const bf16* kt, __m512 vscale, float* out,
+                 int64_t out_stride, int64_t valid) {
+  if constexpr (H > 0) {
+    if (rest == H) return scores_group<D16, H>(q32, qstride, kt, vscale, out, out_stride, valid);
+    scores_rest<D16, H - 1>(rest, q32, qstride, kt, vscale, out, out_stride, valid);
+  }
+}
+
+// acc[h] += P[h] V for one pair of tokens (vp: the pair's [D, 2] elements; lanes of `mask` read,
+// the rest 0) and H query heads, whose probabilities sit probs_stride pairs apart.
+template <int D16, int H>
+__attribute__((always_inline)) inline void pv_pair(const bf16* vp, const uint32_t* probs, int64_t probs_stride,
+                                                   __mmask32 mask, __m512 (&acc)[H][D16]) {
+  __m512i pb[H];
+  for (int h = 0; h < H; ++h) pb[h] = _mm512_set1_epi32(static_cast<int>(probs[h * probs_stride]));
+  for (int c = 0; c < D16; ++c) {
+    const __m512i v = _mm512_maskz_loadu_epi16(mask, vp + c * 32);
+    for (int h = 0; h < H; ++h) acc[h][c] = _mm512_dpbf16_ps(acc[h][c], as_bh(v), as_bh(pb[h]));
+  }
+}
+
+// acc_mem[h] (lanes in dim order) += P[h] V over the first npairs pairs of one V tile (vt); a last
+// pair holding one token (odd_last) reads its partner's lanes as 0, whose probability is 0 too.
+template <int D16, int H>
+__attribute__((always_inline)) inline void pv_tile(const bf16* vt, int64_t npairs, bool odd_last,
+                                                   const uint32_t* probs, int64_t probs_stride, float* acc_mem) {
+  constexpr int64_t d = D16 * 16;
   __m512 acc[H][D16];
   for (int h = 0; h < H; ++h)
     for (int c = 0; c < D16; ++c) acc[h][c] = _mm512_loadu_ps(acc_mem + h * d + c * 16);
-  for (int64_t p = 0; p < (n + 1) / 2; ++p) {
-    const int64_t ta = 2 * p, tb = ta + 1;
-    __m512i pb[H];
-    for (int h = 0; h < H; ++h) pb[h] = _mm512_set1_epi32(static_cast<int>(probs[h * probs_stride + p]));
-    for (int64_t c = 0; c < d32; ++c) {
-      const __m512i a = _mm512_loadu_si512(vc + rows[ta] + c * 32);
-      const __m512i b = tb < n ? _mm512_loadu_si512(vc + rows[tb] + c * 32) : _mm512_setzero_si512();
-      const __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
-      for (int h = 0; h < H; ++h) {
-        acc[h][2 * c] = _mm512_dpbf16_ps(acc[h][2 * c], reinterpret_cast<const __m512bh&>(pb[h]),
-                                         reinterpret_cast<const __m512bh&>(lo));
-        acc[h][2 * c + 1] = _mm512_dpbf16_ps(acc[h][2 * c + 1], reinterpret_cast<const __m512bh&>(pb[h]),
-                                             reinterpret_cast<const __m512bh&>(hi));
-      }
-    }
-  }
+  for (int64_t j = 0; j + 1 < npairs; ++j)
+    pv_pair<D16, H>(vt + j * d * 2, probs + j, probs_stride, __mmask32(0xFFFFFFFF), acc);
+  pv_pair<D16, H>(vt + (npairs - 1) * d * 2, probs + npairs - 1, probs_stride,
+                  odd_last ? __mmask32(0x55555555) : __mmask32(0xFFFFFFFF), acc);
   for (int h = 0; h < H; ++h)
     for (int c = 0; c < D16; ++c) _mm512_storeu_ps(acc_mem + h * d + c * 16, acc[h][c]);
 }
@@ -471,82 +493,72 @@ template <int D16>
 constexpr int kPvHeads = D16 >= 16 ? 1 : 16 / D16;
 
 template <int D16, int H>
-void pv_rest(int64_t rest, const bf16* vc, const int64_t* rows, int64_t n, const uint32_t* probs,
+void pv_rest(int64_t rest, const bf16* vt, int64_t npairs, bool odd_last, const uint32_t* probs,
              int64_t probs_stride, float* acc) {
   if constexpr (H > 0) {
-    if (rest == H) return pv_tile<D16, H>(vc, rows, n, probs, probs_stride, acc);
-    pv_rest<D16, H - 1>(rest, vc, rows, n, probs, probs_stride, acc);
+    if (rest == H) return pv_tile<D16, H>(vt, npairs, odd_last, probs, probs_stride, acc);
+    pv_rest<D16, H - 1>(rest, vt, npairs, odd_last, probs, probs_stride, acc);
   }
 }
 
-// KV heads [h0, h1) of one sequence, in two passes over its context (logits, then P V), each in
-// tiles that cover those heads' rows of a cache block together: a block's heads sit next to each
-// other in memory, so each pass streams whole blocks, bit-identically to one head at a time.
+// KV heads [h0, h1) of one sequence, in two passes over its context (logits, then P V), block by
+// block: a block's tiles for those heads are adjacent in memory, so each pass streams whole blocks.
 template <int D16>
 void attend(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table, int64_t ctx,
             int64_t block_size, int64_t hkv, int64_t h0, int64_t h1, int64_t group, float scale, bf16* out,
             Scratch& scratch) {
-  constexpr int64_t d = D16 * 16, d32 = D16 / 2;
+  constexpr int64_t d = D16 * 16;
   constexpr int hg = kPvHeads<D16>;
-  // Caches are [block, head, offset, dim]: head h0 + h's row of a token is h * block_size rows after h0's.
-  const int64_t heads = h1 - h0, rows_q = heads * group, stride = ctx + (ctx & 1), head_step = block_size * d;
-  scratch.rows.resize(ctx);
+  const int64_t heads = h1 - h0, rows_q = heads * group, stride = ctx + (ctx & 1), tile = block_size * d;
+  const int64_t blocks = (ctx + block_size - 1) / block_size;
   scratch.scores.resize(rows_q * ctx);
   scratch.probs.resize(rows_q * stride);
   scratch.acc.assign(rows_q * d, 0.0f);
-  int64_t* rows = scratch.rows.data();
-  for (int64_t t = 0, blk = 0, off = 0; t < ctx; ++t) {
-    rows[t] = ((table[blk] * hkv + h0) * block_size + off) * d;
-    if (++off == block_size) off = 0, ++blk;
-  }
+  scratch.inv_sum.resize(rows_q);
   const __m512 vscale = _mm512_set1_ps(scale);
-  for (int64_t h = 0; h < heads; ++h)
-    prefetch_rows(kc + h * head_step, rows, 0, std::min(ctx, kTile * kPrefetchTiles), d);
-  for (int64_t t0 = 0; t0 < ctx; t0 += kTile) {
-    const int64_t ahead = t0 + kTile * kPrefetchTiles;
-    for (int64_t h = 0; h < heads; ++h) {
-      const bf16* kh = kc + h * head_step;
-      if (ahead < ctx) prefetch_rows(kh, rows, ahead, std::min(ctx, ahead + kTile), d);
-      for (int64_t g = 0; g < group; ++g) {
-        __m512bh qv[d32];
-        for (int64_t c = 0; c < d32; ++c) {
-          __m512i raw = _mm512_loadu_si512(q + (h * group + g) * d + c * 32);
-          qv[c] = reinterpret_cast<__m512bh&>(raw);
-        }
-        for (int64_t t = t0; t < std::min(ctx, t0 + kTile); t += 16) {
-          const int64_t n = std::min<int64_t>(16, ctx - t);
-          _mm512_mask_storeu_ps(scratch.scores.data() + (h * group + g) * ctx + t, tail_mask(n),
-                                scores16<D16>(qv, kh, rows + t, n, vscale));
-        }
+  const uint32_t* q32 = reinterpret_cast<const uint32_t*>(q);
+  const int64_t qstride = d / 2;  // pairs from one query head's q to the next's
+  // Caches are [block, head, tile]: heads h0..h1 of a block are one span of heads * tile elements.
+  auto tiles = [&](const bf16* cache, int64_t b) { return cache + (table[b] * hkv + h0) * tile; };
+  for (int64_t b = 0; b < std::min(blocks, kPrefetchTiles); ++b) prefetch_span(tiles(kc, b), heads * tile);
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (b + kPrefetchTiles < blocks) prefetch_span(tiles(kc, b + kPrefetchTiles), heads * tile);
+    for (int64_t t = 0; t < std::min(block_size, ctx - b * block_size); t += 16) {
+      const int64_t pos = b * block_size + t;
+      for (int64_t h = 0; h < heads; ++h) {
+        const bf16* kt = tiles(kc, b) + h * tile + t * d;
+        const uint32_t* qh = q32 + h * group * qstride;
+        float* sh = scratch.scores.data() + h * group * ctx + pos;
+        int64_t g = 0;
+        for (; g + kQkHeads <= group; g += kQkHeads)
+          scores_group<D16, kQkHeads>(qh + g * qstride, qstride, kt, vscale, sh + g * ctx, ctx, ctx - pos);
+        scores_rest<D16, kQkHeads - 1>(group - g, qh + g * qstride, qstride, kt, vscale, sh + g * ctx, ctx, ctx - pos);
       }
     }
   }
-  scratch.inv_sum.resize(rows_q);
   softmax_rows(scratch.scores.data(), rows_q, ctx, scratch.probs.data(), stride, scratch.inv_sum.data());
   const uint32_t* probs = reinterpret_cast<const uint32_t*>(scratch.probs.data());
   const int64_t pstride = stride / 2;
-  for (int64_t h = 0; h < heads; ++h)
-    prefetch_rows(vc + h * head_step, rows, 0, std::min(ctx, kTile * kPrefetchTiles), d);
-  for (int64_t t0 = 0; t0 < ctx; t0 += kTile) {
-    const int64_t n = std::min(kTile, ctx - t0), ahead = t0 + kTile * kPrefetchTiles;
+  for (int64_t b = 0; b < std::min(blocks, kPrefetchTiles); ++b) prefetch_span(tiles(vc, b), heads * tile);
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (b + kPrefetchTiles < blocks) prefetch_span(tiles(vc, b + kPrefetchTiles), heads * tile);
+    const int64_t n = std::min(block_size, ctx - b * block_size), npairs = (n + 1) / 2;
+    const uint32_t* pb = probs + b * block_size / 2;
     for (int64_t h = 0; h < heads; ++h) {
-      const bf16* vh = vc + h * head_step;
-      if (ahead < ctx) prefetch_rows(vh, rows, ahead, std::min(ctx, ahead + kTile), d);
-      const int64_t* hr = rows + t0;
+      const bf16* vt = tiles(vc, b) + h * tile;
       int64_t g = 0;
       for (; g + hg <= group; g += hg)
-        pv_tile<D16, hg>(vh, hr, n, probs + (h * group + g) * pstride + t0 / 2, pstride,
+        pv_tile<D16, hg>(vt, npairs, n & 1, pb + (h * group + g) * pstride, pstride,
                          scratch.acc.data() + (h * group + g) * d);
-      pv_rest<D16, hg - 1>(group - g, vh, hr, n, probs + (h * group + g) * pstride + t0 / 2, pstride,
+      pv_rest<D16, hg - 1>(group - g, vt, npairs, n & 1, pb + (h * group + g) * pstride, pstride,
                            scratch.acc.data() + (h * group + g) * d);
     }
   }
   for (int64_t r = 0; r < rows_q; ++r)
     for (int64_t c = 0; c < D16; ++c)
-      for (int64_t l = 0; l < 16; ++l) {
-        const int64_t dim = 32 * (c / 2) + 8 * (l / 4) + 4 * (c % 2) + l % 4;
-        out[r * d + dim] = static_cast<bf16>(scratch.acc[r * d + c * 16 + l] * scratch.inv_sum[r]);
-      }
+      store_bf16x16(out + r * d + c * 16,
+                    _mm512_mul_ps(_mm512_loadu_ps(scratch.acc.data() + r * d + c * 16), _mm512_set1_ps(scratch.inv_sum[r])),
+                    0xFFFF);
 }
 
 using AttendFn = void (*)(const bf16*, const bf16*, const bf16*, const int64_t*, int64_t, int64_t, int64_t,
@@ -561,7 +573,8 @@ constexpr int64_t kSeqsPerThread = 4;
 
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16, "bfloat16 only");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
+              v_cache.scalar_type() == at::kBFloat16, "bfloat16 only");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "decode_attention: contiguous caches");
   // A sequence's heads must be dense; its rows may be strided (q as a view of the fused qkv
   // projection's output is read in place, not copied).
@@ -570,8 +583,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   context_lens = context_lens.contiguous();
   const int64_t b = q.size(0), hq = q.size(1), d = q.size(2), q_row = q.stride(0);
   const int64_t hkv = k_cache.size(1), block_size = k_cache.size(2), group = hq / hkv;
-  TORCH_CHECK(d % 32 == 0 && d <= 256 && group <= kMaxGroup && hq % hkv == 0,
-              "decode_attention: head_dim must be a multiple of 32 up to 256, GQA group up to 16");
+  TORCH_CHECK(d % 32 == 0 && d <= 256 && group <= kMaxGroup && hq % hkv == 0 && block_size % 16 == 0,
+              "decode_attention: head_dim must be a multiple of 32 up to 256, GQA group up to 16, blocks a "
+              "multiple of 16 tokens");
   auto out = torch::empty({b, hq, d}, q.options());
   const bf16 *qp = q.data_ptr<bf16>(), *kp = k_cache.data_ptr<bf16>(), *vp = v_cache.data_ptr<bf16>();
   const int64_t *tp = block_tables.data_ptr<int64_t>(), *lp = context_lens.data_ptr<int64_t>();
@@ -588,6 +602,47 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
     }
   });
   return out;
+}
+
+// KV blocks [..., 2, n, Hkv, block_size, D] (K at index 0 of the axis of 2, V at 1; contiguous),
+// rewritten in place between plain rows and the caches' tiled layout. On the calling thread alone: a
+// KV export or import runs off the engine thread, and an OpenMP team started there would slow every
+// step (worker/engine_loop.py, load_engine).
+void retile_kv(torch::Tensor blocks, bool to_tiled) {
+  TORCH_CHECK(blocks.scalar_type() == at::kBFloat16 && blocks.is_contiguous() && blocks.dim() >= 5 &&
+              blocks.size(-5) == 2, "retile_kv: contiguous bfloat16 blocks [..., 2, n, Hkv, block_size, D]");
+  const int64_t d = blocks.size(-1), block_size = blocks.size(-2), tile = block_size * d;
+  TORCH_CHECK(block_size % 16 == 0 && d % 2 == 0, "retile_kv: blocks of a multiple of 16 tokens, even head_dim");
+  const int64_t per_half = blocks.size(-4) * blocks.size(-3);  // tiles of K (then of V) per leading index
+  const int64_t tiles = tile ? blocks.numel() / tile : 0, pairs = d / 2;
+  uint16_t* p = reinterpret_cast<uint16_t*>(blocks.data_ptr<bf16>());
+  std::vector<uint16_t> copy(tile);
+  for (int64_t i = 0; i < tiles; ++i) {
+    uint16_t* t = p + i * tile;
+    std::copy(t, t + tile, copy.begin());
+    const uint16_t* src = copy.data();
+    if (i / per_half % 2 == 0) {  // K: a dim pair (32 bits) of 16 tokens together
+      const uint32_t* from = reinterpret_cast<const uint32_t*>(src);
+      uint32_t* to = reinterpret_cast<uint32_t*>(t);
+      for (int64_t sub = 0; sub < block_size / 16; ++sub, from += 16 * pairs, to += 16 * pairs)
+        for (int64_t pair = 0; pair < pairs; ++pair)
+          for (int64_t off = 0; off < 16; ++off) {
+            if (to_tiled)
+              to[pair * 16 + off] = from[off * pairs + pair];
+            else
+              to[off * pairs + pair] = from[pair * 16 + off];
+          }
+    } else {  // V: two tokens' values of a dim together
+      for (int64_t j = 0; j < block_size / 2; ++j)
+        for (int64_t dim = 0; dim < d; ++dim)
+          for (int64_t o = 0; o < 2; ++o) {
+            if (to_tiled)
+              t[(j * d + dim) * 2 + o] = src[(2 * j + o) * d + dim];
+            else
+              t[(2 * j + o) * d + dim] = src[(j * d + dim) * 2 + o];
+          }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -744,7 +799,7 @@ torch::Tensor add_rmsnorm(torch::Tensor residual, c10::optional<torch::Tensor> d
 }
 
 // Rotate q and k in place (rows may be strided; the last two dims are dense) and write k, v into
-// the paged caches at the given slots.
+// the paged caches, in their tiled layout (see decode_attention), at the given slots.
 void rope_write_kv(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
                    torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
   const int64_t t = q.size(0), hq = q.size(1), hkv = k.size(1), d = q.size(2), half = d / 2;
@@ -755,7 +810,8 @@ void rope_write_kv(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Ten
   slots = slots.contiguous();
   const bf16 *cp = cos.data_ptr<bf16>(), *sp = sin.data_ptr<bf16>();
   const int64_t* slot = slots.data_ptr<int64_t>();
-  const int64_t block_size = k_cache.size(2);  // caches are [num_blocks, Hkv, block_size, D]
+  const int64_t block_size = k_cache.size(2);  // caches are [num_blocks, Hkv, block_size, D], tiled
+  TORCH_CHECK(block_size % 16 == 0, "rope_write_kv: blocks of a multiple of 16 tokens");
   bf16 *qp = q.data_ptr<bf16>(), *kp = k.data_ptr<bf16>(), *vp = v.data_ptr<bf16>();
   bf16 *kc = k_cache.data_ptr<bf16>(), *vc = v_cache.data_ptr<bf16>();
   const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
@@ -781,9 +837,12 @@ void rope_write_kv(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Ten
       for (int64_t h = 0; h < hkv; ++h) {
         bf16* kr = kp + r * k.stride(0) + h * d;
         rotate(kr, c, s);
-        const int64_t row = ((block * hkv + h) * block_size + off) * d;
-        std::copy(kr, kr + d, kc + row);
-        std::copy(vp + r * v.stride(0) + h * d, vp + r * v.stride(0) + (h + 1) * d, vc + row);
+        const bf16* vr = vp + r * v.stride(0) + h * d;
+        bf16 *kt = kc + (block * hkv + h) * block_size * d, *vt = vc + (block * hkv + h) * block_size * d;
+        for (int64_t dim = 0; dim < d; ++dim) {  // the caches' tiled layout (see decode_attention)
+          kt[tiled_k_offset(off, dim, d)] = kr[dim];
+          vt[tiled_v_offset(off, dim, d)] = vr[dim];
+        }
       }
     }
   });
@@ -892,7 +951,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_enable", &amx_enable, "ask Linux for AMX tile state; true if granted (GEMMs then use AMX)");
   m.def("amx_enabled", &amx_enabled, "whether GEMMs and prefill attention use AMX");
   m.def("set_amx", &set_amx, "turn the AMX path on or off (on only where amx_enable succeeded)");
-  m.def("decode_attention", &decode_attention, "paged attention, one query token per sequence", nogil);
+  m.def("decode_attention", &decode_attention, "paged attention over tiled caches, one query token per sequence",
+        nogil);
+  m.def("retile_kv", &retile_kv, "rewrite KV blocks [..., 2, n, Hkv, block_size, D] in place between plain rows "
+        "(to_tiled=False) and the caches' tiled layout", nogil);
   m.def("set_attention_prefetch_l1", &set_attention_prefetch_l1,
         "the decode attention prefetches K and V into L1 (on) or L2 (off, the default)");
   m.def("attention_prefetch_l1", &attention_prefetch_l1, "whether the decode attention prefetches into L1");
