@@ -604,6 +604,34 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   return out;
 }
 
+// r[i] lane j <- r[j] lane i, for 16 x 16 32-bit elements.
+inline void transpose16x16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // Each 128-bit lane k of r[i] now holds rows 4k'.. of column group i: regroup the lanes.
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+}
+
 // KV blocks [..., 2, n, Hkv, block_size, D] (K at index 0 of the axis of 2, V at 1; contiguous),
 // rewritten in place between plain rows and the caches' tiled layout. On the calling thread alone: a
 // KV export or import runs off the engine thread, and an OpenMP team started there would slow every
@@ -617,30 +645,71 @@ void retile_kv(torch::Tensor blocks, bool to_tiled) {
   const int64_t tiles = tile ? blocks.numel() / tile : 0, pairs = d / 2;
   uint16_t* p = reinterpret_cast<uint16_t*>(blocks.data_ptr<bf16>());
   std::vector<uint16_t> copy(tile);
+  // V's 32 dims of two rows a, b <-> two vectors of 16 dims, each dim's pair together.
+  __m512i lo_idx, hi_idx, even_idx, odd_idx;
+  {
+    alignas(64) uint16_t lo[32], hi[32], even[32], odd[32];
+    for (int i = 0; i < 32; ++i) {
+      lo[i] = static_cast<uint16_t>(i % 2 * 32 + i / 2);
+      hi[i] = static_cast<uint16_t>(i % 2 * 32 + 16 + i / 2);
+      even[i] = static_cast<uint16_t>(2 * i);
+      odd[i] = static_cast<uint16_t>(2 * i + 1);
+    }
+    lo_idx = _mm512_load_si512(lo), hi_idx = _mm512_load_si512(hi);
+    even_idx = _mm512_load_si512(even), odd_idx = _mm512_load_si512(odd);
+  }
   for (int64_t i = 0; i < tiles; ++i) {
     uint16_t* t = p + i * tile;
     std::copy(t, t + tile, copy.begin());
     const uint16_t* src = copy.data();
-    if (i / per_half % 2 == 0) {  // K: a dim pair (32 bits) of 16 tokens together
+    if (i / per_half % 2 == 0) {  // K: a dim pair (32 bits) of 16 tokens together: 16 x 16 transposes
       const uint32_t* from = reinterpret_cast<const uint32_t*>(src);
       uint32_t* to = reinterpret_cast<uint32_t*>(t);
-      for (int64_t sub = 0; sub < block_size / 16; ++sub, from += 16 * pairs, to += 16 * pairs)
-        for (int64_t pair = 0; pair < pairs; ++pair)
+      for (int64_t sub = 0; sub < block_size / 16; ++sub, from += 16 * pairs, to += 16 * pairs) {
+        // to_tiled reads rows of `pairs` (one per token) and writes rows of 16 (one per pair); back,
+        // the other way round. Whole 16 x 16 squares in vectors, a tail of pairs one by one.
+        const int64_t in_stride = to_tiled ? pairs : 16, out_stride = to_tiled ? 16 : pairs;
+        int64_t pair = 0;
+        for (; pair + 16 <= pairs; pair += 16) {
+          __m512i r[16];
+          for (int j = 0; j < 16; ++j)
+            r[j] = _mm512_loadu_si512(to_tiled ? from + j * in_stride + pair : from + (pair + j) * in_stride);
+          transpose16x16(r);
+          for (int j = 0; j < 16; ++j)
+            _mm512_storeu_si512(to_tiled ? to + (pair + j) * out_stride : to + j * out_stride + pair, r[j]);
+        }
+        for (; pair < pairs; ++pair)
           for (int64_t off = 0; off < 16; ++off) {
             if (to_tiled)
               to[pair * 16 + off] = from[off * pairs + pair];
             else
               to[off * pairs + pair] = from[pair * 16 + off];
           }
+      }
     } else {  // V: two tokens' values of a dim together
-      for (int64_t j = 0; j < block_size / 2; ++j)
-        for (int64_t dim = 0; dim < d; ++dim)
+      for (int64_t j = 0; j < block_size / 2; ++j) {
+        int64_t dim = 0;
+        for (; dim + 32 <= d; dim += 32) {
+          uint16_t *a = t + 2 * j * d + dim, *b = a + d, *u = t + (j * d + dim) * 2;
+          const uint16_t *sa = src + 2 * j * d + dim, *sb = sa + d, *su = src + (j * d + dim) * 2;
+          if (to_tiled) {
+            const __m512i va = _mm512_loadu_si512(sa), vb = _mm512_loadu_si512(sb);
+            _mm512_storeu_si512(u, _mm512_permutex2var_epi16(va, lo_idx, vb));
+            _mm512_storeu_si512(u + 32, _mm512_permutex2var_epi16(va, hi_idx, vb));
+          } else {
+            const __m512i u0 = _mm512_loadu_si512(su), u1 = _mm512_loadu_si512(su + 32);
+            _mm512_storeu_si512(a, _mm512_permutex2var_epi16(u0, even_idx, u1));
+            _mm512_storeu_si512(b, _mm512_permutex2var_epi16(u0, odd_idx, u1));
+          }
+        }
+        for (; dim < d; ++dim)
           for (int64_t o = 0; o < 2; ++o) {
             if (to_tiled)
               t[(j * d + dim) * 2 + o] = src[(2 * j + o) * d + dim];
             else
               t[(2 * j + o) * d + dim] = src[(j * d + dim) * 2 + o];
           }
+      }
     }
   }
 }
