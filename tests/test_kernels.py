@@ -325,11 +325,14 @@ def test_prefill_attention_matches_reference(ops, lengths):
     assert (got - expected).abs().mean() < 2e-3
 
 
-@pytest.mark.parametrize("prefix, chunk", [(16, 16), (37, 64), (300, 128), (5, 1), (200, 256), (101, 300)])
-def test_chunk_attention_over_a_cached_prefix_matches_reference(ops, prefix, chunk):
+@pytest.mark.parametrize("prefix, chunk, d", [(16, 16, 64), (37, 64, 64), (300, 128, 64), (5, 1, 64),
+                                              (200, 256, 64), (101, 300, 64),
+                                              # head_dim 32: the torch reference over plain copies
+                                              (37, 64, 32), (101, 30, 32)])
+def test_chunk_attention_over_a_cached_prefix_matches_reference(ops, prefix, chunk, d):
     from splitserve.engine.attention import PromptChunk, write_kv
 
-    heads, kv_heads, d, block_size = 9, 3, 64, 16
+    heads, kv_heads, block_size = 9, 3, 16
     context = prefix + chunk
     num_blocks = (context + block_size - 1) // block_size
     k_cache = torch.zeros(num_blocks + 2, kv_heads, block_size, d, dtype=torch.bfloat16)
