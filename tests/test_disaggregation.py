@@ -5,7 +5,9 @@ import pytest
 from conftest import make_prompts
 from splitserve.engine import EngineConfig, EngineRole, LLMEngine, RequestState, SamplingParams
 from splitserve.engine.block_manager import OutOfBlocks
+from splitserve.engine.kernels import kernels_enabled
 from splitserve.engine.kv_cache import export_bytes
+from splitserve.engine.loader import LoadedModel
 
 PARAMS = SamplingParams(temperature=0.0, max_new_tokens=20, ignore_eos=True)
 
@@ -145,3 +147,41 @@ def test_reserve_respects_max_num_seqs(model_fp32, prompts):
     decode.reserve("a", prompts[0], [1], PARAMS)
     with pytest.raises(OutOfBlocks, match="decode batch is full"):
         decode.reserve("b", prompts[0], [1], PARAMS)
+
+
+@pytest.mark.skipif(not kernels_enabled(), reason="this CPU has no AVX512_BF16")
+def test_bfloat16_engines_on_the_kernels_move_plain_blocks(model_bf16, monkeypatch):
+    """On the kernels a cache keeps its blocks tiled, but they leave and arrive in plain rows: a
+    kernel engine's export matches an engine on torch ops (the kernels off), and a request prefilled
+    on one kernel engine decodes on another to the colocated engine's tokens."""
+    prompts = make_prompts(model_bf16.tokenizer, [23, 150])
+
+    def bf16_engine(loaded, role):
+        return LLMEngine(EngineConfig(dtype="bfloat16", role=role, kv_cache_bytes=64 << 20), loaded=loaded)
+
+    expected = bf16_engine(model_bf16, EngineRole.COLOCATED).generate(prompts, PARAMS)
+    prefill, decode = bf16_engine(model_bf16, EngineRole.PREFILL), bf16_engine(model_bf16, EngineRole.DECODE)
+    assert prefill.cache.retile is not None and decode.cache.retile is not None
+    monkeypatch.setenv("SPLITSERVE_KERNELS", "0")
+    on_torch = LoadedModel.load(EngineConfig(dtype="bfloat16"))
+    plain = bf16_engine(on_torch, EngineRole.PREFILL)
+    assert plain.cache.retile is None
+    decode.blocks.allocate("someone-else", 40)
+    for i, p in enumerate(prompts):
+        prefill.add_request(f"r{i}", p, PARAMS)
+        plain.add_request(f"r{i}", p, PARAMS)
+    first = {o.request_id: o.token_id for o in prefill.step()}
+    plain.step()
+    for i, p in enumerate(prompts):
+        rid = f"r{i}"
+        blocks, reference = prefill.export_kv(rid).float(), plain.export_kv(rid).float()
+        # Other arithmetic (the kernels' GEMMs), the same tokens' K and V: close, where a block in
+        # another layout would put other tokens' and dims' values side by side.
+        assert (blocks - reference).abs().mean() < 0.1 * reference.abs().mean()
+        decode.reserve(rid, p, [first[rid]], PARAMS)
+        decode.import_kv(rid, prefill.export_kv(rid))
+    got = {f"r{i}": [first[f"r{i}"]] for i in range(len(prompts))}
+    while decode.has_work:
+        for out in decode.step():
+            got[out.request_id].append(out.token_id)
+    assert [got[f"r{i}"] for i in range(len(prompts))] == expected

@@ -155,20 +155,24 @@ def test_decode_attention_matches_reference(ops, heads, kv_heads, head_dim):
     assert (got - expected).abs().mean() < 2e-3
 
 
-def test_the_tiled_layout_puts_each_element_where_the_kernels_read_it(ops):
-    """K: [block_size / 16, D / 2, 16, 2] per (block, head) tile; V: [block_size / 2, D, 2]; and back."""
-    block_size, d = 32, 64
-    plain = torch.arange(2 * 3 * block_size * d, dtype=torch.float32).view(2, 3, 1, block_size, d).to(BF16)
-    plain = torch.stack((plain[0], plain[1]))[:, :, :1]  # [2, 3 blocks, 1 head, block_size, d]
+@pytest.mark.parametrize("block_size, d", [(32, 64), (16, 80), (16, 128)])  # 80: pairs past 16 x 16 squares
+def test_the_tiled_layout_puts_each_element_where_the_kernels_read_it(ops, block_size, d):
+    """K: [block_size / 16, D / 2, 16, 2] per (block, head) tile; V: [block_size / 2, D, 2]; and back.
+    Every element distinct (its index as bits, all finite), every position checked."""
+    n, heads = 3, 2
+    numel = 2 * n * heads * block_size * d
+    plain = torch.arange(numel, dtype=torch.int16).view(2, n, heads, block_size, d).view(BF16)
     blocks = plain.clone()
     ops.retile_kv(blocks, True)
-    k, v = plain[0].view(3, block_size, d), plain[1].view(3, block_size, d)
-    tk, tv = blocks[0].reshape(3, -1), blocks[1].reshape(3, -1)
-    for off, dim in [(0, 0), (0, 1), (1, 0), (15, 63), (16, 2), (31, 33)]:
-        assert tk[:, ((off // 16 * (d // 2) + dim // 2) * 16 + off % 16) * 2 + dim % 2].equal(k[:, off, dim])
-        assert tv[:, (off // 2 * d + dim) * 2 + off % 2].equal(v[:, off, dim])
+    off = torch.arange(block_size)[:, None]
+    dim = torch.arange(d)[None, :]
+    k_at = ((off // 16 * (d // 2) + dim // 2) * 16 + off % 16) * 2 + dim % 2
+    v_at = (off // 2 * d + dim) * 2 + off % 2
+    bits, tiled_bits = plain.view(torch.int16), blocks.view(torch.int16).flatten(3)
+    assert torch.equal(tiled_bits[0][..., k_at], bits[0])
+    assert torch.equal(tiled_bits[1][..., v_at], bits[1])
     ops.retile_kv(blocks, False)
-    assert torch.equal(blocks, plain)
+    assert torch.equal(blocks.view(torch.int16), bits)
 
 
 def test_decode_attention_reads_nothing_past_the_context(ops):

@@ -64,7 +64,9 @@ def test_the_kv_cache_is_zeroed_outlives_its_region_handle_and_round_trips_block
 def test_a_tiled_cache_exports_and_imports_plain_rows() -> None:
     """Under the CPU kernels blocks are kept tiled in memory but travel in plain rows, so a peer that
     keeps them plain (another device, or the kernels off) reads the same tokens."""
-    ops = CpuKernelOps(load_cpu_kernels())
+    kernels = load_cpu_kernels()
+    assert kernels is not None, "kernels failed to build on a CPU that supports them"
+    ops = CpuKernelOps(kernels)
     layout = KVLayout(num_layers=4, num_kv_heads=3, head_dim=64, block_size=16, dtype=torch.bfloat16)
     cache = KVCache(layout, 64, torch.device("cpu"), retile=ops.retile_kv)
     plain_cache = _cache()
@@ -80,3 +82,11 @@ def test_a_tiled_cache_exports_and_imports_plain_rows() -> None:
     assert torch.equal(cache.export([5, 63, 0]), blocks)  # and exported plain
     cache.import_bytes([1, 2, 3], memoryview(plain_cache.export([0, 5, 63]).view(torch.uint8).numpy()))
     assert torch.equal(cache.export([1, 2, 3]), blocks[:, :, [2, 0, 1]])
+    # A decode server converts its own payload first, then imports it as it is.
+    payload = plain_cache.export([63]).clone()
+    cache.import_([7], cache.to_memory_layout(payload), in_memory_layout=True)
+    assert torch.equal(cache.export([7]), blocks[:, :, [1]])
+    with pytest.raises(ValueError):
+        cache.to_memory_layout(blocks[:, :, :2])  # not contiguous: never converted in place
+    with pytest.raises(ValueError):
+        KVCache(layout, 4, torch.device("meta"), retile=ops.retile_kv)  # only a CPU cache is tiled

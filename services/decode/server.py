@@ -235,8 +235,11 @@ class DecodeServer:
         layout = self.loop.engine.layout
         blocks = torch.frombuffer(payload, dtype=torch.uint8).view(layout.dtype).view(
             layout.export_shape(len(handle.block_ids) - admitted.first_block))
+        # The payload is this pull's own memory: converted to the cache's layout here, off the engine
+        # thread, which then only copies it in.
+        blocks = await asyncio.to_thread(self.loop.engine.cache.to_memory_layout, blocks)
         # On the engine thread, after abort()'s free if one was queued first: import_kv then refuses.
-        await self.loop.call(lambda e: e.import_kv(rid, blocks))
+        await self.loop.call(lambda e: e.import_kv(rid, blocks, in_memory_layout=True))
         return payload.nbytes
 
     async def _acknowledge(self, handle: pb.KvHandle) -> None:

@@ -93,8 +93,11 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes {config.kv_cache_bytes} holds no {self.layout.bytes_per_block}-byte block")
         ops = self.loaded.model.ops
-        self.cache = KVCache(self.layout, num_blocks, config.torch_device,
-                             retile=ops.retile_kv if ops.tiles_kv(config.block_size) else None)
+        tiled = ops.tiles_kv(config.block_size)
+        if ops.name == "cpu-bf16-kernels" and not tiled:
+            log.warning("blocks of a size that is not a multiple of 16 tokens: the decode and chunk "
+                        "attention run on torch ops, not the compiled kernels", block_size=config.block_size)
+        self.cache = KVCache(self.layout, num_blocks, config.torch_device, retile=ops.retile_kv if tiled else None)
         self.blocks = BlockManager(num_blocks, config.block_size)
         # Block hashes start from it: KV blocks are equal only for an equal model, dtype and block size.
         self.cache_namespace = (f"{self.loaded.source.name}|{config.dtype}|{config.block_size}"
@@ -570,14 +573,14 @@ class LLMEngine:
     def _num_transferring(self) -> int:
         return sum(s.state is RequestState.TRANSFERRING for s in self.sequences.values())
 
-    def import_kv(self, request_id: str, blocks: torch.Tensor) -> None:
+    def import_kv(self, request_id: str, blocks: torch.Tensor, in_memory_layout: bool = False) -> None:
         """Write the pulled blocks into the reserved ones after those the prefix cache supplied, and
-        start decoding the request."""
+        start decoding the request; in_memory_layout: converted by cache.to_memory_layout already."""
         seq = self.sequences.get(request_id)
         if seq is None or seq.state is not RequestState.TRANSFERRING:
             raise ValueError(f"request {request_id!r} has no reserved blocks awaiting KV")
         first = seq.num_cached_tokens // self.blocks.block_size
-        self.cache.import_(self.blocks.block_table(request_id)[first:], blocks)
+        self.cache.import_(self.blocks.block_table(request_id)[first:], blocks, in_memory_layout)
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.transition(RequestState.DECODING)
         self.scheduler.running.append(seq)

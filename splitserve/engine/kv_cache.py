@@ -4,8 +4,9 @@ Layout (both in memory and on the wire): one tensor of shape
 ``[num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim]`` where index 0 of the second axis
 is K and 1 is V; each head's tile of a block (``block_size x head_dim``) is contiguous, so attention
 streams it. On the wire a tile is plain rows (token-major). In memory it is too, except under the
-CPU kernels, whose caches keep each tile in their tiled layout (kernels/cpu_bf16.cpp,
-decode_attention), converted to and from plain rows on export and import. Exporting a list of block
+CPU kernels with blocks of a multiple of 16 tokens, whose caches keep each tile in the kernels'
+tiled layout (kernels/cpu_bf16.cpp, decode_attention), converted to and from plain rows on export
+and import. Exporting a list of block
 ids gathers ``[:, :, block_ids]`` into a contiguous tensor of shape
 ``[num_layers, 2, len(block_ids), num_kv_heads, block_size, head_dim]`` in the cache dtype;
 importing writes such a tensor into (other) block ids. Two processes agree on a transfer when their
@@ -52,6 +53,8 @@ class KVCache:
                  retile: Callable[[torch.Tensor, bool], None] | None = None) -> None:
         """retile, where the blocks are kept tiled (ops.retile_kv): converts exported blocks in place
         to plain rows (False) or imported ones to the tiled layout (True)."""
+        if retile is not None and device.type != "cpu":
+            raise ValueError("only a CPU cache keeps its blocks tiled")
         self.layout = layout
         self.num_blocks = num_blocks
         self.retile = retile
@@ -64,7 +67,8 @@ class KVCache:
         self._layers = [(self.data[i, 0], self.data[i, 1]) for i in range(layout.num_layers)]
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of one layer, each ``[num_blocks, num_kv_heads, block_size, head_dim]``."""
+        """K and V of one layer, each ``[num_blocks, num_kv_heads, block_size, head_dim]`` (each
+        tile in the kernels' tiled layout where this cache has a retile)."""
         return self._layers[index]
 
     def export(self, block_ids: list[int]) -> torch.Tensor:
@@ -81,20 +85,30 @@ class KVCache:
         index = torch.tensor(block_ids, dtype=torch.long, device=self.data.device)
         return self.data.index_select(2, index).cpu().contiguous()
 
-    def import_(self, block_ids: list[int], blocks: torch.Tensor, owned: bool = False) -> None:
-        """Write exported blocks into block_ids of this cache; owned: blocks is a copy this call may
-        rewrite in place."""
+    def to_memory_layout(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Exported blocks (plain rows), converted in place to the layout this cache keeps in memory
+        and returned; blocks must be a contiguous CPU tensor the caller owns, such as a pulled payload.
+        On any thread (one thread alone, no OpenMP team), so that a decode server converts a payload
+        before its engine thread writes it: import_ with in_memory_layout=True then only copies."""
+        if self.retile is not None:
+            if blocks.device.type != "cpu" or not blocks.is_contiguous():
+                raise ValueError("blocks to convert in place must be a contiguous CPU tensor")
+            self.retile(blocks, True)
+        return blocks
+
+    def import_(self, block_ids: list[int], blocks: torch.Tensor, in_memory_layout: bool = False) -> None:
+        """Write exported blocks into block_ids of this cache; in_memory_layout: they were converted
+        by to_memory_layout already (else a copy is converted here)."""
         expected = self.layout.export_shape(len(block_ids))
         if tuple(blocks.shape) != expected or blocks.dtype != self.layout.dtype:
             raise ValueError(
                 f"KV blocks of shape {tuple(blocks.shape)} {blocks.dtype} do not match this cache's "
                 f"layout {expected} {self.layout.dtype}"
             )
-        if self.retile is not None:
-            if not (owned and blocks.is_contiguous()):  # numpy copies on this thread alone (see export)
-                blocks = torch.from_numpy(np.array(blocks.cpu().view(torch.int16).numpy(), order="C"))
-                blocks = blocks.view(self.layout.dtype)
-            self.retile(blocks, True)
+        if self.retile is not None and not in_memory_layout:
+            # numpy copies on this thread alone (see export); the caller's tensor stays as it was
+            copy = torch.from_numpy(np.array(blocks.cpu().view(torch.int16).numpy(), order="C"))
+            blocks = self.to_memory_layout(copy.view(self.layout.dtype))
         index = torch.tensor(block_ids, dtype=torch.long, device=self.data.device)
         self.data.index_copy_(2, index, blocks.to(self.data.device))
 
@@ -102,7 +116,7 @@ class KVCache:
         """Import blocks that arrived as raw bytes in the export layout."""
         flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         blocks = flat.view(self.layout.dtype).view(self.layout.export_shape(len(block_ids)))
-        self.import_(block_ids, blocks, owned=True)
+        self.import_(block_ids, self.to_memory_layout(blocks), in_memory_layout=True)
 
 
 HUGE_PAGE = 2 << 20

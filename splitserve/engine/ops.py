@@ -167,7 +167,9 @@ def plain_blocks(ops: TorchOps, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Copies of the given blocks of tiled K and V caches in plain rows, each
     ``[len(block_ids), kv_heads, block_size, head_dim]``."""
-    blocks = torch.stack((k_cache[block_ids], v_cache[block_ids]))
+    blocks = k_cache.new_empty((2, len(block_ids), *k_cache.shape[1:]))
+    torch.index_select(k_cache, 0, block_ids, out=blocks[0])
+    torch.index_select(v_cache, 0, block_ids, out=blocks[1])
     ops.retile_kv(blocks, False)
     return blocks[0], blocks[1]
 

@@ -356,7 +356,7 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor packed, int64_t n, c10::option
 //      tokens is D / 2 vdpbf16ps with q's pair broadcast, and no sum across lanes;
 //   V: [block_size / 2, D, 2]: a vector holds 16 dims of two tokens, so P V is one vdpbf16ps per
 //      16 dims with the two tokens' probabilities broadcast, and the lanes are in dim order.
-// rope_write_kv writes them so; tile_kv and untile_kv convert whole blocks to and from the plain
+// rope_write_kv writes them so; retile_kv converts whole blocks to and from the plain
 // [block_size, D] rows in which blocks travel between processes.
 
 constexpr int kMaxGroup = 16;
@@ -604,6 +604,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   return out;
 }
 
+// 32 bits read and written over 16-bit storage (a dim pair of K).
+typedef uint32_t __attribute__((may_alias)) u32_alias;
+
 // r[i] lane j <- r[j] lane i, for 16 x 16 32-bit elements.
 inline void transpose16x16(__m512i* r) {
   __m512i t[16];
@@ -617,7 +620,8 @@ inline void transpose16x16(__m512i* r) {
     r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
     r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
   }
-  // Each 128-bit lane k of r[i] now holds rows 4k'.. of column group i: regroup the lanes.
+  // Now 128-bit lane k of r[4m + c] holds rows 4m..4m+3 of column 4k + c: transpose the 4 x 4 grid
+  // of 128-bit lanes across r[c], r[c + 4], r[c + 8], r[c + 12].
   for (int i = 0; i < 4; ++i) {
     t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
     t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xDD);
@@ -663,8 +667,8 @@ void retile_kv(torch::Tensor blocks, bool to_tiled) {
     std::copy(t, t + tile, copy.begin());
     const uint16_t* src = copy.data();
     if (i / per_half % 2 == 0) {  // K: a dim pair (32 bits) of 16 tokens together: 16 x 16 transposes
-      const uint32_t* from = reinterpret_cast<const uint32_t*>(src);
-      uint32_t* to = reinterpret_cast<uint32_t*>(t);
+      const u32_alias* from = reinterpret_cast<const u32_alias*>(src);
+      u32_alias* to = reinterpret_cast<u32_alias*>(t);
       for (int64_t sub = 0; sub < block_size / 16; ++sub, from += 16 * pairs, to += 16 * pairs) {
         // to_tiled reads rows of `pairs` (one per token) and writes rows of 16 (one per pair); back,
         // the other way round. Whole 16 x 16 squares in vectors, a tail of pairs one by one.
