@@ -22,6 +22,7 @@ from splitserve.engine.config import EngineConfig, EngineRole
 from splitserve.engine.isolation import Forward, among, isolate
 from splitserve.engine.kv_cache import KVCache, KVLayout
 from splitserve.engine.loader import LoadedModel
+from splitserve.engine.ops import CpuKernelOps
 from splitserve.engine.request import (
     FinishReason,
     RequestState,
@@ -94,7 +95,7 @@ class LLMEngine:
             raise ValueError(f"kv_cache_bytes {config.kv_cache_bytes} holds no {self.layout.bytes_per_block}-byte block")
         ops = self.loaded.model.ops
         tiled = ops.tiles_kv(config.block_size)
-        if ops.name == "cpu-bf16-kernels" and not tiled:
+        if isinstance(ops, CpuKernelOps) and not tiled:
             log.warning("blocks of a size that is not a multiple of 16 tokens: the decode and chunk "
                         "attention run on torch ops, not the compiled kernels", block_size=config.block_size)
         self.cache = KVCache(self.layout, num_blocks, config.torch_device, retile=ops.retile_kv if tiled else None)

@@ -6,8 +6,8 @@ is K and 1 is V; each head's tile of a block (``block_size x head_dim``) is cont
 streams it. On the wire a tile is plain rows (token-major). In memory it is too, except under the
 CPU kernels with blocks of a multiple of 16 tokens, whose caches keep each tile in the kernels'
 tiled layout (kernels/cpu_bf16.cpp, decode_attention), converted to and from plain rows on export
-and import. Exporting a list of block
-ids gathers ``[:, :, block_ids]`` into a contiguous tensor of shape
+and import. Exporting a list of block ids gathers ``[:, :, block_ids]`` into a contiguous tensor of
+shape
 ``[num_layers, 2, len(block_ids), num_kv_heads, block_size, head_dim]`` in the cache dtype;
 importing writes such a tensor into (other) block ids. Two processes agree on a transfer when their
 ``KVLayout`` values are equal, whichever layout each keeps in memory.
