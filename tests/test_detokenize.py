@@ -1,4 +1,7 @@
-from splitserve.common.detokenize import IncrementalDetokenizer
+import random
+from types import SimpleNamespace
+
+from splitserve.common.detokenize import IncrementalDetokenizer, fast_backend
 
 
 def test_deltas_concatenate_to_the_full_decode(model_fp32):
@@ -9,3 +12,29 @@ def test_deltas_concatenate_to_the_full_decode(model_fp32):
     deltas = [detok.add(i) for i in ids]
     assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True)
     assert all("\ufffd" not in d for d in deltas)
+
+
+class _DecodeOnly:
+    """A tokenizer that only has transformers' decode: the detokenizer's general path."""
+
+    def __init__(self, tokenizer) -> None:
+        self.decode = tokenizer.decode
+
+
+def test_the_fast_path_gives_the_deltas_of_transformers_decode(model_fp32):
+    tok = model_fp32.tokenizer
+    assert fast_backend(tok) is not None  # the default model's tokenizer takes it
+    assert fast_backend(_DecodeOnly(tok)) is None
+    rng = random.Random(0)
+    for _ in range(200):  # any ids: special tokens, half characters, bytes that never decode alone
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 30))]
+        for skip in (True, False):
+            fast, general = IncrementalDetokenizer(tok, skip), IncrementalDetokenizer(_DecodeOnly(tok), skip)
+            assert [fast.add(i) for i in ids] == [general.add(i) for i in ids]
+            assert fast.text == general.text
+
+
+def test_a_tokenizer_that_cleans_up_spaces_keeps_transformers_decode(model_fp32):
+    tok = SimpleNamespace(backend_tokenizer=model_fp32.tokenizer.backend_tokenizer,
+                          clean_up_tokenization_spaces=True)
+    assert fast_backend(tok) is None

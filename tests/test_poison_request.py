@@ -21,7 +21,7 @@ import pytest
 import redis
 from test_cluster import MODEL, _post
 
-from splitserve.queue.streams import FIELD, REQUEST_STREAM
+from splitserve.queue.streams import FIELD, REQUEST_STREAM, entry_payloads
 from splitserve.v1 import common_pb2 as pb
 
 pytestmark = pytest.mark.timeout(300)
@@ -103,8 +103,9 @@ def test_a_tiny_temperature_past_the_gateway_is_sampled_by_the_workers(grpc_clus
             assert time.monotonic() < deadline, f"no last event for {request.request_id}: {tokens}"
             for _, entries in client.xread({"test:poison-replies": last_id}, count=1, block=5000) or ():
                 (last_id, fields), = entries
-                event = pb.TokenEvent.FromString(fields[FIELD])
-                tokens += event.token_ids
+                for payload in entry_payloads(fields):
+                    event = pb.TokenEvent.FromString(payload)
+                    tokens += event.token_ids
         assert event.finish_reason == pb.FINISH_REASON_LENGTH, event.error
         assert len(tokens) == 4
     client.delete("test:poison-replies")

@@ -138,7 +138,8 @@ def test_a_reply_stream_starts_after_a_previous_process_s_entries_expires_and_is
         second, received = ReplyReader(client, "replies:gw", TextCodec()), asyncio.Queue()
         await second.open()  # a restart under the same gateway id
         listener = asyncio.create_task(_forward(second, received))
-        await writer.publish_many([("replies:gw", "one"), ("replies:gw", "two")])
+        await writer.publish("replies:gw", "one")
+        await writer.publish("replies:gw", "two")
         got = [await asyncio.wait_for(received.get(), 5) for _ in range(2)]
         ttl = await client.ttl("replies:gw")
         await second._keep()  # what keep_forever does every few seconds
@@ -160,6 +161,43 @@ def test_a_reply_stream_starts_after_a_previous_process_s_entries_expires_and_is
     assert left == [{streams.FIELD: b"two"}]  # what was read is trimmed, up to the last entry
     assert recreated and not closed
     assert any("reply stream is gone" in e["event"] for e in logs)
+
+
+def test_a_batch_of_replies_is_one_entry_per_stream_read_in_order_and_a_malformed_one_is_dropped():
+    async def scenario(url: str):
+        client = connect(url)
+        readers = {key: ReplyReader(client, key, TextCodec()) for key in ("replies:a", "replies:b")}
+        received = {key: asyncio.Queue() for key in readers}
+        for reader in readers.values():
+            await reader.open()
+        listeners = [asyncio.create_task(_forward(r, received[k])) for k, r in readers.items()]
+        writer = ReplyWriter(client, TextCodec())
+        await writer.publish_many([("replies:a", "1"), ("replies:b", "x"), ("replies:a", "2"), ("replies:a", "3")])
+        lengths = [await client.xlen(key) for key in readers]  # the opening marker, then the batch
+        got = {k: [await asyncio.wait_for(q.get(), 5) for _ in range(n)] for (k, q), n in zip(received.items(), (3, 1))}
+        many = [f"m{i}" for i in range(streams.MAX_BATCH + 1)]
+        await writer.publish_many([("replies:a", m) for m in many])
+        got_many = [await asyncio.wait_for(received["replies:a"].get(), 5) for _ in many]
+        split = await client.xlen("replies:a")
+        await client.xadd("replies:a", {streams.BATCH_FIELD: streams.pack_batch([b"lost", b"cut"])[:-1]})
+        await client.xadd("replies:a", {streams.BATCH_FIELD: streams.pack_batch([b"y"] * (streams.MAX_BATCH + 1))})
+        await writer.publish("replies:a", "after")
+        after = await asyncio.wait_for(received["replies:a"].get(), 5)
+        for listener in listeners:
+            listener.cancel()
+        await client.aclose()
+        return lengths, got, got_many, split, after
+
+    with LocalRedis() as redis, capture_logs() as logs:
+        lengths, got, got_many, split, after = asyncio.run(scenario(redis.url))
+    assert lengths == [2, 2]
+    assert got == {"replies:a": ["1", "2", "3"], "replies:b": ["x"]}
+    assert got_many == [f"m{i}" for i in range(streams.MAX_BATCH + 1)]
+    assert split == 4  # MAX_BATCH + 1 messages took two entries
+    assert after == "after"  # the cut and the oversized batch were dropped, and reading went on
+    dropped = [e for e in logs if e["event"] == "malformed reply batch dropped"]
+    assert [e["error"] for e in dropped] == ["a batch cut short in a message",
+                                             f"a batch of more than {streams.MAX_BATCH} messages"]
 
 
 def test_a_consumer_group_lost_with_the_data_is_created_again():

@@ -259,7 +259,9 @@ class Generation:
         idle_s = self.frontend.config.request_idle_timeout_s
         while self.processor.finish is None:
             try:
-                reply = await asyncio.wait_for(self._queue.get(), idle_s)
+                # asyncio.timeout, not wait_for: wait_for wraps every get in a task of its own.
+                async with asyncio.timeout(idle_s):
+                    reply = await self._queue.get()
             except TimeoutError:
                 # A lost reply (the last one included) must not hold the client, and a max-pending
                 # slot, forever; the exit cancels the request upstream.
