@@ -211,6 +211,28 @@ def test_blocks_not_a_multiple_of_16_tokens_stay_plain_and_use_the_reference(ops
                        TorchOps().decode_attention(q, k_cache, v_cache, batch, d**-0.5))
 
 
+def test_decode_attention_gives_the_same_bits_on_any_number_of_threads(ops):
+    """A thread done with its run of sequences takes the rest of the others' runs (here the longest
+    sequences come first, as in a server's batch, and 16 threads share two cores): every sequence
+    is still attended once, with the bits of one thread."""
+    heads, kv_heads, head_dim, block_size = 9, 3, 64, 16
+    context_lens = [520 - 16 * i for i in range(33)]
+    num_blocks = sum(-(-c // block_size) for c in context_lens) + 5
+    tables_t, lens_t = block_tables(context_lens, block_size, num_blocks, seed=30), torch.tensor(context_lens)
+    k_cache, v_cache = tiled(ops, rand(num_blocks, kv_heads, block_size, head_dim, seed=31),
+                             rand(num_blocks, kv_heads, block_size, head_dim, seed=32))
+    q = rand(len(context_lens), heads, head_dim, seed=33)
+    threads, results = torch.get_num_threads(), []
+    try:
+        for n in (1, 2, 3, 16):
+            torch.set_num_threads(n)
+            results += [ops.k.decode_attention(q, k_cache, v_cache, tables_t, lens_t, head_dim**-0.5)
+                        for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
 @pytest.mark.parametrize("heads, kv_heads, head_dim, block_size",
                          [(9, 3, 64, 16), (8, 2, 128, 16), (4, 4, 32, 32)])
 def test_decode_attention_batched_equals_one_sequence_at_a_time(ops, heads, kv_heads, head_dim, block_size):

@@ -9,7 +9,10 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <omp.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -21,6 +24,44 @@ using bf16 = at::BFloat16;
 constexpr int64_t kTileN = 64;  // output columns per packed weight tile: 4 zmm of fp32
 constexpr int64_t kRowBlock = 6;  // rows per register block: 6 x 4 accumulators + 4 weights + 1
 constexpr int64_t kRowGroup = 96;  // rows a work item covers; weights are re-read once per group
+
+// Items [0, n) over the threads as at::parallel_for hands them out, one contiguous run each, except
+// that a thread done with its run goes on with the items left in the others' runs (each run's next
+// item is taken by one atomic increment, by its owner or by a helper). A thread the OS takes off its
+// core (a service of the cluster woke on it) then holds the region up by the item it is in, not by
+// the rest of its run, and runs of unequal cost (sequences of different lengths) even out.
+// body(state, item, next) runs every item once; next is the item its thread takes next unless
+// another takes it first (-1 at a run's end); state is one State per thread, made before its first.
+template <class State, class Body>
+void parallel_items(int64_t n, const Body& body) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1 || at::in_parallel_region()) {
+    State state;
+    for (int64_t i = 0; i < n; ++i) body(state, i, i + 1 < n ? i + 1 : -1);
+    return;
+  }
+  struct alignas(64) Run {
+    std::atomic<int64_t> next;
+    int64_t end;
+  };
+  std::vector<Run> runs(threads);
+  for (int64_t t = 0; t < threads; ++t) {
+    runs[t].next.store(n * t / threads, std::memory_order_relaxed);
+    runs[t].end = n * (t + 1) / threads;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    State state;
+    const int64_t self = omp_get_thread_num();
+    for (int64_t k = 0; k < threads; ++k) {
+      Run& run = runs[(self + k) % threads];
+      for (int64_t i; (i = run.next.fetch_add(1, std::memory_order_relaxed)) < run.end;)
+        body(state, i, i + 1 < run.end ? i + 1 : -1);
+    }
+  }
+}
+
+struct NoState {};
 
 inline __m512 load_bf16x16(const bf16* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -334,13 +375,11 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor packed, int64_t n, c10::option
   const int64_t group_rows = (m + groups - 1) / groups;
   // Items run tile-major within a row group, so with few rows each thread streams a contiguous
   // run of weight tiles.
-  at::parallel_for(0, groups * tiles, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t item = i0; item < i1; ++item) {
-      const int64_t g = item / tiles, t = item % tiles;
-      const int64_t r0 = g * group_rows, r1 = std::min(m, r0 + group_rows);
-      const bf16* after = item + 1 < i1 && t + 1 < tiles ? wp + (t + 1) * k2 * kTileN * 2 : nullptr;
-      if (r0 < r1) gemm_rows<bf16>(xp, k2, r0, r1, wp, k2, k2, t, t + 1, n, b, op, n, true, after);
-    }
+  parallel_items<NoState>(groups * tiles, [&](NoState&, int64_t item, int64_t next) {
+    const int64_t g = item / tiles, t = item % tiles;
+    const int64_t r0 = g * group_rows, r1 = std::min(m, r0 + group_rows);
+    const bf16* after = next == item + 1 && t + 1 < tiles ? wp + (t + 1) * k2 * kTileN * 2 : nullptr;
+    if (r0 < r1) gemm_rows<bf16>(xp, k2, r0, r1, wp, k2, k2, t, t + 1, n, b, op, n, true, after);
   });
   return out;
 }
@@ -593,13 +632,10 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   bf16* op = out.data_ptr<bf16>();
   const AttendFn attend_fn = kAttend[d / 16];
   const int64_t per_item = b >= kSeqsPerThread * at::get_num_threads() ? hkv : 1, parts = hkv / per_item;
-  at::parallel_for(0, b * parts, 1, [&](int64_t i0, int64_t i1) {
-    Scratch scratch;
-    for (int64_t item = i0; item < i1; ++item) {
-      const int64_t s = item / parts, h0 = item % parts * per_item;
-      attend_fn(qp + s * q_row + h0 * group * d, kp, vp, tp + s * width, lp[s], block_size, hkv, h0,
-                h0 + per_item, group, static_cast<float>(scale), op + (s * hq + h0 * group) * d, scratch);
-    }
+  parallel_items<Scratch>(b * parts, [&](Scratch& scratch, int64_t item, int64_t) {
+    const int64_t s = item / parts, h0 = item % parts * per_item;
+    attend_fn(qp + s * q_row + h0 * group * d, kp, vp, tp + s * width, lp[s], block_size, hkv, h0,
+              h0 + per_item, group, static_cast<float>(scale), op + (s * hq + h0 * group) * d, scratch);
   });
   return out;
 }
