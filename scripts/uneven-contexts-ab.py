@@ -22,7 +22,7 @@ from pathlib import Path
 
 CASES = {
     "32 x 1,024 (even)": [1024] * 32,
-    "32 from 1,984 down to 64": [1984 - 60 * i for i in range(32)],
+    "32 from 1,984 down to 124": [1984 - 60 * i for i in range(32)],
     "32 from 192 down to 68 (W3's)": [192 - 4 * i for i in range(32)],
     "8 from 1,984 down to 304": [1984 - 240 * i for i in range(8)],
 }

@@ -1,3 +1,4 @@
+import copy
 import random
 from types import SimpleNamespace
 
@@ -34,7 +35,17 @@ def test_the_fast_path_gives_the_deltas_of_transformers_decode(model_fp32):
             assert fast.text == general.text
 
 
-def test_a_tokenizer_that_cleans_up_spaces_keeps_transformers_decode(model_fp32):
+def test_a_tokenizer_that_cleans_up_spaces_or_decodes_its_own_way_keeps_transformers_decode(model_fp32):
     tok = SimpleNamespace(backend_tokenizer=model_fp32.tokenizer.backend_tokenizer,
                           clean_up_tokenization_spaces=True)
     assert fast_backend(tok) is None
+
+    class OwnDecode(type(model_fp32.tokenizer)):
+        def _decode(self, token_ids, *args, **kwargs):
+            return "#" * len(token_ids)
+
+    own = copy.copy(model_fp32.tokenizer)
+    own.__class__ = OwnDecode
+    assert fast_backend(own) is None
+    detokenizer = IncrementalDetokenizer(own)
+    assert [detokenizer.add(t) for t in (504, 505)] == ["#", "#"]

@@ -15,6 +15,11 @@ def fast_backend(tokenizer):
         return None
     if getattr(tokenizer, "clean_up_tokenization_spaces", True):
         return None
+    from transformers import PreTrainedTokenizerFast  # where there is a backend, there is transformers
+
+    cls = type(tokenizer)  # a class with a decode of its own (Whisper's) keeps it
+    if cls.decode is not PreTrainedTokenizerFast.decode or cls._decode is not PreTrainedTokenizerFast._decode:
+        return None
     return backend
 
 

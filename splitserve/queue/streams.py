@@ -52,13 +52,15 @@ FIELD = b"msg"
 # spares Redis, the writer and the reader most of their per-entry work.
 BATCH_FIELD = b"msgs"
 MAX_BATCH = 256  # messages per batch entry, at most: a longer list is split, a reader drops a longer entry
+REPLY_READ_ENTRIES = 64  # entries a gateway reads from its reply stream at a time
 PUBLISH_RETRY_S = 60.0  # how long a publish or an acknowledgement waits for Redis before it raises
 # A reconnect to an address that no longer answers (a container restarted under a new IP) would
 # otherwise hang in connect() for ~20 s per attempt before the retry resolves the name again.
 CONNECT_TIMEOUT_S = 2.0
-# A reply stream holds at most about this many entries (of up to MAX_BATCH messages each), far above
-# any backlog (its gateway trims what it read every REPLY_KEEP_S): bounded even if its gateway stops
-# reading.
+# A reply stream holds at most about this many entries, far above any backlog (its gateway trims what
+# it read every REPLY_KEEP_S): bounded even if its gateway stops reading. An entry holds up to
+# MAX_BATCH messages, but workers write only for the gateway's requests in flight (at most its
+# --max-pending, each at most its max_tokens), which bounds a stopped gateway's stream first.
 REPLY_MAXLEN = 100_000
 REPLY_TTL_S = 300  # a reply stream whose gateway stopped renewing it (died) expires this long after
 REPLY_KEEP_S = 10.0
@@ -343,8 +345,10 @@ class ReplyReader(Generic[T]):
 
     async def __aiter__(self) -> AsyncIterator[T]:
         while True:
-            reply = await self.link.call(lambda: self.client.xread({self.key: self.last_id}, count=512,
-                                                                   block=5000))
+            # At most REPLY_READ_ENTRIES entries (of up to MAX_BATCH messages) are routed between
+            # two reads, without the event loop running anything else.
+            reply = await self.link.call(lambda: self.client.xread({self.key: self.last_id},
+                                                                   count=REPLY_READ_ENTRIES, block=5000))
             for _, items in reply or ():
                 for entry_id, fields in items:
                     self.last_id = entry_id

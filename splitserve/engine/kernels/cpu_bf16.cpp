@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <limits>
 #include <vector>
 
@@ -25,13 +26,15 @@ constexpr int64_t kTileN = 64;  // output columns per packed weight tile: 4 zmm 
 constexpr int64_t kRowBlock = 6;  // rows per register block: 6 x 4 accumulators + 4 weights + 1
 constexpr int64_t kRowGroup = 96;  // rows a work item covers; weights are re-read once per group
 
-// Items [0, n) over the threads as at::parallel_for hands them out, one contiguous run each, except
-// that a thread done with its run goes on with the items left in the others' runs (each run's next
-// item is taken by one atomic increment, by its owner or by a helper). A thread the OS takes off its
-// core (a service of the cluster woke on it) then holds the region up by the item it is in, not by
-// the rest of its run, and runs of unequal cost (sequences of different lengths) even out.
-// body(state, item, next) runs every item once; next is the item its thread takes next unless
+// Items [0, n) over the threads in one contiguous run each (of n / threads items, near enough),
+// except that a thread done with its run goes on with the items left in the others' runs (each
+// run's next item is taken by one atomic increment, by its owner or by a helper). A thread the OS
+// takes off its core (a service of the cluster woke on it) then holds the region up by the item it
+// is in, not by the rest of its run, and runs of unequal cost (sequences of different lengths) even
+// out. body(state, item, next) runs every item once; next is the item its thread takes next unless
 // another takes it first (-1 at a run's end); state is one State per thread, made before its first.
+// An exception in body stops the items not yet taken and is raised again after the region (as
+// at::parallel_for does: one escaping an OpenMP region would end the process).
 template <class State, class Body>
 void parallel_items(int64_t n, const Body& body) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
@@ -49,16 +52,26 @@ void parallel_items(int64_t n, const Body& body) {
     runs[t].next.store(n * t / threads, std::memory_order_relaxed);
     runs[t].end = n * (t + 1) / threads;
   }
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
 #pragma omp parallel num_threads(threads)
   {
-    State state;
-    const int64_t self = omp_get_thread_num();
-    for (int64_t k = 0; k < threads; ++k) {
-      Run& run = runs[(self + k) % threads];
-      for (int64_t i; (i = run.next.fetch_add(1, std::memory_order_relaxed)) < run.end;)
-        body(state, i, i + 1 < run.end ? i + 1 : -1);
+    try {
+      State state;
+      const int64_t self = omp_get_thread_num();
+      for (int64_t k = 0; k < threads && !failed.load(std::memory_order_relaxed); ++k) {
+        Run& run = runs[(self + k) % threads];
+        for (int64_t i; !failed.load(std::memory_order_relaxed) &&
+                        (i = run.next.fetch_add(1, std::memory_order_relaxed)) < run.end;)
+          body(state, i, i + 1 < run.end ? i + 1 : -1);
+      }
+    } catch (...) {
+#pragma omp critical(parallel_items_error)
+      if (!error) error = std::current_exception();
+      failed.store(true, std::memory_order_relaxed);
     }
   }
+  if (error) std::rethrow_exception(error);
 }
 
 struct NoState {};
