@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 
 def main() -> None:
@@ -38,24 +35,17 @@ def main() -> None:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     os.sched_setaffinity(0, [0, 1] if args.threads == 2 else [0])
     import torch
-    from torch.utils import cpp_extension
+    from kernels_at import load_kernels_at
 
     from splitserve.bench.engine_bench import bench_decode
     from splitserve.engine import EngineConfig, LLMEngine
-    from splitserve.engine.kernels import CFLAGS, LDFLAGS, SOURCE, load_cpu_kernels, prefetch_into_l1
+    from splitserve.engine.kernels import load_cpu_kernels
 
     torch.set_num_threads(args.threads)
     new = load_cpu_kernels()
     if new is None:
         sys.exit("the compiled kernels do not run on this CPU")
-    repo = SOURCE.parents[3]
-    text = subprocess.run(["git", "show", f"{args.baseline}:{SOURCE.relative_to(repo)}"], cwd=repo,
-                          capture_output=True, text=True, check=True).stdout
-    build = Path(tempfile.mkdtemp(prefix="decode-step-ab-"))
-    (build / "baseline.cpp").write_text(text)
-    old = cpp_extension.load(name="decode_step_baseline", sources=[str(build / "baseline.cpp")],
-                             extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(build), verbose=False)
-    old.set_attention_prefetch_l1(prefetch_into_l1())  # as load_cpu_kernels sets this tree's
+    old = load_kernels_at(args.baseline, "decode_step_baseline")
     if new.amx_enabled() and not old.amx_enable():
         sys.exit("this tree's kernels run on AMX and the baseline's could not")
     weight = torch.randn(200, 576, dtype=torch.bfloat16)

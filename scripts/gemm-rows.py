@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # (N, K) of a layer's four projections
 LAYERS, VOCAB, HIDDEN = 30, 49152, 576
@@ -34,22 +31,16 @@ def main() -> None:
     rows = [int(r) for r in args.rows.split(",")]
     os.sched_setaffinity(0, [0, 1] if args.threads == 2 else [1])
     import torch
-    from torch.utils import cpp_extension
+    from kernels_at import load_kernels_at
 
-    from splitserve.engine.kernels import CFLAGS, LDFLAGS, SOURCE, load_cpu_kernels
+    from splitserve.engine.kernels import load_cpu_kernels
 
     torch.set_num_threads(args.threads)
     new = load_cpu_kernels()
     if new is None:
         sys.exit("the compiled kernels do not run on this CPU")
     new.set_amx(False)  # the baseline build never asks for AMX: both time the AVX512 path
-    repo = SOURCE.parents[3]
-    text = subprocess.run(["git", "show", f"{args.baseline}:{SOURCE.relative_to(repo)}"], cwd=repo,
-                          capture_output=True, text=True, check=True).stdout
-    build = Path(tempfile.mkdtemp(prefix="gemm-rows-"))
-    (build / "baseline.cpp").write_text(text)
-    old = cpp_extension.load(name="gemm_rows_baseline", sources=[str(build / "baseline.cpp")], extra_cflags=CFLAGS,
-                             extra_ldflags=LDFLAGS, build_directory=str(build), verbose=False)
+    old = load_kernels_at(args.baseline, "gemm_rows_baseline")
 
     def rand(*shape):
         return torch.randn(*shape, dtype=torch.bfloat16)

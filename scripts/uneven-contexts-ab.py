@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 CASES = {
     "32 x 1,024 (even)": [1024] * 32,
@@ -36,24 +33,17 @@ def main() -> None:
     args = p.parse_args()
     os.sched_setaffinity(0, [0, 1])
     import torch
-    from torch.utils import cpp_extension
+    from kernels_at import load_kernels_at
 
     from splitserve.bench.engine_bench import _random_seqs
     from splitserve.engine import EngineConfig, LLMEngine
-    from splitserve.engine.kernels import CFLAGS, LDFLAGS, SOURCE, load_cpu_kernels, prefetch_into_l1
+    from splitserve.engine.kernels import load_cpu_kernels
 
     torch.set_num_threads(2)
     new = load_cpu_kernels()
     if new is None:
         sys.exit("the compiled kernels do not run on this CPU")
-    repo = SOURCE.parents[3]
-    text = subprocess.run(["git", "show", f"{args.baseline}:{SOURCE.relative_to(repo)}"], cwd=repo,
-                          capture_output=True, text=True, check=True).stdout
-    build = Path(tempfile.mkdtemp(prefix="uneven-contexts-ab-"))
-    (build / "baseline.cpp").write_text(text)
-    old = cpp_extension.load(name="uneven_contexts_baseline", sources=[str(build / "baseline.cpp")],
-                             extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(build), verbose=False)
-    old.set_attention_prefetch_l1(prefetch_into_l1())
+    old = load_kernels_at(args.baseline, "uneven_contexts_baseline")
     engine = LLMEngine(EngineConfig(kv_cache_bytes=3 << 30, max_num_seqs=128))
     ops, runner = engine.runner.model.ops, engine.runner
 
