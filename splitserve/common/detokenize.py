@@ -8,7 +8,7 @@ def fast_backend(tokenizer):
     exactly that Tokenizer's (no clean-up of spaces after it); else None.
 
     transformers' decode converts its argument and dispatches through several layers before it
-    calls the same Rust decode: twice per token on a gateway, that wrapper cost ten times the decode.
+    calls the same Rust decode: a token's two decodes took 3.8 us through it and 1.3 without.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not callable(getattr(backend, "decode", None)):
