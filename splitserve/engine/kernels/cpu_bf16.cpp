@@ -1,7 +1,7 @@
 // bfloat16 CPU kernels for x86 with AVX512_BF16: a weight-packed GEMM, paged decode attention,
 // causal prefill attention, and fused element-wise ops. Each has a plain-torch reference in splitserve/engine/ops.py that the
-// tests compare it against. Threads come from ATen's pool (at::parallel_for), so these kernels share
-// torch's OpenMP runtime instead of starting a second one.
+// tests compare it against. Threads come from torch's OpenMP runtime (at::parallel_for, or an OpenMP
+// region of at::get_num_threads() threads: parallel_items, the prefill attention), never a second one.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
