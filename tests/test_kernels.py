@@ -373,3 +373,73 @@ def test_chunk_attention_over_a_cached_prefix_matches_reference(ops, prefix, chu
     assert got.shape == (chunk, heads, d)
     assert torch.allclose(got, expected, atol=2e-2, rtol=2e-2)
     assert (got - expected).abs().mean() < 2e-3
+
+
+def tiny_qwen2_bf16(folder, tokenizer_source):
+    """A two-layer Qwen2 checkpoint (biased q/k/v projections) whose heads the kernels take (32 dims)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.15, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    hf = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # the biases start at zero, where leaving them out would change nothing
+        for layer in hf.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+    hf.save_pretrained(folder)
+    for f in tokenizer_source.glob("tokenizer*"):
+        shutil.copy(f, folder)
+
+
+@pytest.mark.parametrize("model", ["default", "qwen2-biased"])
+def test_decode_layers_in_one_call_give_the_bits_of_layer_by_layer(model, model_bf16, tmp_path, monkeypatch):
+    """A decode step's layers in one kernel call (DecodeLayers) run the same kernels in the same
+    order as the model's Python forward: the same logits and the same KV written, bit for bit, and
+    the Python layers do not run at all."""
+    from splitserve.engine import EngineConfig, LLMEngine, SamplingParams, Sequence
+    from splitserve.engine.models.llama import LlamaModel
+
+    if model == "default":
+        engine = LLMEngine(EngineConfig(kv_cache_bytes=1 << 27), loaded=model_bf16)
+    else:
+        tiny_qwen2_bf16(tmp_path, model_bf16.source.path)
+        engine = LLMEngine(EngineConfig(model=str(tmp_path), kv_cache_bytes=1 << 24))
+        assert engine.runner.model.layers[0].self_attn.qkv.bias is not None
+    runner, model_ops = engine.runner, engine.runner.model.ops
+    assert isinstance(model_ops, CpuKernelOps)
+    layered_decodes = []
+    run_parts = LlamaModel.run_parts
+
+    def counting(self, state, count, batch, cache):
+        layered_decodes.append(not batch.is_prefill and not batch.chunks)
+        return run_parts(self, state, count, batch, cache)
+
+    monkeypatch.setattr(LlamaModel, "run_parts", counting)
+    gen = torch.Generator().manual_seed(5)
+    vocab = engine.loaded.spec.vocab_size
+    seqs = [Sequence(f"s{i}", torch.randint(3, vocab, (n,), generator=gen).tolist(), SamplingParams(temperature=0.0))
+            for i, n in enumerate((5, 17, 40, 33))]
+    tables = [engine.blocks.allocate(s.request_id, s.num_tokens + 1) for s in seqs]
+    runner.prefill(seqs, tables)
+    for s in seqs:
+        s.output_token_ids.append(7)
+        s.num_computed_tokens = s.num_tokens - 1
+    before = runner.cache.data.clone()
+    steps = {"decode": lambda: runner.decode(seqs, tables),
+             "mixed, no chunk": lambda: runner.mixed([], seqs, [], tables)}  # a chunked engine's decode step
+    for name, step in steps.items():
+        results = {}
+        for fused in (False, True):
+            runner.cache.data.copy_(before)
+            monkeypatch.setattr(model_ops, "fused_decode", fused)
+            layered_decodes.clear()
+            logits = step()
+            results[fused] = logits, runner.cache.data.clone(), list(layered_decodes)
+        assert results[False][2] == [True] and results[True][2] == [], name  # fused: no Python layer ran
+        assert torch.equal(results[True][0], results[False][0]), name
+        assert torch.equal(results[True][1], results[False][1]), name
+        assert not torch.equal(results[True][1], before), name  # the step wrote its tokens' K and V

@@ -7,6 +7,8 @@ with AVX512_BF16 and checks itself against TorchOps in the tests.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -63,6 +65,12 @@ class TorchOps:
         """Each row's first argmax, -1 for a row holding a NaN (sampler.argmax_rows)."""
         return argmax_rows(logits)
 
+    def decode_layers(self, model, state, batch: AttentionBatch, cache) -> bool:
+        """Run every decoder layer of a decode step at once, leaving the final-normed hidden states
+        in state.normed, and return True; False (nothing run) where these ops cannot, and the model
+        then runs its layers one by one."""
+        return False
+
     def prefill_attention(self, q, k, v, query_lens: list[int], scale: float) -> torch.Tensor:
         return prefill_attention(q, k, v, query_lens, scale)
 
@@ -96,9 +104,14 @@ class TorchOps:
 
 class CpuKernelOps(TorchOps):
     name = "cpu-bf16-kernels"
+    # Decode steps run every layer in one kernel call (decode_layers); False runs them layer by
+    # layer in Python, on the same kernels (for comparisons: scripts/decode-layers-ab.py).
+    fused_decode = True
 
     def __init__(self, kernels) -> None:
         self.k = kernels
+        # Each KV cache's DecodeLayers (None: its layers run one by one), gone with the cache.
+        self._decode_stacks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def prepare(self, model: torch.nn.Module) -> None:
         """Pack every linear weight into GEMM tiles and drop the unpacked copy (bar a tied head)."""
@@ -131,6 +144,40 @@ class CpuKernelOps(TorchOps):
 
     def silu_mul(self, gate_up):
         return self.k.silu_mul(gate_up)
+
+    def decode_layers(self, model, state, batch, cache) -> bool:
+        """The kernels' DecodeLayers: the layers' own kernels in the same order, so the same bits,
+        without the Python between them. Built once per cache (and let go with it); models with q/k
+        norms or norms of different eps, and caches in plain rows, run layer by layer."""
+        if not self.fused_decode:
+            return False
+        if cache not in self._decode_stacks:
+            self._decode_stacks[cache] = self._build_decode_layers(model, cache)
+        stack = self._decode_stacks[cache]
+        if stack is None:
+            return False
+        state.normed = stack.run(state.residual, state.normed, *state.cos_sin, batch.slot_mapping,
+                                 batch.block_tables, batch.context_lens)
+        state.next_part = model.num_parts
+        return True
+
+    def _build_decode_layers(self, model, cache):
+        spec, layers = model.spec, model.layers
+        norms = [norm for layer in layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+        if (spec.qk_norm or not self.tiles_kv(cache.layout.block_size)
+                or len({norm.eps for norm in [*norms, model.norm]}) != 1):
+            return None
+        no_bias = torch.empty(0, dtype=torch.bfloat16)
+        attn = [layer.self_attn for layer in layers]
+        return self.k.DecodeLayers(
+            [a.qkv.packed for a in attn], [no_bias if a.qkv.bias is None else a.qkv.bias for a in attn],
+            [a.o_proj.packed for a in attn], [layer.mlp.gate_up.packed for layer in layers],
+            [layer.mlp.down_proj.packed for layer in layers],
+            [layer.post_attention_layernorm.weight for layer in layers],
+            [layer.input_layernorm.weight for layer in layers[1:]] + [model.norm.weight],
+            [cache.layer(i)[0] for i in range(len(layers))], [cache.layer(i)[1] for i in range(len(layers))],
+            spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size, spec.intermediate_size,
+            model.norm.eps, attn[0].scale)
 
     def decode_attention(self, q, k_cache, v_cache, batch, scale):
         if not self.tiles_kv(k_cache.shape[2]):

@@ -238,7 +238,9 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, cache: KVCache
     ) -> torch.Tensor:
         state = self.embed(input_ids, positions)
-        self.run_parts(state, self.num_parts, batch, cache)
+        # A decode step, or a chunked engine's step that holds no prompt chunk, may run every layer at once.
+        if batch.is_prefill or batch.chunks or not self.ops.decode_layers(self, state, batch, cache):
+            self.run_parts(state, self.num_parts, batch, cache)
         return state.normed
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> LayerState:
