@@ -9,6 +9,13 @@ best of --steps steps) at each batch x context with CpuKernelOps.fused_decode of
 on cores 0-1 with two threads (or core 0 with one: --threads 1). Each round starts with a
 memory-read probe (GB/s), to tell the VM's hour (docs/benchmarks.md, "A decode step's layers in one
 call").
+
+With --python-only it times instead the layer-by-layer step with every kernel the layers call
+replaced by one that returns a tensor of the right shape at once, beside the real step: what the
+Python between the kernels costs (the embedding, the LM head's argmax and the inputs' tensors are in
+both).
+
+    .venv/bin/python scripts/decode-layers-ab.py --python-only --shapes 1x256,8x256,32x256 --rounds 2
 """
 
 from __future__ import annotations
@@ -19,6 +26,40 @@ import sys
 import time
 
 
+class NoCompute:
+    """The kernels the layers call, each returning a (cached) tensor of its output's shape at once;
+    everything else is the real module's."""
+
+    def __init__(self, kernels) -> None:
+        self.kernels = kernels
+        self.outputs: dict[tuple[int, ...], object] = {}
+
+    def _out(self, *shape: int):
+        import torch
+
+        if shape not in self.outputs:
+            self.outputs[shape] = torch.zeros(shape, dtype=torch.bfloat16)
+        return self.outputs[shape]
+
+    def gemm(self, x, packed, n, bias):
+        return self._out(x.shape[0], n)
+
+    def add_rmsnorm(self, residual, delta, weight, eps):
+        return self._out(*residual.shape)
+
+    def rope_write_kv(self, *args) -> None:
+        return None
+
+    def decode_attention(self, q, *args):
+        return self._out(*q.shape)
+
+    def silu_mul(self, gate_up):
+        return self._out(gate_up.shape[0], gate_up.shape[1] // 2)
+
+    def __getattr__(self, name: str):
+        return getattr(self.kernels, name)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="1x256,8x256,32x256,64x256,32x1024,64x1024",
@@ -27,6 +68,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="timed steps per shape, the best kept (default: 8)")
     p.add_argument("--threads", type=int, choices=(1, 2), default=2,
                    help="torch threads, pinned to cores 0-1 or (one) to core 0 (default: 2)")
+    p.add_argument("--python-only", action="store_true",
+                   help="time the layer-by-layer step with its kernels returning at once, beside the real one")
     args = p.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     os.sched_setaffinity(0, [0, 1] if args.threads == 2 else [0])
@@ -42,6 +85,11 @@ def main() -> None:
     if not isinstance(ops, CpuKernelOps):
         sys.exit("the compiled kernels do not run on this CPU")
     names = {False: "layer by layer", True: "one call"}
+    kernels = ops.k
+    if args.python_only:
+        names = {False: "layer by layer", True: "its Python alone"}
+        ops.fused_decode = False
+        no_compute = NoCompute(kernels)
     times: dict[tuple[int, int], dict[bool, list[float]]] = {shape: {False: [], True: []} for shape in shapes}
     probe = torch.ones(256 << 20)
     for r in range(args.rounds):
@@ -50,9 +98,12 @@ def main() -> None:
         probe.sum()
         print(f"round {r + 1}: memory read {(1 << 30) / (time.perf_counter() - start) / 1e9:.0f} GB/s", flush=True)
         for shape in shapes:
-            for fused in (False, True) if r % 2 == 0 else (True, False):
-                ops.fused_decode = fused
-                times[shape][fused].append(round(bench_decode(engine, *shape, args.steps) * 1e3, 2))
+            for second in (False, True) if r % 2 == 0 else (True, False):
+                if args.python_only:
+                    ops.k = no_compute if second else kernels
+                else:
+                    ops.fused_decode = second
+                times[shape][second].append(round(bench_decode(engine, *shape, args.steps) * 1e3, 2))
     for (batch, context), runs in times.items():
         print(f"{batch} x {context}: step ms, " + ", ".join(f"{names[f]} {runs[f]}" for f in (False, True)))
 

@@ -395,12 +395,28 @@ def tiny_qwen2_bf16(folder, tokenizer_source):
         shutil.copy(f, folder)
 
 
+def prefilled_for_decode(engine):
+    """Four sequences of 5-40 prompt tokens, prefilled, each with one more token to decode."""
+    from splitserve.engine import SamplingParams, Sequence
+
+    gen = torch.Generator().manual_seed(5)
+    vocab = engine.loaded.spec.vocab_size
+    seqs = [Sequence(f"s{i}", torch.randint(3, vocab, (n,), generator=gen).tolist(), SamplingParams(temperature=0.0))
+            for i, n in enumerate((5, 17, 40, 33))]
+    tables = [engine.blocks.allocate(s.request_id, s.num_tokens + 1) for s in seqs]
+    engine.runner.prefill(seqs, tables)
+    for s in seqs:
+        s.output_token_ids.append(7)
+        s.num_computed_tokens = s.num_tokens - 1
+    return seqs, tables
+
+
 @pytest.mark.parametrize("model", ["default", "qwen2-biased"])
 def test_decode_layers_in_one_call_give_the_bits_of_layer_by_layer(model, model_bf16, tmp_path, monkeypatch):
     """A decode step's layers in one kernel call (DecodeLayers) run the same kernels in the same
     order as the model's Python forward: the same logits and the same KV written, bit for bit, and
     the Python layers do not run at all."""
-    from splitserve.engine import EngineConfig, LLMEngine, SamplingParams, Sequence
+    from splitserve.engine import EngineConfig, LLMEngine
     from splitserve.engine.models.llama import LlamaModel
 
     if model == "default":
@@ -419,15 +435,7 @@ def test_decode_layers_in_one_call_give_the_bits_of_layer_by_layer(model, model_
         return run_parts(self, state, count, batch, cache)
 
     monkeypatch.setattr(LlamaModel, "run_parts", counting)
-    gen = torch.Generator().manual_seed(5)
-    vocab = engine.loaded.spec.vocab_size
-    seqs = [Sequence(f"s{i}", torch.randint(3, vocab, (n,), generator=gen).tolist(), SamplingParams(temperature=0.0))
-            for i, n in enumerate((5, 17, 40, 33))]
-    tables = [engine.blocks.allocate(s.request_id, s.num_tokens + 1) for s in seqs]
-    runner.prefill(seqs, tables)
-    for s in seqs:
-        s.output_token_ids.append(7)
-        s.num_computed_tokens = s.num_tokens - 1
+    seqs, tables = prefilled_for_decode(engine)
     before = runner.cache.data.clone()
     steps = {"decode": lambda: runner.decode(seqs, tables),
              "mixed, no chunk": lambda: runner.mixed([], seqs, [], tables)}  # a chunked engine's decode step
@@ -443,3 +451,43 @@ def test_decode_layers_in_one_call_give_the_bits_of_layer_by_layer(model, model_
         assert torch.equal(results[True][0], results[False][0]), name
         assert torch.equal(results[True][1], results[False][1]), name
         assert not torch.equal(results[True][1], before), name  # the step wrote its tokens' K and V
+
+
+def test_decode_layers_let_other_python_threads_run_while_they_compute(model_bf16):
+    """The one call lets go of the GIL for the whole pass, as each kernel does: with the forced
+    switch put off for longer than the test, the main thread still runs while another thread is
+    inside a loop of DecodeLayers.run calls with no Python between them."""
+    from splitserve.engine import EngineConfig, LLMEngine
+
+    engine = LLMEngine(EngineConfig(kv_cache_bytes=1 << 27), loaded=model_bf16)
+    seqs, tables = prefilled_for_decode(engine)
+    model_ops = engine.runner.model.ops
+    engine.runner.decode(seqs, tables)  # builds the cache's DecodeLayers
+    stack = model_ops._decode_stacks[engine.runner.cache]
+    args = []
+
+    class Recording:
+        def run(self, *a):
+            args.extend(a)
+            return stack.run(*a)
+
+    model_ops._decode_stacks[engine.runner.cache] = Recording()
+    engine.runner.decode(seqs, tables)
+    assert len(args) == 7
+    started, seen_running, results = threading.Event(), [], []
+
+    def compute():
+        started.set()
+        results.extend(stack.run(*args) for _ in range(100))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(60.0)
+    try:
+        worker = threading.Thread(target=compute)
+        worker.start()
+        started.wait()
+        seen_running.append(worker.is_alive())
+        worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert seen_running == [True] and len(results) == 100
