@@ -375,21 +375,27 @@ def test_chunk_attention_over_a_cached_prefix_matches_reference(ops, prefix, chu
     assert (got - expected).abs().mean() < 2e-3
 
 
-def tiny_qwen2_bf16(folder, tokenizer_source):
-    """A two-layer Qwen2 checkpoint (biased q/k/v projections) whose heads the kernels take (32 dims)."""
+def tiny_checkpoint(name, folder, tokenizer_source):
+    """A two-layer checkpoint whose heads the kernels take (32 dims): a Qwen2 (biased q/k/v
+    projections, set at random: they start at zero, where leaving them out would change nothing), a
+    Llama with 8 x 32 query dims against a hidden size of 128, or a Qwen3 (q/k norms)."""
     import shutil
 
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
+    common = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.15,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False)
+    config = {"qwen2-biased": lambda: Qwen2Config(**common, num_attention_heads=4),
+              "llama-wide-heads": lambda: LlamaConfig(**common, num_attention_heads=8, head_dim=32),
+              "qwen3": lambda: Qwen3Config(**common, num_attention_heads=4, head_dim=32)}[name]()
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.15, rms_norm_eps=1e-6, tie_word_embeddings=False)
     hf = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # the biases start at zero, where leaving them out would change nothing
-        for layer in hf.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0.0, 0.5)
+    if name == "qwen2-biased":
+        with torch.no_grad():
+            for layer in hf.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.5)
     hf.save_pretrained(folder)
     for f in tokenizer_source.glob("tokenizer*"):
         shutil.copy(f, folder)
@@ -411,20 +417,24 @@ def prefilled_for_decode(engine):
     return seqs, tables
 
 
-@pytest.mark.parametrize("model", ["default", "qwen2-biased"])
+@pytest.mark.parametrize("model", ["default", "qwen2-biased", "llama-wide-heads", "qwen3"])
 def test_decode_layers_in_one_call_give_the_bits_of_layer_by_layer(model, model_bf16, tmp_path, monkeypatch):
     """A decode step's layers in one kernel call (DecodeLayers) run the same kernels in the same
     order as the model's Python forward: the same logits and the same KV written, bit for bit, and
-    the Python layers do not run at all."""
+    the Python layers do not run at all. A model with q/k norms (Qwen3), which the one call does
+    not apply, runs its layers one by one either way."""
     from splitserve.engine import EngineConfig, LLMEngine
     from splitserve.engine.models.llama import LlamaModel
 
     if model == "default":
         engine = LLMEngine(EngineConfig(kv_cache_bytes=1 << 27), loaded=model_bf16)
     else:
-        tiny_qwen2_bf16(tmp_path, model_bf16.source.path)
+        tiny_checkpoint(model, tmp_path, model_bf16.source.path)
         engine = LLMEngine(EngineConfig(model=str(tmp_path), kv_cache_bytes=1 << 24))
-        assert engine.runner.model.layers[0].self_attn.qkv.bias is not None
+    spec = engine.loaded.spec
+    assert (engine.runner.model.layers[0].self_attn.qkv.bias is not None) == (model == "qwen2-biased")
+    assert (spec.num_heads * spec.head_dim != spec.hidden_size) == (model == "llama-wide-heads")
+    assert spec.qk_norm == (model == "qwen3")
     runner, model_ops = engine.runner, engine.runner.model.ops
     assert isinstance(model_ops, CpuKernelOps)
     layered_decodes = []
@@ -447,7 +457,8 @@ def test_decode_layers_in_one_call_give_the_bits_of_layer_by_layer(model, model_
             layered_decodes.clear()
             logits = step()
             results[fused] = logits, runner.cache.data.clone(), list(layered_decodes)
-        assert results[False][2] == [True] and results[True][2] == [], name  # fused: no Python layer ran
+        fused_layers = [True] if model == "qwen3" else []  # with q/k norms the Python layers run
+        assert results[False][2] == [True] and results[True][2] == fused_layers, name
         assert torch.equal(results[True][0], results[False][0]), name
         assert torch.equal(results[True][1], results[False][1]), name
         assert not torch.equal(results[True][1], before), name  # the step wrote its tokens' K and V

@@ -1067,7 +1067,7 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
 // of Python per layer (~0.8 ms a step, a tenth of a batch-1 step) and with the GIL let go once for
 // the whole pass instead of taken back after each of ~300 kernels (a worker's event loop thread
 // then waits for none of them). Holds references to the packed weights, the norms' weights and
-// the cache's layer views, taken once per engine.
+// the cache's layer views, taken once per KV cache.
 struct DecodeLayers {
   std::vector<torch::Tensor> qkv, qkv_bias, o, gate_up, down, post_norm, next_norm, k_cache, v_cache;
   int64_t heads, kv_heads, head_dim, hidden, intermediate;
