@@ -63,13 +63,14 @@ class NoCompute:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="1x256,8x256,32x256,64x256,32x1024,64x1024",
-                   help="batch x context, comma-separated (default: 1x256,8x256,32x256,64x256,32x1024,64x1024)")
+                   help="batch x context, comma-separated (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=4, help="rounds of every shape (default: 4)")
     p.add_argument("--steps", type=int, default=8, help="timed steps per shape, the best kept (default: 8)")
     p.add_argument("--threads", type=int, choices=(1, 2), default=2,
                    help="torch threads, pinned to cores 0-1 or (one) to core 0 (default: 2)")
     p.add_argument("--python-only", action="store_true",
-                   help="time the layer-by-layer step with its kernels returning at once, beside the real one")
+                   help="time the layer-by-layer step with its kernels returning at once, beside the real "
+                        "one")
     args = p.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     os.sched_setaffinity(0, [0, 1] if args.threads == 2 else [0])

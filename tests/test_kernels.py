@@ -63,32 +63,44 @@ def test_gemm_matches_float32_matmul(ops, gemm_path, m, n, k, bias):
     assert torch.allclose(got, expected, rtol=BF16_EPS, atol=BF16_EPS * expected.abs().max().item())
 
 
-def test_the_kernels_let_other_python_threads_run_while_they_compute(ops):
-    """A GEMM lets go of the GIL while it runs: with the interpreter's forced switch put off for
-    longer than the test, the main thread still runs while another thread is inside its GEMMs (a
-    worker's event loop beside its engine thread). Holding the GIL, the other thread would keep it
-    until its loop ended, and the main thread would find it gone."""
-    layer = Linear(2048, 2048, False)
-    layer.weight.data = rand(2048, 2048, seed=1)
-    layer.packed = ops.k.pack_weight(layer.weight.data)
-    x = rand(64, 2048, seed=3)
-    started, seen_running, results = threading.Event(), [], []
+def main_thread_runs_beside(compute) -> bool:
+    """Whether the main thread gets to run while another thread is inside compute(), with the
+    interpreter's forced switch put off for longer than the test: only if compute() lets go of the
+    GIL. Holding it, the other thread would keep it until compute() returned, and the main thread
+    would find the thread gone."""
+    started, seen_running = threading.Event(), []
 
-    def compute():
+    def body():
         started.set()
-        results.extend(ops.k.gemm(x, layer.packed, 2048, None) for _ in range(200))  # no torch call between
+        compute()
 
     interval = sys.getswitchinterval()
     sys.setswitchinterval(60.0)
     try:
-        worker = threading.Thread(target=compute)
+        worker = threading.Thread(target=body)
         worker.start()
         started.wait()
         seen_running.append(worker.is_alive())
         worker.join()
     finally:
         sys.setswitchinterval(interval)
-    assert seen_running == [True] and len(results) == 200
+    return seen_running == [True]
+
+
+def test_the_kernels_let_other_python_threads_run_while_they_compute(ops):
+    """A GEMM lets go of the GIL while it runs: the main thread still runs while another thread is
+    inside its GEMMs (a worker's event loop beside its engine thread)."""
+    layer = Linear(2048, 2048, False)
+    layer.weight.data = rand(2048, 2048, seed=1)
+    layer.packed = ops.k.pack_weight(layer.weight.data)
+    x = rand(64, 2048, seed=3)
+    results = []
+
+    def gemms():  # no torch call between them
+        results.extend(ops.k.gemm(x, layer.packed, 2048, None) for _ in range(200))
+
+    assert main_thread_runs_beside(gemms)
+    assert len(results) == 200
 
 
 def test_a_gemm_rows_result_does_not_depend_on_the_rows_beside_it(ops, gemm_path):
@@ -407,7 +419,8 @@ def prefilled_for_decode(engine):
 
     gen = torch.Generator().manual_seed(5)
     vocab = engine.loaded.spec.vocab_size
-    seqs = [Sequence(f"s{i}", torch.randint(3, vocab, (n,), generator=gen).tolist(), SamplingParams(temperature=0.0))
+    greedy = SamplingParams(temperature=0.0)
+    seqs = [Sequence(f"s{i}", torch.randint(3, vocab, (n,), generator=gen).tolist(), greedy)
             for i, n in enumerate((5, 17, 40, 33))]
     tables = [engine.blocks.allocate(s.request_id, s.num_tokens + 1) for s in seqs]
     engine.runner.prefill(seqs, tables)
@@ -465,9 +478,8 @@ def test_decode_layers_in_one_call_give_the_bits_of_layer_by_layer(model, model_
 
 
 def test_decode_layers_let_other_python_threads_run_while_they_compute(model_bf16):
-    """The one call lets go of the GIL for the whole pass, as each kernel does: with the forced
-    switch put off for longer than the test, the main thread still runs while another thread is
-    inside a loop of DecodeLayers.run calls with no Python between them."""
+    """The one call lets go of the GIL for the whole pass, as each kernel does: the main thread
+    still runs while another thread is inside a loop of DecodeLayers.run calls."""
     from splitserve.engine import EngineConfig, LLMEngine
 
     engine = LLMEngine(EngineConfig(kv_cache_bytes=1 << 27), loaded=model_bf16)
@@ -485,20 +497,6 @@ def test_decode_layers_let_other_python_threads_run_while_they_compute(model_bf1
     model_ops._decode_stacks[engine.runner.cache] = Recording()
     engine.runner.decode(seqs, tables)
     assert len(args) == 7
-    started, seen_running, results = threading.Event(), [], []
-
-    def compute():
-        started.set()
-        results.extend(stack.run(*args) for _ in range(100))
-
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(60.0)
-    try:
-        worker = threading.Thread(target=compute)
-        worker.start()
-        started.wait()
-        seen_running.append(worker.is_alive())
-        worker.join()
-    finally:
-        sys.setswitchinterval(interval)
-    assert seen_running == [True] and len(results) == 100
+    results = []
+    assert main_thread_runs_beside(lambda: results.extend(stack.run(*args) for _ in range(100)))
+    assert len(results) == 100
