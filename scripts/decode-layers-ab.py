@@ -21,9 +21,9 @@ both).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
+
+from decode_ab import add_step_options, alternate, pin
 
 
 class NoCompute:
@@ -62,52 +62,28 @@ class NoCompute:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="1x256,8x256,32x256,64x256,32x1024,64x1024",
-                   help="batch x context, comma-separated (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=4, help="rounds of every shape (default: 4)")
-    p.add_argument("--steps", type=int, default=8, help="timed steps per shape, the best kept (default: 8)")
-    p.add_argument("--threads", type=int, choices=(1, 2), default=2,
-                   help="torch threads, pinned to cores 0-1 or (one) to core 0 (default: 2)")
+    add_step_options(p, "1x256,8x256,32x256,64x256,32x1024,64x1024")
     p.add_argument("--python-only", action="store_true",
                    help="time the layer-by-layer step with its kernels returning at once, beside the real "
                         "one")
     args = p.parse_args()
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    os.sched_setaffinity(0, [0, 1] if args.threads == 2 else [0])
-    import torch
-
-    from splitserve.bench.engine_bench import bench_decode
+    shapes = pin(args)
     from splitserve.engine import EngineConfig, LLMEngine
     from splitserve.engine.ops import CpuKernelOps
 
-    torch.set_num_threads(args.threads)
     engine = LLMEngine(EngineConfig(kv_cache_bytes=3 << 30, max_num_seqs=128))
     ops = engine.runner.model.ops
     if not isinstance(ops, CpuKernelOps):
         sys.exit("the compiled kernels do not run on this CPU")
-    names = {False: "layer by layer", True: "one call"}
-    kernels = ops.k
     if args.python_only:
-        names = {False: "layer by layer", True: "its Python alone"}
         ops.fused_decode = False
-        no_compute = NoCompute(kernels)
-    times: dict[tuple[int, int], dict[bool, list[float]]] = {shape: {False: [], True: []} for shape in shapes}
-    probe = torch.ones(256 << 20)
-    for r in range(args.rounds):
-        probe.sum()
-        start = time.perf_counter()
-        probe.sum()
-        print(f"round {r + 1}: memory read {(1 << 30) / (time.perf_counter() - start) / 1e9:.0f} GB/s", flush=True)
-        for shape in shapes:
-            for second in (False, True) if r % 2 == 0 else (True, False):
-                if args.python_only:
-                    ops.k = no_compute if second else kernels
-                else:
-                    ops.fused_decode = second
-                times[shape][second].append(round(bench_decode(engine, *shape, args.steps) * 1e3, 2))
-    for (batch, context), runs in times.items():
-        print(f"{batch} x {context}: step ms, " + ", ".join(f"{names[f]} {runs[f]}" for f in (False, True)))
-
+        kernels, no_compute = ops.k, NoCompute(ops.k)
+        setups = {"layer by layer": lambda: setattr(ops, "k", kernels),
+                  "its Python alone": lambda: setattr(ops, "k", no_compute)}
+    else:
+        setups = {"layer by layer": lambda: setattr(ops, "fused_decode", False),
+                  "one call": lambda: setattr(ops, "fused_decode", True)}
+    alternate(engine, shapes, args, setups)
 
 if __name__ == "__main__":
     main()

@@ -17,31 +17,23 @@ weights the same way (checked). docs/benchmarks.md, "KV blocks in a tiled layout
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
+
+from decode_ab import add_step_options, alternate, pin
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", required=True, help="the git revision whose kernels to compare against")
-    p.add_argument("--shapes", default="32x256,64x256,32x1024,64x1024,8x1024",
-                   help="batch x context, comma-separated (default: 32x256,64x256,32x1024,64x1024,8x1024)")
-    p.add_argument("--rounds", type=int, default=4, help="rounds of every shape (default: 4)")
-    p.add_argument("--steps", type=int, default=8, help="timed steps per shape, the best kept (default: 8)")
-    p.add_argument("--threads", type=int, choices=(1, 2), default=2,
-                   help="torch threads, pinned to cores 0-1 or (one) to core 0 (default: 2)")
+    add_step_options(p, "32x256,64x256,32x1024,64x1024,8x1024")
     args = p.parse_args()
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    os.sched_setaffinity(0, [0, 1] if args.threads == 2 else [0])
+    shapes = pin(args)
     import torch
     from kernels_at import load_kernels_at
 
-    from splitserve.bench.engine_bench import bench_decode
     from splitserve.engine import EngineConfig, LLMEngine
     from splitserve.engine.kernels import load_cpu_kernels
 
-    torch.set_num_threads(args.threads)
     new = load_cpu_kernels()
     if new is None:
         sys.exit("the compiled kernels do not run on this CPU")
@@ -54,23 +46,13 @@ def main() -> None:
 
     engine = LLMEngine(EngineConfig(kv_cache_bytes=3 << 30, max_num_seqs=128))
     ops = engine.runner.model.ops
-    times: dict[tuple[int, int], dict[str, list[float]]] = {shape: {"baseline": [], "this tree": []}
-                                                           for shape in shapes}
-    probe = torch.ones(256 << 20)
-    for r in range(args.rounds):
-        probe.sum()
-        start = time.perf_counter()
-        probe.sum()
-        print(f"round {r + 1}: memory read {(1 << 30) / (time.perf_counter() - start) / 1e9:.0f} GB/s", flush=True)
-        order = [("baseline", old), ("this tree", new)]
-        for shape in shapes:
-            for name, module in order if r % 2 == 0 else order[::-1]:
-                ops.k = module
-                times[shape][name].append(round(bench_decode(engine, *shape, args.steps) * 1e3, 2))
-        ops.k = new
-    for (batch, context), runs in times.items():
-        print(f"{batch} x {context}: step ms, baseline {runs['baseline']}, this tree {runs['this tree']}")
 
+    def use(module):
+        def setup() -> None:
+            ops.k = module
+        return setup
+
+    alternate(engine, shapes, args, {"baseline": use(old), "this tree": use(new)})
 
 if __name__ == "__main__":
     main()
