@@ -252,22 +252,40 @@ def test_prompts_are_prefilled_first_come_first_served():
 
 def test_the_default_profile_is_the_one_shipped_for_this_processor(monkeypatch):
     """`up --mode auto`, `plan`, `simulate` and the re-planner default to the shipped profile measured
-    on a processor of this machine's name; elsewhere to the Sapphire Rapids VM's."""
+    on this processor: its model name, and its family and model where the profile records them (a
+    VM's "AMD EPYC" is Zen 4 on one machine and Zen 5 on another, and their steps differ 2x); where
+    none was, to the Sapphire Rapids VM's, with a warning that says so."""
+    from structlog.testing import capture_logs
+
     from splitserve.planner import sweep
 
-    for processor, expected in (("AMD EPYC", "cpu-2core-amd-epyc.json"),
-                                ("Intel(R) Xeon(R) Processor", "cpu-2core.json"),
-                                ("Some Other CPU", "cpu-2core.json")):
+    zen = {"vendor": "AuthenticAMD"}
+    for processor, generation, expected in (
+            ("AMD EPYC", {**zen, "cpu_family": "26", "cpu_model": "2"}, "cpu-2core-amd-epyc.json"),
+            ("AMD EPYC", {**zen, "cpu_family": "25", "cpu_model": "17"}, "cpu-2core-amd-epyc-zen4.json"),
+            ("AMD EPYC", {**zen, "cpu_family": "25", "cpu_model": "1"}, None),
+            ("Intel(R) Xeon(R) Processor", {"vendor": "GenuineIntel", "cpu_family": "6", "cpu_model": "143"},
+             "cpu-2core.json"),
+            ("Some Other CPU", {}, None)):
         monkeypatch.setattr(sweep, "processor_name", lambda name=processor: name)
+        monkeypatch.setattr(sweep, "processor_generation", lambda g=generation: g)
         sweep.machine_profile.cache_clear()
         try:
-            assert sweep.machine_profile().name == expected
+            with capture_logs() as logs:
+                chosen = sweep.machine_profile().name
         finally:
             sweep.machine_profile.cache_clear()
+        warned = [e for e in logs if e["log_level"] == "warning"]
+        if expected is None:
+            assert chosen == sweep.DEFAULT_PROFILE.name, (processor, generation)
+            assert len(warned) == 1 and warned[0]["processor"] == processor, logs
+        else:
+            assert (chosen, warned) == (expected, []), (processor, generation)
     # One shipped CPU profile per processor and core count: the choice never falls to file order.
     shipped = [load_profile(p).machine for p in PROFILES_DIR.glob("*.json")]
-    machines = [(m["processor"], m["num_cores"]) for m in shipped if m["device"] == "cpu"]
-    assert len(set(machines)) == len(machines) >= 2
+    machines = [(m["processor"], m.get("cpu_family"), m.get("cpu_model"), m["num_cores"])
+                for m in shipped if m["device"] == "cpu"]
+    assert len(set(machines)) == len(machines) >= 3
 
 
 def test_a_batch_takes_the_queue_head_within_the_token_budget():

@@ -31,3 +31,13 @@ def cpuinfo_field(name: str) -> str:
 def processor_name() -> str:
     """The processor as a profile records it: /proc/cpuinfo's model name, else platform's."""
     return cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+# The fields that tell one generation of a processor from another where a VM's model name does not
+# ("AMD EPYC" on Zen 4 and on Zen 5 alike): what a planner profile records beside the name.
+GENERATION_FIELDS = {"vendor": "vendor_id", "cpu_family": "cpu family", "cpu_model": "model"}
+
+
+def processor_generation() -> dict[str, str]:
+    """This processor's vendor, family and model as /proc/cpuinfo gives them (those it gives)."""
+    return {key: cpuinfo_field(field) for key, field in GENERATION_FIELDS.items() if cpuinfo_field(field)}

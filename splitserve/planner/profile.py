@@ -29,7 +29,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from splitserve.common.cpuinfo import processor_name
+from splitserve.common.cpuinfo import processor_generation, processor_name
 from splitserve.common.engine_args import format_cpus
 from splitserve.planner.latency import (
     STEP_KINDS,
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     degrees: dict[int, DegreeProfile] = {k: fit_degree(k, m["samples"]) for k, m in measured.items()}
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     machine = {"description": args.description or platform.node(), "processor": processor_name(),
-               "num_cores": len(cpus), "device": args.device, "torch": first["torch"], "measured_at": now}
+               **processor_generation(), "num_cores": len(cpus), "device": args.device, "torch": first["torch"], "measured_at": now}
     source = f"measured by `splitserve profile{' --quick' if args.quick else ''}` (repeat {args.repeat})"
     profile = Profile(source, machine, model, degrees, kv, Overheads(notes="defaults: not measured by profile"),
                       "cores per worker" if args.device == "cpu" else "devices per worker")

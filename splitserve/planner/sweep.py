@@ -18,10 +18,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from splitserve.bench.loadgen.config import ServeConfig
 from splitserve.bench.loadgen.metrics import format_report, summarize
 from splitserve.bench.loadgen.run import PointResult, result_json
-from splitserve.common.cpuinfo import processor_name
+from splitserve.common.cpuinfo import GENERATION_FIELDS, processor_generation, processor_name
 from splitserve.planner.latency import Profile
 from splitserve.planner.simulator import ClusterSpec, serve_requests, simulate
 
@@ -29,17 +31,34 @@ PROFILES_DIR = Path(__file__).parent / "profiles"
 DEFAULT_PROFILE = PROFILES_DIR / "cpu-2core.json"  # the Sapphire Rapids VM the project was built on
 
 
+log = structlog.get_logger(__name__)
+
+
+def _same_processor(machine: dict[str, Any], name: str, generation: dict[str, str]) -> bool:
+    """Whether a profile's machine is this processor: the same model name, and the same vendor,
+    family and model wherever the profile records them (a VM's name alone can cover generations)."""
+    return (machine.get("device") == "cpu" and machine.get("processor") == name
+            and all(str(machine[key]) == generation.get(key) for key in GENERATION_FIELDS if key in machine))
+
+
 @functools.cache
 def machine_profile() -> Path:
-    """The shipped CPU profile of this machine type: one measured on a processor of this machine's
-    name (/proc/cpuinfo's model name), one of its core count first; DEFAULT_PROFILE where none was."""
-    name, cores = processor_name(), os.cpu_count()
+    """The shipped CPU profile of this machine type: one measured on this processor (its
+    /proc/cpuinfo model name, and its vendor, family and model where the profile records them), one
+    of its core count first; DEFAULT_PROFILE, with a warning, where none was."""
+    name, generation, cores = processor_name(), processor_generation(), os.cpu_count()
     matches = []
     for path in sorted(PROFILES_DIR.glob("*.json")):
         machine = json.loads(path.read_text()).get("machine", {})
-        if machine.get("device") == "cpu" and machine.get("processor") == name:
+        if _same_processor(machine, name, generation):
             matches.append((machine.get("num_cores") != cores, path.name, path))
-    return min(matches)[2] if matches else DEFAULT_PROFILE
+    if matches:
+        return min(matches)[2]
+    log.warning("no shipped planner profile was measured on this processor; planning on another machine's, "
+                "whose step times may be far from this one's: measure this machine's with `splitserve profile` "
+                "and pass it as --profile (up: --plan-profile)",
+                processor=name, **generation, profile=DEFAULT_PROFILE.name)
+    return DEFAULT_PROFILE
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,8 @@ ZEN5_FAMILY = 26
 
 def prefetch_into_l1() -> bool:
     """Whether the decode attention prefetches K and V into L1: measured faster on AMD's Zen 5 (CPU
-    family 26 and later), slower than into L2 on Intel's Sapphire Rapids (docs/benchmarks.md); L2
-    wherever it was not measured."""
+    family 26 and later), slower than into L2 on Intel's Sapphire Rapids and on AMD's Zen 4 (family
+    25; docs/benchmarks.md); L2 wherever it was not measured."""
     family = cpuinfo_field("cpu family")
     return (cpuinfo_field("vendor_id") == "AuthenticAMD" and family.isdigit()
             and int(family) >= ZEN5_FAMILY)
