@@ -125,7 +125,8 @@ def test_a_profile_survives_a_round_trip_through_its_file(tmp_path):
         load_profile(tmp_path / "bad.json")
 
 
-CPU_PROFILES = [DEFAULT_PROFILE, PROFILES_DIR / "cpu-2core-amd-epyc.json"]
+CPU_PROFILES = [DEFAULT_PROFILE, PROFILES_DIR / "cpu-2core-amd-epyc.json",
+                PROFILES_DIR / "cpu-2core-amd-epyc-zen4.json"]
 
 
 @pytest.mark.parametrize("path", CPU_PROFILES, ids=lambda p: p.name)
@@ -146,8 +147,8 @@ def test_the_shipped_profile_is_measured_calibrated_and_covers_both_placements(p
     if o.aux_cpu_per_step:  # fitted to several loaded runs: per request too, and not per token
         assert 0.001 < o.aux_cpu_per_request < 0.1 and o.aux_cpu_per_token == 0
     assert one.prefill.seconds([512]) > two.prefill.seconds([512])  # one core is slower than two
-    # A batch-1 step on one core: 8 ms on the AMD VM; on the Sapphire Rapids VM 20 ms on a normal day,
-    # 35 ms on the slow day it was profiled.
+    # A batch-1 step on one core: 8 ms on the AMD Zen 5 VM, 10-14 ms on the Zen 4 one; on the Sapphire
+    # Rapids VM 20 ms on a normal day, 35 ms on the slow day it was profiled.
     assert 0.005 < one.decode.seconds(256, 1) < 0.04
     with pytest.raises(ValueError, match="has no latency model for 3"):
         profile.degree(3)
@@ -252,9 +253,10 @@ def test_prompts_are_prefilled_first_come_first_served():
 
 def test_the_default_profile_is_the_one_shipped_for_this_processor(monkeypatch):
     """`up --mode auto`, `plan`, `simulate` and the re-planner default to the shipped profile measured
-    on this processor: its model name, and its family and model where the profile records them (a
-    VM's "AMD EPYC" is Zen 4 on one machine and Zen 5 on another, and their steps differ 2x); where
-    none was, to the Sapphire Rapids VM's, with a warning that says so."""
+    on this processor: its model name, and its vendor, family and model where the profile records
+    them (a VM's "AMD EPYC" is Zen 4 on one machine and Zen 5 on another, and their steps differ 2x),
+    the profile that records more of them first; where none was, to the Sapphire Rapids VM's, with a
+    warning that says so."""
     from structlog.testing import capture_logs
 
     from splitserve.planner import sweep
@@ -264,6 +266,7 @@ def test_the_default_profile_is_the_one_shipped_for_this_processor(monkeypatch):
             ("AMD EPYC", {**zen, "cpu_family": "26", "cpu_model": "2"}, "cpu-2core-amd-epyc.json"),
             ("AMD EPYC", {**zen, "cpu_family": "25", "cpu_model": "17"}, "cpu-2core-amd-epyc-zen4.json"),
             ("AMD EPYC", {**zen, "cpu_family": "25", "cpu_model": "1"}, None),
+            ("AMD EPYC", {"vendor": "HygonGenuine", "cpu_family": "26", "cpu_model": "2"}, None),
             ("Intel(R) Xeon(R) Processor", {"vendor": "GenuineIntel", "cpu_family": "6", "cpu_model": "143"},
              "cpu-2core.json"),
             ("Some Other CPU", {}, None)):
@@ -286,6 +289,24 @@ def test_the_default_profile_is_the_one_shipped_for_this_processor(monkeypatch):
     machines = [(m["processor"], m.get("cpu_family"), m.get("cpu_model"), m["num_cores"])
                 for m in shipped if m["device"] == "cpu"]
     assert len(set(machines)) == len(machines) >= 3
+
+
+def test_a_profile_that_records_the_processor_s_family_comes_before_one_that_records_only_its_name(
+        monkeypatch, tmp_path):
+    from splitserve.planner import sweep
+
+    for name, extra in (("a-name-only.json", {}), ("b-family.json", {"cpu_family": "7"})):
+        machine = {"processor": "X CPU", **extra, "num_cores": 2, "device": "cpu"}
+        (tmp_path / name).write_text(json.dumps({"machine": machine}))
+    monkeypatch.setattr(sweep, "PROFILES_DIR", tmp_path)
+    monkeypatch.setattr(sweep, "processor_name", lambda: "X CPU")
+    for family, expected in (("7", "b-family.json"), ("8", "a-name-only.json")):
+        monkeypatch.setattr(sweep, "processor_generation", lambda f=family: {"cpu_family": f})
+        sweep.machine_profile.cache_clear()
+        try:
+            assert sweep.machine_profile().name == expected
+        finally:
+            sweep.machine_profile.cache_clear()
 
 
 def test_a_batch_takes_the_queue_head_within_the_token_budget():

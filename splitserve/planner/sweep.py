@@ -45,15 +45,17 @@ def _same_processor(machine: dict[str, Any], name: str, generation: dict[str, st
 def machine_profile() -> Path:
     """The shipped CPU profile of this machine type: one measured on this processor (its
     /proc/cpuinfo model name, and its vendor, family and model where the profile records them), one
-    of its core count first; DEFAULT_PROFILE, with a warning, where none was."""
+    of its core count first, then the one that records more of those fields; DEFAULT_PROFILE, with
+    a warning, where none was."""
     name, generation, cores = processor_name(), processor_generation(), os.cpu_count()
     matches = []
     for path in sorted(PROFILES_DIR.glob("*.json")):
         machine = json.loads(path.read_text()).get("machine", {})
         if _same_processor(machine, name, generation):
-            matches.append((machine.get("num_cores") != cores, path.name, path))
+            recorded = sum(key in machine for key in GENERATION_FIELDS)
+            matches.append((machine.get("num_cores") != cores, -recorded, path.name, path))
     if matches:
-        return min(matches)[2]
+        return min(matches)[-1]
     log.warning("no shipped planner profile was measured on this processor; planning on another machine's, "
                 "whose step times may be far from this one's: measure this machine's with `splitserve profile` "
                 "and pass it as --profile (up: --plan-profile)",
