@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 TORCH_PIP_ARGS ?= torch==2.13.0
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: setup test run proto bench kernels clean
+.PHONY: setup test soak run proto bench kernels clean
 
 setup: $(VENV)/.setup-done
 
@@ -27,7 +27,12 @@ $(VENV)/.setup-done: pyproject.toml Makefile splitserve/engine/kernels/cpu_bf16.
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=15 -m "not soak" tests
+
+# The soaks: faults under load with real processes, longer than the suite's budget allows
+# (docs/reliability.md, "The chaos soak").
+soak: setup
+	$(PY) -m pytest -q -ra --durations=5 -m soak tests
 
 # A local cluster on the default model: Redis, scheduler, 1 prefill + 1 decode server, gateway.
 # Extra flags for `splitserve up`: make run UP_ARGS="--prefill 2 --kv-transport grpc"

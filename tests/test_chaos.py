@@ -1,9 +1,10 @@
-"""The chaos soak in the suite: `splitserve chaos` for 36 s (2 gateways, 2 schedulers, 2 prefill and
-2 decode servers, Redis with AOF), one fault every ~6 s. Seed 2 draws, in order: SIGKILL of a
-gateway with streams open, a Redis restart, SIGKILL of the leading scheduler, a SIGSTOP of a worker
-past the heartbeat timeout, a client that disconnects mid-stream. Nothing may be lost or corrupted,
-no KV block may stay held, and only clients whose own gateway died may fail. The 10-minute run's
-figures are in docs/reliability.md."""
+"""The short chaos soak (`make soak`, not `make test`, whose 15 minutes it would overrun):
+`splitserve chaos` for 36 s (2 gateways, 2 schedulers, 2 prefill and 2 decode servers, Redis with
+AOF), one fault every ~6 s. Seed 2 draws, in order: SIGKILL of a gateway with streams open, a Redis
+restart, SIGKILL of the leading scheduler, a SIGSTOP of a worker past the heartbeat timeout, a
+client that disconnects mid-stream. Nothing may be lost or corrupted, no KV block may stay held, and
+only clients whose own gateway died may fail. The 10-minute run's figures are in
+docs/reliability.md."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.timeout(400), pytest.mark.soak]
 
 
 def test_faults_under_load_lose_corrupt_and_leak_nothing(tmp_path):
