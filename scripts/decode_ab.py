@@ -29,6 +29,14 @@ def pin(args: argparse.Namespace) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
 
 
+def read_rate_gbps(probe) -> float:
+    """GB/s of a second read of probe (a 1 GiB float32 tensor): the VM's memory speed this minute."""
+    probe.sum()
+    start = time.perf_counter()
+    probe.sum()
+    return probe.numel() * 4 / (time.perf_counter() - start) / 1e9
+
+
 def alternate(engine, shapes: list[tuple[int, int]], args: argparse.Namespace,
               setups: dict[str, Callable[[], None]]) -> None:
     """Each round, each shape's step under both setups (in turn, the order reversed every other
@@ -41,10 +49,7 @@ def alternate(engine, shapes: list[tuple[int, int]], args: argparse.Namespace,
     times = {shape: {name: [] for name in names} for shape in shapes}
     probe = torch.ones(256 << 20)
     for r in range(args.rounds):
-        probe.sum()
-        start = time.perf_counter()
-        probe.sum()
-        print(f"round {r + 1}: memory read {(1 << 30) / (time.perf_counter() - start) / 1e9:.0f} GB/s", flush=True)
+        print(f"round {r + 1}: memory read {read_rate_gbps(probe):.0f} GB/s", flush=True)
         for shape in shapes:
             for name in names if r % 2 == 0 else names[::-1]:
                 setups[name]()
