@@ -9,8 +9,8 @@ neighbour pinned to core 1. Each round times --steps decode steps at each batch 
 (`bench engine`'s step: the runner's decode and the greedy argmax, each step rewriting the last
 slot) with the neighbour idle and then with it stepping the same shape in a loop (the order
 reversed every other round), and opens with a memory-read probe (GB/s) to tell the VM's hour.
-Prints each shape's median step in ms per round and setup, and their ratio per round (docs/benchmarks.md, "Two one-core
-engines side by side").
+Prints each shape's median step in ms per round and setup, and their ratio per round
+(docs/benchmarks.md, "On AMD's Zen 4": two one-core engines side by side).
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.timeout(300)
 NUM_REQUESTS = 10
 MAX_TOKENS = 120
 # The leader dies once a request has this few tokens left: it finishes while none leads (a takeover
-# takes seconds: the lease must run out; 24 decode steps take 0.1-0.5 s on the VMs here), so its
-# report must ride the heartbeats, whatever the machine's speed.
+# takes seconds: the lease must run out; 24 decode steps take 0.1-0.5 s on the VMs here, a worker
+# gives up its own report within ~1 s), so its report must ride the heartbeats, on a slow machine too.
 TOKENS_LEFT_AT_KILL = 24
 
 
@@ -85,10 +85,11 @@ def test_kill_9_of_the_leading_scheduler_under_load_loses_and_repeats_nothing(tm
         with ThreadPoolExecutor(NUM_REQUESTS) as pool:
             futures = {p: pool.submit(_generate, cluster.grpc_address, p, progress) for p in prompts}
             deadline = time.monotonic() + 120
-            while (most := max(dict(progress).values(), default=0)) < MAX_TOKENS - TOKENS_LEFT_AT_KILL:
+            # Some request near its end and still streaming when the leader dies.
+            near_end = range(MAX_TOKENS - TOKENS_LEFT_AT_KILL, MAX_TOKENS)
+            while not any(n in near_end for n in dict(progress).values()):
                 assert time.monotonic() < deadline, f"no request near its end: {progress}"
                 time.sleep(0.01)
-            assert most < MAX_TOKENS, progress  # still streaming when the leader dies
             killed_at = time.monotonic()
             os.kill(leader_pid, signal.SIGKILL)
             while not (leaders := _leaders(cluster, (leader_address, standby_address))):

@@ -208,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
     degrees: dict[int, DegreeProfile] = {k: fit_degree(k, m["samples"]) for k, m in measured.items()}
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     machine = {"description": args.description or platform.node(), "processor": processor_name(),
-               **processor_generation(), "num_cores": len(cpus), "device": args.device, "torch": first["torch"], "measured_at": now}
+               **processor_generation(), "num_cores": len(cpus), "device": args.device,
+               "torch": first["torch"], "measured_at": now}
     source = f"measured by `splitserve profile{' --quick' if args.quick else ''}` (repeat {args.repeat})"
     profile = Profile(source, machine, model, degrees, kv, Overheads(notes="defaults: not measured by profile"),
                       "cores per worker" if args.device == "cpu" else "devices per worker")

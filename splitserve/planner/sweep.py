@@ -56,9 +56,9 @@ def machine_profile() -> Path:
             matches.append((machine.get("num_cores") != cores, -recorded, path.name, path))
     if matches:
         return min(matches)[-1]
-    log.warning("no shipped planner profile was measured on this processor; planning on another machine's, "
-                "whose step times may be far from this one's: measure this machine's with `splitserve profile` "
-                "and pass it as --profile (up: --plan-profile)",
+    log.warning("no shipped planner profile was measured on this processor; planning on another "
+                "machine's, whose step times may be far from this one's: measure this machine's with "
+                "`splitserve profile` and pass it as --profile (up: --plan-profile)",
                 processor=name, **generation, profile=DEFAULT_PROFILE.name)
     return DEFAULT_PROFILE
 
