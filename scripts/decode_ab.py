@@ -26,7 +26,12 @@ def pin(args: argparse.Namespace) -> list[tuple[int, int]]:
     import torch
 
     torch.set_num_threads(args.threads)
-    return [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    return parse_shapes(args.shapes)
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """"1x256,8x1024" -> [(1, 256), (8, 1024)] (batch, context)."""
+    return [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
 
 
 def read_rate_gbps(probe) -> float:

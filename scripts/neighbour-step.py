@@ -21,7 +21,7 @@ import os
 import statistics
 import time
 
-from decode_ab import read_rate_gbps
+from decode_ab import parse_shapes, read_rate_gbps
 
 
 def load_engine():
@@ -37,14 +37,10 @@ class Stepper:
     """Decode steps at one fixed batch x context (the sequences and block tables made once)."""
 
     def __init__(self, engine, batch: int, context: int) -> None:
-        from splitserve.bench.engine_bench import _random_seqs
+        from splitserve.bench.engine_bench import decode_batch
 
         self.engine = engine
-        self.seqs = _random_seqs(engine, batch, context - 1)
-        for s in self.seqs:
-            s.output_token_ids.append(5)
-            s.num_computed_tokens = context - 1
-        self.tables = [engine.blocks.allocate(s.request_id, context) for s in self.seqs]
+        self.seqs, self.tables = decode_batch(engine, batch, context)
 
     def step(self) -> float:
         runner = self.engine.runner
@@ -84,7 +80,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4, help="rounds of every shape (default: 4)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per shape and setup (default: 20)")
     args = p.parse_args()
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = parse_shapes(args.shapes)
 
     ctx = mp.get_context("spawn")
     shape, go, stepping, ready = ctx.Array("i", 2), ctx.Event(), ctx.Event(), ctx.Event()

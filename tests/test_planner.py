@@ -251,6 +251,20 @@ def test_prompts_are_prefilled_first_come_first_served():
     assert gaps == pytest.approx([prefill_s(100 - i) for i in range(1, 6)])  # back to back
 
 
+def _profile_chosen_on(monkeypatch, processor: str, generation: dict[str, str]) -> str:
+    """The name of the profile `sweep.machine_profile` picks on a processor of that name and
+    generation (its cache cleared before and after)."""
+    from splitserve.planner import sweep
+
+    monkeypatch.setattr(sweep, "processor_name", lambda: processor)
+    monkeypatch.setattr(sweep, "processor_generation", lambda: generation)
+    sweep.machine_profile.cache_clear()
+    try:
+        return sweep.machine_profile().name
+    finally:
+        sweep.machine_profile.cache_clear()
+
+
 def test_the_default_profile_is_the_one_shipped_for_this_processor(monkeypatch):
     """`up --mode auto`, `plan`, `simulate` and the re-planner default to the shipped profile measured
     on this processor: its model name, and its vendor, family and model where the profile records
@@ -270,14 +284,8 @@ def test_the_default_profile_is_the_one_shipped_for_this_processor(monkeypatch):
             ("Intel(R) Xeon(R) Processor", {"vendor": "GenuineIntel", "cpu_family": "6", "cpu_model": "143"},
              "cpu-2core.json"),
             ("Some Other CPU", {}, None)):
-        monkeypatch.setattr(sweep, "processor_name", lambda name=processor: name)
-        monkeypatch.setattr(sweep, "processor_generation", lambda g=generation: g)
-        sweep.machine_profile.cache_clear()
-        try:
-            with capture_logs() as logs:
-                chosen = sweep.machine_profile().name
-        finally:
-            sweep.machine_profile.cache_clear()
+        with capture_logs() as logs:
+            chosen = _profile_chosen_on(monkeypatch, processor, generation)
         warned = [e for e in logs if e["log_level"] == "warning"]
         if expected is None:
             assert chosen == sweep.DEFAULT_PROFILE.name, (processor, generation)
@@ -299,14 +307,8 @@ def test_a_profile_that_records_the_processor_s_family_comes_before_one_that_rec
         machine = {"processor": "X CPU", **extra, "num_cores": 2, "device": "cpu"}
         (tmp_path / name).write_text(json.dumps({"machine": machine}))
     monkeypatch.setattr(sweep, "PROFILES_DIR", tmp_path)
-    monkeypatch.setattr(sweep, "processor_name", lambda: "X CPU")
     for family, expected in (("7", "b-family.json"), ("8", "a-name-only.json")):
-        monkeypatch.setattr(sweep, "processor_generation", lambda f=family: {"cpu_family": f})
-        sweep.machine_profile.cache_clear()
-        try:
-            assert sweep.machine_profile().name == expected
-        finally:
-            sweep.machine_profile.cache_clear()
+        assert _profile_chosen_on(monkeypatch, "X CPU", {"cpu_family": family}) == expected
 
 
 def test_a_batch_takes_the_queue_head_within_the_token_budget():

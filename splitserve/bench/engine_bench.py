@@ -87,13 +87,19 @@ def bench_prefill(engine: LLMEngine, prompt_len: int, budget: int) -> tuple[floa
     return seconds, [prompt_len] * len(seqs)
 
 
-def bench_decode(engine: LLMEngine, batch: int, context: int, steps: int) -> float:
-    """Step time at a fixed context: each step rewrites the last slot, so the shape stays put."""
+def decode_batch(engine: LLMEngine, batch: int, context: int) -> tuple[list[Sequence], list[list[int]]]:
+    """batch sequences at context tokens, one to decode each, and their block tables (allocated: the
+    caller frees them): each step over them rewrites the last slot, so the shape stays put."""
     seqs = _random_seqs(engine, batch, context - 1)
     for s in seqs:
         s.output_token_ids.append(5)
         s.num_computed_tokens = context - 1
-    tables = [engine.blocks.allocate(s.request_id, context) for s in seqs]
+    return seqs, [engine.blocks.allocate(s.request_id, context) for s in seqs]
+
+
+def bench_decode(engine: LLMEngine, batch: int, context: int, steps: int) -> float:
+    """Step time at a fixed context (decode_batch), the best of steps."""
+    seqs, tables = decode_batch(engine, batch, context)
     try:
         runner = engine.runner
         return best_time(lambda: runner.greedy(runner.decode(seqs, tables)).tolist(), runner.device, steps)
