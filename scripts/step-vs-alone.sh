@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 17's point 1 within one hour (docs/benchmarks.md, "In-worker step time"): the engine alone on
+# a worker's cores, then a fresh `splitserve up` under a preset workload's load, then the engine alone
+# again, and each worker's decode steps under the load against the two (scripts/step-vs-alone.py).
+#
+#   scripts/step-vs-alone.sh OUT_DIR WORKLOAD "RATES" CPUS THREADS [UP_FLAGS...]
+#   scripts/step-vs-alone.sh out/colocated w1 "2.2 2.7" 0,1 2 --mode colocated
+#   scripts/step-vs-alone.sh out/disaggregated w1 "1.0 1.4" 1 1 --mode disaggregated  # the decode server's core
+#
+# CPUS and THREADS are the worker's whose steps are read (bench latency --cpus --threads). The
+# engine alone decodes the workload's lengths at BATCHES (default "1 2 4 8 16 32"; W3 under load
+# reaches 48-64), --repeat 3: each such run prefills every batch five times (two warm-ups).
+set -euo pipefail
+out=$1 workload=$2 rates=$3 cpus=$4 threads=$5
+shift 5
+py=${PYTHON:-.venv/bin/python}
+port=${PORT:-18000}
+declare -A lengths=([w1]="256 64" [w2]="1024 16" [w3]="64 128")
+read -r input output <<< "${lengths[$workload]}"
+mkdir -p "$out"
+alone() {
+  # shellcheck disable=SC2086
+  "$py" -m splitserve.cli bench latency --cpus "$cpus" --threads "$threads" --input-len "$input" \
+      --output-len "$output" --repeat 3 --batch ${BATCHES:-1 2 4 8 16 32} > "$out/alone-$1.json"
+}
+alone before
+logs=$(mktemp -d)
+"$py" -m splitserve.cli up "$@" --http-port "$port" --grpc-port $((port + 51)) --log-dir "$logs" \
+    > "$logs/up.out" 2>&1 &
+up=$!
+until curl -sf "http://127.0.0.1:$port/ready" > /dev/null; do
+  kill -0 "$up" 2> /dev/null || { cat "$logs/up.out"; exit 1; }
+  sleep 1
+done
+grep -h "^auto: \|^starting " "$logs/up.out" || true
+# shellcheck disable=SC2086
+"$py" -m splitserve.cli bench serve --url "http://127.0.0.1:$port" --workload "$workload" --rates $rates \
+    --duration 60 --seed 1 --pause 5 --output "$out/serve.json" > "$out/serve.log" 2>&1 || true
+kill -TERM "$up"
+wait "$up" || true
+alone after
+"$py" scripts/step-vs-alone.py "$out/serve.json" "$out/alone-before.json" "$out/alone-after.json" \
+    | tee "$out/steps.txt"
