@@ -24,20 +24,9 @@ alone() {
       --output-len "$output" --repeat 3 --batch ${BATCHES:-1 2 4 8 16 32} > "$out/alone-$1.json"
 }
 alone before
-logs=$(mktemp -d)
-"$py" -m splitserve.cli up "$@" --http-port "$port" --grpc-port $((port + 51)) --log-dir "$logs" \
-    > "$logs/up.out" 2>&1 &
-up=$!
-until curl -sf "http://127.0.0.1:$port/ready" > /dev/null; do
-  kill -0 "$up" 2> /dev/null || { cat "$logs/up.out"; exit 1; }
-  sleep 1
-done
-grep -h "^auto: \|^starting " "$logs/up.out" || true
-# shellcheck disable=SC2086
-"$py" -m splitserve.cli bench serve --url "http://127.0.0.1:$port" --workload "$workload" --rates $rates \
-    --duration 60 --seed 1 --pause 5 --output "$out/serve.json" > "$out/serve.log" 2>&1 || true
-kill -TERM "$up"
-wait "$up" || true
+# shellcheck source=scripts/lib/serve-bench.sh
+. "$(dirname "$0")/lib/serve-bench.sh"
+serve_bench serve "--workload $workload --rates $rates --duration 60 --seed 1 --pause 5" "$@"
 alone after
 "$py" scripts/step-vs-alone.py "$out/serve.json" "$out/alone-before.json" "$out/alone-after.json" \
     | tee "$out/steps.txt"
