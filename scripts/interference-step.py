@@ -14,8 +14,9 @@ scheduler, Redis and a load generator wake on a cluster's two cores), under each
     .venv/bin/python scripts/interference-step.py --shapes 1x128,8x128,32x128 --rounds 3
 
 Each round times --steps decode steps per shape and setup (`bench engine`'s step: the runner's decode
-and the greedy argmax) and prints the median, and the share of a core the small processes got
-meanwhile (from /proc). docs/benchmarks.md, "In-worker step time", says what it showed.
+and the greedy argmax); at the end it prints each round's median per shape and setup, with the share
+of a core the small processes got meanwhile (from /proc). docs/benchmarks.md, "In-worker step
+time", says what it showed.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def main() -> None:
     p.add_argument("--setups", default=",".join(SETUPS), help="comma-separated (default: all)")
     args = p.parse_args()
     setups = args.setups.split(",")
+    if unknown := set(setups) - set(SETUPS):
+        p.error(f"unknown setups {sorted(unknown)}: choose from {', '.join(SETUPS)}")
     os.sched_setaffinity(0, [0, 1])
     import torch
 
@@ -96,6 +99,8 @@ def main() -> None:
                 procs = start(setup, args)
                 try:
                     time.sleep(0.3)
+                    if any(proc.poll() is not None for proc in procs):
+                        raise SystemExit(f"a small process of setup {setup} exited (exit {procs[0].poll()})")
                     cpu0, wall0 = cpu_seconds(procs), time.perf_counter()
                     steps = []
                     for _ in range(args.steps):

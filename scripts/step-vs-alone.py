@@ -5,10 +5,10 @@
 
 SERVE.json is `splitserve bench serve --output`'s: each point's `engine_steps`, the steps every worker
 ran while the point's load ran, mean wall time per batch class (1, 2, 3-4, 5-8, ...), and the class's
-mean batch (its tokens over its steps). Each ALONE.json is `splitserve bench latency --batch ...`'s
-(stdout) on the worker's cores and threads: the engine alone's mean decode step at each batch it
-was given, read at the class's mean batch by straight lines between them (a batch outside them
-gets none). Give one taken before the load and one after, in the same hour: the VM drifts 10-20%
+mean batch (its tokens over its steps). Each ALONE.json is the stdout of `splitserve bench latency
+--batch ...` (--batch is needed) on the worker's cores and threads: the engine alone's mean decode step
+at each batch it was given, read at the class's mean batch by straight lines between them (a batch
+outside them gets none). Give one taken before the load and one after, in the same hour: the VM drifts 10-20%
 between runs, so the two bound the ratio.
 
 Prints, per point and worker, each decode batch class with at least --min-steps steps: its mean step,
@@ -29,7 +29,7 @@ def alone_at(by_batch: dict[str, dict], batch: float) -> float | None:
     for (b0, t0), (b1, t1) in zip(points, points[1:]):
         if b0 <= batch <= b1:
             return t0 + (t1 - t0) * (batch - b0) / (b1 - b0)
-    return points[0][1] if len(points) == 1 or batch == points[0][0] else None
+    return points[0][1] if batch == points[0][0] else None
 
 
 def main() -> None:

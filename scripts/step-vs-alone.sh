@@ -5,7 +5,8 @@
 #
 #   scripts/step-vs-alone.sh OUT_DIR WORKLOAD "RATES" CPUS THREADS [UP_FLAGS...]
 #   scripts/step-vs-alone.sh out/colocated w1 "2.2 2.7" 0,1 2 --mode colocated
-#   scripts/step-vs-alone.sh out/disaggregated w1 "1.0 1.4" 1 1 --mode disaggregated  # the decode server's core
+#   scripts/step-vs-alone.sh out/disaggregated w1 "1.0 1.4" 1 1 --mode disaggregated
+#   (on two cores: up puts the 1 + 1 decode server on core 1)
 #
 # CPUS and THREADS are the worker's whose steps are read (bench latency --cpus --threads). The
 # engine alone decodes the workload's lengths at BATCHES (default "1 2 4 8 16 32"; W3 under load
@@ -16,6 +17,7 @@ shift 5
 py=${PYTHON:-.venv/bin/python}
 port=${PORT:-18000}
 declare -A lengths=([w1]="256 64" [w2]="1024 16" [w3]="64 128")
+[ -n "${lengths[$workload]:-}" ] || { echo "WORKLOAD must be w1, w2 or w3, not '$workload'" >&2; exit 2; }
 read -r input output <<< "${lengths[$workload]}"
 mkdir -p "$out"
 alone() {
@@ -26,7 +28,8 @@ alone() {
 alone before
 # shellcheck source=scripts/lib/serve-bench.sh
 . "$(dirname "$0")/lib/serve-bench.sh"
-serve_bench serve "--workload $workload --rates $rates --duration 60 --seed 1 --pause 5" "$@"
+# (|| true: a failed sweep still stops its cluster and times the engine alone after it)
+serve_bench serve "--workload $workload --rates $rates --duration 60 --seed 1 --pause 5" "$@" || true
 alone after
 "$py" scripts/step-vs-alone.py "$out/serve.json" "$out/alone-before.json" "$out/alone-after.json" \
     | tee "$out/steps.txt"
