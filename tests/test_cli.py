@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 SPLITSERVE = [sys.executable, "-m", "splitserve.cli"]
 
@@ -67,8 +68,9 @@ def test_bad_flags_and_model_paths_get_one_line_errors(tmp_path):
         (["simulate", "--mode", "auto", "--workload", "w2"], "invalid choice: 'auto'"),
         (["plan", "--modes", "auto", "--workload", "w2"], "invalid choice: 'auto'"),
     ]
-    for argv, message in cases:
-        out = run(*argv)
+    with ThreadPoolExecutor(len(cases)) as pool:  # each a process of its own: a second or two each
+        outs = list(pool.map(lambda case: run(*case[0]), cases))
+    for (argv, message), out in zip(cases, outs):
         assert out.returncode == 2, argv
         assert message in out.stderr, (argv, out.stderr[-500:])
         assert "Traceback" not in out.stderr, argv
