@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from decode_ab import parse_shapes
 
@@ -62,7 +63,7 @@ def start(setup: str, args: argparse.Namespace) -> list[subprocess.Popen]:
 def cpu_seconds(procs: list[subprocess.Popen]) -> float:
     total = 0
     for proc in procs:
-        fields = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
 

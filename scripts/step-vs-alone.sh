@@ -16,9 +16,14 @@ out=$1 workload=$2 rates=$3 cpus=$4 threads=$5
 shift 5
 py=${PYTHON:-.venv/bin/python}
 port=${PORT:-18000}
-declare -A lengths=([w1]="256 64" [w2]="1024 16" [w3]="64 128")
-[ -n "${lengths[$workload]:-}" ] || { echo "WORKLOAD must be w1, w2 or w3, not '$workload'" >&2; exit 2; }
-read -r input output <<< "${lengths[$workload]}"
+# The preset's lengths, as bench serve's --workload takes them (splitserve/bench/loadgen/workloads.py).
+lengths=$("$py" -c '
+import sys
+from splitserve.bench.loadgen.workloads import PRESETS
+if sys.argv[1] not in PRESETS:
+    sys.exit("WORKLOAD must be one of " + ", ".join(PRESETS) + f", not {sys.argv[1]!r}")
+print(PRESETS[sys.argv[1]].input_len, PRESETS[sys.argv[1]].output_len)' "$workload")
+read -r input output <<< "$lengths"
 mkdir -p "$out"
 alone() {
   # shellcheck disable=SC2086
