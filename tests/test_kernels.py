@@ -477,6 +477,38 @@ def test_decode_layers_in_one_call_give_the_bits_of_layer_by_layer(model, model_
         assert not torch.equal(results[True][1], before), name  # the step wrote its tokens' K and V
 
 
+def test_decode_steps_run_on_the_kernels_switched_to(model_bf16):
+    """The A/B scripts time two builds of the kernels in one engine (scripts/decode-step-ab.py): once
+    a decode step has built its DecodeLayers from one build, a switch to the other must run the next
+    step on the other's, not on the DecodeLayers already built (with the same results here)."""
+    from splitserve.engine import EngineConfig, LLMEngine
+
+    engine = LLMEngine(EngineConfig(kv_cache_bytes=1 << 27), loaded=model_bf16)
+    seqs, tables = prefilled_for_decode(engine)
+    model_ops = engine.runner.model.ops
+    before = engine.runner.cache.data.clone()
+    first = engine.runner.decode(seqs, tables)  # builds the cache's DecodeLayers from the loaded build
+
+    class Build:
+        """The same kernels, counting the DecodeLayers built from them."""
+        def __init__(self, real):
+            self.real, self.built = real, 0
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def DecodeLayers(self, *args):  # noqa: N802 (the kernels' class name)
+            self.built += 1
+            return self.real.DecodeLayers(*args)
+
+    other = Build(model_ops.k)
+    model_ops.use_kernels(other)
+    engine.runner.cache.data.copy_(before)
+    again = engine.runner.decode(seqs, tables)
+    assert model_ops.k is other and other.built == 1
+    assert torch.equal(again, first)
+
+
 def test_decode_layers_let_other_python_threads_run_while_they_compute(model_bf16):
     """The one call lets go of the GIL for the whole pass, as each kernel does: the main thread
     still runs while another thread is inside a loop of DecodeLayers.run calls."""

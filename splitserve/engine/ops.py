@@ -145,6 +145,13 @@ class CpuKernelOps(TorchOps):
     def silu_mul(self, gate_up):
         return self.k.silu_mul(gate_up)
 
+    def use_kernels(self, kernels) -> None:
+        """Run on another build of the kernels from the next step on (the scripts that time two
+        revisions' kernels in one engine): the DecodeLayers built by the old build go with it, or
+        decode steps would keep running its kernels."""
+        self.k = kernels
+        self._decode_stacks.clear()
+
     def decode_layers(self, model, state, batch, cache) -> bool:
         """The kernels' DecodeLayers: the layers' own kernels in the same order, so the same bits,
         without the Python between them. Built once per cache (and let go with it); models with q/k
