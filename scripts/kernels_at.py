@@ -13,7 +13,7 @@ def load_kernels_at(revision: str, name: str):
     with this tree's flags and the attention's prefetch set as load_cpu_kernels sets this tree's."""
     from torch.utils import cpp_extension
 
-    from splitserve.engine.kernels import CFLAGS, LDFLAGS, SOURCE, prefetch_into_l1
+    from splitserve.engine.kernels import CFLAGS, LDFLAGS, SOURCE, attention_prefetch
 
     repo = SOURCE.parents[3]
     text = subprocess.run(["git", "show", f"{revision}:{SOURCE.relative_to(repo)}"], cwd=repo,
@@ -22,6 +22,8 @@ def load_kernels_at(revision: str, name: str):
     (build / "baseline.cpp").write_text(text)
     module = cpp_extension.load(name=name, sources=[str(build / "baseline.cpp")], extra_cflags=CFLAGS,
                                 extra_ldflags=LDFLAGS, build_directory=str(build), verbose=False)
-    if hasattr(module, "set_attention_prefetch_l1"):  # revisions before the L1 prefetch have none
-        module.set_attention_prefetch_l1(prefetch_into_l1())
+    if hasattr(module, "set_attention_prefetch"):
+        module.set_attention_prefetch(attention_prefetch())
+    elif hasattr(module, "set_attention_prefetch_l1"):  # revisions before the lines prefetch
+        module.set_attention_prefetch_l1(attention_prefetch() == "l1")  # (and before the L1 one: neither)
     return module

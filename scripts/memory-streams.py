@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--pages", choices=["huge", "small"], default="huge",
                         help="the K/V caches on 2 MiB pages, as the engine allocates them, or on 4 KiB "
                              "pages (default: huge)")
-    parser.add_argument("--prefetch", choices=["default", "l1", "l2"], default="default",
+    parser.add_argument("--prefetch", choices=["default", "l1", "l2", "l2-lines"], default="default",
                         help="where the decode attention prefetches K and V (default: this CPU's, as "
                              "the engine sets it)")
     args = parser.parse_args()
@@ -54,9 +54,9 @@ def main() -> None:
         raise SystemExit("the CPU kernels do not run here (no AVX512_BF16)")
     torch.set_num_threads(args.threads)
     if args.prefetch != "default":
-        kernels.set_attention_prefetch_l1(args.prefetch == "l1")
+        kernels.set_attention_prefetch(args.prefetch)
     result = {"threads": args.threads, "amx": kernels.amx_enabled(), "pages": args.pages,
-              "prefetch": "l1" if kernels.attention_prefetch_l1() else "l2"}
+              "prefetch": kernels.attention_prefetch()}
 
     limits = measure_limits(torch.bfloat16, CPU, kernels)  # bench engine's roofline: a 1 GiB sum, a GEMM
     result["sequential_read_gbps"] = round(limits.memory_read_gbps, 1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from splitserve.engine.attention import AttentionBatch
-from splitserve.engine.kernels import amx_wanted, kernels_enabled, load_cpu_kernels, prefetch_into_l1
+from splitserve.engine.kernels import amx_wanted, attention_prefetch, kernels_enabled, load_cpu_kernels
 from splitserve.engine.ops import CpuKernelOps, Linear, TorchOps
 
 pytestmark = pytest.mark.skipif(not kernels_enabled(), reason="this CPU has no AVX512_BF16")
@@ -262,14 +262,18 @@ def test_decode_attention_batched_equals_one_sequence_at_a_time(ops, heads, kv_h
     single = torch.cat([ops.k.decode_attention(q[i:i + 1], k_cache, v_cache, tables_t[i:i + 1],
                                                lens_t[i:i + 1], scale) for i in range(len(context_lens))])
     assert torch.equal(batched, single)
-    # Prefetching into L1 (AMD) or L2 (elsewhere) moves no result bit.
-    default = ops.k.attention_prefetch_l1()
-    assert default == prefetch_into_l1()
+    # Whichever way the attention prefetches (this CPU's way is the default), no result bit moves.
+    default = ops.k.attention_prefetch()
+    assert default == attention_prefetch()
     try:
-        ops.k.set_attention_prefetch_l1(not default)
-        assert torch.equal(ops.k.decode_attention(q, k_cache, v_cache, tables_t, lens_t, scale), batched)
+        for mode in ("l2", "l1", "l2-lines"):
+            ops.k.set_attention_prefetch(mode)
+            assert ops.k.attention_prefetch() == mode
+            assert torch.equal(ops.k.decode_attention(q, k_cache, v_cache, tables_t, lens_t, scale), batched)
+        with pytest.raises(RuntimeError, match="one of l2, l1, l2-lines"):
+            ops.k.set_attention_prefetch("l3")
     finally:
-        ops.k.set_attention_prefetch_l1(default)
+        ops.k.set_attention_prefetch(default)
     # q as the model passes it: a view of the fused qkv projection's rows, read in place.
     fused = torch.full((len(context_lens), (heads + 2 * kv_heads) * head_dim), 1000.0, dtype=q.dtype)
     fused[:, :heads * head_dim] = q.reshape(len(context_lens), -1)

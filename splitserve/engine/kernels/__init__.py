@@ -34,16 +34,20 @@ def cpu_flags() -> set[str]:
     return set(cpuinfo_field("flags").split())
 
 
-ZEN5_FAMILY = 26
+ZEN4_FAMILY, ZEN5_FAMILY = 25, 26
 
 
-def prefetch_into_l1() -> bool:
-    """Whether the decode attention prefetches K and V into L1: measured faster on AMD's Zen 5 (CPU
-    family 26 and later), slower than into L2 on Intel's Sapphire Rapids and on AMD's Zen 4 (family
-    25; docs/benchmarks.md); L2 wherever it was not measured."""
+def attention_prefetch() -> str:
+    """How the decode attention prefetches K and V, by what was measured fastest (docs/benchmarks.md):
+    into L1 a block at a time on AMD's Zen 5 (CPU family 26 and later); into L2 a line for each line
+    read on AMD's Zen 4 (family 25); into L2 a block at a time on Intel's Sapphire Rapids and wherever
+    it was not measured."""
     family = cpuinfo_field("cpu family")
-    return (cpuinfo_field("vendor_id") == "AuthenticAMD" and family.isdigit()
-            and int(family) >= ZEN5_FAMILY)
+    if cpuinfo_field("vendor_id") != "AuthenticAMD" or not family.isdigit():
+        return "l2"
+    if int(family) >= ZEN5_FAMILY:
+        return "l1"
+    return "l2-lines" if int(family) == ZEN4_FAMILY else "l2"
 
 
 def kernels_enabled() -> bool:
@@ -101,6 +105,6 @@ def load_cpu_kernels() -> ModuleType | None:
         log.warning("cpu kernels failed to build; using torch ops", error=str(exc)[:500])
         return None
     _enable_amx(module)
-    module.set_attention_prefetch_l1(prefetch_into_l1())
+    module.set_attention_prefetch(attention_prefetch())
     return module
 

@@ -448,26 +448,41 @@ void softmax_rows(const float* scores, int64_t rows, int64_t ctx, uint16_t* prob
   }
 }
 
-// Each pass (logits, then P V) goes block by block, the blocks kPrefetchTiles ahead prefetched
-// meanwhile, into L2 by default: on Sapphire Rapids at batch 32-64 a third faster than no prefetch
-// on 2 cores, where prefetching into L1 was no faster (it evicts rows still in use). On AMD Zen 5
-// (48 KB L1) into L1 was faster: the step at 64 x 1,024 tokens 6-10% quicker
-// (set_attention_prefetch_l1).
+// Each pass (logits, then P V) goes block by block and prefetches the blocks ahead meanwhile, in
+// one of three ways (set_attention_prefetch):
+//  - "l2": a whole block kPrefetchTiles ahead at the start of each block, into L2. On Sapphire
+//    Rapids at batch 32-64 a third faster than no prefetch on 2 cores, where into L1 was no faster
+//    (it evicts rows still in use). The default.
+//  - "l1": the same into L1: on AMD Zen 5 (48 KB L1) the step at 64 x 1,024 tokens 6-10% quicker.
+//  - "l2-lines": into L2, one line for each line the pass reads, kPrefetchTokens ahead, so the
+//    prefetches go out as evenly as the reads instead of a block's worth at once. On AMD Zen 4 the
+//    decode step at context 1,024 is 7-10% quicker than with "l2" at batch 32-64 (16 to 64 tokens
+//    ahead alike, 128 and 256 less), and level at context 256.
+enum class Prefetch { kL2 = 0, kL1 = 1, kL2Lines = 2 };
 constexpr int64_t kPrefetchTiles = 2;
-bool g_prefetch_l1 = false;
+constexpr int64_t kPrefetchTokens = 64;
+Prefetch g_prefetch = Prefetch::kL2;
+const char* const kPrefetchNames[] = {"l2", "l1", "l2-lines"};
 
 inline void prefetch_span(const bf16* p, int64_t elements) {
   const char* c = reinterpret_cast<const char*>(p);
   for (int64_t b = 0; b < elements * static_cast<int64_t>(sizeof(bf16)); b += 64) {
-    if (g_prefetch_l1)
+    if (g_prefetch == Prefetch::kL1)
       _mm_prefetch(c + b, _MM_HINT_T0);
     else
       _mm_prefetch(c + b, _MM_HINT_T1);
   }
 }
 
-void set_attention_prefetch_l1(bool on) { g_prefetch_l1 = on; }
-bool attention_prefetch_l1() { return g_prefetch_l1; }
+void set_attention_prefetch(const std::string& name) {
+  for (int i = 0; i < 3; ++i)
+    if (name == kPrefetchNames[i]) {
+      g_prefetch = static_cast<Prefetch>(i);
+      return;
+    }
+  TORCH_CHECK(false, "attention prefetch: one of l2, l1, l2-lines, not ", name);
+}
+std::string attention_prefetch() { return kPrefetchNames[static_cast<int>(g_prefetch)]; }
 
 // A vector's bits as bfloat16 pairs. A value cast: GCC kept accumulators fed through a
 // reinterpret_cast reference in memory, storing each one after every product.
@@ -477,16 +492,18 @@ inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 // tokens of one K group (kt: its [D/2, 16, 2] elements), the first `valid` stored to out, each head's
 // row out_stride apart. Four chains of products per head (dim pairs 4i + j in chain j), summed in a
 // fixed order.
-template <int D16, int H>
+// Lines mode: pf is the same group's K kPrefetchTokens on, each of its lines prefetched as kt's is read.
+template <int D16, int H, bool Lines = false>
 __attribute__((always_inline)) inline void scores_group(const uint32_t* q32, int64_t qstride, const bf16* kt,
                                                         __m512 vscale, float* out, int64_t out_stride,
-                                                        int64_t valid) {
+                                                        int64_t valid, const bf16* pf = nullptr) {
   constexpr int64_t pairs = D16 * 8;
   __m512 acc[H][4];
   for (int h = 0; h < H; ++h)
     for (int j = 0; j < 4; ++j) acc[h][j] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; p += 4)
     for (int j = 0; j < 4; ++j) {
+      if constexpr (Lines) _mm_prefetch(reinterpret_cast<const char*>(pf + (p + j) * 32), _MM_HINT_T1);
       const __m512i k = _mm512_loadu_si512(kt + (p + j) * 32);
       for (int h = 0; h < H; ++h)
         acc[h][j] = _mm512_dpbf16_ps(acc[h][j], as_bh(k),
@@ -501,20 +518,22 @@ __attribute__((always_inline)) inline void scores_group(const uint32_t* q32, int
 // Query heads per logits call: 4 H accumulators, a K vector and a broadcast in registers.
 constexpr int kQkHeads = 4;
 
-template <int D16, int H>
+template <int D16, int H, bool Lines = false>
 void scores_rest(int64_t rest, const uint32_t* q32, int64_t qstride, const bf16* kt, __m512 vscale, float* out,
-                 int64_t out_stride, int64_t valid) {
+                 int64_t out_stride, int64_t valid, const bf16* pf = nullptr) {
   if constexpr (H > 0) {
-    if (rest == H) return scores_group<D16, H>(q32, qstride, kt, vscale, out, out_stride, valid);
-    scores_rest<D16, H - 1>(rest, q32, qstride, kt, vscale, out, out_stride, valid);
+    if (rest == H) return scores_group<D16, H, Lines>(q32, qstride, kt, vscale, out, out_stride, valid, pf);
+    scores_rest<D16, H - 1, Lines>(rest, q32, qstride, kt, vscale, out, out_stride, valid, pf);
   }
 }
 
 // acc[h] += P[h] V for one pair of tokens (vp: the pair's [D, 2] elements; lanes of `mask` read,
 // the rest 0) and H query heads, whose probabilities sit probs_stride pairs apart.
-template <int D16, int H>
+template <int D16, int H, bool Lines = false>
 __attribute__((always_inline)) inline void pv_pair(const bf16* vp, const uint32_t* probs, int64_t probs_stride,
-                                                   __mmask32 mask, __m512 (&acc)[H][D16]) {
+                                                   __mmask32 mask, __m512 (&acc)[H][D16], const bf16* pf) {
+  if constexpr (Lines)
+    for (int c = 0; c < D16; ++c) _mm_prefetch(reinterpret_cast<const char*>(pf + c * 32), _MM_HINT_T1);
   __m512i pb[H];
   for (int h = 0; h < H; ++h) pb[h] = _mm512_set1_epi32(static_cast<int>(probs[h * probs_stride]));
   for (int c = 0; c < D16; ++c) {
@@ -524,18 +543,22 @@ __attribute__((always_inline)) inline void pv_pair(const bf16* vp, const uint32_
 }
 
 // acc_mem[h] (lanes in dim order) += P[h] V over the first npairs pairs of one V tile (vt); a last
-// pair holding one token (odd_last) reads its partner's lanes as 0, whose probability is 0 too.
-template <int D16, int H>
+// pair holding one token (odd_last) reads its partner's lanes as 0, whose probability is 0 too. Lines
+// mode: pf is a V tile kPrefetchTokens on, each of its lines prefetched as vt's is read.
+template <int D16, int H, bool Lines = false>
 __attribute__((always_inline)) inline void pv_tile(const bf16* vt, int64_t npairs, bool odd_last,
-                                                   const uint32_t* probs, int64_t probs_stride, float* acc_mem) {
+                                                   const uint32_t* probs, int64_t probs_stride, float* acc_mem,
+                                                   const bf16* pf = nullptr) {
   constexpr int64_t d = D16 * 16;
   __m512 acc[H][D16];
   for (int h = 0; h < H; ++h)
     for (int c = 0; c < D16; ++c) acc[h][c] = _mm512_loadu_ps(acc_mem + h * d + c * 16);
   for (int64_t j = 0; j + 1 < npairs; ++j)
-    pv_pair<D16, H>(vt + j * d * 2, probs + j, probs_stride, __mmask32(0xFFFFFFFF), acc);
-  pv_pair<D16, H>(vt + (npairs - 1) * d * 2, probs + npairs - 1, probs_stride,
-                  odd_last ? __mmask32(0x55555555) : __mmask32(0xFFFFFFFF), acc);
+    pv_pair<D16, H, Lines>(vt + j * d * 2, probs + j, probs_stride, __mmask32(0xFFFFFFFF), acc,
+                           Lines ? pf + j * d * 2 : nullptr);
+  pv_pair<D16, H, Lines>(vt + (npairs - 1) * d * 2, probs + npairs - 1, probs_stride,
+                         odd_last ? __mmask32(0x55555555) : __mmask32(0xFFFFFFFF), acc,
+                         Lines ? pf + (npairs - 1) * d * 2 : nullptr);
   for (int h = 0; h < H; ++h)
     for (int c = 0; c < D16; ++c) _mm512_storeu_ps(acc_mem + h * d + c * 16, acc[h][c]);
 }
@@ -544,18 +567,19 @@ __attribute__((always_inline)) inline void pv_tile(const bf16* vt, int64_t npair
 template <int D16>
 constexpr int kPvHeads = D16 >= 16 ? 1 : 16 / D16;
 
-template <int D16, int H>
+template <int D16, int H, bool Lines = false>
 void pv_rest(int64_t rest, const bf16* vt, int64_t npairs, bool odd_last, const uint32_t* probs,
-             int64_t probs_stride, float* acc) {
+             int64_t probs_stride, float* acc, const bf16* pf = nullptr) {
   if constexpr (H > 0) {
-    if (rest == H) return pv_tile<D16, H>(vt, npairs, odd_last, probs, probs_stride, acc);
-    pv_rest<D16, H - 1>(rest, vt, npairs, odd_last, probs, probs_stride, acc);
+    if (rest == H) return pv_tile<D16, H, Lines>(vt, npairs, odd_last, probs, probs_stride, acc, pf);
+    pv_rest<D16, H - 1, Lines>(rest, vt, npairs, odd_last, probs, probs_stride, acc, pf);
   }
 }
 
 // KV heads [h0, h1) of one sequence, in two passes over its context (logits, then P V), block by
 // block: a block's tiles for those heads are adjacent in memory, so each pass streams whole blocks.
-template <int D16>
+// Lines: the "l2-lines" prefetch, else a whole block kPrefetchTiles ahead ("l2", "l1").
+template <int D16, bool Lines>
 void attend(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table, int64_t ctx,
             int64_t block_size, int64_t hkv, int64_t h0, int64_t h1, int64_t group, float scale, bf16* out,
             Scratch& scratch) {
@@ -572,38 +596,61 @@ void attend(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table,
   const int64_t qstride = d / 2;  // pairs from one query head's q to the next's
   // Caches are [block, head, tile]: heads h0..h1 of a block are one span of heads * tile elements.
   auto tiles = [&](const bf16* cache, int64_t b) { return cache + (table[b] * hkv + h0) * tile; };
-  for (int64_t b = 0; b < std::min(blocks, kPrefetchTiles); ++b) prefetch_span(tiles(kc, b), heads * tile);
+  // Blocks prefetched ahead; in lines mode, each line read prefetches its counterpart `ahead` blocks
+  // on (past the last block, the line being read, a no-op), and logits of a query-head group past
+  // the first read K lines already prefetched.
+  const int64_t ahead = Lines ? std::max<int64_t>(1, kPrefetchTokens / block_size) : kPrefetchTiles;
+  for (int64_t b = 0; b < std::min(blocks, ahead); ++b) prefetch_span(tiles(kc, b), heads * tile);
   for (int64_t b = 0; b < blocks; ++b) {
-    if (b + kPrefetchTiles < blocks) prefetch_span(tiles(kc, b + kPrefetchTiles), heads * tile);
+    if (!Lines && b + ahead < blocks) prefetch_span(tiles(kc, b + ahead), heads * tile);
     for (int64_t t = 0; t < std::min(block_size, ctx - b * block_size); t += 16) {
       const int64_t pos = b * block_size + t;
       for (int64_t h = 0; h < heads; ++h) {
         const bf16* kt = tiles(kc, b) + h * tile + t * d;
+        const bf16* pf = Lines && b + ahead < blocks ? tiles(kc, b + ahead) + h * tile + t * d : kt;
         const uint32_t* qh = q32 + h * group * qstride;
         float* sh = scratch.scores.data() + h * group * ctx + pos;
         int64_t g = 0;
+        if (g + kQkHeads <= group) {
+          scores_group<D16, kQkHeads, Lines>(qh, qstride, kt, vscale, sh, ctx, ctx - pos, pf);
+          g += kQkHeads;
+        }
         for (; g + kQkHeads <= group; g += kQkHeads)
           scores_group<D16, kQkHeads>(qh + g * qstride, qstride, kt, vscale, sh + g * ctx, ctx, ctx - pos);
-        scores_rest<D16, kQkHeads - 1>(group - g, qh + g * qstride, qstride, kt, vscale, sh + g * ctx, ctx, ctx - pos);
+        if (g == 0)
+          scores_rest<D16, kQkHeads - 1, Lines>(group, qh, qstride, kt, vscale, sh, ctx, ctx - pos, pf);
+        else
+          scores_rest<D16, kQkHeads - 1>(group - g, qh + g * qstride, qstride, kt, vscale, sh + g * ctx, ctx,
+                                         ctx - pos);
       }
     }
   }
   softmax_rows(scratch.scores.data(), rows_q, ctx, scratch.probs.data(), stride, scratch.inv_sum.data());
   const uint32_t* probs = reinterpret_cast<const uint32_t*>(scratch.probs.data());
   const int64_t pstride = stride / 2;
-  for (int64_t b = 0; b < std::min(blocks, kPrefetchTiles); ++b) prefetch_span(tiles(vc, b), heads * tile);
+  for (int64_t b = 0; b < std::min(blocks, ahead); ++b) prefetch_span(tiles(vc, b), heads * tile);
   for (int64_t b = 0; b < blocks; ++b) {
-    if (b + kPrefetchTiles < blocks) prefetch_span(tiles(vc, b + kPrefetchTiles), heads * tile);
+    if (!Lines && b + ahead < blocks) prefetch_span(tiles(vc, b + ahead), heads * tile);
     const int64_t n = std::min(block_size, ctx - b * block_size), npairs = (n + 1) / 2;
     const uint32_t* pb = probs + b * block_size / 2;
     for (int64_t h = 0; h < heads; ++h) {
       const bf16* vt = tiles(vc, b) + h * tile;
+      const bf16* pf = Lines && b + ahead < blocks ? tiles(vc, b + ahead) + h * tile : vt;
       int64_t g = 0;
+      if (g + hg <= group) {
+        pv_tile<D16, hg, Lines>(vt, npairs, n & 1, pb + h * group * pstride, pstride,
+                                scratch.acc.data() + h * group * d, pf);
+        g += hg;
+      }
       for (; g + hg <= group; g += hg)
         pv_tile<D16, hg>(vt, npairs, n & 1, pb + (h * group + g) * pstride, pstride,
                          scratch.acc.data() + (h * group + g) * d);
-      pv_rest<D16, hg - 1>(group - g, vt, npairs, n & 1, pb + (h * group + g) * pstride, pstride,
-                           scratch.acc.data() + (h * group + g) * d);
+      if (g == 0)
+        pv_rest<D16, hg - 1, Lines>(group, vt, npairs, n & 1, pb + h * group * pstride, pstride,
+                                    scratch.acc.data() + h * group * d, pf);
+      else
+        pv_rest<D16, hg - 1>(group - g, vt, npairs, n & 1, pb + (h * group + g) * pstride, pstride,
+                             scratch.acc.data() + (h * group + g) * d);
     }
   }
   for (int64_t r = 0; r < rows_q; ++r)
@@ -615,9 +662,14 @@ void attend(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table,
 
 using AttendFn = void (*)(const bf16*, const bf16*, const bf16*, const int64_t*, int64_t, int64_t, int64_t,
                           int64_t, int64_t, int64_t, float, bf16*, Scratch&);
-constexpr AttendFn kAttend[] = {nullptr, nullptr, attend<2>, nullptr, attend<4>, nullptr, attend<6>, nullptr,
-                                attend<8>, nullptr, attend<10>, nullptr, attend<12>, nullptr, attend<14>,
-                                nullptr, attend<16>};
+// By head_dim / 16: the block prefetch's, then the lines prefetch's.
+constexpr AttendFn kAttend[2][17] = {
+    {nullptr, nullptr, attend<2, false>, nullptr, attend<4, false>, nullptr, attend<6, false>, nullptr,
+     attend<8, false>, nullptr, attend<10, false>, nullptr, attend<12, false>, nullptr, attend<14, false>,
+     nullptr, attend<16, false>},
+    {nullptr, nullptr, attend<2, true>, nullptr, attend<4, true>, nullptr, attend<6, true>, nullptr,
+     attend<8, true>, nullptr, attend<10, true>, nullptr, attend<12, true>, nullptr, attend<14, true>,
+     nullptr, attend<16, true>}};
 
 // Sequences per thread below which each KV head is its own work item (so a small batch still
 // spreads over every thread); above it a sequence's heads go together and stream whole blocks.
@@ -643,7 +695,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   const int64_t *tp = block_tables.data_ptr<int64_t>(), *lp = context_lens.data_ptr<int64_t>();
   const int64_t width = block_tables.size(1);
   bf16* op = out.data_ptr<bf16>();
-  const AttendFn attend_fn = kAttend[d / 16];
+  const AttendFn attend_fn = kAttend[g_prefetch == Prefetch::kL2Lines][d / 16];
   const int64_t per_item = b >= kSeqsPerThread * at::get_num_threads() ? hkv : 1, parts = hkv / per_item;
   parallel_items<Scratch>(b * parts, [&](Scratch& scratch, int64_t item, int64_t) {
     const int64_t s = item / parts, h0 = item % parts * per_item;
@@ -1126,9 +1178,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         nogil);
   m.def("retile_kv", &retile_kv, "rewrite KV blocks [..., 2, n, Hkv, block_size, D] in place between plain rows "
         "(to_tiled=False) and the caches' tiled layout", nogil);
-  m.def("set_attention_prefetch_l1", &set_attention_prefetch_l1,
-        "the decode attention prefetches K and V into L1 (on) or L2 (off, the default)");
-  m.def("attention_prefetch_l1", &attention_prefetch_l1, "whether the decode attention prefetches into L1");
+  m.def("set_attention_prefetch", &set_attention_prefetch,
+        "how the decode attention prefetches K and V: l2 (a block at a time into L2, the default), l1 (the "
+        "same into L1) or l2-lines (into L2, a line for each line read)");
+  m.def("attention_prefetch", &attention_prefetch, "how the decode attention prefetches (l2, l1 or l2-lines)");
   m.def("prefill_attention", &prefill_attention, "causal attention of one prompt over itself", nogil);
   m.def("prefix_attention", &prefix_attention,
         "causal attention of a prompt chunk over its cached prefix and itself", nogil);
