@@ -578,11 +578,14 @@ void pv_rest(int64_t rest, const bf16* vt, int64_t npairs, bool odd_last, const 
 
 // KV heads [h0, h1) of one sequence, in two passes over its context (logits, then P V), block by
 // block: a block's tiles for those heads are adjacent in memory, so each pass streams whole blocks.
-// Lines: the "l2-lines" prefetch, else a whole block kPrefetchTiles ahead ("l2", "l1").
+// Lines: the "l2-lines" prefetch, else a whole block kPrefetchTiles ahead ("l2", "l1"). In lines
+// mode the logits pass's last blocks prefetch the first of V, and the P V pass's last blocks the
+// first of K of the sequence this thread attends next (next_table, next_ctx; none: nullptr), so
+// neither pass starts by waiting on memory.
 template <int D16, bool Lines>
 void attend(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table, int64_t ctx,
             int64_t block_size, int64_t hkv, int64_t h0, int64_t h1, int64_t group, float scale, bf16* out,
-            Scratch& scratch) {
+            const int64_t* next_table, int64_t next_ctx, Scratch& scratch) {
   constexpr int64_t d = D16 * 16;
   constexpr int hg = kPvHeads<D16>;
   const int64_t heads = h1 - h0, rows_q = heads * group, stride = ctx + (ctx & 1), tile = block_size * d;
@@ -597,9 +600,20 @@ void attend(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table,
   // Caches are [block, head, tile]: heads h0..h1 of a block are one span of heads * tile elements.
   auto tiles = [&](const bf16* cache, int64_t b) { return cache + (table[b] * hkv + h0) * tile; };
   // Blocks prefetched ahead; in lines mode, each line read prefetches its counterpart `ahead` blocks
-  // on (past the last block, the line being read, a no-op), and logits of a query-head group past
-  // the first read K lines already prefetched.
+  // on, counted on into V's blocks and then the next sequence's K (past those, the line being read:
+  // a no-op), and logits of a query-head group past the first read K lines already prefetched.
   const int64_t ahead = Lines ? std::max<int64_t>(1, kPrefetchTokens / block_size) : kPrefetchTiles;
+  const int64_t next_blocks = next_table ? (next_ctx + block_size - 1) / block_size : 0;
+  auto k_ahead = [&](int64_t b, int64_t h, int64_t t, const bf16* here) {
+    const int64_t j = b + ahead - blocks;
+    if (j < 0) return tiles(kc, b + ahead) + h * tile + t * d;
+    return j < blocks ? tiles(vc, j) + h * tile + t * d : here;
+  };
+  auto v_ahead = [&](int64_t b, int64_t h, const bf16* here) {
+    const int64_t j = b + ahead - blocks;
+    if (j < 0) return tiles(vc, b + ahead) + h * tile;
+    return j < next_blocks ? kc + (next_table[j] * hkv + h0) * tile + h * tile : here;
+  };
   for (int64_t b = 0; b < std::min(blocks, ahead); ++b) prefetch_span(tiles(kc, b), heads * tile);
   for (int64_t b = 0; b < blocks; ++b) {
     if (!Lines && b + ahead < blocks) prefetch_span(tiles(kc, b + ahead), heads * tile);
@@ -607,7 +621,7 @@ void attend(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table,
       const int64_t pos = b * block_size + t;
       for (int64_t h = 0; h < heads; ++h) {
         const bf16* kt = tiles(kc, b) + h * tile + t * d;
-        const bf16* pf = Lines && b + ahead < blocks ? tiles(kc, b + ahead) + h * tile + t * d : kt;
+        const bf16* pf = Lines ? k_ahead(b, h, t, kt) : kt;
         const uint32_t* qh = q32 + h * group * qstride;
         float* sh = scratch.scores.data() + h * group * ctx + pos;
         int64_t g = 0;
@@ -635,7 +649,7 @@ void attend(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table,
     const uint32_t* pb = probs + b * block_size / 2;
     for (int64_t h = 0; h < heads; ++h) {
       const bf16* vt = tiles(vc, b) + h * tile;
-      const bf16* pf = Lines && b + ahead < blocks ? tiles(vc, b + ahead) + h * tile : vt;
+      const bf16* pf = Lines ? v_ahead(b, h, vt) : vt;
       int64_t g = 0;
       if (g + hg <= group) {
         pv_tile<D16, hg, Lines>(vt, npairs, n & 1, pb + h * group * pstride, pstride,
@@ -661,7 +675,7 @@ void attend(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table,
 }
 
 using AttendFn = void (*)(const bf16*, const bf16*, const bf16*, const int64_t*, int64_t, int64_t, int64_t,
-                          int64_t, int64_t, int64_t, float, bf16*, Scratch&);
+                          int64_t, int64_t, int64_t, float, bf16*, const int64_t*, int64_t, Scratch&);
 // By head_dim / 16: the block prefetch's, then the lines prefetch's.
 constexpr AttendFn kAttend[2][17] = {
     {nullptr, nullptr, attend<2, false>, nullptr, attend<4, false>, nullptr, attend<6, false>, nullptr,
@@ -697,10 +711,13 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   bf16* op = out.data_ptr<bf16>();
   const AttendFn attend_fn = kAttend[g_prefetch == Prefetch::kL2Lines][d / 16];
   const int64_t per_item = b >= kSeqsPerThread * at::get_num_threads() ? hkv : 1, parts = hkv / per_item;
-  parallel_items<Scratch>(b * parts, [&](Scratch& scratch, int64_t item, int64_t) {
+  parallel_items<Scratch>(b * parts, [&](Scratch& scratch, int64_t item, int64_t next) {
     const int64_t s = item / parts, h0 = item % parts * per_item;
+    // Whole sequences: the next item is the next sequence, whose K the last blocks can prefetch.
+    const bool next_seq = parts == 1 && next >= 0;
     attend_fn(qp + s * q_row + h0 * group * d, kp, vp, tp + s * width, lp[s], block_size, hkv, h0,
-              h0 + per_item, group, static_cast<float>(scale), op + (s * hq + h0 * group) * d, scratch);
+              h0 + per_item, group, static_cast<float>(scale), op + (s * hq + h0 * group) * d,
+              next_seq ? tp + next * width : nullptr, next_seq ? lp[next] : 0, scratch);
   });
   return out;
 }
