@@ -49,7 +49,7 @@ def main() -> None:
 
     def use(module):
         def setup() -> None:
-            ops.use_kernels(module)  # not ops.k = module: the DecodeLayers built by the other would run on
+            ops.use_kernels(module)  # not ops.k = module: the other's DecodeLayers would keep running
         return setup
 
     alternate(engine, shapes, args, {"baseline": use(old), "this tree": use(new)})

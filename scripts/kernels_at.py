@@ -10,7 +10,9 @@ from pathlib import Path
 
 def load_kernels_at(revision: str, name: str):
     """Build splitserve/engine/kernels/cpu_bf16.cpp as it was at revision (git show) as module name,
-    with this tree's flags and the attention's prefetch set as load_cpu_kernels sets this tree's."""
+    with this tree's flags and the attention's prefetch set as load_cpu_kernels sets this tree's (a
+    revision from before the "l2-lines" mode gets its L1 prefetch where this CPU's mode is "l1", else
+    its L2 one)."""
     from torch.utils import cpp_extension
 
     from splitserve.engine.kernels import CFLAGS, LDFLAGS, SOURCE, attention_prefetch

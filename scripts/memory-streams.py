@@ -46,7 +46,7 @@ def main() -> None:
                         help="the K/V caches on 2 MiB pages, as the engine allocates them, or on 4 KiB "
                              "pages (default: huge)")
     parser.add_argument("--prefetch", choices=["default", "l1", "l2", "l2-lines"], default="default",
-                        help="where the decode attention prefetches K and V (default: this CPU's, as "
+                        help="how the decode attention prefetches K and V (default: this CPU's, as "
                              "the engine sets it)")
     args = parser.parse_args()
     kernels = load_cpu_kernels()

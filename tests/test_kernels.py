@@ -246,7 +246,7 @@ def test_decode_attention_gives_the_same_bits_on_any_number_of_threads(ops):
 
 
 @pytest.mark.parametrize("heads, kv_heads, head_dim, block_size",
-                         [(9, 3, 64, 16), (8, 2, 128, 16), (4, 4, 32, 32)])
+                         [(9, 3, 64, 16), (8, 2, 128, 16), (4, 4, 32, 32), (14, 2, 64, 16)])
 def test_decode_attention_batched_equals_one_sequence_at_a_time(ops, heads, kv_heads, head_dim, block_size):
     """A large batch runs each sequence's KV heads together (whole cache blocks), a single sequence one
     head per thread: both paths must give the same bits, and match the reference."""
@@ -270,6 +270,9 @@ def test_decode_attention_batched_equals_one_sequence_at_a_time(ops, heads, kv_h
             ops.k.set_attention_prefetch(mode)
             assert ops.k.attention_prefetch() == mode
             assert torch.equal(ops.k.decode_attention(q, k_cache, v_cache, tables_t, lens_t, scale), batched)
+            one = slice(14, 15)  # 300 tokens, one head per work item
+            assert torch.equal(ops.k.decode_attention(q[one], k_cache, v_cache, tables_t[one], lens_t[one], scale),
+                               single[one])
         with pytest.raises(RuntimeError, match="one of l2, l1, l2-lines"):
             ops.k.set_attention_prefetch("l3")
     finally:
@@ -507,10 +510,13 @@ def test_decode_steps_run_on_the_kernels_switched_to(model_bf16):
 
     other = Build(model_ops.k)
     model_ops.use_kernels(other)
-    engine.runner.cache.data.copy_(before)
-    again = engine.runner.decode(seqs, tables)
-    assert model_ops.k is other and other.built == 1
-    assert torch.equal(again, first)
+    try:
+        engine.runner.cache.data.copy_(before)
+        again = engine.runner.decode(seqs, tables)
+        assert model_ops.k is other and other.built == 1
+        assert torch.equal(again, first)
+    finally:
+        model_ops.use_kernels(other.real)  # the model is the session's
 
 
 def test_decode_layers_let_other_python_threads_run_while_they_compute(model_bf16):

@@ -492,7 +492,7 @@ inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 // tokens of one K group (kt: its [D/2, 16, 2] elements), the first `valid` stored to out, each head's
 // row out_stride apart. Four chains of products per head (dim pairs 4i + j in chain j), summed in a
 // fixed order.
-// Lines mode: pf is the same group's K kPrefetchTokens on, each of its lines prefetched as kt's is read.
+// Lines mode: pf is the K (or V) lines to prefetch as kt's are read, a line for each (see attend).
 template <int D16, int H, bool Lines = false>
 __attribute__((always_inline)) inline void scores_group(const uint32_t* q32, int64_t qstride, const bf16* kt,
                                                         __m512 vscale, float* out, int64_t out_stride,
@@ -544,7 +544,7 @@ __attribute__((always_inline)) inline void pv_pair(const bf16* vp, const uint32_
 
 // acc_mem[h] (lanes in dim order) += P[h] V over the first npairs pairs of one V tile (vt); a last
 // pair holding one token (odd_last) reads its partner's lanes as 0, whose probability is 0 too. Lines
-// mode: pf is a V tile kPrefetchTokens on, each of its lines prefetched as vt's is read.
+// mode: pf is the lines to prefetch as vt's are read, a line for each (see attend).
 template <int D16, int H, bool Lines = false>
 __attribute__((always_inline)) inline void pv_tile(const bf16* vt, int64_t npairs, bool odd_last,
                                                    const uint32_t* probs, int64_t probs_stride, float* acc_mem,
@@ -599,9 +599,10 @@ void attend(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table,
   const int64_t qstride = d / 2;  // pairs from one query head's q to the next's
   // Caches are [block, head, tile]: heads h0..h1 of a block are one span of heads * tile elements.
   auto tiles = [&](const bf16* cache, int64_t b) { return cache + (table[b] * hkv + h0) * tile; };
-  // Blocks prefetched ahead; in lines mode, each line read prefetches its counterpart `ahead` blocks
-  // on, counted on into V's blocks and then the next sequence's K (past those, the line being read:
-  // a no-op), and logits of a query-head group past the first read K lines already prefetched.
+  // Blocks prefetched ahead. In lines mode each line read prefetches its counterpart `ahead` blocks
+  // on, counted on past the pass's last block into the next pass's first: V's after K's, then the
+  // next sequence's K (past those, the line being read: a no-op). Only a KV head's first call (its
+  // first query-head group) prefetches; the others read the same lines.
   const int64_t ahead = Lines ? std::max<int64_t>(1, kPrefetchTokens / block_size) : kPrefetchTiles;
   const int64_t next_blocks = next_table ? (next_ctx + block_size - 1) / block_size : 0;
   auto k_ahead = [&](int64_t b, int64_t h, int64_t t, const bf16* here) {
@@ -625,17 +626,17 @@ void attend(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table,
         const uint32_t* qh = q32 + h * group * qstride;
         float* sh = scratch.scores.data() + h * group * ctx + pos;
         int64_t g = 0;
-        if (g + kQkHeads <= group) {
-          scores_group<D16, kQkHeads, Lines>(qh, qstride, kt, vscale, sh, ctx, ctx - pos, pf);
-          g += kQkHeads;
+        if constexpr (Lines) {  // the first query-head group prefetches; the rest read what it did
+          if (group < kQkHeads) {
+            scores_rest<D16, kQkHeads - 1, true>(group, qh, qstride, kt, vscale, sh, ctx, ctx - pos, pf);
+            continue;
+          }
+          scores_group<D16, kQkHeads, true>(qh, qstride, kt, vscale, sh, ctx, ctx - pos, pf);
+          g = kQkHeads;
         }
         for (; g + kQkHeads <= group; g += kQkHeads)
           scores_group<D16, kQkHeads>(qh + g * qstride, qstride, kt, vscale, sh + g * ctx, ctx, ctx - pos);
-        if (g == 0)
-          scores_rest<D16, kQkHeads - 1, Lines>(group, qh, qstride, kt, vscale, sh, ctx, ctx - pos, pf);
-        else
-          scores_rest<D16, kQkHeads - 1>(group - g, qh + g * qstride, qstride, kt, vscale, sh + g * ctx, ctx,
-                                         ctx - pos);
+        scores_rest<D16, kQkHeads - 1>(group - g, qh + g * qstride, qstride, kt, vscale, sh + g * ctx, ctx, ctx - pos);
       }
     }
   }
@@ -651,20 +652,21 @@ void attend(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table,
       const bf16* vt = tiles(vc, b) + h * tile;
       const bf16* pf = Lines ? v_ahead(b, h, vt) : vt;
       int64_t g = 0;
-      if (g + hg <= group) {
-        pv_tile<D16, hg, Lines>(vt, npairs, n & 1, pb + h * group * pstride, pstride,
-                                scratch.acc.data() + h * group * d, pf);
-        g += hg;
+      if constexpr (Lines) {  // as in the logits pass
+        if (group < hg) {
+          pv_rest<D16, hg - 1, true>(group, vt, npairs, n & 1, pb + h * group * pstride, pstride,
+                                     scratch.acc.data() + h * group * d, pf);
+          continue;
+        }
+        pv_tile<D16, hg, true>(vt, npairs, n & 1, pb + h * group * pstride, pstride,
+                               scratch.acc.data() + h * group * d, pf);
+        g = hg;
       }
       for (; g + hg <= group; g += hg)
         pv_tile<D16, hg>(vt, npairs, n & 1, pb + (h * group + g) * pstride, pstride,
                          scratch.acc.data() + (h * group + g) * d);
-      if (g == 0)
-        pv_rest<D16, hg - 1, Lines>(group, vt, npairs, n & 1, pb + h * group * pstride, pstride,
-                                    scratch.acc.data() + h * group * d, pf);
-      else
-        pv_rest<D16, hg - 1>(group - g, vt, npairs, n & 1, pb + (h * group + g) * pstride, pstride,
-                             scratch.acc.data() + (h * group + g) * d);
+      pv_rest<D16, hg - 1>(group - g, vt, npairs, n & 1, pb + (h * group + g) * pstride, pstride,
+                           scratch.acc.data() + (h * group + g) * d);
     }
   }
   for (int64_t r = 0; r < rows_q; ++r)
