@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from splitserve.engine.attention import AttentionBatch
-from splitserve.engine.kernels import amx_wanted, attention_prefetch, kernels_enabled, load_cpu_kernels
+from splitserve.engine.kernels import (amx_wanted, attention_prefetch, kernels_build_dir, kernels_enabled,
+                                       load_cpu_kernels)
 from splitserve.engine.ops import CpuKernelOps, Linear, TorchOps
 
 pytestmark = pytest.mark.skipif(not kernels_enabled(), reason="this CPU has no AVX512_BF16")
@@ -128,6 +129,22 @@ def test_gemm_rows_split_over_more_threads_than_they_fill(ops, gemm_path, k):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(got, ops.linear(x, layer))  # the same bits as at the test's 2 threads
+
+
+def test_each_torch_installation_builds_the_kernels_in_a_folder_of_its_own(tmp_path, monkeypatch):
+    """Two environments with the same torch version (a development venv and a CI clone's) compile
+    against their own torch: sharing a build folder, each rebuilt the other's build at its next start.
+    The same installation finds its folder again."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("SPLITSERVE_CACHE", str(tmp_path))
+    dev = SimpleNamespace(__file__="/work/dev/.venv/lib/site-packages/torch/__init__.py", __version__="2.13.0")
+    ci = SimpleNamespace(__file__="/work/ci/.venv/lib/site-packages/torch/__init__.py", __version__="2.13.0")
+    assert kernels_build_dir(dev) != kernels_build_dir(ci)
+    assert kernels_build_dir(dev) == kernels_build_dir(SimpleNamespace(**vars(dev)))
+    assert kernels_build_dir(dev).parent == tmp_path / "kernels"
+    assert kernels_build_dir(dev).name.startswith("torch2.13.0-")
+    assert load_cpu_kernels().__name__.endswith(kernels_build_dir(torch).name.rsplit("-", 1)[1])
 
 
 @pytest.mark.skipif(not amx_wanted(), reason="this CPU has no AMX_BF16")

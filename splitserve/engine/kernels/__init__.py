@@ -64,6 +64,18 @@ def _enable_amx(module: ModuleType) -> None:
         log.warning("cpu has AMX but Linux refused its tile state; GEMMs stay on AVX512")
 
 
+def kernels_build_dir(torch_module: ModuleType) -> Path:
+    """Where the kernels are built and cached: one folder per source, compiler flags and torch
+    installation. The build compiles against the torch it finds, so two environments with the same
+    torch version (a development venv and a CI clone's) each get their own: when they shared one,
+    each took the other's build for stale and rebuilt it, ~35-45 s at its next start."""
+    from splitserve.engine.loader import cache_root
+
+    torch_dir = str(Path(torch_module.__file__).resolve().parent)
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch_dir.encode()).hexdigest()[:12]
+    return cache_root() / "kernels" / f"torch{torch_module.__version__}-{digest}"
+
+
 STALE_LOCK_S = 600  # a build takes ~30 s; a lock this old was left by a process killed mid-build
 
 
@@ -86,10 +98,8 @@ def load_cpu_kernels() -> ModuleType | None:
     import torch
     from torch.utils import cpp_extension
 
-    from splitserve.engine.loader import cache_root
-
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
-    build_dir = cache_root() / "kernels" / f"torch{torch.__version__}-{digest}"
+    build_dir = kernels_build_dir(torch)
+    digest = build_dir.name.rsplit("-", 1)[1]
     build_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_lock(build_dir / "lock")
     try:
