@@ -71,8 +71,8 @@ def kernels_build_dir(torch_module: ModuleType) -> Path:
     each took the other's build for stale and rebuilt it, ~35-45 s at its next start."""
     from splitserve.engine.loader import cache_root
 
-    torch_dir = str(Path(torch_module.__file__).resolve().parent)
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch_dir.encode()).hexdigest()[:12]
+    torch_dir = str(Path(torch_module.__file__).resolve().parent).encode()
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch_dir).hexdigest()[:12]
     return cache_root() / "kernels" / f"torch{torch_module.__version__}-{digest}"
 
 
