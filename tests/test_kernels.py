@@ -10,6 +10,7 @@ import torch
 
 from splitserve.engine.attention import AttentionBatch
 from splitserve.engine.kernels import (
+    SOURCE,
     amx_wanted,
     attention_prefetch,
     kernels_build_dir,
@@ -150,6 +151,19 @@ def test_each_torch_installation_builds_the_kernels_in_a_folder_of_its_own(tmp_p
     assert kernels_build_dir(dev).parent == tmp_path / "kernels"
     assert kernels_build_dir(dev).name.startswith("torch2.13.0-")
     assert load_cpu_kernels().__name__.endswith(kernels_build_dir(torch).name.rsplit("-", 1)[1])
+
+
+def test_two_checkouts_sharing_a_venv_build_the_kernels_in_folders_of_their_own(tmp_path, monkeypatch):
+    """A snapshot of the repository run with the development venv compiles its own copy of the source:
+    sharing the venv's build folder, each checkout took the other's build for stale and rebuilt it."""
+    monkeypatch.setenv("SPLITSERVE_CACHE", str(tmp_path))
+    copies = [tmp_path / name / "cpu_bf16.cpp" for name in ("main", "snapshot")]
+    for copy in copies:
+        copy.parent.mkdir()
+        copy.write_bytes(SOURCE.read_bytes())
+    first, second = (kernels_build_dir(torch, source) for source in copies)
+    assert first != second and first.parent == second.parent == tmp_path / "kernels"
+    assert kernels_build_dir(torch, copies[0]) == first
 
 
 @pytest.mark.skipif(not amx_wanted(), reason="this CPU has no AMX_BF16")

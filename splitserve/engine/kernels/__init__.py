@@ -64,15 +64,17 @@ def _enable_amx(module: ModuleType) -> None:
         log.warning("cpu has AMX but Linux refused its tile state; GEMMs stay on AVX512")
 
 
-def kernels_build_dir(torch_module: ModuleType) -> Path:
-    """Where the kernels are built and cached: one folder per source, compiler flags and torch
-    installation. The build compiles against the torch it finds, so two environments with the same
-    torch version (a development venv and a CI clone's) each get their own: when they shared one,
-    each took the other's build for stale and rebuilt it, ~35-45 s at its next start."""
+def kernels_build_dir(torch_module: ModuleType, source: Path = SOURCE) -> Path:
+    """Where the kernels are built and cached: one folder per source (its bytes and its path),
+    compiler flags and torch installation. torch takes a build made from another file or against
+    another torch for stale, so two environments with the same torch version (a development venv and a
+    CI clone's), or two checkouts sharing one venv, each get their own: when they shared one, each
+    rebuilt the other's build, ~35-45 s at its next start."""
     from splitserve.engine.loader import cache_root
 
-    torch_dir = str(Path(torch_module.__file__).resolve().parent).encode()
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch_dir).hexdigest()[:12]
+    torch_dir = str(Path(torch_module.__file__).resolve().parent)
+    key = [source.read_bytes(), str(source.resolve()).encode(), " ".join(CFLAGS).encode(), torch_dir.encode()]
+    digest = hashlib.sha256(b"\0".join(key)).hexdigest()[:12]
     return cache_root() / "kernels" / f"torch{torch_module.__version__}-{digest}"
 
 
