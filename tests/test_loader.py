@@ -48,7 +48,8 @@ def test_unknown_model_gets_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_concurrent_first_starts_share_one_conversion(tmp_path):
-    """Two processes converting the same GGUF into an empty cache both succeed, with one result."""
+    """Two processes starting on the same GGUF with an empty cache both succeed, with one result, and
+    only one of them converts: the other waits for it (both converting took twice the CPU)."""
     code = "from splitserve.engine.loader import resolve_model; print(resolve_model(None).path)"
     env = {**os.environ, "SPLITSERVE_CACHE": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -59,3 +60,5 @@ def test_concurrent_first_starts_share_one_conversion(tmp_path):
     assert len(paths) == 1
     models = list((tmp_path / "models").iterdir())
     assert [m.name for m in models] == [os.path.basename(paths.pop())]  # no leftover temp folders
+    logs = [out + err for out, err in results]
+    assert sum("converting gguf" in log for log in logs) == 1, [log[-500:] for log in logs]

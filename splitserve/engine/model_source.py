@@ -4,6 +4,7 @@ its tokenizer only; torch is loaded only to convert a GGUF file."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -68,6 +69,24 @@ def _gguf_to_folder(gguf: Path) -> Path:
     folder = cache_root() / "models" / f"{gguf.stem}-{key[:12]}"
     if (folder / "config.json").exists():
         return folder
+    # One conversion at a time per file: `up` starts its workers together, and each converting on
+    # its own took twice the CPU (and time, on two cores) for one result. The lock goes with its
+    # holder, killed or not.
+    locks = cache_root() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{folder.name}.lock", "wb") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process converting this gguf", file=str(gguf))
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / "config.json").exists():  # converted while this one waited
+            return folder
+        _convert(gguf, folder)
+    return folder
+
+
+def _convert(gguf: Path, folder: Path) -> None:
     log.info("converting gguf", file=str(gguf), cache=str(folder))
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -82,8 +101,7 @@ def _gguf_to_folder(gguf: Path) -> Path:
     except OSError:
         if not (folder / "config.json").exists():
             raise
-        shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same conversion first
-    return folder
+        shutil.rmtree(tmp, ignore_errors=True)  # one that took no lock (an older version) was first
 
 
 def _save_dequantized(model: Any, folder: Path) -> None:
