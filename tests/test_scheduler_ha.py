@@ -79,7 +79,8 @@ def test_kill_9_of_the_leading_scheduler_under_load_loses_and_repeats_nothing(tm
         (leader_pid, leader_address), (_, standby_address) = schedulers["scheduler-0"], schedulers["scheduler-1"]
         assert _state(cluster, leader_address).leader and not _state(cluster, standby_address).leader
         prompts = [f"Note {i}: the weather in town {i} today is" for i in range(NUM_REQUESTS)]
-        reference = {p: _generate(cluster.grpc_address, p) for p in prompts}  # fault-free, each alone
+        with ThreadPoolExecutor(NUM_REQUESTS) as pool:  # fault-free (one at a time took ~12 s more)
+            reference = dict(zip(prompts, pool.map(lambda p: _generate(cluster.grpc_address, p), prompts)))
 
         progress: dict[str, int] = {}
         with ThreadPoolExecutor(NUM_REQUESTS) as pool:
