@@ -376,3 +376,14 @@ def test_reset_prefix_cache_empties_every_workers_cache(grpc_cluster):
     assert (status, reset["num_workers"], reset["num_failed"]) == (200, 1, 0) and reset["num_blocks"] >= 6
     status, again = _post(url + "/v1/completions", body)
     assert status == 200 and again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def test_every_service_freezes_its_startup_heap(ucx_cluster):
+    """Once started, each service takes what it built to start out of the garbage collector's reach:
+    a full collection no longer scans it (a stall of every thread of the process), and the exit does
+    not collect it again (~0.8 s of each service's stop)."""
+    for name in ("gateway", "scheduler", "prefill-0", "decode-0"):
+        lines = (ucx_cluster.log_dir / f"{name}.log").read_text().splitlines()
+        frozen = [e for e in map(json.loads, filter(lambda line: line.startswith("{"), lines))
+                  if e.get("event") == "startup heap frozen"]
+        assert len(frozen) == 1 and frozen[0]["objects"] > 20_000, (name, frozen)

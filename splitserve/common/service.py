@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 
@@ -70,6 +71,7 @@ async def run_until_signal(tasks: list[Awaitable], shutdown: Callable[[], Awaita
     `shutdown` runs while the tasks still run (a gateway drains through its reply router, a worker
     publishes its last tokens); they are cancelled after it.
     """
+    freeze_startup_heap()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -92,6 +94,17 @@ async def run_until_signal(tasks: list[Awaitable], shutdown: Callable[[], Awaita
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
     return code
+
+
+def freeze_startup_heap() -> None:
+    """Take what the service built to start (modules, the model's Python objects, the tokenizer, the
+    protobuf descriptors: ~360k objects in a worker) out of the garbage collector's reach, as vLLM and
+    SGLang do once started. Every full collection scanned them all, 0.18 s with the GIL held (a stall
+    of the engine thread and the event loop alike), and the interpreter's exit collected them again,
+    ~0.8 s of every service's stop. Objects freed later still go by their reference counts."""
+    gc.collect()
+    gc.freeze()
+    log.info("startup heap frozen", objects=gc.get_freeze_count())
 
 
 def _name(task: asyncio.Future) -> str:
