@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -98,6 +99,13 @@ class RunningCluster:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """For a test's own calls to the cluster's internal services."""
         return (("x-splitserve-cluster-token", self.token),)
+
+    @property
+    def redis_url(self) -> str:
+        """The cluster's Redis, as its scheduler said when ready (its password goes in env, not here)."""
+        lines = (self.log_dir / "scheduler.log").read_text().splitlines()
+        return next(e["redis"] for e in map(json.loads, filter(lambda line: line.startswith("{"), lines))
+                    if e.get("event") == "scheduler ready")
 
     @property
     def env(self) -> dict[str, str]:

@@ -2,7 +2,8 @@
 finishes or hands back what it holds, and exits 0; every client still gets its whole output.
 
 Each worker under test is started by the test itself (so its exit code is ours to read) and joins a
-real cluster of one prefill and one decode server that takes over what it hands back.
+real cluster of one prefill and one decode server that takes over what it hands back (conftest's
+ucx_cluster: its start and stop took a third of this file's time).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
-from conftest import start_cluster, stop_cluster
 
 from splitserve.queue.redis_server import LocalRedis
 from splitserve.queue.streams import REQUEST_STREAM, SCHEDULER_GROUP, ProtoCodec, RequestStream, connect
@@ -28,29 +28,20 @@ from splitserve.v1 import common_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module")
-def redis_server():
-    server = LocalRedis().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, redis_server):
-    cluster = start_cluster(tmp_path_factory.mktemp("drain"), "--redis-url", redis_server.url,
-                            "--threads-per-worker", "1")
-    yield cluster
-    code = stop_cluster(cluster)
-    assert code == 0, f"splitserve up exited {code} on SIGTERM\n{cluster.log_tail()}"
+@pytest.fixture
+def cluster(ucx_cluster):
+    """The shared cluster, with no worker of a test before left in it."""
+    assert sorted(w.worker.instance_id for w in ucx_cluster.workers()) == ["decode-0", "prefill-0"]
+    return ucx_cluster
 
 
 class Worker:
     """One worker process of ours, joined to the cluster."""
 
-    def __init__(self, role: str, name: str, cluster, redis_url: str, log: Path, *extra: str) -> None:
+    def __init__(self, role: str, name: str, cluster, log: Path, *extra: str) -> None:
         self.role, self.name, self.cluster, self.log = role, name, cluster, log
         argv = [sys.executable, "-m", "splitserve.cli", "--log-json", role, "--scheduler", cluster.scheduler_address,
-                "--redis-url", redis_url, "--port", "0", "--kv-cache-gb", "0.25", "--threads", "1",
+                "--redis-url", cluster.redis_url, "--port", "0", "--kv-cache-gb", "0.25", "--threads", "1",
                 "--instance-id", name, *extra]
         with open(log, "wb") as out:
             self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=cluster.env)
@@ -116,11 +107,12 @@ def _assert_gone_and_blocks_free(cluster, worker: Worker) -> None:
 
 
 @pytest.mark.parametrize("role", ["decode", "colocated"])
-def test_a_worker_out_of_drain_time_hands_back_its_running_requests_and_exits_0(cluster, redis_server,
-                                                                                tmp_path, role):
+def test_a_worker_out_of_drain_time_hands_back_its_running_requests_and_exits_0(cluster, tmp_path, role):
     """One second of drain is too short for 160 tokens: what is still running goes back to the
     scheduler, runs again on the cluster's own servers, and every client gets all its tokens."""
-    worker = Worker(role, f"{role}-x", cluster, redis_server.url, tmp_path / f"{role}.log", "--drain-timeout", "1")
+    scheduler_log = cluster.log_dir / "scheduler.log"
+    logged_before = scheduler_log.stat().st_size  # the shared cluster's log: this test's part only
+    worker = Worker(role, f"{role}-x", cluster, tmp_path / f"{role}.log", "--drain-timeout", "1")
     codes = []
 
     def terminate_once_running() -> None:
@@ -133,15 +125,14 @@ def test_a_worker_out_of_drain_time_hands_back_its_running_requests_and_exits_0(
     assert all(len(tokens) == 160 for tokens in outputs)
     drained, = worker.events("drained")
     assert drained["handed_back_running"] >= 1, drained  # part-way through their 160 tokens
-    assert "handed back" in (cluster.log_dir / "scheduler.log").read_text()
+    assert "handed back" in scheduler_log.read_bytes()[logged_before:].decode()
     _assert_gone_and_blocks_free(cluster, worker)
 
 
-def test_a_draining_prefill_server_finishes_its_queue_and_its_kv_is_pulled_before_it_exits(
-        cluster, redis_server, tmp_path):
+def test_a_draining_prefill_server_finishes_its_queue_and_its_kv_is_pulled_before_it_exits(cluster, tmp_path):
     """Requests it had when the signal came are prefilled there and pulled; requests sent after go
     to the other prefill server; nothing is handed back."""
-    worker = Worker("prefill", "prefill-x", cluster, redis_server.url, tmp_path / "prefill.log")
+    worker = Worker("prefill", "prefill-x", cluster, tmp_path / "prefill.log")
     long_prompt = " ".join(["The history of the river valley, told one village at a time."] * 30)
     codes, late = [], []
 
