@@ -66,6 +66,7 @@ def test_mode_auto_starts_the_placement_the_planner_predicts_best(tmp_path, caps
     what it chose and what each mode would give, and starts exactly that placement."""
     from splitserve.commands import auto
 
+    monkeypatch.setattr(auto, "AUTO_NUM_REQUESTS", 100)  # a third of the simulation: nothing here counts on it
     chosen = []
     plan_once = auto.choose
     monkeypatch.setattr(auto, "choose", lambda args, cores: chosen.append(plan_once(args, cores)) or chosen[-1])
@@ -91,7 +92,10 @@ def test_mode_auto_starts_the_placement_the_planner_predicts_best(tmp_path, caps
     assert engine[engine.index("--max-num-seqs") + 1] == str(candidate.max_num_seqs)
 
 
-def test_mode_auto_needs_slos_and_the_workload_flags_need_mode_auto(tmp_path):
+def test_mode_auto_needs_slos_and_the_workload_flags_need_mode_auto(tmp_path, monkeypatch):
+    from splitserve.commands import auto
+
+    monkeypatch.setattr(auto, "AUTO_NUM_REQUESTS", 100)
     with pytest.raises(ValueError, match="--ttft-slo and --tpot-slo"):
         _config(tmp_path, "--mode", "auto", "--input-len", "256", "--output-len", "64")
     with pytest.raises(ValueError, match="give --mode auto"):
