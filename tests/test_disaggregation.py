@@ -95,12 +95,14 @@ def test_seeded_sampling_is_the_same_colocated_and_disaggregated(model_fp32, pro
 def test_a_decode_engine_recomputes_what_it_preempts(model_fp32, prompts):
     """Two requests that outgrow a small decode cache: one is preempted, recomputed, and both
     still produce exactly the colocated tokens."""
-    params = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)
+    params = PARAMS  # 20 tokens: the second request needs its 11th block after 10 of them
     expected = engine(model_fp32, EngineRole.COLOCATED).generate(prompts[:2], params)
     prefill = engine(model_fp32, EngineRole.PREFILL)
     block_bytes = prefill.layout.bytes_per_block
     need = sum(-(-(len(p) + 1) // 16) for p in prompts[:2])  # both fit at import ...
-    decode = engine(model_fp32, EngineRole.DECODE, kv_bytes=(need + 1) * block_bytes)  # ... not at +40
+    decode = engine(model_fp32, EngineRole.DECODE, kv_bytes=(need + 1) * block_bytes)  # ... not at +20
+    preempted, preempt = [], decode.scheduler._preempt
+    decode.scheduler._preempt = lambda seq: preempted.append(seq.request_id) or preempt(seq)
     got = {}
     for i, p in enumerate(prompts[:2]):
         prefill.add_request(f"r{i}", p, params)
@@ -116,6 +118,7 @@ def test_a_decode_engine_recomputes_what_it_preempts(model_fp32, prompts):
         for out in decode.step():
             got[out.request_id].append(out.token_id)
     assert [got["r0"], got["r1"]] == expected
+    assert preempted, "nothing was preempted: the test no longer tests recomputation"
     assert decode.blocks.num_used_blocks == 0 and not preempted_before
 
 
