@@ -132,32 +132,30 @@ def test_an_owned_child_whose_parent_is_already_gone_does_not_start():
     assert out.returncode != 0 and "started" not in out.stdout and "is gone" in out.stderr
 
 
-def test_killed_worker_and_gateway_are_restarted_and_serve_again(tmp_path):
-    cluster = start_cluster(tmp_path, "--kv-transport", "grpc")
-    try:
-        # start_cluster returned on up's own "ready": from here on, up restarts a service that exits
-        before = _service_pids(cluster.process.pid)
-        assert {"redis", "scheduler", "prefill-0", "decode-0", "gateway"} <= before.keys(), before
-        for name in ("prefill-0", "gateway"):
-            os.kill(before[name], signal.SIGKILL)
+def test_killed_worker_and_gateway_are_restarted_and_serve_again(grpc_cluster):
+    """On conftest's shared cluster (its own start and stop took half of this test's time), whose
+    teardown asserts that up still exits 0 on SIGTERM after the restarts."""
+    cluster = grpc_cluster
+    # start_cluster returned on up's own "ready": from here on, up restarts a service that exits
+    before = _service_pids(cluster.process.pid)
+    assert {"redis", "scheduler", "prefill-0", "decode-0", "gateway"} <= before.keys(), before
+    for name in ("prefill-0", "gateway"):
+        os.kill(before[name], signal.SIGKILL)
 
-        def restarted() -> bool:
-            now = _service_pids(cluster.process.pid)
-            return all(now.get(name) not in (None, before[name]) for name in ("prefill-0", "gateway"))
+    def restarted() -> bool:
+        now = _service_pids(cluster.process.pid)
+        return all(now.get(name) not in (None, before[name]) for name in ("prefill-0", "gateway"))
 
-        _wait_for(restarted, 30, "prefill-0 and the gateway restarted")
-        assert cluster.process.poll() is None, "up exited"
-        _wait_for(lambda: is_ready(cluster.http_url), 180, "the cluster ready again")
-        completion = _complete(cluster.http_url)
-        assert completion["usage"]["completion_tokens"] == 4, completion
-        for name in ("prefill-0", "gateway"):
-            assert f"{name} was killed by SIGKILL; restarting in 1 s" in cluster.output(), cluster.output()
-            assert f"{name} restarted (pid" in cluster.output(), cluster.output()
-        after = _service_pids(cluster.process.pid)
-        assert after["decode-0"] == before["decode-0"] and after["scheduler"] == before["scheduler"]
-    finally:
-        code = stop_cluster(cluster)
-    assert code == 0, f"up exited {code} on SIGTERM\n{cluster.log_tail()}"
+    _wait_for(restarted, 30, "prefill-0 and the gateway restarted")
+    assert cluster.process.poll() is None, "up exited"
+    _wait_for(lambda: is_ready(cluster.http_url), 180, "the cluster ready again")
+    completion = _complete(cluster.http_url)
+    assert completion["usage"]["completion_tokens"] == 4, completion
+    for name in ("prefill-0", "gateway"):
+        assert f"{name} was killed by SIGKILL; restarting in 1 s" in cluster.output(), cluster.output()
+        assert f"{name} restarted (pid" in cluster.output(), cluster.output()
+    after = _service_pids(cluster.process.pid)
+    assert after["decode-0"] == before["decode-0"] and after["scheduler"] == before["scheduler"]
 
 
 def test_no_process_outlives_a_sigkilled_up(tmp_path):
