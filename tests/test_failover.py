@@ -3,6 +3,7 @@ and they complete on the surviving server; the clients see whole outputs; `up` r
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -61,6 +62,11 @@ def test_requests_on_a_killed_decode_server_complete_elsewhere(tmp_path):
         for responses in results:
             tokens = [t for r in responses for t in r.token_ids]
             assert len(tokens) == MAX_TOKENS and responses[-1].usage.completion_tokens == MAX_TOKENS
+        # ... and they did so because decode-0's were requeued, not because they finished before the kill
+        events = [json.loads(line) for line in (tmp_path / "scheduler.log").read_text().splitlines()
+                  if line.startswith("{")]
+        dropped = [e for e in events if e.get("event") == "worker dropped" and e["worker"] == "decode-0"]
+        assert dropped and dropped[0]["requeued"] >= 1, dropped
         # `up` restarts the killed server (a new process under the same name), as a container runtime would.
         deadline = time.monotonic() + 60
         while _live_pid_of("decode-0", cluster.scheduler_address) in (None, killed):
