@@ -238,6 +238,9 @@ def _cluster_fixture(transport: str, *extra: str, tls: bool = False, traced: boo
     return fixture
 
 
+# Shared by the files that use them, in file order. Two of them change the cluster they are given:
+# test_drain.py joins workers of its own to ucx_cluster and drains them away, and
+# test_up_supervision.py SIGKILLs grpc_cluster's prefill server and gateway (up restarts them).
 # Without tracing (as by default) ...
 ucx_cluster = _cluster_fixture("ucx", "--max-pending", "40")
 # ... and with it, under mutual TLS (and the token) between its services: the gRPC KV transport runs
