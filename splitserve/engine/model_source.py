@@ -74,15 +74,20 @@ def _gguf_to_folder(gguf: Path) -> Path:
     # holder, killed or not.
     locks = cache_root() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{folder.name}.lock", "wb") as lock:
+    lock = os.open(locks / f"{folder.name}.lock", os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write
+    try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("waiting for another process converting this gguf", file=str(gguf))
             fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as exc:  # a file system without locks: convert unlocked (the rename settles it)
+            log.warning("cannot lock the model cache; converting without the lock", error=str(exc))
         if (folder / "config.json").exists():  # converted while this one waited
             return folder
         _convert(gguf, folder)
+    finally:
+        os.close(lock)
     return folder
 
 
