@@ -66,7 +66,7 @@ def test_mode_auto_starts_the_placement_the_planner_predicts_best(tmp_path, caps
     what it chose and what each mode would give, and starts exactly that placement."""
     from splitserve.commands import auto
 
-    monkeypatch.setattr(auto, "AUTO_NUM_REQUESTS", 100)  # a third of the simulation: nothing here counts on it
+    monkeypatch.setattr(auto, "AUTO_NUM_REQUESTS", 100)  # a third of the simulation: nothing here needs it
     chosen = []
     plan_once = auto.choose
     monkeypatch.setattr(auto, "choose", lambda args, cores: chosen.append(plan_once(args, cores)) or chosen[-1])

@@ -101,7 +101,9 @@ def freeze_startup_heap() -> None:
     protobuf descriptors: ~360k objects in a worker) out of the garbage collector's reach, as vLLM and
     SGLang do once started. Every full collection scanned them all, 0.18 s with the GIL held (a stall
     of the engine thread and the event loop alike), and the interpreter's exit collected them again,
-    ~0.8 s of every service's stop. Objects freed later still go by their reference counts."""
+    ~0.8 s of every service's stop. Frozen objects freed later still go by their reference counts,
+    but one left in a reference cycle is never collected: what a service builds before it serves must
+    live as long as the process (the engine, the model, the tokenizer, the channels all do)."""
     gc.collect()
     gc.freeze()
     log.info("startup heap frozen", objects=gc.get_freeze_count())

@@ -1,4 +1,4 @@
-"""Compiled CPU kernels, built once per torch installation into the cache and loaded on demand.
+"""Compiled CPU kernels, built once per torch installation and checkout into the cache, loaded on demand.
 
 The build needs a C++ compiler and runs only on CPUs with AVX512_BF16; anywhere else (or with
 SPLITSERVE_KERNELS=0) load_cpu_kernels() returns None and the engine uses plain torch ops. Where the
