@@ -70,8 +70,7 @@ def _gguf_to_folder(gguf: Path) -> Path:
     if (folder / "config.json").exists():
         return folder
     # One conversion at a time per file: `up` starts its workers together, and each converting on
-    # its own took twice the CPU (and time, on two cores) for one result. The lock goes with its
-    # holder, killed or not.
+    # its own took twice the CPU for one result. The lock goes with its holder, killed or not.
     locks = cache_root() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     lock = os.open(locks / f"{folder.name}.lock", os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write
@@ -106,7 +105,7 @@ def _convert(gguf: Path, folder: Path) -> None:
     except OSError:
         if not (folder / "config.json").exists():
             raise
-        shutil.rmtree(tmp, ignore_errors=True)  # one that took no lock (an older version) was first
+        shutil.rmtree(tmp, ignore_errors=True)  # one without the lock (an older version, no flock) was first
 
 
 def _save_dequantized(model: Any, folder: Path) -> None:
