@@ -65,6 +65,12 @@ def make_prompts(tokenizer, lengths: list[int]) -> list[list[int]]:
 # -- a real local cluster, started with `splitserve up` -------------------------------------------
 
 
+def log_events(log: Path, event: str) -> list[dict]:
+    """The JSON lines of a service's log (--log-json) whose event is event, in order."""
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("event") == event]
+
+
 @dataclass
 class RunningCluster:
     http_url: str
@@ -103,9 +109,7 @@ class RunningCluster:
     @property
     def redis_url(self) -> str:
         """The cluster's Redis, as its scheduler said when ready (its password goes in env, not here)."""
-        lines = (self.log_dir / "scheduler.log").read_text().splitlines()
-        return next(e["redis"] for e in map(json.loads, filter(lambda line: line.startswith("{"), lines))
-                    if e.get("event") == "scheduler ready")
+        return log_events(self.log_dir / "scheduler.log", "scheduler ready")[0]["redis"]
 
     @property
     def env(self) -> dict[str, str]:

@@ -16,7 +16,7 @@ import grpc
 import openai
 import pytest
 import torch
-from conftest import make_prompts
+from conftest import log_events, make_prompts
 
 from splitserve.engine import EngineConfig, LLMEngine, SamplingParams
 from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -383,7 +383,5 @@ def test_every_service_freezes_its_startup_heap(ucx_cluster):
     a full collection no longer scans it (a stall of every thread of the process), and the exit does
     not collect it again (~0.8 s of each service's stop)."""
     for name in ("gateway", "scheduler", "prefill-0", "decode-0"):
-        lines = (ucx_cluster.log_dir / f"{name}.log").read_text().splitlines()
-        frozen = [e for e in map(json.loads, filter(lambda line: line.startswith("{"), lines))
-                  if e.get("event") == "startup heap frozen"]
+        frozen = log_events(ucx_cluster.log_dir / f"{name}.log", "startup heap frozen")
         assert len(frozen) == 1 and frozen[0]["objects"] > 20_000, (name, frozen)

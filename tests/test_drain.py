@@ -9,7 +9,6 @@ ucx_cluster: its start and stop took a third of this file's time).
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+from conftest import log_events
 
 from splitserve.queue.redis_server import LocalRedis
 from splitserve.queue.streams import REQUEST_STREAM, SCHEDULER_GROUP, ProtoCodec, RequestStream, connect
@@ -87,8 +87,7 @@ class Worker:
 
     def events(self, name: str) -> list[dict]:
         """The JSON log lines of this worker whose event is name."""
-        lines = (json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{"))
-        return [line for line in lines if line.get("event") == name]
+        return log_events(self.log, name)
 
 
 def _generate(address: str, prompt: str, max_tokens: int) -> list[int]:
@@ -189,19 +188,14 @@ def test_a_draining_scheduler_exits_0_and_leaves_unstarted_requests_in_the_strea
         second = _start_scheduler(server.url, tmp_path / "second.log")
         try:
             deadline = time.monotonic() + 20
-            while not (leading := _log_events(tmp_path / "second.log", "leading")):
+            while not (leading := log_events(tmp_path / "second.log", "leading")):
                 assert time.monotonic() < deadline and second.poll() is None, (tmp_path / "second.log").read_text()
                 time.sleep(0.05)
-            (taking,) = _log_events(tmp_path / "second.log", "leader lease taken; taking over")
+            (taking,) = log_events(tmp_path / "second.log", "leader lease taken; taking over")
             assert (leading[0]["pending"], leading[0]["queued"], taking["epoch"]) == (1, 1, 2)
         finally:
             second.send_signal(signal.SIGTERM)
             assert second.wait(20) == 0
-
-
-def _log_events(log: Path, event: str) -> list[dict]:
-    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-    return [line for line in lines if line.get("event") == event]
 
 
 def _start_scheduler(redis_url: str, log: Path) -> subprocess.Popen:

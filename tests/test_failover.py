@@ -3,7 +3,6 @@ and they complete on the surviving server; the clients see whole outputs; `up` r
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import start_cluster, stop_cluster
+from conftest import log_events, start_cluster, stop_cluster
 
 from splitserve.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -63,9 +62,8 @@ def test_requests_on_a_killed_decode_server_complete_elsewhere(tmp_path):
             tokens = [t for r in responses for t in r.token_ids]
             assert len(tokens) == MAX_TOKENS and responses[-1].usage.completion_tokens == MAX_TOKENS
         # ... and they did so because decode-0's were requeued, not because they finished before the kill
-        events = [json.loads(line) for line in (tmp_path / "scheduler.log").read_text().splitlines()
-                  if line.startswith("{")]
-        dropped = [e for e in events if e.get("event") == "worker dropped" and e["worker"] == "decode-0"]
+        dropped = [e for e in log_events(tmp_path / "scheduler.log", "worker dropped")
+                   if e["worker"] == "decode-0"]
         assert dropped and dropped[0]["requeued"] >= 1, dropped
         # `up` restarts the killed server (a new process under the same name), as a container runtime would.
         deadline = time.monotonic() + 60
