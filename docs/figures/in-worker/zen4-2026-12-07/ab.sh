@@ -1,5 +1,6 @@
 #!/bin/bash
-cd docs/figures/in-worker/zen4-2026-12-07
+# usage (from the repository root): docs/figures/in-worker/zen4-2026-12-07/ab.sh
+cd "$(dirname "$0")"
 for r in 1 2; do for sc in default 3000; do
   o=ab-$sc-$r
   if [ $sc = default ]; then ./run.sh $PWD/$o 2.2 colocated; else GOMP_SPINCOUNT=$sc ./run.sh $PWD/$o 2.2 colocated; fi
