@@ -14,7 +14,8 @@ hand-off the cluster makes, timed bare, with nothing of splitserve's own work in
 Each sample waits --gap seconds first, as requests at low load do (every hop then wakes an idle
 process). The last line adds the floors up as `scripts/ttft-hops.py`'s chain makes them: two gRPC
 calls to a handler, two Redis wakes, one streamed message back to the client and one thread hop.
-What docs/benchmarks.md's "On another machine" floor table was measured with.
+What docs/benchmarks.md's floor figures were measured with ("On another machine" for Zen 5, "The
+chain's floor on Zen 4").
 """
 
 from __future__ import annotations
