@@ -6,7 +6,6 @@ repeated), the stream keeps nothing pending, and every KV block is free after.""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -15,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import redis
-from conftest import start_cluster, stop_cluster
+from conftest import log_events, start_cluster, stop_cluster
 from test_poison_request import _command_lines, _flag
 
 from splitserve.queue.streams import REQUEST_STREAM, SCHEDULER_GROUP
@@ -110,8 +109,7 @@ def test_kill_9_of_the_leading_scheduler_under_load_loses_and_repeats_nothing(tm
                 assert time.monotonic() < deadline, client.xpending(REQUEST_STREAM, SCHEDULER_GROUP)
                 time.sleep(0.1)
         logs = [tmp_path / "logs" / name for name in ("scheduler.log", "scheduler-1.log")]
-        leading = [event for log in logs for event in map(json.loads, log.read_text().splitlines())
-                   if event.get("event") == "leading" and event["epoch"] == 2]
+        leading = [event for log in logs for event in log_events(log, "leading") if event["epoch"] == 2]
         assert leading and leading[0]["pending"] >= 1, leading  # it took the dead leader's requests over
         # Requests that finished while no scheduler led: their RequestDone failed, and the first
         # heartbeats to the new leader delivered it (without that, they would run again).
