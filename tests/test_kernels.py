@@ -166,6 +166,24 @@ def test_two_checkouts_sharing_a_venv_build_the_kernels_in_folders_of_their_own(
     assert kernels_build_dir(torch, copies[0]) == first
 
 
+def test_a_build_lock_left_by_a_process_killed_mid_build_does_not_hang_the_next_load(ops):
+    """torch's build lock is a file; a worker killed while it compiled the kernels left it behind, and
+    every later start (each worker's, `make run`'s) then waited on it forever without a word. A load
+    now takes a lock the kernel frees with its holder first, and removes torch's as stale."""
+    torch_lock = kernels_build_dir(torch) / "lock"
+    torch_lock.touch()  # what torch's FileBaton leaves when its process dies before releasing it
+    probe = "from splitserve.engine.kernels import load_cpu_kernels; print(load_cpu_kernels() is not None)"
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("loading the kernels waited on a dead process's build lock")
+    finally:
+        torch_lock.unlink(missing_ok=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "True"
+    assert "killed mid-build" in out.stdout + out.stderr
+
+
 @pytest.mark.skipif(not amx_wanted(), reason="this CPU has no AMX_BF16")
 def test_amx_is_on_by_default_and_off_with_splitserve_amx_0():
     probe = "from splitserve.engine.kernels import load_cpu_kernels; print(load_cpu_kernels().amx_enabled())"

@@ -4,11 +4,13 @@ its tokenizer only; torch is loaded only to convert a GGUF file."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import importlib.util
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,29 @@ def _default_gguf() -> Path:
     return Path(found.submodule_search_locations[0]) / filename
 
 
+@contextlib.contextmanager
+def cache_lock(name: str, holder: str) -> Iterator[bool]:
+    """Held while this process makes `name` in the cache (others wait): an flock, so the lock goes with
+    its holder, killed or not. `holder` says in the log whom a waiting process waits for. Yields
+    whether the lock is held (False on a file system without locks)."""
+    locks = cache_root() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = os.open(locks / f"{name}.lock", os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write
+    held = True
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for the cache lock", held_by=holder)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as exc:  # a file system without locks: go on unlocked (renames settle it)
+            log.warning("cannot lock the cache; going on without the lock", error=str(exc))
+            held = False
+        yield held
+    finally:
+        os.close(lock)
+
+
 def _gguf_to_folder(gguf: Path) -> Path:
     """Dequantize a GGUF file once (~20 s) and keep it as a safetensors folder in the cache."""
     stat = gguf.stat()
@@ -70,23 +95,11 @@ def _gguf_to_folder(gguf: Path) -> Path:
     if (folder / "config.json").exists():
         return folder
     # One conversion at a time per file: `up` starts its workers together, and each converting on
-    # its own took twice the CPU for one result. The lock goes with its holder, killed or not.
-    locks = cache_root() / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    lock = os.open(locks / f"{folder.name}.lock", os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write
-    try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process converting this gguf", file=str(gguf))
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError as exc:  # a file system without locks: convert unlocked (the rename settles it)
-            log.warning("cannot lock the model cache; converting without the lock", error=str(exc))
+    # its own took twice the CPU for one result.
+    with cache_lock(folder.name, f"another process converting {gguf}"):
         if (folder / "config.json").exists():  # converted while this one waited
             return folder
         _convert(gguf, folder)
-    finally:
-        os.close(lock)
     return folder
 
 

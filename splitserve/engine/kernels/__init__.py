@@ -8,10 +8,11 @@ tiles, 3-10x the AVX512 rate from 8 rows up; SPLITSERVE_AMX=0 keeps them on AVX5
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
-import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -78,17 +79,23 @@ def kernels_build_dir(torch_module: ModuleType, source: Path = SOURCE) -> Path:
     return cache_root() / "kernels" / f"torch{torch_module.__version__}-{digest}"
 
 
-STALE_LOCK_S = 600  # a build takes ~30 s; a lock this old was left by a process killed mid-build
+@contextlib.contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """Held while this process loads (and so maybe builds) the kernels in build_dir.
 
+    torch's own build lock is a file it creates and removes; when its owner is killed mid-build the
+    file stays, and every later load waits on it forever (a worker stopped during its first start
+    left each following start hanging, silent). Every load here first takes the cache's lock for
+    build_dir, which goes with its holder: whoever holds it knows a torch lock file there is stale.
+    """
+    from splitserve.engine.model_source import cache_lock
 
-def _remove_stale_lock(lock: Path) -> None:
-    """torch waits forever on a build lock whose owner died; such a lock is removed."""
-    try:
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            log.warning("removing a stale kernel build lock", path=str(lock))
-            lock.unlink()
-    except FileNotFoundError:
-        pass
+    with cache_lock(build_dir.name, "another process building the cpu kernels") as held:
+        stale = build_dir / "lock"
+        if held and stale.exists():
+            log.warning("removing the kernel build lock of a process killed mid-build", path=str(stale))
+            stale.unlink(missing_ok=True)
+        yield
 
 
 @functools.cache
@@ -103,16 +110,16 @@ def load_cpu_kernels() -> ModuleType | None:
     build_dir = kernels_build_dir(torch)
     digest = build_dir.name.rsplit("-", 1)[1]
     build_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_lock(build_dir / "lock")
     try:
-        module = cpp_extension.load(
-            name=f"splitserve_cpu_bf16_{digest}",
-            sources=[str(SOURCE)],
-            extra_cflags=CFLAGS,
-            extra_ldflags=LDFLAGS,
-            build_directory=str(build_dir),
-            verbose=False,
-        )
+        with _build_lock(build_dir):
+            module = cpp_extension.load(
+                name=f"splitserve_cpu_bf16_{digest}",
+                sources=[str(SOURCE)],
+                extra_cflags=CFLAGS,
+                extra_ldflags=LDFLAGS,
+                build_directory=str(build_dir),
+                verbose=False,
+            )
     except (RuntimeError, OSError, ImportError) as exc:
         log.warning("cpu kernels failed to build; using torch ops", error=str(exc)[:500])
         return None
