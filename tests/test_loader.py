@@ -1,13 +1,17 @@
 """Resolving --model values and caching converted GGUF weights."""
 
+import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from splitserve.engine import model_source
 from splitserve.engine.loader import DEFAULT_MODEL, ModelNotFound, _default_gguf, resolve_model
+from splitserve.engine.model_source import SOURCE_RECORD, cached_conversion
 
 
 def test_default_model_is_cached_as_safetensors():
@@ -47,9 +51,19 @@ def test_unknown_model_gets_a_clear_error(tmp_path, monkeypatch):
         resolve_model(str(bad))
 
 
-def test_concurrent_first_starts_share_one_conversion(tmp_path):
+def test_concurrent_first_starts_share_one_conversion(tmp_path, monkeypatch):
     """Two processes starting on the same GGUF with an empty cache both succeed, with one result, and
-    only one of them converts: the other waits for it (both converting took twice the CPU)."""
+    only one of them converts: the other waits for it (both converting took twice the CPU). The
+    conversion clears what a killed one left and the conversions of GGUF files since gone."""
+    monkeypatch.setenv("SPLITSERVE_CACHE", str(tmp_path))
+    folder, _ = cached_conversion(_default_gguf())
+    killed = folder.with_name(folder.name + ".tmp99999")  # a conversion killed before its rename
+    replaced = folder.with_name(folder.name[:-12] + "0" * 12)  # the wheel's earlier install's
+    for made in (killed, replaced):
+        made.mkdir(parents=True)
+        (made / "model.safetensors").write_bytes(b"\0" * 1024)
+    (replaced / SOURCE_RECORD).write_text(json.dumps({"gguf": str(tmp_path / "gone.gguf"), "size": 1,
+                                                      "mtime_ns": 1}))
     code = "from splitserve.engine.loader import resolve_model; print(resolve_model(None).path)"
     env = {**os.environ, "SPLITSERVE_CACHE": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -62,3 +76,35 @@ def test_concurrent_first_starts_share_one_conversion(tmp_path):
     assert [m.name for m in models] == [os.path.basename(paths.pop())]  # no leftover temp folders
     logs = [out + err for out, err in results]
     assert sum("converting gguf" in log for log in logs) == 1, [log[-500:] for log in logs]
+    assert json.loads((folder / SOURCE_RECORD).read_text())["gguf"] == str(_default_gguf().resolve())
+
+
+def test_conversions_of_gguf_files_gone_or_changed_are_removed_and_nothing_else(tmp_path):
+    """Every reinstall of the default model's wheel (and every venv deleted) left a ~0.5 GB conversion
+    in the cache for good; the next conversion now removes those whose GGUF is gone or changed, and
+    leaves the rest: the current ones, folders without a record (older versions'), and others' files."""
+    models = tmp_path / "models"
+    live = tmp_path / "live.gguf"
+    live.write_bytes(b"gguf")
+    stat = live.stat()
+
+    def conversion(name: str, record) -> Path:
+        folder = models / name
+        folder.mkdir(parents=True)
+        if record is not None:
+            (folder / SOURCE_RECORD).write_text(record if isinstance(record, str) else json.dumps(record))
+        return folder
+
+    kept = conversion("kept", None)
+    current = conversion("current", {"gguf": str(live), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    gone = conversion("gone", {"gguf": str(tmp_path / "deleted.gguf"), "size": 4, "mtime_ns": 1})
+    changed = conversion("changed", {"gguf": str(live), "size": stat.st_size,
+                                     "mtime_ns": stat.st_mtime_ns - 1})
+    legacy = conversion("legacy", None)
+    malformed = conversion("malformed", "[1, 2]")
+    other = conversion("other", {"gguf": 7})
+    converting = conversion("current.tmp4242", None)
+    model_source._forget_replaced(kept)
+    assert sorted(p.name for p in models.iterdir()) == sorted(
+        p.name for p in (kept, current, legacy, malformed, other, converting))
+    assert not gone.exists() and not changed.exists()

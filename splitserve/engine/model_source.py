@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -87,23 +88,59 @@ def cache_lock(name: str, holder: str) -> Iterator[bool]:
         os.close(lock)
 
 
+SOURCE_RECORD = "splitserve-source.json"  # in each converted folder: the GGUF file it was made from
+
+
+def cached_conversion(gguf: Path) -> tuple[Path, dict[str, Any]]:
+    """Where the cache keeps gguf's conversion (one folder per path, size and mtime), and its record."""
+    stat = gguf.stat()
+    source = {"gguf": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    key = hashlib.sha256(f"{source['gguf']}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    return cache_root() / "models" / f"{gguf.stem}-{key[:12]}", source
+
+
 def _gguf_to_folder(gguf: Path) -> Path:
     """Dequantize a GGUF file once (~20 s) and keep it as a safetensors folder in the cache."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    folder = cache_root() / "models" / f"{gguf.stem}-{key[:12]}"
+    folder, source = cached_conversion(gguf)
     if (folder / "config.json").exists():
         return folder
     # One conversion at a time per file: `up` starts its workers together, and each converting on
     # its own took twice the CPU for one result.
-    with cache_lock(folder.name, f"another process converting {gguf}"):
+    with cache_lock(folder.name, f"another process converting {gguf}") as held:
         if (folder / "config.json").exists():  # converted while this one waited
             return folder
-        _convert(gguf, folder)
+        if held:  # what a conversion killed before its rename left
+            for leftover in folder.parent.glob(f"{folder.name}.tmp*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+        _convert(gguf, folder, source)
+    _forget_replaced(folder)
     return folder
 
 
-def _convert(gguf: Path, folder: Path) -> None:
+def _forget_replaced(kept: Path) -> None:
+    """Delete the cache's conversions of GGUF files that are gone or changed since (~0.5 GB each for
+    the default model: every reinstall of its wheel, every venv deleted, left one behind). Folders
+    without a source record (made before there was one) are left alone."""
+    for folder in kept.parent.iterdir():
+        if folder == kept or ".tmp" in folder.name or not folder.is_dir():
+            continue
+        try:
+            record = json.loads((folder / SOURCE_RECORD).read_text())
+            path, size, mtime_ns = Path(record["gguf"]), record["size"], record["mtime_ns"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # no record, or not one of ours
+        try:
+            stat = path.stat()
+            current = (stat.st_size, stat.st_mtime_ns) == (size, mtime_ns)
+        except (OSError, ValueError):
+            current = False
+        if not current:
+            log.info("removing a converted model whose gguf is gone or changed", cache=str(folder),
+                     gguf=str(path))
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _convert(gguf: Path, folder: Path, source: dict[str, Any]) -> None:
     log.info("converting gguf", file=str(gguf), cache=str(folder))
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -113,6 +150,7 @@ def _convert(gguf: Path, folder: Path) -> None:
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     _save_dequantized(model, tmp)
     tokenizer.save_pretrained(tmp)
+    (tmp / SOURCE_RECORD).write_text(json.dumps(source))
     try:
         tmp.rename(folder)  # atomic: a concurrent start sees either nothing or a whole folder
     except OSError:
