@@ -110,10 +110,14 @@ def load_cpu_kernels() -> ModuleType | None:
     build_dir = kernels_build_dir(torch)
     digest = build_dir.name.rsplit("-", 1)[1]
     build_dir.mkdir(parents=True, exist_ok=True)
+    name = f"splitserve_cpu_bf16_{digest}"
     try:
         with _build_lock(build_dir):
+            if not (build_dir / f"{name}.so").exists():  # a start silent for ~40 s looked hung
+                log.info("building the cpu kernels, once per checkout and torch (~40 s)",
+                         build_dir=str(build_dir))
             module = cpp_extension.load(
-                name=f"splitserve_cpu_bf16_{digest}",
+                name=name,
                 sources=[str(SOURCE)],
                 extra_cflags=CFLAGS,
                 extra_ldflags=LDFLAGS,
