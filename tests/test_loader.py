@@ -63,7 +63,7 @@ def test_concurrent_first_starts_share_one_conversion(tmp_path, monkeypatch):
         made.mkdir(parents=True)
         (made / "model.safetensors").write_bytes(b"\0" * 1024)
     (replaced / SOURCE_RECORD).write_text(json.dumps({"gguf": str(tmp_path / "gone.gguf"), "size": 1,
-                                                      "mtime_ns": 1}))
+                                                      "mtime_ns": 1, "host": model_source._host()}))
     code = "from splitserve.engine.loader import resolve_model; print(resolve_model(None).path)"
     env = {**os.environ, "SPLITSERVE_CACHE": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -81,30 +81,36 @@ def test_concurrent_first_starts_share_one_conversion(tmp_path, monkeypatch):
 
 def test_conversions_of_gguf_files_gone_or_changed_are_removed_and_nothing_else(tmp_path):
     """Every reinstall of the default model's wheel (and every venv deleted) left a ~0.5 GB conversion
-    in the cache for good; the next conversion now removes those whose GGUF is gone or changed, and
-    leaves the rest: the current ones, folders without a record (older versions'), and others' files."""
+    in the cache for good; the next conversion now removes those whose GGUF is gone or changed on this
+    machine, and what a removal cut short left, and nothing else: the current ones, folders without a
+    well-formed record (older versions', or not ours), another machine's (a shared cache), and
+    conversions under way."""
     models = tmp_path / "models"
     live = tmp_path / "live.gguf"
     live.write_bytes(b"gguf")
-    stat = live.stat()
+    stat, here = live.stat(), model_source._host()
+    gone = {"gguf": str(tmp_path / "deleted.gguf"), "size": 4, "mtime_ns": 1, "host": here}
 
-    def conversion(name: str, record) -> Path:
+    def conversion(name: str, record=None) -> Path:
         folder = models / name
         folder.mkdir(parents=True)
         if record is not None:
             (folder / SOURCE_RECORD).write_text(record if isinstance(record, str) else json.dumps(record))
         return folder
 
-    kept = conversion("kept", None)
-    current = conversion("current", {"gguf": str(live), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-    gone = conversion("gone", {"gguf": str(tmp_path / "deleted.gguf"), "size": 4, "mtime_ns": 1})
-    changed = conversion("changed", {"gguf": str(live), "size": stat.st_size,
-                                     "mtime_ns": stat.st_mtime_ns - 1})
-    legacy = conversion("legacy", None)
-    malformed = conversion("malformed", "[1, 2]")
-    other = conversion("other", {"gguf": 7})
-    converting = conversion("current.tmp4242", None)
+    kept = conversion("kept")
+    removed = [conversion("gone", gone),
+               conversion("changed", {**gone, "gguf": str(live), "size": stat.st_size}),
+               conversion("cut-short.trash4242")]
+    current = {**gone, "gguf": str(live), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    left = [conversion("current", current), conversion("legacy"), conversion("list", "[1, 2]"),
+            conversion("no-path", {**gone, "gguf": 7}),
+            conversion("relative", {**gone, "gguf": "deleted.gguf"}),
+            conversion("bool-size", {**gone, "size": True}),
+            conversion("nested", "[" * 100_000 + "]" * 100_000),
+            conversion("huge", {**gone, "pad": "x" * 8192}),
+            conversion("elsewhere", {**gone, "host": here + "-x"}),
+            conversion("current.tmp4242")]
     model_source._forget_replaced(kept)
-    assert sorted(p.name for p in models.iterdir()) == sorted(
-        p.name for p in (kept, current, legacy, malformed, other, converting))
-    assert not gone.exists() and not changed.exists()
+    assert sorted(p.name for p in models.iterdir()) == sorted(p.name for p in [kept, *left])
+    assert not any(p.exists() for p in removed)

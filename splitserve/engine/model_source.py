@@ -10,9 +10,11 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,29 +75,87 @@ def cache_lock(name: str, holder: str) -> Iterator[bool]:
     locks = cache_root() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     lock = os.open(locks / f"{name}.lock", os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write
-    held = True
     try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for the cache lock", held_by=holder)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError as exc:  # a file system without locks: go on unlocked (renames settle it)
-            log.warning("cannot lock the cache; going on without the lock", error=str(exc))
-            held = False
-        yield held
+        yield _flock(lock, holder)
     finally:
         os.close(lock)
 
 
+def _flock(fd: int, holder: str) -> bool:
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for the cache lock", held_by=holder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        return True
+    except OSError as exc:  # a file system without locks (or out of them): go on unlocked
+        log.warning("cannot lock the cache; going on without the lock", error=str(exc))
+        return False
+
+
 SOURCE_RECORD = "splitserve-source.json"  # in each converted folder: the GGUF file it was made from
+MAX_RECORD_BYTES = 4096
+TRASH = re.compile(r"\.trash\d+$")  # a conversion being removed (renamed aside first)
 
 
-def cached_conversion(gguf: Path) -> tuple[Path, dict[str, Any]]:
+@dataclass(frozen=True)
+class GgufSource:
+    """The GGUF file a conversion was made from, as this machine saw it then."""
+
+    gguf: str  # resolved, absolute
+    size: int
+    mtime_ns: int
+    host: str  # the machine that made it: a cache shared with another sees other files
+
+    @classmethod
+    def of(cls, gguf: Path) -> GgufSource:
+        stat = gguf.stat()
+        return cls(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns, _host())
+
+    @classmethod
+    def read(cls, folder: Path) -> GgufSource | None:
+        """The folder's record; None without a well-formed one (older versions', or not ours)."""
+        try:
+            with open(folder / SOURCE_RECORD, "rb") as f:
+                data = f.read(MAX_RECORD_BYTES + 1)
+            raw = json.loads(data) if len(data) <= MAX_RECORD_BYTES else None
+        except (OSError, ValueError, RecursionError):
+            return None
+        if not isinstance(raw, dict):
+            return None
+        gguf, size, mtime_ns, host = (raw.get(k) for k in ("gguf", "size", "mtime_ns", "host"))
+        if not (isinstance(gguf, str) and os.path.isabs(gguf) and isinstance(host, str)
+                and all(type(v) is int for v in (size, mtime_ns))):
+            return None
+        return cls(gguf, size, mtime_ns, host)
+
+    def gone_or_changed(self) -> bool:
+        """Whether the GGUF it was made from is deleted or changed (here, on the machine that made it);
+        any doubt (another machine's record, a file this process may not read, a drive not mounted)
+        keeps it."""
+        if self.host != _host():
+            return False
+        try:
+            stat = os.stat(self.gguf)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        except (OSError, ValueError):
+            return False
+        return (stat.st_size, stat.st_mtime_ns) != (self.size, self.mtime_ns)
+
+
+def _host() -> str:
+    try:
+        return Path("/etc/machine-id").read_text().strip() or socket.gethostname()
+    except OSError:
+        return socket.gethostname()
+
+
+def cached_conversion(gguf: Path) -> tuple[Path, GgufSource]:
     """Where the cache keeps gguf's conversion (one folder per path, size and mtime), and its record."""
-    stat = gguf.stat()
-    source = {"gguf": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    key = hashlib.sha256(f"{source['gguf']}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    source = GgufSource.of(gguf)
+    key = hashlib.sha256(f"{source.gguf}:{source.size}:{source.mtime_ns}".encode()).hexdigest()
     return cache_root() / "models" / f"{gguf.stem}-{key[:12]}", source
 
 
@@ -118,29 +178,27 @@ def _gguf_to_folder(gguf: Path) -> Path:
 
 
 def _forget_replaced(kept: Path) -> None:
-    """Delete the cache's conversions of GGUF files that are gone or changed since (~0.5 GB each for
-    the default model: every reinstall of its wheel, every venv deleted, left one behind). Folders
-    without a source record (made before there was one) are left alone."""
+    """Delete the cache's conversions of GGUF files deleted or changed since (~0.5 GB each for the
+    default model: every reinstall of its wheel, every venv deleted, left one behind). Folders without
+    a record (made before there was one) are left alone. A folder is first renamed aside, so that a
+    removal cut short leaves a `.trash` folder the next one finishes, not a folder without its record."""
     for folder in kept.parent.iterdir():
-        if folder == kept or ".tmp" in folder.name or not folder.is_dir():
+        if folder == kept or not folder.is_dir() or ".tmp" in folder.name:
             continue
-        try:
-            record = json.loads((folder / SOURCE_RECORD).read_text())
-            path, size, mtime_ns = Path(record["gguf"]), record["size"], record["mtime_ns"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # no record, or not one of ours
-        try:
-            stat = path.stat()
-            current = (stat.st_size, stat.st_mtime_ns) == (size, mtime_ns)
-        except (OSError, ValueError):
-            current = False
-        if not current:
+        if not TRASH.search(folder.name):
+            source = GgufSource.read(folder)
+            if source is None or not source.gone_or_changed():
+                continue
             log.info("removing a converted model whose gguf is gone or changed", cache=str(folder),
-                     gguf=str(path))
-            shutil.rmtree(folder, ignore_errors=True)
+                     gguf=source.gguf)
+            try:
+                folder = folder.rename(folder.with_name(f"{folder.name}.trash{os.getpid()}"))
+            except OSError:
+                continue  # another process took it first
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def _convert(gguf: Path, folder: Path, source: dict[str, Any]) -> None:
+def _convert(gguf: Path, folder: Path, source: GgufSource) -> None:
     log.info("converting gguf", file=str(gguf), cache=str(folder))
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -150,7 +208,7 @@ def _convert(gguf: Path, folder: Path, source: dict[str, Any]) -> None:
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     _save_dequantized(model, tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / SOURCE_RECORD).write_text(json.dumps(source))
+    (tmp / SOURCE_RECORD).write_text(json.dumps(asdict(source)))
     try:
         tmp.rename(folder)  # atomic: a concurrent start sees either nothing or a whole folder
     except OSError:

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -79,6 +80,9 @@ def kernels_build_dir(torch_module: ModuleType, source: Path = SOURCE) -> Path:
     return cache_root() / "kernels" / f"torch{torch_module.__version__}-{digest}"
 
 
+STALE_LOCK_S = 600  # a build takes ~40 s: without the flock, a lock this old was left by a dead build
+
+
 @contextlib.contextmanager
 def _build_lock(build_dir: Path) -> Iterator[None]:
     """Held while this process loads (and so maybe builds) the kernels in build_dir.
@@ -87,14 +91,18 @@ def _build_lock(build_dir: Path) -> Iterator[None]:
     file stays, and every later load waits on it forever (a worker stopped during its first start
     left each following start hanging, silent). Every load here first takes the cache's lock for
     build_dir, which goes with its holder: whoever holds it knows a torch lock file there is stale.
+    On a file system without locks, only one older than STALE_LOCK_S is taken for stale.
     """
     from splitserve.engine.model_source import cache_lock
 
     with cache_lock(build_dir.name, "another process building the cpu kernels") as held:
         stale = build_dir / "lock"
-        if held and stale.exists():
-            log.warning("removing the kernel build lock of a process killed mid-build", path=str(stale))
-            stale.unlink(missing_ok=True)
+        try:
+            if held or time.time() - stale.stat().st_mtime > STALE_LOCK_S:
+                stale.unlink()
+                log.warning("removed the kernel build lock of a process killed mid-build", path=str(stale))
+        except FileNotFoundError:
+            pass
         yield
 
 
@@ -125,7 +133,7 @@ def load_cpu_kernels() -> ModuleType | None:
                 verbose=False,
             )
     except (RuntimeError, OSError, ImportError) as exc:
-        log.warning("cpu kernels failed to build; using torch ops", error=str(exc)[:500])
+        log.warning("cpu kernels failed to build or load; using torch ops", error=str(exc)[:500])
         return None
     _enable_amx(module)
     module.set_attention_prefetch(attention_prefetch())
