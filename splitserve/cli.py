@@ -42,13 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ERROR_PREFIX = "splitserve: error: "  # `up` quotes the line a service exits with after it
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_json)
     try:
         return args.func(args)
     except (ValueError, OSError) as exc:  # bad flags, input, or model files: no traceback
-        print(f"splitserve: error: {exc}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
         return 2
 
 

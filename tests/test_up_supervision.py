@@ -18,6 +18,7 @@ import pytest
 from conftest import RunningCluster, start_cluster, stop_cluster
 
 from splitserve.commands.up import is_ready
+from splitserve.common.net import free_port
 from splitserve.common.proc import RestartPolicy, Supervised
 
 pytestmark = pytest.mark.timeout(420)
@@ -178,3 +179,22 @@ def test_no_process_outlives_a_sigkilled_up(tmp_path):
                 os.kill(pid, signal.SIGKILL)
         if cluster.process.poll() is None:
             stop_cluster(cluster)
+
+
+def test_a_service_that_fails_to_start_is_named_with_its_reason(tmp_path):
+    """The HTTP port taken: up stops everything and says which service failed and why, in its own
+    error (it said only '<service> exited during start-up; see <log folder>')."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = [sys.executable, "-m", "splitserve.cli", "up", "--http-port", str(port), "--grpc-port",
+                str(free_port()), "--log-dir", str(tmp_path), "--kv-cache-gb", "0.25", "--mode", "colocated"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    assert done.returncode != 0
+    error = [line for line in done.stderr.splitlines() if line.startswith("splitserve: error: ")]
+    assert len(error) == 1, done.stderr[-2000:]
+    assert error[0].startswith("splitserve: error: gateway exited with code ")
+    assert (f"during start-up: [Errno 98] error while attempting to bind on address ('127.0.0.1', {port}): "
+            "address already in use") in error[0]
+    assert f"(log: {tmp_path / 'gateway.log'})" in error[0]

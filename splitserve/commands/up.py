@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from splitserve.bench.loadgen.config import add_length_args
+from splitserve.cli import ERROR_PREFIX
 from splitserve.common.auth import (
     API_KEY_ENV,
     API_KEY_FILE_ENV,
@@ -57,7 +58,7 @@ from splitserve.common.auth import (
 from splitserve.common.certs import load_cluster_tls, write_cluster_certs
 from splitserve.common.engine_args import add_engine_args, format_cpus, positive_float, positive_int
 from splitserve.common.net import free_port
-from splitserve.common.proc import RestartPolicy, Supervised, owned
+from splitserve.common.proc import RestartPolicy, Supervised, exit_reason, owned
 from splitserve.common.tracing import add_tracing_args
 from splitserve.queue.redis_server import LocalRedis
 
@@ -480,8 +481,8 @@ class Cluster:
             # already be using the cluster) is restarted like any later crash, not taken for a bad start.
             if is_ready(self.config.http_url):
                 return
-            if self.dead():
-                raise OSError(f"{', '.join(self.dead())} exited during start-up; see {self.config.log_dir}")
+            if dead := [s for s in self.services if s.exited]:
+                raise OSError("; ".join(f"{s.name} {startup_failure(s)}" for s in dead))
             time.sleep(0.25)
         raise OSError(f"the cluster was not ready after {self.config.ready_timeout_s:.0f} s; "
                       f"see the logs in {self.config.log_dir}")
@@ -514,6 +515,26 @@ def _served_model(config: ClusterConfig) -> str:
             return json.loads(response.read())["data"][0]["id"]
     except (urllib.error.URLError, OSError, KeyError, IndexError, ValueError):
         return "MODEL"
+
+
+LOG_TAIL_BYTES = 64 * 1024
+
+
+def startup_failure(service: Supervised) -> str:
+    """How a service ended during start-up, with the reason it printed, so that the operator need not
+    open its log: 'exited with code 1 during start-up: <its error> (log: <path>)'."""
+    how = f"{exit_reason(service.process.returncode)} during start-up"
+    try:
+        with open(service.log, "rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+            tail = log.read().decode(errors="replace").splitlines()
+    except OSError:
+        tail = []
+    errors = [line[len(ERROR_PREFIX):].strip() for line in tail if line.startswith(ERROR_PREFIX)]
+    if errors:
+        why = errors[-1] if len(errors[-1]) <= 600 else errors[-1][:600] + " ..."
+        return f"{how}: {why} (log: {service.log})"
+    return f"{how}; see {service.log}"
 
 
 def is_ready(http_url: str) -> bool:
