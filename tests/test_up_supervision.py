@@ -183,7 +183,8 @@ def test_no_process_outlives_a_sigkilled_up(tmp_path):
 
 def test_a_service_that_fails_to_start_is_named_with_its_reason(tmp_path):
     """The HTTP port taken: up stops everything and says which service failed and why, in its own
-    error (it said only '<service> exited during start-up; see <log folder>')."""
+    error (it said only '<service> exited during start-up; see <log folder>'), and the gateway stops
+    what it had started before it exits."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -198,3 +199,5 @@ def test_a_service_that_fails_to_start_is_named_with_its_reason(tmp_path):
     assert (f"during start-up: [Errno 98] error while attempting to bind on address ('127.0.0.1', {port}): "
             "address already in use") in error[0]
     assert f"(log: {tmp_path / 'gateway.log'})" in error[0]
+    log = (tmp_path / "gateway.log").read_text()  # the reason, not a teardown's traceback under it
+    assert "Traceback" not in log and "never awaited" not in log, log[-2000:]

@@ -117,15 +117,29 @@ class GatewayServer:
         await self._set_health(False)
         self.tasks = [asyncio.create_task(self.router.run(), name="reply-router"),
                       asyncio.create_task(self.frontend.services.cluster.run(), name="cluster-poller")]
-        ssl_context, credentials = edge_tls(self.config)
-        grpc_port = bind(self.grpc_server, self.config.host, self.config.grpc_port, credentials)
-        await self.grpc_server.start()
-        await self.runner.setup()
-        await web.TCPSite(self.runner, self.config.host, self.config.http_port, ssl_context=ssl_context).start()
+        try:
+            ssl_context, credentials = edge_tls(self.config)
+            grpc_port = bind(self.grpc_server, self.config.host, self.config.grpc_port, credentials)
+            await self.grpc_server.start()
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, self.config.host, self.config.http_port, ssl_context=ssl_context)
+            await site.start()
+        except BaseException:  # a port taken, a bad certificate: stop what started before saying why
+            await self._abandon_start()
+            raise
         scheme = "https" if ssl_context else "http"
         log.info("gateway started", http=f"{scheme}://{self.config.host}:{self.runner.addresses[0][1]}",
                  grpc=f"{self.config.host}:{grpc_port}", tls=ssl_context is not None, model=self.frontend.model.name,
                  scheduler=self.config.scheduler, max_pending=self.config.max_pending)
+
+    async def _abandon_start(self) -> None:
+        """Undo a start that failed part way: left running, the gRPC server was torn down after the
+        event loop had closed (a traceback and an un-awaited coroutine under the real error)."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.grpc_server.stop(None)
+        await self.runner.cleanup()
 
     async def shutdown(self) -> None:
         """Drain first (new requests 503, in-flight ones finish or are aborted and cancelled
