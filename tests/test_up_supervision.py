@@ -181,23 +181,28 @@ def test_no_process_outlives_a_sigkilled_up(tmp_path):
             stop_cluster(cluster)
 
 
-def test_a_service_that_fails_to_start_is_named_with_its_reason(tmp_path):
-    """The HTTP port taken: up stops everything and says which service failed and why, in its own
-    error (it said only '<service> exited during start-up; see <log folder>'), and the gateway stops
-    what it had started before it exits."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        argv = [sys.executable, "-m", "splitserve.cli", "up", "--http-port", str(port), "--grpc-port",
-                str(free_port()), "--log-dir", str(tmp_path), "--kv-cache-gb", "0.25", "--mode", "colocated"]
+@pytest.mark.parametrize("taken, service, reason", [
+    ("--http-port", "gateway", "[Errno 98] error while attempting to bind on address ('127.0.0.1', {port}): "
+                               "address already in use"),
+    ("--scheduler-port", "scheduler", "cannot bind the gRPC server to 127.0.0.1:{port}: the port is in use")])
+def test_a_service_that_fails_to_start_is_named_with_its_reason(tmp_path, taken, service, reason):
+    """A port taken: up stops everything and says which service failed and why, in its own error (it
+    said only '<service> exited during start-up; see <log folder>', and a gRPC port taken ended the
+    service in a traceback), and the service stops what it had started before it exits."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        ports = {"--http-port": free_port(), "--grpc-port": free_port(), "--scheduler-port": free_port(),
+                 taken: port}
+        argv = [sys.executable, "-m", "splitserve.cli", "up", *(str(a) for p in ports.items() for a in p),
+                "--log-dir", str(tmp_path), "--kv-cache-gb", "0.25", "--mode", "colocated"]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=180)
     assert done.returncode != 0
     error = [line for line in done.stderr.splitlines() if line.startswith("splitserve: error: ")]
     assert len(error) == 1, done.stderr[-2000:]
-    assert error[0].startswith("splitserve: error: gateway exited with code ")
-    assert (f"during start-up: [Errno 98] error while attempting to bind on address ('127.0.0.1', {port}): "
-            "address already in use") in error[0]
-    assert f"(log: {tmp_path / 'gateway.log'})" in error[0]
-    log = (tmp_path / "gateway.log").read_text()  # the reason, not a teardown's traceback under it
+    assert error[0].startswith(f"splitserve: error: {service} exited with code "), error
+    assert f"during start-up: {reason.format(port=port)}" in error[0], error
+    assert f"(log: {tmp_path / f'{service}.log'})" in error[0], error
+    log = (tmp_path / f"{service}.log").read_text()  # the reason, not a teardown's traceback under it
     assert "Traceback" not in log and "never awaited" not in log, log[-2000:]

@@ -44,9 +44,14 @@ def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.Server
     """Bind host:port (port 0 picks a free one) with credentials (TLS; None: plaintext, said
     explicitly so that no internal server is plaintext by accident); returns the port bound."""
     address = f"{host}:{port}"
-    bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+    try:  # grpc returned 0 where it could not bind; now it raises RuntimeError (a traceback, no reason)
+        bound = (server.add_insecure_port(address) if credentials is None
+                 else server.add_secure_port(address, credentials))
+    except RuntimeError:
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind gRPC server to {host}:{port}")
+        raise OSError(f"cannot bind the gRPC server to {address}: the port is in use or the address is not "
+                      f"this machine's")
     return bound
 
 
