@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from splitserve.common.logging import configure_logging
+from splitserve.common.logging import ERROR_PREFIX, configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,9 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_parser(sub)
     chaos.add_parser(sub)
     return parser
-
-
-ERROR_PREFIX = "splitserve: error: "  # `up` quotes the line a service exits with after it
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import RunningCluster, start_cluster, stop_cluster
 
-from splitserve.commands.up import is_ready
+from splitserve.commands.up import is_ready, startup_failure
 from splitserve.common.net import free_port
-from splitserve.common.proc import RestartPolicy, Supervised
+from splitserve.common.proc import RestartPolicy, Supervised, log_size
 
 pytestmark = pytest.mark.timeout(420)
 MODEL = "SmolLM2-135M-Instruct"
@@ -197,12 +197,32 @@ def test_a_service_that_fails_to_start_is_named_with_its_reason(tmp_path, taken,
                  taken: port}
         argv = [sys.executable, "-m", "splitserve.cli", "up", *(str(a) for p in ports.items() for a in p),
                 "--log-dir", str(tmp_path), "--kv-cache-gb", "0.25", "--mode", "colocated"]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     error = [line for line in done.stderr.splitlines() if line.startswith("splitserve: error: ")]
     assert len(error) == 1, done.stderr[-2000:]
     assert error[0].startswith(f"splitserve: error: {service} exited with code "), error
     assert f"during start-up: {reason.format(port=port)}" in error[0], error
     assert f"(log: {tmp_path / f'{service}.log'})" in error[0], error
-    log = (tmp_path / f"{service}.log").read_text()  # the reason, not a teardown's traceback under it
-    assert "Traceback" not in log and "never awaited" not in log, log[-2000:]
+    # The reason, not a crash's traceback or a teardown's noise (outside its JSON log lines) under it.
+    log = (tmp_path / f"{service}.log").read_text().splitlines()
+    raw = [line for line in log if not line.startswith("{")]
+    assert not [line for line in raw if "Traceback" in line or "never awaited" in line], raw
+
+
+def test_a_reused_log_folder_does_not_lend_an_older_runs_reason(tmp_path):
+    """Logs are appended to: with --log-dir reused, a service that dies without a word (a signal, a
+    crash) must not be given the error an earlier run of it printed."""
+    log = tmp_path / "scheduler.log"
+    log.write_text("splitserve: error: the reason an earlier run exited\n")
+    start = log_size(log)
+    with open(log, "ab") as out:
+        suicide = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+        process = subprocess.Popen([sys.executable, "-c", suicide], stdout=out, stderr=subprocess.STDOUT)
+    process.wait(30)
+    said = startup_failure(Supervised("scheduler", lambda: process, log, process, log_start=start))
+    assert said == f"was killed by SIGKILL during start-up; see {log}"
+    with open(log, "a") as out:  # what this run printed is quoted
+        out.write("splitserve: error: this run's reason\n")
+    said = startup_failure(Supervised("scheduler", lambda: process, log, process, log_start=start))
+    assert said == f"was killed by SIGKILL during start-up: this run's reason (log: {log})"

@@ -115,17 +115,20 @@ class GatewayServer:
             raise OSError(f"cannot reach Redis at {redacted(self.config.redis_url)}: {exc}") from None
         await self.router.open()  # before any request can be enqueued
         await self._set_health(False)
+        ssl_context, credentials = edge_tls(self.config)
+        grpc_port = bind(self.grpc_server, self.config.host, self.config.grpc_port, credentials)
         self.tasks = [asyncio.create_task(self.router.run(), name="reply-router"),
                       asyncio.create_task(self.frontend.services.cluster.run(), name="cluster-poller")]
         try:
-            ssl_context, credentials = edge_tls(self.config)
-            grpc_port = bind(self.grpc_server, self.config.host, self.config.grpc_port, credentials)
             await self.grpc_server.start()
             await self.runner.setup()
             site = web.TCPSite(self.runner, self.config.host, self.config.http_port, ssl_context=ssl_context)
             await site.start()
-        except BaseException:  # a port taken, a bad certificate: stop what started before saying why
-            await self._abandon_start()
+        except BaseException:  # the HTTP port taken, say: stop what started, then say why
+            try:
+                await self._abandon_start()
+            except Exception as exc:  # the start's own error is the one to tell
+                log.warning("stopping a failed start failed", error=repr(exc))
             raise
         scheme = "https" if ssl_context else "http"
         log.info("gateway started", http=f"{scheme}://{self.config.host}:{self.runner.addresses[0][1]}",
@@ -137,9 +140,13 @@ class GatewayServer:
         event loop had closed (a traceback and an un-awaited coroutine under the real error)."""
         for task in self.tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.grpc_server.stop(None)
-        await self.runner.cleanup()
+        try:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        finally:
+            try:
+                await self.grpc_server.stop(None)
+            finally:
+                await self.runner.cleanup()
 
     async def shutdown(self) -> None:
         """Drain first (new requests 503, in-flight ones finish or are aborted and cancelled

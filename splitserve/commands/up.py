@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import NoReturn
 
 from splitserve.bench.loadgen.config import add_length_args
-from splitserve.cli import ERROR_PREFIX
 from splitserve.common.auth import (
     API_KEY_ENV,
     API_KEY_FILE_ENV,
@@ -57,8 +56,9 @@ from splitserve.common.auth import (
 )
 from splitserve.common.certs import load_cluster_tls, write_cluster_certs
 from splitserve.common.engine_args import add_engine_args, format_cpus, positive_float, positive_int
+from splitserve.common.logging import ERROR_PREFIX
 from splitserve.common.net import free_port
-from splitserve.common.proc import RestartPolicy, Supervised, exit_reason, owned
+from splitserve.common.proc import RestartPolicy, Supervised, exit_reason, log_size, owned
 from splitserve.common.tracing import add_tracing_args
 from splitserve.queue.redis_server import LocalRedis
 
@@ -441,7 +441,8 @@ class Cluster:
                 return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                         env=self.service_env(name))
 
-        self.services.append(Supervised(name, launch, log, launch()))
+        start = log_size(log)  # before the child writes to it
+        self.services.append(Supervised(name, launch, log, launch(), log_start=start))
 
     def _start_redis(self) -> None:
         # Append-only: a restarted Redis replays the stream, so requests queued in it are not lost.
@@ -518,6 +519,7 @@ def _served_model(config: ClusterConfig) -> str:
 
 
 LOG_TAIL_BYTES = 64 * 1024
+MAX_REASON_CHARS = 600
 
 
 def startup_failure(service: Supervised) -> str:
@@ -525,14 +527,14 @@ def startup_failure(service: Supervised) -> str:
     open its log: 'exited with code 1 during start-up: <its error> (log: <path>)'."""
     how = f"{exit_reason(service.process.returncode)} during start-up"
     try:
-        with open(service.log, "rb") as log:
-            log.seek(max(0, log.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+        with open(service.log, "rb") as log:  # what this run wrote: a reused --log-dir holds older runs'
+            log.seek(max(service.log_start, log.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
             tail = log.read().decode(errors="replace").splitlines()
     except OSError:
         tail = []
     errors = [line[len(ERROR_PREFIX):].strip() for line in tail if line.startswith(ERROR_PREFIX)]
     if errors:
-        why = errors[-1] if len(errors[-1]) <= 600 else errors[-1][:600] + " ..."
+        why = errors[-1] if len(errors[-1]) <= MAX_REASON_CHARS else errors[-1][:MAX_REASON_CHARS] + " ..."
         return f"{how}: {why} (log: {service.log})"
     return f"{how}; see {service.log}"
 

@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+ERROR_PREFIX = "splitserve: error: "  # a command's last line when it exits on an error (`up` quotes it)
+
 
 def configure_logging(level: str = "info", json_logs: bool | None = None) -> None:
     """Configure structlog once per process. Bind request ids with structlog.contextvars."""

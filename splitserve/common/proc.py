@@ -73,6 +73,7 @@ class Supervised:
     launch: Callable[[], subprocess.Popen]  # the same process again: same argv, so same name, cores, ports
     log: Path  # where to look when it exits
     process: subprocess.Popen
+    log_start: int = 0  # the log's size when this process started: what follows is its own
     started_at: float = field(default_factory=time.monotonic)
     crashes_in_a_row: int = 0
     restart_at: float | None = None  # time.monotonic() of the restart, while it waits out its backoff
@@ -87,6 +88,7 @@ class Supervised:
         if self.restart_at is None and self.exited:
             return self._schedule_restart(policy, now)
         if self.restart_at is not None and now >= self.restart_at:
+            self.log_start = log_size(self.log)
             self.process, self.started_at, self.restart_at = self.launch(), now, None
             return f"{self.name} restarted (pid {self.process.pid})"
         return None
@@ -99,6 +101,14 @@ class Supervised:
         self.restart_at = now + delay_s
         return (f"{self.name} {exit_reason(self.process.returncode)}; restarting in {delay_s:g} s "
                 f"(crash {self.crashes_in_a_row} in a row); see {self.log}")
+
+
+def log_size(path: Path) -> int:
+    """Bytes in the log at path so far (0 when there is none yet)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def exit_reason(returncode: int) -> str:

@@ -44,15 +44,12 @@ def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.Server
     """Bind host:port (port 0 picks a free one) with credentials (TLS; None: plaintext, said
     explicitly so that no internal server is plaintext by accident); returns the port bound."""
     address = f"{host}:{port}"
-    try:  # grpc returned 0 where it could not bind; now it raises RuntimeError (a traceback, no reason)
-        bound = (server.add_insecure_port(address) if credentials is None
-                 else server.add_secure_port(address, credentials))
-    except RuntimeError:
-        bound = 0
-    if bound == 0:
-        raise OSError(f"cannot bind the gRPC server to {address}: the port is in use or the address is not "
-                      f"this machine's")
-    return bound
+    try:  # grpc raises RuntimeError ("set GRPC_VERBOSITY=debug"): a traceback with no reason, uncaught
+        return (server.add_insecure_port(address) if credentials is None
+                else server.add_secure_port(address, credentials))
+    except RuntimeError as exc:
+        raise OSError(f"cannot bind the gRPC server to {address}: the port is in use or privileged, or the "
+                      f"address is not this machine's") from exc
 
 
 def open_channel(address: str, auth: ClusterAuth, server_role: str) -> grpc.aio.Channel:
