@@ -20,6 +20,7 @@ from types import ModuleType
 import structlog
 
 from splitserve.common.cpuinfo import cpuinfo_field
+from splitserve.engine.model_source import cache_lock, cache_root
 
 log = structlog.get_logger(__name__)
 
@@ -72,8 +73,6 @@ def kernels_build_dir(torch_module: ModuleType, source: Path = SOURCE) -> Path:
     another torch for stale, so two environments with the same torch version (a development venv and a
     CI clone's), or two checkouts sharing one venv, each get their own: when they shared one, each
     rebuilt the other's build, ~35-45 s at its next start."""
-    from splitserve.engine.loader import cache_root
-
     torch_dir = str(Path(torch_module.__file__).resolve().parent)
     key = [source.read_bytes(), str(source.resolve()).encode(), " ".join(CFLAGS).encode(), torch_dir.encode()]
     digest = hashlib.sha256(b"\0".join(key)).hexdigest()[:12]
@@ -93,8 +92,6 @@ def _build_lock(build_dir: Path) -> Iterator[None]:
     build_dir, which goes with its holder: whoever holds it knows a torch lock file there is stale.
     On a file system without locks, only one older than STALE_LOCK_S is taken for stale.
     """
-    from splitserve.engine.model_source import cache_lock
-
     with cache_lock(build_dir.name, "another process building the cpu kernels") as held:
         stale = build_dir / "lock"
         try:
