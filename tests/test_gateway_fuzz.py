@@ -79,9 +79,20 @@ SAMPLING_FIELDS = {
 }
 
 
-def bodies(prompt_field: str, prompt_values) -> st.SearchStrategy[dict]:
+tool_functions = st.fixed_dictionaries({"name": st.sampled_from(["f", "g", "bad name"]) | json_values},
+                                       optional={"parameters": json_values, "description": json_values})
+CHAT_FIELDS = {
+    "tools": st.lists(st.fixed_dictionaries({"type": st.just("function") | json_values,
+                                             "function": tool_functions | json_values}), max_size=3),
+    "tool_choice": st.sampled_from(["none", "auto", "required", "f"])
+    | st.fixed_dictionaries({"type": st.just("function") | json_values,
+                             "function": st.fixed_dictionaries({"name": st.just("f") | json_values}) | json_values}),
+}
+
+
+def bodies(prompt_field: str, prompt_values, fields: dict | None = None) -> st.SearchStrategy[dict]:
     """OpenAI bodies: plausible values for the known fields, or any JSON at all in their place."""
-    optional = {name: values | json_values for name, values in SAMPLING_FIELDS.items()}
+    optional = {name: values | json_values for name, values in {**SAMPLING_FIELDS, **(fields or {})}.items()}
     return st.fixed_dictionaries({prompt_field: prompt_values | json_values}, optional=optional).map(
         _no_fake_seed)
 
@@ -111,7 +122,7 @@ def test_fuzzed_completion_bodies_get_200_or_4xx(gateway, body):
 
 @pytest.mark.timeout(120)
 @FUZZ
-@given(body=bodies("messages", messages))
+@given(body=bodies("messages", messages, CHAT_FIELDS))
 def test_fuzzed_chat_bodies_get_200_or_4xx(gateway, body):
     _assert_ok_or_client_error(gateway.post("/v1/chat/completions", body), body)
 

@@ -33,7 +33,11 @@ def test_tools_and_tool_choice_are_checked():
     for tools, choice in [([WEATHER], {"type": "function", "function": {"name": "nope"}}), ([], "required"),
                           ([WEATHER, WEATHER], None), ([{"type": "function", "function": {"name": "bad name"}}], None),
                           ([{"type": "retrieval"}], None), ("x", None), ([WEATHER], "sometimes"),
-                          ([WEATHER] * 129, None)]:
+                          ([WEATHER] * 129, None), ([WEATHER], ["auto"]), ([WEATHER], {"type": "function"}),
+                          # a function that is not an object (a 500 before: .get on a string)
+                          ([WEATHER], {"type": "function", "function": "get_weather"}),
+                          ([WEATHER], {"type": "function", "function": None}),
+                          ([WEATHER], {"type": "function", "function": ["get_weather"]})]:
         with pytest.raises(ApiError):
             parse_tools(tools, choice)
     with pytest.raises(ApiError):

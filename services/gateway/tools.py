@@ -72,7 +72,8 @@ def parse_tools(tools: list[Any], choice: Any) -> tuple[tuple[Tool, ...], ToolCh
         if choice != "none" and not parsed:
             raise invalid(f"tool_choice '{choice}' needs tools", "tool_choice")
         return parsed, ToolChoice(choice)
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(name, str)):
         raise invalid("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
                       "{'name': ...}}", "tool_choice")
