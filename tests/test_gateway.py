@@ -433,6 +433,24 @@ def test_stop_strings_truncate_the_text_and_cancel_upstream(gateway):
     wait_until(lambda: chunks[0].id in gateway.fake.cancels, 5, "cancel of the stopped stream")
 
 
+@pytest.mark.timeout(30)
+def test_stop_strings_end_the_output_only_after_min_tokens(gateway):
+    """vLLM's rule: the first min_tokens tokens are never searched for stop strings; a stop string
+    that ends after them counts even where it begins among them."""
+    resp = gateway.client.completions.create(model=MODEL, prompt="Hi", max_tokens=10, stop=[" two", " six"],
+                                             extra_body={"min_tokens": 5})
+    assert resp.choices[0].text == " one two three four five" and resp.choices[0].finish_reason == "stop"
+    assert resp.usage.completion_tokens == 6
+    for stream in (False, True):
+        reply = gateway.client.completions.create(model=MODEL, prompt="Hi", max_tokens=10, stop=["four five"],
+                                                  stream=stream, extra_body={"min_tokens": 4})
+        chunks = reply if stream else [reply]
+        assert "".join(c.choices[0].text for c in chunks) == " one two three "
+    unreached = gateway.client.completions.create(model=MODEL, prompt="Hi", max_tokens=6, stop=[" two"],
+                                                  extra_body={"min_tokens": 6})
+    assert unreached.choices[0].text == gateway.text(6) and unreached.choices[0].finish_reason == "length"
+
+
 def fake_logprobs(gateway, num_tokens: int, top: int) -> list[tuple[str, float, dict[str, float]]]:
     """(token text, logprob, top text -> logprob) per position, as the fake sends them."""
     ids, text = gateway.output_ids, gateway.tokenizer.decode

@@ -233,8 +233,8 @@ class Generation:
                 raise ApiError(ErrorKind.UNAVAILABLE, "the gateway is shutting down")
             self.processor = OutputProcessor(
                 frontend.model.tokenizer, self.request.sampling.stop, len(queued.prompt_token_ids),
-                self.request.sampling.logprobs, self.request.sampling.top_logprobs,
-                prompt=_prompt_wanted(self.request, queued))
+                self.request.sampling.min_tokens, self.request.sampling.logprobs,
+                self.request.sampling.top_logprobs, prompt=_prompt_wanted(self.request, queued))
             self._queue = frontend.services.router.register(self.request_id)
             await self._enqueue(queued)
         except BaseException as exc:

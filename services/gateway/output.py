@@ -21,17 +21,21 @@ class StopMatcher:
     """Finds the first occurrence of any stop string in streamed text.
 
     Holds back the longest tail that could still grow into a stop string, so text the client has
-    seen never contains the start of a stop string that later completes.
+    seen never contains the start of a stop string that later completes. Text fed unchecked (the
+    output before min_tokens, as vLLM) is never searched; a stop string only ends the output where
+    it ends in checked text, though it may begin before it.
     """
 
     def __init__(self, stop: tuple[str, ...]) -> None:
         self.stop = stop
         self._held = ""
 
-    def feed(self, delta: str) -> tuple[str, bool]:
+    def feed(self, delta: str, check: bool = True) -> tuple[str, bool]:
         """(text safe to emit, whether a stop string was hit); on a hit the text ends before it."""
         text = self._held + delta
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        checked_from = len(text) - len(delta) if check else len(text)
+        hits = [i for i in (text.find(s, max(checked_from - len(s) + 1, 0)) for s in self.stop)
+                if i >= 0]
         if hits:
             self._held = ""
             return text[: min(hits)], True
@@ -76,6 +80,7 @@ class OutputProcessor:
     tokenizer: object
     stop: tuple[str, ...]
     num_prompt_tokens: int
+    min_tokens: int = 0  # stop strings end the output only after this many tokens (vLLM's rule)
     logprobs: bool = False  # the request asked for each token's log probability ...
     top_logprobs: int = 0  # ... and at most this many most likely tokens' at each position
     prompt: PromptWanted | None = None
@@ -199,7 +204,8 @@ class OutputProcessor:
         for token_id in new_ids:
             accepted.append(token_id)
             self.token_ids.append(token_id)
-            emitted, stopped = self._stop.feed(self._detokenizer.add(token_id))
+            checked = len(self.token_ids) > self.min_tokens
+            emitted, stopped = self._stop.feed(self._detokenizer.add(token_id), checked)
             text += emitted
             if stopped:
                 self.finish = Finish.STOP
