@@ -163,6 +163,71 @@ def test_a_reply_stream_starts_after_a_previous_process_s_entries_expires_and_is
     assert any("reply stream is gone" in e["event"] for e in logs)
 
 
+def test_a_reply_stream_refused_a_renewal_is_renewed_once_redis_takes_writes_and_given_up_on_after_its_bound(
+        monkeypatch):
+    """Redis answering the keeper's EXPIRE with an error (here NOREPLICAS) must not end the keeping
+    for good (before, the keeper died at the first one and the stream expired under a gateway that
+    looked ready); past REPLY_RENEW_LIMIT_S without renewal the keeper raises, for its owner."""
+    monkeypatch.setattr(streams, "REPLY_KEEP_S", 0.05)
+    monkeypatch.setattr(streams, "REPLY_RENEW_LIMIT_S", 1.0)
+
+    async def scenario(url: str):
+        client = connect(url)
+        reader = ReplyReader(client, "replies:gw", TextCodec())
+        await reader.open()
+        await client.expire("replies:gw", 50)
+        await client.config_set("min-replicas-to-write", 1)  # every write refused: NOREPLICAS
+        keeper = asyncio.create_task(reader.keep_forever())
+        await asyncio.sleep(0.5)
+        refused = keeper.done(), await client.ttl("replies:gw")
+        await client.config_set("min-replicas-to-write", 0)
+        deadline = time.monotonic() + 5
+        while await client.ttl("replies:gw") <= 50 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        renewed = await client.ttl("replies:gw")
+        await client.config_set("min-replicas-to-write", 1)
+        started = time.monotonic()
+        error = await asyncio.wait_for(asyncio.gather(keeper, return_exceptions=True), 10)
+        waited = time.monotonic() - started
+        await client.config_set("min-replicas-to-write", 0)
+        await client.aclose()
+        return refused, renewed, error[0], waited
+
+    with LocalRedis() as redis, capture_logs() as logs:
+        (done, ttl), renewed, error, waited = asyncio.run(scenario(redis.url))
+    assert not done and ttl <= 50  # refused, not renewed, still keeping
+    assert renewed > 50  # renewed once Redis took writes again
+    assert isinstance(error, redis_exceptions.ResponseError) and "NOREPLICAS" in str(error)
+    assert 0.9 <= waited < 5
+    events = [e["event"] for e in logs]
+    assert "the reply stream was not renewed; trying again" in events
+    assert events[-1] == "the reply stream could not be renewed; giving up"
+
+
+def test_the_reply_router_ends_with_its_keeper_s_error(monkeypatch):
+    """A keeper that gave up ends the gateway's router (and so the gateway, exit 1, which `up`
+    restarts) instead of dying alone while the router reads a stream about to expire."""
+    from splitserve.services.gateway.router import ReplyRouter
+
+    monkeypatch.setattr(streams, "REPLY_KEEP_S", 0.05)
+    monkeypatch.setattr(streams, "REPLY_RENEW_LIMIT_S", 0.3)
+
+    async def scenario(url: str):
+        client = connect(url)
+        router = ReplyRouter(client, "replies:gw")
+        await router.open()
+        await client.config_set("min-replicas-to-write", 1)
+        try:
+            return (await asyncio.wait_for(asyncio.gather(router.run(), return_exceptions=True), 10))[0]
+        finally:
+            await client.config_set("min-replicas-to-write", 0)
+            await client.aclose()
+
+    with LocalRedis() as redis:
+        error = asyncio.run(scenario(redis.url))
+    assert isinstance(error, redis_exceptions.ResponseError) and "NOREPLICAS" in str(error)
+
+
 def test_a_batch_of_replies_is_one_entry_per_stream_read_in_order_and_a_malformed_one_is_dropped():
     async def scenario(url: str):
         client = connect(url)

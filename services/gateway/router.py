@@ -48,14 +48,24 @@ class ReplyRouter:
 
     async def run(self) -> None:
         """Route events until cancelled (call open() first), keeping the stream alive meanwhile;
-        the stream is deleted at the end."""
+        the stream is deleted at the end. Either side's failure ends it with that error: a stream
+        left to expire would lose every reply while the gateway looked ready."""
         keeper = asyncio.create_task(self._reader.keep_forever(), name="reply-stream-keeper")
+        reader = asyncio.create_task(self._read(), name="reply-stream-reader")
         try:
-            async for event in self._reader:
-                self._route(event)
+            done, _ = await asyncio.wait((keeper, reader), return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            raise RuntimeError("the reply stream's reader or keeper ended")  # both run forever
         finally:
-            keeper.cancel()
+            for task in (keeper, reader):
+                task.cancel()
+            await asyncio.gather(keeper, reader, return_exceptions=True)
             await asyncio.shield(self._close())
+
+    async def _read(self) -> None:
+        async for event in self._reader:
+            self._route(event)
 
     async def _close(self) -> None:
         try:

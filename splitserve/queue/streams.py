@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -33,6 +34,7 @@ import structlog
 from google.protobuf.message import DecodeError, Message
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from splitserve.common.auth import RedisCredentials
@@ -64,6 +66,9 @@ CONNECT_TIMEOUT_S = 2.0
 REPLY_MAXLEN = 100_000
 REPLY_TTL_S = 300  # a reply stream whose gateway stopped renewing it (died) expires this long after
 REPLY_KEEP_S = 10.0
+# A reply stream Redis refused to renew (a write refused: NOREPLICAS, MISCONF, OOM) for this long
+# ends its reader with the error rather than let the stream expire under a reader that looks well.
+REPLY_RENEW_LIMIT_S = REPLY_TTL_S / 2
 CANCEL_MAXLEN = 100_000  # cancels not yet read by a scheduler, at most (about)
 
 
@@ -373,10 +378,25 @@ class ReplyReader(Generic[T]):
 
     async def keep_forever(self) -> None:
         """Every REPLY_KEEP_S: renew the expiry, trim the entries read, and create the stream again if
-        Redis lost it (its data gone): replies appended meanwhile are lost, which readers see as a gap."""
+        Redis lost it (its data gone): replies appended meanwhile are lost, which readers see as a gap.
+
+        Redis unreachable is waited out (`link.call`); an error it answers is logged and tried again
+        at the next tick, and raised once the stream has gone REPLY_RENEW_LIMIT_S without renewal."""
+        renewed = time.monotonic()
         while True:
             await asyncio.sleep(REPLY_KEEP_S)
-            await self.link.call(self._keep)
+            try:
+                await self.link.call(self._keep)
+            except RedisError as exc:
+                unrenewed_s = time.monotonic() - renewed
+                if unrenewed_s >= REPLY_RENEW_LIMIT_S:
+                    log.error("the reply stream could not be renewed; giving up", stream=self.key,
+                              unrenewed_s=round(unrenewed_s, 1), error=str(exc))
+                    raise
+                log.error("the reply stream was not renewed; trying again", stream=self.key,
+                          unrenewed_s=round(unrenewed_s, 1), error=str(exc))
+                continue
+            renewed = time.monotonic()
 
     async def _keep(self) -> None:
         async with self.client.pipeline(transaction=False) as pipe:
