@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from splitserve.common.logging import describe
 from splitserve.queue.streams import ProtoCodec, RedisClient, ReplyReader
 from splitserve.v1 import common_pb2 as pb
 
@@ -71,7 +72,7 @@ class ReplyRouter:
         try:
             await self._reader.close()
         except Exception as exc:  # Redis gone: the stream expires by itself
-            log.warning("reply stream not deleted", stream=self.stream, error=repr(exc))
+            log.warning("reply stream not deleted", stream=self.stream, error=describe(exc))
 
     def register(self, request_id: str) -> asyncio.Queue[Reply]:
         if request_id in self._queues:

@@ -14,6 +14,7 @@ import uuid
 
 import structlog
 
+from splitserve.common.logging import describe
 from splitserve.queue.reconnect import RETRYABLE
 
 log = structlog.get_logger(__name__)
@@ -67,7 +68,7 @@ class Lease:
                 self.lease_s / 3)
             return int(epoch)
         except (*RETRYABLE, TimeoutError) as exc:
-            log.warning("leader lease not renewed: redis unreachable", error=repr(exc))
+            log.warning("leader lease not renewed: redis unreachable", error=describe(exc))
             return None
 
     async def release(self) -> None:
@@ -75,4 +76,4 @@ class Lease:
         try:
             await asyncio.wait_for(self._release(keys=[LEADER_KEY], args=[self.holder]), 2.0)
         except (*RETRYABLE, TimeoutError) as exc:
-            log.warning("leader lease not released; it runs out by itself", error=repr(exc))
+            log.warning("leader lease not released; it runs out by itself", error=describe(exc))

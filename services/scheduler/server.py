@@ -31,6 +31,7 @@ import grpc
 import structlog
 
 from splitserve.common.auth import EPOCH_METADATA_KEY
+from splitserve.common.logging import describe
 from splitserve.common.rpc import ChannelCache
 from splitserve.common.service import Background, Progress
 from splitserve.common.tracing import NO_TRACER, Span, Tracer
@@ -147,8 +148,11 @@ class SchedulerServer:
     async def lead_forever(self) -> None:
         """Take the leader lease when it is free and keep renewing it; raises Deposed when another
         scheduler turns out to hold it. Through a Redis outage the leader keeps leading (its state
-        stays); should another have led meanwhile, the epochs tell, and it exits then."""
+        stays); should another have led meanwhile, the epochs tell, and it exits then. A take-over
+        that fails raises its error here: holding the lease without leading would stall the cluster,
+        where this scheduler's exit lets a standby (or its restart) take the lease."""
         lease_s = self.config.leader_lease_s
+        taking_over: asyncio.Task | None = None
         while True:
             epoch = await self.lease.try_lead()
             if epoch == 0 and self.epoch:
@@ -156,7 +160,7 @@ class SchedulerServer:
                 raise Deposed(self.deposed_reason)
             if epoch and not self.epoch:
                 self.epoch = epoch
-                self.background.spawn(self._take_over())  # the lease is renewed meanwhile
+                taking_over = asyncio.create_task(self._take_over(), name="take-over")  # renewed meanwhile
             elif epoch and epoch != self.epoch:
                 if epoch != self.epoch + 1:
                     self.deposed_reason = f"other schedulers led meanwhile (epoch {self.epoch}, now {epoch})"
@@ -164,6 +168,9 @@ class SchedulerServer:
                 log.warning("the leader lease ran out (redis unreachable?) and was taken again",
                             epoch=epoch, previous=self.epoch)
                 self.epoch = epoch
+            if taking_over is not None and taking_over.done():
+                taking_over, done = None, taking_over
+                done.result()
             await asyncio.sleep(lease_s / 3 if self.epoch else lease_s / 6)  # a timer, not a poll
 
     async def watch_deposed(self) -> None:
@@ -546,7 +553,7 @@ class SchedulerServer:
         try:
             await asyncio.shield(self.background.spawn(self.stream.ack(tracked.entry_id)))
         except Exception as exc:  # Redis gone for longer than acks wait: it may run again later
-            log.error("request not acknowledged in the stream", request_id=request_id, error=repr(exc))
+            log.error("request not acknowledged in the stream", request_id=request_id, error=describe(exc))
         log.info("request done", request_id=request_id, finish_reason=pb.FinishReason.Name(reason))
 
     async def fail(self, request_id: str, error: str) -> None:
@@ -562,7 +569,7 @@ class SchedulerServer:
         try:
             await self.replies.publish(tracked.request.reply_stream, event)
         except Exception as exc:  # Redis gone too long: the client's gateway times it out instead
-            log.error("could not tell the client its request failed", request_id=request_id, error=repr(exc))
+            log.error("could not tell the client its request failed", request_id=request_id, error=describe(exc))
         await self.finish(request_id, pb.FINISH_REASON_ERROR)
 
     async def cancels_forever(self) -> None:

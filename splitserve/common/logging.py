@@ -37,3 +37,10 @@ def bind_request(request_id: str) -> None:
 def bind_service(name: str, instance_id: str | None = None) -> None:
     """Tag every log line of this process with the service (and instance) it belongs to."""
     structlog.contextvars.bind_contextvars(service=name, **({"instance_id": instance_id} if instance_id else {}))
+
+
+def describe(error: BaseException) -> str:
+    """An exception for a log line: its type and message. Not repr(): redis-py's errors repr as
+    "server:ResponseError", without the message that says what Redis refused."""
+    message = str(error)
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__

@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 
 import structlog
 
+from splitserve.common.logging import describe
+
 log = structlog.get_logger(__name__)
 
 
@@ -32,7 +34,7 @@ class Background:
     def _done(self, task: asyncio.Future) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", error=repr(task.exception()))
+            log.error("background task failed", error=describe(task.exception()))
 
     async def wait(self) -> None:
         """Until every task spawned so far, and any they spawn meanwhile, has ended."""
@@ -76,14 +78,16 @@ async def run_until_signal(tasks: list[Awaitable], shutdown: Callable[[], Awaita
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    running = [asyncio.ensure_future(t) for t in tasks]
+    # A coroutine's task is named after it ("SchedulerServer.lead_forever"), for the fatal line.
+    running = [asyncio.create_task(t, name=t.__qualname__) if asyncio.iscoroutine(t)
+               else asyncio.ensure_future(t) for t in tasks]
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*running, stopper, *([failed] if failed else [])],
                                  return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()
     code = 0 if stop.is_set() else 1
     for task in done - {stopper}:
-        error = "cancelled" if task.cancelled() else repr(task.exception())
+        error = "cancelled" if task.cancelled() else describe(task.exception())
         log.error("fatal: a background task ended", task=_name(task), error=error)
         code = 1
     log.info("shutting down", exit_code=code)
