@@ -62,11 +62,19 @@ def test_blocks_travel_as_raw_bytes(model_fp32, prompts):
     assert exported_again.equal(blocks)
 
 
-def test_reserve_refuses_when_the_decode_cache_is_full(model_fp32, prompts):
-    small = engine(model_fp32, EngineRole.DECODE, kv_bytes=4 * 368_640 * 2)  # 8 blocks of fp32
+def test_reserve_refuses_when_the_decode_cache_is_full_and_fails_what_never_fits(model_fp32, prompts):
+    """Full now is OutOfBlocks (the decode server retries when blocks free); more than the whole
+    cache is ValueError (the request fails). Before, both were OutOfBlocks: a request that could
+    never fit waited at the head of the decode server's queue, and every request behind it, for good."""
+    small = engine(model_fp32, EngineRole.DECODE, kv_bytes=4 * 368_640 * 2)  # 4 blocks of fp32
+    small.blocks.allocate("someone-else", 40)  # 3 of them
     with pytest.raises(OutOfBlocks):
-        small.reserve("r", prompts[2], [1], PARAMS)
+        small.reserve("r", prompts[0], [1], PARAMS)  # 23 + 1 tokens now: 2 blocks
+    with pytest.raises(ValueError, match="whole cache holds 4"):
+        small.reserve("r", prompts[2], [1], PARAMS)  # 400 + 20 tokens: 27 blocks
     assert small.sequences == {}
+    small.blocks.free("someone-else")
+    small.reserve("r", prompts[0], [1], PARAMS)
 
 
 def test_import_rejects_a_foreign_layout(model_fp32, prompts):

@@ -135,6 +135,7 @@ class LLMEngine:
             raise ValueError("a decode engine takes requests through reserve() and import_kv()")
         if cache_salt is not None and len(cache_salt) > MAX_CACHE_SALT_CHARS:
             raise ValueError(f"cache_salt is longer than {MAX_CACHE_SALT_CHARS} characters")
+        self._validate(request_id, prompt_token_ids, [], params)
         seq = self._new_sequence(request_id, prompt_token_ids, [], params, matcher)
         seq.cache_salt = cache_salt
         seq.block_hashes = self._hashes(seq.prompt_token_ids, cache_salt)
@@ -149,9 +150,8 @@ class LLMEngine:
 
     def _new_sequence(self, request_id: str, prompt: list[int], output: list[int],
                       params: SamplingParams, matcher: Any = None) -> Sequence:
-        """matcher: params.grammar's, built by the caller off the engine thread (a large grammar
-        takes long to build) and fed output; None: built here."""
-        self._validate(request_id, prompt, output, params)
+        """A request _validate() passed. matcher: params.grammar's, built by the caller off the engine
+        thread (a large grammar takes long to build) and fed output; None: built here."""
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         seq = Sequence(request_id, list(prompt), params, output_token_ids=list(output), seed=seed)
         if params.grammar is not None:  # a decode server's matcher consumes what prefill sampled
@@ -557,6 +557,8 @@ class LLMEngine:
             raise ValueError("reserve() needs the token(s) sampled at prefill")
         if cache_salt is not None and len(cache_salt) > MAX_CACHE_SALT_CHARS:
             raise ValueError(f"cache_salt is longer than {MAX_CACHE_SALT_CHARS} characters")
+        # First: a request that can never fit is a ValueError (it fails), not OutOfBlocks (retried).
+        self._validate(request_id, prompt_token_ids, output_token_ids, params)
         if len(self.scheduler.running) + self._num_transferring >= self.config.max_num_seqs:
             raise OutOfBlocks(f"the decode batch is full ({self.config.max_num_seqs} sequences)")
         num_prompt = len(prompt_token_ids)
