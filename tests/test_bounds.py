@@ -420,6 +420,36 @@ def test_the_decode_server_refuses_submits_past_max_waiting_with_resource_exhaus
     assert list(server.waiting) == ["r0", "r1"] and set(server.requests) == {"r0", "r1"}
 
 
+def test_a_decode_request_resent_while_its_first_copy_is_refused_stays_queued() -> None:
+    """The scheduler drops a request and sends it again (behind another) while the decode server's
+    reserve() of the first copy runs and refuses it (ValueError). Before, the refusal failed the new
+    copy and left its id in the queue without a request: the next admission raised KeyError, which
+    ended the decode server."""
+    async def scenario():
+        server = _decode_server(max_waiting=4)
+        engine = SimpleNamespace(abort=lambda rid: None)
+        calls = []
+
+        async def call(fn):
+            calls.append(fn)
+            if len(calls) == 1:  # r0's reserve, on the engine thread
+                await server.drop("r0")
+                await server.submit(_decode_request("r0"))
+                raise ValueError("the request needs 99 KV blocks but the whole cache holds 8")
+            return fn(engine)
+
+        server.loop.call = call
+        for rid in ("r0", "r1"):
+            await server.submit(_decode_request(rid))
+        resent_before = server.requests["r0"]
+        admitted = await server._try_admit("r0")
+        return admitted, server, resent_before
+
+    admitted, server, first = asyncio.run(scenario())
+    assert admitted and list(server.waiting) == ["r1", "r0"]
+    assert server.requests["r0"] is not first and server.requests["r0"].submit.request.request_id == "r0"
+
+
 def test_the_decode_waiting_limit_defaults_to_four_batches() -> None:
     config = WorkerConfig(engine=SimpleNamespace(max_num_seqs=64), host="", port=0, scheduler="",
                           redis_url="", kv_transport="grpc", instance_id="d", heartbeat_interval_s=1.0)

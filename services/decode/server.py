@@ -172,9 +172,7 @@ class DecodeServer:
         try:
             matcher = admitted.matcher = admitted.matcher or await grammar_matcher(self.loop.engine, params, output)
         except ValueError as exc:  # the grammar refuses what prefill sampled
-            self._dequeue(rid)
-            self.background.spawn(self._fail(rid, str(exc)))
-            return True
+            return self._refuse(rid, admitted, str(exc))
         if self.requests.get(rid) is not admitted:  # dropped while its grammar was built
             return True
 
@@ -187,13 +185,20 @@ class DecodeServer:
         except OutOfBlocks:
             return False
         except ValueError as exc:
-            self._dequeue(rid)
-            self.background.spawn(self._fail(rid, str(exc)))
-            return True
+            return self._refuse(rid, admitted, str(exc))
         self._dequeue(rid)
         if self.requests.get(rid) is not admitted:  # cancelled while reserving: the free is queued
             return True
         self.background.spawn(self._pull(rid, admitted))
+        return True
+
+    def _refuse(self, rid: str, admitted: Admitted, error: str) -> bool:
+        """Fail the head request, unless it was dropped while it was checked: a copy the scheduler
+        sent again meanwhile waits in the queue on its own (failing it would leave its id queued
+        without a request, which admission cannot take)."""
+        if self.requests.get(rid) is admitted:
+            self._dequeue(rid)
+            self.background.spawn(self._fail(rid, error))
         return True
 
     def _dequeue(self, rid: str) -> None:
