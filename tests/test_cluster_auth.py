@@ -259,6 +259,14 @@ def test_a_worker_s_cache_listing_is_bounded_by_its_kv_cache(grpc_cluster):
                           metadata=grpc_cluster.metadata)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "prefix_cache_namespace" in refused.value.details()
+        info.CopyFrom(worker.worker)
+        info.instance_id = "prefill-layout-0"  # refused or not, never the real worker's entry
+        info.kv_layout.block_size = 0  # divided by in decode placement: the scheduler's dispatch loop died
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Register(scheduler_pb2.RegisterRequest(worker=info, stats=worker.stats), timeout=10,
+                          metadata=grpc_cluster.metadata)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "kv_layout" in refused.value.details()
 
 
 def test_under_mutual_tls_a_stranger_cannot_connect_even_with_the_token(grpc_cluster, tmp_path):

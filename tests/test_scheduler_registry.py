@@ -345,6 +345,39 @@ def test_a_kv_handle_must_name_its_prefill_servers_registered_addresses(grpc_add
         assert event.finish_reason == pb.FINISH_REASON_ERROR and "did not register" in event.error
 
 
+@pytest.mark.parametrize("change, why", [
+    ({"layout": pb.KvLayout(num_layers=2, num_kv_heads=1, head_dim=8, block_size=0, dtype="bfloat16")},
+     "layout and transport it registered"),  # a ZeroDivisionError in decode placement before
+    ({"transport": pb.KV_TRANSPORT_GRPC}, "layout and transport it registered"),  # no decode server took it
+    ({"num_tokens": 11}, "holds 11 tokens for a prompt of 10"),
+])
+def test_a_kv_handle_its_prefill_server_s_registration_contradicts_fails_the_request(change, why):
+    """The scheduler picks a decode server, and counts the blocks it will need, by the handle's
+    layout and size: a handle that is not what its prefill server registered, or not the size of the
+    prompt, fails the request with the reason instead of crashing the dispatch loop or waiting forever."""
+    import asyncio
+
+    from splitserve.services.scheduler.server import Stage, Tracked
+
+    async def scenario():
+        server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d", spb.WORKER_ROLE_DECODE))
+        submitted = []
+        server._submit_decode = lambda tracked, worker, submit, span: submitted.append(worker.instance_id) or asyncio.sleep(0)
+        request = pb.QueuedRequest(request_id="r1", prompt_token_ids=[1] * 10, reply_stream="c")
+        server.tracked["r1"] = Tracked(b"1-0", request, Stage.PREFILL, "p")
+        fields = dict(request_id="r1", layout=LAYOUT, transport=pb.KV_TRANSPORT_UCX, num_tokens=10,
+                      prefill_grpc_address="127.0.0.1:1", ucx_address="127.0.0.1:7000")
+        kv = pb.KvHandle(**{**fields, **change})
+        await server.prefill_done(spb.PrefillDoneRequest(request_id="r1", instance_id="p", kv=kv))
+        await asyncio.sleep(0)
+        return server, submitted
+
+    server, submitted = asyncio.run(scenario())
+    assert submitted == [] and "r1" not in server.tracked
+    (event,) = server.replies.published
+    assert event.finish_reason == pb.FINISH_REASON_ERROR and why in event.error
+
+
 # -- reconciliation: what heartbeats say a worker holds ---------------------------------------------
 
 

@@ -69,6 +69,16 @@ def handle_is_from(kv: pb.KvHandle, grpc_address: str) -> bool:
     return kv.transport != pb.KV_TRANSPORT_UCX or kv.ucx_address.rpartition(":")[0] == grpc_address.rpartition(":")[0]
 
 
+def handle_mismatch(kv: pb.KvHandle, worker: spb.WorkerInfo, num_prompt_tokens: int) -> str | None:
+    """What a prefill server's KV handle says that its registration and the request contradict
+    (None: nothing): a decode server is chosen, and its blocks counted, by the handle's layout."""
+    if kv.layout != worker.kv_layout or kv.transport != worker.kv_transport:
+        return "is not in the layout and transport it registered"
+    if kv.num_tokens != num_prompt_tokens:
+        return f"holds {kv.num_tokens} tokens for a prompt of {num_prompt_tokens}"
+    return None
+
+
 class Stage(enum.Enum):
     QUEUED = "queued"
     PREFILL = "prefill"
@@ -472,6 +482,13 @@ class SchedulerServer:
                       grpc=done.kv.prefill_grpc_address[:80], ucx=done.kv.ucx_address[:80])
             await self.fail(done.request_id, "its prefill server reported its KV cache at an address it did "
                                              "not register")
+            return
+        mismatch = None if worker.role == spb.WORKER_ROLE_COLOCATED else handle_mismatch(
+            done.kv, worker.info, tracked.num_prompt_tokens)
+        if mismatch is not None:
+            log.error("a KV handle its prefill server's registration contradicts", request_id=done.request_id,
+                      instance_id=done.instance_id, mismatch=mismatch)
+            await self.fail(done.request_id, f"its prefill server reported a KV handle that {mismatch}")
             return
         if worker.role == spb.WORKER_ROLE_COLOCATED:
             # It decodes there too: still its request (a drop requeues it), but no prompt left to run.

@@ -18,6 +18,7 @@ from .registry import ROLE_NAMES
 from .server import SchedulerServer
 
 MAX_NAMESPACE_CHARS = 1024  # a worker's prefix_cache_namespace: its model name, dtype and block size
+MAX_DTYPE_CHARS = 32  # a KV layout's dtype name ("bfloat16")
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -32,6 +33,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"prefix_cache_namespace is longer than {MAX_NAMESPACE_CHARS} characters")
         await _check_stats(request.stats, context)
+        await _check_layout(request.worker.kv_layout, context)
         tls = self.server.config.cluster_auth.tls is not None
         if tls and peer_role(context) != ROLE_NAMES.get(request.worker.role):
             # A prefill server's certificate cannot enrol a decode server (and be sent KV handles).
@@ -134,6 +136,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         await self._require_leader(context)
         self.server.hand_back(request)
         return spb.HandBackResponse()
+
+
+async def _check_layout(layout: pb.KvLayout, context) -> None:
+    """The KV layout decode servers are matched and their blocks counted by (a block size of 0
+    divided by zero in the scheduler's dispatch loop)."""
+    sizes = (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.block_size)
+    if min(sizes) < 1 or len(layout.dtype) > MAX_DTYPE_CHARS:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"kv_layout: layers, KV heads, head dim and block size must be >= 1 (got {sizes}) "
+                            f"and dtype at most {MAX_DTYPE_CHARS} characters")
 
 
 async def _check_stats(stats: pb.WorkerStats, context) -> None:
