@@ -2,6 +2,8 @@ import copy
 import random
 from types import SimpleNamespace
 
+import pytest
+
 from splitserve.common.detokenize import IncrementalDetokenizer, fast_backend
 
 
@@ -49,3 +51,40 @@ def test_a_tokenizer_that_cleans_up_spaces_or_decodes_its_own_way_keeps_transfor
     assert fast_backend(own) is None
     detokenizer = IncrementalDetokenizer(own)
     assert [detokenizer.add(t) for t in (504, 505)] == ["#", "#"]
+
+
+def _sentencepiece_tokenizer(decoder: str):
+    """A tokenizer that decodes as Llama 2's (SentencePiece's "▁" for a space, byte fallback, the
+    space at the start of a decode stripped) or as Mistral's Metaspace decoder: what the default
+    model's byte-level tokenizer cannot show."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁The": 3, "▁capital": 4, "▁is": 5, "▁Paris": 6, ".": 7}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.decoder = {
+        "llama2": decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)]),
+        "metaspace": decoders.Metaspace(replacement="▁", prepend_scheme="always")}[decoder]
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.parametrize("decoder", ["llama2", "metaspace"])
+def test_the_first_output_token_keeps_its_space_on_a_sentencepiece_tokenizer(decoder):
+    """"The capital is" -> "▁Paris" "." is " Paris." (as vLLM, whose window starts in the prompt);
+    before, the first token was decoded alone and lost its space: "Paris."."""
+    from splitserve.services.gateway.output import OutputProcessor
+    from splitserve.v1 import common_pb2 as pb
+
+    tok = _sentencepiece_tokenizer(decoder)
+    prompt, output = [1, 3, 4, 5], [6, 7]
+    assert tok.decode(prompt + output, skip_special_tokens=True) == "The capital is Paris."
+    for general in (False, True):  # the tokenizers fast path and transformers' decode
+        detok = IncrementalDetokenizer(_DecodeOnly(tok) if general else tok, prompt_token_ids=prompt)
+        assert [detok.add(t) for t in output] == [" Paris", "."] and detok.text == " Paris."
+    processor = OutputProcessor(tok, (), len(prompt), prompt_tail=tuple(prompt))
+    first = processor.process(pb.TokenEvent(request_id="r", index=0, token_ids=output[:1]))
+    last = processor.process(pb.TokenEvent(request_id="r", index=1, token_ids=output[1:],
+                                           finish_reason=pb.FINISH_REASON_LENGTH))
+    assert first.text + last.text == " Paris."

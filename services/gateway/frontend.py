@@ -16,6 +16,7 @@ from typing import Self
 import structlog
 from redis.exceptions import RedisError
 
+from splitserve.common.detokenize import PROMPT_CONTEXT_TOKENS
 from splitserve.common.tracing import NO_TRACER, Tracer
 from splitserve.engine.structured import Grammar
 from splitserve.queue.streams import CancelWriter, RequestStream
@@ -233,8 +234,9 @@ class Generation:
                 raise ApiError(ErrorKind.UNAVAILABLE, "the gateway is shutting down")
             self.processor = OutputProcessor(
                 frontend.model.tokenizer, self.request.sampling.stop, len(queued.prompt_token_ids),
-                self.request.sampling.min_tokens, self.request.sampling.logprobs,
-                self.request.sampling.top_logprobs, prompt=_prompt_wanted(self.request, queued))
+                min_tokens=self.request.sampling.min_tokens, logprobs=self.request.sampling.logprobs,
+                top_logprobs=self.request.sampling.top_logprobs, prompt=_prompt_wanted(self.request, queued),
+                prompt_tail=tuple(queued.prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]))
             self._queue = frontend.services.router.register(self.request_id)
             await self._enqueue(queued)
         except BaseException as exc:

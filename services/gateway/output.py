@@ -81,6 +81,7 @@ class OutputProcessor:
     stop: tuple[str, ...]
     num_prompt_tokens: int
     min_tokens: int = 0  # stop strings end the output only after this many tokens (vLLM's rule)
+    prompt_tail: tuple[int, ...] = ()  # the prompt's last token ids, which start the detokenizer's window
     logprobs: bool = False  # the request asked for each token's log probability ...
     top_logprobs: int = 0  # ... and at most this many most likely tokens' at each position
     prompt: PromptWanted | None = None
@@ -90,7 +91,7 @@ class OutputProcessor:
     upstream_finished: bool = False  # the cluster sent its last event (no cancel needed)
 
     def __post_init__(self) -> None:
-        self._detokenizer = IncrementalDetokenizer(self.tokenizer)
+        self._detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids=self.prompt_tail)
         self._stop = StopMatcher(self.stop)
         self._token_texts: dict[int, str] = {}
         self._logprob_offset = 0  # characters of the chosen tokens' texts so far (text_offset)

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     engine = LLMEngine(engine_config_from_args(args))
     prompt = prompt_token_ids(engine.tokenizer, args.prompt, args.raw)
-    detok = IncrementalDetokenizer(engine.tokenizer)
+    detok = IncrementalDetokenizer(engine.tokenizer, prompt_token_ids=prompt)
     start = time.perf_counter()
     seq = engine.add_request("generate-0", prompt, params)
     token_times = []

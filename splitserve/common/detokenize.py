@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+# The prompt's last tokens that start a detokenizer's window (vLLM's offset of 5, plus 1).
+PROMPT_CONTEXT_TOKENS = 6
+
 
 def fast_backend(tokenizer):
     """The `tokenizers` library's Tokenizer behind a fast transformers tokenizer, when its decode is
@@ -28,17 +33,23 @@ class IncrementalDetokenizer:
 
     Decodes a small window (prefix_offset..end) rather than the whole list each time, and compares it
     with the already-emitted part of the window, so tokenizers that drop a leading space when decoding
-    from the middle of a sequence still produce the right text (vLLM's approach).
+    from the middle of a sequence still produce the right text (vLLM's approach). The window starts
+    with the prompt's last tokens, as vLLM's does: a SentencePiece tokenizer (Llama 2, Mistral) drops
+    the space at the start of a decode, so the first output token, "▁Paris", would read "Paris".
     """
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer, skip_special_tokens: bool = True,
+                 prompt_token_ids: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._backend = fast_backend(tokenizer)
-        self.token_ids: list[int] = []
+        context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
+        if context and self._decode(context).endswith("\ufffd"):
+            context = []  # the prompt ends inside a character: its rest would come out of the output's text
+        self.token_ids: list[int] = context  # the context, then the output's
         self.text = ""
         self._prefix_offset = 0
-        self._read_offset = 0
+        self._read_offset = len(context)
 
     def _decode(self, ids: list[int]) -> str:
         if self._backend is not None:
