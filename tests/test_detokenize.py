@@ -88,3 +88,18 @@ def test_the_first_output_token_keeps_its_space_on_a_sentencepiece_tokenizer(dec
     last = processor.process(pb.TokenEvent(request_id="r", index=1, token_ids=output[1:],
                                            finish_reason=pb.FINISH_REASON_LENGTH))
     assert first.text + last.text == " Paris."
+
+
+def test_skip_special_tokens_false_keeps_them_in_the_text(model_fp32):
+    """vLLM's skip_special_tokens: false (as for a template's own markers) keeps special tokens."""
+    from splitserve.services.gateway.output import OutputProcessor
+    from splitserve.v1 import common_pb2 as pb
+
+    tok = model_fp32.tokenizer
+    ids = tok("Hi")["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    texts = {}
+    for skip in (True, False):
+        processor = OutputProcessor(tok, (), 1, skip_special_tokens=skip)
+        texts[skip] = processor.process(pb.TokenEvent(request_id="r", index=0, token_ids=ids,
+                                                      finish_reason=pb.FINISH_REASON_STOP)).text
+    assert texts == {True: "Hi", False: "Hi<|im_end|>"}

@@ -379,6 +379,69 @@ def test_chat_applies_the_template_and_defaults_to_the_rest_of_the_context(gatew
 
 
 @pytest.mark.timeout(30)
+def test_vllm_s_chat_template_controls_reach_the_prompt(gateway):
+    """add_generation_prompt, continue_final_message (the model continues an assistant turn's start),
+    chat_template_kwargs, a message's name, and text parts one per line: the prompt the cluster gets
+    is the template's with them (before, all but the parts were dropped silently, and parts were
+    joined without a newline)."""
+    def queued(body: dict) -> list[int]:
+        resp = gateway.post("/v1/chat/completions", {"model": MODEL, "max_tokens": 2, **body})
+        assert resp.status_code == 200, resp.text
+        request = next(r for r in gateway.fake.received if r.request_id == resp.json()["id"])
+        return list(request.prompt_token_ids)
+
+    def template(messages: list[dict], **kwargs) -> list[int]:
+        ids = gateway.tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    turn = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "It is"}]
+    continued = queued({"messages": turn, "add_generation_prompt": False, "continue_final_message": True})
+    assert continued == template(turn, continue_final_message=True)
+    assert gateway.tokenizer.decode(continued).endswith("<|im_start|>assistant\nIt is")
+    closed = queued({"messages": turn, "add_generation_prompt": False})
+    assert closed == template(turn) and closed != continued
+    parts = [{"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}]
+    assert queued({"messages": parts}) == template([{"role": "user", "content": "one\ntwo"}],
+                                                   add_generation_prompt=True)
+    # SmolLM2's template renders neither a name nor extra variables: they must still be accepted and
+    # reach the template, whose own rendering of them is then what the cluster gets.
+    named = [{"role": "user", "content": "Hi", "name": "ann"}]
+    assert queued({"messages": named, "chat_template_kwargs": {"enable_thinking": False}}) == template(
+        named, add_generation_prompt=True, enable_thinking=False)
+    tokenized = gateway.post("/tokenize", {"messages": turn, "add_generation_prompt": False,
+                                           "continue_final_message": True}).json()
+    assert tokenized["tokens"] == continued
+
+
+@pytest.mark.timeout(30)
+def test_include_stop_str_in_output_and_stop_reason(gateway):
+    """vLLM's include_stop_str_in_output keeps the stop string that ended the text; every choice
+    says which stop string or stop token id ended it in stop_reason (None for a length or EOS)."""
+    for stream in (False, True):
+        reply = gateway.client.completions.create(
+            model=MODEL, prompt="Hi", max_tokens=10, stop=["zzz", " four"], stream=stream,
+            extra_body={"include_stop_str_in_output": True})
+        chunks = list(reply) if stream else [reply]
+        assert "".join(c.choices[0].text for c in chunks) == " one two three four"
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        assert chunks[-1].choices[0].model_extra["stop_reason"] == " four"
+    plain = gateway.client.completions.create(model=MODEL, prompt="Hi", max_tokens=10, stop=[" four"])
+    assert plain.choices[0].text == " one two three"
+    assert plain.choices[0].model_extra["stop_reason"] == " four"
+    length = gateway.client.chat.completions.create(model=MODEL, max_tokens=2,
+                                                    messages=[{"role": "user", "content": "Hi"}])
+    assert length.choices[0].finish_reason == "length"
+    assert length.choices[0].model_extra["stop_reason"] is None
+    last = gateway.output_ids[-1]  # the fake ends every full output with "stop" at its last token
+    by_token = gateway.client.completions.create(model=MODEL, prompt="Hi", max_tokens=100,
+                                                 extra_body={"stop_token_ids": [last]})
+    assert by_token.choices[0].finish_reason == "stop"
+    assert by_token.choices[0].model_extra["stop_reason"] == last
+    eos = gateway.client.completions.create(model=MODEL, prompt="Hi", max_tokens=100)
+    assert eos.choices[0].finish_reason == "stop" and eos.choices[0].model_extra["stop_reason"] is None
+
+
+@pytest.mark.timeout(30)
 def test_streaming_completion_and_chat_with_include_usage(gateway):
     chunks = list(gateway.client.completions.create(model=MODEL, prompt="Hi", max_tokens=6, stream=True,
                                                     stream_options={"include_usage": True}))
@@ -633,6 +696,13 @@ def test_tools_reach_the_prompt_and_a_required_call_its_grammar(gateway):
     none = gateway.post("/v1/chat/completions", {**body, "tool_choice": "none"}).json()
     queued = next(r for r in gateway.fake.received if r.request_id == none["id"])
     assert "<tools>" not in gateway.tokenizer.decode(queued.prompt_token_ids)
+    # Streamed with tools, chunks carry their tokens' logprobs as without tools (before: always null).
+    chunks = list(gateway.client.chat.completions.create(
+        model=MODEL, messages=body["messages"], max_tokens=3, tools=[tool], stream=True, logprobs=True,
+        top_logprobs=1))
+    streamed = [t.token for c in chunks if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content]
+    assert streamed == [text for text, _, _ in fake_logprobs(gateway, 3, 1)]
 
 
 @pytest.mark.timeout(30)
@@ -686,6 +756,9 @@ BAD_COMPLETIONS = [
     {"prompt": "x", "guided_json": {"type": "object"}, "guided_regex": "a"},
     {"prompt": "x", "guided_regex": "a" * (64 << 10 + 1)},
     {"prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]},
+    {"prompt": "x", "use_beam_search": True}, {"prompt": "x", "allowed_token_ids": [1, 2]},
+    {"prompt": "x", "bad_words": ["x"]}, {"prompt": "x", "truncate_prompt_tokens": 4},
+    {"prompt": "x", "include_stop_str_in_output": "yes"}, {"prompt": "x", "skip_special_tokens": 1},
 ]
 BAD_CHATS = [
     {}, {"messages": []}, {"messages": [{"role": "user"}]}, {"messages": [{"role": 5, "content": "x"}]},
@@ -701,6 +774,14 @@ BAD_CHATS = [
     {"messages": [{"role": "user", "content": "x"}], "tool_choice": {"type": "function", "function": {"name": "f"}},
      "tools": [{"type": "function", "function": {"name": "g"}}]},
     {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "function": {"name": "f"}}]}]},
+    {"messages": [{"role": "user", "content": "x", "name": 5}]},
+    {"messages": [{"role": "user", "content": "x", "name": "n" * 257}]},
+    # continue_final_message with the generation prompt (the default)
+    {"messages": [{"role": "assistant", "content": "x"}], "continue_final_message": True},
+    {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"tokenize": False}},
+    {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"x": {"nested": 1}}},
+    {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {f"k{i}": 1 for i in range(17)}},
+    {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": "enable_thinking"},
 ]
 
 

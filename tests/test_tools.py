@@ -7,7 +7,7 @@ import json
 import pytest
 
 from splitserve.services.gateway.errors import ApiError
-from splitserve.services.gateway.schema import ChatMessage
+from splitserve.services.gateway.schema import ChatMessage, ChatPrompt
 from splitserve.services.gateway.tools import (
     CallStream,
     ToolCall,
@@ -100,7 +100,7 @@ def test_a_template_without_tools_gets_them_in_a_hermes_system_message(model_bf1
     assert "<tools>" in rendered[0]["content"] and '"get_weather"' in rendered[0]["content"]
     assert rendered[2]["content"] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
     assert rendered[3] == {"role": "tool", "content": "12 C, rain", "tool_call_id": "call_1"}
-    text = model_bf16.tokenizer.decode(served._apply_chat_template(rendered, native_tools))
+    text = model_bf16.tokenizer.decode(served.encode(ChatPrompt(messages, tools)))
     assert "<tools>" in text and "12 C, rain" in text
 
 

@@ -130,8 +130,7 @@ class Frontend:
         self.check_model(request.model)
         self.model.check_prompt_size(request.prompt, self.max_model_len)
         return await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_pool, self.model.encode, request.prompt, request.add_special_tokens,
-            request.add_generation_prompt)
+            self._tokenize_pool, self.model.encode, request.prompt, request.add_special_tokens)
 
     async def detokenize(self, model: str | None, token_ids: tuple[int, ...]) -> str:
         """vLLM's /detokenize: the text of at most max_model_len token ids, decoded on a thread."""
@@ -236,7 +235,10 @@ class Generation:
                 frontend.model.tokenizer, self.request.sampling.stop, len(queued.prompt_token_ids),
                 min_tokens=self.request.sampling.min_tokens, logprobs=self.request.sampling.logprobs,
                 top_logprobs=self.request.sampling.top_logprobs, prompt=_prompt_wanted(self.request, queued),
-                prompt_tail=tuple(queued.prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]))
+                prompt_tail=tuple(queued.prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]),
+                include_stop_str=self.request.sampling.include_stop_str_in_output,
+                skip_special_tokens=self.request.sampling.skip_special_tokens,
+                stop_token_ids=self.request.sampling.stop_token_ids)
             self._queue = frontend.services.router.register(self.request_id)
             await self._enqueue(queued)
         except BaseException as exc:

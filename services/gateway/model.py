@@ -64,8 +64,9 @@ class ServedModel:
             case ChatPrompt(messages, tools):
                 if len(messages) >= max_model_len:  # every message is at least one token
                     raise _too_long("messages", f"{len(messages)} messages", max_model_len)
-                if any(len(m.role) > MAX_NAME_CHARS for m in messages):
-                    raise invalid(f"a message role must be at most {MAX_NAME_CHARS} characters", "messages")
+                if any(len(m.role) > MAX_NAME_CHARS or len(m.name or "") > MAX_NAME_CHARS for m in messages):
+                    raise invalid(f"a message's role and name must be at most {MAX_NAME_CHARS} characters",
+                                  "messages")
                 num_chars = sum(map(len, _chat_strings(messages, tools)))
                 if num_chars > limit:
                     raise _too_long("messages", f"{num_chars} characters", max_model_len, limit)
@@ -90,14 +91,13 @@ class ServedModel:
                         and sum(map(len, _chat_strings(messages, tools))) <= INLINE_PROMPT_CHARS)
         return False
 
-    def encode(self, prompt: Prompt, add_special_tokens: bool = True,
-               add_generation_prompt: bool = True) -> list[int]:
+    def encode(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
         """Token ids of prompt (chat: through the chat template); ApiError when it cannot be."""
         match prompt:
             case TextPrompt(text):
                 return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
             case ChatPrompt(messages, tools):
-                return self._apply_chat_template(*self._chat(messages, tools), add_generation_prompt)
+                return self._apply_chat_template(prompt, *self._chat(messages, tools))
             case TokenPrompt(token_ids):
                 self.check_token_ids(token_ids, "prompt")
                 return list(token_ids)
@@ -114,6 +114,8 @@ class ServedModel:
         rendered = []
         for m in messages:
             message: dict[str, Any] = {"role": m.role, "content": m.content}
+            if m.name is not None:
+                message["name"] = m.name
             if m.tool_calls and native:
                 message["tool_calls"] = [{"type": "function", "id": c.id,
                                           "function": {"name": c.name, "arguments": json_or_text(c.arguments)}}
@@ -131,15 +133,18 @@ class ServedModel:
             rendered.insert(0, {"role": "system", "content": system_prompt(tools)})
         return rendered, None
 
-    def _apply_chat_template(self, messages: list[dict[str, Any]], tools: list | None = None,
-                             add_generation_prompt: bool = True) -> list[int]:
+    def _apply_chat_template(self, prompt: ChatPrompt, messages: list[dict[str, Any]],
+                             tools: list | None = None) -> list[int]:
         if not self.tokenizer.chat_template:
             raise invalid(f"model {self.name} has no chat template; use /v1/completions", "messages")
         try:
-            ids = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=True,
-                                                     add_generation_prompt=add_generation_prompt)
+            ids = self.tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=True, add_generation_prompt=prompt.add_generation_prompt,
+                continue_final_message=prompt.continue_final_message, **dict(prompt.template_kwargs))
         except jinja2.TemplateError as exc:  # templates raise on e.g. roles they do not support
             raise invalid(f"chat template error: {exc}", "messages") from None
+        except ValueError as exc:  # continue_final_message: the last message is not in the rendering
+            raise invalid(f"chat template: {exc}", "messages") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
@@ -148,14 +153,17 @@ def _check_encodable(prompt: Prompt) -> None:
     match prompt:
         case TextPrompt(text) if not _is_utf8(text):
             raise invalid("prompt is not valid Unicode (a lone surrogate)", "prompt")
-        case ChatPrompt(messages, tools) if not all(map(_is_utf8, _chat_strings(messages, tools))):
+        case ChatPrompt(messages, tools, template_kwargs=kwargs) if not all(
+                map(_is_utf8, _chat_strings(messages, tools, kwargs))):
             raise invalid("a message or tool is not valid Unicode (a lone surrogate)", "messages")
 
 
-def _chat_strings(messages: tuple[ChatMessage, ...], tools: tuple[Tool, ...]) -> Iterator[str]:
+def _chat_strings(messages: tuple[ChatMessage, ...], tools: tuple[Tool, ...],
+                  template_kwargs: tuple[tuple[str, Any], ...] = ()) -> Iterator[str]:
     """Every client string a chat prompt's template may render (call ids included)."""
+    yield from (value for _, value in template_kwargs if isinstance(value, str))
     for m in messages:
-        yield from (m.role, m.content, m.tool_call_id or "")
+        yield from (m.role, m.content, m.tool_call_id or "", m.name or "")
         for call in m.tool_calls:
             yield from (call.id, call.name, call.arguments)
     for t in tools:

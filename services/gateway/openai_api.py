@@ -4,8 +4,8 @@ Types are checked strictly (an int field takes a JSON integer, a float field any
 NaN and Infinity are not JSON), and so is the nesting depth; every mistake is an ApiError naming the
 field. Unknown top-level fields are ignored, as vLLM does (clients send vendor extensions there);
 unknown keys inside stream_options are refused, as OpenAI does. Known fields whose feature we do not
-have (best_of, suffix, guided_grammar, echo on chat, tools on completions) are refused rather than
-silently dropped.
+have (best_of, suffix, guided_grammar, use_beam_search, allowed_token_ids, bad_words,
+truncate_prompt_tokens, echo on chat, tools on completions) are refused rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from splitserve.engine.request import MAX_LOGIT_BIAS
 from splitserve.engine.structured import Grammar, choice_regex
 
 from .errors import invalid
-from .limits import INT32_MAX, MAX_JSON_DEPTH, json_depth_exceeds, preview
+from .limits import INT32_MAX, MAX_JSON_DEPTH, MAX_NAME_CHARS, json_depth_exceeds, preview
 from .schema import (
     Api,
     ChatMessage,
@@ -39,9 +40,17 @@ from .tools import call_grammar, parse_call_history, parse_tools
 
 # Fields we cannot honour, and the values that mean "not used".
 _UNSUPPORTED = {
-    "best_of": (1,), "suffix": ("",), "guided_grammar": (),
+    "best_of": (1,), "suffix": ("",), "guided_grammar": (), "use_beam_search": (False,),
+    "allowed_token_ids": ([],), "bad_words": ([],), "truncate_prompt_tokens": (),
 }
 MAX_CHOICES = 256  # guided_choice: options, each at most MAX_CHOICE_CHARS
+MAX_TEMPLATE_KWARGS = 16
+_TEMPLATE_KWARG = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+# transformers' apply_chat_template's own parameters (and the template's messages): not template variables.
+_TEMPLATE_PARAMETERS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
 MAX_CHOICE_CHARS = 256
 
 
@@ -130,7 +139,6 @@ class TokenizeRequest:
     prompt: Prompt
     model: str | None
     add_special_tokens: bool  # text: the tokenizer's BOS and the like (default true)
-    add_generation_prompt: bool  # chat: the assistant turn's opening (default true)
     return_token_strs: bool  # also the tokens as the vocabulary spells them
 
 
@@ -142,10 +150,7 @@ def parse_tokenize(body: dict[str, Any]) -> TokenizeRequest:
         prompt = TextPrompt(body["prompt"])
     else:
         raise invalid("give 'prompt' (a non-empty string) or 'messages'", "prompt")
-    if fields.get("continue_final_message", bool, False):
-        raise invalid("'continue_final_message' is not supported", "continue_final_message")
     return TokenizeRequest(prompt, fields.get("model", str), fields.get("add_special_tokens", bool, True),
-                           fields.get("add_generation_prompt", bool, True),
                            fields.get("return_token_strs", bool, False))
 
 
@@ -180,7 +185,7 @@ def parse_chat(body: dict[str, Any]) -> OpenAIRequest:
     tools, choice = parse_tools(fields.get("tools", list, []), body.get("tool_choice"))
     prompt = _chat_prompt(fields)
     if choice.active:
-        prompt = ChatPrompt(prompt.messages, tools)
+        prompt = dataclasses.replace(prompt, tools=tools)
     parsed = _request(fields, Api.CHAT, prompt, max_tokens, logprobs)
     try:
         grammar = call_grammar(tools, choice)
@@ -238,6 +243,8 @@ def _sampling(fields: Fields, max_tokens: int | None, logprobs: tuple[bool, int]
         top_logprobs=logprobs[1],
         prompt_logprobs=fields.get("prompt_logprobs", int),
         grammar=_grammar(fields),
+        include_stop_str_in_output=fields.get("include_stop_str_in_output", bool, False),
+        skip_special_tokens=fields.get("skip_special_tokens", bool, True),
     )
 
 
@@ -321,27 +328,55 @@ def _completion_prompt(prompt: Any) -> Prompt:
 
 
 def _chat_prompt(fields: Fields) -> ChatPrompt:
+    """The messages, and vLLM's controls of the chat template: add_generation_prompt (default true),
+    continue_final_message (the model continues the last message: an assistant turn's start) and
+    chat_template_kwargs (more variables for the template, e.g. Qwen 3's enable_thinking)."""
     messages = fields.list_of("messages", dict)
     if not messages:
         raise invalid("messages must be a non-empty list", "messages")
-    return ChatPrompt(tuple(_chat_message(m) for m in messages))
+    add_generation_prompt = fields.get("add_generation_prompt", bool, True)
+    continue_final_message = fields.get("continue_final_message", bool, False)
+    if add_generation_prompt and continue_final_message:
+        raise invalid("continue_final_message needs add_generation_prompt set to false (as vLLM)",
+                      "continue_final_message")
+    return ChatPrompt(tuple(_chat_message(m) for m in messages), (), add_generation_prompt,
+                      continue_final_message, _template_kwargs(fields.get("chat_template_kwargs", dict, {})))
+
+
+def _template_kwargs(kwargs: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """chat_template_kwargs: at most MAX_TEMPLATE_KWARGS variables, named as Python names that are not
+    apply_chat_template's own parameters, each a JSON scalar (a string of at most MAX_NAME_CHARS)."""
+    if len(kwargs) > MAX_TEMPLATE_KWARGS:
+        raise invalid(f"chat_template_kwargs has {len(kwargs)} entries; at most {MAX_TEMPLATE_KWARGS} "
+                      "are allowed", "chat_template_kwargs")
+    for name, value in kwargs.items():
+        if not _TEMPLATE_KWARG.fullmatch(name) or name in _TEMPLATE_PARAMETERS:
+            raise invalid(f"chat_template_kwargs cannot set {preview(name)}", "chat_template_kwargs")
+        scalar = value is None or isinstance(value, (bool, int, float)) or (
+            isinstance(value, str) and len(value) <= MAX_NAME_CHARS)
+        if not scalar or (isinstance(value, float) and not math.isfinite(value)):
+            raise invalid(f"chat_template_kwargs values must be numbers, booleans, null or strings of at "
+                          f"most {MAX_NAME_CHARS} characters; {preview(name)} is not", "chat_template_kwargs")
+    return tuple(kwargs.items())
 
 
 def _chat_message(message: dict[str, Any]) -> ChatMessage:
-    role, content = message.get("role"), message.get("content")
+    role, content, name = message.get("role"), message.get("content"), message.get("name")
     if not isinstance(role, str):
         raise invalid("each message needs a string 'role'", "messages")
+    if name is not None and not isinstance(name, str):
+        raise invalid("a message's 'name' must be a string", "messages")
     calls = parse_call_history(message["tool_calls"]) if message.get("tool_calls") is not None else ()
     call_id = message.get("tool_call_id")
     if call_id is not None and not isinstance(call_id, str):
         raise invalid("'tool_call_id' must be a string", "messages")
-    if isinstance(content, list):  # OpenAI content parts: text only
+    if isinstance(content, list):  # OpenAI content parts: text only, one per line (as vLLM)
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                    for p in content):
             raise invalid("only text content parts are supported", "messages")
-        content = "".join(p["text"] for p in content)
+        content = "\n".join(p["text"] for p in content)
     if content is None and role == "assistant":
         content = ""
     if not isinstance(content, str):
         raise invalid("each message's 'content' must be a string or a list of text parts", "messages")
-    return ChatMessage(role, content, calls, call_id)
+    return ChatMessage(role, content, calls, call_id, name)

@@ -76,7 +76,8 @@ class Renderer:
         if not text and output.finish is None and not (self.logprobs and positions):
             return None
         choice = self._chunk_choice(text, output.finish and output.finish.value)
-        return self._chunk({**choice, "index": index, "logprobs": self._logprobs(positions)})
+        return self._chunk({**choice, "index": index, "logprobs": self._logprobs(positions),
+                            "stop_reason": output.stop_reason})
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         """OpenAI's last chunk under include_usage: no choices, the whole request's usage."""
@@ -90,7 +91,8 @@ class Renderer:
     def _choice_json(self, index: int, choice: Choice) -> dict[str, Any]:
         text, logprobs = self._with_echo(choice.prompt, choice.text, choice.logprobs)
         finish = choice.final.finish.value if choice.final.finish else None
-        return {**self._body_choice(text, finish), "index": index, "logprobs": self._logprobs(logprobs)}
+        return {**self._body_choice(text, finish), "index": index, "logprobs": self._logprobs(logprobs),
+                "stop_reason": choice.final.stop_reason}
 
     def _with_echo(self, prompt: PromptScores | None, text: str,
                    positions: tuple[PositionLogprobs, ...]) -> tuple[str, tuple[PositionLogprobs, ...]]:
@@ -172,10 +174,11 @@ class ChatRenderer(Renderer):
             more, more_calls, finish = stream.finish(output.finish.value)
             content, calls = content + more, calls + more_calls
             del self._streams[index]
-        if not (content or calls or finish):
+        if not (content or calls or finish or (self.logprobs and output.logprobs)):
             return None
         delta = {**({"content": content} if content else {}), **({"tool_calls": calls} if calls else {})}
-        return self._chunk({"index": index, "delta": delta, "logprobs": None, "finish_reason": finish})
+        return self._chunk({"index": index, "delta": delta, "logprobs": self._logprobs(output.logprobs),
+                            "finish_reason": finish, "stop_reason": output.stop_reason})
 
     def opening_chunks(self, n: int = 1) -> list[dict[str, Any]]:
         """OpenAI's first chunk of each choice announces the role with empty content."""

@@ -26,19 +26,24 @@ class StopMatcher:
     it ends in checked text, though it may begin before it.
     """
 
-    def __init__(self, stop: tuple[str, ...]) -> None:
+    def __init__(self, stop: tuple[str, ...], include: bool = False) -> None:
         self.stop = stop
+        self.include = include  # the stop string hit is emitted too (vLLM's include_stop_str_in_output)
+        self.hit: str | None = None  # the stop string that ended the text
         self._held = ""
 
     def feed(self, delta: str, check: bool = True) -> tuple[str, bool]:
-        """(text safe to emit, whether a stop string was hit); on a hit the text ends before it."""
+        """(text safe to emit, whether a stop string was hit); on a hit the text ends before it (or
+        with it, under include); the earliest hit wins, then the first of the list."""
         text = self._held + delta
         checked_from = len(text) - len(delta) if check else len(text)
-        hits = [i for i in (text.find(s, max(checked_from - len(s) + 1, 0)) for s in self.stop)
-                if i >= 0]
+        found = (text.find(s, max(checked_from - len(s) + 1, 0)) for s in self.stop)
+        hits = [(i, n) for n, i in enumerate(found) if i >= 0]
         if hits:
             self._held = ""
-            return text[: min(hits)], True
+            start, n = min(hits)
+            self.hit = self.stop[n]
+            return text[: start + len(self.hit) if self.include else start], True
         keep = self._held_length(text)
         self._held = text[len(text) - keep :]
         return text[: len(text) - keep], False
@@ -82,6 +87,9 @@ class OutputProcessor:
     num_prompt_tokens: int
     min_tokens: int = 0  # stop strings end the output only after this many tokens (vLLM's rule)
     prompt_tail: tuple[int, ...] = ()  # the prompt's last token ids, which start the detokenizer's window
+    include_stop_str: bool = False  # the stop string that ends the output stays in its text
+    skip_special_tokens: bool = True
+    stop_token_ids: tuple[int, ...] = ()  # the request's own: which one ended it is its stop_reason
     logprobs: bool = False  # the request asked for each token's log probability ...
     top_logprobs: int = 0  # ... and at most this many most likely tokens' at each position
     prompt: PromptWanted | None = None
@@ -91,8 +99,8 @@ class OutputProcessor:
     upstream_finished: bool = False  # the cluster sent its last event (no cancel needed)
 
     def __post_init__(self) -> None:
-        self._detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids=self.prompt_tail)
-        self._stop = StopMatcher(self.stop)
+        self._detokenizer = IncrementalDetokenizer(self.tokenizer, self.skip_special_tokens, self.prompt_tail)
+        self._stop = StopMatcher(self.stop, self.include_stop_str)
         self._token_texts: dict[int, str] = {}
         self._logprob_offset = 0  # characters of the chosen tokens' texts so far (text_offset)
 
@@ -119,7 +127,17 @@ class OutputProcessor:
         if self.finish is None:
             return Output(text, new_ids, logprobs=logprobs, prompt=prompt) if text or new_ids else None
         timeline = event.timeline if event.HasField("timeline") else None
-        return Output(text, new_ids, self.finish, self.usage, timeline, logprobs, prompt)
+        return Output(text, new_ids, self.finish, self.usage, timeline, logprobs, prompt, self.stop_reason)
+
+    @property
+    def stop_reason(self) -> str | int | None:
+        """The stop string, or the stop token id (of the request's stop_token_ids), that ended it;
+        None for EOS, a length, an abort (as vLLM)."""
+        if self._stop.hit is not None:
+            return self._stop.hit
+        if self.finish is Finish.STOP and self.token_ids and self.token_ids[-1] in self.stop_token_ids:
+            return self.token_ids[-1]
+        return None
 
     def abort(self) -> Output:
         """The last output of a request the gateway ends itself (shutdown); the cluster is still

@@ -45,6 +45,7 @@ class ChatMessage:
     content: str
     tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls, sent back with the conversation
     tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None  # the speaker's name, for templates that render it
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class TokenPrompt:
 class ChatPrompt:
     messages: tuple[ChatMessage, ...]
     tools: tuple[Tool, ...] = ()  # rendered into the prompt (none when tool_choice is "none")
+    add_generation_prompt: bool = True  # the assistant turn's opening after the messages
+    continue_final_message: bool = False  # the last message left open: the model continues it
+    template_kwargs: tuple[tuple[str, str | int | float | bool | None], ...] = ()  # more template variables
 
 
 Prompt = TextPrompt | TokenPrompt | ChatPrompt
@@ -89,6 +93,8 @@ class SamplingOptions:
     top_logprobs: int = 0  # ... and the most likely tokens' at its position
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's, and this many top ones'
     grammar: Grammar | None = None  # structured output (checked by the frontend, off the event loop)
+    include_stop_str_in_output: bool = False  # vLLM's: the stop string that ended the output stays in it
+    skip_special_tokens: bool = True  # vLLM's: special tokens are left out of the text
 
     def __post_init__(self) -> None:
         self._check_floats()
@@ -291,3 +297,4 @@ class Output:
     timeline: pb.Timeline | None = None
     logprobs: tuple[PositionLogprobs, ...] = ()  # one per token of token_ids, when asked for
     prompt: PromptScores | None = None
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
