@@ -54,7 +54,9 @@ _TEMPLATE_PARAMETERS = frozenset({
 MAX_CHOICE_CHARS = 256
 
 
-_STREAM_OPTIONS = {"include_usage"}
+# include_obfuscation (OpenAI's, default true) pads chunks against size side channels; these
+# chunks carry none, whatever it says, as vLLM's do.
+_STREAM_OPTIONS = {"include_usage", "include_obfuscation"}
 
 
 @dataclass(frozen=True)
@@ -220,6 +222,7 @@ def _request(fields: Fields, api: Api, prompt: Prompt, max_tokens: int | None,
     unknown = sorted(set(options.body) - _STREAM_OPTIONS)
     if unknown:
         raise invalid(f"unknown field in stream_options: {preview(unknown[0])}", "stream_options")
+    options.get("include_obfuscation", bool)  # checked, never used
     return OpenAIRequest(generation, stream, options.get("include_usage", bool, False))
 
 
