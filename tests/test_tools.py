@@ -135,10 +135,12 @@ def test_auto_calls_stream_content_at_once_and_each_call_when_its_block_closes()
 
 
 def test_streamed_text_that_is_not_a_call_is_content():
+    # Trailing whitespace, and an answer of whitespace alone, stream as they come back unstreamed.
     for text in ["It is 3 < 4 and <tool> is not a tag.", '<tool_call>{"name": "launch"}</tool_call> no',
-                 "<tool_call>{oops</tool_call>"]:
+                 "<tool_call>{oops</tool_call>", "Hello world\n", " \n"]:
         contents, deltas, finish = _streamed(ToolChoice("auto"), list(text))
         assert "".join(contents) == text and deltas == [] and finish == "stop"
+        assert extract_calls(text, parse_tools([WEATHER, TIME], None)[0], ToolChoice("auto")) == (text, ())
     # Cut short inside a call: what was held comes back as content, and the reason stays "length".
     contents, deltas, finish = _streamed(ToolChoice("auto"), list('ok <tool_call>{"name": "get_'), "length")
     assert "".join(contents) == 'ok <tool_call>{"name": "get_' and deltas == [] and finish == "length"

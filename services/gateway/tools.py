@@ -227,7 +227,9 @@ class CallStream:
             content, calls, reason = final_calls(self.held, self.tools, self.choice, reason)
             return content or "", [_whole(i, c) for i, c in enumerate(calls)], reason
         left = (_OPEN if self.in_call else "") + self.held
-        content = self.blank + left if left.strip() else ""
+        # Without a call the content is the whole text, trailing whitespace too (as unstreamed);
+        # after calls, whitespace alone is what separated them, which unstreamed content strips.
+        content = self.blank + left if left.strip() or not self.calls else ""
         return content, [], "tool_calls" if self.calls and reason == "stop" else reason
 
     def _arguments(self, text: str) -> list[Delta]:
