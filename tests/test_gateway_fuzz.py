@@ -341,3 +341,59 @@ def test_only_prompts_within_the_inline_bounds_are_tokenized_on_the_event_loop()
     empty_calls = tuple(ToolCall("", "", "") for _ in range(128))
     assert not quick(ChatPrompt((ChatMessage("assistant", "", empty_calls),)))
     assert not quick(ChatPrompt((ChatMessage("user", "hi"),), (Tool("f", "", "{}"),)))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("failure", ["connection lost after the XADD", "client gone during the XADD"])
+def test_a_request_whose_queueing_failed_part_way_is_cancelled(failure):
+    """The XADD can reach Redis and its reply be lost (the connection drops), or the client can leave
+    while it is under way: the request may be in the stream though its client was told it was not
+    queued (503) or is gone. Before, nothing cancelled it and it ran to its end for nobody (and
+    twice, for a client that retried); now its id goes to the cancel stream."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from splitserve.common.tracing import NO_TRACER
+    from splitserve.services.gateway.frontend import Frontend
+
+    queued, cancelled = [], []
+
+    async def put(message):
+        queued.append(message.request_id)  # it reached Redis ...
+        if failure.startswith("connection"):
+            raise RedisConnectionError("Connection reset by peer")  # ... and its reply was lost
+        await asyncio.sleep(60)  # the client leaves meanwhile
+
+    async def cancel(request_id):
+        cancelled.append(request_id)
+
+    model = ServedModel.load(None, None)
+    snapshot = SimpleNamespace(ready=True, max_model_len=8192)
+    router = SimpleNamespace(stream="replies", register=lambda rid: asyncio.Queue(), unregister=lambda rid: None)
+    services = SimpleNamespace(model=model, cluster=SimpleNamespace(snapshot=snapshot), router=router,
+                               requests=SimpleNamespace(put=put), cancels=SimpleNamespace(cancel=cancel),
+                               tracer=NO_TRACER, metrics=SimpleNamespace(num_pending=SimpleNamespace(set=lambda n: None)))
+    frontend = Frontend(SimpleNamespace(max_pending=4), services)
+    request = GenerationRequest(Api.COMPLETIONS, TextPrompt("Hi"), SamplingOptions())
+
+    async def scenario():
+        generation = frontend.generate_n(request)
+        entering = asyncio.create_task(generation.__aenter__())
+        for _ in range(1000):  # at most 10 s
+            if queued or entering.done():
+                break
+            await asyncio.sleep(0.01)
+        if failure.startswith("client"):
+            entering.cancel()
+        outcome = (await asyncio.gather(entering, return_exceptions=True))[0]
+        for _ in range(100):  # the cancel is published in the background: at most 1 s
+            if cancelled:
+                break
+            await asyncio.sleep(0.01)
+        return outcome
+
+    outcome = asyncio.run(scenario())
+    if failure.startswith("connection"):
+        assert isinstance(outcome, ApiError) and "not queued" in outcome.message
+    else:
+        assert isinstance(outcome, asyncio.CancelledError)
+    assert cancelled == queued and len(queued) == 1 and frontend.num_pending == 0

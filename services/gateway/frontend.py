@@ -17,6 +17,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from splitserve.common.detokenize import PROMPT_CONTEXT_TOKENS
+from splitserve.common.service import Background
 from splitserve.common.tracing import NO_TRACER, Tracer
 from splitserve.engine.structured import Grammar
 from splitserve.queue.streams import CancelWriter, RequestStream
@@ -66,6 +67,7 @@ class Frontend:
         # Tokenizers release the GIL: a prompt tokenized here leaves the event loop free. Two threads,
         # so one huge prompt does not hold up every other request's tokenization.
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        self.background = Background()  # cancels of requests whose queueing failed part way
 
     @property
     def ready(self) -> bool:
@@ -254,7 +256,13 @@ class Generation:
         self.trace.queued(self.request_id, queued.timeline, len(queued.prompt_token_ids))
         try:
             await self.frontend.services.requests.put(queued)
-        except RedisError as exc:
+        except BaseException as exc:
+            # The XADD may have reached Redis before its connection failed, or the client left while
+            # it was under way: cancel it, so that a request its client was told was not queued (or
+            # that has no client) never runs. A cancel read before its request is kept for it.
+            self.frontend.background.spawn(self.frontend.cancel(self.request_id))
+            if not isinstance(exc, RedisError):
+                raise
             # Not retried (RequestStream.put): the client hears at once and may retry.
             raise ApiError(ErrorKind.UNAVAILABLE, f"Redis unavailable, the request was not queued; "
                            f"retry later ({exc})") from None
