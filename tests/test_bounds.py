@@ -231,6 +231,32 @@ def test_a_message_too_large_for_grpc_fails_the_request_instead_of_bouncing_it(m
     assert event.finish_reason == pb.FINISH_REASON_ERROR and "larger than max" in event.error
 
 
+def test_a_submit_that_timed_out_stays_placed_and_runs_again_only_if_the_worker_never_took_it() -> None:
+    """A Submit waits for the worker's current engine step, which can outlast the call's timeout: the
+    worker may well have the request. Before, DEADLINE_EXCEEDED failed the request for good (its
+    client got an error while the worker ran it); now it stays placed, and only when two heartbeats
+    after the call do not list it does it run again."""
+    async def scenario():
+        server = _scheduler(workers=[("p", spb.WORKER_ROLE_PREFILL), ("q", spb.WORKER_ROLE_PREFILL)])
+        for rid, worker in (("taken", "p"), ("lost", "q")):
+            server.tracked[rid] = Tracked(b"1-0", pb.QueuedRequest(request_id=rid, prompt_token_ids=[1]),
+                                          Stage.PREFILL, worker)
+            server.registry.workers[worker].assigned[rid] = 1
+            timed_out = grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, None, None, "Deadline Exceeded")
+            await server._rpc_failed(server.tracked[rid], server.registry.workers[worker], timed_out)
+        placed = {rid: (t.stage, t.prefill_id) for rid, t in server.tracked.items()}
+        for _ in range(2):
+            server.heartbeat(server.registry.workers["p"], {"taken"})
+            server.heartbeat(server.registry.workers["q"], set())
+        return server, placed
+
+    server, placed = asyncio.run(scenario())
+    assert placed == {"taken": (Stage.PREFILL, "p"), "lost": (Stage.PREFILL, "q")}
+    assert not server.replies.published  # nothing failed
+    assert server.tracked["taken"].stage is Stage.PREFILL and server.tracked["taken"].prefill_id == "p"
+    assert server.tracked["lost"].stage is Stage.QUEUED and server.tracked["lost"].runs == 2  # runs again
+
+
 def test_an_overloaded_prefill_server_s_refusal_puts_the_request_back_at_the_head() -> None:
     async def scenario():
         server = _scheduler(workers=[("p", spb.WORKER_ROLE_PREFILL)])

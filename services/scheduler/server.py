@@ -410,7 +410,9 @@ class SchedulerServer:
     async def _rpc_failed(self, tracked: Tracked, worker: WorkerEntry, exc: grpc.aio.AioRpcError) -> None:
         """An unreachable worker is dropped (its requests requeued); a draining or overloaded one's
         refusal places the request elsewhere or later; a refusal of this scheduler's epoch deposes
-        it; any other refusal fails the request."""
+        it; a Submit that timed out may have arrived (a worker takes it between two engine steps,
+        and one step can outlast the timeout): the request stays placed, and the heartbeats tell
+        (missing from two after it: run again); any other refusal fails the request."""
         if exc.code() is grpc.StatusCode.ABORTED:
             self._depose(exc.details() or "")
             return
@@ -419,6 +421,10 @@ class SchedulerServer:
         if exc.code() is grpc.StatusCode.UNAVAILABLE:
             log.warning("worker unreachable", worker=worker.instance_id, code=exc.code().name)
             self.drop_worker(worker.instance_id)
+        elif exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+            log.warning("submit timed out; its worker's heartbeats will tell whether it took the request",
+                        request_id=tracked.request_id, worker=worker.instance_id)
+            self._submitted(tracked, worker)
         elif exc.code() is grpc.StatusCode.FAILED_PRECONDITION:  # it began draining before it told us
             log.info("worker draining, placing the request elsewhere", request_id=tracked.request_id,
                      worker=worker.instance_id)
