@@ -397,3 +397,27 @@ def test_a_request_whose_queueing_failed_part_way_is_cancelled(failure):
     else:
         assert isinstance(outcome, asyncio.CancelledError)
     assert cancelled == queued and len(queued) == 1 and frontend.num_pending == 0
+
+
+def test_an_unstreamed_response_s_logprobs_are_bounded():
+    """An unstreamed response is built and serialized whole on the event loop: n=128 samples of a full
+    context at top_logprobs 20 would be ~2 GB and minutes of every other stream's time (one 8k-token
+    choice measured ~1 s here). Past MAX_RESPONSE_LOGPROBS records it is a 400 (streaming is not
+    bounded so: each chunk carries its own tokens'); one full context at top 20 still fits."""
+    from splitserve.services.gateway.frontend import Frontend
+    from splitserve.services.gateway.limits import MAX_RESPONSE_LOGPROBS
+
+    services = SimpleNamespace(model=None, cluster=SimpleNamespace(snapshot=SimpleNamespace(max_model_len=8192)))
+    frontend = Frontend(SimpleNamespace(max_pending=256), services)
+    chat = ChatPrompt((ChatMessage("user", "Hi"),))
+
+    def request(n: int, max_tokens: int | None, top: int, logprobs: bool = True) -> GenerationRequest:
+        sampling = SamplingOptions(max_tokens=max_tokens, logprobs=logprobs, top_logprobs=top)
+        return GenerationRequest(Api.CHAT, chat, sampling, n=n)
+
+    for fits in [request(1, None, 20), request(64, 100, 20), request(128, None, 0, logprobs=False)]:
+        frontend.check_response_size(fits)
+    for n, max_tokens in [(2, None), (128, 100)]:
+        with pytest.raises(ApiError) as refused:
+            frontend.check_response_size(request(n, max_tokens, 20))
+        assert refused.value.param == "logprobs" and str(MAX_RESPONSE_LOGPROBS) in refused.value.message

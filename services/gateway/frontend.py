@@ -26,7 +26,7 @@ from splitserve.v1 import common_pb2 as pb
 from .cluster import ClusterView
 from .config import GatewayConfig
 from .errors import ApiError, ErrorKind, GenerationError, invalid
-from .limits import preview
+from .limits import MAX_RESPONSE_LOGPROBS, preview
 from .metrics import GatewayMetrics
 from .model import ServedModel
 from .openai_api import TokenizeRequest
@@ -86,6 +86,21 @@ class Frontend:
     def check_model(self, model: str | None) -> None:
         if model not in (None, "", self.model.name):
             raise invalid(f"The model `{preview(model)}` does not exist.", "model", "model_not_found")
+
+    def check_response_size(self, request: GenerationRequest) -> None:
+        """An unstreamed response is built, and serialized, whole on the event loop: refuse one whose
+        log probabilities could exceed MAX_RESPONSE_LOGPROBS records (n=128 at top_logprobs 20 over a
+        full context would be ~2 GB and minutes of every other stream's time). Streamed, each chunk
+        carries only its own tokens'."""
+        sampling = request.sampling
+        if not sampling.logprobs:
+            return
+        max_tokens = sampling.max_tokens or self.max_model_len
+        records = request.n * max_tokens * (1 + sampling.top_logprobs)
+        if records > MAX_RESPONSE_LOGPROBS:
+            raise invalid(f"n ({request.n}) x max_tokens ({max_tokens}) x (1 + top_logprobs "
+                          f"({sampling.top_logprobs})) = {records} log probabilities; an unstreamed response "
+                          f"holds at most {MAX_RESPONSE_LOGPROBS}: stream it, or ask for fewer", "logprobs")
 
     def check_admission(self, request: GenerationRequest, slots: int = 1) -> None:
         """The cheap refusals, before any work is spent on the request (which takes `slots` of

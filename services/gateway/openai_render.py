@@ -34,18 +34,27 @@ def usage_json(usage: Usage) -> dict[str, Any]:
 
 @dataclass
 class Choice:
-    """One sample's whole output, for a non-streaming response."""
+    """One sample's whole output, for a non-streaming response (pieces joined once, at the end:
+    appending to a str or tuple copies it, quadratic in the output's length)."""
 
-    text: str = ""
     final: Output | None = None
-    logprobs: tuple[PositionLogprobs, ...] = ()
     prompt: PromptScores | None = None
+    _texts: list[str] = field(default_factory=list)
+    _logprobs: list[PositionLogprobs] = field(default_factory=list)
 
     def add(self, output: Output) -> None:
-        self.text += output.text
-        self.logprobs += output.logprobs
+        self._texts.append(output.text)
+        self._logprobs.extend(output.logprobs)
         self.prompt = self.prompt or output.prompt
         self.final = output
+
+    @property
+    def text(self) -> str:
+        return "".join(self._texts)
+
+    @property
+    def logprobs(self) -> tuple[PositionLogprobs, ...]:
+        return tuple(self._logprobs)
 
 
 @dataclass(frozen=True)
