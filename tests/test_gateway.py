@@ -708,6 +708,32 @@ def test_tools_reach_the_prompt_and_a_required_call_its_grammar(gateway):
 
 
 @pytest.mark.timeout(30)
+def test_a_batch_of_prompts_is_one_response_with_n_choices_per_prompt_in_order(gateway):
+    """OpenAI's and vLLM's prompt arrays (lm-evaluation-harness sends them): choice p * n + i is
+    prompt p's sample i, each prompt tokenized and queued as its own request; usage counts each
+    prompt once. Before, a list of more than one prompt was a 400."""
+    prompts = ["Say hi", [12, 34, 56], "Another one"]
+    resp = gateway.client.completions.create(model=MODEL, prompt=prompts, max_tokens=3, echo=True, seed=7)
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    echoed = ["Say hi", gateway.tokenizer.decode([12, 34, 56]), "Another one"]
+    assert [c.text for c in resp.choices] == [e + gateway.text(3) for e in echoed]
+    queued = sorted((r for r in gateway.fake.received if r.request_id.startswith(resp.id)),
+                    key=lambda r: r.request_id)
+    ids = [gateway.tokenizer(prompts[0])["input_ids"], [12, 34, 56], gateway.tokenizer(prompts[2])["input_ids"]]
+    assert [r.request_id for r in queued] == [f"{resp.id}-{i}" for i in range(3)]
+    assert [list(r.prompt_token_ids) for r in queued] == ids and {r.sampling.seed for r in queued} == {7}
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (sum(map(len, ids)), 9)
+    # n per prompt, streamed: choice 2 * p + i; the usage chunk counts each prompt once.
+    chunks = list(gateway.client.completions.create(model=MODEL, prompt=["a b", "c"], max_tokens=2, n=1,
+                                                    stream=True, stream_options={"include_usage": True}))
+    for index in (0, 1):
+        assert "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == index) == \
+            gateway.text(2)
+    prompt_tokens = len(gateway.tokenizer("a b")["input_ids"]) + len(gateway.tokenizer("c")["input_ids"])
+    assert chunks[-1].usage.prompt_tokens == prompt_tokens and chunks[-1].usage.completion_tokens == 4
+
+
+@pytest.mark.timeout(30)
 def test_penalties_bias_and_min_p_reach_the_workers(gateway):
     resp = gateway.client.completions.create(
         model=MODEL, prompt="Hi", max_tokens=2, presence_penalty=0.5, frequency_penalty=-1.5,
@@ -733,7 +759,9 @@ def test_tokens_without_the_logprobs_asked_for_fail_the_request(gateway):
 
 
 BAD_COMPLETIONS = [
-    {"prompt": ""}, {"prompt": []}, {}, {"prompt": ["a", "b"]}, {"prompt": {"text": "x"}},
+    {"prompt": ""}, {"prompt": []}, {}, {"prompt": ["a", ""]}, {"prompt": ["a", [1, "b"]]}, {"prompt": {"text": "x"}},
+    {"prompt": ["a", "b"], "n": 2},  # 4 choices: more than MAX_PENDING
+    {"prompt": ["a"] * 1025},
     {"prompt": [100] * MAX_MODEL_LEN},  # no room left in the workers' context (the config allows 8192)
     {"prompt": [100] * 2000, "max_tokens": 100}, {"prompt": "x", "max_tokens": 0},
     {"prompt": "x", "max_tokens": "ten"}, {"prompt": "x", "max_tokens": 2.5},

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 from types import SimpleNamespace
+from unittest.mock import MagicMock
 
 import grpc
 import pytest
@@ -352,9 +353,6 @@ def test_a_request_whose_queueing_failed_part_way_is_cancelled(failure):
     twice, for a client that retried); now its id goes to the cancel stream."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from splitserve.common.tracing import NO_TRACER
-    from splitserve.services.gateway.frontend import Frontend
-
     queued, cancelled = [], []
 
     async def put(message):
@@ -366,13 +364,7 @@ def test_a_request_whose_queueing_failed_part_way_is_cancelled(failure):
     async def cancel(request_id):
         cancelled.append(request_id)
 
-    model = ServedModel.load(None, None)
-    snapshot = SimpleNamespace(ready=True, max_model_len=8192)
-    router = SimpleNamespace(stream="replies", register=lambda rid: asyncio.Queue(), unregister=lambda rid: None)
-    services = SimpleNamespace(model=model, cluster=SimpleNamespace(snapshot=snapshot), router=router,
-                               requests=SimpleNamespace(put=put), cancels=SimpleNamespace(cancel=cancel),
-                               tracer=NO_TRACER, metrics=SimpleNamespace(num_pending=SimpleNamespace(set=lambda n: None)))
-    frontend = Frontend(SimpleNamespace(max_pending=4), services)
+    frontend = _in_process_frontend(put, cancel)
     request = GenerationRequest(Api.COMPLETIONS, TextPrompt("Hi"), SamplingOptions())
 
     async def scenario():
@@ -421,3 +413,43 @@ def test_an_unstreamed_response_s_logprobs_are_bounded():
         with pytest.raises(ApiError) as refused:
             frontend.check_response_size(request(n, max_tokens, 20))
         assert refused.value.param == "logprobs" and str(MAX_RESPONSE_LOGPROBS) in refused.value.message
+
+
+def _in_process_frontend(put, cancel=None, max_pending: int = 4):
+    """A Frontend on the default model's tokenizer whose request stream is put(message) (a coroutine
+    function) and cancel stream cancel(request_id); nothing else of a cluster."""
+    from splitserve.common.tracing import NO_TRACER
+    from splitserve.services.gateway.frontend import Frontend
+
+    snapshot = SimpleNamespace(ready=True, max_model_len=8192)
+    router = SimpleNamespace(stream="replies", register=lambda rid: asyncio.Queue(), unregister=lambda rid: None)
+    services = SimpleNamespace(model=ServedModel.load(None, None), cluster=SimpleNamespace(snapshot=snapshot),
+                               router=router, requests=SimpleNamespace(put=put),
+                               cancels=SimpleNamespace(cancel=cancel or (lambda rid: asyncio.sleep(0))),
+                               tracer=NO_TRACER, metrics=MagicMock())
+    return Frontend(SimpleNamespace(max_pending=max_pending), services)
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_of_prompts_queues_n_samples_of_each_prompt_in_choice_order():
+    """Choice p * n + i is prompt p's sample i (vLLM's order): its child request is "<id>-<choice>",
+    with prompt p's tokens and the seed + i of its own first sample."""
+    queued = []
+
+    async def put(message):
+        queued.append(message)
+
+    frontend = _in_process_frontend(put, max_pending=8)
+    request = GenerationRequest(Api.COMPLETIONS, TextPrompt("one"), SamplingOptions(seed=5), n=2,
+                                batch=(TokenPrompt((7, 8, 9)), TextPrompt("three")))
+
+    async def scenario():
+        async with frontend.generate_n(request) as generations:
+            return generations.request_id, generations.n
+
+    request_id, num_choices = asyncio.run(scenario())
+    tokenize = frontend.model.encode
+    expected = [tokenize(TextPrompt("one"))] * 2 + [[7, 8, 9]] * 2 + [tokenize(TextPrompt("three"))] * 2
+    assert num_choices == 6 and [m.request_id for m in queued] == [f"{request_id}-{i}" for i in range(6)]
+    assert [list(m.prompt_token_ids) for m in queued] == expected
+    assert [m.sampling.seed for m in queued] == [5, 6] * 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 import time
 import uuid
@@ -96,9 +97,9 @@ class Frontend:
         if not sampling.logprobs:
             return
         max_tokens = sampling.max_tokens or self.max_model_len
-        records = request.n * max_tokens * (1 + sampling.top_logprobs)
+        records = request.num_choices * max_tokens * (1 + sampling.top_logprobs)
         if records > MAX_RESPONSE_LOGPROBS:
-            raise invalid(f"n ({request.n}) x max_tokens ({max_tokens}) x (1 + top_logprobs "
+            raise invalid(f"choices ({request.num_choices}) x max_tokens ({max_tokens}) x (1 + top_logprobs "
                           f"({sampling.top_logprobs})) = {records} log probabilities; an unstreamed response "
                           f"holds at most {MAX_RESPONSE_LOGPROBS}: stream it, or ask for fewer", "logprobs")
 
@@ -107,7 +108,7 @@ class Frontend:
         --max-pending: one per sample); ApiError when refused."""
         self.check_model(request.model)
         if slots > self.config.max_pending:
-            raise invalid(f"n ({slots}) is more than this gateway serves at once "
+            raise invalid(f"n x prompts ({slots}) is more than this gateway serves at once "
                           f"({self.config.max_pending})", "n")
         if self.draining:
             raise ApiError(ErrorKind.UNAVAILABLE, "the gateway is shutting down")
@@ -330,14 +331,15 @@ class Generation:
 
 
 class Generations:
-    """OpenAI's n: n samples of one prompt, a child request each (ids "<id>-<i>"; n = 1 is the
-    request itself), queued together. The prompt is tokenized once, and computed once: a sibling's
-    prefill waits for the blocks the first one computes (the engine scheduler). Sample i draws with
-    seed + i (vLLM's rule), so a seeded request repeats. A failed sample fails the request, and
-    leaving cancels every sample still running."""
+    """OpenAI's n: n samples of each prompt (a batch of prompts: n each, choice p * n + i), a child
+    request each (ids "<id>-<choice>"; one choice is the request itself), queued together. Each
+    prompt is tokenized once, and computed once: a sibling's prefill waits for the blocks the first
+    one computes (the engine scheduler). Sample i draws with seed + i (vLLM's rule), so a seeded
+    request repeats. A failed sample fails the request, and leaving cancels every sample still
+    running."""
 
     def __init__(self, frontend: Frontend, request: GenerationRequest) -> None:
-        self.frontend, self.request, self.n = frontend, request, request.n
+        self.frontend, self.request, self.n = frontend, request, request.num_choices
         self.request_id = new_request_id(request)
         self.children: list[Generation] = []
         self.trace: RequestTrace | None = None  # n > 1: the samples' request span
@@ -349,21 +351,26 @@ class Generations:
             return self
         self.trace = RequestTrace.start(self.frontend.services.tracer, self.request, self.request_id, time.time())
         try:
-            first = await Generation(self.frontend, self.request, f"{self.request_id}-0",
-                                     trace=self.trace.sample()).__aenter__()
-            self.children.append(first)
-            for i in range(1, self.n):
-                rid = f"{self.request_id}-{i}"
-                queued = pb.QueuedRequest()
-                queued.CopyFrom(first.queued)
-                queued.request_id = rid
-                queued.sampling.seed = (first.queued.sampling.seed + i) % 2**64
-                self.children.append(await Generation(self.frontend, self.request, rid, queued,
-                                                      self.trace.sample()).__aenter__())
+            for prompt in self.request.prompts:
+                await self._enter_samples(dataclasses.replace(self.request, prompt=prompt, batch=()))
         except BaseException as exc:
             await self.__aexit__(type(exc), exc, exc.__traceback__)
             raise
         return self
+
+    async def _enter_samples(self, request: GenerationRequest) -> None:
+        """The n samples of one prompt, the first one tokenizing it."""
+        first = await Generation(self.frontend, request, f"{self.request_id}-{len(self.children)}",
+                                 trace=self.trace.sample()).__aenter__()
+        self.children.append(first)
+        for i in range(1, request.n):
+            rid = f"{self.request_id}-{len(self.children)}"
+            queued = pb.QueuedRequest()
+            queued.CopyFrom(first.queued)
+            queued.request_id = rid
+            queued.sampling.seed = (first.queued.sampling.seed + i) % 2**64
+            self.children.append(await Generation(self.frontend, request, rid, queued,
+                                                  self.trace.sample()).__aenter__())
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, Output]]:
         if self.n == 1:

@@ -165,12 +165,15 @@ async def collect(generations: Generations, renderer: Renderer) -> dict:
             choices[index].add(output)
     except GenerationError as exc:
         raise ApiError(exc.kind, f"generation failed: {exc}") from None
-    return renderer.body(choices, total_usage([c.final.usage for c in choices]))
+    return renderer.body(choices, total_usage([c.final.usage for c in choices], generations.request.n))
 
 
-def total_usage(usages: list[Usage]) -> Usage:
-    """A request's usage over its samples: the prompt (and its cached part) once, every sample's output."""
-    return Usage(usages[0].prompt_tokens, sum(u.completion_tokens for u in usages), usages[0].cached_tokens)
+def total_usage(usages: list[Usage], n: int) -> Usage:
+    """A request's usage over its choices (n per prompt, in order): each prompt (and its cached part)
+    once, every sample's output."""
+    prompts = usages[::n]
+    return Usage(sum(u.prompt_tokens for u in prompts), sum(u.completion_tokens for u in usages),
+                 sum(u.cached_tokens for u in prompts))
 
 
 async def stream_sse(request: web.Request, generations: Generations, renderer: Renderer,
@@ -190,15 +193,16 @@ async def stream_sse(request: web.Request, generations: Generations, renderer: R
 async def write_outputs(response: web.StreamResponse, generations: Generations, renderer: Renderer) -> None:
     for chunk in renderer.opening_chunks(generations.n):
         await response.write(sse(chunk))
-    usages: list[Usage] = []
+    usages: dict[int, Usage] = {}
     try:
         async for index, output in generations:
             chunk = renderer.chunk(output, index)
             if chunk is not None:
                 await response.write(sse(chunk))
             if output.usage is not None:
-                usages.append(output.usage)
+                usages[index] = output.usage
                 if len(usages) == generations.n and renderer.include_usage:
-                    await response.write(sse(renderer.usage_chunk(total_usage(usages))))
+                    usage = total_usage([usages[i] for i in range(generations.n)], generations.request.n)
+                    await response.write(sse(renderer.usage_chunk(usage)))
     except GenerationError as exc:
         await response.write(sse(ApiError(exc.kind, f"generation failed: {exc}").body))

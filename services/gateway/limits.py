@@ -18,6 +18,7 @@ FLOAT32_MAX = 3.4028234663852886e38  # temperature and top_p travel as float32
 DEFAULT_MAX_BODY_BYTES = 8 << 20  # a 128k-token prompt is ~1 MB as token ids, ~3 MB as escaped text
 MAX_JSON_DEPTH = 32  # OpenAI bodies nest about 6 deep (messages -> content parts -> text)
 MAX_N = 128  # OpenAI's most samples per request (each also takes a --max-pending slot)
+MAX_PROMPTS = 1024  # prompts in one completions request (a batch; each choice takes a --max-pending slot)
 MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024

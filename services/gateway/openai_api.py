@@ -21,7 +21,7 @@ from splitserve.engine.request import MAX_LOGIT_BIAS
 from splitserve.engine.structured import Grammar, choice_regex
 
 from .errors import invalid
-from .limits import INT32_MAX, MAX_JSON_DEPTH, MAX_NAME_CHARS, json_depth_exceeds, preview
+from .limits import INT32_MAX, MAX_JSON_DEPTH, MAX_NAME_CHARS, MAX_PROMPTS, json_depth_exceeds, preview
 from .schema import (
     Api,
     ChatMessage,
@@ -172,9 +172,10 @@ def parse_completion(body: dict[str, Any]) -> OpenAIRequest:
     for name in ("tools", "tool_choice"):
         if body.get(name) not in (None, [], "none"):
             raise invalid(f"'{name}' is for chat completions", name)
-    return _request(fields, Api.COMPLETIONS, _completion_prompt(body.get("prompt")),
-                    fields.get("max_tokens", int), (top_logprobs is not None, top_logprobs or 0),
-                    echo=fields.get("echo", bool, False))
+    first, *batch = _completion_prompts(body.get("prompt"))
+    parsed = _request(fields, Api.COMPLETIONS, first, fields.get("max_tokens", int),
+                      (top_logprobs is not None, top_logprobs or 0), echo=fields.get("echo", bool, False))
+    return _with_generation(parsed, batch=tuple(batch)) if batch else parsed
 
 
 def parse_chat(body: dict[str, Any]) -> OpenAIRequest:
@@ -315,19 +316,24 @@ def _refuse_unsupported(fields: Fields) -> None:
             raise invalid(f"'{name}' is not supported", name)
 
 
-def _completion_prompt(prompt: Any) -> Prompt:
-    """A string, a list of one string, token ids, or a list of one list of token ids (as vLLM)."""
+def _completion_prompts(prompt: Any) -> list[Prompt]:
+    """A string or token ids, or a batch: a list of strings and token-id lists (OpenAI's and vLLM's
+    prompt arrays), at most MAX_PROMPTS."""
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        if len(prompt) > 1:
-            raise invalid("only one prompt per request is supported", "prompt")
-        prompt = prompt[0]
+        if len(prompt) > MAX_PROMPTS:
+            raise invalid(f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}", "prompt")
+        return [_completion_prompt(p) for p in prompt]
+    return [_completion_prompt(prompt)]
+
+
+def _completion_prompt(prompt: Any) -> Prompt:
     if isinstance(prompt, str) and prompt:
         return TextPrompt(prompt)
     if isinstance(prompt, list) and prompt and all(_is(t, int) for t in prompt):
         return TokenPrompt(tuple(prompt))
     if prompt in ("", []):
         raise invalid("prompt must not be empty", "prompt")
-    raise invalid("prompt must be a string, a list of one string, or a list of token ids", "prompt")
+    raise invalid("prompt must be a string, token ids, or a list of strings and token-id lists", "prompt")
 
 
 def _chat_prompt(fields: Fields) -> ChatPrompt:

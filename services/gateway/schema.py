@@ -16,6 +16,7 @@ from .limits import (
     FLOAT32_MAX,
     INT32_MAX,
     MAX_N,
+    MAX_PROMPTS,
     MAX_STOP_STRING_CHARS,
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
@@ -198,6 +199,7 @@ class GenerationRequest:
     cache_salt: str | None = None  # vLLM's: only cached KV computed under the same salt is reused
     echo: bool = False  # completions: the response repeats the prompt (with its logprobs when asked)
     n: int = 1  # OpenAI's n: samples of the prompt, a choice each
+    batch: tuple[Prompt, ...] = ()  # completions: the prompts after `prompt` (n choices each, in order)
     tool_choice: ToolChoice | None = None  # chat with tools: how calls are made and parsed
     # The client's W3C traceparent (HTTP header, gRPC metadata): the request's trace goes under it.
     # Used only when well-formed (splitserve/common/tracing.py), ignored otherwise, as W3C says.
@@ -208,6 +210,17 @@ class GenerationRequest:
             raise invalid(f"n must be in [1, {MAX_N}], got {self.n}", "n")
         if self.n > 1 and (self.echo or self.sampling.prompt_logprobs is not None):
             raise invalid("echo and prompt_logprobs are not supported with n > 1", "n")
+        if 1 + len(self.batch) > MAX_PROMPTS:
+            raise invalid(f"at most {MAX_PROMPTS} prompts per request, got {1 + len(self.batch)}", "prompt")
+
+    @property
+    def prompts(self) -> tuple[Prompt, ...]:
+        return (self.prompt, *self.batch)
+
+    @property
+    def num_choices(self) -> int:
+        """n per prompt: choice p * n + i is prompt p's sample i (vLLM's order)."""
+        return self.n * (1 + len(self.batch))
 
     @property
     def scored_prompt(self) -> int | None:
