@@ -406,6 +406,21 @@ class Context:
         raise Aborted(code, details)
 
 
+def test_a_submit_of_a_request_id_still_busy_is_resource_exhausted_not_invalid() -> None:
+    """RESOURCE_EXHAUSTED: the scheduler places the request again later or elsewhere (INVALID_ARGUMENT
+    failed it for good, though the id frees when the worker's layered pass ends)."""
+    from splitserve.engine.request import RequestIdBusy
+    from splitserve.services.prefill.servicer import PrefillServicer
+
+    async def submit(request, traceparent):
+        raise RequestIdBusy("request id 'r1' was aborted part way through a layered pass")
+
+    server = SimpleNamespace(fence=SimpleNamespace(check=lambda context: asyncio.sleep(0)), submit=submit)
+    with pytest.raises(Aborted) as refused:
+        asyncio.run(PrefillServicer(server, grpc_kv=None).Submit(pb.QueuedRequest(request_id="r1"), Context()))
+    assert refused.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def _decode_server(max_waiting: int) -> DecodeServer:
     """A decode server around a stand-in engine: Submit checks and queues, nothing is admitted."""
     engine = SimpleNamespace(layout=LAYOUT, sequences={}, prefix_cache_stats=PrefixCacheStats(),

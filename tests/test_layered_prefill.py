@@ -100,6 +100,30 @@ def test_aborting_a_request_part_way_through_its_pass_frees_its_blocks_after_the
     assert outputs["c"] == alone["c"]
 
 
+def test_a_request_sent_again_while_its_aborted_copy_s_pass_runs_is_busy_until_the_pass_ends(model_bf16, prompts):
+    """A worker dropped and registered again gets its request back while its aborted copy is still
+    in the layered pass: that id is busy (RequestIdBusy: the scheduler places it again later), not
+    invalid (a ValueError, which failed the request for good); once the pass ended it is taken."""
+    from splitserve.engine.request import RequestIdBusy
+
+    engine = new_engine(model_bf16)
+    engine.add_request("a", prompts[0], params(40))
+    engine.step()
+    engine.add_request("b", prompts[1], params(8))
+    engine.step()
+    assert engine.last_step.kind == "prefill_slice"
+    engine.abort("b")
+    with pytest.raises(RequestIdBusy):
+        engine.add_request("b", prompts[1], params(8))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("a", prompts[0], params(8))  # running, not aborted: never free
+    while "b" in engine.sequences:
+        engine.step()
+    engine.add_request("b", prompts[1], params(8))
+    outputs, _ = run(engine, [])
+    assert len(outputs["b"]) == 8
+
+
 def test_a_pass_whose_every_request_was_aborted_ends_at_its_next_step(model_bf16, prompts):
     engine = new_engine(model_bf16)
     engine.add_request("a", prompts[0], params(20))

@@ -6,6 +6,7 @@ import grpc
 
 from splitserve.common.logging import bind_request
 from splitserve.common.tracing import grpc_traceparent
+from splitserve.engine.request import RequestIdBusy
 from splitserve.kv_transfer.base import KvPermissionDenied
 from splitserve.kv_transfer.grpc import GrpcKvServer
 from splitserve.v1 import common_pb2 as pb
@@ -27,6 +28,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             await self.server.submit(request, grpc_traceparent(context))
         except Draining as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except RequestIdBusy as exc:  # the scheduler places it again later, or elsewhere
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return prefill_pb2.SubmitResponse()

@@ -25,6 +25,7 @@ from splitserve.engine.loader import LoadedModel
 from splitserve.engine.ops import CpuKernelOps
 from splitserve.engine.request import (
     FinishReason,
+    RequestIdBusy,
     RequestState,
     SamplingParams,
     Sequence,
@@ -164,6 +165,9 @@ class LLMEngine:
     def _validate(self, request_id: str, prompt: list[int], output: list[int],
                   params: SamplingParams) -> None:
         if request_id in self.sequences:
+            if self._layered is not None and self.sequences[request_id] in self._layered.aborted:
+                raise RequestIdBusy(f"request id {request_id!r} was aborted part way through a layered pass, "
+                                    "which frees it when it ends; try again")
             raise ValueError(f"request id {request_id!r} is already in use")
         if len(prompt) + params.max_new_tokens > self.max_model_len:
             raise ValueError(

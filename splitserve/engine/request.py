@@ -11,6 +11,11 @@ from typing import Any
 from splitserve.engine.structured import Grammar
 
 
+class RequestIdBusy(Exception):
+    """A request id whose aborted copy a layered pass still writes into: it is free once the pass
+    ends, so the caller may try again then (unlike a ValueError, never worth trying again)."""
+
+
 class RequestState(enum.Enum):
     """Lifecycle of a request, including the disaggregation states.
 
