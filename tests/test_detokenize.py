@@ -75,6 +75,7 @@ def test_the_first_output_token_keeps_its_space_on_a_sentencepiece_tokenizer(dec
     """"The capital is" -> "▁Paris" "." is " Paris." (as vLLM, whose window starts in the prompt);
     before, the first token was decoded alone and lost its space: "Paris."."""
     from splitserve.services.gateway.output import OutputProcessor
+
     from splitserve.v1 import common_pb2 as pb
 
     tok = _sentencepiece_tokenizer(decoder)
@@ -90,16 +91,28 @@ def test_the_first_output_token_keeps_its_space_on_a_sentencepiece_tokenizer(dec
     assert first.text + last.text == " Paris."
 
 
-def test_skip_special_tokens_false_keeps_them_in_the_text(model_fp32):
-    """vLLM's skip_special_tokens: false (as for a template's own markers) keeps special tokens."""
+def test_skip_special_tokens_false_keeps_them_in_the_text_but_not_the_stop_token(model_fp32):
+    """vLLM's skip_special_tokens: false keeps special tokens in the text, all but the one that
+    ended the request (EOS, or one of its stop_token_ids, special or not), which shows only under
+    include_stop_str_in_output."""
     from splitserve.services.gateway.output import OutputProcessor
+
     from splitserve.v1 import common_pb2 as pb
 
     tok = model_fp32.tokenizer
-    ids = tok("Hi")["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
-    texts = {}
-    for skip in (True, False):
-        processor = OutputProcessor(tok, (), 1, skip_special_tokens=skip)
-        texts[skip] = processor.process(pb.TokenEvent(request_id="r", index=0, token_ids=ids,
-                                                      finish_reason=pb.FINISH_REASON_STOP)).text
-    assert texts == {True: "Hi", False: "Hi<|im_end|>"}
+    hi, end, comma = tok("Hi")["input_ids"], tok.convert_tokens_to_ids("<|im_end|>"), tok(",")["input_ids"]
+
+    def text(ids, finish, skip=True, include=False, stop_token_ids=()) -> str:
+        processor = OutputProcessor(tok, (), 1, skip_special_tokens=skip, include_stop_str=include,
+                                    stop_token_ids=stop_token_ids)
+        event = pb.TokenEvent(request_id="r", index=0, token_ids=ids, finish_reason=finish)
+        return processor.process(event).text
+
+    stop, length = pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH
+    assert text(hi + [end] + hi, length, skip=False) == "Hi<|im_end|>Hi"
+    assert text(hi + [end] + hi, length) == "HiHi"
+    assert text(hi + [end], stop, skip=False) == "Hi"  # EOS ended it
+    assert text(hi + [end], stop, skip=False, include=True) == "Hi<|im_end|>"
+    assert text(hi + comma, stop, stop_token_ids=tuple(comma)) == "Hi"  # a stop token id that is not special
+    assert text(hi + comma, stop, stop_token_ids=tuple(comma), include=True) == "Hi,"
+    assert text(hi + comma, stop) == "Hi,"  # ended by a grammar: its last token is text

@@ -762,6 +762,8 @@ BAD_COMPLETIONS = [
     {"prompt": ""}, {"prompt": []}, {}, {"prompt": ["a", ""]}, {"prompt": ["a", [1, "b"]]}, {"prompt": {"text": "x"}},
     {"prompt": ["a", "b"], "n": 2},  # 4 choices: more than MAX_PENDING
     {"prompt": ["a"] * 1025},
+    # the batch's later prompts are checked before its first is queued
+    {"prompt": ["a", [10**9]]}, {"prompt": ["a", "x" * (MAX_MODEL_LEN * 100)]},
     {"prompt": [100] * MAX_MODEL_LEN},  # no room left in the workers' context (the config allows 8192)
     {"prompt": [100] * 2000, "max_tokens": 100}, {"prompt": "x", "max_tokens": 0},
     {"prompt": "x", "max_tokens": "ten"}, {"prompt": "x", "max_tokens": 2.5},

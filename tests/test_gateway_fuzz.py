@@ -391,27 +391,43 @@ def test_a_request_whose_queueing_failed_part_way_is_cancelled(failure):
     assert cancelled == queued and len(queued) == 1 and frontend.num_pending == 0
 
 
-def test_an_unstreamed_response_s_logprobs_are_bounded():
-    """An unstreamed response is built and serialized whole on the event loop: n=128 samples of a full
-    context at top_logprobs 20 would be ~2 GB and minutes of every other stream's time (one 8k-token
-    choice measured ~1 s here). Past MAX_RESPONSE_LOGPROBS records it is a 400 (streaming is not
-    bounded so: each chunk carries its own tokens'); one full context at top 20 still fits."""
+def test_a_response_s_logprobs_are_bounded():
+    """Responses are built and serialized on the event loop: n=128 samples of a full context at
+    top_logprobs 20 would be ~2 GB and minutes of every other stream's time (one 8k-token choice
+    measured ~1 s here). Past MAX_RESPONSE_LOGPROBS records a request is a 400: the output's counted
+    unstreamed (streamed chunks carry their own tokens'), a scored prompt's (echo with logprobs,
+    prompt_logprobs: one piece) streamed too, each prompt of a batch at its most tokens. One full
+    context at top 20 still fits, and so does completions' default of 16 tokens."""
     from splitserve.services.gateway.frontend import Frontend
     from splitserve.services.gateway.limits import MAX_RESPONSE_LOGPROBS
 
     services = SimpleNamespace(model=None, cluster=SimpleNamespace(snapshot=SimpleNamespace(max_model_len=8192)))
     frontend = Frontend(SimpleNamespace(max_pending=256), services)
     chat = ChatPrompt((ChatMessage("user", "Hi"),))
+    long = TokenPrompt((1,) * 8000)
 
-    def request(n: int, max_tokens: int | None, top: int, logprobs: bool = True) -> GenerationRequest:
-        sampling = SamplingOptions(max_tokens=max_tokens, logprobs=logprobs, top_logprobs=top)
-        return GenerationRequest(Api.CHAT, chat, sampling, n=n)
+    def request(n: int, max_tokens: int | None, top: int, logprobs: bool = True, api: Api = Api.CHAT,
+                prompt=chat, batch=(), **options) -> GenerationRequest:
+        sampling = SamplingOptions(max_tokens=max_tokens, logprobs=logprobs, top_logprobs=top, **options)
+        return GenerationRequest(api, prompt, sampling, n=n, batch=batch)
 
-    for fits in [request(1, None, 20), request(64, 100, 20), request(128, None, 0, logprobs=False)]:
-        frontend.check_response_size(fits)
-    for n, max_tokens in [(2, None), (128, 100)]:
+    fits = [(request(1, None, 20), False), (request(64, 100, 20), False),
+            (request(128, None, 0, logprobs=False), False), (request(128, None, 20), True),
+            (request(2, None, 20, api=Api.COMPLETIONS, prompt=TextPrompt("x")), False),  # 16 tokens each
+            (request(1, 1, 0, logprobs=False, api=Api.COMPLETIONS, prompt=long, prompt_logprobs=20), True),
+            (request(1, 1, 0, logprobs=False, api=Api.COMPLETIONS, prompt=TextPrompt("x" * 1000),
+                     batch=(TextPrompt("y" * 1000),) * 9, prompt_logprobs=20), True)]
+    for fitting, streamed in fits:
+        frontend.check_response_size(fitting, streamed)
+    too_many = [(request(2, None, 20), False), (request(128, 100, 20), False),
+                (request(1, 1, 0, logprobs=False, api=Api.COMPLETIONS, prompt=long, batch=(long,) * 255,
+                         prompt_logprobs=20), True),  # 256 prompts: each choice's first chunk holds 168k
+                (GenerationRequest(Api.COMPLETIONS, long, SamplingOptions(max_tokens=1, logprobs=True,
+                                                                          top_logprobs=20), echo=True,
+                                   batch=(long,)), True)]
+    for refused_request, streamed in too_many:
         with pytest.raises(ApiError) as refused:
-            frontend.check_response_size(request(n, max_tokens, 20))
+            frontend.check_response_size(refused_request, streamed)
         assert refused.value.param == "logprobs" and str(MAX_RESPONSE_LOGPROBS) in refused.value.message
 
 
@@ -453,3 +469,36 @@ def test_a_batch_of_prompts_queues_n_samples_of_each_prompt_in_choice_order():
     assert num_choices == 6 and [m.request_id for m in queued] == [f"{request_id}-{i}" for i in range(6)]
     assert [list(m.prompt_token_ids) for m in queued] == expected
     assert [m.sampling.seed for m in queued] == [5, 6] * 3
+
+
+def test_a_message_s_name_and_chat_template_kwargs_reach_a_template_that_reads_them():
+    """A template that renders names and reads a variable (as Qwen 3's reads enable_thinking) gets
+    both; a variable it does not read is dropped (vLLM's rule); a name that would clash with the
+    template's functions is refused at parsing, and a value the template cannot use is a 400, never
+    a 500."""
+    import copy
+    import dataclasses
+
+    from splitserve.services.gateway.openai_api import parse_chat
+
+    model = ServedModel.load(None, None)
+    tokenizer = copy.copy(model.tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m.role }}{% if m.name %}({{ m.name }}){% endif %}: "
+                               "{{ m.content }}\n{% endfor %}{% if enable_thinking %}<think>{% endif %}"
+                               "{% for i in range(limit or 0) %}.{% endfor %}")
+    served = dataclasses.replace(model, tokenizer=tokenizer)
+    assert served.template_variables == {"messages", "enable_thinking", "limit"}
+
+    def render(**body) -> str:
+        messages = [{"role": "user", "content": "Hi", "name": "ann"}]
+        return tokenizer.decode(served.encode(parse_chat({"messages": messages, **body}).generation.prompt))
+
+    assert render() == "user(ann): Hi\n"
+    assert render(chat_template_kwargs={"enable_thinking": True, "limit": 2, "unread": 1}) == (
+        "user(ann): Hi\n<think>..")
+    with pytest.raises(ApiError) as refused:
+        render(chat_template_kwargs={"range": 1})
+    assert refused.value.param == "chat_template_kwargs"
+    with pytest.raises(ApiError) as refused:
+        render(chat_template_kwargs={"limit": "two"})  # range("two"): a TypeError in the template
+    assert refused.value.param == "messages" and refused.value.kind.error_type == "invalid_request_error"

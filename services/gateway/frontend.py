@@ -34,7 +34,7 @@ from .openai_api import TokenizeRequest
 from .output import OutputProcessor, PromptWanted
 from .router import GatewayAbort, Reply, ReplyRouter
 from .sampling import resolve_max_tokens, sampling_proto
-from .schema import Finish, GenerationRequest, Output, TextPrompt, Usage
+from .schema import Finish, GenerationRequest, Output, Prompt, TextPrompt, TokenPrompt, Usage
 from .stats import RequestStats
 from .trace import RequestTrace
 
@@ -88,27 +88,32 @@ class Frontend:
         if model not in (None, "", self.model.name):
             raise invalid(f"The model `{preview(model)}` does not exist.", "model", "model_not_found")
 
-    def check_response_size(self, request: GenerationRequest) -> None:
-        """An unstreamed response is built, and serialized, whole on the event loop: refuse one whose
-        log probabilities could exceed MAX_RESPONSE_LOGPROBS records (n=128 at top_logprobs 20 over a
-        full context would be ~2 GB and minutes of every other stream's time). Streamed, each chunk
-        carries only its own tokens'."""
-        sampling = request.sampling
-        if not sampling.logprobs:
-            return
-        max_tokens = sampling.max_tokens or self.max_model_len
-        records = request.num_choices * max_tokens * (1 + sampling.top_logprobs)
-        if records > MAX_RESPONSE_LOGPROBS:
-            raise invalid(f"choices ({request.num_choices}) x max_tokens ({max_tokens}) x (1 + top_logprobs "
-                          f"({sampling.top_logprobs})) = {records} log probabilities; an unstreamed response "
-                          f"holds at most {MAX_RESPONSE_LOGPROBS}: stream it, or ask for fewer", "logprobs")
+    def check_response_size(self, request: GenerationRequest, streamed: bool) -> None:
+        """Responses are built, and serialized, on the event loop: refuse one whose log probabilities
+        could exceed MAX_RESPONSE_LOGPROBS records (n=128 at top_logprobs 20 over a full context would
+        be ~2 GB and minutes of every other stream's time). Each scored prompt's records (echo with
+        logprobs, prompt_logprobs) come in one piece, streamed too; the output's count only unstreamed
+        (each chunk carries its own tokens'). Counted at most: a prompt's tokens before tokenizing."""
+        sampling, max_model_len = request.sampling, self.max_model_len
+        scored = request.scored_prompt
+        prompts = 0 if scored is None else (1 + scored) * sum(
+            min(_most_tokens(prompt), max_model_len) for prompt in request.prompts)
+        max_tokens = min(sampling.max_tokens or request.api.default_max_tokens or max_model_len,
+                         max_model_len)
+        outputs = 0 if streamed or not sampling.logprobs else (
+            request.num_choices * max_tokens * (1 + sampling.top_logprobs))
+        if prompts + outputs > MAX_RESPONSE_LOGPROBS:
+            raise invalid(f"this request's log probabilities could number {prompts + outputs} ({prompts} "
+                          f"of its prompts', {outputs} of its {request.num_choices} choices' of up to "
+                          f"{max_tokens} tokens); a response holds at most {MAX_RESPONSE_LOGPROBS}: ask for "
+                          f"fewer{'' if streamed else ', or stream it'}", "logprobs")
 
     def check_admission(self, request: GenerationRequest, slots: int = 1) -> None:
         """The cheap refusals, before any work is spent on the request (which takes `slots` of
         --max-pending: one per sample); ApiError when refused."""
         self.check_model(request.model)
         if slots > self.config.max_pending:
-            raise invalid(f"n x prompts ({slots}) is more than this gateway serves at once "
+            raise invalid(f"{slots} choices (n per prompt) are more than this gateway serves at once "
                           f"({self.config.max_pending})", "n")
         if self.draining:
             raise ApiError(ErrorKind.UNAVAILABLE, "the gateway is shutting down")
@@ -189,6 +194,17 @@ class Frontend:
             await self.services.cancels.cancel(request_id)
         except RedisError as exc:
             log.warning("cancel not published", error=str(exc))
+
+
+def _most_tokens(prompt: Prompt) -> int:
+    """The most tokens prompt can tokenize to: a byte-level token covers at least one UTF-8 byte (a
+    few more for the special tokens a tokenizer adds); a chat's template adds any number."""
+    match prompt:
+        case TokenPrompt(token_ids):
+            return len(token_ids)
+        case TextPrompt(text):
+            return len(text.encode("utf-8", "surrogatepass")) + 8
+    return 2**31
 
 
 def _prompt_wanted(request: GenerationRequest, queued: pb.QueuedRequest) -> PromptWanted | None:
@@ -349,6 +365,10 @@ class Generations:
         if self.n == 1:
             self.children.append(await Generation(self.frontend, self.request, self.request_id).__aenter__())
             return self
+        for prompt in self.request.batch:  # before any prompt is queued: the first is checked as it is
+            self.frontend.model.check_prompt_size(prompt, self.frontend.max_model_len)
+            if isinstance(prompt, TokenPrompt):
+                self.frontend.model.check_token_ids(prompt.token_ids, "prompt")
         self.trace = RequestTrace.start(self.frontend.services.tracer, self.request, self.request_id, time.time())
         try:
             for prompt in self.request.prompts:

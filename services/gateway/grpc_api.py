@@ -42,6 +42,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             self._authorize(context)
             parsed = dataclasses.replace(request_from_proto(request), traceparent=grpc_traceparent(context))
+            self.frontend.check_response_size(parsed, streamed=True)
             async with self.frontend.generate_n(parsed) as generations:
                 # The client's own id, when it gave one, is what it hears back; ours stays inside.
                 name = parsed.client_request_id or generations.request_id

@@ -105,8 +105,7 @@ class HttpRoutes:
         client_id = client_request_id(request.headers.get("X-Request-Id", ""))
         generation_request = dataclasses.replace(parsed.generation, client_request_id=client_id,
                                                  traceparent=request.headers.get(TRACEPARENT))
-        if not parsed.stream:
-            self.frontend.check_response_size(generation_request)
+        self.frontend.check_response_size(generation_request, parsed.stream)
         async with self.frontend.generate_n(generation_request) as generations:
             renderer = renderer_for(parsed.generation, generations.request_id, self.frontend.model.name,
                                     parsed.include_usage)

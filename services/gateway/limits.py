@@ -22,9 +22,9 @@ MAX_PROMPTS = 1024  # prompts in one completions request (a batch; each choice t
 MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
-MAX_NAME_CHARS = 256  # chat message roles
-# Logprob records (a token's own and its top ones) one unstreamed response may hold: ~17 MB of JSON
-# and ~1.5 s of the event loop's time here, one full 8k-token context at top_logprobs 20 (172k).
+MAX_NAME_CHARS = 256  # chat message roles and names, chat_template_kwargs' strings
+# Logprob records (a token's own and its top ones) one response may hold: ~17 MB of JSON and ~1.5 s
+# of the event loop's time here, one full 8k-token context at top_logprobs 20 (172k).
 MAX_RESPONSE_LOGPROBS = 1 << 18
 MAX_CLIENT_REQUEST_ID_CHARS = 128
 CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/@+=-]+")  # printable, no spaces or quotes

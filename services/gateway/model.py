@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 
 from splitserve.engine.model_source import resolve_model
 
@@ -102,6 +104,20 @@ class ServedModel:
                 self.check_token_ids(token_ids, "prompt")
                 return list(token_ids)
 
+    @functools.cached_property
+    def template_variables(self) -> frozenset[str] | None:
+        """The variables the chat template reads that it does not set itself (None: not known, a
+        template jinja cannot parse alone): chat_template_kwargs reach it only under these names,
+        as vLLM's do (a name it does not read would change nothing)."""
+        template = self.tokenizer.chat_template
+        if not isinstance(template, str):
+            return None
+        try:
+            parsed = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+        except jinja2.TemplateSyntaxError:  # transformers' own tags ({% generation %})
+            return None
+        return frozenset(jinja2.meta.find_undeclared_variables(parsed))
+
     @property
     def template_renders_tools(self) -> bool:
         return "tools" in (self.tokenizer.chat_template or "")
@@ -137,13 +153,16 @@ class ServedModel:
                              tools: list | None = None) -> list[int]:
         if not self.tokenizer.chat_template:
             raise invalid(f"model {self.name} has no chat template; use /v1/completions", "messages")
+        known = self.template_variables
+        kwargs = {name: value for name, value in prompt.template_kwargs if known is None or name in known}
         try:
             ids = self.tokenizer.apply_chat_template(
                 messages, tools=tools, tokenize=True, add_generation_prompt=prompt.add_generation_prompt,
-                continue_final_message=prompt.continue_final_message, **dict(prompt.template_kwargs))
+                continue_final_message=prompt.continue_final_message, **kwargs)
         except jinja2.TemplateError as exc:  # templates raise on e.g. roles they do not support
             raise invalid(f"chat template error: {exc}", "messages") from None
-        except ValueError as exc:  # continue_final_message: the last message is not in the rendering
+        except (ValueError, TypeError) as exc:  # continue_final_message with the last message not in
+            # the rendering; a chat_template_kwargs value the template cannot use
             raise invalid(f"chat template: {exc}", "messages") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 

@@ -46,11 +46,14 @@ _UNSUPPORTED = {
 MAX_CHOICES = 256  # guided_choice: options, each at most MAX_CHOICE_CHARS
 MAX_TEMPLATE_KWARGS = 16
 _TEMPLATE_KWARG = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-# transformers' apply_chat_template's own parameters (and the template's messages): not template variables.
+# Not template variables a client may set: transformers' apply_chat_template's and render's own
+# parameters, the template's messages, and the functions a template calls (jinja's and transformers').
 _TEMPLATE_PARAMETERS = frozenset({
-    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
-    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
-    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+    "self", "conversation", "conversations", "messages", "tools", "documents", "chat_template",
+    "add_generation_prompt", "continue_final_message", "tokenize", "sanitize_control_tokens", "padding",
+    "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+    "tokenizer_kwargs", "kwargs", "raise_exception", "strftime_now", "range", "dict", "lipsum", "cycler",
+    "joiner", "namespace"})
 MAX_CHOICE_CHARS = 256
 
 

@@ -102,6 +102,7 @@ class OutputProcessor:
         self._detokenizer = IncrementalDetokenizer(self.tokenizer, self.skip_special_tokens, self.prompt_tail)
         self._stop = StopMatcher(self.stop, self.include_stop_str)
         self._token_texts: dict[int, str] = {}
+        self._special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ()))
         self._logprob_offset = 0  # characters of the chosen tokens' texts so far (text_offset)
 
     @property
@@ -119,7 +120,8 @@ class OutputProcessor:
         first = event.index == 0 and not self.token_ids and event.token_ids
         new, logprobs = self._new_tokens(event)
         prompt = self._prompt_scores(event) if first and self.prompt is not None else None
-        new_ids, text = self._accept(new)
+        by_token = event.finish_reason == pb.FINISH_REASON_STOP and bool(new) and self._is_stop_token(new[-1])
+        new_ids, text = self._accept(new, silent_last=by_token and not self.include_stop_str)
         logprobs = tuple(self._position(token, lp) for token, lp in zip(new_ids, logprobs))
         if self.finish is None and self.upstream_finished:
             self.finish = FINISH_FROM_PROTO[event.finish_reason]
@@ -217,12 +219,20 @@ class OutputProcessor:
                     for rank, (t, lp) in enumerate(zip(logprobs.top_token_ids, logprobs.top_logprobs), 1))
         return PositionLogprobs(chosen, top, offset)
 
-    def _accept(self, new_ids: list[int]) -> tuple[tuple[int, ...], str]:
-        """Detokenizes token by token so a stop string ends generation at the token completing it."""
+    def _is_stop_token(self, token_id: int) -> bool:
+        """EOS (special, as every token a model ends on) or one of the request's stop_token_ids."""
+        return token_id in self.stop_token_ids or token_id in self._special_ids
+
+    def _accept(self, new_ids: list[int], silent_last: bool = False) -> tuple[tuple[int, ...], str]:
+        """Detokenizes token by token so a stop string ends generation at the token completing it;
+        silent_last: the last token is the stop token that ended the request, counted but, as vLLM,
+        not in the text (skip_special_tokens: false would show EOS, a stop token id its own text)."""
         accepted, text = [], ""
-        for token_id in new_ids:
+        for n, token_id in enumerate(new_ids):
             accepted.append(token_id)
             self.token_ids.append(token_id)
+            if silent_last and n == len(new_ids) - 1:
+                break
             checked = len(self.token_ids) > self.min_tokens
             emitted, stopped = self._stop.feed(self._detokenizer.add(token_id), checked)
             text += emitted
