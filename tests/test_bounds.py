@@ -421,6 +421,37 @@ def test_a_submit_of_a_request_id_still_busy_is_resource_exhausted_not_invalid()
     assert refused.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+@pytest.mark.parametrize("outcome", ["refused", "taken"])
+def test_a_submit_whose_caller_gave_up_is_untracked_if_the_engine_then_refuses_it(outcome) -> None:
+    """The engine takes a request between two steps; the Submit's deadline may cancel the call first.
+    The engine's later refusal must still untrack it: heartbeats listing it would keep the scheduler
+    waiting for a request that never runs (it now keeps a timed-out Submit placed). Taken, it stays."""
+    from splitserve.worker.common import add_to_engine
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def call(fn):
+            await release.wait()  # the current engine step
+            if outcome == "refused":
+                raise ValueError("prompt, output or stop_token_ids contain a token id outside the vocabulary")
+
+        loop = SimpleNamespace(engine=None, call=call)
+        tracked: dict = {}
+        request = pb.QueuedRequest(request_id="r1", prompt_token_ids=[1, 2], sampling=pb.SamplingParams(
+            max_tokens=4, top_p=1.0))
+        submit = asyncio.create_task(add_to_engine(loop, tracked, request, "entry"))
+        await asyncio.sleep(0.01)
+        submit.cancel()  # the Submit's deadline
+        await asyncio.gather(submit, return_exceptions=True)
+        release.set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        return tracked
+
+    assert asyncio.run(scenario()) == ({} if outcome == "refused" else {"r1": "entry"})
+
+
 def _decode_server(max_waiting: int) -> DecodeServer:
     """A decode server around a stand-in engine: Submit checks and queues, nothing is admitted."""
     engine = SimpleNamespace(layout=LAYOUT, sequences={}, prefix_cache_stats=PrefixCacheStats(),
@@ -484,10 +515,12 @@ def test_a_decode_request_resent_while_its_first_copy_is_refused_stays_queued() 
             await server.submit(_decode_request(rid))
         resent_before = server.requests["r0"]
         admitted = await server._try_admit("r0")
+        await server.background.wait()  # a failure the refusal started, if any, has run
         return admitted, server, resent_before
 
     admitted, server, first = asyncio.run(scenario())
     assert admitted and list(server.waiting) == ["r1", "r0"]
+    assert set(server.waiting) <= set(server.requests)  # what admission reads for the head, later
     assert server.requests["r0"] is not first and server.requests["r0"].submit.request.request_id == "r0"
 
 

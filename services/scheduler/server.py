@@ -137,6 +137,7 @@ class SchedulerServer:
         self.lease = Lease(redis, config.consumer, config.leader_lease_s)
         self.epoch = 0  # this scheduler's fencing epoch once it took the lease
         self.leading = asyncio.Event()  # set once it leads and has taken over
+        self._taking_over: asyncio.Task | None = None  # from taking the lease until it leads
         self._deposed = asyncio.Event()  # a worker refused this scheduler's epoch
         self.deposed_reason = ""
         self.heard = asyncio.Event()  # a worker registered or heartbeated
@@ -161,8 +162,14 @@ class SchedulerServer:
         stays); should another have led meanwhile, the epochs tell, and it exits then. A take-over
         that fails raises its error here: holding the lease without leading would stall the cluster,
         where this scheduler's exit lets a standby (or its restart) take the lease."""
+        try:
+            await self._lead()
+        finally:  # deposed or stopped part way through taking over: it must not go on leading
+            if self._taking_over is not None:
+                self._taking_over.cancel()
+
+    async def _lead(self) -> None:
         lease_s = self.config.leader_lease_s
-        taking_over: asyncio.Task | None = None
         while True:
             epoch = await self.lease.try_lead()
             if epoch == 0 and self.epoch:
@@ -170,7 +177,8 @@ class SchedulerServer:
                 raise Deposed(self.deposed_reason)
             if epoch and not self.epoch:
                 self.epoch = epoch
-                taking_over = asyncio.create_task(self._take_over(), name="take-over")  # renewed meanwhile
+                # The lease is renewed meanwhile.
+                self._taking_over = asyncio.create_task(self._take_over(), name="take-over")
             elif epoch and epoch != self.epoch:
                 if epoch != self.epoch + 1:
                     self.deposed_reason = f"other schedulers led meanwhile (epoch {self.epoch}, now {epoch})"
@@ -178,9 +186,9 @@ class SchedulerServer:
                 log.warning("the leader lease ran out (redis unreachable?) and was taken again",
                             epoch=epoch, previous=self.epoch)
                 self.epoch = epoch
-            if taking_over is not None and taking_over.done():
-                taking_over, done = None, taking_over
-                done.result()
+            if self._taking_over is not None and self._taking_over.done():
+                taking_over, self._taking_over = self._taking_over, None
+                taking_over.result()
             await asyncio.sleep(lease_s / 3 if self.epoch else lease_s / 6)  # a timer, not a poll
 
     async def watch_deposed(self) -> None:

@@ -87,7 +87,8 @@ async def run_until_signal(tasks: list[Awaitable], shutdown: Callable[[], Awaita
     stopper.cancel()
     code = 0 if stop.is_set() else 1
     for task in done - {stopper}:
-        error = "cancelled" if task.cancelled() else describe(task.exception())
+        exc = None if task.cancelled() else task.exception()
+        error = "cancelled" if task.cancelled() else "returned" if exc is None else describe(exc)
         log.error("fatal: a background task ended", task=_name(task), error=error)
         code = 1
     log.info("shutting down", exit_code=code)

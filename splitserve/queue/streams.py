@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from splitserve.common.auth import RedisCredentials
+from splitserve.common.logging import describe
 
 from .reconnect import RedisLink
 
@@ -391,10 +392,10 @@ class ReplyReader(Generic[T]):
                 unrenewed_s = time.monotonic() - renewed
                 if unrenewed_s >= REPLY_RENEW_LIMIT_S:
                     log.error("the reply stream could not be renewed; giving up", stream=self.key,
-                              unrenewed_s=round(unrenewed_s, 1), error=str(exc))
+                              unrenewed_s=round(unrenewed_s, 1), error=describe(exc))
                     raise
                 log.error("the reply stream was not renewed; trying again", stream=self.key,
-                          unrenewed_s=round(unrenewed_s, 1), error=str(exc))
+                          unrenewed_s=round(unrenewed_s, 1), error=describe(exc))
                 continue
             renewed = time.monotonic()
 

@@ -321,21 +321,30 @@ async def add_to_engine(loop, tracked: dict, request: pb.QueuedRequest, entry) -
     """Track entry under the request's id, then queue the request in the engine (loop: EngineLoop).
 
     Tracked first, because the engine's step may end before the call returns; untracked again if
-    the engine refuses the request (ValueError, raised here).
+    the engine refuses the request (its error, ValueError or RequestIdBusy, raised here).
     """
     rid = request.request_id
     params = sampling_from_proto(request.sampling)
     ids = list(request.prompt_token_ids)
     salt = request.cache_salt or None
     tracked[rid] = entry
+
+    def untrack() -> None:
+        if tracked.get(rid) is entry:
+            del tracked[rid]
+
     try:
         matcher = await grammar_matcher(loop.engine, params, [])
-        if tracked.get(rid) is not entry:  # aborted while its grammar was built
-            return
-        await loop.call(lambda e: e.add_request(rid, ids, params, salt, matcher))
-    except ValueError:
-        tracked.pop(rid, None)
+    except BaseException:  # a grammar refused, or the Submit's caller gone (its deadline): never queued
+        untrack()
         raise
+    if tracked.get(rid) is not entry:  # aborted while its grammar was built
+        return
+    # The engine takes it between two steps, maybe after the Submit's deadline cancelled this call:
+    # its refusal must untrack it even then (else heartbeats would list a request that never runs).
+    added = asyncio.ensure_future(loop.call(lambda e: e.add_request(rid, ids, params, salt, matcher)))
+    added.add_done_callback(lambda done: done.cancelled() or done.exception() is None or untrack())
+    await asyncio.shield(added)
 
 
 class RunningServer(Protocol):
