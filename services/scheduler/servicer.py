@@ -33,7 +33,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"prefix_cache_namespace is longer than {MAX_NAMESPACE_CHARS} characters")
         await _check_stats(request.stats, context)
-        await _check_layout(request.worker.kv_layout, context)
         tls = self.server.config.cluster_auth.tls is not None
         if tls and peer_role(context) != ROLE_NAMES.get(request.worker.role):
             # A prefill server's certificate cannot enrol a decode server (and be sent KV handles).
@@ -47,6 +46,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"worker {request.worker.instance_id[:64]!r} advertises {address[:80]!r}, "
                                 f"which does not resolve to the address it connected from ({context.peer()})")
+        await _check_layout(request.worker.kv_layout, context)  # once the caller may register this worker
         self.server.register(request.worker, request.stats)
         self.server.heartbeat(self.server.registry.workers[request.worker.instance_id],
                               set(request.held_request_ids))
