@@ -312,6 +312,31 @@ def test_a_prefill_server_that_goes_takes_its_unplaced_kv_with_it_and_a_request_
     assert failed.finish_reason == pb.FINISH_REASON_ERROR and "gave up" in failed.error
 
 
+def _prefill_done_with(**kv_fields):
+    """A leader with prefill server p and decode server d, after p's PrefillDone for r1 (a 10-token
+    prompt) with a KV handle in p's registered layout, transport and addresses but for kv_fields;
+    returns it and the decode servers it submitted r1 to (nothing is sent)."""
+    import asyncio
+
+    from splitserve.services.scheduler.server import Stage, Tracked
+
+    async def scenario():
+        server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d", spb.WORKER_ROLE_DECODE))
+        submitted = []
+        server._submit_decode = lambda tracked, worker, submit, span: submitted.append(
+            worker.instance_id) or asyncio.sleep(0)
+        request = pb.QueuedRequest(request_id="r1", prompt_token_ids=[1] * 10, reply_stream="c")
+        server.tracked["r1"] = Tracked(b"1-0", request, Stage.PREFILL, "p")
+        fields = dict(request_id="r1", layout=LAYOUT, transport=pb.KV_TRANSPORT_UCX, num_tokens=10,
+                      prefill_grpc_address="127.0.0.1:1", ucx_address="127.0.0.1:7000")
+        kv = pb.KvHandle(**{**fields, **kv_fields})
+        await server.prefill_done(spb.PrefillDoneRequest(request_id="r1", instance_id="p", kv=kv))
+        await asyncio.sleep(0)
+        return server, submitted
+
+    return asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("grpc_address, ucx_address, accepted", [
     ("127.0.0.1:1", "127.0.0.1:7000", True),  # where the prefill server registered, its UCX beside it
     ("10.9.9.9:1", "127.0.0.1:7000", False),  # a decode server would call another machine
@@ -320,23 +345,9 @@ def test_a_prefill_server_that_goes_takes_its_unplaced_kv_with_it_and_a_request_
 def test_a_kv_handle_must_name_its_prefill_servers_registered_addresses(grpc_address, ucx_address, accepted):
     """A prefill server (or a member forging its PrefillDone) cannot point a decode server at an
     address it did not register: the request fails, its client told why, and no decode server gets it."""
-    import asyncio
+    from splitserve.services.scheduler.server import Stage
 
-    from splitserve.services.scheduler.server import Stage, Tracked
-
-    async def scenario():
-        server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d", spb.WORKER_ROLE_DECODE))
-        submitted = []
-        server._submit_decode = lambda tracked, worker, submit, span: submitted.append(worker.instance_id) or asyncio.sleep(0)
-        request = pb.QueuedRequest(request_id="r1", prompt_token_ids=[1] * 10, reply_stream="c")
-        server.tracked["r1"] = Tracked(b"1-0", request, Stage.PREFILL, "p")
-        kv = pb.KvHandle(request_id="r1", layout=LAYOUT, transport=pb.KV_TRANSPORT_UCX, num_tokens=10,
-                         prefill_grpc_address=grpc_address, ucx_address=ucx_address)
-        await server.prefill_done(spb.PrefillDoneRequest(request_id="r1", instance_id="p", kv=kv))
-        await asyncio.sleep(0)
-        return server, submitted
-
-    server, submitted = asyncio.run(scenario())
+    server, submitted = _prefill_done_with(prefill_grpc_address=grpc_address, ucx_address=ucx_address)
     if accepted:
         assert submitted == ["d"] and server.tracked["r1"].stage is Stage.DECODE
     else:
@@ -355,24 +366,7 @@ def test_a_kv_handle_its_prefill_server_s_registration_contradicts_fails_the_req
     """The scheduler picks a decode server, and counts the blocks it will need, by the handle's
     layout and size: a handle that is not what its prefill server registered, or not the size of the
     prompt, fails the request with the reason instead of crashing the dispatch loop or waiting forever."""
-    import asyncio
-
-    from splitserve.services.scheduler.server import Stage, Tracked
-
-    async def scenario():
-        server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d", spb.WORKER_ROLE_DECODE))
-        submitted = []
-        server._submit_decode = lambda tracked, worker, submit, span: submitted.append(worker.instance_id) or asyncio.sleep(0)
-        request = pb.QueuedRequest(request_id="r1", prompt_token_ids=[1] * 10, reply_stream="c")
-        server.tracked["r1"] = Tracked(b"1-0", request, Stage.PREFILL, "p")
-        fields = dict(request_id="r1", layout=LAYOUT, transport=pb.KV_TRANSPORT_UCX, num_tokens=10,
-                      prefill_grpc_address="127.0.0.1:1", ucx_address="127.0.0.1:7000")
-        kv = pb.KvHandle(**{**fields, **change})
-        await server.prefill_done(spb.PrefillDoneRequest(request_id="r1", instance_id="p", kv=kv))
-        await asyncio.sleep(0)
-        return server, submitted
-
-    server, submitted = asyncio.run(scenario())
+    server, submitted = _prefill_done_with(**change)
     assert submitted == [] and "r1" not in server.tracked
     (event,) = server.replies.published
     assert event.finish_reason == pb.FINISH_REASON_ERROR and why in event.error
