@@ -890,6 +890,12 @@ def test_tokenize_and_detokenize_as_vllm_answers_them(gateway):
     templated = gateway.tokenizer.apply_chat_template(messages, tokenize=True)
     assert chat["tokens"] == list(templated["input_ids"] if hasattr(templated, "keys") else templated)
     assert chat["token_strs"] is None
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    with_tools = gateway.post("/tokenize", {"messages": messages, "tools": [tool]}).json()["tokens"]
+    completion = gateway.post("/v1/chat/completions", {"model": MODEL, "messages": messages, "tools": [tool],
+                                                       "max_tokens": 1}).json()
+    queued = next(r for r in gateway.fake.received if r.request_id == completion["id"])
+    assert with_tools == list(queued.prompt_token_ids)  # what the chat request tokenized, tools included
     with_prompt = gateway.post("/tokenize", {"messages": messages}).json()["tokens"]
     assert with_prompt[:len(chat["tokens"])] == chat["tokens"] and len(with_prompt) > len(chat["tokens"])
     assert gateway.post("/detokenize", {"model": MODEL, "tokens": ids}).json() == {"prompt": text}

@@ -151,6 +151,9 @@ def parse_tokenize(body: dict[str, Any]) -> TokenizeRequest:
     fields = Fields(body)
     if "messages" in body:
         prompt: Prompt = _chat_prompt(fields)
+        tools, choice = parse_tools(fields.get("tools", list, []), body.get("tool_choice"))
+        if choice.active:  # the tokens a chat request with these tools gets (as vLLM's /tokenize)
+            prompt = dataclasses.replace(prompt, tools=tools)
     elif isinstance(body.get("prompt"), str) and body["prompt"]:
         prompt = TextPrompt(body["prompt"])
     else:
