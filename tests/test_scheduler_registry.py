@@ -312,16 +312,18 @@ def test_a_prefill_server_that_goes_takes_its_unplaced_kv_with_it_and_a_request_
     assert failed.finish_reason == pb.FINISH_REASON_ERROR and "gave up" in failed.error
 
 
-def _prefill_done_with(**kv_fields):
-    """A leader with prefill server p and decode server d, after p's PrefillDone for r1 (a 10-token
-    prompt) with a KV handle in p's registered layout, transport and addresses but for kv_fields;
-    returns it and the decode servers it submitted r1 to (nothing is sent)."""
+def _prefill_done_with(decode_transport: int = pb.KV_TRANSPORT_UCX, **kv_fields):
+    """A leader with prefill server p and decode server d (over decode_transport), after p's
+    PrefillDone for r1 (a 10-token prompt) with a KV handle in p's registered layout, transport and
+    addresses but for kv_fields; returns it and the decode servers it submitted r1 to (nothing is
+    sent)."""
     import asyncio
 
     from splitserve.services.scheduler.server import Stage, Tracked
 
     async def scenario():
         server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d", spb.WORKER_ROLE_DECODE))
+        server.registry.workers["d"].info.kv_transport = decode_transport
         submitted = []
         server._submit_decode = lambda tracked, worker, submit, span: submitted.append(
             worker.instance_id) or asyncio.sleep(0)
@@ -370,6 +372,16 @@ def test_a_kv_handle_its_prefill_server_s_registration_contradicts_fails_the_req
     assert submitted == [] and "r1" not in server.tracked
     (event,) = server.replies.published
     assert event.finish_reason == pb.FINISH_REASON_ERROR and why in event.error
+
+
+def test_a_kv_handle_no_registered_decode_server_takes_fails_the_request_at_once():
+    """Prefill and decode servers configured with different KV transports (or dtypes, block sizes):
+    a prefilled request fails with the reason, instead of waiting for a decode server until its
+    client's idle timeout (504 after five minutes, 'the cluster sent nothing')."""
+    server, submitted = _prefill_done_with(decode_transport=pb.KV_TRANSPORT_GRPC)
+    assert submitted == [] and "r1" not in server.tracked
+    (event,) = server.replies.published
+    assert event.finish_reason == pb.FINISH_REASON_ERROR and "configured differently" in event.error
 
 
 # -- reconciliation: what heartbeats say a worker holds ---------------------------------------------
