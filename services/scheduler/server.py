@@ -505,14 +505,15 @@ class SchedulerServer:
             await self.fail(done.request_id, f"its prefill server reported a KV handle that {mismatch}")
             return
         decode = self.registry.takers(spb.WORKER_ROLE_DECODE)
+        kv = done.kv
         if worker.role != spb.WORKER_ROLE_COLOCATED and decode and not any(
-                w.info.kv_layout == done.kv.layout and w.info.kv_transport == done.kv.transport for w in decode):
+                w.info.kv_layout == kv.layout and w.info.kv_transport == kv.transport for w in decode):
             # Else it would wait for a decode server until its client gave up (504 after minutes).
             log.error("no decode server takes this prefill server's KV layout and transport",
                       request_id=done.request_id, instance_id=done.instance_id)
-            await self.fail(done.request_id, "no decode server takes KV cache in the layout and transport its "
-                                             "prefill server made it in (the cluster's prefill and decode "
-                                             "servers are configured differently)")
+            await self.fail(done.request_id, "no decode server takes KV cache in the layout and transport "
+                                             "its prefill server made it in (the cluster's prefill and "
+                                             "decode servers are configured differently)")
             return
         if worker.role == spb.WORKER_ROLE_COLOCATED:
             # It decodes there too: still its request (a drop requeues it), but no prompt left to run.
