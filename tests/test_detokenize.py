@@ -95,16 +95,19 @@ def test_skip_special_tokens_false_keeps_them_in_the_text_but_not_the_stop_token
     """vLLM's skip_special_tokens: false keeps special tokens in the text, all but the one that
     ended the request (EOS, or one of its stop_token_ids, special or not), which shows only under
     include_stop_str_in_output."""
+    from splitserve.services.gateway.model import ServedModel
     from splitserve.services.gateway.output import OutputProcessor
-
     from splitserve.v1 import common_pb2 as pb
 
     tok = model_fp32.tokenizer
     hi, end, comma = tok("Hi")["input_ids"], tok.convert_tokens_to_ids("<|im_end|>"), tok(",")["input_ids"]
 
+    eos = ServedModel.load(None, None).eos_token_ids  # what the gateway reads, as the engine does
+    assert eos == model_fp32.eos_token_ids and end in eos
+
     def text(ids, finish, skip=True, include=False, stop_token_ids=()) -> str:
         processor = OutputProcessor(tok, (), 1, skip_special_tokens=skip, include_stop_str=include,
-                                    stop_token_ids=stop_token_ids)
+                                    stop_token_ids=stop_token_ids, eos_token_ids=eos)
         event = pb.TokenEvent(request_id="r", index=0, token_ids=ids, finish_reason=finish)
         return processor.process(event).text
 

@@ -412,6 +412,7 @@ def test_a_response_s_logprobs_are_bounded():
         return GenerationRequest(api, prompt, sampling, n=n, batch=batch)
 
     fits = [(request(1, None, 20), False), (request(64, 100, 20), False),
+            (request(1, None, 20, prompt_logprobs=20), False),  # prompt and output share one context
             (request(128, None, 0, logprobs=False), False), (request(128, None, 20), True),
             (request(2, None, 20, api=Api.COMPLETIONS, prompt=TextPrompt("x")), False),  # 16 tokens each
             (request(1, 1, 0, logprobs=False, api=Api.COMPLETIONS, prompt=long, prompt_logprobs=20), True),
@@ -488,6 +489,10 @@ def test_a_message_s_name_and_chat_template_kwargs_reach_a_template_that_reads_t
                                "{% for i in range(limit or 0) %}.{% endfor %}")
     served = dataclasses.replace(model, tokenizer=tokenizer)
     assert served.template_variables == {"messages", "enable_thinking", "limit"}
+    passed = []
+    render_template = tokenizer.apply_chat_template
+    tokenizer.apply_chat_template = lambda *args, **kwargs: passed.append(kwargs) or render_template(
+        *args, **kwargs)
 
     def render(**body) -> str:
         messages = [{"role": "user", "content": "Hi", "name": "ann"}]
@@ -496,9 +501,15 @@ def test_a_message_s_name_and_chat_template_kwargs_reach_a_template_that_reads_t
     assert render() == "user(ann): Hi\n"
     assert render(chat_template_kwargs={"enable_thinking": True, "limit": 2, "unread": 1}) == (
         "user(ann): Hi\n<think>..")
+    assert "unread" not in passed[-1] and passed[-1]["limit"] == 2
     with pytest.raises(ApiError) as refused:
         render(chat_template_kwargs={"range": 1})
     assert refused.value.param == "chat_template_kwargs"
-    with pytest.raises(ApiError) as refused:
-        render(chat_template_kwargs={"limit": "two"})  # range("two"): a TypeError in the template
-    assert refused.value.param == "messages" and refused.value.kind.error_type == "invalid_request_error"
+    for limit in ["two", 200_000]:  # range("two"): a TypeError; the sandbox's range refuses 200,000
+        with pytest.raises(ApiError) as refused:
+            render(chat_template_kwargs={"limit": limit})
+        assert refused.value.param == "messages" and refused.value.kind.error_type == "invalid_request_error"
+    for value in [10**400, 1 << 25, [1]]:  # bounded before any template sees it
+        with pytest.raises(ApiError) as refused:
+            render(chat_template_kwargs={"limit": value})
+        assert refused.value.param == "chat_template_kwargs"

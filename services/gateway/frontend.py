@@ -94,19 +94,17 @@ class Frontend:
         be ~2 GB and minutes of every other stream's time). Each scored prompt's records (echo with
         logprobs, prompt_logprobs) come in one piece, streamed too; the output's count only unstreamed
         (each chunk carries its own tokens'). Counted at most: a prompt's tokens before tokenizing."""
-        sampling, max_model_len = request.sampling, self.max_model_len
-        scored = request.scored_prompt
-        prompts = 0 if scored is None else (1 + scored) * sum(
-            min(_most_tokens(prompt), max_model_len) for prompt in request.prompts)
-        max_tokens = min(sampling.max_tokens or request.api.default_max_tokens or max_model_len,
-                         max_model_len)
-        outputs = 0 if streamed or not sampling.logprobs else (
-            request.num_choices * max_tokens * (1 + sampling.top_logprobs))
-        if prompts + outputs > MAX_RESPONSE_LOGPROBS:
-            raise invalid(f"this request's log probabilities could number {prompts + outputs} ({prompts} "
-                          f"of its prompts', {outputs} of its {request.num_choices} choices' of up to "
-                          f"{max_tokens} tokens); a response holds at most {MAX_RESPONSE_LOGPROBS}: ask for "
-                          f"fewer{'' if streamed else ', or stream it'}", "logprobs")
+        sampling, context = request.sampling, self.max_model_len
+        per_prompt_token = 0 if request.scored_prompt is None else 1 + request.scored_prompt
+        per_output_token = 0 if streamed or not sampling.logprobs else request.n * (1 + sampling.top_logprobs)
+        max_tokens = min(sampling.max_tokens or request.api.default_max_tokens or context, context)
+        records = sum(_most_records(min(_most_tokens(prompt), context), per_prompt_token, max_tokens,
+                                    per_output_token, context) for prompt in request.prompts)
+        if records > MAX_RESPONSE_LOGPROBS:
+            raise invalid(f"this request's log probabilities could number {records} ({request.num_choices} "
+                          f"choices of up to {max_tokens} tokens); a response holds at most "
+                          f"{MAX_RESPONSE_LOGPROBS}: ask for fewer{'' if streamed else ', or stream it'}",
+                          "logprobs")
 
     def check_admission(self, request: GenerationRequest, slots: int = 1) -> None:
         """The cheap refusals, before any work is spent on the request (which takes `slots` of
@@ -196,6 +194,17 @@ class Frontend:
             log.warning("cancel not published", error=str(exc))
 
 
+def _most_records(prompt_tokens: int, per_prompt_token: int, output_tokens: int, per_output_token: int,
+                  context: int) -> int:
+    """The most records a prompt of at most prompt_tokens and its output of at most output_tokens can
+    have, the two within the context: the context goes to the dearer side first."""
+    if per_prompt_token >= per_output_token:
+        prompt = min(prompt_tokens, context)
+        return per_prompt_token * prompt + per_output_token * min(output_tokens, context - prompt)
+    output = min(output_tokens, context)
+    return per_output_token * output + per_prompt_token * min(prompt_tokens, context - output)
+
+
 def _most_tokens(prompt: Prompt) -> int:
     """The most tokens prompt can tokenize to: a byte-level token covers at least one UTF-8 byte (a
     few more for the special tokens a tokenizer adds); a chat's template adds any number."""
@@ -272,7 +281,8 @@ class Generation:
                 prompt_tail=tuple(queued.prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]),
                 include_stop_str=self.request.sampling.include_stop_str_in_output,
                 skip_special_tokens=self.request.sampling.skip_special_tokens,
-                stop_token_ids=self.request.sampling.stop_token_ids)
+                stop_token_ids=self.request.sampling.stop_token_ids,
+                eos_token_ids=frontend.model.eos_token_ids)
             self._queue = frontend.services.router.register(self.request_id)
             await self._enqueue(queued)
         except BaseException as exc:

@@ -12,7 +12,7 @@ from typing import Any
 import jinja2
 import jinja2.meta
 
-from splitserve.engine.model_source import resolve_model
+from splitserve.engine.model_source import eos_token_ids, resolve_model
 
 from .errors import ApiError, invalid
 from .limits import MAX_NAME_CHARS, max_prompt_chars
@@ -40,6 +40,7 @@ class ServedModel:
     config_max_model_len: int  # context limit from the model's files, until workers report theirs
     # Characters in the longest vocabulary entry: no token covers more of a prompt's text.
     max_token_chars: int
+    eos_token_ids: frozenset[int] = frozenset()  # what the workers' engines stop on (the model's EOS set)
 
     @classmethod
     def load(cls, model: str | None, served_model_name: str | None) -> ServedModel:
@@ -48,7 +49,8 @@ class ServedModel:
         source = resolve_model(model)
         tokenizer = AutoTokenizer.from_pretrained(source.path)
         return cls(served_model_name or source.name, source.name, tokenizer,
-                   _config_max_model_len(source.path, tokenizer), _max_token_chars(tokenizer))
+                   _config_max_model_len(source.path, tokenizer), _max_token_chars(tokenizer),
+                   eos_token_ids(source, tokenizer))
 
     @property
     def vocab_size(self) -> int:
@@ -114,9 +116,9 @@ class ServedModel:
             return None
         try:
             parsed = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
-        except jinja2.TemplateSyntaxError:  # transformers' own tags ({% generation %})
+            return frozenset(jinja2.meta.find_undeclared_variables(parsed))
+        except jinja2.TemplateError:  # transformers' own tags ({% generation %}), filters it adds
             return None
-        return frozenset(jinja2.meta.find_undeclared_variables(parsed))
 
     @property
     def template_renders_tools(self) -> bool:
@@ -161,8 +163,9 @@ class ServedModel:
                 continue_final_message=prompt.continue_final_message, **kwargs)
         except jinja2.TemplateError as exc:  # templates raise on e.g. roles they do not support
             raise invalid(f"chat template error: {exc}", "messages") from None
-        except (ValueError, TypeError) as exc:  # continue_final_message with the last message not in
-            # the rendering; a chat_template_kwargs value the template cannot use
+        except (ValueError, TypeError, ArithmeticError) as exc:  # continue_final_message with the last
+            # message not in the rendering; a chat_template_kwargs value the template cannot use (the
+            # sandbox's range() refuses over 100,000 with OverflowError)
             raise invalid(f"chat template: {exc}", "messages") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 

@@ -45,6 +45,7 @@ _UNSUPPORTED = {
 }
 MAX_CHOICES = 256  # guided_choice: options, each at most MAX_CHOICE_CHARS
 MAX_TEMPLATE_KWARGS = 16
+MAX_TEMPLATE_NUMBER = 1 << 24  # a template may repeat text that many times ("-" * n): 16 MB at most
 _TEMPLATE_KWARG = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 # Not template variables a client may set: transformers' apply_chat_template's and render's own
 # parameters, the template's messages, and the functions a template calls (jinja's and transformers').
@@ -367,11 +368,14 @@ def _template_kwargs(kwargs: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     for name, value in kwargs.items():
         if not _TEMPLATE_KWARG.fullmatch(name) or name in _TEMPLATE_PARAMETERS:
             raise invalid(f"chat_template_kwargs cannot set {preview(name)}", "chat_template_kwargs")
-        scalar = value is None or isinstance(value, (bool, int, float)) or (
-            isinstance(value, str) and len(value) <= MAX_NAME_CHARS)
-        if not scalar or (isinstance(value, float) and not math.isfinite(value)):
-            raise invalid(f"chat_template_kwargs values must be numbers, booleans, null or strings of at "
-                          f"most {MAX_NAME_CHARS} characters; {preview(name)} is not", "chat_template_kwargs")
+        # Compared, never converted: 10**400 is a JSON number too (and NaN is within no range).
+        number = isinstance(value, (int, float)) and -MAX_TEMPLATE_NUMBER <= value <= MAX_TEMPLATE_NUMBER
+        text = isinstance(value, str) and len(value) <= MAX_NAME_CHARS
+        scalar = value is None or isinstance(value, bool) or number or text
+        if not scalar:
+            raise invalid(f"chat_template_kwargs values must be booleans, null, numbers within "
+                          f"±{MAX_TEMPLATE_NUMBER} or strings of at most {MAX_NAME_CHARS} characters; "
+                          f"{preview(name)} is not", "chat_template_kwargs")
     return tuple(kwargs.items())
 
 

@@ -90,6 +90,7 @@ class OutputProcessor:
     include_stop_str: bool = False  # the stop string that ends the output stays in its text
     skip_special_tokens: bool = True
     stop_token_ids: tuple[int, ...] = ()  # the request's own: which one ended it is its stop_reason
+    eos_token_ids: frozenset[int] = frozenset()  # the model's, which the engines stop on
     logprobs: bool = False  # the request asked for each token's log probability ...
     top_logprobs: int = 0  # ... and at most this many most likely tokens' at each position
     prompt: PromptWanted | None = None
@@ -102,7 +103,6 @@ class OutputProcessor:
         self._detokenizer = IncrementalDetokenizer(self.tokenizer, self.skip_special_tokens, self.prompt_tail)
         self._stop = StopMatcher(self.stop, self.include_stop_str)
         self._token_texts: dict[int, str] = {}
-        self._special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ()))
         self._logprob_offset = 0  # characters of the chosen tokens' texts so far (text_offset)
 
     @property
@@ -220,8 +220,9 @@ class OutputProcessor:
         return PositionLogprobs(chosen, top, offset)
 
     def _is_stop_token(self, token_id: int) -> bool:
-        """EOS (special, as every token a model ends on) or one of the request's stop_token_ids."""
-        return token_id in self.stop_token_ids or token_id in self._special_ids
+        """The model's EOS or one of the request's stop_token_ids (what else ends a request with
+        "stop", a grammar, ends it on text)."""
+        return token_id in self.stop_token_ids or token_id in self.eos_token_ids
 
     def _accept(self, new_ids: list[int], silent_last: bool = False) -> tuple[tuple[int, ...], str]:
         """Detokenizes token by token so a stop string ends generation at the token completing it;

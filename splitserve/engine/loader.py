@@ -19,6 +19,7 @@ from splitserve.engine.model_source import (  # noqa: F401  (re-exported: the lo
     ModelSource,
     _default_gguf,
     cache_root,
+    eos_token_ids,
     resolve_model,
 )
 from splitserve.engine.models.llama import LlamaModel, ModelSpec, rope_cos_sin
@@ -135,21 +136,5 @@ class LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(source.path)
         log.info("model loaded", model=source.name, path=str(source.path), dtype=config.dtype,
                  device=config.device, ops=ops.name, seconds=round(time.monotonic() - started, 2))
-        return cls(source, spec, model, tokenizer, _eos_ids(source, tokenizer), config.torch_dtype,
+        return cls(source, spec, model, tokenizer, eos_token_ids(source, tokenizer), config.torch_dtype,
                    config.torch_device)
-
-
-def _eos_ids(source: ModelSource, tokenizer) -> frozenset[int]:
-    """EOS ids from the tokenizer and generation_config.json (which may list several)."""
-    from transformers import GenerationConfig
-
-    ids = {tokenizer.eos_token_id} - {None}
-    try:
-        configured = GenerationConfig.from_pretrained(source.path).eos_token_id
-    except OSError:  # no generation_config.json
-        configured = None
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif isinstance(configured, list):
-        ids.update(configured)
-    return frozenset(ids)

@@ -249,3 +249,20 @@ def _download(model_id: str) -> Path:
             f"{model_id}: not a local folder or .gguf file, and the Hugging Face Hub could not "
             f"provide it ({type(exc).__name__}: {exc})"
         ) from exc
+
+
+def eos_token_ids(source: ModelSource, tokenizer) -> frozenset[int]:
+    """EOS ids from the tokenizer and generation_config.json (which may list several): what an engine
+    stops on, and what the gateway keeps out of the text (torch-free, for the gateway)."""
+    from transformers import GenerationConfig
+
+    ids = {tokenizer.eos_token_id} - {None}
+    try:
+        configured = GenerationConfig.from_pretrained(source.path).eos_token_id
+    except OSError:  # no generation_config.json
+        configured = None
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, list):
+        ids.update(configured)
+    return frozenset(ids)
