@@ -36,7 +36,7 @@ from .schema import (
     seed_option,
     top_k_option,
 )
-from .tools import call_grammar, parse_call_history, parse_tools
+from .tools import Tool, ToolChoice, call_grammar, parse_call_history, parse_tools
 
 # Fields we cannot honour, and the values that mean "not used".
 _UNSUPPORTED = {
@@ -151,10 +151,7 @@ class TokenizeRequest:
 def parse_tokenize(body: dict[str, Any]) -> TokenizeRequest:
     fields = Fields(body)
     if "messages" in body:
-        prompt: Prompt = _chat_prompt(fields)
-        tools, choice = parse_tools(fields.get("tools", list, []), body.get("tool_choice"))
-        if choice.active:  # the tokens a chat request with these tools gets (as vLLM's /tokenize)
-            prompt = dataclasses.replace(prompt, tools=tools)
+        prompt: Prompt = _chat_prompt(fields)[0]  # with its tools, as chat renders them (as vLLM's)
     elif isinstance(body.get("prompt"), str) and body["prompt"]:
         prompt = TextPrompt(body["prompt"])
     else:
@@ -192,10 +189,7 @@ def parse_chat(body: dict[str, Any]) -> OpenAIRequest:
     logprobs = (fields.get("logprobs", bool, False), fields.get("top_logprobs", int, 0))
     if fields.get("echo", bool, False):
         raise invalid("'echo' is not supported on chat completions", "echo")
-    tools, choice = parse_tools(fields.get("tools", list, []), body.get("tool_choice"))
-    prompt = _chat_prompt(fields)
-    if choice.active:
-        prompt = dataclasses.replace(prompt, tools=tools)
+    prompt, tools, choice = _chat_prompt(fields)
     parsed = _request(fields, Api.CHAT, prompt, max_tokens, logprobs)
     try:
         grammar = call_grammar(tools, choice)
@@ -343,10 +337,12 @@ def _completion_prompt(prompt: Any) -> Prompt:
     raise invalid("prompt must be a string, token ids, or a list of strings and token-id lists", "prompt")
 
 
-def _chat_prompt(fields: Fields) -> ChatPrompt:
-    """The messages, and vLLM's controls of the chat template: add_generation_prompt (default true),
-    continue_final_message (the model continues the last message: an assistant turn's start) and
-    chat_template_kwargs (more variables for the template, e.g. Qwen 3's enable_thinking)."""
+def _chat_prompt(fields: Fields) -> tuple[ChatPrompt, tuple[Tool, ...], ToolChoice]:
+    """The messages, with the tools when tool_choice is not "none"; vLLM's controls of the chat
+    template: add_generation_prompt (default true), continue_final_message (the model continues the
+    last message: an assistant turn's start) and chat_template_kwargs (more variables for the
+    template, e.g. Qwen 3's enable_thinking); and the tools and tool_choice, parsed."""
+    tools, choice = parse_tools(fields.get("tools", list, []), fields.body.get("tool_choice"))
     messages = fields.list_of("messages", dict)
     if not messages:
         raise invalid("messages must be a non-empty list", "messages")
@@ -355,8 +351,10 @@ def _chat_prompt(fields: Fields) -> ChatPrompt:
     if add_generation_prompt and continue_final_message:
         raise invalid("continue_final_message needs add_generation_prompt set to false (as vLLM)",
                       "continue_final_message")
-    return ChatPrompt(tuple(_chat_message(m) for m in messages), (), add_generation_prompt,
-                      continue_final_message, _template_kwargs(fields.get("chat_template_kwargs", dict, {})))
+    prompt = ChatPrompt(tuple(_chat_message(m) for m in messages), tools if choice.active else (),
+                        add_generation_prompt, continue_final_message,
+                        _template_kwargs(fields.get("chat_template_kwargs", dict, {})))
+    return prompt, tools, choice
 
 
 def _template_kwargs(kwargs: dict[str, Any]) -> tuple[tuple[str, Any], ...]:

@@ -198,6 +198,11 @@ class Registry:
         route = self.route_decode(handle)
         return None if route is None else route[0]
 
+    def decode_takers_for(self, handle: pb.KvHandle) -> list[WorkerEntry]:
+        """Decode servers taking work that can pull handle: its KV layout and transport are theirs."""
+        return [w for w in self.takers(spb.WORKER_ROLE_DECODE)
+                if w.info.kv_layout == handle.layout and w.info.kv_transport == handle.transport]
+
     def route_decode(self, handle: pb.KvHandle, prefix_keys: Callable[[WorkerEntry], list[int]] | None = None
                      ) -> tuple[WorkerEntry, int] | None:
         """The decode server for handle, and how many of its blocks that server has cached.
@@ -206,8 +211,7 @@ class Registry:
         the one holding the longest prefix of the prompt (a conversation's earlier turns): it pulls
         only the rest. Then, and otherwise, the most free blocks, then the least load.
         """
-        able = [w for w in self.takers(spb.WORKER_ROLE_DECODE) if not w.full
-                and w.info.kv_layout == handle.layout and w.info.kv_transport == handle.transport]
+        able = [w for w in self.decode_takers_for(handle) if not w.full]
         needed = blocks_for(handle.num_tokens + 1, handle.layout.block_size)
         best = None
         for worker in able:

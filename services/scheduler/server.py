@@ -497,28 +497,24 @@ class SchedulerServer:
             await self.fail(done.request_id, "its prefill server reported its KV cache at an address it did "
                                              "not register")
             return
-        mismatch = None if worker.role == spb.WORKER_ROLE_COLOCATED else handle_mismatch(
-            done.kv, worker.info, tracked.num_prompt_tokens)
+        if worker.role == spb.WORKER_ROLE_COLOCATED:
+            # It decodes there too: still its request (a drop requeues it), but no prompt left to run.
+            tracked.stage, tracked.decode_id = Stage.DECODE, worker.instance_id
+            worker.assigned[done.request_id] = 0
+            return
+        mismatch = handle_mismatch(done.kv, worker.info, tracked.num_prompt_tokens)
         if mismatch is not None:
             log.error("a KV handle its prefill server's registration contradicts", request_id=done.request_id,
                       instance_id=done.instance_id, mismatch=mismatch)
             await self.fail(done.request_id, f"its prefill server reported a KV handle that {mismatch}")
             return
-        decode = self.registry.takers(spb.WORKER_ROLE_DECODE)
-        kv = done.kv
-        if worker.role != spb.WORKER_ROLE_COLOCATED and decode and not any(
-                w.info.kv_layout == kv.layout and w.info.kv_transport == kv.transport for w in decode):
+        if self.registry.takers(spb.WORKER_ROLE_DECODE) and not self.registry.decode_takers_for(done.kv):
             # Else it would wait for a decode server until its client gave up (504 after minutes).
             log.error("no decode server takes this prefill server's KV layout and transport",
                       request_id=done.request_id, instance_id=done.instance_id)
             await self.fail(done.request_id, "no decode server takes KV cache in the layout and transport "
                                              "its prefill server made it in (the cluster's prefill and "
                                              "decode servers are configured differently)")
-            return
-        if worker.role == spb.WORKER_ROLE_COLOCATED:
-            # It decodes there too: still its request (a drop requeues it), but no prompt left to run.
-            tracked.stage, tracked.decode_id = Stage.DECODE, worker.instance_id
-            worker.assigned[done.request_id] = 0
             return
         tracked.done = done
         tracked.waits(Stage.AWAITING_DECODE)
