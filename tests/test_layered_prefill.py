@@ -100,19 +100,26 @@ def test_aborting_a_request_part_way_through_its_pass_frees_its_blocks_after_the
     assert outputs["c"] == alone["c"]
 
 
+def b_aborted_part_way_through_its_pass(model, prompts, a_tokens: int) -> LLMEngine:
+    """An engine where a (a_tokens of output) decodes and b, which arrived meanwhile, was aborted
+    after the first slice of its layered pass (its blocks free only when the pass ends)."""
+    engine = new_engine(model)
+    engine.add_request("a", prompts[0], params(a_tokens))
+    engine.step()
+    engine.add_request("b", prompts[1], params(8))
+    engine.step()
+    assert engine.last_step.kind == "prefill_slice"
+    engine.abort("b")
+    return engine
+
+
 def test_a_request_sent_again_while_its_aborted_copy_s_pass_runs_is_busy_until_the_pass_ends(model_bf16, prompts):
     """A worker dropped and registered again gets its request back while its aborted copy is still
     in the layered pass: that id is busy (RequestIdBusy: the scheduler places it again later), not
     invalid (a ValueError, which failed the request for good); once the pass ended it is taken."""
     from splitserve.engine.request import RequestIdBusy
 
-    engine = new_engine(model_bf16)
-    engine.add_request("a", prompts[0], params(40))
-    engine.step()
-    engine.add_request("b", prompts[1], params(8))
-    engine.step()
-    assert engine.last_step.kind == "prefill_slice"
-    engine.abort("b")
+    engine = b_aborted_part_way_through_its_pass(model_bf16, prompts, a_tokens=40)
     with pytest.raises(RequestIdBusy):
         engine.add_request("b", prompts[1], params(8))
     with pytest.raises(ValueError, match="already in use"):
@@ -125,13 +132,7 @@ def test_a_request_sent_again_while_its_aborted_copy_s_pass_runs_is_busy_until_t
 
 
 def test_a_pass_whose_every_request_was_aborted_ends_at_its_next_step(model_bf16, prompts):
-    engine = new_engine(model_bf16)
-    engine.add_request("a", prompts[0], params(20))
-    engine.step()
-    engine.add_request("b", prompts[1], params(8))
-    engine.step()
-    assert engine.last_step.kind == "prefill_slice"
-    engine.abort("b")
+    engine = b_aborted_part_way_through_its_pass(model_bf16, prompts, a_tokens=20)
     outputs, kinds = run(engine, [])
     assert set(outputs) == {"a"} and kinds.count("prefill_slice") == 0  # no layer ran for nobody
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks and not engine.sequences
