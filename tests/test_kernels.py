@@ -449,7 +449,7 @@ def test_chunk_attention_over_a_cached_prefix_matches_reference(ops, prefix, chu
     assert (got - expected).abs().mean() < 2e-3
 
 
-def tiny_checkpoint(name, folder, tokenizer_source):
+def tiny_checkpoint(name, folder, tokenizer_source, max_positions=512):
     """A two-layer checkpoint whose heads the kernels take (32 dims): a Qwen2 (biased q/k/v
     projections, set at random: they start at zero, where leaving them out would change nothing), a
     Llama with 8 x 32 query dims against a hidden size of 128, or a Qwen3 (q/k norms)."""
@@ -458,7 +458,7 @@ def tiny_checkpoint(name, folder, tokenizer_source):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                  num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.15,
+                  num_key_value_heads=2, max_position_embeddings=max_positions, initializer_range=0.15,
                   rms_norm_eps=1e-6, tie_word_embeddings=False)
     config = {"qwen2-biased": lambda: Qwen2Config(**common, num_attention_heads=4),
               "llama-wide-heads": lambda: LlamaConfig(**common, num_attention_heads=8, head_dim=32),
@@ -537,6 +537,47 @@ def test_decode_layers_in_one_call_give_the_bits_of_layer_by_layer(model, model_
         assert torch.equal(results[True][0], results[False][0]), name
         assert torch.equal(results[True][1], results[False][1]), name
         assert not torch.equal(results[True][1], before), name  # the step wrote its tokens' K and V
+
+
+@pytest.mark.parametrize("model", ["default", "qwen2-biased", "llama-wide-heads"])
+def test_pipelined_decode_steps_give_the_bits_of_steps_layer_by_layer(model, model_bf16, tmp_path):
+    """A decode step of at least 16 sequences whose K and V outweigh the layers' weights enough runs
+    pipelined where it is on (AMD's Zen 4 by default): one half of the batch's attention beside the
+    other half's GEMMs, each half's rows through the same kernels' arithmetic. The same logits and the
+    same K and V written, bit for bit, as the step run kernel by kernel, here with an odd batch
+    (unequal halves) of uneven contexts, for biased q/k/v projections and query heads wider than the
+    hidden size too."""
+    from splitserve.engine import EngineConfig, LLMEngine, SamplingParams, Sequence
+
+    if model == "default":
+        engine = LLMEngine(EngineConfig(kv_cache_bytes=1 << 30), loaded=model_bf16)
+    else:
+        tiny_checkpoint(model, tmp_path, model_bf16.source.path, max_positions=1024)
+        engine = LLMEngine(EngineConfig(model=str(tmp_path), kv_cache_bytes=1 << 26))
+    runner, kernels = engine.runner, engine.runner.model.ops.k
+    gen = torch.Generator().manual_seed(11)
+    vocab = engine.loaded.spec.vocab_size
+    seqs = [Sequence(f"s{i}", torch.randint(3, vocab, (420 + 37 * i % 281,), generator=gen).tolist(),
+                     SamplingParams(temperature=0.0)) for i in range(33)]
+    tables = [engine.blocks.allocate(s.request_id, s.num_tokens) for s in seqs]
+    for s in seqs:
+        s.num_computed_tokens = s.num_tokens - 1  # the last token's step, over a context at random:
+    runner.cache.data.normal_(generator=gen)  # no prefill needed to compare two runs of one step
+    before = runner.cache.data.clone()
+    was_on, results = kernels.decode_pipeline(), {}
+    try:
+        for on in (False, True):
+            runner.cache.data.copy_(before)
+            kernels.set_decode_pipeline(on)
+            steps = kernels.pipelined_steps()
+            logits = runner.decode(seqs, tables)
+            results[on] = logits, runner.cache.data.clone(), kernels.pipelined_steps() - steps
+    finally:
+        kernels.set_decode_pipeline(was_on)
+    assert results[False][2] == 0 and results[True][2] == 1
+    assert torch.equal(results[True][0], results[False][0])
+    assert torch.equal(results[True][1], results[False][1])
+    assert not torch.equal(results[True][1], before)  # the step wrote its tokens' K and V
 
 
 def test_decode_steps_run_on_the_kernels_switched_to(model_bf16):

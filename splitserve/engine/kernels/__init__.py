@@ -53,6 +53,15 @@ def attention_prefetch() -> str:
     return "l2-lines" if int(family) == ZEN4_FAMILY else "l2"
 
 
+def decode_pipeline_wanted() -> bool:
+    """Whether DecodeLayers runs its larger decode steps pipelined (one half of the batch's attention
+    beside the other half's GEMMs): where it was measured quicker, AMD's Zen 4 (CPU family 25: up to
+    8-17% off the step at 32-96 sequences of 1,024 tokens; docs/benchmarks.md, "The attention beside
+    the GEMMs"). Elsewhere it was not measured, and steps run kernel by kernel as before."""
+    family = cpuinfo_field("cpu family")
+    return cpuinfo_field("vendor_id") == "AuthenticAMD" and family.isdigit() and int(family) == ZEN4_FAMILY
+
+
 def kernels_enabled() -> bool:
     return os.environ.get("SPLITSERVE_KERNELS", "1") != "0" and set(REQUIRED_FLAGS) <= cpu_flags()
 
@@ -134,5 +143,6 @@ def load_cpu_kernels() -> ModuleType | None:
         return None
     _enable_amx(module)
     module.set_attention_prefetch(attention_prefetch())
+    module.set_decode_pipeline(decode_pipeline_wanted())
     return module
 

@@ -147,9 +147,71 @@ inline void store_out(float* p, __m512 v, __mmask16 mask) { _mm512_mask_storeu_p
 // a model's weights 20% faster (docs/benchmarks.md). With fewer blocks it costs more than it hides.
 constexpr int64_t kPrefetchBlocks = 3;
 
-template <int MB, typename Out>
+// One thread's decode attention passes within a pipelined decode step (DecodeLayers::run_pipelined):
+// two per sequence (its logits over K, then its P V over V), run in order between the GEMM tiles the
+// thread computes meanwhile, and a prefetch into L2 that runs ahead of them, issued by those tiles'
+// row blocks (kLeadLines lines a K step), at most kLeadMax lines ahead of what the passes have read.
+// A pass runs once it is prefetched whole (or as far as the prefetch may go): it reads its K or V
+// from L2 instead of memory, and memory streams them while the GEMMs compute.
+constexpr int kLeadLines = 2;  // 2-4 alike at 32-64 x 1,024 on AMD's Zen 4, 2 quicker at 64 x 512
+constexpr int64_t kLeadMax = 8192;  // 512 KB of a 1-2 MB L2 (a tile of weights is 72-192 KB); 384-768 alike
+
+struct PassQueue {
+  const bf16 *kc = nullptr, *vc = nullptr;  // one layer's caches
+  const int64_t *tables = nullptr, *lens = nullptr;
+  int64_t width = 0, block_size = 0, block_elems = 0;  // block_elems: a block's every head
+  int64_t first = 0, passes = 0;  // sequences first.. of the batch, two passes each
+  int64_t done = 0;  // passes run
+  int64_t lead = 0, lead_block = 0;  // the pass the prefetch is in, and its next block
+  const char* line = nullptr;  // the next line to prefetch, and how many are left in its block
+  int64_t block_left = 0;
+  int64_t issued = 0, read = 0;  // lines prefetched; lines of the passes done
+
+  int64_t seq(int64_t pass) const { return first + pass / 2; }
+  int64_t blocks(int64_t pass) const { return (lens[seq(pass)] + block_size - 1) / block_size; }
+  int64_t block_lines() const { return block_elems * static_cast<int64_t>(sizeof(bf16)) / 64; }
+  // The next pass is prefetched whole, or as far as the prefetch may run ahead.
+  bool ready() const { return done < passes && (lead > done || issued - read >= kLeadMax); }
+  void pass_done() {
+    read += blocks(done++) * block_lines();
+    if (lead >= done) return;
+    lead = done;  // the pass ran before its prefetch was through: the prefetch goes on from the next
+    lead_block = block_left = 0;
+    issued = read;
+  }
+  // n more lines, inline while they are in the block being prefetched (a GEMM's K step calls this).
+  void issue(int n) {
+    if (block_left > n && issued + n <= read + kLeadMax) {
+      for (int i = 0; i < n; ++i) _mm_prefetch(line + i * 64, _MM_HINT_T1);
+      line += n * 64;
+      block_left -= n;
+      issued += n;
+      return;
+    }
+    issue_across(n);
+  }
+  void issue_across(int n) {
+    for (; n > 0 && issued < read + kLeadMax; --n) {
+      if (block_left == 0) {
+        if (lead >= passes) return;
+        const bf16* cache = lead % 2 ? vc : kc;
+        line = reinterpret_cast<const char*>(cache + tables[seq(lead) * width + lead_block] * block_elems);
+        block_left = block_lines();
+      }
+      _mm_prefetch(line, _MM_HINT_T1);
+      line += 64;
+      ++issued;
+      if (--block_left > 0 || ++lead_block < blocks(lead)) continue;
+      lead_block = 0;  // the pass is prefetched whole
+      ++lead;
+    }
+  }
+};
+
+template <int MB, typename Out, bool Lead = false>
 void gemm_block(const uint32_t* x, int64_t ldx, const bf16* tile, int64_t k2, const float* bias,
-                Out* out, int64_t ldo, int64_t ncols, const char* prefetch, int64_t prefetch_lines) {
+                Out* out, int64_t ldo, int64_t ncols, const char* prefetch, int64_t prefetch_lines,
+                PassQueue* passes) {
   __m512 acc[MB][4];
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
@@ -157,6 +219,7 @@ void gemm_block(const uint32_t* x, int64_t ldx, const bf16* tile, int64_t k2, co
   for (int64_t kk = 0; kk < k2; ++kk) {
     for (; line < prefetch_lines && line * k2 < (kk + 1) * prefetch_lines; ++line)
       _mm_prefetch(prefetch + line * 64, _MM_HINT_T1);
+    if constexpr (Lead) passes->issue(kLeadLines);
     const __m512i* wp = reinterpret_cast<const __m512i*>(tile + kk * kTileN * 2);
     __m512bh w[4];
     for (int j = 0; j < 4; ++j) {
@@ -177,20 +240,25 @@ void gemm_block(const uint32_t* x, int64_t ldx, const bf16* tile, int64_t k2, co
 
 template <typename Out>
 using BlockFn = void (*)(const uint32_t*, int64_t, const bf16*, int64_t, const float*, Out*, int64_t, int64_t,
-                         const char*, int64_t);
+                         const char*, int64_t, PassQueue*);
 template <typename Out>
 constexpr BlockFn<Out> kBlocks[kRowBlock + 1] = {nullptr, gemm_block<1, Out>, gemm_block<2, Out>, gemm_block<3, Out>,
                                                  gemm_block<4, Out>, gemm_block<5, Out>, gemm_block<6, Out>};
+template <typename Out>
+constexpr BlockFn<Out> kLeadBlocks[kRowBlock + 1] = {
+    nullptr, gemm_block<1, Out, true>, gemm_block<2, Out, true>, gemm_block<3, Out, true>,
+    gemm_block<4, Out, true>, gemm_block<5, Out, true>, gemm_block<6, Out, true>};
 
 // One thread's share: rows [r0, r1) of x (k2 K-pairs each, row stride ldx in pairs) against weight
 // tiles [t0, t1) of a packed weight whose tiles hold tile_k2 K-pairs (k2 <= tile_k2), in row blocks
 // as equal as they can be. With prefetch on and at least kPrefetchBlocks blocks, each tile's blocks
 // prefetch the next tile, and the last tile's the one at after (the tile this thread takes next, or
-// nullptr).
+// nullptr). With a PassQueue, the blocks also issue its prefetch.
 template <typename Out>
 void gemm_rows(const uint32_t* x, int64_t ldx, int64_t r0, int64_t r1, const bf16* packed, int64_t tile_k2,
                int64_t k2, int64_t t0, int64_t t1, int64_t n, const float* bias, Out* out, int64_t ldo,
-               bool prefetch = false, const bf16* after = nullptr) {
+               bool prefetch = false, const bf16* after = nullptr, PassQueue* passes = nullptr) {
+  const BlockFn<Out>* block_fns = passes ? kLeadBlocks<Out> : kBlocks<Out>;
   const int64_t blocks = (r1 - r0 + kRowBlock - 1) / kRowBlock;
   const int64_t lines = k2 * kTileN * 2 * static_cast<int64_t>(sizeof(bf16)) / 64;  // of one tile
   const int64_t share = prefetch && blocks >= kPrefetchBlocks ? lines / blocks : 0;
@@ -203,8 +271,8 @@ void gemm_rows(const uint32_t* x, int64_t ldx, int64_t r0, int64_t r1, const bf1
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t rows = (r1 - r + blocks - b - 1) / (blocks - b);
       const int64_t block_lines = next ? (b + 1 < blocks ? share : lines - b * share) : 0;
-      kBlocks<Out>[rows](x + r * ldx, ldx, tile, k2, bias ? bias + col : nullptr, out + r * ldo + col, ldo, ncols,
-                         next ? next + b * share * 64 : nullptr, block_lines);
+      block_fns[rows](x + r * ldx, ldx, tile, k2, bias ? bias + col : nullptr, out + r * ldo + col, ldo, ncols,
+                      next ? next + b * share * 64 : nullptr, block_lines, passes);
       r += rows;
     }
   }
@@ -576,6 +644,10 @@ void pv_rest(int64_t rest, const bf16* vt, int64_t npairs, bool odd_last, const 
   }
 }
 
+// The passes attend runs: the logits over K and their softmax, the P V over V, or both. Run one at a
+// time, the second must come after the first of the same call's arguments, with the same scratch.
+constexpr int kLogitsPass = 1, kValuesPass = 2, kBothPasses = 3;
+
 // KV heads [h0, h1) of one sequence, in two passes over its context (logits, then P V), block by
 // block: a block's tiles for those heads are adjacent in memory, so each pass streams whole blocks.
 // Lines: the "l2-lines" prefetch, else a whole block kPrefetchTiles ahead ("l2", "l1"). In lines
@@ -585,15 +657,11 @@ void pv_rest(int64_t rest, const bf16* vt, int64_t npairs, bool odd_last, const 
 template <int D16, bool Lines>
 void attend(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table, int64_t ctx,
             int64_t block_size, int64_t hkv, int64_t h0, int64_t h1, int64_t group, float scale, bf16* out,
-            const int64_t* next_table, int64_t next_ctx, Scratch& scratch) {
+            const int64_t* next_table, int64_t next_ctx, Scratch& scratch, int passes) {
   constexpr int64_t d = D16 * 16;
   constexpr int hg = kPvHeads<D16>;
   const int64_t heads = h1 - h0, rows_q = heads * group, stride = ctx + (ctx & 1), tile = block_size * d;
   const int64_t blocks = (ctx + block_size - 1) / block_size;
-  scratch.scores.resize(rows_q * ctx);
-  scratch.probs.resize(rows_q * stride);
-  scratch.acc.assign(rows_q * d, 0.0f);
-  scratch.inv_sum.resize(rows_q);
   const __m512 vscale = _mm512_set1_ps(scale);
   const uint32_t* q32 = reinterpret_cast<const uint32_t*>(q);
   const int64_t qstride = d / 2;  // pairs from one query head's q to the next's
@@ -615,32 +683,40 @@ void attend(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table,
     if (j < 0) return tiles(vc, b + ahead) + h * tile;
     return j < next_blocks ? kc + (next_table[j] * hkv + h0) * tile + h * tile : here;
   };
-  for (int64_t b = 0; b < std::min(blocks, ahead); ++b) prefetch_span(tiles(kc, b), heads * tile);
-  for (int64_t b = 0; b < blocks; ++b) {
-    if (!Lines && b + ahead < blocks) prefetch_span(tiles(kc, b + ahead), heads * tile);
-    for (int64_t t = 0; t < std::min(block_size, ctx - b * block_size); t += 16) {
-      const int64_t pos = b * block_size + t;
-      for (int64_t h = 0; h < heads; ++h) {
-        const bf16* kt = tiles(kc, b) + h * tile + t * d;
-        const bf16* pf = Lines ? k_ahead(b, h, t, kt) : kt;
-        const uint32_t* qh = q32 + h * group * qstride;
-        float* sh = scratch.scores.data() + h * group * ctx + pos;
-        int64_t g = 0;
-        if constexpr (Lines) {  // the first query-head group prefetches; the rest read what it did
-          if (group < kQkHeads) {
-            scores_rest<D16, kQkHeads - 1, true>(group, qh, qstride, kt, vscale, sh, ctx, ctx - pos, pf);
-            continue;
+  if (passes & kLogitsPass) {
+    scratch.scores.resize(rows_q * ctx);
+    scratch.probs.resize(rows_q * stride);
+    scratch.inv_sum.resize(rows_q);
+    for (int64_t b = 0; b < std::min(blocks, ahead); ++b) prefetch_span(tiles(kc, b), heads * tile);
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (!Lines && b + ahead < blocks) prefetch_span(tiles(kc, b + ahead), heads * tile);
+      for (int64_t t = 0; t < std::min(block_size, ctx - b * block_size); t += 16) {
+        const int64_t pos = b * block_size + t;
+        for (int64_t h = 0; h < heads; ++h) {
+          const bf16* kt = tiles(kc, b) + h * tile + t * d;
+          const bf16* pf = Lines ? k_ahead(b, h, t, kt) : kt;
+          const uint32_t* qh = q32 + h * group * qstride;
+          float* sh = scratch.scores.data() + h * group * ctx + pos;
+          int64_t g = 0;
+          if constexpr (Lines) {  // the first query-head group prefetches; the rest read what it did
+            if (group < kQkHeads) {
+              scores_rest<D16, kQkHeads - 1, true>(group, qh, qstride, kt, vscale, sh, ctx, ctx - pos, pf);
+              continue;
+            }
+            scores_group<D16, kQkHeads, true>(qh, qstride, kt, vscale, sh, ctx, ctx - pos, pf);
+            g = kQkHeads;
           }
-          scores_group<D16, kQkHeads, true>(qh, qstride, kt, vscale, sh, ctx, ctx - pos, pf);
-          g = kQkHeads;
+          for (; g + kQkHeads <= group; g += kQkHeads)
+            scores_group<D16, kQkHeads>(qh + g * qstride, qstride, kt, vscale, sh + g * ctx, ctx, ctx - pos);
+          scores_rest<D16, kQkHeads - 1>(group - g, qh + g * qstride, qstride, kt, vscale, sh + g * ctx, ctx,
+                                         ctx - pos);
         }
-        for (; g + kQkHeads <= group; g += kQkHeads)
-          scores_group<D16, kQkHeads>(qh + g * qstride, qstride, kt, vscale, sh + g * ctx, ctx, ctx - pos);
-        scores_rest<D16, kQkHeads - 1>(group - g, qh + g * qstride, qstride, kt, vscale, sh + g * ctx, ctx, ctx - pos);
       }
     }
+    softmax_rows(scratch.scores.data(), rows_q, ctx, scratch.probs.data(), stride, scratch.inv_sum.data());
   }
-  softmax_rows(scratch.scores.data(), rows_q, ctx, scratch.probs.data(), stride, scratch.inv_sum.data());
+  if (!(passes & kValuesPass)) return;
+  scratch.acc.assign(rows_q * d, 0.0f);
   const uint32_t* probs = reinterpret_cast<const uint32_t*>(scratch.probs.data());
   const int64_t pstride = stride / 2;
   for (int64_t b = 0; b < std::min(blocks, ahead); ++b) prefetch_span(tiles(vc, b), heads * tile);
@@ -677,7 +753,7 @@ void attend(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table,
 }
 
 using AttendFn = void (*)(const bf16*, const bf16*, const bf16*, const int64_t*, int64_t, int64_t, int64_t,
-                          int64_t, int64_t, int64_t, float, bf16*, const int64_t*, int64_t, Scratch&);
+                          int64_t, int64_t, int64_t, float, bf16*, const int64_t*, int64_t, Scratch&, int);
 // By head_dim / 16: the block prefetch's, then the lines prefetch's.
 constexpr AttendFn kAttend[2][17] = {
     {nullptr, nullptr, attend<2, false>, nullptr, attend<4, false>, nullptr, attend<6, false>, nullptr,
@@ -719,7 +795,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
     const bool next_seq = parts == 1 && next >= 0;
     attend_fn(qp + s * q_row + h0 * group * d, kp, vp, tp + s * width, lp[s], block_size, hkv, h0,
               h0 + per_item, group, static_cast<float>(scale), op + (s * hq + h0 * group) * d,
-              next_seq ? tp + next * width : nullptr, next_seq ? lp[next] : 0, scratch);
+              next_seq ? tp + next * width : nullptr, next_seq ? lp[next] : 0, scratch, kBothPasses);
   });
   return out;
 }
@@ -953,6 +1029,32 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor 
 // ---------------------------------------------------------------------------------------------
 // Element-wise ops, rounding to bfloat16 where transformers' bfloat16 modules round.
 
+// Rows [r0, r1) of add_rmsnorm (rp, dp, np: [rows, h]; dp may be nullptr). 16 lanes at a time: the sum
+// rounded to bfloat16 as torch's add is, the sum of squares in fp32 (in 16 partial sums), then
+// weight * bfloat16(x * inv), rounded, as transformers' RMSNorm does.
+void add_rmsnorm_rows(bf16* rp, const bf16* dp, const bf16* wp, bf16* np, int64_t h, double eps, int64_t r0,
+                      int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    bf16* x = rp + r * h;
+    __m512 ss = _mm512_setzero_ps();
+    for (int64_t i = 0; i < h; i += 16) {
+      const __mmask16 mask = tail_mask(h - i);
+      __m512 v = maskz_load_bf16x16(mask, x + i);
+      if (dp) {
+        v = round_bf16x16(_mm512_add_ps(v, maskz_load_bf16x16(mask, dp + r * h + i)));
+        store_bf16x16(x + i, v, mask);
+      }
+      ss = _mm512_fmadd_ps(v, v, ss);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / h + static_cast<float>(eps)));
+    for (int64_t i = 0; i < h; i += 16) {
+      const __mmask16 mask = tail_mask(h - i);
+      const __m512 scaled = round_bf16x16(_mm512_mul_ps(maskz_load_bf16x16(mask, x + i), inv));
+      store_bf16x16(np + r * h + i, _mm512_mul_ps(maskz_load_bf16x16(mask, wp + i), scaled), mask);
+    }
+  }
+}
+
 // residual += delta (when given); normed = weight * bf16(residual * rsqrt(mean(residual^2) + eps)).
 torch::Tensor add_rmsnorm(torch::Tensor residual, c10::optional<torch::Tensor> delta, torch::Tensor weight,
                           double eps) {
@@ -965,48 +1067,16 @@ torch::Tensor add_rmsnorm(torch::Tensor residual, c10::optional<torch::Tensor> d
   const bf16* dp = delta.has_value() ? dl.data_ptr<bf16>() : nullptr;
   const bf16* wp = weight.data_ptr<bf16>();
   bf16* np = normed.data_ptr<bf16>();
-  // 16 lanes at a time: the sum rounded to bfloat16 as torch's add is, the sum of squares in fp32
-  // (in 16 partial sums), then weight * bfloat16(x * inv), rounded, as transformers' RMSNorm does.
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      bf16* x = rp + r * h;
-      __m512 ss = _mm512_setzero_ps();
-      for (int64_t i = 0; i < h; i += 16) {
-        const __mmask16 mask = tail_mask(h - i);
-        __m512 v = maskz_load_bf16x16(mask, x + i);
-        if (dp) {
-          v = round_bf16x16(_mm512_add_ps(v, maskz_load_bf16x16(mask, dp + r * h + i)));
-          store_bf16x16(x + i, v, mask);
-        }
-        ss = _mm512_fmadd_ps(v, v, ss);
-      }
-      const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / h + static_cast<float>(eps)));
-      for (int64_t i = 0; i < h; i += 16) {
-        const __mmask16 mask = tail_mask(h - i);
-        const __m512 scaled = round_bf16x16(_mm512_mul_ps(maskz_load_bf16x16(mask, x + i), inv));
-        store_bf16x16(np + r * h + i, _mm512_mul_ps(maskz_load_bf16x16(mask, wp + i), scaled), mask);
-      }
-    }
-  });
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) { add_rmsnorm_rows(rp, dp, wp, np, h, eps, r0, r1); });
   return normed;
 }
 
-// Rotate q and k in place (rows may be strided; the last two dims are dense) and write k, v into
-// the paged caches, in their tiled layout (see decode_attention), at the given slots.
-void rope_write_kv(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
-                   torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
-  const int64_t t = q.size(0), hq = q.size(1), hkv = k.size(1), d = q.size(2), half = d / 2;
-  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == d && k.stride(2) == 1 && k.stride(1) == d &&
-              v.stride(2) == 1 && v.stride(1) == d, "rope_write_kv: heads must be dense");
-  cos = cos.contiguous();
-  sin = sin.contiguous();
-  slots = slots.contiguous();
-  const bf16 *cp = cos.data_ptr<bf16>(), *sp = sin.data_ptr<bf16>();
-  const int64_t* slot = slots.data_ptr<int64_t>();
-  const int64_t block_size = k_cache.size(2);  // caches are [num_blocks, Hkv, block_size, D], tiled
-  TORCH_CHECK(block_size % 16 == 0, "rope_write_kv: blocks of a multiple of 16 tokens");
-  bf16 *qp = q.data_ptr<bf16>(), *kp = k.data_ptr<bf16>(), *vp = v.data_ptr<bf16>();
-  bf16 *kc = k_cache.data_ptr<bf16>(), *vc = v_cache.data_ptr<bf16>();
+// Rows [r0, r1) of rope_write_kv: q, k and v rows q_row, k_row, v_row elements apart, heads dense;
+// cos, sin [rows, d]; caches [num_blocks, hkv, block_size, d], tiled.
+void rope_write_kv_rows(bf16* qp, int64_t q_row, bf16* kp, int64_t k_row, const bf16* vp, int64_t v_row, int64_t hq,
+                        int64_t hkv, int64_t d, const bf16* cp, const bf16* sp, const int64_t* slot, bf16* kc,
+                        bf16* vc, int64_t block_size, int64_t r0, int64_t r1) {
+  const int64_t half = d / 2;
   const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
   auto rotate = [&](bf16* x, const bf16* c, const bf16* s) {
     for (int64_t i = 0; i < half; i += 16) {
@@ -1022,44 +1092,64 @@ void rope_write_kv(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Ten
       store_bf16x16(x + i + half, b, m);
     }
   };
-  at::parallel_for(0, t, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const bf16 *c = cp + r * d, *s = sp + r * d;
-      for (int64_t h = 0; h < hq; ++h) rotate(qp + r * q.stride(0) + h * d, c, s);
-      const int64_t block = slot[r] / block_size, off = slot[r] % block_size;
-      for (int64_t h = 0; h < hkv; ++h) {
-        bf16* kr = kp + r * k.stride(0) + h * d;
-        rotate(kr, c, s);
-        const bf16* vr = vp + r * v.stride(0) + h * d;
-        bf16 *kt = kc + (block * hkv + h) * block_size * d, *vt = vc + (block * hkv + h) * block_size * d;
-        for (int64_t dim = 0; dim < d; ++dim) {  // the caches' tiled layout (see decode_attention)
-          kt[tiled_k_offset(off, dim, d)] = kr[dim];
-          vt[tiled_v_offset(off, dim, d)] = vr[dim];
-        }
+  for (int64_t r = r0; r < r1; ++r) {
+    const bf16 *c = cp + r * d, *s = sp + r * d;
+    for (int64_t h = 0; h < hq; ++h) rotate(qp + r * q_row + h * d, c, s);
+    const int64_t block = slot[r] / block_size, off = slot[r] % block_size;
+    for (int64_t h = 0; h < hkv; ++h) {
+      bf16* kr = kp + r * k_row + h * d;
+      rotate(kr, c, s);
+      const bf16* vr = vp + r * v_row + h * d;
+      bf16 *kt = kc + (block * hkv + h) * block_size * d, *vt = vc + (block * hkv + h) * block_size * d;
+      for (int64_t dim = 0; dim < d; ++dim) {  // the caches' tiled layout (see decode_attention)
+        kt[tiled_k_offset(off, dim, d)] = kr[dim];
+        vt[tiled_v_offset(off, dim, d)] = vr[dim];
       }
     }
+  }
+}
+
+// Rotate q and k in place (rows may be strided; the last two dims are dense) and write k, v into
+// the paged caches, in their tiled layout (see decode_attention), at the given slots.
+void rope_write_kv(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
+                   torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
+  const int64_t t = q.size(0), hq = q.size(1), hkv = k.size(1), d = q.size(2);
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == d && k.stride(2) == 1 && k.stride(1) == d &&
+              v.stride(2) == 1 && v.stride(1) == d, "rope_write_kv: heads must be dense");
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  slots = slots.contiguous();
+  const int64_t block_size = k_cache.size(2);  // caches are [num_blocks, Hkv, block_size, D], tiled
+  TORCH_CHECK(block_size % 16 == 0, "rope_write_kv: blocks of a multiple of 16 tokens");
+  at::parallel_for(0, t, 16, [&](int64_t r0, int64_t r1) {
+    rope_write_kv_rows(q.data_ptr<bf16>(), q.stride(0), k.data_ptr<bf16>(), k.stride(0), v.data_ptr<bf16>(),
+                       v.stride(0), hq, hkv, d, cos.data_ptr<bf16>(), sin.data_ptr<bf16>(), slots.data_ptr<int64_t>(),
+                       k_cache.data_ptr<bf16>(), v_cache.data_ptr<bf16>(), block_size, r0, r1);
   });
+}
+
+// Rows [r0, r1) of silu_mul: gp [rows, 2 * inter] -> op [rows, inter].
+void silu_mul_rows(const bf16* gp, bf16* op, int64_t inter, int64_t r0, int64_t r1) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t i = 0; i < inter; i += 16) {
+      const __mmask16 mask = tail_mask(inter - i);
+      const __m512 g = maskz_load_bf16x16(mask, gp + r * 2 * inter + i);
+      const __m512 u = maskz_load_bf16x16(mask, gp + r * 2 * inter + inter + i);
+      const __m512 neg = _mm512_sub_ps(_mm512_setzero_ps(), g);
+      const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp512(neg)));
+      store_bf16x16(op + r * inter + i, _mm512_mul_ps(round_bf16x16(silu), u), mask);
+    }
 }
 
 // gate_up [T, 2I] -> bf16(silu(gate)) * up, rounded as transformers' bf16 MLP does.
 torch::Tensor silu_mul(torch::Tensor gate_up) {
   gate_up = gate_up.contiguous();
-  const int64_t t = gate_up.size(0), i2 = gate_up.size(1), inter = i2 / 2;
+  const int64_t t = gate_up.size(0), inter = gate_up.size(1) / 2;
   auto out = torch::empty({t, inter}, gate_up.options());
   const bf16* gp = gate_up.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
-  const __m512 one = _mm512_set1_ps(1.0f);
-  at::parallel_for(0, t, 4, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t i = 0; i < inter; i += 16) {
-        const __mmask16 mask = tail_mask(inter - i);
-        const __m512 g = maskz_load_bf16x16(mask, gp + r * i2 + i);
-        const __m512 u = maskz_load_bf16x16(mask, gp + r * i2 + inter + i);
-        const __m512 neg = _mm512_sub_ps(_mm512_setzero_ps(), g);
-        const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp512(neg)));
-        store_bf16x16(op + r * inter + i, _mm512_mul_ps(round_bf16x16(silu), u), mask);
-      }
-  });
+  at::parallel_for(0, t, 4, [&](int64_t r0, int64_t r1) { silu_mul_rows(gp, op, inter, r0, r1); });
   return out;
 }
 
@@ -1133,12 +1223,35 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The pipelined decode step (DecodeLayers::run_pipelined): whether it runs (set from Python by CPU:
+// kernels/__init__.py), and from how many sequences and how much K and V read, against the layers'
+// weights, which it reads twice. Below either it was slower on AMD's Zen 4 (docs/benchmarks.md):
+// with fewer rows the GEMMs stream their weights instead of computing, and with less attention there
+// is less to hide than the second read of the weights costs (SmolLM2-135M: 16,384 tokens of context).
+bool g_pipeline = false;
+constexpr int64_t kPipelineSeqs = 16;
+constexpr double kPipelineKvOverWeights = 1.75;
+std::atomic<int64_t> g_pipelined_steps{0};  // steps run pipelined, for tests and A/B scripts
+void set_decode_pipeline(bool on) { g_pipeline = on; }
+bool decode_pipeline() { return g_pipeline; }
+int64_t pipelined_steps() { return g_pipelined_steps.load(); }
+
+// One GEMM's tiles for one thread of a pipelined step: [next, end), taken one at a time by their
+// owner or, once the owner has opened them, by a thread done with its own.
+struct alignas(64) TileRun {
+  std::atomic<int64_t> next{0};
+  int64_t end = 0;
+  std::atomic<bool> open{false};
+};
+
+// ---------------------------------------------------------------------------------------------
 // Every decoder layer of a decode step in one call: the same kernels, in the same order and on
 // the same views as the model's Python forward (models/llama.py), so the same bits, without ~25 us
 // of Python per layer (~0.8 ms a step, a tenth of a batch-1 step) and with the GIL let go once for
 // the whole pass instead of taken back after each of ~300 kernels (a worker's event loop thread
 // then waits for none of them). Holds references to the packed weights, the norms' weights and
 // the cache's layer views, taken once per KV cache.
+
 struct DecodeLayers {
   std::vector<torch::Tensor> qkv, qkv_bias, o, gate_up, down, post_norm, next_norm, k_cache, v_cache;
   int64_t heads, kv_heads, head_dim, hidden, intermediate;
@@ -1163,6 +1276,8 @@ struct DecodeLayers {
   // [B, head_dim]; returns the last layer's output normed by the final norm.
   torch::Tensor run(torch::Tensor residual, torch::Tensor normed, torch::Tensor cos, torch::Tensor sin,
                     torch::Tensor slots, torch::Tensor block_tables, torch::Tensor context_lens) const {
+    if (pipelines(residual, block_tables, context_lens))
+      return run_pipelined(residual, normed, cos, sin, slots, block_tables, context_lens);
     const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim;
     for (size_t i = 0; i < qkv.size(); ++i) {
       c10::optional<torch::Tensor> bias;
@@ -1178,6 +1293,191 @@ struct DecodeLayers {
       normed = add_rmsnorm(residual, gemm(act, down[i], hidden, c10::nullopt), next_norm[i], eps);
     }
     return normed;
+  }
+
+  // Whether a step runs pipelined (run_pipelined): on AVX512 (AMX sums in another order), two threads
+  // or more, at least kPipelineSeqs sequences whose K and V come to kPipelineKvOverWeights times the
+  // layers' weights, contiguous inputs and even GEMM widths (the row-pair loads of gemm_rows).
+  bool pipelines(const torch::Tensor& residual, const torch::Tensor& block_tables,
+                 const torch::Tensor& context_lens) const {
+    const int64_t b = residual.size(0);
+    if (!g_pipeline || g_amx || at::get_num_threads() < 2 || b < kPipelineSeqs) return false;
+    if (!residual.is_contiguous() || !block_tables.is_contiguous() || !context_lens.is_contiguous()) return false;
+    if (head_dim % 32 || (heads * head_dim) % 2 || hidden % 2 || intermediate % 2 || heads % kv_heads ||
+        heads / kv_heads > kMaxGroup || k_cache[0].size(2) % 16)
+      return false;
+    int64_t weight_bytes = 0;
+    for (size_t i = 0; i < qkv.size(); ++i)
+      for (const auto* w : {&qkv[i], &o[i], &gate_up[i], &down[i]}) weight_bytes += w->numel() * w->element_size();
+    const int64_t kv_bytes_per_token = static_cast<int64_t>(qkv.size()) * 2 * kv_heads * head_dim * 2;
+    return static_cast<double>(context_lens.sum().item<int64_t>() * kv_bytes_per_token) >=
+           kPipelineKvOverWeights * static_cast<double>(weight_bytes);
+  }
+
+  // The same layers, the same kernels' arithmetic and so the same bits as run's, in one OpenMP region
+  // for the whole step, with the batch in two halves a half-layer apart: while the threads run one
+  // half's GEMMs and element-wise ops (its O projection and MLP of one layer, then its QKV of the
+  // next), they run the other half's decode attention, whose K and V the GEMMs prefetch into L2 ahead
+  // of it (PassQueue). The attention, bound by memory, then overlaps the GEMMs, bound by compute,
+  // instead of taking its turn after them. Each half's weights are read once per layer, so twice a
+  // step in all.
+  torch::Tensor run_pipelined(torch::Tensor residual, torch::Tensor normed, torch::Tensor cos, torch::Tensor sin,
+                              torch::Tensor slots, torch::Tensor block_tables, torch::Tensor context_lens) const {
+    const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim, qkv_n = q_size + 2 * kv_size;
+    const int64_t b = residual.size(0), half = b / 2, layers = static_cast<int64_t>(qkv.size());
+    const int64_t group = heads / kv_heads, block_size = k_cache[0].size(2), width = block_tables.size(1);
+    auto options = residual.options();
+    auto normed_out = normed.contiguous().clone();
+    auto fused = torch::empty({b, qkv_n}, options), attn = torch::empty({b, heads, head_dim}, options);
+    auto delta = torch::empty({b, hidden}, options), gate_up_out = torch::empty({b, 2 * intermediate}, options);
+    auto act = torch::empty({b, intermediate}, options);
+    cos = cos.contiguous();
+    sin = sin.contiguous();
+    slots = slots.contiguous();
+    // Every pointer the region reads, taken before it: nothing in it may throw.
+    struct Packed {
+      const bf16* p;
+      int64_t tiles, k2;
+    };
+    struct Layer {
+      Packed qkv, o, gate_up, down;
+      const float* qkv_bias;
+      const bf16 *post_norm, *next_norm;
+      bf16 *kc, *vc;
+    };
+    auto packed = [](const torch::Tensor& w) { return Packed{w.data_ptr<bf16>(), w.size(0), w.size(1)}; };
+    std::vector<torch::Tensor> bias_f32(layers);
+    std::vector<Layer> ls(layers);
+    for (int64_t i = 0; i < layers; ++i) {
+      if (qkv_bias[i].defined() && qkv_bias[i].numel() > 0) bias_f32[i] = qkv_bias[i].to(at::kFloat).contiguous();
+      TORCH_CHECK(post_norm[i].is_contiguous() && next_norm[i].is_contiguous(), "DecodeLayers: norm weights");
+      ls[i] = Layer{packed(qkv[i]), packed(o[i]), packed(gate_up[i]), packed(down[i]),
+                    bias_f32[i].defined() ? bias_f32[i].data_ptr<float>() : nullptr, post_norm[i].data_ptr<bf16>(),
+                    next_norm[i].data_ptr<bf16>(), k_cache[i].data_ptr<bf16>(), v_cache[i].data_ptr<bf16>()};
+    }
+    const bf16 *cp = cos.data_ptr<bf16>(), *sp = sin.data_ptr<bf16>();
+    const int64_t* slot = slots.data_ptr<int64_t>();
+    bf16 *rp = residual.data_ptr<bf16>(), *np = normed_out.data_ptr<bf16>(), *fp = fused.data_ptr<bf16>();
+    bf16 *ap = attn.data_ptr<bf16>(), *dp = delta.data_ptr<bf16>(), *gp = gate_up_out.data_ptr<bf16>();
+    bf16* xp = act.data_ptr<bf16>();
+    const int64_t *tp = block_tables.data_ptr<int64_t>(), *lp = context_lens.data_ptr<int64_t>();
+    const int64_t max_ctx = context_lens.max().item<int64_t>();
+    const AttendFn attend_fn = kAttend[g_prefetch == Prefetch::kL2Lines][head_dim / 16];
+    const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), half));
+    // Each thread's scratch at its largest before the region, which then allocates nothing.
+    std::vector<Scratch> scratches(threads);
+    for (auto& sc : scratches) {
+      sc.scores.reserve(heads * max_ctx);
+      sc.probs.reserve(heads * (max_ctx + 1));
+      sc.acc.reserve(heads * head_dim);
+      sc.inv_sum.reserve(heads);
+    }
+    const float scale_f = static_cast<float>(scale);
+    // Each GEMM's tiles, a run per thread; a thread done with its own takes what is left of the others'.
+    std::vector<TileRun> tile_runs(static_cast<size_t>(8 * layers + 8) * threads);
+    g_pipelined_steps.fetch_add(1);
+#pragma omp parallel num_threads(threads)
+    {
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      Scratch& scratch = scratches[t];
+      auto share = [&](int64_t r0, int64_t r1, int64_t& s0, int64_t& s1) {
+        s0 = r0 + (r1 - r0) * t / nt;
+        s1 = r0 + (r1 - r0) * (t + 1) / nt;
+      };
+      auto run_pass = [&](PassQueue& pq, int64_t layer) {
+        const int64_t s = pq.seq(pq.done);
+        attend_fn(fp + s * qkv_n, ls[layer].kc, ls[layer].vc, tp + s * width, lp[s], block_size, kv_heads, 0,
+                  kv_heads, group, scale_f, ap + s * q_size, nullptr, 0, scratch,
+                  pq.done % 2 ? kValuesPass : kLogitsPass);
+        pq.pass_done();
+      };
+      // out[r0:r1] = x[r0:r1] @ W^T (+ bias), W's tiles shared out (TileRun); after each tile, the
+      // attention passes its prefetch has brought in.
+      int64_t op = 0;  // this thread's count of GEMMs begun: every thread runs the same ones in turn
+      auto gemm_part = [&](const bf16* x, const Packed& w, int64_t n, const float* bias, bf16* out, int64_t r0,
+                           int64_t r1, PassQueue* pq, int64_t layer) {
+        int64_t t0, t1;
+        share(0, w.tiles, t0, t1);
+        TileRun* runs = tile_runs.data() + op++ * nt;
+        runs[t].next.store(t0, std::memory_order_relaxed);
+        runs[t].end = t1;
+        runs[t].open.store(true, std::memory_order_release);
+        const uint32_t* x32 = reinterpret_cast<const uint32_t*>(x);
+        for (int k = 0; k < nt; ++k) {
+          TileRun& run = runs[(t + k) % nt];
+          if (!run.open.load(std::memory_order_acquire)) continue;  // its owner has not begun
+          for (int64_t j; (j = run.next.fetch_add(1, std::memory_order_relaxed)) < run.end;) {
+            const bf16* after = j + 1 < run.end ? w.p + (j + 1) * w.k2 * kTileN * 2 : nullptr;
+            gemm_rows<bf16>(x32, w.k2, r0, r1, w.p, w.k2, w.k2, j, j + 1, n, bias, out, n, true, after, pq);
+            while (pq && pq->ready()) run_pass(*pq, layer);
+          }
+        }
+      };
+      // Layer i's O projection and MLP over rows [r0, r1): residual += O(attn), normed = post norm;
+      // residual += down(silu(gate_up(normed))), normed = the next layer's input norm (or the final).
+      auto tail = [&](int64_t i, int64_t r0, int64_t r1, PassQueue* pq, int64_t layer) {
+        int64_t s0, s1;
+        share(r0, r1, s0, s1);
+        gemm_part(ap, ls[i].o, hidden, nullptr, dp, r0, r1, pq, layer);
+#pragma omp barrier
+        add_rmsnorm_rows(rp, dp, ls[i].post_norm, np, hidden, eps, s0, s1);
+#pragma omp barrier
+        gemm_part(np, ls[i].gate_up, 2 * intermediate, nullptr, gp, r0, r1, pq, layer);
+#pragma omp barrier
+        silu_mul_rows(gp, xp, intermediate, s0, s1);
+#pragma omp barrier
+        gemm_part(xp, ls[i].down, hidden, nullptr, dp, r0, r1, pq, layer);
+#pragma omp barrier
+        add_rmsnorm_rows(rp, dp, ls[i].next_norm, np, hidden, eps, s0, s1);
+#pragma omp barrier
+      };
+      // Layer i's QKV projection over rows [r0, r1), RoPE, and their K and V written to its caches.
+      auto head = [&](int64_t i, int64_t r0, int64_t r1, PassQueue* pq, int64_t layer) {
+        int64_t s0, s1;
+        share(r0, r1, s0, s1);
+        gemm_part(np, ls[i].qkv, qkv_n, ls[i].qkv_bias, fp, r0, r1, pq, layer);
+#pragma omp barrier
+        rope_write_kv_rows(fp, qkv_n, fp + q_size, qkv_n, fp + q_size + kv_size, qkv_n, heads, kv_heads, head_dim,
+                           cp, sp, slot, ls[i].kc, ls[i].vc, block_size, s0, s1);
+#pragma omp barrier
+      };
+      // Layer i's attention over sequences [r0, r1), this thread's share, as a queue of passes.
+      auto queue = [&](int64_t i, int64_t r0, int64_t r1) {
+        PassQueue pq;
+        int64_t s0, s1;
+        share(r0, r1, s0, s1);
+        pq.kc = ls[i].kc;
+        pq.vc = ls[i].vc;
+        pq.tables = tp;
+        pq.lens = lp;
+        pq.width = width;
+        pq.block_size = block_size;
+        pq.block_elems = kv_heads * block_size * head_dim;
+        pq.first = s0;
+        pq.passes = 2 * (s1 - s0);
+        return pq;
+      };
+      auto finish = [&](PassQueue& pq, int64_t layer) {
+        while (pq.done < pq.passes) run_pass(pq, layer);
+#pragma omp barrier
+      };
+      // Half A is rows [0, half), B [half, b). A's QKV of layer 0 first; then per layer, A's attention
+      // beside B's previous layer's tail and this layer's head, and B's attention beside A's tail and
+      // next head; B's last tail at the end.
+      head(0, 0, half, nullptr, 0);
+      for (int64_t i = 0; i < layers; ++i) {
+        PassQueue pa = queue(i, 0, half);
+        if (i > 0) tail(i - 1, half, b, &pa, i);
+        head(i, half, b, &pa, i);
+        finish(pa, i);
+        PassQueue pb = queue(i, half, b);
+        tail(i, 0, half, &pb, i);
+        if (i + 1 < layers) head(i + 1, 0, half, &pb, i);
+        finish(pb, i);
+      }
+      tail(layers - 1, half, b, nullptr, 0);
+    }
+    return normed_out;
   }
 };
 
@@ -1214,5 +1514,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     int64_t, int64_t, int64_t, int64_t, double, double>())
       .def("run", &DecodeLayers::run, "the layers over one decode batch; returns the final-normed hidden states",
            nogil);
+  m.def("set_decode_pipeline", &set_decode_pipeline,
+        "run DecodeLayers' larger steps pipelined (the attention beside the GEMMs) or not");
+  m.def("decode_pipeline", &decode_pipeline, "whether DecodeLayers' larger steps run pipelined");
+  m.def("pipelined_steps", &pipelined_steps, "how many decode steps this process has run pipelined");
   m.def("argmax_rows", &argmax_rows, "each row's first argmax, -1 for a row holding a NaN", nogil);
 }
