@@ -1295,13 +1295,14 @@ struct DecodeLayers {
     return normed;
   }
 
-  // Whether a step runs pipelined (run_pipelined): on AVX512 (AMX sums in another order), two threads
-  // or more, at least kPipelineSeqs sequences whose K and V come to kPipelineKvOverWeights times the
-  // layers' weights, contiguous inputs and even GEMM widths (the row-pair loads of gemm_rows).
+  // Whether a step runs pipelined (run_pipelined): on AVX512 (AMX sums in another order), at least
+  // kPipelineSeqs sequences whose K and V come to kPipelineKvOverWeights times the layers' weights,
+  // contiguous inputs and even GEMM widths (the row-pair loads of gemm_rows). On one thread as on
+  // two: a core computing a GEMM tile streams the next attention pass from memory meanwhile.
   bool pipelines(const torch::Tensor& residual, const torch::Tensor& block_tables,
                  const torch::Tensor& context_lens) const {
     const int64_t b = residual.size(0);
-    if (!g_pipeline || g_amx || at::get_num_threads() < 2 || b < kPipelineSeqs) return false;
+    if (!g_pipeline || g_amx || b < kPipelineSeqs) return false;
     if (!residual.is_contiguous() || !block_tables.is_contiguous() || !context_lens.is_contiguous()) return false;
     if (head_dim % 32 || (heads * head_dim) % 2 || hidden % 2 || intermediate % 2 || heads % kv_heads ||
         heads / kv_heads > kMaxGroup || k_cache[0].size(2) % 16)
