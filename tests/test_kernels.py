@@ -539,15 +539,18 @@ def test_decode_layers_in_one_call_give_the_bits_of_layer_by_layer(model, model_
         assert not torch.equal(results[True][1], before), name  # the step wrote its tokens' K and V
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("model", ["default", "qwen2-biased", "llama-wide-heads"])
-def test_pipelined_decode_steps_give_the_bits_of_steps_layer_by_layer(model, threads, model_bf16, tmp_path):
+def test_pipelined_decode_steps_give_the_bits_of_steps_kernel_by_kernel(model, threads, model_bf16, tmp_path):
     """A decode step of at least 16 sequences whose K and V outweigh the layers' weights enough runs
     pipelined where it is on (AMD's Zen 4 by default): one half of the batch's attention beside the
     other half's GEMMs, each half's rows through the same kernels' arithmetic. The same logits and the
     same K and V written, bit for bit, as the step run kernel by kernel, here with an odd batch
     (unequal halves) of uneven contexts, for biased q/k/v projections and query heads wider than the
-    hidden size too. On one thread as on two."""
+    hidden size too; on one thread, two, and three (more threads than cores: each GEMM's tiles taken
+    by whichever thread is free). With the default model's long contexts most attention passes run
+    between the GEMM tiles, where the overlap is. (AMX, whose GEMMs sum in another order, is off
+    here: with it the pipeline never runs.)"""
     from splitserve.engine import EngineConfig, LLMEngine, SamplingParams, Sequence
 
     if model == "default":
@@ -565,19 +568,26 @@ def test_pipelined_decode_steps_give_the_bits_of_steps_layer_by_layer(model, thr
         s.num_computed_tokens = s.num_tokens - 1  # the last token's step, over a context at random:
     runner.cache.data.normal_(generator=gen)  # no prefill needed to compare two runs of one step
     before = runner.cache.data.clone()
-    was_on, was_threads, results = kernels.decode_pipeline(), torch.get_num_threads(), {}
+    was_on, was_amx, was_threads = kernels.decode_pipeline(), kernels.amx_enabled(), torch.get_num_threads()
+    kernels.set_amx(False)
     torch.set_num_threads(threads)
+    results = {}
     try:
         for on in (False, True):
             runner.cache.data.copy_(before)
             kernels.set_decode_pipeline(on)
-            steps = kernels.pipelined_steps()
+            steps, overlapped = kernels.pipelined_steps(), kernels.overlapped_passes()
             logits = runner.decode(seqs, tables)
-            results[on] = logits, runner.cache.data.clone(), kernels.pipelined_steps() - steps
+            results[on] = (logits, runner.cache.data.clone(), kernels.pipelined_steps() - steps,
+                           kernels.overlapped_passes() - overlapped)
     finally:
         kernels.set_decode_pipeline(was_on)
+        kernels.set_amx(was_amx)
         torch.set_num_threads(was_threads)
     assert results[False][2] == 0 and results[True][2] == 1
+    passes = 2 * len(seqs) * engine.loaded.spec.num_layers
+    if model == "default":  # 30 layers of 420-700 tokens: the passes' K and V outweigh the tiles' steps
+        assert results[True][3] > passes // 2
     assert torch.equal(results[True][0], results[False][0])
     assert torch.equal(results[True][1], results[False][1])
     assert not torch.equal(results[True][1], before)  # the step wrote its tokens' K and V

@@ -1,7 +1,8 @@
 // bfloat16 CPU kernels for x86 with AVX512_BF16: a weight-packed GEMM, paged decode attention,
 // causal prefill attention, and fused element-wise ops. Each has a plain-torch reference in splitserve/engine/ops.py that the
 // tests compare it against. Threads come from torch's OpenMP runtime (at::parallel_for, or an OpenMP
-// region of at::get_num_threads() threads: parallel_items, the prefill attention), never a second one.
+// region of at::get_num_threads() threads: parallel_items, the prefill attention, a pipelined decode
+// step), never a second one.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -1145,6 +1146,7 @@ void silu_mul_rows(const bf16* gp, bf16* op, int64_t inter, int64_t r0, int64_t 
 // gate_up [T, 2I] -> bf16(silu(gate)) * up, rounded as transformers' bf16 MLP does.
 torch::Tensor silu_mul(torch::Tensor gate_up) {
   gate_up = gate_up.contiguous();
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "silu_mul: [T, 2I] gate and up");
   const int64_t t = gate_up.size(0), inter = gate_up.size(1) / 2;
   auto out = torch::empty({t, inter}, gate_up.options());
   const bf16* gp = gate_up.data_ptr<bf16>();
@@ -1231,10 +1233,13 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
 bool g_pipeline = false;
 constexpr int64_t kPipelineSeqs = 16;
 constexpr double kPipelineKvOverWeights = 1.75;
-std::atomic<int64_t> g_pipelined_steps{0};  // steps run pipelined, for tests and A/B scripts
+// Steps run pipelined, and attention passes run between GEMM tiles (the rest wait for their phase's
+// GEMMs to end), for tests and A/B scripts.
+std::atomic<int64_t> g_pipelined_steps{0}, g_overlapped_passes{0};
 void set_decode_pipeline(bool on) { g_pipeline = on; }
 bool decode_pipeline() { return g_pipeline; }
 int64_t pipelined_steps() { return g_pipelined_steps.load(); }
+int64_t overlapped_passes() { return g_overlapped_passes.load(); }
 
 // One GEMM's tiles for one thread of a pipelined step: [next, end), taken one at a time by their
 // owner or, once the owner has opened them, by a thread done with its own.
@@ -1249,13 +1254,15 @@ struct alignas(64) TileRun {
 // the same views as the model's Python forward (models/llama.py), so the same bits, without ~25 us
 // of Python per layer (~0.8 ms a step, a tenth of a batch-1 step) and with the GIL let go once for
 // the whole pass instead of taken back after each of ~300 kernels (a worker's event loop thread
-// then waits for none of them). Holds references to the packed weights, the norms' weights and
-// the cache's layer views, taken once per KV cache.
-
+// then waits for none of them); larger steps pipelined (run_pipelined: the same arithmetic on every
+// row in another order, so the same bits too). Holds references to the packed weights, the norms'
+// weights and the cache's layer views, taken once per KV cache.
 struct DecodeLayers {
   std::vector<torch::Tensor> qkv, qkv_bias, o, gate_up, down, post_norm, next_norm, k_cache, v_cache;
   int64_t heads, kv_heads, head_dim, hidden, intermediate;
   double eps, scale;
+  bool pipelinable = false;  // the shapes run_pipelined takes (found once, by the constructor)
+  int64_t weight_bytes = 0;  // of every layer's packed weights
 
   DecodeLayers(std::vector<torch::Tensor> qkv, std::vector<torch::Tensor> qkv_bias, std::vector<torch::Tensor> o,
                std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> down,
@@ -1270,13 +1277,41 @@ struct DecodeLayers {
     TORCH_CHECK(n > 0 && this->qkv_bias.size() == n && this->o.size() == n && this->gate_up.size() == n &&
                 this->down.size() == n && this->post_norm.size() == n && this->next_norm.size() == n &&
                 this->k_cache.size() == n && this->v_cache.size() == n, "DecodeLayers: one entry per layer");
+    pipelinable = fits_pipeline();
+  }
+
+  // Whether run_pipelined takes these layers, whose shapes its region does not check (nothing in it
+  // may throw): head dims the attention takes (a multiple of 32 up to 256, GQA groups up to 16), even
+  // GEMM widths (gemm_rows loads row pairs) matching the packed weights, blocks of a multiple of 16
+  // tokens, and contiguous caches and norm weights.
+  bool fits_pipeline() {
+    const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim;
+    if (head_dim % 32 || head_dim > 256 || kv_heads < 1 || heads % kv_heads || heads / kv_heads > kMaxGroup ||
+        q_size % 2 || hidden % 2 || intermediate % 2)
+      return false;
+    auto packs = [](const torch::Tensor& w, int64_t k, int64_t n) {
+      return w.dim() == 4 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() && 2 * w.size(1) == k &&
+             w.size(0) * kTileN >= n;
+    };
+    for (size_t i = 0; i < qkv.size(); ++i) {
+      if (!packs(qkv[i], hidden, q_size + 2 * kv_size) || !packs(o[i], q_size, hidden) ||
+          !packs(gate_up[i], hidden, 2 * intermediate) || !packs(down[i], intermediate, hidden))
+        return false;
+      for (const auto* t : {&k_cache[i], &v_cache[i], &post_norm[i], &next_norm[i]})
+        if (!t->is_contiguous() || t->scalar_type() != at::kBFloat16) return false;
+      if (k_cache[i].dim() != 4 || k_cache[i].size(1) != kv_heads || k_cache[i].size(2) % 16 ||
+          k_cache[i].size(3) != head_dim || !v_cache[i].sizes().equals(k_cache[i].sizes()))
+        return false;
+      for (const auto* w : {&qkv[i], &o[i], &gate_up[i], &down[i]}) weight_bytes += w->numel() * w->element_size();
+    }
+    return true;
   }
 
   // residual [B, hidden] (updated in place) and its input-normed copy for layer 0; cos/sin
   // [B, head_dim]; returns the last layer's output normed by the final norm.
   torch::Tensor run(torch::Tensor residual, torch::Tensor normed, torch::Tensor cos, torch::Tensor sin,
                     torch::Tensor slots, torch::Tensor block_tables, torch::Tensor context_lens) const {
-    if (pipelines(residual, block_tables, context_lens))
+    if (pipelines(residual, normed, cos, sin, slots, block_tables, context_lens))
       return run_pipelined(residual, normed, cos, sin, slots, block_tables, context_lens);
     const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim;
     for (size_t i = 0; i < qkv.size(); ++i) {
@@ -1295,21 +1330,23 @@ struct DecodeLayers {
     return normed;
   }
 
-  // Whether a step runs pipelined (run_pipelined): on AVX512 (AMX sums in another order), at least
-  // kPipelineSeqs sequences whose K and V come to kPipelineKvOverWeights times the layers' weights,
-  // contiguous inputs and even GEMM widths (the row-pair loads of gemm_rows). On one thread as on
-  // two: a core computing a GEMM tile streams the next attention pass from memory meanwhile.
-  bool pipelines(const torch::Tensor& residual, const torch::Tensor& block_tables,
+  // Whether a step runs pipelined (run_pipelined): on AVX512 (AMX sums in another order), layers it
+  // takes (fits_pipeline), at least kPipelineSeqs sequences whose K and V come to
+  // kPipelineKvOverWeights times the layers' weights, and contiguous inputs of the types it reads. On
+  // one thread as on two: a core computing a GEMM tile streams the next attention pass meanwhile.
+  bool pipelines(const torch::Tensor& residual, const torch::Tensor& normed, const torch::Tensor& cos,
+                 const torch::Tensor& sin, const torch::Tensor& slots, const torch::Tensor& block_tables,
                  const torch::Tensor& context_lens) const {
     const int64_t b = residual.size(0);
-    if (!g_pipeline || g_amx || b < kPipelineSeqs) return false;
-    if (!residual.is_contiguous() || !block_tables.is_contiguous() || !context_lens.is_contiguous()) return false;
-    if (head_dim % 32 || (heads * head_dim) % 2 || hidden % 2 || intermediate % 2 || heads % kv_heads ||
-        heads / kv_heads > kMaxGroup || k_cache[0].size(2) % 16)
+    if (!g_pipeline || g_amx || !pipelinable || b < kPipelineSeqs) return false;
+    if (residual.dim() != 2 || residual.size(1) != hidden || !residual.is_contiguous() ||
+        residual.scalar_type() != at::kBFloat16 || !normed.sizes().equals(residual.sizes()) ||
+        normed.scalar_type() != at::kBFloat16 || cos.scalar_type() != at::kBFloat16 ||
+        sin.scalar_type() != at::kBFloat16 || cos.numel() != b * head_dim || sin.numel() != b * head_dim ||
+        slots.scalar_type() != at::kLong || slots.numel() != b || block_tables.scalar_type() != at::kLong ||
+        block_tables.dim() != 2 || block_tables.size(0) != b || !block_tables.is_contiguous() ||
+        context_lens.scalar_type() != at::kLong || context_lens.numel() != b || !context_lens.is_contiguous())
       return false;
-    int64_t weight_bytes = 0;
-    for (size_t i = 0; i < qkv.size(); ++i)
-      for (const auto* w : {&qkv[i], &o[i], &gate_up[i], &down[i]}) weight_bytes += w->numel() * w->element_size();
     const int64_t kv_bytes_per_token = static_cast<int64_t>(qkv.size()) * 2 * kv_heads * head_dim * 2;
     return static_cast<double>(context_lens.sum().item<int64_t>() * kv_bytes_per_token) >=
            kPipelineKvOverWeights * static_cast<double>(weight_bytes);
@@ -1320,8 +1357,8 @@ struct DecodeLayers {
   // half's GEMMs and element-wise ops (its O projection and MLP of one layer, then its QKV of the
   // next), they run the other half's decode attention, whose K and V the GEMMs prefetch into L2 ahead
   // of it (PassQueue). The attention, bound by memory, then overlaps the GEMMs, bound by compute,
-  // instead of taking its turn after them. Each half's weights are read once per layer, so twice a
-  // step in all.
+  // instead of taking its turn after them. Each half reads every layer's weights, so they are read
+  // twice a step.
   torch::Tensor run_pipelined(torch::Tensor residual, torch::Tensor normed, torch::Tensor cos, torch::Tensor sin,
                               torch::Tensor slots, torch::Tensor block_tables, torch::Tensor context_lens) const {
     const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim, qkv_n = q_size + 2 * kv_size;
@@ -1351,7 +1388,6 @@ struct DecodeLayers {
     std::vector<Layer> ls(layers);
     for (int64_t i = 0; i < layers; ++i) {
       if (qkv_bias[i].defined() && qkv_bias[i].numel() > 0) bias_f32[i] = qkv_bias[i].to(at::kFloat).contiguous();
-      TORCH_CHECK(post_norm[i].is_contiguous() && next_norm[i].is_contiguous(), "DecodeLayers: norm weights");
       ls[i] = Layer{packed(qkv[i]), packed(o[i]), packed(gate_up[i]), packed(down[i]),
                     bias_f32[i].defined() ? bias_f32[i].data_ptr<float>() : nullptr, post_norm[i].data_ptr<bf16>(),
                     next_norm[i].data_ptr<bf16>(), k_cache[i].data_ptr<bf16>(), v_cache[i].data_ptr<bf16>()};
@@ -1381,6 +1417,7 @@ struct DecodeLayers {
     {
       const int t = omp_get_thread_num(), nt = omp_get_num_threads();
       Scratch& scratch = scratches[t];
+      int64_t overlapped = 0;
       auto share = [&](int64_t r0, int64_t r1, int64_t& s0, int64_t& s1) {
         s0 = r0 + (r1 - r0) * t / nt;
         s1 = r0 + (r1 - r0) * (t + 1) / nt;
@@ -1410,7 +1447,7 @@ struct DecodeLayers {
           for (int64_t j; (j = run.next.fetch_add(1, std::memory_order_relaxed)) < run.end;) {
             const bf16* after = j + 1 < run.end ? w.p + (j + 1) * w.k2 * kTileN * 2 : nullptr;
             gemm_rows<bf16>(x32, w.k2, r0, r1, w.p, w.k2, w.k2, j, j + 1, n, bias, out, n, true, after, pq);
-            while (pq && pq->ready()) run_pass(*pq, layer);
+            for (; pq && pq->ready(); ++overlapped) run_pass(*pq, layer);
           }
         }
       };
@@ -1477,6 +1514,7 @@ struct DecodeLayers {
         finish(pb, i);
       }
       tail(layers - 1, half, b, nullptr, 0);
+      g_overlapped_passes.fetch_add(overlapped, std::memory_order_relaxed);
     }
     return normed_out;
   }
@@ -1519,5 +1557,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "run DecodeLayers' larger steps pipelined (the attention beside the GEMMs) or not");
   m.def("decode_pipeline", &decode_pipeline, "whether DecodeLayers' larger steps run pipelined");
   m.def("pipelined_steps", &pipelined_steps, "how many decode steps this process has run pipelined");
+  m.def("overlapped_passes", &overlapped_passes,
+        "how many attention passes this process's pipelined steps ran between GEMM tiles");
   m.def("argmax_rows", &argmax_rows, "each row's first argmax, -1 for a row holding a NaN", nogil);
 }
