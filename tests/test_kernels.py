@@ -8,11 +8,13 @@ import threading
 import pytest
 import torch
 
+import splitserve.engine.kernels as kernels_module
 from splitserve.engine.attention import AttentionBatch
 from splitserve.engine.kernels import (
     SOURCE,
     amx_wanted,
     attention_prefetch,
+    decode_pipeline_wanted,
     kernels_build_dir,
     kernels_enabled,
     load_cpu_kernels,
@@ -548,13 +550,13 @@ def test_pipelined_decode_steps_give_the_bits_of_steps_kernel_by_kernel(model, t
     same K and V written, bit for bit, as the step run kernel by kernel, here with an odd batch
     (unequal halves) of uneven contexts, for biased q/k/v projections and query heads wider than the
     hidden size too; on one thread, two, and three (more threads than cores: each GEMM's tiles taken
-    by whichever thread is free). With the default model's long contexts most attention passes run
-    between the GEMM tiles, where the overlap is. (AMX, whose GEMMs sum in another order, is off
-    here: with it the pipeline never runs.)"""
+    by whichever thread is free); with the attention prefetching either way. With the default model's
+    long contexts most attention passes run between the GEMM tiles, where the overlap is. (AMX, whose
+    GEMMs sum in another order, is off here: with it the pipeline never runs.)"""
     from splitserve.engine import EngineConfig, LLMEngine, SamplingParams, Sequence
 
     if model == "default":
-        engine = LLMEngine(EngineConfig(kv_cache_bytes=1 << 30), loaded=model_bf16)
+        engine = LLMEngine(EngineConfig(kv_cache_bytes=600 << 20), loaded=model_bf16)  # 33 x 700 tokens
     else:
         tiny_checkpoint(model, tmp_path, model_bf16.source.path, max_positions=1024)
         engine = LLMEngine(EngineConfig(model=str(tmp_path), kv_cache_bytes=1 << 26))
@@ -571,26 +573,53 @@ def test_pipelined_decode_steps_give_the_bits_of_steps_kernel_by_kernel(model, t
     was_on, was_amx, was_threads = kernels.decode_pipeline(), kernels.amx_enabled(), torch.get_num_threads()
     kernels.set_amx(False)
     torch.set_num_threads(threads)
-    results = {}
+    prefetch = kernels.attention_prefetch()
+    other = "l2" if prefetch == "l2-lines" else "l2-lines"  # the attention's other way of prefetching
+    results, serial_cache = {}, None
     try:
-        for on in (False, True):
+        for on, mode in ((False, prefetch), (True, prefetch), (True, other)):
             runner.cache.data.copy_(before)
             kernels.set_decode_pipeline(on)
+            kernels.set_attention_prefetch(mode)
             steps, overlapped = kernels.pipelined_steps(), kernels.overlapped_passes()
             logits = runner.decode(seqs, tables)
-            results[on] = (logits, runner.cache.data.clone(), kernels.pipelined_steps() - steps,
-                           kernels.overlapped_passes() - overlapped)
+            if serial_cache is None:
+                serial_cache = runner.cache.data.clone()
+            results[on, mode] = (logits, torch.equal(runner.cache.data, serial_cache),
+                                 kernels.pipelined_steps() - steps, kernels.overlapped_passes() - overlapped)
     finally:
         kernels.set_decode_pipeline(was_on)
+        kernels.set_attention_prefetch(prefetch)
         kernels.set_amx(was_amx)
         torch.set_num_threads(was_threads)
-    assert results[False][2] == 0 and results[True][2] == 1
+    serial = results.pop((False, prefetch))
+    assert serial[2] == 0
+    assert not torch.equal(serial_cache, before)  # the step wrote its tokens' K and V
+    for key, (logits, same_cache, steps, _) in results.items():
+        assert steps == 1, key
+        assert torch.equal(logits, serial[0]), key
+        assert same_cache, key
     passes = 2 * len(seqs) * engine.loaded.spec.num_layers
     if model == "default":  # 30 layers of 420-700 tokens: the passes' K and V outweigh the tiles' steps
-        assert results[True][3] > passes // 2
-    assert torch.equal(results[True][0], results[False][0])
-    assert torch.equal(results[True][1], results[False][1])
-    assert not torch.equal(results[True][1], before)  # the step wrote its tokens' K and V
+        assert results[True, prefetch][3] > passes // 2
+
+
+def test_the_decode_pipeline_is_on_where_it_was_measured_or_where_the_environment_says(monkeypatch):
+    """Unset, SPLITSERVE_DECODE_PIPELINE leaves it to the CPU: on for AMD's Zen 4 (family 25), where it
+    was measured quicker, off elsewhere; 1 and 0 say so anywhere, and anything else is refused."""
+    cpus = {"zen4": {"vendor_id": "AuthenticAMD", "cpu family": "25"},
+            "zen5": {"vendor_id": "AuthenticAMD", "cpu family": "26"},
+            "intel": {"vendor_id": "GenuineIntel", "cpu family": "6"}}
+    for name, fields in cpus.items():
+        monkeypatch.setattr(kernels_module, "cpuinfo_field", lambda field, f=fields: f.get(field, ""))
+        monkeypatch.delenv("SPLITSERVE_DECODE_PIPELINE", raising=False)
+        assert decode_pipeline_wanted() == (name == "zen4"), name
+        for setting in ("0", "1"):
+            monkeypatch.setenv("SPLITSERVE_DECODE_PIPELINE", setting)
+            assert decode_pipeline_wanted() == (setting == "1"), name
+        monkeypatch.setenv("SPLITSERVE_DECODE_PIPELINE", "yes")
+        with pytest.raises(ValueError, match="must be 0 or 1"):
+            decode_pipeline_wanted()
 
 
 def test_decode_steps_run_on_the_kernels_switched_to(model_bf16):

@@ -55,9 +55,15 @@ def attention_prefetch() -> str:
 
 def decode_pipeline_wanted() -> bool:
     """Whether DecodeLayers runs its larger decode steps pipelined (one half of the batch's attention
-    beside the other half's GEMMs): where it was measured quicker, AMD's Zen 4 (CPU family 25: up to
-    8-17% off the step at 32-96 sequences of 1,024 tokens; docs/benchmarks.md, "The attention beside
-    the GEMMs"). Elsewhere it was not measured, and steps run kernel by kernel as before."""
+    beside the other half's GEMMs): SPLITSERVE_DECODE_PIPELINE=1 or 0 says; unset, where it was
+    measured quicker, AMD's Zen 4 (CPU family 25: up to 8-17% off the step at 32-96 sequences of 1,024
+    tokens; docs/benchmarks.md, "The attention beside the GEMMs"). Elsewhere it was not measured, and
+    steps run kernel by kernel as before."""
+    setting = os.environ.get("SPLITSERVE_DECODE_PIPELINE", "")
+    if setting:
+        if setting not in ("0", "1"):
+            raise ValueError(f"SPLITSERVE_DECODE_PIPELINE must be 0 or 1, not {setting[:20]!r}")
+        return setting == "1"
     family = cpuinfo_field("cpu family")
     return cpuinfo_field("vendor_id") == "AuthenticAMD" and family.isdigit() and int(family) == ZEN4_FAMILY
 
@@ -144,5 +150,7 @@ def load_cpu_kernels() -> ModuleType | None:
     _enable_amx(module)
     module.set_attention_prefetch(attention_prefetch())
     module.set_decode_pipeline(decode_pipeline_wanted())
+    log.info("cpu kernels loaded", amx=module.amx_enabled(), attention_prefetch=module.attention_prefetch(),
+             decode_pipeline=module.decode_pipeline())
     return module
 
