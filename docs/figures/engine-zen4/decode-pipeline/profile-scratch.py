@@ -1,3 +1,6 @@
+# Scratch (2026-12-07): needs a build of the kernels with temporary hooks that were not kept: prof()
+# (per-thread timers in run_pipelined) and set_lead(lines a K step, KB ahead). Output: profile.txt.
+#   .venv/bin/python profile-scratch.py 64x1024,32x1024 ROUNDS
 import os, sys, torch, time
 os.sched_setaffinity(0, [0, 1]); torch.set_num_threads(2)
 from splitserve.engine import EngineConfig, LLMEngine

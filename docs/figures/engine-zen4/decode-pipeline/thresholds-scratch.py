@@ -1,3 +1,6 @@
+# Scratch (2026-12-07): needs a build of the kernels with temporary setters that were not kept:
+# set_lead(lines a K step, KB ahead) and set_thr(sequences, mean context). Output: thresholds.txt.
+#   .venv/bin/python thresholds-scratch.py 32x256,64x256 ROUNDS
 import os, sys, torch
 os.sched_setaffinity(0, [0, 1]); torch.set_num_threads(2)
 from splitserve.engine import EngineConfig, LLMEngine
