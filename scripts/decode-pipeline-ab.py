@@ -6,7 +6,7 @@ in one engine, so that the VM's drift between runs falls on both alike:
 
 Times `bench engine`'s decode step (`bench_decode`: the best of --steps steps) at each batch x context
 with the pipeline on and off (set_decode_pipeline), in turn, on cores 0-1 with two threads. Shapes below
-the pipeline's thresholds (16 sequences, K and V of 1.75x the layers' weights: 16,384 tokens of context
+the pipeline's thresholds (16 sequences, K and V of 1.75x the layers' weights: 16,128 tokens of context
 for the default model) run layer by layer either way.
 Each round starts with a memory-read probe (GB/s), to tell the VM's hour. docs/benchmarks.md, "The
 attention beside the GEMMs".

@@ -9,7 +9,7 @@
 #
 # The load (BENCH, default: 512-token prompts, 1,024 tokens out, 0.5 req/s for 90 s) keeps ~20-30
 # sequences of 512-1,536 tokens on the 1 + 1 decode server's one core, above the pipeline's threshold
-# (16,384 tokens of context for the default model).
+# (16,128 tokens of context for the default model).
 set -euo pipefail
 out=$1 rounds=${2:-2}
 shift $(($# < 2 ? $# : 2))

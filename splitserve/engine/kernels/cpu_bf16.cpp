@@ -1229,7 +1229,7 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
 // kernels/__init__.py), and from how many sequences and how much K and V read, against the layers'
 // weights, which it reads twice. Below either it was slower on AMD's Zen 4 (docs/benchmarks.md):
 // with fewer rows the GEMMs stream their weights instead of computing, and with less attention there
-// is less to hide than the second read of the weights costs (SmolLM2-135M: 16,384 tokens of context).
+// is less to hide than the second read of the weights costs (SmolLM2-135M: 16,128 tokens of context).
 bool g_pipeline = false;
 constexpr int64_t kPipelineSeqs = 16;
 constexpr double kPipelineKvOverWeights = 1.75;
