@@ -40,17 +40,23 @@ def cpu_flags() -> set[str]:
 ZEN4_FAMILY, ZEN5_FAMILY = 25, 26
 
 
+def amd_family() -> int | None:
+    """This CPU's family where it is AMD's (25: Zen 3 and 4, 26: Zen 5), else None."""
+    family = cpuinfo_field("cpu family")
+    return int(family) if cpuinfo_field("vendor_id") == "AuthenticAMD" and family.isdigit() else None
+
+
 def attention_prefetch() -> str:
     """How the decode attention prefetches K and V, by what was measured fastest (docs/benchmarks.md):
     into L1 a block at a time on AMD's Zen 5 (CPU family 26 and later); into L2 a line for each line
     read on AMD's Zen 4 (family 25); into L2 a block at a time on Intel's Sapphire Rapids and wherever
     it was not measured."""
-    family = cpuinfo_field("cpu family")
-    if cpuinfo_field("vendor_id") != "AuthenticAMD" or not family.isdigit():
+    family = amd_family()
+    if family is None:
         return "l2"
-    if int(family) >= ZEN5_FAMILY:
+    if family >= ZEN5_FAMILY:
         return "l1"
-    return "l2-lines" if int(family) == ZEN4_FAMILY else "l2"
+    return "l2-lines" if family == ZEN4_FAMILY else "l2"
 
 
 def decode_pipeline_wanted() -> bool:
@@ -64,8 +70,7 @@ def decode_pipeline_wanted() -> bool:
         if setting not in ("0", "1"):
             raise ValueError(f"SPLITSERVE_DECODE_PIPELINE must be 0 or 1, not {setting[:20]!r}")
         return setting == "1"
-    family = cpuinfo_field("cpu family")
-    return cpuinfo_field("vendor_id") == "AuthenticAMD" and family.isdigit() and int(family) == ZEN4_FAMILY
+    return amd_family() == ZEN4_FAMILY
 
 
 def kernels_enabled() -> bool:

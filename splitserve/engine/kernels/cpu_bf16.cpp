@@ -1261,7 +1261,20 @@ struct DecodeLayers {
   std::vector<torch::Tensor> qkv, qkv_bias, o, gate_up, down, post_norm, next_norm, k_cache, v_cache;
   int64_t heads, kv_heads, head_dim, hidden, intermediate;
   double eps, scale;
-  bool pipelinable = false;  // the shapes run_pipelined takes (found once, by the constructor)
+  // What run_pipelined reads of each layer, as pointers: taken once, by the constructor, since nothing
+  // in its OpenMP region may throw (the tensors above hold them; the QKV bias here, in fp32).
+  struct Packed {
+    const bf16* p;
+    int64_t tiles, k2;
+  };
+  struct Layer {
+    Packed qkv, o, gate_up, down;
+    const float* qkv_bias;
+    const bf16 *post_norm, *next_norm;
+    bf16 *kc, *vc;
+  };
+  std::vector<Layer> pipeline_layers;  // empty where run_pipelined does not take these layers
+  std::vector<torch::Tensor> qkv_bias_f32;
   int64_t weight_bytes = 0;  // of every layer's packed weights
 
   DecodeLayers(std::vector<torch::Tensor> qkv, std::vector<torch::Tensor> qkv_bias, std::vector<torch::Tensor> o,
@@ -1277,7 +1290,7 @@ struct DecodeLayers {
     TORCH_CHECK(n > 0 && this->qkv_bias.size() == n && this->o.size() == n && this->gate_up.size() == n &&
                 this->down.size() == n && this->post_norm.size() == n && this->next_norm.size() == n &&
                 this->k_cache.size() == n && this->v_cache.size() == n, "DecodeLayers: one entry per layer");
-    pipelinable = fits_pipeline();
+    if (fits_pipeline()) take_pipeline_layers();
   }
 
   // Whether run_pipelined takes these layers, whose shapes its region does not check (nothing in it
@@ -1302,9 +1315,21 @@ struct DecodeLayers {
       if (k_cache[i].dim() != 4 || k_cache[i].size(1) != kv_heads || k_cache[i].size(2) % 16 ||
           k_cache[i].size(3) != head_dim || !v_cache[i].sizes().equals(k_cache[i].sizes()))
         return false;
-      for (const auto* w : {&qkv[i], &o[i], &gate_up[i], &down[i]}) weight_bytes += w->numel() * w->element_size();
     }
     return true;
+  }
+
+  void take_pipeline_layers() {
+    auto packed = [](const torch::Tensor& w) { return Packed{w.data_ptr<bf16>(), w.size(0), w.size(1)}; };
+    qkv_bias_f32.resize(qkv.size());
+    for (size_t i = 0; i < qkv.size(); ++i) {
+      if (qkv_bias[i].defined() && qkv_bias[i].numel() > 0) qkv_bias_f32[i] = qkv_bias[i].to(at::kFloat).contiguous();
+      pipeline_layers.push_back(Layer{packed(qkv[i]), packed(o[i]), packed(gate_up[i]), packed(down[i]),
+                                      qkv_bias_f32[i].defined() ? qkv_bias_f32[i].data_ptr<float>() : nullptr,
+                                      post_norm[i].data_ptr<bf16>(), next_norm[i].data_ptr<bf16>(),
+                                      k_cache[i].data_ptr<bf16>(), v_cache[i].data_ptr<bf16>()});
+      for (const auto* w : {&qkv[i], &o[i], &gate_up[i], &down[i]}) weight_bytes += w->numel() * w->element_size();
+    }
   }
 
   // residual [B, hidden] (updated in place) and its input-normed copy for layer 0; cos/sin
@@ -1338,7 +1363,7 @@ struct DecodeLayers {
                  const torch::Tensor& sin, const torch::Tensor& slots, const torch::Tensor& block_tables,
                  const torch::Tensor& context_lens) const {
     const int64_t b = residual.size(0);
-    if (!g_pipeline || g_amx || !pipelinable || b < kPipelineSeqs) return false;
+    if (!g_pipeline || g_amx || pipeline_layers.empty() || b < kPipelineSeqs) return false;
     if (residual.dim() != 2 || residual.size(1) != hidden || !residual.is_contiguous() ||
         residual.scalar_type() != at::kBFloat16 || !normed.sizes().equals(residual.sizes()) ||
         normed.scalar_type() != at::kBFloat16 || cos.scalar_type() != at::kBFloat16 ||
@@ -1373,25 +1398,7 @@ struct DecodeLayers {
     sin = sin.contiguous();
     slots = slots.contiguous();
     // Every pointer the region reads, taken before it: nothing in it may throw.
-    struct Packed {
-      const bf16* p;
-      int64_t tiles, k2;
-    };
-    struct Layer {
-      Packed qkv, o, gate_up, down;
-      const float* qkv_bias;
-      const bf16 *post_norm, *next_norm;
-      bf16 *kc, *vc;
-    };
-    auto packed = [](const torch::Tensor& w) { return Packed{w.data_ptr<bf16>(), w.size(0), w.size(1)}; };
-    std::vector<torch::Tensor> bias_f32(layers);
-    std::vector<Layer> ls(layers);
-    for (int64_t i = 0; i < layers; ++i) {
-      if (qkv_bias[i].defined() && qkv_bias[i].numel() > 0) bias_f32[i] = qkv_bias[i].to(at::kFloat).contiguous();
-      ls[i] = Layer{packed(qkv[i]), packed(o[i]), packed(gate_up[i]), packed(down[i]),
-                    bias_f32[i].defined() ? bias_f32[i].data_ptr<float>() : nullptr, post_norm[i].data_ptr<bf16>(),
-                    next_norm[i].data_ptr<bf16>(), k_cache[i].data_ptr<bf16>(), v_cache[i].data_ptr<bf16>()};
-    }
+    const std::vector<Layer>& ls = pipeline_layers;
     const bf16 *cp = cos.data_ptr<bf16>(), *sp = sin.data_ptr<bf16>();
     const int64_t* slot = slots.data_ptr<int64_t>();
     bf16 *rp = residual.data_ptr<bf16>(), *np = normed_out.data_ptr<bf16>(), *fp = fused.data_ptr<bf16>();
