@@ -2,9 +2,12 @@
 
 import asyncio
 import threading
+import time
 
 import pytest
 
+from splitserve.engine import EngineConfig, LLMEngine, SamplingParams
+from splitserve.engine.config import EngineRole
 from splitserve.worker.engine_loop import EngineLoop
 
 
@@ -13,6 +16,7 @@ class BrokenEngine:
 
     def __init__(self) -> None:
         self.go = threading.Event()
+        self.stalled = False
 
     @property
     def has_work(self) -> bool:
@@ -43,5 +47,41 @@ def test_calls_queued_before_and_made_after_a_failed_step_raise_instead_of_hangi
         with pytest.raises(RuntimeError, match="engine failed"):
             await asyncio.wait_for(loop.call(lambda e: "never"), 5)
         await asyncio.wait_for(loop.stop(), 5)
+
+    asyncio.run(scenario())
+
+
+def test_an_engine_whose_queued_prompt_cannot_get_blocks_waits_for_a_call_instead_of_spinning(model_fp32):
+    """A prefill server whose KV cache is full of blocks held for pulls cannot start its next prompt
+    until a Release or an Abort frees some: its engine thread must wait for that call, not run empty
+    steps (each a wake-up of the event loop) as fast as it can."""
+    engine = LLMEngine(EngineConfig(dtype="float32", role=EngineRole.PREFILL, kv_cache_bytes=4 << 20),
+                       loaded=model_fp32)
+    size, blocks = engine.blocks.block_size, engine.blocks.num_blocks
+    assert blocks >= 4
+    params = SamplingParams(max_new_tokens=4)
+
+    async def produced(steps: list, request_id: str) -> None:
+        while not any(o.request_id == request_id for result in steps for o in result.outputs):
+            await asyncio.sleep(0.01)
+
+    async def scenario():
+        steps: list = []
+        loop = EngineLoop(engine, on_step=steps.append)
+        loop.start()
+        try:
+            # Most of the cache stays held once prefilled (a prefill engine keeps a request's blocks).
+            await loop.call(lambda e: e.add_request("held", [5] * ((blocks - 1) * size), params))
+            await asyncio.wait_for(produced(steps, "held"), 30)
+            await loop.call(lambda e: e.add_request("next", [7] * (2 * size), params))
+            clock = time.pthread_getcpuclockid(loop._thread.ident)
+            cpu = time.clock_gettime(clock)
+            await asyncio.sleep(0.5)
+            assert time.clock_gettime(clock) - cpu < 0.05, "the engine thread ran while nothing could run"
+            assert sum(not result.outputs for result in steps) <= 2  # a step to find out, then none
+            await loop.call(lambda e: e.abort("held"))  # the pull's Release frees the blocks
+            await asyncio.wait_for(produced(steps, "next"), 30)
+        finally:
+            await asyncio.wait_for(loop.stop(), 5)
 
     asyncio.run(scenario())

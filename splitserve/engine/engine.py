@@ -117,6 +117,9 @@ class LLMEngine:
         self._generator = torch.Generator()
         self._generate_ids = itertools.count()
         self.last_step: StepShape | None = None  # what the latest step ran; None when it ran nothing
+        # The latest step ran nothing and changed nothing: the next can only run after a call from
+        # outside (a prompt queued whose blocks are held for pulls; a Release or an Abort frees them).
+        self.stalled = False
         self._layered: _LayeredPrefill | None = None  # the prompt batch part-way through its layers
 
     @property
@@ -244,10 +247,18 @@ class LLMEngine:
         too: EngineBroken raises from here, and none of them is failed).
         """
         self.last_step = None
+        before = self._queues()
         try:
-            return self._schedule_and_run()
+            outputs = self._schedule_and_run()
         except _ForwardFailed as failed:
             return self._fail_batch(failed.failed, failed.__cause__)
+        self.stalled = not outputs and self.last_step is None and self._queues() == before
+        return outputs
+
+    def _queues(self) -> tuple:
+        """What a step that runs nothing may still change (a preemption, a layered pass ended)."""
+        s = self.scheduler
+        return len(s.waiting), len(s.running), len(s.prefilling), self.blocks.num_free_blocks, self._layered
 
     def _schedule_and_run(self) -> list[StepOutput]:
         if self.config.chunk_size is not None:

@@ -90,15 +90,21 @@ class EngineLoop:
         while True:
             if not self._drain_calls():
                 return
-            if self.engine.has_work:
+            if self._can_step():
                 self._step()
 
+    def _can_step(self) -> bool:
+        """Work to do that a step can start: not when the last step found nothing it could run (a
+        prompt waiting for blocks held for pulls), until a call (a Release, an Abort, a new request)
+        changed something."""
+        return self.engine.has_work and not self.engine.stalled
+
     def _drain_calls(self) -> bool:
-        """Run every queued call, blocking for the first one when the engine is idle.
+        """Run every queued call, blocking for the first one when the engine is idle or stalled.
 
         Returns False when stop() was requested.
         """
-        block = not self.engine.has_work
+        block = not self._can_step()
         while True:
             if block:  # idle from here: what the heartbeats publish must be up to date
                 self.published_cache = self.engine.published_cache(now=True)
@@ -109,7 +115,8 @@ class EngineLoop:
             if item is None:
                 return False
             self._run_call(item)
-            block = not self.engine.has_work
+            self.engine.stalled = False  # the call may have freed blocks or queued work: step again
+            block = not self._can_step()
 
     def _run_call(self, item: _Call) -> None:
         try:
