@@ -503,7 +503,6 @@ def test_engine_and_cluster_defaults_match_the_real_flags():
     assert SIMULATED_MODES == tuple(m.value for m in Mode)
     assert config.prefill_slice_ms is EngineSettings().prefill_slice_ms is None
     assert spec.prefill_queue_factor == parse(["scheduler"]).prefill_queue_factor
-    assert spec.kv_lease_s == parse(["prefill"]).kv_lease
     assert spec.heartbeat_interval_s == parse(["decode"]).heartbeat_interval
     assert spec.max_pending == int(parse(["gateway"]).max_pending)
 

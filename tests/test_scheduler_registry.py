@@ -441,3 +441,33 @@ def test_a_standby_records_what_workers_hold_and_acts_on_nothing():
     decode = server.registry.workers["d-a"]
     server.heartbeat(decode, {"r1", "r2"})
     assert decode.held == {"r1", "r2"} and decode.beats == 1 and not server.background._tasks
+
+
+def test_the_leader_names_the_prefill_server_s_held_requests_whose_pull_it_awaits(aborted):
+    """Prefilled requests waiting for a decode server, or queued at one until its memory frees, keep
+    their KV on the prefill server: the leader's heartbeat answer names them, so their leases go on.
+    Not a request still being prefilled, one it does not know (aborted there instead), nor anything
+    of a decode server's; a standby names nothing."""
+    import asyncio
+
+    from splitserve.services.scheduler.server import Stage
+
+    async def scenario():
+        server = _scheduler_with(("p", spb.WORKER_ROLE_PREFILL), ("d-a", spb.WORKER_ROLE_DECODE))
+        prefill, decode = server.registry.workers["p"], server.registry.workers["d-a"]
+        _in_decode(server, "queued-at-decode", b"1-0", "p", "d-a")
+        unplaced = _in_decode(server, "no-decode-yet", b"2-0", "p", "d-a")
+        unplaced.waits(Stage.AWAITING_DECODE)
+        unplaced.decode_id = None
+        prefilling = _in_decode(server, "prefilling", b"3-0", "p", "d-a")
+        prefilling.stage, prefilling.decode_id, prefilling.done = Stage.PREFILL, None, None
+        held = {"queued-at-decode", "no-decode-yet", "prefilling", "unknown"}
+        leader = server.heartbeat(prefill, held), server.heartbeat(decode, {"queued-at-decode"})
+        await asyncio.sleep(0)
+        server.leading.clear()
+        return leader, server.heartbeat(prefill, held)
+
+    (to_prefill, to_decode), from_standby = asyncio.run(scenario())
+    assert sorted(to_prefill) == ["no-decode-yet", "queued-at-decode"]
+    assert to_decode == [] and from_standby == []
+    assert aborted == [("p", "unknown")]

@@ -51,7 +51,7 @@ async def _serve_started(config, engine, redis, grpc_server, server, kv_server) 
     health = add_health(grpc_server)
     info = worker_info(config, spb.WORKER_ROLE_PREFILL, server.grpc_address, engine)
     server.link = SchedulerLink(config, info, server.stats, server.held, server.fence,
-                                lambda: server.loop.published_cache)
+                                lambda: server.loop.published_cache, server.extend_leases)
     server.loop.start()
     await grpc_server.start()
     await health.set("", SERVING)

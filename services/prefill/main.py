@@ -20,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="port of the UCX listener for KV pulls (default: 0, a free one)")
     p.add_argument("--kv-lease", type=positive_float, default=30.0,
                    help="seconds a prefilled request's KV blocks wait for a pull before they are "
-                        "freed (default: 30)")
+                        "freed; each heartbeat answer of the leading scheduler that still awaits the "
+                        "pull starts them again (default: 30)")
     p.set_defaults(func=main)
 
 

@@ -2,8 +2,11 @@
 
 KV ownership: a prefilled request's blocks stay allocated in this engine until (a) the decode server
 acknowledges its pull (Release), (b) the lease runs out with no pull in progress, or (c) the request
-is aborted. A transport that is sending a payload pins it (KvSource.open .. close) and the lease
-waits for the pin; the payload itself is a copy (export_kv), so bytes on the wire never change.
+is aborted. Each heartbeat answer of the leading scheduler that still awaits the pull starts the lease
+again, so it runs out only when no leader answers for that long (the scheduler forgets a request it
+gave up on, and aborts it here). A transport that is sending a payload pins it (KvSource.open ..
+close) and the lease waits for the pin; the payload itself is a copy (export_kv), so bytes on the
+wire never change.
 
 Draining (SIGTERM): Submit is refused, the queue is prefilled, and held blocks wait for their pulls;
 what is still held when the drain times out goes back to the scheduler, which runs it again.
@@ -187,6 +190,17 @@ class PrefillServer:
     async def _report(self, done: spb.PrefillDoneRequest) -> None:
         # The lease frees the blocks if the scheduler never hears of them.
         await self.link.report(done)
+
+    def extend_leases(self, request_ids) -> None:
+        """The leading scheduler still awaits these requests' pulls (a decode server has them queued
+        until its memory frees, or none has taken them yet): their leases start again from now. Ids
+        of requests not held here, or not prefilled yet, are ignored."""
+        loop = asyncio.get_running_loop()
+        for rid in set(request_ids):
+            held = self.requests.get(rid)
+            if held is not None and held.lease is not None:
+                held.lease.cancel()
+                held.lease = loop.call_later(self.kv_lease_s, self._expire, rid)
 
     def _expire(self, request_id: str) -> None:
         held = self.requests.get(request_id)

@@ -86,6 +86,10 @@ class Stage(enum.Enum):
     DECODE = "decode"
 
 
+# Past prefill, on a prefill server: its KV blocks wait there for a decode server's pull.
+_KV_AWAITED = (Stage.AWAITING_DECODE, Stage.DECODE)
+
+
 @dataclass
 class Tracked:
     entry_id: bytes
@@ -273,19 +277,26 @@ class SchedulerServer:
 
     # -- reconciliation -------------------------------------------------------------------------
 
-    def heartbeat(self, worker: WorkerEntry, held: set[str]) -> None:
+    def heartbeat(self, worker: WorkerEntry, held: set[str]) -> list[str]:
         """What a worker holds, as of its heartbeat (or registration): the leader runs again what it
-        placed there that is gone, and aborts there what it does not know or placed elsewhere."""
+        placed there that is gone, and aborts there what it does not know or placed elsewhere.
+
+        Returns, when leading, the requests whose KV blocks this prefill server holds for a pull still
+        to come (a decode server to take them, or one that has them queued until its memory frees):
+        the server extends their leases, so that waiting for decode memory never outlasts them."""
         worker.held, worker.beats, worker.heard_at = held, worker.beats + 1, time.monotonic()
         self.heard.set()
         if not self.leading.is_set():
-            return
+            return []
+        awaited = []
         for rid in held:
             tracked = self.tracked.get(rid)
             if tracked is None or not self._placed_on(tracked, worker.instance_id):
                 log.info("a worker holds a request that is done or runs elsewhere: aborted there",
                          request_id=rid, worker=worker.instance_id)
                 self._abort_on(worker.instance_id, rid)
+            elif tracked.prefill_id == worker.instance_id and tracked.stage in _KV_AWAITED:
+                awaited.append(rid)
         for rid, beat in list(worker.confirmed.items()):
             tracked = self.tracked.get(rid)
             if tracked is None or not _runs_on(tracked, worker.instance_id):
@@ -296,6 +307,7 @@ class SchedulerServer:
                 log.warning("a worker lost a request it was given (its report too): run again",
                             request_id=rid, worker=worker.instance_id)
                 self._take_back(tracked, worker.instance_id, kv_not_pulled=False)
+        return awaited if worker.role == spb.WORKER_ROLE_PREFILL else []
 
     # -- intake ---------------------------------------------------------------------------------
 

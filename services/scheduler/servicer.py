@@ -90,10 +90,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 if done.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                     held.discard(done.request_id)  # held only until this last report, now delivered
         worker = self.server.registry.workers.get(request.instance_id)
-        if worker is not None:
-            self.server.heartbeat(worker, held)
+        awaited = self.server.heartbeat(worker, held) if worker is not None else []
         self.server.wake.set()  # its load changed: a waiting request may fit now
-        return spb.HeartbeatResponse(leader=leading, epoch=self.server.epoch)
+        return spb.HeartbeatResponse(leader=leading, epoch=self.server.epoch, kv_awaited_ids=awaited)
 
     async def _require_leader(self, context) -> None:
         if not self.server.leading.is_set():

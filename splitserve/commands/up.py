@@ -103,6 +103,7 @@ class ClusterConfig:
     redis_credentials: RedisCredentials = RedisCredentials()
     own_certs: bool = False  # tls_dir was made for this run, and goes with it
     drain_timeout_s: float = 30.0  # on stop, what the scheduler and workers get to finish their work
+    kv_lease_s: float = 30.0  # prefill servers: how long held KV blocks outlive the leader's silence
     cpus: tuple[int, ...] = ()  # every core the workers may use (--cpus, or all)
     scheduler_argv: tuple[str, ...] = ()  # planning flags (--adapt)
     decode_prefix_caching: bool = True  # decode servers keep finished requests' blocks for the next turn
@@ -228,6 +229,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-timeout", type=positive_float, default=30.0,
                    help="on SIGTERM a service takes nothing new and gets this many seconds to finish "
                         "what it holds; a worker then hands the rest back (default: 30)")
+    p.add_argument("--kv-lease", type=positive_float, default=30.0,
+                   help="seconds a prefill server keeps a prefilled request's KV blocks for a pull "
+                        "once no leading scheduler's heartbeat answer says it still awaits it "
+                        "(default: 30)")
     add_tracing_args(p)
     adapt.add_args(p)
     add_length_args(p.add_argument_group("the workload --mode auto plans for (a preset also sets the SLOs)"))
@@ -281,7 +286,7 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
                               else None),
             worker_cpus=tuple(tuple(share) for share in shares), pin=not args.no_pin, tls_dir=tls_dir,
             own_certs=args.cluster_tls == "", redis_credentials=_redis_credentials(args),
-            drain_timeout_s=args.drain_timeout, cpus=tuple(cpus),
+            drain_timeout_s=args.drain_timeout, kv_lease_s=args.kv_lease, cpus=tuple(cpus),
             scheduler_argv=("--routing", args.routing, *adapt.scheduler_argv(args, len(cpus))),
             adapt=args.adapt, decode_prefix_caching=not args.no_decode_prefix_caching,
             adapt_cooldown_s=args.adapt_cooldown,
@@ -402,15 +407,17 @@ class Cluster:
         placement = ["--threads", str(threads or c.threads_per_worker or len(cpus))]
         if c.pin:
             placement += ["--cpus", format_cpus(list(cpus))]
-        chunking = ["--chunk-size", str(c.chunk_size)] if c.chunk_size and role == "colocated" else []
+        role_flags = ["--chunk-size", str(c.chunk_size)] if c.chunk_size and role == "colocated" else []
         if c.prefill_slice_ms and role == "colocated":
-            chunking += ["--prefill-slice-ms", f"{c.prefill_slice_ms:g}"]
+            role_flags += ["--prefill-slice-ms", f"{c.prefill_slice_ms:g}"]
         if role == "decode" and not c.decode_prefix_caching:
-            chunking.append("--no-prefix-caching")
+            role_flags.append("--no-prefix-caching")
+        if role == "prefill":
+            role_flags += ["--kv-lease", f"{c.kv_lease_s:g}"]
         self._spawn(name, [role, "--redis-url", self.redis_url, "--drain-timeout", str(c.drain_timeout_s),
                            "--scheduler", self.scheduler_address, "--host", c.host, "--port", "0",
                            "--kv-transport", c.kv_transport, *c.engine_argv, *engine_argv, *placement,
-                           *chunking, "--instance-id", name])
+                           *role_flags, "--instance-id", name])
         return name
 
     def workers(self) -> list[str]:

@@ -179,7 +179,7 @@ class SimEngine:
             return
         plan = self._plan()
         if plan is None:
-            return  # waiting for blocks: the real loop spins, running calls as they come
+            return  # waiting for blocks: the real loop waits for a call too (LLMEngine.stalled)
         seconds, kind, finish = plan
         seconds += max(0.0, self._work_until - self.loop.now)
         self._work_until = 0.0

@@ -58,20 +58,14 @@ class Server:
         raise NotImplementedError
 
 
-@dataclass
-class Held:
-    """A prefilled request's KV blocks, until released or their lease runs out."""
-
-    pins: int = 0  # pulls in progress
-
-
 class PrefillServer(Server):
-    """services/prefill/server.py: first token out, KV held until the decode server releases it."""
+    """services/prefill/server.py: first token out, KV held until the decode server releases it. The
+    real server's lease never runs out here: the simulated scheduler always leads, and the leader
+    extends the lease of every request whose pull it awaits."""
 
-    def __init__(self, sim: Simulation, name: str, spec: EngineSpec, kv_lease_s: float) -> None:
+    def __init__(self, sim: Simulation, name: str, spec: EngineSpec) -> None:
         super().__init__(sim, name, spec)
-        self.kv_lease_s = kv_lease_s
-        self.held: dict[str, Held] = {}
+        self.held: set[str] = set()
 
     def _on_step(self, outputs: StepOutputs, end: float) -> None:
         sim = self.sim
@@ -79,36 +73,14 @@ class PrefillServer(Server):
             rid = seq.request_id
             sim.client.token(rid, end + sim.overheads.reply_s, last=finished)
             if not finished:
-                self.held[rid] = Held()
-                sim.loop.after(self.kv_lease_s, self._expire, rid)
+                self.held.add(rid)
             sim.loop.after(sim.overheads.rpc_s, sim.scheduler.prefill_done, rid, self, finished)
-
-    def open(self, rid: str) -> bool:
-        """A pull starts (KvSource.open): False when the blocks are gone (lease expired)."""
-        held = self.held.get(rid)
-        if held is None:
-            return False
-        held.pins += 1
-        return True
-
-    def close(self, rid: str) -> None:
-        if rid in self.held:
-            self.held[rid].pins -= 1
 
     def release(self, rid: str) -> None:
         """Prefill.Release: the pull was acknowledged, free the blocks."""
-        if self.held.pop(rid, None) is not None:
+        if rid in self.held:
+            self.held.discard(rid)
             self.engine.call(lambda: self.engine.abort(rid))
-
-    def _expire(self, rid: str) -> None:
-        held = self.held.get(rid)
-        if held is None:
-            return
-        if held.pins:  # a pull is sending them: look again shortly
-            self.sim.loop.after(1.0, self._expire, rid)
-            return
-        del self.held[rid]
-        self.engine.call(lambda: self.engine.abort(rid))
 
 
 @dataclass
@@ -195,15 +167,11 @@ class DecodeServer(Server):
 
     def _pull(self, rid: str) -> None:
         pending = self.pulls[rid]
-        if not pending.source.open(rid):
-            self._fail(rid, f"KV pull from {pending.source.name} failed: its lease expired")
-            return
         pending.source.engine.charge(pending.num_bytes * self.sim.overheads.kv_send_cpu_per_byte)
         self.sim.loop.after(self.sim.profile.kv_transfer.seconds(pending.num_bytes), self._pulled, rid)
 
     def _pulled(self, rid: str) -> None:
         source = self.pulls.pop(rid).source
-        source.close(rid)
 
         def release(_) -> None:  # after the import, as the real server acknowledges the pull
             self.sim.loop.after(self.sim.overheads.rpc_s, source.release, rid)

@@ -53,7 +53,6 @@ class ClusterSpec:
     prefill_slice_ms: float = DEFAULT_PREFILL_SLICE_MS  # layered mode only
     prefill_queue_factor: float = 2.0  # the scheduler's --prefill-queue-factor
     heartbeat_interval_s: float = 1.0
-    kv_lease_s: float = 30.0  # the prefill server's --kv-lease
     max_pending: int = 256  # the gateway's --max-pending (429 beyond)
     routing: str = "kv"  # the scheduler's --routing: "kv" or "least-loaded"
     route_request_tokens: int = 32  # the scheduler's --route-request-tokens
@@ -284,7 +283,7 @@ class Simulation:
             self.scheduler.takers = [ColocatedServer(self, f"colocated-{i}", spec) for i in range(c.num_prefill)]
             return
         prefill = self._spec(Role.PREFILL, c.prefill_degree, c.engine)
-        self.scheduler.takers = [PrefillServer(self, f"prefill-{i}", prefill, c.kv_lease_s)
+        self.scheduler.takers = [PrefillServer(self, f"prefill-{i}", prefill)
                                  for i in range(c.num_prefill)]
         decode = self._spec(Role.DECODE, c.decode_degree, c.engine)
         self.scheduler.decoders = [DecodeServer(self, f"decode-{i}", decode) for i in range(c.num_decode)]

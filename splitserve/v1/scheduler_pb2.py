@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from splitserve.v1 import common_pb2 as splitserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsplitserve/v1/scheduler.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\xc3\x02\n\nWorkerInfo\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\'\n\x04role\x18\x02 \x01(\x0e\x32\x19.splitserve.v1.WorkerRole\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmax_model_len\x18\x05 \x01(\x05\x12\x14\n\x0ctoken_budget\x18\x06 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x07 \x01(\x05\x12*\n\tkv_layout\x18\x08 \x01(\x0b\x32\x17.splitserve.v1.KvLayout\x12\x30\n\x0ckv_transport\x18\t \x01(\x0e\x32\x1a.splitserve.v1.KvTransport\x12\x11\n\tnum_cores\x18\n \x01(\x05\x12\x1e\n\x16prefix_cache_namespace\x18\x0b \x01(\t\"\x81\x01\n\x0fRegisterRequest\x12)\n\x06worker\x18\x01 \x01(\x0b\x32\x19.splitserve.v1.WorkerInfo\x12)\n\x05stats\x18\x02 \x01(\x0b\x32\x1a.splitserve.v1.WorkerStats\x12\x18\n\x10held_request_ids\x18\x03 \x03(\t\"O\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\x12\x0e\n\x06leader\x18\x02 \x01(\x08\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\"\x92\x02\n\x10HeartbeatRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12)\n\x05stats\x18\x02 \x01(\x0b\x32\x1a.splitserve.v1.WorkerStats\x12\x18\n\x10held_request_ids\x18\x03 \x03(\t\x12\x37\n\x0cprefill_done\x18\x04 \x03(\x0b\x32!.splitserve.v1.PrefillDoneRequest\x12\x37\n\x0crequest_done\x18\x05 \x03(\x0b\x32!.splitserve.v1.RequestDoneRequest\x12\x32\n\rcached_blocks\x18\x06 \x01(\x0b\x32\x1b.splitserve.v1.CachedBlocks\"\x1c\n\x0c\x43\x61\x63hedBlocks\x12\x0c\n\x04keys\x18\x01 \x03(\x06\"2\n\x11HeartbeatResponse\x12\x0e\n\x06leader\x18\x01 \x01(\x08\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"\xea\x01\n\x12PrefillDoneRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12#\n\x02kv\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.KvHandle\x12\x18\n\x10output_token_ids\x18\x04 \x03(\x05\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12)\n\x08timeline\x18\x07 \x01(\x0b\x32\x17.splitserve.v1.Timeline\"\x15\n\x13PrefillDoneResponse\"\x9b\x01\n\x12RequestDoneRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x19\n\x11num_output_tokens\x18\x05 \x01(\x05\"\x15\n\x13RequestDoneResponse\"5\n\x0c\x44rainRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\"\x0f\n\rDrainResponse\"Q\n\x0fHandBackRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x15\n\rkv_not_pulled\x18\x03 \x01(\x08\"\x12\n\x10HandBackResponse\"\x17\n\x15RecommendationRequest\"\xbd\x01\n\tPlacement\x12\x13\n\x0bnum_prefill\x18\x01 \x01(\x05\x12\x15\n\rprefill_cores\x18\x02 \x01(\x05\x12\x12\n\nnum_decode\x18\x03 \x01(\x05\x12\x14\n\x0c\x64\x65\x63ode_cores\x18\x04 \x01(\x05\x12\x15\n\rnum_colocated\x18\x05 \x01(\x05\x12\x17\n\x0f\x63olocated_cores\x18\x06 \x01(\x05\x12\x14\n\x0ctoken_budget\x18\x07 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x08 \x01(\x05\"\x9a\x02\n\x0eRecommendation\x12\x11\n\tavailable\x18\x01 \x01(\x08\x12\x31\n\x08workload\x18\x02 \x01(\x0b\x32\x1f.splitserve.v1.WorkloadEstimate\x12)\n\x07running\x18\x03 \x01(\x0b\x32\x18.splitserve.v1.Placement\x12-\n\x0brecommended\x18\x04 \x01(\x0b\x32\x18.splitserve.v1.Placement\x12\x17\n\x0frunning_goodput\x18\x05 \x01(\x01\x12\x1b\n\x13recommended_goodput\x18\x06 \x01(\x01\x12\x0e\n\x06\x63hange\x18\x07 \x01(\x08\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x12\n\nplanned_at\x18\t \x01(\x01\"\x15\n\x13\x43lusterStateRequest\"\x8a\x01\n\x0bWorkerState\x12)\n\x06worker\x18\x01 \x01(\x0b\x32\x19.splitserve.v1.WorkerInfo\x12)\n\x05stats\x18\x02 \x01(\x0b\x32\x1a.splitserve.v1.WorkerStats\x12\x13\n\x0blast_seen_s\x18\x03 \x01(\x01\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"\xee\x01\n\x0c\x43lusterState\x12+\n\x07workers\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.WorkerState\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x13\n\x0bnum_running\x18\x03 \x01(\x05\x12\x31\n\x08workload\x18\x04 \x01(\x0b\x32\x1f.splitserve.v1.WorkloadEstimate\x12\x35\n\x0erecommendation\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.Recommendation\x12\x0e\n\x06leader\x18\x06 \x01(\x08\x12\r\n\x05\x65poch\x18\x07 \x01(\x03\"\xf8\x01\n\x10WorkloadEstimate\x12\x10\n\x08window_s\x18\x01 \x01(\x01\x12\x14\n\x0c\x61rrival_rate\x18\x02 \x01(\x01\x12\x14\n\x0cnum_arrivals\x18\x03 \x01(\x05\x12\x17\n\x0fprompt_len_mean\x18\x04 \x01(\x01\x12\x16\n\x0eprompt_len_p50\x18\x05 \x01(\x01\x12\x16\n\x0eprompt_len_p90\x18\x06 \x01(\x01\x12\x14\n\x0cnum_finished\x18\x07 \x01(\x05\x12\x17\n\x0foutput_len_mean\x18\x08 \x01(\x01\x12\x16\n\x0eoutput_len_p50\x18\t \x01(\x01\x12\x16\n\x0eoutput_len_p90\x18\n \x01(\x01*u\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03\x32\xf8\x05\n\tScheduler\x12K\n\x08Register\x12\x1e.splitserve.v1.RegisterRequest\x1a\x1f.splitserve.v1.RegisterResponse\x12N\n\tHeartbeat\x12\x1f.splitserve.v1.HeartbeatRequest\x1a .splitserve.v1.HeartbeatResponse\x12T\n\x0bPrefillDone\x12!.splitserve.v1.PrefillDoneRequest\x1a\".splitserve.v1.PrefillDoneResponse\x12T\n\x0bRequestDone\x12!.splitserve.v1.RequestDoneRequest\x1a\".splitserve.v1.RequestDoneResponse\x12R\n\x0fGetClusterState\x12\".splitserve.v1.ClusterStateRequest\x1a\x1b.splitserve.v1.ClusterState\x12\x42\n\x05\x44rain\x12\x1b.splitserve.v1.DrainRequest\x1a\x1c.splitserve.v1.DrainResponse\x12K\n\x08HandBack\x12\x1e.splitserve.v1.HandBackRequest\x1a\x1f.splitserve.v1.HandBackResponse\x12X\n\x11GetRecommendation\x12$.splitserve.v1.RecommendationRequest\x1a\x1d.splitserve.v1.Recommendation\x12\x63\n\x10ResetPrefixCache\x12&.splitserve.v1.ResetPrefixCacheRequest\x1a\'.splitserve.v1.ResetPrefixCacheResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsplitserve/v1/scheduler.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\xc3\x02\n\nWorkerInfo\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\'\n\x04role\x18\x02 \x01(\x0e\x32\x19.splitserve.v1.WorkerRole\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmax_model_len\x18\x05 \x01(\x05\x12\x14\n\x0ctoken_budget\x18\x06 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x07 \x01(\x05\x12*\n\tkv_layout\x18\x08 \x01(\x0b\x32\x17.splitserve.v1.KvLayout\x12\x30\n\x0ckv_transport\x18\t \x01(\x0e\x32\x1a.splitserve.v1.KvTransport\x12\x11\n\tnum_cores\x18\n \x01(\x05\x12\x1e\n\x16prefix_cache_namespace\x18\x0b \x01(\t\"\x81\x01\n\x0fRegisterRequest\x12)\n\x06worker\x18\x01 \x01(\x0b\x32\x19.splitserve.v1.WorkerInfo\x12)\n\x05stats\x18\x02 \x01(\x0b\x32\x1a.splitserve.v1.WorkerStats\x12\x18\n\x10held_request_ids\x18\x03 \x03(\t\"O\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\x12\x0e\n\x06leader\x18\x02 \x01(\x08\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\"\x92\x02\n\x10HeartbeatRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12)\n\x05stats\x18\x02 \x01(\x0b\x32\x1a.splitserve.v1.WorkerStats\x12\x18\n\x10held_request_ids\x18\x03 \x03(\t\x12\x37\n\x0cprefill_done\x18\x04 \x03(\x0b\x32!.splitserve.v1.PrefillDoneRequest\x12\x37\n\x0crequest_done\x18\x05 \x03(\x0b\x32!.splitserve.v1.RequestDoneRequest\x12\x32\n\rcached_blocks\x18\x06 \x01(\x0b\x32\x1b.splitserve.v1.CachedBlocks\"\x1c\n\x0c\x43\x61\x63hedBlocks\x12\x0c\n\x04keys\x18\x01 \x03(\x06\"J\n\x11HeartbeatResponse\x12\x0e\n\x06leader\x18\x01 \x01(\x08\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x16\n\x0ekv_awaited_ids\x18\x03 \x03(\t\"\xea\x01\n\x12PrefillDoneRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12#\n\x02kv\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.KvHandle\x12\x18\n\x10output_token_ids\x18\x04 \x03(\x05\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12)\n\x08timeline\x18\x07 \x01(\x0b\x32\x17.splitserve.v1.Timeline\"\x15\n\x13PrefillDoneResponse\"\x9b\x01\n\x12RequestDoneRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x19\n\x11num_output_tokens\x18\x05 \x01(\x05\"\x15\n\x13RequestDoneResponse\"5\n\x0c\x44rainRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\"\x0f\n\rDrainResponse\"Q\n\x0fHandBackRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x15\n\rkv_not_pulled\x18\x03 \x01(\x08\"\x12\n\x10HandBackResponse\"\x17\n\x15RecommendationRequest\"\xbd\x01\n\tPlacement\x12\x13\n\x0bnum_prefill\x18\x01 \x01(\x05\x12\x15\n\rprefill_cores\x18\x02 \x01(\x05\x12\x12\n\nnum_decode\x18\x03 \x01(\x05\x12\x14\n\x0c\x64\x65\x63ode_cores\x18\x04 \x01(\x05\x12\x15\n\rnum_colocated\x18\x05 \x01(\x05\x12\x17\n\x0f\x63olocated_cores\x18\x06 \x01(\x05\x12\x14\n\x0ctoken_budget\x18\x07 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x08 \x01(\x05\"\x9a\x02\n\x0eRecommendation\x12\x11\n\tavailable\x18\x01 \x01(\x08\x12\x31\n\x08workload\x18\x02 \x01(\x0b\x32\x1f.splitserve.v1.WorkloadEstimate\x12)\n\x07running\x18\x03 \x01(\x0b\x32\x18.splitserve.v1.Placement\x12-\n\x0brecommended\x18\x04 \x01(\x0b\x32\x18.splitserve.v1.Placement\x12\x17\n\x0frunning_goodput\x18\x05 \x01(\x01\x12\x1b\n\x13recommended_goodput\x18\x06 \x01(\x01\x12\x0e\n\x06\x63hange\x18\x07 \x01(\x08\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x12\n\nplanned_at\x18\t \x01(\x01\"\x15\n\x13\x43lusterStateRequest\"\x8a\x01\n\x0bWorkerState\x12)\n\x06worker\x18\x01 \x01(\x0b\x32\x19.splitserve.v1.WorkerInfo\x12)\n\x05stats\x18\x02 \x01(\x0b\x32\x1a.splitserve.v1.WorkerStats\x12\x13\n\x0blast_seen_s\x18\x03 \x01(\x01\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"\xee\x01\n\x0c\x43lusterState\x12+\n\x07workers\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.WorkerState\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x13\n\x0bnum_running\x18\x03 \x01(\x05\x12\x31\n\x08workload\x18\x04 \x01(\x0b\x32\x1f.splitserve.v1.WorkloadEstimate\x12\x35\n\x0erecommendation\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.Recommendation\x12\x0e\n\x06leader\x18\x06 \x01(\x08\x12\r\n\x05\x65poch\x18\x07 \x01(\x03\"\xf8\x01\n\x10WorkloadEstimate\x12\x10\n\x08window_s\x18\x01 \x01(\x01\x12\x14\n\x0c\x61rrival_rate\x18\x02 \x01(\x01\x12\x14\n\x0cnum_arrivals\x18\x03 \x01(\x05\x12\x17\n\x0fprompt_len_mean\x18\x04 \x01(\x01\x12\x16\n\x0eprompt_len_p50\x18\x05 \x01(\x01\x12\x16\n\x0eprompt_len_p90\x18\x06 \x01(\x01\x12\x14\n\x0cnum_finished\x18\x07 \x01(\x05\x12\x17\n\x0foutput_len_mean\x18\x08 \x01(\x01\x12\x16\n\x0eoutput_len_p50\x18\t \x01(\x01\x12\x16\n\x0eoutput_len_p90\x18\n \x01(\x01*u\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03\x32\xf8\x05\n\tScheduler\x12K\n\x08Register\x12\x1e.splitserve.v1.RegisterRequest\x1a\x1f.splitserve.v1.RegisterResponse\x12N\n\tHeartbeat\x12\x1f.splitserve.v1.HeartbeatRequest\x1a .splitserve.v1.HeartbeatResponse\x12T\n\x0bPrefillDone\x12!.splitserve.v1.PrefillDoneRequest\x1a\".splitserve.v1.PrefillDoneResponse\x12T\n\x0bRequestDone\x12!.splitserve.v1.RequestDoneRequest\x1a\".splitserve.v1.RequestDoneResponse\x12R\n\x0fGetClusterState\x12\".splitserve.v1.ClusterStateRequest\x1a\x1b.splitserve.v1.ClusterState\x12\x42\n\x05\x44rain\x12\x1b.splitserve.v1.DrainRequest\x1a\x1c.splitserve.v1.DrainResponse\x12K\n\x08HandBack\x12\x1e.splitserve.v1.HandBackRequest\x1a\x1f.splitserve.v1.HandBackResponse\x12X\n\x11GetRecommendation\x12$.splitserve.v1.RecommendationRequest\x1a\x1d.splitserve.v1.Recommendation\x12\x63\n\x10ResetPrefixCache\x12&.splitserve.v1.ResetPrefixCacheRequest\x1a\'.splitserve.v1.ResetPrefixCacheResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=2748
-  _globals['_WORKERROLE']._serialized_end=2865
+  _globals['_WORKERROLE']._serialized_start=2772
+  _globals['_WORKERROLE']._serialized_end=2889
   _globals['_WORKERINFO']._serialized_start=77
   _globals['_WORKERINFO']._serialized_end=400
   _globals['_REGISTERREQUEST']._serialized_start=403
@@ -45,37 +45,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CACHEDBLOCKS']._serialized_start=892
   _globals['_CACHEDBLOCKS']._serialized_end=920
   _globals['_HEARTBEATRESPONSE']._serialized_start=922
-  _globals['_HEARTBEATRESPONSE']._serialized_end=972
-  _globals['_PREFILLDONEREQUEST']._serialized_start=975
-  _globals['_PREFILLDONEREQUEST']._serialized_end=1209
-  _globals['_PREFILLDONERESPONSE']._serialized_start=1211
-  _globals['_PREFILLDONERESPONSE']._serialized_end=1232
-  _globals['_REQUESTDONEREQUEST']._serialized_start=1235
-  _globals['_REQUESTDONEREQUEST']._serialized_end=1390
-  _globals['_REQUESTDONERESPONSE']._serialized_start=1392
-  _globals['_REQUESTDONERESPONSE']._serialized_end=1413
-  _globals['_DRAINREQUEST']._serialized_start=1415
-  _globals['_DRAINREQUEST']._serialized_end=1468
-  _globals['_DRAINRESPONSE']._serialized_start=1470
-  _globals['_DRAINRESPONSE']._serialized_end=1485
-  _globals['_HANDBACKREQUEST']._serialized_start=1487
-  _globals['_HANDBACKREQUEST']._serialized_end=1568
-  _globals['_HANDBACKRESPONSE']._serialized_start=1570
-  _globals['_HANDBACKRESPONSE']._serialized_end=1588
-  _globals['_RECOMMENDATIONREQUEST']._serialized_start=1590
-  _globals['_RECOMMENDATIONREQUEST']._serialized_end=1613
-  _globals['_PLACEMENT']._serialized_start=1616
-  _globals['_PLACEMENT']._serialized_end=1805
-  _globals['_RECOMMENDATION']._serialized_start=1808
-  _globals['_RECOMMENDATION']._serialized_end=2090
-  _globals['_CLUSTERSTATEREQUEST']._serialized_start=2092
-  _globals['_CLUSTERSTATEREQUEST']._serialized_end=2113
-  _globals['_WORKERSTATE']._serialized_start=2116
-  _globals['_WORKERSTATE']._serialized_end=2254
-  _globals['_CLUSTERSTATE']._serialized_start=2257
-  _globals['_CLUSTERSTATE']._serialized_end=2495
-  _globals['_WORKLOADESTIMATE']._serialized_start=2498
-  _globals['_WORKLOADESTIMATE']._serialized_end=2746
-  _globals['_SCHEDULER']._serialized_start=2868
-  _globals['_SCHEDULER']._serialized_end=3628
+  _globals['_HEARTBEATRESPONSE']._serialized_end=996
+  _globals['_PREFILLDONEREQUEST']._serialized_start=999
+  _globals['_PREFILLDONEREQUEST']._serialized_end=1233
+  _globals['_PREFILLDONERESPONSE']._serialized_start=1235
+  _globals['_PREFILLDONERESPONSE']._serialized_end=1256
+  _globals['_REQUESTDONEREQUEST']._serialized_start=1259
+  _globals['_REQUESTDONEREQUEST']._serialized_end=1414
+  _globals['_REQUESTDONERESPONSE']._serialized_start=1416
+  _globals['_REQUESTDONERESPONSE']._serialized_end=1437
+  _globals['_DRAINREQUEST']._serialized_start=1439
+  _globals['_DRAINREQUEST']._serialized_end=1492
+  _globals['_DRAINRESPONSE']._serialized_start=1494
+  _globals['_DRAINRESPONSE']._serialized_end=1509
+  _globals['_HANDBACKREQUEST']._serialized_start=1511
+  _globals['_HANDBACKREQUEST']._serialized_end=1592
+  _globals['_HANDBACKRESPONSE']._serialized_start=1594
+  _globals['_HANDBACKRESPONSE']._serialized_end=1612
+  _globals['_RECOMMENDATIONREQUEST']._serialized_start=1614
+  _globals['_RECOMMENDATIONREQUEST']._serialized_end=1637
+  _globals['_PLACEMENT']._serialized_start=1640
+  _globals['_PLACEMENT']._serialized_end=1829
+  _globals['_RECOMMENDATION']._serialized_start=1832
+  _globals['_RECOMMENDATION']._serialized_end=2114
+  _globals['_CLUSTERSTATEREQUEST']._serialized_start=2116
+  _globals['_CLUSTERSTATEREQUEST']._serialized_end=2137
+  _globals['_WORKERSTATE']._serialized_start=2140
+  _globals['_WORKERSTATE']._serialized_end=2278
+  _globals['_CLUSTERSTATE']._serialized_start=2281
+  _globals['_CLUSTERSTATE']._serialized_end=2519
+  _globals['_WORKLOADESTIMATE']._serialized_start=2522
+  _globals['_WORKLOADESTIMATE']._serialized_end=2770
+  _globals['_SCHEDULER']._serialized_start=2892
+  _globals['_SCHEDULER']._serialized_end=3652
 # @@protoc_insertion_point(module_scope)

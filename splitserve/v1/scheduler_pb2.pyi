@@ -88,12 +88,14 @@ class CachedBlocks(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("leader", "epoch")
+    __slots__ = ("leader", "epoch", "kv_awaited_ids")
     LEADER_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    KV_AWAITED_IDS_FIELD_NUMBER: _ClassVar[int]
     leader: bool
     epoch: int
-    def __init__(self, leader: _Optional[bool] = ..., epoch: _Optional[int] = ...) -> None: ...
+    kv_awaited_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, leader: _Optional[bool] = ..., epoch: _Optional[int] = ..., kv_awaited_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PrefillDoneRequest(_message.Message):
     __slots__ = ("request_id", "instance_id", "kv", "output_token_ids", "finish_reason", "error", "timeline")

@@ -130,13 +130,15 @@ class SchedulerLink:
     """
 
     def __init__(self, config: WorkerConfig, info: spb.WorkerInfo, stats, held, fence: Fence,
-                 cache=None) -> None:
+                 cache=None, kv_awaited=None) -> None:
         # stats: async () -> WorkerStats, answered without waiting for an engine step;
         # held: () -> ids of the requests this worker holds; fence: the server's, which learns the
         # newest epoch from the schedulers' answers too; cache: () -> (version, routing keys) of the
-        # prefix cache (EngineLoop.published_cache), None when the worker publishes none.
+        # prefix cache (EngineLoop.published_cache), None when the worker publishes none;
+        # kv_awaited: (ids) -> None, a prefill server's, told by each of the leader's heartbeat
+        # answers the held requests whose KV blocks it still awaits a pull of (their leases go on).
         self.config, self.info, self._stats, self._held, self.fence = config, info, stats, held, fence
-        self._cache = cache
+        self._cache, self._kv_awaited = cache, kv_awaited
         self.schedulers = [_Scheduler(address, config) for address in config.schedulers]
         self._owed: dict[tuple[str, str], Report | None] = {}  # reports not yet delivered (None: not sent yet)
         self.draining = False
@@ -216,6 +218,8 @@ class SchedulerLink:
                 self._delivered(key, report)
             if owed:
                 log.info("reports delivered with a heartbeat", count=len(owed))
+            if self._kv_awaited:
+                self._kv_awaited(response.kv_awaited_ids)
 
     def _heard(self, scheduler: _Scheduler, leader: bool, epoch: int) -> None:
         self.fence.see(epoch)
