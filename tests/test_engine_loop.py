@@ -61,26 +61,33 @@ def test_an_engine_whose_queued_prompt_cannot_get_blocks_waits_for_a_call_instea
     assert blocks >= 4
     params = SamplingParams(max_new_tokens=4)
 
-    async def produced(steps: list, request_id: str) -> None:
-        while not any(o.request_id == request_id for result in steps for o in result.outputs):
-            await asyncio.sleep(0.01)
-
     async def scenario():
         steps: list = []
-        loop = EngineLoop(engine, on_step=steps.append)
+        stepped = asyncio.Event()
+
+        def on_step(result) -> None:
+            steps.append(result)
+            stepped.set()
+
+        async def produced(request_id: str) -> None:
+            while not any(o.request_id == request_id for result in steps for o in result.outputs):
+                stepped.clear()
+                await stepped.wait()
+
+        loop = EngineLoop(engine, on_step=on_step)
         loop.start()
         try:
             # Most of the cache stays held once prefilled (a prefill engine keeps a request's blocks).
             await loop.call(lambda e: e.add_request("held", [5] * ((blocks - 1) * size), params))
-            await asyncio.wait_for(produced(steps, "held"), 30)
+            await asyncio.wait_for(produced("held"), 30)
             await loop.call(lambda e: e.add_request("next", [7] * (2 * size), params))
-            clock = time.pthread_getcpuclockid(loop._thread.ident)
+            clock = time.pthread_getcpuclockid(loop._thread.ident)  # the engine thread's CPU time
             cpu = time.clock_gettime(clock)
             await asyncio.sleep(0.5)
             assert time.clock_gettime(clock) - cpu < 0.05, "the engine thread ran while nothing could run"
             assert sum(not result.outputs for result in steps) <= 2  # a step to find out, then none
             await loop.call(lambda e: e.abort("held"))  # the pull's Release frees the blocks
-            await asyncio.wait_for(produced(steps, "next"), 30)
+            await asyncio.wait_for(produced("next"), 30)
         finally:
             await asyncio.wait_for(loop.stop(), 5)
 

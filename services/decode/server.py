@@ -19,7 +19,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import structlog
 import torch
 
@@ -38,6 +37,7 @@ from splitserve.worker.common import (
     Fence,
     ReplyPublisher,
     SchedulerLink,
+    call_with_retries,
     drain_requests,
     engine_stats,
     grammar_matcher,
@@ -248,14 +248,14 @@ class DecodeServer:
         return payload.nbytes
 
     async def _acknowledge(self, handle: pb.KvHandle) -> None:
-        """Tell the prefill server its blocks were pulled, so it frees them (its lease is the backstop)."""
+        """Tell the prefill server its blocks were pulled, so it frees them. Should every try fail, they
+        are freed when the request ends (the leader, which extends their lease until then, aborts it
+        there), or once no leader answers for the lease's length."""
         stub = prefill_pb2_grpc.PrefillStub(self._prefill_channels.get(handle.prefill_grpc_address, "prefill"))
-        try:
-            await stub.Release(prefill_pb2.ReleaseRequest(request_id=handle.request_id, capability=handle.capability),
-                               timeout=10)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("release failed; the prefill lease will free the blocks",
-                        request_id=handle.request_id, code=exc.code().name)
+        release = prefill_pb2.ReleaseRequest(request_id=handle.request_id, capability=handle.capability)
+        if await call_with_retries(stub.Release, release, what="Release", attempts=3) is None:
+            log.warning("release failed; the blocks are freed when the request ends",
+                        request_id=handle.request_id)
 
     async def _fail(self, rid: str, error: str) -> None:
         log.warning("request failed", request_id=rid, error=error)

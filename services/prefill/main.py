@@ -7,7 +7,7 @@ import asyncio
 
 from splitserve.common.engine_args import apply_threads, engine_config_from_args, positive_float
 from splitserve.common.logging import bind_service
-from splitserve.worker.config import add_worker_args, worker_config
+from splitserve.worker.config import add_worker_args, check_kv_lease, worker_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,13 +21,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-lease", type=positive_float, default=30.0,
                    help="seconds a prefilled request's KV blocks wait for a pull before they are "
                         "freed; each heartbeat answer of the leading scheduler that still awaits the "
-                        "pull starts them again (default: 30)")
+                        "pull starts them again, so at least two heartbeat intervals (default: 30)")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     from splitserve.engine.config import EngineRole  # torch loads only when a worker starts
 
+    check_kv_lease(args.kv_lease, args.heartbeat_interval)
     apply_threads(args)
     config = worker_config(args, engine_config_from_args(args, EngineRole.PREFILL), "prefill")
     bind_service("prefill", config.instance_id)

@@ -3,8 +3,8 @@
 KV ownership: a prefilled request's blocks stay allocated in this engine until (a) the decode server
 acknowledges its pull (Release), (b) the lease runs out with no pull in progress, or (c) the request
 is aborted. Each heartbeat answer of the leading scheduler that still awaits the pull starts the lease
-again, so it runs out only when no leader answers for that long (the scheduler forgets a request it
-gave up on, and aborts it here). A transport that is sending a payload pins it (KvSource.open ..
+again, so it runs out only once no leader has awaited the pull for that long (none answers, or the
+leader no longer tracks the request, which it then aborts here anyway). A transport that is sending a payload pins it (KvSource.open ..
 close) and the lease waits for the pin; the payload itself is a copy (export_kv), so bytes on the
 wire never change.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import structlog
@@ -191,7 +192,7 @@ class PrefillServer:
         # The lease frees the blocks if the scheduler never hears of them.
         await self.link.report(done)
 
-    def extend_leases(self, request_ids) -> None:
+    def extend_leases(self, request_ids: Iterable[str]) -> None:
         """The leading scheduler still awaits these requests' pulls (a decode server has them queued
         until its memory frees, or none has taken them yet): their leases start again from now. Ids
         of requests not held here, or not prefilled yet, are ignored."""

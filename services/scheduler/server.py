@@ -288,14 +288,14 @@ class SchedulerServer:
         self.heard.set()
         if not self.leading.is_set():
             return []
-        awaited = []
+        awaited, prefill = [], worker.role == spb.WORKER_ROLE_PREFILL
         for rid in held:
             tracked = self.tracked.get(rid)
             if tracked is None or not self._placed_on(tracked, worker.instance_id):
                 log.info("a worker holds a request that is done or runs elsewhere: aborted there",
                          request_id=rid, worker=worker.instance_id)
                 self._abort_on(worker.instance_id, rid)
-            elif tracked.prefill_id == worker.instance_id and tracked.stage in _KV_AWAITED:
+            elif prefill and tracked.prefill_id == worker.instance_id and tracked.stage in _KV_AWAITED:
                 awaited.append(rid)
         for rid, beat in list(worker.confirmed.items()):
             tracked = self.tracked.get(rid)
@@ -307,7 +307,7 @@ class SchedulerServer:
                 log.warning("a worker lost a request it was given (its report too): run again",
                             request_id=rid, worker=worker.instance_id)
                 self._take_back(tracked, worker.instance_id, kv_not_pulled=False)
-        return awaited if worker.role == spb.WORKER_ROLE_PREFILL else []
+        return awaited
 
     # -- intake ---------------------------------------------------------------------------------
 

@@ -61,6 +61,7 @@ from splitserve.common.net import free_port
 from splitserve.common.proc import RestartPolicy, Supervised, exit_reason, log_size, owned
 from splitserve.common.tracing import add_tracing_args
 from splitserve.queue.redis_server import LocalRedis
+from splitserve.worker.config import check_kv_lease
 
 from . import adapt
 
@@ -231,8 +232,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "what it holds; a worker then hands the rest back (default: 30)")
     p.add_argument("--kv-lease", type=positive_float, default=30.0,
                    help="seconds a prefill server keeps a prefilled request's KV blocks for a pull "
-                        "once no leading scheduler's heartbeat answer says it still awaits it "
-                        "(default: 30)")
+                        "once no leading scheduler's heartbeat answer says it still awaits it; at "
+                        "least two heartbeats, 2 s (default: 30)")
     add_tracing_args(p)
     adapt.add_args(p)
     add_length_args(p.add_argument_group("the workload --mode auto plans for (a preset also sets the SLOs)"))
@@ -251,6 +252,7 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         raise ValueError("--chunk-size applies to --mode chunked")
     if args.prefill_slice_ms and args.mode != "layered":
         raise ValueError("--prefill-slice-ms applies to --mode layered")
+    check_kv_lease(args.kv_lease)
     num_prefill, num_decode = (0, 0) if colocated else (args.prefill, args.decode)
     num_colocated = args.colocated if colocated else 0
     workers = num_prefill + num_decode + num_colocated

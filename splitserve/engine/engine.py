@@ -246,7 +246,7 @@ class LLMEngine:
         probe tells the culprits (the probe runs: they fail) from a broken engine (the probe fails
         too: EngineBroken raises from here, and none of them is failed).
         """
-        self.last_step = None
+        self.last_step, self.stalled = None, False
         before = self._queues()
         try:
             outputs = self._schedule_and_run()
@@ -255,7 +255,7 @@ class LLMEngine:
         self.stalled = not outputs and self.last_step is None and self._queues() == before
         return outputs
 
-    def _queues(self) -> tuple:
+    def _queues(self) -> tuple[int, int, int, int, _LayeredPrefill | None]:
         """What a step that runs nothing may still change (a preemption, a layered pass ended)."""
         s = self.scheduler
         return len(s.waiting), len(s.running), len(s.prefilling), self.blocks.num_free_blocks, self._layered

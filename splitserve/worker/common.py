@@ -218,7 +218,7 @@ class SchedulerLink:
                 self._delivered(key, report)
             if owed:
                 log.info("reports delivered with a heartbeat", count=len(owed))
-            if self._kv_awaited:
+            if self._kv_awaited and response.epoch >= self.fence.epoch:  # not a deposed leader's word
                 self._kv_awaited(response.kv_awaited_ids)
 
     def _heard(self, scheduler: _Scheduler, leader: bool, epoch: int) -> None:

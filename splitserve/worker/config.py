@@ -26,6 +26,18 @@ if TYPE_CHECKING:
     from splitserve.engine.config import EngineConfig
 
 
+HEARTBEAT_INTERVAL_S = 1.0  # workers' --heartbeat-interval by default
+
+
+def check_kv_lease(kv_lease_s: float, heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S) -> None:
+    """A prefill server's KV lease goes on with each heartbeat answer of a leader that awaits the pull:
+    one shorter than two heartbeats would run out between two answers. ValueError then."""
+    if kv_lease_s < 2 * heartbeat_interval_s:
+        raise ValueError(f"--kv-lease ({kv_lease_s:g} s) must be at least two heartbeat intervals "
+                         f"({2 * heartbeat_interval_s:g} s): the leading scheduler's heartbeat answers "
+                         "extend the leases of the KV blocks it still awaits a pull of")
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """What a prefill or decode server needs beyond its engine."""
@@ -76,8 +88,8 @@ def add_worker_args(parser: argparse.ArgumentParser, role: str, default_port: in
                         help="how KV blocks move from prefill to decode (default: ucx)")
     parser.add_argument("--instance-id", default=env("SPLITSERVE_INSTANCE_ID"),
                         help=f"unique name of this worker (default: {role}-<host>-<pid>)")
-    parser.add_argument("--heartbeat-interval", type=positive_float, default=1.0,
-                        help="seconds between heartbeats to the scheduler (default: 1)")
+    parser.add_argument("--heartbeat-interval", type=positive_float, default=HEARTBEAT_INTERVAL_S,
+                        help=f"seconds between heartbeats to the scheduler (default: {HEARTBEAT_INTERVAL_S:g})")
     parser.add_argument("--drain-timeout", type=positive_float,
                         default=float(env("SPLITSERVE_DRAIN_TIMEOUT", 30)),
                         help="on SIGTERM: take nothing new and give what this worker holds this many "

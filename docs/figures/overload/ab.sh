@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Overload past decode memory (docs/benchmarks.md, "Overload: KV waits for decode memory"): fresh
+# Overload past decode memory (docs/benchmarks.md, "Overload: KV that waits for decode memory"): fresh
 # `splitserve up` clusters (1 + 1) from two trees in turn, ROUNDS times each (the order reversed every
 # other round), each under the same long-context load, then what their logs say: KV leases that ran
 # out, requests run more than once, and requests that failed.
