@@ -4,9 +4,9 @@ KV ownership: a prefilled request's blocks stay allocated in this engine until (
 acknowledges its pull (Release), (b) the lease runs out with no pull in progress, or (c) the request
 is aborted. Each heartbeat answer of the leading scheduler that still awaits the pull starts the lease
 again, so it runs out only once no leader has awaited the pull for that long (none answers, or the
-leader no longer tracks the request, which it then aborts here anyway). A transport that is sending a payload pins it (KvSource.open ..
-close) and the lease waits for the pin; the payload itself is a copy (export_kv), so bytes on the
-wire never change.
+leader no longer tracks the request, which it then aborts here anyway). A transport that is sending
+a payload pins it (KvSource.open .. close) and the lease waits for the pin; the payload itself is a
+copy (export_kv), so bytes on the wire never change.
 
 Draining (SIGTERM): Submit is refused, the queue is prefilled, and held blocks wait for their pulls;
 what is still held when the drain times out goes back to the scheduler, which runs it again.

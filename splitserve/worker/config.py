@@ -89,7 +89,8 @@ def add_worker_args(parser: argparse.ArgumentParser, role: str, default_port: in
     parser.add_argument("--instance-id", default=env("SPLITSERVE_INSTANCE_ID"),
                         help=f"unique name of this worker (default: {role}-<host>-<pid>)")
     parser.add_argument("--heartbeat-interval", type=positive_float, default=HEARTBEAT_INTERVAL_S,
-                        help=f"seconds between heartbeats to the scheduler (default: {HEARTBEAT_INTERVAL_S:g})")
+                        help="seconds between heartbeats to the scheduler (default: "
+                             f"{HEARTBEAT_INTERVAL_S:g})")
     parser.add_argument("--drain-timeout", type=positive_float,
                         default=float(env("SPLITSERVE_DRAIN_TIMEOUT", 30)),
                         help="on SIGTERM: take nothing new and give what this worker holds this many "
