@@ -253,9 +253,8 @@ class DecodeServer:
         there), or once no leader answers for the lease's length."""
         stub = prefill_pb2_grpc.PrefillStub(self._prefill_channels.get(handle.prefill_grpc_address, "prefill"))
         release = prefill_pb2.ReleaseRequest(request_id=handle.request_id, capability=handle.capability)
-        if await call_with_retries(stub.Release, release, what="Release", attempts=3) is None:
-            log.warning("release failed; the blocks are freed when the request ends",
-                        request_id=handle.request_id)
+        await call_with_retries(stub.Release, release, what="Release", attempts=3,
+                                request_id=handle.request_id)
 
     async def _fail(self, rid: str, error: str) -> None:
         log.warning("request failed", request_id=rid, error=error)

@@ -291,7 +291,7 @@ class SchedulerLink:
         be lost, the leader sees it missing from the heartbeats and runs it again)."""
         request = spb.HandBackRequest(request_id=request_id, instance_id=self.info.instance_id,
                                       kv_not_pulled=kv_not_pulled)
-        await call_with_retries(self.stub.HandBack, request, what="HandBack")
+        await call_with_retries(self.stub.HandBack, request, what="HandBack", request_id=request_id)
 
 
 def token_event(request: pb.QueuedRequest, index: int, out: StepOutput) -> pb.TokenEvent:
@@ -416,16 +416,16 @@ def advertised_address(config: WorkerConfig, port: int) -> str:
     return f"{advertised_host(config.host)}:{port}"
 
 
-async def call_with_retries(rpc, request, what: str, attempts: int = 5, timeout_s: float = 10.0):
+async def call_with_retries(rpc, request, what: str, attempts: int = 5, timeout_s: float = 10.0, **fields):
     """Call a unary RPC, retrying with backoff (Drain, HandBack: should one still be lost, the
-    scheduler reconciles from the heartbeats)."""
+    scheduler reconciles from the heartbeats); fields go with the error logged after the last try."""
     delay = 0.2
     for attempt in range(1, attempts + 1):
         try:
             return await rpc(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             if attempt == attempts or exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
-                log.error(f"{what} failed", code=exc.code().name, attempts=attempt)
+                log.error(f"{what} failed", code=exc.code().name, attempts=attempt, **fields)
                 return None
             await asyncio.sleep(delay)
             delay *= 2

@@ -7,7 +7,9 @@
 #   docs/figures/overload/ab.sh OUT_DIR BEFORE_TREE AFTER_TREE [ROUNDS]
 #
 # Each tree runs as `python -m splitserve.cli` from its own folder (a `git worktree` of the commit
-# before, and this checkout), with this checkout's virtual environment.
+# before, and this checkout), with this checkout's virtual environment. (The figures of 2026-12-07
+# came from a copy of this script that started and stopped each cluster itself, with `pkill`, rather
+# than through scripts/lib/serve-bench.sh.)
 set -euo pipefail
 out=$1 before=$2 after=$3 rounds=${4:-2}
 py=${PYTHON:-$PWD/.venv/bin/python}  # not realpath: the link is what makes it the venv
@@ -15,20 +17,11 @@ port=${PORT:-18000}
 bench=${BENCH:---workload fixed --input-len 512 --output-len 1024 --rates 1.0 --duration 90 --seed 1}
 mkdir -p "$out"
 out=$(realpath "$out")
-run() {
+# shellcheck source=scripts/lib/serve-bench.sh
+. "$(dirname "$0")/../../../scripts/lib/serve-bench.sh"
+run() {  # serve_bench from the tree's own folder, so that `python -m splitserve.cli` is that tree's
   local label=$1 tree=$2
-  (cd "$tree" && "$py" -m splitserve.cli up --http-port "$port" --grpc-port $((port + 1)) \
-    --scheduler-port $((port + 2)) --log-dir "$out/logs-$label" > "$out/up-$label.txt" 2>&1) &
-  local up=$!
-  until grep -qs "splitserve is ready" "$out/up-$label.txt"; do
-    kill -0 "$up" 2> /dev/null || { cat "$out/up-$label.txt"; exit 1; }
-    sleep 0.5
-  done
-  # shellcheck disable=SC2086  # the bench flags are words
-  "$py" -m splitserve.cli bench serve --url "http://127.0.0.1:$port" $bench --label "$label" \
-    --output "$out/$label.json" > "$out/bench-$label.txt" 2>&1
-  pkill -TERM -f "splitserve.cli up --http-port $port" || true
-  wait "$up" || true
+  (cd "$tree" && serve_bench "$label" "$bench")
 }
 for round in $(seq 1 "$rounds"); do
   if [ $((round % 2)) -eq 1 ]; then order="before after"; else order="after before"; fi
